@@ -1,0 +1,132 @@
+"""The ``igpt`` command line. One thin command a stage: options -> config -> stage.run().
+
+Heavy imports (torch, transformers) happen inside the commands, so ``igpt --help`` is instant.
+Exit codes: 0 success, 2 bad input or usage (every problem reported as FILE:LINE: field: reason,
+nothing written), 3 a stage that is not implemented yet, 1 an unexpected error.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import typer
+from typing_extensions import Annotated
+
+app = typer.Typer(
+    name="igpt",
+    help="Train language models to follow instructions from human feedback, as InstructGPT does: "
+         "sft -> sample/label -> train-rm -> ppo -> eval/compare, all in one run directory.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+# Options every training stage takes (DESIGN.md, "Command line").
+RunDir = Annotated[Optional[str], typer.Option("--run-dir", help="Run directory shared by all stages [default: runs/default].")]
+ConfigFile = Annotated[Optional[Path], typer.Option("--config", help="YAML preset; flags override it.")]
+PrintConfig = Annotated[bool, typer.Option("--print-config", help="Print the resolved config as YAML and exit.")]
+MaxSteps = Annotated[Optional[int], typer.Option("--max-steps", help="Stop after N optimizer steps.")]
+Seed = Annotated[Optional[int], typer.Option("--seed", help="Seed for init, data order and sampling.")]
+Resume = Annotated[bool, typer.Option("--resume", help="Continue from the newest complete checkpoint.")]
+Overwrite = Annotated[bool, typer.Option("--overwrite", help="Delete this stage's outputs and start over.")]
+Device = Annotated[Optional[str], typer.Option("--device", help="auto, cpu, cuda, cuda:N [default: auto].")]
+Model = Annotated[Optional[str], typer.Option("--model", help="smollm2-135m (bundled), tiny, or a local HF directory.")]
+Lora = Annotated[Optional[bool], typer.Option("--lora/--no-lora", help="Train LoRA adapters instead of all weights.")]
+
+
+def fail(messages: list[str], code: int = 2) -> None:
+    for line in messages:
+        typer.echo(f"error: {line}", err=True)
+    raise typer.Exit(code)
+
+
+def run_stage(stage: str, config_file: Optional[Path], print_config: bool, overrides: dict[str, Any],
+              runner: Callable[[Any], Any]) -> None:
+    """Resolve the config, print it or run the stage; BadInput becomes exit 2 with every message."""
+    from . import config as config_mod
+    from .errors import BadInput
+
+    try:
+        cfg = config_mod.resolve(stage, config_file, overrides)
+        if print_config:
+            typer.echo(config_mod.to_yaml(stage, cfg), nl=False)
+            return
+        result = runner(cfg)
+    except BadInput as e:
+        fail(e.messages)
+    except KeyboardInterrupt:
+        typer.echo("interrupted; rerun with --resume to continue from the last checkpoint", err=True)
+        raise typer.Exit(130)
+    if result is not None:
+        typer.echo(str(result))
+
+
+@app.command()
+def sft(
+    data: Annotated[Optional[str], typer.Option("--data", help="Demonstrations JSONL: {prompt, response} or {messages}.")] = None,
+    run_dir: RunDir = None,
+    model: Model = None,
+    lora: Lora = None,
+    config: ConfigFile = None,
+    print_config: PrintConfig = False,
+    max_steps: MaxSteps = None,
+    epochs: Annotated[Optional[int], typer.Option("--epochs", help="Passes over the data [default: 16, the paper].")] = None,
+    lr: Annotated[Optional[float], typer.Option("--lr", help="Peak learning rate.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Micro-batch size (sequences).")] = None,
+    grad_accum: Annotated[Optional[int], typer.Option("--grad-accum", help="Micro-batches per optimizer step.")] = None,
+    dropout: Annotated[Optional[float], typer.Option("--dropout", help="Dropout probability of the model.")] = None,
+    max_seq_len: Annotated[Optional[int], typer.Option("--max-seq-len", help="Context window for training (tokens).")] = None,
+    val_fraction: Annotated[Optional[float], typer.Option("--val-fraction", help="Share held out for eval loss.")] = None,
+    save_every: Annotated[Optional[int], typer.Option("--save-every", help="Checkpoint every N steps.")] = None,
+    eval_every: Annotated[Optional[int], typer.Option("--eval-every", help="Held-out loss every N steps.")] = None,
+    seed: Seed = None,
+    resume: Resume = False,
+    overwrite: Overwrite = False,
+    device: Device = None,
+) -> None:
+    """Step 1: supervised fine-tuning on demonstrations (loss on response tokens only)."""
+    overrides = {"data": data, "run_dir": run_dir, "model.name": model, "lora.enabled": lora, "max_steps": max_steps,
+                 "epochs": epochs, "optim.lr": lr, "optim.batch_size": batch_size, "optim.grad_accum": grad_accum,
+                 "model.dropout": dropout, "model.max_seq_len": max_seq_len, "val_fraction": val_fraction,
+                 "save_every": save_every, "eval_every": eval_every, "seed": seed, "device": device}
+
+    def runner(cfg: Any) -> Any:
+        from .stages import sft as stage
+
+        return stage.run(cfg, resume=resume, overwrite=overwrite)
+
+    run_stage("sft", config, print_config, overrides, runner)
+
+
+def _not_yet(name: str, issue: int) -> Callable[..., None]:
+    def command(args: Annotated[Optional[list[str]], typer.Argument(hidden=True)] = None) -> None:
+        typer.echo(f"igpt {name}: not implemented yet (tracked in issue #{issue})", err=True)
+        raise typer.Exit(3)
+
+    return command
+
+
+for _name, _issue, _help in [
+    ("sample", 3, "Sample K responses per prompt for labelers to rank (not implemented yet)."),
+    ("train-rm", 3, "Step 2: reward model from K-wise rankings (not implemented yet)."),
+    ("ppo", 4, "Step 3: PPO-ptx against the reward model with a KL penalty (not implemented yet)."),
+    ("eval", 5, "Reward, KL, alignment tax and preference accuracy of a model (not implemented yet)."),
+    ("compare", 5, "Win rate of one model against another with a confidence interval (not implemented yet)."),
+    ("label", 5, "Rank sampled responses in the terminal (not implemented yet)."),
+]:
+    app.command(_name, help=_help, context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(
+        _not_yet(_name, _issue))
+
+
+def main() -> None:
+    import os
+
+    # No model or data set is ever fetched from a hub at run time; local directories only.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    app()
+
+
+if __name__ == "__main__":
+    main()

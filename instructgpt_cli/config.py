@@ -1,0 +1,259 @@
+"""Stage configurations: defaults < YAML preset (``--config``) < command-line flags.
+
+Each stage has one dataclass. Every field carries a one-line doc (``metadata["doc"]``) with its unit.
+A YAML file holds one section per stage (``sft:``, ``rm:``, ``ppo:`` ...), so one preset can configure
+the whole pipeline; the resolved config a stage saves (``sft/config.yaml``) has the same shape and can
+be passed back with ``--config``. Unknown keys and wrong types are errors that name the file and key.
+
+This module imports no torch: ``igpt --help`` and ``--print-config`` stay instant.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import BadInput
+
+# Sections a preset file may hold; a stage reads only its own.
+SECTIONS = ("sft", "rm", "ppo", "sample", "eval", "compare")
+
+
+def f(default: Any, doc: str) -> Any:
+    """A dataclass field with a default and a one-line doc (the unit goes in the doc)."""
+    if isinstance(default, (list, dict)) or dataclasses.is_dataclass(default):
+        return field(default_factory=lambda: _copy(default), metadata={"doc": doc})
+    return field(default=default, metadata={"doc": doc})
+
+
+def _copy(value: Any) -> Any:
+    if dataclasses.is_dataclass(value):
+        return type(value)()  # a fresh block with its own defaults (no shared lists)
+    return type(value)(value)
+
+
+@dataclass
+class ModelConfig:
+    name: str = f("smollm2-135m", "model source: 'smollm2-135m' (bundled), 'tiny' (random, for tests) or a local HF directory")
+    dtype: str = f("auto", "parameter dtype: auto (fp32 on CPU, bf16 on GPUs that support it), float32, bfloat16, float16")
+    dropout: float = f(0.0, "dropout probability set on every dropout field of the model config (probability)")
+    max_seq_len: int = f(1024, "context window used for training, capped at the model's own (tokens)")
+    trust_remote_code: bool = f(False, "allow custom model code from a local directory (never on by default)")
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = f(False, "train LoRA adapters (peft) instead of all weights")
+    r: int = f(16, "LoRA rank (dimensions)")
+    alpha: int = f(32, "LoRA scaling numerator; the update is scaled by alpha / r (dimensionless)")
+    dropout: float = f(0.0, "dropout on the LoRA input (probability)")
+    target_modules: list = f(["all-linear"], "module names to adapt; ['all-linear'] adapts every linear layer but the LM head")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = f(1e-5, "peak learning rate (per step)")
+    weight_decay: float = f(0.0, "AdamW decoupled weight decay (per step, times lr)")
+    beta1: float = f(0.9, "AdamW first-moment decay (dimensionless)")
+    beta2: float = f(0.95, "AdamW second-moment decay (dimensionless)")
+    eps: float = f(1e-8, "AdamW epsilon (dimensionless)")
+    scheduler: str = f("cosine_with_min_lr", "transformers.get_scheduler name: cosine_with_min_lr, cosine, linear, constant_with_warmup ...")
+    min_lr_ratio: float = f(0.1, "for cosine_with_min_lr: final lr as a fraction of the peak (InstructGPT decays to 10%)")
+    warmup_steps: int = f(0, "linear warmup length (optimizer steps)")
+    grad_clip: float = f(1.0, "clip the global gradient norm to this value; 0 disables (L2 norm)")
+    batch_size: int = f(8, "micro-batch size (sequences per forward pass)")
+    grad_accum: int = f(1, "micro-batches per optimizer step; effective batch = batch_size * grad_accum (sequences)")
+
+
+@dataclass
+class SFTConfig:
+    data: str = f("", "demonstrations JSONL file (required)")
+    run_dir: str = f("runs/default", "run directory shared by all stages (path)")
+    model: ModelConfig = f(ModelConfig(), "model block")
+    lora: LoraConfig = f(LoraConfig(), "LoRA block")
+    optim: OptimConfig = f(OptimConfig(), "optimizer block")
+    epochs: int = f(16, "passes over the training split (epochs); InstructGPT trains SFT 16 epochs")
+    max_steps: int = f(0, "stop after this many optimizer steps; 0 = run all epochs (steps)")
+    val_fraction: float = f(0.05, "share of demonstrations held out for eval loss (fraction, 0 disables)")
+    eval_every: int = f(50, "evaluate on the held-out split every N optimizer steps, and at the end (steps)")
+    save_every: int = f(100, "write a resumable checkpoint every N optimizer steps (steps)")
+    keep_checkpoints: int = f(2, "keep only the newest N complete checkpoints (count)")
+    seed: int = f(0, "seed for initialisation, data order and dropout")
+    device: str = f("auto", "auto, cpu, cuda, cuda:N or mps")
+
+
+STAGE_CONFIGS: dict[str, type] = {"sft": SFTConfig}
+
+DTYPES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
+SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+              "inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay")
+
+# Range checks by field name, wherever the field appears: (predicate, what it must be).
+CHECKS: dict[str, tuple[Any, str]] = {
+    "lr": (lambda v: v > 0, "must be > 0"),
+    "batch_size": (lambda v: v >= 1, "must be >= 1"),
+    "grad_accum": (lambda v: v >= 1, "must be >= 1"),
+    "epochs": (lambda v: v >= 1, "must be >= 1"),
+    "max_steps": (lambda v: v >= 0, "must be >= 0 (0 = no limit)"),
+    "warmup_steps": (lambda v: v >= 0, "must be >= 0"),
+    "grad_clip": (lambda v: v >= 0, "must be >= 0 (0 disables)"),
+    "dropout": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    "val_fraction": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    "min_lr_ratio": (lambda v: 0 <= v <= 1, "must be in [0, 1]"),
+    "max_seq_len": (lambda v: v >= 2, "must be >= 2"),
+    "eval_every": (lambda v: v >= 1, "must be >= 1"),
+    "save_every": (lambda v: v >= 1, "must be >= 1"),
+    "keep_checkpoints": (lambda v: v >= 1, "must be >= 1"),
+    "r": (lambda v: v >= 1, "must be >= 1"),
+    "dtype": (lambda v: v in DTYPES, f"must be one of {', '.join(DTYPES)}"),
+    "scheduler": (lambda v: v in SCHEDULERS, f"must be one of {', '.join(SCHEDULERS)}"),
+    "device": (lambda v: v in ("auto", "cpu", "mps") or v == "cuda" or v.startswith("cuda:"),
+               "must be auto, cpu, cuda, cuda:N or mps"),
+}
+
+
+def check_ranges(cfg: Any, where: str) -> list[str]:
+    """Every range error of a built config, as ``where.key: reason``."""
+    errors = []
+    for fl in dataclasses.fields(cfg):
+        value = getattr(cfg, fl.name)
+        if dataclasses.is_dataclass(value):
+            errors += check_ranges(value, f"{where}.{fl.name}")
+        elif fl.name in CHECKS and not CHECKS[fl.name][0](value):
+            errors.append(f"{where}.{fl.name}: {value!r} {CHECKS[fl.name][1]}")
+    return errors
+
+
+def field_docs(cls: type, prefix: str = "") -> dict[str, str]:
+    """Flattened ``{"optim.lr": "peak learning rate ..."}`` for every field of a config class."""
+    docs: dict[str, str] = {}
+    hints = typing.get_type_hints(cls)
+    for fl in dataclasses.fields(cls):
+        key = prefix + fl.name
+        if dataclasses.is_dataclass(hints[fl.name]):
+            docs.update(field_docs(hints[fl.name], key + "."))
+        else:
+            docs[key] = fl.metadata.get("doc", "")
+    return docs
+
+
+def _check_type(value: Any, tp: Any, where: str) -> Any:
+    """Return ``value`` converted to ``tp`` where lossless (int -> float), else raise with ``where``."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _check_type(value, arg, where)
+            except BadInput:
+                pass
+        raise BadInput([f"{where}: expected {tp}, got {type(value).__name__} {value!r}"])
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (list, typing.List) or origin is list:
+        if not isinstance(value, list):
+            raise BadInput([f"{where}: expected a list, got {type(value).__name__} {value!r}"])
+        return list(value)
+    if tp is int and isinstance(value, bool):
+        raise BadInput([f"{where}: expected int, got bool {value!r}"])
+    if not isinstance(value, tp):
+        raise BadInput([f"{where}: expected {tp.__name__}, got {type(value).__name__} {value!r}"])
+    return value
+
+
+def build(cls: type, data: dict, where: str) -> Any:
+    """Build dataclass ``cls`` from a nested dict; unknown keys and wrong types raise BadInput."""
+    if not isinstance(data, dict):
+        raise BadInput([f"{where}: expected a mapping, got {type(data).__name__}"])
+    hints = typing.get_type_hints(cls)
+    names = {fl.name for fl in dataclasses.fields(cls)}
+    errors = [f"{where}.{k}: unknown key (known: {', '.join(sorted(names))})" for k in data if k not in names]
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        if key not in names:
+            continue
+        tp = hints[key]
+        try:
+            kwargs[key] = build(tp, value, f"{where}.{key}") if dataclasses.is_dataclass(tp) else _check_type(value, tp, f"{where}.{key}")
+        except BadInput as e:
+            errors.extend(e.messages)
+    if errors:
+        raise BadInput(errors)
+    obj = cls()
+    for key, value in kwargs.items():
+        setattr(obj, key, value)
+    return obj
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _nest(dotted: dict[str, Any]) -> dict:
+    nested: dict = {}
+    for key, value in dotted.items():
+        node = nested
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return nested
+
+
+def load_section(path: str | Path, stage: str) -> dict:
+    """Read ``stage``'s section of a YAML preset; a file that is not a mapping of sections is an error."""
+    p = Path(path)
+    try:
+        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise BadInput([f"{p}: config file not found"]) from None
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise BadInput([f"{p}: not valid YAML: {e}"]) from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise BadInput([f"{p}: expected a mapping of stage sections ({', '.join(SECTIONS)})"])
+    unknown = [k for k in raw if k not in SECTIONS]
+    if unknown:
+        raise BadInput([f"{p}: {k}: unknown section (known: {', '.join(SECTIONS)})" for k in unknown])
+    section = raw.get(stage) or {}
+    if not isinstance(section, dict):
+        raise BadInput([f"{p}: {stage}: expected a mapping"])
+    return section
+
+
+def resolve(stage: str, config_file: str | Path | None, overrides: dict[str, Any]) -> Any:
+    """Defaults < ``config_file``'s section for ``stage`` < ``overrides`` (dotted keys; None = not given)."""
+    cls = STAGE_CONFIGS[stage]
+    data: dict = {}
+    where = stage
+    if config_file:
+        data = load_section(config_file, stage)
+        where = f"{config_file}: {stage}"
+    data = _merge(data, _nest({k: v for k, v in overrides.items() if v is not None}))
+    cfg = build(cls, data, where)
+    errors = check_ranges(cfg, where)
+    if errors:
+        raise BadInput(errors)
+    return cfg
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(stage: str, cfg: Any) -> str:
+    """The resolved config as YAML in preset shape (``{stage: {...}}``), loadable with ``--config``."""
+    return yaml.safe_dump({stage: to_dict(cfg)}, sort_keys=False, allow_unicode=True)

@@ -1,0 +1,203 @@
+"""JSONL records, line-accurate validation, tokenisation and collation.
+
+Every reader checks the whole file and raises one :class:`BadInput` listing every bad line as
+``FILE:LINE: field: reason``; nothing is written by a stage before its inputs pass.
+Torch is imported lazily (collation only), so validation runs without it.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, NamedTuple
+
+from .errors import BadInput
+
+ROLES = ("system", "user", "assistant")
+IGNORE_INDEX = -100  # label of a token that takes no loss (prompt and padding)
+
+
+def iter_jsonl(path: str | Path, errors: list[str]) -> Iterator[tuple[int, Any]]:
+    """Yield ``(line_number, object)`` for each non-blank line; append bad lines to ``errors``."""
+    p = Path(path)
+    try:
+        raw = p.read_bytes()
+    except FileNotFoundError:
+        raise BadInput([f"{p}: file not found"]) from None
+    except IsADirectoryError:
+        raise BadInput([f"{p}: is a directory, expected a JSONL file"]) from None
+    for lineno, line in enumerate(raw.split(b"\n"), start=1):
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as e:
+            errors.append(f"{p}:{lineno}: invalid UTF-8 at byte {e.start}")
+            continue
+        if not text.strip():
+            continue
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as e:
+            errors.append(f"{p}:{lineno}: not valid JSON: {e.msg} (column {e.colno})")
+            continue
+        if not isinstance(obj, dict):
+            errors.append(f"{p}:{lineno}: expected a JSON object, got {_json_type(obj)}")
+            continue
+        yield lineno, obj
+
+
+def _json_type(value: Any) -> str:
+    return {dict: "object", list: "array", str: "string", bool: "boolean", int: "number", float: "number"}.get(
+        type(value), "null")
+
+
+def nonempty_str(obj: dict, key: str, where: str, errors: list[str], required: bool = True) -> str | None:
+    """``obj[key]`` if it is a non-empty string; otherwise record ``where: key: reason``."""
+    if key not in obj:
+        if required:
+            errors.append(f"{where}: {key}: missing")
+        return None
+    value = obj[key]
+    if not isinstance(value, str) or not value.strip():
+        kind = "empty string" if isinstance(value, str) else _json_type(value)
+        errors.append(f"{where}: {key}: must be a non-empty string, got {kind}")
+        return None
+    return value
+
+
+def read_records(path: str | Path, parse: Callable[[dict, str, list[str]], Any], what: str) -> list:
+    """Parse every line of ``path`` with ``parse(obj, "FILE:LINE", errors)``; raise all errors at once."""
+    errors: list[str] = []
+    records = []
+    for lineno, obj in iter_jsonl(path, errors):
+        rec = parse(obj, f"{path}:{lineno}", errors)
+        if rec is not None:
+            records.append(rec)
+    if not errors and not records:
+        errors.append(f"{path}: no {what} found (the file is empty)")
+    if errors:
+        raise BadInput(errors)
+    return records
+
+
+# ---------------------------------------------------------------- demonstrations
+
+
+@dataclass
+class Demo:
+    """One demonstration: the conversation up to the target, and the target assistant reply."""
+
+    messages: list[dict]  # prompt turns: [{"role", "content"}, ...], ending with a user turn
+    response: str
+    category: str | None
+    where: str  # "FILE:LINE", for error messages after tokenisation
+
+
+def _parse_messages(obj: dict, where: str, errors: list[str]) -> tuple[list[dict], str] | None:
+    msgs = obj["messages"]
+    if not isinstance(msgs, list) or not msgs:
+        errors.append(f"{where}: messages: must be a non-empty list of {{role, content}} objects")
+        return None
+    n_errors = len(errors)
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict):
+            errors.append(f"{where}: messages[{i}]: expected an object, got {_json_type(m)}")
+            continue
+        role = m.get("role")
+        if role not in ROLES:
+            errors.append(f"{where}: messages[{i}].role: unknown role {role!r} (expected one of {', '.join(ROLES)})")
+        nonempty_str(m, "content", f"{where}: messages[{i}]", errors)
+    if len(errors) > n_errors:
+        return None
+    if not any(m["role"] == "assistant" for m in msgs):
+        errors.append(f"{where}: messages: no assistant turn (the last assistant message is the target)")
+        return None
+    if msgs[-1]["role"] != "assistant":
+        errors.append(f"{where}: messages[{len(msgs) - 1}].role: the conversation must end with the assistant "
+                      f"turn to learn, got {msgs[-1]['role']!r}")
+        return None
+    if not any(m["role"] == "user" for m in msgs[:-1]):
+        errors.append(f"{where}: messages: no user turn before the target assistant turn")
+        return None
+    return [{"role": m["role"], "content": m["content"]} for m in msgs[:-1]], msgs[-1]["content"]
+
+
+def parse_demo(obj: dict, where: str, errors: list[str]) -> Demo | None:
+    category = nonempty_str(obj, "category", where, errors, required=False)
+    if "messages" in obj:
+        if "prompt" in obj or "response" in obj:
+            errors.append(f"{where}: messages: give either messages or prompt/response, not both")
+            return None
+        parsed = _parse_messages(obj, where, errors)
+        return Demo(parsed[0], parsed[1], category, where) if parsed else None
+    prompt = nonempty_str(obj, "prompt", where, errors)
+    response = nonempty_str(obj, "response", where, errors)
+    if prompt is None or response is None:
+        return None
+    return Demo([{"role": "user", "content": prompt}], response, category, where)
+
+
+def read_demos(path: str | Path) -> list[Demo]:
+    """Validate and read a demonstrations file (``prompt``/``response`` or chat ``messages``)."""
+    return read_records(path, parse_demo, "demonstrations")
+
+
+# ---------------------------------------------------------------- tokenisation
+
+
+class Example(NamedTuple):
+    """A tokenised training sequence: ``labels`` is ``input_ids`` with prompt tokens set to IGNORE_INDEX."""
+
+    input_ids: list[int]
+    labels: list[int]
+
+
+def render_prompt(tokenizer: Any, messages: list[dict]) -> list[int]:
+    """Token ids of the chat-templated prompt, ending with the assistant header the model answers after."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def encode_response(tokenizer: Any, response: str) -> list[int]:
+    """Response ids followed by EOS: the model learns to stop, as generation will ask it to."""
+    return tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+
+
+def tokenize_demos(tokenizer: Any, demos: list[Demo], max_len: int) -> tuple[list[Example], int]:
+    """Tokenise prompt and response separately (as generation sees them) and mask the prompt.
+
+    A prompt that leaves no room for a response is an error naming its line; a response that does not
+    fit is cut at ``max_len``. Returns the examples and how many responses were cut.
+    """
+    errors: list[str] = []
+    examples: list[Example] = []
+    truncated = 0
+    for d in demos:
+        prompt_ids = render_prompt(tokenizer, d.messages)
+        if len(prompt_ids) >= max_len:
+            field = "prompt" if len(d.messages) == 1 else "messages"
+            errors.append(f"{d.where}: {field}: {len(prompt_ids)} tokens with the chat template, longer than "
+                          f"the context window ({max_len} tokens; see model.max_seq_len)")
+            continue
+        response_ids = encode_response(tokenizer, d.response)
+        ids = (prompt_ids + response_ids)[:max_len]
+        truncated += len(prompt_ids) + len(response_ids) > max_len
+        examples.append(Example(ids, [IGNORE_INDEX] * len(prompt_ids) + ids[len(prompt_ids):]))
+    if errors:
+        raise BadInput(errors)
+    return examples, truncated
+
+
+def collate(examples: list[Example], pad_id: int) -> dict:
+    """Right-pad a list of examples into ``input_ids``, ``attention_mask``, ``labels`` tensors (B, T)."""
+    import torch
+
+    width = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e.input_ids)
+        ids[i, :n] = torch.tensor(e.input_ids)
+        labels[i, :n] = torch.tensor(e.labels)
+        mask[i, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}

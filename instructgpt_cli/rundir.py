@@ -1,0 +1,206 @@
+"""The run directory: layout, manifest, atomic checkpoints, metrics and resume.
+
+```
+runs/NAME/manifest.json
+runs/NAME/<stage>/config.yaml  metrics.jsonl  checkpoints/step-000120/{...,COMPLETED}  final/
+```
+A checkpoint is written under a temporary name, fsynced, renamed, then marked ``COMPLETED``; resume
+takes the newest complete one and drops the metrics logged after it. Torch is not imported here.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Callable
+
+from .errors import BadInput
+
+COMPLETED = "COMPLETED"
+CHECKPOINT_PREFIX = "step-"
+
+
+def fsync_tree(path: Path) -> None:
+    """fsync every file under ``path`` and the directories themselves, so a rename publishes whole data."""
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as fh:
+                os.fsync(fh.fileno())
+        _fsync_dir(Path(root))
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` via a fsynced temporary file and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".tmp-{path.name}-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def is_main_process() -> bool:
+    """Only rank 0 writes files when launched by torchrun / accelerate."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+# ---------------------------------------------------------------- manifest
+
+
+def read_manifest(run_dir: Path) -> dict:
+    path = run_dir / "manifest.json"
+    if not path.exists():
+        return {"igpt_version": _version(), "stages": {}}
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def update_manifest(run_dir: Path, stage: str, **fields: Any) -> None:
+    """Merge ``fields`` into ``stages[stage]`` of ``manifest.json`` (atomic rewrite)."""
+    manifest = read_manifest(run_dir)
+    manifest["igpt_version"] = _version()
+    manifest.setdefault("stages", {}).setdefault(stage, {}).update(fields)
+    atomic_write_text(run_dir / "manifest.json", json.dumps(manifest, indent=2) + "\n")
+
+
+def file_input(path: str | Path) -> dict:
+    """A manifest ``inputs`` entry: resolved path and sha256."""
+    return {"path": str(Path(path).resolve()), "sha256": sha256_file(path)}
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+# ---------------------------------------------------------------- stage directories
+
+
+def stage_state(stage_dir: Path) -> str:
+    """'empty' (nothing there), 'done' (final/ written) or 'partial' (outputs but no final)."""
+    if not stage_dir.exists() or not any(stage_dir.iterdir()):
+        return "empty"
+    return "done" if (stage_dir / "final").exists() else "partial"
+
+
+def check_stage(stage_dir: Path, resume: bool, overwrite: bool) -> str:
+    """Decide what a stage run does with existing outputs, before anything is written.
+
+    Returns 'fresh', 'resume' or 'done'. A stage with outputs and neither flag is refused (BadInput):
+    igpt never silently clobbers a run.
+    """
+    if resume and overwrite:
+        raise BadInput(["--resume and --overwrite exclude each other"])
+    state = stage_state(stage_dir)
+    if state == "empty" or overwrite:
+        return "fresh"
+    if not resume:
+        raise BadInput([f"{stage_dir}: already has outputs ({'finished' if state == 'done' else 'unfinished'} run); "
+                        "pass --resume to continue it or --overwrite to start over"])
+    return "done" if state == "done" else "resume"
+
+
+def start_stage_dir(stage_dir: Path, mode: str) -> None:
+    """Create the stage directory (clearing it for a fresh start over old outputs)."""
+    if mode == "fresh" and stage_dir.exists():
+        shutil.rmtree(stage_dir)
+    stage_dir.mkdir(parents=True, exist_ok=True)
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def checkpoint_name(step: int) -> str:
+    return f"{CHECKPOINT_PREFIX}{step:06d}"
+
+
+def complete_checkpoints(ckpt_root: Path) -> list[Path]:
+    """Complete checkpoints (marked COMPLETED), oldest first."""
+    if not ckpt_root.exists():
+        return []
+    found = [p for p in ckpt_root.iterdir()
+             if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX) and (p / COMPLETED).exists()]
+    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+
+
+def latest_checkpoint(ckpt_root: Path) -> Path | None:
+    done = complete_checkpoints(ckpt_root)
+    return done[-1] if done else None
+
+
+def save_checkpoint(ckpt_root: Path, step: int, write: Callable[[Path], None], keep: int) -> Path:
+    """``write(tmp_dir)`` the checkpoint files, fsync, rename to ``step-NNNNNN``, mark COMPLETED,
+    then delete all but the newest ``keep`` complete checkpoints (and any stale temporary dirs)."""
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    final = ckpt_root / checkpoint_name(step)
+    tmp = ckpt_root / f".tmp-{final.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    write(tmp)
+    fsync_tree(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    atomic_write_text(final / COMPLETED, now() + "\n")
+    for old in complete_checkpoints(ckpt_root)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    for stale in ckpt_root.glob(".tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    return final
+
+
+# ---------------------------------------------------------------- metrics
+
+
+def append_jsonl(path: Path, record: dict) -> None:
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(record) + "\n")
+        fh.flush()
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop metrics logged after ``step`` (they belong to work the resumed run redoes)."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                kept.append(line)
+        except json.JSONDecodeError:  # a line cut by a kill
+            continue
+    atomic_write_text(path, "".join(k + "\n" for k in kept))
+
+
+def read_metrics(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]

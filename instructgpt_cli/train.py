@@ -1,0 +1,130 @@
+"""What every training stage shares: optimizer and schedule, the deterministic data order, and the
+resumable training state (trainable weights, optimizer, scheduler, RNG) inside a checkpoint.
+
+The data order is a pure function of (seed, epoch), so a resumed run needs only the step number to
+continue exactly where the interrupted one was.
+"""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import OptimConfig
+
+FAULT_ENV = "IGPT_FAULT_AFTER_STEP"  # test hook: die (exit 99, no cleanup) right after this step
+
+
+def trainable_parameters(model: Any) -> list[torch.nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def build_optimizer(model: Any, cfg: OptimConfig) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(trainable_parameters(model), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                             weight_decay=cfg.weight_decay)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int) -> Any:
+    """``transformers.get_scheduler``; ``cosine_with_min_lr`` decays to ``min_lr_ratio`` of the peak,
+    as InstructGPT's schedules do (to 10%)."""
+    from transformers import get_scheduler
+
+    extra = {"min_lr_rate": cfg.min_lr_ratio} if cfg.scheduler == "cosine_with_min_lr" else None
+    return get_scheduler(cfg.scheduler, optimizer, num_warmup_steps=cfg.warmup_steps,
+                         num_training_steps=total_steps, scheduler_specific_kwargs=extra)
+
+
+def steps_per_epoch(n_items: int, per_step: int) -> int:
+    return max(1, math.ceil(n_items / per_step))
+
+
+def step_indices(n_items: int, step: int, per_step: int, seed: int) -> list[int]:
+    """Indices of the items optimizer step ``step`` (0-based) trains on.
+
+    Each epoch is a fresh permutation seeded by (seed, epoch); the last step of an epoch may be short.
+    """
+    per_epoch = steps_per_epoch(n_items, per_step)
+    epoch, i = divmod(step, per_epoch)
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    perm = torch.randperm(n_items, generator=gen).tolist()
+    return perm[i * per_step:(i + 1) * per_step]
+
+
+def micro_batches(items: list, size: int) -> list[list]:
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+def save_train_state(dest: Path, model: Any, optimizer: Any, scheduler: Any, step: int, extra: dict | None = None) -> None:
+    """Trainable weights as safetensors; optimizer, scheduler, RNG and step with ``torch.save``
+    (read back with ``weights_only=True``)."""
+    from safetensors.torch import save_file
+
+    weights = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    save_file(weights, dest / "trainable.safetensors")
+    torch.save(optimizer.state_dict(), dest / "optimizer.pt")
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    torch.save({"step": step, "scheduler": scheduler.state_dict(), "rng": rng, "extra": extra or {}},
+               dest / "state.pt")
+
+
+def load_train_state(src: Path, model: Any, optimizer: Any, scheduler: Any) -> tuple[int, dict]:
+    """Restore what :func:`save_train_state` wrote; returns (step, extra)."""
+    from safetensors.torch import load_file
+
+    weights = load_file(src / "trainable.safetensors")
+    params = dict(model.named_parameters())
+    missing = [n for n, p in params.items() if p.requires_grad and n not in weights]
+    if missing:
+        raise RuntimeError(f"{src}: checkpoint lacks {len(missing)} trainable tensors (e.g. {missing[0]}); "
+                           "was it written with other LoRA/model settings?")
+    with torch.no_grad():
+        for name, tensor in weights.items():
+            params[name].copy_(tensor)
+    optimizer.load_state_dict(torch.load(src / "optimizer.pt", weights_only=True, map_location="cpu"))
+    state = torch.load(src / "state.pt", weights_only=True)
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"]["torch"])
+    if "cuda" in state["rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    return int(state["step"]), state["extra"]
+
+
+def maybe_fault(step: int) -> None:
+    """Simulate a kill for resume tests: ``IGPT_FAULT_AFTER_STEP=N`` ends the process after step N."""
+    if os.environ.get(FAULT_ENV) == str(step):
+        os._exit(99)
+
+
+# ---------------------------------------------------------------- what the user sees (stderr)
+
+
+def console() -> Any:
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def say(message: str) -> None:
+    console().print(message)
+
+
+def banner(title: str, rows: dict[str, str]) -> None:
+    """A run banner: what is about to happen (examples, steps, effective batch, parameters)."""
+    from rich.table import Table
+
+    table = Table(title=title, show_header=False, title_justify="left", box=None, pad_edge=False)
+    for key, value in rows.items():
+        table.add_row(f"[bold]{key}[/]", value)
+    console().print(table)
+
+
+def progress() -> Any:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TimeRemainingColumn(), console=console())
