@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, NamedTuple
 
 import torch
 
+from . import config as config_mod
 from .config import OptimConfig
+from .rundir import (append_jsonl, atomic_write_text, latest_checkpoint, now, save_checkpoint, start_stage_dir,
+                     truncate_metrics, update_manifest)
 
 FAULT_ENV = "IGPT_FAULT_AFTER_STEP"  # test hook: die (exit 99, no cleanup) right after this step
 
@@ -92,6 +96,81 @@ def load_train_state(src: Path, model: Any, optimizer: Any, scheduler: Any) -> t
     if "cuda" in state["rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["rng"]["cuda"])
     return int(state["step"]), state["extra"]
+
+
+class Stage(NamedTuple):
+    """Where a training stage writes: ``run_dir/name/{config.yaml, metrics.jsonl, checkpoints/, final/}``."""
+
+    run_dir: Path
+    name: str
+
+    @property
+    def dir(self) -> Path:
+        return self.run_dir / self.name
+
+    @property
+    def metrics(self) -> Path:
+        return self.dir / "metrics.jsonl"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.dir / "checkpoints"
+
+    @property
+    def final(self) -> Path:
+        return self.dir / "final"
+
+
+def begin_stage(stage: Stage, mode: str, cfg: Any, inputs: dict) -> None:
+    """Create the stage directory and record the resolved config and the inputs in the manifest.
+    Called only after every input has been validated."""
+    start_stage_dir(stage.dir, mode)
+    atomic_write_text(stage.dir / "config.yaml", config_mod.to_yaml(stage.name, cfg))
+    update_manifest(stage.run_dir, stage.name, status="running", started=now(), inputs=inputs)
+
+
+def restore(stage: Stage, mode: str, model: Any, optimizer: Any, scheduler: Any) -> tuple[int, dict, Path | None]:
+    """Resume point: (step, extra state, checkpoint) of the newest complete checkpoint, or a fresh start.
+    Metrics logged after that step are dropped; the resumed run logs them again."""
+    ckpt = latest_checkpoint(stage.checkpoints) if mode == "resume" else None
+    step, extra = load_train_state(ckpt, model, optimizer, scheduler) if ckpt is not None else (0, {})
+    truncate_metrics(stage.metrics, step)
+    return step, extra, ckpt
+
+
+def fit(stage: Stage, model: Any, optimizer: Any, scheduler: Any, step: int, total_steps: int,
+        train_step: Callable[[int], dict], evaluate: Callable[[], dict] | None, eval_every: int, save_every: int,
+        keep: int, extra_state: Callable[[], dict] | None = None) -> int:
+    """Run optimizer steps ``step..total_steps``: log a metrics line per step (held-out metrics every
+    ``eval_every`` and at the end), checkpoint every ``save_every``. ``train_step(step)`` does one
+    optimizer step and returns its metrics (``train/tokens`` gives tokens/s). Returns the last step."""
+    started = time.perf_counter()
+    with progress() as bar:
+        task = bar.add_task(stage.name, total=total_steps, completed=step)
+        while step < total_steps:
+            t0 = time.perf_counter()
+            record = train_step(step)
+            step += 1
+            seconds = time.perf_counter() - t0
+            record = {"step": step, **record, "train/lr": scheduler.get_last_lr()[0]}
+            if "train/tokens" in record:
+                record["train/tokens_per_s"] = record["train/tokens"] / seconds
+            record["elapsed_s"] = time.perf_counter() - started
+            if evaluate is not None and (step % eval_every == 0 or step == total_steps):
+                record.update(evaluate())
+            append_jsonl(stage.metrics, record)
+            if step % save_every == 0 and step < total_steps:
+                state = extra_state() if extra_state else None
+                save_checkpoint(stage.checkpoints, step,
+                                lambda d: save_train_state(d, model, optimizer, scheduler, step, state), keep)
+            bar.update(task, advance=1, description=f"{stage.name} loss {record.get('train/loss', float('nan')):.4f}")
+            maybe_fault(step)
+    return step
+
+
+def finish_stage(stage: Stage, steps: int, **outputs: Any) -> None:
+    update_manifest(stage.run_dir, stage.name, status="completed", finished=now(), steps=steps,
+                    outputs={"final": str(stage.final), **outputs})
 
 
 def maybe_fault(step: int) -> None:

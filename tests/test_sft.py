@@ -73,8 +73,8 @@ def one_step(batch_size, grad_accum, examples, tok):
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
     chunks = [examples[i:i + batch_size] for i in range(0, len(examples), batch_size)]
-    loss, _, _ = train_step(model, opt, sched, chunks, tok.pad_token_id, torch.device("cpu"), 100.0)
-    return loss, model.state_dict()
+    loss = train_step(model, opt, sched, chunks, tok.pad_token_id, torch.device("cpu"), 100.0)
+    return loss["train/loss"], model.state_dict()
 
 
 def test_batch_8_x_accum_1_equals_batch_1_x_accum_8(tmp_path):
