@@ -99,6 +99,74 @@ def sft(
     run_stage("sft", config, print_config, overrides, runner)
 
 
+@app.command("train-rm")
+def train_rm(
+    rankings: Annotated[Optional[str], typer.Option("--rankings", help="Rankings JSONL: {prompt, responses, ranks} or {prompt, chosen, rejected}.")] = None,
+    demos: Annotated[Optional[str], typer.Option("--demos", help="Demonstrations that define reward 0 [default: the run's SFT data].")] = None,
+    normalize: Annotated[Optional[bool], typer.Option("--normalize/--no-normalize", help="Shift rewards so the demonstrations score mean 0.")] = None,
+    sft: Annotated[Optional[str], typer.Option("--sft", help="SFT model directory to start from [default: RUN_DIR/sft/final].")] = None,
+    run_dir: RunDir = None,
+    model: Annotated[Optional[str], typer.Option("--model", help="Start from this model instead of the SFT model (tiny, smollm2-135m, a directory).")] = None,
+    lora: Lora = None,
+    config: ConfigFile = None,
+    print_config: PrintConfig = False,
+    max_steps: MaxSteps = None,
+    epochs: Annotated[Optional[int], typer.Option("--epochs", help="Passes over the rankings [default: 1, the paper].")] = None,
+    lr: Annotated[Optional[float], typer.Option("--lr", help="Peak learning rate.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Prompts per micro-batch (each with its K responses).")] = None,
+    grad_accum: Annotated[Optional[int], typer.Option("--grad-accum", help="Micro-batches per optimizer step.")] = None,
+    val_fraction: Annotated[Optional[float], typer.Option("--val-fraction", help="Share of prompts held out.")] = None,
+    save_every: Annotated[Optional[int], typer.Option("--save-every", help="Checkpoint every N steps.")] = None,
+    eval_every: Annotated[Optional[int], typer.Option("--eval-every", help="Held-out accuracy every N steps.")] = None,
+    seed: Seed = None,
+    resume: Resume = False,
+    overwrite: Overwrite = False,
+    device: Device = None,
+) -> None:
+    """Step 2: reward model from rankings of K responses per prompt (K-wise loss, reward normalised)."""
+    overrides = {"rankings": rankings, "demos": demos, "normalize": normalize, "sft": sft, "run_dir": run_dir,
+                 "model.name": model, "lora.enabled": lora, "max_steps": max_steps, "epochs": epochs,
+                 "optim.lr": lr, "optim.batch_size": batch_size, "optim.grad_accum": grad_accum,
+                 "val_fraction": val_fraction, "save_every": save_every, "eval_every": eval_every, "seed": seed,
+                 "device": device}
+
+    def runner(cfg: Any) -> Any:
+        from .stages import reward as stage
+
+        return stage.run(cfg, resume=resume, overwrite=overwrite)
+
+    run_stage("rm", config, print_config, overrides, runner)
+
+
+@app.command()
+def sample(
+    prompts: Annotated[Optional[str], typer.Option("--prompts", help="Prompts JSONL: {prompt}, optional category.")] = None,
+    out: Annotated[Optional[str], typer.Option("--out", help="Output JSONL {prompt, responses}; add ranks to train an RM.")] = None,
+    k: Annotated[Optional[int], typer.Option("--k", help="Responses per prompt [default: 4].")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", help="Model to sample [default: RUN_DIR/sft/final].")] = None,
+    run_dir: RunDir = None,
+    temperature: Annotated[Optional[float], typer.Option("--temperature", help="Sampling temperature; 0 = greedy [default: 1.0].")] = None,
+    max_new_tokens: Annotated[Optional[int], typer.Option("--max-new-tokens", help="Longest response in tokens [default: 128].")] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Sequences generated at once.")] = None,
+    config: ConfigFile = None,
+    print_config: PrintConfig = False,
+    seed: Seed = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace --out if it exists.")] = False,
+    device: Device = None,
+) -> None:
+    """Sample K responses per prompt for labelers to rank (the same seed gives the same samples)."""
+    overrides = {"prompts": prompts, "out": out, "k": k, "model": model, "run_dir": run_dir,
+                 "temperature": temperature, "max_new_tokens": max_new_tokens, "batch_size": batch_size,
+                 "seed": seed, "device": device}
+
+    def runner(cfg: Any) -> Any:
+        from .stages import sample as stage
+
+        return stage.run(cfg, overwrite=overwrite)
+
+    run_stage("sample", config, print_config, overrides, runner)
+
+
 def _not_yet(name: str, issue: int) -> Callable[..., None]:
     def command(args: Annotated[Optional[list[str]], typer.Argument(hidden=True)] = None) -> None:
         typer.echo(f"igpt {name}: not implemented yet (tracked in issue #{issue})", err=True)
@@ -108,8 +176,6 @@ def _not_yet(name: str, issue: int) -> Callable[..., None]:
 
 
 for _name, _issue, _help in [
-    ("sample", 3, "Sample K responses per prompt for labelers to rank (not implemented yet)."),
-    ("train-rm", 3, "Step 2: reward model from K-wise rankings (not implemented yet)."),
     ("ppo", 4, "Step 3: PPO-ptx against the reward model with a KL penalty (not implemented yet)."),
     ("eval", 5, "Reward, KL, alignment tax and preference accuracy of a model (not implemented yet)."),
     ("compare", 5, "Win rate of one model against another with a confidence interval (not implemented yet)."),

@@ -9,6 +9,7 @@ This module imports no torch: ``igpt --help`` and ``--print-config`` stay instan
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import types
 import typing
@@ -27,14 +28,8 @@ SECTIONS = ("sft", "rm", "ppo", "sample", "eval", "compare")
 def f(default: Any, doc: str) -> Any:
     """A dataclass field with a default and a one-line doc (the unit goes in the doc)."""
     if isinstance(default, (list, dict)) or dataclasses.is_dataclass(default):
-        return field(default_factory=lambda: _copy(default), metadata={"doc": doc})
+        return field(default_factory=lambda: copy.deepcopy(default), metadata={"doc": doc})
     return field(default=default, metadata={"doc": doc})
-
-
-def _copy(value: Any) -> Any:
-    if dataclasses.is_dataclass(value):
-        return type(value)()  # a fresh block with its own defaults (no shared lists)
-    return type(value)(value)
 
 
 @dataclass
@@ -87,7 +82,44 @@ class SFTConfig:
     device: str = f("auto", "auto, cpu, cuda, cuda:N or mps")
 
 
-STAGE_CONFIGS: dict[str, type] = {"sft": SFTConfig}
+@dataclass
+class RMConfig:
+    rankings: str = f("", "rankings JSONL file: {prompt, responses, ranks} or {prompt, chosen, rejected} (required)")
+    demos: str = f("", "demonstrations used to normalise the reward to mean 0; default: the run's SFT data")
+    normalize: bool = f(True, "set the reward bias so the demonstrations score mean 0, as the paper does before RL")
+    sft: str = f("", "SFT model directory to initialise from; default: RUN_DIR/sft/final")
+    run_dir: str = f("runs/default", "run directory shared by all stages (path)")
+    model: ModelConfig = f(ModelConfig(name=""), "model block; model.name, when set, replaces the SFT model as the "
+                                                 "initialisation (smollm2-135m, tiny or a directory)")
+    lora: LoraConfig = f(LoraConfig(), "LoRA block")
+    optim: OptimConfig = f(OptimConfig(batch_size=8), "optimizer block; batch_size counts prompts (rankings), each "
+                                                      "with all K of its responses")
+    epochs: int = f(1, "passes over the rankings (epochs); the paper trains the RM a single epoch (it overfits after)")
+    max_steps: int = f(0, "stop after this many optimizer steps; 0 = run all epochs (steps)")
+    val_fraction: float = f(0.1, "share of rankings held out for pairwise accuracy (fraction, 0 disables)")
+    eval_every: int = f(20, "held-out loss and accuracy every N optimizer steps, and at the end (steps)")
+    save_every: int = f(100, "write a resumable checkpoint every N optimizer steps (steps)")
+    keep_checkpoints: int = f(2, "keep only the newest N complete checkpoints (count)")
+    seed: int = f(0, "seed for the head initialisation, data order and dropout")
+    device: str = f("auto", "auto, cpu, cuda, cuda:N or mps")
+
+
+@dataclass
+class SampleConfig:
+    prompts: str = f("", "prompts JSONL file: {prompt}, optional category (required)")
+    out: str = f("", "output JSONL: {prompt, responses, category} per prompt, ready for ranks (required)")
+    k: int = f(4, "responses sampled per prompt (count); the paper's labelers rank K = 4 to 9")
+    model: str = f("", "model to sample from: a directory, tiny or smollm2-135m; default RUN_DIR/sft/final")
+    run_dir: str = f("runs/default", "run directory whose SFT model is the default (path)")
+    temperature: float = f(1.0, "sampling temperature (dimensionless); 0 = greedy")
+    max_new_tokens: int = f(128, "longest response (tokens)")
+    batch_size: int = f(16, "sequences generated at once (sequences)")
+    seed: int = f(0, "sampling seed: the same seed gives the same samples")
+    device: str = f("auto", "auto, cpu, cuda, cuda:N or mps")
+    dtype: str = f("auto", "parameter dtype: auto, float32, bfloat16, float16")
+
+
+STAGE_CONFIGS: dict[str, type] = {"sft": SFTConfig, "rm": RMConfig, "sample": SampleConfig}
 
 DTYPES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
@@ -110,6 +142,9 @@ CHECKS: dict[str, tuple[Any, str]] = {
     "save_every": (lambda v: v >= 1, "must be >= 1"),
     "keep_checkpoints": (lambda v: v >= 1, "must be >= 1"),
     "r": (lambda v: v >= 1, "must be >= 1"),
+    "k": (lambda v: v >= 2, "must be >= 2 (rankings need two responses at least)"),
+    "temperature": (lambda v: v >= 0, "must be >= 0 (0 = greedy)"),
+    "max_new_tokens": (lambda v: v >= 1, "must be >= 1"),
     "dtype": (lambda v: v in DTYPES, f"must be one of {', '.join(DTYPES)}"),
     "scheduler": (lambda v: v in SCHEDULERS, f"must be one of {', '.join(SCHEDULERS)}"),
     "device": (lambda v: v in ("auto", "cpu", "mps") or v == "cuda" or v.startswith("cuda:"),

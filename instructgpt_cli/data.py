@@ -189,15 +189,187 @@ def tokenize_demos(tokenizer: Any, demos: list[Demo], max_len: int) -> tuple[lis
 
 def collate(examples: list[Example], pad_id: int) -> dict:
     """Right-pad a list of examples into ``input_ids``, ``attention_mask``, ``labels`` tensors (B, T)."""
+    ids, mask = pad_right([e.input_ids for e in examples], pad_id)
+    labels, _ = pad_right([e.labels for e in examples], IGNORE_INDEX)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+# ---------------------------------------------------------------- prompts
+
+
+@dataclass
+class Prompt:
+    prompt: str
+    category: str | None
+
+    @property
+    def messages(self) -> list[dict]:
+        return [{"role": "user", "content": self.prompt}]
+
+
+def parse_prompt(obj: dict, where: str, errors: list[str]) -> Prompt | None:
+    category = nonempty_str(obj, "category", where, errors, required=False)
+    prompt = nonempty_str(obj, "prompt", where, errors)
+    return Prompt(prompt, category) if prompt is not None else None
+
+
+def read_prompts(path: str | Path) -> list[Prompt]:
+    """Validate and read a prompts file: ``{"prompt": str}``, optional ``"category"``."""
+    return read_records(path, parse_prompt, "prompts")
+
+
+# ---------------------------------------------------------------- rankings
+
+
+@dataclass
+class Ranking:
+    """K responses to one prompt with their ranks (1 = best; equal ranks are ties and make no pair)."""
+
+    prompt: str
+    responses: list[str]
+    ranks: list[int]
+    category: str | None
+    where: str
+
+    @property
+    def messages(self) -> list[dict]:
+        return [{"role": "user", "content": self.prompt}]
+
+    def pairs(self) -> list[tuple[int, int]]:
+        """All ordered pairs ``(better, worse)`` of response indices; ties skipped. C(K,2) without ties."""
+        k = len(self.ranks)
+        return [(i, j) if self.ranks[i] < self.ranks[j] else (j, i)
+                for i in range(k) for j in range(i + 1, k) if self.ranks[i] != self.ranks[j]]
+
+
+def _parse_ranked(obj: dict, where: str, errors: list[str]) -> tuple[list[str], list[int]] | None:
+    responses, ranks = obj["responses"], obj.get("ranks")
+    if not isinstance(responses, list):
+        errors.append(f"{where}: responses: must be a list of strings, got {_json_type(responses)}")
+        return None
+    if len(responses) < 2:
+        errors.append(f"{where}: responses: need at least 2 responses to rank (K >= 2), got {len(responses)}")
+        return None
+    n_errors = len(errors)
+    for i, r in enumerate(responses):
+        if not isinstance(r, str) or not r.strip():
+            kind = "empty string" if isinstance(r, str) else _json_type(r)
+            errors.append(f"{where}: responses[{i}]: must be a non-empty string, got {kind}")
+    if "ranks" not in obj:
+        errors.append(f"{where}: ranks: missing (one integer per response, 1 = best)")
+    elif not isinstance(ranks, list):
+        errors.append(f"{where}: ranks: must be a list of integers, got {_json_type(ranks)}")
+    elif len(ranks) != len(responses):
+        errors.append(f"{where}: ranks: has {len(ranks)} entries for {len(responses)} responses")
+    else:
+        for i, r in enumerate(ranks):
+            if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+                errors.append(f"{where}: ranks[{i}]: must be an integer >= 1 (1 = best), got {r!r}")
+    if len(errors) > n_errors:
+        return None
+    seen: dict[str, int] = {}
+    for i, r in enumerate(responses):
+        if r.strip() in seen:
+            errors.append(f"{where}: responses[{i}]: duplicate of responses[{seen[r.strip()]}]; "
+                          "identical responses cannot be ranked against each other")
+            return None
+        seen[r.strip()] = i
+    if len(set(ranks)) == 1:
+        errors.append(f"{where}: ranks: all responses are tied, so there is no pair to learn from")
+        return None
+    return responses, ranks
+
+
+def parse_ranking(obj: dict, where: str, errors: list[str]) -> Ranking | None:
+    """``{"prompt", "responses", "ranks"}`` or the pairwise ``{"prompt", "chosen", "rejected"}`` (K=2)."""
+    category = nonempty_str(obj, "category", where, errors, required=False)
+    prompt = nonempty_str(obj, "prompt", where, errors)
+    if "responses" in obj:
+        if "chosen" in obj or "rejected" in obj:
+            errors.append(f"{where}: responses: give either responses/ranks or chosen/rejected, not both")
+            return None
+        parsed = _parse_ranked(obj, where, errors)
+    elif "chosen" in obj or "rejected" in obj:
+        chosen = nonempty_str(obj, "chosen", where, errors)
+        rejected = nonempty_str(obj, "rejected", where, errors)
+        if chosen is None or rejected is None:
+            return None
+        if chosen.strip() == rejected.strip():
+            errors.append(f"{where}: rejected: identical to chosen")
+            return None
+        parsed = [chosen, rejected], [1, 2]
+    else:
+        errors.append(f"{where}: responses: missing (give responses and ranks, or chosen and rejected)")
+        return None
+    if prompt is None or parsed is None:
+        return None
+    return Ranking(prompt, parsed[0], parsed[1], category, where)
+
+
+def read_rankings(path: str | Path) -> list[Ranking]:
+    """Validate and read a rankings file."""
+    return read_records(path, parse_ranking, "rankings")
+
+
+class RankedGroup(NamedTuple):
+    """A tokenised ranking: K sequences (prompt + response + EOS) and the (better, worse) pairs."""
+
+    sequences: list[list[int]]
+    pairs: list[tuple[int, int]]
+
+
+def tokenize_scored(tokenizer: Any, messages: list[dict], responses: list[str], max_len: int, where: str,
+                    errors: list[str]) -> tuple[list[list[int]], int] | None:
+    """prompt + response + EOS for each response, the form a reward model scores (at the last token).
+    Responses that do not fit are cut; a prompt that leaves no room is an error naming its line."""
+    prompt_ids = render_prompt(tokenizer, messages)
+    if len(prompt_ids) >= max_len:
+        errors.append(f"{where}: prompt: {len(prompt_ids)} tokens with the chat template, longer than the "
+                      f"context window ({max_len} tokens; see model.max_seq_len)")
+        return None
+    seqs, cut = [], 0
+    for r in responses:
+        ids = prompt_ids + encode_response(tokenizer, r)
+        cut += len(ids) > max_len
+        seqs.append(ids[:max_len])
+    return seqs, cut
+
+
+def tokenize_rankings(tokenizer: Any, rankings: list[Ranking], max_len: int) -> tuple[list[RankedGroup], int]:
+    errors: list[str] = []
+    groups, truncated = [], 0
+    for r in rankings:
+        out = tokenize_scored(tokenizer, r.messages, r.responses, max_len, r.where, errors)
+        if out is not None:
+            groups.append(RankedGroup(out[0], r.pairs()))
+            truncated += out[1]
+    if errors:
+        raise BadInput(errors)
+    return groups, truncated
+
+
+def pad_left(seqs: list[list[int]], pad_id: int) -> tuple[Any, Any]:
+    """Left-pad token lists into (input_ids, attention_mask), each (B, T): the form generation wants."""
     import torch
 
-    width = max(len(e.input_ids) for e in examples)
-    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(examples), width), dtype=torch.long)
-    for i, e in enumerate(examples):
-        n = len(e.input_ids)
-        ids[i, :n] = torch.tensor(e.input_ids)
-        labels[i, :n] = torch.tensor(e.labels)
-        mask[i, :n] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if s:
+            ids[i, width - len(s):] = torch.tensor(s)
+            mask[i, width - len(s):] = 1
+    return ids, mask
+
+
+def pad_right(seqs: list[list[int]], pad_id: int) -> tuple[Any, Any]:
+    """Right-pad token lists into (input_ids, attention_mask), each (B, T)."""
+    import torch
+
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)] = torch.tensor(s)
+        mask[i, :len(s)] = 1
+    return ids, mask

@@ -96,18 +96,25 @@ def tiny_tokenizer() -> Any:
     return tok
 
 
-def tiny_model(tokenizer: Any, seed: int, dropout: float = 0.0) -> Any:
-    """A randomly initialised 2-layer Llama (width 64), the same family as SmolLM2."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+def tiny_config(tokenizer: Any, dropout: float = 0.0) -> Any:
+    """A 2-layer Llama (width 64), the same family as SmolLM2."""
+    from transformers import LlamaConfig
 
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                         tie_word_embeddings=True, attention_dropout=dropout,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id)
+    return LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                       tie_word_embeddings=True, attention_dropout=dropout, num_labels=1,
+                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                       pad_token_id=tokenizer.pad_token_id)
+
+
+def tiny_model(tokenizer: Any, seed: int, dropout: float = 0.0, kind: str = "causal") -> Any:
+    """A randomly initialised tiny causal LM (``kind='causal'``) or scalar-head reward model ('reward')."""
+    from transformers import LlamaForCausalLM, LlamaForSequenceClassification
+
+    cls = LlamaForCausalLM if kind == "causal" else LlamaForSequenceClassification
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        return LlamaForCausalLM(config)
+        return cls(tiny_config(tokenizer, dropout))
 
 
 def model_path(name: str) -> Path | None:
@@ -120,6 +127,17 @@ def model_path(name: str) -> Path | None:
     if not (p / "config.json").is_file():
         raise BadInput([f"--model {name}: not a model name ({SMOLLM2}, {TINY}) nor a directory with config.json"])
     return p
+
+
+def find_model(explicit: str, run_dir: Path, stage: str, flag: str) -> str:
+    """``explicit`` if given, else the ``stage``'s final model in the run directory; BadInput if neither."""
+    if explicit:
+        return explicit
+    final = run_dir / stage / "final"
+    if (final / "config.json").is_file():
+        return str(final)
+    command = {"rm": "train-rm"}.get(stage, stage)
+    raise BadInput([f"{flag}: not given, and {final} does not exist (run `igpt {command}` first or pass {flag} PATH)"])
 
 
 # ---------------------------------------------------------------- loading
@@ -183,23 +201,51 @@ def set_dropout(config: Any, p: float) -> None:
             setattr(config, key, p)
 
 
-def load_causal_lm(cfg: ModelConfig, tokenizer: Any, path: Path | None, device: torch.device, seed: int) -> Any:
-    """The causal LM of a source on ``device``, in the configured dtype, with ``cfg.dropout`` set."""
+def load_model(cfg: ModelConfig, tokenizer: Any, path: Path | None, device: torch.device, seed: int,
+               kind: str = "causal") -> Any:
+    """A model of a source on ``device`` in the configured dtype with ``cfg.dropout`` set.
+
+    ``kind='causal'``: the language model. ``kind='reward'``: the same backbone with a scalar head
+    (``AutoModelForSequenceClassification``, ``num_labels=1``) that scores the last real token; from a
+    causal-LM directory the LM head is dropped and the scalar head is freshly initialised.
+    """
     dtype = resolve_dtype(cfg.dtype, device)
     if path is None:
-        model = tiny_model(tokenizer, seed, cfg.dropout)
+        model = tiny_model(tokenizer, seed, cfg.dropout, kind)
     else:
-        from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
         config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
         set_dropout(config, cfg.dropout)
-        model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype,
-                                                     trust_remote_code=cfg.trust_remote_code)
+        if kind == "reward":
+            config.num_labels = 1
+        cls = AutoModelForCausalLM if kind == "causal" else AutoModelForSequenceClassification
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)  # a fresh scalar head is initialised the same way every time
+            model = cls.from_pretrained(path, config=config, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
     if model.get_input_embeddings().num_embeddings < len(tokenizer):
         model.resize_token_embeddings(len(tokenizer))
     model.config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model.to(device=device, dtype=dtype)
+
+
+def load_causal_lm(cfg: ModelConfig, tokenizer: Any, path: Path | None, device: torch.device, seed: int) -> Any:
+    return load_model(cfg, tokenizer, path, device, seed, "causal")
+
+
+REWARD_BIAS = "igpt_reward_bias"  # config field: added to the head's output so demonstrations score mean 0
+
+
+def reward_scores(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Normalised scalar rewards (B,) of right-padded sequences, read at each one's last real token.
+
+    The scalar head of a transformers sequence classifier has no bias, so the normalisation the paper
+    applies before RL is stored as ``config.igpt_reward_bias`` and added here.
+    """
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0]
+    return logits + getattr(model.config, REWARD_BIAS, 0.0)
 
 
 def context_window(cfg: ModelConfig, model: Any) -> int:

@@ -40,3 +40,25 @@ def igpt(*args: str):
     from instructgpt_cli.cli import app
 
     return CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+def marker_rankings(n: int, seed: int = 0) -> list[dict]:
+    """Rankings with a learnable preference: responses that contain 'banana' beat those that do not.
+    K varies from 2 to 5; responses without the marker tie with each other."""
+    rng = random.Random(seed)
+    words = "the cat sat on a mat and then ran away from dog into big red house".split()
+    out = []
+    for i in range(n):
+        k = rng.choice([2, 3, 4, 5])
+        responses: list[str] = []
+        while len(responses) < k:
+            r = " ".join(rng.choice(words) for _ in range(rng.randint(3, 8)))
+            if r not in responses:
+                responses.append(r)
+        marked = [rng.random() < 0.5 for _ in responses]
+        if all(marked) or not any(marked):
+            marked[0] = not marked[0]
+        out.append({"prompt": f"Say something, number {i}.",
+                    "responses": [r + " banana" if m else r for r, m in zip(responses, marked)],
+                    "ranks": [1 if m else 2 for m in marked]})
+    return out

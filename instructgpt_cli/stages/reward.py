@@ -1,0 +1,177 @@
+"""Step 2 of InstructGPT: a reward model from labelers' rankings of K responses per prompt.
+
+Each of the K responses of a prompt goes through the model once; all C(K,2) pairs (ties skipped) give
+-log sigmoid(r_better - r_worse), averaged per prompt (the paper's 1/C(K,2)), so a ranking costs K
+forwards instead of the 2*C(K,2) of pairwise tools, and a prompt's pairs never leave its batch element
+(the paper: shuffling pairs across the data set makes the RM overfit in one pass). After training a bias
+is set so the demonstrations score mean 0, as the paper does before RL (Ouyang et al. 2022, sec. 3.5,
+appendix C.2: 1 epoch, cosine schedule to 10%, batch 64 prompts).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..config import ModelConfig, RMConfig
+from ..data import RankedGroup, pad_right, read_demos, read_rankings, tokenize_rankings, tokenize_scored
+from ..errors import BadInput
+from ..losses import ranking_loss
+from ..models import (REWARD_BIAS, apply_lora, context_window, count_parameters, find_model, load_model,
+                      load_tokenizer, resolve_device, reward_scores, save_final)
+from ..rollout import score_sequences
+from ..rundir import check_stage, file_input, read_manifest
+from ..train import (Stage, banner, begin_stage, build_optimizer, build_scheduler, finish_stage, fit,
+                     micro_batches, restore, say, step_indices, steps_per_epoch, trainable_parameters)
+
+STAGE = "rm"
+
+
+def rank_forward(model, groups: list[RankedGroup], pad_id: int, device: torch.device):
+    """Score every response of ``groups`` in one forward pass; returns (per-prompt losses, per-pair
+    correctness, tokens). One ranking of K responses costs exactly K sequence forwards."""
+    seqs = [s for g in groups for s in g.sequences]
+    ids, mask = pad_right(seqs, pad_id)
+    rewards = reward_scores(model, ids.to(device), mask.to(device))
+    better, worse, group, offset = [], [], [], 0
+    for gi, g in enumerate(groups):
+        for b, w in g.pairs:
+            better.append(offset + b)
+            worse.append(offset + w)
+            group.append(gi)
+        offset += len(g.sequences)
+    as_index = lambda xs: torch.tensor(xs, dtype=torch.long, device=device)  # noqa: E731
+    losses, correct = ranking_loss(rewards, as_index(better), as_index(worse), as_index(group), len(groups))
+    return losses, correct, int(mask.sum())
+
+
+def train_step(model, optimizer, scheduler, chunks: list[list[RankedGroup]], pad_id: int, device: torch.device,
+               grad_clip: float) -> dict:
+    """One optimizer step over micro-batches of prompts; the loss is the mean over all prompts of the step."""
+    n_prompts = sum(len(c) for c in chunks)
+    loss_total, correct_total, pairs, tokens = 0.0, 0.0, 0, 0
+    for chunk in chunks:
+        losses, correct, n_tokens = rank_forward(model, chunk, pad_id, device)
+        (losses.sum() / n_prompts).backward()
+        loss_total += losses.sum().item()
+        correct_total += correct.sum().item()
+        pairs += correct.numel()
+        tokens += n_tokens
+    grad_norm = torch.nn.utils.clip_grad_norm_(trainable_parameters(model), grad_clip if grad_clip > 0 else float("inf"))
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return {"train/loss": loss_total / n_prompts, "train/accuracy": correct_total / max(pairs, 1),
+            "train/grad_norm": float(grad_norm), "train/tokens": tokens, "train/comparisons": pairs}
+
+
+@torch.no_grad()
+def evaluate(model, groups: list[RankedGroup], batch_size: int, pad_id: int, device: torch.device) -> dict:
+    """Held-out K-wise loss (mean per prompt) and pairwise accuracy (over all pairs)."""
+    model.eval()
+    loss_total, correct_total, pairs = 0.0, 0.0, 0
+    for chunk in micro_batches(groups, batch_size):
+        losses, correct, _ = rank_forward(model, chunk, pad_id, device)
+        loss_total += losses.sum().item()
+        correct_total += correct.sum().item()
+        pairs += correct.numel()
+    model.train()
+    return {"eval/loss": loss_total / max(len(groups), 1), "eval/accuracy": correct_total / max(pairs, 1)}
+
+
+def demos_path(cfg: RMConfig, run_dir: Path) -> str | None:
+    """The demonstrations that define reward 0: ``--demos``, else the data the run's SFT stage used."""
+    if cfg.demos:
+        return cfg.demos
+    sft = read_manifest(run_dir).get("stages", {}).get("sft", {})
+    path = sft.get("inputs", {}).get("data", {}).get("path")
+    return path if path and Path(path).exists() else None
+
+
+def run(cfg: RMConfig, resume: bool = False, overwrite: bool = False) -> Path:
+    # 1. validate every input before anything is written
+    if not cfg.rankings:
+        raise BadInput(["--rankings: required (a rankings JSONL file)"])
+    run_dir = Path(cfg.run_dir)
+    rankings = read_rankings(cfg.rankings)
+    demos_file = demos_path(cfg, run_dir) if cfg.normalize else None
+    if cfg.normalize and demos_file is None:
+        raise BadInput(["--demos: needed to normalise the reward (demonstrations score mean 0) and the run has no "
+                        "SFT stage to take them from; pass --demos FILE or --no-normalize"])
+    demos = read_demos(demos_file) if demos_file else []
+    init = cfg.model.name or find_model(cfg.sft, run_dir, "sft", "--sft")
+    model_cfg = ModelConfig(**{**vars(cfg.model), "name": init})
+    tokenizer, source = load_tokenizer(model_cfg)
+    stage = Stage(run_dir, STAGE)
+    mode = check_stage(stage.dir, resume, overwrite)
+    if mode == "done":
+        say(f"train-rm: {stage.final} is already complete; nothing to do")
+        return stage.final
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    model = load_model(model_cfg, tokenizer, source, device, cfg.seed, kind="reward")
+    setattr(model.config, REWARD_BIAS, 0.0)  # normalisation is recomputed after training
+    max_len = context_window(model_cfg, model)
+    groups, truncated = tokenize_rankings(tokenizer, rankings, max_len)
+    demo_errors: list[str] = []
+    demo_seqs = [s for d in demos for s in (tokenize_scored(tokenizer, d.messages, [d.response], max_len, d.where,
+                                                            demo_errors) or ([], 0))[0]]
+    if demo_errors:
+        raise BadInput(demo_errors)
+
+    # 2. split by prompt, model, optimizer, schedule
+    n_val = min(int(len(groups) * cfg.val_fraction), len(groups) - 1) if cfg.val_fraction > 0 else 0
+    perm = torch.randperm(len(groups), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+    train, val = [groups[i] for i in perm[n_val:]], [groups[i] for i in perm[:n_val]]
+    if cfg.lora.enabled:
+        model = apply_lora(model, cfg.lora, task_type="SEQ_CLS")  # the scalar head trains in full
+    model.train()
+    per_step = cfg.optim.batch_size * cfg.optim.grad_accum
+    epoch_steps = steps_per_epoch(len(train), per_step)
+    total_steps = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * epoch_steps
+    optimizer = build_optimizer(model, cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg.optim, total_steps)
+
+    # 3. the stage directory and the resume point
+    inputs = {"rankings": file_input(cfg.rankings), "init": str(source or init)}
+    if demos_file:
+        inputs["demos"] = file_input(demos_file)
+    begin_stage(stage, mode, cfg, inputs)
+    step, _, ckpt = restore(stage, mode, model, optimizer, scheduler)
+    trainable, total = count_parameters(model)
+    ks = sorted({len(g.sequences) for g in groups})
+    banner("igpt train-rm", {
+        "rankings": f"{cfg.rankings} ({len(train)} train, {len(val)} held-out prompts; K in {ks}; "
+                    f"{sum(len(g.pairs) for g in train)} training comparisons; {truncated} responses cut)",
+        "init": f"{init} on {device} ({next(model.parameters()).dtype}), scalar head",
+        "trainable": f"{trainable:,} of {total:,} parameters" + (" (LoRA)" if cfg.lora.enabled else ""),
+        "steps": f"{total_steps} ({epoch_steps}/epoch), {per_step} prompts per step",
+        "resume": f"from {ckpt.name}" if ckpt else "no (fresh start)",
+    })
+
+    # 4. train
+    def one_step(i: int) -> dict:
+        ids = micro_batches(step_indices(len(train), i, per_step, cfg.seed), cfg.optim.batch_size)
+        record = train_step(model, optimizer, scheduler, [[train[j] for j in chunk] for chunk in ids],
+                            tokenizer.pad_token_id, device, cfg.optim.grad_clip)
+        return {"epoch": round((i + 1) / epoch_steps, 4), **record}
+
+    def held_out() -> dict:
+        return evaluate(model, val, cfg.optim.batch_size, tokenizer.pad_token_id, device)
+
+    step = fit(stage, model, optimizer, scheduler, step, total_steps, one_step, held_out if val else None,
+               cfg.eval_every, cfg.save_every, cfg.keep_checkpoints)
+
+    # 5. normalise: the demonstrations score mean 0 (stored in the config, applied by reward_scores)
+    summary = held_out() if val else {}
+    if demo_seqs:
+        scores = score_sequences(model, demo_seqs, tokenizer.pad_token_id, cfg.optim.batch_size * 4)
+        setattr(model.config, REWARD_BIAS, -float(scores.double().mean()))
+        summary.update({"demos/raw_mean": float(scores.mean()), "demos/raw_std": float(scores.std())})
+    model.config.igpt_reward_stats = summary
+
+    # 6. export
+    save_final(model, tokenizer, stage.final)
+    finish_stage(stage, step, **summary)
+    banner("reward model", {k: f"{v:.4f}" for k, v in summary.items()} | {"saved": str(stage.final)})
+    return stage.final

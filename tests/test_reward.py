@@ -1,0 +1,226 @@
+"""The train-rm stage: K-wise loss by hand, K forwards per ranking, learning, normalisation, resume."""
+import itertools
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from conftest import TINY_CONFIG, arithmetic_demos, igpt, marker_rankings, write_jsonl
+from instructgpt_cli.config import ModelConfig
+from instructgpt_cli.data import RankedGroup, read_demos, read_rankings, tokenize_scored
+from instructgpt_cli.losses import ranking_loss
+from instructgpt_cli.models import load_model, load_tokenizer, tiny_model, tiny_tokenizer
+from instructgpt_cli.rollout import score_sequences
+from instructgpt_cli.rundir import read_metrics
+from instructgpt_cli.stages.reward import rank_forward
+
+
+def group_loss(rewards, ranks):
+    from instructgpt_cli.data import Ranking
+
+    pairs = Ranking("p", [str(i) for i in range(len(ranks))], ranks, None, "f:1").pairs()
+    t = lambda xs: torch.tensor(xs, dtype=torch.long)  # noqa: E731
+    losses, correct = ranking_loss(torch.tensor(rewards), t([b for b, _ in pairs]), t([w for _, w in pairs]),
+                                   t([0] * len(pairs)), 1)
+    return losses[0].item(), correct, pairs
+
+
+def test_k3_with_one_tie_by_hand():
+    # ranks: response 0 best, responses 1 and 2 tied -> pairs (0,1), (0,2); the tie makes no pair
+    loss, correct, pairs = group_loss([2.0, 0.5, -1.0], [1, 2, 2])
+    assert pairs == [(0, 1), (0, 2)]
+    by_hand = (math.log(1 + math.exp(-1.5)) + math.log(1 + math.exp(-3.0))) / 2
+    assert loss == pytest.approx(by_hand, rel=1e-6)
+    assert correct.tolist() == [1.0, 1.0]
+    # the same rewards ranked the other way round: response 1 best, 0 and 2 tied
+    loss, correct, pairs = group_loss([2.0, 0.5, -1.0], [2, 1, 2])
+    assert pairs == [(1, 0), (1, 2)]
+    assert loss == pytest.approx((math.log(1 + math.exp(1.5)) + math.log(1 + math.exp(-1.5))) / 2, rel=1e-6)
+    assert correct.tolist() == [0.0, 1.0]
+
+
+def test_kwise_loss_is_the_mean_of_independent_pairwise_losses():
+    gen = torch.Generator().manual_seed(0)
+    for k in range(2, 10):
+        rewards = torch.randn(k, generator=gen).tolist()
+        ranks = (torch.randperm(k, generator=gen) + 1).tolist()
+        loss, _, pairs = group_loss(rewards, ranks)
+        assert len(pairs) == math.comb(k, 2)
+        independent = [-F.logsigmoid(torch.tensor(rewards[i] - rewards[j])).item()
+                       for i, j in itertools.combinations(range(k), 2)
+                       for i, j in [((i, j) if ranks[i] < ranks[j] else (j, i))]]
+        assert loss == pytest.approx(sum(independent) / math.comb(k, 2), rel=1e-6)
+
+
+def test_prompts_weigh_the_same_whatever_their_k():
+    # two prompts in one batch: K=2 and K=4; the batch loss is the mean of the two prompt losses
+    t = lambda xs: torch.tensor(xs, dtype=torch.long)  # noqa: E731
+    rewards = torch.tensor([1.0, 0.0, 3.0, 2.0, 1.0, 0.0])
+    better = t([0, 2, 2, 2, 3, 3, 4])
+    worse = t([1, 3, 4, 5, 4, 5, 5])
+    group = t([0, 1, 1, 1, 1, 1, 1])
+    losses, _ = ranking_loss(rewards, better, worse, group, 2)
+    assert losses.tolist() == pytest.approx([math.log(1 + math.exp(-1)),
+                                             (3 * math.log(1 + math.exp(-1)) + 2 * math.log(1 + math.exp(-2))
+                                              + math.log(1 + math.exp(-3))) / 6], rel=1e-6)
+
+
+def test_one_ranking_of_k_responses_costs_k_sequence_forwards():
+    tok = tiny_tokenizer()
+    model = tiny_model(tok, seed=0, kind="reward")
+    rows = []
+    model.register_forward_pre_hook(lambda m, args, kwargs: rows.append(kwargs["input_ids"].shape[0]),
+                                    with_kwargs=True)
+    for k in (2, 4, 9):
+        errors = []
+        seqs, _ = tokenize_scored(tok, [{"role": "user", "content": "q"}], [f"answer {i}" for i in range(k)], 64,
+                                  "f:1", errors)
+        group = RankedGroup(seqs, [(i, j) for i in range(k) for j in range(i + 1, k)])
+        rows.clear()
+        losses, correct, _ = rank_forward(model, [group], tok.pad_token_id, torch.device("cpu"))
+        assert rows == [k], f"K={k}: forwarded {rows} sequences"
+        assert correct.numel() == math.comb(k, 2)  # all C(K,2) comparisons from K forwards
+
+
+def rm_args(tmp_path, run_dir, rankings, *extra):
+    demos = write_jsonl(tmp_path / "demos.jsonl", arithmetic_demos(16))
+    return ["train-rm", "--model", "tiny", "--rankings", rankings, "--demos", demos, "--run-dir", run_dir,
+            "--lr", "2e-3", "--batch-size", "8", "--eval-every", "5", *extra]
+
+
+def test_cli_learns_a_marker_preference_and_normalises_demos_to_zero(tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    rankings = write_jsonl(tmp_path / "ranks.jsonl", marker_rankings(100))
+    run_dir = tmp_path / "run"
+    result = igpt(*rm_args(tmp_path, run_dir, rankings, "--epochs", "4"))
+    assert result.exit_code == 0, result.output
+    metrics = read_metrics(run_dir / "rm" / "metrics.jsonl")
+    assert metrics[-1]["eval/accuracy"] >= 0.9
+    assert metrics[-1]["train/loss"] < metrics[0]["train/loss"]
+    manifest = json.loads((run_dir / "manifest.json").read_text())["stages"]["rm"]
+    assert manifest["status"] == "completed" and manifest["outputs"]["eval/accuracy"] >= 0.9
+
+    # reload from rm/final: plain transformers class, normalisation stored with it
+    final = run_dir / "rm" / "final"
+    hf = AutoModelForSequenceClassification.from_pretrained(final)
+    assert hf.config.num_labels == 1 and hf.config.pad_token_id != hf.config.eos_token_id
+    tok, path = load_tokenizer(ModelConfig(name=str(final)))
+    model = load_model(ModelConfig(name=str(final)), tok, path, torch.device("cpu"), 0, kind="reward")
+    demos = read_demos(tmp_path / "demos.jsonl")
+    seqs = [tokenize_scored(tok, d.messages, [d.response], 256, d.where, [])[0][0] for d in demos]
+    scores = score_sequences(model, seqs, tok.pad_token_id, 5)
+    assert abs(scores.double().mean().item()) < 1e-4
+    assert scores.std() > 0  # the model does not score everything the same
+
+
+MALFORMED = [
+    ("k_below_2", [{"prompt": "p", "responses": ["only one"], "ranks": [1]}], 1, "responses: need at least 2"),
+    ("ranks_length", [{"prompt": "p", "responses": ["a", "b", "c"], "ranks": [1, 2]}], 1, "ranks: has 2 entries for 3"),
+    ("ranks_not_int", [{"prompt": "p", "responses": ["a", "b"], "ranks": [1, "2"]}], 1, "ranks[1]: must be an integer"),
+    ("ranks_float", [{"prompt": "p", "responses": ["a", "b"], "ranks": [1.5, 2]}], 1, "ranks[0]: must be an integer"),
+    ("rank_zero", [{"prompt": "p", "responses": ["a", "b"], "ranks": [0, 1]}], 1, "ranks[0]: must be an integer >= 1"),
+    ("all_tied", [{"prompt": "p", "responses": ["a", "b", "c"], "ranks": [2, 2, 2]}], 1, "all responses are tied"),
+    ("duplicates", [{"prompt": "p", "responses": ["a", "b", "a "], "ranks": [1, 2, 3]}], 1,
+     "responses[2]: duplicate of responses[0]"),
+    ("empty_response", [{"prompt": "p", "responses": ["a", ""], "ranks": [1, 2]}], 1, "responses[1]: must be a non-empty"),
+    ("missing_ranks", [{"prompt": "p", "responses": ["a", "b"]}], 1, "ranks: missing"),
+    ("chosen_eq_rejected", [{"prompt": "p", "chosen": "x", "rejected": "x"}], 1, "rejected: identical to chosen"),
+    ("no_responses", [{"prompt": "p", "answer": "x"}], 1, "responses: missing"),
+    ("mixed_formats", [{"prompt": "p", "responses": ["a", "b"], "ranks": [1, 2], "chosen": "a"}], 1, "not both"),
+    ("no_prompt", [{"responses": ["a", "b"], "ranks": [1, 2]}], 1, "prompt: missing"),
+]
+
+
+@pytest.mark.parametrize("name,lines,lineno,reason", MALFORMED, ids=[m[0] for m in MALFORMED])
+def test_malformed_rankings_exit_2_and_change_nothing(tmp_path, name, lines, lineno, reason):
+    good = {"prompt": "ok", "chosen": "yes", "rejected": "no"}
+    rankings = write_jsonl(tmp_path / f"{name}.jsonl", [good, *lines])
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "manifest.json").write_text('{"stages": {}}\n')
+    result = igpt(*rm_args(tmp_path, run_dir, rankings))
+    assert result.exit_code == 2, result.output
+    assert f"{rankings}:{lineno + 1}: " in result.stderr and reason in result.stderr, result.stderr
+    assert sorted(p.name for p in run_dir.iterdir()) == ["manifest.json"]
+    assert (run_dir / "manifest.json").read_text() == '{"stages": {}}\n'
+
+
+def test_rm_without_demos_or_sft_run_is_refused(tmp_path):
+    rankings = write_jsonl(tmp_path / "r.jsonl", marker_rankings(4))
+    result = igpt("train-rm", "--model", "tiny", "--rankings", rankings, "--run-dir", tmp_path / "run")
+    assert result.exit_code == 2 and "--demos" in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_sample_output_with_ranks_trains_the_rm_unchanged(tmp_path, demos_file):
+    run_dir = tmp_path / "run"
+    assert igpt("sft", "--config", TINY_CONFIG, "--data", demos_file, "--run-dir", run_dir, "--max-steps", "4").exit_code == 0
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"Tell me about {w}.", "category": "open_qa"}
+                                                       for w in ("cats", "rain", "bread", "maps", "tea", "snow")])
+    samples = tmp_path / "samples.jsonl"
+    args = ["sample", "--prompts", prompts, "--k", "3", "--out", samples, "--run-dir", run_dir,
+            "--max-new-tokens", "12", "--seed", "7"]
+    assert igpt(*args).exit_code == 0
+    lines = [json.loads(l) for l in samples.read_text().splitlines()]
+    assert len(lines) == 6 and all(len(l["responses"]) == 3 and l["category"] == "open_qa" for l in lines)
+    assert igpt(*args).exit_code == 2  # refuses to overwrite
+    again = tmp_path / "again.jsonl"
+    assert igpt(*args[:-4], "--out", again, "--run-dir", run_dir, "--max-new-tokens", "12", "--seed", "7").exit_code == 0
+    assert again.read_text() == samples.read_text()  # same seed, same samples
+    other = tmp_path / "other.jsonl"
+    assert igpt(*args[:-4], "--out", other, "--run-dir", run_dir, "--max-new-tokens", "12", "--seed", "8").exit_code == 0
+    assert other.read_text() != samples.read_text()
+    # a labeler adds ranks; train-rm takes the file as it is, initialised from the run's SFT model and
+    # normalised on the run's SFT demonstrations by default
+    ranked = write_jsonl(tmp_path / "ranked.jsonl", [{**l, "ranks": [1, 2, 3]} for l in lines])
+    result = igpt("train-rm", "--rankings", ranked, "--run-dir", run_dir, "--max-steps", "2", "--batch-size", "2")
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((run_dir / "manifest.json").read_text())["stages"]["rm"]
+    assert manifest["inputs"]["demos"]["path"] == str(demos_file.resolve())
+    assert manifest["inputs"]["init"].endswith("sft/final")
+    sft_embed = load_file(str(run_dir / "sft" / "final" / "model.safetensors"))["model.embed_tokens.weight"]
+    rm_embed = load_file(str(run_dir / "rm" / "final" / "model.safetensors"))["model.embed_tokens.weight"]
+    assert sft_embed.shape == rm_embed.shape and not torch.equal(sft_embed, rm_embed)
+
+
+def test_killed_rm_run_resumes_bit_identical(tmp_path):
+    from test_sft import run_subprocess
+
+    rankings = write_jsonl(tmp_path / "ranks.jsonl", marker_rankings(60))
+    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+    common = rm_args(tmp_path, straight, rankings, "--max-steps", "12", "--save-every", "4")
+    assert igpt(*common).exit_code == 0
+    common_i = [str(interrupted) if a == straight else a for a in common]
+    killed = run_subprocess(common_i, {"IGPT_FAULT_AFTER_STEP": "6"})
+    assert killed.returncode == 99, killed.stderr
+    resumed = igpt(*common_i, "--resume")
+    assert resumed.exit_code == 0 and "from step-000004" in resumed.stderr
+    a = load_file(str(straight / "rm" / "final" / "model.safetensors"))
+    b = load_file(str(interrupted / "rm" / "final" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    ca = json.loads((straight / "rm" / "final" / "config.json").read_text())
+    cb = json.loads((interrupted / "rm" / "final" / "config.json").read_text())
+    assert ca["igpt_reward_bias"] == cb["igpt_reward_bias"]
+
+
+def test_lora_rm_merged_scores_equal_adapter_scores(tmp_path):
+    from peft import PeftModel
+
+    rankings = write_jsonl(tmp_path / "ranks.jsonl", marker_rankings(24))
+    run_dir = tmp_path / "run"
+    result = igpt(*rm_args(tmp_path, run_dir, rankings, "--lora", "--max-steps", "4"))
+    assert result.exit_code == 0, result.output
+    final = run_dir / "rm" / "final"
+    tok = tiny_tokenizer()
+    merged = load_model(ModelConfig(name=str(final)), tok, final, torch.device("cpu"), 0, kind="reward")
+    base = tiny_model(tok, seed=0, kind="reward")
+    adapted = PeftModel.from_pretrained(base, final / "adapter").eval()
+    ids = torch.tensor([[1, 80, 90, 100, 33, 2], [1, 70, 71, 72, 2, 3]])
+    mask = (ids != tok.pad_token_id).long()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids, attention_mask=mask).logits,
+                                   adapted(input_ids=ids, attention_mask=mask).logits, rtol=1e-4, atol=1e-5)
