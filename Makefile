@@ -26,8 +26,10 @@ test: install
 test-fast: install
 	$(BIN)/python -m pytest -m "not slow"
 
+# Each stage resumes (or skips, when finished) on a re-run.
 demo: install
 	$(BIN)/igpt sft --config configs/demo.yaml --data data/demos.jsonl --run-dir $(RUN) --resume
+	$(BIN)/igpt train-rm --config configs/demo.yaml --rankings data/rankings.jsonl --run-dir $(RUN) --resume
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

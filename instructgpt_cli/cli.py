@@ -139,6 +139,50 @@ def train_rm(
 
 
 @app.command()
+def ppo(
+    prompts: Annotated[Optional[str], typer.Option("--prompts", help="Prompts JSONL for rollouts: {prompt}, optional category.")] = None,
+    ptx_coef: Annotated[Optional[float], typer.Option("--ptx-coef", help="PPO-ptx gamma: weight of the pretraining LM loss (paper: 27.8) [default: 0].")] = None,
+    ptx_data: Annotated[Optional[str], typer.Option("--ptx-data", help="Pretraining text: JSONL {text} or .txt.")] = None,
+    sft: Annotated[Optional[str], typer.Option("--sft", help="SFT model (policy init and KL reference) [default: RUN_DIR/sft/final].")] = None,
+    rm: Annotated[Optional[str], typer.Option("--rm", help="Reward model (and value init) [default: RUN_DIR/rm/final].")] = None,
+    run_dir: RunDir = None,
+    lora: Lora = None,
+    config: ConfigFile = None,
+    print_config: PrintConfig = False,
+    max_steps: Annotated[Optional[int], typer.Option("--max-steps", help="PPO iterations (rollout + update each).")] = None,
+    total_episodes: Annotated[Optional[int], typer.Option("--total-episodes", help="Stop after this many sampled responses.")] = None,
+    beta: Annotated[Optional[float], typer.Option("--beta", help="KL penalty coefficient (paper: 0.02).")] = None,
+    target_kl: Annotated[Optional[float], typer.Option("--target-kl", help="Adapt beta towards this KL (0 = fixed).")] = None,
+    lr: Annotated[Optional[float], typer.Option("--lr", help="Learning rate of policy and value.")] = None,
+    rollout_batch_size: Annotated[Optional[int], typer.Option("--rollout-batch-size", help="Prompts per iteration.")] = None,
+    mini_batch_size: Annotated[Optional[int], typer.Option("--mini-batch-size", help="Responses per optimizer step.")] = None,
+    ppo_epochs: Annotated[Optional[int], typer.Option("--ppo-epochs", help="Passes over each rollout batch.")] = None,
+    temperature: Annotated[Optional[float], typer.Option("--temperature", help="Sampling temperature.")] = None,
+    max_new_tokens: Annotated[Optional[int], typer.Option("--max-new-tokens", help="Longest response (tokens).")] = None,
+    save_every: Annotated[Optional[int], typer.Option("--save-every", help="Checkpoint every N iterations.")] = None,
+    sample_every: Annotated[Optional[int], typer.Option("--sample-every", help="Write samples every N iterations.")] = None,
+    seed: Seed = None,
+    resume: Resume = False,
+    overwrite: Overwrite = False,
+    device: Device = None,
+) -> None:
+    """Step 3: PPO against the reward model with a per-token KL penalty, and PPO-ptx."""
+    overrides = {"prompts": prompts, "ptx_coef": ptx_coef, "ptx_data": ptx_data, "sft": sft, "rm": rm,
+                 "run_dir": run_dir, "lora.enabled": lora, "max_steps": max_steps, "total_episodes": total_episodes,
+                 "beta": beta, "target_kl": target_kl, "optim.lr": lr, "rollout_batch_size": rollout_batch_size,
+                 "mini_batch_size": mini_batch_size, "ppo_epochs": ppo_epochs, "temperature": temperature,
+                 "max_new_tokens": max_new_tokens, "save_every": save_every, "sample_every": sample_every,
+                 "seed": seed, "device": device}
+
+    def runner(cfg: Any) -> Any:
+        from .stages import ppo as stage
+
+        return stage.run(cfg, resume=resume, overwrite=overwrite)
+
+    run_stage("ppo", config, print_config, overrides, runner)
+
+
+@app.command()
 def sample(
     prompts: Annotated[Optional[str], typer.Option("--prompts", help="Prompts JSONL: {prompt}, optional category.")] = None,
     out: Annotated[Optional[str], typer.Option("--out", help="Output JSONL {prompt, responses}; add ranks to train an RM.")] = None,
@@ -176,7 +220,6 @@ def _not_yet(name: str, issue: int) -> Callable[..., None]:
 
 
 for _name, _issue, _help in [
-    ("ppo", 4, "Step 3: PPO-ptx against the reward model with a KL penalty (not implemented yet)."),
     ("eval", 5, "Reward, KL, alignment tax and preference accuracy of a model (not implemented yet)."),
     ("compare", 5, "Win rate of one model against another with a confidence interval (not implemented yet)."),
     ("label", 5, "Rank sampled responses in the terminal (not implemented yet)."),
@@ -191,6 +234,10 @@ def main() -> None:
     # No model or data set is ever fetched from a hub at run time; local directories only.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # igpt reports what matters itself
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft)\.")
     app()
 
 

@@ -105,6 +105,46 @@ class RMConfig:
 
 
 @dataclass
+class PPOConfig:
+    prompts: str = f("", "prompts JSONL for rollouts: {prompt}, optional category (required)")
+    ptx_data: str = f("", "pretraining text for PPO-ptx: JSONL {text} or a .txt file (needed when ptx_coef > 0)")
+    ptx_coef: float = f(0.0, "gamma of PPO-ptx: weight of the pretraining LM loss in every optimizer step; paper 27.8")
+    ptx_batch_size: int = f(4, "pretraining sequences per optimizer step (sequences); paper: 8x the RL minibatch")
+    ptx_seq_len: int = f(256, "length of each pretraining sequence (tokens)")
+    sft: str = f("", "SFT model: the policy's initialisation and the KL reference; default RUN_DIR/sft/final")
+    rm: str = f("", "reward model (also the value model's initialisation); default RUN_DIR/rm/final")
+    run_dir: str = f("runs/default", "run directory shared by all stages (path)")
+    model: ModelConfig = f(ModelConfig(name=""), "model block: dtype, max_seq_len; dropout stays 0 in PPO")
+    lora: LoraConfig = f(LoraConfig(), "LoRA block: adapters on policy and value; the reference and the reward "
+                                       "model are the same weights with adapters disabled (no extra copies)")
+    optim: OptimConfig = f(OptimConfig(lr=1e-5, scheduler="constant_with_warmup", warmup_steps=0, batch_size=4),
+                           "optimizer block for policy and value; batch_size is the micro-batch (sequences)")
+    total_episodes: int = f(0, "stop after this many sampled responses (episodes, the paper's unit); 0 = use max_steps")
+    max_steps: int = f(0, "PPO iterations (each a rollout batch and its update); 0 = one pass over the prompts")
+    rollout_batch_size: int = f(16, "prompts per PPO iteration, one response each (episodes); paper 512")
+    mini_batch_size: int = f(8, "responses per optimizer step within an iteration (episodes); paper 64")
+    ppo_epochs: int = f(1, "passes over each rollout batch (epochs); the paper uses a single inner epoch")
+    temperature: float = f(1.0, "sampling temperature; log-probs use the same logits / T (dimensionless)")
+    max_new_tokens: int = f(64, "longest response (tokens)")
+    beta: float = f(0.02, "KL penalty coefficient per token on log pi - log pi_SFT; paper 0.02")
+    target_kl: float = f(0.0, "adaptive beta: KL to aim for per response (nats); 0 keeps beta fixed (the paper)")
+    kl_horizon: int = f(10000, "adaptive beta: controller horizon (episodes), Ziegler et al. 2019")
+    gamma: float = f(1.0, "discount (dimensionless); the paper applies none")
+    lam: float = f(0.95, "GAE lambda (dimensionless); paper 0.95")
+    cliprange: float = f(0.2, "PPO policy ratio clip (dimensionless); paper 0.2")
+    cliprange_value: float = f(0.2, "value prediction clip around the rollout values (reward units)")
+    vf_coef: float = f(0.1, "weight of the value loss (dimensionless)")
+    missing_eos_penalty: float = f(1.0, "subtracted from the score of a response that never emitted EOS (reward units)")
+    reward_clip: float = f(0.0, "clip scores to +-this value before the KL penalty; 0 disables (reward units)")
+    whiten_advantages: bool = f(True, "normalise advantages to mean 0, std 1 per rollout batch")
+    sample_every: int = f(10, "write prompts, responses and scores to ppo/samples/ every N iterations")
+    save_every: int = f(20, "write a resumable checkpoint every N iterations")
+    keep_checkpoints: int = f(2, "keep only the newest N complete checkpoints (count)")
+    seed: int = f(0, "seed for prompt order, sampling and minibatch order")
+    device: str = f("auto", "auto, cpu, cuda, cuda:N or mps")
+
+
+@dataclass
 class SampleConfig:
     prompts: str = f("", "prompts JSONL file: {prompt}, optional category (required)")
     out: str = f("", "output JSONL: {prompt, responses, category} per prompt, ready for ranks (required)")
@@ -119,7 +159,7 @@ class SampleConfig:
     dtype: str = f("auto", "parameter dtype: auto, float32, bfloat16, float16")
 
 
-STAGE_CONFIGS: dict[str, type] = {"sft": SFTConfig, "rm": RMConfig, "sample": SampleConfig}
+STAGE_CONFIGS: dict[str, type] = {"sft": SFTConfig, "rm": RMConfig, "ppo": PPOConfig, "sample": SampleConfig}
 
 DTYPES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
@@ -145,6 +185,23 @@ CHECKS: dict[str, tuple[Any, str]] = {
     "k": (lambda v: v >= 2, "must be >= 2 (rankings need two responses at least)"),
     "temperature": (lambda v: v >= 0, "must be >= 0 (0 = greedy)"),
     "max_new_tokens": (lambda v: v >= 1, "must be >= 1"),
+    "ptx_coef": (lambda v: v >= 0, "must be >= 0"),
+    "ptx_batch_size": (lambda v: v >= 1, "must be >= 1"),
+    "ptx_seq_len": (lambda v: v >= 2, "must be >= 2"),
+    "total_episodes": (lambda v: v >= 0, "must be >= 0"),
+    "rollout_batch_size": (lambda v: v >= 1, "must be >= 1"),
+    "mini_batch_size": (lambda v: v >= 1, "must be >= 1"),
+    "ppo_epochs": (lambda v: v >= 1, "must be >= 1"),
+    "beta": (lambda v: v >= 0, "must be >= 0"),
+    "target_kl": (lambda v: v >= 0, "must be >= 0 (0 = fixed beta)"),
+    "kl_horizon": (lambda v: v >= 1, "must be >= 1"),
+    "gamma": (lambda v: 0 <= v <= 1, "must be in [0, 1]"),
+    "lam": (lambda v: 0 <= v <= 1, "must be in [0, 1]"),
+    "cliprange": (lambda v: v > 0, "must be > 0"),
+    "cliprange_value": (lambda v: v > 0, "must be > 0"),
+    "vf_coef": (lambda v: v >= 0, "must be >= 0"),
+    "reward_clip": (lambda v: v >= 0, "must be >= 0 (0 disables)"),
+    "sample_every": (lambda v: v >= 1, "must be >= 1"),
     "dtype": (lambda v: v in DTYPES, f"must be one of {', '.join(DTYPES)}"),
     "scheduler": (lambda v: v in SCHEDULERS, f"must be one of {', '.join(SCHEDULERS)}"),
     "device": (lambda v: v in ("auto", "cpu", "mps") or v == "cuda" or v.startswith("cuda:"),
@@ -205,27 +262,29 @@ def _check_type(value: Any, tp: Any, where: str) -> Any:
     return value
 
 
-def build(cls: type, data: dict, where: str) -> Any:
-    """Build dataclass ``cls`` from a nested dict; unknown keys and wrong types raise BadInput."""
+def build(cls: type, data: dict, where: str, base: Any = None) -> Any:
+    """Build dataclass ``cls`` from a nested dict on top of ``base`` (default: ``cls()``), so a block a
+    stage declares with its own defaults (e.g. rm's ``model.name: ""``) keeps them for keys not given.
+    Unknown keys and wrong types raise BadInput, all of them at once."""
     if not isinstance(data, dict):
         raise BadInput([f"{where}: expected a mapping, got {type(data).__name__}"])
+    obj = copy.deepcopy(base) if base is not None else cls()
     hints = typing.get_type_hints(cls)
     names = {fl.name for fl in dataclasses.fields(cls)}
     errors = [f"{where}.{k}: unknown key (known: {', '.join(sorted(names))})" for k in data if k not in names]
-    kwargs: dict[str, Any] = {}
     for key, value in data.items():
         if key not in names:
             continue
         tp = hints[key]
         try:
-            kwargs[key] = build(tp, value, f"{where}.{key}") if dataclasses.is_dataclass(tp) else _check_type(value, tp, f"{where}.{key}")
+            if dataclasses.is_dataclass(tp):
+                setattr(obj, key, build(tp, value, f"{where}.{key}", getattr(obj, key)))
+            else:
+                setattr(obj, key, _check_type(value, tp, f"{where}.{key}"))
         except BadInput as e:
             errors.extend(e.messages)
     if errors:
         raise BadInput(errors)
-    obj = cls()
-    for key, value in kwargs.items():
-        setattr(obj, key, value)
     return obj
 
 

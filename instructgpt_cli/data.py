@@ -373,3 +373,36 @@ def pad_right(seqs: list[list[int]], pad_id: int) -> tuple[Any, Any]:
         ids[i, :len(s)] = torch.tensor(s)
         mask[i, :len(s)] = 1
     return ids, mask
+
+
+# ---------------------------------------------------------------- pretraining text (PPO-ptx, alignment tax)
+
+
+def parse_text(obj: dict, where: str, errors: list[str]) -> str | None:
+    return nonempty_str(obj, "text", where, errors)
+
+
+def read_pretrain(path: str | Path) -> list[str]:
+    """Pretraining text: JSONL ``{"text": str}`` or a plain ``.txt`` file (paragraphs split on blank lines)."""
+    p = Path(path)
+    if p.suffix == ".txt":
+        try:
+            text = p.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise BadInput([f"{p}: file not found"]) from None
+        except UnicodeDecodeError as e:
+            raise BadInput([f"{p}: invalid UTF-8 at byte {e.start}"]) from None
+        paragraphs = [t.strip() for t in text.split("\n\n") if t.strip()]
+        if not paragraphs:
+            raise BadInput([f"{p}: no text found (the file is empty)"])
+        return paragraphs
+    return read_records(p, parse_text, "texts")
+
+
+def pretrain_blocks(tokenizer: Any, texts: list[str], seq_len: int) -> list[list[int]]:
+    """Concatenate the texts (EOS between documents) and cut them into blocks of ``seq_len`` tokens,
+    as GPT-style pretraining batches are made; a final block shorter than 2 tokens is dropped."""
+    stream: list[int] = []
+    for t in texts:
+        stream += tokenizer(t, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    return [stream[i:i + seq_len] for i in range(0, len(stream), seq_len) if len(stream[i:i + seq_len]) >= 2]

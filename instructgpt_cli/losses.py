@@ -37,3 +37,113 @@ def ranking_loss(rewards: torch.Tensor, better: torch.Tensor, worse: torch.Tenso
     sums = torch.zeros(n_groups, dtype=per_pair.dtype, device=per_pair.device).index_add(0, group, per_pair)
     counts = torch.bincount(group, minlength=n_groups).clamp(min=1)
     return sums / counts, (margin > 0).float()
+
+
+# ---------------------------------------------------------------- PPO (shapes: B responses, T response tokens)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of ``x`` over positions where ``mask`` is 1. x, mask (B, T)."""
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def masked_var(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Unbiased variance over masked positions (Bessel-corrected, as lm-human-preferences does)."""
+    mean = masked_mean(x, mask)
+    n = mask.sum()
+    var = masked_mean((x - mean) ** 2, mask)
+    return var * n / (n - 1).clamp(min=1)
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+    """Normalise ``x`` to mean 0, variance 1 over masked positions (B, T); masked-out entries become 0.
+    With ``shift_mean=False`` only the scale changes (used for rewards)."""
+    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    out = (x - mean) * torch.rsqrt(var + 1e-8)
+    if not shift_mean:
+        out = out + mean
+    return out * mask
+
+
+def kl_penalized_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
+                         mask: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token rewards: -beta * (log pi - log pi_SFT) at every response token, plus the reward-model
+    score at the last real token (Ziegler et al. 2019; InstructGPT eq. 2).
+
+    scores (B,), logprobs, ref_logprobs, mask (B, T). Returns (rewards (B, T), kl (B, T)), both zero
+    outside the mask.
+    """
+    kl = (logprobs - ref_logprobs) * mask
+    rewards = -beta * kl
+    last = (mask.sum(1).long() - 1).clamp(min=0)
+    rewards = rewards.clone()
+    rewards[torch.arange(len(scores), device=scores.device), last] += scores
+    return rewards * mask, kl
+
+
+def gae(values: torch.Tensor, rewards: torch.Tensor, mask: torch.Tensor, gamma: float,
+        lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation over response tokens (B, T) each.
+
+    delta_t = r_t + gamma * V_{t+1} - V_t, A_t = delta_t + gamma * lam * A_{t+1}; values after the last
+    real token count as 0 (the episode ended). Returns (advantages, returns = advantages + values), zero
+    outside the mask. InstructGPT uses gamma = 1, lam = 0.95.
+    """
+    values, rewards = values * mask, rewards * mask
+    advantages = torch.zeros_like(rewards)
+    last = torch.zeros_like(rewards[:, 0])
+    T = rewards.size(1)
+    for t in reversed(range(T)):
+        next_value = values[:, t + 1] if t + 1 < T else torch.zeros_like(last)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        last = (delta + gamma * lam * last) * mask[:, t]
+        advantages[:, t] = last
+    return advantages, (advantages + values) * mask
+
+
+def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                clip: float) -> tuple[torch.Tensor, dict]:
+    """PPO's clipped surrogate, a masked mean over response tokens (B, T) each (Schulman et al. 2017).
+
+    Returns (loss, stats): ratio mean, clip fraction and approx-KL 0.5 * E[(log pi - log pi_old)^2].
+    """
+    log_ratio = (logprobs - old_logprobs) * mask
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip, 1.0 + clip)
+    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    with torch.no_grad():
+        stats = {"ratio": masked_mean(ratio, mask), "clipfrac": masked_mean((clipped > unclipped).float(), mask),
+                 "approxkl": 0.5 * masked_mean(log_ratio ** 2, mask)}
+    return loss, stats
+
+
+def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
+               clip: float) -> tuple[torch.Tensor, dict]:
+    """Clipped value loss 0.5 * max((V - R)^2, (clip(V, V_old +- clip) - R)^2), masked mean (B, T) each."""
+    clipped_values = old_values + torch.clamp(values - old_values, -clip, clip)
+    unclipped_sq = (values - returns) ** 2
+    clipped_sq = (clipped_values - returns) ** 2
+    loss = 0.5 * masked_mean(torch.maximum(unclipped_sq, clipped_sq), mask)
+    with torch.no_grad():
+        stats = {"clipfrac": masked_mean((clipped_sq > unclipped_sq).float(), mask)}
+    return loss, stats
+
+
+def ptx_loss(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The pretraining term of PPO-ptx: mean next-token cross-entropy over real tokens of a batch of
+    pretraining text. logits (B, L, V), input_ids and attention_mask (B, L)."""
+    targets = input_ids[:, 1:].masked_fill(attention_mask[:, 1:] == 0, -100)
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-100)
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of each categorical distribution (..., V) -> (...)."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def adaptive_kl_beta(beta: float, kl: float, target: float, horizon: int, n_steps: int) -> float:
+    """Ziegler et al. (2019)'s proportional controller: move beta so the KL approaches ``target``."""
+    error = max(-0.2, min(0.2, kl / target - 1.0))
+    return beta * (1.0 + error * n_steps / horizon)

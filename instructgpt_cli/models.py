@@ -117,6 +117,11 @@ def tiny_model(tokenizer: Any, seed: int, dropout: float = 0.0, kind: str = "cau
         return cls(tiny_config(tokenizer, dropout))
 
 
+def same_tokenizer(a: Any, b: Any) -> bool:
+    """Whether two tokenizers map text to the same ids (vocabulary and special tokens)."""
+    return a.get_vocab() == b.get_vocab() and a.eos_token_id == b.eos_token_id
+
+
 def model_path(name: str) -> Path | None:
     """The directory behind a model source name; None for ``tiny``. Unknown names are BadInput."""
     if name == TINY:
@@ -244,8 +249,24 @@ def reward_scores(model: Any, input_ids: torch.Tensor, attention_mask: torch.Ten
     The scalar head of a transformers sequence classifier has no bias, so the normalisation the paper
     applies before RL is stored as ``config.igpt_reward_bias`` and added here.
     """
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0]
+    logits = model(input_ids=input_ids, attention_mask=attention_mask,
+                   position_ids=position_ids(attention_mask)).logits[:, 0]
     return logits + getattr(model.config, REWARD_BIAS, 0.0)
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that skip padding (B, T): under left padding the first real token is position 0, as
+    transformers' generate assigns them, so scoring sees what generation saw."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def scalar_head(model: Any) -> torch.nn.Module:
+    """The scalar head of a sequence classifier (``score`` / ``classifier``), outermost wrapper first
+    (under LoRA, peft's wrapper that picks the trained copy or, adapters disabled, the original)."""
+    for name, module in model.named_modules():
+        if name.split(".")[-1] in ("score", "classifier"):
+            return module
+    raise ValueError(f"{type(model).__name__} has no scalar head named score or classifier")
 
 
 def context_window(cfg: ModelConfig, model: Any) -> int:

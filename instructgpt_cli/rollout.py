@@ -1,7 +1,7 @@
 """Generation: left-padded batched sampling with the KV cache, truncation at EOS, decoding."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -41,9 +41,9 @@ def generate(model: Any, tokenizer: Any, queries: list[list[int]], max_new_token
     for start in range(0, len(queries), batch_size):
         ids, mask = pad_left(queries[start:start + batch_size], tokenizer.pad_token_id)
         out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config)
-        for row in out[:, ids.shape[1]:].tolist():
-            tokens = truncate_at_eos(row, tokenizer.eos_token_id)
-            responses.append([t for t in tokens if t != tokenizer.pad_token_id])
+        # Exactly the sampled tokens up to the first EOS; transformers pads only rows that finished
+        # (after their EOS), so a row without EOS is the full width and is kept whole.
+        responses += [truncate_at_eos(row, tokenizer.eos_token_id) for row in out[:, ids.shape[1]:].tolist()]
     model.train(was_training)
     return responses
 
@@ -67,3 +67,75 @@ def score_sequences(model: Any, seqs: list[list[int]], pad_id: int, batch_size: 
         out.append(reward_scores(model, ids.to(device), mask.to(device)).float().cpu())
     model.train(was_training)
     return torch.cat(out)
+
+
+# ---------------------------------------------------------------- scoring query + response (PPO)
+
+
+def response_logprobs(model: Any, query_response: torch.Tensor, mask: torch.Tensor, context_len: int,
+                      temperature: float, with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-probs (B, T) of the response tokens ``query_response[:, context_len:]`` under ``model`` at the
+    sampling temperature (logits / T, the distribution generation drew from), and optionally entropy.
+
+    Only the last T+1 positions go through the LM head (``logits_to_keep``): query positions never
+    compute full-vocabulary logits.
+    """
+    from .models import position_ids
+
+    n_response = query_response.size(1) - context_len
+    logits = model(input_ids=query_response, attention_mask=mask, position_ids=position_ids(mask),
+                   logits_to_keep=n_response + 1).logits[:, :-1].float() / temperature
+    logp = torch.log_softmax(logits, dim=-1)
+    logprobs = logp.gather(-1, query_response[:, context_len:].unsqueeze(-1)).squeeze(-1)
+    entropy = -(logp.exp() * logp).sum(-1) if with_entropy else None
+    return logprobs, entropy
+
+
+def head_outputs(model: Any, query_response: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The scalar head of a reward/value model at every position (B, L), normalisation bias added."""
+    from .models import REWARD_BIAS, position_ids, scalar_head
+
+    captured: list[torch.Tensor] = []
+    hook = scalar_head(model).register_forward_hook(lambda _m, _i, out: captured.append(out))
+    try:
+        model(input_ids=query_response, attention_mask=mask, position_ids=position_ids(mask))
+    finally:
+        hook.remove()
+    return captured[-1][..., 0].float() + getattr(model.config, REWARD_BIAS, 0.0)
+
+
+def token_values(model: Any, query_response: torch.Tensor, mask: torch.Tensor, context_len: int) -> torch.Tensor:
+    """Per-token values (B, T): the head at the state before each response token."""
+    return head_outputs(model, query_response, mask)[:, context_len - 1:-1]
+
+
+def last_token_scores(model: Any, query_response: torch.Tensor, mask: torch.Tensor, context_len: int,
+                      lengths: torch.Tensor) -> torch.Tensor:
+    """Reward-model scores (B,) read at each response's last real token (its EOS, when it has one)."""
+    out = head_outputs(model, query_response, mask)
+    return out[torch.arange(out.size(0), device=out.device), context_len + lengths - 1]
+
+
+class Rollout(NamedTuple):
+    """One PPO batch. query_response (B, L): left-padded queries then right-padded responses;
+    attention_mask (B, L); context_len: query width; the rest are (B, T) over response tokens or (B,)."""
+
+    query_response: torch.Tensor
+    attention_mask: torch.Tensor
+    context_len: int
+    response_mask: torch.Tensor
+    has_eos: torch.Tensor
+    lengths: torch.Tensor
+
+
+def build_rollout(queries: list[list[int]], responses: list[list[int]], pad_id: int, eos_id: int) -> Rollout:
+    """Pack sampled responses after their left-padded queries, with masks built from the true lengths
+    (a sampled token that happens to equal the pad id is still a response token)."""
+    from .data import pad_left, pad_right
+
+    q_ids, q_mask = pad_left(queries, pad_id)
+    r_ids, r_mask = pad_right([r if r else [pad_id] for r in responses], pad_id)
+    lengths = torch.tensor([max(len(r), 1) for r in responses])
+    has_eos = torch.tensor([bool(r) and r[-1] == eos_id for r in responses])
+    return Rollout(torch.cat([q_ids, r_ids], 1), torch.cat([q_mask, r_mask], 1), q_ids.size(1), r_mask, has_eos,
+                   lengths)

@@ -140,10 +140,11 @@ def restore(stage: Stage, mode: str, model: Any, optimizer: Any, scheduler: Any)
 
 def fit(stage: Stage, model: Any, optimizer: Any, scheduler: Any, step: int, total_steps: int,
         train_step: Callable[[int], dict], evaluate: Callable[[], dict] | None, eval_every: int, save_every: int,
-        keep: int, extra_state: Callable[[], dict] | None = None) -> int:
+        keep: int, extra_state: Callable[[], dict] | None = None, show: str = "train/loss") -> int:
     """Run optimizer steps ``step..total_steps``: log a metrics line per step (held-out metrics every
     ``eval_every`` and at the end), checkpoint every ``save_every``. ``train_step(step)`` does one
-    optimizer step and returns its metrics (``train/tokens`` gives tokens/s). Returns the last step."""
+    optimizer step and returns its metrics (``train/tokens`` gives tokens/s; ``show`` is the metric on the
+    progress bar). Returns the last step."""
     started = time.perf_counter()
     with progress() as bar:
         task = bar.add_task(stage.name, total=total_steps, completed=step)
@@ -163,7 +164,7 @@ def fit(stage: Stage, model: Any, optimizer: Any, scheduler: Any, step: int, tot
                 state = extra_state() if extra_state else None
                 save_checkpoint(stage.checkpoints, step,
                                 lambda d: save_train_state(d, model, optimizer, scheduler, step, state), keep)
-            bar.update(task, advance=1, description=f"{stage.name} loss {record.get('train/loss', float('nan')):.4f}")
+            bar.update(task, advance=1, description=f"{stage.name} {show.split('/')[-1]} {record.get(show, float('nan')):.4f}")
             maybe_fault(step)
     return step
 

@@ -75,3 +75,13 @@ def test_import_does_not_load_torch_and_help_lists_every_stage():
     help_text = igpt("--help").stdout
     for command in ("sft", "sample", "train-rm", "ppo", "eval", "compare"):
         assert command in help_text
+
+
+def test_a_partial_block_keeps_the_stage_defaults(tmp_path):
+    # rm's model block defaults to name "" (= the run's SFT model); setting another key must not reset it
+    preset = tmp_path / "p.yaml"
+    preset.write_text("rm:\n  model: {max_seq_len: 128}\nppo:\n  optim: {lr: 0.5}\n")
+    rm = config_mod.resolve("rm", preset, {})
+    assert rm.model.name == "" and rm.model.max_seq_len == 128
+    ppo = config_mod.resolve("ppo", preset, {})
+    assert ppo.optim.lr == 0.5 and ppo.optim.scheduler == "constant_with_warmup"

@@ -1,0 +1,279 @@
+"""Step 3 of InstructGPT: PPO against the reward model with a per-token KL penalty to the SFT model,
+and PPO-ptx, which adds gamma * (LM loss on pretraining text) to every optimizer step:
+
+    objective(phi) = E_{x, y ~ pi_phi} [ r_theta(x, y) - beta * log(pi_phi(y|x) / pi_SFT(y|x)) ]
+                     + gamma * E_{x ~ D_pretrain} [ log pi_phi(x) ]          (Ouyang et al. 2022, eq. 2)
+
+Each iteration: sample one response per prompt at temperature T, score it (policy and reference
+log-probs at the same T, per-token values, the RM score at the last real token), turn scores into
+per-token KL-penalised rewards, GAE (gamma 1, lambda 0.95), whitened advantages, then PPO epochs over
+shuffled minibatches with clipped policy and value losses. Implementation details follow
+lm-human-preferences / "The N implementation details of RLHF with PPO" (Huang et al. 2024).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from ..config import ModelConfig, PPOConfig
+from ..data import pretrain_blocks, pad_right, read_pretrain, read_prompts, render_prompt
+from ..errors import BadInput
+from ..losses import (adaptive_kl_beta, gae, kl_penalized_rewards, masked_mean, masked_whiten, policy_loss,
+                      ptx_loss, value_loss)
+from ..models import (apply_lora, count_parameters, find_model, load_model, load_tokenizer, resolve_device,
+                      same_tokenizer, save_final)
+from ..rollout import (Rollout, build_rollout, decode_response, generate, last_token_scores, response_logprobs,
+                       token_values)
+from ..rundir import check_stage, file_input
+from ..train import (Stage, banner, begin_stage, build_optimizer, build_scheduler, finish_stage, fit, restore,
+                     say, step_indices)
+
+STAGE = "ppo"
+
+
+class Scored(torch.nn.Module):
+    """Policy and value trained together: one optimizer, one checkpoint (their parameters side by side)."""
+
+    def __init__(self, policy: torch.nn.Module, value: torch.nn.Module):
+        super().__init__()
+        self.policy, self.value = policy, value
+
+
+def micro(indices: torch.Tensor, size: int) -> list[torch.Tensor]:
+    return [indices[i:i + size] for i in range(0, len(indices), size)]
+
+
+@torch.no_grad()
+def score_rollout(models: dict, ro: Rollout, cfg: PPOConfig, beta: float, batch: int) -> dict:
+    """Old log-probs, reference log-probs, values, scores; then rewards, advantages and returns (B, T)."""
+    parts: dict[str, list] = {"logprobs": [], "ref_logprobs": [], "values": [], "scores": []}
+    for idx in micro(torch.arange(len(ro.lengths)), batch):
+        qr, mask = ro.query_response[idx], ro.attention_mask[idx]
+        parts["logprobs"].append(response_logprobs(models["policy"], qr, mask, ro.context_len, cfg.temperature)[0])
+        with models["ref_ctx"]():
+            parts["ref_logprobs"].append(response_logprobs(models["ref"], qr, mask, ro.context_len, cfg.temperature)[0])
+        parts["values"].append(token_values(models["value"], qr, mask, ro.context_len))
+        with models["rm_ctx"]():
+            parts["scores"].append(last_token_scores(models["rm"], qr, mask, ro.context_len, ro.lengths[idx]))
+    out = {k: torch.cat(v) for k, v in parts.items()}
+    mask = ro.response_mask.float()
+    scores = out["scores"].clone()
+    if cfg.reward_clip > 0:
+        scores = scores.clamp(-cfg.reward_clip, cfg.reward_clip)
+    scores = scores - cfg.missing_eos_penalty * (~ro.has_eos).float()  # a response must end
+    rewards, kl = kl_penalized_rewards(scores, out["logprobs"], out["ref_logprobs"], mask, beta)
+    advantages, returns = gae(out["values"], rewards, mask, cfg.gamma, cfg.lam)
+    if cfg.whiten_advantages:
+        advantages = masked_whiten(advantages, mask)
+    return {**out, "penalised_scores": scores, "rewards": rewards, "kl": kl, "advantages": advantages,
+            "returns": returns}
+
+
+def ppo_update(models: dict, trained: Scored, optimizer, scheduler, ro: Rollout, sc: dict, cfg: PPOConfig,
+               ptx: list[list[int]], step: int, pad_id: int) -> tuple[dict, float]:
+    """PPO epochs over shuffled minibatches; each optimizer step adds the ptx term. Returns stats and
+    the seconds spent on ptx."""
+    policy, value = models["policy"], models["value"]
+    mask_all = ro.response_mask.float()
+    stats: dict[str, list[float]] = {}
+    ptx_seconds = 0.0
+    n_minibatches = math.ceil(len(ro.lengths) / cfg.mini_batch_size)
+    policy.train(), value.train()
+    for epoch in range(cfg.ppo_epochs):
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 1_009 + epoch)
+        for mb_i, mb in enumerate(micro(torch.randperm(len(ro.lengths), generator=gen), cfg.mini_batch_size)):
+            n_tokens = mask_all[mb].sum().clamp(min=1)
+            for idx in micro(mb, cfg.optim.batch_size):
+                qr, mask, rmask = ro.query_response[idx], ro.attention_mask[idx], mask_all[idx]
+                weight = rmask.sum() / n_tokens  # micro-batch share of the minibatch's tokens
+                logprobs, entropy = response_logprobs(policy, qr, mask, ro.context_len, cfg.temperature, True)
+                pg_loss, pg = policy_loss(logprobs, sc["logprobs"][idx], sc["advantages"][idx], rmask, cfg.cliprange)
+                values = token_values(value, qr, mask, ro.context_len)
+                vf_loss, vf = value_loss(values, sc["values"][idx], sc["returns"][idx], rmask, cfg.cliprange_value)
+                ((pg_loss + cfg.vf_coef * vf_loss) * weight).backward()
+                w = float(weight)
+                for key, v in (("loss/policy", pg_loss), ("loss/value", vf_loss), ("val/ratio", pg["ratio"]),
+                               ("policy/clipfrac", pg["clipfrac"]), ("policy/approxkl", pg["approxkl"]),
+                               ("val/clipfrac", vf["clipfrac"]), ("policy/entropy", masked_mean(entropy, rmask))):
+                    stats.setdefault(key, []).append(float(v.detach()) * w)
+                if epoch == 0 and mb_i == 0:  # generation and training must agree: ratio 1, approx-KL 0
+                    stats.setdefault("val/ratio_first", []).append(float(pg["ratio"]) * w)
+                    stats.setdefault("policy/approxkl_first", []).append(float(pg["approxkl"]) * w)
+            if cfg.ptx_coef > 0:
+                t0 = time.perf_counter()
+                opt_step = (step * cfg.ppo_epochs + epoch) * n_minibatches + mb_i
+                blocks = [ptx[i] for i in step_indices(len(ptx), opt_step, cfg.ptx_batch_size, cfg.seed)]
+                ids, mask = pad_right(blocks, pad_id)
+                device = ro.query_response.device
+                loss = ptx_loss(policy(input_ids=ids.to(device), attention_mask=mask.to(device)).logits, ids.to(device),
+                                mask.to(device))
+                (cfg.ptx_coef * loss).backward()
+                stats.setdefault("loss/ptx", []).append(float(loss))
+                ptx_seconds += time.perf_counter() - t0
+            grad_norm = torch.nn.utils.clip_grad_norm_([p for p in trained.parameters() if p.requires_grad],
+                                                       cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf"))
+            stats.setdefault("train/grad_norm", []).append(float(grad_norm))
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+    # per-minibatch sums of token-weighted micro values -> means over minibatches
+    n_mb = cfg.ppo_epochs * n_minibatches
+    out = {k: sum(v) / (1 if k.endswith("_first") else n_mb) for k, v in stats.items()
+           if k not in ("loss/ptx", "train/grad_norm")}
+    for k in ("loss/ptx", "train/grad_norm"):
+        if k in stats:
+            out[k] = sum(stats[k]) / len(stats[k])
+    return out, ptx_seconds
+
+
+def load_models(cfg: PPOConfig, tokenizer, sft_path: Path, rm_path: Path, device: torch.device) -> dict:
+    """Policy (from SFT) and value (from the RM) train; reference and RM are frozen. With LoRA the
+    reference is the policy with adapters disabled and the RM is the value model with adapters
+    disabled, so no model is held twice."""
+    base = ModelConfig(**{**vars(cfg.model), "dropout": 0.0})  # dropout off everywhere (PPO needs ratio 1)
+    policy = load_model(ModelConfig(**{**vars(base), "name": str(sft_path)}), tokenizer, sft_path, device, cfg.seed)
+    value = load_model(ModelConfig(**{**vars(base), "name": str(rm_path)}), tokenizer, rm_path, device, cfg.seed,
+                       kind="reward")
+    if cfg.lora.enabled:
+        torch.manual_seed(cfg.seed)
+        policy = apply_lora(policy, cfg.lora)
+        value = apply_lora(value, cfg.lora, task_type="SEQ_CLS")
+        models = {"ref": policy, "ref_ctx": policy.disable_adapter, "rm": value, "rm_ctx": value.disable_adapter}
+    else:
+        ref = load_model(ModelConfig(**{**vars(base), "name": str(sft_path)}), tokenizer, sft_path, device, cfg.seed)
+        rm = load_model(ModelConfig(**{**vars(base), "name": str(rm_path)}), tokenizer, rm_path, device, cfg.seed,
+                        kind="reward")
+        for frozen in (ref, rm):
+            frozen.eval().requires_grad_(False)
+        models = {"ref": ref, "ref_ctx": contextlib.nullcontext, "rm": rm, "rm_ctx": contextlib.nullcontext}
+    return {"policy": policy, "value": value, **models}
+
+
+def run(cfg: PPOConfig, resume: bool = False, overwrite: bool = False) -> Path:
+    # 1. validate every input before anything is written
+    errors = []
+    if not cfg.prompts:
+        errors.append("--prompts: required (a prompts JSONL file)")
+    if cfg.ptx_coef > 0 and not cfg.ptx_data:
+        errors.append(f"--ptx-data: required when --ptx-coef is {cfg.ptx_coef} > 0 (pretraining text for PPO-ptx)")
+    if cfg.temperature <= 0:
+        errors.append("temperature: PPO samples, so it must be > 0")
+    if errors:
+        raise BadInput(errors)
+    run_dir = Path(cfg.run_dir)
+    prompts = read_prompts(cfg.prompts)
+    ptx_texts = read_pretrain(cfg.ptx_data) if cfg.ptx_coef > 0 else []
+    sft_path = Path(find_model(cfg.sft, run_dir, "sft", "--sft"))
+    rm_path = Path(find_model(cfg.rm, run_dir, "rm", "--rm"))
+    tokenizer, _ = load_tokenizer(ModelConfig(name=str(sft_path)))
+    rm_tokenizer, _ = load_tokenizer(ModelConfig(name=str(rm_path)))
+    if not same_tokenizer(tokenizer, rm_tokenizer):
+        raise BadInput([f"--rm {rm_path}: its tokenizer differs from the SFT model's ({sft_path}); the reward model "
+                        "must read the policy's tokens (train it from the same SFT model)"])
+    stage = Stage(run_dir, STAGE)
+    mode = check_stage(stage.dir, resume, overwrite)
+    if mode == "done":
+        say(f"ppo: {stage.final} is already complete; nothing to do")
+        return stage.final
+    device = resolve_device(cfg.device)
+    queries = [render_prompt(tokenizer, p.messages) for p in prompts]
+    ptx = pretrain_blocks(tokenizer, ptx_texts, cfg.ptx_seq_len) if ptx_texts else []
+
+    # 2. models, optimizer, schedule
+    torch.manual_seed(cfg.seed)  # sampling; a resumed run restores the RNG state of its checkpoint
+    models = load_models(cfg, tokenizer, sft_path, rm_path, device)
+    trained = Scored(models["policy"], models["value"])
+    B = cfg.rollout_batch_size
+    if cfg.max_steps > 0:
+        total_steps = cfg.max_steps
+    elif cfg.total_episodes > 0:
+        total_steps = math.ceil(cfg.total_episodes / B)
+    else:
+        total_steps = math.ceil(len(prompts) / B)
+    optimizer = build_optimizer(trained, cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg.optim, total_steps * cfg.ppo_epochs * math.ceil(B / cfg.mini_batch_size))
+
+    # 3. the stage directory and the resume point (the KL controller's beta travels with the checkpoint)
+    inputs = {"prompts": file_input(cfg.prompts), "sft": str(sft_path), "rm": str(rm_path)}
+    if ptx_texts:
+        inputs["ptx_data"] = file_input(cfg.ptx_data)
+    begin_stage(stage, mode, cfg, inputs)
+    step, extra, ckpt = restore(stage, mode, trained, optimizer, scheduler)
+    state = {"beta": float(extra.get("beta", cfg.beta))}
+    trainable, total = count_parameters(trained)
+    banner("igpt ppo", {
+        "prompts": f"{cfg.prompts} ({len(prompts)}), {B} per iteration, {cfg.max_new_tokens} new tokens at T={cfg.temperature}",
+        "models": f"policy {sft_path}, value and reward {rm_path}, on {device}",
+        "trainable": f"{trainable:,} of {total:,} parameters" + (" (LoRA)" if cfg.lora.enabled else ""),
+        "objective": f"beta {state['beta']}" + (f" -> KL {cfg.target_kl}" if cfg.target_kl else " (fixed)")
+                     + (f", ptx gamma {cfg.ptx_coef} on {len(ptx)} blocks of {cfg.ptx_seq_len}" if ptx else ", no ptx"),
+        "steps": f"{total_steps} iterations x {cfg.ppo_epochs} epochs x {math.ceil(B / cfg.mini_batch_size)} minibatches",
+        "resume": f"from {ckpt.name}" if ckpt else "no (fresh start)",
+    })
+    timings: dict[str, float] = {}
+
+    # 4. iterate: rollout, score, update
+    def iteration(i: int) -> dict:
+        t0 = time.perf_counter()
+        idx = step_indices(len(prompts), i, B, cfg.seed)
+        batch_queries = [queries[j] for j in idx]
+        responses = generate(models["policy"], tokenizer, batch_queries, cfg.max_new_tokens, cfg.temperature,
+                             cfg.optim.batch_size * 2)
+        ro = Rollout(*(x.to(device) if torch.is_tensor(x) else x for x in
+                       build_rollout(batch_queries, responses, tokenizer.pad_token_id, tokenizer.eos_token_id)))
+        t1 = time.perf_counter()
+        sc = score_rollout(models, ro, cfg, state["beta"], cfg.optim.batch_size)
+        t2 = time.perf_counter()
+        stats, ptx_s = ppo_update(models, trained, optimizer, scheduler, ro, sc, cfg, ptx, i, tokenizer.pad_token_id)
+        t3 = time.perf_counter()
+        kl = float(sc["kl"].sum(1).mean())
+        record = {
+            "episode": (i + 1) * len(idx), "objective/kl": kl, "objective/scores": float(sc["scores"].mean()),
+            "objective/entropy": stats.pop("policy/entropy"), "objective/beta": state["beta"],
+            "objective/non_score_reward": -state["beta"] * kl,
+            "objective/rlhf_reward": float(sc["rewards"].sum(1).mean()),  # penalised score - beta * KL
+            "val/num_eos_tokens": int(ro.has_eos.sum()), "val/response_length": float(ro.lengths.float().mean()),
+            **stats, "timing/generation": t1 - t0, "timing/scoring": t2 - t1, "timing/training": t3 - t2 - ptx_s,
+            "timing/ptx": ptx_s,
+        }
+        if cfg.target_kl > 0:
+            state["beta"] = adaptive_kl_beta(state["beta"], kl, cfg.target_kl, cfg.kl_horizon, len(idx))
+        if (i + 1) % cfg.sample_every == 0 or i + 1 == total_steps:
+            write_samples(stage, i + 1, [prompts[j].prompt for j in idx], responses, sc, tokenizer)
+        record["timing/other"] = time.perf_counter() - t3
+        for k, v in record.items():
+            if k.startswith("timing/"):
+                timings[k] = timings.get(k, 0.0) + v
+        return record
+
+    step = fit(stage, trained, optimizer, scheduler, step, total_steps, iteration, None, 1, cfg.save_every,
+               cfg.keep_checkpoints, extra_state=lambda: dict(state), show="objective/scores")
+
+    # 5. export: ppo/final/policy (HF causal LM) and ppo/final/value, published together
+    tmp = stage.dir / f".tmp-final-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_final(models["policy"], tokenizer, tmp / "policy")
+    save_final(models["value"], tokenizer, tmp / "value")
+    os.replace(tmp, stage.final)
+    finish_stage(stage, step, policy=str(stage.final / "policy"), value=str(stage.final / "value"))
+    total_s = sum(timings.values()) or 1.0
+    banner("where the time went", {k.split("/")[1]: f"{v:.1f}s ({100 * v / total_s:.0f}%)" for k, v in timings.items()})
+    return stage.final
+
+
+def write_samples(stage: Stage, step: int, prompts: list[str], responses: list[list[int]], sc: dict, tokenizer) -> None:
+    """ppo/samples/step-NNNNNN.jsonl: what the policy says now, with its score and KL."""
+    from ..rundir import atomic_write_text
+
+    lines = [json.dumps({"prompt": p, "response": decode_response(tokenizer, r), "score": float(s), "kl": float(k)},
+                        ensure_ascii=False)
+             for p, r, s, k in zip(prompts, responses, sc["scores"], sc["kl"].sum(1))]
+    atomic_write_text(stage.dir / "samples" / f"step-{step:06d}.jsonl", "\n".join(lines) + "\n")

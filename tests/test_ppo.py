@@ -1,0 +1,143 @@
+"""The ppo stage on tiny models from the command line: ratio 1 at the start, learning against a
+rule-based reward model, PPO-ptx's smaller alignment tax, exact resume, swapping models."""
+import json
+import random
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import TINY_CONFIG, arithmetic_demos, igpt, write_jsonl
+from instructgpt_cli.data import pad_right, pretrain_blocks
+from instructgpt_cli.losses import ptx_loss
+from instructgpt_cli.models import tiny_tokenizer
+from instructgpt_cli.rundir import read_metrics
+from rule_rm import make_rule_rm
+
+WORDS = "the quick brown fox jumps over a lazy dog while seven wizards quietly hum old tunes".split()
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A run with a tiny SFT model, a rule reward model (share of 'e'), prompts and pretraining text."""
+    t = tmp_path_factory.mktemp("ppo")
+    write_jsonl(t / "demos.jsonl", arithmetic_demos(32))
+    assert igpt("sft", "--config", TINY_CONFIG, "--data", t / "demos.jsonl", "--run-dir", t / "base",
+                "--max-steps", "10").exit_code == 0
+    make_rule_rm(t / "rule_rm", tiny_tokenizer(), "e")
+    rng = random.Random(0)
+    write_jsonl(t / "prompts.jsonl", [{"prompt": f"What is {rng.randint(1, 30)} plus {rng.randint(1, 30)}?"}
+                                      for _ in range(64)])
+    texts = [{"text": " ".join(rng.choice(WORDS) for _ in range(60))} for _ in range(50)]
+    write_jsonl(t / "pretrain.jsonl", texts[:40])
+    write_jsonl(t / "heldout.jsonl", texts[40:])
+    return t
+
+
+def ppo_args(world, run_dir, *extra):
+    return ["ppo", "--prompts", world / "prompts.jsonl", "--sft", world / "base" / "sft" / "final",
+            "--rm", world / "rule_rm", "--run-dir", run_dir, "--max-new-tokens", "24", "--rollout-batch-size", "8",
+            "--mini-batch-size", "4", "--lr", "3e-3", *extra]
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_first_minibatch_ratio_is_one_and_kl_starts_at_zero(world, tmp_path, lora):
+    run_dir = tmp_path / "run"
+    result = igpt(*ppo_args(world, run_dir, "--max-steps", "2", "--ppo-epochs", "2", *(["--lora"] if lora else [])))
+    assert result.exit_code == 0, result.output
+    first = read_metrics(run_dir / "ppo" / "metrics.jsonl")[0]
+    assert first["val/ratio_first"] == pytest.approx(1.0, abs=1e-6)
+    assert first["policy/approxkl_first"] == pytest.approx(0.0, abs=1e-6)
+    assert first["objective/kl"] == pytest.approx(0.0, abs=1e-6)  # policy == reference before any update
+    for key in ("objective/scores", "objective/entropy", "policy/clipfrac", "loss/policy", "loss/value",
+                "val/num_eos_tokens", "val/response_length", "timing/generation", "timing/training"):
+        assert key in first
+    final = run_dir / "ppo" / "final"
+    assert (final / "policy" / "model.safetensors").exists() and (final / "value" / "model.safetensors").exists()
+    samples = (run_dir / "ppo" / "samples" / "step-000002.jsonl").read_text().splitlines()
+    assert len(samples) == 8 and {"prompt", "response", "score", "kl"} <= json.loads(samples[0]).keys()
+
+
+def test_score_rises_against_a_rule_reward_while_kl_stays_bounded(world, tmp_path):
+    run_dir = tmp_path / "run"
+    result = igpt(*ppo_args(world, run_dir, "--max-steps", "12", "--seed", "0"))
+    assert result.exit_code == 0, result.output
+    m = read_metrics(run_dir / "ppo" / "metrics.jsonl")
+    scores = [r["objective/scores"] for r in m]
+    assert sum(scores[-3:]) / 3 > sum(scores[:3]) / 3 + 0.2, scores
+    assert all(r["objective/kl"] < 10.0 for r in m), [r["objective/kl"] for r in m]
+    assert any(r["objective/kl"] > 0.01 for r in m)  # the policy did move
+
+
+def heldout_loss(model_dir, world):
+    from transformers import AutoModelForCausalLM
+
+    from instructgpt_cli.data import read_pretrain
+
+    tok = tiny_tokenizer()
+    ids, mask = pad_right(pretrain_blocks(tok, read_pretrain(world / "heldout.jsonl"), 256), tok.pad_token_id)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    with torch.no_grad():
+        return ptx_loss(model(input_ids=ids, attention_mask=mask).logits, ids, mask).item()
+
+
+def test_ptx_keeps_held_out_pretraining_loss_closer_to_sft(world, tmp_path):
+    losses = {}
+    for coef in ("0", "1.0"):
+        run_dir = tmp_path / f"ptx{coef}"
+        result = igpt(*ppo_args(world, run_dir, "--max-steps", "8", "--ptx-coef", coef,
+                                "--ptx-data", world / "pretrain.jsonl"))
+        assert result.exit_code == 0, result.output
+        losses[coef] = heldout_loss(run_dir / "ppo" / "final" / "policy", world)
+        if coef != "0":
+            assert "loss/ptx" in read_metrics(run_dir / "ppo" / "metrics.jsonl")[0]
+    sft = heldout_loss(world / "base" / "sft" / "final", world)
+    tax_without, tax_with = losses["0"] - sft, losses["1.0"] - sft
+    assert tax_with < tax_without, (sft, losses)
+
+
+def test_ptx_coef_without_data_is_refused(world, tmp_path):
+    result = igpt(*ppo_args(world, tmp_path / "run", "--ptx-coef", "27.8"))
+    assert result.exit_code == 2 and "--ptx-data" in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_killed_ppo_run_resumes_bit_identical(world, tmp_path, lora):
+    from test_sft import run_subprocess
+
+    extra = ["--max-steps", "5", "--save-every", "2", "--ppo-epochs", "2", "--target-kl", "0.5",
+             "--ptx-coef", "0.5", "--ptx-data", world / "pretrain.jsonl", *(["--lora"] if lora else [])]
+    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+    assert igpt(*ppo_args(world, straight, *extra)).exit_code == 0
+    killed = run_subprocess(ppo_args(world, interrupted, *extra), {"IGPT_FAULT_AFTER_STEP": "3"})
+    assert killed.returncode == 99, killed.stderr
+    resumed = igpt(*ppo_args(world, interrupted, *extra), "--resume")
+    assert resumed.exit_code == 0 and "from step-000002" in resumed.stderr, resumed.output
+    for part in ("policy", "value"):
+        a = load_file(str(straight / "ppo" / "final" / part / "model.safetensors"))
+        b = load_file(str(interrupted / "ppo" / "final" / part / "model.safetensors"))
+        assert all(torch.equal(a[k], b[k]) for k in a), part
+    ma, mb = (read_metrics(d / "ppo" / "metrics.jsonl") for d in (straight, interrupted))
+    strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith(("timing/", "elapsed"))} for r in rows]  # noqa: E731
+    assert strip(ma) == strip(mb)  # same samples, scores, KL controller and losses, step for step
+
+
+def test_models_from_another_run_and_a_foreign_tokenizer(world, tmp_path):
+    # --sft and --rm from elsewhere work (the fixture's run has no rm stage at all)
+    result = igpt(*ppo_args(world, tmp_path / "run", "--max-steps", "1"))
+    assert result.exit_code == 0
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())["stages"]["ppo"]["inputs"]
+    assert manifest["rm"] == str(world / "rule_rm")
+    # a reward model that reads other tokens is refused before anything is written
+    other = tiny_tokenizer()
+    other.add_tokens(["<extra>"])
+    make_rule_rm(tmp_path / "foreign_rm", other, "e")
+    args = ppo_args(world, tmp_path / "run2", "--max-steps", "1")
+    args[args.index("--rm") + 1] = tmp_path / "foreign_rm"
+    refused = igpt(*args)
+    assert refused.exit_code == 2 and "tokenizer differs" in refused.stderr
+    assert not (tmp_path / "run2").exists()
+    # no rm in the run and none given
+    missing = igpt("ppo", "--prompts", world / "prompts.jsonl", "--run-dir", world / "base")
+    assert missing.exit_code == 2 and "igpt train-rm" in missing.stderr

@@ -1,0 +1,88 @@
+"""PPO's pure functions against hand computation."""
+import math
+
+import pytest
+import torch
+
+from instructgpt_cli.losses import (adaptive_kl_beta, gae, kl_penalized_rewards, masked_mean, masked_whiten,
+                                    policy_loss, ptx_loss, value_loss)
+from instructgpt_cli.rollout import build_rollout
+
+
+def test_kl_penalized_rewards_put_the_score_on_the_last_real_token():
+    logprobs = torch.tensor([[-1.0, -2.0, -0.5], [-1.0, -1.0, -9.0]])
+    ref = torch.tensor([[-1.5, -1.0, -0.5], [-2.0, -1.0, -1.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])  # second response ended after 2 tokens
+    rewards, kl = kl_penalized_rewards(torch.tensor([2.0, -1.0]), logprobs, ref, mask, beta=0.1)
+    assert kl.tolist() == [[0.5, -1.0, 0.0], [1.0, 0.0, 0.0]]
+    assert rewards.flatten().tolist() == pytest.approx([-0.05, 0.1, 2.0, -0.1, -1.0, 0.0])
+
+
+def test_gae_by_hand_gamma_1_lambda_095():
+    values = torch.tensor([[0.5, 1.0, 9.0]])  # the last value is after the end: ignored
+    rewards = torch.tensor([[0.0, 2.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    adv, ret = gae(values, rewards, mask, gamma=1.0, lam=0.95)
+    d1 = 2.0 + 0.0 - 1.0  # t=1: next value is 0 (episode over)
+    d0 = 0.0 + 1.0 - 0.5
+    assert adv[0].tolist() == pytest.approx([d0 + 0.95 * d1, d1, 0.0])
+    assert ret[0].tolist() == pytest.approx([d0 + 0.95 * d1 + 0.5, d1 + 1.0, 0.0])
+
+
+def test_masked_whiten_ignores_padding():
+    x = torch.tensor([[1.0, 2.0, 100.0], [3.0, 4.0, -50.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 0.0]])
+    w = masked_whiten(x, mask)
+    real = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    expected = (real - 2.5) / real.var(unbiased=True).sqrt()
+    assert w[:, :2].flatten().tolist() == pytest.approx(expected.tolist(), rel=1e-5)
+    assert w[:, 2].tolist() == [0.0, 0.0]
+    assert masked_mean(w, mask).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_clipped_policy_loss_by_hand():
+    old = torch.zeros(1, 3)
+    new = torch.log(torch.tensor([[1.5, 0.5, 1.1]]))  # ratios 1.5, 0.5, 1.1
+    adv = torch.tensor([[1.0, 1.0, -2.0]])
+    mask = torch.ones(1, 3)
+    loss, stats = policy_loss(new, old, adv, mask, clip=0.2)
+    # per token max(-A r, -A clip(r)): [-1.2 (clipped), -0.5 (unclipped wins), 2.2]
+    assert loss.item() == pytest.approx((-1.2 - 0.5 + 2.2) / 3, rel=1e-5)
+    assert stats["clipfrac"].item() == pytest.approx(1 / 3)
+    assert stats["ratio"].item() == pytest.approx((1.5 + 0.5 + 1.1) / 3, rel=1e-5)
+    same, s = policy_loss(old, old, adv, mask, clip=0.2)
+    assert s["ratio"].item() == 1.0 and s["approxkl"].item() == 0.0
+
+
+def test_clipped_value_loss_by_hand():
+    old = torch.tensor([[0.0, 0.0]])
+    new = torch.tensor([[1.0, 0.1]])
+    ret = torch.tensor([[2.0, -1.0]])
+    loss, stats = value_loss(new, old, ret, torch.ones(1, 2), clip=0.2)
+    # token 0: unclipped (1-2)^2=1, clipped (0.2-2)^2=3.24 -> 3.24; token 1: (0.1+1)^2=1.21 both
+    assert loss.item() == pytest.approx(0.5 * (3.24 + 1.21) / 2, rel=1e-5)
+    assert stats["clipfrac"].item() == pytest.approx(0.5)
+
+
+def test_ptx_loss_is_mean_token_cross_entropy_over_real_tokens():
+    logits = torch.zeros(1, 4, 3)
+    logits[0, 0, 1] = math.log(2.0)  # p(token 1 | pos 0) = 2/4
+    ids = torch.tensor([[0, 1, 2, 0]])
+    mask = torch.tensor([[1, 1, 1, 0]])  # last position is padding
+    loss = ptx_loss(logits, ids, mask)
+    assert loss.item() == pytest.approx((math.log(2.0) + math.log(3.0)) / 2, rel=1e-6)
+
+
+def test_everything_after_eos_is_masked():
+    eos, pad = 2, 3
+    ro = build_rollout([[10, 11], [12]], [[5, 6, eos], [7, 8, 9, 4]], pad, eos)
+    assert ro.context_len == 2
+    assert ro.query_response.tolist() == [[10, 11, 5, 6, eos, pad], [pad, 12, 7, 8, 9, 4]]
+    assert ro.attention_mask.tolist() == [[1, 1, 1, 1, 1, 0], [0, 1, 1, 1, 1, 1]]
+    assert ro.response_mask.tolist() == [[1, 1, 1, 0], [1, 1, 1, 1]]
+    assert ro.has_eos.tolist() == [True, False] and ro.lengths.tolist() == [3, 4]
+
+
+def test_adaptive_kl_controller_moves_beta_towards_target():
+    assert adaptive_kl_beta(0.1, kl=12.0, target=6.0, horizon=100, n_steps=10) == pytest.approx(0.1 * 1.02)
+    assert adaptive_kl_beta(0.1, kl=3.0, target=6.0, horizon=100, n_steps=10) == pytest.approx(0.1 * (1 - 0.2 * 0.1))  # error clipped to -0.2
