@@ -30,6 +30,7 @@ test-fast: install
 demo: install
 	$(BIN)/igpt sft --config configs/demo.yaml --data data/demos.jsonl --run-dir $(RUN) --resume
 	$(BIN)/igpt train-rm --config configs/demo.yaml --rankings data/rankings.jsonl --run-dir $(RUN) --resume
+	$(BIN)/igpt ppo --config configs/demo.yaml --prompts data/prompts.jsonl --ptx-data data/pretrain.jsonl --run-dir $(RUN) --resume
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -2,7 +2,7 @@
 
 Heavy imports (torch, transformers) happen inside the commands, so ``igpt --help`` is instant.
 Exit codes: 0 success, 2 bad input or usage (every problem reported as FILE:LINE: field: reason,
-nothing written), 3 a stage that is not implemented yet, 1 an unexpected error.
+nothing written), 130 interrupted, 1 an unexpected error.
 """
 from __future__ import annotations
 
@@ -211,21 +211,85 @@ def sample(
     run_stage("sample", config, print_config, overrides, runner)
 
 
-def _not_yet(name: str, issue: int) -> Callable[..., None]:
-    def command(args: Annotated[Optional[list[str]], typer.Argument(hidden=True)] = None) -> None:
-        typer.echo(f"igpt {name}: not implemented yet (tracked in issue #{issue})", err=True)
-        raise typer.Exit(3)
+@app.command("eval")
+def evaluate(
+    model: Annotated[Optional[str], typer.Argument(help="A stage of the run (sft, ppo) or a model directory.")] = None,
+    prompts: Annotated[Optional[str], typer.Option("--prompts", help="Held-out prompts JSONL.")] = None,
+    rankings: Annotated[Optional[str], typer.Option("--rankings", help="Held-out rankings: the RM's pairwise accuracy.")] = None,
+    ptx_data: Annotated[Optional[str], typer.Option("--ptx-data", help="Held-out pretraining text: LM loss vs SFT (alignment tax).")] = None,
+    rm: Annotated[Optional[str], typer.Option("--rm", help="Reward model [default: RUN_DIR/rm/final].")] = None,
+    sft: Annotated[Optional[str], typer.Option("--sft", help="KL reference [default: RUN_DIR/sft/final].")] = None,
+    name: Annotated[Optional[str], typer.Option("--name", help="Report folder eval/NAME [default: the model's name].")] = None,
+    run_dir: RunDir = None,
+    temperature: Annotated[Optional[float], typer.Option("--temperature", help="Sampling temperature [default: 1.0].")] = None,
+    max_new_tokens: Annotated[Optional[int], typer.Option("--max-new-tokens", help="Longest response (tokens).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Sequences per forward pass.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout (for scripts).")] = False,
+    config: ConfigFile = None,
+    print_config: PrintConfig = False,
+    seed: Seed = None,
+    device: Device = None,
+) -> None:
+    """Reward, KL to SFT, alignment tax and preference accuracy of a model; writes eval/NAME/report.json."""
+    overrides = {"model": model, "prompts": prompts, "rankings": rankings, "ptx_data": ptx_data, "rm": rm,
+                 "sft": sft, "name": name, "run_dir": run_dir, "temperature": temperature,
+                 "max_new_tokens": max_new_tokens, "batch_size": batch_size, "seed": seed, "device": device}
 
-    return command
+    def runner(cfg: Any) -> Any:
+        import json
+
+        from .stages import evaluate as stage
+
+        report = stage.run(cfg, as_json=as_json)
+        if as_json:
+            typer.echo(json.dumps(report, indent=2))
+
+    run_stage("eval", config, print_config, overrides, runner)
 
 
-for _name, _issue, _help in [
-    ("eval", 5, "Reward, KL, alignment tax and preference accuracy of a model (not implemented yet)."),
-    ("compare", 5, "Win rate of one model against another with a confidence interval (not implemented yet)."),
-    ("label", 5, "Rank sampled responses in the terminal (not implemented yet)."),
-]:
-    app.command(_name, help=_help, context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(
-        _not_yet(_name, _issue))
+@app.command()
+def compare(
+    a: Annotated[Optional[str], typer.Argument(help="Model A: a stage of the run (sft, ppo) or a directory.")] = None,
+    b: Annotated[Optional[str], typer.Argument(help="Model B, the baseline.")] = None,
+    prompts: Annotated[Optional[str], typer.Option("--prompts", help="Prompts both models answer.")] = None,
+    judge: Annotated[Optional[str], typer.Option("--judge", help="rm (reward model) or human (terminal labeler) [default: rm].")] = None,
+    rm: Annotated[Optional[str], typer.Option("--rm", help="Reward model judge [default: RUN_DIR/rm/final].")] = None,
+    tie_margin: Annotated[Optional[float], typer.Option("--tie-margin", help="RM score gap counted as a tie [default: 0].")] = None,
+    run_dir: RunDir = None,
+    temperature: Annotated[Optional[float], typer.Option("--temperature", help="Sampling temperature for both [default: 0.7].")] = None,
+    max_new_tokens: Annotated[Optional[int], typer.Option("--max-new-tokens", help="Longest response (tokens).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Sequences per forward pass.")] = None,
+    config: ConfigFile = None,
+    print_config: PrintConfig = False,
+    seed: Seed = None,
+    device: Device = None,
+) -> None:
+    """Win rate of A over B with a 95% confidence interval; writes compare/A-vs-B/ with report.html."""
+    overrides = {"a": a, "b": b, "prompts": prompts, "judge": judge, "rm": rm, "tie_margin": tie_margin,
+                 "run_dir": run_dir, "temperature": temperature, "max_new_tokens": max_new_tokens,
+                 "batch_size": batch_size, "seed": seed, "device": device}
+
+    def runner(cfg: Any) -> Any:
+        from .stages import compare as stage
+
+        stage.run(cfg)
+
+    run_stage("compare", config, print_config, overrides, runner)
+
+
+@app.command()
+def label(
+    samples: Annotated[str, typer.Argument(help="Samples JSONL from `igpt sample`: {prompt, responses}.")],
+    out: Annotated[str, typer.Option("--out", help="Rankings JSONL to append to (train-rm reads it).")],
+) -> None:
+    """Rank sampled responses in the terminal (1 = best, ties allowed); resumes where it stopped."""
+    from .errors import BadInput
+    from .stages import label as stage
+
+    try:
+        stage.run(samples, out)
+    except BadInput as e:
+        fail(e.messages)
 
 
 def main() -> None:

@@ -159,7 +159,44 @@ class SampleConfig:
     dtype: str = f("auto", "parameter dtype: auto, float32, bfloat16, float16")
 
 
-STAGE_CONFIGS: dict[str, type] = {"sft": SFTConfig, "rm": RMConfig, "ppo": PPOConfig, "sample": SampleConfig}
+@dataclass
+class EvalConfig:
+    model: str = f("", "model to evaluate: a stage of the run (sft, ppo) or a model directory (required)")
+    prompts: str = f("", "held-out prompts JSONL: {prompt}, optional category (required)")
+    rankings: str = f("", "held-out rankings JSONL for the reward model's pairwise accuracy (optional)")
+    ptx_data: str = f("", "held-out pretraining text for the LM loss / perplexity, the alignment tax (optional)")
+    rm: str = f("", "reward model that scores the responses; default RUN_DIR/rm/final")
+    sft: str = f("", "reference for KL and the alignment tax; default RUN_DIR/sft/final")
+    name: str = f("", "report name, eval/NAME/; default the model's stage name or directory name")
+    run_dir: str = f("runs/default", "run directory (path)")
+    temperature: float = f(1.0, "sampling temperature; KL is measured at the same temperature")
+    max_new_tokens: int = f(128, "longest response (tokens)")
+    batch_size: int = f(8, "sequences per forward pass (sequences)")
+    ptx_seq_len: int = f(256, "length of each pretraining-text block (tokens)")
+    seed: int = f(0, "sampling seed")
+    device: str = f("auto", "auto, cpu, cuda, cuda:N or mps")
+    dtype: str = f("auto", "parameter dtype: auto, float32, bfloat16, float16")
+
+
+@dataclass
+class CompareConfig:
+    a: str = f("", "model A: a stage of the run (sft, ppo) or a model directory (required)")
+    b: str = f("", "model B, the baseline (required)")
+    prompts: str = f("", "prompts both models answer (required)")
+    judge: str = f("rm", "rm (the reward model picks) or human (a terminal labeler picks)")
+    rm: str = f("", "reward model for --judge rm; default RUN_DIR/rm/final")
+    tie_margin: float = f(0.0, "rm judge: score differences up to this count as ties (reward units)")
+    run_dir: str = f("runs/default", "run directory (path)")
+    temperature: float = f(0.7, "sampling temperature, the same for both models")
+    max_new_tokens: int = f(128, "longest response (tokens)")
+    batch_size: int = f(8, "sequences per forward pass (sequences)")
+    seed: int = f(0, "sampling seed, the same for both models; also the order and sides shown to a human")
+    device: str = f("auto", "auto, cpu, cuda, cuda:N or mps")
+    dtype: str = f("auto", "parameter dtype: auto, float32, bfloat16, float16")
+
+
+STAGE_CONFIGS: dict[str, type] = {"sft": SFTConfig, "rm": RMConfig, "ppo": PPOConfig, "sample": SampleConfig,
+                                  "eval": EvalConfig, "compare": CompareConfig}
 
 DTYPES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
@@ -202,6 +239,8 @@ CHECKS: dict[str, tuple[Any, str]] = {
     "vf_coef": (lambda v: v >= 0, "must be >= 0"),
     "reward_clip": (lambda v: v >= 0, "must be >= 0 (0 disables)"),
     "sample_every": (lambda v: v >= 1, "must be >= 1"),
+    "judge": (lambda v: v in ("rm", "human"), "must be rm or human"),
+    "tie_margin": (lambda v: v >= 0, "must be >= 0"),
     "dtype": (lambda v: v in DTYPES, f"must be one of {', '.join(DTYPES)}"),
     "scheduler": (lambda v: v in SCHEDULERS, f"must be one of {', '.join(SCHEDULERS)}"),
     "device": (lambda v: v in ("auto", "cpu", "mps") or v == "cuda" or v.startswith("cuda:"),

@@ -145,6 +145,23 @@ def find_model(explicit: str, run_dir: Path, stage: str, flag: str) -> str:
     raise BadInput([f"{flag}: not given, and {final} does not exist (run `igpt {command}` first or pass {flag} PATH)"])
 
 
+STAGE_MODELS = {"sft": "sft/final", "ppo": "ppo/final/policy", "rm": "rm/final"}
+
+
+def stage_model(name: str, run_dir: Path, flag: str = "MODEL") -> tuple[str, Path]:
+    """A model named by stage (``sft``, ``ppo``) or by path -> (short name, directory); BadInput if absent."""
+    if name in STAGE_MODELS:
+        path = run_dir / STAGE_MODELS[name]
+        if not (path / "config.json").is_file():
+            raise BadInput([f"{flag} {name}: {path} does not exist (has the {name} stage of {run_dir} finished?)"])
+        return name, path
+    path = Path(name)
+    if not (path / "config.json").is_file():
+        raise BadInput([f"{flag} {name}: not a stage of the run ({', '.join(STAGE_MODELS)}) nor a model directory "
+                        "with config.json"])
+    return [part for part in path.resolve().parts if part not in ("final", "policy")][-1], path
+
+
 # ---------------------------------------------------------------- loading
 
 

@@ -139,3 +139,58 @@ def build_rollout(queries: list[list[int]], responses: list[list[int]], pad_id: 
     has_eos = torch.tensor([bool(r) and r[-1] == eos_id for r in responses])
     return Rollout(torch.cat([q_ids, r_ids], 1), torch.cat([q_mask, r_mask], 1), q_ids.size(1), r_mask, has_eos,
                    lengths)
+
+
+# ---------------------------------------------------------------- evaluation helpers (eval, compare)
+
+
+def rollouts(tokenizer: Any, queries: list[list[int]], responses: list[list[int]], batch_size: int,
+             device: torch.device):
+    """(start index, Rollout on ``device``) for consecutive batches of queries and their responses."""
+    for start in range(0, len(queries), batch_size):
+        ro = build_rollout(queries[start:start + batch_size], responses[start:start + batch_size],
+                           tokenizer.pad_token_id, tokenizer.eos_token_id)
+        yield start, Rollout(*(x.to(device) if torch.is_tensor(x) else x for x in ro))
+
+
+@torch.no_grad()
+def score_responses(rm: Any, tokenizer: Any, queries: list[list[int]], responses: list[list[int]],
+                    batch_size: int) -> torch.Tensor:
+    """Reward-model scores (N,) of each query's response, read at the last real token."""
+    device = next(rm.parameters()).device
+    rm.eval()
+    return torch.cat([last_token_scores(rm, ro.query_response, ro.attention_mask, ro.context_len, ro.lengths).cpu()
+                      for _, ro in rollouts(tokenizer, queries, responses, batch_size, device)])
+
+
+@torch.no_grad()
+def response_kl(model: Any, ref: Any, tokenizer: Any, queries: list[list[int]], responses: list[list[int]],
+                temperature: float, batch_size: int) -> torch.Tensor:
+    """Per-response KL estimate (N,): sum over response tokens of log pi - log pi_ref at temperature T, on
+    the model's own samples (the quantity PPO penalises)."""
+    device = next(model.parameters()).device
+    model.eval(), ref.eval()
+    out = []
+    for _, ro in rollouts(tokenizer, queries, responses, batch_size, device):
+        lp, _ = response_logprobs(model, ro.query_response, ro.attention_mask, ro.context_len, temperature)
+        ref_lp, _ = response_logprobs(ref, ro.query_response, ro.attention_mask, ro.context_len, temperature)
+        out.append(((lp - ref_lp) * ro.response_mask).sum(1).cpu())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def lm_loss(model: Any, blocks: list[list[int]], pad_id: int, batch_size: int) -> float:
+    """Mean next-token loss over all tokens of pretraining-text blocks (exp of it is the perplexity)."""
+    from .data import pad_right
+    from .losses import ptx_loss
+
+    device = next(model.parameters()).device
+    model.eval()
+    total, tokens = 0.0, 0
+    for start in range(0, len(blocks), batch_size):
+        ids, mask = pad_right(blocks[start:start + batch_size], pad_id)
+        ids, mask = ids.to(device), mask.to(device)
+        n = int(mask[:, 1:].sum())
+        total += ptx_loss(model(input_ids=ids, attention_mask=mask).logits, ids, mask).item() * n
+        tokens += n
+    return total / max(tokens, 1)

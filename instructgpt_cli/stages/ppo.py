@@ -115,7 +115,7 @@ def ppo_update(models: dict, trained: Scored, optimizer, scheduler, ro: Rollout,
                 loss = ptx_loss(policy(input_ids=ids.to(device), attention_mask=mask.to(device)).logits, ids.to(device),
                                 mask.to(device))
                 (cfg.ptx_coef * loss).backward()
-                stats.setdefault("loss/ptx", []).append(float(loss))
+                stats.setdefault("loss/ptx", []).append(loss.item())
                 ptx_seconds += time.perf_counter() - t0
             grad_norm = torch.nn.utils.clip_grad_norm_([p for p in trained.parameters() if p.requires_grad],
                                                        cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf"))

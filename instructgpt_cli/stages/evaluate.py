@@ -1,0 +1,134 @@
+"""``igpt eval MODEL``: the paper's automatic measurements of one model.
+
+On held-out prompts: the reward model's score of the model's responses (mean and sd), the KL to the SFT
+model on the model's own samples (what PPO pays for), response length and EOS rate; on held-out
+pretraining text: LM loss and perplexity next to the SFT model's (the alignment tax PPO-ptx reduces);
+on held-out rankings: the reward model's pairwise accuracy. Per category where prompts carry one.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from ..config import EvalConfig, ModelConfig
+from ..data import pretrain_blocks, read_pretrain, read_prompts, read_rankings, render_prompt, tokenize_rankings
+from ..errors import BadInput
+from ..models import find_model, load_model, load_tokenizer, resolve_device, same_tokenizer, stage_model
+from ..rollout import decode_response, generate, lm_loss, response_kl, score_responses, score_sequences
+from ..rundir import atomic_write_text
+from ..train import console
+
+
+def summarise(scores: list[float], kls: list[float], lengths: list[int], eos: list[bool]) -> dict:
+    n = len(lengths)
+    out = {"n": n, "kl_to_sft": sum(kls) / n, "response_length": sum(lengths) / n, "eos_rate": sum(eos) / n}
+    if scores:
+        mean = sum(scores) / n
+        out["score_mean"] = mean
+        out["score_sd"] = math.sqrt(sum((s - mean) ** 2 for s in scores) / max(n - 1, 1))
+    return out
+
+
+def load(cfg: EvalConfig, path: Path, tokenizer, device, kind: str = "causal"):
+    return load_model(ModelConfig(name=str(path), dtype=cfg.dtype), tokenizer, path, device, cfg.seed, kind).eval()
+
+
+def run(cfg: EvalConfig, as_json: bool = False) -> dict:
+    # 1. validate inputs; nothing is written before they pass
+    run_dir = Path(cfg.run_dir)
+    errors = [f"--{k}: required" for k in ("prompts",) if not getattr(cfg, k)]
+    if not cfg.model:
+        errors.append("MODEL: required (sft, ppo or a model directory)")
+    if errors:
+        raise BadInput(errors)
+    name, path = stage_model(cfg.model, run_dir)
+    prompts = read_prompts(cfg.prompts)
+    rankings = read_rankings(cfg.rankings) if cfg.rankings else []
+    texts = read_pretrain(cfg.ptx_data) if cfg.ptx_data else []
+    sft_path = Path(find_model(cfg.sft, run_dir, "sft", "--sft"))
+    rm_path = Path(cfg.rm) if cfg.rm else (run_dir / "rm" / "final")
+    have_rm = (rm_path / "config.json").is_file()
+    if cfg.rm and not have_rm:
+        raise BadInput([f"--rm {cfg.rm}: not a model directory with config.json"])
+    if rankings and not have_rm:
+        raise BadInput([f"--rankings: needs a reward model, and {rm_path} does not exist (pass --rm PATH)"])
+    tokenizer, _ = load_tokenizer(ModelConfig(name=str(path)))
+    for other in [sft_path] + ([rm_path] if have_rm else []):
+        if not same_tokenizer(tokenizer, load_tokenizer(ModelConfig(name=str(other)))[0]):
+            raise BadInput([f"{other}: its tokenizer differs from {path}'s; KL and scores need the same tokens"])
+    device = resolve_device(cfg.device)
+
+    # 2. sample the model's responses, seeded
+    model = load(cfg, path, tokenizer, device)
+    queries = [render_prompt(tokenizer, p.messages) for p in prompts]
+    torch.manual_seed(cfg.seed)
+    responses = generate(model, tokenizer, queries, cfg.max_new_tokens, cfg.temperature, cfg.batch_size)
+
+    # 3. KL to the SFT model on those samples (0 for the SFT model itself), scores, LM loss
+    sft = model if path.resolve() == sft_path.resolve() else load(cfg, sft_path, tokenizer, device)
+    kls = response_kl(model, sft, tokenizer, queries, responses, cfg.temperature, cfg.batch_size).tolist()
+    rm = load(cfg, rm_path, tokenizer, device, "reward") if have_rm else None
+    scores = score_responses(rm, tokenizer, queries, responses, cfg.batch_size).tolist() if rm is not None else []
+    eos = [bool(r) and r[-1] == tokenizer.eos_token_id for r in responses]
+    lengths = [len(r) for r in responses]
+    report = {"model": name, "model_path": str(path), "prompts": cfg.prompts,
+              "settings": {"temperature": cfg.temperature, "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed},
+              **summarise(scores, kls, lengths, eos)}
+    categories = sorted({p.category for p in prompts if p.category})
+    if categories:
+        report["categories"] = {
+            c: summarise(*[[xs[i] for i, p in enumerate(prompts) if p.category == c] if xs else []
+                           for xs in (scores, kls, lengths, eos)]) for c in categories}
+    if texts:
+        blocks = pretrain_blocks(tokenizer, texts, cfg.ptx_seq_len)
+        loss, sft_loss = lm_loss(model, blocks, tokenizer.pad_token_id, cfg.batch_size), None
+        sft_loss = loss if sft is model else lm_loss(sft, blocks, tokenizer.pad_token_id, cfg.batch_size)
+        report.update({"ptx_loss": loss, "ptx_perplexity": math.exp(loss), "sft_ptx_loss": sft_loss,
+                       "sft_ptx_perplexity": math.exp(sft_loss), "alignment_tax": loss - sft_loss})
+    if rankings:
+        groups, _ = tokenize_rankings(tokenizer, rankings, getattr(rm.config, "max_position_embeddings", 2048))
+        correct = total = 0
+        for g in groups:
+            s = score_sequences(rm, g.sequences, tokenizer.pad_token_id, cfg.batch_size)
+            correct += sum(int(s[b] > s[w]) for b, w in g.pairs)
+            total += len(g.pairs)
+        report.update({"rm_accuracy": correct / max(total, 1), "rm_pairs": total})
+
+    # 4. write eval/NAME/report.json and samples.jsonl; show the table (or JSON on stdout)
+    out = run_dir / "eval" / (cfg.name or name)
+    samples = [{"prompt": p.prompt, "category": p.category, "response": decode_response(tokenizer, r),
+                "kl": k, **({"score": scores[i]} if scores else {})}
+               for i, (p, r, k) in enumerate(zip(prompts, responses, kls))]
+    atomic_write_text(out / "samples.jsonl", "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
+    atomic_write_text(out / "report.json", json.dumps(report, indent=2) + "\n")
+    if not as_json:
+        show(report, out)
+    return report
+
+
+def show(report: dict, out: Path) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"igpt eval {report['model']}  ({out / 'report.json'})", title_justify="left")
+    for col in ("", "n", "score", "KL to SFT", "length", "EOS rate"):
+        table.add_column(col, justify="right" if col else "left")
+
+    def row(label: str, r: dict) -> None:
+        score = f"{r['score_mean']:.3f} ± {r['score_sd']:.3f}" if "score_mean" in r else "-"
+        table.add_row(label, str(r["n"]), score, f"{r['kl_to_sft']:.3f}", f"{r['response_length']:.1f}",
+                      f"{r['eos_rate']:.0%}")
+
+    row("all", report)
+    for c, r in report.get("categories", {}).items():
+        row(c, r)
+    console().print(table)
+    if "ptx_loss" in report:
+        console().print(f"pretraining text: loss {report['ptx_loss']:.4f} (perplexity {report['ptx_perplexity']:.2f})"
+                        f" vs SFT {report['sft_ptx_loss']:.4f} ({report['sft_ptx_perplexity']:.2f}); "
+                        f"alignment tax {report['alignment_tax']:+.4f} nats/token")
+    if "rm_accuracy" in report:
+        console().print(f"reward model pairwise accuracy on held-out rankings: {report['rm_accuracy']:.1%} "
+                        f"of {report['rm_pairs']} pairs")
