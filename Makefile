@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.igpt-installed
 RUN    ?= runs/demo
 
-.PHONY: install test test-fast demo clean
+.PHONY: install test test-fast demo clean bench
 
 install: $(STAMP)
 
@@ -31,6 +31,15 @@ demo: install
 	$(BIN)/igpt sft --config configs/demo.yaml --data data/demos.jsonl --run-dir $(RUN) --resume
 	$(BIN)/igpt train-rm --config configs/demo.yaml --rankings data/rankings.jsonl --run-dir $(RUN) --resume
 	$(BIN)/igpt ppo --config configs/demo.yaml --prompts data/prompts.jsonl --ptx-data data/pretrain.jsonl --run-dir $(RUN) --resume
+	$(BIN)/igpt eval sft --config configs/demo.yaml --prompts data/eval_prompts.jsonl --ptx-data data/pretrain_heldout.jsonl --run-dir $(RUN)
+	$(BIN)/igpt eval ppo --config configs/demo.yaml --prompts data/eval_prompts.jsonl --ptx-data data/pretrain_heldout.jsonl --run-dir $(RUN)
+	$(BIN)/igpt compare ppo sft --config configs/demo.yaml --prompts data/eval_prompts.jsonl --run-dir $(RUN)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
+
+# igpt vs TRL side by side (bench/README.md): the TRL peers live in their own environments under bench/,
+# never in igpt's dependencies. ~20 minutes on 2 cores; writes bench/results/*.json and the README table.
+bench:
+	PYTHON=$(PYTHON) bash bench/setup.sh
+	bench/.venv-trl/bin/python bench/run.py $(BENCH_ARGS)

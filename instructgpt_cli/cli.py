@@ -6,7 +6,6 @@ nothing written), 130 interrupted, 1 an unexpected error.
 """
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any, Callable, Optional
 

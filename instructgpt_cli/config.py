@@ -48,6 +48,7 @@ class LoraConfig:
     alpha: int = f(32, "LoRA scaling numerator; the update is scaled by alpha / r (dimensionless)")
     dropout: float = f(0.0, "dropout on the LoRA input (probability)")
     target_modules: list = f(["all-linear"], "module names to adapt; ['all-linear'] adapts every linear layer but the LM head")
+    layers: int = f(0, "adapt only the top N transformer layers (backward then stops there: faster); 0 = all layers")
 
 
 @dataclass
@@ -219,6 +220,7 @@ CHECKS: dict[str, tuple[Any, str]] = {
     "save_every": (lambda v: v >= 1, "must be >= 1"),
     "keep_checkpoints": (lambda v: v >= 1, "must be >= 1"),
     "r": (lambda v: v >= 1, "must be >= 1"),
+    "layers": (lambda v: v >= 0, "must be >= 0 (0 = all layers)"),
     "k": (lambda v: v >= 2, "must be >= 2 (rankings need two responses at least)"),
     "temperature": (lambda v: v >= 0, "must be >= 0 (0 = greedy)"),
     "max_new_tokens": (lambda v: v >= 1, "must be >= 1"),

@@ -348,31 +348,27 @@ def tokenize_rankings(tokenizer: Any, rankings: list[Ranking], max_len: int) -> 
     return groups, truncated
 
 
-def pad_left(seqs: list[list[int]], pad_id: int) -> tuple[Any, Any]:
-    """Left-pad token lists into (input_ids, attention_mask), each (B, T): the form generation wants."""
+def pad(seqs: list[list[int]], pad_id: int, side: str) -> tuple[Any, Any]:
+    """Pad token lists into (input_ids, attention_mask), each (B, T), on the ``side`` 'left' (what
+    generation wants: new tokens start in the same column) or 'right'."""
     import torch
 
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
     for i, s in enumerate(seqs):
-        if s:
-            ids[i, width - len(s):] = torch.tensor(s)
-            mask[i, width - len(s):] = 1
+        cols = slice(width - len(s), width) if side == "left" else slice(0, len(s))
+        ids[i, cols] = torch.tensor(s, dtype=torch.long)
+        mask[i, cols] = 1
     return ids, mask
+
+
+def pad_left(seqs: list[list[int]], pad_id: int) -> tuple[Any, Any]:
+    return pad(seqs, pad_id, "left")
 
 
 def pad_right(seqs: list[list[int]], pad_id: int) -> tuple[Any, Any]:
-    """Right-pad token lists into (input_ids, attention_mask), each (B, T)."""
-    import torch
-
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, :len(s)] = torch.tensor(s)
-        mask[i, :len(s)] = 1
-    return ids, mask
+    return pad(seqs, pad_id, "right")
 
 
 # ---------------------------------------------------------------- pretraining text (PPO-ptx, alignment tax)

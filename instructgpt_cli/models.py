@@ -297,8 +297,14 @@ def apply_lora(model: Any, cfg: LoraConfig, task_type: str = "CAUSAL_LM") -> Any
     from peft import LoraConfig as PeftLoraConfig, get_peft_model
 
     targets = "all-linear" if cfg.target_modules == ["all-linear"] else list(cfg.target_modules)
+    n_layers = model.config.num_hidden_layers
+    # Only the top layers: no gradient has to flow below the lowest adapted layer.
+    layers = list(range(n_layers - cfg.layers, n_layers)) if 0 < cfg.layers < n_layers else None
+    if layers is not None and targets == "all-linear":  # peft wants module names with layers_to_transform
+        targets = sorted({name.split(".")[-1] for name, mod in model.named_modules()
+                          if isinstance(mod, torch.nn.Linear) and ".layers." in name})
     peft_cfg = PeftLoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,
-                              task_type=task_type)
+                              task_type=task_type, layers_to_transform=layers)
     return get_peft_model(model, peft_cfg)
 
 

@@ -61,6 +61,20 @@ def micro_batches(items: list, size: int) -> list[list]:
     return [items[i:i + size] for i in range(0, len(items), size)]
 
 
+def step_chunks(items: list, step: int, per_step: int, micro: int, seed: int) -> list[list]:
+    """The items of optimizer step ``step``, split into micro-batches of ``micro``."""
+    return [[items[j] for j in chunk] for chunk in micro_batches(step_indices(len(items), step, per_step, seed), micro)]
+
+
+def model_rows(model: Any, lora: bool, ckpt: Path | None) -> dict[str, str]:
+    """Banner rows every training stage shows: trainable parameters and where it starts from."""
+    from .models import count_parameters
+
+    trainable, total = count_parameters(model)
+    return {"trainable": f"{trainable:,} of {total:,} parameters" + (" (LoRA)" if lora else ""),
+            "resume": f"from {ckpt.name}" if ckpt else "no (fresh start)"}
+
+
 def save_train_state(dest: Path, model: Any, optimizer: Any, scheduler: Any, step: int, extra: dict | None = None) -> None:
     """Trainable weights as safetensors; optimizer, scheduler, RNG and step with ``torch.save``
     (read back with ``weights_only=True``)."""

@@ -155,3 +155,24 @@ def test_bad_inputs_exit_2_and_write_nothing(run, tmp_path):
         assert result.exit_code == 2, (args, result.output)
         assert message in result.stderr, (message, result.stderr)
     assert sorted(p.relative_to(run_dir) for p in run_dir.rglob("*")) == before
+
+
+def test_compare_reuses_eval_samples_taken_with_the_same_settings(run, tmp_path, monkeypatch):
+    from instructgpt_cli.stages import compare as compare_stage
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(run / "run", run_dir)
+    shutil.rmtree(run_dir / "compare", ignore_errors=True)
+    settings = ["--prompts", run / "prompts.jsonl", "--run-dir", run_dir, "--max-new-tokens", "12",
+                "--temperature", "0.7", "--seed", "3"]
+    for model in ("ppo", "sft"):
+        assert igpt("eval", model, *settings).exit_code == 0
+    monkeypatch.setattr(compare_stage, "generate", lambda *a, **k: (_ for _ in ()).throw(AssertionError("sampled")))
+    assert igpt("compare", "ppo", "sft", *settings).exit_code == 0  # no sampling: eval's responses are reused
+    pairs = [json.loads(l) for l in (run_dir / "compare" / "ppo-vs-sft" / "responses.jsonl").read_text().splitlines()]
+    evals = {m: [json.loads(l)["response"] for l in (run_dir / "eval" / m / "samples.jsonl").read_text().splitlines()]
+             for m in ("ppo", "sft")}
+    assert [p["a"] for p in pairs] == evals["ppo"] and [p["b"] for p in pairs] == evals["sft"]
+    monkeypatch.undo()
+    other = igpt("compare", "ppo", "sft", *settings[:-2], "--seed", "4")  # other settings: sampled afresh
+    assert other.exit_code == 0

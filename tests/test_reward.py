@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from conftest import TINY_CONFIG, arithmetic_demos, igpt, marker_rankings, write_jsonl
 from instructgpt_cli.config import ModelConfig
-from instructgpt_cli.data import RankedGroup, read_demos, read_rankings, tokenize_scored
+from instructgpt_cli.data import RankedGroup, read_demos, tokenize_scored
 from instructgpt_cli.losses import ranking_loss
 from instructgpt_cli.models import load_model, load_tokenizer, tiny_model, tiny_tokenizer
 from instructgpt_cli.rollout import score_sequences

@@ -139,3 +139,24 @@ def test_lora_saves_adapter_and_merged_model_with_equal_logits(tmp_path, demos_f
         lm, la, lb = merged(ids).logits, adapted(ids).logits, base(ids).logits
     torch.testing.assert_close(lm, la, rtol=1e-4, atol=1e-5)
     assert not torch.allclose(la, lb, atol=1e-4)  # the adapter learned something
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_lm_head_on_response_positions_only_equals_the_full_logits_loss(tmp_path, lora):
+    from instructgpt_cli.config import LoraConfig
+    from instructgpt_cli.data import collate
+    from instructgpt_cli.losses import sft_loss_sum
+    from instructgpt_cli.models import apply_lora
+    from instructgpt_cli.stages.sft import loss_sum
+
+    tok = tiny_tokenizer()
+    model = tiny_model(tok, seed=0)
+    if lora:
+        model = apply_lora(model, LoraConfig(enabled=True, layers=1))
+    examples, _ = tokenize_demos(tok, read_demos(write_jsonl(tmp_path / "d.jsonl", arithmetic_demos(4))), 256)
+    batch = collate(examples, tok.pad_token_id)
+    fast, n_fast = loss_sum(model, batch)
+    full, n_full = sft_loss_sum(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
+                                batch["labels"])
+    assert int(n_fast) == int(n_full) > 0
+    torch.testing.assert_close(fast, full, rtol=1e-5, atol=1e-5)

@@ -55,7 +55,26 @@ def tally(judgments: list[dict], key: str | None = None) -> dict:
     return {g: count([j for j in judgments if j.get(key) == g]) for g in groups}
 
 
-def answers(cfg: CompareConfig, path: Path, tokenizer, queries: list[list[int]], device) -> list[str]:
+def eval_samples(cfg: CompareConfig, path: Path, prompts: list) -> list[str] | None:
+    """Responses ``igpt eval`` already sampled from this model for these prompts with these decoding
+    settings and seed (the same responses compare would sample), or None."""
+    settings = {"temperature": cfg.temperature, "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed}
+    for report_file in sorted((Path(cfg.run_dir) / "eval").glob("*/report.json")):
+        report = json.loads(report_file.read_text(encoding="utf-8"))
+        if (Path(report["model_path"]).resolve() != path.resolve() or report.get("settings") != settings
+                or Path(report["prompts"]).resolve() != Path(cfg.prompts).resolve()):
+            continue
+        samples = [json.loads(line) for line in (report_file.parent / "samples.jsonl").read_text().splitlines()]
+        if [x["prompt"] for x in samples] == [p.prompt for p in prompts]:
+            return [x["response"] for x in samples]
+    return None
+
+
+def answers(cfg: CompareConfig, path: Path, tokenizer, queries: list[list[int]], prompts: list, device) -> list[str]:
+    """Both models answer with the same settings and seed; reuses ``igpt eval``'s samples when they match."""
+    reused = eval_samples(cfg, path, prompts)
+    if reused is not None:
+        return reused
     model = load_model(ModelConfig(name=str(path), dtype=cfg.dtype), tokenizer, path, device, cfg.seed).eval()
     torch.manual_seed(cfg.seed)  # the same seed for both models
     return [decode_response(tokenizer, r)
@@ -93,8 +112,8 @@ def run(cfg: CompareConfig) -> dict:
         if [x["prompt"] for x in pairs] != [p.prompt for p in prompts]:
             pairs = []  # other prompts this time: answer them afresh
     if not pairs:
-        resp_a = answers(cfg, path_a, tokenizer, queries, device)
-        resp_b = answers(cfg, path_b, tokenizer, queries, device)
+        resp_a = answers(cfg, path_a, tokenizer, queries, prompts, device)
+        resp_b = answers(cfg, path_b, tokenizer, queries, prompts, device)
         pairs = [{"prompt": p.prompt, "category": p.category, "a": a, "b": b}
                  for p, a, b in zip(prompts, resp_a, resp_b)]
         atomic_write_text(pairs_file, "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in pairs))
@@ -117,7 +136,7 @@ def run(cfg: CompareConfig) -> dict:
     from ..report import write_html
 
     write_html(out / "report.html", report, judgments, read_metrics(run_dir / "ppo" / "metrics.jsonl"))
-    show(report, out)
+    show(report, out, judgments)
     return report
 
 
@@ -164,7 +183,9 @@ def judge_human(cfg: CompareConfig, pairs: list[dict], path: Path) -> list[dict]
     return done
 
 
-def show(report: dict, out: Path) -> None:
+def show(report: dict, out: Path, examples: list[dict]) -> None:
+    """The comparison table, two example pairs, and where the page is."""
+    from rich.markup import escape
     from rich.table import Table
 
     table = Table(title=f"{report['a']} vs {report['b']} (judge: {report['judge']})", title_justify="left")
@@ -180,4 +201,7 @@ def show(report: dict, out: Path) -> None:
     for c, r in report["categories"].items():
         row(c, r)
     console().print(table)
+    for j in examples[:2]:
+        console().print(f"[bold]prompt:[/] {escape(j['prompt'][:300])}\n[bold]{report['a']}:[/] {escape(j['a'][:400])}\n"
+                        f"[bold]{report['b']}:[/] {escape(j['b'][:400])}\n[dim]judge picked: {j['winner']}[/]\n")
     console().print(f"report: {out / 'report.html'}")

@@ -27,13 +27,13 @@ from ..data import pretrain_blocks, pad_right, read_pretrain, read_prompts, rend
 from ..errors import BadInput
 from ..losses import (adaptive_kl_beta, gae, kl_penalized_rewards, masked_mean, masked_whiten, policy_loss,
                       ptx_loss, value_loss)
-from ..models import (apply_lora, count_parameters, find_model, load_model, load_tokenizer, resolve_device,
+from ..models import (apply_lora, find_model, load_model, load_tokenizer, resolve_device,
                       same_tokenizer, save_final)
 from ..rollout import (Rollout, build_rollout, decode_response, generate, last_token_scores, response_logprobs,
                        token_values)
 from ..rundir import check_stage, file_input
-from ..train import (Stage, banner, begin_stage, build_optimizer, build_scheduler, finish_stage, fit, restore,
-                     say, step_indices)
+from ..train import (Stage, banner, begin_stage, build_optimizer, build_scheduler, finish_stage, fit, model_rows,
+                     restore, say, step_indices)
 
 STAGE = "ppo"
 
@@ -207,15 +207,13 @@ def run(cfg: PPOConfig, resume: bool = False, overwrite: bool = False) -> Path:
     begin_stage(stage, mode, cfg, inputs)
     step, extra, ckpt = restore(stage, mode, trained, optimizer, scheduler)
     state = {"beta": float(extra.get("beta", cfg.beta))}
-    trainable, total = count_parameters(trained)
     banner("igpt ppo", {
         "prompts": f"{cfg.prompts} ({len(prompts)}), {B} per iteration, {cfg.max_new_tokens} new tokens at T={cfg.temperature}",
         "models": f"policy {sft_path}, value and reward {rm_path}, on {device}",
-        "trainable": f"{trainable:,} of {total:,} parameters" + (" (LoRA)" if cfg.lora.enabled else ""),
         "objective": f"beta {state['beta']}" + (f" -> KL {cfg.target_kl}" if cfg.target_kl else " (fixed)")
                      + (f", ptx gamma {cfg.ptx_coef} on {len(ptx)} blocks of {cfg.ptx_seq_len}" if ptx else ", no ptx"),
         "steps": f"{total_steps} iterations x {cfg.ppo_epochs} epochs x {math.ceil(B / cfg.mini_batch_size)} minibatches",
-        "resume": f"from {ckpt.name}" if ckpt else "no (fresh start)",
+        **model_rows(trained, cfg.lora.enabled, ckpt),
     })
     timings: dict[str, float] = {}
 

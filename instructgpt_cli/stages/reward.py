@@ -17,12 +17,12 @@ from ..config import ModelConfig, RMConfig
 from ..data import RankedGroup, pad_right, read_demos, read_rankings, tokenize_rankings, tokenize_scored
 from ..errors import BadInput
 from ..losses import ranking_loss
-from ..models import (REWARD_BIAS, apply_lora, context_window, count_parameters, find_model, load_model,
+from ..models import (REWARD_BIAS, apply_lora, context_window, find_model, load_model,
                       load_tokenizer, resolve_device, reward_scores, save_final)
 from ..rollout import score_sequences
 from ..rundir import check_stage, file_input, read_manifest
 from ..train import (Stage, banner, begin_stage, build_optimizer, build_scheduler, finish_stage, fit,
-                     micro_batches, restore, say, step_indices, steps_per_epoch, trainable_parameters)
+                     micro_batches, model_rows, restore, say, step_chunks, steps_per_epoch, trainable_parameters)
 
 STAGE = "rm"
 
@@ -138,21 +138,18 @@ def run(cfg: RMConfig, resume: bool = False, overwrite: bool = False) -> Path:
         inputs["demos"] = file_input(demos_file)
     begin_stage(stage, mode, cfg, inputs)
     step, _, ckpt = restore(stage, mode, model, optimizer, scheduler)
-    trainable, total = count_parameters(model)
     ks = sorted({len(g.sequences) for g in groups})
     banner("igpt train-rm", {
         "rankings": f"{cfg.rankings} ({len(train)} train, {len(val)} held-out prompts; K in {ks}; "
                     f"{sum(len(g.pairs) for g in train)} training comparisons; {truncated} responses cut)",
         "init": f"{init} on {device} ({next(model.parameters()).dtype}), scalar head",
-        "trainable": f"{trainable:,} of {total:,} parameters" + (" (LoRA)" if cfg.lora.enabled else ""),
         "steps": f"{total_steps} ({epoch_steps}/epoch), {per_step} prompts per step",
-        "resume": f"from {ckpt.name}" if ckpt else "no (fresh start)",
+        **model_rows(model, cfg.lora.enabled, ckpt),
     })
 
     # 4. train
     def one_step(i: int) -> dict:
-        ids = micro_batches(step_indices(len(train), i, per_step, cfg.seed), cfg.optim.batch_size)
-        record = train_step(model, optimizer, scheduler, [[train[j] for j in chunk] for chunk in ids],
+        record = train_step(model, optimizer, scheduler, step_chunks(train, i, per_step, cfg.optim.batch_size, cfg.seed),
                             tokenizer.pad_token_id, device, cfg.optim.grad_clip)
         return {"epoch": round((i + 1) / epoch_steps, 4), **record}
 

@@ -9,16 +9,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from ..config import SFTConfig
 from ..data import IGNORE_INDEX, Example, collate, read_demos, tokenize_demos
 from ..errors import BadInput
 from ..losses import sft_loss_sum
-from ..models import (apply_lora, context_window, count_parameters, load_causal_lm, load_tokenizer,
+from ..models import (apply_lora, context_window, load_causal_lm, load_tokenizer,
                       resolve_device, save_final)
 from ..rundir import check_stage, file_input
 from ..train import (Stage, banner, begin_stage, build_optimizer, build_scheduler, finish_stage, fit,
-                     micro_batches, restore, say, step_indices, steps_per_epoch, trainable_parameters)
+                     micro_batches, model_rows, restore, say, step_chunks, steps_per_epoch, trainable_parameters)
 
 STAGE = "sft"
 
@@ -33,6 +34,22 @@ def split(examples: list[Example], val_fraction: float, seed: int) -> tuple[list
     return [examples[i] for i in perm[n_val:]], [examples[i] for i in perm[:n_val]]
 
 
+def loss_sum(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed response-token loss and its token count for a collated batch.
+
+    The LM head (a vocabulary-wide matmul) runs only at positions that predict a response token, not
+    at prompt or padding positions; models that post-process logits (soft-capping) take the plain path.
+    """
+    if getattr(model.config, "final_logit_softcapping", None):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return sft_loss_sum(logits, batch["labels"])
+    targets = batch["labels"][:, 1:]
+    selected = targets != IGNORE_INDEX
+    hidden = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    logits = model.get_output_embeddings()(hidden[:, :-1][selected])
+    return F.cross_entropy(logits.float(), targets[selected], reduction="sum"), selected.sum()
+
+
 @torch.no_grad()
 def eval_loss(model, examples: list[Example], batch_size: int, pad_id: int, device: torch.device) -> float:
     """Mean response-token loss over ``examples``."""
@@ -40,9 +57,8 @@ def eval_loss(model, examples: list[Example], batch_size: int, pad_id: int, devi
     total, tokens = 0.0, 0
     for chunk in micro_batches(examples, batch_size):
         batch = {k: v.to(device) for k, v in collate(chunk, pad_id).items()}
-        loss_sum, n = sft_loss_sum(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
-                                   batch["labels"])
-        total, tokens = total + loss_sum.item(), tokens + int(n)
+        summed, n = loss_sum(model, batch)
+        total, tokens = total + summed.item(), tokens + int(n)
     model.train()
     return total / max(tokens, 1)
 
@@ -55,10 +71,9 @@ def train_step(model, optimizer, scheduler, chunks: list[list[Example]], pad_id:
     loss_total, tokens = 0.0, 0
     for chunk in chunks:
         batch = {k: v.to(device) for k, v in collate(chunk, pad_id).items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        loss_sum, _ = sft_loss_sum(logits, batch["labels"])
-        (loss_sum / max(n_targets, 1)).backward()
-        loss_total += loss_sum.item()
+        summed, _ = loss_sum(model, batch)
+        (summed / max(n_targets, 1)).backward()
+        loss_total += summed.item()
         tokens += int(batch["attention_mask"].sum())
     grad_norm = torch.nn.utils.clip_grad_norm_(trainable_parameters(model), grad_clip if grad_clip > 0 else float("inf"))
     optimizer.step()
@@ -97,19 +112,16 @@ def run(cfg: SFTConfig, resume: bool = False, overwrite: bool = False) -> Path:
     # 3. the stage directory and the resume point
     begin_stage(stage, mode, cfg, {"data": file_input(cfg.data), "model": str(source or cfg.model.name)})
     step, _, ckpt = restore(stage, mode, model, optimizer, scheduler)
-    trainable, total = count_parameters(model)
     banner("igpt sft", {
         "data": f"{cfg.data} ({len(train)} train, {len(val)} held out, {truncated} responses cut to fit)",
         "model": f"{cfg.model.name} on {device} ({next(model.parameters()).dtype})",
-        "trainable": f"{trainable:,} of {total:,} parameters" + (" (LoRA)" if cfg.lora.enabled else ""),
         "steps": f"{total_steps} ({epoch_steps}/epoch), effective batch {per_step}",
-        "resume": f"from {ckpt.name}" if ckpt else "no (fresh start)",
+        **model_rows(model, cfg.lora.enabled, ckpt),
     })
 
     # 4. train
     def one_step(i: int) -> dict:
-        ids = micro_batches(step_indices(len(train), i, per_step, cfg.seed), cfg.optim.batch_size)
-        record = train_step(model, optimizer, scheduler, [[train[j] for j in chunk] for chunk in ids],
+        record = train_step(model, optimizer, scheduler, step_chunks(train, i, per_step, cfg.optim.batch_size, cfg.seed),
                             tokenizer.pad_token_id, device, cfg.optim.grad_clip)
         return {"epoch": round((i + 1) / epoch_steps, 4), **record}
 

@@ -1,0 +1,343 @@
+"""igpt vs TRL, side by side, in one sitting: ``make bench`` (or ``bench/.venv-trl/bin/python bench/run.py``).
+
+Every measurement is a fresh worker process (``worker.py``) with its threads pinned; the igpt and TRL runs
+of a group alternate (the order rotates from one repeat to the next), so slow drifts of the machine hit
+both sides alike. Each run drops its warm-up steps; a repeat's throughput is its timed units over its
+timed seconds; the table gives the median over repeats, the spread (max - min over median), the peak RSS
+and the ratio igpt / TRL. Results: ``bench/results/*.json``; the table in ``bench/README.md`` is rewritten.
+
+    python bench/run.py                      # everything (~20 minutes on 2 cores)
+    python bench/run.py --only rm,sft_fixed  # some groups
+    python bench/run.py --repeats 1          # fewer repeats
+    python bench/run.py --smoke              # every group on the tiny model, 1 step, results to /tmp
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH))
+
+from common import summarise, write_json  # noqa: E402
+
+PY_MAIN = BENCH / ".venv-trl" / "bin" / "python"        # igpt, and TRL (current release): SFT, RM
+PY_TRL112 = BENCH / ".venv-trl112" / "bin" / "python"   # TRL 1.12.0: the last release with PPO
+
+# Identical settings on both sides (see trl_side.py for how each maps onto TRL's arguments).
+PPO_TINY = dict(task="ppo", shape="tiny", threads=1, rollout_batch=8, micro_batch=4, ppo_epochs=4,
+                response_length=32, temperature=1.0, kl_coef=0.02, warmup=2, steps=6)
+PPO_135M = dict(task="ppo", shape="135m", threads=2, rollout_batch=4, micro_batch=2, ppo_epochs=4,
+                response_length=16, temperature=1.0, kl_coef=0.02, warmup=1, steps=1)
+RM = dict(task="rm", shape="135m", threads=2, warmup=1, steps=2)
+SFT = dict(task="sft", shape="135m", threads=2, batch_size=4, warmup=1)
+
+# group id -> (variants: label -> (side, spec)), repeats
+GROUPS = {
+    "rm_k2": {"igpt": ("igpt", {**RM, "k": 2, "prompts_per_step": 4}),
+              "trl": ("trl", {**RM, "k": 2, "prompts_per_step": 4})},
+    "rm_k4": {"igpt": ("igpt", {**RM, "k": 4, "prompts_per_step": 2}),
+              "trl": ("trl", {**RM, "k": 4, "prompts_per_step": 2})},
+    "rm_k9": {"igpt": ("igpt", {**RM, "k": 9, "prompts_per_step": 1, "steps": 1}),
+              "trl": ("trl", {**RM, "k": 9, "prompts_per_step": 1, "steps": 1})},
+    "ppo_tiny": {"igpt": ("igpt", PPO_TINY), "trl": ("trl112", PPO_TINY)},
+    "ppo_135m": {"igpt": ("igpt", PPO_135M), "trl": ("trl112", PPO_135M),
+                 "igpt_lora": ("igpt", {**PPO_135M, "lora": True})},
+    "sft_fixed": {"igpt": ("igpt", {**SFT, "data": "fixed", "steps": 2}),
+                  "trl": ("trl", {**SFT, "data": "fixed", "steps": 2})},
+    "sft_demos": {"igpt": ("igpt", {**SFT, "data": "demos", "steps": 3}),
+                  "trl": ("trl", {**SFT, "data": "demos", "steps": 3})},
+}
+ORDER = ["ppo_tiny", "rm_k2", "rm_k4", "rm_k9", "sft_fixed", "sft_demos", "ppo_135m"]
+
+# Table rows: (label, group, metric, target, how the ratio is read)
+ROWS = [
+    ("RM K=2 comparisons/s (135M shape, 2 thr)", "rm_k2", "throughput", ">= 1.0x", 1.0),
+    ("RM K=4 comparisons/s (135M shape, 2 thr)", "rm_k4", "throughput", ">= 2.7x", 2.7),
+    ("RM K=9 comparisons/s (135M shape, 2 thr)", "rm_k9", "throughput", ">= 7x", 7.0),
+    ("PPO episodes/s, tiny, 1 thr, 4 PPO epochs", "ppo_tiny", "throughput", ">= 4x", 4.0),
+    ("PPO episodes/s, 135M shape, 2 thr, full FT, 4 PPO epochs", "ppo_135m", "throughput", ">= 1.0x", 1.0),
+    ("PPO s/update: igpt LoRA defaults vs TRL full FT (135M, 2 thr)", "ppo_135m", "lora_speed", ">= 2x fewer s", 2.0),
+    ("PPO peak RSS: igpt LoRA defaults vs TRL full FT (135M)", "ppo_135m", "lora_rss", "<= 50%", 0.5),
+    ("SFT tokens/s, 135M shape, fixed lengths (4 x 128)", "sft_fixed", "throughput", ">= 1.0x", 1.0),
+    ("SFT tokens/s, 135M shape, data/demos.jsonl (batch 4)", "sft_demos", "throughput", ">= 1.3x", 1.3),
+    ("SFT training MFU, fixed lengths (igpt; TRL for reference)", "sft_fixed", "mfu", ">= 50% of peak", 0.5),
+    ("SFT training MFU, data/demos.jsonl (igpt; TRL for reference)", "sft_demos", "mfu", ">= 50% of peak", 0.5),
+]
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def python_for(side: str) -> Path:
+    return PY_TRL112 if side == "trl112" else PY_MAIN
+
+
+def run_worker(side: str, spec: dict, scratch: Path, tag: str, timeout: int = 1800) -> dict:
+    spec = {**spec, "side": "trl" if side == "trl112" else side}
+    spec_path, out_path = scratch / f"{tag}.spec.json", scratch / f"{tag}.out.json"
+    log_path = scratch / f"{tag}.log"
+    write_json(spec_path, spec)
+    threads = str(spec.get("threads", 1))
+    env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "OPENBLAS_NUM_THREADS": threads,
+           "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+    t0 = time.perf_counter()
+    with open(log_path, "w") as fh:
+        try:
+            proc = subprocess.run([str(python_for(side)), str(BENCH / "worker.py"), str(spec_path), str(out_path)],
+                                  stdout=fh, stderr=subprocess.STDOUT, env=env, timeout=timeout, cwd=BENCH.parent)
+            rc = proc.returncode
+        except subprocess.TimeoutExpired:
+            rc = "timeout"
+    wall = time.perf_counter() - t0
+    if out_path.exists():
+        result = json.loads(out_path.read_text())
+    else:
+        tail = log_path.read_text()[-3000:] if log_path.exists() else ""
+        result = {"error": f"worker exited with {rc} and wrote no result", "log_tail": tail}
+    result["wall_s"] = wall
+    return result
+
+
+def throughput(result: dict) -> float | None:
+    if "error" in result or not result.get("step_seconds"):
+        return None
+    return sum(result["units_per_step"]) / sum(result["step_seconds"])
+
+
+def flops_rate(result: dict) -> float | None:
+    if "error" in result or not result.get("flops_per_step"):
+        return None
+    return sum(result["flops_per_step"]) / sum(result["step_seconds"])
+
+
+def run_group(gid: str, variants: dict, repeats: int, scratch: Path, overrides: dict) -> dict:
+    labels = list(variants)
+    runs: dict[str, list[dict]] = {label: [] for label in labels}
+    for r in range(repeats):
+        order = labels[r % len(labels):] + labels[:r % len(labels)]  # rotate: no side always goes first
+        for label in order:
+            side, spec = variants[label]
+            spec = {**spec, **overrides}
+            log(f"{gid} repeat {r + 1}/{repeats}: {label} ({side})")
+            res = run_worker(side, spec, scratch, f"{gid}-{label}-r{r + 1}")
+            runs[label].append(res)
+            if "error" in res:
+                log(f"  error: {res['error'][:300]}")
+            else:
+                tp = throughput(res)
+                log(f"  {tp:.3f} units/s, {sum(res['step_seconds']) / len(res['step_seconds']):.2f} s/step, "
+                    f"peak RSS {res.get('peak_rss_mb', 0):.0f} MiB, process {res['wall_s']:.0f} s")
+    out = {"group": gid, "repeats": repeats, "variants": {}}
+    for label in labels:
+        side, spec = variants[label]
+        rs = runs[label]
+        errors = [x["error"] for x in rs if "error" in x]
+        out["variants"][label] = {
+            "side": side, "spec": {**spec, **overrides},
+            "throughput": summarise([throughput(x) for x in rs]),
+            "seconds_per_step": summarise([sum(x["step_seconds"]) / len(x["step_seconds"]) for x in rs
+                                           if "error" not in x and x.get("step_seconds")]),
+            "flops_per_s": summarise([flops_rate(x) for x in rs]),
+            "peak_rss_mb": summarise([x.get("peak_rss_mb") for x in rs if "error" not in x]),
+            "errors": errors,
+            "runs": rs,
+        }
+    return out
+
+
+def machine(calibration: dict) -> dict:
+    model = "unknown"
+    flags = set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and model == "unknown":
+                model = line.split(":", 1)[1].strip()
+            if line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    mem = ""
+    try:
+        mem = Path("/proc/meminfo").read_text().splitlines()[0].split(":")[1].strip()
+    except OSError:
+        pass
+    versions = {}
+    for name, py in (("main", PY_MAIN), ("trl112", PY_TRL112)):
+        try:
+            versions[name] = json.loads(subprocess.run(
+                [str(py), "-c", "import json, torch, transformers, trl, peft; print(json.dumps({'torch': "
+                 "torch.__version__, 'transformers': transformers.__version__, 'trl': trl.__version__, "
+                 "'peft': peft.__version__}))"], capture_output=True, text=True, timeout=300).stdout.strip())
+        except Exception as e:  # noqa: BLE001
+            versions[name] = {"error": str(e)}
+    return {"cpu": model, "cores": os.cpu_count(), "memory": mem, "platform": platform.platform(),
+            "python": platform.python_version(), "isa": sorted(flags & {"avx2", "avx512f", "avx512_bf16",
+                                                                        "amx_tile", "fma"}),
+            "versions": versions, "calibration": calibration}
+
+
+def ratio(a, b):
+    return a / b if a is not None and b not in (None, 0) else None
+
+
+def table_rows(groups: dict, calib: dict) -> list[dict]:
+    rows = []
+    for label, gid, metric, target, bound in ROWS:
+        g = groups.get(gid)
+        if g is None:
+            continue
+        v = g["variants"]
+        igpt, trl = v["igpt"], v["trl"]
+        threads = igpt["spec"]["threads"]
+        peak = calib.get(str(threads), {}).get("peak_gflops")
+        row = {"figure": label, "group": gid, "metric": metric, "target": target}
+        if metric == "throughput":
+            a, b = igpt["throughput"], trl["throughput"]
+            row.update(igpt=a["median"], trl=b["median"], igpt_spread_pct=a["spread_pct"],
+                       trl_spread_pct=b["spread_pct"], ratio=ratio(a["median"], b["median"]))
+            row["met"] = row["ratio"] is not None and row["ratio"] >= bound
+        elif metric == "lora_speed":
+            lo = v.get("igpt_lora")
+            a, b = lo["seconds_per_step"], trl["seconds_per_step"]
+            row.update(igpt=a["median"], trl=b["median"], igpt_spread_pct=a["spread_pct"],
+                       trl_spread_pct=b["spread_pct"], ratio=ratio(b["median"], a["median"]))
+            row["met"] = row["ratio"] is not None and row["ratio"] >= bound
+            row["unit"] = "s/update; ratio = TRL / igpt"
+        elif metric == "lora_rss":
+            lo = v.get("igpt_lora")
+            a, b = lo["peak_rss_mb"], trl["peak_rss_mb"]
+            row.update(igpt=a["median"], trl=b["median"], igpt_spread_pct=a["spread_pct"],
+                       trl_spread_pct=b["spread_pct"], ratio=ratio(a["median"], b["median"]))
+            row["met"] = row["ratio"] is not None and row["ratio"] <= bound
+            row["unit"] = "MiB; ratio = igpt / TRL"
+        elif metric == "mfu":
+            a, b = igpt["flops_per_s"], trl["flops_per_s"]
+            mi = a["median"] / 1e9 / peak if a["median"] and peak else None
+            mt = b["median"] / 1e9 / peak if b["median"] and peak else None
+            row.update(igpt=mi, trl=mt, ratio=ratio(mi, mt), peak_gflops=peak,
+                       igpt_gflops=a["median"] / 1e9 if a["median"] else None,
+                       trl_gflops=b["median"] / 1e9 if b["median"] else None)
+            row["met"] = mi is not None and mi >= bound
+            row["unit"] = "fraction of calibrated peak"
+        row["errors"] = {"igpt": igpt["errors"], "trl": trl["errors"]}
+        rows.append(row)
+    return rows
+
+
+def fmt(x, metric: str) -> str:
+    if x is None:
+        return "error"
+    if metric == "mfu":
+        return f"{100 * x:.0f}%"
+    if metric == "lora_rss":
+        return f"{x:.0f} MiB"
+    if metric == "lora_speed":
+        return f"{x:.1f} s"
+    return f"{x:.3g}" if x < 100 else f"{x:.0f}"
+
+
+def markdown(rows: list[dict], mach: dict, started: str, minutes: float) -> str:
+    cal = mach["calibration"]
+    lines = [f"Measured {started} on **{mach['cpu']}**, {mach['cores']} cores, {mach['memory']} RAM "
+             f"({mach['platform']}); torch {mach['versions'].get('main', {}).get('torch')}, transformers "
+             f"{mach['versions'].get('main', {}).get('transformers')}, TRL {mach['versions'].get('main', {}).get('trl')} "
+             f"(SFT, RM) and {mach['versions'].get('trl112', {}).get('trl')} (PPO), peft "
+             f"{mach['versions'].get('main', {}).get('peft')}. Calibrated fp32 matmul peak: "
+             + ", ".join(f"**{v.get('peak_gflops', float('nan')):.0f} GFLOP/s** at {k} thread{'s' if k != '1' else ''}"
+                         for k, v in sorted(cal.items())) + f". The run took {minutes:.0f} minutes.", "",
+             "| figure | igpt | TRL | igpt / TRL | target | met? |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        spread = lambda s: f" (±{s / 2:.0f}%)" if s else ""  # noqa: E731
+        a = fmt(r["igpt"], r["metric"]) + (spread(r.get("igpt_spread_pct")) if r["igpt"] is not None else "")
+        b = fmt(r["trl"], r["metric"]) + (spread(r.get("trl_spread_pct")) if r["trl"] is not None else "")
+        if r["metric"] == "lora_speed":
+            q = f"{r['ratio']:.2f}x fewer s" if r["ratio"] else "–"
+        elif r["metric"] == "lora_rss":
+            q = f"{100 * r['ratio']:.0f}%" if r["ratio"] else "–"
+        else:
+            q = f"{r['ratio']:.2f}x" if r["ratio"] else "–"
+        met = "n/a" if r["ratio"] is None and r["igpt"] is None else ("yes" if r["met"] else "**no**")
+        lines.append(f"| {r['figure']} | {a} | {b} | {q} | {r['target']} | {met} |")
+    errs = [(r["figure"], side, e) for r in rows for side, es in r["errors"].items() for e in es]
+    if errs:
+        lines += ["", "Errors (recorded instead of a number):"]
+        for fig, side, e in errs:
+            lines.append(f"- {fig} — {side}: `{e.splitlines()[0][:300]}`")
+    return "\n".join(lines) + "\n"
+
+
+def update_readme(text: str) -> None:
+    readme = BENCH / "README.md"
+    start, end = "<!-- results:start -->", "<!-- results:end -->"
+    body = readme.read_text() if readme.exists() else f"# Benchmarks\n\n{start}\n{end}\n"
+    if start not in body:
+        body += f"\n{start}\n{end}\n"
+    head, rest = body.split(start, 1)
+    _, tail = rest.split(end, 1)
+    readme.write_text(f"{head}{start}\n{text}{end}{tail}")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", default="", help="comma-separated groups: " + ", ".join(ORDER))
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--smoke", action="store_true", help="tiny model, 1 step, 1 repeat; results to /tmp")
+    ap.add_argument("--results", default=str(BENCH / "results"))
+    ap.add_argument("--no-readme", action="store_true")
+    args = ap.parse_args()
+    for py in (PY_MAIN, PY_TRL112):
+        if not py.exists():
+            print(f"missing {py}: run `make bench` (it creates the bench environments) or bench/setup.sh")
+            return 2
+    results = Path("/tmp/igpt-bench-smoke-results") if args.smoke else Path(args.results)
+    results.mkdir(parents=True, exist_ok=True)
+    scratch = Path(os.environ.get("IGPT_BENCH_WORK", "/tmp/igpt-bench")) / "runs"
+    scratch.mkdir(parents=True, exist_ok=True)
+    started = time.strftime("%Y-%m-%d %H:%M %Z")
+    t_start = time.perf_counter()
+    groups_to_run = [g for g in ORDER if not args.only or g in args.only.split(",")]
+    repeats = 1 if args.smoke else args.repeats
+    overrides = {"shape": "tiny", "threads": 1, "warmup": 1, "steps": 1} if args.smoke else {}
+
+    log("setup: random models and synthetic data (reused when present)")
+    prep = run_worker("setup", {"task": "prepare", "threads": 2}, scratch, "prepare")
+    if "error" in prep:
+        print(prep.get("traceback", prep["error"]))
+        return 1
+    calib = {}
+    for threads in (1, 2):
+        log(f"calibration: fp32 matmul at {threads} thread(s)")
+        c = run_worker("setup", {"task": "calibrate", "threads": threads}, scratch, f"calibrate-{threads}")
+        calib[str(threads)] = c
+        log(f"  peak {c.get('peak_gflops', float('nan')):.1f} GFLOP/s")
+    mach = machine(calib)
+    write_json(results / "machine.json", mach)
+
+    groups = {}
+    for gid in groups_to_run:
+        groups[gid] = run_group(gid, GROUPS[gid], repeats, scratch, overrides)
+        write_json(results / f"{gid}.json", groups[gid])
+    # groups measured in an earlier sitting are not mixed into this table
+    rows = table_rows(groups, calib)
+    minutes = (time.perf_counter() - t_start) / 60
+    summary = {"started": started, "minutes": minutes, "repeats": repeats, "smoke": args.smoke, "machine": mach,
+               "rows": rows}
+    write_json(results / "summary.json", summary)
+    md = markdown(rows, mach, started, minutes)
+    print(md)
+    if not args.smoke and not args.no_readme and not args.only:
+        update_readme(md)
+    log(f"done in {minutes:.1f} min; results in {results}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
