@@ -10,7 +10,7 @@ import time
 from common import DATA, MODELS, base_tokenizer, exact_text, llama_config, model_dir, word_pool, write_json
 
 # Exact token lengths of the synthetic data (prompt lengths include the chat template).
-RM_PROMPT, RM_RESPONSE = 16, 16          # each ranked sequence: 32 tokens
+RM_PROMPT, RM_RESPONSE = 12, 12          # each ranked sequence: 24 tokens
 SFT_PROMPT, SFT_RESPONSE = 32, 96        # each demonstration: 128 tokens
 PPO_PROMPT = 16                          # each query: 16 tokens
 RM_KS = (2, 4, 9)

@@ -38,7 +38,7 @@ from ..train import (Stage, banner, begin_stage, build_optimizer, build_schedule
 STAGE = "ppo"
 
 
-class Scored(torch.nn.Module):
+class PolicyAndValue(torch.nn.Module):
     """Policy and value trained together: one optimizer, one checkpoint (their parameters side by side)."""
 
     def __init__(self, policy: torch.nn.Module, value: torch.nn.Module):
@@ -76,7 +76,7 @@ def score_rollout(models: dict, ro: Rollout, cfg: PPOConfig, beta: float, batch:
             "returns": returns}
 
 
-def ppo_update(models: dict, trained: Scored, optimizer, scheduler, ro: Rollout, sc: dict, cfg: PPOConfig,
+def ppo_update(models: dict, trained: PolicyAndValue, optimizer, scheduler, ro: Rollout, sc: dict, cfg: PPOConfig,
                ptx: list[list[int]], step: int, pad_id: int) -> tuple[dict, float]:
     """PPO epochs over shuffled minibatches; each optimizer step adds the ptx term. Returns stats and
     the seconds spent on ptx."""
@@ -189,7 +189,7 @@ def run(cfg: PPOConfig, resume: bool = False, overwrite: bool = False) -> Path:
     # 2. models, optimizer, schedule
     torch.manual_seed(cfg.seed)  # sampling; a resumed run restores the RNG state of its checkpoint
     models = load_models(cfg, tokenizer, sft_path, rm_path, device)
-    trained = Scored(models["policy"], models["value"])
+    trained = PolicyAndValue(models["policy"], models["value"])
     B = cfg.rollout_batch_size
     if cfg.max_steps > 0:
         total_steps = cfg.max_steps
