@@ -267,7 +267,7 @@ def reward_scores(model: Any, input_ids: torch.Tensor, attention_mask: torch.Ten
     applies before RL is stored as ``config.igpt_reward_bias`` and added here.
     """
     logits = model(input_ids=input_ids, attention_mask=attention_mask,
-                   position_ids=position_ids(attention_mask)).logits[:, 0]
+                   position_ids=position_ids(attention_mask), use_cache=False).logits[:, 0]
     return logits + getattr(model.config, REWARD_BIAS, 0.0)
 
 
@@ -284,6 +284,19 @@ def scalar_head(model: Any) -> torch.nn.Module:
         if name.split(".")[-1] in ("score", "classifier"):
             return module
     raise ValueError(f"{type(model).__name__} has no scalar head named score or classifier")
+
+
+# Model families whose transformers attention builds its mask with ``create_causal_mask``, which reads
+# positions that restart at 0 (and no attention mask) as packed sequences and masks block-diagonally.
+PACKED_ATTENTION = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "olmo", "olmo2",
+                    "granite", "smollm3"}
+
+
+def supports_packing(model: Any) -> bool:
+    """Whether sequences packed end to end in one row attend only within themselves in ``model``."""
+    config = model.config
+    return config.model_type in PACKED_ATTENTION and getattr(config, "_attn_implementation", "sdpa") in (
+        "sdpa", "eager", "flash_attention_2", "flex_attention")
 
 
 def context_window(cfg: ModelConfig, model: Any) -> int:

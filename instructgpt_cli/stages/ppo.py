@@ -33,7 +33,7 @@ from ..rollout import (Rollout, build_rollout, decode_response, generate, last_t
                        token_values)
 from ..rundir import check_stage, file_input
 from ..train import (Stage, banner, begin_stage, build_optimizer, build_scheduler, finish_stage, fit, model_rows,
-                     restore, say, step_indices)
+                     optimizer_step, restore, say, step_indices)
 
 STAGE = "ppo"
 
@@ -110,19 +110,13 @@ def ppo_update(models: dict, trained: PolicyAndValue, optimizer, scheduler, ro: 
                 t0 = time.perf_counter()
                 opt_step = (step * cfg.ppo_epochs + epoch) * n_minibatches + mb_i
                 blocks = [ptx[i] for i in step_indices(len(ptx), opt_step, cfg.ptx_batch_size, cfg.seed)]
-                ids, mask = pad_right(blocks, pad_id)
-                device = ro.query_response.device
-                loss = ptx_loss(policy(input_ids=ids.to(device), attention_mask=mask.to(device)).logits, ids.to(device),
-                                mask.to(device))
+                ids, mask = (x.to(ro.query_response.device) for x in pad_right(blocks, pad_id))
+                loss = ptx_loss(policy(input_ids=ids, attention_mask=mask, use_cache=False).logits, ids, mask)
                 (cfg.ptx_coef * loss).backward()
                 stats.setdefault("loss/ptx", []).append(loss.item())
                 ptx_seconds += time.perf_counter() - t0
-            grad_norm = torch.nn.utils.clip_grad_norm_([p for p in trained.parameters() if p.requires_grad],
-                                                       cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf"))
-            stats.setdefault("train/grad_norm", []).append(float(grad_norm))
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            stats.setdefault("train/grad_norm", []).append(optimizer_step(trained, optimizer, scheduler,
+                                                                          cfg.optim.grad_clip))
     # per-minibatch sums of token-weighted micro values -> means over minibatches
     n_mb = cfg.ppo_epochs * n_minibatches
     out = {k: sum(v) / (1 if k.endswith("_first") else n_mb) for k, v in stats.items()
@@ -227,7 +221,7 @@ def run(cfg: PPOConfig, resume: bool = False, overwrite: bool = False) -> Path:
         ro = Rollout(*(x.to(device) if torch.is_tensor(x) else x for x in
                        build_rollout(batch_queries, responses, tokenizer.pad_token_id, tokenizer.eos_token_id)))
         t1 = time.perf_counter()
-        sc = score_rollout(models, ro, cfg, state["beta"], cfg.optim.batch_size)
+        sc = score_rollout(models, ro, cfg, state["beta"], 2 * cfg.optim.batch_size)  # no grad: twice the micro-batch
         t2 = time.perf_counter()
         stats, ptx_s = ppo_update(models, trained, optimizer, scheduler, ro, sc, cfg, ptx, i, tokenizer.pad_token_id)
         t3 = time.perf_counter()

@@ -22,7 +22,7 @@ from ..models import (REWARD_BIAS, apply_lora, context_window, find_model, load_
 from ..rollout import score_sequences
 from ..rundir import check_stage, file_input, read_manifest
 from ..train import (Stage, banner, begin_stage, build_optimizer, build_scheduler, finish_stage, fit,
-                     micro_batches, model_rows, restore, say, step_chunks, steps_per_epoch, trainable_parameters)
+                     micro_batches, model_rows, optimizer_step, restore, say, step_chunks, steps_per_epoch)
 
 STAGE = "rm"
 
@@ -57,12 +57,9 @@ def train_step(model, optimizer, scheduler, chunks: list[list[RankedGroup]], pad
         correct_total += correct.sum().item()
         pairs += correct.numel()
         tokens += n_tokens
-    grad_norm = torch.nn.utils.clip_grad_norm_(trainable_parameters(model), grad_clip if grad_clip > 0 else float("inf"))
-    optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
+    grad_norm = optimizer_step(model, optimizer, scheduler, grad_clip)
     return {"train/loss": loss_total / n_prompts, "train/accuracy": correct_total / max(pairs, 1),
-            "train/grad_norm": float(grad_norm), "train/tokens": tokens, "train/comparisons": pairs}
+            "train/grad_norm": grad_norm, "train/tokens": tokens, "train/comparisons": pairs}
 
 
 @torch.no_grad()

@@ -12,14 +12,14 @@ import torch
 import torch.nn.functional as F
 
 from ..config import SFTConfig
-from ..data import IGNORE_INDEX, Example, collate, read_demos, tokenize_demos
+from ..data import IGNORE_INDEX, Example, collate, collate_packed, read_demos, tokenize_demos
 from ..errors import BadInput
 from ..losses import sft_loss_sum
 from ..models import (apply_lora, context_window, load_causal_lm, load_tokenizer,
-                      resolve_device, save_final)
+                      resolve_device, save_final, supports_packing)
 from ..rundir import check_stage, file_input
 from ..train import (Stage, banner, begin_stage, build_optimizer, build_scheduler, finish_stage, fit,
-                     micro_batches, model_rows, restore, say, step_chunks, steps_per_epoch, trainable_parameters)
+                     micro_batches, model_rows, optimizer_step, restore, say, step_chunks, steps_per_epoch)
 
 STAGE = "sft"
 
@@ -34,52 +34,54 @@ def split(examples: list[Example], val_fraction: float, seed: int) -> tuple[list
     return [examples[i] for i in perm[n_val:]], [examples[i] for i in perm[:n_val]]
 
 
+def make_batch(chunk: list[Example], pad_id: int, packed: bool, device: torch.device) -> dict:
+    """A micro-batch on ``device``: one packed row (no padding) or right-padded rows."""
+    batch = collate_packed(chunk) if packed else collate(chunk, pad_id)
+    return {k: v.to(device) for k, v in batch.items()}
+
+
 def loss_sum(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed response-token loss and its token count for a collated batch.
+    """Summed response-token loss and its token count for a collated (padded or packed) batch.
 
     The LM head (a vocabulary-wide matmul) runs only at positions that predict a response token, not
     at prompt or padding positions; models that post-process logits (soft-capping) take the plain path.
     """
+    # no KV cache in training (transformers would build one, and a cache also turns packing detection off)
+    inputs = {**{k: v for k, v in batch.items() if k != "labels"}, "use_cache": False}
     if getattr(model.config, "final_logit_softcapping", None):
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        return sft_loss_sum(logits, batch["labels"])
+        return sft_loss_sum(model(**inputs).logits, batch["labels"])
     targets = batch["labels"][:, 1:]
     selected = targets != IGNORE_INDEX
-    hidden = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    hidden = model.get_decoder()(**inputs).last_hidden_state
     logits = model.get_output_embeddings()(hidden[:, :-1][selected])
     return F.cross_entropy(logits.float(), targets[selected], reduction="sum"), selected.sum()
 
 
 @torch.no_grad()
-def eval_loss(model, examples: list[Example], batch_size: int, pad_id: int, device: torch.device) -> float:
+def eval_loss(model, examples: list[Example], batch_size: int, pad_id: int, packed: bool, device: torch.device) -> float:
     """Mean response-token loss over ``examples``."""
     model.eval()
     total, tokens = 0.0, 0
     for chunk in micro_batches(examples, batch_size):
-        batch = {k: v.to(device) for k, v in collate(chunk, pad_id).items()}
-        summed, n = loss_sum(model, batch)
+        summed, n = loss_sum(model, make_batch(chunk, pad_id, packed, device))
         total, tokens = total + summed.item(), tokens + int(n)
     model.train()
     return total / max(tokens, 1)
 
 
-def train_step(model, optimizer, scheduler, chunks: list[list[Example]], pad_id: int, device: torch.device,
-               grad_clip: float) -> dict:
+def train_step(model, optimizer, scheduler, chunks: list[list[Example]], pad_id: int, packed: bool,
+               device: torch.device, grad_clip: float) -> dict:
     """One optimizer step over micro-batches ``chunks``; the loss is normalised by the response tokens
     of all of them. Returns the step's metrics."""
     n_targets = sum(sum(1 for t in e.labels[1:] if t != IGNORE_INDEX) for chunk in chunks for e in chunk)
     loss_total, tokens = 0.0, 0
     for chunk in chunks:
-        batch = {k: v.to(device) for k, v in collate(chunk, pad_id).items()}
-        summed, _ = loss_sum(model, batch)
+        summed, _ = loss_sum(model, make_batch(chunk, pad_id, packed, device))
         (summed / max(n_targets, 1)).backward()
         loss_total += summed.item()
-        tokens += int(batch["attention_mask"].sum())
-    grad_norm = torch.nn.utils.clip_grad_norm_(trainable_parameters(model), grad_clip if grad_clip > 0 else float("inf"))
-    optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    return {"train/loss": loss_total / max(n_targets, 1), "train/grad_norm": float(grad_norm), "train/tokens": tokens}
+        tokens += sum(len(e.input_ids) for e in chunk)
+    grad_norm = optimizer_step(model, optimizer, scheduler, grad_clip)
+    return {"train/loss": loss_total / max(n_targets, 1), "train/grad_norm": grad_norm, "train/tokens": tokens}
 
 
 def run(cfg: SFTConfig, resume: bool = False, overwrite: bool = False) -> Path:
@@ -103,6 +105,7 @@ def run(cfg: SFTConfig, resume: bool = False, overwrite: bool = False) -> Path:
     if cfg.lora.enabled:
         model = apply_lora(model, cfg.lora)
     model.train()
+    packed = cfg.padding_free and supports_packing(model)
     per_step = cfg.optim.batch_size * cfg.optim.grad_accum
     epoch_steps = steps_per_epoch(len(train), per_step)
     total_steps = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * epoch_steps
@@ -115,18 +118,19 @@ def run(cfg: SFTConfig, resume: bool = False, overwrite: bool = False) -> Path:
     banner("igpt sft", {
         "data": f"{cfg.data} ({len(train)} train, {len(val)} held out, {truncated} responses cut to fit)",
         "model": f"{cfg.model.name} on {device} ({next(model.parameters()).dtype})",
-        "steps": f"{total_steps} ({epoch_steps}/epoch), effective batch {per_step}",
+        "steps": f"{total_steps} ({epoch_steps}/epoch), effective batch {per_step}"
+                 + (", padding-free" if packed else ", padded"),
         **model_rows(model, cfg.lora.enabled, ckpt),
     })
 
     # 4. train
     def one_step(i: int) -> dict:
         record = train_step(model, optimizer, scheduler, step_chunks(train, i, per_step, cfg.optim.batch_size, cfg.seed),
-                            tokenizer.pad_token_id, device, cfg.optim.grad_clip)
+                            tokenizer.pad_token_id, packed, device, cfg.optim.grad_clip)
         return {"epoch": round((i + 1) / epoch_steps, 4), **record}
 
     def evaluate() -> dict:
-        return {"eval/loss": eval_loss(model, val, cfg.optim.batch_size, tokenizer.pad_token_id, device)}
+        return {"eval/loss": eval_loss(model, val, cfg.optim.batch_size, tokenizer.pad_token_id, packed, device)}
 
     step = fit(stage, model, optimizer, scheduler, step, total_steps, one_step, evaluate if val else None,
                cfg.eval_every, cfg.save_every, cfg.keep_checkpoints)
