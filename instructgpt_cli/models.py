@@ -271,6 +271,32 @@ def reward_scores(model: Any, input_ids: torch.Tensor, attention_mask: torch.Ten
     return logits + getattr(model.config, REWARD_BIAS, 0.0)
 
 
+def scalar_head_outputs(model: Any, **inputs: torch.Tensor) -> torch.Tensor:
+    """The scalar head of a reward/value model at every position (B, L), normalisation bias added.
+
+    Read with a hook on the head, since a sequence classifier returns only the pooled score.
+    """
+    captured: list[torch.Tensor] = []
+    hook = scalar_head(model).register_forward_hook(lambda _m, _i, out: captured.append(out))
+    try:
+        model(**inputs, use_cache=False)
+    finally:
+        hook.remove()
+    return captured[-1][..., 0].float() + getattr(model.config, REWARD_BIAS, 0.0)
+
+
+def packed_reward_scores(model: Any, seqs: list[list[int]], device: torch.device) -> torch.Tensor:
+    """Normalised rewards (N,) of token sequences packed end to end in one row (no padding), read at
+    each one's last token; positions restart per sequence, so each attends only to itself."""
+    ids, positions, ends = [], [], []
+    for s in seqs:
+        ids += s
+        positions += range(len(s))
+        ends.append(len(ids) - 1)
+    row = lambda xs: torch.tensor([xs], dtype=torch.long, device=device)  # noqa: E731
+    return scalar_head_outputs(model, input_ids=row(ids), position_ids=row(positions))[0, ends]
+
+
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions that skip padding (B, T): under left padding the first real token is position 0, as
     transformers' generate assigns them, so scoring sees what generation saw."""

@@ -93,15 +93,9 @@ def response_logprobs(model: Any, query_response: torch.Tensor, mask: torch.Tens
 
 def head_outputs(model: Any, query_response: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """The scalar head of a reward/value model at every position (B, L), normalisation bias added."""
-    from .models import REWARD_BIAS, position_ids, scalar_head
+    from .models import position_ids, scalar_head_outputs
 
-    captured: list[torch.Tensor] = []
-    hook = scalar_head(model).register_forward_hook(lambda _m, _i, out: captured.append(out))
-    try:
-        model(input_ids=query_response, attention_mask=mask, position_ids=position_ids(mask), use_cache=False)
-    finally:
-        hook.remove()
-    return captured[-1][..., 0].float() + getattr(model.config, REWARD_BIAS, 0.0)
+    return scalar_head_outputs(model, input_ids=query_response, attention_mask=mask, position_ids=position_ids(mask))
 
 
 def token_values(model: Any, query_response: torch.Tensor, mask: torch.Tensor, context_len: int) -> torch.Tensor:

@@ -17,8 +17,8 @@ from ..config import ModelConfig, RMConfig
 from ..data import RankedGroup, pad_right, read_demos, read_rankings, tokenize_rankings, tokenize_scored
 from ..errors import BadInput
 from ..losses import ranking_loss
-from ..models import (REWARD_BIAS, apply_lora, context_window, find_model, load_model,
-                      load_tokenizer, resolve_device, reward_scores, save_final)
+from ..models import (REWARD_BIAS, apply_lora, context_window, find_model, load_model, load_tokenizer,
+                      packed_reward_scores, resolve_device, reward_scores, save_final, supports_packing)
 from ..rollout import score_sequences
 from ..rundir import check_stage, file_input, read_manifest
 from ..train import (Stage, banner, begin_stage, build_optimizer, build_scheduler, finish_stage, fit,
@@ -27,12 +27,16 @@ from ..train import (Stage, banner, begin_stage, build_optimizer, build_schedule
 STAGE = "rm"
 
 
-def rank_forward(model, groups: list[RankedGroup], pad_id: int, device: torch.device):
-    """Score every response of ``groups`` in one forward pass; returns (per-prompt losses, per-pair
-    correctness, tokens). One ranking of K responses costs exactly K sequence forwards."""
+def rank_forward(model, groups: list[RankedGroup], pad_id: int, device: torch.device, packed: bool = False):
+    """Score every response of ``groups`` in one forward pass (``packed``: end to end in one row, no
+    padding); returns (per-prompt losses, per-pair correctness, tokens). One ranking of K responses costs
+    exactly K sequence forwards."""
     seqs = [s for g in groups for s in g.sequences]
-    ids, mask = pad_right(seqs, pad_id)
-    rewards = reward_scores(model, ids.to(device), mask.to(device))
+    if packed:
+        rewards = packed_reward_scores(model, seqs, device)
+    else:
+        ids, mask = pad_right(seqs, pad_id)
+        rewards = reward_scores(model, ids.to(device), mask.to(device))
     better, worse, group, offset = [], [], [], 0
     for gi, g in enumerate(groups):
         for b, w in g.pairs:
@@ -42,16 +46,16 @@ def rank_forward(model, groups: list[RankedGroup], pad_id: int, device: torch.de
         offset += len(g.sequences)
     as_index = lambda xs: torch.tensor(xs, dtype=torch.long, device=device)  # noqa: E731
     losses, correct = ranking_loss(rewards, as_index(better), as_index(worse), as_index(group), len(groups))
-    return losses, correct, int(mask.sum())
+    return losses, correct, sum(len(q) for q in seqs)
 
 
-def train_step(model, optimizer, scheduler, chunks: list[list[RankedGroup]], pad_id: int, device: torch.device,
-               grad_clip: float) -> dict:
+def train_step(model, optimizer, scheduler, chunks: list[list[RankedGroup]], pad_id: int, packed: bool,
+               device: torch.device, grad_clip: float) -> dict:
     """One optimizer step over micro-batches of prompts; the loss is the mean over all prompts of the step."""
     n_prompts = sum(len(c) for c in chunks)
     loss_total, correct_total, pairs, tokens = 0.0, 0.0, 0, 0
     for chunk in chunks:
-        losses, correct, n_tokens = rank_forward(model, chunk, pad_id, device)
+        losses, correct, n_tokens = rank_forward(model, chunk, pad_id, device, packed)
         (losses.sum() / n_prompts).backward()
         loss_total += losses.sum().item()
         correct_total += correct.sum().item()
@@ -63,12 +67,12 @@ def train_step(model, optimizer, scheduler, chunks: list[list[RankedGroup]], pad
 
 
 @torch.no_grad()
-def evaluate(model, groups: list[RankedGroup], batch_size: int, pad_id: int, device: torch.device) -> dict:
+def evaluate(model, groups: list[RankedGroup], batch_size: int, pad_id: int, packed: bool, device: torch.device) -> dict:
     """Held-out K-wise loss (mean per prompt) and pairwise accuracy (over all pairs)."""
     model.eval()
     loss_total, correct_total, pairs = 0.0, 0.0, 0
     for chunk in micro_batches(groups, batch_size):
-        losses, correct, _ = rank_forward(model, chunk, pad_id, device)
+        losses, correct, _ = rank_forward(model, chunk, pad_id, device, packed)
         loss_total += losses.sum().item()
         correct_total += correct.sum().item()
         pairs += correct.numel()
@@ -123,6 +127,7 @@ def run(cfg: RMConfig, resume: bool = False, overwrite: bool = False) -> Path:
     if cfg.lora.enabled:
         model = apply_lora(model, cfg.lora, task_type="SEQ_CLS")  # the scalar head trains in full
     model.train()
+    packed = cfg.padding_free and supports_packing(model)
     per_step = cfg.optim.batch_size * cfg.optim.grad_accum
     epoch_steps = steps_per_epoch(len(train), per_step)
     total_steps = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * epoch_steps
@@ -140,18 +145,19 @@ def run(cfg: RMConfig, resume: bool = False, overwrite: bool = False) -> Path:
         "rankings": f"{cfg.rankings} ({len(train)} train, {len(val)} held-out prompts; K in {ks}; "
                     f"{sum(len(g.pairs) for g in train)} training comparisons; {truncated} responses cut)",
         "init": f"{init} on {device} ({next(model.parameters()).dtype}), scalar head",
-        "steps": f"{total_steps} ({epoch_steps}/epoch), {per_step} prompts per step",
+        "steps": f"{total_steps} ({epoch_steps}/epoch), {per_step} prompts per step"
+                 + (", padding-free" if packed else ", padded"),
         **model_rows(model, cfg.lora.enabled, ckpt),
     })
 
     # 4. train
     def one_step(i: int) -> dict:
         record = train_step(model, optimizer, scheduler, step_chunks(train, i, per_step, cfg.optim.batch_size, cfg.seed),
-                            tokenizer.pad_token_id, device, cfg.optim.grad_clip)
+                            tokenizer.pad_token_id, packed, device, cfg.optim.grad_clip)
         return {"epoch": round((i + 1) / epoch_steps, 4), **record}
 
     def held_out() -> dict:
-        return evaluate(model, val, cfg.optim.batch_size, tokenizer.pad_token_id, device)
+        return evaluate(model, val, cfg.optim.batch_size, tokenizer.pad_token_id, packed, device)
 
     step = fit(stage, model, optimizer, scheduler, step, total_steps, one_step, held_out if val else None,
                cfg.eval_every, cfg.save_every, cfg.keep_checkpoints)
