@@ -168,7 +168,10 @@ def test_compare_reuses_eval_samples_taken_with_the_same_settings(run, tmp_path,
     for model in ("ppo", "sft"):
         assert igpt("eval", model, *settings).exit_code == 0
     monkeypatch.setattr(compare_stage, "generate", lambda *a, **k: (_ for _ in ()).throw(AssertionError("sampled")))
-    assert igpt("compare", "ppo", "sft", *settings).exit_code == 0  # no sampling: eval's responses are reused
+    result = igpt("compare", "ppo", "sft", *settings)  # no sampling: eval's responses are reused
+    assert result.exit_code == 0
+    kl = json.loads((run_dir / "eval" / "ppo" / "report.json").read_text())["kl_to_sft"]
+    assert "igpt eval of the same models" in result.stderr and f"{kl:.3f}" in result.stderr  # eval's KL shown too
     pairs = [json.loads(l) for l in (run_dir / "compare" / "ppo-vs-sft" / "responses.jsonl").read_text().splitlines()]
     evals = {m: [json.loads(l)["response"] for l in (run_dir / "eval" / m / "samples.jsonl").read_text().splitlines()]
              for m in ("ppo", "sft")}

@@ -137,7 +137,27 @@ def run(cfg: CompareConfig) -> dict:
 
     write_html(out / "report.html", report, judgments, read_metrics(run_dir / "ppo" / "metrics.jsonl"))
     show(report, out, judgments)
+    show_evals(run_dir, [name_a, name_b])
     return report
+
+
+def show_evals(run_dir: Path, names: list[str]) -> None:
+    """Next to the win rate, what ``igpt eval`` measured of the same models, where it has run: mean RM
+    score, KL to SFT and pretraining perplexity (the alignment tax)."""
+    from rich.table import Table
+
+    reports = {n: json.loads(p.read_text(encoding="utf-8")) for n in names
+               if (p := run_dir / "eval" / n / "report.json").is_file()}
+    if not reports:
+        return
+    table = Table(title="igpt eval of the same models (held-out prompts and text)", title_justify="left")
+    for col in ("model", "RM score", "KL to SFT", "pretraining perplexity", "length", "EOS rate"):
+        table.add_column(col, justify="left" if col == "model" else "right")
+    for n, r in reports.items():
+        score = f"{r['score_mean']:.3f} ± {r['score_sd']:.3f}" if "score_mean" in r else "-"
+        ppl = f"{r['ptx_perplexity']:.2f}" if "ptx_perplexity" in r else "-"
+        table.add_row(n, score, f"{r['kl_to_sft']:.3f}", ppl, f"{r['response_length']:.1f}", f"{r['eos_rate']:.0%}")
+    console().print(table)
 
 
 def judge_rm(cfg: CompareConfig, rm_path: Path, tokenizer, queries, pairs: list[dict], device) -> list[dict]:
