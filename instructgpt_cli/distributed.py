@@ -196,7 +196,7 @@ def wrap(model: torch.nn.Module, device: torch.device, fsdp: bool = False, train
     from torch.nn.parallel import DistributedDataParallel
 
     return DistributedDataParallel(run, device_ids=[device.index] if device.type == "cuda" else None,
-                                   broadcast_buffers=False)  # no batch statistics to keep in step
+                                   forward_sync_buffers=False)  # no batch statistics to keep in step
 
 
 @contextlib.contextmanager
