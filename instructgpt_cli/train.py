@@ -158,7 +158,7 @@ def load_train_state(src: Path, model: Any, optimizer: Any, scheduler: Any) -> t
     return int(state["step"]), state["extra"]
 
 
-def save_state(stage: "Stage", step: int, model: Any, optimizer: Any, scheduler: Any, extra: dict | None,
+def save_state(stage: Stage, step: int, model: Any, optimizer: Any, scheduler: Any, extra: dict | None,
                keep: int) -> None:
     """A resumable checkpoint (DESIGN.md: written under a temporary name, renamed, marked COMPLETED).
     Every rank calls this; rank 0 publishes the folder once every rank has written its part."""
