@@ -44,10 +44,6 @@ def is_main() -> bool:
     return rank() == 0
 
 
-def launcher_world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
 @contextlib.contextmanager
 def launched(device_name: str) -> Iterator[None]:
     """Join the launcher's process group for the duration of a stage (a no-op without a launcher).
@@ -59,7 +55,7 @@ def launched(device_name: str) -> Iterator[None]:
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.set_float32_matmul_precision("high")  # TF32 on Ampere and newer; bf16 autocast does the rest
-    joined = launcher_world_size() > 1 and not dist.is_initialized()
+    joined = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized()
     if joined:
         cuda = device.type == "cuda"
         dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
