@@ -24,13 +24,13 @@ from rule_rm import make_rule_rm
 LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK")
 
 
-def torchrun(args, tmp_path, env_extra=None):
+def torchrun(args, tmp_path, env_extra=None, launcher=()):
     """``python -m torch.distributed.run --standalone --nproc-per-node 2 ARGS`` (a free port each time)."""
     env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
     env.update({"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "IGPT_CACHE": str(tmp_path / "cache"),
                 **(env_extra or {})})
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           *map(str, args)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+                           *launcher, *map(str, args)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
 
 
 def sft_args(data, run_dir, *extra):
@@ -195,9 +195,11 @@ def test_two_process_ppo_killed_resumes_on_both_ranks_equal_to_uninterrupted(sft
 
 def test_bad_input_fails_on_every_rank_with_nothing_written(tmp_path):
     bad = write_jsonl(tmp_path / "demos.jsonl", [{"prompt": "hi", "response": "there"}, {"prompt": "x", "response": 3}])
-    result = torchrun(["-m", "instructgpt_cli", *sft_args(bad, tmp_path / "run")], tmp_path)
+    # torchrun stops the other workers once one fails; polling slowly lets each rank exit on its own
+    result = torchrun(["-m", "instructgpt_cli", *sft_args(bad, tmp_path / "run")], tmp_path,
+                      launcher=("--monitor-interval", "3"))
     assert result.returncode != 0
-    assert f"error: {bad}:2: response: must be a non-empty string" in result.stderr
+    assert result.stderr.count(f"error: {bad}:2: response: must be a non-empty string") == 2
     assert result.stderr.count("exitcode  : 2") == 2, result.stderr  # both ranks exited 2, neither hung
     assert not (tmp_path / "run").exists()
 
