@@ -76,6 +76,8 @@ class SFTConfig:
     epochs: int = f(16, "passes over the training split (epochs); InstructGPT trains SFT 16 epochs")
     max_steps: int = f(0, "stop after this many optimizer steps; 0 = run all epochs (steps)")
     val_fraction: float = f(0.05, "share of demonstrations held out for eval loss (fraction, 0 disables)")
+    padding_free: bool = f(True, "pack each micro-batch into one row with block-diagonal attention instead of padding "
+                                 "(model families known to support it; others are padded)")
     eval_every: int = f(50, "evaluate on the held-out split every N optimizer steps, and at the end (steps)")
     save_every: int = f(100, "write a resumable checkpoint every N optimizer steps (steps)")
     keep_checkpoints: int = f(2, "keep only the newest N complete checkpoints (count)")
@@ -100,6 +102,8 @@ class RMConfig:
     epochs: int = f(1, "passes over the rankings (epochs); the paper trains the RM a single epoch (it overfits after)")
     max_steps: int = f(0, "stop after this many optimizer steps; 0 = run all epochs (steps)")
     val_fraction: float = f(0.1, "share of rankings held out for pairwise accuracy (fraction, 0 disables)")
+    padding_free: bool = f(True, "pack each micro-batch's responses into one row with block-diagonal attention "
+                                 "instead of padding (model families known to support it; others are padded)")
     eval_every: int = f(20, "held-out loss and accuracy every N optimizer steps, and at the end (steps)")
     save_every: int = f(100, "write a resumable checkpoint every N optimizer steps (steps)")
     keep_checkpoints: int = f(2, "keep only the newest N complete checkpoints (count)")

@@ -194,6 +194,24 @@ def collate(examples: list[Example], pad_id: int) -> dict:
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
+def collate_packed(examples: list[Example]) -> dict:
+    """Examples end to end in one row: ``input_ids``, ``position_ids``, ``labels`` (1, N), N = total tokens.
+
+    Positions restart at 0 for every example; with no attention mask, transformers reads that as packed
+    sequences and masks attention block-diagonally, so each example sees only itself and no compute is
+    spent on padding. An example's first label is ignored: it would be predicted from the one before.
+    """
+    import torch
+
+    ids, positions, labels = [], [], []
+    for e in examples:
+        ids += e.input_ids
+        positions += range(len(e.input_ids))
+        labels += [IGNORE_INDEX] + e.labels[1:]
+    as_row = lambda xs: torch.tensor([xs], dtype=torch.long)  # noqa: E731
+    return {"input_ids": as_row(ids), "position_ids": as_row(positions), "labels": as_row(labels)}
+
+
 # ---------------------------------------------------------------- prompts
 
 

@@ -269,8 +269,34 @@ def reward_scores(model: Any, input_ids: torch.Tensor, attention_mask: torch.Ten
     applies before RL is stored as ``config.igpt_reward_bias`` and added here.
     """
     logits = model(input_ids=input_ids, attention_mask=attention_mask,
-                   position_ids=position_ids(attention_mask)).logits[:, 0]
+                   position_ids=position_ids(attention_mask), use_cache=False).logits[:, 0]
     return logits + getattr(model.config, REWARD_BIAS, 0.0)
+
+
+def scalar_head_outputs(model: Any, **inputs: torch.Tensor) -> torch.Tensor:
+    """The scalar head of a reward/value model at every position (B, L), normalisation bias added.
+
+    Read with a hook on the head, since a sequence classifier returns only the pooled score.
+    """
+    captured: list[torch.Tensor] = []
+    hook = scalar_head(model).register_forward_hook(lambda _m, _i, out: captured.append(out))
+    try:
+        model(**inputs, use_cache=False)
+    finally:
+        hook.remove()
+    return captured[-1][..., 0].float() + getattr(model.config, REWARD_BIAS, 0.0)
+
+
+def packed_reward_scores(model: Any, seqs: list[list[int]], device: torch.device) -> torch.Tensor:
+    """Normalised rewards (N,) of token sequences packed end to end in one row (no padding), read at
+    each one's last token; positions restart per sequence, so each attends only to itself."""
+    ids, positions, ends = [], [], []
+    for s in seqs:
+        ids += s
+        positions += range(len(s))
+        ends.append(len(ids) - 1)
+    row = lambda xs: torch.tensor([xs], dtype=torch.long, device=device)  # noqa: E731
+    return scalar_head_outputs(model, input_ids=row(ids), position_ids=row(positions))[0, ends]
 
 
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -286,6 +312,19 @@ def scalar_head(model: Any) -> torch.nn.Module:
         if name.split(".")[-1] in ("score", "classifier"):
             return module
     raise ValueError(f"{type(model).__name__} has no scalar head named score or classifier")
+
+
+# Model families whose transformers attention builds its mask with ``create_causal_mask``, which reads
+# positions that restart at 0 (and no attention mask) as packed sequences and masks block-diagonally.
+PACKED_ATTENTION = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "olmo", "olmo2",
+                    "granite", "smollm3"}
+
+
+def supports_packing(model: Any) -> bool:
+    """Whether sequences packed end to end in one row attend only within themselves in ``model``."""
+    config = model.config
+    return config.model_type in PACKED_ATTENTION and getattr(config, "_attn_implementation", "sdpa") in (
+        "sdpa", "eager", "flash_attention_2", "flex_attention")
 
 
 def context_window(cfg: ModelConfig, model: Any) -> int:

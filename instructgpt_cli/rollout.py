@@ -86,7 +86,7 @@ def response_logprobs(model: Any, query_response: torch.Tensor, mask: torch.Tens
 
     n_response = query_response.size(1) - context_len
     logits = model(input_ids=query_response, attention_mask=mask, position_ids=position_ids(mask),
-                   logits_to_keep=n_response + 1).logits[:, :-1].float() / temperature
+                   logits_to_keep=n_response + 1, use_cache=False).logits[:, :-1].float() / temperature
     logp = torch.log_softmax(logits, dim=-1)
     logprobs = logp.gather(-1, query_response[:, context_len:].unsqueeze(-1)).squeeze(-1)
     entropy = -(logp.exp() * logp).sum(-1) if with_entropy else None
@@ -95,15 +95,9 @@ def response_logprobs(model: Any, query_response: torch.Tensor, mask: torch.Tens
 
 def head_outputs(model: Any, query_response: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """The scalar head of a reward/value model at every position (B, L), normalisation bias added."""
-    from .models import REWARD_BIAS, position_ids, scalar_head
+    from .models import position_ids, scalar_head_outputs
 
-    captured: list[torch.Tensor] = []
-    hook = scalar_head(model).register_forward_hook(lambda _m, _i, out: captured.append(out))
-    try:
-        model(input_ids=query_response, attention_mask=mask, position_ids=position_ids(mask))
-    finally:
-        hook.remove()
-    return captured[-1][..., 0].float() + getattr(model.config, REWARD_BIAS, 0.0)
+    return scalar_head_outputs(model, input_ids=query_response, attention_mask=mask, position_ids=position_ids(mask))
 
 
 def token_values(model: Any, query_response: torch.Tensor, mask: torch.Tensor, context_len: int) -> torch.Tensor:
@@ -193,6 +187,6 @@ def lm_loss(model: Any, blocks: list[list[int]], pad_id: int, batch_size: int) -
         ids, mask = pad_right(blocks[start:start + batch_size], pad_id)
         ids, mask = ids.to(device), mask.to(device)
         n = int(mask[:, 1:].sum())
-        total += ptx_loss(model(input_ids=ids, attention_mask=mask).logits, ids, mask).item() * n
+        total += ptx_loss(model(input_ids=ids, attention_mask=mask, use_cache=False).logits, ids, mask).item() * n
         tokens += n
     return total / max(tokens, 1)

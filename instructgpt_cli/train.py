@@ -30,8 +30,44 @@ def trainable_parameters(model: Any) -> list[torch.nn.Parameter]:
 
 
 def build_optimizer(model: Any, cfg: OptimConfig) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(trainable_parameters(model), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-                             weight_decay=cfg.weight_decay)
+    """AdamW, fused where torch has the kernel (CPU and CUDA floats): without ``fused`` torch steps each
+    tensor in a Python loop on CPU, which took 5.3 s against 0.25 s fused for a 135M model here (bench/)."""
+    params = trainable_parameters(model)
+    fused = all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for p in params)
+    return torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                             weight_decay=cfg.weight_decay, fused=fused or None)
+
+
+@torch.no_grad()
+def clip_gradients(params: list[torch.nn.Parameter], max_norm: float) -> float:
+    """Global L2 norm of the gradients, scaled to ``max_norm`` when above it (``max_norm <= 0``: no clip).
+
+    The same arithmetic as ``torch.nn.utils.clip_grad_norm_`` (coefficient max_norm / (norm + 1e-6)),
+    computed per tensor and stacked: torch's CPU path took 1.7 s for a 135M model, this 0.1 s. DDP has
+    reduced the gradients by now; FSDP's are shards (DTensors), whose norm torch's own path reduces over
+    every rank.
+    """
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return 0.0
+    if distributed.is_sharded(torch.nn.ParameterList(params)):
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+        return distributed.as_float(norm)
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32) for g in grads]))
+    if max_norm > 0:
+        coef = max_norm / (float(norm) + 1e-6)
+        if coef < 1.0:
+            torch._foreach_mul_(grads, coef)
+    return float(norm)
+
+
+def optimizer_step(model: Any, optimizer: Any, scheduler: Any, grad_clip: float) -> float:
+    """Clip, step, advance the schedule, clear the gradients; returns the gradient norm before clipping."""
+    grad_norm = clip_gradients(trainable_parameters(model), grad_clip)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int) -> Any:
@@ -58,13 +94,6 @@ def step_indices(n_items: int, step: int, per_step: int, seed: int) -> list[int]
     gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     perm = torch.randperm(n_items, generator=gen).tolist()
     return perm[i * per_step:(i + 1) * per_step]
-
-
-def clip_gradients(params: list[torch.nn.Parameter], max_norm: float) -> float:
-    """Clip the global gradient norm (0 disables) and return the norm before clipping. DDP has reduced
-    the gradients by now; under FSDP the norm is taken over every rank's shards."""
-    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
-    return distributed.as_float(norm)
 
 
 def micro_batches(items: list, size: int) -> list[list]:

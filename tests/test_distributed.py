@@ -40,6 +40,11 @@ def sft_args(data, run_dir, *extra):
             "--batch-size", "2", "--save-every", "3", *extra]
 
 
+def flat(text):
+    """stderr with rich's line wrapping undone."""
+    return " ".join(text.split())
+
+
 def files_under(path):
     return sorted(str(p.relative_to(path)) for p in path.rglob("*"))
 
@@ -65,7 +70,7 @@ def test_two_process_sft_writes_one_set_of_outputs_equal_to_one_process(sft_runs
     t, two = sft_runs
     assert two.returncode == 0, two.stderr
     assert two.stdout.split() == [str(t / "two" / "sft" / "final")]  # rank 0 alone prints the result
-    assert "over 2 processes (DDP)" in two.stderr
+    assert "over 2 processes (DDP)" in flat(two.stderr)
     # exactly the files of a single-process run: one manifest, one metrics line a step, no temporaries
     assert files_under(t / "two") == files_under(t / "one")
     assert not [f for f in files_under(t / "two") if ".tmp-" in f]
@@ -100,7 +105,7 @@ def test_fsdp_sft_saves_shards_resumes_on_both_ranks_and_exports_a_plain_model(s
     assert resumed.returncode == 0, resumed.stderr
     for rank in (0, 1):
         assert f"rank {rank}/2: resumed at step 3 from step-000003" in resumed.stderr
-    assert "over 2 processes (FSDP)" in resumed.stderr
+    assert "over 2 processes (FSDP)" in flat(resumed.stderr)
     assert [m["step"] for m in read_metrics(t / "fsdp" / "sft" / "metrics.jsonl")] == list(range(1, 9))
     # a plain HF directory, gathered from the shards, equal to the DDP run's model
     final = t / "fsdp" / "sft" / "final"
@@ -207,5 +212,5 @@ def test_bad_input_fails_on_every_rank_with_nothing_written(tmp_path):
 def test_fsdp_without_a_launcher_trains_unsharded(tmp_path, demos_file):
     result = igpt(*sft_args(demos_file, tmp_path / "run", "--fsdp"))
     assert result.exit_code == 0, result.output
-    assert "--fsdp ignored: one process" in result.stderr
+    assert "--fsdp ignored: one process" in flat(result.stderr)
     assert (tmp_path / "run" / "sft" / "checkpoints" / "step-000006" / "trainable.safetensors").exists()

@@ -10,9 +10,10 @@ from safetensors.torch import load_file
 
 from conftest import TINY_CONFIG, arithmetic_demos, igpt, marker_rankings, write_jsonl
 from instructgpt_cli.config import ModelConfig
-from instructgpt_cli.data import RankedGroup, read_demos, tokenize_scored
+from instructgpt_cli.data import RankedGroup, pad_right, read_demos, tokenize_scored
 from instructgpt_cli.losses import ranking_loss
-from instructgpt_cli.models import load_model, load_tokenizer, tiny_model, tiny_tokenizer
+from instructgpt_cli.models import (load_model, load_tokenizer, packed_reward_scores, reward_scores, tiny_model,
+                                    tiny_tokenizer)
 from instructgpt_cli.rollout import score_sequences
 from instructgpt_cli.rundir import read_metrics
 from instructgpt_cli.stages.reward import rank_forward
@@ -68,21 +69,45 @@ def test_prompts_weigh_the_same_whatever_their_k():
                                               + math.log(1 + math.exp(-3))) / 6], rel=1e-6)
 
 
-def test_one_ranking_of_k_responses_costs_k_sequence_forwards():
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "padding-free"])
+def test_one_ranking_of_k_responses_costs_k_sequence_forwards(packed):
     tok = tiny_tokenizer()
     model = tiny_model(tok, seed=0, kind="reward")
-    rows = []
-    model.register_forward_pre_hook(lambda m, args, kwargs: rows.append(kwargs["input_ids"].shape[0]),
+    shapes = []
+    model.register_forward_pre_hook(lambda m, args, kwargs: shapes.append(tuple(kwargs["input_ids"].shape)),
                                     with_kwargs=True)
     for k in (2, 4, 9):
         errors = []
-        seqs, _ = tokenize_scored(tok, [{"role": "user", "content": "q"}], [f"answer {i}" for i in range(k)], 64,
-                                  "f:1", errors)
+        seqs, _ = tokenize_scored(tok, [{"role": "user", "content": "q"}], [f"answer {i}" * (i + 1) for i in range(k)],
+                                  256, "f:1", errors)
         group = RankedGroup(seqs, [(i, j) for i in range(k) for j in range(i + 1, k)])
-        rows.clear()
-        losses, correct, _ = rank_forward(model, [group], tok.pad_token_id, torch.device("cpu"))
-        assert rows == [k], f"K={k}: forwarded {rows} sequences"
+        shapes.clear()
+        losses, correct, _ = rank_forward(model, [group], tok.pad_token_id, torch.device("cpu"), packed)
+        # one forward: K padded rows, or one row of exactly the K sequences' tokens
+        assert shapes == ([(1, sum(map(len, seqs)))] if packed else [(k, max(map(len, seqs)))]), f"K={k}: {shapes}"
         assert correct.numel() == math.comb(k, 2)  # all C(K,2) comparisons from K forwards
+
+
+def test_padding_free_scores_and_gradients_equal_the_padded_ones():
+    tok = tiny_tokenizer()
+    model = tiny_model(tok, seed=0, kind="reward")
+    errors = []
+    seqs, _ = tokenize_scored(tok, [{"role": "user", "content": "Rank these."}],
+                              ["short", "a somewhat longer answer", "the longest answer of all of them, by far"], 256,
+                              "f:1", errors)
+    assert len({len(s) for s in seqs}) == 3
+    ids, mask = pad_right(seqs, tok.pad_token_id)
+    results = []
+    for score in (lambda: reward_scores(model, ids, mask), lambda: packed_reward_scores(model, seqs, torch.device("cpu"))):
+        model.zero_grad(set_to_none=True)
+        scores = score()
+        (scores * torch.tensor([1.0, -2.0, 3.0])).sum().backward()
+        results.append((scores.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (padded, padded_grads), (packed, packed_grads) = results
+    torch.testing.assert_close(packed, padded, rtol=1e-5, atol=1e-5)
+    assert packed_grads.keys() == padded_grads.keys() and padded_grads
+    for name, g in padded_grads.items():
+        torch.testing.assert_close(packed_grads[name], g, rtol=1e-4, atol=1e-6, msg=name)
 
 
 def rm_args(tmp_path, run_dir, rankings, *extra):

@@ -66,7 +66,7 @@ def test_rerun_refuses_without_resume_or_overwrite(tmp_path, demos_file):
     assert not torch.equal(before["model.embed_tokens.weight"], final_weights(run_dir)["model.embed_tokens.weight"])
 
 
-def one_step(batch_size, grad_accum, examples, tok):
+def one_step(batch_size, grad_accum, examples, tok, packed=False):
     torch.manual_seed(0)
     model = tiny_model(tok, seed=0)
     # SGD, so the weight change is the gradient itself (Adam's first step is ~lr*sign(g) and would
@@ -74,17 +74,18 @@ def one_step(batch_size, grad_accum, examples, tok):
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
     chunks = [examples[i:i + batch_size] for i in range(0, len(examples), batch_size)]
-    loss = train_step(Apply(model), opt, sched, chunks, tok.pad_token_id, torch.device("cpu"), 100.0)
+    loss = train_step(Apply(model), opt, sched, chunks, tok.pad_token_id, packed, torch.device("cpu"), 100.0)
     return loss["train/loss"], model.state_dict()
 
 
-def test_batch_8_x_accum_1_equals_batch_1_x_accum_8(tmp_path):
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "padding-free"])
+def test_batch_8_x_accum_1_equals_batch_1_x_accum_8(tmp_path, packed):
     tok = tiny_tokenizer()
     demos = read_demos(write_jsonl(tmp_path / "d.jsonl", arithmetic_demos(8)))
     examples, _ = tokenize_demos(tok, demos, 256)
     assert len({len(e.input_ids) for e in examples}) > 1  # lengths differ: padding and normalisation matter
-    loss_a, sd_a = one_step(8, 1, examples, tok)
-    loss_b, sd_b = one_step(1, 8, examples, tok)
+    loss_a, sd_a = one_step(8, 1, examples, tok, packed)
+    loss_b, sd_b = one_step(1, 8, examples, tok, packed)
     assert loss_a == pytest.approx(loss_b, rel=1e-5)
     for k in sd_a:
         torch.testing.assert_close(sd_a[k], sd_b[k], rtol=1e-5, atol=1e-6)
@@ -161,3 +162,46 @@ def test_lm_head_on_response_positions_only_equals_the_full_logits_loss(tmp_path
                                 batch["labels"])
     assert int(n_fast) == int(n_full) > 0
     torch.testing.assert_close(fast, full, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_padding_free_batch_gives_the_padded_loss_and_gradients(tmp_path, lora):
+    """Packed sequences attend only within themselves: loss and every gradient equal the padded batch's."""
+    from instructgpt_cli.config import LoraConfig
+    from instructgpt_cli.data import collate, collate_packed
+    from instructgpt_cli.models import apply_lora, supports_packing
+    from instructgpt_cli.stages.sft import loss_sum
+
+    tok = tiny_tokenizer()
+    model = tiny_model(tok, seed=0)
+    if lora:
+        model = apply_lora(model, LoraConfig(enabled=True, layers=1))
+    demos = arithmetic_demos(3) + [{"prompt": "Say a long sentence, please.", "response": "word " * 30}]
+    examples, _ = tokenize_demos(tok, read_demos(write_jsonl(tmp_path / "d.jsonl", demos)), 256)
+    lengths = [len(e.input_ids) for e in examples]
+    assert len(set(lengths)) > 1 and supports_packing(model)
+
+    def loss_and_grads(batch):
+        model.zero_grad(set_to_none=True)
+        summed, n = loss_sum(model, batch)
+        summed.backward()
+        return summed.detach(), int(n), {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+
+    packed = collate_packed(examples)
+    assert packed["input_ids"].shape == (1, sum(lengths))  # not a single padding token
+    assert packed["position_ids"][0, lengths[0]] == 0       # positions restart at every example
+    padded_loss, padded_n, padded_grads = loss_and_grads(collate(examples, tok.pad_token_id))
+    packed_loss, packed_n, packed_grads = loss_and_grads(packed)
+    assert packed_n == padded_n > 0
+    torch.testing.assert_close(packed_loss, padded_loss, rtol=1e-5, atol=1e-5)
+    assert padded_grads.keys() == packed_grads.keys() and padded_grads
+    for name, g in padded_grads.items():
+        torch.testing.assert_close(packed_grads[name], g, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_models_without_packed_attention_are_padded():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from instructgpt_cli.models import supports_packing
+
+    assert not supports_packing(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)))

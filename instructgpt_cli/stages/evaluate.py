@@ -69,7 +69,8 @@ def run(cfg: EvalConfig, as_json: bool = False) -> dict:
 
     # 3. KL to the SFT model on those samples (0 for the SFT model itself), scores, LM loss
     sft = model if path.resolve() == sft_path.resolve() else load(cfg, sft_path, tokenizer, device)
-    kls = response_kl(model, sft, tokenizer, queries, responses, cfg.temperature, cfg.batch_size).tolist()
+    kls = ([0.0] * len(responses) if sft is model else  # log pi - log pi_SFT is exactly 0: skip both forwards
+           response_kl(model, sft, tokenizer, queries, responses, cfg.temperature, cfg.batch_size).tolist())
     rm = load(cfg, rm_path, tokenizer, device, "reward") if have_rm else None
     scores = score_responses(rm, tokenizer, queries, responses, cfg.batch_size).tolist() if rm is not None else []
     eos = [bool(r) and r[-1] == tokenizer.eos_token_id for r in responses]

@@ -37,8 +37,8 @@ from ..models import (apply_lora, find_model, load_model, load_tokenizer, resolv
 from ..rollout import (Rollout, build_rollout, decode_response, generate, last_token_scores, response_logprobs,
                        token_values)
 from ..rundir import check_stage, file_input
-from ..train import (Stage, banner, begin_stage, build_optimizer, build_scheduler, clip_gradients, finish_stage, fit,
-                     model_rows, processes_note, restore, say, step_indices)
+from ..train import (Stage, banner, begin_stage, build_optimizer, build_scheduler, finish_stage, fit, model_rows,
+                     optimizer_step, processes_note, restore, say, step_indices)
 
 STAGE = "ppo"
 
@@ -57,7 +57,7 @@ def micro(indices: torch.Tensor, size: int) -> list[torch.Tensor]:
 
 def ptx_lm_loss(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """The PPO-ptx term: ``model``'s LM loss on a batch of pretraining blocks (B, L)."""
-    return ptx_loss(model(input_ids=ids, attention_mask=mask).logits, ids, mask)
+    return ptx_loss(model(input_ids=ids, attention_mask=mask, use_cache=False).logits, ids, mask)
 
 
 @torch.no_grad()
@@ -132,17 +132,13 @@ def ppo_update(models: dict, trained: PolicyAndValue, optimizer, scheduler, ro: 
                 mine = blocks[distributed.rank()::world]  # a rank short of a block reruns one with weight 0
                 # this rank's share of the step's ptx tokens: the loss is a mean over all ranks' blocks
                 share = sum(len(b) - 1 for b in mine) / max(sum(len(b) - 1 for b in blocks), 1)
-                ids, mask = pad_right(mine or blocks[:1], pad_id)
-                device = ro.query_response.device
-                loss = policy(ptx_lm_loss, ids.to(device), mask.to(device))
+                ids, mask = (x.to(ro.query_response.device) for x in pad_right(mine or blocks[:1], pad_id))
+                loss = policy(ptx_lm_loss, ids, mask)
                 (cfg.ptx_coef * loss * (share * scale)).backward()
                 stats.setdefault("loss/ptx", []).append(loss.item() * share)
                 ptx_seconds += time.perf_counter() - t0
-            grad_norm = clip_gradients([p for p in trained.parameters() if p.requires_grad], cfg.optim.grad_clip)
-            stats.setdefault("train/grad_norm", []).append(grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            stats.setdefault("train/grad_norm", []).append(optimizer_step(trained, optimizer, scheduler,
+                                                                          cfg.optim.grad_clip))
     # per-minibatch sums of token-weighted micro values -> means over minibatches
     n_mb = cfg.ppo_epochs * n_minibatches
     out = {k: sum(v) / (1 if k.endswith("_first") else n_mb) for k, v in stats.items()
@@ -281,7 +277,7 @@ def run(cfg: PPOConfig, resume: bool = False, overwrite: bool = False) -> Path:
         ro = Rollout(*(x.to(device) if torch.is_tensor(x) else x for x in
                        build_rollout(batch_queries, responses, tokenizer.pad_token_id, tokenizer.eos_token_id)))
         t1 = time.perf_counter()
-        sc = score_rollout(models, ro, cfg, state["beta"], cfg.optim.batch_size)
+        sc = score_rollout(models, ro, cfg, state["beta"], 2 * cfg.optim.batch_size)  # no grad: twice the micro-batch
         t2 = time.perf_counter()
         stats, ptx_s = ppo_update(models, trained, optimizer, scheduler, ro, sc, cfg, ptx, i, tokenizer.pad_token_id)
         t3 = time.perf_counter()

@@ -18,23 +18,27 @@ from ..config import ModelConfig, RMConfig
 from ..data import RankedGroup, pad_right, read_demos, read_rankings, tokenize_rankings, tokenize_scored
 from ..errors import BadInput
 from ..losses import ranking_loss
-from ..models import (REWARD_BIAS, apply_lora, context_window, find_model, load_model,
-                      load_tokenizer, resolve_device, reward_scores, save_final)
+from ..models import (REWARD_BIAS, apply_lora, context_window, find_model, load_model, load_tokenizer,
+                      packed_reward_scores, resolve_device, reward_scores, save_final, supports_packing)
 from ..rollout import score_sequences
 from ..rundir import check_stage, file_input, read_manifest
-from ..train import (Stage, banner, begin_stage, build_optimizer, build_scheduler, clip_gradients, finish_stage, fit,
-                     micro_batches, model_rows, processes_note, restore, say, step_chunks, steps_per_epoch,
-                     trainable_parameters)
+from ..train import (Stage, banner, begin_stage, build_optimizer, build_scheduler, finish_stage, fit,
+                     micro_batches, model_rows, optimizer_step, processes_note, restore, say, step_chunks,
+                     steps_per_epoch)
 
 STAGE = "rm"
 
 
-def rank_forward(model, groups: list[RankedGroup], pad_id: int, device: torch.device):
-    """Score every response of ``groups`` in one forward pass; returns (per-prompt losses, per-pair
-    correctness, tokens). One ranking of K responses costs exactly K sequence forwards."""
+def rank_forward(model, groups: list[RankedGroup], pad_id: int, device: torch.device, packed: bool = False):
+    """Score every response of ``groups`` in one forward pass (``packed``: end to end in one row, no
+    padding); returns (per-prompt losses, per-pair correctness, tokens). One ranking of K responses costs
+    exactly K sequence forwards."""
     seqs = [s for g in groups for s in g.sequences]
-    ids, mask = pad_right(seqs, pad_id)
-    rewards = reward_scores(model, ids.to(device), mask.to(device))
+    if packed:
+        rewards = packed_reward_scores(model, seqs, device)
+    else:
+        ids, mask = pad_right(seqs, pad_id)
+        rewards = reward_scores(model, ids.to(device), mask.to(device))
     better, worse, group, offset = [], [], [], 0
     for gi, g in enumerate(groups):
         for b, w in g.pairs:
@@ -44,11 +48,11 @@ def rank_forward(model, groups: list[RankedGroup], pad_id: int, device: torch.de
         offset += len(g.sequences)
     as_index = lambda xs: torch.tensor(xs, dtype=torch.long, device=device)  # noqa: E731
     losses, correct = ranking_loss(rewards, as_index(better), as_index(worse), as_index(group), len(groups))
-    return losses, correct, int(mask.sum())
+    return losses, correct, sum(len(q) for q in seqs)
 
 
-def train_step(run, optimizer, scheduler, chunks: list[list[RankedGroup]], pad_id: int, device: torch.device,
-               grad_clip: float) -> dict:
+def train_step(run, optimizer, scheduler, chunks: list[list[RankedGroup]], pad_id: int, packed: bool,
+               device: torch.device, grad_clip: float) -> dict:
     """One optimizer step over micro-batches of prompts (every rank passes all of the step's and trains on
     its share); the loss is the mean over all prompts of the step. ``run`` is the model's
     ``distributed.wrap``."""
@@ -58,17 +62,14 @@ def train_step(run, optimizer, scheduler, chunks: list[list[RankedGroup]], pad_i
     loss_total, correct_total, pairs, tokens = 0.0, 0.0, 0, 0
     for j, (chunk, weight) in enumerate(mine):
         with distributed.syncing(run, j == len(mine) - 1):
-            losses, correct, n_tokens = run(rank_forward, chunk, pad_id, device)
+            losses, correct, n_tokens = run(rank_forward, chunk, pad_id, device, packed)
             (losses.sum() / n_prompts * (scale * weight)).backward()
         if weight:
             loss_total += losses.sum().item()
             correct_total += correct.sum().item()
             pairs += correct.numel()
             tokens += n_tokens
-    grad_norm = clip_gradients(trainable_parameters(run), grad_clip)
-    optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
+    grad_norm = optimizer_step(run, optimizer, scheduler, grad_clip)
     sums = distributed.reduce_metrics({"loss": loss_total, "correct": correct_total, "pairs": pairs, "tokens": tokens},
                                       sums=("loss", "correct", "pairs", "tokens"))
     return {"train/loss": sums["loss"] / n_prompts, "train/accuracy": sums["correct"] / max(sums["pairs"], 1),
@@ -76,13 +77,13 @@ def train_step(run, optimizer, scheduler, chunks: list[list[RankedGroup]], pad_i
 
 
 @torch.no_grad()
-def evaluate(run, groups: list[RankedGroup], batch_size: int, pad_id: int, device: torch.device) -> dict:
+def evaluate(run, groups: list[RankedGroup], batch_size: int, pad_id: int, packed: bool, device: torch.device) -> dict:
     """Held-out K-wise loss (mean per prompt) and pairwise accuracy (over all pairs); each rank scores its
     share of the micro-batches."""
     run.eval()
     loss_total, correct_total, pairs = 0.0, 0.0, 0
     for chunk, weight in distributed.rank_chunks(micro_batches(groups, batch_size)):
-        losses, correct, _ = run(rank_forward, chunk, pad_id, device)
+        losses, correct, _ = run(rank_forward, chunk, pad_id, device, packed)
         if weight:  # a weight-0 chunk only keeps the ranks in step
             loss_total += losses.sum().item()
             correct_total += correct.sum().item()
@@ -152,6 +153,7 @@ def run(cfg: RMConfig, resume: bool = False, overwrite: bool = False) -> Path:
     perm = torch.randperm(len(groups), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
     train, val = [groups[i] for i in perm[n_val:]], [groups[i] for i in perm[:n_val]]
     model.train()
+    packed = cfg.padding_free and supports_packing(model)
     run_model = distributed.wrap(model, device, cfg.fsdp)
     distributed.seed_rank(cfg.seed)
     per_step = cfg.optim.batch_size * cfg.optim.grad_accum * distributed.world_size()
@@ -171,7 +173,8 @@ def run(cfg: RMConfig, resume: bool = False, overwrite: bool = False) -> Path:
         "rankings": f"{cfg.rankings} ({len(train)} train, {len(val)} held-out prompts; K in {ks}; "
                     f"{sum(len(g.pairs) for g in train)} training comparisons; {truncated} responses cut)",
         "init": f"{init} on {device} ({next(model.parameters()).dtype}), scalar head",
-        "steps": f"{total_steps} ({epoch_steps}/epoch), {per_step} prompts per step{processes_note(cfg.fsdp)}",
+        "steps": f"{total_steps} ({epoch_steps}/epoch), {per_step} prompts per step"
+                 + (", padding-free" if packed else ", padded") + processes_note(cfg.fsdp),
         **model_rows(model, cfg.lora.enabled, ckpt),
     })
 
@@ -179,11 +182,11 @@ def run(cfg: RMConfig, resume: bool = False, overwrite: bool = False) -> Path:
     def one_step(i: int) -> dict:
         record = train_step(run_model, optimizer, scheduler,
                             step_chunks(train, i, per_step, cfg.optim.batch_size, cfg.seed), tokenizer.pad_token_id,
-                            device, cfg.optim.grad_clip)
+                            packed, device, cfg.optim.grad_clip)
         return {"epoch": round((i + 1) / epoch_steps, 4), **record}
 
     def held_out() -> dict:
-        return evaluate(run_model, val, cfg.optim.batch_size, tokenizer.pad_token_id, device)
+        return evaluate(run_model, val, cfg.optim.batch_size, tokenizer.pad_token_id, packed, device)
 
     step = fit(stage, model, optimizer, scheduler, step, total_steps, one_step, held_out if val else None,
                cfg.eval_every, cfg.save_every, cfg.keep_checkpoints)

@@ -1,8 +1,9 @@
 """Step 1 of InstructGPT: supervised fine-tuning on labeler demonstrations.
 
 Loss is next-token cross-entropy on response tokens only (prompt tokens masked), normalised by the
-number of response tokens in the whole optimizer step (over all ranks of a launched run). The paper trains 16 epochs with a cosine
-schedule decaying to 10% and residual dropout 0.2 (Ouyang et al. 2022, appendix C.1).
+number of response tokens in the whole optimizer step (over all ranks of a launched run). The paper
+trains 16 epochs with a cosine schedule decaying to 10% and residual dropout 0.2 (Ouyang et al. 2022,
+appendix C.1).
 """
 from __future__ import annotations
 
@@ -13,15 +14,15 @@ import torch.nn.functional as F
 
 from .. import distributed
 from ..config import SFTConfig
-from ..data import IGNORE_INDEX, Example, collate, read_demos, tokenize_demos
+from ..data import IGNORE_INDEX, Example, collate, collate_packed, read_demos, tokenize_demos
 from ..errors import BadInput
 from ..losses import sft_loss_sum
 from ..models import (apply_lora, context_window, load_causal_lm, load_tokenizer,
-                      resolve_device, save_final)
+                      resolve_device, save_final, supports_packing)
 from ..rundir import check_stage, file_input
-from ..train import (Stage, banner, begin_stage, build_optimizer, build_scheduler, clip_gradients, finish_stage, fit,
-                     micro_batches, model_rows, processes_note, restore, say, step_chunks, steps_per_epoch,
-                     trainable_parameters)
+from ..train import (Stage, banner, begin_stage, build_optimizer, build_scheduler, finish_stage, fit,
+                     micro_batches, model_rows, optimizer_step, processes_note, restore, say, step_chunks,
+                     steps_per_epoch)
 
 STAGE = "sft"
 
@@ -36,31 +37,37 @@ def split(examples: list[Example], val_fraction: float, seed: int) -> tuple[list
     return [examples[i] for i in perm[n_val:]], [examples[i] for i in perm[:n_val]]
 
 
+def make_batch(chunk: list[Example], pad_id: int, packed: bool, device: torch.device) -> dict:
+    """A micro-batch on ``device``: one packed row (no padding) or right-padded rows."""
+    batch = collate_packed(chunk) if packed else collate(chunk, pad_id)
+    return {k: v.to(device) for k, v in batch.items()}
+
+
 def loss_sum(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed response-token loss and its token count for a collated batch.
+    """Summed response-token loss and its token count for a collated (padded or packed) batch.
 
     The LM head (a vocabulary-wide matmul) runs only at positions that predict a response token, not
     at prompt or padding positions; models that post-process logits (soft-capping) take the plain path.
     """
+    # no KV cache in training (transformers would build one, and a cache also turns packing detection off)
+    inputs = {**{k: v for k, v in batch.items() if k != "labels"}, "use_cache": False}
     if getattr(model.config, "final_logit_softcapping", None):
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        return sft_loss_sum(logits, batch["labels"])
+        return sft_loss_sum(model(**inputs).logits, batch["labels"])
     targets = batch["labels"][:, 1:]
     selected = targets != IGNORE_INDEX
-    hidden = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    hidden = model.get_decoder()(**inputs).last_hidden_state
     logits = model.get_output_embeddings()(hidden[:, :-1][selected])
     return F.cross_entropy(logits.float(), targets[selected], reduction="sum"), selected.sum()
 
 
 @torch.no_grad()
-def eval_loss(run, examples: list[Example], batch_size: int, pad_id: int, device: torch.device) -> float:
+def eval_loss(run, examples: list[Example], batch_size: int, pad_id: int, packed: bool, device: torch.device) -> float:
     """Mean response-token loss over ``examples``; ``run`` is the model's ``distributed.wrap``, and each
     rank scores its share of the micro-batches."""
     run.eval()
     total, tokens = 0.0, 0
     for chunk, weight in distributed.rank_chunks(micro_batches(examples, batch_size)):
-        batch = {k: v.to(device) for k, v in collate(chunk, pad_id).items()}
-        summed, n = run(loss_sum, batch)
+        summed, n = run(loss_sum, make_batch(chunk, pad_id, packed, device))
         if weight:  # a weight-0 chunk only keeps the ranks in step
             total, tokens = total + summed.item(), tokens + int(n)
     run.train()
@@ -68,8 +75,8 @@ def eval_loss(run, examples: list[Example], batch_size: int, pad_id: int, device
     return sums["loss"] / max(sums["tokens"], 1)
 
 
-def train_step(run, optimizer, scheduler, chunks: list[list[Example]], pad_id: int, device: torch.device,
-               grad_clip: float) -> dict:
+def train_step(run, optimizer, scheduler, chunks: list[list[Example]], pad_id: int, packed: bool,
+               device: torch.device, grad_clip: float) -> dict:
     """One optimizer step over micro-batches ``chunks`` (every rank passes all of the step's and trains on
     its share); the loss is normalised by the response tokens of all of them. ``run`` is the model's
     ``distributed.wrap``. Returns the step's metrics, summed over ranks."""
@@ -78,17 +85,13 @@ def train_step(run, optimizer, scheduler, chunks: list[list[Example]], pad_id: i
     mine = distributed.rank_chunks(chunks)
     loss_total, tokens = 0.0, 0
     for j, (chunk, weight) in enumerate(mine):
-        batch = {k: v.to(device) for k, v in collate(chunk, pad_id).items()}
         with distributed.syncing(run, j == len(mine) - 1):
-            summed, _ = run(loss_sum, batch)
+            summed, _ = run(loss_sum, make_batch(chunk, pad_id, packed, device))
             (summed / max(n_targets, 1) * (scale * weight)).backward()
         if weight:
             loss_total += summed.item()
-            tokens += int(batch["attention_mask"].sum())
-    grad_norm = clip_gradients(trainable_parameters(run), grad_clip)
-    optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
+            tokens += sum(len(e.input_ids) for e in chunk)
+    grad_norm = optimizer_step(run, optimizer, scheduler, grad_clip)
     sums = distributed.reduce_metrics({"loss": loss_total, "tokens": tokens}, sums=("loss", "tokens"))
     return {"train/loss": sums["loss"] / max(n_targets, 1), "train/grad_norm": grad_norm, "train/tokens": sums["tokens"]}
 
@@ -117,6 +120,7 @@ def run(cfg: SFTConfig, resume: bool = False, overwrite: bool = False) -> Path:
     # 2. split, model (DDP or FSDP under a launcher), optimizer, schedule
     train, val = split(examples, cfg.val_fraction, cfg.seed)
     model.train()
+    packed = cfg.padding_free and supports_packing(model)
     run_model = distributed.wrap(model, device, cfg.fsdp)
     distributed.seed_rank(cfg.seed)
     per_step = cfg.optim.batch_size * cfg.optim.grad_accum * distributed.world_size()
@@ -131,7 +135,8 @@ def run(cfg: SFTConfig, resume: bool = False, overwrite: bool = False) -> Path:
     banner("igpt sft", {
         "data": f"{cfg.data} ({len(train)} train, {len(val)} held out, {truncated} responses cut to fit)",
         "model": f"{cfg.model.name} on {device} ({next(model.parameters()).dtype})",
-        "steps": f"{total_steps} ({epoch_steps}/epoch), effective batch {per_step}{processes_note(cfg.fsdp)}",
+        "steps": f"{total_steps} ({epoch_steps}/epoch), effective batch {per_step}"
+                 + (", padding-free" if packed else ", padded") + processes_note(cfg.fsdp),
         **model_rows(model, cfg.lora.enabled, ckpt),
     })
 
@@ -139,11 +144,11 @@ def run(cfg: SFTConfig, resume: bool = False, overwrite: bool = False) -> Path:
     def one_step(i: int) -> dict:
         record = train_step(run_model, optimizer, scheduler,
                             step_chunks(train, i, per_step, cfg.optim.batch_size, cfg.seed), tokenizer.pad_token_id,
-                            device, cfg.optim.grad_clip)
+                            packed, device, cfg.optim.grad_clip)
         return {"epoch": round((i + 1) / epoch_steps, 4), **record}
 
     def evaluate() -> dict:
-        return {"eval/loss": eval_loss(run_model, val, cfg.optim.batch_size, tokenizer.pad_token_id, device)}
+        return {"eval/loss": eval_loss(run_model, val, cfg.optim.batch_size, tokenizer.pad_token_id, packed, device)}
 
     step = fit(stage, model, optimizer, scheduler, step, total_steps, one_step, evaluate if val else None,
                cfg.eval_every, cfg.save_every, cfg.keep_checkpoints)
