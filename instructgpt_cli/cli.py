@@ -32,6 +32,7 @@ Overwrite = Annotated[bool, typer.Option("--overwrite", help="Delete this stage'
 Device = Annotated[Optional[str], typer.Option("--device", help="auto, cpu, cuda, cuda:N [default: auto].")]
 Model = Annotated[Optional[str], typer.Option("--model", help="smollm2-135m (bundled), tiny, or a local HF directory.")]
 Lora = Annotated[Optional[bool], typer.Option("--lora/--no-lora", help="Train LoRA adapters instead of all weights.")]
+Fsdp = Annotated[Optional[bool], typer.Option("--fsdp/--no-fsdp", help="Under torchrun: shard the model over the processes (FSDP2) instead of DDP.")]
 
 
 def fail(messages: list[str], code: int = 2) -> None:
@@ -45,6 +46,7 @@ def run_stage(stage: str, config_file: Optional[Path], print_config: bool, overr
     """Resolve the config, print it or run the stage; BadInput becomes exit 2 with every message."""
     from . import config as config_mod
     from .errors import BadInput
+    from .rundir import is_main_process
 
     try:
         cfg = config_mod.resolve(stage, config_file, overrides)
@@ -57,7 +59,7 @@ def run_stage(stage: str, config_file: Optional[Path], print_config: bool, overr
     except KeyboardInterrupt:
         typer.echo("interrupted; rerun with --resume to continue from the last checkpoint", err=True)
         raise typer.Exit(130)
-    if result is not None:
+    if result is not None and is_main_process():
         typer.echo(str(result))
 
 
@@ -67,6 +69,7 @@ def sft(
     run_dir: RunDir = None,
     model: Model = None,
     lora: Lora = None,
+    fsdp: Fsdp = None,
     config: ConfigFile = None,
     print_config: PrintConfig = False,
     max_steps: MaxSteps = None,
@@ -88,12 +91,14 @@ def sft(
     overrides = {"data": data, "run_dir": run_dir, "model.name": model, "lora.enabled": lora, "max_steps": max_steps,
                  "epochs": epochs, "optim.lr": lr, "optim.batch_size": batch_size, "optim.grad_accum": grad_accum,
                  "model.dropout": dropout, "model.max_seq_len": max_seq_len, "val_fraction": val_fraction,
-                 "save_every": save_every, "eval_every": eval_every, "seed": seed, "device": device}
+                 "save_every": save_every, "eval_every": eval_every, "seed": seed, "device": device, "fsdp": fsdp}
 
     def runner(cfg: Any) -> Any:
+        from .distributed import launched
         from .stages import sft as stage
 
-        return stage.run(cfg, resume=resume, overwrite=overwrite)
+        with launched(cfg.device):  # torchrun / accelerate launch: join the process group (else nothing)
+            return stage.run(cfg, resume=resume, overwrite=overwrite)
 
     run_stage("sft", config, print_config, overrides, runner)
 
@@ -107,6 +112,7 @@ def train_rm(
     run_dir: RunDir = None,
     model: Annotated[Optional[str], typer.Option("--model", help="Start from this model instead of the SFT model (tiny, smollm2-135m, a directory).")] = None,
     lora: Lora = None,
+    fsdp: Fsdp = None,
     config: ConfigFile = None,
     print_config: PrintConfig = False,
     max_steps: MaxSteps = None,
@@ -127,12 +133,14 @@ def train_rm(
                  "model.name": model, "lora.enabled": lora, "max_steps": max_steps, "epochs": epochs,
                  "optim.lr": lr, "optim.batch_size": batch_size, "optim.grad_accum": grad_accum,
                  "val_fraction": val_fraction, "save_every": save_every, "eval_every": eval_every, "seed": seed,
-                 "device": device}
+                 "device": device, "fsdp": fsdp}
 
     def runner(cfg: Any) -> Any:
+        from .distributed import launched
         from .stages import reward as stage
 
-        return stage.run(cfg, resume=resume, overwrite=overwrite)
+        with launched(cfg.device):  # torchrun / accelerate launch: join the process group (else nothing)
+            return stage.run(cfg, resume=resume, overwrite=overwrite)
 
     run_stage("rm", config, print_config, overrides, runner)
 
@@ -146,6 +154,7 @@ def ppo(
     rm: Annotated[Optional[str], typer.Option("--rm", help="Reward model (and value init) [default: RUN_DIR/rm/final].")] = None,
     run_dir: RunDir = None,
     lora: Lora = None,
+    fsdp: Fsdp = None,
     config: ConfigFile = None,
     print_config: PrintConfig = False,
     max_steps: Annotated[Optional[int], typer.Option("--max-steps", help="PPO iterations (rollout + update each).")] = None,
@@ -171,12 +180,14 @@ def ppo(
                  "beta": beta, "target_kl": target_kl, "optim.lr": lr, "rollout_batch_size": rollout_batch_size,
                  "mini_batch_size": mini_batch_size, "ppo_epochs": ppo_epochs, "temperature": temperature,
                  "max_new_tokens": max_new_tokens, "save_every": save_every, "sample_every": sample_every,
-                 "seed": seed, "device": device}
+                 "seed": seed, "device": device, "fsdp": fsdp}
 
     def runner(cfg: Any) -> Any:
+        from .distributed import launched
         from .stages import ppo as stage
 
-        return stage.run(cfg, resume=resume, overwrite=overwrite)
+        with launched(cfg.device):  # torchrun / accelerate launch: join the process group (else nothing)
+            return stage.run(cfg, resume=resume, overwrite=overwrite)
 
     run_stage("ppo", config, print_config, overrides, runner)
 

@@ -81,6 +81,8 @@ class SFTConfig:
     eval_every: int = f(50, "evaluate on the held-out split every N optimizer steps, and at the end (steps)")
     save_every: int = f(100, "write a resumable checkpoint every N optimizer steps (steps)")
     keep_checkpoints: int = f(2, "keep only the newest N complete checkpoints (count)")
+    fsdp: bool = f(False, "under torchrun / accelerate launch, shard weights, gradients and optimizer state over the "
+                          "processes (FSDP2) instead of replicating them (DDP): for models that do not fit one device")
     seed: int = f(0, "seed for initialisation, data order and dropout")
     device: str = f("auto", "auto, cpu, cuda, cuda:N or mps")
 
@@ -105,6 +107,8 @@ class RMConfig:
     eval_every: int = f(20, "held-out loss and accuracy every N optimizer steps, and at the end (steps)")
     save_every: int = f(100, "write a resumable checkpoint every N optimizer steps (steps)")
     keep_checkpoints: int = f(2, "keep only the newest N complete checkpoints (count)")
+    fsdp: bool = f(False, "under torchrun / accelerate launch, shard weights, gradients and optimizer state over the "
+                          "processes (FSDP2) instead of replicating them (DDP): for models that do not fit one device")
     seed: int = f(0, "seed for the head initialisation, data order and dropout")
     device: str = f("auto", "auto, cpu, cuda, cuda:N or mps")
 
@@ -145,6 +149,8 @@ class PPOConfig:
     sample_every: int = f(10, "write prompts, responses and scores to ppo/samples/ every N iterations")
     save_every: int = f(20, "write a resumable checkpoint every N iterations")
     keep_checkpoints: int = f(2, "keep only the newest N complete checkpoints (count)")
+    fsdp: bool = f(False, "under torchrun / accelerate launch, shard weights, gradients and optimizer state over the "
+                          "processes (FSDP2) instead of replicating them (DDP): for models that do not fit one device")
     seed: int = f(0, "seed for prompt order, sampling and minibatch order")
     device: str = f("auto", "auto, cpu, cuda, cuda:N or mps")
 

@@ -42,23 +42,29 @@ def ranking_loss(rewards: torch.Tensor, better: torch.Tensor, worse: torch.Tenso
 # ---------------------------------------------------------------- PPO (shapes: B responses, T response tokens)
 
 
-def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of ``x`` over positions where ``mask`` is 1. x, mask (B, T)."""
-    return (x * mask).sum() / mask.sum().clamp(min=1)
+def _same(t: torch.Tensor) -> torch.Tensor:
+    return t
 
 
-def masked_var(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, total=_same) -> torch.Tensor:
+    """Mean of ``x`` over positions where ``mask`` is 1. x, mask (B, T). ``total`` sums a scalar over
+    processes (``distributed.total``; the identity for one), which makes the mean global."""
+    return total((x * mask).sum()) / total(mask.sum()).clamp(min=1)
+
+
+def masked_var(x: torch.Tensor, mask: torch.Tensor, total=_same) -> torch.Tensor:
     """Unbiased variance over masked positions (Bessel-corrected, as lm-human-preferences does)."""
-    mean = masked_mean(x, mask)
-    n = mask.sum()
-    var = masked_mean((x - mean) ** 2, mask)
+    mean = masked_mean(x, mask, total)
+    n = total(mask.sum())
+    var = masked_mean((x - mean) ** 2, mask, total)
     return var * n / (n - 1).clamp(min=1)
 
 
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, total=_same) -> torch.Tensor:
     """Normalise ``x`` to mean 0, variance 1 over masked positions (B, T); masked-out entries become 0.
-    With ``shift_mean=False`` only the scale changes (used for rewards)."""
-    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    With ``shift_mean=False`` only the scale changes (used for rewards). With ``total`` the moments are
+    those of every process's batch together, so a rollout split over ranks whitens as one batch."""
+    mean, var = masked_mean(x, mask, total), masked_var(x, mask, total)
     out = (x - mean) * torch.rsqrt(var + 1e-8)
     if not shift_mean:
         out = out + mean

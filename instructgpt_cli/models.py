@@ -166,9 +166,11 @@ def stage_model(name: str, run_dir: Path, flag: str = "MODEL") -> tuple[str, Pat
 
 
 def resolve_device(name: str) -> torch.device:
+    """``auto``: the GPU of this process (``cuda:LOCAL_RANK`` under torchrun) or the CPU; ``cuda`` alone
+    also means this process's GPU."""
+    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         return torch.device("cpu")
     return torch.device(name)
 

@@ -27,11 +27,12 @@ def truncate_at_eos(tokens: list[int], eos_id: int) -> list[int]:
 
 @torch.no_grad()
 def generate(model: Any, tokenizer: Any, queries: list[list[int]], max_new_tokens: int, temperature: float,
-             batch_size: int) -> list[list[int]]:
+             batch_size: int, synced: bool = False) -> list[list[int]]:
     """Sample one response per query (token lists, EOS included where the model stopped).
 
     Queries are left-padded so every row's new tokens start in the same column; transformers derives
-    position ids from the attention mask, so padding does not shift positions.
+    position ids from the attention mask, so padding does not shift positions. ``synced``: every rank
+    keeps stepping until all are done (a sharded model gathers its weights in every forward).
     """
     device = next(model.parameters()).device
     config = generation_config(tokenizer, max_new_tokens, temperature)
@@ -40,7 +41,8 @@ def generate(model: Any, tokenizer: Any, queries: list[list[int]], max_new_token
     responses: list[list[int]] = []
     for start in range(0, len(queries), batch_size):
         ids, mask = pad_left(queries[start:start + batch_size], tokenizer.pad_token_id)
-        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config)
+        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config,
+                             synced_gpus=synced)
         # Exactly the sampled tokens up to the first EOS; transformers pads only rows that finished
         # (after their EOS), so a row without EOS is the full width and is kept whole.
         responses += [truncate_at_eos(row, tokenizer.eos_token_id) for row in out[:, ids.shape[1]:].tolist()]

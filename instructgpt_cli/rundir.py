@@ -159,12 +159,23 @@ def latest_checkpoint(ckpt_root: Path) -> Path | None:
 def save_checkpoint(ckpt_root: Path, step: int, write: Callable[[Path], None], keep: int) -> Path:
     """``write(tmp_dir)`` the checkpoint files, fsync, rename to ``step-NNNNNN``, mark COMPLETED,
     then delete all but the newest ``keep`` complete checkpoints (and any stale temporary dirs)."""
+    tmp = begin_checkpoint(ckpt_root, step)
+    write(tmp)
+    return publish_checkpoint(ckpt_root, tmp, step, keep)
+
+
+def begin_checkpoint(ckpt_root: Path, step: int) -> Path:
+    """A fresh temporary folder for the checkpoint of ``step`` (several processes may write into it)."""
     ckpt_root.mkdir(parents=True, exist_ok=True)
-    final = ckpt_root / checkpoint_name(step)
-    tmp = ckpt_root / f".tmp-{final.name}-{os.getpid()}"
+    tmp = ckpt_root / f".tmp-{checkpoint_name(step)}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    write(tmp)
+    return tmp
+
+
+def publish_checkpoint(ckpt_root: Path, tmp: Path, step: int, keep: int) -> Path:
+    """fsync the written ``tmp``, rename it to ``step-NNNNNN``, mark it COMPLETED and prune old ones."""
+    final = ckpt_root / checkpoint_name(step)
     fsync_tree(tmp)
     if final.exists():
         shutil.rmtree(final)

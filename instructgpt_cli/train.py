@@ -2,7 +2,8 @@
 resumable training state (trainable weights, optimizer, scheduler, RNG) inside a checkpoint.
 
 The data order is a pure function of (seed, epoch), so a resumed run needs only the step number to
-continue exactly where the interrupted one was.
+continue exactly where the interrupted one was. Under a launcher every rank runs these functions; only
+rank 0 writes files, and barriers keep the others from reading what is half written (distributed.py).
 """
 from __future__ import annotations
 
@@ -15,9 +16,11 @@ from typing import Any, Callable, NamedTuple
 import torch
 
 from . import config as config_mod
+from . import distributed
 from .config import OptimConfig
-from .rundir import (append_jsonl, atomic_write_text, latest_checkpoint, now, save_checkpoint, start_stage_dir,
-                     truncate_metrics, update_manifest)
+from .errors import BadInput
+from .rundir import (append_jsonl, atomic_write_text, begin_checkpoint, latest_checkpoint, now, publish_checkpoint,
+                     start_stage_dir, truncate_metrics, update_manifest)
 
 FAULT_ENV = "IGPT_FAULT_AFTER_STEP"  # test hook: die (exit 99, no cleanup) right after this step
 
@@ -40,11 +43,16 @@ def clip_gradients(params: list[torch.nn.Parameter], max_norm: float) -> float:
     """Global L2 norm of the gradients, scaled to ``max_norm`` when above it (``max_norm <= 0``: no clip).
 
     The same arithmetic as ``torch.nn.utils.clip_grad_norm_`` (coefficient max_norm / (norm + 1e-6)),
-    computed per tensor and stacked: torch's CPU path took 1.7 s for a 135M model, this 0.1 s.
+    computed per tensor and stacked: torch's CPU path took 1.7 s for a 135M model, this 0.1 s. DDP has
+    reduced the gradients by now; FSDP's are shards (DTensors), whose norm torch's own path reduces over
+    every rank.
     """
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return 0.0
+    if distributed.is_sharded(torch.nn.ParameterList(params)):
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+        return distributed.as_float(norm)
     norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32) for g in grads]))
     if max_norm > 0:
         coef = max_norm / (float(norm) + 1e-6)
@@ -97,6 +105,14 @@ def step_chunks(items: list, step: int, per_step: int, micro: int, seed: int) ->
     return [[items[j] for j in chunk] for chunk in micro_batches(step_indices(len(items), step, per_step, seed), micro)]
 
 
+def processes_note(fsdp: bool) -> str:
+    """Banner suffix saying how a step is shared ('' for one process)."""
+    world = distributed.world_size()
+    if world == 1:
+        return " (--fsdp ignored: one process)" if fsdp else ""
+    return f" over {world} processes ({'FSDP' if fsdp else 'DDP'})"
+
+
 def model_rows(model: Any, lora: bool, ckpt: Path | None) -> dict[str, str]:
     """Banner rows every training stage shows: trainable parameters and where it starts from."""
     from .models import count_parameters
@@ -106,41 +122,82 @@ def model_rows(model: Any, lora: bool, ckpt: Path | None) -> dict[str, str]:
             "resume": f"from {ckpt.name}" if ckpt else "no (fresh start)"}
 
 
-def save_train_state(dest: Path, model: Any, optimizer: Any, scheduler: Any, step: int, extra: dict | None = None) -> None:
-    """Trainable weights as safetensors; optimizer, scheduler, RNG and step with ``torch.save``
-    (read back with ``weights_only=True``)."""
-    from safetensors.torch import save_file
-
-    weights = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
-    save_file(weights, dest / "trainable.safetensors")
-    torch.save(optimizer.state_dict(), dest / "optimizer.pt")
+def rng_state() -> dict:
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
-    torch.save({"step": step, "scheduler": scheduler.state_dict(), "rng": rng, "extra": extra or {}},
-               dest / "state.pt")
+    return rng
+
+
+def save_train_state(dest: Path, model: Any, optimizer: Any, scheduler: Any, step: int, extra: dict | None = None,
+                     rngs: list[dict] | None = None) -> None:
+    """Trainable weights as safetensors; optimizer, scheduler, RNG and step with ``torch.save``
+    (read back with ``weights_only=True``). Every rank calls this: a sharded (FSDP) model is written by
+    all ranks with torch.distributed.checkpoint, anything else by rank 0. ``rngs`` holds every rank's
+    RNG state in rank order (default: this process's), so each rank resumes its own sampling stream."""
+    from safetensors.torch import save_file
+
+    sharded = distributed.is_sharded(model)
+    if sharded:
+        distributed.save_sharded(dest, model, optimizer)
+    if not distributed.is_main():
+        return
+    if not sharded:
+        weights = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+        save_file(weights, dest / "trainable.safetensors")
+        torch.save(optimizer.state_dict(), dest / "optimizer.pt")
+    rngs = rngs or [rng_state()]
+    state = {"step": step, "scheduler": scheduler.state_dict(), "rng": rngs[0], "extra": extra or {}}
+    if len(rngs) > 1:
+        state["rng_ranks"] = rngs
+    torch.save(state, dest / "state.pt")
 
 
 def load_train_state(src: Path, model: Any, optimizer: Any, scheduler: Any) -> tuple[int, dict]:
-    """Restore what :func:`save_train_state` wrote; returns (step, extra)."""
+    """Restore what :func:`save_train_state` wrote; returns (step, extra). A sharded checkpoint loads
+    into any number of processes, sharded or not; one written whole loads whole (not into FSDP)."""
     from safetensors.torch import load_file
 
-    weights = load_file(src / "trainable.safetensors")
-    params = dict(model.named_parameters())
-    missing = [n for n, p in params.items() if p.requires_grad and n not in weights]
-    if missing:
-        raise RuntimeError(f"{src}: checkpoint lacks {len(missing)} trainable tensors (e.g. {missing[0]}); "
-                           "was it written with other LoRA/model settings?")
-    with torch.no_grad():
-        for name, tensor in weights.items():
-            params[name].copy_(tensor)
-    optimizer.load_state_dict(torch.load(src / "optimizer.pt", weights_only=True, map_location="cpu"))
+    if (src / ".metadata").exists():  # torch.distributed.checkpoint's index: written under --fsdp
+        distributed.load_sharded(src, model, optimizer)
+    elif distributed.is_sharded(model):
+        raise BadInput([f"{src}: written without --fsdp; resume it without --fsdp (or start over with --overwrite)"])
+    else:
+        weights = load_file(src / "trainable.safetensors")
+        params = dict(model.named_parameters())
+        missing = [n for n, p in params.items() if p.requires_grad and n not in weights]
+        if missing:
+            raise RuntimeError(f"{src}: checkpoint lacks {len(missing)} trainable tensors (e.g. {missing[0]}); "
+                               "was it written with other LoRA/model settings?")
+        with torch.no_grad():
+            for name, tensor in weights.items():
+                params[name].copy_(tensor)
+        optimizer.load_state_dict(torch.load(src / "optimizer.pt", weights_only=True, map_location="cpu"))
     state = torch.load(src / "state.pt", weights_only=True)
     scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["rng"]["torch"])
-    if "cuda" in state["rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    rngs, world = state.get("rng_ranks", [state["rng"]]), distributed.world_size()
+    if len(rngs) == world or world == 1:
+        rng = rngs[distributed.rank()] if len(rngs) == world else state["rng"]
+        torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+    else:  # another number of processes: the data order continues exactly, the RNG streams start afresh
+        say(f"{src.name} was written by {len(rngs)} processes and this run has {world}: dropout and sampling "
+            "continue from this run's per-rank seeds")
     return int(state["step"]), state["extra"]
+
+
+def save_state(stage: Stage, step: int, model: Any, optimizer: Any, scheduler: Any, extra: dict | None,
+               keep: int) -> None:
+    """A resumable checkpoint (DESIGN.md: written under a temporary name, renamed, marked COMPLETED).
+    Every rank calls this; rank 0 publishes the folder once every rank has written its part."""
+    rngs = distributed.gather(rng_state())
+    tmp = distributed.broadcast(begin_checkpoint(stage.checkpoints, step) if distributed.is_main() else None)
+    save_train_state(tmp, model, optimizer, scheduler, step, extra, rngs)
+    distributed.barrier()
+    if distributed.is_main():
+        publish_checkpoint(stage.checkpoints, tmp, step, keep)
+    distributed.barrier()
 
 
 class Stage(NamedTuple):
@@ -168,18 +225,26 @@ class Stage(NamedTuple):
 
 def begin_stage(stage: Stage, mode: str, cfg: Any, inputs: dict) -> None:
     """Create the stage directory and record the resolved config and the inputs in the manifest.
-    Called only after every input has been validated."""
-    start_stage_dir(stage.dir, mode)
-    atomic_write_text(stage.dir / "config.yaml", config_mod.to_yaml(stage.name, cfg))
-    update_manifest(stage.run_dir, stage.name, status="running", started=now(), inputs=inputs)
+    Called only after every input has been validated: the first barrier waits until every rank has
+    validated (and so could still fail with nothing written), the second until the files exist."""
+    distributed.barrier()
+    if distributed.is_main():
+        start_stage_dir(stage.dir, mode)
+        atomic_write_text(stage.dir / "config.yaml", config_mod.to_yaml(stage.name, cfg))
+        update_manifest(stage.run_dir, stage.name, status="running", started=now(), inputs=inputs)
+    distributed.barrier()
 
 
 def restore(stage: Stage, mode: str, model: Any, optimizer: Any, scheduler: Any) -> tuple[int, dict, Path | None]:
     """Resume point: (step, extra state, checkpoint) of the newest complete checkpoint, or a fresh start.
-    Metrics logged after that step are dropped; the resumed run logs them again."""
-    ckpt = latest_checkpoint(stage.checkpoints) if mode == "resume" else None
+    Metrics logged after that step are dropped; the resumed run logs them again. Rank 0 picks the
+    checkpoint and every rank loads that one."""
+    ckpt = distributed.broadcast(latest_checkpoint(stage.checkpoints) if mode == "resume" else None)
     step, extra = load_train_state(ckpt, model, optimizer, scheduler) if ckpt is not None else (0, {})
-    truncate_metrics(stage.metrics, step)
+    if distributed.is_main():
+        truncate_metrics(stage.metrics, step)
+    if ckpt is not None and distributed.world_size() > 1:
+        say_every_rank(f"resumed at step {step} from {ckpt.name}")
     return step, extra, ckpt
 
 
@@ -204,24 +269,28 @@ def fit(stage: Stage, model: Any, optimizer: Any, scheduler: Any, step: int, tot
             record["elapsed_s"] = time.perf_counter() - started
             if evaluate is not None and (step % eval_every == 0 or step == total_steps):
                 record.update(evaluate())
-            append_jsonl(stage.metrics, record)
+            if distributed.is_main():
+                append_jsonl(stage.metrics, record)
             if step % save_every == 0 and step < total_steps:
-                state = extra_state() if extra_state else None
-                save_checkpoint(stage.checkpoints, step,
-                                lambda d: save_train_state(d, model, optimizer, scheduler, step, state), keep)
+                save_state(stage, step, model, optimizer, scheduler, extra_state() if extra_state else None, keep)
             bar.update(task, advance=1, description=f"{stage.name} {show.split('/')[-1]} {record.get(show, float('nan')):.4f}")
             maybe_fault(step)
     return step
 
 
 def finish_stage(stage: Stage, steps: int, **outputs: Any) -> None:
-    update_manifest(stage.run_dir, stage.name, status="completed", finished=now(), steps=steps,
-                    outputs={"final": str(stage.final), **outputs})
+    """Mark the stage completed (rank 0, after it wrote ``final/``); every rank returns after that."""
+    if distributed.is_main():
+        update_manifest(stage.run_dir, stage.name, status="completed", finished=now(), steps=steps,
+                        outputs={"final": str(stage.final), **outputs})
+    distributed.barrier()
 
 
 def maybe_fault(step: int) -> None:
-    """Simulate a kill for resume tests: ``IGPT_FAULT_AFTER_STEP=N`` ends the process after step N."""
+    """Simulate a kill for resume tests: ``IGPT_FAULT_AFTER_STEP=N`` ends the process after step N
+    (every rank of a launched run, once all of them have finished that step)."""
     if os.environ.get(FAULT_ENV) == str(step):
+        distributed.barrier()
         os._exit(99)
 
 
@@ -229,9 +298,16 @@ def maybe_fault(step: int) -> None:
 
 
 def console() -> Any:
+    """stderr of rank 0; the other ranks of a launched run stay quiet."""
     from rich.console import Console
 
-    return Console(stderr=True)
+    return Console(stderr=True, quiet=not distributed.is_main())
+
+
+def say_every_rank(message: str) -> None:
+    from rich.console import Console
+
+    Console(stderr=True).print(f"rank {distributed.rank()}/{distributed.world_size()}: {message}")
 
 
 def say(message: str) -> None:
@@ -252,4 +328,4 @@ def progress() -> Any:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    TimeRemainingColumn(), console=console())
+                    TimeRemainingColumn(), console=console(), disable=not distributed.is_main())

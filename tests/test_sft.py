@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 from conftest import REPO, TINY_CONFIG, arithmetic_demos, igpt, write_jsonl
 from instructgpt_cli.data import tokenize_demos, read_demos
+from instructgpt_cli.distributed import Apply
 from instructgpt_cli.models import tiny_model, tiny_tokenizer
 from instructgpt_cli.rundir import read_metrics
 from instructgpt_cli.stages.sft import train_step
@@ -73,7 +74,7 @@ def one_step(batch_size, grad_accum, examples, tok, packed=False):
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
     chunks = [examples[i:i + batch_size] for i in range(0, len(examples), batch_size)]
-    loss = train_step(model, opt, sched, chunks, tok.pad_token_id, packed, torch.device("cpu"), 100.0)
+    loss = train_step(Apply(model), opt, sched, chunks, tok.pad_token_id, packed, torch.device("cpu"), 100.0)
     return loss["train/loss"], model.state_dict()
 
 

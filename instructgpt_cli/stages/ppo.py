@@ -9,6 +9,10 @@ log-probs at the same T, per-token values, the RM score at the last real token),
 per-token KL-penalised rewards, GAE (gamma 1, lambda 0.95), whitened advantages, then PPO epochs over
 shuffled minibatches with clipped policy and value losses. Implementation details follow
 lm-human-preferences / "The N implementation details of RLHF with PPO" (Huang et al. 2024).
+
+Under a launcher each rank samples its share of the iteration's prompts with its own seed; advantages
+are whitened, losses normalised and metrics reported over all ranks' responses, so beta (the KL
+controller's) and every update are those of one batch of ``rollout_batch_size`` episodes.
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from .. import distributed
 from ..config import ModelConfig, PPOConfig
 from ..data import pretrain_blocks, pad_right, read_pretrain, read_prompts, render_prompt
 from ..errors import BadInput
@@ -33,7 +38,7 @@ from ..rollout import (Rollout, build_rollout, decode_response, generate, last_t
                        token_values)
 from ..rundir import check_stage, file_input
 from ..train import (Stage, banner, begin_stage, build_optimizer, build_scheduler, finish_stage, fit, model_rows,
-                     optimizer_step, restore, say, step_indices)
+                     optimizer_step, processes_note, restore, say, step_indices)
 
 STAGE = "ppo"
 
@@ -50,18 +55,24 @@ def micro(indices: torch.Tensor, size: int) -> list[torch.Tensor]:
     return [indices[i:i + size] for i in range(0, len(indices), size)]
 
 
+def ptx_lm_loss(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The PPO-ptx term: ``model``'s LM loss on a batch of pretraining blocks (B, L)."""
+    return ptx_loss(model(input_ids=ids, attention_mask=mask, use_cache=False).logits, ids, mask)
+
+
 @torch.no_grad()
 def score_rollout(models: dict, ro: Rollout, cfg: PPOConfig, beta: float, batch: int) -> dict:
-    """Old log-probs, reference log-probs, values, scores; then rewards, advantages and returns (B, T)."""
+    """Old log-probs, reference log-probs, values, scores; then rewards, advantages and returns (B, T).
+    ``models`` are runners (``distributed.wrap``): ``models["policy"](fn, ...)`` is ``fn(policy, ...)``."""
     parts: dict[str, list] = {"logprobs": [], "ref_logprobs": [], "values": [], "scores": []}
     for idx in micro(torch.arange(len(ro.lengths)), batch):
         qr, mask = ro.query_response[idx], ro.attention_mask[idx]
-        parts["logprobs"].append(response_logprobs(models["policy"], qr, mask, ro.context_len, cfg.temperature)[0])
+        parts["logprobs"].append(models["policy"](response_logprobs, qr, mask, ro.context_len, cfg.temperature)[0])
         with models["ref_ctx"]():
-            parts["ref_logprobs"].append(response_logprobs(models["ref"], qr, mask, ro.context_len, cfg.temperature)[0])
-        parts["values"].append(token_values(models["value"], qr, mask, ro.context_len))
+            parts["ref_logprobs"].append(models["ref"](response_logprobs, qr, mask, ro.context_len, cfg.temperature)[0])
+        parts["values"].append(models["value"](token_values, qr, mask, ro.context_len))
         with models["rm_ctx"]():
-            parts["scores"].append(last_token_scores(models["rm"], qr, mask, ro.context_len, ro.lengths[idx]))
+            parts["scores"].append(models["rm"](last_token_scores, qr, mask, ro.context_len, ro.lengths[idx]))
     out = {k: torch.cat(v) for k, v in parts.items()}
     mask = ro.response_mask.float()
     scores = out["scores"].clone()
@@ -70,34 +81,42 @@ def score_rollout(models: dict, ro: Rollout, cfg: PPOConfig, beta: float, batch:
     scores = scores - cfg.missing_eos_penalty * (~ro.has_eos).float()  # a response must end
     rewards, kl = kl_penalized_rewards(scores, out["logprobs"], out["ref_logprobs"], mask, beta)
     advantages, returns = gae(out["values"], rewards, mask, cfg.gamma, cfg.lam)
-    if cfg.whiten_advantages:
-        advantages = masked_whiten(advantages, mask)
+    if cfg.whiten_advantages:  # with the mean and variance of every rank's responses together
+        advantages = masked_whiten(advantages, mask, total=distributed.total)
     return {**out, "penalised_scores": scores, "rewards": rewards, "kl": kl, "advantages": advantages,
             "returns": returns}
 
 
 def ppo_update(models: dict, trained: PolicyAndValue, optimizer, scheduler, ro: Rollout, sc: dict, cfg: PPOConfig,
                ptx: list[list[int]], step: int, pad_id: int) -> tuple[dict, float]:
-    """PPO epochs over shuffled minibatches; each optimizer step adds the ptx term. Returns stats and
-    the seconds spent on ptx."""
+    """PPO epochs over shuffled minibatches; each optimizer step adds the ptx term. Returns stats (over
+    all ranks) and the seconds spent on ptx. Each rank holds 1/world of the rollout and of every
+    minibatch; a minibatch's loss is normalised by the response tokens of all ranks' shares."""
     policy, value = models["policy"], models["value"]
     mask_all = ro.response_mask.float()
     stats: dict[str, list[float]] = {}
     ptx_seconds = 0.0
-    n_minibatches = math.ceil(len(ro.lengths) / cfg.mini_batch_size)
+    world = distributed.world_size()
+    scale = world  # DDP and FSDP average gradients over ranks; the losses want their sum
+    mini = cfg.mini_batch_size // world
+    n_minibatches = math.ceil(len(ro.lengths) / mini)
     policy.train(), value.train()
     for epoch in range(cfg.ppo_epochs):
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 1_009 + epoch)
-        for mb_i, mb in enumerate(micro(torch.randperm(len(ro.lengths), generator=gen), cfg.mini_batch_size)):
-            n_tokens = mask_all[mb].sum().clamp(min=1)
-            for idx in micro(mb, cfg.optim.batch_size):
+        for mb_i, mb in enumerate(micro(torch.randperm(len(ro.lengths), generator=gen), mini)):
+            n_tokens = distributed.total(mask_all[mb].sum()).clamp(min=1)
+            micros = micro(mb, cfg.optim.batch_size)
+            for j, idx in enumerate(micros):
                 qr, mask, rmask = ro.query_response[idx], ro.attention_mask[idx], mask_all[idx]
                 weight = rmask.sum() / n_tokens  # micro-batch share of the minibatch's tokens
-                logprobs, entropy = response_logprobs(policy, qr, mask, ro.context_len, cfg.temperature, True)
-                pg_loss, pg = policy_loss(logprobs, sc["logprobs"][idx], sc["advantages"][idx], rmask, cfg.cliprange)
-                values = token_values(value, qr, mask, ro.context_len)
-                vf_loss, vf = value_loss(values, sc["values"][idx], sc["returns"][idx], rmask, cfg.cliprange_value)
-                ((pg_loss + cfg.vf_coef * vf_loss) * weight).backward()
+                last = j == len(micros) - 1  # DDP reduces in the last backward of a model (ptx's, for the policy)
+                with distributed.syncing(policy, last and cfg.ptx_coef == 0), distributed.syncing(value, last):
+                    logprobs, entropy = policy(response_logprobs, qr, mask, ro.context_len, cfg.temperature, True)
+                    pg_loss, pg = policy_loss(logprobs, sc["logprobs"][idx], sc["advantages"][idx], rmask,
+                                              cfg.cliprange)
+                    values = value(token_values, qr, mask, ro.context_len)
+                    vf_loss, vf = value_loss(values, sc["values"][idx], sc["returns"][idx], rmask, cfg.cliprange_value)
+                    ((pg_loss + cfg.vf_coef * vf_loss) * weight * scale).backward()
                 w = float(weight)
                 for key, v in (("loss/policy", pg_loss), ("loss/value", vf_loss), ("val/ratio", pg["ratio"]),
                                ("policy/clipfrac", pg["clipfrac"]), ("policy/approxkl", pg["approxkl"]),
@@ -110,10 +129,13 @@ def ppo_update(models: dict, trained: PolicyAndValue, optimizer, scheduler, ro: 
                 t0 = time.perf_counter()
                 opt_step = (step * cfg.ppo_epochs + epoch) * n_minibatches + mb_i
                 blocks = [ptx[i] for i in step_indices(len(ptx), opt_step, cfg.ptx_batch_size, cfg.seed)]
-                ids, mask = (x.to(ro.query_response.device) for x in pad_right(blocks, pad_id))
-                loss = ptx_loss(policy(input_ids=ids, attention_mask=mask, use_cache=False).logits, ids, mask)
-                (cfg.ptx_coef * loss).backward()
-                stats.setdefault("loss/ptx", []).append(loss.item())
+                mine = blocks[distributed.rank()::world]  # a rank short of a block reruns one with weight 0
+                # this rank's share of the step's ptx tokens: the loss is a mean over all ranks' blocks
+                share = sum(len(b) - 1 for b in mine) / max(sum(len(b) - 1 for b in blocks), 1)
+                ids, mask = (x.to(ro.query_response.device) for x in pad_right(mine or blocks[:1], pad_id))
+                loss = policy(ptx_lm_loss, ids, mask)
+                (cfg.ptx_coef * loss * (share * scale)).backward()
+                stats.setdefault("loss/ptx", []).append(loss.item() * share)
                 ptx_seconds += time.perf_counter() - t0
             stats.setdefault("train/grad_norm", []).append(optimizer_step(trained, optimizer, scheduler,
                                                                           cfg.optim.grad_clip))
@@ -124,7 +146,8 @@ def ppo_update(models: dict, trained: PolicyAndValue, optimizer, scheduler, ro: 
     for k in ("loss/ptx", "train/grad_norm"):
         if k in stats:
             out[k] = sum(stats[k]) / len(stats[k])
-    return out, ptx_seconds
+    # every value but the gradient norm (the same on all ranks) is a rank's part of a global mean
+    return distributed.reduce_metrics(out, sums=tuple(k for k in out if k != "train/grad_norm")), ptx_seconds
 
 
 def load_models(cfg: PPOConfig, tokenizer, sft_path: Path, rm_path: Path, device: torch.device) -> dict:
@@ -150,6 +173,29 @@ def load_models(cfg: PPOConfig, tokenizer, sft_path: Path, rm_path: Path, device
     return {"policy": policy, "value": value, **models}
 
 
+def runners(models: dict, cfg: PPOConfig, device: torch.device) -> dict:
+    """The models as PPO calls them (``distributed.wrap``): policy and value train under DDP or FSDP;
+    the frozen reference and RM are sharded under FSDP and kept whole under DDP. With LoRA those two
+    are the policy and value runners with adapters disabled."""
+    policy = distributed.wrap(models["policy"], device, cfg.fsdp)
+    value = distributed.wrap(models["value"], device, cfg.fsdp)
+    if cfg.lora.enabled:
+        return {**models, "policy": policy, "value": value, "ref": policy, "rm": value}
+    return {**models, "policy": policy, "value": value,
+            "ref": distributed.wrap(models["ref"], device, cfg.fsdp, trainable=False),
+            "rm": distributed.wrap(models["rm"], device, cfg.fsdp, trainable=False)}
+
+
+def cpu_copy(cfg: PPOConfig, tokenizer, path: Path, kind: str):
+    """The policy's ('causal') or value model's ('reward') architecture on the CPU, to receive the gathered
+    weights of a sharded model for export."""
+    model = load_model(ModelConfig(**{**vars(cfg.model), "dropout": 0.0, "name": str(path)}), tokenizer, path,
+                       torch.device("cpu"), cfg.seed, kind=kind)
+    if cfg.lora.enabled:
+        model = apply_lora(model, cfg.lora, task_type="CAUSAL_LM" if kind == "causal" else "SEQ_CLS")
+    return model
+
+
 def run(cfg: PPOConfig, resume: bool = False, overwrite: bool = False) -> Path:
     # 1. validate every input before anything is written
     errors = []
@@ -159,6 +205,10 @@ def run(cfg: PPOConfig, resume: bool = False, overwrite: bool = False) -> Path:
         errors.append(f"--ptx-data: required when --ptx-coef is {cfg.ptx_coef} > 0 (pretraining text for PPO-ptx)")
     if cfg.temperature <= 0:
         errors.append("temperature: PPO samples, so it must be > 0")
+    world = distributed.world_size()
+    if cfg.rollout_batch_size % world or cfg.mini_batch_size % world:
+        errors.append(f"rollout_batch_size ({cfg.rollout_batch_size}) and mini_batch_size ({cfg.mini_batch_size}): "
+                      f"must be multiples of the number of processes ({world}); each rank takes an equal share")
     if errors:
         raise BadInput(errors)
     run_dir = Path(cfg.run_dir)
@@ -182,8 +232,10 @@ def run(cfg: PPOConfig, resume: bool = False, overwrite: bool = False) -> Path:
 
     # 2. models, optimizer, schedule
     torch.manual_seed(cfg.seed)  # sampling; a resumed run restores the RNG state of its checkpoint
-    models = load_models(cfg, tokenizer, sft_path, rm_path, device)
-    trained = PolicyAndValue(models["policy"], models["value"])
+    loaded = load_models(cfg, tokenizer, sft_path, rm_path, device)
+    trained = PolicyAndValue(loaded["policy"], loaded["value"])
+    models = runners(loaded, cfg, device)  # DDP or FSDP under a launcher; FSDP shards trained's parameters
+    distributed.seed_rank(cfg.seed)
     B = cfg.rollout_batch_size
     if cfg.max_steps > 0:
         total_steps = cfg.max_steps
@@ -206,7 +258,8 @@ def run(cfg: PPOConfig, resume: bool = False, overwrite: bool = False) -> Path:
         "models": f"policy {sft_path}, value and reward {rm_path}, on {device}",
         "objective": f"beta {state['beta']}" + (f" -> KL {cfg.target_kl}" if cfg.target_kl else " (fixed)")
                      + (f", ptx gamma {cfg.ptx_coef} on {len(ptx)} blocks of {cfg.ptx_seq_len}" if ptx else ", no ptx"),
-        "steps": f"{total_steps} iterations x {cfg.ppo_epochs} epochs x {math.ceil(B / cfg.mini_batch_size)} minibatches",
+        "steps": f"{total_steps} iterations x {cfg.ppo_epochs} epochs x {math.ceil(B / cfg.mini_batch_size)} minibatches"
+                 + processes_note(cfg.fsdp),
         **model_rows(trained, cfg.lora.enabled, ckpt),
     })
     timings: dict[str, float] = {}
@@ -215,9 +268,12 @@ def run(cfg: PPOConfig, resume: bool = False, overwrite: bool = False) -> Path:
     def iteration(i: int) -> dict:
         t0 = time.perf_counter()
         idx = step_indices(len(prompts), i, B, cfg.seed)
-        batch_queries = [queries[j] for j in idx]
-        responses = generate(models["policy"], tokenizer, batch_queries, cfg.max_new_tokens, cfg.temperature,
-                             cfg.optim.batch_size * 2)
+        idx = idx + idx[:-len(idx) % world]  # every rank the same number of prompts (a short step repeats some)
+        mine = idx[distributed.rank()::world]
+        batch_queries = [queries[j] for j in mine]
+        with torch.no_grad():  # outside the runner too: DDP must not expect a backward of this forward
+            responses = models["policy"](generate, tokenizer, batch_queries, cfg.max_new_tokens, cfg.temperature,
+                                         cfg.optim.batch_size * 2, distributed.is_sharded(trained))
         ro = Rollout(*(x.to(device) if torch.is_tensor(x) else x for x in
                        build_rollout(batch_queries, responses, tokenizer.pad_token_id, tokenizer.eos_token_id)))
         t1 = time.perf_counter()
@@ -225,20 +281,26 @@ def run(cfg: PPOConfig, resume: bool = False, overwrite: bool = False) -> Path:
         t2 = time.perf_counter()
         stats, ptx_s = ppo_update(models, trained, optimizer, scheduler, ro, sc, cfg, ptx, i, tokenizer.pad_token_id)
         t3 = time.perf_counter()
-        kl = float(sc["kl"].sum(1).mean())
+        # means over all ranks' responses (every rank has as many), the EOS count summed: the KL controller
+        # sees the global KL, so beta stays the same on every rank
+        batch = distributed.reduce_metrics({
+            "kl": float(sc["kl"].sum(1).mean()), "scores": float(sc["scores"].mean()),
+            "rlhf_reward": float(sc["rewards"].sum(1).mean()), "eos": int(ro.has_eos.sum()),
+            "length": float(ro.lengths.float().mean())}, sums=("eos",))
+        kl = batch["kl"]
         record = {
-            "episode": (i + 1) * len(idx), "objective/kl": kl, "objective/scores": float(sc["scores"].mean()),
+            "episode": (i + 1) * len(idx), "objective/kl": kl, "objective/scores": batch["scores"],
             "objective/entropy": stats.pop("policy/entropy"), "objective/beta": state["beta"],
             "objective/non_score_reward": -state["beta"] * kl,
-            "objective/rlhf_reward": float(sc["rewards"].sum(1).mean()),  # penalised score - beta * KL
-            "val/num_eos_tokens": int(ro.has_eos.sum()), "val/response_length": float(ro.lengths.float().mean()),
+            "objective/rlhf_reward": batch["rlhf_reward"],  # penalised score - beta * KL
+            "val/num_eos_tokens": batch["eos"], "val/response_length": batch["length"],
             **stats, "timing/generation": t1 - t0, "timing/scoring": t2 - t1, "timing/training": t3 - t2 - ptx_s,
             "timing/ptx": ptx_s,
         }
         if cfg.target_kl > 0:
             state["beta"] = adaptive_kl_beta(state["beta"], kl, cfg.target_kl, cfg.kl_horizon, len(idx))
         if (i + 1) % cfg.sample_every == 0 or i + 1 == total_steps:
-            write_samples(stage, i + 1, [prompts[j].prompt for j in idx], responses, sc, tokenizer)
+            write_samples(stage, i + 1, [prompts[j].prompt for j in mine], responses, sc, tokenizer)
         record["timing/other"] = time.perf_counter() - t3
         for k, v in record.items():
             if k.startswith("timing/"):
@@ -248,13 +310,17 @@ def run(cfg: PPOConfig, resume: bool = False, overwrite: bool = False) -> Path:
     step = fit(stage, trained, optimizer, scheduler, step, total_steps, iteration, None, 1, cfg.save_every,
                cfg.keep_checkpoints, extra_state=lambda: dict(state), show="objective/scores")
 
-    # 5. export: ppo/final/policy (HF causal LM) and ppo/final/value, published together
-    tmp = stage.dir / f".tmp-final-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_final(models["policy"], tokenizer, tmp / "policy")
-    save_final(models["value"], tokenizer, tmp / "value")
-    os.replace(tmp, stage.final)
+    # 5. export from rank 0: ppo/final/policy (HF causal LM) and ppo/final/value, published together
+    # (sharded models are first gathered into plain copies there)
+    policy = distributed.full_model(trained.policy, lambda: cpu_copy(cfg, tokenizer, sft_path, "causal"))
+    value = distributed.full_model(trained.value, lambda: cpu_copy(cfg, tokenizer, rm_path, "reward"))
+    if distributed.is_main():
+        tmp = stage.dir / f".tmp-final-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        save_final(policy, tokenizer, tmp / "policy")
+        save_final(value, tokenizer, tmp / "value")
+        os.replace(tmp, stage.final)
     finish_stage(stage, step, policy=str(stage.final / "policy"), value=str(stage.final / "value"))
     total_s = sum(timings.values()) or 1.0
     banner("where the time went", {k.split("/")[1]: f"{v:.1f}s ({100 * v / total_s:.0f}%)" for k, v in timings.items()})
@@ -262,10 +328,14 @@ def run(cfg: PPOConfig, resume: bool = False, overwrite: bool = False) -> Path:
 
 
 def write_samples(stage: Stage, step: int, prompts: list[str], responses: list[list[int]], sc: dict, tokenizer) -> None:
-    """ppo/samples/step-NNNNNN.jsonl: what the policy says now, with its score and KL."""
+    """ppo/samples/step-NNNNNN.jsonl: what the policy says now, with its score and KL. Every rank sends
+    its share; rank 0 writes them in the step's prompt order."""
     from ..rundir import atomic_write_text
 
     lines = [json.dumps({"prompt": p, "response": decode_response(tokenizer, r), "score": float(s), "kl": float(k)},
                         ensure_ascii=False)
              for p, r, s, k in zip(prompts, responses, sc["scores"], sc["kl"].sum(1))]
-    atomic_write_text(stage.dir / "samples" / f"step-{step:06d}.jsonl", "\n".join(lines) + "\n")
+    parts = distributed.gather(lines)  # parts[r][k] is prompt k * world + r of the step
+    if distributed.is_main():
+        lines = [line for group in zip(*parts) for line in group]
+        atomic_write_text(stage.dir / "samples" / f"step-{step:06d}.jsonl", "\n".join(lines) + "\n")

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from .. import distributed
 from ..config import ModelConfig, RMConfig
 from ..data import RankedGroup, pad_right, read_demos, read_rankings, tokenize_rankings, tokenize_scored
 from ..errors import BadInput
@@ -22,7 +23,8 @@ from ..models import (REWARD_BIAS, apply_lora, context_window, find_model, load_
 from ..rollout import score_sequences
 from ..rundir import check_stage, file_input, read_manifest
 from ..train import (Stage, banner, begin_stage, build_optimizer, build_scheduler, finish_stage, fit,
-                     micro_batches, model_rows, optimizer_step, restore, say, step_chunks, steps_per_epoch)
+                     micro_batches, model_rows, optimizer_step, processes_note, restore, say, step_chunks,
+                     steps_per_epoch)
 
 STAGE = "rm"
 
@@ -49,35 +51,56 @@ def rank_forward(model, groups: list[RankedGroup], pad_id: int, device: torch.de
     return losses, correct, sum(len(q) for q in seqs)
 
 
-def train_step(model, optimizer, scheduler, chunks: list[list[RankedGroup]], pad_id: int, packed: bool,
+def train_step(run, optimizer, scheduler, chunks: list[list[RankedGroup]], pad_id: int, packed: bool,
                device: torch.device, grad_clip: float) -> dict:
-    """One optimizer step over micro-batches of prompts; the loss is the mean over all prompts of the step."""
+    """One optimizer step over micro-batches of prompts (every rank passes all of the step's and trains on
+    its share); the loss is the mean over all prompts of the step. ``run`` is the model's
+    ``distributed.wrap``."""
     n_prompts = sum(len(c) for c in chunks)
+    scale = distributed.world_size()  # DDP and FSDP average gradients over ranks; the loss wants their sum
+    mine = distributed.rank_chunks(chunks)
     loss_total, correct_total, pairs, tokens = 0.0, 0.0, 0, 0
-    for chunk in chunks:
-        losses, correct, n_tokens = rank_forward(model, chunk, pad_id, device, packed)
-        (losses.sum() / n_prompts).backward()
-        loss_total += losses.sum().item()
-        correct_total += correct.sum().item()
-        pairs += correct.numel()
-        tokens += n_tokens
-    grad_norm = optimizer_step(model, optimizer, scheduler, grad_clip)
-    return {"train/loss": loss_total / n_prompts, "train/accuracy": correct_total / max(pairs, 1),
-            "train/grad_norm": grad_norm, "train/tokens": tokens, "train/comparisons": pairs}
+    for j, (chunk, weight) in enumerate(mine):
+        with distributed.syncing(run, j == len(mine) - 1):
+            losses, correct, n_tokens = run(rank_forward, chunk, pad_id, device, packed)
+            (losses.sum() / n_prompts * (scale * weight)).backward()
+        if weight:
+            loss_total += losses.sum().item()
+            correct_total += correct.sum().item()
+            pairs += correct.numel()
+            tokens += n_tokens
+    grad_norm = optimizer_step(run, optimizer, scheduler, grad_clip)
+    sums = distributed.reduce_metrics({"loss": loss_total, "correct": correct_total, "pairs": pairs, "tokens": tokens},
+                                      sums=("loss", "correct", "pairs", "tokens"))
+    return {"train/loss": sums["loss"] / n_prompts, "train/accuracy": sums["correct"] / max(sums["pairs"], 1),
+            "train/grad_norm": grad_norm, "train/tokens": sums["tokens"], "train/comparisons": sums["pairs"]}
 
 
 @torch.no_grad()
-def evaluate(model, groups: list[RankedGroup], batch_size: int, pad_id: int, packed: bool, device: torch.device) -> dict:
-    """Held-out K-wise loss (mean per prompt) and pairwise accuracy (over all pairs)."""
-    model.eval()
+def evaluate(run, groups: list[RankedGroup], batch_size: int, pad_id: int, packed: bool, device: torch.device) -> dict:
+    """Held-out K-wise loss (mean per prompt) and pairwise accuracy (over all pairs); each rank scores its
+    share of the micro-batches."""
+    run.eval()
     loss_total, correct_total, pairs = 0.0, 0.0, 0
-    for chunk in micro_batches(groups, batch_size):
-        losses, correct, _ = rank_forward(model, chunk, pad_id, device, packed)
-        loss_total += losses.sum().item()
-        correct_total += correct.sum().item()
-        pairs += correct.numel()
-    model.train()
-    return {"eval/loss": loss_total / max(len(groups), 1), "eval/accuracy": correct_total / max(pairs, 1)}
+    for chunk, weight in distributed.rank_chunks(micro_batches(groups, batch_size)):
+        losses, correct, _ = run(rank_forward, chunk, pad_id, device, packed)
+        if weight:  # a weight-0 chunk only keeps the ranks in step
+            loss_total += losses.sum().item()
+            correct_total += correct.sum().item()
+            pairs += correct.numel()
+    run.train()
+    sums = distributed.reduce_metrics({"loss": loss_total, "correct": correct_total, "pairs": pairs},
+                                      sums=("loss", "correct", "pairs"))
+    return {"eval/loss": sums["loss"] / max(len(groups), 1), "eval/accuracy": sums["correct"] / max(sums["pairs"], 1)}
+
+
+@torch.no_grad()
+def demo_scores(run, seqs: list[list[int]], pad_id: int, batch_size: int) -> torch.Tensor:
+    """Normalised scores (N,) of the demonstrations, in order; each rank scores its share of the batches."""
+    chunks = micro_batches(seqs, batch_size)
+    mine = [run(score_sequences, chunk, pad_id, batch_size) for chunk, _ in distributed.rank_chunks(chunks)]
+    parts = distributed.gather(mine)  # parts[r][k] holds batch k * world + r
+    return torch.cat([parts[j % len(parts)][j // len(parts)] for j in range(len(chunks))])
 
 
 def demos_path(cfg: RMConfig, run_dir: Path) -> str | None:
@@ -109,9 +132,14 @@ def run(cfg: RMConfig, resume: bool = False, overwrite: bool = False) -> Path:
         say(f"train-rm: {stage.final} is already complete; nothing to do")
         return stage.final
     device = resolve_device(cfg.device)
+
+    def build(on: torch.device):  # the same model on every rank; again on CPU to export a sharded one
+        model = load_model(model_cfg, tokenizer, source, on, cfg.seed, kind="reward")
+        setattr(model.config, REWARD_BIAS, 0.0)  # normalisation is recomputed after training
+        return apply_lora(model, cfg.lora, task_type="SEQ_CLS") if cfg.lora.enabled else model  # head trains in full
+
     torch.manual_seed(cfg.seed)
-    model = load_model(model_cfg, tokenizer, source, device, cfg.seed, kind="reward")
-    setattr(model.config, REWARD_BIAS, 0.0)  # normalisation is recomputed after training
+    model = build(device)
     max_len = context_window(model_cfg, model)
     groups, truncated = tokenize_rankings(tokenizer, rankings, max_len)
     demo_errors: list[str] = []
@@ -120,15 +148,15 @@ def run(cfg: RMConfig, resume: bool = False, overwrite: bool = False) -> Path:
     if demo_errors:
         raise BadInput(demo_errors)
 
-    # 2. split by prompt, model, optimizer, schedule
+    # 2. split by prompt, model (DDP or FSDP under a launcher), optimizer, schedule
     n_val = min(int(len(groups) * cfg.val_fraction), len(groups) - 1) if cfg.val_fraction > 0 else 0
     perm = torch.randperm(len(groups), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
     train, val = [groups[i] for i in perm[n_val:]], [groups[i] for i in perm[:n_val]]
-    if cfg.lora.enabled:
-        model = apply_lora(model, cfg.lora, task_type="SEQ_CLS")  # the scalar head trains in full
     model.train()
     packed = cfg.padding_free and supports_packing(model)
-    per_step = cfg.optim.batch_size * cfg.optim.grad_accum
+    run_model = distributed.wrap(model, device, cfg.fsdp)
+    distributed.seed_rank(cfg.seed)
+    per_step = cfg.optim.batch_size * cfg.optim.grad_accum * distributed.world_size()
     epoch_steps = steps_per_epoch(len(train), per_step)
     total_steps = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * epoch_steps
     optimizer = build_optimizer(model, cfg.optim)
@@ -146,18 +174,19 @@ def run(cfg: RMConfig, resume: bool = False, overwrite: bool = False) -> Path:
                     f"{sum(len(g.pairs) for g in train)} training comparisons; {truncated} responses cut)",
         "init": f"{init} on {device} ({next(model.parameters()).dtype}), scalar head",
         "steps": f"{total_steps} ({epoch_steps}/epoch), {per_step} prompts per step"
-                 + (", padding-free" if packed else ", padded"),
+                 + (", padding-free" if packed else ", padded") + processes_note(cfg.fsdp),
         **model_rows(model, cfg.lora.enabled, ckpt),
     })
 
     # 4. train
     def one_step(i: int) -> dict:
-        record = train_step(model, optimizer, scheduler, step_chunks(train, i, per_step, cfg.optim.batch_size, cfg.seed),
-                            tokenizer.pad_token_id, packed, device, cfg.optim.grad_clip)
+        record = train_step(run_model, optimizer, scheduler,
+                            step_chunks(train, i, per_step, cfg.optim.batch_size, cfg.seed), tokenizer.pad_token_id,
+                            packed, device, cfg.optim.grad_clip)
         return {"epoch": round((i + 1) / epoch_steps, 4), **record}
 
     def held_out() -> dict:
-        return evaluate(model, val, cfg.optim.batch_size, tokenizer.pad_token_id, packed, device)
+        return evaluate(run_model, val, cfg.optim.batch_size, tokenizer.pad_token_id, packed, device)
 
     step = fit(stage, model, optimizer, scheduler, step, total_steps, one_step, held_out if val else None,
                cfg.eval_every, cfg.save_every, cfg.keep_checkpoints)
@@ -165,13 +194,17 @@ def run(cfg: RMConfig, resume: bool = False, overwrite: bool = False) -> Path:
     # 5. normalise: the demonstrations score mean 0 (stored in the config, applied by reward_scores)
     summary = held_out() if val else {}
     if demo_seqs:
-        scores = score_sequences(model, demo_seqs, tokenizer.pad_token_id, cfg.optim.batch_size * 4)
+        scores = demo_scores(run_model, demo_seqs, tokenizer.pad_token_id, cfg.optim.batch_size * 4)
         setattr(model.config, REWARD_BIAS, -float(scores.double().mean()))
         summary.update({"demos/raw_mean": float(scores.mean()), "demos/raw_std": float(scores.std())})
     model.config.igpt_reward_stats = summary
 
-    # 6. export
-    save_final(model, tokenizer, stage.final)
+    # 6. export from rank 0 (a sharded model is first gathered into a plain copy there)
+    final = distributed.full_model(model, lambda: build(torch.device("cpu")))
+    if distributed.is_main():
+        for key in (REWARD_BIAS, "igpt_reward_stats"):
+            setattr(final.config, key, getattr(model.config, key))
+        save_final(final, tokenizer, stage.final)
     finish_stage(stage, step, **summary)
     banner("reward model", {k: f"{v:.4f}" for k, v in summary.items()} | {"saved": str(stage.final)})
     return stage.final

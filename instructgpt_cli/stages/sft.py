@@ -1,8 +1,9 @@
 """Step 1 of InstructGPT: supervised fine-tuning on labeler demonstrations.
 
 Loss is next-token cross-entropy on response tokens only (prompt tokens masked), normalised by the
-number of response tokens in the whole optimizer step. The paper trains 16 epochs with a cosine
-schedule decaying to 10% and residual dropout 0.2 (Ouyang et al. 2022, appendix C.1).
+number of response tokens in the whole optimizer step (over all ranks of a launched run). The paper
+trains 16 epochs with a cosine schedule decaying to 10% and residual dropout 0.2 (Ouyang et al. 2022,
+appendix C.1).
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .. import distributed
 from ..config import SFTConfig
 from ..data import IGNORE_INDEX, Example, collate, collate_packed, read_demos, tokenize_demos
 from ..errors import BadInput
@@ -19,7 +21,8 @@ from ..models import (apply_lora, context_window, load_causal_lm, load_tokenizer
                       resolve_device, save_final, supports_packing)
 from ..rundir import check_stage, file_input
 from ..train import (Stage, banner, begin_stage, build_optimizer, build_scheduler, finish_stage, fit,
-                     micro_batches, model_rows, optimizer_step, restore, say, step_chunks, steps_per_epoch)
+                     micro_batches, model_rows, optimizer_step, processes_note, restore, say, step_chunks,
+                     steps_per_epoch)
 
 STAGE = "sft"
 
@@ -58,30 +61,39 @@ def loss_sum(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @torch.no_grad()
-def eval_loss(model, examples: list[Example], batch_size: int, pad_id: int, packed: bool, device: torch.device) -> float:
-    """Mean response-token loss over ``examples``."""
-    model.eval()
+def eval_loss(run, examples: list[Example], batch_size: int, pad_id: int, packed: bool, device: torch.device) -> float:
+    """Mean response-token loss over ``examples``; ``run`` is the model's ``distributed.wrap``, and each
+    rank scores its share of the micro-batches."""
+    run.eval()
     total, tokens = 0.0, 0
-    for chunk in micro_batches(examples, batch_size):
-        summed, n = loss_sum(model, make_batch(chunk, pad_id, packed, device))
-        total, tokens = total + summed.item(), tokens + int(n)
-    model.train()
-    return total / max(tokens, 1)
+    for chunk, weight in distributed.rank_chunks(micro_batches(examples, batch_size)):
+        summed, n = run(loss_sum, make_batch(chunk, pad_id, packed, device))
+        if weight:  # a weight-0 chunk only keeps the ranks in step
+            total, tokens = total + summed.item(), tokens + int(n)
+    run.train()
+    sums = distributed.reduce_metrics({"loss": total, "tokens": tokens}, sums=("loss", "tokens"))
+    return sums["loss"] / max(sums["tokens"], 1)
 
 
-def train_step(model, optimizer, scheduler, chunks: list[list[Example]], pad_id: int, packed: bool,
+def train_step(run, optimizer, scheduler, chunks: list[list[Example]], pad_id: int, packed: bool,
                device: torch.device, grad_clip: float) -> dict:
-    """One optimizer step over micro-batches ``chunks``; the loss is normalised by the response tokens
-    of all of them. Returns the step's metrics."""
+    """One optimizer step over micro-batches ``chunks`` (every rank passes all of the step's and trains on
+    its share); the loss is normalised by the response tokens of all of them. ``run`` is the model's
+    ``distributed.wrap``. Returns the step's metrics, summed over ranks."""
     n_targets = sum(sum(1 for t in e.labels[1:] if t != IGNORE_INDEX) for chunk in chunks for e in chunk)
+    scale = distributed.world_size()  # DDP and FSDP average gradients over ranks; the loss wants their sum
+    mine = distributed.rank_chunks(chunks)
     loss_total, tokens = 0.0, 0
-    for chunk in chunks:
-        summed, _ = loss_sum(model, make_batch(chunk, pad_id, packed, device))
-        (summed / max(n_targets, 1)).backward()
-        loss_total += summed.item()
-        tokens += sum(len(e.input_ids) for e in chunk)
-    grad_norm = optimizer_step(model, optimizer, scheduler, grad_clip)
-    return {"train/loss": loss_total / max(n_targets, 1), "train/grad_norm": grad_norm, "train/tokens": tokens}
+    for j, (chunk, weight) in enumerate(mine):
+        with distributed.syncing(run, j == len(mine) - 1):
+            summed, _ = run(loss_sum, make_batch(chunk, pad_id, packed, device))
+            (summed / max(n_targets, 1) * (scale * weight)).backward()
+        if weight:
+            loss_total += summed.item()
+            tokens += sum(len(e.input_ids) for e in chunk)
+    grad_norm = optimizer_step(run, optimizer, scheduler, grad_clip)
+    sums = distributed.reduce_metrics({"loss": loss_total, "tokens": tokens}, sums=("loss", "tokens"))
+    return {"train/loss": sums["loss"] / max(n_targets, 1), "train/grad_norm": grad_norm, "train/tokens": sums["tokens"]}
 
 
 def run(cfg: SFTConfig, resume: bool = False, overwrite: bool = False) -> Path:
@@ -96,17 +108,22 @@ def run(cfg: SFTConfig, resume: bool = False, overwrite: bool = False) -> Path:
         say(f"sft: {stage.final} is already complete; nothing to do")
         return stage.final
     device = resolve_device(cfg.device)
+
+    def build(on: torch.device):  # the same model on every rank; again on CPU to export a sharded one
+        model = load_causal_lm(cfg.model, tokenizer, source, on, cfg.seed)
+        return apply_lora(model, cfg.lora) if cfg.lora.enabled else model
+
     torch.manual_seed(cfg.seed)
-    model = load_causal_lm(cfg.model, tokenizer, source, device, cfg.seed)
+    model = build(device)
     examples, truncated = tokenize_demos(tokenizer, demos, context_window(cfg.model, model))
 
-    # 2. split, model, optimizer, schedule
+    # 2. split, model (DDP or FSDP under a launcher), optimizer, schedule
     train, val = split(examples, cfg.val_fraction, cfg.seed)
-    if cfg.lora.enabled:
-        model = apply_lora(model, cfg.lora)
     model.train()
     packed = cfg.padding_free and supports_packing(model)
-    per_step = cfg.optim.batch_size * cfg.optim.grad_accum
+    run_model = distributed.wrap(model, device, cfg.fsdp)
+    distributed.seed_rank(cfg.seed)
+    per_step = cfg.optim.batch_size * cfg.optim.grad_accum * distributed.world_size()
     epoch_steps = steps_per_epoch(len(train), per_step)
     total_steps = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * epoch_steps
     optimizer = build_optimizer(model, cfg.optim)
@@ -119,23 +136,26 @@ def run(cfg: SFTConfig, resume: bool = False, overwrite: bool = False) -> Path:
         "data": f"{cfg.data} ({len(train)} train, {len(val)} held out, {truncated} responses cut to fit)",
         "model": f"{cfg.model.name} on {device} ({next(model.parameters()).dtype})",
         "steps": f"{total_steps} ({epoch_steps}/epoch), effective batch {per_step}"
-                 + (", padding-free" if packed else ", padded"),
+                 + (", padding-free" if packed else ", padded") + processes_note(cfg.fsdp),
         **model_rows(model, cfg.lora.enabled, ckpt),
     })
 
     # 4. train
     def one_step(i: int) -> dict:
-        record = train_step(model, optimizer, scheduler, step_chunks(train, i, per_step, cfg.optim.batch_size, cfg.seed),
-                            tokenizer.pad_token_id, packed, device, cfg.optim.grad_clip)
+        record = train_step(run_model, optimizer, scheduler,
+                            step_chunks(train, i, per_step, cfg.optim.batch_size, cfg.seed), tokenizer.pad_token_id,
+                            packed, device, cfg.optim.grad_clip)
         return {"epoch": round((i + 1) / epoch_steps, 4), **record}
 
     def evaluate() -> dict:
-        return {"eval/loss": eval_loss(model, val, cfg.optim.batch_size, tokenizer.pad_token_id, packed, device)}
+        return {"eval/loss": eval_loss(run_model, val, cfg.optim.batch_size, tokenizer.pad_token_id, packed, device)}
 
     step = fit(stage, model, optimizer, scheduler, step, total_steps, one_step, evaluate if val else None,
                cfg.eval_every, cfg.save_every, cfg.keep_checkpoints)
 
-    # 5. export
-    save_final(model, tokenizer, stage.final)
+    # 5. export from rank 0 (a sharded model is first gathered into a plain copy there)
+    final = distributed.full_model(model, lambda: build(torch.device("cpu")))
+    if distributed.is_main():
+        save_final(final, tokenizer, stage.final)
     finish_stage(stage, step)
     return stage.final

@@ -1,0 +1,265 @@
+"""Several processes: torch.distributed under ``torchrun`` or ``accelerate launch``.
+
+igpt builds no launcher. A launcher starts one process per device and sets RANK, WORLD_SIZE,
+LOCAL_RANK, MASTER_ADDR and MASTER_PORT; :func:`launched` joins that process group for one stage (gloo
+on CPU, nccl on CUDA) and leaves it afterwards. Without a launcher (WORLD_SIZE unset or 1) every
+function here is a no-op, so a single-process run computes exactly what it computed before this module.
+
+How a stage shares an optimizer step: every rank reads the whole data set and computes the step's
+items from (seed, step) alone (``train.step_indices``), splits them into micro-batches, and trains on
+its share of them (:func:`rank_chunks`). The effective batch is therefore batch_size x grad_accum x
+world_size, and losses are normalised by counts of the *whole* step, which every rank can compute.
+DDP and FSDP average gradients over ranks; stages multiply their losses by the world size so that the
+average is the sum the single-process loss defines.
+
+Models are called through :class:`Apply`, a module whose forward is ``fn(model, *args)``: DDP and FSDP
+see every use of a model as one forward of the wrapped module, including uses that bypass
+``model.forward`` (the decoder alone with the LM head on selected positions, ``generate``).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.distributed as dist
+
+
+# ---------------------------------------------------------------- who am I
+
+
+def world_size() -> int:
+    """Processes in the group; 1 when not launched (or the group is not joined)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def is_main() -> bool:
+    """Rank 0 is the only process that writes files."""
+    return rank() == 0
+
+
+@contextlib.contextmanager
+def launched(device_name: str) -> Iterator[None]:
+    """Join the launcher's process group for the duration of a stage (a no-op without a launcher).
+    On CUDA the process is pinned to ``cuda:LOCAL_RANK`` (nccl needs it before the first collective)
+    and fp32 matmuls may use TF32."""
+    from .models import resolve_device
+
+    device = resolve_device(device_name)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.set_float32_matmul_precision("high")  # TF32 on Ampere and newer; bf16 autocast does the rest
+    joined = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized()
+    if joined:
+        cuda = device.type == "cuda"
+        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
+    try:
+        yield
+    finally:
+        if joined:
+            dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------- collectives (identity for one process)
+
+
+def _comm_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def barrier() -> None:
+    if world_size() > 1:
+        dist.barrier()
+
+
+def broadcast(obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank (picklable objects)."""
+    if world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather(obj: Any) -> list:
+    """Every rank's ``obj``, in rank order, on every rank."""
+    if world_size() == 1:
+        return [obj]
+    out: list = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def total(t: torch.Tensor) -> torch.Tensor:
+    """The sum of ``t`` over ranks (a new tensor; ``t`` itself for one process). Used for the counts and
+    moments that must be global: whitening, token normalisation."""
+    if world_size() == 1:
+        return t
+    out = t.detach().clone()
+    dist.all_reduce(out)
+    return out
+
+
+def reduce_metrics(record: dict, sums: tuple[str, ...] = ()) -> dict:
+    """A metrics record averaged over ranks, except keys in ``sums`` (counts, and means each rank has
+    already weighted by its share of the global count), which are summed. One all-reduce."""
+    if world_size() == 1:
+        return record
+    keys = sorted(record)
+    values = torch.tensor([float(record[k]) for k in keys], dtype=torch.float64, device=_comm_device())
+    dist.all_reduce(values)
+    out = {}
+    for k, v in zip(keys, values.tolist()):
+        v = v if k in sums else v / world_size()
+        out[k] = int(round(v)) if isinstance(record[k], int) and k in sums else v
+    return out
+
+
+# ---------------------------------------------------------------- sharing the work
+
+
+def rank_chunks(chunks: list) -> list[tuple[Any, float]]:
+    """This rank's share of a step's micro-batches, as (chunk, weight): chunk j goes to rank j mod W.
+
+    Every rank gets the same number of chunks (ranks short of one repeat the first chunk with weight 0),
+    because DDP reduces in the last backward of every rank and FSDP gathers parameters in every
+    forward: all ranks must run the same number of them. One process: every chunk, weight 1.
+    """
+    w, r = world_size(), rank()
+    mine = [(c, 1.0) for c in chunks[r::w]]
+    rounds = -(-len(chunks) // w)
+    return mine + [(chunks[0], 0.0)] * (rounds - len(mine))
+
+
+def seed_rank(seed: int) -> None:
+    """Seed dropout and sampling differently on every rank (the data order does not use this RNG).
+    Called once the models are built, so initialisation is the same on every rank. No-op alone."""
+    if world_size() > 1:
+        torch.manual_seed(seed + 1_000_003 * rank())
+
+
+# ---------------------------------------------------------------- wrapping models
+
+
+class Apply(torch.nn.Module):
+    """``Apply(model)(fn, *args)`` is ``fn(model, *args)``, run as this module's forward (under bf16
+    autocast where that applies), so DDP and FSDP, which hook a module's forward, see it."""
+
+    def __init__(self, model: torch.nn.Module, autocast: torch.dtype | None = None):
+        super().__init__()
+        self.model = model
+        self.autocast = autocast
+
+    def forward(self, fn: Callable, *args: Any, **kwargs: Any) -> Any:
+        if self.autocast is None:
+            return fn(self.model, *args, **kwargs)
+        with torch.autocast("cuda", dtype=self.autocast):
+            return fn(self.model, *args, **kwargs)
+
+
+def autocast_dtype(model: torch.nn.Module, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast for fp32 weights on GPUs that have bf16 (fp32 master weights, bf16 matmuls);
+    weights already in bf16 compute in bf16, and CPUs compute in fp32 (bf16 is slow there)."""
+    if device.type != "cuda" or not torch.cuda.is_bf16_supported():
+        return None
+    return torch.bfloat16 if next(model.parameters()).dtype == torch.float32 else None
+
+
+def wrap(model: torch.nn.Module, device: torch.device, fsdp: bool = False, trainable: bool = True) -> torch.nn.Module:
+    """The callable a stage runs ``model`` through: ``Apply(model)``, under several processes wrapped in
+    DDP (trainable models) or sharded with FSDP2 (``fsdp``: every transformer block, then the rest).
+    Build the optimizer after this (FSDP replaces the parameters with sharded ones)."""
+    run = Apply(model, autocast_dtype(model, device))
+    if world_size() == 1:
+        return run
+    if fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        blocks = {name for m in model.modules() for name in (getattr(m, "_no_split_modules", None) or [])}
+        for module in model.modules():
+            if type(module).__name__ in blocks:
+                fully_shard(module)
+        fully_shard(run)  # the root: embeddings, final norm and heads, gathered when run(...) is called
+        return run
+    if not trainable:
+        return run  # frozen models need no gradient reduction
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(run, device_ids=[device.index] if device.type == "cuda" else None,
+                                   forward_sync_buffers=False)  # no batch statistics to keep in step
+
+
+@contextlib.contextmanager
+def syncing(run: torch.nn.Module, sync: bool) -> Iterator[None]:
+    """Around one forward and its backward: DDP reduces gradients only when ``sync`` (the last micro-batch
+    of an optimizer step), so accumulation costs one all-reduce. FSDP reduce-scatters every backward:
+    it keeps gradients sharded, which is why one uses it."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    if sync or not isinstance(run, DistributedDataParallel):
+        yield
+    else:
+        with run.no_sync():
+            yield
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def as_float(x: Any) -> float:
+    """A scalar that may be a DTensor (FSDP's gradient norm) as a float."""
+    return float(x.full_tensor()) if hasattr(x, "full_tensor") else float(x)
+
+
+# ---------------------------------------------------------------- sharded checkpoints and export (FSDP)
+
+
+def save_sharded(dest: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Every rank writes its shards of the trainable weights and the optimizer state into ``dest``
+    (torch.distributed.checkpoint); any number of processes, sharded or not, can load them back."""
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save(_train_state_dict(model, optimizer), checkpoint_id=str(dest))
+
+
+def load_sharded(src: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    state = _train_state_dict(model, optimizer)
+    dcp.load(state, checkpoint_id=str(src))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                   options=StateDictOptions(strict=False))
+
+
+def _train_state_dict(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    weights, optim = get_state_dict(model, optimizer)
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    return {"model": {k: v for k, v in weights.items() if k in trainable}, "optim": optim}
+
+
+def full_model(model: torch.nn.Module, rebuild: Callable[[], torch.nn.Module]) -> torch.nn.Module | None:
+    """The model to export: itself, or for a sharded model a plain copy on rank 0's CPU (``rebuild()``
+    makes one of the same architecture) holding the gathered full weights; None on other ranks.
+    Every rank must call this (gathering is collective)."""
+    if not is_sharded(model):
+        return model
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not is_main():
+        return None
+    plain = rebuild()
+    plain.load_state_dict(full)
+    return plain.to(dtype=next(iter(full.values())).dtype)
