@@ -194,6 +194,13 @@ def collate(examples: list[Example], pad_id: int) -> dict:
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
+def pays_to_pack(lengths: list[int]) -> bool:
+    """Whether packing beats padding: padding would waste at least 10% of the tokens. (A packed row's
+    attention spans all its tokens, masked block-diagonally, which costs more than causal attention over
+    rows of one length, so equal lengths are padded — with nothing to pad.)"""
+    return len(lengths) > 1 and sum(lengths) <= 0.9 * len(lengths) * max(lengths)
+
+
 def collate_packed(examples: list[Example]) -> dict:
     """Examples end to end in one row: ``input_ids``, ``position_ids``, ``labels`` (1, N), N = total tokens.
 

@@ -52,6 +52,8 @@ def test_first_minibatch_ratio_is_one_and_kl_starts_at_zero(world, tmp_path, lor
     for key in ("objective/scores", "objective/entropy", "policy/clipfrac", "loss/policy", "loss/value",
                 "val/num_eos_tokens", "val/response_length", "timing/generation", "timing/training"):
         assert key in first
+    parts = [first[f"timing/scoring/{m}"] for m in ("policy", "ref", "value", "reward")]
+    assert all(p > 0 for p in parts) and sum(parts) <= first["timing/scoring"]  # the split of the scoring phase
     final = run_dir / "ppo" / "final"
     assert (final / "policy" / "model.safetensors").exists() and (final / "value" / "model.safetensors").exists()
     samples = (run_dir / "ppo" / "samples" / "step-000002.jsonl").read_text().splitlines()

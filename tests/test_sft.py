@@ -80,10 +80,14 @@ def one_step(batch_size, grad_accum, examples, tok, packed=False):
 
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "padding-free"])
 def test_batch_8_x_accum_1_equals_batch_1_x_accum_8(tmp_path, packed):
+    from instructgpt_cli.data import pays_to_pack
+
     tok = tiny_tokenizer()
-    demos = read_demos(write_jsonl(tmp_path / "d.jsonl", arithmetic_demos(8)))
+    long_demo = {"prompt": "Count to twenty.", "response": " ".join(str(i) for i in range(1, 21))}
+    demos = read_demos(write_jsonl(tmp_path / "d.jsonl", arithmetic_demos(7) + [long_demo]))
     examples, _ = tokenize_demos(tok, demos, 256)
-    assert len({len(e.input_ids) for e in examples}) > 1  # lengths differ: padding and normalisation matter
+    # lengths differ enough that padding and normalisation matter, and that batch 8 is packed when asked
+    assert pays_to_pack([len(e.input_ids) for e in examples])
     loss_a, sd_a = one_step(8, 1, examples, tok, packed)
     loss_b, sd_b = one_step(1, 8, examples, tok, packed)
     assert loss_a == pytest.approx(loss_b, rel=1e-5)
@@ -205,3 +209,13 @@ def test_models_without_packed_attention_are_padded():
     from instructgpt_cli.models import supports_packing
 
     assert not supports_packing(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)))
+
+
+def test_packing_is_chosen_only_when_padding_would_waste_a_tenth():
+    from instructgpt_cli.data import pays_to_pack
+
+    assert not pays_to_pack([7])              # one sequence: nothing to pad
+    assert not pays_to_pack([10, 10, 10])     # equal lengths: no padding at all
+    assert not pays_to_pack([10, 9])          # 1 of 20 padded tokens (5%)
+    assert pays_to_pack([10, 8])              # 2 of 20 (10%)
+    assert pays_to_pack([10, 5])              # 5 of 20 (25%)

@@ -60,19 +60,36 @@ def ptx_lm_loss(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return ptx_loss(model(input_ids=ids, attention_mask=mask, use_cache=False).logits, ids, mask)
 
 
-@torch.no_grad()
 def score_rollout(models: dict, ro: Rollout, cfg: PPOConfig, beta: float, batch: int) -> dict:
     """Old log-probs, reference log-probs, values, scores; then rewards, advantages and returns (B, T).
-    ``models`` are runners (``distributed.wrap``): ``models["policy"](fn, ...)`` is ``fn(policy, ...)``."""
+    ``models`` are runners (``distributed.wrap``): ``models["policy"](fn, ...)`` is ``fn(policy, ...)``.
+
+    One process: under ``torch.inference_mode`` (no autograd bookkeeping at all), the results cloned out
+    of it, since the PPO losses save some of them for their backward. Under a launcher ``no_grad``: the
+    buffers DDP and FSDP allocate in a forward must stay writable outside inference mode."""
+    with torch.inference_mode() if distributed.world_size() == 1 else torch.no_grad():
+        sc = _score_rollout(models, ro, cfg, beta, batch)
+    return {k: v.clone() if torch.is_tensor(v) else v for k, v in sc.items()}
+
+
+def _score_rollout(models: dict, ro: Rollout, cfg: PPOConfig, beta: float, batch: int) -> dict:
     parts: dict[str, list] = {"logprobs": [], "ref_logprobs": [], "values": [], "scores": []}
+    seconds = dict.fromkeys(("policy", "ref", "value", "reward"), 0.0)  # where scoring's time goes
     for idx in micro(torch.arange(len(ro.lengths)), batch):
         qr, mask = ro.query_response[idx], ro.attention_mask[idx]
+        marks = [time.perf_counter()]
         parts["logprobs"].append(models["policy"](response_logprobs, qr, mask, ro.context_len, cfg.temperature)[0])
+        marks.append(time.perf_counter())
         with models["ref_ctx"]():
             parts["ref_logprobs"].append(models["ref"](response_logprobs, qr, mask, ro.context_len, cfg.temperature)[0])
+        marks.append(time.perf_counter())
         parts["values"].append(models["value"](token_values, qr, mask, ro.context_len))
+        marks.append(time.perf_counter())
         with models["rm_ctx"]():
             parts["scores"].append(models["rm"](last_token_scores, qr, mask, ro.context_len, ro.lengths[idx]))
+        marks.append(time.perf_counter())
+        for part, t0, t1 in zip(seconds, marks, marks[1:]):
+            seconds[part] += t1 - t0
     out = {k: torch.cat(v) for k, v in parts.items()}
     mask = ro.response_mask.float()
     scores = out["scores"].clone()
@@ -84,7 +101,7 @@ def score_rollout(models: dict, ro: Rollout, cfg: PPOConfig, beta: float, batch:
     if cfg.whiten_advantages:  # with the mean and variance of every rank's responses together
         advantages = masked_whiten(advantages, mask, total=distributed.total)
     return {**out, "penalised_scores": scores, "rewards": rewards, "kl": kl, "advantages": advantages,
-            "returns": returns}
+            "returns": returns, "seconds": seconds}
 
 
 def ppo_update(models: dict, trained: PolicyAndValue, optimizer, scheduler, ro: Rollout, sc: dict, cfg: PPOConfig,
@@ -294,8 +311,9 @@ def run(cfg: PPOConfig, resume: bool = False, overwrite: bool = False) -> Path:
             "objective/non_score_reward": -state["beta"] * kl,
             "objective/rlhf_reward": batch["rlhf_reward"],  # penalised score - beta * KL
             "val/num_eos_tokens": batch["eos"], "val/response_length": batch["length"],
-            **stats, "timing/generation": t1 - t0, "timing/scoring": t2 - t1, "timing/training": t3 - t2 - ptx_s,
-            "timing/ptx": ptx_s,
+            **stats, "timing/generation": t1 - t0, "timing/scoring": t2 - t1,
+            **{f"timing/scoring/{part}": v for part, v in sc["seconds"].items()},
+            "timing/training": t3 - t2 - ptx_s, "timing/ptx": ptx_s,
         }
         if cfg.target_kl > 0:
             state["beta"] = adaptive_kl_beta(state["beta"], kl, cfg.target_kl, cfg.kl_horizon, len(idx))
@@ -322,8 +340,10 @@ def run(cfg: PPOConfig, resume: bool = False, overwrite: bool = False) -> Path:
         save_final(value, tokenizer, tmp / "value")
         os.replace(tmp, stage.final)
     finish_stage(stage, step, policy=str(stage.final / "policy"), value=str(stage.final / "value"))
-    total_s = sum(timings.values()) or 1.0
-    banner("where the time went", {k.split("/")[1]: f"{v:.1f}s ({100 * v / total_s:.0f}%)" for k, v in timings.items()})
+    # the phases add up to the whole; timing/scoring/<model> split the scoring phase
+    total_s = sum(v for k, v in timings.items() if k.count("/") == 1) or 1.0
+    banner("where the time went", {("  " * (k.count("/") - 1)) + k.split("/")[-1]: f"{v:.1f}s ({100 * v / total_s:.0f}%)"
+                                   for k, v in timings.items()})
     return stage.final
 
 

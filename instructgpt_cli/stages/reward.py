@@ -15,7 +15,7 @@ import torch
 
 from .. import distributed
 from ..config import ModelConfig, RMConfig
-from ..data import RankedGroup, pad_right, read_demos, read_rankings, tokenize_rankings, tokenize_scored
+from ..data import RankedGroup, pad_right, pays_to_pack, read_demos, read_rankings, tokenize_rankings, tokenize_scored
 from ..errors import BadInput
 from ..losses import ranking_loss
 from ..models import (REWARD_BIAS, apply_lora, context_window, find_model, load_model, load_tokenizer,
@@ -34,7 +34,7 @@ def rank_forward(model, groups: list[RankedGroup], pad_id: int, device: torch.de
     padding); returns (per-prompt losses, per-pair correctness, tokens). One ranking of K responses costs
     exactly K sequence forwards."""
     seqs = [s for g in groups for s in g.sequences]
-    if packed:
+    if packed and pays_to_pack([len(q) for q in seqs]):
         rewards = packed_reward_scores(model, seqs, device)
     else:
         ids, mask = pad_right(seqs, pad_id)

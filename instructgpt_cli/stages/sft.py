@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from .. import distributed
 from ..config import SFTConfig
-from ..data import IGNORE_INDEX, Example, collate, collate_packed, read_demos, tokenize_demos
+from ..data import IGNORE_INDEX, Example, collate, collate_packed, pays_to_pack, read_demos, tokenize_demos
 from ..errors import BadInput
 from ..losses import sft_loss_sum
 from ..models import (apply_lora, context_window, load_causal_lm, load_tokenizer,
@@ -38,8 +38,8 @@ def split(examples: list[Example], val_fraction: float, seed: int) -> tuple[list
 
 
 def make_batch(chunk: list[Example], pad_id: int, packed: bool, device: torch.device) -> dict:
-    """A micro-batch on ``device``: one packed row (no padding) or right-padded rows."""
-    batch = collate_packed(chunk) if packed else collate(chunk, pad_id)
+    """A micro-batch on ``device``: one packed row (no padding) where that saves work, else right-padded rows."""
+    batch = collate_packed(chunk) if packed and pays_to_pack([len(e.input_ids) for e in chunk]) else collate(chunk, pad_id)
     return {k: v.to(device) for k, v in batch.items()}
 
 
