@@ -247,7 +247,8 @@ def table_rows(groups: dict, calib: dict) -> list[dict]:
         v = g["variants"]
         igpt, trl = v["igpt"], v["trl"]
         threads = igpt["spec"]["threads"]
-        peak = calib.get(str(threads), {}).get("peak_gflops")
+        # the peak of the sitting that measured this group (a shared host's peak moves between sittings)
+        peak = g.get("calibration", calib).get(str(threads), {}).get("peak_gflops")
         row = {"figure": label, "group": gid, "metric": metric, "target": target}
         if metric == "throughput":
             a, b = igpt["throughput"], trl["throughput"]
@@ -316,6 +317,11 @@ def markdown(rows: list[dict], mach: dict, started: str, minutes: float, groups:
             q = f"{r['ratio']:.2f}x" if r["ratio"] else "–"
         met = "n/a" if r["ratio"] is None and r["igpt"] is None else ("yes" if r["met"] else "**no**")
         lines.append(f"| {r['figure']} | {a} | {b} | {q} | {r['target']} | {met} |")
+    mfu = [r for r in rows if r["metric"] == "mfu" and r.get("peak_gflops")]
+    if mfu:
+        lines += ["", "MFU is against the calibrated peak of the sitting that measured the group (this shared host's "
+                      "peak moved between sittings): " + "; ".join(f"{r['group']} {r['peak_gflops']:.0f} GFLOP/s"
+                                                                  for r in mfu) + "."]
     if groups:
         worst = max(((v["max_contention_cores"], gid) for gid, g in groups.items() for v in g["variants"].values()),
                     default=(0, ""))
@@ -404,6 +410,9 @@ def main() -> int:
         log(f"  peak {c.get('peak_gflops', float('nan')):.1f} GFLOP/s")
         runs[str(threads)].append(c)
     calib = {k: max(v, key=lambda c: c.get("peak_gflops", 0)) for k, v in runs.items()}
+    for gid, g in groups.items():  # each group keeps its sitting's peak, so a later --retable credits it right
+        g["calibration"] = {k: {"peak_gflops": c.get("peak_gflops")} for k, c in calib.items()}
+        write_json(results / f"{gid}.json", g)
     mach = machine(calib)
     mach["calibration_runs"] = {k: [c.get("peak_gflops") for c in v] for k, v in runs.items()}
     write_json(results / "machine.json", mach)

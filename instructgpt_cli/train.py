@@ -42,8 +42,9 @@ def build_optimizer(model: Any, cfg: OptimConfig) -> torch.optim.Optimizer:
 def clip_gradients(params: list[torch.nn.Parameter], max_norm: float) -> float:
     """Global L2 norm of the gradients, scaled to ``max_norm`` when above it (``max_norm <= 0``: no clip).
 
-    The same arithmetic as ``torch.nn.utils.clip_grad_norm_`` (coefficient max_norm / (norm + 1e-6)),
-    computed per tensor and stacked: torch's CPU path took 1.7 s for a 135M model, this 0.1 s. DDP has
+    The same arithmetic as ``torch.nn.utils.clip_grad_norm_`` (coefficient max_norm / (norm + 1e-6)), with
+    per-tensor norms in one ``_foreach_norm`` call, and no multiply at all when the norm is within bounds
+    (torch's path multiplies every gradient by the clamped coefficient, 1.0 included). DDP has
     reduced the gradients by now; FSDP's are shards (DTensors), whose norm torch's own path reduces over
     every rank.
     """
@@ -53,7 +54,7 @@ def clip_gradients(params: list[torch.nn.Parameter], max_norm: float) -> float:
     if distributed.is_sharded(torch.nn.ParameterList(params)):
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
         return distributed.as_float(norm)
-    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32) for g in grads]))
+    norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32)))
     if max_norm > 0:
         coef = max_norm / (float(norm) + 1e-6)
         if coef < 1.0:

@@ -172,6 +172,10 @@ def test_compare_reuses_eval_samples_taken_with_the_same_settings(run, tmp_path,
     assert result.exit_code == 0
     kl = json.loads((run_dir / "eval" / "ppo" / "report.json").read_text())["kl_to_sft"]
     assert "igpt eval of the same models" in result.stderr and f"{kl:.3f}" in result.stderr  # eval's KL shown too
+    assert "report.html" in result.stderr[-300:]  # it ends by saying where the page is
+    winners = {json.loads(l)["winner"] for l in (run_dir / "compare" / "ppo-vs-sft" / "judgments.jsonl").open()}
+    shown = {w for w in ("A", "B", "tie") if f"judge picked: {w}" in result.stderr}
+    assert {"A", "B"} & winners <= shown and shown  # an example of each side that won somewhere
     pairs = [json.loads(l) for l in (run_dir / "compare" / "ppo-vs-sft" / "responses.jsonl").read_text().splitlines()]
     evals = {m: [json.loads(l)["response"] for l in (run_dir / "eval" / m / "samples.jsonl").read_text().splitlines()]
              for m in ("ppo", "sft")}

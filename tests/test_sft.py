@@ -147,18 +147,22 @@ def test_lora_saves_adapter_and_merged_model_with_equal_logits(tmp_path, demos_f
     assert not torch.allclose(la, lb, atol=1e-4)  # the adapter learned something
 
 
+def tiny_lm(lora: bool):
+    """The tiny causal LM, with LoRA on its top layer when ``lora``."""
+    from instructgpt_cli.config import LoraConfig
+    from instructgpt_cli.models import apply_lora
+
+    model = tiny_model(tiny_tokenizer(), seed=0)
+    return apply_lora(model, LoraConfig(enabled=True, layers=1)) if lora else model
+
+
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 def test_lm_head_on_response_positions_only_equals_the_full_logits_loss(tmp_path, lora):
-    from instructgpt_cli.config import LoraConfig
     from instructgpt_cli.data import collate
     from instructgpt_cli.losses import sft_loss_sum
-    from instructgpt_cli.models import apply_lora
     from instructgpt_cli.stages.sft import loss_sum
 
-    tok = tiny_tokenizer()
-    model = tiny_model(tok, seed=0)
-    if lora:
-        model = apply_lora(model, LoraConfig(enabled=True, layers=1))
+    tok, model = tiny_tokenizer(), tiny_lm(lora)
     examples, _ = tokenize_demos(tok, read_demos(write_jsonl(tmp_path / "d.jsonl", arithmetic_demos(4))), 256)
     batch = collate(examples, tok.pad_token_id)
     fast, n_fast = loss_sum(model, batch)
@@ -171,15 +175,11 @@ def test_lm_head_on_response_positions_only_equals_the_full_logits_loss(tmp_path
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 def test_padding_free_batch_gives_the_padded_loss_and_gradients(tmp_path, lora):
     """Packed sequences attend only within themselves: loss and every gradient equal the padded batch's."""
-    from instructgpt_cli.config import LoraConfig
     from instructgpt_cli.data import collate, collate_packed
-    from instructgpt_cli.models import apply_lora, supports_packing
+    from instructgpt_cli.models import supports_packing
     from instructgpt_cli.stages.sft import loss_sum
 
-    tok = tiny_tokenizer()
-    model = tiny_model(tok, seed=0)
-    if lora:
-        model = apply_lora(model, LoraConfig(enabled=True, layers=1))
+    tok, model = tiny_tokenizer(), tiny_lm(lora)
     demos = arithmetic_demos(3) + [{"prompt": "Say a long sentence, please.", "response": "word " * 30}]
     examples, _ = tokenize_demos(tok, read_demos(write_jsonl(tmp_path / "d.jsonl", demos)), 256)
     lengths = [len(e.input_ids) for e in examples]

@@ -136,8 +136,9 @@ def run(cfg: CompareConfig) -> dict:
     from ..report import write_html
 
     write_html(out / "report.html", report, judgments, read_metrics(run_dir / "ppo" / "metrics.jsonl"))
-    show(report, out, judgments)
+    show(report, judgments)
     show_evals(run_dir, [name_a, name_b])
+    console().print(f"report: {out / 'report.html'}")
     return report
 
 
@@ -203,8 +204,8 @@ def judge_human(cfg: CompareConfig, pairs: list[dict], path: Path) -> list[dict]
     return done
 
 
-def show(report: dict, out: Path, examples: list[dict]) -> None:
-    """The comparison table, two example pairs, and where the page is."""
+def show(report: dict, examples: list[dict]) -> None:
+    """The comparison table and two example pairs."""
     from rich.markup import escape
     from rich.table import Table
 
@@ -221,7 +222,10 @@ def show(report: dict, out: Path, examples: list[dict]) -> None:
     for c, r in report["categories"].items():
         row(c, r)
     console().print(table)
-    for j in examples[:2]:
+    # one pair each side won (where there is one), so the examples show what the judge prefers
+    first_win: dict[str, dict] = {}
+    for j in examples:
+        first_win.setdefault(j["winner"], j)
+    for j in [first_win[w] for w in ("A", "B") if w in first_win] or examples[:2]:
         console().print(f"[bold]prompt:[/] {escape(j['prompt'][:300])}\n[bold]{report['a']}:[/] {escape(j['a'][:400])}\n"
                         f"[bold]{report['b']}:[/] {escape(j['b'][:400])}\n[dim]judge picked: {j['winner']}[/]\n")
-    console().print(f"report: {out / 'report.html'}")
