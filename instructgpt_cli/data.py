@@ -201,22 +201,25 @@ def pays_to_pack(lengths: list[int]) -> bool:
     return len(lengths) > 1 and sum(lengths) <= 0.9 * len(lengths) * max(lengths)
 
 
-def collate_packed(examples: list[Example]) -> dict:
-    """Examples end to end in one row: ``input_ids``, ``position_ids``, ``labels`` (1, N), N = total tokens.
-
-    Positions restart at 0 for every example; with no attention mask, transformers reads that as packed
-    sequences and masks attention block-diagonally, so each example sees only itself and no compute is
-    spent on padding. An example's first label is ignored: it would be predicted from the one before.
-    """
+def pack(seqs: list[list[int]]) -> tuple[Any, Any]:
+    """Token lists end to end in one row: (input_ids, position_ids), each (1, N), positions restarting at
+    0 for every sequence. With no attention mask, transformers reads that as packed sequences and masks
+    attention block-diagonally, so each sequence sees only itself and no compute is spent on padding."""
     import torch
 
-    ids, positions, labels = [], [], []
-    for e in examples:
-        ids += e.input_ids
-        positions += range(len(e.input_ids))
-        labels += [IGNORE_INDEX] + e.labels[1:]
-    as_row = lambda xs: torch.tensor([xs], dtype=torch.long)  # noqa: E731
-    return {"input_ids": as_row(ids), "position_ids": as_row(positions), "labels": as_row(labels)}
+    ids = [t for s in seqs for t in s]
+    positions = [i for s in seqs for i in range(len(s))]
+    return torch.tensor([ids], dtype=torch.long), torch.tensor([positions], dtype=torch.long)
+
+
+def collate_packed(examples: list[Example]) -> dict:
+    """Examples packed into one row (see :func:`pack`): ``input_ids``, ``position_ids``, ``labels`` (1, N).
+    An example's first label is ignored: it would be predicted from the one before."""
+    import torch
+
+    ids, positions = pack([e.input_ids for e in examples])
+    labels = [t for e in examples for t in [IGNORE_INDEX] + e.labels[1:]]
+    return {"input_ids": ids, "position_ids": positions, "labels": torch.tensor([labels], dtype=torch.long)}
 
 
 # ---------------------------------------------------------------- prompts

@@ -288,15 +288,13 @@ def scalar_head_outputs(model: Any, **inputs: torch.Tensor) -> torch.Tensor:
 
 
 def packed_reward_scores(model: Any, seqs: list[list[int]], device: torch.device) -> torch.Tensor:
-    """Normalised rewards (N,) of token sequences packed end to end in one row (no padding), read at
-    each one's last token; positions restart per sequence, so each attends only to itself."""
-    ids, positions, ends = [], [], []
-    for s in seqs:
-        ids += s
-        positions += range(len(s))
-        ends.append(len(ids) - 1)
-    row = lambda xs: torch.tensor([xs], dtype=torch.long, device=device)  # noqa: E731
-    return scalar_head_outputs(model, input_ids=row(ids), position_ids=row(positions))[0, ends]
+    """Normalised rewards (N,) of token sequences packed into one row (``data.pack``: no padding, each
+    attends only to itself), read at each one's last token."""
+    from .data import pack
+
+    ids, positions = pack(seqs)
+    ends = torch.tensor([len(s) for s in seqs]).cumsum(0) - 1
+    return scalar_head_outputs(model, input_ids=ids.to(device), position_ids=positions.to(device))[0, ends.to(device)]
 
 
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
