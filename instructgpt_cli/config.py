@@ -48,7 +48,8 @@ class LoraConfig:
     alpha: int = f(32, "LoRA scaling numerator; the update is scaled by alpha / r (dimensionless)")
     dropout: float = f(0.0, "dropout on the LoRA input (probability)")
     target_modules: list = f(["all-linear"], "module names to adapt; ['all-linear'] adapts every linear layer but the LM head")
-    layers: int = f(0, "adapt only the top N transformer layers (backward then stops there: faster); 0 = all layers")
+    layers: int = f(8, "adapt only the top N transformer layers (all of a model with no more); the backward stops "
+                       "there, and PPO runs the frozen layers below once per rollout; 0 = every layer")
 
 
 @dataclass
@@ -146,6 +147,9 @@ class PPOConfig:
     missing_eos_penalty: float = f(1.0, "subtracted from the score of a response that never emitted EOS (reward units)")
     reward_clip: float = f(0.0, "clip scores to +-this value before the KL penalty; 0 disables (reward units)")
     whiten_advantages: bool = f(True, "normalise advantages to mean 0, std 1 per rollout batch")
+    cache_frozen_layers: bool = f(True, "with LoRA on the top layers only: run the frozen layers below them once per "
+                                        "rollout and feed their output to every scoring and training forward of the "
+                                        "layers above (keeps 2 x rollout x length x hidden floats)")
     sample_every: int = f(10, "write prompts, responses and scores to ppo/samples/ every N iterations")
     save_every: int = f(20, "write a resumable checkpoint every N iterations")
     keep_checkpoints: int = f(2, "keep only the newest N complete checkpoints (count)")

@@ -4,12 +4,13 @@ Also: device/dtype choice, dropout setting, LoRA via peft, and atomic ``final/``
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib.util
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from transformers.utils import logging as hf_logging
@@ -281,7 +282,7 @@ def scalar_head_outputs(model: Any, **inputs: torch.Tensor) -> torch.Tensor:
     captured: list[torch.Tensor] = []
     hook = scalar_head(model).register_forward_hook(lambda _m, _i, out: captured.append(out))
     try:
-        model(**inputs, use_cache=False)
+        model(**{"use_cache": False, **inputs})
     finally:
         hook.remove()
     return captured[-1][..., 0].float() + getattr(model.config, REWARD_BIAS, 0.0)
@@ -323,6 +324,85 @@ def supports_packing(model: Any) -> bool:
     config = model.config
     return config.model_type in PACKED_ATTENTION and getattr(config, "_attn_implementation", "sdpa") in (
         "sdpa", "eager", "flash_attention_2", "flex_attention")
+
+
+# Model families whose backbone, given ``inputs_embeds``, only builds the causal mask and the rotary
+# embeddings from the positions, runs its decoder layers and the final norm: nothing is done to the
+# embeddings on the way in (Gemma scales them, Granite multiplies them), so the hidden states entering layer
+# k can be fed back as ``inputs_embeds`` to the layers from k up and give the model's own output.
+SPLIT_FORWARD = {"llama", "mistral", "qwen2", "qwen3"}
+
+
+def backbone(model: Any) -> torch.nn.Module:
+    """The decoder stack (e.g. ``LlamaModel``: embed_tokens, layers, norm) under a transformers head and
+    under peft's wrappers."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return inner.base_model
+
+
+def frozen_layers(model: Any) -> int:
+    """How many of the lowest decoder layers hold nothing that trains, embeddings included (LoRA on the top
+    layers only: their output is the same for the adapted model and its base, and stays so during
+    training); 0 for families outside ``SPLIT_FORWARD``."""
+    if model.config.model_type not in SPLIT_FORWARD:
+        return 0
+    stack = backbone(model)
+    if any(p.requires_grad for p in stack.embed_tokens.parameters()):
+        return 0
+    n = 0
+    for layer in stack.layers:
+        if any(p.requires_grad for p in layer.parameters()):
+            break
+        n += 1
+    return n if n < len(stack.layers) else 0
+
+
+@contextlib.contextmanager
+def only_layers(model: Any, start: int, stop: int | None, final_norm: bool = True) -> Iterator[None]:
+    """Within the block, ``model``'s backbone runs its decoder layers ``start:stop`` only (and, without
+    ``final_norm``, returns the last one's output as it is)."""
+    stack = backbone(model)
+    layers, norm = stack.layers, stack.norm
+    stack.layers = torch.nn.ModuleList(list(layers)[start:stop])
+    if not final_norm:
+        stack.norm = torch.nn.Identity()
+    try:
+        yield
+    finally:
+        stack.layers, stack.norm = layers, norm
+
+
+def trunk_states(model: Any, n_layers: int, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The hidden states (B, L, H) that enter decoder layer ``n_layers`` of ``model`` (the output of the
+    frozen layers below it), positions skipping left padding as everywhere else."""
+    with only_layers(model, 0, n_layers, final_norm=False):
+        return backbone(model)(input_ids=input_ids, attention_mask=attention_mask,
+                               position_ids=position_ids(attention_mask), use_cache=False).last_hidden_state
+
+
+def model_inputs(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 trunk: tuple[int, torch.Tensor] | None = None) -> tuple[contextlib.AbstractContextManager, dict]:
+    """(context, keyword arguments) for a forward of ``model`` on a batch: the whole model from the token
+    ids, or, with ``trunk = (k, trunk_states(model, k, ...))``, only its layers from k up on those states."""
+    inputs = {"attention_mask": attention_mask, "position_ids": position_ids(attention_mask), "use_cache": False}
+    if trunk is None:
+        return contextlib.nullcontext(), {"input_ids": input_ids, **inputs}
+    start, states = trunk
+    return _above(model, start), {"inputs_embeds": states, **inputs}
+
+
+@contextlib.contextmanager
+def _above(model: Any, start: int) -> Iterator[None]:
+    # A sequence classifier warns that it cannot find the padding in inputs_embeds to pool at the last
+    # real token; igpt reads its head at every position (scalar_head_outputs), so that does not matter.
+    log = hf_logging.get_logger("transformers.modeling_layers")
+    level = log.level
+    log.setLevel(hf_logging.ERROR)
+    try:
+        with only_layers(model, start, None):
+            yield
+    finally:
+        log.setLevel(level)
 
 
 def context_window(cfg: ModelConfig, model: Any) -> int:

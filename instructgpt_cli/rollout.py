@@ -75,40 +75,47 @@ def score_sequences(model: Any, seqs: list[list[int]], pad_id: int, batch_size: 
 
 
 def response_logprobs(model: Any, query_response: torch.Tensor, mask: torch.Tensor, context_len: int,
-                      temperature: float, with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+                      temperature: float, with_entropy: bool = False, trunk: tuple[int, torch.Tensor] | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probs (B, T) of the response tokens ``query_response[:, context_len:]`` under ``model`` at the
     sampling temperature (logits / T, the distribution generation drew from), and optionally entropy.
 
     Only the last T+1 positions go through the LM head (``logits_to_keep``): query positions never
-    compute full-vocabulary logits.
+    compute full-vocabulary logits. ``trunk``: run only the layers above cached frozen ones
+    (``models.model_inputs``).
     """
-    from .models import position_ids
+    from .models import model_inputs
 
     n_response = query_response.size(1) - context_len
-    logits = model(input_ids=query_response, attention_mask=mask, position_ids=position_ids(mask),
-                   logits_to_keep=n_response + 1, use_cache=False).logits[:, :-1].float() / temperature
+    ctx, inputs = model_inputs(model, query_response, mask, trunk)
+    with ctx:
+        logits = model(**inputs, logits_to_keep=n_response + 1).logits[:, :-1].float() / temperature
     logp = torch.log_softmax(logits, dim=-1)
     logprobs = logp.gather(-1, query_response[:, context_len:].unsqueeze(-1)).squeeze(-1)
     entropy = -(logp.exp() * logp).sum(-1) if with_entropy else None
     return logprobs, entropy
 
 
-def head_outputs(model: Any, query_response: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def head_outputs(model: Any, query_response: torch.Tensor, mask: torch.Tensor,
+                 trunk: tuple[int, torch.Tensor] | None = None) -> torch.Tensor:
     """The scalar head of a reward/value model at every position (B, L), normalisation bias added."""
-    from .models import position_ids, scalar_head_outputs
+    from .models import model_inputs, scalar_head_outputs
 
-    return scalar_head_outputs(model, input_ids=query_response, attention_mask=mask, position_ids=position_ids(mask))
+    ctx, inputs = model_inputs(model, query_response, mask, trunk)
+    with ctx:
+        return scalar_head_outputs(model, **inputs)
 
 
-def token_values(model: Any, query_response: torch.Tensor, mask: torch.Tensor, context_len: int) -> torch.Tensor:
+def token_values(model: Any, query_response: torch.Tensor, mask: torch.Tensor, context_len: int,
+                 trunk: tuple[int, torch.Tensor] | None = None) -> torch.Tensor:
     """Per-token values (B, T): the head at the state before each response token."""
-    return head_outputs(model, query_response, mask)[:, context_len - 1:-1]
+    return head_outputs(model, query_response, mask, trunk)[:, context_len - 1:-1]
 
 
 def last_token_scores(model: Any, query_response: torch.Tensor, mask: torch.Tensor, context_len: int,
-                      lengths: torch.Tensor) -> torch.Tensor:
+                      lengths: torch.Tensor, trunk: tuple[int, torch.Tensor] | None = None) -> torch.Tensor:
     """Reward-model scores (B,) read at each response's last real token (its EOS, when it has one)."""
-    out = head_outputs(model, query_response, mask)
+    out = head_outputs(model, query_response, mask, trunk)
     return out[torch.arange(out.size(0), device=out.device), context_len + lengths - 1]
 
 

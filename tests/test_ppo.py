@@ -143,3 +143,89 @@ def test_models_from_another_run_and_a_foreign_tokenizer(world, tmp_path):
     # no rm in the run and none given
     missing = igpt("ppo", "--prompts", world / "prompts.jsonl", "--run-dir", world / "base")
     assert missing.exit_code == 2 and "igpt train-rm" in missing.stderr
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_frozen_layers_run_once_give_the_full_forward_and_its_gradients(family):
+    """LoRA on the top layers: logits, values and every adapter gradient from cached frozen-layer states
+    equal those of the whole model; the base (adapters disabled) reads the same cache."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from instructgpt_cli.config import LoraConfig
+    from instructgpt_cli.models import apply_lora, frozen_layers, trunk_states
+    from instructgpt_cli.rollout import response_logprobs, token_values
+
+    config = AutoConfig.for_model(family, vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                                  num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, num_labels=1)
+    torch.manual_seed(0)
+    policy = apply_lora(AutoModelForCausalLM.from_config(config), LoraConfig(enabled=True, r=4, layers=1))
+    value = apply_lora(AutoModelForSequenceClassification.from_config(config), LoraConfig(enabled=True, r=4, layers=2),
+                       task_type="SEQ_CLS")
+    for model in (policy, value):
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.5)  # adapters that change the output
+    assert (frozen_layers(policy), frozen_layers(value)) == (3, 2)
+    qr = torch.randint(1, 96, (3, 12))
+    mask = torch.ones_like(qr)
+    mask[0, :4] = 0  # a left-padded query
+
+    def outputs_and_grads(model, fn, trunk):
+        model.zero_grad(set_to_none=True)
+        out = fn(model, trunk)
+        out.square().sum().backward()
+        return out.detach(), {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+
+    for model, fn, k in ((policy, lambda m, t: response_logprobs(m, qr, mask, 5, 0.7, trunk=t)[0], 3),
+                         (value, lambda m, t: token_values(m, qr, mask, 5, t), 2)):
+        with torch.no_grad():
+            states = trunk_states(model, k, qr, mask)
+        full, full_grads = outputs_and_grads(model, fn, None)
+        cached, cached_grads = outputs_and_grads(model, fn, (k, states))
+        torch.testing.assert_close(cached, full, rtol=1e-5, atol=1e-6)
+        assert full_grads.keys() == cached_grads.keys() and any("lora" in n for n in full_grads)
+        for name, g in full_grads.items():
+            torch.testing.assert_close(cached_grads[name], g, rtol=1e-4, atol=1e-6 * float(g.abs().max()), msg=name)
+        with torch.no_grad(), model.disable_adapter():
+            base, base_cached = fn(model, None), fn(model, (k, states))
+        torch.testing.assert_close(base_cached, base, rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(base, full, atol=1e-3)  # the adapters do matter
+
+
+def test_nothing_is_cached_where_the_layers_below_train_or_the_family_is_not_known():
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from instructgpt_cli.config import LoraConfig
+    from instructgpt_cli.models import apply_lora, frozen_layers, tiny_model
+
+    model = tiny_model(tiny_tokenizer(), seed=0)
+    assert frozen_layers(model) == 0  # full fine-tuning: the embeddings train
+    assert frozen_layers(apply_lora(model, LoraConfig(enabled=True, layers=0))) == 0  # LoRA on every layer
+    gemma = AutoModelForCausalLM.from_config(AutoConfig.for_model(
+        "gemma", vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8))  # scales its embeddings inside the backbone
+    assert frozen_layers(apply_lora(gemma, LoraConfig(enabled=True, layers=1))) == 0
+
+
+def test_ppo_with_cached_frozen_layers_trains_as_without(world, tmp_path):
+    """LoRA on the top layer only: running the frozen layer once per rollout changes nothing but the time."""
+    runs = {}
+    for cache in ("true", "false"):
+        cfg = tmp_path / f"cache-{cache}.yaml"
+        cfg.write_text(f"ppo:\n  lora: {{enabled: true, layers: 1}}\n  cache_frozen_layers: {cache}\n")
+        run_dir = tmp_path / cache
+        result = igpt(*ppo_args(world, run_dir, "--config", cfg, "--max-steps", "3", "--ppo-epochs", "2"))
+        assert result.exit_code == 0, result.output
+        runs[cache] = read_metrics(run_dir / "ppo" / "metrics.jsonl")
+        weights = load_file(str(run_dir / "ppo" / "final" / "policy" / "model.safetensors"))
+        runs[cache + "-weights"] = weights
+    assert all(r["timing/scoring/frozen"] > 0 for r in runs["true"])
+    assert all("timing/scoring/frozen" not in r for r in runs["false"])
+    for a, b in zip(runs["true"], runs["false"]):
+        for key in ("objective/scores", "objective/kl", "loss/policy", "loss/value", "val/ratio_first"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
+    a, b = runs["true-weights"], runs["false-weights"]
+    assert any(not torch.equal(a[k], load_file(str(world / "base" / "sft" / "final" / "model.safetensors"))[k])
+               for k in a)  # the policy did train
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)

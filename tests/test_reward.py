@@ -107,7 +107,7 @@ def test_padding_free_scores_and_gradients_equal_the_padded_ones():
     torch.testing.assert_close(packed, padded, rtol=1e-5, atol=1e-5)
     assert packed_grads.keys() == padded_grads.keys() and padded_grads
     for name, g in padded_grads.items():
-        torch.testing.assert_close(packed_grads[name], g, rtol=1e-4, atol=1e-6, msg=name)
+        torch.testing.assert_close(packed_grads[name], g, rtol=1e-4, atol=1e-6 * float(g.abs().max()), msg=name)
 
 
 def rm_args(tmp_path, run_dir, rankings, *extra):

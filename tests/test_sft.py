@@ -199,8 +199,8 @@ def test_padding_free_batch_gives_the_padded_loss_and_gradients(tmp_path, lora):
     assert packed_n == padded_n > 0
     torch.testing.assert_close(packed_loss, padded_loss, rtol=1e-5, atol=1e-5)
     assert padded_grads.keys() == packed_grads.keys() and padded_grads
-    for name, g in padded_grads.items():
-        torch.testing.assert_close(packed_grads[name], g, rtol=1e-4, atol=1e-6, msg=name)
+    for name, g in padded_grads.items():  # summed losses: gradients of order 100, float noise relative to that
+        torch.testing.assert_close(packed_grads[name], g, rtol=1e-4, atol=1e-6 * float(g.abs().max()), msg=name)
 
 
 def test_models_without_packed_attention_are_padded():

@@ -32,8 +32,8 @@ from ..data import pretrain_blocks, pad_right, read_pretrain, read_prompts, rend
 from ..errors import BadInput
 from ..losses import (adaptive_kl_beta, gae, kl_penalized_rewards, masked_mean, masked_whiten, policy_loss,
                       ptx_loss, value_loss)
-from ..models import (apply_lora, find_model, load_model, load_tokenizer, resolve_device,
-                      same_tokenizer, save_final)
+from ..models import (apply_lora, find_model, frozen_layers, load_model, load_tokenizer, resolve_device,
+                      same_tokenizer, save_final, trunk_states)
 from ..rollout import (Rollout, build_rollout, decode_response, generate, last_token_scores, response_logprobs,
                        token_values)
 from ..rundir import check_stage, file_input
@@ -74,22 +74,34 @@ def score_rollout(models: dict, ro: Rollout, cfg: PPOConfig, beta: float, batch:
 
 def _score_rollout(models: dict, ro: Rollout, cfg: PPOConfig, beta: float, batch: int) -> dict:
     parts: dict[str, list] = {"logprobs": [], "ref_logprobs": [], "values": [], "scores": []}
-    seconds = dict.fromkeys(("policy", "ref", "value", "reward"), 0.0)  # where scoring's time goes
+    frozen = models["frozen"]  # LoRA on the top layers: the layers below run once, for both uses of a model
+    parts.update({f"{m}_trunk": [] for m in frozen if frozen[m]})
+    seconds = dict.fromkeys(("frozen", "policy", "ref", "value", "reward"), 0.0)  # where scoring's time goes
     for idx in micro(torch.arange(len(ro.lengths)), batch):
         qr, mask = ro.query_response[idx], ro.attention_mask[idx]
         marks = [time.perf_counter()]
-        parts["logprobs"].append(models["policy"](response_logprobs, qr, mask, ro.context_len, cfg.temperature)[0])
+        trunk = {}
+        for m in (m for m in frozen if frozen[m]):
+            parts[f"{m}_trunk"].append(models[m](trunk_states, frozen[m], qr, mask))
+            trunk[m] = (frozen[m], parts[f"{m}_trunk"][-1])
+        marks.append(time.perf_counter())
+        parts["logprobs"].append(
+            models["policy"](response_logprobs, qr, mask, ro.context_len, cfg.temperature, False, trunk.get("policy"))[0])
         marks.append(time.perf_counter())
         with models["ref_ctx"]():
-            parts["ref_logprobs"].append(models["ref"](response_logprobs, qr, mask, ro.context_len, cfg.temperature)[0])
+            parts["ref_logprobs"].append(
+                models["ref"](response_logprobs, qr, mask, ro.context_len, cfg.temperature, False, trunk.get("policy"))[0])
         marks.append(time.perf_counter())
-        parts["values"].append(models["value"](token_values, qr, mask, ro.context_len))
+        parts["values"].append(models["value"](token_values, qr, mask, ro.context_len, trunk.get("value")))
         marks.append(time.perf_counter())
         with models["rm_ctx"]():
-            parts["scores"].append(models["rm"](last_token_scores, qr, mask, ro.context_len, ro.lengths[idx]))
+            parts["scores"].append(models["rm"](last_token_scores, qr, mask, ro.context_len, ro.lengths[idx],
+                                                trunk.get("value")))
         marks.append(time.perf_counter())
         for part, t0, t1 in zip(seconds, marks, marks[1:]):
             seconds[part] += t1 - t0
+    if not any(frozen.values()):
+        del seconds["frozen"]
     out = {k: torch.cat(v) for k, v in parts.items()}
     mask = ro.response_mask.float()
     scores = out["scores"].clone()
@@ -125,13 +137,15 @@ def ppo_update(models: dict, trained: PolicyAndValue, optimizer, scheduler, ro: 
             micros = micro(mb, cfg.optim.batch_size)
             for j, idx in enumerate(micros):
                 qr, mask, rmask = ro.query_response[idx], ro.attention_mask[idx], mask_all[idx]
+                trunk = {m: (k, sc[f"{m}_trunk"][idx]) if k else None for m, k in models["frozen"].items()}
                 weight = rmask.sum() / n_tokens  # micro-batch share of the minibatch's tokens
                 last = j == len(micros) - 1  # DDP reduces in the last backward of a model (ptx's, for the policy)
                 with distributed.syncing(policy, last and cfg.ptx_coef == 0), distributed.syncing(value, last):
-                    logprobs, entropy = policy(response_logprobs, qr, mask, ro.context_len, cfg.temperature, True)
+                    logprobs, entropy = policy(response_logprobs, qr, mask, ro.context_len, cfg.temperature, True,
+                                               trunk["policy"])
                     pg_loss, pg = policy_loss(logprobs, sc["logprobs"][idx], sc["advantages"][idx], rmask,
                                               cfg.cliprange)
-                    values = value(token_values, qr, mask, ro.context_len)
+                    values = value(token_values, qr, mask, ro.context_len, trunk["value"])
                     vf_loss, vf = value_loss(values, sc["values"][idx], sc["returns"][idx], rmask, cfg.cliprange_value)
                     ((pg_loss + cfg.vf_coef * vf_loss) * weight * scale).backward()
                 w = float(weight)
@@ -193,12 +207,17 @@ def load_models(cfg: PPOConfig, tokenizer, sft_path: Path, rm_path: Path, device
 def runners(models: dict, cfg: PPOConfig, device: torch.device) -> dict:
     """The models as PPO calls them (``distributed.wrap``): policy and value train under DDP or FSDP;
     the frozen reference and RM are sharded under FSDP and kept whole under DDP. With LoRA those two
-    are the policy and value runners with adapters disabled."""
+    are the policy and value runners with adapters disabled, and with LoRA on the top layers only
+    ``frozen`` counts the layers below, which scoring runs once per rollout for both uses of a model and
+    whose output every training forward of the rollout reuses (not under FSDP, which shards the layers)."""
     policy = distributed.wrap(models["policy"], device, cfg.fsdp)
     value = distributed.wrap(models["value"], device, cfg.fsdp)
+    frozen = dict.fromkeys(("policy", "value"), 0)  # lowest layers run once per rollout (``frozen_layers``)
+    if cfg.lora.enabled and cfg.cache_frozen_layers and not (cfg.fsdp and distributed.world_size() > 1):
+        frozen = {m: frozen_layers(models[m]) for m in frozen}
     if cfg.lora.enabled:
-        return {**models, "policy": policy, "value": value, "ref": policy, "rm": value}
-    return {**models, "policy": policy, "value": value,
+        return {**models, "policy": policy, "value": value, "ref": policy, "rm": value, "frozen": frozen}
+    return {**models, "policy": policy, "value": value, "frozen": frozen,
             "ref": distributed.wrap(models["ref"], device, cfg.fsdp, trainable=False),
             "rm": distributed.wrap(models["rm"], device, cfg.fsdp, trainable=False)}
 
