@@ -86,3 +86,24 @@ def test_everything_after_eos_is_masked():
 def test_adaptive_kl_controller_moves_beta_towards_target():
     assert adaptive_kl_beta(0.1, kl=12.0, target=6.0, horizon=100, n_steps=10) == pytest.approx(0.1 * 1.02)
     assert adaptive_kl_beta(0.1, kl=3.0, target=6.0, horizon=100, n_steps=10) == pytest.approx(0.1 * (1 - 0.2 * 0.1))  # error clipped to -0.2
+
+
+def test_few_row_linears_compute_the_same_products_and_restore_the_layers():
+    from instructgpt_cli.models import tiny_model, tiny_tokenizer
+    from instructgpt_cli.rollout import FEW_ROWS, few_row_linears
+
+    model = tiny_model(tiny_tokenizer(), seed=0).eval()
+    head = model.get_output_embeddings()
+    few, many = torch.randn(1, FEW_ROWS, head.in_features), torch.randn(3, FEW_ROWS, head.in_features)
+    with torch.no_grad():
+        stock_few, stock_many = head(few), head(many)
+        with few_row_linears(model):
+            assert "forward" in vars(head)
+            fast_few, fast_many = head(few), head(many)
+            ids = torch.tensor([[1, 80, 90, 100]])
+            logits = model(input_ids=ids).logits  # every linear layer of the model, 4 rows each
+    torch.testing.assert_close(fast_few, stock_few, rtol=1e-5, atol=1e-6)
+    assert torch.equal(fast_many, stock_many)  # more rows: torch's own linear
+    with torch.no_grad():
+        torch.testing.assert_close(logits, model(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+    assert not any("forward" in vars(m) for m in model.modules())  # the layers are themselves again
