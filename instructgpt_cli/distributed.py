@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import os
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -210,9 +210,13 @@ def syncing(run: torch.nn.Module, sync: bool) -> Iterator[None]:
 
 
 def is_sharded(model: torch.nn.Module) -> bool:
+    return any_sharded(model.parameters())
+
+
+def any_sharded(params: Iterable[torch.Tensor]) -> bool:
     from torch.distributed.tensor import DTensor
 
-    return any(isinstance(p, DTensor) for p in model.parameters())
+    return any(isinstance(p, DTensor) for p in params)
 
 
 def as_float(x: Any) -> float:

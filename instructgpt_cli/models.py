@@ -9,6 +9,7 @@ import copy
 import importlib.util
 import os
 import shutil
+import weakref
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -304,13 +305,23 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+# model -> (the module holding its scalar head, the head's attribute name): found once, read on every forward
+_HEADS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def scalar_head(model: Any) -> torch.nn.Module:
     """The scalar head of a sequence classifier (``score`` / ``classifier``), outermost wrapper first
     (under LoRA, peft's wrapper that picks the trained copy or, adapters disabled, the original)."""
-    for name, module in model.named_modules():
-        if name.split(".")[-1] in ("score", "classifier"):
-            return module
-    raise ValueError(f"{type(model).__name__} has no scalar head named score or classifier")
+    if model not in _HEADS:
+        for name, _ in model.named_modules():
+            if name.split(".")[-1] in ("score", "classifier"):
+                parent, _, attr = name.rpartition(".")
+                _HEADS[model] = (model.get_submodule(parent), attr)
+                break
+        else:
+            raise ValueError(f"{type(model).__name__} has no scalar head named score or classifier")
+    parent, attr = _HEADS[model]
+    return getattr(parent, attr)  # as it is now: peft may have wrapped it since
 
 
 # Model families whose transformers attention builds its mask with ``create_causal_mask``, which reads

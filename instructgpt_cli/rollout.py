@@ -122,7 +122,10 @@ def response_logprobs(model: Any, query_response: torch.Tensor, mask: torch.Tens
         logits = model(**inputs, logits_to_keep=n_response + 1).logits[:, :-1].float() / temperature
     logp = torch.log_softmax(logits, dim=-1)
     logprobs = logp.gather(-1, query_response[:, context_len:].unsqueeze(-1)).squeeze(-1)
-    entropy = -(logp.exp() * logp).sum(-1) if with_entropy else None
+    entropy = None
+    if with_entropy:  # a statistic: no graph for it
+        with torch.no_grad():
+            entropy = -(logp.exp() * logp).sum(-1)
     return logprobs, entropy
 
 

@@ -51,7 +51,7 @@ def clip_gradients(params: list[torch.nn.Parameter], max_norm: float) -> float:
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return 0.0
-    if distributed.is_sharded(torch.nn.ParameterList(params)):
+    if distributed.any_sharded(params):
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
         return distributed.as_float(norm)
     norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32)))
