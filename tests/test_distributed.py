@@ -214,3 +214,21 @@ def test_fsdp_without_a_launcher_trains_unsharded(tmp_path, demos_file):
     assert result.exit_code == 0, result.output
     assert "--fsdp ignored: one process" in flat(result.stderr)
     assert (tmp_path / "run" / "sft" / "checkpoints" / "step-000006" / "trainable.safetensors").exists()
+
+
+def test_two_process_ppo_with_lora_on_the_top_layer_caches_the_frozen_one(sft_runs, tmp_path):
+    """DDP over the layers above cached frozen ones: the first minibatch's ratio is still exactly 1."""
+    t, _ = sft_runs
+    make_rule_rm(tmp_path / "rule_rm", tiny_tokenizer(), "e")
+    write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"What is {i} plus {i + 3}?"} for i in range(16)])
+    (tmp_path / "lora.yaml").write_text("ppo:\n  lora: {enabled: true, layers: 1}\n")
+    out = torchrun(["-m", "instructgpt_cli", "ppo", "--config", tmp_path / "lora.yaml", "--prompts",
+                    tmp_path / "prompts.jsonl", "--sft", t / "two" / "sft" / "final", "--rm", tmp_path / "rule_rm",
+                    "--run-dir", tmp_path / "run", "--max-new-tokens", "12", "--rollout-batch-size", "8",
+                    "--mini-batch-size", "8", "--lr", "3e-3", "--max-steps", "2", "--ppo-epochs", "2"], tmp_path)
+    assert out.returncode == 0, out.stderr
+    metrics = read_metrics(tmp_path / "run" / "ppo" / "metrics.jsonl")
+    assert all(m["timing/scoring/frozen"] > 0 for m in metrics)
+    assert metrics[0]["val/ratio_first"] == pytest.approx(1.0, abs=1e-6)
+    assert metrics[0]["objective/kl"] == pytest.approx(0.0, abs=1e-6)
+    assert (tmp_path / "run" / "ppo" / "final" / "policy" / "model.safetensors").exists()
