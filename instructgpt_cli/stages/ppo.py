@@ -80,23 +80,23 @@ def _score_rollout(models: dict, ro: Rollout, cfg: PPOConfig, beta: float, batch
     for idx in micro(torch.arange(len(ro.lengths)), batch):
         qr, mask = ro.query_response[idx], ro.attention_mask[idx]
         marks = [time.perf_counter()]
-        trunk = {}
-        for m in (m for m in frozen if frozen[m]):
-            parts[f"{m}_trunk"].append(models[m](trunk_states, frozen[m], qr, mask))
-            trunk[m] = (frozen[m], parts[f"{m}_trunk"][-1])
+        trunk = {m: (k, models[m](trunk_states, k, qr, mask)) if k else None for m, k in frozen.items()}
+        for m, cached in trunk.items():
+            if cached:
+                parts[f"{m}_trunk"].append(cached[1])
         marks.append(time.perf_counter())
         parts["logprobs"].append(
-            models["policy"](response_logprobs, qr, mask, ro.context_len, cfg.temperature, False, trunk.get("policy"))[0])
+            models["policy"](response_logprobs, qr, mask, ro.context_len, cfg.temperature, False, trunk["policy"])[0])
         marks.append(time.perf_counter())
         with models["ref_ctx"]():
             parts["ref_logprobs"].append(
-                models["ref"](response_logprobs, qr, mask, ro.context_len, cfg.temperature, False, trunk.get("policy"))[0])
+                models["ref"](response_logprobs, qr, mask, ro.context_len, cfg.temperature, False, trunk["policy"])[0])
         marks.append(time.perf_counter())
-        parts["values"].append(models["value"](token_values, qr, mask, ro.context_len, trunk.get("value")))
+        parts["values"].append(models["value"](token_values, qr, mask, ro.context_len, trunk["value"]))
         marks.append(time.perf_counter())
         with models["rm_ctx"]():
             parts["scores"].append(models["rm"](last_token_scores, qr, mask, ro.context_len, ro.lengths[idx],
-                                                trunk.get("value")))
+                                                trunk["value"]))
         marks.append(time.perf_counter())
         for part, t0, t1 in zip(seconds, marks, marks[1:]):
             seconds[part] += t1 - t0
