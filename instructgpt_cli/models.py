@@ -270,8 +270,7 @@ def reward_scores(model: Any, input_ids: torch.Tensor, attention_mask: torch.Ten
     The scalar head of a transformers sequence classifier has no bias, so the normalisation the paper
     applies before RL is stored as ``config.igpt_reward_bias`` and added here.
     """
-    logits = model(input_ids=input_ids, attention_mask=attention_mask,
-                   position_ids=position_ids(attention_mask), use_cache=False).logits[:, 0]
+    logits = model(input_ids=input_ids, **mask_inputs(attention_mask), use_cache=False).logits[:, 0]
     return logits + getattr(model.config, REWARD_BIAS, 0.0)
 
 
@@ -297,6 +296,17 @@ def packed_reward_scores(model: Any, seqs: list[list[int]], device: torch.device
     ids, positions = pack(seqs)
     ends = torch.tensor([len(s) for s in seqs]).cumsum(0) - 1
     return scalar_head_outputs(model, input_ids=ids.to(device), position_ids=positions.to(device))[0, ends.to(device)]
+
+
+def mask_inputs(attention_mask: torch.Tensor) -> dict:
+    """``attention_mask`` and ``position_ids`` for a forward on a batch with this mask, or neither when no
+    row is padded on the left. A right pad comes after every real token of its row, so under causal
+    attention no real token sees it, and real tokens sit at positions 0, 1, ... anyway: the model's outputs
+    at real tokens are the same, and attention runs unmasked (SDPA's causal kernel, no 4-D mask built).
+    What pads themselves output is never read (losses and scores are masked or read at real tokens)."""
+    if bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all()):
+        return {}
+    return {"attention_mask": attention_mask, "position_ids": position_ids(attention_mask)}
 
 
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -387,15 +397,14 @@ def trunk_states(model: Any, n_layers: int, input_ids: torch.Tensor, attention_m
     """The hidden states (B, L, H) that enter decoder layer ``n_layers`` of ``model`` (the output of the
     frozen layers below it), positions skipping left padding as everywhere else."""
     with only_layers(model, 0, n_layers, final_norm=False):
-        return backbone(model)(input_ids=input_ids, attention_mask=attention_mask,
-                               position_ids=position_ids(attention_mask), use_cache=False).last_hidden_state
+        return backbone(model)(input_ids=input_ids, **mask_inputs(attention_mask), use_cache=False).last_hidden_state
 
 
 def model_inputs(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                  trunk: tuple[int, torch.Tensor] | None = None) -> tuple[contextlib.AbstractContextManager, dict]:
     """(context, keyword arguments) for a forward of ``model`` on a batch: the whole model from the token
     ids, or, with ``trunk = (k, trunk_states(model, k, ...))``, only its layers from k up on those states."""
-    inputs = {"attention_mask": attention_mask, "position_ids": position_ids(attention_mask), "use_cache": False}
+    inputs = {**mask_inputs(attention_mask), "use_cache": False}
     if trunk is None:
         return contextlib.nullcontext(), {"input_ids": input_ids, **inputs}
     start, states = trunk

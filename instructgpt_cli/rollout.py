@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import types
 from typing import Any, Iterator, NamedTuple
 
@@ -53,30 +54,45 @@ def generate(model: Any, tokenizer: Any, queries: list[list[int]], max_new_token
     return responses
 
 
-FEW_ROWS = 8  # at most this many rows take the (W @ x.T).T path on a CPU
+# Which linear layers take the (W @ x.T).T path on a CPU, and up to how many rows (bench/README.md): the
+# gain is a memory-bound weight's; for small weights the extra Python costs more than the product.
+LARGE_WEIGHT = 1 << 22  # elements (an LM head: 49152 x 576 is 28M): up to 8 rows, at any thread count
+MID_WEIGHT = 1 << 16    # elements (576 x 576 is 332K): up to 2 rows, with 2 or more threads
+FEW_ROWS = 8
 
 
-def _few_row_linear(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    if x.numel() > FEW_ROWS * x.shape[-1]:
+def few_row_limit(weight: torch.Tensor, threads: int) -> int:
+    """The most rows of an input for which ``weight``'s product runs as (W @ x.T).T; 0: never."""
+    if weight.numel() >= LARGE_WEIGHT:
+        return FEW_ROWS
+    return 2 if weight.numel() >= MID_WEIGHT and threads >= 2 else 0
+
+
+def _few_row_linear(self: torch.nn.Linear, x: torch.Tensor, rows: int = FEW_ROWS) -> torch.Tensor:
+    if x.numel() > rows * x.shape[-1]:
         return torch.nn.functional.linear(x, self.weight, self.bias)
     out = (self.weight @ x.reshape(-1, x.shape[-1]).t()).t().reshape(*x.shape[:-1], self.weight.shape[0])
     return out if self.bias is None else out + self.bias
 
 
 @contextlib.contextmanager
-def few_row_linears(model: torch.nn.Module) -> Iterator[None]:
-    """Within the block, ``model``'s linear layers compute inputs of at most ``FEW_ROWS`` rows (a decoding
-    step: one token per sequence) as ``(W @ x.T).T``. On CPUs torch's ``linear`` (x @ W.T) runs such
-    near-vector products far below memory bandwidth: a 49152 x 576 LM head on 2 rows took 27 ms against
-    4.4 ms, and 135M-parameter sampling of 2 sequences ran 1.8x faster this way (bench/README.md). Same
-    product, other summation order; larger inputs (the prompt's forward) keep ``linear``."""
-    linears = [m for m in model.modules() if type(m) is torch.nn.Linear and "forward" not in vars(m)]
-    for m in linears:
-        m.forward = types.MethodType(_few_row_linear, m)
+def few_row_linears(model: torch.nn.Module, threads: int | None = None) -> Iterator[None]:
+    """Within the block, ``model``'s large linear layers compute inputs of a few rows (a decoding step: one
+    token per sequence) as ``(W @ x.T).T``. On CPUs torch's ``linear`` (x @ W.T) runs such near-vector
+    products far below memory bandwidth: a 49152 x 576 LM head on 2 rows took 24 ms against 6 ms, and
+    135M-parameter sampling of 2 sequences ran 1.8x faster this way. Which layers, and up to how many rows:
+    ``few_row_limit`` (small layers, as in a tiny model, stay as they are: there the stock path is faster).
+    Same product, other summation order; larger inputs (the prompt's forward) keep ``linear``."""
+    threads = torch.get_num_threads() if threads is None else threads
+    linears = [(m, few_row_limit(m.weight, threads)) for m in model.modules()
+               if type(m) is torch.nn.Linear and "forward" not in vars(m)]
+    linears = [(m, rows) for m, rows in linears if rows]
+    for m, rows in linears:
+        m.forward = types.MethodType(functools.partial(_few_row_linear, rows=rows), m)
     try:
         yield
     finally:
-        for m in linears:
+        for m, _ in linears:
             del m.forward
 
 

@@ -62,9 +62,10 @@ def clip_gradients(params: list[torch.nn.Parameter], max_norm: float) -> float:
     return float(norm)
 
 
-def optimizer_step(model: Any, optimizer: Any, scheduler: Any, grad_clip: float) -> float:
-    """Clip, step, advance the schedule, clear the gradients; returns the gradient norm before clipping."""
-    grad_norm = clip_gradients(trainable_parameters(model), grad_clip)
+def optimizer_step(optimizer: Any, scheduler: Any, grad_clip: float) -> float:
+    """Clip, step, advance the schedule, clear the gradients; returns the gradient norm before clipping.
+    The parameters are the optimizer's (the model's trainable ones, listed once when it was built)."""
+    grad_norm = clip_gradients([p for group in optimizer.param_groups for p in group["params"]], grad_clip)
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)

@@ -192,6 +192,48 @@ def test_frozen_layers_run_once_give_the_full_forward_and_its_gradients(family):
         assert not torch.allclose(base, full, atol=1e-3)  # the adapters do matter
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_batches_padded_only_on_the_right_run_unmasked_with_the_same_outputs_and_gradients(family):
+    """No row padded on the left: the forward drops the attention mask (causal attention alone hides right
+    pads from every real token); log-probs, values and gradients at real tokens are those of the masked one."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from instructgpt_cli.models import mask_inputs, position_ids, scalar_head_outputs
+    from instructgpt_cli.rollout import response_logprobs, token_values
+
+    config = AutoConfig.for_model(family, vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, num_labels=1)
+    torch.manual_seed(0)
+    policy, value = AutoModelForCausalLM.from_config(config), AutoModelForSequenceClassification.from_config(config)
+    qr = torch.randint(1, 96, (3, 12))
+    mask = torch.ones_like(qr)
+    mask[0, 8:], mask[2, 10:] = 0, 0  # responses that ended early: right padding only
+    real = mask[:, 5:].bool()
+    assert mask_inputs(mask) == {}
+    left = mask.clone()
+    left[1, :2] = 0  # a left-padded query keeps the mask
+    assert set(mask_inputs(left)) == {"attention_mask", "position_ids"}
+    masked = {"attention_mask": mask, "position_ids": position_ids(mask), "use_cache": False}
+
+    def masked_logprobs(m):
+        logits = m(input_ids=qr, **masked).logits[:, 4:-1].float() / 0.7
+        return torch.log_softmax(logits, -1).gather(-1, qr[:, 5:, None])[..., 0]
+
+    for model, fast, slow in ((policy, lambda m: response_logprobs(m, qr, mask, 5, 0.7)[0], masked_logprobs),
+                              (value, lambda m: token_values(m, qr, mask, 5),
+                               lambda m: scalar_head_outputs(m, input_ids=qr, **masked)[:, 4:-1])):
+        results = []
+        for fn in (fast, slow):
+            model.zero_grad(set_to_none=True)
+            out = fn(model)
+            out[real].square().sum().backward()
+            results.append((out.detach()[real], {k: p.grad.clone() for k, p in model.named_parameters()}))
+        (a, grads_a), (b, grads_b) = results
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        for name, g in grads_b.items():
+            torch.testing.assert_close(grads_a[name], g, rtol=1e-4, atol=1e-6 * float(g.abs().max()), msg=name)
+
+
 def test_nothing_is_cached_where_the_layers_below_train_or_the_family_is_not_known():
     from transformers import AutoConfig, AutoModelForCausalLM
 

@@ -92,18 +92,25 @@ def test_few_row_linears_compute_the_same_products_and_restore_the_layers():
     from instructgpt_cli.models import tiny_model, tiny_tokenizer
     from instructgpt_cli.rollout import FEW_ROWS, few_row_linears
 
-    model = tiny_model(tiny_tokenizer(), seed=0).eval()
-    head = model.get_output_embeddings()
-    few, many = torch.randn(1, FEW_ROWS, head.in_features), torch.randn(3, FEW_ROWS, head.in_features)
+    torch.manual_seed(0)
+    # an LM-head-sized layer (2^22 weights), a mid-sized one (2^16) and a small one (as in a tiny model)
+    large, mid, small = torch.nn.Linear(256, 16384), torch.nn.Linear(256, 256, bias=False), torch.nn.Linear(64, 64)
+    layers = torch.nn.ModuleList([large, mid, small])
+    inputs = {m: [torch.randn(1, n, m.in_features) for n in (1, 2, 3, FEW_ROWS, FEW_ROWS + 1)] for m in layers}
     with torch.no_grad():
-        stock_few, stock_many = head(few), head(many)
-        with few_row_linears(model):
-            assert "forward" in vars(head)
-            fast_few, fast_many = head(few), head(many)
-            ids = torch.tensor([[1, 80, 90, 100]])
-            logits = model(input_ids=ids).logits  # every linear layer of the model, 4 rows each
-    torch.testing.assert_close(fast_few, stock_few, rtol=1e-5, atol=1e-6)
-    assert torch.equal(fast_many, stock_many)  # more rows: torch's own linear
-    with torch.no_grad():
-        torch.testing.assert_close(logits, model(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
-    assert not any("forward" in vars(m) for m in model.modules())  # the layers are themselves again
+        stock = {m: [m(x) for x in xs] for m, xs in inputs.items()}
+        for threads, patched in ((2, {large, mid}), (1, {large})):  # mid-sized layers gain only with 2+ threads
+            with few_row_linears(layers, threads=threads):
+                assert {m for m in layers if "forward" in vars(m)} == patched
+                fast = {m: [m(x) for x in xs] for m, xs in inputs.items()}
+            assert not any("forward" in vars(m) for m in layers)  # the layers are themselves again
+            for m in layers:
+                for x, a, b in zip(inputs[m], stock[m], fast[m]):
+                    limit = (FEW_ROWS if m is large else 2) if m in patched else 0
+                    if x.shape[1] > limit:
+                        assert torch.equal(a, b)  # torch's own linear
+                    else:
+                        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+        model = tiny_model(tiny_tokenizer(), seed=0).eval()
+        with few_row_linears(model, threads=2):  # a tiny model's layers are all small: none is patched
+            assert not any("forward" in vars(m) for m in model.modules())

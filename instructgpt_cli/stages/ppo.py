@@ -168,8 +168,7 @@ def ppo_update(models: dict, trained: PolicyAndValue, optimizer, scheduler, ro: 
                 (cfg.ptx_coef * loss * (share * scale)).backward()
                 stats.setdefault("loss/ptx", []).append(loss.item() * share)
                 ptx_seconds += time.perf_counter() - t0
-            stats.setdefault("train/grad_norm", []).append(optimizer_step(trained, optimizer, scheduler,
-                                                                          cfg.optim.grad_clip))
+            stats.setdefault("train/grad_norm", []).append(optimizer_step(optimizer, scheduler, cfg.optim.grad_clip))
     # per-minibatch sums of token-weighted micro values -> means over minibatches
     n_mb = cfg.ppo_epochs * n_minibatches
     out = {k: sum(v) / (1 if k.endswith("_first") else n_mb) for k, v in stats.items()

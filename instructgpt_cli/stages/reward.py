@@ -69,7 +69,7 @@ def train_step(run, optimizer, scheduler, chunks: list[list[RankedGroup]], pad_i
             correct_total += correct.sum().item()
             pairs += correct.numel()
             tokens += n_tokens
-    grad_norm = optimizer_step(run, optimizer, scheduler, grad_clip)
+    grad_norm = optimizer_step(optimizer, scheduler, grad_clip)
     sums = distributed.reduce_metrics({"loss": loss_total, "correct": correct_total, "pairs": pairs, "tokens": tokens},
                                       sums=("loss", "correct", "pairs", "tokens"))
     return {"train/loss": sums["loss"] / n_prompts, "train/accuracy": sums["correct"] / max(sums["pairs"], 1),

@@ -91,7 +91,7 @@ def train_step(run, optimizer, scheduler, chunks: list[list[Example]], pad_id: i
         if weight:
             loss_total += summed.item()
             tokens += sum(len(e.input_ids) for e in chunk)
-    grad_norm = optimizer_step(run, optimizer, scheduler, grad_clip)
+    grad_norm = optimizer_step(optimizer, scheduler, grad_clip)
     sums = distributed.reduce_metrics({"loss": loss_total, "tokens": tokens}, sums=("loss", "tokens"))
     return {"train/loss": sums["loss"] / max(n_targets, 1), "train/grad_norm": grad_norm, "train/tokens": sums["tokens"]}
 
