@@ -9,6 +9,7 @@ every rank with nothing written.
 import json
 import os
 import random
+import socket
 import subprocess
 import sys
 
@@ -24,13 +25,18 @@ from rule_rm import make_rule_rm
 LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK")
 
 
-def torchrun(args, tmp_path, env_extra=None, launcher=()):
-    """``python -m torch.distributed.run --standalone --nproc-per-node 2 ARGS`` (a free port each time)."""
+def worker_env(tmp_path, extra=None):
+    """This environment without any launcher's variables, one thread, offline, a per-test model cache."""
     env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
-    env.update({"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "IGPT_CACHE": str(tmp_path / "cache"),
-                **(env_extra or {})})
+    env.update({"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "IGPT_CACHE": str(tmp_path / "cache"), **(extra or {})})
+    return env
+
+
+def torchrun(args, tmp_path, env_extra=None):
+    """``python -m torch.distributed.run --standalone --nproc-per-node 2 ARGS`` (a free port each time)."""
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           *launcher, *map(str, args)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+                           *map(str, args)], cwd=REPO, env=worker_env(tmp_path, env_extra), capture_output=True,
+                          text=True, timeout=300)
 
 
 def sft_args(data, run_dir, *extra):
@@ -200,12 +206,22 @@ def test_two_process_ppo_killed_resumes_on_both_ranks_equal_to_uninterrupted(sft
 
 def test_bad_input_fails_on_every_rank_with_nothing_written(tmp_path):
     bad = write_jsonl(tmp_path / "demos.jsonl", [{"prompt": "hi", "response": "there"}, {"prompt": "x", "response": 3}])
-    # torchrun stops the other workers once one fails; polling slowly lets each rank exit on its own
-    result = torchrun(["-m", "instructgpt_cli", *sft_args(bad, tmp_path / "run")], tmp_path,
-                      launcher=("--monitor-interval", "3"))
-    assert result.returncode != 0
-    assert result.stderr.count(f"error: {bad}:2: response: must be a non-empty string") == 2
-    assert result.stderr.count("exitcode  : 2") == 2, result.stderr  # both ranks exited 2, neither hung
+    # Both ranks started as a launcher starts them (its environment), each waited for on its own: torchrun
+    # would stop the other worker once one fails, and whether the second had exited by then is a race.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    group = {"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    ranks = [subprocess.Popen([sys.executable, "-m", "instructgpt_cli", *map(str, sft_args(bad, tmp_path / "run"))],
+                              cwd=REPO, env=worker_env(tmp_path, {**group, "RANK": str(r), "LOCAL_RANK": str(r)}),
+                              stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True) for r in range(2)]
+    try:
+        stderr = [proc.communicate(timeout=300)[1] for proc in ranks]  # a rank that hung would time out here
+    finally:
+        for proc in ranks:
+            proc.kill()
+    assert [proc.returncode for proc in ranks] == [2, 2], stderr  # both ranks exited 2
+    assert all(err.count(f"error: {bad}:2: response: must be a non-empty string") == 1 for err in stderr), stderr
     assert not (tmp_path / "run").exists()
 
 
