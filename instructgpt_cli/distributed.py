@@ -39,6 +39,14 @@ def rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
+def no_autograd() -> contextlib.AbstractContextManager:
+    """For forwards that never back-propagate (sampling, rollout scoring): ``torch.inference_mode`` in one
+    process (no autograd bookkeeping at all: no version counters, no view tracking; 10-20% off a tiny
+    model's decoding step), ``no_grad`` under a launcher, where the buffers DDP and FSDP allocate in a
+    forward must stay writable outside inference mode."""
+    return torch.inference_mode() if world_size() == 1 else torch.no_grad()
+
+
 def is_main() -> bool:
     """Rank 0 is the only process that writes files."""
     return rank() == 0

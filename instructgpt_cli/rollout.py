@@ -9,6 +9,7 @@ from typing import Any, Iterator, NamedTuple
 import torch
 
 from .data import pad_left
+from .distributed import no_autograd
 
 
 def generation_config(tokenizer: Any, max_new_tokens: int, temperature: float) -> Any:
@@ -28,7 +29,6 @@ def truncate_at_eos(tokens: list[int], eos_id: int) -> list[int]:
     return tokens[:tokens.index(eos_id) + 1] if eos_id in tokens else tokens
 
 
-@torch.no_grad()
 def generate(model: Any, tokenizer: Any, queries: list[list[int]], max_new_tokens: int, temperature: float,
              batch_size: int, synced: bool = False) -> list[list[int]]:
     """Sample one response per query (token lists, EOS included where the model stopped).
@@ -36,6 +36,7 @@ def generate(model: Any, tokenizer: Any, queries: list[list[int]], max_new_token
     Queries are left-padded so every row's new tokens start in the same column; transformers derives
     position ids from the attention mask, so padding does not shift positions. ``synced``: every rank
     keeps stepping until all are done (a sharded model gathers its weights in every forward).
+    Runs under ``distributed.no_autograd``: ``inference_mode`` in one process.
     """
     device = next(model.parameters()).device
     config = generation_config(tokenizer, max_new_tokens, temperature)
@@ -44,7 +45,7 @@ def generate(model: Any, tokenizer: Any, queries: list[list[int]], max_new_token
     responses: list[list[int]] = []
     for start in range(0, len(queries), batch_size):
         ids, mask = pad_left(queries[start:start + batch_size], tokenizer.pad_token_id)
-        with few_row_linears(model) if device.type == "cpu" else contextlib.nullcontext():
+        with no_autograd(), few_row_linears(model) if device.type == "cpu" else contextlib.nullcontext():
             out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config,
                                  synced_gpus=synced)
         # Exactly the sampled tokens up to the first EOS; transformers pads only rows that finished

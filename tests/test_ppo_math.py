@@ -114,3 +114,26 @@ def test_few_row_linears_compute_the_same_products_and_restore_the_layers():
         model = tiny_model(tiny_tokenizer(), seed=0).eval()
         with few_row_linears(model, threads=2):  # a tiny model's layers are all small: none is patched
             assert not any("forward" in vars(m) for m in model.modules())
+
+
+
+def test_sampling_runs_without_autograd_draws_what_no_grad_draws_and_leaves_the_model_trainable(monkeypatch):
+    """One process samples under ``inference_mode``: the same tokens, from the same seed, as sampling
+    under ``no_grad``; the model then trains (no inference tensor left in it: KV cache, buffers)."""
+    from instructgpt_cli import rollout
+    from instructgpt_cli.distributed import no_autograd
+    from instructgpt_cli.models import tiny_model, tiny_tokenizer
+
+    assert isinstance(no_autograd(), torch.inference_mode)  # one process
+    tok = tiny_tokenizer()
+    model = tiny_model(tok, seed=0)
+    queries = [tok.encode("2+3=")[:6], tok.encode("12+7=")]
+    torch.manual_seed(5)
+    fast = rollout.generate(model, tok, queries, 12, 1.0, batch_size=2)
+    monkeypatch.setattr(rollout, "no_autograd", torch.no_grad)
+    torch.manual_seed(5)
+    assert rollout.generate(model, tok, queries, 12, 1.0, batch_size=2) == fast
+    assert len(fast) == 2 and all(fast)
+    ids = torch.tensor([queries[1] + fast[1]])
+    model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+    assert all(p.grad is not None and not p.is_inference() for p in model.parameters() if p.requires_grad)

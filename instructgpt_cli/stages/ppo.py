@@ -64,10 +64,9 @@ def score_rollout(models: dict, ro: Rollout, cfg: PPOConfig, beta: float, batch:
     """Old log-probs, reference log-probs, values, scores; then rewards, advantages and returns (B, T).
     ``models`` are runners (``distributed.wrap``): ``models["policy"](fn, ...)`` is ``fn(policy, ...)``.
 
-    One process: under ``torch.inference_mode`` (no autograd bookkeeping at all), the results cloned out
-    of it, since the PPO losses save some of them for their backward. Under a launcher ``no_grad``: the
-    buffers DDP and FSDP allocate in a forward must stay writable outside inference mode."""
-    with torch.inference_mode() if distributed.world_size() == 1 else torch.no_grad():
+    Under ``distributed.no_autograd`` (``inference_mode`` in one process), the results cloned out of it,
+    since the PPO losses save some of them for their backward."""
+    with distributed.no_autograd():
         sc = _score_rollout(models, ro, cfg, beta, batch)
     return {k: v.clone() if torch.is_tensor(v) else v for k, v in sc.items()}
 
