@@ -136,7 +136,9 @@ def response_logprobs(model: Any, query_response: torch.Tensor, mask: torch.Tens
     n_response = query_response.size(1) - context_len
     ctx, inputs = model_inputs(model, query_response, mask, trunk)
     with ctx:
-        logits = model(**inputs, logits_to_keep=n_response + 1).logits[:, :-1].float() / temperature
+        logits = model(**inputs, logits_to_keep=n_response + 1).logits[:, :-1].float()
+    if temperature != 1.0:  # at T=1 the division is an identity: no op, no backward node
+        logits = logits / temperature
     logp = torch.log_softmax(logits, dim=-1)
     logprobs = logp.gather(-1, query_response[:, context_len:].unsqueeze(-1)).squeeze(-1)
     entropy = None
