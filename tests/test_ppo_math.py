@@ -116,7 +116,6 @@ def test_few_row_linears_compute_the_same_products_and_restore_the_layers():
             assert not any("forward" in vars(m) for m in model.modules())
 
 
-
 def test_sampling_runs_without_autograd_draws_what_no_grad_draws_and_leaves_the_model_trainable(monkeypatch):
     """One process samples under ``inference_mode``: the same tokens, from the same seed, as sampling
     under ``no_grad``; the model then trains (no inference tensor left in it: KV cache, buffers)."""
