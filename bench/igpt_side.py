@@ -72,6 +72,7 @@ def rm(spec: dict) -> dict:
     run_dir = Path(tempfile.mkdtemp(prefix="igpt-bench-rm-"))
     try:
         cfg = RMConfig(rankings=plan["data"], normalize=False, run_dir=str(run_dir),
+                       share_prompts=spec.get("share_prompts", True),
                        model=ModelConfig(name=str(model_dir(spec["shape"], "policy")), dtype="float32",
                                          max_seq_len=1024),
                        optim=OptimConfig(batch_size=spec["prompts_per_step"], grad_accum=1, lr=1e-5),

@@ -42,7 +42,9 @@ SFT = dict(task="sft", shape="135m", threads=2, batch_size=4, warmup=1)
 # group id -> (variants: label -> (side, spec)), repeats
 GROUPS = {
     "rm_k2": {"igpt": ("igpt", {**RM, "k": 2, "prompts_per_step": 4}),
-              "trl": ("trl", {**RM, "k": 2, "prompts_per_step": 4})},
+              "trl": ("trl", {**RM, "k": 2, "prompts_per_step": 4}),
+              # the engine control: both sides run the same 2 sequences per ranking (igpt's prompt sharing off)
+              "igpt_unshared": ("igpt", {**RM, "k": 2, "prompts_per_step": 4, "share_prompts": False})},
     "rm_k4": {"igpt": ("igpt", {**RM, "k": 4, "prompts_per_step": 2}),
               "trl": ("trl", {**RM, "k": 4, "prompts_per_step": 2})},
     "rm_k9": {"igpt": ("igpt", {**RM, "k": 9, "prompts_per_step": 1, "steps": 1}),
@@ -57,9 +59,11 @@ GROUPS = {
 }
 ORDER = ["ppo_tiny", "rm_k2", "rm_k4", "rm_k9", "sft_fixed", "sft_demos", "ppo_135m"]
 
-# Table rows: (label, group, metric, target, how the ratio is read)
+# Table rows: (label, group, metric, target, how the ratio is read[, igpt's variant, default "igpt"])
 ROWS = [
     ("RM K=2 comparisons/s (135M shape, 2 thr)", "rm_k2", "throughput", ">= 1.0x", 1.0),
+    ("RM K=2, prompt not shared: the same 2 sequences a ranking on both sides", "rm_k2", "throughput", ">= 1.0x", 1.0,
+     "igpt_unshared"),
     ("RM K=4 comparisons/s (135M shape, 2 thr)", "rm_k4", "throughput", ">= 2.7x", 2.7),
     ("RM K=9 comparisons/s (135M shape, 2 thr)", "rm_k9", "throughput", ">= 7x", 7.0),
     ("PPO episodes/s, tiny, 1 thr, 4 PPO epochs", "ppo_tiny", "throughput", ">= 4x", 4.0),
@@ -240,12 +244,12 @@ def ratio(a, b):
 
 def table_rows(groups: dict, calib: dict) -> list[dict]:
     rows = []
-    for label, gid, metric, target, bound in ROWS:
+    for label, gid, metric, target, bound, *variant in ROWS:
         g = groups.get(gid)
-        if g is None:
+        if g is None or (variant and variant[0] not in g["variants"]):
             continue
         v = g["variants"]
-        igpt, trl = v["igpt"], v["trl"]
+        igpt, trl = v[variant[0] if variant else "igpt"], v["trl"]
         threads = igpt["spec"]["threads"]
         # the peak of the sitting that measured this group (a shared host's peak moves between sittings)
         peak = g.get("calibration", calib).get(str(threads), {}).get("peak_gflops")

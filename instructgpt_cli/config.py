@@ -103,6 +103,9 @@ class RMConfig:
     epochs: int = f(1, "passes over the rankings (epochs); the paper trains the RM a single epoch (it overfits after)")
     max_steps: int = f(0, "stop after this many optimizer steps; 0 = run all epochs (steps)")
     val_fraction: float = f(0.1, "share of rankings held out for pairwise accuracy (fraction, 0 disables)")
+    share_prompts: bool = f(True, "run the prompt a ranking's K responses start with once, each response attending "
+                                  "to it and to itself (model families known to support it, where it saves a tenth "
+                                  "of the tokens)")
     padding_free: bool = f(True, "pack each micro-batch's responses into one row with block-diagonal attention "
                                  "instead of padding (model families known to support it; others are padded)")
     eval_every: int = f(20, "held-out loss and accuracy every N optimizer steps, and at the end (steps)")

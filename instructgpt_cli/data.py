@@ -212,6 +212,72 @@ def pack(seqs: list[list[int]]) -> tuple[Any, Any]:
     return torch.tensor([ids], dtype=torch.long), torch.tensor([positions], dtype=torch.long)
 
 
+def common_prefix(seqs: list[list[int]]) -> int:
+    """How many leading tokens every sequence shares, leaving each at least its last token of its own."""
+    n = min(len(s) for s in seqs) - 1
+    first = seqs[0]
+    for i in range(n):
+        if any(s[i] != first[i] for s in seqs[1:]):
+            return i
+    return n
+
+
+SHARED_MASK_LIMIT = 1 << 26  # attention-mask elements (rows x L x L) a prefix-shared micro-batch may build
+
+
+def pays_to_share(groups: list[list[list[int]]]) -> bool:
+    """Whether running each group's common prefix once saves at least 10% of the tokens, with an attention
+    mask of at most ``SHARED_MASK_LIMIT`` elements."""
+    prefixes = [common_prefix(seqs) for seqs in groups]
+    total = sum(len(s) for seqs in groups for s in seqs)
+    saved = sum((len(seqs) - 1) * p for seqs, p in zip(groups, prefixes))
+    row = max(sum(len(s) for s in seqs) - (len(seqs) - 1) * p for seqs, p in zip(groups, prefixes))
+    return saved >= 0.1 * total and len(groups) * row * row <= SHARED_MASK_LIMIT
+
+
+class SharedRows(NamedTuple):
+    """Groups of sequences that start alike, one row each: the common prefix once, then every sequence's own
+    tokens one after the other (right-padded to the longest row)."""
+
+    input_ids: Any     # (G, L)
+    position_ids: Any  # (G, L): a sequence's own tokens continue from the end of the prefix
+    segments: Any      # (G, L): 0 the prefix, j + 1 the own tokens of the group's j-th sequence, -1 padding
+    ends: Any          # (N,): flat index (row * L + column) of every sequence's last token, groups in order
+
+
+def shared_rows(groups: list[list[list[int]]], pad_id: int) -> SharedRows:
+    """Build :class:`SharedRows`. Under the mask of :func:`shared_prefix_mask` a sequence's last token
+    sees exactly what it sees alone (the prefix at positions 0..p-1, then its own tokens): a causal model
+    gives it the same output, and the prefix is computed (and back-propagated) once for all K."""
+    import torch
+
+    rows, positions, segments, ends = [], [], [], []
+    for g, seqs in enumerate(groups):
+        p = common_prefix(seqs)
+        ids, pos, seg = list(seqs[0][:p]), list(range(p)), [0] * p
+        for j, s in enumerate(seqs):
+            ids += s[p:]
+            pos += range(p, len(s))
+            seg += [j + 1] * (len(s) - p)
+            ends.append((g, len(ids) - 1))
+        rows.append(ids), positions.append(pos), segments.append(seg)
+    width = max(len(r) for r in rows)
+    padded = lambda xs, fill: torch.tensor([x + [fill] * (width - len(x)) for x in xs], dtype=torch.long)  # noqa: E731
+    return SharedRows(padded(rows, pad_id), padded(positions, 0), padded(segments, -1),
+                      torch.tensor([g * width + col for g, col in ends]))
+
+
+def shared_prefix_mask(segments: Any) -> Any:
+    """Boolean attention mask (G, 1, L, L), True = may attend: causal, and a token sees the prefix and its
+    own segment only. Padding sees the prefix and the padding before it (never an empty row)."""
+    import torch
+
+    L = segments.shape[1]
+    causal = torch.ones(L, L, dtype=torch.bool, device=segments.device).tril()
+    seg_q, seg_k = segments[:, :, None], segments[:, None, :]
+    return (causal & ((seg_k == 0) | (seg_k == seg_q)))[:, None]
+
+
 def collate_packed(examples: list[Example]) -> dict:
     """Examples packed into one row (see :func:`pack`): ``input_ids``, ``position_ids``, ``labels`` (1, N).
     An example's first label is ignored: it would be predicted from the one before."""

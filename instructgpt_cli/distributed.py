@@ -19,6 +19,7 @@ see every use of a model as one forward of the wrapped module, including uses th
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
@@ -71,6 +72,10 @@ def launched(device_name: str) -> Iterator[None]:
         yield
     finally:
         if joined:
+            # Free the stage's DDP/FSDP wrappers (held in reference cycles) while the interpreter is alive:
+            # a gloo group they still hold when the interpreter finalises can abort the process at exit
+            # ("terminate called without an active exception"), after a run that succeeded.
+            gc.collect()
             dist.destroy_process_group()
 
 

@@ -298,6 +298,22 @@ def packed_reward_scores(model: Any, seqs: list[list[int]], device: torch.device
     return scalar_head_outputs(model, input_ids=ids.to(device), position_ids=positions.to(device))[0, ends.to(device)]
 
 
+def shared_reward_scores(model: Any, groups: list[list[list[int]]], pad_id: int, device: torch.device) -> torch.Tensor:
+    """Normalised rewards (N,) of groups of sequences with a common prefix (a ranking's K responses to one
+    prompt): one row per group with the prefix once (``data.shared_rows``), each sequence attending to the
+    prefix and to itself only, read at every sequence's last token."""
+    from .data import shared_prefix_mask, shared_rows
+
+    rows = shared_rows(groups, pad_id)
+    mask = shared_prefix_mask(rows.segments.to(device))
+    if model.config._attn_implementation == "eager":  # eager attention adds its mask to the scores
+        dtype = next(model.parameters()).dtype
+        mask = torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill_(~mask, torch.finfo(dtype).min)
+    scores = scalar_head_outputs(model, input_ids=rows.input_ids.to(device), position_ids=rows.position_ids.to(device),
+                                 attention_mask=mask)
+    return scores.flatten()[rows.ends.to(device)]
+
+
 def mask_inputs(attention_mask: torch.Tensor) -> dict:
     """``attention_mask`` and ``position_ids`` for a forward on a batch with this mask, or neither when no
     row is padded on the left. A right pad comes after every real token of its row, so under causal
@@ -345,6 +361,13 @@ def supports_packing(model: Any) -> bool:
     config = model.config
     return config.model_type in PACKED_ATTENTION and getattr(config, "_attn_implementation", "sdpa") in (
         "sdpa", "eager", "flash_attention_2", "flex_attention")
+
+
+def supports_sharing(model: Any) -> bool:
+    """Whether ``model`` takes a custom 4-D attention mask as it is (``shared_reward_scores``): the families
+    of ``PACKED_ATTENTION`` under SDPA or eager attention (flash-attention kernels take no such mask)."""
+    config = model.config
+    return config.model_type in PACKED_ATTENTION and getattr(config, "_attn_implementation", "sdpa") in ("sdpa", "eager")
 
 
 # Model families whose backbone, given ``inputs_embeds``, only builds the causal mask and the rotary

@@ -16,7 +16,7 @@ import torch
 from instructgpt_cli import distributed
 from instructgpt_cli.config import OptimConfig, PPOConfig
 from instructgpt_cli.data import read_rankings, tokenize_rankings
-from instructgpt_cli.models import supports_packing, tiny_model, tiny_tokenizer
+from instructgpt_cli.models import supports_packing, supports_sharing, tiny_model, tiny_tokenizer
 from instructgpt_cli.rollout import Rollout, build_rollout
 from instructgpt_cli.stages import ppo, reward
 from instructgpt_cli.train import micro_batches
@@ -73,10 +73,11 @@ def rm_step(fsdp: bool, rankings_path: str) -> dict:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     groups, _ = tokenize_rankings(tok, read_rankings(rankings_path), 256)
     # 9 prompts in micro-batches of 2: 5 chunks, so under 2 ranks one rank adds a weight-0 chunk
-    packed = supports_packing(model)  # the default path: responses packed end to end in one row
-    record = reward.train_step(run, optimizer, scheduler, micro_batches(groups[:9], 2), tok.pad_token_id, packed, CPU,
+    # the default layout: a ranking's prompt run once where that pays, else responses packed end to end
+    layout = reward.Layout(shared=supports_sharing(model), packed=supports_packing(model))
+    record = reward.train_step(run, optimizer, scheduler, micro_batches(groups[:9], 2), tok.pad_token_id, layout, CPU,
                                100.0)
-    held_out = reward.evaluate(run, groups[9:14], 2, tok.pad_token_id, packed, CPU)
+    held_out = reward.evaluate(run, groups[9:14], 2, tok.pad_token_id, layout, CPU)
     scores = reward.demo_scores(run, [s for g in groups[14:17] for s in g.sequences], tok.pad_token_id, 3)
     return {"weights": full_weights(model), "record": record, "eval": held_out, "scores": scores}
 

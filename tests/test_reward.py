@@ -11,13 +11,14 @@ from safetensors.torch import load_file
 from conftest import TINY_CONFIG, arithmetic_demos, igpt, marker_rankings, write_jsonl
 from grads import assert_same_grads
 from instructgpt_cli.config import ModelConfig
-from instructgpt_cli.data import RankedGroup, pad_right, read_demos, tokenize_scored
+from instructgpt_cli.data import (RankedGroup, common_prefix, pad_right, pays_to_share, read_demos, render_prompt,
+                                  shared_prefix_mask, shared_rows, tokenize_scored)
 from instructgpt_cli.losses import ranking_loss
-from instructgpt_cli.models import (load_model, load_tokenizer, packed_reward_scores, reward_scores, tiny_model,
-                                    tiny_tokenizer)
+from instructgpt_cli.models import (load_model, load_tokenizer, packed_reward_scores, reward_scores,
+                                    shared_reward_scores, tiny_model, tiny_tokenizer)
 from instructgpt_cli.rollout import score_sequences
 from instructgpt_cli.rundir import read_metrics
-from instructgpt_cli.stages.reward import rank_forward
+from instructgpt_cli.stages.reward import Layout, rank_forward
 
 
 def group_loss(rewards, ranks):
@@ -70,8 +71,11 @@ def test_prompts_weigh_the_same_whatever_their_k():
                                               + math.log(1 + math.exp(-3))) / 6], rel=1e-6)
 
 
-@pytest.mark.parametrize("packed", [False, True], ids=["padded", "padding-free"])
-def test_one_ranking_of_k_responses_costs_k_sequence_forwards(packed):
+LAYOUTS = {"padded": Layout(), "padding-free": Layout(packed=True), "prompt-shared": Layout(shared=True)}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS.values(), ids=LAYOUTS.keys())
+def test_one_ranking_of_k_responses_costs_at_most_k_sequence_forwards(layout):
     tok = tiny_tokenizer()
     model = tiny_model(tok, seed=0, kind="reward")
     shapes = []
@@ -81,33 +85,67 @@ def test_one_ranking_of_k_responses_costs_k_sequence_forwards(packed):
         errors = []
         seqs, _ = tokenize_scored(tok, [{"role": "user", "content": "q"}], [f"answer {i}" * (i + 1) for i in range(k)],
                                   256, "f:1", errors)
+        prompt = len(render_prompt(tok, [{"role": "user", "content": "q"}])) + len("answer ")  # all start alike
         group = RankedGroup(seqs, [(i, j) for i in range(k) for j in range(i + 1, k)])
         shapes.clear()
-        losses, correct, _ = rank_forward(model, [group], tok.pad_token_id, torch.device("cpu"), packed)
-        # one forward: K padded rows, or one row of exactly the K sequences' tokens
-        assert shapes == ([(1, sum(map(len, seqs)))] if packed else [(k, max(map(len, seqs)))]), f"K={k}: {shapes}"
-        assert correct.numel() == math.comb(k, 2)  # all C(K,2) comparisons from K forwards
+        losses, correct, _ = rank_forward(model, [group], tok.pad_token_id, torch.device("cpu"), layout)
+        # one forward: K padded rows, one row of exactly the K sequences' tokens, or one row with the
+        # shared beginning once and each response's own tokens after it
+        want = {Layout(): (k, max(map(len, seqs))), Layout(packed=True): (1, sum(map(len, seqs))),
+                Layout(shared=True): (1, sum(map(len, seqs)) - (k - 1) * prompt)}[layout]
+        assert shapes == [want], f"K={k}: {shapes}"
+        assert correct.numel() == math.comb(k, 2)  # all C(K,2) comparisons from one forward
 
 
-def test_padding_free_scores_and_gradients_equal_the_padded_ones():
+def test_shared_rows_by_hand():
+    # two rankings: [1 2 3 4], [1 2 5] share 1 2; [7 8], [7 9], [7 8] share 7 (a duplicate keeps its last token)
+    rows = shared_rows([[[1, 2, 3, 4], [1, 2, 5]], [[7, 8], [7, 9], [7, 8]]], pad_id=0)
+    assert rows.input_ids.tolist() == [[1, 2, 3, 4, 5], [7, 8, 9, 8, 0]]
+    assert rows.position_ids.tolist() == [[0, 1, 2, 3, 2], [0, 1, 1, 1, 0]]
+    assert rows.segments.tolist() == [[0, 0, 1, 1, 2], [0, 1, 2, 3, -1]]
+    assert rows.ends.tolist() == [3, 4, 6, 7, 8]  # row * 5 + column of each sequence's last token
+    mask = shared_prefix_mask(rows.segments)[:, 0].int().tolist()
+    assert mask[0] == [[1, 0, 0, 0, 0],
+                       [1, 1, 0, 0, 0],
+                       [1, 1, 1, 0, 0],
+                       [1, 1, 1, 1, 0],
+                       [1, 1, 0, 0, 1]]  # the second response sees the prompt and itself, not the first response
+    assert mask[1] == [[1, 0, 0, 0, 0],
+                       [1, 1, 0, 0, 0],
+                       [1, 0, 1, 0, 0],
+                       [1, 0, 0, 1, 0],
+                       [1, 0, 0, 0, 1]]  # padding sees the prefix and itself: no empty row
+    assert common_prefix([[1, 2], [1, 2]]) == 1 and common_prefix([[1, 2], [3, 2]]) == 0
+    # sharing must save a tenth of the tokens: 2 of 7 here, 0 of 4 with nothing in common
+    assert pays_to_share([[[1, 2, 3, 4], [1, 2, 5]]]) and not pays_to_share([[[1, 2], [3, 4]]])
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_shared_and_padding_free_scores_and_gradients_equal_the_padded_ones(attention):
     tok = tiny_tokenizer()
     model = tiny_model(tok, seed=0, kind="reward")
-    errors = []
-    seqs, _ = tokenize_scored(tok, [{"role": "user", "content": "Rank these."}],
-                              ["short", "a somewhat longer answer", "the longest answer of all of them, by far"], 256,
-                              "f:1", errors)
-    assert len({len(s) for s in seqs}) == 3
+    model.config._attn_implementation = attention
+    groups = []
+    for prompt, responses in (("Rank these.", ["short", "a somewhat longer answer", "the longest answer of all, by far"]),
+                              ("Another question", ["yes", "no"])):
+        groups.append(tokenize_scored(tok, [{"role": "user", "content": prompt}], responses, 256, "f:1", [])[0])
+    seqs = [s for g in groups for s in g]
+    assert len({len(s) for s in seqs}) == 5
     ids, mask = pad_right(seqs, tok.pad_token_id)
+    weights = torch.tensor([1.0, -2.0, 3.0, 0.5, -1.5])
+    cpu = torch.device("cpu")
     results = []
-    for score in (lambda: reward_scores(model, ids, mask), lambda: packed_reward_scores(model, seqs, torch.device("cpu"))):
+    for score in (lambda: reward_scores(model, ids, mask), lambda: packed_reward_scores(model, seqs, cpu),
+                  lambda: shared_reward_scores(model, groups, tok.pad_token_id, cpu)):
         model.zero_grad(set_to_none=True)
         scores = score()
-        (scores * torch.tensor([1.0, -2.0, 3.0])).sum().backward()
+        (scores * weights).sum().backward()
         results.append((scores.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
-    (padded, padded_grads), (packed, packed_grads) = results
-    torch.testing.assert_close(packed, padded, rtol=1e-5, atol=1e-5)
+    (padded, padded_grads), *others = results
     assert padded_grads
-    assert_same_grads(packed_grads, padded_grads)
+    for scores, grads in others:
+        torch.testing.assert_close(scores, padded, rtol=1e-5, atol=1e-5)
+        assert_same_grads(grads, padded_grads)
 
 
 def rm_args(tmp_path, run_dir, rankings, *extra):
