@@ -87,6 +87,8 @@ def rm(spec: dict) -> dict:
                 "flops_per_step": [plan["flops_per_step"]] * len(seconds),
                 "peak_rss_mb": box.get("peak_rss_mb", vm_hwm_mb()),
                 "notes": {"sequences_per_step": plan["igpt_sequences_per_step"],
+                          "tokens_run_per_step": (plan["igpt_shared_tokens_per_step"] if cfg.share_prompts
+                                                  else plan["full_tokens_per_step"]),
                           "train_loss_mean": sum(r["train/loss"] for r in rows) / len(rows),
                           "tokens_total": sum(r["train/tokens"] for r in rows),
                           "forwards_per_comparison": plan["igpt_sequences_per_step"] / plan["comparisons_per_step"]}}

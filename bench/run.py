@@ -37,7 +37,7 @@ PPO_TINY = dict(task="ppo", shape="tiny", threads=1, rollout_batch=8, micro_batc
 PPO_135M = dict(task="ppo", shape="135m", threads=2, rollout_batch=2, micro_batch=2, ppo_epochs=4,
                 response_length=16, temperature=1.0, kl_coef=0.02, warmup=1, steps=1)
 RM = dict(task="rm", shape="135m", threads=2, warmup=2, steps=2)  # a 135M model's first 2 steps pay first-touch allocation
-SFT = dict(task="sft", shape="135m", threads=2, batch_size=4, warmup=1)
+SFT = dict(task="sft", shape="135m", threads=2, batch_size=4, warmup=3)  # steps 2-3 still pay first-touch allocation
 
 # group id -> (variants: label -> (side, spec)), repeats
 GROUPS = {

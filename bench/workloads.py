@@ -38,7 +38,7 @@ def sft_plan(spec: dict) -> dict:
 
 
 def rm_plan(spec: dict) -> dict:
-    from instructgpt_cli.data import read_rankings, tokenize_rankings
+    from instructgpt_cli.data import common_prefix, read_rankings, tokenize_rankings
     from instructgpt_cli.train import step_indices
 
     k, p = spec["k"], spec["prompts_per_step"]
@@ -50,8 +50,12 @@ def rm_plan(spec: dict) -> dict:
     seq_len = len(groups[0].sequences[0])
     assert all(len(s) == seq_len for g in groups for s in g.sequences), "ranked sequences must have one length"
     n_cmp = p * comb(k, 2)
+    # tokens igpt runs a step with each ranking's prompt once (share_prompts), and as K full sequences
+    shared = [sum(len(s) for s in groups[j].sequences) - (k - 1) * common_prefix(groups[j].sequences)
+              for step in order for j in step]
     return {"data": path, "groups": groups, "order": order, "total_steps": total, "tokenizer": tok,
             "seq_len": seq_len, "comparisons_per_step": n_cmp, "igpt_sequences_per_step": p * k,
+            "igpt_shared_tokens_per_step": sum(shared) / len(order), "full_tokens_per_step": p * k * seq_len,
             "trl_sequences_per_step": 2 * n_cmp,
             "flops_per_step": train_flops(spec["shape"], [seq_len] * (p * k), 0),
             "trl_flops_per_step": train_flops(spec["shape"], [seq_len] * (2 * n_cmp), 0)}
