@@ -118,6 +118,23 @@ def score_sequences(model: Any, seqs: list[list[int]], pad_id: int, batch_size: 
     return torch.cat(out)
 
 
+@torch.no_grad()
+def score_ranking(model: Any, seqs: list[list[int]], pad_id: int, batch_size: int) -> torch.Tensor:
+    """Normalised reward-model scores (K,) of one ranking's sequences (prompt + response + EOS): as one row
+    with the prompt once (``models.shared_reward_scores``) where the model takes that and it saves a tenth
+    of the tokens, else as :func:`score_sequences` does."""
+    from .data import pays_to_share
+    from .models import shared_reward_scores, supports_sharing
+
+    if not (supports_sharing(model) and pays_to_share([seqs])):
+        return score_sequences(model, seqs, pad_id, batch_size)
+    was_training = model.training
+    model.eval()
+    scores = shared_reward_scores(model, [seqs], pad_id, next(model.parameters()).device).float().cpu()
+    model.train(was_training)
+    return scores
+
+
 # ---------------------------------------------------------------- scoring query + response (PPO)
 
 

@@ -17,7 +17,7 @@ from ..config import EvalConfig, ModelConfig
 from ..data import pretrain_blocks, read_pretrain, read_prompts, read_rankings, render_prompt, tokenize_rankings
 from ..errors import BadInput
 from ..models import find_model, load_model, load_tokenizer, resolve_device, same_tokenizer, stage_model
-from ..rollout import decode_response, generate, lm_loss, response_kl, score_responses, score_sequences
+from ..rollout import decode_response, generate, lm_loss, response_kl, score_ranking, score_responses
 from ..rundir import atomic_write_text
 from ..train import console
 
@@ -93,7 +93,7 @@ def run(cfg: EvalConfig, as_json: bool = False) -> dict:
         groups, _ = tokenize_rankings(tokenizer, rankings, getattr(rm.config, "max_position_embeddings", 2048))
         correct = total = 0
         for g in groups:
-            s = score_sequences(rm, g.sequences, tokenizer.pad_token_id, cfg.batch_size)
+            s = score_ranking(rm, g.sequences, tokenizer.pad_token_id, cfg.batch_size)
             correct += sum(int(s[b] > s[w]) for b, w in g.pairs)
             total += len(g.pairs)
         report.update({"rm_accuracy": correct / max(total, 1), "rm_pairs": total})
