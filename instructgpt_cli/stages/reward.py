@@ -4,8 +4,9 @@ Each of the K responses of a prompt goes through the model once; all C(K,2) pair
 -log sigmoid(r_better - r_worse), averaged per prompt (the paper's 1/C(K,2)), so a ranking costs K
 forwards instead of the 2*C(K,2) of pairwise tools (its prompt runs once for all K: ``Layout.shared``),
 and a prompt's pairs never leave its batch element (the paper: shuffling pairs across the data set makes
-the RM overfit in one pass). After training a bias is set so the demonstrations score mean 0, as the paper does before RL (Ouyang et al. 2022, sec. 3.5,
-appendix C.2: 1 epoch, cosine schedule to 10%, batch 64 prompts).
+the RM overfit in one pass). After training a bias is set so the demonstrations score mean 0, as the
+paper does before RL (Ouyang et al. 2022, sec. 3.5, appendix C.2: 1 epoch, cosine schedule to 10%, batch
+64 prompts).
 """
 from __future__ import annotations
 
