@@ -254,11 +254,11 @@ def keep_freed_memory() -> bool:
     """Have glibc's malloc keep the memory a training step frees, for the next step to reuse.
 
     By default glibc serves every block over its mmap threshold (128 KiB, rising to 32 MiB at most) with a
-    fresh ``mmap`` and unmaps it on free, and trims the heap's top: every step's activations and
-    gradients (a 135M model's embedding gradient alone is 113 MB) are then page-faulted in afresh, about
-    10^5 faults a step, which took a fifth of a 135M reward-model step on a KVM guest here (bench/README.md).
-    With mmap and trimming off, freed blocks stay in the heap and the next step reuses them; the peak is
-    unchanged, only the memory is not handed back before the process ends (jemalloc and tcmalloc, which
+    fresh ``mmap`` and unmaps it on free, and trims the heap's top: every step's activations and gradients (a
+    135M model's embedding gradient alone is 113 MB) are then page-faulted in afresh, about 10^5 faults a step,
+    an eighth of a 135M reward-model step on a KVM guest here (bench/README.md), and more in the first steps.
+    With mmap and trimming off, freed blocks stay in the heap and the next step reuses them; the peak did not
+    grow in the bench, only the memory is not handed back before the process ends (jemalloc and tcmalloc, which
     PyTorch's CPU tuning guide suggests preloading, hold on to it the same way). Once per process, on glibc
     only; ``MALLOC_MMAP_MAX_`` or ``MALLOC_TRIM_THRESHOLD_`` in the environment means the user chose, and
     nothing is changed. Returns whether the setting is now in force."""
@@ -267,12 +267,10 @@ def keep_freed_memory() -> bool:
         _KEPT = False
         if not any(v in os.environ for v in ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_")):
             import ctypes
-            import ctypes.util
 
-            try:
-                libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-                mallopt = libc.mallopt
-            except (OSError, AttributeError):  # not glibc (musl, macOS, Windows): its allocator as it is
+            try:  # the process's own symbols: libc's, without searching for the library
+                mallopt = ctypes.CDLL(None).mallopt
+            except (OSError, AttributeError, TypeError):  # no mallopt (macOS, Windows): its allocator as it is
                 return False
             m_trim_threshold, m_mmap_max = -1, -4  # <malloc.h>
             _KEPT = bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
