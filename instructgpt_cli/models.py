@@ -367,7 +367,8 @@ def supports_sharing(model: Any) -> bool:
     """Whether ``model`` takes a custom 4-D attention mask as it is (``shared_reward_scores``): the families
     of ``PACKED_ATTENTION`` under SDPA or eager attention (flash-attention kernels take no such mask)."""
     config = model.config
-    return config.model_type in PACKED_ATTENTION and getattr(config, "_attn_implementation", "sdpa") in ("sdpa", "eager")
+    attention = getattr(config, "_attn_implementation", "sdpa")
+    return config.model_type in PACKED_ATTENTION and attention in ("sdpa", "eager")
 
 
 # Model families whose backbone, given ``inputs_embeds``, only builds the causal mask and the rotary

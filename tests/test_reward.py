@@ -126,8 +126,9 @@ def test_shared_and_padding_free_scores_and_gradients_equal_the_padded_ones(atte
     model = tiny_model(tok, seed=0, kind="reward")
     model.config._attn_implementation = attention
     groups = []
-    for prompt, responses in (("Rank these.", ["short", "a somewhat longer answer", "the longest answer of all, by far"]),
-                              ("Another question", ["yes", "no"])):
+    rankings = (("Rank these.", ["short", "a somewhat longer answer", "the longest answer of all, by far"]),
+                ("Another question", ["yes", "no"]))
+    for prompt, responses in rankings:
         groups.append(tokenize_scored(tok, [{"role": "user", "content": prompt}], responses, 256, "f:1", [])[0])
     seqs = [s for g in groups for s in g]
     assert len({len(s) for s in seqs}) == 5
@@ -140,7 +141,8 @@ def test_shared_and_padding_free_scores_and_gradients_equal_the_padded_ones(atte
         model.zero_grad(set_to_none=True)
         scores = score()
         (scores * weights).sum().backward()
-        results.append((scores.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((scores.detach(), grads))
     (padded, padded_grads), *others = results
     assert padded_grads
     for scores, grads in others:

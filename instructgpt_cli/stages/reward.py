@@ -92,7 +92,8 @@ def train_step(run, optimizer, scheduler, chunks: list[list[RankedGroup]], pad_i
 
 
 @torch.no_grad()
-def evaluate(run, groups: list[RankedGroup], batch_size: int, pad_id: int, layout: Layout, device: torch.device) -> dict:
+def evaluate(run, groups: list[RankedGroup], batch_size: int, pad_id: int, layout: Layout,
+             device: torch.device) -> dict:
     """Held-out K-wise loss (mean per prompt) and pairwise accuracy (over all pairs); each rank scores its
     share of the micro-batches."""
     run.eval()
