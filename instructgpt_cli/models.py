@@ -420,6 +420,10 @@ def only_layers(model: Any, start: int, stop: int | None, final_norm: bool = Tru
 def trunk_states(model: Any, n_layers: int, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """The hidden states (B, L, H) that enter decoder layer ``n_layers`` of ``model`` (the output of the
     frozen layers below it), positions skipping left padding as everywhere else."""
+    from . import lean
+
+    if lean.supported(model):
+        return lean.states(model, input_ids, attention_mask, stop=n_layers, final_norm=False)
     with only_layers(model, 0, n_layers, final_norm=False):
         return backbone(model)(input_ids=input_ids, **mask_inputs(attention_mask), use_cache=False).last_hidden_state
 

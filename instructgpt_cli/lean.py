@@ -1,0 +1,188 @@
+"""A lean forward through a Llama decoder stack: the arithmetic of transformers' ``LlamaModel``, op for op,
+without the machinery around it.
+
+PPO calls its models hundreds of times an iteration on small batches: sampling steps, scoring, and every
+micro-batch of every epoch. At those sizes transformers' wrappers (mask construction, output capturing,
+argument deprecation, the decoder-layer call) cost as much as the arithmetic: a tiny model's forward took
+2.1 ms, 1.5 ms here, and a micro-batch's policy + value forward and backward 10.5 ms against 8.5 ms
+(bench/README.md). The results are the same numbers (tests/test_lean.py compares outputs and gradients).
+
+What runs is the model's own modules (embedding, projections, MLP, norms, rotary embedding, heads), so
+LoRA adapters, their disabling, and any head work as in ``model(...)``; only the order of calls is ours.
+:func:`supported` says where that holds: transformers' Llama classes exactly (a subclass, as FSDP makes
+of a sharded layer, may hook its calls), SDPA attention, no gradient checkpointing. Everything else takes
+transformers' forward.
+
+Sampling keeps its own cache: keys and values of every layer in preallocated tensors, written in place
+at each step (:class:`Decoder`).
+"""
+from __future__ import annotations
+
+import weakref
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from .models import backbone, mask_inputs, position_ids
+
+_SUPPORTED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def supported(model: Any) -> bool:
+    """Whether ``model`` runs on the lean path: a transformers Llama stack whose classes are exactly
+    transformers' own, under SDPA attention, without gradient checkpointing."""
+    if model not in _SUPPORTED:
+        _SUPPORTED[model] = _check(model)
+    # transformers' layers checkpoint themselves when asked to; these calls would bypass that
+    return _SUPPORTED[model] and not any(getattr(layer, "gradient_checkpointing", False)
+                                         for layer in backbone(model).layers)
+
+
+def _check(model: Any) -> bool:
+    try:
+        from transformers.models.llama import modeling_llama as ml
+    except ImportError:  # pragma: no cover - transformers without Llama
+        return False
+    if getattr(model.config, "_attn_implementation", None) != "sdpa":
+        return False
+    stack = backbone(model)
+    if type(stack) is not ml.LlamaModel:
+        return False
+    return all(type(layer) is ml.LlamaDecoderLayer and type(layer.self_attn) is ml.LlamaAttention
+               and type(layer.mlp) is ml.LlamaMLP and type(layer.input_layernorm) is ml.LlamaRMSNorm
+               and type(layer.post_attention_layernorm) is ml.LlamaRMSNorm for layer in stack.layers)
+
+
+class Context(NamedTuple):
+    """What every layer of one forward shares: rotary cos and sin (B, 1, L, D) and the attention mask
+    (B, 1, L, S) of allowed positions, or None for plain causal attention."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    mask: torch.Tensor | None
+
+
+def context(stack: torch.nn.Module, hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> Context:
+    """The rotary embedding and attention mask for a batch (B, L) of left- and/or right-padded rows.
+
+    Without left padding no mask is needed (right pads follow every real token of their row; what the
+    pads themselves output is never read), as ``models.mask_inputs`` argues. With it, positions skip the
+    padding and each real token attends to the real tokens up to itself; a pad attends to itself only, so
+    no row of the softmax is empty."""
+    from .models import mask_inputs
+
+    length = hidden.size(1)
+    inputs = mask_inputs(attention_mask) if attention_mask is not None else {}
+    with torch.no_grad():
+        if not inputs:
+            positions = torch.arange(length, device=hidden.device)[None]
+            cos, sin = stack.rotary_emb(hidden, positions)
+            return Context(cos[:, None], sin[:, None], None)
+        cos, sin = stack.rotary_emb(hidden, inputs["position_ids"])
+        allowed = torch.ones(length, length, dtype=torch.bool, device=hidden.device).tril()
+        allowed = allowed & attention_mask.bool()[:, None, None, :]
+        allowed |= torch.eye(length, dtype=torch.bool, device=hidden.device)
+    return Context(cos[:, None], sin[:, None], allowed)
+
+
+def _norm(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    if x.dtype == torch.float32:  # the fused kernel computes what LlamaRMSNorm computes in float32
+        return F.rms_norm(x, (x.size(-1),), module.weight, module.variance_epsilon)
+    return module(x)  # lower precision: LlamaRMSNorm's own upcasting
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.size(-1) // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), -1) * sin
+
+
+def _attention(attn: torch.nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               mask: torch.Tensor | None) -> torch.Tensor:
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and q.size(2) > 1,
+                                          dropout_p=attn.attention_dropout if attn.training else 0.0,
+                                          scale=attn.scaling, enable_gqa=q.size(1) != k.size(1))
+
+
+def _qkv(attn: torch.nn.Module, x: torch.Tensor, ctx: Context) -> tuple[torch.Tensor, ...]:
+    shape = (x.size(0), x.size(1), -1, attn.head_dim)
+    q, k, v = (proj(x).view(shape).transpose(1, 2) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
+    return _rotate(q, ctx.cos, ctx.sin), _rotate(k, ctx.cos, ctx.sin), v
+
+
+def _finish(layer: torch.nn.Module, hidden: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """The attention output (B, H, L, D) projected and added, then the MLP block."""
+    hidden = hidden + layer.self_attn.o_proj(out.transpose(1, 2).reshape(hidden.shape))
+    return hidden + layer.mlp(_norm(layer.post_attention_layernorm, hidden))
+
+
+def layer_forward(layer: torch.nn.Module, hidden: torch.Tensor, ctx: Context) -> torch.Tensor:
+    """``LlamaDecoderLayer`` on hidden states (B, L, H), no cache."""
+    q, k, v = _qkv(layer.self_attn, _norm(layer.input_layernorm, hidden), ctx)
+    return _finish(layer, hidden, _attention(layer.self_attn, q, k, v, ctx.mask))
+
+
+def states(model: Any, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None,
+           embeds: torch.Tensor | None = None, start: int = 0, stop: int | None = None,
+           final_norm: bool = True) -> torch.Tensor:
+    """Hidden states (B, L, H) of the decoder layers ``start:stop`` of a :func:`supported` model, from the
+    token ids (``start`` 0) or from ``embeds``, the states entering layer ``start``; then the final norm."""
+    stack = backbone(model)
+    hidden = stack.embed_tokens(input_ids) if embeds is None else embeds
+    ctx = context(stack, hidden, attention_mask)
+    for layer in stack.layers[start:stop]:
+        hidden = layer_forward(layer, hidden, ctx)
+    return stack.norm(hidden) if final_norm else hidden
+
+
+def lm_head(model: Any) -> torch.nn.Module:
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return inner.lm_head
+
+
+# ---------------------------------------------------------------- decoding with a preallocated cache
+
+
+class Decoder:
+    """Token-by-token logits of a :func:`supported` model after left-padded prompts ``ids`` (B, L) with
+    ``mask``: :meth:`start` runs the prompts, each :meth:`step` one new token per row. Keys and values of
+    every layer live in tensors sized for prompt + ``max_new`` tokens, written in place (transformers'
+    dynamic cache concatenates at every step)."""
+
+    def __init__(self, model: Any, ids: torch.Tensor, mask: torch.Tensor, max_new: int):
+        self.model, self.stack = model, backbone(model)
+        rows, width = ids.shape
+        attn = self.stack.layers[0].self_attn
+        size = (rows, self.stack.config.num_key_value_heads, width + max_new, attn.head_dim)
+        like = self.stack.embed_tokens.weight
+        self.keys = [like.new_empty(size) for _ in self.stack.layers]
+        self.values = [like.new_empty(size) for _ in self.stack.layers]
+        self.ids, self.mask, self.length = ids, mask, 0
+        # a new token attends to every real token before it: a mask only where prompts are left-padded
+        full = torch.cat([mask, mask.new_ones(rows, max_new)], 1).bool()
+        self.allowed = full[:, None, None, :] if mask_inputs(mask) else None
+        self.next_position = position_ids(mask)[:, -1:] + 1
+
+    def _run(self, hidden: torch.Tensor, ctx: Context, mask: torch.Tensor | None) -> torch.Tensor:
+        start, stop = self.length, self.length + hidden.size(1)
+        for layer, keys, values in zip(self.stack.layers, self.keys, self.values):
+            q, k, v = _qkv(layer.self_attn, _norm(layer.input_layernorm, hidden), ctx)
+            keys[:, :, start:stop], values[:, :, start:stop] = k, v
+            hidden = _finish(layer, hidden, _attention(layer.self_attn, q, keys[:, :, :stop], values[:, :, :stop],
+                                                       mask))
+        self.length = stop
+        return lm_head(self.model)(self.stack.norm(hidden[:, -1:]))[:, -1]
+
+    def start(self) -> torch.Tensor:
+        """Logits (B, V) for the first new token."""
+        hidden = self.stack.embed_tokens(self.ids)
+        ctx = context(self.stack, hidden, self.mask)
+        return self._run(hidden, ctx, ctx.mask)
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Logits (B, V) for the token after ``tokens`` (B,)."""
+        hidden = self.stack.embed_tokens(tokens[:, None])
+        cos, sin = self.stack.rotary_emb(hidden, self.next_position)
+        self.next_position = self.next_position + 1
+        mask = None if self.allowed is None else self.allowed[..., :self.length + 1]
+        return self._run(hidden, Context(cos[:, None], sin[:, None], mask), mask)
