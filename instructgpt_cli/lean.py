@@ -55,12 +55,22 @@ def _check(model: Any) -> bool:
 
 
 class Context(NamedTuple):
-    """What every layer of one forward shares: rotary cos and sin (B, 1, L, D) and the attention mask
-    (B, 1, L, S) of allowed positions, or None for plain causal attention."""
+    """What every layer of one forward shares: the rotary embedding's cos and signed sin (B, 1, L, D)
+    (:func:`rotary`) and the attention mask (B, 1, L, S) of allowed positions, or None for plain causal
+    attention."""
 
     cos: torch.Tensor
     sin: torch.Tensor
     mask: torch.Tensor | None
+
+
+def rotary(stack: torch.nn.Module, hidden: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the model's rotary embedding at ``positions`` (B, L), shaped to broadcast over heads,
+    the first half of sin negated: transformers' rotate_half(x) * sin is then x.roll(D/2) * that, one op
+    for four (negation is exact, so the product is the same number)."""
+    cos, sin = stack.rotary_emb(hidden, positions)
+    half = sin.size(-1) // 2
+    return cos[:, None], torch.cat((-sin[..., :half], sin[..., half:]), -1)[:, None]
 
 
 def context(stack: torch.nn.Module, hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> Context:
@@ -76,14 +86,11 @@ def context(stack: torch.nn.Module, hidden: torch.Tensor, attention_mask: torch.
     inputs = mask_inputs(attention_mask) if attention_mask is not None else {}
     with torch.no_grad():
         if not inputs:
-            positions = torch.arange(length, device=hidden.device)[None]
-            cos, sin = stack.rotary_emb(hidden, positions)
-            return Context(cos[:, None], sin[:, None], None)
-        cos, sin = stack.rotary_emb(hidden, inputs["position_ids"])
+            return Context(*rotary(stack, hidden, torch.arange(length, device=hidden.device)[None]), None)
         allowed = torch.ones(length, length, dtype=torch.bool, device=hidden.device).tril()
         allowed = allowed & attention_mask.bool()[:, None, None, :]
         allowed |= torch.eye(length, dtype=torch.bool, device=hidden.device)
-    return Context(cos[:, None], sin[:, None], allowed)
+        return Context(*rotary(stack, hidden, inputs["position_ids"]), allowed)
 
 
 def _norm(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -92,9 +99,8 @@ def _norm(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return module(x)  # lower precision: LlamaRMSNorm's own upcasting
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.size(-1) // 2
-    return x * cos + torch.cat((-x[..., half:], x[..., :half]), -1) * sin
+def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    return x * cos + x.roll(x.size(-1) // 2, -1) * signed_sin
 
 
 def _attention(attn: torch.nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -157,32 +163,32 @@ class Decoder:
         like = self.stack.embed_tokens.weight
         self.keys = [like.new_empty(size) for _ in self.stack.layers]
         self.values = [like.new_empty(size) for _ in self.stack.layers]
-        self.ids, self.mask, self.length = ids, mask, 0
+        self.ids, self.mask, self.width, self.length = ids, mask, width, 0
         # a new token attends to every real token before it: a mask only where prompts are left-padded
         full = torch.cat([mask, mask.new_ones(rows, max_new)], 1).bool()
         self.allowed = full[:, None, None, :] if mask_inputs(mask) else None
-        self.next_position = position_ids(mask)[:, -1:] + 1
+        # the new tokens' rotary embeddings, all at once
+        steps = torch.arange(1, max_new + 1, device=ids.device)
+        self.cos, self.sin = rotary(self.stack, like, position_ids(mask)[:, -1:] + steps)
 
-    def _run(self, hidden: torch.Tensor, ctx: Context, mask: torch.Tensor | None) -> torch.Tensor:
+    def _run(self, hidden: torch.Tensor, ctx: Context) -> torch.Tensor:
         start, stop = self.length, self.length + hidden.size(1)
         for layer, keys, values in zip(self.stack.layers, self.keys, self.values):
             q, k, v = _qkv(layer.self_attn, _norm(layer.input_layernorm, hidden), ctx)
             keys[:, :, start:stop], values[:, :, start:stop] = k, v
-            hidden = _finish(layer, hidden, _attention(layer.self_attn, q, keys[:, :, :stop], values[:, :, :stop],
-                                                       mask))
+            out = _attention(layer.self_attn, q, keys[:, :, :stop], values[:, :, :stop], ctx.mask)
+            hidden = _finish(layer, hidden, out)
         self.length = stop
         return lm_head(self.model)(self.stack.norm(hidden[:, -1:]))[:, -1]
 
     def start(self) -> torch.Tensor:
         """Logits (B, V) for the first new token."""
         hidden = self.stack.embed_tokens(self.ids)
-        ctx = context(self.stack, hidden, self.mask)
-        return self._run(hidden, ctx, ctx.mask)
+        return self._run(hidden, context(self.stack, hidden, self.mask))
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Logits (B, V) for the token after ``tokens`` (B,)."""
-        hidden = self.stack.embed_tokens(tokens[:, None])
-        cos, sin = self.stack.rotary_emb(hidden, self.next_position)
-        self.next_position = self.next_position + 1
+        n = self.length - self.width  # new tokens already in the cache
         mask = None if self.allowed is None else self.allowed[..., :self.length + 1]
-        return self._run(hidden, Context(cos[:, None], sin[:, None], mask), mask)
+        ctx = Context(self.cos[:, :, n:n + 1], self.sin[:, :, n:n + 1], mask)
+        return self._run(self.stack.embed_tokens(tokens[:, None]), ctx)

@@ -1,0 +1,171 @@
+"""The lean Llama forward (``instructgpt_cli.lean``) computes what transformers computes: log-probs, values,
+gradients, trunk states and sampled tokens, with and without left padding, LoRA and dropout; and it steps
+aside where it cannot promise that. Also the sampler's draw."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from instructgpt_cli import lean, rollout
+from instructgpt_cli.models import tiny_config, tiny_model, tiny_tokenizer, trunk_states
+
+
+@pytest.fixture
+def tok():
+    return tiny_tokenizer()
+
+
+def batch(left_padded: bool) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """query + response ids (3, 14), mask, context length 6; rows end early on the right, and with
+    ``left_padded`` the queries are of different lengths."""
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, 60, (3, 14), generator=gen)
+    mask = torch.ones(3, 14, dtype=torch.long)
+    if left_padded:
+        mask[0, :2] = 0
+        mask[2, :4] = 0
+    mask[1, 11:] = 0
+    return ids, mask, 6
+
+
+def run_both(monkeypatch, fn):
+    """fn() on the lean path and on transformers' forward."""
+    out = fn()
+    with monkeypatch.context() as m:
+        m.setattr(lean, "supported", lambda model: False)
+        ref = fn()
+    return out, ref
+
+
+def grads(model) -> dict:
+    out = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return out
+
+
+@pytest.mark.parametrize("left_padded", [True, False])
+def test_log_probs_values_and_gradients_equal_transformers(tok, monkeypatch, left_padded):
+    policy, value = tiny_model(tok, 0), tiny_model(tok, 1, kind="reward")
+    assert lean.supported(policy) and lean.supported(value)
+    ids, mask, context = batch(left_padded)
+    real = mask[:, context:].bool()
+
+    def forward():
+        logprobs, entropy = rollout.response_logprobs(policy, ids, mask, context, 0.7, True)
+        values = rollout.token_values(value, ids, mask, context)
+        ((logprobs * real).sum() + (values * real).sum()).backward()
+        return logprobs.detach(), entropy, values.detach(), grads(policy), grads(value)
+
+    out, ref = run_both(monkeypatch, forward)
+    for a, b in zip(out[:3], ref[:3]):
+        torch.testing.assert_close(a[real], b[real], rtol=1e-5, atol=1e-6)
+    for a, b in zip(out[3:], ref[3:]):
+        assert a.keys() == b.keys() and len(a) > 10
+        for name in a:
+            torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_dropout_in_training_draws_what_transformers_draws(tok, monkeypatch):
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    policy = LlamaForCausalLM(tiny_config(tok, dropout=0.3)).train()
+    ids, mask, context = batch(True)
+
+    def forward():
+        torch.manual_seed(7)
+        return rollout.response_logprobs(policy, ids, mask, context, 1.0)[0].detach()
+
+    out, ref = run_both(monkeypatch, forward)
+    policy.eval()
+    assert not torch.allclose(out, forward())  # the dropout did something
+    torch.testing.assert_close(out[mask[:, context:].bool()], ref[mask[:, context:].bool()])
+
+
+def test_lora_trunk_states_and_disabled_adapters_equal_transformers(tok, monkeypatch):
+    from instructgpt_cli.config import LoraConfig
+    from instructgpt_cli.models import apply_lora, frozen_layers
+
+    model = apply_lora(tiny_model(tok, 0), LoraConfig(enabled=True, r=4, layers=1))
+    with torch.no_grad():  # adapters that change the output
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    assert lean.supported(model) and frozen_layers(model) == 1
+    ids, mask, context = batch(True)
+
+    def forward():
+        states = trunk_states(model, 1, ids, mask)
+        adapted = rollout.response_logprobs(model, ids, mask, context, 1.0, trunk=(1, states))[0]
+        whole = rollout.response_logprobs(model, ids, mask, context, 1.0)[0]
+        with model.disable_adapter():
+            base = rollout.response_logprobs(model, ids, mask, context, 1.0)[0]
+        return states, adapted, whole, base
+
+    out, ref = run_both(monkeypatch, forward)
+    real = mask.bool()
+    torch.testing.assert_close(out[0][real], ref[0][real])
+    for a, b in zip(out[1:], ref[1:]):
+        torch.testing.assert_close(a[real[:, context:]], b[real[:, context:]])
+    torch.testing.assert_close(out[1], out[2])  # the trunk shortcut computes the whole model's numbers
+    assert not torch.allclose(out[2], out[3])  # the adapters matter, and disabling them is seen
+
+
+def test_decoding_matches_generate_and_the_transformers_cache(tok, monkeypatch):
+    from transformers import GenerationConfig
+
+    from instructgpt_cli.data import pad_left
+
+    model = tiny_model(tok, 0).eval()
+    queries = [list(range(10, 13 + 4 * i)) for i in range(4)]  # lengths 3..15: left padding
+    ids, mask = pad_left(queries, tok.pad_token_id)
+    with torch.no_grad():
+        greedy = rollout.sample(model, ids, mask, 16, 0.0, -1, tok.pad_token_id)
+    eos = int(greedy[0, 3])  # a token the first row reaches greedily: rows stop there, then pad
+    with torch.no_grad():
+        greedy = rollout.sample(model, ids, mask, 16, 0.0, eos, tok.pad_token_id)
+        config = GenerationConfig(do_sample=False, max_new_tokens=16, eos_token_id=eos, pad_token_id=tok.pad_token_id)
+        expected = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)[:, ids.size(1):]
+    assert greedy.tolist() == expected.tolist()
+    assert (greedy == eos).any(1).sum() >= 1 and (greedy[0, 4:] == tok.pad_token_id).all()
+
+    def sampled():
+        torch.manual_seed(3)
+        with torch.no_grad():
+            return rollout.sample(model, ids, mask, 16, 1.0, tok.eos_token_id, tok.pad_token_id)
+
+    out, ref = run_both(monkeypatch, sampled)  # lean.Decoder against transformers' forward and cache
+    assert out.tolist() == ref.tolist() and len(set(map(tuple, out.tolist()))) == 4
+
+
+def test_supported_only_where_the_numbers_are_the_same(tok):
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaForCausalLM
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    assert lean.supported(tiny_model(tok, 0))
+    eager = LlamaForCausalLM._from_config(tiny_config(tok), attn_implementation="eager")
+    assert not lean.supported(eager)
+    assert not lean.supported(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)))
+    checkpointed = tiny_model(tok, 0)
+    checkpointed.gradient_checkpointing_enable()
+    assert not lean.supported(checkpointed)
+    checkpointed.gradient_checkpointing_disable()
+    assert lean.supported(checkpointed)
+
+    class Hooked(LlamaDecoderLayer):  # as FSDP turns a sharded layer into a subclass that gathers its weights
+        pass
+
+    wrapped = tiny_model(tok, 0)
+    wrapped.model.layers[1].__class__ = Hooked
+    assert not lean.supported(wrapped)
+
+
+def test_draw_samples_softmax_at_temperature_and_never_an_impossible_token():
+    torch.manual_seed(0)
+    logits = torch.tensor([2.0, 1.0, 0.0, -1.0, float("-inf")])
+    draws = rollout.draw(logits.expand(40000, 5), 0.7)
+    freq = torch.bincount(draws, minlength=5).double() / len(draws)
+    expected = torch.softmax(logits.double() / 0.7, -1)
+    assert freq[4] == 0
+    assert (freq - expected).abs().max() < 0.01  # 4 standard errors at most
+    assert rollout.draw(torch.tensor([[0.0, 3.0, 1.0], [5.0, 0.0, 1.0]]), 0.0).tolist() == [1, 0]
