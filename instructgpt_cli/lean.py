@@ -105,6 +105,10 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> tor
 
 def _attention(attn: torch.nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                mask: torch.Tensor | None) -> torch.Tensor:
+    groups = q.size(1) // k.size(1)  # query heads per key/value head
+    if groups > 1 and mask is not None and q.device.type != "cpu":
+        # CUDA's memory-efficient kernel takes a mask but not grouped heads (transformers repeats them too)
+        k, v = (x.repeat_interleave(groups, 1) for x in (k, v))
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and q.size(2) > 1,
                                           dropout_p=attn.attention_dropout if attn.training else 0.0,
                                           scale=attn.scaling, enable_gqa=q.size(1) != k.size(1))
@@ -138,7 +142,7 @@ def states(model: Any, input_ids: torch.Tensor | None, attention_mask: torch.Ten
     ctx = context(stack, hidden, attention_mask)
     for layer in stack.layers[start:stop]:
         hidden = layer_forward(layer, hidden, ctx)
-    return stack.norm(hidden) if final_norm else hidden
+    return _norm(stack.norm, hidden) if final_norm else hidden
 
 
 def lm_head(model: Any) -> torch.nn.Module:
@@ -179,7 +183,7 @@ class Decoder:
             out = _attention(layer.self_attn, q, keys[:, :, :stop], values[:, :, :stop], ctx.mask)
             hidden = _finish(layer, hidden, out)
         self.length = stop
-        return lm_head(self.model)(self.stack.norm(hidden[:, -1:]))[:, -1]
+        return lm_head(self.model)(_norm(self.stack.norm, hidden[:, -1:]))[:, -1]
 
     def start(self) -> torch.Tensor:
         """Logits (B, V) for the first new token."""
