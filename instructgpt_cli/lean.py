@@ -18,7 +18,6 @@ at each step (:class:`Decoder`).
 """
 from __future__ import annotations
 
-import weakref
 from typing import Any, NamedTuple
 
 import torch
@@ -26,32 +25,25 @@ import torch.nn.functional as F
 
 from .models import backbone, mask_inputs, position_ids
 
-_SUPPORTED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
 
 def supported(model: Any) -> bool:
     """Whether ``model`` runs on the lean path: a transformers Llama stack whose classes are exactly
-    transformers' own, under SDPA attention, without gradient checkpointing."""
-    if model not in _SUPPORTED:
-        _SUPPORTED[model] = _check(model)
-    # transformers' layers checkpoint themselves when asked to; these calls would bypass that
-    return _SUPPORTED[model] and not any(getattr(layer, "gradient_checkpointing", False)
-                                         for layer in backbone(model).layers)
+    transformers' own, under SDPA attention, without gradient checkpointing (transformers' layers
+    checkpoint themselves when asked to, which these calls would bypass), with rotary frequencies that do
+    not depend on the sequence's length (dynamic and LongRoPE scaling recompute them per call). Checked on
+    every call: wrapping (FSDP, peft) or configuration may change after a model was first used."""
+    from transformers.models.llama import modeling_llama as ml
 
-
-def _check(model: Any) -> bool:
-    try:
-        from transformers.models.llama import modeling_llama as ml
-    except ImportError:  # pragma: no cover - transformers without Llama
-        return False
     if getattr(model.config, "_attn_implementation", None) != "sdpa":
         return False
     stack = backbone(model)
-    if type(stack) is not ml.LlamaModel:
+    if type(stack) is not ml.LlamaModel or any(t in str(getattr(stack.rotary_emb, "rope_type", "default"))
+                                               for t in ("dynamic", "longrope")):
         return False
     return all(type(layer) is ml.LlamaDecoderLayer and type(layer.self_attn) is ml.LlamaAttention
                and type(layer.mlp) is ml.LlamaMLP and type(layer.input_layernorm) is ml.LlamaRMSNorm
-               and type(layer.post_attention_layernorm) is ml.LlamaRMSNorm for layer in stack.layers)
+               and type(layer.post_attention_layernorm) is ml.LlamaRMSNorm
+               and not getattr(layer, "gradient_checkpointing", False) for layer in stack.layers)
 
 
 class Context(NamedTuple):

@@ -146,6 +146,9 @@ def test_supported_only_where_the_numbers_are_the_same(tok):
     eager = LlamaForCausalLM._from_config(tiny_config(tok), attn_implementation="eager")
     assert not lean.supported(eager)
     assert not lean.supported(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)))
+    dynamic = tiny_config(tok)
+    dynamic.rope_parameters = {**dynamic.rope_parameters, "rope_type": "dynamic", "factor": 2.0}
+    assert not lean.supported(LlamaForCausalLM(dynamic))  # its frequencies depend on the length
     checkpointed = tiny_model(tok, 0)
     checkpointed.gradient_checkpointing_enable()
     assert not lean.supported(checkpointed)
