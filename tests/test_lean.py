@@ -172,3 +172,29 @@ def test_draw_samples_softmax_at_temperature_and_never_an_impossible_token():
     assert freq[4] == 0
     assert (freq - expected).abs().max() < 0.01  # 4 standard errors at most
     assert rollout.draw(torch.tensor([[0.0, 3.0, 1.0], [5.0, 0.0, 1.0]]), 0.0).tolist() == [1, 0]
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_sft_loss_and_gradients_equal_transformers_packed_and_padded(tok, monkeypatch, packed):
+    from instructgpt_cli.data import IGNORE_INDEX, Example, collate, collate_packed
+    from instructgpt_cli.stages.sft import loss_sum
+
+    model = tiny_model(tok, 0)
+    gen = torch.Generator().manual_seed(1)
+    examples = []
+    for length, prompt in ((9, 4), (14, 6), (6, 2)):
+        ids = torch.randint(5, 60, (length,), generator=gen).tolist()
+        examples.append(Example(ids, [IGNORE_INDEX] * prompt + ids[prompt:]))
+    batch = collate_packed(examples) if packed else collate(examples, tok.pad_token_id)
+    assert ("position_ids" in batch) == packed
+
+    def step():
+        summed, n = loss_sum(model, batch)
+        summed.backward()
+        return summed.detach(), n, grads(model)
+
+    out, ref = run_both(monkeypatch, step)
+    torch.testing.assert_close(out[0], ref[0])
+    assert int(out[1]) == int(ref[1]) == 5 + 8 + 4  # response tokens
+    for name in ref[2]:
+        torch.testing.assert_close(out[2][name], ref[2][name], rtol=1e-4, atol=1e-6, msg=name)

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .. import distributed
+from .. import distributed, lean
 from ..config import SFTConfig
 from ..data import IGNORE_INDEX, Example, collate, collate_packed, pays_to_pack, read_demos, tokenize_demos
 from ..errors import BadInput
@@ -55,7 +55,11 @@ def loss_sum(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         return sft_loss_sum(model(**inputs).logits, batch["labels"])
     targets = batch["labels"][:, 1:]
     selected = targets != IGNORE_INDEX
-    hidden = model.get_decoder()(**inputs).last_hidden_state
+    if lean.supported(model):
+        hidden = lean.states(model, batch["input_ids"], batch.get("attention_mask"),
+                             positions=batch.get("position_ids"))
+    else:
+        hidden = model.get_decoder()(**inputs).last_hidden_state
     logits = model.get_output_embeddings()(hidden[:, :-1][selected])
     return F.cross_entropy(logits.float(), targets[selected], reduction="sum"), selected.sum()
 
