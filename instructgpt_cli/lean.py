@@ -49,12 +49,14 @@ def supported(model: Any) -> bool:
 
 class Context(NamedTuple):
     """What every layer of one forward shares: the rotary embedding's cos and signed sin (B, 1, L, D)
-    (:func:`rotary`) and the attention mask (B, 1, L, S) of allowed positions, or None for plain causal
-    attention."""
+    (:func:`rotary`), the attention mask (B, 1, L, S) of allowed positions, or None for plain causal
+    attention, and the batch's (B, L). Between layers the hidden states are (B * L, H): a linear layer on
+    a 2-D input is one matmul node in autograd, on a 3-D one a matmul between two reshapes."""
 
     cos: torch.Tensor
     sin: torch.Tensor
     mask: torch.Tensor | None
+    shape: tuple[int, int]
 
 
 def rotary(stack: torch.nn.Module, hidden: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,19 +78,20 @@ def context(stack: torch.nn.Module, hidden: torch.Tensor, attention_mask: torch.
     pads themselves output is never read), as ``models.mask_inputs`` argues. With it, positions skip the
     padding and each real token attends to the real tokens up to itself; a pad attends to itself only, so
     no row of the softmax is empty. Packed, each token attends to its own sequence up to itself."""
+    shape = (hidden.size(0), hidden.size(1))
     length = hidden.size(1)
     causal = torch.ones(length, length, dtype=torch.bool, device=hidden.device).tril()
     with torch.no_grad():
         if positions is not None:
             segment = (positions == 0).cumsum(-1)
             allowed = causal & (segment[:, None, :, None] == segment[:, None, None, :])
-            return Context(*rotary(stack, hidden, positions), allowed)
+            return Context(*rotary(stack, hidden, positions), allowed, shape)
         inputs = mask_inputs(attention_mask) if attention_mask is not None else {}
         if not inputs:
-            return Context(*rotary(stack, hidden, torch.arange(length, device=hidden.device)[None]), None)
+            return Context(*rotary(stack, hidden, torch.arange(length, device=hidden.device)[None]), None, shape)
         allowed = causal & attention_mask.bool()[:, None, None, :]
         allowed |= torch.eye(length, dtype=torch.bool, device=hidden.device)
-        return Context(*rotary(stack, hidden, inputs["position_ids"]), allowed)
+        return Context(*rotary(stack, hidden, inputs["position_ids"]), allowed, shape)
 
 
 def _norm(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -113,19 +116,19 @@ def _attention(attn: torch.nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch
 
 
 def _qkv(attn: torch.nn.Module, x: torch.Tensor, ctx: Context) -> tuple[torch.Tensor, ...]:
-    shape = (x.size(0), x.size(1), -1, attn.head_dim)
+    shape = (*ctx.shape, -1, attn.head_dim)
     q, k, v = (proj(x).view(shape).transpose(1, 2) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
     return _rotate(q, ctx.cos, ctx.sin), _rotate(k, ctx.cos, ctx.sin), v
 
 
 def _finish(layer: torch.nn.Module, hidden: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """The attention output (B, H, L, D) projected and added, then the MLP block."""
-    hidden = hidden + layer.self_attn.o_proj(out.transpose(1, 2).reshape(hidden.shape))
+    """The attention output (B, H, L, D) projected and added to ``hidden`` (B * L, H), then the MLP block."""
+    hidden = hidden + layer.self_attn.o_proj(out.transpose(1, 2).reshape(hidden.size(0), -1))
     return hidden + layer.mlp(_norm(layer.post_attention_layernorm, hidden))
 
 
 def layer_forward(layer: torch.nn.Module, hidden: torch.Tensor, ctx: Context) -> torch.Tensor:
-    """``LlamaDecoderLayer`` on hidden states (B, L, H), no cache."""
+    """``LlamaDecoderLayer`` on hidden states (B * L, H), no cache."""
     q, k, v = _qkv(layer.self_attn, _norm(layer.input_layernorm, hidden), ctx)
     return _finish(layer, hidden, _attention(layer.self_attn, q, k, v, ctx.mask))
 
@@ -139,9 +142,11 @@ def states(model: Any, input_ids: torch.Tensor | None, attention_mask: torch.Ten
     stack = backbone(model)
     hidden = stack.embed_tokens(input_ids) if embeds is None else embeds
     ctx = context(stack, hidden, attention_mask, positions)
+    size = hidden.size(-1)
+    hidden = hidden.reshape(-1, size)
     for layer in stack.layers[start:stop]:
         hidden = layer_forward(layer, hidden, ctx)
-    return _norm(stack.norm, hidden) if final_norm else hidden
+    return (_norm(stack.norm, hidden) if final_norm else hidden).view(*ctx.shape, size)
 
 
 def lm_head(model: Any) -> torch.nn.Module:
@@ -175,23 +180,24 @@ class Decoder:
         self.cos, self.sin = rotary(self.stack, like, position_ids(mask)[:, -1:] + steps)
 
     def _run(self, hidden: torch.Tensor, ctx: Context) -> torch.Tensor:
-        start, stop = self.length, self.length + hidden.size(1)
+        start, stop = self.length, self.length + ctx.shape[1]
         for layer, keys, values in zip(self.stack.layers, self.keys, self.values):
             q, k, v = _qkv(layer.self_attn, _norm(layer.input_layernorm, hidden), ctx)
             keys[:, :, start:stop], values[:, :, start:stop] = k, v
             out = _attention(layer.self_attn, q, keys[:, :, :stop], values[:, :, :stop], ctx.mask)
             hidden = _finish(layer, hidden, out)
         self.length = stop
-        return lm_head(self.model)(_norm(self.stack.norm, hidden[:, -1:]))[:, -1]
+        last = hidden.view(*ctx.shape, -1)[:, -1]
+        return lm_head(self.model)(_norm(self.stack.norm, last))
 
     def start(self) -> torch.Tensor:
         """Logits (B, V) for the first new token."""
         hidden = self.stack.embed_tokens(self.ids)
-        return self._run(hidden, context(self.stack, hidden, self.mask))
+        return self._run(hidden.reshape(-1, hidden.size(-1)), context(self.stack, hidden, self.mask))
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Logits (B, V) for the token after ``tokens`` (B,)."""
         n = self.length - self.width  # new tokens already in the cache
         mask = None if self.allowed is None else self.allowed[..., :self.length + 1]
-        ctx = Context(self.cos[:, :, n:n + 1], self.sin[:, :, n:n + 1], mask)
-        return self._run(self.stack.embed_tokens(tokens[:, None]), ctx)
+        ctx = Context(self.cos[:, :, n:n + 1], self.sin[:, :, n:n + 1], mask, (tokens.size(0), 1))
+        return self._run(self.stack.embed_tokens(tokens), ctx)

@@ -198,3 +198,16 @@ def test_sft_loss_and_gradients_equal_transformers_packed_and_padded(tok, monkey
     assert int(out[1]) == int(ref[1]) == 5 + 8 + 4  # response tokens
     for name in ref[2]:
         torch.testing.assert_close(out[2][name], ref[2][name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_heads_wider_than_the_model_and_ungrouped_attention(tok, monkeypatch):
+    """head_dim x heads need not equal the width (o_proj maps back), nor keys share heads."""
+    from transformers import LlamaForCausalLM
+
+    config = tiny_config(tok)
+    config.head_dim, config.num_key_value_heads = 32, 4  # 4 heads of 32 on a width of 64
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    ids, mask, context = batch(True)
+    out, ref = run_both(monkeypatch, lambda: rollout.response_logprobs(model, ids, mask, context, 1.0)[0].detach())
+    torch.testing.assert_close(out[mask[:, context:].bool()], ref[mask[:, context:].bool()])
