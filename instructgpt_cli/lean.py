@@ -79,18 +79,18 @@ def context(stack: torch.nn.Module, hidden: torch.Tensor, attention_mask: torch.
     padding and each real token attends to the real tokens up to itself; a pad attends to itself only, so
     no row of the softmax is empty. Packed, each token attends to its own sequence up to itself."""
     shape = (hidden.size(0), hidden.size(1))
-    length = hidden.size(1)
-    causal = torch.ones(length, length, dtype=torch.bool, device=hidden.device).tril()
+    device = hidden.device
     with torch.no_grad():
+        inputs = mask_inputs(attention_mask) if positions is None and attention_mask is not None else {}
+        if positions is None and not inputs:
+            return Context(*rotary(stack, hidden, torch.arange(shape[1], device=device)[None]), None, shape)
+        causal = torch.ones(shape[1], shape[1], dtype=torch.bool, device=device).tril()
         if positions is not None:
             segment = (positions == 0).cumsum(-1)
             allowed = causal & (segment[:, None, :, None] == segment[:, None, None, :])
             return Context(*rotary(stack, hidden, positions), allowed, shape)
-        inputs = mask_inputs(attention_mask) if attention_mask is not None else {}
-        if not inputs:
-            return Context(*rotary(stack, hidden, torch.arange(length, device=hidden.device)[None]), None, shape)
         allowed = causal & attention_mask.bool()[:, None, None, :]
-        allowed |= torch.eye(length, dtype=torch.bool, device=hidden.device)
+        allowed |= torch.eye(shape[1], dtype=torch.bool, device=device)
         return Context(*rotary(stack, hidden, inputs["position_ids"]), allowed, shape)
 
 
