@@ -211,3 +211,21 @@ def test_heads_wider_than_the_model_and_ungrouped_attention(tok, monkeypatch):
     ids, mask, context = batch(True)
     out, ref = run_both(monkeypatch, lambda: rollout.response_logprobs(model, ids, mask, context, 1.0)[0].detach())
     torch.testing.assert_close(out[mask[:, context:].bool()], ref[mask[:, context:].bool()])
+
+
+def test_packed_rows_attend_within_each_sequence(tok):
+    """One packed row runs each sequence's causal attention on its own; several rows use the
+    block-diagonal mask. Both give each sequence the states it has alone."""
+    from instructgpt_cli.data import pack
+
+    model = tiny_model(tok, 0)
+    gen = torch.Generator().manual_seed(2)
+    seqs = [torch.randint(5, 60, (n,), generator=gen).tolist() for n in (5, 9, 3, 7)]
+    with torch.no_grad():
+        alone = [lean.states(model, torch.tensor([s]), None)[0] for s in seqs]
+        one_row = lean.states(model, pack(seqs)[0], None, positions=pack(seqs)[1])[0]
+        rows = [pack(seqs[:2]), pack(seqs[2:] + [[7, 8, 9, 10]])]  # two rows of 14 tokens
+        two_rows = lean.states(model, torch.cat([r[0] for r in rows]), None, positions=torch.cat([r[1] for r in rows]))
+    torch.testing.assert_close(one_row, torch.cat(alone))
+    torch.testing.assert_close(two_rows[0], torch.cat(alone[:2]))
+    torch.testing.assert_close(two_rows[1, :10], torch.cat(alone[2:]))
