@@ -158,6 +158,7 @@ def states(model: Any, input_ids: torch.Tensor | None, attention_mask: torch.Ten
 
 
 def lm_head(model: Any) -> torch.nn.Module:
+    """The LM head of a causal LM, under peft's wrappers."""
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     return inner.lm_head
 
@@ -174,23 +175,25 @@ class Decoder:
     def __init__(self, model: Any, ids: torch.Tensor, mask: torch.Tensor, max_new: int):
         self.model, self.stack = model, backbone(model)
         rows, width = ids.shape
-        attn = self.stack.layers[0].self_attn
-        size = (rows, self.stack.config.num_key_value_heads, width + max_new, attn.head_dim)
-        like = self.stack.embed_tokens.weight
-        self.keys = [like.new_empty(size) for _ in self.stack.layers]
-        self.values = [like.new_empty(size) for _ in self.stack.layers]
+        self.size = width + max_new
+        self.keys: list[torch.Tensor] = []  # allocated at the first step, in the dtype the keys come in (autocast)
+        self.values: list[torch.Tensor] = []
         self.ids, self.mask, self.width, self.length = ids, mask, width, 0
         # a new token attends to every real token before it: a mask only where prompts are left-padded
         full = torch.cat([mask, mask.new_ones(rows, max_new)], 1).bool()
         self.allowed = full[:, None, None, :] if mask_inputs(mask) else None
         # the new tokens' rotary embeddings, all at once
         steps = torch.arange(1, max_new + 1, device=ids.device)
-        self.cos, self.sin = rotary(self.stack, like, position_ids(mask)[:, -1:] + steps)
+        self.cos, self.sin = rotary(self.stack, self.stack.embed_tokens.weight, position_ids(mask)[:, -1:] + steps)
 
     def _run(self, hidden: torch.Tensor, ctx: Context) -> torch.Tensor:
         start, stop = self.length, self.length + ctx.shape[1]
-        for layer, keys, values in zip(self.stack.layers, self.keys, self.values):
+        for i, layer in enumerate(self.stack.layers):
             q, k, v = _qkv(layer.self_attn, _norm(layer.input_layernorm, hidden), ctx)
+            if len(self.keys) == i:
+                self.keys.append(k.new_empty(*k.shape[:2], self.size, k.size(-1)))
+                self.values.append(v.new_empty(*v.shape[:2], self.size, v.size(-1)))
+            keys, values = self.keys[i], self.values[i]
             keys[:, :, start:stop], values[:, :, start:stop] = k, v
             out = _attention(layer.self_attn, q, keys[:, :, :stop], values[:, :, :stop], ctx.mask)
             hidden = _finish(layer, hidden, out)

@@ -9,8 +9,8 @@ from typing import Any, Iterator, NamedTuple
 
 import torch
 
-from .data import pad_left
 from . import distributed
+from .data import pad_left
 from .distributed import no_autograd
 
 
@@ -86,13 +86,15 @@ class CachedDecoder:
     ``lean.Decoder`` does for Llama models)."""
 
     def __init__(self, model: Any, ids: torch.Tensor, mask: torch.Tensor, max_new: int):
+        from .models import position_ids
+
         names = forward_parameters(model)
         self.model, self.ids, self.width = model, ids, ids.size(1)
         self.cache_name = "cache" if "cache" in names else "past_key_values"  # renamed in transformers 5.24
         self.with_positions = "position_ids" in names
         self.fixed = {"use_cache": True, **({"logits_to_keep": 1} if "logits_to_keep" in names else {})}
         self.mask = torch.cat([mask, mask.new_ones(ids.size(0), max_new)], 1)  # each step's is a prefix of it
-        self.positions = (mask.cumsum(1) - 1).clamp(min=0)
+        self.positions = position_ids(mask)
         self.cache, self.seen = None, self.width
 
     def _forward(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
