@@ -25,7 +25,7 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from .models import backbone, mask_inputs, position_ids
+from .models import backbone, mask_inputs, position_ids, unwrapped
 
 
 def supported(model: Any) -> bool:
@@ -87,10 +87,10 @@ def context(stack: torch.nn.Module, hidden: torch.Tensor, attention_mask: torch.
         inputs = mask_inputs(attention_mask) if positions is None and attention_mask is not None else {}
         if positions is None and not inputs:
             return Context(*rotary(stack, hidden, torch.arange(shape[1], device=device)[None]), None, shape)
-        causal = torch.ones(shape[1], shape[1], dtype=torch.bool, device=device).tril()
         if positions is not None and shape[0] == 1:  # one row: each sequence its own causal attention
             starts = (positions[0] == 0).nonzero().flatten().tolist() + [shape[1]]
             return Context(*rotary(stack, hidden, positions), None, shape, tuple(zip(starts, starts[1:])))
+        causal = torch.ones(shape[1], shape[1], dtype=torch.bool, device=device).tril()
         if positions is not None:
             segment = (positions == 0).cumsum(-1)
             allowed = causal & (segment[:, None, :, None] == segment[:, None, None, :])
@@ -159,8 +159,7 @@ def states(model: Any, input_ids: torch.Tensor | None, attention_mask: torch.Ten
 
 def lm_head(model: Any) -> torch.nn.Module:
     """The LM head of a causal LM, under peft's wrappers."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return inner.lm_head
+    return unwrapped(model).lm_head
 
 
 # ---------------------------------------------------------------- decoding with a preallocated cache

@@ -378,11 +378,15 @@ def supports_sharing(model: Any) -> bool:
 SPLIT_FORWARD = {"llama", "mistral", "qwen2", "qwen3"}
 
 
+def unwrapped(model: Any) -> Any:
+    """The transformers model under peft's wrappers (``model`` itself when there are none)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def backbone(model: Any) -> torch.nn.Module:
     """The decoder stack (e.g. ``LlamaModel``: embed_tokens, layers, norm) under a transformers head and
     under peft's wrappers."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return inner.base_model
+    return unwrapped(model).base_model
 
 
 def frozen_layers(model: Any) -> int:

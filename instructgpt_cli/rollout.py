@@ -118,8 +118,9 @@ def _parameters(cls: type) -> frozenset[str]:
 
 def forward_parameters(model: Any) -> frozenset[str]:
     """The names ``model``'s forward takes (a PEFT model's: those of the model it wraps)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return _parameters(type(base))
+    from .models import unwrapped
+
+    return _parameters(type(unwrapped(model)))
 
 
 # Which linear layers take the (W @ x.T).T path on a CPU, and up to how many rows (bench/README.md): the

@@ -46,9 +46,10 @@ def rank_forward(model, groups: list[RankedGroup], pad_id: int, device: torch.de
     fewer with ``layout.shared``: the prompt runs once and each response attends to it and to itself (where
     that saves a tenth of the tokens); else, with ``layout.packed``, the sequences run end to end in one row
     (where padding would waste a tenth), else as K padded rows."""
-    seqs = [s for g in groups for s in g.sequences]
-    if layout.shared and pays_to_share([g.sequences for g in groups]):
-        rewards = shared_reward_scores(model, [g.sequences for g in groups], pad_id, device)
+    rankings = [g.sequences for g in groups]
+    seqs = [s for ranking in rankings for s in ranking]
+    if layout.shared and pays_to_share(rankings):
+        rewards = shared_reward_scores(model, rankings, pad_id, device)
     elif layout.packed and pays_to_pack([len(q) for q in seqs]):
         rewards = packed_reward_scores(model, seqs, device)
     else:
