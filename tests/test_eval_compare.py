@@ -8,7 +8,8 @@ import pytest
 from conftest import TINY_CONFIG, arithmetic_demos, igpt, write_jsonl
 from instructgpt_cli.data import read_rankings
 from instructgpt_cli.models import tiny_tokenizer
-from instructgpt_cli.stages.compare import tally, wilson_interval, win_rate
+from instructgpt_cli.stages.compare import tally
+from instructgpt_cli.stats import wilson_interval, win_rate
 from rule_rm import make_rule_rm
 
 

@@ -8,7 +8,6 @@ the win rate; its 95% confidence interval is the Wilson score interval at that p
 from __future__ import annotations
 
 import json
-import math
 import random
 from pathlib import Path
 
@@ -20,29 +19,9 @@ from ..errors import BadInput
 from ..models import load_model, load_tokenizer, resolve_device, same_tokenizer, stage_model
 from ..rollout import decode_response, generate, score_responses
 from ..rundir import atomic_write_text, read_metrics
+from ..stats import win_rate
 from ..train import console
 from .. import tui
-
-Z95 = 1.959963984540054  # two-sided 95% normal quantile
-
-
-def wilson_interval(p: float, n: int, z: float = Z95) -> tuple[float, float]:
-    """Wilson score interval for a proportion p observed over n trials."""
-    if n == 0:
-        return 0.0, 1.0
-    denom = 1 + z * z / n
-    center = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, center - half), min(1.0, center + half)
-
-
-def win_rate(wins: int, ties: int, losses: int) -> dict:
-    """A's win rate over B, ties counted half, with its 95% Wilson interval."""
-    n = wins + ties + losses
-    rate = (wins + 0.5 * ties) / n if n else float("nan")
-    lo, hi = wilson_interval(rate, n) if n else (float("nan"), float("nan"))
-    return {"wins": wins, "ties": ties, "losses": losses, "n": n, "win_rate": rate, "ci_low": lo, "ci_high": hi}
-
 
 def tally(judgments: list[dict], key: str | None = None) -> dict:
     """Win rate of A over all judgments, or per value of ``key`` (e.g. category)."""
