@@ -232,6 +232,7 @@ def evaluate(
     name: Annotated[Optional[str], typer.Option("--name", help="Report folder eval/NAME [default: the model's name].")] = None,
     run_dir: RunDir = None,
     temperature: Annotated[Optional[float], typer.Option("--temperature", help="Sampling temperature [default: 1.0].")] = None,
+    kl_temperature: Annotated[Optional[float], typer.Option("--kl-temperature", help="Log-prob temperature of the KL to SFT [default: the run's PPO temperature, else 1.0].")] = None,
     max_new_tokens: Annotated[Optional[int], typer.Option("--max-new-tokens", help="Longest response (tokens).")] = None,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Sequences per forward pass.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout (for scripts).")] = False,
@@ -242,7 +243,7 @@ def evaluate(
 ) -> None:
     """Reward, KL to SFT, alignment tax and preference accuracy of a model; writes eval/NAME/report.json."""
     overrides = {"model": model, "prompts": prompts, "rankings": rankings, "ptx_data": ptx_data, "rm": rm,
-                 "sft": sft, "name": name, "run_dir": run_dir, "temperature": temperature,
+                 "sft": sft, "name": name, "run_dir": run_dir, "temperature": temperature, "kl_temperature": kl_temperature,
                  "max_new_tokens": max_new_tokens, "batch_size": batch_size, "seed": seed, "device": device}
 
     def runner(cfg: Any) -> Any:

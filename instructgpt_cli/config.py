@@ -187,7 +187,9 @@ class EvalConfig:
     sft: str = f("", "reference for KL and the alignment tax; default RUN_DIR/sft/final")
     name: str = f("", "report name, eval/NAME/; default the model's stage name or directory name")
     run_dir: str = f("runs/default", "run directory (path)")
-    temperature: float = f(1.0, "sampling temperature; KL is measured at the same temperature")
+    temperature: float = f(1.0, "sampling temperature (dimensionless); 0 = greedy")
+    kl_temperature: float = f(0.0, "temperature of the log-probs in the KL to SFT, logits / T as PPO penalises it "
+                                   "(dimensionless); 0 = the run's PPO temperature (ppo/config.yaml), else 1.0")
     max_new_tokens: int = f(128, "longest response (tokens)")
     batch_size: int = f(8, "sequences per forward pass (sequences)")
     ptx_seq_len: int = f(256, "length of each pretraining-text block (tokens)")
@@ -240,6 +242,7 @@ CHECKS: dict[str, tuple[Any, str]] = {
     "layers": (lambda v: v >= 0, "must be >= 0 (0 = all layers)"),
     "k": (lambda v: v >= 2, "must be >= 2 (rankings need two responses at least)"),
     "temperature": (lambda v: v >= 0, "must be >= 0 (0 = greedy)"),
+    "kl_temperature": (lambda v: v >= 0, "must be >= 0 (0 = the run's PPO temperature)"),
     "max_new_tokens": (lambda v: v >= 1, "must be >= 1"),
     "ptx_coef": (lambda v: v >= 0, "must be >= 0"),
     "ptx_batch_size": (lambda v: v >= 1, "must be >= 1"),

@@ -14,6 +14,18 @@ CURVES = [("objective/scores", "reward-model score"), ("objective/kl", "KL to SF
           ("loss/ptx", "pretraining loss (ptx)")]
 
 
+def number(x: float | None, spec: str) -> str:
+    """``x`` formatted, or '-' where a report has no number (None: undefined, e.g. the sd of one score)."""
+    return "-" if x is None else format(x, spec)
+
+
+def score_text(r: dict) -> str:
+    """'mean ± sd' of an eval report's scores ('-' without a reward model; no sd for a single score)."""
+    if r.get("score_mean") is None:
+        return "-"
+    return f"{r['score_mean']:.3f}" + (f" ± {r['score_sd']:.3f}" if r.get("score_sd") is not None else "")
+
+
 def _png(fig) -> str:
     import matplotlib.pyplot as plt
 
@@ -34,7 +46,10 @@ def win_chart(report: dict) -> str:
     fig, ax = plt.subplots(figsize=(7, 0.45 * len(rows) + 1.2))
     ys = list(range(len(rows)))[::-1]
     rates = [r["win_rate"] for _, r in rows]
-    err = [[r["win_rate"] - r["ci_low"] for _, r in rows], [r["ci_high"] - r["win_rate"] for _, r in rows]]
+    # bar lengths below and above the rate, clamped at 0: matplotlib refuses a negative one, and a bound
+    # rounded past the rate (an interval that should end exactly at 0 or 1) must not crash the page
+    err = [[max(0.0, r["win_rate"] - r["ci_low"]) for _, r in rows],
+           [max(0.0, r["ci_high"] - r["win_rate"]) for _, r in rows]]
     ax.barh(ys, rates, xerr=err, color="#4c72b0", capsize=3)
     ax.axvline(0.5, color="grey", linestyle="--", linewidth=1)
     ax.set_yticks(ys, [f"{label} (n={r['n']})" for label, r in rows])

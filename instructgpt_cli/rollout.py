@@ -325,15 +325,18 @@ def score_responses(rm: Any, tokenizer: Any, queries: list[list[int]], responses
 @torch.no_grad()
 def response_kl(model: Any, ref: Any, tokenizer: Any, queries: list[list[int]], responses: list[list[int]],
                 temperature: float, batch_size: int) -> torch.Tensor:
-    """Per-response KL estimate (N,): sum over response tokens of log pi - log pi_ref at temperature T, on
-    the model's own samples (the quantity PPO penalises)."""
+    """Per-response KL estimate (N,): sum over response tokens of log pi - log pi_ref, both of logits / T,
+    on the model's own samples (the quantity PPO penalises at its temperature T > 0; eval passes PPO's T,
+    whatever temperature the samples were drawn at). Padding after a response counts exactly 0."""
+    if not temperature > 0:
+        raise ValueError(f"response_kl: temperature must be > 0 (log-probs of logits / T), got {temperature}")
     device = next(model.parameters()).device
     model.eval(), ref.eval()
     out = []
     for _, ro in rollouts(tokenizer, queries, responses, batch_size, device):
         lp, _ = response_logprobs(model, ro.query_response, ro.attention_mask, ro.context_len, temperature)
         ref_lp, _ = response_logprobs(ref, ro.query_response, ro.attention_mask, ro.context_len, temperature)
-        out.append(((lp - ref_lp) * ro.response_mask).sum(1).cpu())
+        out.append(torch.where(ro.response_mask.bool(), lp - ref_lp, 0.0).sum(1).cpu())
     return torch.cat(out)
 
 

@@ -9,13 +9,14 @@ takes the newest complete one and drops the metrics logged after it. Torch is no
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import hashlib
 import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from .errors import BadInput
 
@@ -61,6 +62,77 @@ def sha256_file(path: str | Path) -> str:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def weights_sha256(model_dir: str | Path) -> str | None:
+    """One sha256 for a model directory's weights: every ``*.safetensors`` under it (a LoRA run's
+    ``adapter/`` too), by relative path in sorted order, each file hashed whole. The same weights give
+    the same digest wherever the directory lives; a directory retrained in place gives another. None
+    when it holds no safetensors (nothing to vouch for)."""
+    root = Path(model_dir)
+    files = sorted((p for p in root.rglob("*.safetensors") if p.is_file()),
+                   key=lambda p: p.relative_to(root).as_posix())
+    if not files:
+        return None
+    h = hashlib.sha256()
+    for p in files:
+        h.update(f"{p.relative_to(root).as_posix()}\0{sha256_file(p)}\n".encode("utf-8"))
+    return h.hexdigest()
+
+
+@contextlib.contextmanager
+def publish_set(out: Path) -> Iterator[Path]:
+    """Publish the files of one result (``eval/NAME/``, ``compare/A-vs-B/``) all or nothing.
+
+    ``with publish_set(out) as tmp:`` write every file into ``tmp``, a fresh directory beside ``out``
+    (same file system, so renames are atomic). When the block ends normally the files are fsynced and the
+    directories swapped: ``out`` is renamed aside to ``.NAME.old-PID``, ``tmp`` renamed to ``out``, the old
+    one removed. If the block raises, ``tmp`` is removed and ``out`` is untouched: a crash while writing
+    (a chart that fails, a full disk) leaves the previous complete set. POSIX has no portable atomic swap of
+    two directories, so between the two renames ``out`` is briefly absent; a process killed exactly there
+    leaves the previous set under ``.NAME.old-PID``, which the next publish renames back before it starts
+    (:func:`recover_published`). We chose this over a versioned directory behind a symlink: ``out`` stays a
+    plain directory that ``cp -r``, ``rsync`` and Windows copy as it is."""
+    parent, name = out.parent, out.name
+    parent.mkdir(parents=True, exist_ok=True)
+    recover_published(out)
+    tmp = parent / f".{name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        fsync_tree(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = parent / f".{name}.old-{os.getpid()}"
+    if out.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out, old)
+    os.replace(tmp, out)
+    _fsync_dir(parent)
+    shutil.rmtree(old, ignore_errors=True)
+    for stale in list(parent.glob(f".{name}.tmp-*")) + list(parent.glob(f".{name}.old-*")):
+        if not _pid_alive(stale.name.rsplit("-", 1)[-1]):  # left by a killed process
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def recover_published(out: Path) -> None:
+    """If a publish was killed between its two renames (``out`` absent, ``.NAME.old-PID`` present), put
+    the previous complete set back."""
+    olds = sorted(out.parent.glob(f".{out.name}.old-*"), key=lambda p: p.stat().st_mtime)
+    if not out.exists() and olds:
+        os.replace(olds[-1], out)
+
+
+def _pid_alive(pid: str) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def now() -> str:

@@ -3,7 +3,10 @@
 Both models answer every prompt with the same decoding settings and seed; a judge picks the better
 response or a tie. The win rate counts a tie as half a win, so swapping A and B gives exactly 1 minus
 the win rate; its 95% confidence interval is the Wilson score interval at that proportion and n
-(symmetric under the swap too). Results: compare/A-vs-B/report.json, judgments.jsonl, report.html.
+(symmetric under the swap too). Results: compare/A-vs-B/report.json, judgments.jsonl, responses.jsonl and
+report.html, published together (``rundir.publish_set``): a crash leaves the previous complete set. A human
+session appends each judgment as it is made to its own compare/A-vs-B.human/ (with the responses shown),
+so it resumes where it stopped; each run publishes the set from there.
 """
 from __future__ import annotations
 
@@ -18,7 +21,9 @@ from ..data import read_prompts, render_prompt
 from ..errors import BadInput
 from ..models import load_model, load_tokenizer, resolve_device, same_tokenizer, stage_model
 from ..rollout import decode_response, generate, score_responses
-from ..rundir import atomic_write_text, read_metrics
+from .. import report as report_page
+from ..report import number, score_text
+from ..rundir import atomic_write_text, publish_set, read_metrics, weights_sha256
 from ..stats import win_rate
 from ..train import console
 from .. import tui
@@ -34,30 +39,40 @@ def tally(judgments: list[dict], key: str | None = None) -> dict:
     return {g: count([j for j in judgments if j.get(key) == g]) for g in groups}
 
 
-def eval_samples(cfg: CompareConfig, path: Path, prompts: list) -> list[str] | None:
-    """Responses ``igpt eval`` already sampled from this model for these prompts with these decoding
-    settings and seed (the same responses compare would sample), or None."""
+def eval_samples(cfg: CompareConfig, path: Path, prompts: list) -> list[list[int]] | None:
+    """Response token ids ``igpt eval`` already sampled from the model now at ``path`` for these prompts
+    with these decoding settings and seed (the same responses compare would sample), or None.
+
+    The model is recognised by the sha256 of its weights, which eval records, not by its path: a path
+    retrained since (``--overwrite``) holds another model, whose samples eval has not seen."""
     settings = {"temperature": cfg.temperature, "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed}
+    weights = weights_sha256(path)
+    if weights is None:
+        return None
     for report_file in sorted((Path(cfg.run_dir) / "eval").glob("*/report.json")):
+        if report_file.parent.name.startswith("."):  # a set being published, or one put aside
+            continue
         report = json.loads(report_file.read_text(encoding="utf-8"))
-        if (Path(report["model_path"]).resolve() != path.resolve() or report.get("settings") != settings
+        if (report.get("model_sha256") != weights or report.get("settings") != settings
                 or Path(report["prompts"]).resolve() != Path(cfg.prompts).resolve()):
             continue
-        samples = [json.loads(line) for line in (report_file.parent / "samples.jsonl").read_text().splitlines()]
-        if [x["prompt"] for x in samples] == [p.prompt for p in prompts]:
-            return [x["response"] for x in samples]
+        lines = (report_file.parent / "samples.jsonl").read_text(encoding="utf-8").splitlines()
+        samples = [json.loads(line) for line in lines]
+        if [x["prompt"] for x in samples] == [p.prompt for p in prompts] and all("response_ids" in x for x in samples):
+            return [x["response_ids"] for x in samples]
     return None
 
 
-def answers(cfg: CompareConfig, path: Path, tokenizer, queries: list[list[int]], prompts: list, device) -> list[str]:
-    """Both models answer with the same settings and seed; reuses ``igpt eval``'s samples when they match."""
+def answers(cfg: CompareConfig, path: Path, tokenizer, queries: list[list[int]], prompts: list,
+            device) -> list[list[int]]:
+    """Response token ids as sampled (EOS only where the model emitted it), with the same settings and seed
+    for both models; reuses ``igpt eval``'s samples of the same weights when they match."""
     reused = eval_samples(cfg, path, prompts)
     if reused is not None:
         return reused
     model = load_model(ModelConfig(name=str(path), dtype=cfg.dtype), tokenizer, path, device, cfg.seed).eval()
     torch.manual_seed(cfg.seed)  # the same seed for both models
-    return [decode_response(tokenizer, r)
-            for r in generate(model, tokenizer, queries, cfg.max_new_tokens, cfg.temperature, cfg.batch_size)]
+    return generate(model, tokenizer, queries, cfg.max_new_tokens, cfg.temperature, cfg.batch_size)
 
 
 def run(cfg: CompareConfig) -> dict:
@@ -82,28 +97,31 @@ def run(cfg: CompareConfig) -> dict:
     out = run_dir / "compare" / f"{name_a}-vs-{name_b}"
     device = resolve_device(cfg.device)
 
-    # 2. both models answer every prompt (kept, so a human judging session can stop and resume)
-    pairs_file = out / "responses.jsonl"
+    # 2. both models answer every prompt: the text and the token ids as sampled (what the RM judge scores).
+    #    A human session keeps them in compare/A-vs-B.human/ (with its judgments), so it can stop and resume
+    #    on the responses it was shown.
+    session = out.parent / f"{out.name}.human"
     queries = [render_prompt(tokenizer, p.messages) for p in prompts]
     pairs = []
-    if pairs_file.exists() and cfg.judge == "human":  # a human session resumes on the responses it was shown
-        pairs = [json.loads(line) for line in pairs_file.read_text(encoding="utf-8").splitlines()]
+    if (session / "responses.jsonl").exists() and cfg.judge == "human":
+        pairs = read_jsonl(session / "responses.jsonl")
         if [x["prompt"] for x in pairs] != [p.prompt for p in prompts]:
             pairs = []  # other prompts this time: answer them afresh
     if not pairs:
         resp_a = answers(cfg, path_a, tokenizer, queries, prompts, device)
         resp_b = answers(cfg, path_b, tokenizer, queries, prompts, device)
-        pairs = [{"prompt": p.prompt, "category": p.category, "a": a, "b": b}
+        pairs = [{"prompt": p.prompt, "category": p.category, "a": decode_response(tokenizer, a),
+                  "b": decode_response(tokenizer, b), "a_ids": a, "b_ids": b}
                  for p, a, b in zip(prompts, resp_a, resp_b)]
-        atomic_write_text(pairs_file, "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in pairs))
+        if cfg.judge == "human":  # new responses: a new session, no judgments of other responses
+            atomic_write_text(session / "responses.jsonl", jsonl(pairs))
+            atomic_write_text(session / "judgments.jsonl", "")
 
     # 3. judge
-    judgments_file = out / "judgments.jsonl"
     if cfg.judge == "rm":
         judgments = judge_rm(cfg, rm_path, tokenizer, queries, pairs, device)
-        atomic_write_text(judgments_file, "".join(json.dumps(j, ensure_ascii=False) + "\n" for j in judgments))
     else:
-        judgments = judge_human(cfg, pairs, judgments_file)
+        judgments = judge_human(cfg, pairs, session / "judgments.jsonl")
 
     # 4. report: numbers, per category, and a page people can look at
     report = {"a": name_a, "b": name_b, "a_path": str(path_a), "b_path": str(path_b), "judge": cfg.judge,
@@ -111,14 +129,26 @@ def run(cfg: CompareConfig) -> dict:
               "categories": tally(judgments, "category"),
               "settings": {"temperature": cfg.temperature, "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed},
               "ci_method": "Wilson score interval, 95%, ties counted as half a win"}
-    atomic_write_text(out / "report.json", json.dumps(report, indent=2) + "\n")
-    from ..report import write_html
-
-    write_html(out / "report.html", report, judgments, read_metrics(run_dir / "ppo" / "metrics.jsonl"))
+    # 5. publish report.json, judgments.jsonl, responses.jsonl and report.html together (strict JSON: a NaN
+    #    raises and nothing is replaced)
+    with publish_set(out) as tmp:
+        (tmp / "responses.jsonl").write_text(jsonl(pairs), encoding="utf-8")
+        (tmp / "judgments.jsonl").write_text(jsonl(judgments), encoding="utf-8")
+        (tmp / "report.json").write_text(json.dumps(report, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+        metrics = read_metrics(run_dir / "ppo" / "metrics.jsonl")
+        report_page.write_html(tmp / "report.html", report, judgments, metrics)
     show(report, judgments)
     show_evals(run_dir, [name_a, name_b])
     console().print(f"report: {out / 'report.html'}")
     return report
+
+
+def jsonl(records: list[dict]) -> str:
+    return "".join(json.dumps(r, ensure_ascii=False, allow_nan=False) + "\n" for r in records)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def show_evals(run_dir: Path, names: list[str]) -> None:
@@ -131,20 +161,24 @@ def show_evals(run_dir: Path, names: list[str]) -> None:
     if not reports:
         return
     table = Table(title="igpt eval of the same models (held-out prompts and text)", title_justify="left")
-    for col in ("model", "RM score", "KL to SFT", "pretraining perplexity", "length", "EOS rate"):
+    temps = sorted({r["kl_temperature"] for r in reports.values() if "kl_temperature" in r})
+    kl_col = "KL to SFT" + (f" (T={temps[0]:g})" if len(temps) == 1 else "")
+    for col in ("model", "RM score", kl_col, "pretraining perplexity", "length", "EOS rate"):
         table.add_column(col, justify="left" if col == "model" else "right")
     for n, r in reports.items():
-        score = f"{r['score_mean']:.3f} ± {r['score_sd']:.3f}" if "score_mean" in r else "-"
-        ppl = f"{r['ptx_perplexity']:.2f}" if "ptx_perplexity" in r else "-"
-        table.add_row(n, score, f"{r['kl_to_sft']:.3f}", ppl, f"{r['response_length']:.1f}", f"{r['eos_rate']:.0%}")
+        table.add_row(n, score_text(r), number(r.get("kl_to_sft"), ".3f"), number(r.get("ptx_perplexity"), ".2f"),
+                      number(r.get("response_length"), ".1f"), number(r.get("eos_rate"), ".0%"))
     console().print(table)
 
 
 def judge_rm(cfg: CompareConfig, rm_path: Path, tokenizer, queries, pairs: list[dict], device) -> list[dict]:
+    """The reward model scores each response's token ids as sampled (``a_ids``, ``b_ids``; EOS only where
+    the model emitted it), read at the last real token: exactly what eval (``score_responses``) and PPO
+    (``build_rollout`` + ``last_token_scores``) score. Decoded text re-encoded would not be the same tokens,
+    and a response that never ended would be scored as if it had."""
     rm = load_model(ModelConfig(name=str(rm_path), dtype=cfg.dtype), tokenizer, rm_path, device, cfg.seed, "reward")
-    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]  # noqa: E731
-    sa = score_responses(rm, tokenizer, queries, [encode(p["a"]) for p in pairs], cfg.batch_size).tolist()
-    sb = score_responses(rm, tokenizer, queries, [encode(p["b"]) for p in pairs], cfg.batch_size).tolist()
+    sa = score_responses(rm, tokenizer, queries, [p["a_ids"] for p in pairs], cfg.batch_size).tolist()
+    sb = score_responses(rm, tokenizer, queries, [p["b_ids"] for p in pairs], cfg.batch_size).tolist()
     out = []
     for i, (p, a, b) in enumerate(zip(pairs, sa, sb)):
         winner = "A" if a > b + cfg.tie_margin else "B" if b > a + cfg.tie_margin else "tie"
@@ -155,8 +189,9 @@ def judge_rm(cfg: CompareConfig, rm_path: Path, tokenizer, queries, pairs: list[
 def judge_human(cfg: CompareConfig, pairs: list[dict], path: Path) -> list[dict]:
     """Show each pair in a seeded random order and side; append each judgment as it is made, so a session
     can stop (q, or the end of input) and resume where it stopped."""
-    done = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()] if path.exists() else []
-    if any(j.get("judge") != "human" or j["prompt"] != pairs[j["index"]]["prompt"] for j in done):
+    done = read_jsonl(path) if path.exists() else []
+    if any(j.get("judge") != "human" or j["index"] >= len(pairs) or j["prompt"] != pairs[j["index"]]["prompt"]
+           for j in done):
         done = []  # judgments of the reward model or of other prompts: a human session starts its own
         atomic_write_text(path, "")
     seen = {j["index"] for j in done}

@@ -1,9 +1,11 @@
 """``igpt eval MODEL``: the paper's automatic measurements of one model.
 
 On held-out prompts: the reward model's score of the model's responses (mean and sd), the KL to the SFT
-model on the model's own samples (what PPO pays for), response length and EOS rate; on held-out
-pretraining text: LM loss and perplexity next to the SFT model's (the alignment tax PPO-ptx reduces);
-on held-out rankings: the reward model's pairwise accuracy. Per category where prompts carry one.
+model on the model's own samples with log-probs at PPO's temperature (what PPO pays for), response length
+and EOS rate; on held-out pretraining text: LM loss and perplexity next to the SFT model's (the alignment
+tax PPO-ptx reduces); on held-out rankings: the reward model's pairwise accuracy. Per category where
+prompts carry one. report.json and samples.jsonl are published together (``rundir.publish_set``) and are strict JSON: a
+number that is undefined (the sd of one score, the accuracy over no pairs) is null, never NaN.
 """
 from __future__ import annotations
 
@@ -13,23 +15,48 @@ from pathlib import Path
 
 import torch
 
-from ..config import EvalConfig, ModelConfig
+from ..config import EvalConfig, ModelConfig, PPOConfig
 from ..data import pretrain_blocks, read_pretrain, read_prompts, read_rankings, render_prompt, tokenize_rankings
 from ..errors import BadInput
 from ..models import find_model, load_model, load_tokenizer, resolve_device, same_tokenizer, stage_model
 from ..rollout import decode_response, generate, lm_loss, response_kl, score_ranking, score_responses
-from ..rundir import atomic_write_text
+from ..report import number, score_text
+from ..rundir import publish_set, weights_sha256
 from ..train import console
 
 
 def summarise(scores: list[float], kls: list[float], lengths: list[int], eos: list[bool]) -> dict:
-    n = len(lengths)
-    out = {"n": n, "kl_to_sft": sum(kls) / n, "response_length": sum(lengths) / n, "eos_rate": sum(eos) / n}
+    """Means over one group of responses (each list has one entry per response; ``scores`` is empty without
+    a reward model). Undefined numbers are None, not NaN (strict JSON): every mean of an empty group, and
+    the score's sample sd (n - 1 in the denominator) of fewer than two scores."""
+    def mean(xs: list) -> float | None:
+        return sum(xs) / len(xs) if xs else None
+
+    out = {"n": len(lengths), "kl_to_sft": mean(kls), "response_length": mean(lengths), "eos_rate": mean(eos)}
     if scores:
-        mean = sum(scores) / n
-        out["score_mean"] = mean
-        out["score_sd"] = math.sqrt(sum((s - mean) ** 2 for s in scores) / max(n - 1, 1))
+        m = sum(scores) / len(scores)
+        out["score_mean"] = m
+        out["score_sd"] = (math.sqrt(sum((s - m) ** 2 for s in scores) / (len(scores) - 1)) if len(scores) > 1
+                           else None)
     return out
+
+
+def kl_temperature(cfg: EvalConfig, run_dir: Path) -> tuple[float, str]:
+    """The temperature of the log-probs in the KL to SFT, and where it came from. PPO penalises
+    log pi(y|x) - log pi_SFT(y|x) of logits / T at its own sampling temperature T (``stages/ppo.py``'s
+    scoring), so eval measures the same quantity: ``--kl-temperature`` when given, else the temperature the
+    run's PPO trained with (``ppo/config.yaml``), else PPO's default. Independent of eval's sampling
+    temperature, which may be 0 (greedy), where logits / T has no meaning."""
+    import yaml
+
+    if cfg.kl_temperature > 0:
+        return cfg.kl_temperature, "--kl-temperature"
+    ppo_config = run_dir / "ppo" / "config.yaml"
+    if ppo_config.is_file():
+        t = ((yaml.safe_load(ppo_config.read_text(encoding="utf-8")) or {}).get("ppo") or {}).get("temperature")
+        if isinstance(t, (int, float)) and t > 0:
+            return float(t), str(ppo_config)
+    return PPOConfig().temperature, "PPO's default temperature"
 
 
 def load(cfg: EvalConfig, path: Path, tokenizer, device, kind: str = "causal"):
@@ -59,6 +86,7 @@ def run(cfg: EvalConfig, as_json: bool = False) -> dict:
     for other in [sft_path] + ([rm_path] if have_rm else []):
         if not same_tokenizer(tokenizer, load_tokenizer(ModelConfig(name=str(other)))[0]):
             raise BadInput([f"{other}: its tokenizer differs from {path}'s; KL and scores need the same tokens"])
+    kl_t, kl_t_from = kl_temperature(cfg, run_dir)
     device = resolve_device(cfg.device)
 
     # 2. sample the model's responses, seeded
@@ -67,16 +95,19 @@ def run(cfg: EvalConfig, as_json: bool = False) -> dict:
     torch.manual_seed(cfg.seed)
     responses = generate(model, tokenizer, queries, cfg.max_new_tokens, cfg.temperature, cfg.batch_size)
 
-    # 3. KL to the SFT model on those samples (0 for the SFT model itself), scores, LM loss
+    # 3. KL to the SFT model on those samples at PPO's temperature (0 for the SFT model itself), scores,
+    #    LM loss
     sft = model if path.resolve() == sft_path.resolve() else load(cfg, sft_path, tokenizer, device)
     kls = ([0.0] * len(responses) if sft is model else  # log pi - log pi_SFT is exactly 0: skip both forwards
-           response_kl(model, sft, tokenizer, queries, responses, cfg.temperature, cfg.batch_size).tolist())
+           response_kl(model, sft, tokenizer, queries, responses, kl_t, cfg.batch_size).tolist())
     rm = load(cfg, rm_path, tokenizer, device, "reward") if have_rm else None
     scores = score_responses(rm, tokenizer, queries, responses, cfg.batch_size).tolist() if rm is not None else []
     eos = [bool(r) and r[-1] == tokenizer.eos_token_id for r in responses]
     lengths = [len(r) for r in responses]
-    report = {"model": name, "model_path": str(path), "prompts": cfg.prompts,
+    # the weights' hash, not the path, tells compare whether these samples are still the model's
+    report = {"model": name, "model_path": str(path), "model_sha256": weights_sha256(path), "prompts": cfg.prompts,
               "settings": {"temperature": cfg.temperature, "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed},
+              "kl_temperature": kl_t, "kl_temperature_from": kl_t_from,
               **summarise(scores, kls, lengths, eos)}
     categories = sorted({p.category for p in prompts if p.category})
     if categories:
@@ -96,15 +127,19 @@ def run(cfg: EvalConfig, as_json: bool = False) -> dict:
             s = score_ranking(rm, g.sequences, tokenizer.pad_token_id, cfg.batch_size)
             correct += sum(int(s[b] > s[w]) for b, w in g.pairs)
             total += len(g.pairs)
-        report.update({"rm_accuracy": correct / max(total, 1), "rm_pairs": total})
+        report.update({"rm_accuracy": correct / total if total else None, "rm_pairs": total})
 
-    # 4. write eval/NAME/report.json and samples.jsonl; show the table (or JSON on stdout)
+    # 4. publish eval/NAME/report.json and samples.jsonl together, strict JSON (a NaN raises, nothing is
+    #    written); the response token ids as sampled, so compare's judge scores exactly these tokens
     out = run_dir / "eval" / (cfg.name or name)
     samples = [{"prompt": p.prompt, "category": p.category, "response": decode_response(tokenizer, r),
-                "kl": k, **({"score": scores[i]} if scores else {})}
+                "response_ids": r, "kl": k, **({"score": scores[i]} if scores else {})}
                for i, (p, r, k) in enumerate(zip(prompts, responses, kls))]
-    atomic_write_text(out / "samples.jsonl", "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
-    atomic_write_text(out / "report.json", json.dumps(report, indent=2) + "\n")
+    samples_text = "".join(json.dumps(s, ensure_ascii=False, allow_nan=False) + "\n" for s in samples)
+    report_text = json.dumps(report, indent=2, allow_nan=False) + "\n"
+    with publish_set(out) as tmp:
+        (tmp / "samples.jsonl").write_text(samples_text, encoding="utf-8")
+        (tmp / "report.json").write_text(report_text, encoding="utf-8")
     if not as_json:
         show(report, out)
     return report
@@ -114,13 +149,12 @@ def show(report: dict, out: Path) -> None:
     from rich.table import Table
 
     table = Table(title=f"igpt eval {report['model']}  ({out / 'report.json'})", title_justify="left")
-    for col in ("", "n", "score", "KL to SFT", "length", "EOS rate"):
+    for col in ("", "n", "score", f"KL to SFT (T={report['kl_temperature']:g})", "length", "EOS rate"):
         table.add_column(col, justify="right" if col else "left")
 
     def row(label: str, r: dict) -> None:
-        score = f"{r['score_mean']:.3f} ± {r['score_sd']:.3f}" if "score_mean" in r else "-"
-        table.add_row(label, str(r["n"]), score, f"{r['kl_to_sft']:.3f}", f"{r['response_length']:.1f}",
-                      f"{r['eos_rate']:.0%}")
+        table.add_row(label, str(r["n"]), score_text(r), number(r["kl_to_sft"], ".3f"),
+                      number(r["response_length"], ".1f"), number(r["eos_rate"], ".0%"))
 
     row("all", report)
     for c, r in report.get("categories", {}).items():
@@ -131,5 +165,6 @@ def show(report: dict, out: Path) -> None:
                         f" vs SFT {report['sft_ptx_loss']:.4f} ({report['sft_ptx_perplexity']:.2f}); "
                         f"alignment tax {report['alignment_tax']:+.4f} nats/token")
     if "rm_accuracy" in report:
-        console().print(f"reward model pairwise accuracy on held-out rankings: {report['rm_accuracy']:.1%} "
-                        f"of {report['rm_pairs']} pairs")
+        console().print(f"reward model pairwise accuracy on held-out rankings: {number(report['rm_accuracy'], '.1%')}"
+                        f" of {report['rm_pairs']} pairs")
+
