@@ -181,6 +181,206 @@ def test_compare_reuses_eval_samples_taken_with_the_same_settings(run, tmp_path,
     evals = {m: [json.loads(l)["response"] for l in (run_dir / "eval" / m / "samples.jsonl").read_text().splitlines()]
              for m in ("ppo", "sft")}
     assert [p["a"] for p in pairs] == evals["ppo"] and [p["b"] for p in pairs] == evals["sft"]
+    # the judge scored the very tokens eval scored: the same score for each reused response
+    judged = [json.loads(l) for l in (run_dir / "compare" / "ppo-vs-sft" / "judgments.jsonl").read_text().splitlines()]
+    eval_scores = [json.loads(l)["score"] for l in (run_dir / "eval" / "ppo" / "samples.jsonl").read_text().splitlines()]
+    assert [j["score_a"] for j in judged] == pytest.approx(eval_scores, abs=1e-5)
     monkeypatch.undo()
     other = igpt("compare", "ppo", "sft", *settings[:-2], "--seed", "4")  # other settings: sampled afresh
     assert other.exit_code == 0
+
+
+def strict_json(text: str):
+    """json.loads that refuses NaN and Infinity (which Python's json writes by default, and no other reader takes)."""
+    def refuse(name):
+        raise ValueError(f"{name} in a report")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_summarise_empty_group_and_one_item_have_no_nan():
+    from instructgpt_cli.stages.evaluate import summarise
+
+    empty = summarise([], [], [], [])
+    assert empty == {"n": 0, "kl_to_sft": None, "response_length": None, "eos_rate": None}
+    one = summarise([0.5], [0.25], [7], [True])
+    assert one == {"n": 1, "kl_to_sft": 0.25, "response_length": 7.0, "eos_rate": 1.0, "score_mean": 0.5,
+                   "score_sd": None}  # the sample sd of one score is undefined, not 0
+    two = summarise([1.0, 2.0], [0.0, 1.0], [3, 4], [True, False])
+    assert two["score_sd"] == pytest.approx(math.sqrt(0.5)) and two["eos_rate"] == 0.5
+    for r in (empty, one, two):
+        strict_json(json.dumps(r, allow_nan=False))
+
+
+def hand_kl(policy_dir, sft_dir, tokenizer, prompts, samples, temperature):
+    """sum_t log pi(y_t | x, y_<t) - log pi_SFT(y_t | x, y_<t), both of logits / T, by a plain forward of each
+    prompt + response through transformers (no batching, no padding): one number per sample."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from instructgpt_cli.data import render_prompt
+
+    models = [AutoModelForCausalLM.from_pretrained(d).eval() for d in (policy_dir, sft_dir)]
+    out = []
+    for prompt, sample in zip(prompts, samples):
+        query = render_prompt(tokenizer, [{"role": "user", "content": prompt}])
+        ids = torch.tensor([query + sample["response_ids"]])
+        lps = []
+        for m in models:
+            with torch.no_grad():
+                logits = m(input_ids=ids).logits[0, len(query) - 1:-1].double() / temperature
+            lps.append(torch.log_softmax(logits, -1).gather(-1, ids[0, len(query):, None]).sum().item())
+        out.append(lps[0] - lps[1])
+    return out
+
+
+def test_eval_kl_at_ppo_temperature_by_hand_finite_at_greedy_and_strict_json(run, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(run / "run", run_dir)
+    prompts = [json.loads(l)["prompt"] for l in (run / "prompts.jsonl").read_text().splitlines()]
+    common = ["--prompts", run / "prompts.jsonl", "--run-dir", run_dir, "--max-new-tokens", "10"]
+    # greedy samples (T = 0): the KL is still PPO's, under the run's PPO temperature (ppo/config.yaml: 1.0)
+    shown = igpt("eval", "ppo", *common, "--temperature", "0")
+    assert shown.exit_code == 0, shown.output
+    assert "KL to SFT (T=1)" in shown.stderr + shown.stdout
+    text = (run_dir / "eval" / "ppo" / "report.json").read_text()
+    report = strict_json(text)
+    assert report["kl_temperature"] == 1.0 and report["kl_temperature_from"].endswith("config.yaml")
+    samples = [strict_json(l) for l in (run_dir / "eval" / "ppo" / "samples.jsonl").read_text().splitlines()]
+    tok = tiny_tokenizer()
+    expected = hand_kl(run_dir / "ppo" / "final" / "policy", run_dir / "sft" / "final", tok, prompts, samples, 1.0)
+    assert [s["kl"] for s in samples] == pytest.approx(expected, abs=1e-4)
+    assert report["kl_to_sft"] == pytest.approx(sum(expected) / len(expected), abs=1e-4)
+    assert math.isfinite(report["kl_to_sft"]) and report["kl_to_sft"] != 0.0
+    # an explicit log-prob temperature divides the logits of both models by it
+    half = strict_json(igpt("eval", "ppo", *common, "--temperature", "0", "--kl-temperature", "0.5",
+                            "--name", "ppo-half", "--json").stdout)
+    assert half["kl_temperature"] == 0.5 and half["kl_temperature_from"] == "--kl-temperature"
+    expected = hand_kl(run_dir / "ppo" / "final" / "policy", run_dir / "sft" / "final", tok, prompts, samples, 0.5)
+    assert half["kl_to_sft"] == pytest.approx(sum(expected) / len(expected), abs=1e-4)
+    assert half["kl_to_sft"] != pytest.approx(report["kl_to_sft"], abs=1e-3)  # the temperature mattered
+
+
+def test_rm_judge_scores_the_sampled_tokens_as_eval_and_ppo_do(run):
+    """The same response gets the same score from compare's judge, eval's score_responses and PPO's
+    build_rollout + last_token_scores: token ids as sampled, EOS only where the model emitted it."""
+    import torch
+
+    from instructgpt_cli.config import CompareConfig, ModelConfig
+    from instructgpt_cli.data import render_prompt
+    from instructgpt_cli.models import load_model
+    from instructgpt_cli.rollout import build_rollout, last_token_scores, score_responses
+    from instructgpt_cli.stages.compare import judge_rm
+
+    tok = tiny_tokenizer()
+    rm_path = run / "run" / "rm" / "final"
+    eos = tok.eos_token_id
+    enc = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    queries = [render_prompt(tok, [{"role": "user", "content": p}]) for p in ("say e", "say x", "more", "go")]
+    responses = [enc(" eee e"),        # never ended, and a leading space that decoding strips
+                 enc("xx e") + [eos],  # ended
+                 enc("e") * 3,         # never ended
+                 [eos]]                # ended at once: an empty text
+    rm = load_model(ModelConfig(name=str(rm_path)), tok, rm_path, torch.device("cpu"), 0, "reward").eval()
+    eval_scores = score_responses(rm, tok, queries, responses, 3).tolist()
+    ro = build_rollout(queries, responses, tok.pad_token_id, eos)
+    with torch.no_grad():
+        ppo_scores = last_token_scores(rm, ro.query_response, ro.attention_mask, ro.context_len, ro.lengths).tolist()
+    pairs = [{"prompt": "", "category": None, "a": "", "b": "", "a_ids": r, "b_ids": responses[::-1][i]}
+             for i, r in enumerate(responses)]
+    judged = judge_rm(CompareConfig(batch_size=2), rm_path, tok, queries, pairs, torch.device("cpu"))
+    assert [j["score_a"] for j in judged] == pytest.approx(eval_scores, abs=1e-5)
+    assert [j["score_a"] for j in judged] == pytest.approx(ppo_scores, abs=1e-5)
+    # the same tokens re-encoded from text with an EOS appended are another sequence, with another score
+    reencoded = score_responses(rm, tok, queries, [enc(tok.decode(r, skip_special_tokens=True).strip()) + [eos]
+                                                   for r in responses], 3).tolist()
+    assert reencoded[0] != pytest.approx(eval_scores[0], abs=1e-4)
+
+
+def test_compare_judges_the_model_as_it_is_now(run, tmp_path, monkeypatch):
+    """compare reuses eval's samples only for the weights eval sampled: a policy retrained in place with
+    --overwrite is sampled afresh; evaluated again, its samples are reused again."""
+    from instructgpt_cli.stages import compare as compare_stage
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(run / "run", run_dir)
+    settings = ["--prompts", run / "prompts.jsonl", "--run-dir", run_dir, "--max-new-tokens", "8",
+                "--temperature", "0.7"]  # compare's default decoding
+    for model in ("ppo", "sft"):
+        assert igpt("eval", model, *settings).exit_code == 0
+    evaluated = [json.loads(l) for l in (run_dir / "eval" / "ppo" / "samples.jsonl").read_text().splitlines()]
+    retrain = igpt("ppo", "--config", TINY_CONFIG, "--prompts", run / "prompts.jsonl", "--run-dir", run_dir,
+                   "--max-steps", "2", "--seed", "7", "--overwrite")
+    assert retrain.exit_code == 0, retrain.output
+    sampled = []
+    real_generate = compare_stage.generate
+    monkeypatch.setattr(compare_stage, "generate", lambda *a, **k: sampled.append(1) or real_generate(*a, **k))
+    assert igpt("compare", "ppo", "sft", *settings).exit_code == 0
+    assert len(sampled) == 1  # the retrained policy; sft's samples still belong to sft/final's weights
+    pairs = [json.loads(l) for l in (run_dir / "compare" / "ppo-vs-sft" / "responses.jsonl").read_text().splitlines()]
+    assert [p["a_ids"] for p in pairs] != [s["response_ids"] for s in evaluated]
+    assert igpt("eval", "ppo", *settings).exit_code == 0
+    assert igpt("compare", "ppo", "sft", *settings).exit_code == 0
+    assert len(sampled) == 1  # evaluated again: reused
+
+
+@pytest.fixture(scope="module")
+def constant_run(tmp_path_factory):
+    """Two hand-built models and a rule RM whose preference depends on the prompt: A always stops at once
+    ([EOS]), B always says 'x'; the RM scores the share of 'q' minus the share of 'z' over prompt and
+    response. A longer response dilutes the prompt's share, so A wins on q-prompts and loses on z-prompts."""
+    t = tmp_path_factory.mktemp("constant")
+    tok = tiny_tokenizer()
+    from rule_rm import make_constant_lm
+
+    run_dir = t / "run"
+    make_rule_rm(run_dir / "rm" / "final", tok, "q", minus="z")
+    make_constant_lm(t / "stopper", tok, tok.eos_token)
+    make_constant_lm(t / "xer", tok, "x")
+    rows = [("qqqq", "wins"), ("qq", "wins"), ("q q q", "wins"), ("zzzz", "losses"), ("zz", "losses"),
+            ("z z z", "losses"), ("q", "single")]
+    write_jsonl(t / "prompts.jsonl", [{"prompt": p, "category": c} for p, c in rows])
+    return t
+
+
+def compare_constant(t, *extra):
+    return igpt("compare", t / "stopper", t / "xer", "--prompts", t / "prompts.jsonl", "--run-dir", t / "run",
+                "--temperature", "0", "--max-new-tokens", "4", *extra)
+
+
+def test_compare_with_categories_at_0_of_3_3_of_3_and_1_of_1(constant_run):
+    result = compare_constant(constant_run)
+    assert result.exit_code == 0, result.output
+    out = constant_run / "run" / "compare" / "stopper-vs-xer"
+    report = strict_json((out / "report.json").read_text())
+    cats = report["categories"]
+    assert (cats["wins"]["wins"], cats["wins"]["n"], cats["wins"]["win_rate"]) == (3, 3, 1.0)
+    assert (cats["losses"]["losses"], cats["losses"]["n"], cats["losses"]["win_rate"]) == (3, 3, 0.0)
+    assert (cats["single"]["wins"], cats["single"]["n"], cats["single"]["win_rate"]) == (1, 1, 1.0)
+    assert cats["losses"]["ci_low"] == 0.0 and cats["wins"]["ci_high"] == 1.0 and cats["single"]["ci_high"] == 1.0
+    assert (report["wins"], report["losses"], report["n"]) == (4, 3, 7)
+    assert "alt='win rate chart'" in (out / "report.html").read_text()
+    pairs = [json.loads(l) for l in (out / "responses.jsonl").read_text().splitlines()]
+    tok = tiny_tokenizer()
+    assert all(p["a_ids"] == [tok.eos_token_id] and p["b_ids"] == [tok.convert_tokens_to_ids("x")] * 4 for p in pairs)
+
+
+def test_a_crash_while_publishing_leaves_the_previous_complete_set(constant_run, monkeypatch):
+    from instructgpt_cli import report as report_page
+
+    assert compare_constant(constant_run).exit_code == 0
+    compare_dir = constant_run / "run" / "compare"
+    before = {p.name: p.read_bytes() for p in (compare_dir / "stopper-vs-xer").iterdir()}
+    assert set(before) == {"report.json", "judgments.jsonl", "responses.jsonl", "report.html"}
+
+    def broken_page(*args, **kwargs):
+        raise RuntimeError("chart failed")
+
+    monkeypatch.setattr(report_page, "write_html", broken_page)
+    with pytest.raises(RuntimeError, match="chart failed"):
+        compare_constant(constant_run, "--tie-margin", "100")  # all ties: another report.json and judgments
+    assert {p.name: p.read_bytes() for p in (compare_dir / "stopper-vs-xer").iterdir()} == before
+    assert sorted(p.name for p in compare_dir.iterdir()) == ["stopper-vs-xer"]  # no temporary folder left
+    monkeypatch.undo()
+    assert compare_constant(constant_run, "--tie-margin", "100").exit_code == 0
+    assert strict_json((compare_dir / "stopper-vs-xer" / "report.json").read_text())["ties"] == 7
+    assert sorted(p.name for p in compare_dir.iterdir()) == ["stopper-vs-xer"]
