@@ -384,3 +384,25 @@ def test_a_crash_while_publishing_leaves_the_previous_complete_set(constant_run,
     assert compare_constant(constant_run, "--tie-margin", "100").exit_code == 0
     assert strict_json((compare_dir / "stopper-vs-xer" / "report.json").read_text())["ties"] == 7
     assert sorted(p.name for p in compare_dir.iterdir()) == ["stopper-vs-xer"]
+
+
+def test_publish_set_swaps_whole_sets_and_recovers_one_put_aside(tmp_path):
+    from instructgpt_cli.rundir import publish_set, recover_published
+
+    out = tmp_path / "compare" / "a-vs-b"
+    with publish_set(out) as d:
+        (d / "report.json").write_text("1")
+        (d / "extra.txt").write_text("only in the first set")
+    with publish_set(out) as d:
+        (d / "report.json").write_text("2")
+    assert sorted(p.name for p in out.iterdir()) == ["report.json"] and (out / "report.json").read_text() == "2"
+    with pytest.raises(OSError):
+        with publish_set(out) as d:
+            (d / "report.json").write_text("3")
+            raise OSError("disk full")
+    assert (out / "report.json").read_text() == "2"
+    # killed between the two renames: the previous set sits aside, the next publish (or a reader) puts it back
+    out.rename(out.parent / ".a-vs-b.old-999999999")
+    recover_published(out)
+    assert (out / "report.json").read_text() == "2"
+    assert sorted(p.name for p in out.parent.iterdir()) == ["a-vs-b"]
