@@ -182,8 +182,8 @@ def test_compare_reuses_eval_samples_taken_with_the_same_settings(run, tmp_path,
              for m in ("ppo", "sft")}
     assert [p["a"] for p in pairs] == evals["ppo"] and [p["b"] for p in pairs] == evals["sft"]
     # the judge scored the very tokens eval scored: the same score for each reused response
-    judged = [json.loads(l) for l in (run_dir / "compare" / "ppo-vs-sft" / "judgments.jsonl").read_text().splitlines()]
-    eval_scores = [json.loads(l)["score"] for l in (run_dir / "eval" / "ppo" / "samples.jsonl").read_text().splitlines()]
+    judged = [json.loads(l) for l in (run_dir / "compare" / "ppo-vs-sft" / "judgments.jsonl").open()]
+    eval_scores = [json.loads(l)["score"] for l in (run_dir / "eval" / "ppo" / "samples.jsonl").open()]
     assert [j["score_a"] for j in judged] == pytest.approx(eval_scores, abs=1e-5)
     monkeypatch.undo()
     other = igpt("compare", "ppo", "sft", *settings[:-2], "--seed", "4")  # other settings: sampled afresh
@@ -316,6 +316,8 @@ def test_compare_judges_the_model_as_it_is_now(run, tmp_path, monkeypatch):
     monkeypatch.setattr(compare_stage, "generate", lambda *a, **k: sampled.append(1) or real_generate(*a, **k))
     assert igpt("compare", "ppo", "sft", *settings).exit_code == 0
     assert len(sampled) == 1  # the retrained policy; sft's samples still belong to sft/final's weights
+    sources = json.loads((run_dir / "compare" / "ppo-vs-sft" / "report.json").read_text())["responses_from"]
+    assert sources["a"] == "sampled" and sources["b"] == str(run_dir / "eval" / "sft" / "samples.jsonl")
     pairs = [json.loads(l) for l in (run_dir / "compare" / "ppo-vs-sft" / "responses.jsonl").read_text().splitlines()]
     assert [p["a_ids"] for p in pairs] != [s["response_ids"] for s in evaluated]
     assert igpt("eval", "ppo", *settings).exit_code == 0

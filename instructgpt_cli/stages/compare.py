@@ -39,9 +39,9 @@ def tally(judgments: list[dict], key: str | None = None) -> dict:
     return {g: count([j for j in judgments if j.get(key) == g]) for g in groups}
 
 
-def eval_samples(cfg: CompareConfig, path: Path, prompts: list) -> list[list[int]] | None:
+def eval_samples(cfg: CompareConfig, path: Path, prompts: list) -> tuple[list[list[int]], Path] | None:
     """Response token ids ``igpt eval`` already sampled from the model now at ``path`` for these prompts
-    with these decoding settings and seed (the same responses compare would sample), or None.
+    with these decoding settings and seed (the same responses compare would sample) and their file, or None.
 
     The model is recognised by the sha256 of its weights, which eval records, not by its path: a path
     retrained since (``--overwrite``) holds another model, whose samples eval has not seen."""
@@ -59,20 +59,21 @@ def eval_samples(cfg: CompareConfig, path: Path, prompts: list) -> list[list[int
         lines = (report_file.parent / "samples.jsonl").read_text(encoding="utf-8").splitlines()
         samples = [json.loads(line) for line in lines]
         if [x["prompt"] for x in samples] == [p.prompt for p in prompts] and all("response_ids" in x for x in samples):
-            return [x["response_ids"] for x in samples]
+            return [x["response_ids"] for x in samples], report_file.parent / "samples.jsonl"
     return None
 
 
 def answers(cfg: CompareConfig, path: Path, tokenizer, queries: list[list[int]], prompts: list,
-            device) -> list[list[int]]:
+            device) -> tuple[list[list[int]], str]:
     """Response token ids as sampled (EOS only where the model emitted it), with the same settings and seed
-    for both models; reuses ``igpt eval``'s samples of the same weights when they match."""
+    for both models, and where they come from; reuses ``igpt eval``'s samples of the same weights when they
+    match."""
     reused = eval_samples(cfg, path, prompts)
     if reused is not None:
-        return reused
+        return reused[0], str(reused[1])
     model = load_model(ModelConfig(name=str(path), dtype=cfg.dtype), tokenizer, path, device, cfg.seed).eval()
     torch.manual_seed(cfg.seed)  # the same seed for both models
-    return generate(model, tokenizer, queries, cfg.max_new_tokens, cfg.temperature, cfg.batch_size)
+    return generate(model, tokenizer, queries, cfg.max_new_tokens, cfg.temperature, cfg.batch_size), "sampled"
 
 
 def run(cfg: CompareConfig) -> dict:
@@ -101,15 +102,17 @@ def run(cfg: CompareConfig) -> dict:
     #    A human session keeps them in compare/A-vs-B.human/ (with its judgments), so it can stop and resume
     #    on the responses it was shown.
     session = out.parent / f"{out.name}.human"
+    sources: dict[str, str] = {}  # where each side's responses come from: sampled, eval's samples, a session
     queries = [render_prompt(tokenizer, p.messages) for p in prompts]
     pairs = []
     if (session / "responses.jsonl").exists() and cfg.judge == "human":
         pairs = read_jsonl(session / "responses.jsonl")
+        sources = dict.fromkeys("ab", str(session / "responses.jsonl"))
         if [x["prompt"] for x in pairs] != [p.prompt for p in prompts]:
             pairs = []  # other prompts this time: answer them afresh
     if not pairs:
-        resp_a = answers(cfg, path_a, tokenizer, queries, prompts, device)
-        resp_b = answers(cfg, path_b, tokenizer, queries, prompts, device)
+        resp_a, sources["a"] = answers(cfg, path_a, tokenizer, queries, prompts, device)
+        resp_b, sources["b"] = answers(cfg, path_b, tokenizer, queries, prompts, device)
         pairs = [{"prompt": p.prompt, "category": p.category, "a": decode_response(tokenizer, a),
                   "b": decode_response(tokenizer, b), "a_ids": a, "b_ids": b}
                  for p, a, b in zip(prompts, resp_a, resp_b)]
@@ -128,6 +131,7 @@ def run(cfg: CompareConfig) -> dict:
               "prompts": cfg.prompts, "n_prompts": len(pairs), "judged": len(judgments), **tally(judgments),
               "categories": tally(judgments, "category"),
               "settings": {"temperature": cfg.temperature, "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed},
+              "responses_from": sources,
               "ci_method": "Wilson score interval, 95%, ties counted as half a win"}
     # 5. publish report.json, judgments.jsonl, responses.jsonl and report.html together (strict JSON: a NaN
     #    raises and nothing is replaced)

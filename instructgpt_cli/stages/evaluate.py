@@ -4,8 +4,8 @@ On held-out prompts: the reward model's score of the model's responses (mean and
 model on the model's own samples with log-probs at PPO's temperature (what PPO pays for), response length
 and EOS rate; on held-out pretraining text: LM loss and perplexity next to the SFT model's (the alignment
 tax PPO-ptx reduces); on held-out rankings: the reward model's pairwise accuracy. Per category where
-prompts carry one. report.json and samples.jsonl are published together (``rundir.publish_set``) and are strict JSON: a
-number that is undefined (the sd of one score, the accuracy over no pairs) is null, never NaN.
+prompts carry one. report.json and samples.jsonl are published together (``rundir.publish_set``) and are
+strict JSON: a number that is undefined (the sd of one score, the accuracy over no pairs) is null, never NaN.
 """
 from __future__ import annotations
 
@@ -167,4 +167,3 @@ def show(report: dict, out: Path) -> None:
     if "rm_accuracy" in report:
         console().print(f"reward model pairwise accuracy on held-out rankings: {number(report['rm_accuracy'], '.1%')}"
                         f" of {report['rm_pairs']} pairs")
-
