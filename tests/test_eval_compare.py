@@ -408,3 +408,12 @@ def test_publish_set_swaps_whole_sets_and_recovers_one_put_aside(tmp_path):
     recover_published(out)
     assert (out / "report.json").read_text() == "2"
     assert sorted(p.name for p in out.parent.iterdir()) == ["a-vs-b"]
+
+
+def test_win_chart_error_bars_never_negative_even_for_a_bound_rounded_past_the_rate():
+    from instructgpt_cli.report import win_chart
+
+    zero = {"n": 3, "wins": 0, "ties": 0, "losses": 3, "win_rate": 0.0, "ci_low": 5.6e-17, "ci_high": 0.5615}
+    full = {"n": 1, "wins": 1, "ties": 0, "losses": 0, "win_rate": 1.0, "ci_low": 0.2065, "ci_high": 1 - 1e-16}
+    report = {"a": "A", "b": "B", **win_rate(1, 0, 3), "categories": {"zero": zero, "full": full}}
+    assert win_chart(report).startswith("data:image/png;base64,")  # matplotlib refused negative xerr before
