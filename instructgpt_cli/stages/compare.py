@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 
 from ..config import CompareConfig, ModelConfig
-from ..data import read_prompts, render_prompt
+from ..data import read_prompts, render_queries
 from ..errors import BadInput
-from ..models import load_model, load_tokenizer, resolve_device, same_tokenizer, stage_model
+from ..models import load_model, load_tokenizer, position_limit, resolve_device, same_tokenizer, stage_model
 from ..rollout import decode_response, generate, score_responses
 from ..rundir import atomic_write_text, read_metrics
 from ..stats import win_rate
@@ -79,12 +79,14 @@ def run(cfg: CompareConfig) -> dict:
             raise BadInput([f"--rm: {rm_path} does not exist; train a reward model or pass --rm PATH (or --judge human)"])
         if not same_tokenizer(tokenizer, load_tokenizer(ModelConfig(name=str(rm_path)))[0]):
             raise BadInput([f"--rm {rm_path}: its tokenizer differs from {path_a}'s"])
+    # prompt + response must fit both models and the reward model that judges them
+    limits = [position_limit(str(p)) for p in [path_a, path_b] + ([rm_path] if cfg.judge == "rm" else [])]
+    queries = render_queries(tokenizer, prompts, cfg.max_new_tokens, min(filter(None, limits), default=None))
     out = run_dir / "compare" / f"{name_a}-vs-{name_b}"
     device = resolve_device(cfg.device)
 
     # 2. both models answer every prompt (kept, so a human judging session can stop and resume)
     pairs_file = out / "responses.jsonl"
-    queries = [render_prompt(tokenizer, p.messages) for p in prompts]
     pairs = []
     if pairs_file.exists() and cfg.judge == "human":  # a human session resumes on the responses it was shown
         pairs = [json.loads(line) for line in pairs_file.read_text(encoding="utf-8").splitlines()]
