@@ -70,6 +70,6 @@ def describe_rm_accuracy(record: dict | None) -> tuple[str, str | None]:
     if low > 0.5:
         return text, None
     return text, (f"the reward model is not above chance: its held-out accuracy {acc:.1%} has a 95% interval "
-                  f"reaching down to {low:.1%} (<= 50%), so PPO against it may optimise noise. Try more epochs "
-                  "(--epochs), a higher learning rate (--lr) or --lora, or more rankings (more held out narrows "
-                  "the interval)")
+                  f"reaching down to {low:.1%} (<= 50%), so PPO against it may optimise noise. Retrain it (igpt "
+                  "train-rm) with more epochs (--epochs), a higher learning rate (--lr) or --lora, or more rankings "
+                  "(more held out also narrows the interval)")
