@@ -152,6 +152,7 @@ def ppo(
     ptx_data: Annotated[Optional[str], typer.Option("--ptx-data", help="Pretraining text: JSONL {text} or .txt.")] = None,
     sft: Annotated[Optional[str], typer.Option("--sft", help="SFT model (policy init and KL reference) [default: RUN_DIR/sft/final].")] = None,
     rm: Annotated[Optional[str], typer.Option("--rm", help="Reward model (and value init) [default: RUN_DIR/rm/final].")] = None,
+    require_rm_accuracy: Annotated[Optional[float], typer.Option("--require-rm-accuracy", help="Refuse to start unless the RM's recorded held-out accuracy is at least this (0-1) [default: 0, no check].")] = None,
     run_dir: RunDir = None,
     lora: Lora = None,
     fsdp: Fsdp = None,
@@ -176,6 +177,7 @@ def ppo(
 ) -> None:
     """Step 3: PPO against the reward model with a per-token KL penalty, and PPO-ptx."""
     overrides = {"prompts": prompts, "ptx_coef": ptx_coef, "ptx_data": ptx_data, "sft": sft, "rm": rm,
+                 "require_rm_accuracy": require_rm_accuracy,
                  "run_dir": run_dir, "lora.enabled": lora, "max_steps": max_steps, "total_episodes": total_episodes,
                  "beta": beta, "target_kl": target_kl, "optim.lr": lr, "rollout_batch_size": rollout_batch_size,
                  "mini_batch_size": mini_batch_size, "ppo_epochs": ppo_epochs, "temperature": temperature,

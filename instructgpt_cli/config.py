@@ -126,6 +126,8 @@ class PPOConfig:
     ptx_seq_len: int = f(256, "length of each pretraining sequence (tokens)")
     sft: str = f("", "SFT model: the policy's initialisation and the KL reference; default RUN_DIR/sft/final")
     rm: str = f("", "reward model (also the value model's initialisation); default RUN_DIR/rm/final")
+    require_rm_accuracy: float = f(0.0, "refuse to start unless the RM's held-out pairwise accuracy recorded by "
+                                        "train-rm is at least this (fraction); 0 = no check")
     run_dir: str = f("runs/default", "run directory shared by all stages (path)")
     model: ModelConfig = f(ModelConfig(name=""), "model block: dtype, max_seq_len; dropout stays 0 in PPO")
     lora: LoraConfig = f(LoraConfig(), "LoRA block: adapters on policy and value; the reference and the reward "
@@ -245,6 +247,7 @@ CHECKS: dict[str, tuple[Any, str]] = {
     "kl_temperature": (lambda v: v >= 0, "must be >= 0 (0 = the run's PPO temperature)"),
     "max_new_tokens": (lambda v: v >= 1, "must be >= 1"),
     "ptx_coef": (lambda v: v >= 0, "must be >= 0"),
+    "require_rm_accuracy": (lambda v: 0 <= v <= 1, "must be in [0, 1] (a fraction; 0 = no check)"),
     "ptx_batch_size": (lambda v: v >= 1, "must be >= 1"),
     "ptx_seq_len": (lambda v: v >= 2, "must be >= 2"),
     "total_episodes": (lambda v: v >= 0, "must be >= 0"),

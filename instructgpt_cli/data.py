@@ -295,6 +295,7 @@ def collate_packed(examples: list[Example]) -> dict:
 class Prompt:
     prompt: str
     category: str | None
+    where: str = ""  # "FILE:LINE", for error messages after tokenisation
 
     @property
     def messages(self) -> list[dict]:
@@ -304,12 +305,28 @@ class Prompt:
 def parse_prompt(obj: dict, where: str, errors: list[str]) -> Prompt | None:
     category = nonempty_str(obj, "category", where, errors, required=False)
     prompt = nonempty_str(obj, "prompt", where, errors)
-    return Prompt(prompt, category) if prompt is not None else None
+    return Prompt(prompt, category, where) if prompt is not None else None
 
 
 def read_prompts(path: str | Path) -> list[Prompt]:
     """Validate and read a prompts file: ``{"prompt": str}``, optional ``"category"``."""
     return read_records(path, parse_prompt, "prompts")
+
+
+def render_queries(tokenizer: Any, prompts: list[Prompt], max_new_tokens: int, context: int | None) -> list[list[int]]:
+    """The chat-templated prompts as generation reads them (token ids), checked against the context: a
+    prompt whose tokens plus ``max_new_tokens`` exceed ``context`` cannot be answered in full (positions
+    past the model's limit are untrained, or fail), so every such prompt is an error naming its line, all
+    reported at once, as sft and train-rm refuse inputs that do not fit. ``context`` None: no limit known."""
+    errors: list[str] = []
+    queries = [render_prompt(tokenizer, p.messages) for p in prompts]
+    for p, q in zip(prompts, queries):
+        if context is not None and len(q) + max_new_tokens > context:
+            errors.append(f"{p.where}: prompt: {len(q)} tokens + max_new_tokens {max_new_tokens} exceed the context "
+                          f"of {context} tokens")
+    if errors:
+        raise BadInput(errors)
+    return queries
 
 
 # ---------------------------------------------------------------- rankings

@@ -262,6 +262,30 @@ def load_causal_lm(cfg: ModelConfig, tokenizer: Any, path: Path | None, device: 
 
 
 REWARD_BIAS = "igpt_reward_bias"  # config field: added to the head's output so demonstrations score mean 0
+REWARD_STATS = "igpt_reward_stats"  # config field: train-rm's held-out loss, accuracy and its interval
+
+
+def reward_stats(path: Path) -> dict | None:
+    """The held-out record train-rm saved with a reward model (``config.json``), or None (another tool's RM)."""
+    import json
+
+    try:
+        stats = json.loads((Path(path) / "config.json").read_text(encoding="utf-8")).get(REWARD_STATS)
+    except (OSError, ValueError):
+        return None
+    return stats if isinstance(stats, dict) else None
+
+
+def position_limit(name: str, trust_remote_code: bool = False) -> int | None:
+    """A model's own context (``max_position_embeddings`` of its config), read without loading weights;
+    None where its config names none."""
+    path = model_path(name)
+    if path is None:
+        return tiny_config(tiny_tokenizer()).max_position_embeddings
+    from transformers import AutoConfig
+
+    return getattr(AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code),
+                   "max_position_embeddings", None)
 
 
 def reward_scores(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

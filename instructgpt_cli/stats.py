@@ -35,3 +35,41 @@ def win_rate(wins: int, ties: int, losses: int) -> dict:
     rate = (wins + 0.5 * ties) / n
     lo, hi = wilson_interval(rate, n)
     return {**out, "win_rate": rate, "ci_low": lo, "ci_high": hi}
+
+
+def rm_accuracy(correct: int, pairs: int, rankings: int) -> dict:
+    """A reward model's held-out pairwise accuracy with its 95% Wilson interval; it is above chance when
+    the interval's lower bound is above 0.5. Empty when nothing was held out.
+
+    The interval is taken over the ``rankings`` held out, not the ``pairs``: the C(K,2) pairs of one
+    ranking share a prompt and responses, so they are not independent; with equal K, the design effect
+    1 + (K(K-1)/2 - 1) rho is at most C(K,2), so the effective sample size is at least the number of
+    rankings and this interval errs on the wide side (the honest side for "has it learned anything?")."""
+    if not pairs or not rankings:
+        return {}
+    acc = correct / pairs
+    low, high = wilson_interval(acc, rankings)
+    return {"accuracy": acc, "accuracy_ci_low": low, "accuracy_ci_high": high, "pairs": pairs,
+            "rankings": rankings}
+
+
+def describe_rm_accuracy(record: dict | None) -> tuple[str, str | None]:
+    """(what to print about a reward model's held-out accuracy, a warning or None) from the
+    ``eval/``-prefixed stats train-rm saves with the model (``rm_accuracy`` under ``eval/``)."""
+    record = record or {}
+    acc = record.get("eval/accuracy")
+    if acc is None:
+        return ("unknown accuracy (no held-out record saved with the reward model)",
+                "the reward model's held-out accuracy is unknown, so nothing shows it learned your rankings; "
+                "train it with igpt train-rm and --val-fraction > 0 to measure it")
+    low, high, n = (record.get(k) for k in ("eval/accuracy_ci_low", "eval/accuracy_ci_high", "eval/rankings"))
+    if low is None or high is None or not n:
+        return f"held-out accuracy {acc:.1%} (no confidence interval recorded)", None
+    text = (f"held-out accuracy {acc:.1%} (95% CI {low:.1%} - {high:.1%}, Wilson over {n} held-out rankings, "
+            f"{record.get('eval/pairs', '?')} pairs)")
+    if low > 0.5:
+        return text, None
+    return text, (f"the reward model is not above chance: its held-out accuracy {acc:.1%} has a 95% interval "
+                  f"reaching down to {low:.1%} (<= 50%), so PPO against it may optimise noise. Retrain it (igpt "
+                  "train-rm) with more epochs (--epochs), a higher learning rate (--lr) or --lora, or more rankings "
+                  "(more held out also narrows the interval)")

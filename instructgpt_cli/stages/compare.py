@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 
 from ..config import CompareConfig, ModelConfig
-from ..data import read_prompts, render_prompt
+from ..data import read_prompts, render_queries
 from ..errors import BadInput
-from ..models import load_model, load_tokenizer, resolve_device, same_tokenizer, stage_model
+from ..models import load_model, load_tokenizer, position_limit, resolve_device, same_tokenizer, stage_model
 from ..rollout import decode_response, generate, score_responses
 from .. import report as report_page
 from ..report import number, score_text
@@ -95,6 +95,9 @@ def run(cfg: CompareConfig) -> dict:
             raise BadInput([f"--rm: {rm_path} does not exist; train a reward model or pass --rm PATH (or --judge human)"])
         if not same_tokenizer(tokenizer, load_tokenizer(ModelConfig(name=str(rm_path)))[0]):
             raise BadInput([f"--rm {rm_path}: its tokenizer differs from {path_a}'s"])
+    # prompt + response must fit both models and the reward model that judges them
+    limits = [position_limit(str(p)) for p in [path_a, path_b] + ([rm_path] if cfg.judge == "rm" else [])]
+    queries = render_queries(tokenizer, prompts, cfg.max_new_tokens, min(filter(None, limits), default=None))
     out = run_dir / "compare" / f"{name_a}-vs-{name_b}"
     device = resolve_device(cfg.device)
 
@@ -103,7 +106,6 @@ def run(cfg: CompareConfig) -> dict:
     #    on the responses it was shown.
     session = out.parent / f"{out.name}.human"
     sources: dict[str, str] = {}  # where each side's responses come from: sampled, eval's samples, a session
-    queries = [render_prompt(tokenizer, p.messages) for p in prompts]
     pairs = []
     if (session / "responses.jsonl").exists() and cfg.judge == "human":
         pairs = read_jsonl(session / "responses.jsonl")

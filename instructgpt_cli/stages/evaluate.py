@@ -16,9 +16,10 @@ from pathlib import Path
 import torch
 
 from ..config import EvalConfig, ModelConfig, PPOConfig
-from ..data import pretrain_blocks, read_pretrain, read_prompts, read_rankings, render_prompt, tokenize_rankings
+from ..data import pretrain_blocks, read_pretrain, read_prompts, read_rankings, render_queries, tokenize_rankings
 from ..errors import BadInput
-from ..models import find_model, load_model, load_tokenizer, resolve_device, same_tokenizer, stage_model
+from ..models import (find_model, load_model, load_tokenizer, position_limit, resolve_device, same_tokenizer,
+                      stage_model)
 from ..rollout import decode_response, generate, lm_loss, response_kl, score_ranking, score_responses
 from ..report import number, score_text
 from ..rundir import publish_set, weights_sha256
@@ -87,11 +88,13 @@ def run(cfg: EvalConfig, as_json: bool = False) -> dict:
         if not same_tokenizer(tokenizer, load_tokenizer(ModelConfig(name=str(other)))[0]):
             raise BadInput([f"{other}: its tokenizer differs from {path}'s; KL and scores need the same tokens"])
     kl_t, kl_t_from = kl_temperature(cfg, run_dir)
+    # prompt + response must fit every model that reads them (the model, the SFT reference, the RM)
+    limits = [position_limit(str(p)) for p in [path, sft_path] + ([rm_path] if have_rm else [])]
+    queries = render_queries(tokenizer, prompts, cfg.max_new_tokens, min(filter(None, limits), default=None))
     device = resolve_device(cfg.device)
 
     # 2. sample the model's responses, seeded
     model = load(cfg, path, tokenizer, device)
-    queries = [render_prompt(tokenizer, p.messages) for p in prompts]
     torch.manual_seed(cfg.seed)
     responses = generate(model, tokenizer, queries, cfg.max_new_tokens, cfg.temperature, cfg.batch_size)
 

@@ -28,15 +28,16 @@ import torch
 
 from .. import distributed
 from ..config import ModelConfig, PPOConfig
-from ..data import pretrain_blocks, pad_right, read_pretrain, read_prompts, render_prompt
+from ..data import pretrain_blocks, pad_right, read_pretrain, read_prompts, render_queries
 from ..errors import BadInput
 from ..losses import (adaptive_kl_beta, gae, kl_penalized_rewards, masked_mean, masked_whiten, policy_loss,
                       ptx_loss, value_loss)
-from ..models import (apply_lora, find_model, frozen_layers, load_model, load_tokenizer, resolve_device,
-                      same_tokenizer, save_final, trunk_states)
+from ..models import (apply_lora, find_model, frozen_layers, load_model, load_tokenizer, position_limit,
+                      resolve_device, reward_stats, same_tokenizer, save_final, trunk_states)
 from ..rollout import (Rollout, build_rollout, decode_response, generate, last_token_scores, response_logprobs,
                        token_values)
 from ..rundir import check_stage, file_input
+from ..stats import describe_rm_accuracy
 from ..train import (Stage, banner, begin_stage, build_optimizer, build_scheduler, finish_stage, fit, model_rows,
                      optimizer_step, processes_note, restore, say, step_indices)
 
@@ -237,6 +238,9 @@ def run(cfg: PPOConfig, resume: bool = False, overwrite: bool = False) -> Path:
         errors.append("--prompts: required (a prompts JSONL file)")
     if cfg.ptx_coef > 0 and not cfg.ptx_data:
         errors.append(f"--ptx-data: required when --ptx-coef is {cfg.ptx_coef} > 0 (pretraining text for PPO-ptx)")
+    if cfg.ptx_data and cfg.ptx_coef == 0:  # else the text is silently ignored and the run is plain PPO
+        errors.append(f"--ptx-data {cfg.ptx_data}: given with --ptx-coef 0, so it would be ignored (plain PPO); "
+                      "set --ptx-coef > 0 for PPO-ptx (the paper: 27.8) or drop --ptx-data")
     if cfg.temperature <= 0:
         errors.append("temperature: PPO samples, so it must be > 0")
     world = distributed.world_size()
@@ -255,13 +259,27 @@ def run(cfg: PPOConfig, resume: bool = False, overwrite: bool = False) -> Path:
     if not same_tokenizer(tokenizer, rm_tokenizer):
         raise BadInput([f"--rm {rm_path}: its tokenizer differs from the SFT model's ({sft_path}); the reward model "
                         "must read the policy's tokens (train it from the same SFT model)"])
+    # prompt + response must fit model.max_seq_len and what the policy and reward model were built for
+    limits = [position_limit(str(p), cfg.model.trust_remote_code) for p in (sft_path, rm_path)]
+    context = min([cfg.model.max_seq_len, *filter(None, limits)])
+    queries = render_queries(tokenizer, prompts, cfg.max_new_tokens, context)
+    # a reward model that learned nothing sends PPO after noise: the accuracy train-rm saved with it
+    rm_record = reward_stats(rm_path)
+    rm_accuracy, rm_warning = describe_rm_accuracy(rm_record)
+    if cfg.require_rm_accuracy > 0:
+        accuracy = (rm_record or {}).get("eval/accuracy")
+        if accuracy is None:
+            raise BadInput([f"--require-rm-accuracy {cfg.require_rm_accuracy}: the reward model {rm_path} has no "
+                            "held-out accuracy record (train it with igpt train-rm and --val-fraction > 0)"])
+        if accuracy < cfg.require_rm_accuracy:
+            raise BadInput([f"--require-rm-accuracy {cfg.require_rm_accuracy}: the reward model {rm_path} has "
+                            f"{rm_accuracy}, below the required {cfg.require_rm_accuracy:.1%}"])
     stage = Stage(run_dir, STAGE)
     mode = check_stage(stage.dir, resume, overwrite)
     if mode == "done":
         say(f"ppo: {stage.final} is already complete; nothing to do")
         return stage.final
     device = resolve_device(cfg.device)
-    queries = [render_prompt(tokenizer, p.messages) for p in prompts]
     ptx = pretrain_blocks(tokenizer, ptx_texts, cfg.ptx_seq_len) if ptx_texts else []
 
     # 2. models, optimizer, schedule
@@ -290,12 +308,15 @@ def run(cfg: PPOConfig, resume: bool = False, overwrite: bool = False) -> Path:
     banner("igpt ppo", {
         "prompts": f"{cfg.prompts} ({len(prompts)}), {B} per iteration, {cfg.max_new_tokens} new tokens at T={cfg.temperature}",
         "models": f"policy {sft_path}, value and reward {rm_path}, on {device}",
+        "reward model": rm_accuracy,
         "objective": f"beta {state['beta']}" + (f" -> KL {cfg.target_kl}" if cfg.target_kl else " (fixed)")
                      + (f", ptx gamma {cfg.ptx_coef} on {len(ptx)} blocks of {cfg.ptx_seq_len}" if ptx else ", no ptx"),
         "steps": f"{total_steps} iterations x {cfg.ppo_epochs} epochs x {math.ceil(B / cfg.mini_batch_size)} minibatches"
                  + processes_note(cfg.fsdp),
         **model_rows(trained, cfg.lora.enabled, ckpt),
     })
+    if rm_warning:
+        say(f"[bold red]warning:[/] {rm_warning}")
     timings: dict[str, float] = {}
 
     # 4. iterate: rollout, score, update

@@ -21,11 +21,12 @@ from ..data import (RankedGroup, pad_right, pays_to_pack, pays_to_share, read_de
                     tokenize_scored)
 from ..errors import BadInput
 from ..losses import ranking_loss
-from ..models import (REWARD_BIAS, apply_lora, context_window, find_model, load_model, load_tokenizer,
+from ..models import (REWARD_BIAS, REWARD_STATS, apply_lora, context_window, find_model, load_model, load_tokenizer,
                       packed_reward_scores, resolve_device, reward_scores, save_final, shared_reward_scores,
                       supports_packing, supports_sharing)
 from ..rollout import score_sequences
 from ..rundir import check_stage, file_input, read_manifest
+from ..stats import describe_rm_accuracy, rm_accuracy
 from ..train import (Stage, banner, begin_stage, build_optimizer, build_scheduler, finish_stage, fit,
                      micro_batches, model_rows, optimizer_step, processes_note, restore, say, step_chunks,
                      steps_per_epoch)
@@ -95,8 +96,8 @@ def train_step(run, optimizer, scheduler, chunks: list[list[RankedGroup]], pad_i
 @torch.no_grad()
 def evaluate(run, groups: list[RankedGroup], batch_size: int, pad_id: int, layout: Layout,
              device: torch.device) -> dict:
-    """Held-out K-wise loss (mean per prompt) and pairwise accuracy (over all pairs); each rank scores its
-    share of the micro-batches."""
+    """Held-out K-wise loss (mean per prompt) and pairwise accuracy (over all pairs) with its 95% interval
+    (``stats.rm_accuracy``); each rank scores its share of the micro-batches."""
     run.eval()
     loss_total, correct_total, pairs = 0.0, 0.0, 0
     for chunk, weight in distributed.rank_chunks(micro_batches(groups, batch_size)):
@@ -108,7 +109,9 @@ def evaluate(run, groups: list[RankedGroup], batch_size: int, pad_id: int, layou
     run.train()
     sums = distributed.reduce_metrics({"loss": loss_total, "correct": correct_total, "pairs": pairs},
                                       sums=("loss", "correct", "pairs"))
-    return {"eval/loss": sums["loss"] / max(len(groups), 1), "eval/accuracy": sums["correct"] / max(sums["pairs"], 1)}
+    # accuracy with its 95% interval over the held-out rankings (pairs of one prompt are not independent)
+    accuracy = rm_accuracy(round(sums["correct"]), int(sums["pairs"]), len(groups))
+    return {"eval/loss": sums["loss"] / max(len(groups), 1), **{f"eval/{k}": v for k, v in accuracy.items()}}
 
 
 @torch.no_grad()
@@ -216,14 +219,18 @@ def run(cfg: RMConfig, resume: bool = False, overwrite: bool = False) -> Path:
         scores = demo_scores(run_model, demo_seqs, tokenizer.pad_token_id, cfg.optim.batch_size * 4)
         setattr(model.config, REWARD_BIAS, -float(scores.double().mean()))
         summary.update({"demos/raw_mean": float(scores.mean()), "demos/raw_std": float(scores.std())})
-    model.config.igpt_reward_stats = summary
+    setattr(model.config, REWARD_STATS, summary)  # saved with the model: ppo reads the accuracy from it
 
     # 6. export from rank 0 (a sharded model is first gathered into a plain copy there)
     final = distributed.full_model(model, lambda: build(torch.device("cpu")))
     if distributed.is_main():
-        for key in (REWARD_BIAS, "igpt_reward_stats"):
+        for key in (REWARD_BIAS, REWARD_STATS):
             setattr(final.config, key, getattr(model.config, key))
         save_final(final, tokenizer, stage.final)
     finish_stage(stage, step, **summary)
-    banner("reward model", {k: f"{v:.4f}" for k, v in summary.items()} | {"saved": str(stage.final)})
+    accuracy, warning = describe_rm_accuracy(summary) if val else ("unknown: nothing held out (--val-fraction 0)", None)
+    banner("reward model", {k: f"{summary[k]:.4f}" for k in ("eval/loss", "demos/raw_mean", "demos/raw_std")
+                            if k in summary} | {"accuracy": accuracy, "saved": str(stage.final)})
+    if warning:  # a reward model that learned nothing sends PPO after noise: say so before hours are spent
+        say(f"[bold red]warning:[/] {warning}")
     return stage.final

@@ -12,9 +12,9 @@ from pathlib import Path
 import torch
 
 from ..config import ModelConfig, SampleConfig
-from ..data import read_prompts, render_prompt
+from ..data import read_prompts, render_queries
 from ..errors import BadInput
-from ..models import find_model, load_causal_lm, load_tokenizer, resolve_device
+from ..models import find_model, load_causal_lm, load_tokenizer, position_limit, resolve_device
 from ..rollout import decode_response, generate
 from ..rundir import atomic_write_text
 from ..train import banner, say
@@ -31,6 +31,7 @@ def run(cfg: SampleConfig, overwrite: bool = False) -> Path:
     prompts = read_prompts(cfg.prompts)
     model_cfg = ModelConfig(name=find_model(cfg.model, Path(cfg.run_dir), "sft", "--model"), dtype=cfg.dtype)
     tokenizer, source = load_tokenizer(model_cfg)
+    queries = render_queries(tokenizer, prompts, cfg.max_new_tokens, position_limit(model_cfg.name))
 
     # 2. load the model and sample K responses per prompt, all prompts batched together
     device = resolve_device(cfg.device)
@@ -38,7 +39,6 @@ def run(cfg: SampleConfig, overwrite: bool = False) -> Path:
     banner("igpt sample", {"prompts": f"{cfg.prompts} ({len(prompts)})", "model": model_cfg.name,
                            "samples": f"{cfg.k} per prompt at temperature {cfg.temperature}, "
                                       f"at most {cfg.max_new_tokens} tokens"})
-    queries = [render_prompt(tokenizer, p.messages) for p in prompts]
     torch.manual_seed(cfg.seed)
     groups = sample_distinct(model, tokenizer, queries, cfg)
 
