@@ -580,7 +580,10 @@ def apply_lora(model: Any, cfg: LoraConfig, task_type: str = "CAUSAL_LM") -> Any
                           if isinstance(mod, torch.nn.Linear) and ".layers." in name})
     peft_cfg = PeftLoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,
                               task_type=task_type, layers_to_transform=layers)
-    return get_peft_model(model, peft_cfg)
+    wrapped = get_peft_model(model, peft_cfg)
+    if checkpointing(model):  # peft hooks the embeddings back for reentrant checkpointing: see enable_checkpointing
+        unwrapped(wrapped).disable_input_require_grads()
+    return wrapped
 
 
 def count_parameters(model: Any) -> tuple[int, int]:
