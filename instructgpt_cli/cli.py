@@ -33,6 +33,9 @@ Device = Annotated[Optional[str], typer.Option("--device", help="auto, cpu, cuda
 Model = Annotated[Optional[str], typer.Option("--model", help="smollm2-135m (bundled), tiny, or a local HF directory.")]
 Lora = Annotated[Optional[bool], typer.Option("--lora/--no-lora", help="Train LoRA adapters instead of all weights.")]
 Fsdp = Annotated[Optional[bool], typer.Option("--fsdp/--no-fsdp", help="Under torchrun: shard the model over the processes (FSDP2) instead of DDP.")]
+Checkpointing = Annotated[Optional[bool], typer.Option(
+    "--gradient-checkpointing/--no-gradient-checkpointing",
+    help="Recompute each layer's activations in the backward: less memory, about a third more compute.")]
 
 
 def fail(messages: list[str], code: int = 2) -> None:
@@ -70,6 +73,7 @@ def sft(
     model: Model = None,
     lora: Lora = None,
     fsdp: Fsdp = None,
+    gradient_checkpointing: Checkpointing = None,
     config: ConfigFile = None,
     print_config: PrintConfig = False,
     max_steps: MaxSteps = None,
@@ -91,7 +95,8 @@ def sft(
     overrides = {"data": data, "run_dir": run_dir, "model.name": model, "lora.enabled": lora, "max_steps": max_steps,
                  "epochs": epochs, "optim.lr": lr, "optim.batch_size": batch_size, "optim.grad_accum": grad_accum,
                  "model.dropout": dropout, "model.max_seq_len": max_seq_len, "val_fraction": val_fraction,
-                 "save_every": save_every, "eval_every": eval_every, "seed": seed, "device": device, "fsdp": fsdp}
+                 "save_every": save_every, "eval_every": eval_every, "seed": seed, "device": device, "fsdp": fsdp,
+                 "model.gradient_checkpointing": gradient_checkpointing}
 
     def runner(cfg: Any) -> Any:
         from .distributed import launched
@@ -113,6 +118,7 @@ def train_rm(
     model: Annotated[Optional[str], typer.Option("--model", help="Start from this model instead of the SFT model (tiny, smollm2-135m, a directory).")] = None,
     lora: Lora = None,
     fsdp: Fsdp = None,
+    gradient_checkpointing: Checkpointing = None,
     config: ConfigFile = None,
     print_config: PrintConfig = False,
     max_steps: MaxSteps = None,
@@ -133,7 +139,8 @@ def train_rm(
                  "model.name": model, "lora.enabled": lora, "max_steps": max_steps, "epochs": epochs,
                  "optim.lr": lr, "optim.batch_size": batch_size, "optim.grad_accum": grad_accum,
                  "val_fraction": val_fraction, "save_every": save_every, "eval_every": eval_every, "seed": seed,
-                 "device": device, "fsdp": fsdp}
+                 "device": device, "fsdp": fsdp,
+                 "model.gradient_checkpointing": gradient_checkpointing}
 
     def runner(cfg: Any) -> Any:
         from .distributed import launched
@@ -156,6 +163,7 @@ def ppo(
     run_dir: RunDir = None,
     lora: Lora = None,
     fsdp: Fsdp = None,
+    gradient_checkpointing: Checkpointing = None,
     config: ConfigFile = None,
     print_config: PrintConfig = False,
     max_steps: Annotated[Optional[int], typer.Option("--max-steps", help="PPO iterations (rollout + update each).")] = None,
@@ -182,7 +190,8 @@ def ppo(
                  "beta": beta, "target_kl": target_kl, "optim.lr": lr, "rollout_batch_size": rollout_batch_size,
                  "mini_batch_size": mini_batch_size, "ppo_epochs": ppo_epochs, "temperature": temperature,
                  "max_new_tokens": max_new_tokens, "save_every": save_every, "sample_every": sample_every,
-                 "seed": seed, "device": device, "fsdp": fsdp}
+                 "seed": seed, "device": device, "fsdp": fsdp,
+                 "model.gradient_checkpointing": gradient_checkpointing}
 
     def runner(cfg: Any) -> Any:
         from .distributed import launched

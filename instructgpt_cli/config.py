@@ -39,6 +39,9 @@ class ModelConfig:
     dropout: float = f(0.0, "dropout probability set on every dropout field of the model config (probability)")
     max_seq_len: int = f(1024, "context window used for training, capped at the model's own (tokens)")
     trust_remote_code: bool = f(False, "allow custom model code from a local directory (never on by default)")
+    gradient_checkpointing: bool = f(False, "recompute each decoder layer's activations in the backward instead of "
+                                            "keeping them: memory for one layer's activations, not all (about a "
+                                            "third more compute per step)")
 
 
 @dataclass

@@ -11,9 +11,10 @@ attention within each) instead of under a block-diagonal mask: 10% more tokens/s
 
 What runs is the model's own modules (embedding, projections, MLP, norms, rotary embedding, heads), so
 LoRA adapters, their disabling, and any head work as in ``model(...)``; only the order of calls is ours.
-:func:`supported` says where that holds: transformers' Llama classes exactly (a subclass, as FSDP makes
-of a sharded layer, may hook its calls), SDPA attention, no gradient checkpointing. Everything else takes
-transformers' forward.
+:func:`supported` says where that holds: the families ``models.FAMILIES`` marks ``lean``, with transformers'
+Llama classes exactly (a subclass, as FSDP makes of a sharded layer, may hook its calls), SDPA attention.
+Everything else takes transformers' forward. Gradient checkpointing, where transformers' layers have it
+switched on, is done here as they do it (:func:`states`).
 
 Sampling keeps its own cache: keys and values of every layer in preallocated tensors, written in place
 at each step (:class:`Decoder`).
@@ -25,18 +26,18 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from .models import backbone, mask_inputs, position_ids, unwrapped
+from .models import backbone, checkpointing, family, logit_transform, mask_inputs, position_ids, unwrapped
 
 
 def supported(model: Any) -> bool:
-    """Whether ``model`` runs on the lean path: a transformers Llama stack whose classes are exactly
-    transformers' own, under SDPA attention, without gradient checkpointing (transformers' layers
-    checkpoint themselves when asked to, which these calls would bypass), with rotary frequencies that do
-    not depend on the sequence's length (dynamic and LongRoPE scaling recompute them per call). Checked on
-    every call: wrapping (FSDP, peft) or configuration may change after a model was first used."""
+    """Whether ``model`` runs on the lean path: a family ``models.FAMILIES`` marks ``lean``, whose stack's
+    classes are exactly transformers' Llama ones, under SDPA attention, with rotary frequencies that do not
+    depend on the sequence's length (dynamic and LongRoPE scaling recompute them per call). Checked on every
+    call: wrapping (FSDP, peft) or configuration may change after a model was first used."""
     from transformers.models.llama import modeling_llama as ml
 
-    if getattr(model.config, "_attn_implementation", None) != "sdpa":
+    fam = family(model)
+    if fam is None or not fam.lean or getattr(model.config, "_attn_implementation", None) != "sdpa":
         return False
     stack = backbone(model)
     if type(stack) is not ml.LlamaModel or any(t in str(getattr(stack.rotary_emb, "rope_type", "default"))
@@ -44,8 +45,15 @@ def supported(model: Any) -> bool:
         return False
     return all(type(layer) is ml.LlamaDecoderLayer and type(layer.self_attn) is ml.LlamaAttention
                and type(layer.mlp) is ml.LlamaMLP and type(layer.input_layernorm) is ml.LlamaRMSNorm
-               and type(layer.post_attention_layernorm) is ml.LlamaRMSNorm
-               and not getattr(layer, "gradient_checkpointing", False) for layer in stack.layers)
+               and type(layer.post_attention_layernorm) is ml.LlamaRMSNorm for layer in stack.layers)
+
+
+def forward_name(model: Any, lean_path: bool = True) -> str:
+    """Which forward runs ``model`` (a banner row): igpt's lean Llama forward where the stage takes it
+    (``lean_path``) and :func:`supported` allows it, else transformers' forward of its class; and whether
+    layers checkpoint their activations."""
+    name = "igpt lean Llama" if lean_path and supported(model) else f"transformers {type(unwrapped(model)).__name__}"
+    return name + (" (gradient checkpointing)" if checkpointing(model) else "")
 
 
 class Context(NamedTuple):
@@ -146,20 +154,33 @@ def states(model: Any, input_ids: torch.Tensor | None, attention_mask: torch.Ten
            final_norm: bool = True, positions: torch.Tensor | None = None) -> torch.Tensor:
     """Hidden states (B, L, H) of the decoder layers ``start:stop`` of a :func:`supported` model, from the
     token ids (``start`` 0) or from ``embeds``, the states entering layer ``start``; then the final norm.
-    Padded rows (``attention_mask``) or packed ones (``positions``): :func:`context`."""
+    Padded rows (``attention_mask``) or packed ones (``positions``): :func:`context`.
+
+    A layer whose gradient checkpointing transformers switched on (``models.enable_checkpointing``) runs
+    under its checkpoint function, as ``GradientCheckpointingLayer`` runs it: in training with gradients
+    enabled, non-reentrant, the RNG state restored for the recompute (the same dropout masks)."""
     stack = backbone(model)
     hidden = stack.embed_tokens(input_ids) if embeds is None else embeds
     ctx = context(stack, hidden, attention_mask, positions)
     size = hidden.size(-1)
     hidden = hidden.reshape(-1, size)
     for layer in stack.layers[start:stop]:
-        hidden = layer_forward(layer, hidden, ctx)
+        if layer.gradient_checkpointing and layer.training and torch.is_grad_enabled():
+            hidden = layer._gradient_checkpointing_func(layer_forward, layer, hidden, ctx)
+        else:
+            hidden = layer_forward(layer, hidden, ctx)
     return (_norm(stack.norm, hidden) if final_norm else hidden).view(*ctx.shape, size)
 
 
 def lm_head(model: Any) -> torch.nn.Module:
     """The LM head of a causal LM, under peft's wrappers."""
     return unwrapped(model).lm_head
+
+
+def logits(model: Any, hidden: torch.Tensor) -> torch.Tensor:
+    """The model's logits (..., V) from final hidden states (..., H): its LM head and its family's logit
+    transform (``models.logit_transform``; the identity for Llama)."""
+    return logit_transform(model)(lm_head(model)(hidden))
 
 
 # ---------------------------------------------------------------- decoding with a preallocated cache
@@ -198,7 +219,7 @@ class Decoder:
             hidden = _finish(layer, hidden, out)
         self.length = stop
         last = hidden.view(*ctx.shape, -1)[:, -1]
-        return lm_head(self.model)(_norm(self.stack.norm, last))
+        return logits(self.model, _norm(self.stack.norm, last))
 
     def start(self) -> torch.Tensor:
         """Logits (B, V) for the first new token."""

@@ -11,7 +11,7 @@ import os
 import shutil
 import weakref
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, NamedTuple
 
 import torch
 from transformers.utils import logging as hf_logging
@@ -254,7 +254,32 @@ def load_model(cfg: ModelConfig, tokenizer: Any, path: Path | None, device: torc
     model.config.pad_token_id = tokenizer.pad_token_id
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
+    if cfg.gradient_checkpointing:
+        enable_checkpointing(model, cfg.name)
     return model.to(device=device, dtype=dtype)
+
+
+def enable_checkpointing(model: Any, name: str) -> None:
+    """Gradient checkpointing of every decoder layer (transformers' own; ``lean.states`` honours it too),
+    non-reentrant: the backward reruns each layer's forward, dropout masks included (checkpoint restores the
+    RNG state), and needs no input that requires grad. transformers also hooks the embeddings to make their
+    output require grad, which only reentrant checkpointing needs (LoRA on frozen embeddings); removed, so a
+    backward still stops below the lowest trained layer (``LoraConfig.layers``). BadInput for models without
+    it."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise BadInput([f"model.gradient_checkpointing: {name} ({type(model).__name__}) does not support gradient "
+                        "checkpointing; run without --gradient-checkpointing"])
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x; the old name warns there
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    model.disable_input_require_grads()
+
+
+def checkpointing(model: Any) -> bool:
+    """Whether ``model``'s decoder layers checkpoint their activations in training."""
+    return any(getattr(module, "gradient_checkpointing", False) is True for module in model.modules())
 
 
 def load_causal_lm(cfg: ModelConfig, tokenizer: Any, path: Path | None, device: torch.device, seed: int) -> Any:
@@ -374,32 +399,110 @@ def scalar_head(model: Any) -> torch.nn.Module:
     return getattr(parent, attr)  # as it is now: peft may have wrapped it since
 
 
-# Model families whose transformers attention builds its mask with ``create_causal_mask``, which reads
-# positions that restart at 0 (and no attention mask) as packed sequences and masks block-diagonally.
-# Families with sliding-window layers (gemma2/3) are left out until tested.
-PACKED_ATTENTION = {"llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "olmo", "olmo2", "granite", "smollm3"}
+# ---------------------------------------------------------------- what igpt may do with a model family
+
+
+class Family(NamedTuple):
+    """What igpt may do with a model family (``config.model_type``) beyond calling the model's forward.
+
+    ``logits``: what the family's causal LM does to ``lm_head(hidden)`` to give its logits, in order, each
+    step an (operation, config field): ``multiply`` (Cohere's ``logit_scale``), ``divide`` (Granite's
+    ``logits_scaling``), ``softcap`` (cap * tanh(logits / cap), Gemma 2's ``final_logit_softcapping``); empty:
+    the head's output is the logits. Paths that compute logits from hidden states themselves (SFT's loss on
+    response positions, PPO's lean log-probs, the lean decoder) apply them (:func:`logit_transform`).
+    ``packed``: its attention builds the mask with ``create_causal_mask``, which reads positions that restart
+    at 0 (and no attention mask) as packed sequences and masks block-diagonally; sliding-window families
+    (Gemma 2/3) are left out until tested. ``split``: given ``inputs_embeds``, its backbone only builds the
+    causal mask and rotary embeddings, runs its decoder layers and the final norm, doing nothing to the
+    embeddings on the way in (Gemma scales them, Granite multiplies them), so the states entering layer k fed
+    back as ``inputs_embeds`` to the layers from k up give the model's own output. ``lean``: igpt's lean
+    Llama forward (``lean.py``) may run it, where ``lean.supported`` finds transformers' own Llama classes."""
+
+    logits: tuple[tuple[str, str], ...] = ()
+    packed: bool = False
+    split: bool = False
+    lean: bool = False
+
+
+DIVIDE_SCALING = (("divide", "logits_scaling"),)
+MULTIPLY_SCALE = (("multiply", "logit_scale"),)
+SOFTCAP = (("softcap", "final_logit_softcapping"),)
+
+# One row per family igpt knows (tests/test_models.py checks each on a tiny random model against the model's
+# own forward). A family not listed takes the model's forward everywhere: no packing, no split forward, and
+# logits only from ``model(...)``.
+FAMILIES: dict[str, Family] = {
+    "llama": Family(packed=True, split=True, lean=True),
+    "mistral": Family(packed=True, split=True),
+    "qwen2": Family(packed=True, split=True),
+    "qwen3": Family(packed=True, split=True),
+    "gemma": Family(packed=True),
+    "phi3": Family(packed=True),
+    "olmo": Family(packed=True),
+    "olmo2": Family(packed=True),
+    "smollm3": Family(packed=True),
+    "granite": Family(DIVIDE_SCALING, packed=True),
+    "granitemoe": Family(DIVIDE_SCALING),
+    "cohere": Family(MULTIPLY_SCALE),
+    "cohere2": Family(MULTIPLY_SCALE),
+    "gemma2": Family(SOFTCAP),
+    "gemma3_text": Family(SOFTCAP),
+    "gpt2": Family(),
+    "gpt_neox": Family(),
+    "phi": Family(),
+}
+
+
+def family(model: Any) -> Family | None:
+    """The capabilities of ``model``'s family; None for a family igpt does not know."""
+    return FAMILIES.get(getattr(model.config, "model_type", None))
+
+
+class LogitTransform(NamedTuple):
+    """What a causal LM does to its LM head's output (..., V): times ``multiply``, divided by ``divide``, then
+    soft-capped at ``softcap`` (0: none), in the order and dtype the model's forward does it."""
+
+    multiply: float = 1.0
+    divide: float = 1.0
+    softcap: float = 0.0
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.multiply != 1.0:
+            logits = logits * self.multiply
+        if self.divide != 1.0:
+            logits = logits / self.divide
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+
+def logit_transform(model: Any) -> LogitTransform | None:
+    """How ``model``'s logits follow from its LM head's output: ``transform(head(hidden))`` equals
+    ``model(...).logits`` at the same positions (``LogitTransform()`` is the identity). None for a family not
+    in :data:`FAMILIES`: take the model's own forward for its logits."""
+    fam = family(model)
+    if fam is None:
+        return None
+    values: dict[str, float] = {}
+    for op, field in fam.logits:
+        value = getattr(model.config, field, None)
+        if value is not None:
+            values[op] = float(value)
+    return LogitTransform(**values)
 
 
 def supports_packing(model: Any) -> bool:
     """Whether sequences packed end to end in one row attend only within themselves in ``model``."""
-    config = model.config
-    return config.model_type in PACKED_ATTENTION and getattr(config, "_attn_implementation", "sdpa") in (
+    fam = family(model)
+    return fam is not None and fam.packed and getattr(model.config, "_attn_implementation", "sdpa") in (
         "sdpa", "eager", "flash_attention_2", "flex_attention")
 
 
 def supports_sharing(model: Any) -> bool:
-    """Whether ``model`` takes a custom 4-D attention mask as it is (``shared_reward_scores``): the families
-    of ``PACKED_ATTENTION`` under SDPA or eager attention (flash-attention kernels take no such mask)."""
-    config = model.config
-    attention = getattr(config, "_attn_implementation", "sdpa")
-    return config.model_type in PACKED_ATTENTION and attention in ("sdpa", "eager")
-
-
-# Model families whose backbone, given ``inputs_embeds``, only builds the causal mask and the rotary
-# embeddings from the positions, runs its decoder layers and the final norm: nothing is done to the
-# embeddings on the way in (Gemma scales them, Granite multiplies them), so the hidden states entering layer
-# k can be fed back as ``inputs_embeds`` to the layers from k up and give the model's own output.
-SPLIT_FORWARD = {"llama", "mistral", "qwen2", "qwen3"}
+    """Whether ``model`` takes a custom 4-D attention mask as it is (``shared_reward_scores``): the ``packed``
+    families under SDPA or eager attention (flash-attention kernels take no such mask)."""
+    fam = family(model)
+    return fam is not None and fam.packed and getattr(model.config, "_attn_implementation", "sdpa") in ("sdpa", "eager")
 
 
 def unwrapped(model: Any) -> Any:
@@ -416,8 +519,9 @@ def backbone(model: Any) -> torch.nn.Module:
 def frozen_layers(model: Any) -> int:
     """How many of the lowest decoder layers hold nothing that trains, embeddings included (LoRA on the top
     layers only: their output is the same for the adapted model and its base, and stays so during
-    training); 0 for families outside ``SPLIT_FORWARD``."""
-    if model.config.model_type not in SPLIT_FORWARD:
+    training); 0 for families that are not ``split`` (:data:`FAMILIES`)."""
+    fam = family(model)
+    if fam is None or not fam.split:
         return 0
     stack = backbone(model)
     if any(p.requires_grad for p in stack.embed_tokens.parameters()):
@@ -500,7 +604,10 @@ def apply_lora(model: Any, cfg: LoraConfig, task_type: str = "CAUSAL_LM") -> Any
                           if isinstance(mod, torch.nn.Linear) and ".layers." in name})
     peft_cfg = PeftLoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,
                               task_type=task_type, layers_to_transform=layers)
-    return get_peft_model(model, peft_cfg)
+    wrapped = get_peft_model(model, peft_cfg)
+    if checkpointing(model):  # peft hooks the embeddings back for reentrant checkpointing: see enable_checkpointing
+        unwrapped(wrapped).disable_input_require_grads()
+    return wrapped
 
 
 def count_parameters(model: Any) -> tuple[int, int]:

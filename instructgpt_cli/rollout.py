@@ -222,7 +222,7 @@ def response_logprobs(model: Any, query_response: torch.Tensor, mask: torch.Tens
     n_response = query_response.size(1) - context_len
     if lean.supported(model):
         hidden = lean_states(model, query_response, mask, trunk)[:, context_len - 1:-1]
-        logits = lean.lm_head(model)(hidden).float()
+        logits = lean.logits(model, hidden).float()
     else:
         ctx, inputs = model_inputs(model, query_response, mask, trunk)
         with ctx:

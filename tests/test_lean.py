@@ -142,6 +142,8 @@ def test_supported_only_where_the_numbers_are_the_same(tok):
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaForCausalLM
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
+    from instructgpt_cli.models import enable_checkpointing
+
     assert lean.supported(tiny_model(tok, 0))
     eager = LlamaForCausalLM._from_config(tiny_config(tok), attn_implementation="eager")
     assert not lean.supported(eager)
@@ -150,10 +152,8 @@ def test_supported_only_where_the_numbers_are_the_same(tok):
     dynamic.rope_parameters = {**dynamic.rope_parameters, "rope_type": "dynamic", "factor": 2.0}
     assert not lean.supported(LlamaForCausalLM(dynamic))  # its frequencies depend on the length
     checkpointed = tiny_model(tok, 0)
-    checkpointed.gradient_checkpointing_enable()
-    assert not lean.supported(checkpointed)
-    checkpointed.gradient_checkpointing_disable()
-    assert lean.supported(checkpointed)
+    enable_checkpointing(checkpointed, "tiny")
+    assert lean.supported(checkpointed)  # lean.states checkpoints as transformers' layers do (test_models.py)
 
     class Hooked(LlamaDecoderLayer):  # as FSDP turns a sharded layer into a subclass that gathers its weights
         pass

@@ -30,6 +30,7 @@ from .. import distributed
 from ..config import ModelConfig, PPOConfig
 from ..data import pretrain_blocks, pad_right, read_pretrain, read_prompts, render_queries
 from ..errors import BadInput
+from ..lean import forward_name
 from ..losses import (adaptive_kl_beta, gae, kl_penalized_rewards, masked_mean, masked_whiten, policy_loss,
                       ptx_loss, value_loss)
 from ..models import (apply_lora, find_model, frozen_layers, load_model, load_tokenizer, position_limit,
@@ -313,6 +314,7 @@ def run(cfg: PPOConfig, resume: bool = False, overwrite: bool = False) -> Path:
                      + (f", ptx gamma {cfg.ptx_coef} on {len(ptx)} blocks of {cfg.ptx_seq_len}" if ptx else ", no ptx"),
         "steps": f"{total_steps} iterations x {cfg.ppo_epochs} epochs x {math.ceil(B / cfg.mini_batch_size)} minibatches"
                  + processes_note(cfg.fsdp),
+        "forward": f"policy {forward_name(trained.policy)}, value {forward_name(trained.value)}",
         **model_rows(trained, cfg.lora.enabled, ckpt),
     })
     if rm_warning:

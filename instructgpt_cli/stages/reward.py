@@ -20,6 +20,7 @@ from ..config import ModelConfig, RMConfig
 from ..data import (RankedGroup, pad_right, pays_to_pack, pays_to_share, read_demos, read_rankings, tokenize_rankings,
                     tokenize_scored)
 from ..errors import BadInput
+from ..lean import forward_name
 from ..losses import ranking_loss
 from ..models import (REWARD_BIAS, REWARD_STATS, apply_lora, context_window, find_model, load_model, load_tokenizer,
                       packed_reward_scores, resolve_device, reward_scores, save_final, shared_reward_scores,
@@ -197,6 +198,7 @@ def run(cfg: RMConfig, resume: bool = False, overwrite: bool = False) -> Path:
         "steps": f"{total_steps} ({epoch_steps}/epoch), {per_step} prompts per step"
                  + (", prompts shared" if layout.shared else "") + (", padding-free" if layout.packed else ", padded")
                  + processes_note(cfg.fsdp),
+        "forward": forward_name(model, lean_path=False),  # rankings are scored by transformers' forward
         **model_rows(model, cfg.lora.enabled, ckpt),
     })
 

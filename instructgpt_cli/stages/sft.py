@@ -19,6 +19,7 @@ from ..errors import BadInput
 from ..losses import sft_loss_sum
 from ..models import (apply_lora, context_window, load_causal_lm, load_tokenizer,
                       resolve_device, save_final, supports_packing)
+from ..models import logit_transform
 from ..rundir import check_stage, file_input
 from ..train import (Stage, banner, begin_stage, build_optimizer, build_scheduler, finish_stage, fit,
                      micro_batches, model_rows, optimizer_step, processes_note, restore, say, step_chunks,
@@ -47,11 +48,13 @@ def loss_sum(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed response-token loss and its token count for a collated (padded or packed) batch.
 
     The LM head (a vocabulary-wide matmul) runs only at positions that predict a response token, not
-    at prompt or padding positions; models that post-process logits (soft-capping) take the plain path.
+    at prompt or padding positions, followed by the family's logit transform (scaling, soft-capping:
+    ``models.logit_transform``); a family igpt does not know takes the model's own forward.
     """
     # no KV cache in training (transformers would build one, and a cache also turns packing detection off)
     inputs = {**{k: v for k, v in batch.items() if k != "labels"}, "use_cache": False}
-    if getattr(model.config, "final_logit_softcapping", None):
+    transform = logit_transform(model)
+    if transform is None:
         return sft_loss_sum(model(**inputs).logits, batch["labels"])
     targets = batch["labels"][:, 1:]
     selected = targets != IGNORE_INDEX
@@ -60,7 +63,7 @@ def loss_sum(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
                              positions=batch.get("position_ids"))
     else:
         hidden = model.get_decoder()(**inputs).last_hidden_state
-    logits = model.get_output_embeddings()(hidden[:, :-1][selected])
+    logits = transform(model.get_output_embeddings()(hidden[:, :-1][selected]))
     return F.cross_entropy(logits.float(), targets[selected], reduction="sum"), selected.sum()
 
 
@@ -141,6 +144,7 @@ def run(cfg: SFTConfig, resume: bool = False, overwrite: bool = False) -> Path:
         "model": f"{cfg.model.name} on {device} ({next(model.parameters()).dtype})",
         "steps": f"{total_steps} ({epoch_steps}/epoch), effective batch {per_step}"
                  + (", padding-free" if packed else ", padded") + processes_note(cfg.fsdp),
+        "forward": lean.forward_name(model),
         **model_rows(model, cfg.lora.enabled, ckpt),
     })
 
