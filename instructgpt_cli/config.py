@@ -124,6 +124,8 @@ class PPOConfig:
     ptx_coef: float = f(0.0, "gamma of PPO-ptx: weight of the pretraining LM loss in every optimizer step; paper 27.8")
     ptx_batch_size: int = f(4, "pretraining sequences per optimizer step (sequences); paper: 8x the RL minibatch")
     ptx_seq_len: int = f(256, "length of each pretraining sequence (tokens)")
+    ptx_micro_batch_size: int = f(0, "pretraining sequences per forward and backward of the ptx term, memory only "
+                                     "(sequences); 0 = optim.batch_size")
     sft: str = f("", "SFT model: the policy's initialisation and the KL reference; default RUN_DIR/sft/final")
     rm: str = f("", "reward model (also the value model's initialisation); default RUN_DIR/rm/final")
     run_dir: str = f("runs/default", "run directory shared by all stages (path)")
@@ -244,6 +246,7 @@ CHECKS: dict[str, tuple[Any, str]] = {
     "ptx_coef": (lambda v: v >= 0, "must be >= 0"),
     "ptx_batch_size": (lambda v: v >= 1, "must be >= 1"),
     "ptx_seq_len": (lambda v: v >= 2, "must be >= 2"),
+    "ptx_micro_batch_size": (lambda v: v >= 0, "must be >= 0 (0 = optim.batch_size)"),
     "total_episodes": (lambda v: v >= 0, "must be >= 0"),
     "rollout_batch_size": (lambda v: v >= 1, "must be >= 1"),
     "mini_batch_size": (lambda v: v >= 1, "must be >= 1"),
