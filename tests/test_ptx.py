@@ -121,3 +121,118 @@ def test_sft_and_ptx_losses_chunked_equal_the_full_logits_and_keep_no_logits(mon
     torch.testing.assert_close(summed, want)
     assert_same_grads(got, grads_of(model))
     assert saved_logit_rows(lambda: sft.loss_sum(model, batch), vocab) == 0
+
+
+# ---------------------------------------------------------------- PPO-ptx in ppo_update
+
+CPU = torch.device("cpu")
+
+
+def ptx_blocks(tok, n: int = 9) -> list[list[int]]:
+    """Blocks of very different lengths: a mean over blocks or over micro-batches differs from one over tokens."""
+    rng = random.Random(1)
+    return [[rng.randrange(4, len(tok)) for _ in range(rng.choice([3, 5, 30, 41]))] for _ in range(n)]
+
+
+@pytest.mark.parametrize("micro", [1, 2, 5])
+def test_ptx_micro_batches_give_the_loss_and_gradient_of_the_whole_batch(micro):
+    from instructgpt_cli import distributed
+
+    tok = tiny_tokenizer()
+    policy = tiny_model(tok, seed=0)
+    blocks = ptx_blocks(tok)
+    cfg = PPOConfig(ptx_coef=2.5, ptx_batch_size=5, ptx_micro_batch_size=micro)
+    loss = ppo.ptx_backward(distributed.wrap(policy, CPU), blocks, 3, cfg, tok.pad_token_id, CPU)
+    got = grads_of(policy)
+    # the whole ptx batch of step 3 in one forward, the mean over all its tokens
+    ids, mask = pad_right([blocks[i] for i in stream_indices(len(blocks), 3, 5, cfg.seed)], tok.pad_token_id)
+    want = ptx_loss(policy(input_ids=ids, attention_mask=mask).logits, ids, mask)
+    (2.5 * want).backward()
+    assert loss == pytest.approx(want.item(), rel=1e-5)
+    assert_same_grads(got, grads_of(policy))
+
+
+def ppo_world(cfg: PPOConfig):
+    """Tiny policy, value, reference and RM as ppo.run builds them, a fixed rollout of 8 and its scores."""
+    tok = tiny_tokenizer()
+    policy, value = tiny_model(tok, seed=0), tiny_model(tok, seed=1, kind="reward")
+    ref = tiny_model(tok, seed=0).requires_grad_(False).eval()
+    rm = tiny_model(tok, seed=2, kind="reward").requires_grad_(False).eval()
+    trained = ppo.PolicyAndValue(policy, value)
+    models = ppo.runners({"policy": policy, "value": value, "ref": ref, "rm": rm, "ref_ctx": contextlib.nullcontext,
+                          "rm_ctx": contextlib.nullcontext}, cfg, CPU)
+    rng = random.Random(0)
+    tokens = lambda n: [rng.randrange(4, len(tok)) for _ in range(n)]  # noqa: E731
+    ro = Rollout(*build_rollout([tokens(rng.randint(3, 9)) for _ in range(8)],
+                                [tokens(rng.randint(1, 11)) + [tok.eos_token_id] * (i % 2) for i in range(8)],
+                                tok.pad_token_id, tok.eos_token_id))
+    sc = ppo.score_rollout(models, ro, cfg, 0.05, cfg.optim.batch_size)
+    return tok, trained, models, ro, sc
+
+
+def recording_optimizer(trained):
+    """SGD whose every step records the gradients it was given."""
+    optimizer = torch.optim.SGD([p for p in trained.parameters() if p.requires_grad], lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    seen = []
+    step = optimizer.step
+
+    def recorded(*args, **kwargs):
+        seen.append({n: p.grad.clone() for n, p in trained.named_parameters() if p.grad is not None})
+        return step(*args, **kwargs)
+
+    optimizer.step = recorded
+    return optimizer, scheduler, seen
+
+
+def test_ppo_and_ptx_gradients_share_one_optimizer_step():
+    """One minibatch: the one optimizer step's gradient is grad(pg + vf_coef * vf) + gamma * grad(ptx mean over
+    every token of the step's ptx batch). A ptx step of its own, or a mean per block or per micro-batch,
+    gives another gradient or another step count."""
+    cfg = PPOConfig(rollout_batch_size=8, mini_batch_size=8, ppo_epochs=1, temperature=0.7, ptx_coef=3.0,
+                    ptx_batch_size=5, ptx_micro_batch_size=2, vf_coef=0.3,
+                    optim=OptimConfig(batch_size=3, grad_clip=0.0))
+    tok, trained, models, ro, sc = ppo_world(cfg)
+    blocks = ptx_blocks(tok)
+    policy, value = trained.policy, trained.value
+    mask = ro.response_mask.float()
+    logprobs, _ = response_logprobs(policy, ro.query_response, ro.attention_mask, ro.context_len, cfg.temperature)
+    pg, _ = policy_loss(logprobs, sc["logprobs"], sc["advantages"], mask, cfg.cliprange)
+    vf, _ = value_loss(token_values(value, ro.query_response, ro.attention_mask, ro.context_len), sc["values"],
+                       sc["returns"], mask, cfg.cliprange_value)
+    ids, pmask = pad_right([blocks[i] for i in stream_indices(len(blocks), 0, 5, cfg.seed)], tok.pad_token_id)
+    ptx = ptx_loss(policy(input_ids=ids, attention_mask=pmask).logits, ids, pmask)
+    (pg + cfg.vf_coef * vf + cfg.ptx_coef * ptx).backward()
+    want = grads_of(trained)
+    optimizer, scheduler, seen = recording_optimizer(trained)
+    stats, _ = ppo.ppo_update(models, trained, optimizer, scheduler, ro, sc, cfg, blocks, 0, tok.pad_token_id)
+    assert len(seen) == 1  # PPO and ptx in the same step
+    assert_same_grads(seen[0], want)
+    assert stats["loss/ptx"] == pytest.approx(ptx.item(), rel=1e-5)
+
+
+def test_one_ptx_batch_per_optimizer_step_across_minibatches_and_epochs(monkeypatch):
+    cfg = PPOConfig(rollout_batch_size=8, mini_batch_size=3, ppo_epochs=2, ptx_coef=1.0, ptx_batch_size=4,
+                    optim=OptimConfig(batch_size=2, grad_clip=0.0))
+    tok, trained, models, ro, sc = ppo_world(cfg)
+    calls = []
+    monkeypatch.setattr(ppo, "stream_indices", lambda *a: calls.append(a[1]) or stream_indices(*a))
+    optimizer, scheduler, seen = recording_optimizer(trained)
+    for iteration in range(2):
+        ppo.ppo_update(models, trained, optimizer, scheduler, ro, sc, cfg, ptx_blocks(tok), iteration,
+                       tok.pad_token_id)
+    assert len(seen) == 2 * 2 * 3  # iterations x epochs x minibatches (3, 3 and 2 responses), no more
+    assert calls == list(range(12))  # ptx batch k in optimizer step k
+
+
+@pytest.mark.parametrize("n_items,per_step", [(10, 4), (10, 5), (3, 8), (1, 1), (7, 7)])
+def test_stream_indices_full_steps_every_item_once_a_pass(n_items, per_step):
+    steps = [stream_indices(n_items, s, per_step, seed=3) for s in range(12)]
+    assert all(len(s) == per_step for s in steps)  # no short last step
+    stream = [i for s in steps for i in s]
+    passes = [stream[k:k + n_items] for k in range(0, len(stream) - n_items + 1, n_items)]
+    assert passes and all(sorted(p) == list(range(n_items)) for p in passes)  # none reused or skipped
+    if n_items > 2:
+        assert passes[0] != passes[1]  # a fresh order each pass
+    assert stream_indices(n_items, 5, per_step, seed=3) == steps[5]  # a pure function of the step: resumable
+
