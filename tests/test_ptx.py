@@ -236,3 +236,90 @@ def test_stream_indices_full_steps_every_item_once_a_pass(n_items, per_step):
         assert passes[0] != passes[1]  # a fresh order each pass
     assert stream_indices(n_items, 5, per_step, seed=3) == steps[5]  # a pure function of the step: resumable
 
+
+
+# ---------------------------------------------------------------- through the CLI: resume, the paper preset
+
+
+class Killed(Exception):
+    pass
+
+
+def test_ptx_batches_continue_across_iterations_and_resume(tmp_path, monkeypatch):
+    """ppo from the command line, 3 iterations x 2 epochs x 2 minibatches, ptx batches of 7 of ~60 blocks
+    (passes end mid-step): ptx batch k in optimizer step k, and a run killed after iteration 2 resumes
+    with batch 8 (its checkpoint's scheduler), the batches of the uninterrupted run."""
+    from test_ppo import WORDS
+    from rule_rm import make_rule_rm
+
+    rng = random.Random(0)
+    write_jsonl(tmp_path / "demos.jsonl", arithmetic_demos(8))
+    assert igpt("sft", "--config", REPO / "configs" / "tiny.yaml", "--data", tmp_path / "demos.jsonl",
+                "--run-dir", tmp_path / "base", "--max-steps", "1").exit_code == 0
+    make_rule_rm(tmp_path / "rule_rm", tiny_tokenizer(), "e")
+    write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"What is {i} plus 2?"} for i in range(24)])
+    write_jsonl(tmp_path / "pretrain.jsonl", [{"text": " ".join(rng.choice(WORDS) for _ in range(60))}
+                                              for _ in range(12)])
+    (tmp_path / "ptx.yaml").write_text("ppo:\n  ptx_batch_size: 7\n  ptx_seq_len: 64\n")
+
+    def ppo_run(run_dir, *extra):
+        calls = []
+        monkeypatch.setattr(ppo, "stream_indices", lambda *a: calls.append(a[:3]) or stream_indices(*a))
+        args = ["ppo", "--config", tmp_path / "ptx.yaml", "--prompts", tmp_path / "prompts.jsonl",
+                "--sft", tmp_path / "base" / "sft" / "final", "--rm", tmp_path / "rule_rm", "--run-dir", run_dir,
+                "--max-new-tokens", "8", "--rollout-batch-size", "4", "--mini-batch-size", "2", "--ppo-epochs", "2",
+                "--max-steps", "3", "--save-every", "1", "--ptx-coef", "0.5", "--ptx-data",
+                tmp_path / "pretrain.jsonl", *extra]
+        return igpt(*args), calls
+
+    result, straight = ppo_run(tmp_path / "straight")
+    assert result.exit_code == 0, result.output
+    n_blocks = straight[0][0]
+    assert n_blocks % 7 and 12 * 7 > n_blocks  # steps that straddle passes
+    assert [c[1] for c in straight] == list(range(12)) and all(c[2] == 7 for c in straight)
+
+    def die_after_2(step):
+        if step == 2:
+            raise Killed
+
+    monkeypatch.setattr(train, "maybe_fault", die_after_2)
+    with pytest.raises(Killed):
+        ppo_run(tmp_path / "interrupted")
+    result, resumed = ppo_run(tmp_path / "interrupted", "--resume")
+    assert result.exit_code == 0 and "from step-000002" in result.stderr, result.output
+    assert resumed == straight[8:]
+    a, b = (read_metrics(d / "ppo" / "metrics.jsonl") for d in (tmp_path / "straight", tmp_path / "interrupted"))
+    assert [r["loss/ptx"] for r in a] == [r["loss/ptx"] for r in b]
+
+
+def test_paper_preset_scaled_down_runs_two_ppo_iterations(tmp_path):
+    """configs/instructgpt.yaml as it is, with model.name tiny and every size divided by 32: sft, train-rm
+    and 2 PPO-ptx iterations of 16 episodes, minibatches of 2 with 16 ptx blocks of 64 tokens each."""
+    preset = yaml.safe_load((REPO / "configs" / "instructgpt.yaml").read_text())
+    factor = 32
+    preset["sft"]["model"].update(name="tiny", max_seq_len=2048 // factor)
+    for stage in ("sft", "rm"):
+        preset[stage]["optim"]["batch_size"] //= factor
+    p = preset["ppo"]
+    for key in ("rollout_batch_size", "mini_batch_size", "ptx_batch_size", "ptx_seq_len", "max_new_tokens"):
+        p[key] //= factor
+    p["model"]["max_seq_len"] = 4096 // factor  # a prompt and its response (the paper: 2048 tokens)
+    p["optim"]["batch_size"] = max(1, p["optim"]["batch_size"] // factor)
+    p["ptx_micro_batch_size"] = max(1, p["ptx_micro_batch_size"] // factor)
+    p["optim"]["warmup_steps"] //= factor
+    (tmp_path / "preset.yaml").write_text(yaml.safe_dump(preset))
+    rng = random.Random(0)
+    write_jsonl(tmp_path / "demos.jsonl", arithmetic_demos(8))
+    write_jsonl(tmp_path / "rankings.jsonl", marker_rankings(8))
+    write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"{rng.randint(1, 9)} plus {rng.randint(1, 9)}?"}
+                                             for _ in range(32)])
+    write_jsonl(tmp_path / "pretrain.jsonl", [{"text": f"{i} and {i + 1} make {2 * i + 1}. " * 8} for i in range(20)])
+    common = ["--config", tmp_path / "preset.yaml", "--run-dir", tmp_path / "run"]
+    assert igpt("sft", *common, "--data", tmp_path / "demos.jsonl", "--max-steps", "1").exit_code == 0
+    assert igpt("train-rm", *common, "--rankings", tmp_path / "rankings.jsonl", "--max-steps", "1").exit_code == 0
+    result = igpt("ppo", *common, "--prompts", tmp_path / "prompts.jsonl", "--ptx-data", tmp_path / "pretrain.jsonl",
+                  "--max-steps", "2")
+    assert result.exit_code == 0, result.output
+    metrics = read_metrics(tmp_path / "run" / "ppo" / "metrics.jsonl")
+    assert len(metrics) == 2 and all(r["loss/ptx"] > 0 and r["episode"] == 16 * (i + 1) for i, r in enumerate(metrics))
+    assert (tmp_path / "run" / "ppo" / "final" / "policy" / "model.safetensors").exists()
