@@ -235,5 +235,6 @@ class _LinearCrossEntropySum(torch.autograd.Function):
     def backward(ctx, grad_total):
         grad_hidden, grad_weight = ctx.grads
         del ctx.grads  # a second backward through this graph would need them: autograd forbids one anyway
-        return (None if grad_hidden is None else grad_hidden * grad_total.to(grad_hidden.dtype),
-                None if grad_weight is None else grad_weight * grad_total.to(grad_weight.dtype), None, None)
+        # scaled in place: no second copy of a vocabulary-sized gradient
+        return (None if grad_hidden is None else grad_hidden.mul_(grad_total.to(grad_hidden.dtype)),
+                None if grad_weight is None else grad_weight.mul_(grad_total.to(grad_weight.dtype)), None, None)
