@@ -157,6 +157,7 @@ def ppo(
     prompts: Annotated[Optional[str], typer.Option("--prompts", help="Prompts JSONL for rollouts: {prompt}, optional category.")] = None,
     ptx_coef: Annotated[Optional[float], typer.Option("--ptx-coef", help="PPO-ptx gamma: weight of the pretraining LM loss (paper: 27.8) [default: 0].")] = None,
     ptx_data: Annotated[Optional[str], typer.Option("--ptx-data", help="Pretraining text: JSONL {text} or .txt.")] = None,
+    ptx_micro_batch_size: Annotated[Optional[int], typer.Option("--ptx-micro-batch-size", help="Pretraining sequences per forward/backward, memory only [default: 0 = optim.batch_size].")] = None,
     sft: Annotated[Optional[str], typer.Option("--sft", help="SFT model (policy init and KL reference) [default: RUN_DIR/sft/final].")] = None,
     rm: Annotated[Optional[str], typer.Option("--rm", help="Reward model (and value init) [default: RUN_DIR/rm/final].")] = None,
     require_rm_accuracy: Annotated[Optional[float], typer.Option("--require-rm-accuracy", help="Refuse to start unless the RM's recorded held-out accuracy is at least this (0-1) [default: 0, no check].")] = None,
@@ -186,6 +187,7 @@ def ppo(
     """Step 3: PPO against the reward model with a per-token KL penalty, and PPO-ptx."""
     overrides = {"prompts": prompts, "ptx_coef": ptx_coef, "ptx_data": ptx_data, "sft": sft, "rm": rm,
                  "require_rm_accuracy": require_rm_accuracy,
+                 "ptx_micro_batch_size": ptx_micro_batch_size,
                  "run_dir": run_dir, "lora.enabled": lora, "max_steps": max_steps, "total_episodes": total_episodes,
                  "beta": beta, "target_kl": target_kl, "optim.lr": lr, "rollout_batch_size": rollout_batch_size,
                  "mini_batch_size": mini_batch_size, "ppo_epochs": ppo_epochs, "temperature": temperature,

@@ -127,6 +127,8 @@ class PPOConfig:
     ptx_coef: float = f(0.0, "gamma of PPO-ptx: weight of the pretraining LM loss in every optimizer step; paper 27.8")
     ptx_batch_size: int = f(4, "pretraining sequences per optimizer step (sequences); paper: 8x the RL minibatch")
     ptx_seq_len: int = f(256, "length of each pretraining sequence (tokens)")
+    ptx_micro_batch_size: int = f(0, "pretraining sequences per forward and backward of the ptx term, memory only "
+                                     "(sequences); 0 = optim.batch_size")
     sft: str = f("", "SFT model: the policy's initialisation and the KL reference; default RUN_DIR/sft/final")
     rm: str = f("", "reward model (also the value model's initialisation); default RUN_DIR/rm/final")
     require_rm_accuracy: float = f(0.0, "refuse to start unless the RM's held-out pairwise accuracy recorded by "
@@ -253,6 +255,7 @@ CHECKS: dict[str, tuple[Any, str]] = {
     "require_rm_accuracy": (lambda v: 0 <= v <= 1, "must be in [0, 1] (a fraction; 0 = no check)"),
     "ptx_batch_size": (lambda v: v >= 1, "must be >= 1"),
     "ptx_seq_len": (lambda v: v >= 2, "must be >= 2"),
+    "ptx_micro_batch_size": (lambda v: v >= 0, "must be >= 0 (0 = optim.batch_size)"),
     "total_episodes": (lambda v: v >= 0, "must be >= 0"),
     "rollout_batch_size": (lambda v: v >= 1, "must be >= 1"),
     "mini_batch_size": (lambda v: v >= 1, "must be >= 1"),

@@ -136,11 +136,18 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
     return loss, stats
 
 
+def lm_targets(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Next-token targets (B, L-1) of right-padded text ``input_ids``, ``attention_mask`` (B, L): position t
+    predicts token t+1, IGNORE_INDEX where that token is padding."""
+    return input_ids[:, 1:].masked_fill(attention_mask[:, 1:] == 0, IGNORE_INDEX)
+
+
 def ptx_loss(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """The pretraining term of PPO-ptx: mean next-token cross-entropy over real tokens of a batch of
     pretraining text. logits (B, L, V), input_ids and attention_mask (B, L)."""
-    targets = input_ids[:, 1:].masked_fill(attention_mask[:, 1:] == 0, -100)
-    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-100)
+    targets = lm_targets(input_ids, attention_mask)
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)).float(), targets.reshape(-1),
+                           ignore_index=IGNORE_INDEX)
 
 
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
@@ -153,3 +160,81 @@ def adaptive_kl_beta(beta: float, kl: float, target: float, horizon: int, n_step
     """Ziegler et al. (2019)'s proportional controller: move beta so the KL approaches ``target``."""
     error = max(-0.2, min(0.2, kl / target - 1.0))
     return beta * (1.0 + error * n_steps / horizon)
+
+
+# ---------------------------------------------------------------- LM head and cross-entropy, chunked
+
+CHUNK_BYTES = 2**25  # fp32 logits of one chunk of rows: 32 MiB (170 rows of a 49K vocabulary)
+
+
+def chunk_rows(vocab: int) -> int:
+    """Rows per chunk of :func:`linear_cross_entropy_sum`: fp32 logits of about ``CHUNK_BYTES``."""
+    return max(1, CHUNK_BYTES // (4 * vocab))
+
+
+def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                             rows: int | None = None) -> torch.Tensor:
+    """Summed cross-entropy of fp32 logits ``hidden @ weight.T`` against ``targets``, rows with IGNORE_INDEX
+    skipped: what ``F.cross_entropy(F.linear(hidden, weight).float(), targets, reduction="sum")`` gives,
+    computed ``rows`` rows at a time (default :func:`chunk_rows`).
+
+    hidden (N, H), weight (V, H) (an LM head), targets (N,). Full-vocabulary logits are the largest tensor of
+    an LM loss (2048 tokens x 49K vocabulary are 400 MB in fp32, and autograd keeps them and their softmax
+    for the backward); here only one chunk's exist at a time. The gradients are computed chunk by chunk in
+    the forward (the softmax minus the one-hot target, times the head), so the backward keeps no logits
+    and recomputes none (Liger-Kernel's fused linear cross-entropy does the same, Hsu et al. 2024)."""
+    rows = rows or chunk_rows(weight.size(0))
+    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        return _LinearCrossEntropySum.apply(hidden, weight, targets, rows)
+    return _chunked_cross_entropy(hidden, weight, targets, rows, False, False)[0]
+
+
+def _chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, rows: int,
+                           need_hidden: bool, need_weight: bool) -> tuple:
+    """(summed loss, its gradient for ``hidden`` or None, for ``weight`` or None), ``rows`` rows at a time."""
+    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    grad_hidden = torch.zeros_like(hidden) if need_hidden else None
+    # accumulated over chunks in fp32 whatever the weight's dtype (one matmul would accumulate in fp32 too)
+    grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight else None
+    in_place = hidden.dtype == torch.float32 and not torch.is_autocast_enabled(hidden.device.type)
+    for start in range(0, hidden.size(0), rows):
+        h, t = hidden[start:start + rows], targets[start:start + rows]
+        keep = t != IGNORE_INDEX
+        safe = t.masked_fill(~keep, 0)
+        logits = F.linear(h, weight)
+        head_dtype = logits.dtype  # the dtype F.linear's backward gets its gradient in (bf16 under autocast)
+        logits = logits.float()
+        lse = torch.logsumexp(logits, -1)
+        total += ((lse - logits.gather(1, safe[:, None])[:, 0]) * keep).sum()
+        if need_hidden or need_weight:
+            # d(summed CE)/d(logits) = softmax - one_hot(target), 0 on ignored rows; in place of the logits
+            d = logits.sub_(lse[:, None]).exp_()
+            d[torch.arange(len(t), device=d.device), safe] -= 1.0
+            d = d.mul_(keep[:, None]).to(head_dtype)
+            if need_hidden:
+                grad_hidden[start:start + rows] = d @ weight
+            if need_weight:
+                if in_place:
+                    grad_weight.addmm_(d.t(), h)
+                else:
+                    grad_weight += (d.t() @ h).float()
+    if grad_weight is not None:
+        grad_weight = grad_weight.to(weight.dtype)
+    return total, grad_hidden, grad_weight
+
+
+class _LinearCrossEntropySum(torch.autograd.Function):
+    """:func:`linear_cross_entropy_sum` with its gradients computed in the forward, chunk by chunk."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, rows):
+        total, *ctx.grads = _chunked_cross_entropy(hidden, weight, targets, rows, *ctx.needs_input_grad[:2])
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        grad_hidden, grad_weight = ctx.grads
+        del ctx.grads  # a second backward through this graph would need them: autograd forbids one anyway
+        # scaled in place: no second copy of a vocabulary-sized gradient
+        return (None if grad_hidden is None else grad_hidden.mul_(grad_total.to(grad_hidden.dtype)),
+                None if grad_weight is None else grad_weight.mul_(grad_total.to(grad_weight.dtype)), None, None)

@@ -275,6 +275,48 @@ def last_token_scores(model: Any, query_response: torch.Tensor, mask: torch.Tens
     return out[torch.arange(out.size(0), device=out.device), context_len + lengths - 1]
 
 
+# ---------------------------------------------------------------- LM losses (SFT, PPO-ptx, eval's alignment tax)
+
+
+def head_loss_sum(model: Any, hidden: torch.Tensor, targets: torch.Tensor, transform: Any = None) -> torch.Tensor:
+    """Summed cross-entropy of the LM head's fp32 logits on final hidden states ``hidden`` (N, H) against
+    ``targets`` (N,) (IGNORE_INDEX skipped), after the family's logit transform (``models.logit_transform``;
+    None: the identity). A plain linear head with no transform runs a chunk of rows at a time
+    (``losses.linear_cross_entropy_sum``): full-vocabulary fp32 logits never exist for all N rows, in the forward
+    or the backward. Any other head (LoRA-adapted, with a bias) or a scaling/soft-capping family runs whole."""
+    from .data import IGNORE_INDEX
+    from .losses import linear_cross_entropy_sum
+    from .models import LogitTransform
+
+    head = model.get_output_embeddings()
+    identity = transform is None or transform == LogitTransform()
+    if identity and type(head) is torch.nn.Linear and head.bias is None:
+        return linear_cross_entropy_sum(hidden, head.weight, targets)
+    logits = head(hidden) if identity else transform(head(hidden))
+    return torch.nn.functional.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def lm_loss_sum(model: Any, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed next-token cross-entropy over the real tokens of right-padded text ``ids``, ``mask`` (B, L), and
+    the number of predicted tokens: the LM loss of PPO-ptx and of eval's alignment tax. On the lean path the
+    head runs in chunks over the predicting positions only (:func:`head_loss_sum`); other models give their
+    own logits (B, L, V) (any soft-capping or scaling applied), one micro-batch's at a time."""
+    from . import lean
+    from .data import IGNORE_INDEX
+    from .losses import lm_targets
+
+    targets = lm_targets(ids, mask)
+    selected = targets != IGNORE_INDEX
+    if lean.supported(model):
+        from .models import logit_transform
+
+        hidden = lean.states(model, ids, mask)[:, :-1][selected]
+        return head_loss_sum(model, hidden, targets[selected], logit_transform(model)), selected.sum()
+    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1]
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1),
+                                             ignore_index=IGNORE_INDEX, reduction="sum"), selected.sum()
+
+
 class Rollout(NamedTuple):
     """One PPO batch. query_response (B, L): left-padded queries then right-padded responses;
     attention_mask (B, L); context_len: query width; the rest are (B, T) over response tokens or (B,)."""
@@ -344,15 +386,12 @@ def response_kl(model: Any, ref: Any, tokenizer: Any, queries: list[list[int]], 
 def lm_loss(model: Any, blocks: list[list[int]], pad_id: int, batch_size: int) -> float:
     """Mean next-token loss over all tokens of pretraining-text blocks (exp of it is the perplexity)."""
     from .data import pad_right
-    from .losses import ptx_loss
 
     device = next(model.parameters()).device
     model.eval()
     total, tokens = 0.0, 0
     for start in range(0, len(blocks), batch_size):
         ids, mask = pad_right(blocks[start:start + batch_size], pad_id)
-        ids, mask = ids.to(device), mask.to(device)
-        n = int(mask[:, 1:].sum())
-        total += ptx_loss(model(input_ids=ids, attention_mask=mask, use_cache=False).logits, ids, mask).item() * n
-        tokens += n
+        summed, n = lm_loss_sum(model, ids.to(device), mask.to(device))
+        total, tokens = total + summed.item(), tokens + int(n)
     return total / max(tokens, 1)

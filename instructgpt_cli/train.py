@@ -98,6 +98,21 @@ def step_indices(n_items: int, step: int, per_step: int, seed: int) -> list[int]
     return perm[i * per_step:(i + 1) * per_step]
 
 
+def stream_indices(n_items: int, step: int, per_step: int, seed: int) -> list[int]:
+    """Indices of the ``per_step`` items step ``step`` (0-based) takes from an endless stream of passes over
+    ``n_items`` items, each pass a fresh permutation seeded by (seed, pass) as in :func:`step_indices`.
+
+    Unlike :func:`step_indices`, no step is short: one that reaches the end of a pass continues into the
+    next, so every step has exactly ``per_step`` items (repeating some when ``per_step > n_items``) and,
+    step after step, each item is taken once per pass, none skipped."""
+    first, last = step * per_step, (step + 1) * per_step  # positions in the stream
+    out: list[int] = []
+    for epoch in range(first // n_items, (last - 1) // n_items + 1):
+        perm = torch.randperm(n_items, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
+        out += perm[max(first - epoch * n_items, 0):last - epoch * n_items]
+    return out
+
+
 def micro_batches(items: list, size: int) -> list[list]:
     return [items[i:i + size] for i in range(0, len(items), size)]
 

@@ -32,15 +32,15 @@ from ..data import pretrain_blocks, pad_right, read_pretrain, read_prompts, rend
 from ..errors import BadInput
 from ..lean import forward_name
 from ..losses import (adaptive_kl_beta, gae, kl_penalized_rewards, masked_mean, masked_whiten, policy_loss,
-                      ptx_loss, value_loss)
+                      value_loss)
 from ..models import (apply_lora, find_model, frozen_layers, load_model, load_tokenizer, position_limit,
                       resolve_device, reward_stats, same_tokenizer, save_final, trunk_states)
 from ..rollout import (Rollout, build_rollout, decode_response, generate, last_token_scores, response_logprobs,
-                       token_values)
+                       token_values, lm_loss_sum)
 from ..rundir import check_stage, file_input
 from ..stats import describe_rm_accuracy
 from ..train import (Stage, banner, begin_stage, build_optimizer, build_scheduler, finish_stage, fit, model_rows,
-                     optimizer_step, processes_note, restore, say, step_indices)
+                     optimizer_step, processes_note, restore, say, step_indices, stream_indices)
 
 STAGE = "ppo"
 
@@ -55,11 +55,6 @@ class PolicyAndValue(torch.nn.Module):
 
 def micro(indices: torch.Tensor, size: int) -> list[torch.Tensor]:
     return [indices[i:i + size] for i in range(0, len(indices), size)]
-
-
-def ptx_lm_loss(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """The PPO-ptx term: ``model``'s LM loss on a batch of pretraining blocks (B, L)."""
-    return ptx_loss(model(input_ids=ids, attention_mask=mask, use_cache=False).logits, ids, mask)
 
 
 def score_rollout(models: dict, ro: Rollout, cfg: PPOConfig, beta: float, batch: int) -> dict:
@@ -159,15 +154,8 @@ def ppo_update(models: dict, trained: PolicyAndValue, optimizer, scheduler, ro: 
                     stats.setdefault("policy/approxkl_first", []).append(float(pg["approxkl"]) * w)
             if cfg.ptx_coef > 0:
                 t0 = time.perf_counter()
-                opt_step = (step * cfg.ppo_epochs + epoch) * n_minibatches + mb_i
-                blocks = [ptx[i] for i in step_indices(len(ptx), opt_step, cfg.ptx_batch_size, cfg.seed)]
-                mine = blocks[distributed.rank()::world]  # a rank short of a block reruns one with weight 0
-                # this rank's share of the step's ptx tokens: the loss is a mean over all ranks' blocks
-                share = sum(len(b) - 1 for b in mine) / max(sum(len(b) - 1 for b in blocks), 1)
-                ids, mask = (x.to(ro.query_response.device) for x in pad_right(mine or blocks[:1], pad_id))
-                loss = policy(ptx_lm_loss, ids, mask)
-                (cfg.ptx_coef * loss * (share * scale)).backward()
-                stats.setdefault("loss/ptx", []).append(loss.item() * share)
+                stats.setdefault("loss/ptx", []).append(ptx_backward(policy, ptx, scheduler.last_epoch, cfg, pad_id,
+                                                                     ro.query_response.device))
                 ptx_seconds += time.perf_counter() - t0
             stats.setdefault("train/grad_norm", []).append(optimizer_step(optimizer, scheduler, cfg.optim.grad_clip))
     # per-minibatch sums of token-weighted micro values -> means over minibatches
@@ -179,6 +167,32 @@ def ppo_update(models: dict, trained: PolicyAndValue, optimizer, scheduler, ro: 
             out[k] = sum(stats[k]) / len(stats[k])
     # every value but the gradient norm (the same on all ranks) is a rank's part of a global mean
     return distributed.reduce_metrics(out, sums=tuple(k for k in out if k != "train/grad_norm")), ptx_seconds
+
+
+def ptx_backward(policy, ptx: list[list[int]], opt_step: int, cfg: PPOConfig, pad_id: int,
+                 device: torch.device) -> float:
+    """The PPO-ptx term of optimizer step ``opt_step`` (0-based; the scheduler counts the steps taken, and
+    resumes with the run): backward of ``ptx_coef`` x the mean next-token loss over every token of the step's
+    ``ptx_batch_size`` pretraining blocks, into the gradients the step's PPO micro-batches left, for the
+    same optimizer step (C.4: "we mix in pretraining gradients"). Returns this rank's part of that mean.
+
+    The blocks are the next ones of the data's shuffled passes (``train.stream_indices``): exactly
+    ``ptx_batch_size`` per step, each block once a pass. They run ``ptx_micro_batch_size`` at a time (memory
+    only): each micro-batch's summed loss is divided by the tokens of the whole ptx batch, so any split
+    gives the same gradient. Micro-batch j goes to rank j mod W; every rank runs as many (weight 0 where it
+    has none left, ``distributed.rank_chunks``), and the policy's gradients are reduced in the last one."""
+    blocks = [ptx[i] for i in stream_indices(len(ptx), opt_step, cfg.ptx_batch_size, cfg.seed)]
+    n_tokens = sum(len(b) - 1 for b in blocks)  # predicted tokens of the whole ptx batch, all ranks
+    scale = distributed.world_size()  # DDP and FSDP average gradients over ranks; the loss wants their sum
+    mine = distributed.rank_chunks(micro(blocks, cfg.ptx_micro_batch_size or cfg.optim.batch_size))
+    summed_loss = 0.0
+    for j, (chunk, weight) in enumerate(mine):
+        ids, mask = (x.to(device) for x in pad_right(chunk, pad_id))
+        with distributed.syncing(policy, j == len(mine) - 1):
+            summed, _ = policy(lm_loss_sum, ids, mask)
+            (summed * (cfg.ptx_coef * weight * scale / n_tokens)).backward()
+        summed_loss += float(summed.detach()) * weight
+    return summed_loss / n_tokens
 
 
 def load_models(cfg: PPOConfig, tokenizer, sft_path: Path, rm_path: Path, device: torch.device) -> dict:
@@ -282,6 +296,8 @@ def run(cfg: PPOConfig, resume: bool = False, overwrite: bool = False) -> Path:
         return stage.final
     device = resolve_device(cfg.device)
     ptx = pretrain_blocks(tokenizer, ptx_texts, cfg.ptx_seq_len) if ptx_texts else []
+    if ptx_texts and not ptx:
+        raise BadInput([f"--ptx-data {cfg.ptx_data}: its text makes no block of 2 tokens or more to train on"])
 
     # 2. models, optimizer, schedule
     torch.manual_seed(cfg.seed)  # sampling; a resumed run restores the RNG state of its checkpoint

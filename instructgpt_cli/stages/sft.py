@@ -10,7 +10,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from .. import distributed, lean
 from ..config import SFTConfig
@@ -20,6 +19,7 @@ from ..losses import sft_loss_sum
 from ..models import (apply_lora, context_window, load_causal_lm, load_tokenizer,
                       resolve_device, save_final, supports_packing)
 from ..models import logit_transform
+from ..rollout import head_loss_sum
 from ..rundir import check_stage, file_input
 from ..train import (Stage, banner, begin_stage, build_optimizer, build_scheduler, finish_stage, fit,
                      micro_batches, model_rows, optimizer_step, processes_note, restore, say, step_chunks,
@@ -63,8 +63,8 @@ def loss_sum(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
                              positions=batch.get("position_ids"))
     else:
         hidden = model.get_decoder()(**inputs).last_hidden_state
-    logits = transform(model.get_output_embeddings()(hidden[:, :-1][selected]))
-    return F.cross_entropy(logits.float(), targets[selected], reduction="sum"), selected.sum()
+    # fp32 logits a chunk of rows at a time, in the backward too (rollout.head_loss_sum)
+    return head_loss_sum(model, hidden[:, :-1][selected], targets[selected], transform), selected.sum()
 
 
 @torch.no_grad()
