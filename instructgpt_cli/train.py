@@ -29,12 +29,17 @@ def trainable_parameters(model: Any) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def build_optimizer(model: Any, cfg: OptimConfig) -> torch.optim.Optimizer:
+def build_optimizer(model: Any, cfg: OptimConfig, lrs: dict[str, float] | None = None) -> torch.optim.Optimizer:
     """AdamW, fused where torch has the kernel (CPU and CUDA floats): without ``fused`` torch steps each
-    tensor in a Python loop on CPU, which took 5.3 s against 0.25 s fused for a 135M model here (bench/)."""
+    tensor in a Python loop on CPU, which took 5.3 s against 0.25 s fused for a 135M model here (bench/).
+
+    ``lrs``: one parameter group per named submodule of ``model``, in that order, each with its own peak
+    learning rate (PPO's ``{"policy": lr, "value": vf_lr}``); a schedule scales every group's alike."""
     params = trainable_parameters(model)
     fused = all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for p in params)
-    return torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+    groups = params if lrs is None else [{"params": trainable_parameters(getattr(model, name)), "lr": lr}
+                                         for name, lr in lrs.items()]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
                              weight_decay=cfg.weight_decay, fused=fused or None)
 
 
@@ -72,6 +77,17 @@ def optimizer_step(optimizer: Any, scheduler: Any, grad_clip: float) -> float:
     return grad_norm
 
 
+def optimizer_step_by_group(optimizer: Any, scheduler: Any, grad_clip: float) -> list[float]:
+    """:func:`optimizer_step` with each parameter group's gradient clipped on its own norm, so one group's
+    large gradient (PPO-ptx's, gamma 27.8, on the policy) cannot shrink another's (the value model's)
+    through a shared norm. Returns each group's norm before clipping."""
+    norms = [clip_gradients(group["params"], grad_clip) for group in optimizer.param_groups]
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return norms
+
+
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int) -> Any:
     """``transformers.get_scheduler``; ``cosine_with_min_lr`` decays to ``min_lr_ratio`` of the peak,
     as InstructGPT's schedules do (to 10%)."""
@@ -96,6 +112,25 @@ def step_indices(n_items: int, step: int, per_step: int, seed: int) -> list[int]
     gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     perm = torch.randperm(n_items, generator=gen).tolist()
     return perm[i * per_step:(i + 1) * per_step]
+
+
+def wrapped_indices(n_items: int, step: int, per_step: int, seed: int) -> list[int]:
+    """Indices of the ``per_step`` items step ``step`` (0-based) takes: always ``per_step`` of them.
+
+    The items are one endless stream of passes, each a fresh permutation seeded by (seed, pass) as in
+    :func:`step_indices`; step s takes stream positions [s * per_step, (s + 1) * per_step), so a step
+    that reaches the end of a pass continues into the next pass's order instead of coming up short (and
+    with ``per_step > n_items`` one step holds some items more than once). A pure function of
+    (seed, step): a resumed run continues exactly. Where ``per_step`` divides ``n_items`` it is
+    :func:`step_indices`."""
+    out: list[int] = []
+    start = step * per_step
+    while len(out) < per_step:
+        epoch, i = divmod(start + len(out), n_items)
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        perm = torch.randperm(n_items, generator=gen).tolist()
+        out += perm[i:i + per_step - len(out)]
+    return out
 
 
 def micro_batches(items: list, size: int) -> list[list]:
@@ -174,7 +209,12 @@ def load_train_state(src: Path, model: Any, optimizer: Any, scheduler: Any) -> t
         with torch.no_grad():
             for name, tensor in weights.items():
                 params[name].copy_(tensor)
-        optimizer.load_state_dict(torch.load(src / "optimizer.pt", weights_only=True, map_location="cpu"))
+        saved = torch.load(src / "optimizer.pt", weights_only=True, map_location="cpu")
+        if len(saved["param_groups"]) != len(optimizer.param_groups):  # e.g. PPO before the value's own group
+            raise BadInput([f"{src}: its optimizer has {len(saved['param_groups'])} parameter groups and this run's "
+                            f"{len(optimizer.param_groups)}; it was written by another igpt version (start over with "
+                            "--overwrite)"])
+        optimizer.load_state_dict(saved)
     state = torch.load(src / "state.pt", weights_only=True)
     scheduler.load_state_dict(state["scheduler"])
     rngs, world = state.get("rng_ranks", [state["rng"]]), distributed.world_size()
