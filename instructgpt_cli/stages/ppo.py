@@ -122,7 +122,8 @@ def ppo_update(models: dict, trained: PolicyAndValue, optimizer, scheduler, ro: 
                ptx: list[list[int]], step: int, pad_id: int) -> tuple[dict, float]:
     """PPO epochs over shuffled minibatches; each optimizer step adds the ptx term. Returns stats (over
     all ranks) and the seconds spent on ptx. Each rank holds 1/world of the rollout and of every
-    minibatch; a minibatch's loss is normalised by the response tokens of all ranks' shares."""
+    minibatch; a minibatch's loss is normalised by the response tokens of all ranks' shares.
+    ``optimizer`` has two parameter groups, the policy's then the value model's, each clipped on its own."""
     policy, value = models["policy"], models["value"]
     mask_all = ro.response_mask.float()
     stats: dict[str, list[float]] = {}
