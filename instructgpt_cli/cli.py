@@ -158,7 +158,7 @@ def ppo(
     config: ConfigFile = None,
     print_config: PrintConfig = False,
     max_steps: Annotated[Optional[int], typer.Option("--max-steps", help="PPO iterations (rollout + update each).")] = None,
-    total_episodes: Annotated[Optional[int], typer.Option("--total-episodes", help="Stop after this many sampled responses.")] = None,
+    total_episodes: Annotated[Optional[int], typer.Option("--total-episodes", help="Stop after this many sampled responses (rounded up to whole iterations).")] = None,
     beta: Annotated[Optional[float], typer.Option("--beta", help="KL penalty coefficient (paper: 0.02).")] = None,
     target_kl: Annotated[Optional[float], typer.Option("--target-kl", help="Adapt beta towards this KL (0 = fixed).")] = None,
     lr: Annotated[Optional[float], typer.Option("--lr", help="Learning rate of the policy (and of the value model when --vf-lr is 0).")] = None,

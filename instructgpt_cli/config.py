@@ -136,9 +136,11 @@ class PPOConfig:
                            "grad_clip clips each model's gradient norm on its own")
     vf_lr: float = f(0.0, "peak learning rate of the value model, in its own parameter group with its own gradient "
                           "clip (per step); 0 = optim.lr; paper 9e-6 (C.4)")
-    total_episodes: int = f(0, "stop after this many sampled responses (episodes, the paper's unit); 0 = use max_steps")
+    total_episodes: int = f(0, "stop after this many sampled responses (episodes, the paper's unit), rounded up to "
+                                "whole iterations; 0 = use max_steps")
     max_steps: int = f(0, "PPO iterations (each a rollout batch and its update); 0 = one pass over the prompts")
-    rollout_batch_size: int = f(16, "prompts per PPO iteration, one response each (episodes); paper 512")
+    rollout_batch_size: int = f(16, "prompts per PPO iteration, one response each (episodes), every iteration: "
+                                    "a pass's end continues into the next shuffled pass; paper 512")
     mini_batch_size: int = f(8, "responses per optimizer step within an iteration (episodes); paper 64")
     ppo_epochs: int = f(1, "passes over each rollout batch (epochs); the paper uses a single inner epoch")
     temperature: float = f(1.0, "sampling temperature; log-probs use the same logits / T (dimensionless)")
