@@ -168,10 +168,11 @@ def ppo(
     config: ConfigFile = None,
     print_config: PrintConfig = False,
     max_steps: Annotated[Optional[int], typer.Option("--max-steps", help="PPO iterations (rollout + update each).")] = None,
-    total_episodes: Annotated[Optional[int], typer.Option("--total-episodes", help="Stop after this many sampled responses.")] = None,
+    total_episodes: Annotated[Optional[int], typer.Option("--total-episodes", help="Stop after this many sampled responses (rounded up to whole iterations).")] = None,
     beta: Annotated[Optional[float], typer.Option("--beta", help="KL penalty coefficient (paper: 0.02).")] = None,
     target_kl: Annotated[Optional[float], typer.Option("--target-kl", help="Adapt beta towards this KL (0 = fixed).")] = None,
-    lr: Annotated[Optional[float], typer.Option("--lr", help="Learning rate of policy and value.")] = None,
+    lr: Annotated[Optional[float], typer.Option("--lr", help="Learning rate of the policy (and of the value model when --vf-lr is 0).")] = None,
+    vf_lr: Annotated[Optional[float], typer.Option("--vf-lr", help="Learning rate of the value model; 0 = --lr (paper: 9e-6).")] = None,
     rollout_batch_size: Annotated[Optional[int], typer.Option("--rollout-batch-size", help="Prompts per iteration.")] = None,
     mini_batch_size: Annotated[Optional[int], typer.Option("--mini-batch-size", help="Responses per optimizer step.")] = None,
     ppo_epochs: Annotated[Optional[int], typer.Option("--ppo-epochs", help="Passes over each rollout batch.")] = None,
@@ -192,7 +193,7 @@ def ppo(
                  "beta": beta, "target_kl": target_kl, "optim.lr": lr, "rollout_batch_size": rollout_batch_size,
                  "mini_batch_size": mini_batch_size, "ppo_epochs": ppo_epochs, "temperature": temperature,
                  "max_new_tokens": max_new_tokens, "save_every": save_every, "sample_every": sample_every,
-                 "seed": seed, "device": device, "fsdp": fsdp,
+                 "seed": seed, "device": device, "fsdp": fsdp, "vf_lr": vf_lr,
                  "model.gradient_checkpointing": gradient_checkpointing}
 
     def runner(cfg: Any) -> Any:

@@ -136,12 +136,18 @@ class PPOConfig:
     run_dir: str = f("runs/default", "run directory shared by all stages (path)")
     model: ModelConfig = f(ModelConfig(name=""), "model block: dtype, max_seq_len; dropout stays 0 in PPO")
     lora: LoraConfig = f(LoraConfig(), "LoRA block: adapters on policy and value; the reference and the reward "
-                                       "model are the same weights with adapters disabled (no extra copies)")
+                                       "model are the same weights with adapters disabled (no extra copies); "
+                                       "lora.dropout stays 0 in PPO")
     optim: OptimConfig = f(OptimConfig(lr=1e-5, scheduler="constant_with_warmup", warmup_steps=0, batch_size=4),
-                           "optimizer block for policy and value; batch_size is the micro-batch (sequences)")
-    total_episodes: int = f(0, "stop after this many sampled responses (episodes, the paper's unit); 0 = use max_steps")
+                           "optimizer block for policy and value; batch_size is the micro-batch (sequences); "
+                           "grad_clip clips each model's gradient norm on its own")
+    vf_lr: float = f(0.0, "peak learning rate of the value model, in its own parameter group with its own gradient "
+                          "clip (per step); 0 = optim.lr; paper 9e-6 (C.4)")
+    total_episodes: int = f(0, "stop after this many sampled responses (episodes, the paper's unit), rounded up to "
+                                "whole iterations; 0 = use max_steps")
     max_steps: int = f(0, "PPO iterations (each a rollout batch and its update); 0 = one pass over the prompts")
-    rollout_batch_size: int = f(16, "prompts per PPO iteration, one response each (episodes); paper 512")
+    rollout_batch_size: int = f(16, "prompts per PPO iteration, one response each (episodes), every iteration: "
+                                    "a pass's end continues into the next shuffled pass; paper 512")
     mini_batch_size: int = f(8, "responses per optimizer step within an iteration (episodes); paper 64")
     ppo_epochs: int = f(1, "passes over each rollout batch (epochs); the paper uses a single inner epoch")
     temperature: float = f(1.0, "sampling temperature; log-probs use the same logits / T (dimensionless)")
@@ -268,6 +274,7 @@ CHECKS: dict[str, tuple[Any, str]] = {
     "cliprange": (lambda v: v > 0, "must be > 0"),
     "cliprange_value": (lambda v: v > 0, "must be > 0"),
     "vf_coef": (lambda v: v >= 0, "must be >= 0"),
+    "vf_lr": (lambda v: v >= 0, "must be >= 0 (0 = optim.lr)"),
     "reward_clip": (lambda v: v >= 0, "must be >= 0 (0 disables)"),
     "sample_every": (lambda v: v >= 1, "must be >= 1"),
     "judge": (lambda v: v in ("rm", "human"), "must be rm or human"),

@@ -29,12 +29,17 @@ def trainable_parameters(model: Any) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def build_optimizer(model: Any, cfg: OptimConfig) -> torch.optim.Optimizer:
+def build_optimizer(model: Any, cfg: OptimConfig, lrs: dict[str, float] | None = None) -> torch.optim.Optimizer:
     """AdamW, fused where torch has the kernel (CPU and CUDA floats): without ``fused`` torch steps each
-    tensor in a Python loop on CPU, which took 5.3 s against 0.25 s fused for a 135M model here (bench/)."""
+    tensor in a Python loop on CPU, which took 5.3 s against 0.25 s fused for a 135M model here (bench/).
+
+    ``lrs``: one parameter group per named submodule of ``model``, in that order, each with its own peak
+    learning rate (PPO's ``{"policy": lr, "value": vf_lr}``); a schedule scales every group's alike."""
     params = trainable_parameters(model)
     fused = all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for p in params)
-    return torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+    groups = params if lrs is None else [{"params": trainable_parameters(getattr(model, name)), "lr": lr}
+                                         for name, lr in lrs.items()]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
                              weight_decay=cfg.weight_decay, fused=fused or None)
 
 
@@ -70,6 +75,17 @@ def optimizer_step(optimizer: Any, scheduler: Any, grad_clip: float) -> float:
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return grad_norm
+
+
+def optimizer_step_by_group(optimizer: Any, scheduler: Any, grad_clip: float) -> list[float]:
+    """:func:`optimizer_step` with each parameter group's gradient clipped on its own norm, so one group's
+    large gradient (PPO-ptx's, gamma 27.8, on the policy) cannot shrink another's (the value model's)
+    through a shared norm. Returns each group's norm before clipping."""
+    norms = [clip_gradients(group["params"], grad_clip) for group in optimizer.param_groups]
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return norms
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int) -> Any:
@@ -189,7 +205,12 @@ def load_train_state(src: Path, model: Any, optimizer: Any, scheduler: Any) -> t
         with torch.no_grad():
             for name, tensor in weights.items():
                 params[name].copy_(tensor)
-        optimizer.load_state_dict(torch.load(src / "optimizer.pt", weights_only=True, map_location="cpu"))
+        saved = torch.load(src / "optimizer.pt", weights_only=True, map_location="cpu")
+        if len(saved["param_groups"]) != len(optimizer.param_groups):  # e.g. PPO before the value's own group
+            raise BadInput([f"{src}: its optimizer has {len(saved['param_groups'])} parameter groups and this run's "
+                            f"{len(optimizer.param_groups)}; it was written by another igpt version (start over with "
+                            "--overwrite)"])
+        optimizer.load_state_dict(saved)
     state = torch.load(src / "state.pt", weights_only=True)
     scheduler.load_state_dict(state["scheduler"])
     rngs, world = state.get("rng_ranks", [state["rng"]]), distributed.world_size()

@@ -53,8 +53,10 @@ def ppo_step(fsdp: bool) -> dict:
     trained = ppo.PolicyAndValue(policy, value)
     models = ppo.runners({"policy": policy, "value": value, "ref": ref, "rm": rm,
                           "ref_ctx": contextlib.nullcontext, "rm_ctx": contextlib.nullcontext}, cfg, CPU)
-    # SGD: the weight change is the gradient itself (Adam would amplify float noise in tiny gradients)
-    optimizer = torch.optim.SGD([p for p in trained.parameters() if p.requires_grad], lr=0.5)
+    # SGD: the weight change is the gradient itself (Adam would amplify float noise in tiny gradients);
+    # policy and value in their own parameter groups, as ppo.run builds them
+    optimizer = torch.optim.SGD([{"params": [p for p in m.parameters() if p.requires_grad]} for m in (policy, value)],
+                                lr=0.5)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     queries, responses, blocks = rollout_data(tok)
     mine = list(range(8))[distributed.rank()::distributed.world_size()]  # as ppo.run shares a step's prompts

@@ -7,7 +7,6 @@ the lean Llama forward and on transformers' (Qwen2, GPT-NeoX), with and without 
 the stages run with ``--gradient-checkpointing`` and say which forward runs."""
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch

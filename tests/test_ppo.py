@@ -61,6 +61,72 @@ def test_first_minibatch_ratio_is_one_and_kl_starts_at_zero(world, tmp_path, lor
     assert len(samples) == 8 and {"prompt", "response", "score", "kl"} <= json.loads(samples[0]).keys()
 
 
+def flat(text):
+    """stderr with rich's line wrapping undone."""
+    return " ".join(text.split())
+
+
+def test_every_iteration_samples_exactly_rollout_batch_size_episodes(world, tmp_path):
+    """10 prompts, 4 per iteration: the third iteration takes the last 2 of the first pass and the first 2 of
+    the next (not a short batch of 2); `episode` counts them; the value model has its own learning rate."""
+    from instructgpt_cli.data import read_prompts
+    from instructgpt_cli.train import stream_indices
+
+    prompts = write_jsonl(tmp_path / "ten.jsonl", [{"prompt": f"What is {i} plus {i + 2}?"} for i in range(10)])
+    run_dir = tmp_path / "run"
+    args = ppo_args(world, run_dir, "--max-steps", "3", "--sample-every", "1", "--save-every", "2", "--vf-lr", "1e-3")
+    args[args.index("--prompts") + 1], args[args.index("--rollout-batch-size") + 1] = prompts, "4"
+    args[args.index("--mini-batch-size") + 1] = "2"
+    result = igpt(*args)
+    assert result.exit_code == 0, result.output
+    assert "4 per iteration" in flat(result.stderr) and "12 episodes" in flat(result.stderr)
+    assert "policy 0.003, value 0.001" in flat(result.stderr)
+    m = read_metrics(run_dir / "ppo" / "metrics.jsonl")
+    assert [r["episode"] for r in m] == [4, 8, 12]
+    texts = [p.prompt for p in read_prompts(prompts)]
+    for step in (1, 2, 3):
+        lines = [json.loads(x) for x in (run_dir / "ppo" / "samples" / f"step-{step:06d}.jsonl").read_text().splitlines()]
+        assert [x["prompt"] for x in lines] == [texts[j] for j in stream_indices(10, step - 1, 4, 0)]
+    # the value model's parameter group: its own learning rate, its own gradient norm
+    assert all(r["train/lr"] == pytest.approx(3e-3) and r["train/lr_value"] == pytest.approx(1e-3) for r in m)
+    for r in m:
+        assert r["train/grad_norm_policy"] > 0 and r["train/grad_norm_value"] > 0
+    saved = torch.load(run_dir / "ppo" / "checkpoints" / "step-000002" / "optimizer.pt", weights_only=True)
+    assert [g["lr"] for g in saved["param_groups"]] == pytest.approx([3e-3, 1e-3])
+
+
+def test_total_episodes_rounds_up_to_whole_iterations_and_more_prompts_than_the_file_wrap(world, tmp_path):
+    prompts = write_jsonl(tmp_path / "ten.jsonl", [{"prompt": f"What is {i} plus {i + 2}?"} for i in range(10)])
+    args = ppo_args(world, tmp_path / "run", "--total-episodes", "10")
+    args[args.index("--prompts") + 1], args[args.index("--rollout-batch-size") + 1] = prompts, "4"
+    result = igpt(*args)
+    assert result.exit_code == 0, result.output
+    assert "12 episodes (--total-episodes 10 rounded up to whole iterations of 4)" in flat(result.stderr)
+    assert [r["episode"] for r in read_metrics(tmp_path / "run" / "ppo" / "metrics.jsonl")] == [4, 8, 12]
+    # 16 per iteration from a file of 10: said in the banner, and 16 responses sampled
+    args = ppo_args(world, tmp_path / "run16", "--max-steps", "1")
+    args[args.index("--prompts") + 1], args[args.index("--rollout-batch-size") + 1] = prompts, "16"
+    result = igpt(*args)
+    assert result.exit_code == 0, result.output
+    assert "16 per iteration (more than the file has" in flat(result.stderr)
+    assert read_metrics(tmp_path / "run16" / "ppo" / "metrics.jsonl")[0]["episode"] == 16
+    assert len((tmp_path / "run16" / "ppo" / "samples" / "step-000001.jsonl").read_text().splitlines()) == 16
+
+
+def test_lora_dropout_is_off_in_ppo(world, tmp_path):
+    """LoRA dropout 0.3 in the config: PPO turns it off like the model's, so the first minibatch's ratio is
+    exactly 1 at every iteration (it was 1.0018 at the second, once the adapters had moved)."""
+    cfg = tmp_path / "lora.yaml"
+    cfg.write_text("ppo:\n  lora: {enabled: true, dropout: 0.3}\n")
+    result = igpt(*ppo_args(world, tmp_path / "run", "--config", cfg, "--max-steps", "3"))
+    assert result.exit_code == 0, result.output
+    m = read_metrics(tmp_path / "run" / "ppo" / "metrics.jsonl")
+    assert any(r["policy/approxkl"] > 1e-6 for r in m)  # the adapters did move
+    for r in m:
+        assert r["val/ratio_first"] == pytest.approx(1.0, abs=1e-6)
+        assert r["policy/approxkl_first"] == pytest.approx(0.0, abs=1e-7)
+
+
 def test_score_rises_against_a_rule_reward_while_kl_stays_bounded(world, tmp_path):
     run_dir = tmp_path / "run"
     result = igpt(*ppo_args(world, run_dir, "--max-steps", "12", "--seed", "0"))
@@ -109,7 +175,7 @@ def test_ptx_coef_without_data_is_refused(world, tmp_path):
 def test_killed_ppo_run_resumes_bit_identical(world, tmp_path, lora):
     from test_sft import run_subprocess
 
-    extra = ["--max-steps", "5", "--save-every", "2", "--ppo-epochs", "2", "--target-kl", "0.5",
+    extra = ["--max-steps", "5", "--save-every", "2", "--ppo-epochs", "2", "--target-kl", "0.5", "--vf-lr", "1e-3",
              "--ptx-coef", "0.5", "--ptx-data", world / "pretrain.jsonl", *(["--lora"] if lora else [])]
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
     assert igpt(*ppo_args(world, straight, *extra)).exit_code == 0

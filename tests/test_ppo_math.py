@@ -50,6 +50,9 @@ def test_clipped_policy_loss_by_hand():
     assert loss.item() == pytest.approx((-1.2 - 0.5 + 2.2) / 3, rel=1e-5)
     assert stats["clipfrac"].item() == pytest.approx(1 / 3)
     assert stats["ratio"].item() == pytest.approx((1.5 + 0.5 + 1.1) / 3, rel=1e-5)
+    # approx-KL 0.5 * mean((log r)^2) over the three tokens
+    assert stats["approxkl"].item() == pytest.approx(0.5 * (math.log(1.5) ** 2 + math.log(0.5) ** 2
+                                                            + math.log(1.1) ** 2) / 3, rel=1e-5)
     same, s = policy_loss(old, old, adv, mask, clip=0.2)
     assert s["ratio"].item() == 1.0 and s["approxkl"].item() == 0.0
 
@@ -84,8 +87,32 @@ def test_everything_after_eos_is_masked():
 
 
 def test_adaptive_kl_controller_moves_beta_towards_target():
-    assert adaptive_kl_beta(0.1, kl=12.0, target=6.0, horizon=100, n_steps=10) == pytest.approx(0.1 * 1.02)
-    assert adaptive_kl_beta(0.1, kl=3.0, target=6.0, horizon=100, n_steps=10) == pytest.approx(0.1 * (1 - 0.2 * 0.1))  # error clipped to -0.2
+    # proportional inside the clip: error = KL / target - 1, beta *= 1 + error * n / horizon
+    assert adaptive_kl_beta(0.1, kl=6.6, target=6.0, horizon=100, n_steps=10) == pytest.approx(0.1 * (1 + 0.1 * 0.1))
+    assert adaptive_kl_beta(0.1, kl=5.7, target=6.0, horizon=100, n_steps=10) == pytest.approx(0.1 * (1 - 0.05 * 0.1))
+    assert adaptive_kl_beta(0.1, kl=6.0, target=6.0, horizon=100, n_steps=10) == 0.1  # on target: unchanged
+    # outside it the error is clipped to +-0.2
+    assert adaptive_kl_beta(0.1, kl=12.0, target=6.0, horizon=100, n_steps=10) == pytest.approx(0.1 * (1 + 0.2 * 0.1))
+    assert adaptive_kl_beta(0.1, kl=3.0, target=6.0, horizon=100, n_steps=10) == pytest.approx(0.1 * (1 - 0.2 * 0.1))
+
+
+def test_stream_indices_give_every_step_exactly_per_step_items_in_pass_order():
+    """The prompt order of PPO: one stream of passes, each a seeded permutation; a step that reaches the end
+    of a pass continues into the next (no short step), a pure function of (seed, step)."""
+    from instructgpt_cli.train import step_indices, stream_indices
+
+    perm = lambda seed, p: torch.randperm(10, generator=torch.Generator().manual_seed(seed * 1_000_003 + p)).tolist()  # noqa: E731
+    steps = [stream_indices(10, s, 4, seed=3) for s in range(5)]
+    assert all(len(s) == 4 for s in steps)
+    assert sum(steps, []) == perm(3, 0) + perm(3, 1)  # 20 items = two whole passes, in their order
+    assert steps[2] == perm(3, 0)[8:] + perm(3, 1)[:2]  # the step across the end of pass 0
+    assert stream_indices(10, 2, 4, seed=3) == steps[2]  # the same again: a resumed run continues exactly
+    # more per step than items: a step spans passes, some items twice
+    passes = sum((torch.randperm(3, generator=torch.Generator().manual_seed(p)).tolist() for p in range(6)), [])
+    assert stream_indices(3, 1, 8, seed=0) == passes[8:16]
+    # where per_step divides the items it is the epoch order of the other stages
+    assert [stream_indices(12, s, 4, 7) for s in range(6)] == [step_indices(12, s, 4, 7) for s in range(6)]
+    assert stream_indices(1, 5, 3, 0) == [0, 0, 0]  # one item
 
 
 def test_few_row_linears_compute_the_same_products_and_restore_the_layers():
@@ -136,3 +163,195 @@ def test_sampling_runs_without_autograd_draws_what_no_grad_draws_and_leaves_the_
     ids = torch.tensor([queries[1] + fast[1]])
     model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
     assert all(p.grad is not None and not p.is_inference() for p in model.parameters() if p.requires_grad)
+
+
+def policy_and_value(n_policy: int = 6, n_value: int = 4):
+    """A stand-in for ppo.PolicyAndValue: two linear layers whose weights are the parameters."""
+    from instructgpt_cli.stages.ppo import PolicyAndValue
+
+    return PolicyAndValue(torch.nn.Linear(n_policy, 1, bias=False), torch.nn.Linear(n_value, 1, bias=False))
+
+
+def test_value_parameters_step_with_their_own_learning_rate_under_the_schedule():
+    from instructgpt_cli.config import OptimConfig
+    from instructgpt_cli.train import build_optimizer, build_scheduler, optimizer_step_by_group
+
+    pv = policy_and_value()
+    before = {k: p.detach().clone() for k, p in pv.named_parameters()}
+    cfg = OptimConfig(lr=1e-2, weight_decay=0.0, scheduler="linear", grad_clip=0.0)
+    optimizer = build_optimizer(pv, cfg, {"policy": 1e-2, "value": 1e-3})
+    scheduler = build_scheduler(optimizer, cfg, total_steps=10)
+    assert [g["lr"] for g in optimizer.param_groups] == [1e-2, 1e-3]
+    for p in pv.parameters():
+        p.grad = torch.randn_like(p) * 5
+    optimizer_step_by_group(optimizer, scheduler, cfg.grad_clip)
+    # Adam's first step moves every weight by lr * g / (|g| + eps): lr itself, per group
+    for name, lr in (("policy.weight", 1e-2), ("value.weight", 1e-3)):
+        step = (dict(pv.named_parameters())[name] - before[name]).abs()
+        torch.testing.assert_close(step, torch.full_like(step, lr), rtol=1e-4, atol=0)  # float32 weights
+    # the linear schedule scales both groups alike: 9/10 of each peak after one of ten steps
+    assert scheduler.get_last_lr() == pytest.approx([0.9e-2, 0.9e-3])
+
+
+def test_a_huge_policy_gradient_does_not_shrink_the_value_update():
+    """Each group is clipped on its own norm: ptx's gradient on the policy (gamma 27.8) cannot scale the
+    value model's step through a shared norm (with one norm the value step here would be 2e-7 of itself)."""
+    from instructgpt_cli.train import optimizer_step_by_group
+
+    pv = policy_and_value(n_policy=4, n_value=4)
+    before = {k: p.detach().clone() for k, p in pv.named_parameters()}
+    optimizer = torch.optim.SGD([{"params": [pv.policy.weight]}, {"params": [pv.value.weight]}], lr=1.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    pv.policy.weight.grad = torch.full((1, 4), 1e6)  # norm 2e6
+    pv.value.weight.grad = torch.tensor([[0.3, 0.0, -0.4, 0.0]])  # norm 0.5, under the clip of 1
+    norms = optimizer_step_by_group(optimizer, scheduler, grad_clip=1.0)
+    assert norms == pytest.approx([2e6, 0.5])
+    torch.testing.assert_close(before["value.weight"] - pv.value.weight.detach(), torch.tensor([[0.3, 0.0, -0.4, 0.0]]))
+    policy_step = before["policy.weight"] - pv.policy.weight.detach()
+    assert policy_step.norm().item() == pytest.approx(1.0, rel=1e-5)  # clipped to norm 1
+    assert all(p.grad is None for p in pv.parameters())
+
+
+def constant_rm(tok, score: float):
+    """A tiny reward model that scores every sequence ``score``: a zero head plus the normalisation bias."""
+    from instructgpt_cli.models import REWARD_BIAS, tiny_model
+
+    rm = tiny_model(tok, seed=2, kind="reward")
+    with torch.no_grad():
+        rm.score.weight.zero_()
+    setattr(rm.config, REWARD_BIAS, score)
+    return rm.requires_grad_(False).eval()
+
+
+def scoring_models(tok, rm, policy_dropout: float = 0.0):
+    import contextlib
+
+    from instructgpt_cli.config import PPOConfig
+    from instructgpt_cli.models import tiny_model
+    from instructgpt_cli.stages import ppo
+
+    policy, ref = tiny_model(tok, seed=0, dropout=policy_dropout), tiny_model(tok, seed=0).requires_grad_(False).eval()
+    value = tiny_model(tok, seed=1, kind="reward")
+    return ppo.runners({"policy": policy, "value": value, "ref": ref, "rm": rm, "ref_ctx": contextlib.nullcontext,
+                        "rm_ctx": contextlib.nullcontext}, PPOConfig(), torch.device("cpu"))
+
+
+def fixed_rollout(tok):
+    """Four queries and responses: rows 0 and 2 end in EOS, rows 1 and 3 ran out of tokens."""
+    queries = [tok.encode(q) for q in ("2+3=", "12+7=", "9+9=", "1+1=")]
+    words = [tok.encode(w) for w in ("five", "nineteen and more", "eighteen", "two two two")]
+    responses = [w + [tok.eos_token_id] if i % 2 == 0 else w for i, w in enumerate(words)]
+    return build_rollout(queries, responses, tok.pad_token_id, tok.eos_token_id)
+
+
+@pytest.mark.parametrize("raw, clip, penalty, expected", [
+    (3.0, 1.0, 0.5, [1.0, 0.5, 1.0, 0.5]),     # clipped to 1, then 0.5 off where no EOS
+    (-3.0, 1.0, 0.5, [-1.0, -1.5, -1.0, -1.5]),
+    (3.0, 0.0, 2.0, [3.0, 1.0, 3.0, 1.0]),     # no clip
+    (0.25, 1.0, 0.0, [0.25] * 4),              # inside the clip, no penalty: the score itself
+])
+def test_scoring_clips_scores_and_penalises_a_missing_eos_by_hand(raw, clip, penalty, expected):
+    """Through ppo's scoring: the RM says ``raw`` for every response; the reward at the last real token is
+    the clipped score less the penalty where the response has no EOS (the policy is the reference: KL 0)."""
+    from instructgpt_cli.config import PPOConfig
+    from instructgpt_cli.models import tiny_tokenizer
+    from instructgpt_cli.stages import ppo
+
+    tok = tiny_tokenizer()
+    ro = fixed_rollout(tok)
+    cfg = PPOConfig(reward_clip=clip, missing_eos_penalty=penalty)
+    sc = ppo.score_rollout(scoring_models(tok, constant_rm(tok, raw)), ro, cfg, beta=0.05, batch=3)
+    assert sc["scores"].tolist() == pytest.approx([raw] * 4)  # objective/scores: the RM's own
+    assert sc["penalised_scores"].tolist() == pytest.approx(expected)
+    assert sc["kl"].abs().max().item() < 1e-6
+    last = ro.lengths - 1
+    assert sc["rewards"][torch.arange(4), last].tolist() == pytest.approx(expected, abs=1e-6)
+    assert sc["rewards"].sum(1).tolist() == pytest.approx(expected, abs=1e-6)  # nothing anywhere else
+
+
+def test_scoring_runs_policy_and_value_in_eval_mode():
+    """A policy with dropout, left in train mode by the last update, scores as in eval mode (the mode it
+    sampled in): the old log-probs are exactly the eval-mode ones."""
+    from instructgpt_cli.config import PPOConfig
+    from instructgpt_cli.models import tiny_tokenizer
+    from instructgpt_cli.rollout import response_logprobs
+    from instructgpt_cli.stages import ppo
+
+    tok = tiny_tokenizer()
+    ro = fixed_rollout(tok)
+    models = scoring_models(tok, constant_rm(tok, 0.0), policy_dropout=0.5)
+    models["policy"].train(), models["value"].train()
+    torch.manual_seed(0)
+    sc = ppo.score_rollout(models, ro, PPOConfig(), beta=0.05, batch=4)
+    assert not models["policy"].training and not models["value"].training
+    with torch.no_grad():
+        expected, _ = response_logprobs(models["policy"].model.eval(), ro.query_response, ro.attention_mask,
+                                        ro.context_len, 1.0)
+    mask = ro.response_mask.bool()
+    torch.testing.assert_close(sc["logprobs"][mask], expected[mask], rtol=1e-5, atol=1e-6)
+
+
+def test_generate_truncates_at_eos_mid_batch_and_pads_after_it():
+    """A model whose LM head forces EOS in rows 0 and 2 at the 4th token and never elsewhere: those rows
+    stop there (EOS kept, pad after it in the sampled block), the others run to max_new_tokens; the
+    rollout's response mask, has_eos and lengths follow."""
+    from instructgpt_cli import rollout
+    from instructgpt_cli.models import tiny_model, tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    model = tiny_model(tok, seed=0).eval()
+    k, max_new, stop_rows = 3, 7, [0, 2]
+    calls = []
+
+    def force(module, inputs, logits):  # logits (B, V) or (B, 1, V): one call per drawn token
+        logits = logits.clone()
+        logits[..., tok.eos_token_id] = -float("inf")
+        if len(calls) == k:
+            logits[stop_rows, ..., tok.eos_token_id] = 1e4
+        calls.append(1)
+        return logits
+
+    hook = model.lm_head.register_forward_hook(force)
+    queries = [tok.encode(q) for q in ("2+3=", "12+7=", "9+9=", "1+1=")]
+    try:
+        torch.manual_seed(0)
+        ids, mask = rollout.pad_left(queries, tok.pad_token_id)
+        with torch.no_grad():
+            out = rollout.sample(model, ids, mask, max_new, 1.0, tok.eos_token_id, tok.pad_token_id)
+        calls.clear()
+        torch.manual_seed(0)
+        responses = rollout.generate(model, tok, queries, max_new, 1.0, batch_size=4)
+    finally:
+        hook.remove()
+    assert out.shape == (4, max_new)
+    for r in stop_rows:
+        assert out[r, k].item() == tok.eos_token_id and (out[r, k + 1:] == tok.pad_token_id).all()
+    assert not (out[[1, 3]] == tok.eos_token_id).any()
+    assert [len(r) for r in responses] == [k + 1, max_new, k + 1, max_new]
+    assert [r[-1] == tok.eos_token_id for r in responses] == [True, False, True, False]
+    assert responses[0] == out[0, :k + 1].tolist() and responses[1] == out[1].tolist()  # same draws
+    ro = build_rollout(queries, responses, tok.pad_token_id, tok.eos_token_id)
+    assert ro.response_mask.tolist() == [[1] * (k + 1) + [0] * (max_new - k - 1), [1] * max_new] * 2
+    assert ro.has_eos.tolist() == [True, False, True, False] and ro.lengths.tolist() == [4, 7, 4, 7]
+
+
+def test_decoding_stops_once_every_row_has_ended():
+    from instructgpt_cli import rollout
+    from instructgpt_cli.models import tiny_model, tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    model = tiny_model(tok, seed=0).eval()
+    calls = []
+
+    def force(module, inputs, logits):  # every row: EOS at the 2nd token
+        logits = logits.clone()
+        logits[..., tok.eos_token_id] = 1e4 if len(calls) == 1 else -float("inf")
+        calls.append(1)
+        return logits
+
+    hook = model.lm_head.register_forward_hook(force)
+    try:
+        responses = rollout.generate(model, tok, [tok.encode("2+3="), tok.encode("1+1=")], 9, 1.0, batch_size=2)
+    finally:
+        hook.remove()
+    assert [len(r) for r in responses] == [2, 2] and len(calls) == 2  # no forward after the last EOS

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from .. import distributed
-from ..config import ModelConfig, PPOConfig
+from ..config import LoraConfig, ModelConfig, PPOConfig
 from ..data import pretrain_blocks, pad_right, read_pretrain, read_prompts, render_queries
 from ..errors import BadInput
 from ..lean import forward_name
@@ -40,7 +40,7 @@ from ..rollout import (Rollout, build_rollout, decode_response, generate, last_t
 from ..rundir import check_stage, file_input
 from ..stats import describe_rm_accuracy
 from ..train import (Stage, banner, begin_stage, build_optimizer, build_scheduler, finish_stage, fit, model_rows,
-                     optimizer_step, processes_note, restore, say, step_indices, stream_indices)
+                     optimizer_step_by_group, processes_note, restore, say, stream_indices)
 
 STAGE = "ppo"
 
@@ -61,8 +61,11 @@ def score_rollout(models: dict, ro: Rollout, cfg: PPOConfig, beta: float, batch:
     """Old log-probs, reference log-probs, values, scores; then rewards, advantages and returns (B, T).
     ``models`` are runners (``distributed.wrap``): ``models["policy"](fn, ...)`` is ``fn(policy, ...)``.
 
+    Policy and value score in eval mode, as generation samples (``ppo_update`` puts them back in train
+    mode): whatever dropout a model carries, the old log-probs are those of the policy that sampled.
     Under ``distributed.no_autograd`` (``inference_mode`` in one process), the results cloned out of it,
     since the PPO losses save some of them for their backward."""
+    models["policy"].eval(), models["value"].eval()
     with distributed.no_autograd():
         sc = _score_rollout(models, ro, cfg, beta, batch)
     return {k: v.clone() if torch.is_tensor(v) else v for k, v in sc.items()}
@@ -116,7 +119,8 @@ def ppo_update(models: dict, trained: PolicyAndValue, optimizer, scheduler, ro: 
                ptx: list[list[int]], step: int, pad_id: int) -> tuple[dict, float]:
     """PPO epochs over shuffled minibatches; each optimizer step adds the ptx term. Returns stats (over
     all ranks) and the seconds spent on ptx. Each rank holds 1/world of the rollout and of every
-    minibatch; a minibatch's loss is normalised by the response tokens of all ranks' shares."""
+    minibatch; a minibatch's loss is normalised by the response tokens of all ranks' shares.
+    ``optimizer`` has two parameter groups, the policy's then the value model's, each clipped on its own."""
     policy, value = models["policy"], models["value"]
     mask_all = ro.response_mask.float()
     stats: dict[str, list[float]] = {}
@@ -157,16 +161,21 @@ def ppo_update(models: dict, trained: PolicyAndValue, optimizer, scheduler, ro: 
                 stats.setdefault("loss/ptx", []).append(ptx_backward(policy, ptx, scheduler.last_epoch, cfg, pad_id,
                                                                      ro.query_response.device))
                 ptx_seconds += time.perf_counter() - t0
-            stats.setdefault("train/grad_norm", []).append(optimizer_step(optimizer, scheduler, cfg.optim.grad_clip))
+            # policy and value clipped each on its own norm: ptx's gradient (gamma 27.8) does not shrink the value's
+            norm_policy, norm_value = optimizer_step_by_group(optimizer, scheduler, cfg.optim.grad_clip)
+            for key, v in (("train/grad_norm_policy", norm_policy), ("train/grad_norm_value", norm_value),
+                           ("train/grad_norm", math.hypot(norm_policy, norm_value))):
+                stats.setdefault(key, []).append(v)
     # per-minibatch sums of token-weighted micro values -> means over minibatches
     n_mb = cfg.ppo_epochs * n_minibatches
-    out = {k: sum(v) / (1 if k.endswith("_first") else n_mb) for k, v in stats.items()
-           if k not in ("loss/ptx", "train/grad_norm")}
-    for k in ("loss/ptx", "train/grad_norm"):
+    means = ("loss/ptx", "train/grad_norm", "train/grad_norm_policy", "train/grad_norm_value")
+    out = {k: sum(v) / (1 if k.endswith("_first") else n_mb) for k, v in stats.items() if k not in means}
+    for k in means:
         if k in stats:
             out[k] = sum(stats[k]) / len(stats[k])
-    # every value but the gradient norm (the same on all ranks) is a rank's part of a global mean
-    return distributed.reduce_metrics(out, sums=tuple(k for k in out if k != "train/grad_norm")), ptx_seconds
+    # every value but the gradient norms (the same on all ranks) is a rank's part of a global mean
+    return distributed.reduce_metrics(out, sums=tuple(k for k in out if not k.startswith("train/grad_norm"))), \
+        ptx_seconds
 
 
 def ptx_backward(policy, ptx: list[list[int]], opt_step: int, cfg: PPOConfig, pad_id: int,
@@ -200,13 +209,14 @@ def load_models(cfg: PPOConfig, tokenizer, sft_path: Path, rm_path: Path, device
     reference is the policy with adapters disabled and the RM is the value model with adapters
     disabled, so no model is held twice."""
     base = ModelConfig(**{**vars(cfg.model), "dropout": 0.0})  # dropout off everywhere (PPO needs ratio 1)
+    lora = no_dropout(cfg.lora)
     policy = load_model(ModelConfig(**{**vars(base), "name": str(sft_path)}), tokenizer, sft_path, device, cfg.seed)
     value = load_model(ModelConfig(**{**vars(base), "name": str(rm_path)}), tokenizer, rm_path, device, cfg.seed,
                        kind="reward")
     if cfg.lora.enabled:
         torch.manual_seed(cfg.seed)
-        policy = apply_lora(policy, cfg.lora)
-        value = apply_lora(value, cfg.lora, task_type="SEQ_CLS")
+        policy = apply_lora(policy, lora)
+        value = apply_lora(value, lora, task_type="SEQ_CLS")
         models = {"ref": policy, "ref_ctx": policy.disable_adapter, "rm": value, "rm_ctx": value.disable_adapter}
     else:
         ref = load_model(ModelConfig(**{**vars(base), "name": str(sft_path)}), tokenizer, sft_path, device, cfg.seed)
@@ -216,6 +226,12 @@ def load_models(cfg: PPOConfig, tokenizer, sft_path: Path, rm_path: Path, device
             frozen.eval().requires_grad_(False)
         models = {"ref": ref, "ref_ctx": contextlib.nullcontext, "rm": rm, "rm_ctx": contextlib.nullcontext}
     return {"policy": policy, "value": value, **models}
+
+
+def no_dropout(lora: LoraConfig) -> LoraConfig:
+    """The LoRA block with its dropout off: a dropped adapter input in training but not in scoring would
+    make the ratio differ from 1 at the first minibatch (the model's own dropout is set to 0 likewise)."""
+    return LoraConfig(**{**vars(lora), "dropout": 0.0})
 
 
 def runners(models: dict, cfg: PPOConfig, device: torch.device) -> dict:
@@ -242,7 +258,7 @@ def cpu_copy(cfg: PPOConfig, tokenizer, path: Path, kind: str):
     model = load_model(ModelConfig(**{**vars(cfg.model), "dropout": 0.0, "name": str(path)}), tokenizer, path,
                        torch.device("cpu"), cfg.seed, kind=kind)
     if cfg.lora.enabled:
-        model = apply_lora(model, cfg.lora, task_type="CAUSAL_LM" if kind == "causal" else "SEQ_CLS")
+        model = apply_lora(model, no_dropout(cfg.lora), task_type="CAUSAL_LM" if kind == "causal" else "SEQ_CLS")
     return model
 
 
@@ -305,14 +321,16 @@ def run(cfg: PPOConfig, resume: bool = False, overwrite: bool = False) -> Path:
     trained = PolicyAndValue(loaded["policy"], loaded["value"])
     models = runners(loaded, cfg, device)  # DDP or FSDP under a launcher; FSDP shards trained's parameters
     distributed.seed_rank(cfg.seed)
-    B = cfg.rollout_batch_size
+    B = cfg.rollout_batch_size  # every iteration samples exactly B episodes (the prompt order wraps)
     if cfg.max_steps > 0:
         total_steps = cfg.max_steps
     elif cfg.total_episodes > 0:
-        total_steps = math.ceil(cfg.total_episodes / B)
+        total_steps = math.ceil(cfg.total_episodes / B)  # whole iterations: the banner says when it rounds up
     else:
         total_steps = math.ceil(len(prompts) / B)
-    optimizer = build_optimizer(trained, cfg.optim)
+    vf_lr = cfg.vf_lr or cfg.optim.lr
+    # two parameter groups: the value model has its own learning rate (InstructGPT C.4) and gradient clip
+    optimizer = build_optimizer(trained, cfg.optim, {"policy": cfg.optim.lr, "value": vf_lr})
     scheduler = build_scheduler(optimizer, cfg.optim, total_steps * cfg.ppo_epochs * math.ceil(B / cfg.mini_batch_size))
 
     # 3. the stage directory and the resume point (the KL controller's beta travels with the checkpoint)
@@ -322,14 +340,21 @@ def run(cfg: PPOConfig, resume: bool = False, overwrite: bool = False) -> Path:
     begin_stage(stage, mode, cfg, inputs)
     step, extra, ckpt = restore(stage, mode, trained, optimizer, scheduler)
     state = {"beta": float(extra.get("beta", cfg.beta))}
+    episodes = f"{total_steps * B} episodes"
+    if cfg.max_steps == 0 and cfg.total_episodes > 0 and total_steps * B != cfg.total_episodes:
+        episodes += f" (--total-episodes {cfg.total_episodes} rounded up to whole iterations of {B})"
+    repeats = " (more than the file has: an iteration samples some prompts more than once)" if B > len(prompts) else ""
+    clip = f"each model's gradient clipped to norm {cfg.optim.grad_clip:g}" if cfg.optim.grad_clip else "no clipping"
     banner("igpt ppo", {
-        "prompts": f"{cfg.prompts} ({len(prompts)}), {B} per iteration, {cfg.max_new_tokens} new tokens at T={cfg.temperature}",
+        "prompts": f"{cfg.prompts} ({len(prompts)}), {B} per iteration{repeats}, {cfg.max_new_tokens} new tokens at "
+                   f"T={cfg.temperature}",
         "models": f"policy {sft_path}, value and reward {rm_path}, on {device}",
         "reward model": rm_accuracy,
         "objective": f"beta {state['beta']}" + (f" -> KL {cfg.target_kl}" if cfg.target_kl else " (fixed)")
                      + (f", ptx gamma {cfg.ptx_coef} on {len(ptx)} blocks of {cfg.ptx_seq_len}" if ptx else ", no ptx"),
         "steps": f"{total_steps} iterations x {cfg.ppo_epochs} epochs x {math.ceil(B / cfg.mini_batch_size)} minibatches"
-                 + processes_note(cfg.fsdp),
+                 + processes_note(cfg.fsdp) + f"; {episodes}",
+        "lr": f"policy {cfg.optim.lr:g}, value {vf_lr:g}; {clip}",
         "forward": f"policy {forward_name(trained.policy)}, value {forward_name(trained.value)}",
         **model_rows(trained, cfg.lora.enabled, ckpt),
     })
@@ -340,9 +365,8 @@ def run(cfg: PPOConfig, resume: bool = False, overwrite: bool = False) -> Path:
     # 4. iterate: rollout, score, update
     def iteration(i: int) -> dict:
         t0 = time.perf_counter()
-        idx = step_indices(len(prompts), i, B, cfg.seed)
-        idx = idx + idx[:-len(idx) % world]  # every rank the same number of prompts (a short step repeats some)
-        mine = idx[distributed.rank()::world]
+        idx = stream_indices(len(prompts), i, B, cfg.seed)  # exactly B: a pass's end continues into the next
+        mine = idx[distributed.rank()::world]  # B is a multiple of world: every rank B / world prompts
         batch_queries = [queries[j] for j in mine]
         with torch.no_grad():  # outside the runner too: DDP must not expect a backward of this forward
             responses = models["policy"](generate, tokenizer, batch_queries, cfg.max_new_tokens, cfg.temperature,
@@ -362,17 +386,18 @@ def run(cfg: PPOConfig, resume: bool = False, overwrite: bool = False) -> Path:
             "length": float(ro.lengths.float().mean())}, sums=("eos",))
         kl = batch["kl"]
         record = {
-            "episode": (i + 1) * len(idx), "objective/kl": kl, "objective/scores": batch["scores"],
+            "episode": (i + 1) * B, "objective/kl": kl, "objective/scores": batch["scores"],
             "objective/entropy": stats.pop("policy/entropy"), "objective/beta": state["beta"],
             "objective/non_score_reward": -state["beta"] * kl,
             "objective/rlhf_reward": batch["rlhf_reward"],  # penalised score - beta * KL
             "val/num_eos_tokens": batch["eos"], "val/response_length": batch["length"],
-            **stats, "timing/generation": t1 - t0, "timing/scoring": t2 - t1,
+            **stats, "train/lr_value": scheduler.get_last_lr()[1],
+            "timing/generation": t1 - t0, "timing/scoring": t2 - t1,
             **{f"timing/scoring/{part}": v for part, v in sc["seconds"].items()},
             "timing/training": t3 - t2 - ptx_s, "timing/ptx": ptx_s,
         }
         if cfg.target_kl > 0:
-            state["beta"] = adaptive_kl_beta(state["beta"], kl, cfg.target_kl, cfg.kl_horizon, len(idx))
+            state["beta"] = adaptive_kl_beta(state["beta"], kl, cfg.target_kl, cfg.kl_horizon, B)
         if (i + 1) % cfg.sample_every == 0 or i + 1 == total_steps:
             write_samples(stage, i + 1, [prompts[j].prompt for j in mine], responses, sc, tokenizer)
         record["timing/other"] = time.perf_counter() - t3
