@@ -171,8 +171,10 @@ def ppo_world(cfg: PPOConfig):
 
 
 def recording_optimizer(trained):
-    """SGD whose every step records the gradients it was given."""
-    optimizer = torch.optim.SGD([p for p in trained.parameters() if p.requires_grad], lr=0.1)
+    """SGD whose every step records the gradients it was given; policy and value in their own groups, as
+    ``igpt ppo`` builds its optimizer."""
+    optimizer = torch.optim.SGD([{"params": [p for p in m.parameters() if p.requires_grad]}
+                                 for m in (trained.policy, trained.value)], lr=0.1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     seen = []
     step = optimizer.step
@@ -263,8 +265,9 @@ def test_ptx_batches_continue_across_iterations_and_resume(tmp_path, monkeypatch
     (tmp_path / "ptx.yaml").write_text("ppo:\n  ptx_batch_size: 7\n  ptx_seq_len: 64\n")
 
     def ppo_run(run_dir, *extra):
-        calls = []
-        monkeypatch.setattr(ppo, "stream_indices", lambda *a: calls.append(a[:3]) or stream_indices(*a))
+        calls = []  # the ptx batches (7 blocks a step; the prompt order, 4 a step, comes from the same function)
+        monkeypatch.setattr(ppo, "stream_indices",
+                            lambda *a: (a[2] == 7 and calls.append(a[:3])) or stream_indices(*a))
         args = ["ppo", "--config", tmp_path / "ptx.yaml", "--prompts", tmp_path / "prompts.jsonl",
                 "--sft", tmp_path / "base" / "sft" / "final", "--rm", tmp_path / "rule_rm", "--run-dir", run_dir,
                 "--max-new-tokens", "8", "--rollout-batch-size", "4", "--mini-batch-size", "2", "--ppo-epochs", "2",
