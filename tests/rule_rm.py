@@ -11,6 +11,12 @@ from pathlib import Path
 import torch
 
 
+def zero_but_norms(model) -> None:
+    """Every weight 0 and every norm's scale 1: a model whose outputs come only from what is set by hand."""
+    for name, p in model.named_parameters():
+        p.fill_(1.0 if "norm" in name else 0.0)
+
+
 def make_rule_rm(path: Path, tokenizer, target: str, scale: float = 4.0, minus: str | None = None) -> Path:
     from transformers import LlamaForSequenceClassification
 
@@ -19,11 +25,7 @@ def make_rule_rm(path: Path, tokenizer, target: str, scale: float = 4.0, minus: 
     target_id = tokenizer.convert_tokens_to_ids(target)
     model = LlamaForSequenceClassification(tiny_config(tokenizer))
     with torch.no_grad():
-        for p in model.parameters():
-            p.zero_()
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.fill_(1.0)
+        zero_but_norms(model)
         emb = model.model.embed_tokens.weight
         emb[:, 0] = 1.0  # a constant feature keeps every RMS norm finite
         emb[target_id, 1] = 1.0  # the 'is target' feature
@@ -48,11 +50,7 @@ def make_constant_lm(path: Path, tokenizer, token: str) -> Path:
 
     model = LlamaForCausalLM(tiny_config(tokenizer))
     with torch.no_grad():
-        for p in model.parameters():
-            p.zero_()
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.fill_(1.0)
+        zero_but_norms(model)
         emb = model.model.embed_tokens.weight  # tied to the LM head
         emb[:, 0] = 1.0
         emb[tokenizer.convert_tokens_to_ids(token), 0] = 3.0

@@ -71,6 +71,8 @@ def test_eval_reports_kl_scores_tax_and_categories(run):
         assert math.isfinite(report[key]), key
     assert report["ptx_perplexity"] == pytest.approx(math.exp(report["ptx_loss"]))
     assert report["rm_pairs"] == 4 and report["rm_accuracy"] == 1.0  # the rule RM ranks 'e'-rich text higher
+    z2 = 1.959963984540054 ** 2  # 100% over 2 rankings: Wilson [2 / (2 + z^2), 1]
+    assert report["rm_rankings"] == 2 and report["rm_accuracy_ci"] == pytest.approx([2 / (2 + z2), 1.0])
     assert set(report["categories"]) == {"generation", "open_qa"} and report["categories"]["open_qa"]["n"] == 4
     assert json.loads((run_dir / "eval" / "ppo" / "report.json").read_text()) == report
     assert len((run_dir / "eval" / "ppo" / "samples.jsonl").read_text().splitlines()) == 8
@@ -417,3 +419,10 @@ def test_win_chart_error_bars_never_negative_even_for_a_bound_rounded_past_the_r
     full = {"n": 1, "wins": 1, "ties": 0, "losses": 0, "win_rate": 1.0, "ci_low": 0.2065, "ci_high": 1 - 1e-16}
     report = {"a": "A", "b": "B", **win_rate(1, 0, 3), "categories": {"zero": zero, "full": full}}
     assert win_chart(report).startswith("data:image/png;base64,")  # matplotlib refused negative xerr before
+
+
+def test_perplexity_of_a_diverged_model_is_null_not_an_overflow():
+    from instructgpt_cli.stages.evaluate import perplexity
+
+    assert perplexity(0.0) == 1.0 and perplexity(2.0) == pytest.approx(math.exp(2.0))
+    assert perplexity(800.0) is None  # math.exp would raise OverflowError

@@ -23,7 +23,13 @@ from ..models import (find_model, load_model, load_tokenizer, position_limit, re
 from ..rollout import decode_response, generate, lm_loss, response_kl, score_ranking, score_responses
 from ..report import number, score_text
 from ..rundir import publish_set, weights_sha256
+from ..stats import rm_accuracy
 from ..train import console
+
+
+def perplexity(loss: float) -> float | None:
+    """exp(loss); None past what a float holds (a loss above ~709 nats: a diverged model, not a number)."""
+    return math.exp(loss) if loss < 709.0 else None
 
 
 def summarise(scores: list[float], kls: list[float], lengths: list[int], eos: list[bool]) -> dict:
@@ -121,8 +127,8 @@ def run(cfg: EvalConfig, as_json: bool = False) -> dict:
         blocks = pretrain_blocks(tokenizer, texts, cfg.ptx_seq_len)
         loss, sft_loss = lm_loss(model, blocks, tokenizer.pad_token_id, cfg.batch_size), None
         sft_loss = loss if sft is model else lm_loss(sft, blocks, tokenizer.pad_token_id, cfg.batch_size)
-        report.update({"ptx_loss": loss, "ptx_perplexity": math.exp(loss), "sft_ptx_loss": sft_loss,
-                       "sft_ptx_perplexity": math.exp(sft_loss), "alignment_tax": loss - sft_loss})
+        report.update({"ptx_loss": loss, "ptx_perplexity": perplexity(loss), "sft_ptx_loss": sft_loss,
+                       "sft_ptx_perplexity": perplexity(sft_loss), "alignment_tax": loss - sft_loss})
     if rankings:
         groups, _ = tokenize_rankings(tokenizer, rankings, getattr(rm.config, "max_position_embeddings", 2048))
         correct = total = 0
@@ -130,7 +136,11 @@ def run(cfg: EvalConfig, as_json: bool = False) -> dict:
             s = score_ranking(rm, g.sequences, tokenizer.pad_token_id, cfg.batch_size)
             correct += sum(int(s[b] > s[w]) for b, w in g.pairs)
             total += len(g.pairs)
-        report.update({"rm_accuracy": correct / total if total else None, "rm_pairs": total})
+        # with its Wilson interval over the rankings (their pairs are not independent), as train-rm reports it
+        acc = rm_accuracy(correct, total, sum(bool(g.pairs) for g in groups))
+        report.update({"rm_accuracy": acc.get("accuracy"), "rm_pairs": total,
+                       "rm_accuracy_ci": [acc["accuracy_ci_low"], acc["accuracy_ci_high"]] if acc else None,
+                       "rm_rankings": acc.get("rankings", 0)})
 
     # 4. publish eval/NAME/report.json and samples.jsonl together, strict JSON (a NaN raises, nothing is
     #    written); the response token ids as sampled, so compare's judge scores exactly these tokens
@@ -164,9 +174,12 @@ def show(report: dict, out: Path) -> None:
         row(c, r)
     console().print(table)
     if "ptx_loss" in report:
-        console().print(f"pretraining text: loss {report['ptx_loss']:.4f} (perplexity {report['ptx_perplexity']:.2f})"
-                        f" vs SFT {report['sft_ptx_loss']:.4f} ({report['sft_ptx_perplexity']:.2f}); "
-                        f"alignment tax {report['alignment_tax']:+.4f} nats/token")
+        ppl, sft_ppl = number(report["ptx_perplexity"], ".2f"), number(report["sft_ptx_perplexity"], ".2f")
+        console().print(f"pretraining text: loss {report['ptx_loss']:.4f} (perplexity {ppl}) vs SFT "
+                        f"{report['sft_ptx_loss']:.4f} ({sft_ppl}); alignment tax {report['alignment_tax']:+.4f} "
+                        "nats/token")
     if "rm_accuracy" in report:
         console().print(f"reward model pairwise accuracy on held-out rankings: {number(report['rm_accuracy'], '.1%')}"
-                        f" of {report['rm_pairs']} pairs")
+                        f" of {report['rm_pairs']} pairs" + (f" (95% CI {report['rm_accuracy_ci'][0]:.1%} - "
+                        f"{report['rm_accuracy_ci'][1]:.1%} over {report['rm_rankings']} rankings)"
+                        if report["rm_accuracy_ci"] else ""))
