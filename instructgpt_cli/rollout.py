@@ -206,16 +206,14 @@ def score_ranking(model: Any, seqs: list[list[int]], pad_id: int, batch_size: in
 # ---------------------------------------------------------------- scoring query + response (PPO)
 
 
-def response_logprobs(model: Any, query_response: torch.Tensor, mask: torch.Tensor, context_len: int,
-                      temperature: float, with_entropy: bool = False, trunk: tuple[int, torch.Tensor] | None = None
-                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Log-probs (B, T) of the response tokens ``query_response[:, context_len:]`` under ``model`` at the
-    sampling temperature (logits / T, the distribution generation drew from), and optionally entropy.
+def response_log_softmax(model: Any, query_response: torch.Tensor, mask: torch.Tensor, context_len: int,
+                         temperature: float, trunk: tuple[int, torch.Tensor] | None = None) -> torch.Tensor:
+    """Log-probabilities (B, T, V) over the vocabulary at each response position of
+    ``query_response[:, context_len:]`` under ``model``, of logits / T (fp32).
 
     Only the last T+1 positions go through the LM head (``logits_to_keep``): query positions never
     compute full-vocabulary logits. ``trunk``: run only the layers above cached frozen ones
-    (``models.model_inputs``).
-    """
+    (``models.model_inputs``)."""
     from . import lean
     from .models import model_inputs
 
@@ -229,7 +227,16 @@ def response_logprobs(model: Any, query_response: torch.Tensor, mask: torch.Tens
             logits = model(**inputs, logits_to_keep=n_response + 1).logits[:, :-1].float()
     if temperature != 1.0:  # at T=1 the division is an identity: no op, no backward node
         logits = logits / temperature
-    logp = torch.log_softmax(logits, dim=-1)
+    return torch.log_softmax(logits, dim=-1)
+
+
+def response_logprobs(model: Any, query_response: torch.Tensor, mask: torch.Tensor, context_len: int,
+                      temperature: float, with_entropy: bool = False, trunk: tuple[int, torch.Tensor] | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-probs (B, T) of the response tokens ``query_response[:, context_len:]`` under ``model`` at the
+    sampling temperature (logits / T, the distribution generation drew from), and optionally entropy
+    (:func:`response_log_softmax`)."""
+    logp = response_log_softmax(model, query_response, mask, context_len, temperature, trunk)
     logprobs = logp.gather(-1, query_response[:, context_len:].unsqueeze(-1)).squeeze(-1)
     entropy = None
     if with_entropy:  # a statistic: no graph for it
@@ -367,18 +374,23 @@ def score_responses(rm: Any, tokenizer: Any, queries: list[list[int]], responses
 @torch.no_grad()
 def response_kl(model: Any, ref: Any, tokenizer: Any, queries: list[list[int]], responses: list[list[int]],
                 temperature: float, batch_size: int) -> torch.Tensor:
-    """Per-response KL estimate (N,): sum over response tokens of log pi - log pi_ref, both of logits / T,
-    on the model's own samples (the quantity PPO penalises at its temperature T > 0; eval passes PPO's T,
-    whatever temperature the samples were drawn at). Padding after a response counts exactly 0."""
+    """Per-response KL (N,): the sum over response positions of KL(pi_T(. | x, y_<t) || pi_ref,T(. | x, y_<t)),
+    both distributions of logits / T, each over the whole vocabulary, along the model's own samples.
+
+    PPO penalises the one-sample estimate log pi(y_t) - log pi_ref(y_t) of the same per-token KL on samples
+    drawn at its temperature T; the exact per-token sum is that estimate's expectation, never negative, and
+    still the KL at PPO's T when eval samples at another temperature (the one-sample estimate is then not a KL
+    at all: at T = 0.7 samples and T = 1 log-probs it came out negative on the demo). Padding counts 0."""
     if not temperature > 0:
         raise ValueError(f"response_kl: temperature must be > 0 (log-probs of logits / T), got {temperature}")
     device = next(model.parameters()).device
     model.eval(), ref.eval()
     out = []
     for _, ro in rollouts(tokenizer, queries, responses, batch_size, device):
-        lp, _ = response_logprobs(model, ro.query_response, ro.attention_mask, ro.context_len, temperature)
-        ref_lp, _ = response_logprobs(ref, ro.query_response, ro.attention_mask, ro.context_len, temperature)
-        out.append(torch.where(ro.response_mask.bool(), lp - ref_lp, 0.0).sum(1).cpu())
+        logp = response_log_softmax(model, ro.query_response, ro.attention_mask, ro.context_len, temperature)
+        ref_logp = response_log_softmax(ref, ro.query_response, ro.attention_mask, ro.context_len, temperature)
+        per_token = (logp.exp() * (logp - ref_logp)).sum(-1).clamp(min=0.0)  # rounding can dip below 0
+        out.append(torch.where(ro.response_mask.bool(), per_token, 0.0).sum(1).cpu())
     return torch.cat(out)
 
 

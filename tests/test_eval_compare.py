@@ -214,8 +214,9 @@ def test_summarise_empty_group_and_one_item_have_no_nan():
 
 
 def hand_kl(policy_dir, sft_dir, tokenizer, prompts, samples, temperature):
-    """sum_t log pi(y_t | x, y_<t) - log pi_SFT(y_t | x, y_<t), both of logits / T, by a plain forward of each
-    prompt + response through transformers (no batching, no padding): one number per sample."""
+    """sum_t KL(pi(. | x, y_<t) || pi_SFT(. | x, y_<t)), both of logits / T, over the whole vocabulary, by a
+    plain forward of each prompt + response through transformers (no batching, no padding): one number per
+    sample."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -230,8 +231,9 @@ def hand_kl(policy_dir, sft_dir, tokenizer, prompts, samples, temperature):
         for m in models:
             with torch.no_grad():
                 logits = m(input_ids=ids).logits[0, len(query) - 1:-1].double() / temperature
-            lps.append(torch.log_softmax(logits, -1).gather(-1, ids[0, len(query):, None]).sum().item())
-        out.append(lps[0] - lps[1])
+            lps.append(torch.log_softmax(logits, -1))
+        out.append(sum(sum(p * (a - b) for p, a, b in zip(lps[0][t].exp(), lps[0][t], lps[1][t])).item()
+                       for t in range(len(sample["response_ids"]))))
     return out
 
 
@@ -251,6 +253,7 @@ def test_eval_kl_at_ppo_temperature_by_hand_finite_at_greedy_and_strict_json(run
     tok = tiny_tokenizer()
     expected = hand_kl(run_dir / "ppo" / "final" / "policy", run_dir / "sft" / "final", tok, prompts, samples, 1.0)
     assert [s["kl"] for s in samples] == pytest.approx(expected, abs=1e-4)
+    assert all(s["kl"] >= 0 for s in samples)  # a KL, not a one-sample estimate that can go negative
     assert report["kl_to_sft"] == pytest.approx(sum(expected) / len(expected), abs=1e-4)
     assert math.isfinite(report["kl_to_sft"]) and report["kl_to_sft"] != 0.0
     # an explicit log-prob temperature divides the logits of both models by it
