@@ -1,8 +1,9 @@
 """The ``igpt`` command line. One thin command a stage: options -> config -> stage.run().
 
 Heavy imports (torch, transformers) happen inside the commands, so ``igpt --help`` is instant.
-Exit codes: 0 success, 2 bad input or usage (every problem reported as FILE:LINE: field: reason,
-nothing written), 130 interrupted, 1 an unexpected error.
+Exit codes (README, "Failure and recovery"): 0 success, 2 bad input or usage (every problem reported as
+FILE:LINE: field: reason, nothing written), 3 non-finite training values, 4 a failed write (full disk,
+I/O error), 128 + N a stop signal N (130 SIGINT, 138 SIGUSR1, 143 SIGTERM), 1 an unexpected error.
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ MaxSteps = Annotated[Optional[int], typer.Option("--max-steps", help="Stop after
 Seed = Annotated[Optional[int], typer.Option("--seed", help="Seed for init, data order and sampling.")]
 Resume = Annotated[bool, typer.Option("--resume", help="Continue from the newest complete checkpoint.")]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Delete this stage's outputs and start over.")]
+AllowChanges = Annotated[bool, typer.Option("--allow-changes", help="With --resume: continue even though settings or inputs that change training differ from the run so far (recorded in the manifest).")]
 Device = Annotated[Optional[str], typer.Option("--device", help="auto, cpu, cuda, cuda:N [default: auto].")]
 Model = Annotated[Optional[str], typer.Option("--model", help="smollm2-135m (bundled), tiny, or a local HF directory.")]
 Lora = Annotated[Optional[bool], typer.Option("--lora/--no-lora", help="Train LoRA adapters instead of all weights.")]
@@ -46,22 +48,39 @@ def fail(messages: list[str], code: int = 2) -> None:
 
 def run_stage(stage: str, config_file: Optional[Path], print_config: bool, overrides: dict[str, Any],
               runner: Callable[[Any], Any]) -> None:
-    """Resolve the config, print it or run the stage; BadInput becomes exit 2 with every message."""
+    """Resolve the config, print it or run the stage. Known failures end with their exit code and one
+    message each, no traceback (errors.py); the locks the command took are released in every case, and
+    a stage that ended early is marked 'interrupted' or 'failed' in the manifest."""
     from . import config as config_mod
-    from .errors import BadInput
-    from .rundir import is_main_process
+    from .errors import BadInput, Interrupted, NonFinite, WriteFailed
+    from .lifecycle import release_all
+    from .rundir import disk_errno, is_main_process
 
+    status = "failed"
     try:
         cfg = config_mod.resolve(stage, config_file, overrides)
         if print_config:
             typer.echo(config_mod.to_yaml(stage, cfg), nl=False)
             return
         result = runner(cfg)
-    except BadInput as e:
-        fail(e.messages)
-    except KeyboardInterrupt:
-        typer.echo("interrupted; rerun with --resume to continue from the last checkpoint", err=True)
-        raise typer.Exit(130)
+        status = None
+    except (BadInput, NonFinite, WriteFailed) as e:
+        release_all(status)
+        fail(e.messages, e.code)
+    except (Interrupted, KeyboardInterrupt) as e:
+        release_all(status := "interrupted")
+        code = e.code if isinstance(e, Interrupted) else 130
+        if not getattr(e, "said", False):  # a training stage's checkpoint-and-stop said how to resume
+                typer.echo(f"{stage}: interrupted ({e or 'SIGINT'}); nothing half-written is kept: rerun the command "
+                       "(with --resume for a training stage) to go on from its last complete checkpoint", err=True)
+        raise typer.Exit(code) from None
+    except OSError as e:  # the storage failed outside igpt's own writers (a library's file, a log)
+        if disk_errno(e) is None:
+            raise
+        release_all(status)
+        fail(WriteFailed(e.filename or "a file", e.errno).messages, 4)
+    finally:
+        release_all(status)
     if result is not None and is_main_process():
         typer.echo(str(result))
 
@@ -89,6 +108,7 @@ def sft(
     seed: Seed = None,
     resume: Resume = False,
     overwrite: Overwrite = False,
+    allow_changes: AllowChanges = False,
     device: Device = None,
 ) -> None:
     """Step 1: supervised fine-tuning on demonstrations (loss on response tokens only)."""
@@ -103,7 +123,7 @@ def sft(
         from .stages import sft as stage
 
         with launched(cfg.device):  # torchrun / accelerate launch: join the process group (else nothing)
-            return stage.run(cfg, resume=resume, overwrite=overwrite)
+            return stage.run(cfg, resume=resume, overwrite=overwrite, allow_changes=allow_changes)
 
     run_stage("sft", config, print_config, overrides, runner)
 
@@ -132,6 +152,7 @@ def train_rm(
     seed: Seed = None,
     resume: Resume = False,
     overwrite: Overwrite = False,
+    allow_changes: AllowChanges = False,
     device: Device = None,
 ) -> None:
     """Step 2: reward model from rankings of K responses per prompt (K-wise loss, reward normalised)."""
@@ -147,7 +168,7 @@ def train_rm(
         from .stages import reward as stage
 
         with launched(cfg.device):  # torchrun / accelerate launch: join the process group (else nothing)
-            return stage.run(cfg, resume=resume, overwrite=overwrite)
+            return stage.run(cfg, resume=resume, overwrite=overwrite, allow_changes=allow_changes)
 
     run_stage("rm", config, print_config, overrides, runner)
 
@@ -183,6 +204,7 @@ def ppo(
     seed: Seed = None,
     resume: Resume = False,
     overwrite: Overwrite = False,
+    allow_changes: AllowChanges = False,
     device: Device = None,
 ) -> None:
     """Step 3: PPO against the reward model with a per-token KL penalty, and PPO-ptx."""
@@ -201,7 +223,7 @@ def ppo(
         from .stages import ppo as stage
 
         with launched(cfg.device):  # torchrun / accelerate launch: join the process group (else nothing)
-            return stage.run(cfg, resume=resume, overwrite=overwrite)
+            return stage.run(cfg, resume=resume, overwrite=overwrite, allow_changes=allow_changes)
 
     run_stage("ppo", config, print_config, overrides, runner)
 
@@ -320,6 +342,10 @@ def label(
 def main() -> None:
     import os
 
+    from .errors import Interrupted
+    from .lifecycle import install_signal_handlers
+
+    install_signal_handlers()  # before the heavy imports: a stop signal while loading ends the command cleanly
     # No model or data set is ever fetched from a hub at run time; local directories only.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
@@ -327,7 +353,10 @@ def main() -> None:
     import warnings
 
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft)\.")
-    app()
+    try:
+        app()
+    except Interrupted as e:  # between commands' own handling (while parsing the command line)
+        raise SystemExit(e.code) from None
 
 
 if __name__ == "__main__":

@@ -405,6 +405,17 @@ def load_section(path: str | Path, stage: str) -> dict:
     return section
 
 
+# Settings a resumed run may change without --allow-changes: when to save, evaluate, write samples and
+# stop, and where to run; none changes what a step computes (README, "Failure and recovery"). A longer
+# run (EXTENDS) resumes even a finished stage. The model's memory-only switches belong here too.
+FREE_ON_RESUME = frozenset({"run_dir", "device", "fsdp", "save_every", "eval_every", "sample_every", "keep_checkpoints",
+                            "max_steps", "epochs", "total_episodes", "require_rm_accuracy",
+                            "model.gradient_checkpointing", "ptx_micro_batch_size"})
+EXTENDS = frozenset({"max_steps", "epochs", "total_episodes"})
+# File settings: compared by the content of what they name (the manifest's input hashes), not by path.
+INPUT_SETTINGS = frozenset({"data", "rankings", "demos", "prompts", "ptx_data", "sft", "rm"})
+
+
 def resolve(stage: str, config_file: str | Path | None, overrides: dict[str, Any]) -> Any:
     """Defaults < ``config_file``'s section for ``stage`` < ``overrides`` (dotted keys; None = not given)."""
     cls = STAGE_CONFIGS[stage]

@@ -109,6 +109,16 @@ def gather(obj: Any) -> list:
     return out
 
 
+def agree(value: int) -> int:
+    """The largest of every rank's ``value`` (one small all-reduce; ``value`` itself for one process): a
+    decision, such as stopping on a signal only some ranks received, that every rank must take together."""
+    if world_size() == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device=_comm_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
 def total(t: torch.Tensor) -> torch.Tensor:
     """The sum of ``t`` over ranks (a new tensor; ``t`` itself for one process). Used for the counts and
     moments that must be global: whitening, token normalisation."""

@@ -18,7 +18,7 @@ from transformers.utils import logging as hf_logging
 
 from .config import LoraConfig, ModelConfig
 from .errors import BadInput
-from .rundir import fsync_tree
+from .rundir import fsync_tree, writing
 
 SMOLLM2 = "smollm2-135m"
 TINY = "tiny"
@@ -169,12 +169,26 @@ def stage_model(name: str, run_dir: Path, flag: str = "MODEL") -> tuple[str, Pat
 
 def resolve_device(name: str) -> torch.device:
     """``auto``: the GPU of this process (``cuda:LOCAL_RANK`` under torchrun) or the CPU; ``cuda`` alone
-    also means this process's GPU."""
+    also means this process's GPU. A device this machine lacks is BadInput (one line, before any work)."""
     if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    if name == "auto":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    elif name == "auto":
         return torch.device("cpu")
-    return torch.device(name)
+    else:
+        try:
+            device = torch.device(name)
+        except RuntimeError:
+            raise BadInput([f"--device {name}: not a device (auto, cpu, cuda, cuda:N or mps)"]) from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise BadInput([f"--device {name}: this machine has no CUDA GPU that torch can use "
+                            f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'}); use --device cpu"])
+        if (device.index or 0) >= count:
+            raise BadInput([f"--device {name}: this machine has {count} CUDA GPU(s): cuda:0..cuda:{count - 1}"])
+    elif device.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise BadInput([f"--device {name}: MPS (Apple GPU) is not available here; use --device cpu"])
+    return device
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -623,12 +637,13 @@ def save_final(model: Any, tokenizer: Any, dest: Path) -> None:
     tmp = dest.parent / f".tmp-{dest.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     merged = model
-    if hasattr(model, "peft_config"):
-        model.save_pretrained(tmp / "adapter")
-        merged = copy.deepcopy(model).merge_and_unload()
-    merged.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    fsync_tree(tmp)
+    with writing(dest, tmp):  # a full disk: the partial copy goes, ``dest`` stays as it was
+        if hasattr(model, "peft_config"):
+            model.save_pretrained(tmp / "adapter")
+            merged = copy.deepcopy(model).merge_and_unload()
+        merged.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        fsync_tree(tmp)
     if dest.exists():
         shutil.rmtree(dest)
     os.replace(tmp, dest)

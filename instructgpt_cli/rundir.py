@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import errno
 import hashlib
 import json
 import os
@@ -18,7 +19,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from .errors import BadInput
+from .errors import BadInput, WriteFailed
 
 COMPLETED = "COMPLETED"
 CHECKPOINT_PREFIX = "step-"
@@ -44,15 +45,66 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+# errno values that mean "the storage failed", not "igpt has a bug": exit 4 (errors.WriteFailed)
+DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.EFBIG}
+
+
+def disk_errno(exc: BaseException, where: Path | None = None) -> int | None:
+    """The storage errno behind ``exc``, if it is a failed write: an OSError with one of DISK_ERRNOS, or
+    what safetensors ("... (os error 28)") and torch.save (RuntimeError "unexpected pos" or "file write
+    failed", no errno at all: ENOSPC when the file system of ``where`` has under 1 MiB free, else EIO)
+    make of one."""
+    if isinstance(exc, OSError):
+        return exc.errno if exc.errno in DISK_ERRNOS else None
+    text = str(exc)
+    for code in DISK_ERRNOS:
+        if f"(os error {code})" in text:
+            return code
+    if isinstance(exc, RuntimeError) and ("write failed" in text or "unexpected pos" in text):
+        probe = where
+        while probe is not None and not probe.exists() and probe != probe.parent:
+            probe = probe.parent
+        with contextlib.suppress(OSError):
+            if probe is not None and shutil.disk_usage(probe).free < 1 << 20:
+                return errno.ENOSPC
+        return errno.EIO
+    return None
+
+
+@contextlib.contextmanager
+def writing(target: Path, partial: Path | None = None) -> Iterator[None]:
+    """Writes towards ``target`` (a file or folder), building ``partial`` (default: ``target``): if they
+    fail, ``partial`` is removed; a failure of the storage (full disk, I/O error) becomes
+    :class:`errors.WriteFailed` naming ``target`` (exit 4), anything else is raised as it is."""
+    try:
+        yield
+    except BaseException as e:
+        code = disk_errno(e, target.parent) if isinstance(e, Exception) else None  # before freeing the space
+        _remove(partial if partial is not None else target)
+        if code is not None:
+            raise WriteFailed(str(target), code) from e
+        raise
+
+
+def _remove(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink()
+
+
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a fsynced temporary file and a rename."""
+    """Write ``text`` to ``path`` via a fsynced temporary file and a rename (a failed write leaves ``path``
+    as it was and no temporary file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".tmp-{path.name}-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    with writing(path, tmp):
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
     _fsync_dir(path.parent)
 
 
@@ -167,6 +219,41 @@ def file_input(path: str | Path) -> dict:
     return {"path": str(Path(path).resolve()), "sha256": sha256_file(path)}
 
 
+def model_input(source: str | Path) -> dict | str:
+    """A manifest ``inputs`` entry for a model: a directory's resolved path and weights sha256
+    (:func:`weights_sha256`), which lineage compares with the producing stage's output; a name
+    (``tiny``, ``smollm2-135m``) as it is."""
+    path = Path(source)
+    if not path.is_dir():
+        return str(source)
+    return {"path": str(path.resolve()), "sha256": weights_sha256(path)}
+
+
+def mark_stale(run_dir: Path, stage: str, sha: str | None = None) -> None:
+    """Lineage: flag every manifest entry whose inputs include ``stage``'s ``final/`` (or a folder in it).
+    While ``stage`` runs again (``sha`` None) they are all ``stale``; when it completes with weights
+    ``sha``, those built from exactly these weights (a deterministic re-run) are fresh again."""
+    manifest = read_manifest(run_dir)
+    final = (run_dir / stage / "final").resolve()
+    changed = False
+    for name, entry in manifest.get("stages", {}).items():
+        if name == stage:
+            continue
+        for key, source in entry.get("inputs", {}).items():
+            if not (isinstance(source, dict) and source.get("path")):
+                continue
+            path = Path(source["path"])
+            if path != final and final not in path.parents:
+                continue
+            if sha is not None and source.get("sha256") == weights_sha256(path if path.exists() else final):
+                changed |= entry.pop("stale", None) is not None
+            else:
+                entry["stale"] = f"its input {key} ({path}) is the output of {stage}, re-run on {now()}"
+                changed = True
+    if changed:
+        atomic_write_text(run_dir / "manifest.json", json.dumps(manifest, indent=2) + "\n")
+
+
 def _version() -> str:
     from . import __version__
 
@@ -264,9 +351,19 @@ def publish_checkpoint(ckpt_root: Path, tmp: Path, step: int, keep: int) -> Path
 
 
 def append_jsonl(path: Path, record: dict) -> None:
+    """Append one line; a failed write cuts the file back to its previous end (no half line)."""
     with open(path, "a", encoding="utf-8") as fh:
-        fh.write(json.dumps(record) + "\n")
-        fh.flush()
+        end = fh.tell()
+        try:
+            fh.write(json.dumps(record) + "\n")
+            fh.flush()
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                fh.truncate(end)
+            code = disk_errno(e, path)
+            if code is not None:
+                raise WriteFailed(str(path), code) from e
+            raise
 
 
 def truncate_metrics(path: Path, step: int) -> None:

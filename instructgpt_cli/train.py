@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import math
 import os
+import shlex
+import socket
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
@@ -16,11 +19,12 @@ from typing import Any, Callable, NamedTuple
 import torch
 
 from . import config as config_mod
-from . import distributed
+from . import distributed, lifecycle
 from .config import OptimConfig
-from .errors import BadInput
-from .rundir import (append_jsonl, atomic_write_text, begin_checkpoint, latest_checkpoint, now, publish_checkpoint,
-                     start_stage_dir, truncate_metrics, update_manifest)
+from .errors import BadInput, Interrupted, NonFinite
+from .rundir import (append_jsonl, atomic_write_text, begin_checkpoint, check_stage, checkpoint_name,
+                     latest_checkpoint, now, publish_checkpoint, read_manifest, read_metrics, start_stage_dir,
+                     mark_stale, truncate_metrics, update_manifest, weights_sha256, writing)
 
 FAULT_ENV = "IGPT_FAULT_AFTER_STEP"  # test hook: die (exit 99, no cleanup) right after this step
 
@@ -67,12 +71,14 @@ def clip_gradients(params: list[torch.nn.Parameter], max_norm: float) -> float:
     return float(norm)
 
 
-def optimizer_step(optimizer: Any, scheduler: Any, grad_clip: float) -> float:
+def optimizer_step(optimizer: Any, scheduler: Any, grad_clip: float, loss: float | None = None) -> float:
     """Clip, step, advance the schedule, clear the gradients; returns the gradient norm before clipping.
-    The parameters are the optimizer's (the model's trainable ones, listed once when it was built)."""
+    The parameters are the optimizer's (the model's trainable ones, listed once when it was built).
+    A non-finite gradient norm or ``loss`` skips the step (:func:`applied`)."""
     grad_norm = clip_gradients([p for group in optimizer.param_groups for p in group["params"]], grad_clip)
-    optimizer.step()
-    scheduler.step()
+    if applied(optimizer, {"loss": loss, "gradient norm": grad_norm}):
+        optimizer.step()
+        scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return grad_norm
 
@@ -82,10 +88,51 @@ def optimizer_step_by_group(optimizer: Any, scheduler: Any, grad_clip: float) ->
     large gradient (PPO-ptx's, gamma 27.8, on the policy) cannot shrink another's (the value model's)
     through a shared norm. Returns each group's norm before clipping."""
     norms = [clip_gradients(group["params"], grad_clip) for group in optimizer.param_groups]
-    optimizer.step()
-    scheduler.step()
+    if applied(optimizer, {f"gradient norm of parameter group {i}": n for i, n in enumerate(norms)}):
+        optimizer.step()
+        scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return norms
+
+
+# ---------------------------------------------------------------- non-finite values
+
+SKIPS_IN_A_ROW = 3  # consecutive skipped steps that end a stage (exit 3)
+
+
+class Skips:
+    """Optimizer steps not applied because a value was NaN or infinite (this process, this stage)."""
+
+    total = 0
+    in_a_row = 0
+    last: tuple[str, float] = ("", 0.0)
+
+
+def skip_step(quantity: str, value: float) -> None:
+    """Record a step that was not applied (no optimizer step, no schedule step)."""
+    Skips.total += 1
+    Skips.in_a_row += 1
+    Skips.last = (quantity, value)
+
+
+def applied(optimizer: Any, values: dict[str, float | None]) -> bool:
+    """Whether a step with these values may be applied: all finite. Otherwise the gradients are dropped
+    and the step recorded as skipped. Every value here is the same on every rank (gradient norms are
+    taken after DDP's all-reduce; a loss is passed only by a single process), so all ranks agree."""
+    for name, value in values.items():
+        if value is not None and not math.isfinite(value):
+            optimizer.zero_grad(set_to_none=True)
+            skip_step(name, value)
+            return False
+    Skips.in_a_row = 0
+    return True
+
+
+def all_finite(params: list[torch.Tensor]) -> bool:
+    """Whether every element of ``params`` is finite, over all ranks (FSDP shards: each rank its own)."""
+    local = [p.to_local() if hasattr(p, "to_local") else p for p in params]
+    bad = sum(int(not torch.isfinite(p.detach()).all()) for p in local)
+    return not int(distributed.total(torch.tensor(float(bad))))
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int) -> Any:
@@ -228,14 +275,26 @@ def load_train_state(src: Path, model: Any, optimizer: Any, scheduler: Any) -> t
 def save_state(stage: Stage, step: int, model: Any, optimizer: Any, scheduler: Any, extra: dict | None,
                keep: int) -> None:
     """A resumable checkpoint (DESIGN.md: written under a temporary name, renamed, marked COMPLETED).
-    Every rank calls this; rank 0 publishes the folder once every rank has written its part."""
+    Every rank calls this; rank 0 publishes the folder once every rank has written its part. Weights
+    that are not finite are never written (NonFinite): the previous checkpoint stays the newest."""
+    if not all_finite(trainable_parameters(model)):
+        raise NonFinite(f"{stage.name}: step {step}: the weights are no longer finite (NaN or inf); no checkpoint was "
+                        f"written from them, the last one ({_newest(stage)}) is intact")
     rngs = distributed.gather(rng_state())
     tmp = distributed.broadcast(begin_checkpoint(stage.checkpoints, step) if distributed.is_main() else None)
-    save_train_state(tmp, model, optimizer, scheduler, step, extra, rngs)
+    target = stage.checkpoints / checkpoint_name(step)
+    with writing(target, tmp):  # a full disk: the partial folder goes, the previous checkpoint stays newest
+        save_train_state(tmp, model, optimizer, scheduler, step, extra, rngs)
+        distributed.barrier()
+        if distributed.is_main():
+            maybe_fault(step, "publish")
+            publish_checkpoint(stage.checkpoints, tmp, step, keep)
     distributed.barrier()
-    if distributed.is_main():
-        publish_checkpoint(stage.checkpoints, tmp, step, keep)
-    distributed.barrier()
+
+
+def _newest(stage: Stage) -> str:
+    ckpt = latest_checkpoint(stage.checkpoints)
+    return ckpt.name if ckpt else "none yet"
 
 
 class Stage(NamedTuple):
@@ -261,26 +320,116 @@ class Stage(NamedTuple):
         return self.dir / "final"
 
 
+def open_stage(stage: Stage, cfg: Any, inputs: dict, resume: bool, overwrite: bool,
+               allow_changes: bool = False) -> tuple[str, list[dict]]:
+    """Before any model is loaded: take the stage's lock (one writer per stage directory), decide between
+    'fresh', 'resume' and 'done' (:func:`rundir.check_stage`), and for a stage that has outputs compare this
+    run's settings and inputs with the ones it recorded (:func:`resume_changes`).
+
+    A resume that would change what a step computes is refused (BadInput, every difference listed) unless
+    ``allow_changes``; the changes are returned for :func:`restore` to record with the step they take effect.
+    A finished stage is 'done' unless its length grew (``--resume --max-steps N``: 'resume' extends it)."""
+    lifecycle.check_writable(stage.run_dir)
+    lifecycle.take(stage.run_dir, stage.name, str(stage.dir))
+    if distributed.is_main():
+        lifecycle.settle_statuses(stage.run_dir)
+    mode = check_stage(stage.dir, resume, overwrite)
+    if mode == "fresh":
+        return mode, []
+    changes = resume_changes(stage, cfg, inputs)
+    if mode == "done" and not any(c["setting"] in config_mod.EXTENDS for c in changes):
+        stale = [c for c in changes if c["setting"].startswith("input ")]
+        if stale:  # a finished stage built from an input that has changed since
+            say(f"[yellow]warning:[/] {stage.dir} was built from inputs that changed since: "
+                + "; ".join(describe_change(c) for c in stale) + f"; rebuild it with --overwrite")
+        return "done", []
+    binding = [c for c in changes if not c["free"]]
+    if binding and not allow_changes:
+        raise BadInput([f"{stage.dir}: --resume would continue with other settings or inputs than the run so far:"]
+                       + [f"  {describe_change(c)}" for c in binding]
+                       + ["pass --allow-changes to continue anyway (recorded in the manifest with the step), or "
+                          "--overwrite to start over"])
+    for c in changes:
+        say(f"resume: {describe_change(c)}")
+    return "resume", changes
+
+
+def describe_change(change: dict) -> str:
+    return f"{change['setting']}: {change['was']!r} -> {change['now']!r}"
+
+
+def resume_changes(stage: Stage, cfg: Any, inputs: dict) -> list[dict]:
+    """Settings and inputs of this run that differ from what ``stage`` recorded when it started: one
+    ``{setting, was, now, free}`` each. ``free`` settings (config.FREE_ON_RESUME) decide when to save,
+    evaluate and stop or where to run, not what a step computes. Inputs are compared by content (sha256),
+    so a data file moved elsewhere is no change; a file path setting is compared through its input."""
+    import yaml
+
+    changes: list[dict] = []
+    try:
+        recorded = (yaml.safe_load((stage.dir / "config.yaml").read_text(encoding="utf-8")) or {}).get(stage.name, {})
+    except (OSError, yaml.YAMLError):
+        recorded = {}
+    old, new = _flatten(recorded), _flatten(config_mod.to_dict(cfg))
+    for key in sorted(set(old) | set(new)):
+        if key in config_mod.INPUT_SETTINGS or old.get(key) == new.get(key):
+            continue
+        changes.append({"setting": key, "was": old.get(key), "now": new.get(key),
+                        "free": key in config_mod.FREE_ON_RESUME})
+    before = read_manifest(stage.run_dir).get("stages", {}).get(stage.name, {}).get("inputs", {})
+    for key in sorted(set(before) | set(inputs)):
+        was, now_ = _identity(before.get(key)), _identity(inputs.get(key))
+        if was != now_:
+            changes.append({"setting": f"input {key}", "was": was, "now": now_, "free": False})
+    return changes
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _identity(entry: Any) -> Any:
+    """What an input is, for comparison: its sha256 when recorded, else what was recorded (a model name)."""
+    if isinstance(entry, dict):
+        return entry.get("sha256") or entry.get("path")
+    return entry
+
+
 def begin_stage(stage: Stage, mode: str, cfg: Any, inputs: dict) -> None:
     """Create the stage directory and record the resolved config and the inputs in the manifest.
     Called only after every input has been validated: the first barrier waits until every rank has
-    validated (and so could still fail with nothing written), the second until the files exist."""
+    validated (and so could still fail with nothing written), the second until the files exist.
+    Stages built from this one's outputs are marked stale (:func:`rundir.mark_stale`)."""
     distributed.barrier()
     if distributed.is_main():
         start_stage_dir(stage.dir, mode)
         atomic_write_text(stage.dir / "config.yaml", config_mod.to_yaml(stage.name, cfg))
-        update_manifest(stage.run_dir, stage.name, status="running", started=now(), inputs=inputs)
+        update_manifest(stage.run_dir, stage.name, status="running", started=now(), inputs=inputs,
+                        pid=os.getpid(), host=socket.gethostname())
+        mark_stale(stage.run_dir, stage.name)
     distributed.barrier()
 
 
-def restore(stage: Stage, mode: str, model: Any, optimizer: Any, scheduler: Any) -> tuple[int, dict, Path | None]:
+def restore(stage: Stage, mode: str, model: Any, optimizer: Any, scheduler: Any,
+            changes: list[dict] | None = None) -> tuple[int, dict, Path | None]:
     """Resume point: (step, extra state, checkpoint) of the newest complete checkpoint, or a fresh start.
     Metrics logged after that step are dropped; the resumed run logs them again. Rank 0 picks the
-    checkpoint and every rank loads that one."""
+    checkpoint and every rank loads that one. ``changes`` (from :func:`open_stage`) are recorded in the
+    manifest's ``resumes`` with the step they take effect at."""
     ckpt = distributed.broadcast(latest_checkpoint(stage.checkpoints) if mode == "resume" else None)
     step, extra = load_train_state(ckpt, model, optimizer, scheduler) if ckpt is not None else (0, {})
     if distributed.is_main():
         truncate_metrics(stage.metrics, step)
+        if mode == "resume":
+            entry = read_manifest(stage.run_dir).get("stages", {}).get(stage.name, {})
+            resumes = entry.get("resumes", []) + [{"step": step, "at": now(), "changes": changes or []}]
+            update_manifest(stage.run_dir, stage.name, resumes=resumes)
     if ckpt is not None and distributed.world_size() > 1:
         say_every_rank(f"resumed at step {step} from {ckpt.name}")
     return step, extra, ckpt
@@ -320,11 +469,23 @@ def fit(stage: Stage, model: Any, optimizer: Any, scheduler: Any, step: int, tot
         train_step: Callable[[int], dict], evaluate: Callable[[], dict] | None, eval_every: int, save_every: int,
         keep: int, extra_state: Callable[[], dict] | None = None, show: str = "train/loss") -> int:
     """Run optimizer steps ``step..total_steps``: log a metrics line per step (held-out metrics every
-    ``eval_every`` and at the end), checkpoint every ``save_every``. ``train_step(step)`` does one
-    optimizer step and returns its metrics (``train/tokens`` gives tokens/s; ``show`` is the metric on the
-    progress bar). Returns the last step."""
+    ``eval_every`` and at the end), checkpoint every ``save_every`` and after the last step (so that
+    ``--resume --max-steps`` can extend a finished run). ``train_step(step)`` does one optimizer step and
+    returns its metrics (``train/tokens`` gives tokens/s; ``show`` is the metric on the progress bar).
+    Returns the last step.
+
+    From here until :func:`finish_stage` a stop signal is acted on between steps: the step in flight
+    ends, a checkpoint is written and the stage stops (:func:`stop`). Steps whose values were not finite
+    are not applied (``train/skipped_steps``); SKIPS_IN_A_ROW in a row end the stage (exit 3)."""
     keep_freed_memory()
     started = time.perf_counter()
+    Skips.total, Skips.in_a_row = _skipped_before(stage, step), 0
+    saved = step  # the step of the newest checkpoint (the resume point, or 0: nothing to save)
+
+    def checkpoint() -> None:
+        save_state(stage, step, model, optimizer, scheduler, extra_state() if extra_state else None, keep)
+
+    lifecycle.defer()
     with progress() as bar:
         task = bar.add_task(stage.name, total=total_steps, completed=step)
         while step < total_steps:
@@ -332,7 +493,8 @@ def fit(stage: Stage, model: Any, optimizer: Any, scheduler: Any, step: int, tot
             record = train_step(step)
             step += 1
             seconds = time.perf_counter() - t0
-            record = {"step": step, **record, "train/lr": scheduler.get_last_lr()[0]}
+            record = {"step": step, **record, "train/lr": scheduler.get_last_lr()[0],
+                      "train/skipped_steps": Skips.total}
             if "train/tokens" in record:
                 record["train/tokens_per_s"] = record["train/tokens"] / seconds
             record["elapsed_s"] = time.perf_counter() - started
@@ -340,26 +502,78 @@ def fit(stage: Stage, model: Any, optimizer: Any, scheduler: Any, step: int, tot
                 record.update(evaluate())
             if distributed.is_main():
                 append_jsonl(stage.metrics, record)
-            if step % save_every == 0 and step < total_steps:
-                save_state(stage, step, model, optimizer, scheduler, extra_state() if extra_state else None, keep)
+            if Skips.in_a_row >= SKIPS_IN_A_ROW:
+                quantity, value = Skips.last
+                raise NonFinite(f"{stage.name}: step {step}: the {quantity} was {value} in {Skips.in_a_row} optimizer "
+                                f"steps in a row; none of them was applied and no checkpoint was written from them. "
+                                f"The newest checkpoint ({_newest(stage)}) is intact: resume from it (--resume, with "
+                                "--allow-changes for a lower --lr) or check the data")
+            if step % save_every == 0 or step == total_steps:
+                checkpoint()
+                saved = step
             bar.update(task, advance=1, description=f"{stage.name} {show.split('/')[-1]} {record.get(show, float('nan')):.4f}")
             maybe_fault(step)
+            signum = distributed.agree(lifecycle.stop_requested() or 0)  # every rank stops after the same step
+            if signum:
+                if saved != step:
+                    checkpoint()
+                stop(stage, step, total_steps, signum)
     return step
 
 
-def finish_stage(stage: Stage, steps: int, **outputs: Any) -> None:
-    """Mark the stage completed (rank 0, after it wrote ``final/``); every rank returns after that."""
+def _skipped_before(stage: Stage, step: int) -> int:
+    """``train/skipped_steps`` at the resume point (0 for a fresh start)."""
+    if step == 0 or not distributed.is_main():
+        return 0
+    counts = [r.get("train/skipped_steps", 0) for r in read_metrics(stage.metrics) if r.get("step", 0) <= step]
+    return int(counts[-1]) if counts else 0
+
+
+def stop(stage: Stage, step: int, total_steps: int, signum: int) -> None:
+    """End a stage on a stop signal, its checkpoint of ``step`` written: manifest 'interrupted', how to
+    resume on stderr, and :class:`Interrupted` (exit 128 + signal)."""
+    import signal
+
+    name = signal.Signals(signum).name
     if distributed.is_main():
+        update_manifest(stage.run_dir, stage.name, status="interrupted", stopped=now(), stopped_at_step=step,
+                        signal=name)
+    say(f"{stage.name}: stopped by {name} after step {step} of {total_steps}; checkpoint {checkpoint_name(step)} "
+        f"is complete. Resume with: {resume_command()}")
+    stopped = Interrupted(signum)
+    stopped.said = True
+    raise stopped
+
+
+def resume_command() -> str:
+    """This command line with ``--resume`` (and without ``--overwrite``)."""
+    if distributed.world_size() > 1:
+        return "the same launcher command with --resume"
+    args = [a for a in sys.argv[1:] if a != "--overwrite"]
+    return shlex.join(["igpt", *args, *([] if "--resume" in args else ["--resume"])])
+
+
+def finish_stage(stage: Stage, steps: int, **outputs: Any) -> None:
+    """Mark the stage completed (rank 0, after it wrote ``final/``) with the sha256 of its weights, which
+    later stages record as their input (lineage); every rank returns after that. A stop signal that came
+    while ``final/`` was written ends the command now (the stage is complete)."""
+    if distributed.is_main():
+        sha = weights_sha256(stage.final)
         update_manifest(stage.run_dir, stage.name, status="completed", finished=now(), steps=steps,
-                        outputs={"final": str(stage.final), **outputs})
+                        outputs={"final": str(stage.final), "sha256": sha, **outputs})
+        mark_stale(stage.run_dir, stage.name, sha)
     distributed.barrier()
+    lifecycle.undefer()
+    lifecycle.check_stop()
 
 
-def maybe_fault(step: int) -> None:
+def maybe_fault(step: int, where: str = "step") -> None:
     """Simulate a kill for resume tests: ``IGPT_FAULT_AFTER_STEP=N`` ends the process after step N
-    (every rank of a launched run, once all of them have finished that step)."""
-    if os.environ.get(FAULT_ENV) == str(step):
-        distributed.barrier()
+    (every rank of a launched run, once all of them have finished that step); ``=N:publish`` ends it
+    inside the checkpoint of step N, its files written but not yet published."""
+    if os.environ.get(FAULT_ENV) == (str(step) if where == "step" else f"{step}:{where}"):
+        if where == "step":
+            distributed.barrier()
         os._exit(99)
 
 

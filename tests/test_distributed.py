@@ -177,8 +177,8 @@ def test_two_process_ppo_killed_resumes_on_both_ranks_equal_to_uninterrupted(sft
     assert straight.returncode == 0, straight.stderr
     out = t / "ppo_straight" / "ppo"
     assert files_under(out) == sorted([
-        "checkpoints", "checkpoints/step-000002", *[f"checkpoints/step-000002/{f}" for f in
-                                                    ("COMPLETED", "optimizer.pt", "state.pt", "trainable.safetensors")],
+        "checkpoints", *[f"checkpoints/step-00000{s}{f}" for s in (2, 3) for f in
+                         ("", "/COMPLETED", "/optimizer.pt", "/state.pt", "/trainable.safetensors")],
         "config.yaml", "metrics.jsonl", "samples", "samples/step-000002.jsonl", "samples/step-000003.jsonl", "final",
         "final/policy", "final/value", *[f"final/{m}/{f}" for m in ("policy", "value") for f in
                                          os.listdir(out / "final" / m)]])
@@ -192,7 +192,8 @@ def test_two_process_ppo_killed_resumes_on_both_ranks_equal_to_uninterrupted(sft
     assert first["val/ratio_first"] == pytest.approx(1.0, abs=1e-6) and first["objective/kl"] == pytest.approx(0, abs=1e-6)
     assert len({m["objective/beta"] for m in metrics}) > 1  # the KL controller moved beta (the same on both ranks)
 
-    killed = torchrun(ppo(t / "ppo_killed"), t, {"IGPT_FAULT_AFTER_STEP": "3"})  # dies before exporting
+    # rank 0 dies inside the last step's checkpoint, its files written but not published: step 2 is the newest
+    killed = torchrun(ppo(t / "ppo_killed"), t, {"IGPT_FAULT_AFTER_STEP": "3:publish"})
     assert killed.returncode != 0 and "exitcode  : 99" in killed.stderr, killed.stderr
     assert not (t / "ppo_killed" / "ppo" / "final").exists()
     resumed = torchrun([*ppo(t / "ppo_killed"), "--resume"], t)

@@ -197,7 +197,7 @@ def test_models_from_another_run_and_a_foreign_tokenizer(world, tmp_path):
     result = igpt(*ppo_args(world, tmp_path / "run", "--max-steps", "1"))
     assert result.exit_code == 0
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())["stages"]["ppo"]["inputs"]
-    assert manifest["rm"] == str(world / "rule_rm")
+    assert manifest["rm"]["path"] == str((world / "rule_rm").resolve()) and len(manifest["rm"]["sha256"]) == 64
     # a reward model that reads other tokens is refused before anything is written
     other = tiny_tokenizer()
     other.add_tokens(["<extra>"])

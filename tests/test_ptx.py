@@ -281,8 +281,8 @@ def test_ptx_batches_continue_across_iterations_and_resume(tmp_path, monkeypatch
     assert n_blocks % 7 and 12 * 7 > n_blocks  # steps that straddle passes
     assert [c[1] for c in straight] == list(range(12)) and all(c[2] == 7 for c in straight)
 
-    def die_after_2(step):
-        if step == 2:
+    def die_after_2(step, where="step"):
+        if step == 2 and where == "step":
             raise Killed
 
     monkeypatch.setattr(train, "maybe_fault", die_after_2)

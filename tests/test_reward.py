@@ -17,7 +17,7 @@ from instructgpt_cli.losses import ranking_loss
 from instructgpt_cli.models import (load_model, load_tokenizer, packed_reward_scores, reward_scores,
                                     shared_reward_scores, tiny_model, tiny_tokenizer)
 from instructgpt_cli.rollout import score_sequences
-from instructgpt_cli.rundir import read_metrics
+from instructgpt_cli.rundir import read_metrics, weights_sha256
 from instructgpt_cli.stages.reward import Layout, rank_forward
 
 
@@ -246,7 +246,9 @@ def test_sample_output_with_ranks_trains_the_rm_unchanged(tmp_path, demos_file):
     assert result.exit_code == 0, result.output
     manifest = json.loads((run_dir / "manifest.json").read_text())["stages"]["rm"]
     assert manifest["inputs"]["demos"]["path"] == str(demos_file.resolve())
-    assert manifest["inputs"]["init"].endswith("sft/final")
+    sft_out = json.loads((run_dir / "manifest.json").read_text())["stages"]["sft"]["outputs"]
+    assert manifest["inputs"]["init"]["path"].endswith("sft/final")  # lineage: built from exactly these weights
+    assert manifest["inputs"]["init"]["sha256"] == sft_out["sha256"] == weights_sha256(run_dir / "sft" / "final")
     sft_embed = load_file(str(run_dir / "sft" / "final" / "model.safetensors"))["model.embed_tokens.weight"]
     rm_embed = load_file(str(run_dir / "rm" / "final" / "model.safetensors"))["model.embed_tokens.weight"]
     assert sft_embed.shape == rm_embed.shape and not torch.equal(sft_embed, rm_embed)

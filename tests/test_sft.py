@@ -48,7 +48,7 @@ def test_cli_sft_writes_loadable_final_model_that_learned(tmp_path, demos_file):
     assert (run_dir / "sft" / "config.yaml").read_text().startswith("sft:")
     # checkpoints: complete, and only the newest two are kept
     ckpts = sorted(p.name for p in (run_dir / "sft" / "checkpoints").iterdir())
-    assert ckpts == ["step-000010", "step-000015"]
+    assert ckpts == ["step-000015", "step-000020"]  # the last step too: --resume --max-steps extends
     assert all((run_dir / "sft" / "checkpoints" / c / "COMPLETED").exists() for c in ckpts)
 
 

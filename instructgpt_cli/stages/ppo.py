@@ -37,10 +37,10 @@ from ..models import (apply_lora, find_model, frozen_layers, load_model, load_to
                       resolve_device, reward_stats, same_tokenizer, save_final, trunk_states)
 from ..rollout import (Rollout, build_rollout, decode_response, generate, last_token_scores, response_logprobs,
                        token_values, lm_loss_sum)
-from ..rundir import check_stage, file_input
+from ..rundir import file_input, model_input, writing
 from ..stats import describe_rm_accuracy
 from ..train import (Stage, banner, begin_stage, build_optimizer, build_scheduler, finish_stage, fit, model_rows,
-                     optimizer_step_by_group, processes_note, restore, say, stream_indices)
+                     open_stage, optimizer_step_by_group, processes_note, restore, say, skip_step, stream_indices)
 
 STAGE = "ppo"
 
@@ -113,6 +113,16 @@ def _score_rollout(models: dict, ro: Rollout, cfg: PPOConfig, beta: float, batch
         advantages = masked_whiten(advantages, mask, total=distributed.total)
     return {**out, "penalised_scores": scores, "rewards": rewards, "kl": kl, "advantages": advantages,
             "returns": returns, "seconds": seconds}
+
+
+def non_finite(sc: dict) -> tuple[str, float] | None:
+    """(what, value) of the first rollout quantity with a NaN or inf on any rank (reward model scores, values,
+    advantages), or None when all are finite; every rank gets the same answer."""
+    for key, what in (("scores", "reward model score"), ("values", "value"), ("advantages", "advantage")):
+        bad = ~torch.isfinite(sc[key])
+        if int(distributed.total(bad.sum().float().cpu())):
+            return what, float(sc[key][bad][0]) if bad.any() else float("nan")
+    return None
 
 
 def ppo_update(models: dict, trained: PolicyAndValue, optimizer, scheduler, ro: Rollout, sc: dict, cfg: PPOConfig,
@@ -262,7 +272,7 @@ def cpu_copy(cfg: PPOConfig, tokenizer, path: Path, kind: str):
     return model
 
 
-def run(cfg: PPOConfig, resume: bool = False, overwrite: bool = False) -> Path:
+def run(cfg: PPOConfig, resume: bool = False, overwrite: bool = False, allow_changes: bool = False) -> Path:
     # 1. validate every input before anything is written
     errors = []
     if not cfg.prompts:
@@ -306,11 +316,14 @@ def run(cfg: PPOConfig, resume: bool = False, overwrite: bool = False) -> Path:
             raise BadInput([f"--require-rm-accuracy {cfg.require_rm_accuracy}: the reward model {rm_path} has "
                             f"{rm_accuracy}, below the required {cfg.require_rm_accuracy:.1%}"])
     stage = Stage(run_dir, STAGE)
-    mode = check_stage(stage.dir, resume, overwrite)
+    device = resolve_device(cfg.device)
+    inputs = {"prompts": file_input(cfg.prompts), "sft": model_input(sft_path), "rm": model_input(rm_path)}
+    if ptx_texts:
+        inputs["ptx_data"] = file_input(cfg.ptx_data)
+    mode, changes = open_stage(stage, cfg, inputs, resume, overwrite, allow_changes)  # lock; what resume changes
     if mode == "done":
         say(f"ppo: {stage.final} is already complete; nothing to do")
         return stage.final
-    device = resolve_device(cfg.device)
     ptx = pretrain_blocks(tokenizer, ptx_texts, cfg.ptx_seq_len) if ptx_texts else []
     if ptx_texts and not ptx:
         raise BadInput([f"--ptx-data {cfg.ptx_data}: its text makes no block of 2 tokens or more to train on"])
@@ -334,11 +347,8 @@ def run(cfg: PPOConfig, resume: bool = False, overwrite: bool = False) -> Path:
     scheduler = build_scheduler(optimizer, cfg.optim, total_steps * cfg.ppo_epochs * math.ceil(B / cfg.mini_batch_size))
 
     # 3. the stage directory and the resume point (the KL controller's beta travels with the checkpoint)
-    inputs = {"prompts": file_input(cfg.prompts), "sft": str(sft_path), "rm": str(rm_path)}
-    if ptx_texts:
-        inputs["ptx_data"] = file_input(cfg.ptx_data)
     begin_stage(stage, mode, cfg, inputs)
-    step, extra, ckpt = restore(stage, mode, trained, optimizer, scheduler)
+    step, extra, ckpt = restore(stage, mode, trained, optimizer, scheduler, changes)
     state = {"beta": float(extra.get("beta", cfg.beta))}
     episodes = f"{total_steps * B} episodes"
     if cfg.max_steps == 0 and cfg.total_episodes > 0 and total_steps * B != cfg.total_episodes:
@@ -376,7 +386,12 @@ def run(cfg: PPOConfig, resume: bool = False, overwrite: bool = False) -> Path:
         t1 = time.perf_counter()
         sc = score_rollout(models, ro, cfg, state["beta"], 2 * cfg.optim.batch_size)  # no grad: twice the micro-batch
         t2 = time.perf_counter()
-        stats, ptx_s = ppo_update(models, trained, optimizer, scheduler, ro, sc, cfg, ptx, i, tokenizer.pad_token_id)
+        bad = non_finite(sc)
+        if bad is None:
+            stats, ptx_s = ppo_update(models, trained, optimizer, scheduler, ro, sc, cfg, ptx, i, tokenizer.pad_token_id)
+        else:  # no update from a NaN reward, value or advantage: the iteration is a skipped step
+            skip_step(*bad)
+            stats, ptx_s = {"policy/entropy": float("nan")}, 0.0
         t3 = time.perf_counter()
         # means over all ranks' responses (every rank has as many), the EOS count summed: the KL controller
         # sees the global KL, so beta stays the same on every rank
@@ -417,8 +432,11 @@ def run(cfg: PPOConfig, resume: bool = False, overwrite: bool = False) -> Path:
         tmp = stage.dir / f".tmp-final-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        save_final(policy, tokenizer, tmp / "policy")
-        save_final(value, tokenizer, tmp / "value")
+        with writing(stage.final, tmp):  # a full disk: no partial final/, the previous one (if any) kept
+            save_final(policy, tokenizer, tmp / "policy")
+            save_final(value, tokenizer, tmp / "value")
+        if stage.final.exists():  # a finished run extended with --resume --max-steps
+            shutil.rmtree(stage.final)
         os.replace(tmp, stage.final)
     finish_stage(stage, step, policy=str(stage.final / "policy"), value=str(stage.final / "value"))
     # the phases add up to the whole; timing/scoring/<model> split the scoring phase

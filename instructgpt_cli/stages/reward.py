@@ -26,10 +26,10 @@ from ..models import (REWARD_BIAS, REWARD_STATS, apply_lora, context_window, fin
                       packed_reward_scores, resolve_device, reward_scores, save_final, shared_reward_scores,
                       supports_packing, supports_sharing)
 from ..rollout import score_sequences
-from ..rundir import check_stage, file_input, read_manifest
+from ..rundir import file_input, model_input, read_manifest
 from ..stats import describe_rm_accuracy, rm_accuracy
 from ..train import (Stage, banner, begin_stage, build_optimizer, build_scheduler, finish_stage, fit,
-                     micro_batches, model_rows, optimizer_step, processes_note, restore, say, step_chunks,
+                     micro_batches, model_rows, open_stage, optimizer_step, processes_note, restore, say, step_chunks,
                      steps_per_epoch)
 
 STAGE = "rm"
@@ -87,7 +87,8 @@ def train_step(run, optimizer, scheduler, chunks: list[list[RankedGroup]], pad_i
             correct_total += correct.sum().item()
             pairs += correct.numel()
             tokens += n_tokens
-    grad_norm = optimizer_step(optimizer, scheduler, grad_clip)
+    local_loss = loss_total if distributed.world_size() == 1 else None  # ranks agree on the norm; not on a loss
+    grad_norm = optimizer_step(optimizer, scheduler, grad_clip, local_loss)
     sums = distributed.reduce_metrics({"loss": loss_total, "correct": correct_total, "pairs": pairs, "tokens": tokens},
                                       sums=("loss", "correct", "pairs", "tokens"))
     return {"train/loss": sums["loss"] / n_prompts, "train/accuracy": sums["correct"] / max(sums["pairs"], 1),
@@ -133,7 +134,7 @@ def demos_path(cfg: RMConfig, run_dir: Path) -> str | None:
     return path if path and Path(path).exists() else None
 
 
-def run(cfg: RMConfig, resume: bool = False, overwrite: bool = False) -> Path:
+def run(cfg: RMConfig, resume: bool = False, overwrite: bool = False, allow_changes: bool = False) -> Path:
     # 1. validate every input before anything is written
     if not cfg.rankings:
         raise BadInput(["--rankings: required (a rankings JSONL file)"])
@@ -148,11 +149,14 @@ def run(cfg: RMConfig, resume: bool = False, overwrite: bool = False) -> Path:
     model_cfg = ModelConfig(**{**vars(cfg.model), "name": init})
     tokenizer, source = load_tokenizer(model_cfg)
     stage = Stage(run_dir, STAGE)
-    mode = check_stage(stage.dir, resume, overwrite)
+    device = resolve_device(cfg.device)
+    inputs = {"rankings": file_input(cfg.rankings), "init": model_input(source or init)}
+    if demos_file:
+        inputs["demos"] = file_input(demos_file)
+    mode, changes = open_stage(stage, cfg, inputs, resume, overwrite, allow_changes)  # lock; what resume changes
     if mode == "done":
         say(f"train-rm: {stage.final} is already complete; nothing to do")
         return stage.final
-    device = resolve_device(cfg.device)
 
     def build(on: torch.device):  # the same model on every rank; again on CPU to export a sharded one
         model = load_model(model_cfg, tokenizer, source, on, cfg.seed, kind="reward")
@@ -185,11 +189,8 @@ def run(cfg: RMConfig, resume: bool = False, overwrite: bool = False) -> Path:
     scheduler = build_scheduler(optimizer, cfg.optim, total_steps)
 
     # 3. the stage directory and the resume point
-    inputs = {"rankings": file_input(cfg.rankings), "init": str(source or init)}
-    if demos_file:
-        inputs["demos"] = file_input(demos_file)
     begin_stage(stage, mode, cfg, inputs)
-    step, _, ckpt = restore(stage, mode, model, optimizer, scheduler)
+    step, _, ckpt = restore(stage, mode, model, optimizer, scheduler, changes)
     ks = sorted({len(g.sequences) for g in groups})
     banner("igpt train-rm", {
         "rankings": f"{cfg.rankings} ({len(train)} train, {len(val)} held-out prompts; K in {ks}; "

@@ -20,9 +20,9 @@ from ..models import (apply_lora, context_window, load_causal_lm, load_tokenizer
                       resolve_device, save_final, supports_packing)
 from ..models import logit_transform
 from ..rollout import head_loss_sum
-from ..rundir import check_stage, file_input
+from ..rundir import file_input, model_input
 from ..train import (Stage, banner, begin_stage, build_optimizer, build_scheduler, finish_stage, fit,
-                     micro_batches, model_rows, optimizer_step, processes_note, restore, say, step_chunks,
+                     micro_batches, model_rows, open_stage, optimizer_step, processes_note, restore, say, step_chunks,
                      steps_per_epoch)
 
 STAGE = "sft"
@@ -98,23 +98,25 @@ def train_step(run, optimizer, scheduler, chunks: list[list[Example]], pad_id: i
         if weight:
             loss_total += summed.item()
             tokens += sum(len(e.input_ids) for e in chunk)
-    grad_norm = optimizer_step(optimizer, scheduler, grad_clip)
+    local_loss = loss_total if distributed.world_size() == 1 else None  # ranks agree on the norm; not on a loss
+    grad_norm = optimizer_step(optimizer, scheduler, grad_clip, local_loss)
     sums = distributed.reduce_metrics({"loss": loss_total, "tokens": tokens}, sums=("loss", "tokens"))
     return {"train/loss": sums["loss"] / max(n_targets, 1), "train/grad_norm": grad_norm, "train/tokens": sums["tokens"]}
 
 
-def run(cfg: SFTConfig, resume: bool = False, overwrite: bool = False) -> Path:
+def run(cfg: SFTConfig, resume: bool = False, overwrite: bool = False, allow_changes: bool = False) -> Path:
     # 1. validate every input before anything is written
     if not cfg.data:
         raise BadInput(["--data: required (a demonstrations JSONL file)"])
     demos = read_demos(cfg.data)
     tokenizer, source = load_tokenizer(cfg.model)
     stage = Stage(Path(cfg.run_dir), STAGE)
-    mode = check_stage(stage.dir, resume, overwrite)
+    device = resolve_device(cfg.device)
+    inputs = {"data": file_input(cfg.data), "model": model_input(source or cfg.model.name)}
+    mode, changes = open_stage(stage, cfg, inputs, resume, overwrite, allow_changes)  # lock; what resume changes
     if mode == "done":
         say(f"sft: {stage.final} is already complete; nothing to do")
         return stage.final
-    device = resolve_device(cfg.device)
 
     def build(on: torch.device):  # the same model on every rank; again on CPU to export a sharded one
         model = load_causal_lm(cfg.model, tokenizer, source, on, cfg.seed)
@@ -137,8 +139,8 @@ def run(cfg: SFTConfig, resume: bool = False, overwrite: bool = False) -> Path:
     scheduler = build_scheduler(optimizer, cfg.optim, total_steps)
 
     # 3. the stage directory and the resume point
-    begin_stage(stage, mode, cfg, {"data": file_input(cfg.data), "model": str(source or cfg.model.name)})
-    step, _, ckpt = restore(stage, mode, model, optimizer, scheduler)
+    begin_stage(stage, mode, cfg, inputs)
+    step, _, ckpt = restore(stage, mode, model, optimizer, scheduler, changes)
     banner("igpt sft", {
         "data": f"{cfg.data} ({len(train)} train, {len(val)} held out, {truncated} responses cut to fit)",
         "model": f"{cfg.model.name} on {device} ({next(model.parameters()).dtype})",
