@@ -53,7 +53,7 @@ def run_stage(stage: str, config_file: Optional[Path], print_config: bool, overr
     a stage that ended early is marked 'interrupted' or 'failed' in the manifest."""
     from . import config as config_mod
     from .errors import BadInput, Interrupted, NonFinite, WriteFailed
-    from .lifecycle import release_all
+    from .lifecycle import release_all, stop_requested
     from .rundir import disk_errno, is_main_process
 
     status = "failed"
@@ -68,21 +68,30 @@ def run_stage(stage: str, config_file: Optional[Path], print_config: bool, overr
         release_all(status)
         fail(e.messages, e.code)
     except (Interrupted, KeyboardInterrupt) as e:
-        release_all(status := "interrupted")
-        code = e.code if isinstance(e, Interrupted) else 130
-        if not getattr(e, "said", False):  # a training stage's checkpoint-and-stop said how to resume
-                typer.echo(f"{stage}: interrupted ({e or 'SIGINT'}); nothing half-written is kept: rerun the command "
-                       "(with --resume for a training stage) to go on from its last complete checkpoint", err=True)
-        raise typer.Exit(code) from None
-    except OSError as e:  # the storage failed outside igpt's own writers (a library's file, a log)
-        if disk_errno(e) is None:
+        interrupted(stage, e if isinstance(e, Interrupted) else Interrupted(2))
+    except Exception as e:
+        if stop_requested() is not None:  # a library swallowed the signal's exception and raised its own
+            interrupted(stage, Interrupted(stop_requested()))
+        if not isinstance(e, OSError) or disk_errno(e) is None:
             raise
-        release_all(status)
+        release_all(status)  # the storage failed outside igpt's own writers (a library's file, a log)
         fail(WriteFailed(e.filename or "a file", e.errno).messages, 4)
     finally:
         release_all(status)
     if result is not None and is_main_process():
         typer.echo(str(result))
+
+
+def interrupted(stage: str, e: Any) -> None:
+    """Exit 128 + signal; the stage's manifest entry says 'interrupted' (a training stage that stopped
+    between steps has already said how to resume)."""
+    from .lifecycle import release_all
+
+    release_all("interrupted")
+    if not e.said:
+        typer.echo(f"{stage}: interrupted ({e}); nothing half-written is kept: rerun the command (with --resume "
+                   "for a training stage) to go on from its last complete checkpoint", err=True)
+    raise typer.Exit(e.code) from None
 
 
 @app.command()

@@ -145,6 +145,11 @@ def take(run_dir: Path, name: str, what: str | None = None) -> None:
         raise BadInput(problem)
 
 
+def hold(lock: Lock) -> None:
+    """Keep ``lock`` (acquired) until :func:`release_all`."""
+    _HELD.append(lock)
+
+
 def release_all(status: str | None = None) -> None:
     """Release every lock this process holds. ``status`` ('interrupted', 'failed'): the command ended
     early, and a stage whose manifest entry still says ``running`` is marked so first."""

@@ -254,6 +254,22 @@ def mark_stale(run_dir: Path, stage: str, sha: str | None = None) -> None:
         atomic_write_text(run_dir / "manifest.json", json.dumps(manifest, indent=2) + "\n")
 
 
+def claim(run_dir: Path, out: Path) -> None:
+    """Before eval or compare samples a token: ``out`` (``RUN_DIR/eval/NAME``) can be written, and this
+    process holds its lock (one writer per report)."""
+    from . import lifecycle
+
+    lifecycle.check_writable(out.parent)
+    lifecycle.take(run_dir, out.relative_to(run_dir).as_posix(), str(out))
+
+
+def record(run_dir: Path, out: Path, models: dict[str, Path]) -> None:
+    """A report's manifest entry (``eval/NAME``, ``compare/A-vs-B``): the weights of each model it judged
+    (lineage: a later re-run of the stage that made one marks the report stale)."""
+    update_manifest(run_dir, out.relative_to(run_dir).as_posix(), status="completed", finished=now(),
+                    inputs={k: model_input(p) for k, p in models.items()}, outputs={"report": str(out / "report.json")})
+
+
 def _version() -> str:
     from . import __version__
 

@@ -568,13 +568,23 @@ def finish_stage(stage: Stage, steps: int, **outputs: Any) -> None:
 
 
 def maybe_fault(step: int, where: str = "step") -> None:
-    """Simulate a kill for resume tests: ``IGPT_FAULT_AFTER_STEP=N`` ends the process after step N
-    (every rank of a launched run, once all of them have finished that step); ``=N:publish`` ends it
-    inside the checkpoint of step N, its files written but not yet published."""
-    if os.environ.get(FAULT_ENV) == (str(step) if where == "step" else f"{step}:{where}"):
-        if where == "step":
-            distributed.barrier()
-        os._exit(99)
+    """Faults for the recovery tests, from ``IGPT_FAULT_AFTER_STEP``: ``N`` ends the process after step N
+    (every rank of a launched run, once all of them have finished that step); ``N:publish`` ends it inside
+    the checkpoint of step N, its files written but not yet published; ``N:SIGTERM`` (or another signal
+    name) has rank 0 send itself that signal after step N, as a scheduler would."""
+    value = os.environ.get(FAULT_ENV, "")
+    at, _, what = value.partition(":")
+    if at != str(step) or (what == "publish") != (where == "publish"):
+        return
+    if what.startswith("SIG"):
+        if distributed.is_main():
+            import signal
+
+            os.kill(os.getpid(), signal.Signals[what])
+        return
+    if where == "step":
+        distributed.barrier()
+    os._exit(99)
 
 
 # ---------------------------------------------------------------- what the user sees (stderr)

@@ -23,7 +23,7 @@ from ..models import load_model, load_tokenizer, position_limit, resolve_device,
 from ..rollout import decode_response, generate, score_responses
 from .. import report as report_page
 from ..report import number, score_text
-from ..rundir import atomic_write_text, publish_set, read_metrics, weights_sha256
+from ..rundir import atomic_write_text, claim, publish_set, read_metrics, record, weights_sha256
 from ..stats import win_rate
 from ..train import console
 from .. import tui
@@ -100,6 +100,7 @@ def run(cfg: CompareConfig) -> dict:
     queries = render_queries(tokenizer, prompts, cfg.max_new_tokens, min(filter(None, limits), default=None))
     out = run_dir / "compare" / f"{name_a}-vs-{name_b}"
     device = resolve_device(cfg.device)
+    claim(run_dir, out)  # before any sampling: a write that cannot happen fails now, not after the work
 
     # 2. both models answer every prompt: the text and the token ids as sampled (what the RM judge scores).
     #    A human session keeps them in compare/A-vs-B.human/ (with its judgments), so it can stop and resume
@@ -143,6 +144,7 @@ def run(cfg: CompareConfig) -> dict:
         (tmp / "report.json").write_text(json.dumps(report, indent=2, allow_nan=False) + "\n", encoding="utf-8")
         metrics = read_metrics(run_dir / "ppo" / "metrics.jsonl")
         report_page.write_html(tmp / "report.html", report, judgments, metrics)
+    record(run_dir, out, {"a": path_a, "b": path_b, **({"rm": rm_path} if cfg.judge == "rm" else {})})
     show(report, judgments)
     show_evals(run_dir, [name_a, name_b])
     console().print(f"report: {out / 'report.html'}")

@@ -22,7 +22,7 @@ from ..models import (find_model, load_model, load_tokenizer, position_limit, re
                       stage_model)
 from ..rollout import decode_response, generate, lm_loss, response_kl, score_ranking, score_responses
 from ..report import number, score_text
-from ..rundir import publish_set, weights_sha256
+from ..rundir import claim, publish_set, record, weights_sha256
 from ..stats import rm_accuracy
 from ..train import console
 
@@ -98,6 +98,8 @@ def run(cfg: EvalConfig, as_json: bool = False) -> dict:
     limits = [position_limit(str(p)) for p in [path, sft_path] + ([rm_path] if have_rm else [])]
     queries = render_queries(tokenizer, prompts, cfg.max_new_tokens, min(filter(None, limits), default=None))
     device = resolve_device(cfg.device)
+    out = run_dir / "eval" / (cfg.name or name)
+    claim(run_dir, out)  # before any sampling: a write that cannot happen fails now, not after the work
 
     # 2. sample the model's responses, seeded
     model = load(cfg, path, tokenizer, device)
@@ -144,7 +146,6 @@ def run(cfg: EvalConfig, as_json: bool = False) -> dict:
 
     # 4. publish eval/NAME/report.json and samples.jsonl together, strict JSON (a NaN raises, nothing is
     #    written); the response token ids as sampled, so compare's judge scores exactly these tokens
-    out = run_dir / "eval" / (cfg.name or name)
     samples = [{"prompt": p.prompt, "category": p.category, "response": decode_response(tokenizer, r),
                 "response_ids": r, "kl": k, **({"score": scores[i]} if scores else {})}
                for i, (p, r, k) in enumerate(zip(prompts, responses, kls))]
@@ -153,6 +154,7 @@ def run(cfg: EvalConfig, as_json: bool = False) -> dict:
     with publish_set(out) as tmp:
         (tmp / "samples.jsonl").write_text(samples_text, encoding="utf-8")
         (tmp / "report.json").write_text(report_text, encoding="utf-8")
+    record(run_dir, out, {"model": path, "sft": sft_path, **({"rm": rm_path} if have_rm else {})})
     if not as_json:
         show(report, out)
     return report

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from .. import lifecycle
 from ..config import ModelConfig, SampleConfig
 from ..data import read_prompts, render_queries
 from ..errors import BadInput
@@ -28,6 +29,10 @@ def run(cfg: SampleConfig, overwrite: bool = False) -> Path:
     out = Path(cfg.out)
     if out.exists() and not overwrite:
         raise BadInput([f"{out}: already exists; pass --overwrite to replace it"])
+    lifecycle.check_writable(out.parent)
+    lock = lifecycle.Lock(out.parent / f".{out.name}.lock", str(out))  # one writer per output file
+    lock.acquire()
+    lifecycle.hold(lock)
     prompts = read_prompts(cfg.prompts)
     model_cfg = ModelConfig(name=find_model(cfg.model, Path(cfg.run_dir), "sft", "--model"), dtype=cfg.dtype)
     tokenizer, source = load_tokenizer(model_cfg)
