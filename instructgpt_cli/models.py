@@ -18,7 +18,7 @@ from transformers.utils import logging as hf_logging
 
 from .config import LoraConfig, ModelConfig
 from .errors import BadInput
-from .rundir import fsync_tree, writing
+from .rundir import COMPLETED, fsync_tree, seal_dir, verify_dir, writing
 
 SMOLLM2 = "smollm2-135m"
 TINY = "tiny"
@@ -133,7 +133,28 @@ def model_path(name: str) -> Path | None:
     p = Path(name).expanduser()
     if not (p / "config.json").is_file():
         raise BadInput([f"--model {name}: not a model name ({SMOLLM2}, {TINY}) nor a directory with config.json"])
+    check_sealed(p)
     return p
+
+
+def check_sealed(path: Path) -> None:
+    """BadInput when a model directory igpt wrote (``final/``, sealed with ``COMPLETED``) no longer matches
+    the sizes and sha256 recorded there: a truncated or damaged file would otherwise fail deep inside
+    transformers, or load wrong weights. A directory without ``COMPLETED`` (a user's own model) is not
+    checked. Each directory is hashed once per process while its files stay as they were."""
+    if not (path / COMPLETED).is_file():
+        return
+    files = sorted(p for p in path.rglob("*") if p.is_file())
+    seen = (str(path.resolve()), tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files))
+    if seen in _SEALED_OK:
+        return
+    problems = verify_dir(path)
+    if problems:
+        raise BadInput([f"{path}: damaged: {'; '.join(problems)}; re-run the stage that wrote it"])
+    _SEALED_OK.add(seen)
+
+
+_SEALED_OK: set[tuple] = set()
 
 
 def find_model(explicit: str, run_dir: Path, stage: str, flag: str) -> str:
@@ -253,6 +274,7 @@ def load_model(cfg: ModelConfig, tokenizer: Any, path: Path | None, device: torc
     if path is None:
         model = tiny_model(tokenizer, seed, cfg.dropout, kind)
     else:
+        check_sealed(Path(path))
         from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
         config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
@@ -632,8 +654,9 @@ def count_parameters(model: Any) -> tuple[int, int]:
 
 
 def save_final(model: Any, tokenizer: Any, dest: Path) -> None:
-    """Write a plain HF directory at ``dest`` atomically; a LoRA model also keeps its adapter in
-    ``dest/adapter`` next to the merged weights, so ``from_pretrained(dest)`` needs no peft."""
+    """Write a plain HF directory at ``dest`` atomically, sealed with ``COMPLETED`` (rundir.seal_dir); a LoRA
+    model also keeps its adapter in ``dest/adapter`` next to the merged weights, so ``from_pretrained(dest)``
+    needs no peft."""
     tmp = dest.parent / f".tmp-{dest.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     merged = model
@@ -643,7 +666,7 @@ def save_final(model: Any, tokenizer: Any, dest: Path) -> None:
             merged = copy.deepcopy(model).merge_and_unload()
         merged.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        fsync_tree(tmp)
+        seal_dir(tmp)  # dest/COMPLETED: every file's size and sha256, checked by the stage that loads it
     if dest.exists():
         shutil.rmtree(dest)
     os.replace(tmp, dest)

@@ -4,8 +4,9 @@
 runs/NAME/manifest.json
 runs/NAME/<stage>/config.yaml  metrics.jsonl  checkpoints/step-000120/{...,COMPLETED}  final/
 ```
-A checkpoint is written under a temporary name, fsynced, renamed, then marked ``COMPLETED``; resume
-takes the newest complete one and drops the metrics logged after it. Torch is not imported here.
+A checkpoint is written under a temporary name, fsynced, renamed, then marked ``COMPLETED``, which records
+the size and sha256 of every file in it (``final/`` gets the same record); resume takes the newest complete
+one that still matches its record and drops the metrics logged after it. Torch is not imported here.
 """
 from __future__ import annotations
 
@@ -130,6 +131,59 @@ def weights_sha256(model_dir: str | Path) -> str | None:
     for p in files:
         h.update(f"{p.relative_to(root).as_posix()}\0{sha256_file(p)}\n".encode("utf-8"))
     return h.hexdigest()
+
+
+def seal_dir(path: Path) -> None:
+    """Mark a written directory complete: fsync its files, then write ``COMPLETED`` atomically as
+    ``{"completed": time, "files": {relpath: {"size": bytes, "sha256": hex}}}`` for every file under it
+    (subdirectories included, posix paths, sorted), so a reader can tell a whole directory from one a
+    disk, a copy or a kill damaged since (:func:`verify_dir`)."""
+    fsync_tree(path)
+    files = sorted((p for p in path.rglob("*") if p.is_file() and p.relative_to(path).as_posix() != COMPLETED),
+                   key=lambda p: p.relative_to(path).as_posix())
+    record = {p.relative_to(path).as_posix(): {"size": p.stat().st_size, "sha256": sha256_file(p)} for p in files}
+    atomic_write_text(path / COMPLETED, json.dumps({"completed": now(), "files": record}, indent=1) + "\n")
+
+
+def verify_dir(path: Path) -> list[str]:
+    """What no longer matches ``path/COMPLETED``'s record, one line per file (``model.safetensors: 1234
+    bytes, 5678 recorded``, ``optimizer.pt: missing``, ``state.pt: sha256 differs from the one recorded``);
+    [] when intact. Files not in the record are not checked. A ``COMPLETED`` holding only a timestamp was
+    written by an igpt before the record existed: nothing to check, []. Sizes are compared first and the
+    files hashed only when every size matches (a truncated checkpoint is told without reading it)."""
+    try:
+        text = (path / COMPLETED).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return [f"{COMPLETED}: missing"]
+    except (OSError, UnicodeDecodeError):
+        return [f"{COMPLETED}: unreadable"]
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError:
+        return [] if _timestamp(text.strip()) else [f"{COMPLETED}: unreadable"]
+    files = record.get("files") if isinstance(record, dict) else None
+    if not isinstance(files, dict) or not all(isinstance(v, dict) and {"size", "sha256"} <= v.keys()
+                                              for v in files.values()):
+        return [f"{COMPLETED}: unreadable"]
+    problems = []
+    for rel, want in files.items():
+        p = path / rel
+        if not p.is_file():
+            problems.append(f"{rel}: missing")
+        elif p.stat().st_size != want["size"]:
+            problems.append(f"{rel}: {p.stat().st_size} bytes, {want['size']} recorded")
+    if problems:
+        return problems
+    return [f"{rel}: sha256 differs from the one recorded" for rel, want in files.items()
+            if sha256_file(path / rel) != want["sha256"]]
+
+
+def _timestamp(text: str) -> bool:
+    try:
+        _dt.datetime.fromisoformat(text)
+    except ValueError:
+        return False
+    return True
 
 
 @contextlib.contextmanager
@@ -326,9 +380,24 @@ def complete_checkpoints(ckpt_root: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
 
 
-def latest_checkpoint(ckpt_root: Path) -> Path | None:
-    done = complete_checkpoints(ckpt_root)
-    return done[-1] if done else None
+def latest_checkpoint(ckpt_root: Path, warn: Callable[[str], None] | None = None) -> Path | None:
+    """The newest complete checkpoint that matches its ``COMPLETED`` record (:func:`verify_dir`), or None
+    when there is none. Each damaged newer one is told to ``warn`` in one line (its first problem) and left
+    in place for the user to look at; the resumed run replaces it when it reaches that step again. BadInput
+    when every complete checkpoint is damaged: starting afresh silently would throw the work away."""
+    damaged: list[tuple[Path, str]] = []
+    for ckpt in reversed(complete_checkpoints(ckpt_root)):
+        problems = verify_dir(ckpt)
+        if not problems:
+            for bad, problem in damaged:
+                if warn is not None:
+                    warn(f"{bad} is damaged ({problem}); resuming from {ckpt.name}")
+            return ckpt
+        damaged.append((ckpt, problems[0]))
+    if damaged:
+        raise BadInput([f"{bad} is damaged ({problem})" for bad, problem in damaged]
+                       + [f"{ckpt_root}: no intact checkpoint to resume from; pass --overwrite to start over"])
+    return None
 
 
 def save_checkpoint(ckpt_root: Path, step: int, write: Callable[[Path], None], keep: int) -> Path:
@@ -349,14 +418,18 @@ def begin_checkpoint(ckpt_root: Path, step: int) -> Path:
 
 
 def publish_checkpoint(ckpt_root: Path, tmp: Path, step: int, keep: int) -> Path:
-    """fsync the written ``tmp``, rename it to ``step-NNNNNN``, mark it COMPLETED and prune old ones."""
+    """fsync the written ``tmp``, rename it to ``step-NNNNNN``, mark it COMPLETED (:func:`seal_dir`) and
+    prune old ones."""
     final = ckpt_root / checkpoint_name(step)
     fsync_tree(tmp)
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    atomic_write_text(final / COMPLETED, now() + "\n")
-    for old in complete_checkpoints(ckpt_root)[:-keep] if keep > 0 else []:
+    seal_dir(final)
+    # newer ones are left by the run this one resumed before them (damaged: latest_checkpoint); they are
+    # replaced when this run reaches their step, and do not count towards ``keep``
+    older = [p for p in complete_checkpoints(ckpt_root) if int(p.name[len(CHECKPOINT_PREFIX):]) <= step]
+    for old in older[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     for stale in ckpt_root.glob(".tmp-*"):
         shutil.rmtree(stale, ignore_errors=True)

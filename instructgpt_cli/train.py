@@ -420,9 +420,18 @@ def restore(stage: Stage, mode: str, model: Any, optimizer: Any, scheduler: Any,
             changes: list[dict] | None = None) -> tuple[int, dict, Path | None]:
     """Resume point: (step, extra state, checkpoint) of the newest complete checkpoint, or a fresh start.
     Metrics logged after that step are dropped; the resumed run logs them again. Rank 0 picks the
-    checkpoint and every rank loads that one. ``changes`` (from :func:`open_stage`) are recorded in the
-    manifest's ``resumes`` with the step they take effect at."""
-    ckpt = distributed.broadcast(latest_checkpoint(stage.checkpoints) if mode == "resume" else None)
+    checkpoint (the newest that matches its record, rundir.latest_checkpoint) and every rank loads that one.
+    ``changes`` (from :func:`open_stage`) are recorded in the manifest's ``resumes`` with the step they
+    take effect at."""
+    ckpt = None
+    if mode == "resume" and distributed.is_main():
+        try:
+            ckpt = latest_checkpoint(stage.checkpoints, warn=say)
+        except BadInput as e:  # every rank stops, not only the one that looked
+            ckpt = e
+    ckpt = distributed.broadcast(ckpt)
+    if isinstance(ckpt, BadInput):
+        raise ckpt
     step, extra = load_train_state(ckpt, model, optimizer, scheduler) if ckpt is not None else (0, {})
     if distributed.is_main():
         truncate_metrics(stage.metrics, step)
