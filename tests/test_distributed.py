@@ -206,6 +206,17 @@ def test_two_process_ppo_killed_resumes_on_both_ranks_equal_to_uninterrupted(sft
     strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith(("timing/", "elapsed"))} for r in rows]  # noqa: E731
     assert strip(metrics) == strip(read_metrics(t / "ppo_killed" / "ppo" / "metrics.jsonl"))
 
+    # SIGTERM reaches rank 0 only after iteration 1: both ranks agree to stop there, checkpoint it together,
+    # exit 143; the resumed run ends equal to the uninterrupted one
+    stopped = torchrun(ppo(t / "ppo_stopped"), t, {"IGPT_FAULT_AFTER_STEP": "1:SIGTERM"})
+    assert stopped.returncode != 0 and "stopped by SIGTERM after step 1 of 3" in flat(stopped.stderr), stopped.stderr
+    assert (t / "ppo_stopped" / "ppo" / "checkpoints" / "step-000001" / "COMPLETED").exists()
+    resumed = torchrun([*ppo(t / "ppo_stopped"), "--resume"], t)
+    assert resumed.returncode == 0, resumed.stderr
+    for part in ("policy", "value"):
+        a, b = weights(out / "final" / part), weights(t / "ppo_stopped" / "ppo" / "final" / part)
+        assert all(torch.equal(a[k], b[k]) for k in a), part
+
 
 def test_bad_input_fails_on_every_rank_with_nothing_written(tmp_path):
     bad = write_jsonl(tmp_path / "demos.jsonl", [{"prompt": "hi", "response": "there"}, {"prompt": "x", "response": 3}])

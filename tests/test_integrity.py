@@ -174,20 +174,20 @@ def test_resume_skips_a_truncated_checkpoint_and_ends_bit_identical(tmp_path, de
     assert igpt(*args).exit_code == 0
     straight = load_file(str(run_dir / "sft" / "final" / "model.safetensors"))
     ckpts = run_dir / "sft" / "checkpoints"
-    assert sorted(p.name for p in ckpts.iterdir()) == ["step-000010", "step-000015"]
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step-000015", "step-000020"]  # 20: the last step
     # killed after the last checkpoint and before the export, and the disk lost the newest checkpoint's tail
     shutil.rmtree(run_dir / "sft" / "final")
-    size = truncate(ckpts / "step-000015" / "trainable.safetensors", 100)
+    size = truncate(ckpts / "step-000020" / "trainable.safetensors", 100)
     resumed = igpt(*args, "--resume")
     assert resumed.exit_code == 0, resumed.output
-    assert compact(f"{ckpts / 'step-000015'} is damaged (trainable.safetensors: 100 bytes, {size} recorded); "
-                   "resuming from step-000010") in compact(resumed.stderr)
-    assert "from step-000010" in resumed.stderr
+    assert compact(f"{ckpts / 'step-000020'} is damaged (trainable.safetensors: 100 bytes, {size} recorded); "
+                   "resuming from step-000015") in compact(resumed.stderr)
+    assert "from step-000015" in resumed.stderr
     again = load_file(str(run_dir / "sft" / "final" / "model.safetensors"))
     assert again.keys() == straight.keys()
     assert all(torch.equal(again[k], straight[k]) for k in straight), "resumed weights differ from the straight run"
     assert [m["step"] for m in read_metrics(run_dir / "sft" / "metrics.jsonl")] == list(range(1, 21))
-    assert verify_dir(ckpts / "step-000015") == []  # the resumed run wrote step 15 again, whole
+    assert verify_dir(ckpts / "step-000020") == []  # the resumed run wrote step 15 again, whole
     assert verify_dir(run_dir / "sft" / "final") == [] and (run_dir / "sft" / "final" / COMPLETED).exists()
 
 
