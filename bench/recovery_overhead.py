@@ -88,7 +88,11 @@ def main() -> None:
     signal_check = per_call(lambda: distributed.agree(lifecycle.stop_requested() or 0))
     finite_check = per_call(lambda: train.applied(optimizer, {"loss": 1.0, "gradient norm": 2.0}))
     metric = per_call(lambda: record.__setitem__("train/skipped_steps", train.Skips.total))
-    per_iteration = signal_check + metric + minibatches * finite_check
+    from instructgpt_cli.stages import ppo
+
+    sc = {"scores": torch.randn(8), "values": torch.randn(8, 24), "advantages": torch.randn(8, 24)}
+    rollout_check = per_call(lambda: ppo.non_finite(sc), n=5_000)  # PPO: rewards, values, advantages finite
+    per_iteration = signal_check + metric + minibatches * finite_check + rollout_check
 
     from transformers import AutoModelForCausalLM
 
@@ -107,7 +111,8 @@ def main() -> None:
     print(f"host: {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, 1 thread")
     print(f"tiny PPO iteration (8 episodes, 24 new tokens, 2 optimizer steps): {iteration * 1e3:.1f} ms")
     print(f"per step: stop-signal check {signal_check * 1e6:.2f} us, finiteness check {finite_check * 1e6:.2f} us "
-          f"per optimizer step, skipped-steps metric {metric * 1e6:.2f} us")
+          f"per optimizer step, skipped-steps metric {metric * 1e6:.2f} us, PPO rollout finiteness "
+          f"{rollout_check * 1e6:.2f} us per iteration")
     print(f"per iteration: {per_iteration * 1e6:.2f} us = {100 * per_iteration / iteration:.4f}% of an iteration "
           "(target: under 1%)")
     print(f"per checkpoint (tiny policy+value, {sum(p.numel() for p in params):,} policy parameters): weights finite "

@@ -171,7 +171,8 @@ def check_writable(path: Path) -> None:
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
     if not os.access(probe, os.W_OK | os.X_OK) or not probe.is_dir():
-        raise BadInput([f"{path}: not writable ({probe} {'is not a directory' if not probe.is_dir() else 'is read-only'})"])
+        why = "is not a directory" if not probe.is_dir() else "is read-only"
+        raise BadInput([f"{path}: not writable ({probe} {why})"])
 
 
 # ---------------------------------------------------------------- signals

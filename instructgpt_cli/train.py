@@ -132,7 +132,7 @@ def all_finite(params: list[torch.Tensor]) -> bool:
     """Whether every element of ``params`` is finite, over all ranks (FSDP shards: each rank its own)."""
     local = [p.to_local() if hasattr(p, "to_local") else p for p in params]
     bad = sum(int(not torch.isfinite(p.detach()).all()) for p in local)
-    return not int(distributed.total(torch.tensor(float(bad))))
+    return not distributed.agree(bad)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int) -> Any:
@@ -341,7 +341,7 @@ def open_stage(stage: Stage, cfg: Any, inputs: dict, resume: bool, overwrite: bo
         stale = [c for c in changes if c["setting"].startswith("input ")]
         if stale:  # a finished stage built from an input that has changed since
             say(f"[yellow]warning:[/] {stage.dir} was built from inputs that changed since: "
-                + "; ".join(describe_change(c) for c in stale) + f"; rebuild it with --overwrite")
+                + "; ".join(describe_change(c) for c in stale) + "; rebuild it with --overwrite")
         return "done", []
     binding = [c for c in changes if not c["free"]]
     if binding and not allow_changes:

@@ -49,9 +49,12 @@ def kill_loop(args: list, run_dir: Path, stage: str, seed: int) -> None:
     rng = random.Random(seed)
     metrics = run_dir / stage / "metrics.jsonl"
     resume = [*args, "--resume"]  # on an empty stage directory: a fresh start
+    statuses = []
     for _ in range(3):
         lines = min(metric_lines(metrics) + 1, STEPS - 1)
-        kill_at_random(resume, metrics, rng.randint(lines, STEPS - 1), rng.uniform(0, 0.05))
+        statuses.append(kill_at_random(resume, metrics, rng.randint(lines, STEPS - 1), rng.uniform(0, 0.05)))
+    print("kill loop", stage, statuses, metric_lines(metrics))
+    assert statuses.count(-signal.SIGKILL) >= 2, statuses  # the kills landed mid-run, not after it ended
     step = rng.randint(min(metric_lines(metrics) + 1, STEPS), STEPS)
     env = {**os.environ, "OMP_NUM_THREADS": "1", FAULT_ENV: f"{step}:publish"}
     died = subprocess.run([sys.executable, "-m", "instructgpt_cli", *map(str, resume)], cwd=REPO, env=env,

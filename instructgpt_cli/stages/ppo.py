@@ -120,7 +120,7 @@ def non_finite(sc: dict) -> tuple[str, float] | None:
     advantages), or None when all are finite; every rank gets the same answer."""
     for key, what in (("scores", "reward model score"), ("values", "value"), ("advantages", "advantage")):
         bad = ~torch.isfinite(sc[key])
-        if int(distributed.total(bad.sum().float().cpu())):
+        if distributed.agree(int(bad.sum())):
             return what, float(sc[key][bad][0]) if bad.any() else float("nan")
     return None
 
