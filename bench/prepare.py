@@ -62,7 +62,7 @@ def prepare_models(shape: str) -> dict:
 def prepare_data(shape: str) -> dict:
     """Synthetic JSONL files whose tokenisation through igpt's own functions has exact lengths."""
     from common import load_tokenizer_for
-    from instructgpt_cli.data import encode_response, render_prompt
+    from instructgpt_cli.batches import encode_response, render_prompt
 
     tok = load_tokenizer_for(shape)
     pool = word_pool(tok, shape)

@@ -36,10 +36,10 @@ def one_step(variant: str, layers: int, tokens: int, batch: int, micro: int, thr
     sys.path.insert(0, str(REPO))
     from instructgpt_cli import distributed
     from instructgpt_cli.config import PPOConfig
-    from instructgpt_cli.data import pad_right
+    from instructgpt_cli.batches import pad_right
     from instructgpt_cli.losses import ptx_loss
     from instructgpt_cli.stages import ppo
-    from instructgpt_cli.train import keep_freed_memory
+    from instructgpt_cli.distributed import keep_freed_memory
 
     torch.set_num_threads(threads)
     keep_freed_memory()  # as training runs (train.fit)

@@ -1,10 +1,10 @@
 """What the failure-and-recovery guards (issue 18) cost a training step, against a tiny PPO iteration.
 
-Per step, `train.fit` now asks whether a stop signal came (`lifecycle.stop_requested`, and
+Per step, `train.fit` now asks whether a stop signal came (`signals.stop_requested`, and
 `distributed.agree`, a no-op in one process), each optimizer step checks its loss and gradient norm are
 finite (`train.applied`), and the metrics line gains `train/skipped_steps`. Per checkpoint: the weights
-are checked finite (`train.all_finite`) and every file is hashed into COMPLETED (`rundir.seal_dir`). Per
-stage: one lock (`lifecycle.Lock`). This script times each on its own (a loop of 20,000 calls), and a tiny
+are checked finite (`train.all_finite`) and every file is hashed into COMPLETED (`storage.seal_dir`). Per
+stage: one lock (`locks.Lock`). This script times each on its own (a loop of 20,000 calls), and a tiny
 PPO iteration (igpt's tiny model, 8 prompts, 24 new tokens, 1 thread) from an in-process `igpt ppo` run's
 metrics, and prints the ratios.
 
@@ -53,9 +53,10 @@ def main() -> None:
     import torch
     from typer.testing import CliRunner
 
-    from instructgpt_cli import distributed, lifecycle, train
+    from instructgpt_cli import distributed, locks, signals, train
     from instructgpt_cli.cli import app
-    from instructgpt_cli.rundir import read_metrics, seal_dir
+    from instructgpt_cli.rundir import read_metrics
+    from instructgpt_cli.storage import seal_dir
 
     torch.set_num_threads(1)
     work = Path(tempfile.mkdtemp(prefix="igpt-recovery-bench-"))
@@ -85,7 +86,7 @@ def main() -> None:
 
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
     record: dict = {}
-    signal_check = per_call(lambda: distributed.agree(lifecycle.stop_requested() or 0))
+    signal_check = per_call(lambda: distributed.agree(signals.stop_requested() or 0))
     finite_check = per_call(lambda: train.applied(optimizer, {"loss": 1.0, "gradient norm": 2.0}))
     metric = per_call(lambda: record.__setitem__("train/skipped_steps", train.Skips.total))
     from instructgpt_cli.stages import ppo
@@ -103,7 +104,7 @@ def main() -> None:
     seal = per_call(lambda: seal_dir(ckpt), n=20)
 
     def lock_cycle() -> None:
-        lock = lifecycle.Lock(work / ".locks" / "x.lock", "x")
+        lock = locks.Lock(work / ".locks" / "x.lock", "x")
         lock.acquire()
         lock.release()
 

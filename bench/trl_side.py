@@ -134,7 +134,8 @@ def ppo(spec: dict) -> dict:
     from trl.experimental.ppo import PPOConfig, PPOTrainer
 
     from common import load_tokenizer_for
-    from instructgpt_cli.data import read_prompts, render_prompt
+    from instructgpt_cli.data import read_prompts
+    from instructgpt_cli.batches import render_prompt
     from workloads import ppo_plan
 
     plan = ppo_plan(spec)

@@ -12,7 +12,8 @@ from common import DATA, REPO, load_tokenizer_for, train_flops
 
 
 def sft_examples(spec: dict):
-    from instructgpt_cli.data import read_demos, tokenize_demos
+    from instructgpt_cli.data import read_demos
+    from instructgpt_cli.batches import tokenize_demos
 
     path = str(DATA / spec["shape"] / "demos_fixed.jsonl") if spec["data"] == "fixed" else str(REPO / "data" / "demos.jsonl")
     tok = load_tokenizer_for(spec["shape"])
@@ -21,7 +22,7 @@ def sft_examples(spec: dict):
 
 
 def sft_plan(spec: dict) -> dict:
-    from instructgpt_cli.data import IGNORE_INDEX
+    from instructgpt_cli.batches import IGNORE_INDEX
     from instructgpt_cli.train import step_indices
 
     path, tok, examples = sft_examples(spec)
@@ -38,7 +39,8 @@ def sft_plan(spec: dict) -> dict:
 
 
 def rm_plan(spec: dict) -> dict:
-    from instructgpt_cli.data import common_prefix, read_rankings, tokenize_rankings
+    from instructgpt_cli.batches import common_prefix, tokenize_rankings
+    from instructgpt_cli.data import read_rankings
     from instructgpt_cli.train import step_indices
 
     k, p = spec["k"], spec["prompts_per_step"]

@@ -53,7 +53,8 @@ def run_stage(stage: str, config_file: Optional[Path], print_config: bool, overr
     a stage that ended early is marked 'interrupted' or 'failed' in the manifest."""
     from . import config as config_mod
     from .errors import BadInput, Interrupted, NonFinite, WriteFailed
-    from .lifecycle import release_all, stop_requested
+    from .locks import release_all
+    from .signals import stop_requested
     from .rundir import disk_errno, is_main_process
 
     status = "failed"
@@ -85,7 +86,7 @@ def run_stage(stage: str, config_file: Optional[Path], print_config: bool, overr
 def interrupted(stage: str, e: Any) -> None:
     """Exit 128 + signal; the stage's manifest entry says 'interrupted' (a training stage that stopped
     between steps has already said how to resume)."""
-    from .lifecycle import release_all
+    from .locks import release_all
 
     release_all("interrupted")
     if not e.said:
@@ -352,7 +353,7 @@ def main() -> None:
     import os
 
     from .errors import Interrupted
-    from .lifecycle import install_signal_handlers
+    from .signals import install_signal_handlers
 
     install_signal_handlers()  # before the heavy imports: a stop signal while loading ends the command cleanly
     # No model or data set is ever fetched from a hub at run time; local directories only.

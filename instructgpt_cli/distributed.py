@@ -1,4 +1,5 @@
-"""Several processes: torch.distributed under ``torchrun`` or ``accelerate launch``.
+"""Where a stage runs: its device (``--device``, checked before any work), this process's memory reuse, and
+several processes under ``torchrun`` or ``accelerate launch`` (torch.distributed).
 
 igpt builds no launcher. A launcher starts one process per device and sets RANK, WORLD_SIZE,
 LOCAL_RANK, MASTER_ADDR and MASTER_PORT; :func:`launched` joins that process group for one stage (gloo
@@ -27,6 +28,7 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 import torch.distributed as dist
 
+from .errors import BadInput
 
 # ---------------------------------------------------------------- who am I
 
@@ -58,8 +60,6 @@ def launched(device_name: str) -> Iterator[None]:
     """Join the launcher's process group for the duration of a stage (a no-op without a launcher).
     On CUDA the process is pinned to ``cuda:LOCAL_RANK`` (nccl needs it before the first collective)
     and fp32 matmuls may use TF32."""
-    from .models import resolve_device
-
     device = resolve_device(device_name)
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -282,7 +282,10 @@ def full_model(model: torch.nn.Module, rebuild: Callable[[], torch.nn.Module]) -
     Every rank must call this (gathering is collective)."""
     if not is_sharded(model):
         return model
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+    )
 
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if not is_main():
@@ -290,3 +293,57 @@ def full_model(model: torch.nn.Module, rebuild: Callable[[], torch.nn.Module]) -
     plain = rebuild()
     plain.load_state_dict(full)
     return plain.to(dtype=next(iter(full.values())).dtype)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto``: the GPU of this process (``cuda:LOCAL_RANK`` under torchrun) or the CPU; ``cuda`` alone
+    also means this process's GPU. A device this machine lacks is BadInput (one line, before any work)."""
+    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    elif name == "auto":
+        return torch.device("cpu")
+    else:
+        try:
+            device = torch.device(name)
+        except RuntimeError:
+            raise BadInput([f"--device {name}: not a device (auto, cpu, cuda, cuda:N or mps)"]) from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise BadInput([f"--device {name}: this machine has no CUDA GPU that torch can use "
+                            f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'}); use --device cpu"])
+        if (device.index or 0) >= count:
+            raise BadInput([f"--device {name}: this machine has {count} CUDA GPU(s): cuda:0..cuda:{count - 1}"])
+    elif device.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise BadInput([f"--device {name}: MPS (Apple GPU) is not available here; use --device cpu"])
+    return device
+
+
+def keep_freed_memory() -> bool:
+    """Have glibc's malloc keep the memory a training step frees, for the next step to reuse.
+
+    By default glibc serves every block over its mmap threshold (128 KiB, rising to 32 MiB at most) with a
+    fresh ``mmap`` and unmaps it on free, and trims the heap's top: every step's activations and gradients (a
+    135M model's embedding gradient alone is 113 MB) are then page-faulted in afresh, about 10^5 faults a step,
+    an eighth of a 135M reward-model step on a KVM guest here (bench/README.md), and more in the first steps.
+    With mmap and trimming off, freed blocks stay in the heap and the next step reuses them; the peak did not
+    grow in the bench, only the memory is not handed back before the process ends (jemalloc and tcmalloc, which
+    PyTorch's CPU tuning guide suggests preloading, hold on to it the same way). Once per process, on glibc
+    only; ``MALLOC_MMAP_MAX_`` or ``MALLOC_TRIM_THRESHOLD_`` in the environment means the user chose, and
+    nothing is changed. Returns whether the setting is now in force."""
+    global _KEPT
+    if _KEPT is None:
+        _KEPT = False
+        if not any(v in os.environ for v in ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_")):
+            import ctypes
+
+            try:  # the process's own symbols: libc's, without searching for the library
+                mallopt = ctypes.CDLL(None).mallopt
+            except (OSError, AttributeError, TypeError):  # no mallopt (macOS, Windows): its allocator as it is
+                return False
+            m_trim_threshold, m_mmap_max = -1, -4  # <malloc.h>
+            _KEPT = bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
+    return _KEPT
+
+
+_KEPT: bool | None = None

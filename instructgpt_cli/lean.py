@@ -11,7 +11,7 @@ attention within each) instead of under a block-diagonal mask: 10% more tokens/s
 
 What runs is the model's own modules (embedding, projections, MLP, norms, rotary embedding, heads), so
 LoRA adapters, their disabling, and any head work as in ``model(...)``; only the order of calls is ours.
-:func:`supported` says where that holds: the families ``models.FAMILIES`` marks ``lean``, with transformers'
+:func:`families.runs_lean` says where that holds: the families ``families.FAMILIES`` marks ``lean``, with transformers'
 Llama classes exactly (a subclass, as FSDP makes of a sharded layer, may hook its calls), SDPA attention.
 Everything else takes transformers' forward. Gradient checkpointing, where transformers' layers have it
 switched on, is done here as they do it (:func:`states`).
@@ -26,34 +26,8 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from .models import backbone, checkpointing, family, logit_transform, mask_inputs, position_ids, unwrapped
-
-
-def supported(model: Any) -> bool:
-    """Whether ``model`` runs on the lean path: a family ``models.FAMILIES`` marks ``lean``, whose stack's
-    classes are exactly transformers' Llama ones, under SDPA attention, with rotary frequencies that do not
-    depend on the sequence's length (dynamic and LongRoPE scaling recompute them per call). Checked on every
-    call: wrapping (FSDP, peft) or configuration may change after a model was first used."""
-    from transformers.models.llama import modeling_llama as ml
-
-    fam = family(model)
-    if fam is None or not fam.lean or getattr(model.config, "_attn_implementation", None) != "sdpa":
-        return False
-    stack = backbone(model)
-    if type(stack) is not ml.LlamaModel or any(t in str(getattr(stack.rotary_emb, "rope_type", "default"))
-                                               for t in ("dynamic", "longrope")):
-        return False
-    return all(type(layer) is ml.LlamaDecoderLayer and type(layer.self_attn) is ml.LlamaAttention
-               and type(layer.mlp) is ml.LlamaMLP and type(layer.input_layernorm) is ml.LlamaRMSNorm
-               and type(layer.post_attention_layernorm) is ml.LlamaRMSNorm for layer in stack.layers)
-
-
-def forward_name(model: Any, lean_path: bool = True) -> str:
-    """Which forward runs ``model`` (a banner row): igpt's lean Llama forward where the stage takes it
-    (``lean_path``) and :func:`supported` allows it, else transformers' forward of its class; and whether
-    layers checkpoint their activations."""
-    name = "igpt lean Llama" if lean_path and supported(model) else f"transformers {type(unwrapped(model)).__name__}"
-    return name + (" (gradient checkpointing)" if checkpointing(model) else "")
+from .batches import mask_inputs, position_ids
+from .families import backbone, logit_transform, unwrapped
 
 
 class Context(NamedTuple):
@@ -86,7 +60,7 @@ def context(stack: torch.nn.Module, hidden: torch.Tensor, attention_mask: torch.
     restart at 0 where a sequence begins).
 
     Without left padding no mask is needed (right pads follow every real token of their row; what the
-    pads themselves output is never read), as ``models.mask_inputs`` argues. With it, positions skip the
+    pads themselves output is never read), as ``data.mask_inputs`` argues. With it, positions skip the
     padding and each real token attends to the real tokens up to itself; a pad attends to itself only, so
     no row of the softmax is empty. Packed, each token attends to its own sequence up to itself."""
     shape = (hidden.size(0), hidden.size(1))
@@ -152,7 +126,7 @@ def layer_forward(layer: torch.nn.Module, hidden: torch.Tensor, ctx: Context) ->
 def states(model: Any, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None,
            embeds: torch.Tensor | None = None, start: int = 0, stop: int | None = None,
            final_norm: bool = True, positions: torch.Tensor | None = None) -> torch.Tensor:
-    """Hidden states (B, L, H) of the decoder layers ``start:stop`` of a :func:`supported` model, from the
+    """Hidden states (B, L, H) of the decoder layers ``start:stop`` of a :func:`families.runs_lean` model, from the
     token ids (``start`` 0) or from ``embeds``, the states entering layer ``start``; then the final norm.
     Padded rows (``attention_mask``) or packed ones (``positions``): :func:`context`.
 
@@ -179,7 +153,7 @@ def lm_head(model: Any) -> torch.nn.Module:
 
 def logits(model: Any, hidden: torch.Tensor) -> torch.Tensor:
     """The model's logits (..., V) from final hidden states (..., H): its LM head and its family's logit
-    transform (``models.logit_transform``; the identity for Llama)."""
+    transform (``families.logit_transform``; the identity for Llama)."""
     return logit_transform(model)(lm_head(model)(hidden))
 
 
@@ -187,7 +161,7 @@ def logits(model: Any, hidden: torch.Tensor) -> torch.Tensor:
 
 
 class Decoder:
-    """Token-by-token logits of a :func:`supported` model after left-padded prompts ``ids`` (B, L) with
+    """Token-by-token logits of a :func:`families.runs_lean` model after left-padded prompts ``ids`` (B, L) with
     ``mask``: :meth:`start` runs the prompts, each :meth:`step` one new token per row. Keys and values of
     every layer live in tensors sized for prompt + ``max_new`` tokens, written in place (transformers'
     dynamic cache concatenates at every step)."""

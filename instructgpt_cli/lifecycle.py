@@ -1,251 +1,154 @@
-"""What keeps a run directory sound on shared, preemptible boxes (README, "Failure and recovery").
-
-- **One writer per output.** A stage (``sft``), an eval report (``eval/NAME``) or a compare
-  (``compare/A-vs-B``) is written only by the process that holds its lock: ``fcntl.flock`` on
-  ``RUN_DIR/.locks/NAME.lock``, outside what ``--overwrite`` deletes. The kernel drops the lock when the
-  process dies, SIGKILL included, so a lock is never stale; a second process is refused at once (exit 2)
-  with the holder's pid, host and command. Under a launcher rank 0 holds it for every rank.
-- **Stop signals.** SIGTERM and SIGUSR1 (what Slurm and Kubernetes send before the kill) and SIGINT end
-  a training stage after the current optimizer step (PPO: iteration) with a checkpoint; before training
-  starts (imports, loading) they end the command at once. A second SIGINT aborts without a checkpoint.
-- **Status.** The manifest says ``running`` only while the stage's lock is held: :func:`stage_status`
-  reads a ``running`` whose lock is free as ``interrupted`` (a process killed without a chance to say so).
-
-Torch is not imported here: the signal handlers are installed before the heavy imports.
-"""
+"""A training stage's life in its run directory, around the training itself: opening it (the stage's lock,
+fresh / resume / done, and what a resume would change), beginning it (config and inputs recorded, later
+stages marked stale), stopping it on a signal between steps with a checkpoint, and finishing it (its output's
+hash recorded). Stop signals: SIGTERM and SIGUSR1 (what Slurm and Kubernetes send before the kill) and SIGINT
+end a stage between optimizer steps (PPO: iterations) once training has begun (``signals.py``). README,
+"Failure and recovery"."""
 from __future__ import annotations
 
-import contextlib
-import datetime as _dt
-import errno
-import fcntl
-import json
 import os
-import signal
+import shlex
 import socket
 import sys
-from pathlib import Path
+from typing import Any
+
+from . import config as config_mod
+from . import distributed, locks, signals
+from .console import say
 from .errors import BadInput, Interrupted
+from .rundir import (Stage, check_stage, checkpoint_name, mark_stale, read_manifest, start_stage_dir,
+                     update_manifest)
+from .storage import atomic_write_text, now, weights_sha256
 
-LOCK_DIR = ".locks"
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+def open_stage(stage: Stage, cfg: Any, inputs: dict, resume: bool, overwrite: bool,
+               allow_changes: bool = False) -> tuple[str, list[dict]]:
+    """Before any model is loaded: take the stage's lock (one writer per stage directory), decide between
+    'fresh', 'resume' and 'done' (:func:`rundir.check_stage`), and for a stage that has outputs compare this
+    run's settings and inputs with the ones it recorded (:func:`resume_changes`).
 
-
-# ---------------------------------------------------------------- locks
-
-
-def lock_path(run_dir: Path, name: str) -> Path:
-    """The lock file of output ``name`` (``sft``, ``eval/ppo``) of ``run_dir``."""
-    return Path(run_dir) / LOCK_DIR / (name.replace("/", "--") + ".lock")
-
-
-class Lock:
-    """An exclusive ``flock`` on a lock file, taken without waiting. The file is removed on release while
-    still locked; a taker checks that the file it locked is still the one at the path (else it retries),
-    so a release racing a take never leaves two holders."""
-
-    def __init__(self, path: Path, what: str, run_dir: Path | None = None, stage: str | None = None):
-        self.path, self.what, self.fd = Path(path), what, -1
-        self.run_dir, self.stage = run_dir, stage  # the manifest entry this lock guards, if any
-        self.made: list[Path] = []  # folders the lock created (the run directory of a first stage), innermost first
-
-    def acquire(self) -> None:
-        self.made = [p for p in [self.path.parent, *self.path.parent.parents] if not p.exists()]
-        for _ in range(20):
-            try:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            except FileNotFoundError:  # the folder was removed by a release in between: try again
-                continue
-            except OSError as e:
-                raise BadInput([f"{self.path.parent}: cannot write here ({e.strerror}); "
-                                "igpt needs a writable run directory"]) from None
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as e:
-                os.close(fd)
-                if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
-                    raise
-                raise BadInput([f"{self.what}: in use by {describe_holder(self.path)}; wait for it to end or stop "
-                                "it (a killed process releases its lock at once)"]) from None
-            try:
-                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
-            except FileNotFoundError:
-                same = False
-            if not same:  # released and removed between our open and our flock
-                os.close(fd)
-                continue
-            holder = {"pid": os.getpid(), "host": socket.gethostname(), "command": " ".join(sys.argv[:3]),
-                      "since": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
-            os.ftruncate(fd, 0)
-            os.write(fd, (json.dumps(holder) + "\n").encode("utf-8"))
-            self.fd = fd
-            return
-        raise BadInput([f"{self.what}: could not take its lock {self.path}"])
-
-    def release(self) -> None:
-        if self.fd < 0:
-            return
-        with contextlib.suppress(OSError):
-            os.unlink(self.path)
-        os.close(self.fd)
-        self.fd = -1
-        with contextlib.suppress(OSError):  # only when empty: another lock keeps it
-            self.path.parent.rmdir()
-        for folder in self.made[1:]:  # a run directory made for a stage that wrote nothing goes too
-            with contextlib.suppress(OSError):
-                folder.rmdir()
+    A resume that would change what a step computes is refused (BadInput, every difference listed) unless
+    ``allow_changes``; the changes are returned for :func:`restore` to record with the step they take effect.
+    A finished stage is 'done' unless its length grew (``--resume --max-steps N``: 'resume' extends it)."""
+    locks.check_writable(stage.run_dir)
+    locks.take(stage.run_dir, stage.name, str(stage.dir))
+    if distributed.is_main():
+        locks.settle_statuses(stage.run_dir)
+    mode = check_stage(stage.dir, resume, overwrite)
+    if mode == "fresh":
+        return mode, []
+    changes = resume_changes(stage, cfg, inputs)
+    if mode == "done" and not any(c["setting"] in config_mod.EXTENDS for c in changes):
+        stale = [c for c in changes if c["setting"].startswith("input ")]
+        if stale:  # a finished stage built from an input that has changed since
+            say(f"[yellow]warning:[/] {stage.dir} was built from inputs that changed since: "
+                + "; ".join(describe_change(c) for c in stale) + "; rebuild it with --overwrite")
+        return "done", []
+    binding = [c for c in changes if not c["free"]]
+    if binding and not allow_changes:
+        raise BadInput([f"{stage.dir}: --resume would continue with other settings or inputs than the run so far:"]
+                       + [f"  {describe_change(c)}" for c in binding]
+                       + ["pass --allow-changes to continue anyway (recorded in the manifest with the step), or "
+                          "--overwrite to start over"])
+    for c in changes:
+        say(f"resume: {describe_change(c)}")
+    return "resume", changes
 
 
-def describe_holder(path: Path) -> str:
+def describe_change(change: dict) -> str:
+    return f"{change['setting']}: {change['was']!r} -> {change['now']!r}"
+
+
+def resume_changes(stage: Stage, cfg: Any, inputs: dict) -> list[dict]:
+    """Settings and inputs of this run that differ from what ``stage`` recorded when it started: one
+    ``{setting, was, now, free}`` each. ``free`` settings (config.FREE_ON_RESUME) decide when to save,
+    evaluate and stop or where to run, not what a step computes. Inputs are compared by content (sha256),
+    so a data file moved elsewhere is no change; a file path setting is compared through its input."""
+    import yaml
+
+    changes: list[dict] = []
     try:
-        h = json.loads(path.read_text(encoding="utf-8"))
-        return f"pid {h['pid']} on {h['host']} ({h['command']}, since {h['since']})"
-    except (OSError, ValueError, KeyError, TypeError):
-        return "another process"
+        recorded = (yaml.safe_load((stage.dir / "config.yaml").read_text(encoding="utf-8")) or {}).get(stage.name, {})
+    except (OSError, yaml.YAMLError):
+        recorded = {}
+    old, new = _flatten(recorded), _flatten(config_mod.to_dict(cfg))
+    for key in sorted(set(old) | set(new)):
+        if key in config_mod.INPUT_SETTINGS or old.get(key) == new.get(key):
+            continue
+        changes.append({"setting": key, "was": old.get(key), "now": new.get(key),
+                        "free": key in config_mod.FREE_ON_RESUME})
+    before = read_manifest(stage.run_dir).get("stages", {}).get(stage.name, {}).get("inputs", {})
+    for key in sorted(set(before) | set(inputs)):
+        was, now_ = _identity(before.get(key)), _identity(inputs.get(key))
+        if was != now_:
+            changes.append({"setting": f"input {key}", "was": was, "now": now_, "free": False})
+    return changes
 
 
-def is_locked(run_dir: Path, name: str) -> bool:
-    """Whether a live process holds the lock of ``name`` (a shared lock attempt fails)."""
-    path = lock_path(run_dir, name)
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except OSError:
-        return True
-    finally:
-        os.close(fd)
-    return False
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
-_HELD: list[Lock] = []
+def _identity(entry: Any) -> Any:
+    """What an input is, for comparison: its sha256 when recorded, else what was recorded (a model name)."""
+    if isinstance(entry, dict):
+        return entry.get("sha256") or entry.get("path")
+    return entry
 
 
-def take(run_dir: Path, name: str, what: str | None = None) -> None:
-    """Hold the lock of output ``name`` of ``run_dir`` until :func:`release_all` (the end of the command)
-    or the end of the process. Under a launcher rank 0 takes it and every rank raises its refusal."""
-    from .rundir import is_main_process
-
-    problem = None
-    if is_main_process():
-        lock = Lock(lock_path(run_dir, name), what or str(Path(run_dir) / name), Path(run_dir), name)
-        try:
-            lock.acquire()
-            _HELD.append(lock)
-        except BadInput as e:
-            problem = e.messages
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from . import distributed
-
-        problem = distributed.broadcast(problem)
-    if problem:
-        raise BadInput(problem)
+def begin_stage(stage: Stage, mode: str, cfg: Any, inputs: dict) -> None:
+    """Create the stage directory and record the resolved config and the inputs in the manifest.
+    Called only after every input has been validated: the first barrier waits until every rank has
+    validated (and so could still fail with nothing written), the second until the files exist.
+    Stages built from this one's outputs are marked stale (:func:`rundir.mark_stale`)."""
+    distributed.barrier()
+    if distributed.is_main():
+        start_stage_dir(stage.dir, mode)
+        atomic_write_text(stage.dir / "config.yaml", config_mod.to_yaml(stage.name, cfg))
+        update_manifest(stage.run_dir, stage.name, status="running", started=now(), inputs=inputs,
+                        pid=os.getpid(), host=socket.gethostname())
+        mark_stale(stage.run_dir, stage.name)
+    distributed.barrier()
 
 
-def hold(lock: Lock) -> None:
-    """Keep ``lock`` (acquired) until :func:`release_all`."""
-    _HELD.append(lock)
+def stop(stage: Stage, step: int, total_steps: int, signum: int) -> None:
+    """End a stage on a stop signal, its checkpoint of ``step`` written: manifest 'interrupted', how to
+    resume on stderr, and :class:`Interrupted` (exit 128 + signal)."""
+    import signal
 
-
-def release_all(status: str | None = None) -> None:
-    """Release every lock this process holds. ``status`` ('interrupted', 'failed'): the command ended
-    early, and a stage whose manifest entry still says ``running`` is marked so first."""
-    from .rundir import read_manifest, update_manifest
-
-    while _HELD:
-        lock = _HELD.pop()
-        if status and lock.stage:
-            with contextlib.suppress(OSError, ValueError):
-                if read_manifest(lock.run_dir).get("stages", {}).get(lock.stage, {}).get("status") == "running":
-                    update_manifest(lock.run_dir, lock.stage, status=status)
-        lock.release()
-
-
-def check_writable(path: Path) -> None:
-    """BadInput unless a file can be created in ``path`` (or in its nearest existing ancestor, which is
-    what ``mkdir -p`` would need). Nothing is left behind."""
-    probe = Path(path)
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    if not os.access(probe, os.W_OK | os.X_OK) or not probe.is_dir():
-        why = "is not a directory" if not probe.is_dir() else "is read-only"
-        raise BadInput([f"{path}: not writable ({probe} {why})"])
-
-
-# ---------------------------------------------------------------- signals
-
-
-class _Stop:
-    signum: int | None = None  # the first stop signal received
-    deferred = False  # True while a training loop will act on it at a step boundary
-
-
-def install_signal_handlers() -> None:
-    """From the start of a command: a stop signal raises :class:`Interrupted` at once, except while a
-    training loop defers it (:func:`deferred`) to the end of the current step."""
-    _Stop.signum, _Stop.deferred = None, False
-    for sig in STOP_SIGNALS:
-        signal.signal(sig, _on_signal)
-
-
-def _on_signal(signum: int, _frame) -> None:
-    first = _Stop.signum is None
-    if first:
-        _Stop.signum = signum
-    if not _Stop.deferred or (not first and signum == signal.SIGINT):
-        _Stop.deferred = False
-        raise Interrupted(signum)
     name = signal.Signals(signum).name
-    print(f"igpt: {name} received: stopping after the current step with a checkpoint"
-          + (" (SIGINT again to abort at once)" if signum == signal.SIGINT else ""), file=sys.stderr, flush=True)
+    if distributed.is_main():
+        update_manifest(stage.run_dir, stage.name, status="interrupted", stopped=now(), stopped_at_step=step,
+                        signal=name)
+    say(f"{stage.name}: stopped by {name} after step {step} of {total_steps}; checkpoint {checkpoint_name(step)} "
+        f"is complete. Resume with: {resume_command()}")
+    stopped = Interrupted(signum)
+    stopped.said = True
+    raise stopped
 
 
-def stop_requested() -> int | None:
-    """The stop signal received so far, if any."""
-    return _Stop.signum
+def resume_command() -> str:
+    """This command line with ``--resume`` (and without ``--overwrite``)."""
+    if distributed.world_size() > 1:
+        return "the same launcher command with --resume"
+    args = [a for a in sys.argv[1:] if a != "--overwrite"]
+    return shlex.join(["igpt", *args, *([] if "--resume" in args else ["--resume"])])
 
 
-def check_stop() -> None:
-    """Raise :class:`Interrupted` if a stop signal came (called where work may begin or end cleanly)."""
-    if _Stop.signum is not None:
-        raise Interrupted(_Stop.signum)
-
-
-def defer() -> None:
-    """From now on a stop signal only sets :func:`stop_requested`: the training loop checkpoints and stops
-    itself at the end of the current step (a signal that already came stops the command here)."""
-    check_stop()
-    _Stop.deferred = True
-
-
-def undefer() -> None:
-    _Stop.deferred = False
-
-
-# ---------------------------------------------------------------- status
-
-
-def settle_statuses(run_dir: Path) -> None:
-    """Rewrite as ``interrupted`` every manifest entry that says ``running`` while nobody holds its lock
-    (a process killed with no chance to say so). Rank 0, while holding a lock of the run directory."""
-    from .rundir import read_manifest, update_manifest
-
-    manifest = read_manifest(Path(run_dir))
-    for name, entry in manifest.get("stages", {}).items():
-        if entry.get("status") == "running" and not is_locked(run_dir, name):
-            update_manifest(Path(run_dir), name, status="interrupted",
-                            note=f"pid {entry.get('pid', '?')} ended without finishing (killed?)")
-
-
-def stage_status(run_dir: Path, stage: str, manifest: dict | None = None) -> str | None:
-    """The manifest's status of ``stage``, with a ``running`` whose lock is free read as ``interrupted``."""
-    from .rundir import read_manifest
-
-    entry = (manifest or read_manifest(Path(run_dir))).get("stages", {}).get(stage, {})
-    status = entry.get("status")
-    if status == "running" and not is_locked(run_dir, stage):
-        return "interrupted"
-    return status
+def finish_stage(stage: Stage, steps: int, **outputs: Any) -> None:
+    """Mark the stage completed (rank 0, after it wrote ``final/``) with the sha256 of its weights, which
+    later stages record as their input (lineage); every rank returns after that. A stop signal that came
+    while ``final/`` was written ends the command now (the stage is complete)."""
+    if distributed.is_main():
+        sha = weights_sha256(stage.final)
+        update_manifest(stage.run_dir, stage.name, status="completed", finished=now(), steps=steps,
+                        outputs={"final": str(stage.final), "sha256": sha, **outputs})
+        mark_stale(stage.run_dir, stage.name, sha)
+    distributed.barrier()
+    signals.undefer()
+    signals.check_stop()

@@ -1,17 +1,18 @@
-"""Generation: left-padded batched sampling with the KV cache, truncation at EOS, decoding."""
+"""Sampling responses (left-padded batches, a KV cache, truncation at EOS, decoding) and the PPO rollout
+batch they make, with the scores, KL and LM loss eval and compare read off such batches."""
 from __future__ import annotations
 
 import contextlib
 import functools
-import inspect
 import types
 from typing import Any, Iterator, NamedTuple
 
 import torch
 
 from . import distributed
-from .data import pad_left
+from .batches import pad_left, pad_right
 from .distributed import no_autograd
+from .forward import decoder, last_token_scores, lm_loss_sum, response_log_softmax
 
 
 def draw(logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -61,14 +62,12 @@ def sample(model: Any, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: in
 
     Our own loop rather than ``model.generate``: one forward and one :func:`draw` a token, none of
     generate's per-step logits processors, stopping criteria and input preparation (a fifth of a tiny
-    model's sampling time), and for Llama models the lean forward (``lean.Decoder``). Positions count real
+    model's sampling time), and for Llama models the lean forward (``forward.decoder``). Positions count real
     tokens only, so left padding shifts nothing."""
-    from . import lean
-
-    decoder = (lean.Decoder if lean.supported(model) else CachedDecoder)(model, ids, mask, max_new_tokens)
+    stepper = decoder(model, ids, mask, max_new_tokens)
     out = ids.new_full((ids.size(0), max_new_tokens), pad_id)
     done = torch.zeros(ids.size(0), dtype=torch.bool, device=ids.device)
-    logits = decoder.start()
+    logits = stepper.start()
     n = 0  # tokens drawn
     while True:
         token = torch.where(done, pad_id, draw(logits, temperature))
@@ -78,49 +77,7 @@ def sample(model: Any, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: in
         left = (~done).sum()
         if n == max_new_tokens or int(distributed.total(left) if synced else left) == 0:
             return out[:, :n]
-        logits = decoder.step(token)
-
-
-class CachedDecoder:
-    """Token-by-token logits of any transformers causal LM through its own forward and KV cache (what
-    ``lean.Decoder`` does for Llama models)."""
-
-    def __init__(self, model: Any, ids: torch.Tensor, mask: torch.Tensor, max_new: int):
-        from .models import position_ids
-
-        names = forward_parameters(model)
-        self.model, self.ids, self.width = model, ids, ids.size(1)
-        self.cache_name = "cache" if "cache" in names else "past_key_values"  # renamed in transformers 5.24
-        self.with_positions = "position_ids" in names
-        self.fixed = {"use_cache": True, **({"logits_to_keep": 1} if "logits_to_keep" in names else {})}
-        self.mask = torch.cat([mask, mask.new_ones(ids.size(0), max_new)], 1)  # each step's is a prefix of it
-        self.positions = position_ids(mask)
-        self.cache, self.seen = None, self.width
-
-    def _forward(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        out = self.model(input_ids=tokens, attention_mask=self.mask[:, :self.seen], **{self.cache_name: self.cache},
-                         **({"position_ids": positions} if self.with_positions else {}), **self.fixed)
-        self.cache = getattr(out, self.cache_name)
-        return out.logits[:, -1]
-
-    def start(self) -> torch.Tensor:
-        return self._forward(self.ids, self.positions)
-
-    def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        self.seen += 1
-        return self._forward(tokens[:, None], self.positions[:, -1:] + self.seen - self.width)
-
-
-@functools.lru_cache(maxsize=None)
-def _parameters(cls: type) -> frozenset[str]:
-    return frozenset(inspect.signature(cls.forward).parameters)
-
-
-def forward_parameters(model: Any) -> frozenset[str]:
-    """The names ``model``'s forward takes (a PEFT model's: those of the model it wraps)."""
-    from .models import unwrapped
-
-    return _parameters(type(unwrapped(model)))
+        logits = stepper.step(token)
 
 
 # Which linear layers take the (W @ x.T).T path on a CPU, and up to how many rows (bench/README.md): the
@@ -169,159 +126,10 @@ def decode_response(tokenizer: Any, tokens: list[int]) -> str:
     return tokenizer.decode(tokens, skip_special_tokens=True).strip()
 
 
-@torch.no_grad()
-def score_sequences(model: Any, seqs: list[list[int]], pad_id: int, batch_size: int) -> torch.Tensor:
-    """Normalised reward-model scores (N,) of token sequences (prompt + response + EOS), in batches."""
-    from .data import pad_right
-    from .models import reward_scores
-
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    out = []
-    for start in range(0, len(seqs), batch_size):
-        ids, mask = pad_right(seqs[start:start + batch_size], pad_id)
-        out.append(reward_scores(model, ids.to(device), mask.to(device)).float().cpu())
-    model.train(was_training)
-    return torch.cat(out)
-
-
-@torch.no_grad()
-def score_ranking(model: Any, seqs: list[list[int]], pad_id: int, batch_size: int) -> torch.Tensor:
-    """Normalised reward-model scores (K,) of one ranking's sequences (prompt + response + EOS): as one row
-    with the prompt once (``models.shared_reward_scores``) where the model takes that and it saves a tenth
-    of the tokens, else as :func:`score_sequences` does."""
-    from .data import pays_to_share
-    from .models import shared_reward_scores, supports_sharing
-
-    if not (supports_sharing(model) and pays_to_share([seqs])):
-        return score_sequences(model, seqs, pad_id, batch_size)
-    was_training = model.training
-    model.eval()
-    scores = shared_reward_scores(model, [seqs], pad_id, next(model.parameters()).device).float().cpu()
-    model.train(was_training)
-    return scores
-
-
 # ---------------------------------------------------------------- scoring query + response (PPO)
 
 
-def response_log_softmax(model: Any, query_response: torch.Tensor, mask: torch.Tensor, context_len: int,
-                         temperature: float, trunk: tuple[int, torch.Tensor] | None = None) -> torch.Tensor:
-    """Log-probabilities (B, T, V) over the vocabulary at each response position of
-    ``query_response[:, context_len:]`` under ``model``, of logits / T (fp32).
-
-    Only the last T+1 positions go through the LM head (``logits_to_keep``): query positions never
-    compute full-vocabulary logits. ``trunk``: run only the layers above cached frozen ones
-    (``models.model_inputs``)."""
-    from . import lean
-    from .models import model_inputs
-
-    n_response = query_response.size(1) - context_len
-    if lean.supported(model):
-        hidden = lean_states(model, query_response, mask, trunk)[:, context_len - 1:-1]
-        logits = lean.logits(model, hidden).float()
-    else:
-        ctx, inputs = model_inputs(model, query_response, mask, trunk)
-        with ctx:
-            logits = model(**inputs, logits_to_keep=n_response + 1).logits[:, :-1].float()
-    if temperature != 1.0:  # at T=1 the division is an identity: no op, no backward node
-        logits = logits / temperature
-    return torch.log_softmax(logits, dim=-1)
-
-
-def response_logprobs(model: Any, query_response: torch.Tensor, mask: torch.Tensor, context_len: int,
-                      temperature: float, with_entropy: bool = False, trunk: tuple[int, torch.Tensor] | None = None
-                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Log-probs (B, T) of the response tokens ``query_response[:, context_len:]`` under ``model`` at the
-    sampling temperature (logits / T, the distribution generation drew from), and optionally entropy
-    (:func:`response_log_softmax`)."""
-    logp = response_log_softmax(model, query_response, mask, context_len, temperature, trunk)
-    logprobs = logp.gather(-1, query_response[:, context_len:].unsqueeze(-1)).squeeze(-1)
-    entropy = None
-    if with_entropy:  # a statistic: no graph for it
-        with torch.no_grad():
-            entropy = -(logp.exp() * logp).sum(-1)
-    return logprobs, entropy
-
-
-def head_outputs(model: Any, query_response: torch.Tensor, mask: torch.Tensor,
-                 trunk: tuple[int, torch.Tensor] | None = None) -> torch.Tensor:
-    """The scalar head of a reward/value model at every position (B, L), normalisation bias added."""
-    from . import lean
-    from .models import REWARD_BIAS, model_inputs, scalar_head, scalar_head_outputs
-
-    if lean.supported(model):
-        out = scalar_head(model)(lean_states(model, query_response, mask, trunk))
-        return out[..., 0].float() + getattr(model.config, REWARD_BIAS, 0.0)
-    ctx, inputs = model_inputs(model, query_response, mask, trunk)
-    with ctx:
-        return scalar_head_outputs(model, **inputs)
-
-
-def lean_states(model: Any, query_response: torch.Tensor, mask: torch.Tensor,
-                trunk: tuple[int, torch.Tensor] | None) -> torch.Tensor:
-    """The final hidden states (B, L, H) on the lean path, from the tokens or from cached trunk states."""
-    from . import lean
-
-    if trunk is None:
-        return lean.states(model, query_response, mask)
-    return lean.states(model, None, mask, embeds=trunk[1], start=trunk[0])
-
-
-def token_values(model: Any, query_response: torch.Tensor, mask: torch.Tensor, context_len: int,
-                 trunk: tuple[int, torch.Tensor] | None = None) -> torch.Tensor:
-    """Per-token values (B, T): the head at the state before each response token."""
-    return head_outputs(model, query_response, mask, trunk)[:, context_len - 1:-1]
-
-
-def last_token_scores(model: Any, query_response: torch.Tensor, mask: torch.Tensor, context_len: int,
-                      lengths: torch.Tensor, trunk: tuple[int, torch.Tensor] | None = None) -> torch.Tensor:
-    """Reward-model scores (B,) read at each response's last real token (its EOS, when it has one)."""
-    out = head_outputs(model, query_response, mask, trunk)
-    return out[torch.arange(out.size(0), device=out.device), context_len + lengths - 1]
-
-
 # ---------------------------------------------------------------- LM losses (SFT, PPO-ptx, eval's alignment tax)
-
-
-def head_loss_sum(model: Any, hidden: torch.Tensor, targets: torch.Tensor, transform: Any = None) -> torch.Tensor:
-    """Summed cross-entropy of the LM head's fp32 logits on final hidden states ``hidden`` (N, H) against
-    ``targets`` (N,) (IGNORE_INDEX skipped), after the family's logit transform (``models.logit_transform``;
-    None: the identity). A plain linear head with no transform runs a chunk of rows at a time
-    (``losses.linear_cross_entropy_sum``): full-vocabulary fp32 logits never exist for all N rows, in the forward
-    or the backward. Any other head (LoRA-adapted, with a bias) or a scaling/soft-capping family runs whole."""
-    from .data import IGNORE_INDEX
-    from .losses import linear_cross_entropy_sum
-    from .models import LogitTransform
-
-    head = model.get_output_embeddings()
-    identity = transform is None or transform == LogitTransform()
-    if identity and type(head) is torch.nn.Linear and head.bias is None:
-        return linear_cross_entropy_sum(hidden, head.weight, targets)
-    logits = head(hidden) if identity else transform(head(hidden))
-    return torch.nn.functional.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX, reduction="sum")
-
-
-def lm_loss_sum(model: Any, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed next-token cross-entropy over the real tokens of right-padded text ``ids``, ``mask`` (B, L), and
-    the number of predicted tokens: the LM loss of PPO-ptx and of eval's alignment tax. On the lean path the
-    head runs in chunks over the predicting positions only (:func:`head_loss_sum`); other models give their
-    own logits (B, L, V) (any soft-capping or scaling applied), one micro-batch's at a time."""
-    from . import lean
-    from .data import IGNORE_INDEX
-    from .losses import lm_targets
-
-    targets = lm_targets(ids, mask)
-    selected = targets != IGNORE_INDEX
-    if lean.supported(model):
-        from .models import logit_transform
-
-        hidden = lean.states(model, ids, mask)[:, :-1][selected]
-        return head_loss_sum(model, hidden, targets[selected], logit_transform(model)), selected.sum()
-    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1]
-    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1),
-                                             ignore_index=IGNORE_INDEX, reduction="sum"), selected.sum()
 
 
 class Rollout(NamedTuple):
@@ -339,8 +147,6 @@ class Rollout(NamedTuple):
 def build_rollout(queries: list[list[int]], responses: list[list[int]], pad_id: int, eos_id: int) -> Rollout:
     """Pack sampled responses after their left-padded queries, with masks built from the true lengths
     (a sampled token that happens to equal the pad id is still a response token)."""
-    from .data import pad_left, pad_right
-
     q_ids, q_mask = pad_left(queries, pad_id)
     r_ids, r_mask = pad_right([r if r else [pad_id] for r in responses], pad_id)
     lengths = torch.tensor([max(len(r), 1) for r in responses])
@@ -397,8 +203,6 @@ def response_kl(model: Any, ref: Any, tokenizer: Any, queries: list[list[int]], 
 @torch.no_grad()
 def lm_loss(model: Any, blocks: list[list[int]], pad_id: int, batch_size: int) -> float:
     """Mean next-token loss over all tokens of pretraining-text blocks (exp of it is the perplexity)."""
-    from .data import pad_right
-
     device = next(model.parameters()).device
     model.eval()
     total, tokens = 0.0, 0

@@ -11,238 +11,17 @@ one that still matches its record and drops the metrics logged after it. Torch i
 from __future__ import annotations
 
 import contextlib
-import datetime as _dt
-import errno
-import hashlib
 import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, NamedTuple
 
 from .errors import BadInput, WriteFailed
+from .storage import (COMPLETED, atomic_write_text, disk_errno, fsync_tree, now, publish_dir, seal_dir, sha256_file,
+                      verify_dir, weights_sha256)
 
-COMPLETED = "COMPLETED"
 CHECKPOINT_PREFIX = "step-"
-
-
-def fsync_tree(path: Path) -> None:
-    """fsync every file under ``path`` and the directories themselves, so a rename publishes whole data."""
-    for root, _dirs, files in os.walk(path):
-        for name in files:
-            with open(os.path.join(root, name), "rb") as fh:
-                os.fsync(fh.fileno())
-        _fsync_dir(Path(root))
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-# errno values that mean "the storage failed", not "igpt has a bug": exit 4 (errors.WriteFailed)
-DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.EFBIG}
-
-
-def disk_errno(exc: BaseException, where: Path | None = None) -> int | None:
-    """The storage errno behind ``exc``, if it is a failed write: an OSError with one of DISK_ERRNOS, or
-    what safetensors ("... (os error 28)") and torch.save (RuntimeError "unexpected pos" or "file write
-    failed", no errno at all: ENOSPC when the file system of ``where`` has under 1 MiB free, else EIO)
-    make of one."""
-    if isinstance(exc, OSError):
-        return exc.errno if exc.errno in DISK_ERRNOS else None
-    text = str(exc)
-    for code in DISK_ERRNOS:
-        if f"(os error {code})" in text:
-            return code
-    if isinstance(exc, RuntimeError) and ("write failed" in text or "unexpected pos" in text):
-        probe = where
-        while probe is not None and not probe.exists() and probe != probe.parent:
-            probe = probe.parent
-        with contextlib.suppress(OSError):
-            if probe is not None and shutil.disk_usage(probe).free < 1 << 20:
-                return errno.ENOSPC
-        return errno.EIO
-    return None
-
-
-@contextlib.contextmanager
-def writing(target: Path, partial: Path | None = None) -> Iterator[None]:
-    """Writes towards ``target`` (a file or folder), building ``partial`` (default: ``target``): if they
-    fail, ``partial`` is removed; a failure of the storage (full disk, I/O error) becomes
-    :class:`errors.WriteFailed` naming ``target`` (exit 4), anything else is raised as it is."""
-    try:
-        yield
-    except BaseException as e:
-        code = disk_errno(e, target.parent) if isinstance(e, Exception) else None  # before freeing the space
-        _remove(partial if partial is not None else target)
-        if code is not None:
-            raise WriteFailed(str(target), code) from e
-        raise
-
-
-def _remove(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            path.unlink()
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a fsynced temporary file and a rename (a failed write leaves ``path``
-    as it was and no temporary file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".tmp-{path.name}-{os.getpid()}"
-    with writing(path, tmp):
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def weights_sha256(model_dir: str | Path) -> str | None:
-    """One sha256 for a model directory's weights: every ``*.safetensors`` under it (a LoRA run's
-    ``adapter/`` too), by relative path in sorted order, each file hashed whole. The same weights give
-    the same digest wherever the directory lives; a directory retrained in place gives another. None
-    when it holds no safetensors (nothing to vouch for)."""
-    root = Path(model_dir)
-    files = sorted((p for p in root.rglob("*.safetensors") if p.is_file()),
-                   key=lambda p: p.relative_to(root).as_posix())
-    if not files:
-        return None
-    h = hashlib.sha256()
-    for p in files:
-        h.update(f"{p.relative_to(root).as_posix()}\0{sha256_file(p)}\n".encode("utf-8"))
-    return h.hexdigest()
-
-
-def seal_dir(path: Path) -> None:
-    """Mark a written directory complete: fsync its files, then write ``COMPLETED`` atomically as
-    ``{"completed": time, "files": {relpath: {"size": bytes, "sha256": hex}}}`` for every file under it
-    (subdirectories included, posix paths, sorted), so a reader can tell a whole directory from one a
-    disk, a copy or a kill damaged since (:func:`verify_dir`)."""
-    fsync_tree(path)
-    files = sorted((p for p in path.rglob("*") if p.is_file() and p.relative_to(path).as_posix() != COMPLETED),
-                   key=lambda p: p.relative_to(path).as_posix())
-    record = {p.relative_to(path).as_posix(): {"size": p.stat().st_size, "sha256": sha256_file(p)} for p in files}
-    atomic_write_text(path / COMPLETED, json.dumps({"completed": now(), "files": record}, indent=1) + "\n")
-
-
-def verify_dir(path: Path) -> list[str]:
-    """What no longer matches ``path/COMPLETED``'s record, one line per file (``model.safetensors: 1234
-    bytes, 5678 recorded``, ``optimizer.pt: missing``, ``state.pt: sha256 differs from the one recorded``);
-    [] when intact. Files not in the record are not checked. A ``COMPLETED`` holding only a timestamp was
-    written by an igpt before the record existed: nothing to check, []. Sizes are compared first and the
-    files hashed only when every size matches (a truncated checkpoint is told without reading it)."""
-    try:
-        text = (path / COMPLETED).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        return [f"{COMPLETED}: missing"]
-    except (OSError, UnicodeDecodeError):
-        return [f"{COMPLETED}: unreadable"]
-    try:
-        record = json.loads(text)
-    except json.JSONDecodeError:
-        return [] if _timestamp(text.strip()) else [f"{COMPLETED}: unreadable"]
-    files = record.get("files") if isinstance(record, dict) else None
-    if not isinstance(files, dict) or not all(isinstance(v, dict) and {"size", "sha256"} <= v.keys()
-                                              for v in files.values()):
-        return [f"{COMPLETED}: unreadable"]
-    problems = []
-    for rel, want in files.items():
-        p = path / rel
-        if not p.is_file():
-            problems.append(f"{rel}: missing")
-        elif p.stat().st_size != want["size"]:
-            problems.append(f"{rel}: {p.stat().st_size} bytes, {want['size']} recorded")
-    if problems:
-        return problems
-    return [f"{rel}: sha256 differs from the one recorded" for rel, want in files.items()
-            if sha256_file(path / rel) != want["sha256"]]
-
-
-def _timestamp(text: str) -> bool:
-    try:
-        _dt.datetime.fromisoformat(text)
-    except ValueError:
-        return False
-    return True
-
-
-@contextlib.contextmanager
-def publish_set(out: Path) -> Iterator[Path]:
-    """Publish the files of one result (``eval/NAME/``, ``compare/A-vs-B/``) all or nothing.
-
-    ``with publish_set(out) as tmp:`` write every file into ``tmp``, a fresh directory beside ``out``
-    (same file system, so renames are atomic). When the block ends normally the files are fsynced and the
-    directories swapped: ``out`` is renamed aside to ``.NAME.old-PID``, ``tmp`` renamed to ``out``, the old
-    one removed. If the block raises, ``tmp`` is removed and ``out`` is untouched: a crash while writing
-    (a chart that fails, a full disk) leaves the previous complete set. POSIX has no portable atomic swap of
-    two directories, so between the two renames ``out`` is briefly absent; a process killed exactly there
-    leaves the previous set under ``.NAME.old-PID``, which the next publish renames back before it starts
-    (:func:`recover_published`). We chose this over a versioned directory behind a symlink: ``out`` stays a
-    plain directory that ``cp -r``, ``rsync`` and Windows copy as it is."""
-    parent, name = out.parent, out.name
-    parent.mkdir(parents=True, exist_ok=True)
-    recover_published(out)
-    tmp = parent / f".{name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        yield tmp
-        fsync_tree(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = parent / f".{name}.old-{os.getpid()}"
-    if out.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out, old)
-    os.replace(tmp, out)
-    _fsync_dir(parent)
-    shutil.rmtree(old, ignore_errors=True)
-    for stale in list(parent.glob(f".{name}.tmp-*")) + list(parent.glob(f".{name}.old-*")):
-        if not _pid_alive(stale.name.rsplit("-", 1)[-1]):  # left by a killed process
-            shutil.rmtree(stale, ignore_errors=True)
-
-
-def recover_published(out: Path) -> None:
-    """If a publish was killed between its two renames (``out`` absent, ``.NAME.old-PID`` present), put
-    the previous complete set back."""
-    olds = sorted(out.parent.glob(f".{out.name}.old-*"), key=lambda p: p.stat().st_mtime)
-    if not out.exists() and olds:
-        os.replace(olds[-1], out)
-
-
-def _pid_alive(pid: str) -> bool:
-    try:
-        os.kill(int(pid), 0)
-    except (ValueError, ProcessLookupError):
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
 def is_main_process() -> bool:
@@ -306,15 +85,6 @@ def mark_stale(run_dir: Path, stage: str, sha: str | None = None) -> None:
                 changed = True
     if changed:
         atomic_write_text(run_dir / "manifest.json", json.dumps(manifest, indent=2) + "\n")
-
-
-def claim(run_dir: Path, out: Path) -> None:
-    """Before eval or compare samples a token: ``out`` (``RUN_DIR/eval/NAME``) can be written, and this
-    process holds its lock (one writer per report)."""
-    from . import lifecycle
-
-    lifecycle.check_writable(out.parent)
-    lifecycle.take(run_dir, out.relative_to(run_dir).as_posix(), str(out))
 
 
 def record(run_dir: Path, out: Path, models: dict[str, Path]) -> None:
@@ -400,14 +170,6 @@ def latest_checkpoint(ckpt_root: Path, warn: Callable[[str], None] | None = None
     return None
 
 
-def save_checkpoint(ckpt_root: Path, step: int, write: Callable[[Path], None], keep: int) -> Path:
-    """``write(tmp_dir)`` the checkpoint files, fsync, rename to ``step-NNNNNN``, mark COMPLETED,
-    then delete all but the newest ``keep`` complete checkpoints (and any stale temporary dirs)."""
-    tmp = begin_checkpoint(ckpt_root, step)
-    write(tmp)
-    return publish_checkpoint(ckpt_root, tmp, step, keep)
-
-
 def begin_checkpoint(ckpt_root: Path, step: int) -> Path:
     """A fresh temporary folder for the checkpoint of ``step`` (several processes may write into it)."""
     ckpt_root.mkdir(parents=True, exist_ok=True)
@@ -422,9 +184,7 @@ def publish_checkpoint(ckpt_root: Path, tmp: Path, step: int, keep: int) -> Path
     prune old ones."""
     final = ckpt_root / checkpoint_name(step)
     fsync_tree(tmp)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    publish_dir(tmp, final)
     seal_dir(final)
     # newer ones are left by the run this one resumed before them (damaged: latest_checkpoint); they are
     # replaced when this run reaches their step, and do not count towards ``keep``
@@ -473,3 +233,54 @@ def read_metrics(path: Path) -> list[dict]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def find_model(explicit: str, run_dir: Path, stage: str, flag: str) -> str:
+    """``explicit`` if given, else the ``stage``'s final model in the run directory; BadInput if neither."""
+    if explicit:
+        return explicit
+    final = run_dir / stage / "final"
+    if (final / "config.json").is_file():
+        return str(final)
+    command = {"rm": "train-rm"}.get(stage, stage)
+    raise BadInput([f"{flag}: not given, and {final} does not exist (run `igpt {command}` first or pass {flag} PATH)"])
+
+
+STAGE_MODELS = {"sft": "sft/final", "ppo": "ppo/final/policy", "rm": "rm/final"}
+
+
+def stage_model(name: str, run_dir: Path, flag: str = "MODEL") -> tuple[str, Path]:
+    """A model named by stage (``sft``, ``ppo``) or by path -> (short name, directory); BadInput if absent."""
+    if name in STAGE_MODELS:
+        path = run_dir / STAGE_MODELS[name]
+        if not (path / "config.json").is_file():
+            raise BadInput([f"{flag} {name}: {path} does not exist (has the {name} stage of {run_dir} finished?)"])
+        return name, path
+    path = Path(name)
+    if not (path / "config.json").is_file():
+        raise BadInput([f"{flag} {name}: not a stage of the run ({', '.join(STAGE_MODELS)}) nor a model directory "
+                        "with config.json"])
+    return [part for part in path.resolve().parts if part not in ("final", "policy")][-1], path
+
+
+class Stage(NamedTuple):
+    """Where a training stage writes: ``run_dir/name/{config.yaml, metrics.jsonl, checkpoints/, final/}``."""
+
+    run_dir: Path
+    name: str
+
+    @property
+    def dir(self) -> Path:
+        return self.run_dir / self.name
+
+    @property
+    def metrics(self) -> Path:
+        return self.dir / "metrics.jsonl"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.dir / "checkpoints"
+
+    @property
+    def final(self) -> Path:
+        return self.dir / "final"

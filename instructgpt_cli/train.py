@@ -9,22 +9,18 @@ from __future__ import annotations
 
 import math
 import os
-import shlex
-import socket
-import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable
 
 import torch
 
-from . import config as config_mod
-from . import distributed, lifecycle
+from . import distributed, lifecycle, signals
 from .config import OptimConfig
-from .errors import BadInput, Interrupted, NonFinite
-from .rundir import (append_jsonl, atomic_write_text, begin_checkpoint, check_stage, checkpoint_name,
-                     latest_checkpoint, now, publish_checkpoint, read_manifest, read_metrics, start_stage_dir,
-                     mark_stale, truncate_metrics, update_manifest, weights_sha256, writing)
+from .console import progress, say, say_every_rank
+from .errors import BadInput, NonFinite
+from .rundir import (Stage, append_jsonl, begin_checkpoint, checkpoint_name, latest_checkpoint, publish_checkpoint, read_manifest, read_metrics, truncate_metrics, update_manifest)
+from .storage import now, writing
 
 FAULT_ENV = "IGPT_FAULT_AFTER_STEP"  # test hook: die (exit 99, no cleanup) right after this step
 
@@ -297,125 +293,6 @@ def _newest(stage: Stage) -> str:
     return ckpt.name if ckpt else "none yet"
 
 
-class Stage(NamedTuple):
-    """Where a training stage writes: ``run_dir/name/{config.yaml, metrics.jsonl, checkpoints/, final/}``."""
-
-    run_dir: Path
-    name: str
-
-    @property
-    def dir(self) -> Path:
-        return self.run_dir / self.name
-
-    @property
-    def metrics(self) -> Path:
-        return self.dir / "metrics.jsonl"
-
-    @property
-    def checkpoints(self) -> Path:
-        return self.dir / "checkpoints"
-
-    @property
-    def final(self) -> Path:
-        return self.dir / "final"
-
-
-def open_stage(stage: Stage, cfg: Any, inputs: dict, resume: bool, overwrite: bool,
-               allow_changes: bool = False) -> tuple[str, list[dict]]:
-    """Before any model is loaded: take the stage's lock (one writer per stage directory), decide between
-    'fresh', 'resume' and 'done' (:func:`rundir.check_stage`), and for a stage that has outputs compare this
-    run's settings and inputs with the ones it recorded (:func:`resume_changes`).
-
-    A resume that would change what a step computes is refused (BadInput, every difference listed) unless
-    ``allow_changes``; the changes are returned for :func:`restore` to record with the step they take effect.
-    A finished stage is 'done' unless its length grew (``--resume --max-steps N``: 'resume' extends it)."""
-    lifecycle.check_writable(stage.run_dir)
-    lifecycle.take(stage.run_dir, stage.name, str(stage.dir))
-    if distributed.is_main():
-        lifecycle.settle_statuses(stage.run_dir)
-    mode = check_stage(stage.dir, resume, overwrite)
-    if mode == "fresh":
-        return mode, []
-    changes = resume_changes(stage, cfg, inputs)
-    if mode == "done" and not any(c["setting"] in config_mod.EXTENDS for c in changes):
-        stale = [c for c in changes if c["setting"].startswith("input ")]
-        if stale:  # a finished stage built from an input that has changed since
-            say(f"[yellow]warning:[/] {stage.dir} was built from inputs that changed since: "
-                + "; ".join(describe_change(c) for c in stale) + "; rebuild it with --overwrite")
-        return "done", []
-    binding = [c for c in changes if not c["free"]]
-    if binding and not allow_changes:
-        raise BadInput([f"{stage.dir}: --resume would continue with other settings or inputs than the run so far:"]
-                       + [f"  {describe_change(c)}" for c in binding]
-                       + ["pass --allow-changes to continue anyway (recorded in the manifest with the step), or "
-                          "--overwrite to start over"])
-    for c in changes:
-        say(f"resume: {describe_change(c)}")
-    return "resume", changes
-
-
-def describe_change(change: dict) -> str:
-    return f"{change['setting']}: {change['was']!r} -> {change['now']!r}"
-
-
-def resume_changes(stage: Stage, cfg: Any, inputs: dict) -> list[dict]:
-    """Settings and inputs of this run that differ from what ``stage`` recorded when it started: one
-    ``{setting, was, now, free}`` each. ``free`` settings (config.FREE_ON_RESUME) decide when to save,
-    evaluate and stop or where to run, not what a step computes. Inputs are compared by content (sha256),
-    so a data file moved elsewhere is no change; a file path setting is compared through its input."""
-    import yaml
-
-    changes: list[dict] = []
-    try:
-        recorded = (yaml.safe_load((stage.dir / "config.yaml").read_text(encoding="utf-8")) or {}).get(stage.name, {})
-    except (OSError, yaml.YAMLError):
-        recorded = {}
-    old, new = _flatten(recorded), _flatten(config_mod.to_dict(cfg))
-    for key in sorted(set(old) | set(new)):
-        if key in config_mod.INPUT_SETTINGS or old.get(key) == new.get(key):
-            continue
-        changes.append({"setting": key, "was": old.get(key), "now": new.get(key),
-                        "free": key in config_mod.FREE_ON_RESUME})
-    before = read_manifest(stage.run_dir).get("stages", {}).get(stage.name, {}).get("inputs", {})
-    for key in sorted(set(before) | set(inputs)):
-        was, now_ = _identity(before.get(key)), _identity(inputs.get(key))
-        if was != now_:
-            changes.append({"setting": f"input {key}", "was": was, "now": now_, "free": False})
-    return changes
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def _identity(entry: Any) -> Any:
-    """What an input is, for comparison: its sha256 when recorded, else what was recorded (a model name)."""
-    if isinstance(entry, dict):
-        return entry.get("sha256") or entry.get("path")
-    return entry
-
-
-def begin_stage(stage: Stage, mode: str, cfg: Any, inputs: dict) -> None:
-    """Create the stage directory and record the resolved config and the inputs in the manifest.
-    Called only after every input has been validated: the first barrier waits until every rank has
-    validated (and so could still fail with nothing written), the second until the files exist.
-    Stages built from this one's outputs are marked stale (:func:`rundir.mark_stale`)."""
-    distributed.barrier()
-    if distributed.is_main():
-        start_stage_dir(stage.dir, mode)
-        atomic_write_text(stage.dir / "config.yaml", config_mod.to_yaml(stage.name, cfg))
-        update_manifest(stage.run_dir, stage.name, status="running", started=now(), inputs=inputs,
-                        pid=os.getpid(), host=socket.gethostname())
-        mark_stale(stage.run_dir, stage.name)
-    distributed.barrier()
-
-
 def restore(stage: Stage, mode: str, model: Any, optimizer: Any, scheduler: Any,
             changes: list[dict] | None = None) -> tuple[int, dict, Path | None]:
     """Resume point: (step, extra state, checkpoint) of the newest complete checkpoint, or a fresh start.
@@ -444,36 +321,6 @@ def restore(stage: Stage, mode: str, model: Any, optimizer: Any, scheduler: Any,
     return step, extra, ckpt
 
 
-def keep_freed_memory() -> bool:
-    """Have glibc's malloc keep the memory a training step frees, for the next step to reuse.
-
-    By default glibc serves every block over its mmap threshold (128 KiB, rising to 32 MiB at most) with a
-    fresh ``mmap`` and unmaps it on free, and trims the heap's top: every step's activations and gradients (a
-    135M model's embedding gradient alone is 113 MB) are then page-faulted in afresh, about 10^5 faults a step,
-    an eighth of a 135M reward-model step on a KVM guest here (bench/README.md), and more in the first steps.
-    With mmap and trimming off, freed blocks stay in the heap and the next step reuses them; the peak did not
-    grow in the bench, only the memory is not handed back before the process ends (jemalloc and tcmalloc, which
-    PyTorch's CPU tuning guide suggests preloading, hold on to it the same way). Once per process, on glibc
-    only; ``MALLOC_MMAP_MAX_`` or ``MALLOC_TRIM_THRESHOLD_`` in the environment means the user chose, and
-    nothing is changed. Returns whether the setting is now in force."""
-    global _KEPT
-    if _KEPT is None:
-        _KEPT = False
-        if not any(v in os.environ for v in ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_")):
-            import ctypes
-
-            try:  # the process's own symbols: libc's, without searching for the library
-                mallopt = ctypes.CDLL(None).mallopt
-            except (OSError, AttributeError, TypeError):  # no mallopt (macOS, Windows): its allocator as it is
-                return False
-            m_trim_threshold, m_mmap_max = -1, -4  # <malloc.h>
-            _KEPT = bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
-    return _KEPT
-
-
-_KEPT: bool | None = None
-
-
 def fit(stage: Stage, model: Any, optimizer: Any, scheduler: Any, step: int, total_steps: int,
         train_step: Callable[[int], dict], evaluate: Callable[[], dict] | None, eval_every: int, save_every: int,
         keep: int, extra_state: Callable[[], dict] | None = None, show: str = "train/loss") -> int:
@@ -486,7 +333,7 @@ def fit(stage: Stage, model: Any, optimizer: Any, scheduler: Any, step: int, tot
     From here until :func:`finish_stage` a stop signal is acted on between steps: the step in flight
     ends, a checkpoint is written and the stage stops (:func:`stop`). Steps whose values were not finite
     are not applied (``train/skipped_steps``); SKIPS_IN_A_ROW in a row end the stage (exit 3)."""
-    keep_freed_memory()
+    distributed.keep_freed_memory()
     started = time.perf_counter()
     Skips.total, Skips.in_a_row = _skipped_before(stage, step), 0
     saved = step  # the step of the newest checkpoint (the resume point, or 0: nothing to save)
@@ -494,7 +341,7 @@ def fit(stage: Stage, model: Any, optimizer: Any, scheduler: Any, step: int, tot
     def checkpoint() -> None:
         save_state(stage, step, model, optimizer, scheduler, extra_state() if extra_state else None, keep)
 
-    lifecycle.defer()
+    signals.defer()
     with progress() as bar:
         task = bar.add_task(stage.name, total=total_steps, completed=step)
         while step < total_steps:
@@ -522,11 +369,11 @@ def fit(stage: Stage, model: Any, optimizer: Any, scheduler: Any, step: int, tot
                 saved = step
             bar.update(task, advance=1, description=f"{stage.name} {show.split('/')[-1]} {record.get(show, float('nan')):.4f}")
             maybe_fault(step)
-            signum = distributed.agree(lifecycle.stop_requested() or 0)  # every rank stops after the same step
+            signum = distributed.agree(signals.stop_requested() or 0)  # every rank stops after the same step
             if signum:
                 if saved != step:
                     checkpoint()
-                stop(stage, step, total_steps, signum)
+                lifecycle.stop(stage, step, total_steps, signum)
     return step
 
 
@@ -536,44 +383,6 @@ def _skipped_before(stage: Stage, step: int) -> int:
         return 0
     counts = [r.get("train/skipped_steps", 0) for r in read_metrics(stage.metrics) if r.get("step", 0) <= step]
     return int(counts[-1]) if counts else 0
-
-
-def stop(stage: Stage, step: int, total_steps: int, signum: int) -> None:
-    """End a stage on a stop signal, its checkpoint of ``step`` written: manifest 'interrupted', how to
-    resume on stderr, and :class:`Interrupted` (exit 128 + signal)."""
-    import signal
-
-    name = signal.Signals(signum).name
-    if distributed.is_main():
-        update_manifest(stage.run_dir, stage.name, status="interrupted", stopped=now(), stopped_at_step=step,
-                        signal=name)
-    say(f"{stage.name}: stopped by {name} after step {step} of {total_steps}; checkpoint {checkpoint_name(step)} "
-        f"is complete. Resume with: {resume_command()}")
-    stopped = Interrupted(signum)
-    stopped.said = True
-    raise stopped
-
-
-def resume_command() -> str:
-    """This command line with ``--resume`` (and without ``--overwrite``)."""
-    if distributed.world_size() > 1:
-        return "the same launcher command with --resume"
-    args = [a for a in sys.argv[1:] if a != "--overwrite"]
-    return shlex.join(["igpt", *args, *([] if "--resume" in args else ["--resume"])])
-
-
-def finish_stage(stage: Stage, steps: int, **outputs: Any) -> None:
-    """Mark the stage completed (rank 0, after it wrote ``final/``) with the sha256 of its weights, which
-    later stages record as their input (lineage); every rank returns after that. A stop signal that came
-    while ``final/`` was written ends the command now (the stage is complete)."""
-    if distributed.is_main():
-        sha = weights_sha256(stage.final)
-        update_manifest(stage.run_dir, stage.name, status="completed", finished=now(), steps=steps,
-                        outputs={"final": str(stage.final), "sha256": sha, **outputs})
-        mark_stale(stage.run_dir, stage.name, sha)
-    distributed.barrier()
-    lifecycle.undefer()
-    lifecycle.check_stop()
 
 
 def maybe_fault(step: int, where: str = "step") -> None:
@@ -594,40 +403,3 @@ def maybe_fault(step: int, where: str = "step") -> None:
     if where == "step":
         distributed.barrier()
     os._exit(99)
-
-
-# ---------------------------------------------------------------- what the user sees (stderr)
-
-
-def console() -> Any:
-    """stderr of rank 0; the other ranks of a launched run stay quiet."""
-    from rich.console import Console
-
-    return Console(stderr=True, quiet=not distributed.is_main())
-
-
-def say_every_rank(message: str) -> None:
-    from rich.console import Console
-
-    Console(stderr=True).print(f"rank {distributed.rank()}/{distributed.world_size()}: {message}")
-
-
-def say(message: str) -> None:
-    console().print(message)
-
-
-def banner(title: str, rows: dict[str, str]) -> None:
-    """A run banner: what is about to happen (examples, steps, effective batch, parameters)."""
-    from rich.table import Table
-
-    table = Table(title=title, show_header=False, title_justify="left", box=None, pad_edge=False)
-    for key, value in rows.items():
-        table.add_row(f"[bold]{key}[/]", value)
-    console().print(table)
-
-
-def progress() -> Any:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    TimeRemainingColumn(), console=console(), disable=not distributed.is_main())

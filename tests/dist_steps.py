@@ -15,8 +15,10 @@ import torch
 
 from instructgpt_cli import distributed
 from instructgpt_cli.config import OptimConfig, PPOConfig
-from instructgpt_cli.data import read_rankings, tokenize_rankings
-from instructgpt_cli.models import supports_packing, supports_sharing, tiny_model, tiny_tokenizer
+from instructgpt_cli.data import read_rankings
+from instructgpt_cli.batches import tokenize_rankings
+from instructgpt_cli.families import supports_packing, supports_sharing
+from instructgpt_cli.models import tiny_model, tiny_tokenizer
 from instructgpt_cli.rollout import Rollout, build_rollout
 from instructgpt_cli.stages import ppo, reward
 from instructgpt_cli.train import micro_batches

@@ -80,7 +80,8 @@ def test_chat_messages_are_split_into_prompt_turns_and_target():
 
 
 def test_prompt_tokens_are_masked_and_response_ends_with_eos():
-    from instructgpt_cli.data import IGNORE_INDEX, Demo, tokenize_demos
+    from instructgpt_cli.data import Demo
+    from instructgpt_cli.batches import IGNORE_INDEX, tokenize_demos
     from instructgpt_cli.models import tiny_tokenizer
 
     tok = tiny_tokenizer()

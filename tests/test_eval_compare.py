@@ -220,7 +220,7 @@ def hand_kl(policy_dir, sft_dir, tokenizer, prompts, samples, temperature):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from instructgpt_cli.data import render_prompt
+    from instructgpt_cli.batches import render_prompt
 
     models = [AutoModelForCausalLM.from_pretrained(d).eval() for d in (policy_dir, sft_dir)]
     out = []
@@ -271,9 +271,10 @@ def test_rm_judge_scores_the_sampled_tokens_as_eval_and_ppo_do(run):
     import torch
 
     from instructgpt_cli.config import CompareConfig, ModelConfig
-    from instructgpt_cli.data import render_prompt
+    from instructgpt_cli.batches import render_prompt
     from instructgpt_cli.models import load_model
-    from instructgpt_cli.rollout import build_rollout, last_token_scores, score_responses
+    from instructgpt_cli.rollout import build_rollout, score_responses
+    from instructgpt_cli.forward import last_token_scores
     from instructgpt_cli.stages.compare import judge_rm
 
     tok = tiny_tokenizer()
@@ -394,7 +395,7 @@ def test_a_crash_while_publishing_leaves_the_previous_complete_set(constant_run,
 
 
 def test_publish_set_swaps_whole_sets_and_recovers_one_put_aside(tmp_path):
-    from instructgpt_cli.rundir import publish_set, recover_published
+    from instructgpt_cli.storage import publish_set, recover_published
 
     out = tmp_path / "compare" / "a-vs-b"
     with publish_set(out) as d:

@@ -13,8 +13,8 @@ from conftest import TINY_CONFIG, igpt, marker_rankings, write_jsonl
 from instructgpt_cli.config import LoraConfig, ModelConfig
 from instructgpt_cli.errors import BadInput
 from instructgpt_cli.models import apply_lora, check_sealed, load_model, save_final, tiny_model, tiny_tokenizer
-from instructgpt_cli.rundir import (COMPLETED, begin_checkpoint, latest_checkpoint, publish_checkpoint, read_metrics,
-                                    seal_dir, verify_dir)
+from instructgpt_cli.storage import COMPLETED, seal_dir, verify_dir
+from instructgpt_cli.rundir import begin_checkpoint, latest_checkpoint, publish_checkpoint, read_metrics
 
 
 def compact(text: str) -> str:

@@ -6,8 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from instructgpt_cli import forward
+from instructgpt_cli import families
 from instructgpt_cli import lean, rollout
-from instructgpt_cli.models import tiny_config, tiny_model, tiny_tokenizer, trunk_states
+from instructgpt_cli.models import tiny_config, tiny_model, tiny_tokenizer
+from instructgpt_cli.forward import trunk_states
 
 
 @pytest.fixture
@@ -46,13 +49,13 @@ def grads(model) -> dict:
 @pytest.mark.parametrize("left_padded", [True, False])
 def test_log_probs_values_and_gradients_equal_transformers(tok, monkeypatch, left_padded):
     policy, value = tiny_model(tok, 0), tiny_model(tok, 1, kind="reward")
-    assert lean.supported(policy) and lean.supported(value)
+    assert families.runs_lean(policy) and families.runs_lean(value)
     ids, mask, context = batch(left_padded)
     real = mask[:, context:].bool()
 
     def forward():
-        logprobs, entropy = rollout.response_logprobs(policy, ids, mask, context, 0.7, True)
-        values = rollout.token_values(value, ids, mask, context)
+        logprobs, entropy = forward.response_logprobs(policy, ids, mask, context, 0.7, True)
+        values = forward.token_values(value, ids, mask, context)
         ((logprobs * real).sum() + (values * real).sum()).backward()
         return logprobs.detach(), entropy, values.detach(), grads(policy), grads(value)
 
@@ -74,7 +77,7 @@ def test_dropout_in_training_draws_what_transformers_draws(tok, monkeypatch):
 
     def forward():
         torch.manual_seed(7)
-        return rollout.response_logprobs(policy, ids, mask, context, 1.0)[0].detach()
+        return forward.response_logprobs(policy, ids, mask, context, 1.0)[0].detach()
 
     out, ref = run_both(monkeypatch, forward)
     policy.eval()
@@ -84,22 +87,23 @@ def test_dropout_in_training_draws_what_transformers_draws(tok, monkeypatch):
 
 def test_lora_trunk_states_and_disabled_adapters_equal_transformers(tok, monkeypatch):
     from instructgpt_cli.config import LoraConfig
-    from instructgpt_cli.models import apply_lora, frozen_layers
+    from instructgpt_cli.models import apply_lora
+    from instructgpt_cli.families import frozen_layers
 
     model = apply_lora(tiny_model(tok, 0), LoraConfig(enabled=True, r=4, layers=1))
     with torch.no_grad():  # adapters that change the output
         for n, p in model.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.5)
-    assert lean.supported(model) and frozen_layers(model) == 1
+    assert families.runs_lean(model) and frozen_layers(model) == 1
     ids, mask, context = batch(True)
 
     def forward():
         states = trunk_states(model, 1, ids, mask)
-        adapted = rollout.response_logprobs(model, ids, mask, context, 1.0, trunk=(1, states))[0]
-        whole = rollout.response_logprobs(model, ids, mask, context, 1.0)[0]
+        adapted = forward.response_logprobs(model, ids, mask, context, 1.0, trunk=(1, states))[0]
+        whole = forward.response_logprobs(model, ids, mask, context, 1.0)[0]
         with model.disable_adapter():
-            base = rollout.response_logprobs(model, ids, mask, context, 1.0)[0]
+            base = forward.response_logprobs(model, ids, mask, context, 1.0)[0]
         return states, adapted, whole, base
 
     out, ref = run_both(monkeypatch, forward)
@@ -114,7 +118,7 @@ def test_lora_trunk_states_and_disabled_adapters_equal_transformers(tok, monkeyp
 def test_decoding_matches_generate_and_the_transformers_cache(tok, monkeypatch):
     from transformers import GenerationConfig
 
-    from instructgpt_cli.data import pad_left
+    from instructgpt_cli.batches import pad_left
 
     model = tiny_model(tok, 0).eval()
     queries = [list(range(10, 13 + 4 * i)) for i in range(4)]  # lengths 3..15: left padding
@@ -144,23 +148,23 @@ def test_supported_only_where_the_numbers_are_the_same(tok):
 
     from instructgpt_cli.models import enable_checkpointing
 
-    assert lean.supported(tiny_model(tok, 0))
+    assert families.runs_lean(tiny_model(tok, 0))
     eager = LlamaForCausalLM._from_config(tiny_config(tok), attn_implementation="eager")
-    assert not lean.supported(eager)
-    assert not lean.supported(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)))
+    assert not families.runs_lean(eager)
+    assert not families.runs_lean(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)))
     dynamic = tiny_config(tok)
     dynamic.rope_parameters = {**dynamic.rope_parameters, "rope_type": "dynamic", "factor": 2.0}
-    assert not lean.supported(LlamaForCausalLM(dynamic))  # its frequencies depend on the length
+    assert not families.runs_lean(LlamaForCausalLM(dynamic))  # its frequencies depend on the length
     checkpointed = tiny_model(tok, 0)
     enable_checkpointing(checkpointed, "tiny")
-    assert lean.supported(checkpointed)  # lean.states checkpoints as transformers' layers do (test_models.py)
+    assert families.runs_lean(checkpointed)  # lean.states checkpoints as transformers' layers do (test_models.py)
 
     class Hooked(LlamaDecoderLayer):  # as FSDP turns a sharded layer into a subclass that gathers its weights
         pass
 
     wrapped = tiny_model(tok, 0)
     wrapped.model.layers[1].__class__ = Hooked
-    assert not lean.supported(wrapped)
+    assert not families.runs_lean(wrapped)
 
 
 def test_draw_samples_softmax_at_temperature_and_never_an_impossible_token():
@@ -176,8 +180,8 @@ def test_draw_samples_softmax_at_temperature_and_never_an_impossible_token():
 
 @pytest.mark.parametrize("packed", [True, False])
 def test_sft_loss_and_gradients_equal_transformers_packed_and_padded(tok, monkeypatch, packed):
-    from instructgpt_cli.data import IGNORE_INDEX, Example, collate, collate_packed
-    from instructgpt_cli.stages.sft import loss_sum
+    from instructgpt_cli.batches import Example, IGNORE_INDEX, collate, collate_packed
+    from instructgpt_cli.forward import response_loss_sum
 
     model = tiny_model(tok, 0)
     gen = torch.Generator().manual_seed(1)
@@ -189,7 +193,7 @@ def test_sft_loss_and_gradients_equal_transformers_packed_and_padded(tok, monkey
     assert ("position_ids" in batch) == packed
 
     def step():
-        summed, n = loss_sum(model, batch)
+        summed, n = response_loss_sum(model, batch)
         summed.backward()
         return summed.detach(), n, grads(model)
 
@@ -209,14 +213,14 @@ def test_heads_wider_than_the_model_and_ungrouped_attention(tok, monkeypatch):
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)
     ids, mask, context = batch(True)
-    out, ref = run_both(monkeypatch, lambda: rollout.response_logprobs(model, ids, mask, context, 1.0)[0].detach())
+    out, ref = run_both(monkeypatch, lambda: forward.response_logprobs(model, ids, mask, context, 1.0)[0].detach())
     torch.testing.assert_close(out[mask[:, context:].bool()], ref[mask[:, context:].bool()])
 
 
 def test_packed_rows_attend_within_each_sequence(tok):
     """One packed row runs each sequence's causal attention on its own; several rows use the
     block-diagonal mask. Both give each sequence the states it has alone."""
-    from instructgpt_cli.data import pack
+    from instructgpt_cli.batches import pack
 
     model = tiny_model(tok, 0)
     gen = torch.Generator().manual_seed(2)

@@ -2,7 +2,7 @@ import math
 
 import torch
 
-from instructgpt_cli.data import IGNORE_INDEX
+from instructgpt_cli.batches import IGNORE_INDEX
 from instructgpt_cli.losses import sft_loss_sum
 
 

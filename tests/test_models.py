@@ -1,4 +1,4 @@
-"""The capability table (``models.FAMILIES``) and gradient checkpointing.
+"""The capability table (``families.FAMILIES``) and gradient checkpointing.
 
 Per family, on a tiny random model of each: igpt's own ways to logits (SFT's LM head on response positions,
 padded and packed, PPO's response log-probs) give what the model's own ``model(...).logits`` gives, scaled
@@ -13,10 +13,14 @@ import torch
 
 from conftest import TINY_CONFIG, arithmetic_demos, igpt, write_jsonl
 from grads import assert_same_grads
-from instructgpt_cli import lean, models, rollout
-from instructgpt_cli.data import IGNORE_INDEX, Example, collate, collate_packed
+from instructgpt_cli import batches
+from instructgpt_cli import rewards
+from instructgpt_cli import forward
+from instructgpt_cli import families
+from instructgpt_cli import models
+from instructgpt_cli.batches import Example, IGNORE_INDEX, collate, collate_packed
 from instructgpt_cli.losses import sft_loss_sum
-from instructgpt_cli.stages.sft import loss_sum
+from instructgpt_cli.forward import response_loss_sum
 
 VOCAB = 96
 # what a tiny model of a family needs beyond the common fields; the logit transforms far from 1 (Cohere's
@@ -60,62 +64,62 @@ def own_loss(model, examples: list[Example]) -> torch.Tensor:
 def test_every_family_of_the_table_is_a_transformers_model_type():
     from transformers import CONFIG_MAPPING
 
-    assert set(models.FAMILIES) <= set(CONFIG_MAPPING.keys())
-    assert {"llama", "granite", "cohere", "gemma2", "qwen2"} <= set(models.FAMILIES)
-    assert [name for name, fam in models.FAMILIES.items() if fam.lean] == ["llama"]
-    assert all(fam.packed for fam in models.FAMILIES.values() if fam.split)  # split families are plain Llama-likes
+    assert set(families.FAMILIES) <= set(CONFIG_MAPPING.keys())
+    assert {"llama", "granite", "cohere", "gemma2", "qwen2"} <= set(families.FAMILIES)
+    assert [name for name, fam in families.FAMILIES.items() if fam.lean] == ["llama"]
+    assert all(fam.packed for fam in families.FAMILIES.values() if fam.split)  # split families are plain Llama-likes
 
 
-@pytest.mark.parametrize("model_type", sorted(models.FAMILIES))
+@pytest.mark.parametrize("model_type", sorted(families.FAMILIES))
 def test_igpt_logits_equal_the_models_own_in_every_family(model_type):
     model = tiny_family(model_type).eval()
-    transform = models.logit_transform(model)
+    transform = families.logit_transform(model)
     assert transform is not None
     examples = demo_examples()
     with torch.no_grad():
         want = own_loss(model, examples)
-        padded, n = loss_sum(model, collate(examples, 0))
+        padded, n = response_loss_sum(model, collate(examples, 0))
         torch.testing.assert_close(padded, want, rtol=1e-5, atol=1e-5)
         assert int(n) == 5 + 8 + 4
-        if models.supports_packing(model):  # what the table claims: packed rows attend within each sequence
-            torch.testing.assert_close(loss_sum(model, collate_packed(examples))[0], want, rtol=1e-5, atol=1e-5)
+        if families.supports_packing(model):  # what the table claims: packed rows attend within each sequence
+            torch.testing.assert_close(response_loss_sum(model, collate_packed(examples))[0], want, rtol=1e-5, atol=1e-5)
 
         # PPO's log-probs at temperature 0.7 of a left-padded batch
         gen = torch.Generator().manual_seed(2)
         qr = torch.randint(3, VOCAB, (3, 12), generator=gen)
         mask = torch.ones_like(qr)
         mask[0, :3], mask[1, 10:] = 0, 0
-        logprobs, _ = rollout.response_logprobs(model, qr, mask, 5, 0.7)
-        logits = model(input_ids=qr, attention_mask=mask, position_ids=models.position_ids(mask)).logits
+        logprobs, _ = forward.response_logprobs(model, qr, mask, 5, 0.7)
+        logits = model(input_ids=qr, attention_mask=mask, position_ids=batches.position_ids(mask)).logits
         want_lp = torch.log_softmax(logits[:, 4:-1].float() / 0.7, -1).gather(-1, qr[:, 5:, None])[..., 0]
         real = mask[:, 5:].bool()
         torch.testing.assert_close(logprobs[real], want_lp[real], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("model_type, field, value, expected", [
-    ("granite", "logits_scaling", 4.0, models.LogitTransform(divide=4.0)),
-    ("cohere", "logit_scale", 0.25, models.LogitTransform(multiply=0.25)),
-    ("gemma2", "final_logit_softcapping", 0.5, models.LogitTransform(softcap=0.5)),
-    ("gemma2", "final_logit_softcapping", None, models.LogitTransform()),
-    ("qwen2", "logit_scale", 3.0, models.LogitTransform()),  # a field its family does not read
+    ("granite", "logits_scaling", 4.0, families.LogitTransform(divide=4.0)),
+    ("cohere", "logit_scale", 0.25, families.LogitTransform(multiply=0.25)),
+    ("gemma2", "final_logit_softcapping", 0.5, families.LogitTransform(softcap=0.5)),
+    ("gemma2", "final_logit_softcapping", None, families.LogitTransform()),
+    ("qwen2", "logit_scale", 3.0, families.LogitTransform()),  # a field its family does not read
 ])
 def test_logit_transform_reads_the_familys_own_field(model_type, field, value, expected):
     model = tiny_family(model_type, **{field: value})
-    assert models.logit_transform(model) == expected
+    assert families.logit_transform(model) == expected
     x = torch.tensor([-3.0, 0.0, 0.2, 3.0])
     by_hand = {"divide": x / 4, "multiply": x * 0.25, "softcap": torch.tanh(x / 0.5) * 0.5}
     want = next((by_hand[k] for k in ("divide", "multiply", "softcap") if getattr(expected, k) not in (1.0, 0.0)), x)
-    torch.testing.assert_close(models.logit_transform(model)(x), want)
+    torch.testing.assert_close(families.logit_transform(model)(x), want)
 
 
 def test_a_family_not_in_the_table_takes_the_models_own_forward(monkeypatch):
     """igpt does not know what such a family does to its logits: SFT's loss comes from ``model(...)``."""
     model = tiny_family("granite").eval()
-    monkeypatch.delitem(models.FAMILIES, "granite")
-    assert models.family(model) is None and models.logit_transform(model) is None
-    assert not models.supports_packing(model) and not models.supports_sharing(model)
+    monkeypatch.delitem(families.FAMILIES, "granite")
+    assert families.family(model) is None and families.logit_transform(model) is None
+    assert not families.supports_packing(model) and not families.supports_sharing(model)
     with torch.no_grad():
-        torch.testing.assert_close(loss_sum(model, collate(demo_examples(), 0))[0], own_loss(model, demo_examples()),
+        torch.testing.assert_close(response_loss_sum(model, collate(demo_examples(), 0))[0], own_loss(model, demo_examples()),
                                    rtol=1e-5, atol=1e-5)
 
 
@@ -149,7 +153,7 @@ def build(model_type: str, kind: str, checkpointed: bool, lora: bool):
 def layer_calls(model) -> list[int]:
     """A live count of calls of each decoder layer's MLP (a checkpointed layer is run again in the backward,
     up to its last saved tensor, inside the MLP: counted as the MLP is entered)."""
-    stack = models.backbone(model)
+    stack = families.backbone(model)
     layers = stack.layers if hasattr(stack, "layers") else stack.h
     counts = [0] * len(layers)
     for i, layer in enumerate(layers):
@@ -168,11 +172,11 @@ def loss_grads_and_calls(model, kind: str, packed: bool):
     torch.manual_seed(7)
     if kind == "causal":
         examples = demo_examples()
-        first = loss_sum(model, collate_packed(examples) if packed else collate(examples, 0))[0]
-        second = rollout.response_logprobs(model, qr, mask, 5, 0.7)[0][mask[:, 5:].bool()]
+        first = response_loss_sum(model, collate_packed(examples) if packed else collate(examples, 0))[0]
+        second = forward.response_logprobs(model, qr, mask, 5, 0.7)[0][mask[:, 5:].bool()]
     else:
-        first = models.reward_scores(model, qr, mask)
-        second = rollout.token_values(model, qr, mask, 5)[mask[:, 5:].bool()]
+        first = rewards.reward_scores(model, qr, mask)
+        second = forward.token_values(model, qr, mask, 5)[mask[:, 5:].bool()]
     (first.sum() + second.square().sum()).backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     return (first.detach(), second.detach()), grads, list(counts)
@@ -185,8 +189,8 @@ def loss_grads_and_calls(model, kind: str, packed: bool):
 def test_gradient_checkpointing_gives_the_same_losses_and_gradients(model_type, kind, packed, lora):
     plain = build(model_type, kind, False, lora)
     checkpointed = build(model_type, kind, True, lora)
-    assert models.checkpointing(checkpointed) and not models.checkpointing(plain)
-    assert lean.supported(checkpointed) == lean.supported(plain) == (model_type == "llama")
+    assert families.checkpointing(checkpointed) and not families.checkpointing(plain)
+    assert families.runs_lean(checkpointed) == families.runs_lean(plain) == (model_type == "llama")
     out, grads, calls = loss_grads_and_calls(plain, kind, packed)
     out_c, grads_c, calls_c = loss_grads_and_calls(checkpointed, kind, packed)
     for a, b in zip(out_c, out):

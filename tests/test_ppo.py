@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import TINY_CONFIG, arithmetic_demos, igpt, write_jsonl
-from instructgpt_cli.data import pad_right, pretrain_blocks
+from instructgpt_cli.batches import pad_right, pretrain_blocks
 from instructgpt_cli.losses import ptx_loss
 from instructgpt_cli.models import tiny_tokenizer
 from instructgpt_cli.rundir import read_metrics
@@ -228,8 +228,10 @@ def test_frozen_layers_run_once_give_the_full_forward_and_its_gradients(family):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     from instructgpt_cli.config import LoraConfig
-    from instructgpt_cli.models import apply_lora, frozen_layers, trunk_states
-    from instructgpt_cli.rollout import response_logprobs, token_values
+    from instructgpt_cli.models import apply_lora
+    from instructgpt_cli.families import frozen_layers
+    from instructgpt_cli.forward import trunk_states
+    from instructgpt_cli.forward import response_logprobs, token_values
 
     config = AutoConfig.for_model(family, vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
                                   num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, num_labels=1)
@@ -267,8 +269,9 @@ def test_batches_padded_only_on_the_right_run_unmasked_with_the_same_outputs_and
     pads from every real token); log-probs, values and gradients at real tokens are those of the masked one."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    from instructgpt_cli.models import mask_inputs, position_ids, scalar_head_outputs
-    from instructgpt_cli.rollout import response_logprobs, token_values
+    from instructgpt_cli.batches import mask_inputs, position_ids
+    from instructgpt_cli.forward import scalar_head_outputs
+    from instructgpt_cli.forward import response_logprobs, token_values
 
     config = AutoConfig.for_model(family, vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                   num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, num_labels=1)
@@ -300,7 +303,8 @@ def test_nothing_is_cached_where_the_layers_below_train_or_the_family_is_not_kno
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from instructgpt_cli.config import LoraConfig
-    from instructgpt_cli.models import apply_lora, frozen_layers, tiny_model
+    from instructgpt_cli.models import apply_lora, tiny_model
+    from instructgpt_cli.families import frozen_layers
 
     model = tiny_model(tiny_tokenizer(), seed=0)
     assert frozen_layers(model) == 0  # full fine-tuning: the embeddings train

@@ -4,8 +4,7 @@ import math
 import pytest
 import torch
 
-from instructgpt_cli.losses import (adaptive_kl_beta, gae, kl_penalized_rewards, masked_mean, masked_whiten,
-                                    policy_loss, ptx_loss, value_loss)
+from instructgpt_cli.losses import adaptive_kl_beta, gae, kl_penalized_rewards, masked_mean, masked_whiten, policy_loss, ptx_loss, value_loss
 from instructgpt_cli.rollout import build_rollout
 
 
@@ -214,7 +213,8 @@ def test_a_huge_policy_gradient_does_not_shrink_the_value_update():
 
 def constant_rm(tok, score: float):
     """A tiny reward model that scores every sequence ``score``: a zero head plus the normalisation bias."""
-    from instructgpt_cli.models import REWARD_BIAS, tiny_model
+    from instructgpt_cli.forward import REWARD_BIAS
+    from instructgpt_cli.models import tiny_model
 
     rm = tiny_model(tok, seed=2, kind="reward")
     with torch.no_grad():
@@ -274,7 +274,7 @@ def test_scoring_runs_policy_and_value_in_eval_mode():
     sampled in): the old log-probs are exactly the eval-mode ones."""
     from instructgpt_cli.config import PPOConfig
     from instructgpt_cli.models import tiny_tokenizer
-    from instructgpt_cli.rollout import response_logprobs
+    from instructgpt_cli.forward import response_logprobs
     from instructgpt_cli.stages import ppo
 
     tok = tiny_tokenizer()

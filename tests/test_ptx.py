@@ -11,14 +11,17 @@ import yaml
 
 from conftest import REPO, arithmetic_demos, igpt, marker_rankings, write_jsonl
 from grads import assert_same_grads
+from instructgpt_cli import forward
 from instructgpt_cli import losses, train
 from instructgpt_cli.config import OptimConfig, PPOConfig
-from instructgpt_cli.data import IGNORE_INDEX, Demo, collate, pad_right, tokenize_demos
+from instructgpt_cli.data import Demo
+from instructgpt_cli.batches import IGNORE_INDEX, collate, pad_right, tokenize_demos
 from instructgpt_cli.losses import linear_cross_entropy_sum, policy_loss, ptx_loss, sft_loss_sum, value_loss
 from instructgpt_cli.models import tiny_model, tiny_tokenizer
-from instructgpt_cli.rollout import Rollout, build_rollout, lm_loss_sum, response_logprobs, token_values
+from instructgpt_cli.rollout import Rollout, build_rollout
+from instructgpt_cli.forward import lm_loss_sum, response_logprobs, token_values
 from instructgpt_cli.rundir import read_metrics
-from instructgpt_cli.stages import ppo, sft
+from instructgpt_cli.stages import ppo
 from instructgpt_cli.train import stream_indices
 
 
@@ -86,7 +89,7 @@ def saved_logit_rows(fn, vocab: int) -> int:
 
 
 def test_sft_and_ptx_losses_chunked_equal_the_full_logits_and_keep_no_logits(monkeypatch):
-    """sft.loss_sum and rollout.lm_loss_sum on the lean path (a tiny Llama) against the model's own logits:
+    """forward.response_loss_sum and forward.lm_loss_sum on the lean path (a tiny Llama) against the model's own logits:
     the same loss and gradients, and no full-vocabulary tensor kept for the backward (the plain loss keeps
     its logits and their log-softmax: (rows, V) each)."""
     monkeypatch.setattr(losses, "CHUNK_BYTES", 4 * 7 * 260)  # a few rows a chunk: many chunks
@@ -111,7 +114,7 @@ def test_sft_and_ptx_losses_chunked_equal_the_full_logits_and_keep_no_logits(mon
     demos = [Demo([{"role": "user", "content": d["prompt"]}], d["response"], None, f"d:{i}")
              for i, d in enumerate(arithmetic_demos(4))]
     batch = collate(tokenize_demos(tok, demos, 256)[0], tok.pad_token_id)
-    summed, n = sft.loss_sum(model, batch)
+    summed, n = forward.response_loss_sum(model, batch)
     summed.backward()
     got = grads_of(model)
     inputs = {k: v for k, v in batch.items() if k != "labels"}
@@ -120,7 +123,7 @@ def test_sft_and_ptx_losses_chunked_equal_the_full_logits_and_keep_no_logits(mon
     assert int(n) == int(want_n) > 0
     torch.testing.assert_close(summed, want)
     assert_same_grads(got, grads_of(model))
-    assert saved_logit_rows(lambda: sft.loss_sum(model, batch), vocab) == 0
+    assert saved_logit_rows(lambda: forward.response_loss_sum(model, batch), vocab) == 0
 
 
 # ---------------------------------------------------------------- PPO-ptx in ppo_update

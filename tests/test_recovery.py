@@ -17,7 +17,9 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import REPO, TINY_CONFIG, arithmetic_demos, igpt, write_jsonl
-from instructgpt_cli import lifecycle, train
+from instructgpt_cli import rundir
+from instructgpt_cli import forward
+from instructgpt_cli import locks, signals, train
 from instructgpt_cli.errors import BadInput, Interrupted
 from instructgpt_cli.rundir import read_metrics
 
@@ -61,16 +63,16 @@ def demos(tmp_path: Path) -> Path:
 
 
 def test_lock_refuses_a_second_holder_names_it_and_is_gone_after_release(tmp_path):
-    first = lifecycle.Lock(tmp_path / "run" / ".locks" / "sft.lock", "run/sft")
+    first = locks.Lock(tmp_path / "run" / ".locks" / "sft.lock", "run/sft")
     first.acquire()
     with pytest.raises(BadInput) as refused:
-        lifecycle.Lock(tmp_path / "run" / ".locks" / "sft.lock", "run/sft").acquire()
+        locks.Lock(tmp_path / "run" / ".locks" / "sft.lock", "run/sft").acquire()
     assert f"in use by pid {os.getpid()} on " in refused.value.messages[0]
-    assert lifecycle.is_locked(tmp_path / "run", "sft")
+    assert locks.is_locked(tmp_path / "run", "sft")
     first.release()
-    assert not lifecycle.is_locked(tmp_path / "run", "sft")
+    assert not locks.is_locked(tmp_path / "run", "sft")
     assert not (tmp_path / "run").exists()  # the run directory the lock made for nothing is gone too
-    again = lifecycle.Lock(tmp_path / "run" / ".locks" / "sft.lock", "run/sft")
+    again = locks.Lock(tmp_path / "run" / ".locks" / "sft.lock", "run/sft")
     again.acquire()
     again.release()
 
@@ -79,7 +81,7 @@ def test_a_held_stage_lock_refuses_overwrite_and_leaves_the_run_intact(tmp_path,
     run_dir = tmp_path / "run"
     assert igpt(*sft_args(demos, run_dir)).exit_code == 0
     before = {p: p.read_bytes() for p in (run_dir / "sft").rglob("*") if p.is_file()}
-    holder = lifecycle.Lock(lifecycle.lock_path(run_dir, "sft"), "sft")
+    holder = locks.Lock(locks.lock_path(run_dir, "sft"), "sft")
     holder.acquire()
     try:
         refused = igpt(*sft_args(demos, run_dir, "--overwrite"))
@@ -165,19 +167,19 @@ def test_a_signal_while_loading_ends_the_command_with_nothing_written(tmp_path, 
 
 
 def test_second_sigint_aborts_at_once_while_the_first_waits_for_the_step():
-    lifecycle.install_signal_handlers()
+    signals.install_signal_handlers()
     try:
-        lifecycle.defer()
-        lifecycle._on_signal(signal.SIGINT, None)  # the first: noted, the loop finishes its step
-        assert lifecycle.stop_requested() == signal.SIGINT
+        signals.defer()
+        signals._on_signal(signal.SIGINT, None)  # the first: noted, the loop finishes its step
+        assert signals.stop_requested() == signal.SIGINT
         with pytest.raises(Interrupted) as aborted:
-            lifecycle._on_signal(signal.SIGINT, None)
+            signals._on_signal(signal.SIGINT, None)
         assert aborted.value.code == 130
     finally:
-        for s in lifecycle.STOP_SIGNALS:
+        for s in signals.STOP_SIGNALS:
             signal.signal(s, signal.default_int_handler if s == signal.SIGINT else signal.SIG_DFL)
-        lifecycle.undefer()
-        lifecycle._Stop.signum = None
+        signals.undefer()
+        signals._Stop.signum = None
 
 
 # ---------------------------------------------------------------- 3. non-finite values
@@ -193,13 +195,13 @@ def nan_at(monkeypatch, steps: set[int]):
         i = seen["step"]
         seen["step"] += 1
         if i in steps:
-            original = sft.loss_sum
-            monkeypatch.setattr(sft, "loss_sum", lambda m, b: tuple(x * math.nan if j == 0 else x
+            original = forward.response_loss_sum
+            monkeypatch.setattr(sft, "response_loss_sum", lambda m, b: tuple(x * math.nan if j == 0 else x
                                                                      for j, x in enumerate(original(m, b))))
             try:
                 return real(run_model, optimizer, *args, **kwargs)
             finally:
-                monkeypatch.setattr(sft, "loss_sum", original)
+                monkeypatch.setattr(sft, "response_loss_sum", original)
         return real(run_model, optimizer, *args, **kwargs)
 
     monkeypatch.setattr(sft, "train_step", step)
@@ -236,7 +238,7 @@ def test_non_finite_weights_are_never_checkpointed(tmp_path):
     model = torch.nn.Linear(2, 2)
     with torch.no_grad():
         model.weight[0, 0] = math.inf
-    stage = train.Stage(tmp_path, "sft")
+    stage = rundir.Stage(tmp_path, "sft")
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     with pytest.raises(train.NonFinite, match="no longer finite"):
         train.save_state(stage, 3, model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0),
@@ -438,6 +440,6 @@ def test_running_is_read_as_interrupted_once_the_process_is_gone(tmp_path, demos
     killed = run(sft_args(demos, run_dir), {train.FAULT_ENV: "3"})  # dies (exit 99) with no chance to say so
     assert killed.returncode == 99
     assert manifest(run_dir)["sft"]["status"] == "running"  # what the file says
-    assert lifecycle.stage_status(run_dir, "sft") == "interrupted"  # what it means
+    assert locks.stage_status(run_dir, "sft") == "interrupted"  # what it means
     assert igpt(*sft_args(demos, run_dir, "--resume")).exit_code == 0
-    assert lifecycle.stage_status(run_dir, "sft") == "completed"
+    assert locks.stage_status(run_dir, "sft") == "completed"

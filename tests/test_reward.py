@@ -11,14 +11,16 @@ from safetensors.torch import load_file
 from conftest import TINY_CONFIG, arithmetic_demos, igpt, marker_rankings, write_jsonl
 from grads import assert_same_grads
 from instructgpt_cli.config import ModelConfig
-from instructgpt_cli.data import (RankedGroup, common_prefix, pad_right, pays_to_share, read_demos, render_prompt,
-                                  shared_prefix_mask, shared_rows, tokenize_scored)
+from instructgpt_cli.batches import RankedGroup, common_prefix, pad_right, pays_to_share, render_prompt, shared_prefix_mask, shared_rows, tokenize_scored
+from instructgpt_cli.data import read_demos
 from instructgpt_cli.losses import ranking_loss
-from instructgpt_cli.models import (load_model, load_tokenizer, packed_reward_scores, reward_scores,
-                                    shared_reward_scores, tiny_model, tiny_tokenizer)
-from instructgpt_cli.rollout import score_sequences
-from instructgpt_cli.rundir import read_metrics, weights_sha256
-from instructgpt_cli.stages.reward import Layout, rank_forward
+from instructgpt_cli.models import load_model, load_tokenizer, tiny_model, tiny_tokenizer
+from instructgpt_cli.rewards import packed_reward_scores, reward_scores, shared_reward_scores
+from instructgpt_cli.rewards import score_sequences
+from instructgpt_cli.rundir import read_metrics
+from instructgpt_cli.storage import weights_sha256
+from instructgpt_cli.rewards import Layout
+from instructgpt_cli.stages.reward import rank_forward
 
 
 def group_loss(rewards, ranks):

@@ -11,7 +11,8 @@ from safetensors.torch import load_file
 
 from conftest import REPO, TINY_CONFIG, arithmetic_demos, igpt, write_jsonl
 from grads import assert_same_grads
-from instructgpt_cli.data import tokenize_demos, read_demos
+from instructgpt_cli.data import read_demos
+from instructgpt_cli.batches import tokenize_demos
 from instructgpt_cli.distributed import Apply
 from instructgpt_cli.models import tiny_model, tiny_tokenizer
 from instructgpt_cli.rundir import read_metrics
@@ -81,7 +82,7 @@ def one_step(batch_size, grad_accum, examples, tok, packed=False):
 
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "padding-free"])
 def test_batch_8_x_accum_1_equals_batch_1_x_accum_8(tmp_path, packed):
-    from instructgpt_cli.data import pays_to_pack
+    from instructgpt_cli.batches import pays_to_pack
 
     tok = tiny_tokenizer()
     long_demo = {"prompt": "Count to twenty.", "response": " ".join(str(i) for i in range(1, 21))}
@@ -159,14 +160,14 @@ def tiny_lm(lora: bool):
 
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 def test_lm_head_on_response_positions_only_equals_the_full_logits_loss(tmp_path, lora):
-    from instructgpt_cli.data import collate
+    from instructgpt_cli.batches import collate
     from instructgpt_cli.losses import sft_loss_sum
-    from instructgpt_cli.stages.sft import loss_sum
+    from instructgpt_cli.forward import response_loss_sum
 
     tok, model = tiny_tokenizer(), tiny_lm(lora)
     examples, _ = tokenize_demos(tok, read_demos(write_jsonl(tmp_path / "d.jsonl", arithmetic_demos(4))), 256)
     batch = collate(examples, tok.pad_token_id)
-    fast, n_fast = loss_sum(model, batch)
+    fast, n_fast = response_loss_sum(model, batch)
     full, n_full = sft_loss_sum(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
                                 batch["labels"])
     assert int(n_fast) == int(n_full) > 0
@@ -176,9 +177,9 @@ def test_lm_head_on_response_positions_only_equals_the_full_logits_loss(tmp_path
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 def test_padding_free_batch_gives_the_padded_loss_and_gradients(tmp_path, lora):
     """Packed sequences attend only within themselves: loss and every gradient equal the padded batch's."""
-    from instructgpt_cli.data import collate, collate_packed
-    from instructgpt_cli.models import supports_packing
-    from instructgpt_cli.stages.sft import loss_sum
+    from instructgpt_cli.batches import collate, collate_packed
+    from instructgpt_cli.families import supports_packing
+    from instructgpt_cli.forward import response_loss_sum
 
     tok, model = tiny_tokenizer(), tiny_lm(lora)
     demos = arithmetic_demos(3) + [{"prompt": "Say a long sentence, please.", "response": "word " * 30}]
@@ -188,7 +189,7 @@ def test_padding_free_batch_gives_the_padded_loss_and_gradients(tmp_path, lora):
 
     def loss_and_grads(batch):
         model.zero_grad(set_to_none=True)
-        summed, n = loss_sum(model, batch)
+        summed, n = response_loss_sum(model, batch)
         summed.backward()
         return summed.detach(), int(n), {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
 
@@ -206,13 +207,13 @@ def test_padding_free_batch_gives_the_padded_loss_and_gradients(tmp_path, lora):
 def test_models_without_packed_attention_are_padded():
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from instructgpt_cli.models import supports_packing
+    from instructgpt_cli.families import supports_packing
 
     assert not supports_packing(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)))
 
 
 def test_packing_is_chosen_only_when_padding_would_waste_a_tenth():
-    from instructgpt_cli.data import pays_to_pack
+    from instructgpt_cli.batches import pays_to_pack
 
     assert not pays_to_pack([7])              # one sequence: nothing to pad
     assert not pays_to_pack([10, 10, 10])     # equal lengths: no padding at all

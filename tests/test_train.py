@@ -7,7 +7,7 @@ import pytest
 STEPS = """
 import resource, sys
 import torch
-from instructgpt_cli.train import keep_freed_memory
+from instructgpt_cli.distributed import keep_freed_memory
 if sys.argv[1] == "keep":
     assert keep_freed_memory()
 faults = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_minflt

@@ -6,7 +6,8 @@ import random
 import pytest
 
 from conftest import TINY_CONFIG, arithmetic_demos, igpt, marker_rankings, write_jsonl
-from instructgpt_cli.data import Prompt, render_prompt, render_queries
+from instructgpt_cli.data import Prompt
+from instructgpt_cli.batches import render_prompt, render_queries
 from instructgpt_cli.errors import BadInput
 from instructgpt_cli.models import tiny_tokenizer
 from instructgpt_cli.stats import Z95, describe_rm_accuracy, rm_accuracy, wilson_interval

@@ -16,17 +16,21 @@ from pathlib import Path
 
 import torch
 
-from ..config import CompareConfig, ModelConfig
-from ..data import read_prompts, render_queries
-from ..errors import BadInput
-from ..models import load_model, load_tokenizer, position_limit, resolve_device, same_tokenizer, stage_model
-from ..rollout import decode_response, generate, score_responses
 from .. import report as report_page
-from ..report import number, score_text
-from ..rundir import atomic_write_text, claim, publish_set, read_metrics, record, weights_sha256
-from ..stats import win_rate
-from ..train import console
 from .. import tui
+from ..config import CompareConfig, ModelConfig
+from ..console import console
+from ..batches import render_queries
+from ..data import read_prompts
+from ..distributed import resolve_device
+from ..errors import BadInput
+from ..models import load_model, load_tokenizer, position_limit, same_tokenizer
+from ..report import number, score_text
+from ..rollout import decode_response, generate, score_responses
+from ..rundir import claim, read_metrics, record, stage_model
+from ..stats import win_rate
+from ..storage import atomic_write_text, publish_set, weights_sha256
+
 
 def tally(judgments: list[dict], key: str | None = None) -> dict:
     """Win rate of A over all judgments, or per value of ``key`` (e.g. category)."""

@@ -16,15 +16,18 @@ from pathlib import Path
 import torch
 
 from ..config import EvalConfig, ModelConfig, PPOConfig
-from ..data import pretrain_blocks, read_pretrain, read_prompts, read_rankings, render_queries, tokenize_rankings
+from ..console import console
+from ..batches import pretrain_blocks, render_queries, tokenize_rankings
+from ..data import read_pretrain, read_prompts, read_rankings
+from ..distributed import resolve_device
 from ..errors import BadInput
-from ..models import (find_model, load_model, load_tokenizer, position_limit, resolve_device, same_tokenizer,
-                      stage_model)
-from ..rollout import decode_response, generate, lm_loss, response_kl, score_ranking, score_responses
+from ..models import load_model, load_tokenizer, position_limit, same_tokenizer
 from ..report import number, score_text
-from ..rundir import claim, publish_set, record, weights_sha256
+from ..rewards import score_ranking
+from ..rollout import decode_response, generate, lm_loss, response_kl, score_responses
+from ..rundir import claim, find_model, record, stage_model
 from ..stats import rm_accuracy
-from ..train import console
+from ..storage import publish_set, weights_sha256
 
 
 def perplexity(loss: float) -> float | None:

@@ -9,9 +9,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..data import read_records, iter_jsonl, nonempty_str
-from ..errors import BadInput
 from .. import tui
+from ..data import iter_jsonl, nonempty_str, read_records
+from ..errors import BadInput
 
 
 def parse_sample(obj: dict, where: str, errors: list[str]) -> dict | None:

@@ -19,8 +19,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
-import shutil
 import time
 from pathlib import Path
 
@@ -28,19 +26,23 @@ import torch
 
 from .. import distributed
 from ..config import LoraConfig, ModelConfig, PPOConfig
-from ..data import pretrain_blocks, pad_right, read_pretrain, read_prompts, render_queries
+from ..console import banner, say
+from ..batches import pad_right, pretrain_blocks, render_queries
+from ..data import read_pretrain, read_prompts
+from ..distributed import resolve_device
 from ..errors import BadInput
-from ..lean import forward_name
-from ..losses import (adaptive_kl_beta, gae, kl_penalized_rewards, masked_mean, masked_whiten, policy_loss,
-                      value_loss)
-from ..models import (apply_lora, find_model, frozen_layers, load_model, load_tokenizer, position_limit,
-                      resolve_device, reward_stats, same_tokenizer, save_final, trunk_states)
-from ..rollout import (Rollout, build_rollout, decode_response, generate, last_token_scores, response_logprobs,
-                       token_values, lm_loss_sum)
-from ..rundir import file_input, model_input, writing
+from ..families import frozen_layers
+from ..forward import forward_name, last_token_scores, lm_loss_sum, response_logprobs, token_values, trunk_states
+from ..losses import adaptive_kl_beta, gae, kl_penalized_rewards, masked_mean, masked_whiten, policy_loss, value_loss
+from ..models import apply_lora, load_model, load_tokenizer, position_limit, same_tokenizer, save_final
+from ..rewards import reward_stats
+from ..rollout import Rollout, build_rollout, decode_response, generate
+from ..rundir import Stage, file_input, find_model, model_input
 from ..stats import describe_rm_accuracy
-from ..train import (Stage, banner, begin_stage, build_optimizer, build_scheduler, finish_stage, fit, model_rows,
-                     open_stage, optimizer_step_by_group, processes_note, restore, say, skip_step, stream_indices)
+from ..storage import building
+from ..lifecycle import begin_stage, finish_stage, open_stage
+from ..train import (build_optimizer, build_scheduler, fit, model_rows, optimizer_step_by_group, processes_note,
+                     restore, skip_step, stream_indices)
 
 STAGE = "ppo"
 
@@ -429,15 +431,9 @@ def run(cfg: PPOConfig, resume: bool = False, overwrite: bool = False, allow_cha
     policy = distributed.full_model(trained.policy, lambda: cpu_copy(cfg, tokenizer, sft_path, "causal"))
     value = distributed.full_model(trained.value, lambda: cpu_copy(cfg, tokenizer, rm_path, "reward"))
     if distributed.is_main():
-        tmp = stage.dir / f".tmp-final-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        with writing(stage.final, tmp):  # a full disk: no partial final/, the previous one (if any) kept
+        with building(stage.final) as tmp:  # a full disk: no partial final/, the previous one (if any) kept
             save_final(policy, tokenizer, tmp / "policy")
             save_final(value, tokenizer, tmp / "value")
-        if stage.final.exists():  # a finished run extended with --resume --max-steps
-            shutil.rmtree(stage.final)
-        os.replace(tmp, stage.final)
     finish_stage(stage, step, policy=str(stage.final / "policy"), value=str(stage.final / "value"))
     # the phases add up to the whole; timing/scoring/<model> split the scoring phase
     total_s = sum(v for k, v in timings.items() if k.count("/") == 1) or 1.0

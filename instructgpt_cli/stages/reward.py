@@ -11,35 +11,28 @@ paper does before RL (Ouyang et al. 2022, sec. 3.5, appendix C.2: 1 epoch, cosin
 from __future__ import annotations
 
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 
 from .. import distributed
 from ..config import ModelConfig, RMConfig
-from ..data import (RankedGroup, pad_right, pays_to_pack, pays_to_share, read_demos, read_rankings, tokenize_rankings,
-                    tokenize_scored)
+from ..batches import RankedGroup, tokenize_rankings, tokenize_scored
+from ..data import read_demos, read_rankings
+from ..distributed import resolve_device
+from ..console import banner, say
 from ..errors import BadInput
-from ..lean import forward_name
+from ..families import supports_packing, supports_sharing
+from ..forward import REWARD_BIAS, forward_name
 from ..losses import ranking_loss
-from ..models import (REWARD_BIAS, REWARD_STATS, apply_lora, context_window, find_model, load_model, load_tokenizer,
-                      packed_reward_scores, resolve_device, reward_scores, save_final, shared_reward_scores,
-                      supports_packing, supports_sharing)
-from ..rollout import score_sequences
-from ..rundir import file_input, model_input, read_manifest
+from ..models import apply_lora, context_window, load_model, load_tokenizer, save_final
+from ..rewards import REWARD_STATS, Layout, ranking_scores, score_sequences
+from ..rundir import Stage, file_input, find_model, model_input, read_manifest
 from ..stats import describe_rm_accuracy, rm_accuracy
-from ..train import (Stage, banner, begin_stage, build_optimizer, build_scheduler, finish_stage, fit,
-                     micro_batches, model_rows, open_stage, optimizer_step, processes_note, restore, say, step_chunks,
-                     steps_per_epoch)
+from ..lifecycle import begin_stage, finish_stage, open_stage
+from ..train import (build_optimizer, build_scheduler, fit, micro_batches, model_rows, optimizer_step, processes_note,
+                     restore, step_chunks, steps_per_epoch)
 
 STAGE = "rm"
-
-
-class Layout(NamedTuple):
-    """How a micro-batch of rankings may be laid out for its forward pass (each used only where it pays)."""
-
-    shared: bool = False  # one row per ranking, the prompt its K responses start with run once
-    packed: bool = False  # all sequences end to end in one row, no padding
 
 
 def rank_forward(model, groups: list[RankedGroup], pad_id: int, device: torch.device, layout: Layout = Layout()):
@@ -49,14 +42,7 @@ def rank_forward(model, groups: list[RankedGroup], pad_id: int, device: torch.de
     that saves a tenth of the tokens); else, with ``layout.packed``, the sequences run end to end in one row
     (where padding would waste a tenth), else as K padded rows."""
     rankings = [g.sequences for g in groups]
-    seqs = [s for ranking in rankings for s in ranking]
-    if layout.shared and pays_to_share(rankings):
-        rewards = shared_reward_scores(model, rankings, pad_id, device)
-    elif layout.packed and pays_to_pack([len(q) for q in seqs]):
-        rewards = packed_reward_scores(model, seqs, device)
-    else:
-        ids, mask = pad_right(seqs, pad_id)
-        rewards = reward_scores(model, ids.to(device), mask.to(device))
+    rewards = ranking_scores(model, rankings, pad_id, device, layout)
     better, worse, group, offset = [], [], [], 0
     for gi, g in enumerate(groups):
         for b, w in g.pairs:
@@ -66,7 +52,7 @@ def rank_forward(model, groups: list[RankedGroup], pad_id: int, device: torch.de
         offset += len(g.sequences)
     as_index = lambda xs: torch.tensor(xs, dtype=torch.long, device=device)  # noqa: E731
     losses, correct = ranking_loss(rewards, as_index(better), as_index(worse), as_index(group), len(groups))
-    return losses, correct, sum(len(q) for q in seqs)
+    return losses, correct, sum(len(q) for ranking in rankings for q in ranking)
 
 
 def train_step(run, optimizer, scheduler, chunks: list[list[RankedGroup]], pad_id: int, layout: Layout,

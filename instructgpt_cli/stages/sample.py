@@ -11,14 +11,17 @@ from pathlib import Path
 
 import torch
 
-from .. import lifecycle
+from .. import locks
 from ..config import ModelConfig, SampleConfig
-from ..data import read_prompts, render_queries
+from ..console import banner, say
+from ..batches import render_queries
+from ..data import read_prompts
+from ..distributed import resolve_device
 from ..errors import BadInput
-from ..models import find_model, load_causal_lm, load_tokenizer, position_limit, resolve_device
+from ..models import load_causal_lm, load_tokenizer, position_limit
 from ..rollout import decode_response, generate
-from ..rundir import atomic_write_text
-from ..train import banner, say
+from ..rundir import find_model
+from ..storage import atomic_write_text
 
 
 def run(cfg: SampleConfig, overwrite: bool = False) -> Path:
@@ -29,10 +32,10 @@ def run(cfg: SampleConfig, overwrite: bool = False) -> Path:
     out = Path(cfg.out)
     if out.exists() and not overwrite:
         raise BadInput([f"{out}: already exists; pass --overwrite to replace it"])
-    lifecycle.check_writable(out.parent)
-    lock = lifecycle.Lock(out.parent / f".{out.name}.lock", str(out))  # one writer per output file
+    locks.check_writable(out.parent)
+    lock = locks.Lock(out.parent / f".{out.name}.lock", str(out))  # one writer per output file
     lock.acquire()
-    lifecycle.hold(lock)
+    locks.hold(lock)
     prompts = read_prompts(cfg.prompts)
     model_cfg = ModelConfig(name=find_model(cfg.model, Path(cfg.run_dir), "sft", "--model"), dtype=cfg.dtype)
     tokenizer, source = load_tokenizer(model_cfg)

@@ -11,19 +11,20 @@ from pathlib import Path
 
 import torch
 
-from .. import distributed, lean
+from .. import distributed
 from ..config import SFTConfig
-from ..data import IGNORE_INDEX, Example, collate, collate_packed, pays_to_pack, read_demos, tokenize_demos
+from ..batches import Example, IGNORE_INDEX, collate, collate_packed, pays_to_pack, tokenize_demos
+from ..data import read_demos
+from ..distributed import resolve_device
+from ..console import banner, say
 from ..errors import BadInput
-from ..losses import sft_loss_sum
-from ..models import (apply_lora, context_window, load_causal_lm, load_tokenizer,
-                      resolve_device, save_final, supports_packing)
-from ..models import logit_transform
-from ..rollout import head_loss_sum
-from ..rundir import file_input, model_input
-from ..train import (Stage, banner, begin_stage, build_optimizer, build_scheduler, finish_stage, fit,
-                     micro_batches, model_rows, open_stage, optimizer_step, processes_note, restore, say, step_chunks,
-                     steps_per_epoch)
+from ..families import supports_packing
+from ..forward import forward_name, response_loss_sum
+from ..models import apply_lora, context_window, load_causal_lm, load_tokenizer, save_final
+from ..rundir import Stage, file_input, model_input
+from ..lifecycle import begin_stage, finish_stage, open_stage
+from ..train import (build_optimizer, build_scheduler, fit, micro_batches, model_rows, optimizer_step, processes_note,
+                     restore, step_chunks, steps_per_epoch)
 
 STAGE = "sft"
 
@@ -44,29 +45,6 @@ def make_batch(chunk: list[Example], pad_id: int, packed: bool, device: torch.de
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def loss_sum(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed response-token loss and its token count for a collated (padded or packed) batch.
-
-    The LM head (a vocabulary-wide matmul) runs only at positions that predict a response token, not
-    at prompt or padding positions, followed by the family's logit transform (scaling, soft-capping:
-    ``models.logit_transform``); a family igpt does not know takes the model's own forward.
-    """
-    # no KV cache in training (transformers would build one, and a cache also turns packing detection off)
-    inputs = {**{k: v for k, v in batch.items() if k != "labels"}, "use_cache": False}
-    transform = logit_transform(model)
-    if transform is None:
-        return sft_loss_sum(model(**inputs).logits, batch["labels"])
-    targets = batch["labels"][:, 1:]
-    selected = targets != IGNORE_INDEX
-    if lean.supported(model):
-        hidden = lean.states(model, batch["input_ids"], batch.get("attention_mask"),
-                             positions=batch.get("position_ids"))
-    else:
-        hidden = model.get_decoder()(**inputs).last_hidden_state
-    # fp32 logits a chunk of rows at a time, in the backward too (rollout.head_loss_sum)
-    return head_loss_sum(model, hidden[:, :-1][selected], targets[selected], transform), selected.sum()
-
-
 @torch.no_grad()
 def eval_loss(run, examples: list[Example], batch_size: int, pad_id: int, packed: bool, device: torch.device) -> float:
     """Mean response-token loss over ``examples``; ``run`` is the model's ``distributed.wrap``, and each
@@ -74,7 +52,7 @@ def eval_loss(run, examples: list[Example], batch_size: int, pad_id: int, packed
     run.eval()
     total, tokens = 0.0, 0
     for chunk, weight in distributed.rank_chunks(micro_batches(examples, batch_size)):
-        summed, n = run(loss_sum, make_batch(chunk, pad_id, packed, device))
+        summed, n = run(response_loss_sum, make_batch(chunk, pad_id, packed, device))
         if weight:  # a weight-0 chunk only keeps the ranks in step
             total, tokens = total + summed.item(), tokens + int(n)
     run.train()
@@ -93,7 +71,7 @@ def train_step(run, optimizer, scheduler, chunks: list[list[Example]], pad_id: i
     loss_total, tokens = 0.0, 0
     for j, (chunk, weight) in enumerate(mine):
         with distributed.syncing(run, j == len(mine) - 1):
-            summed, _ = run(loss_sum, make_batch(chunk, pad_id, packed, device))
+            summed, _ = run(response_loss_sum, make_batch(chunk, pad_id, packed, device))
             (summed / max(n_targets, 1) * (scale * weight)).backward()
         if weight:
             loss_total += summed.item()
@@ -146,7 +124,7 @@ def run(cfg: SFTConfig, resume: bool = False, overwrite: bool = False, allow_cha
         "model": f"{cfg.model.name} on {device} ({next(model.parameters()).dtype})",
         "steps": f"{total_steps} ({epoch_steps}/epoch), effective batch {per_step}"
                  + (", padding-free" if packed else ", padded") + processes_note(cfg.fsdp),
-        "forward": lean.forward_name(model),
+        "forward": forward_name(model),
         **model_rows(model, cfg.lora.enabled, ckpt),
     })
 

@@ -1,0 +1,297 @@
+"""How a model is run: the one place that chooses between igpt's lean Llama forward (``lean.py``) and
+transformers' own, for every forward igpt makes outside ``model(...)`` itself: decoding (a :class:`Decoder`
+per model), the frozen trunk's states, PPO's response log-probs, values and scores, and the LM losses of
+SFT, PPO-ptx and eval, each with the LM head only where a loss or a log-prob is read."""
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+import weakref
+from typing import Any, Iterator, Protocol
+
+import torch
+from transformers.utils import logging as hf_logging
+
+from . import lean
+from .batches import IGNORE_INDEX, mask_inputs, position_ids
+from .families import LogitTransform, backbone, checkpointing, logit_transform, runs_lean, unwrapped
+from .losses import linear_cross_entropy_sum, lm_targets, sft_loss_sum
+
+# config field of a reward model: added to its scalar head's output so that the demonstrations score mean 0
+# (the normalisation the paper applies before RL; a transformers sequence classifier's head has no bias)
+REWARD_BIAS = "igpt_reward_bias"
+
+
+class Decoder(Protocol):
+    """Token-by-token logits after left-padded prompts: :meth:`start` runs the prompts and gives the logits
+    (B, V) of the first new token, each :meth:`step` takes one token per row (B,) and gives the next's."""
+
+    def start(self) -> torch.Tensor: ...
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor: ...
+
+
+def decoder(model: Any, ids: torch.Tensor, mask: torch.Tensor, max_new: int) -> Decoder:
+    """The decoder for ``model``: the lean one (preallocated cache) where it runs, else transformers' forward
+    with its own KV cache."""
+    return (lean.Decoder if runs_lean(model) else CachedDecoder)(model, ids, mask, max_new)
+
+
+
+
+def forward_name(model: Any, lean_path: bool = True) -> str:
+    """Which forward runs ``model`` (a banner row): igpt's lean Llama forward where the stage takes it
+    (``lean_path``) and :func:`families.runs_lean` allows it, else transformers' forward of its class; and whether
+    layers checkpoint their activations."""
+    name = "igpt lean Llama" if lean_path and runs_lean(model) else f"transformers {type(unwrapped(model)).__name__}"
+    return name + (" (gradient checkpointing)" if checkpointing(model) else "")
+
+
+# model -> (the module holding its scalar head, the head's attribute name): found once, read on every forward
+_HEADS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def scalar_head(model: Any) -> torch.nn.Module:
+    """The scalar head of a sequence classifier (``score`` / ``classifier``), outermost wrapper first
+    (under LoRA, peft's wrapper that picks the trained copy or, adapters disabled, the original)."""
+    if model not in _HEADS:
+        for name, _ in model.named_modules():
+            if name.split(".")[-1] in ("score", "classifier"):
+                parent, _, attr = name.rpartition(".")
+                _HEADS[model] = (model.get_submodule(parent), attr)
+                break
+        else:
+            raise ValueError(f"{type(model).__name__} has no scalar head named score or classifier")
+    parent, attr = _HEADS[model]
+    return getattr(parent, attr)  # as it is now: peft may have wrapped it since
+
+
+def scalar_head_outputs(model: Any, **inputs: torch.Tensor) -> torch.Tensor:
+    """The scalar head of a reward/value model at every position (B, L), normalisation bias added.
+
+    Read with a hook on the head, since a sequence classifier returns only the pooled score.
+    """
+    captured: list[torch.Tensor] = []
+    hook = scalar_head(model).register_forward_hook(lambda _m, _i, out: captured.append(out))
+    try:
+        model(**{"use_cache": False, **inputs})
+    finally:
+        hook.remove()
+    return captured[-1][..., 0].float() + getattr(model.config, REWARD_BIAS, 0.0)
+
+
+@contextlib.contextmanager
+def only_layers(model: Any, start: int, stop: int | None, final_norm: bool = True) -> Iterator[None]:
+    """Within the block, ``model``'s backbone runs its decoder layers ``start:stop`` only (and, without
+    ``final_norm``, returns the last one's output as it is)."""
+    stack = backbone(model)
+    layers, norm = stack.layers, stack.norm
+    stack.layers = torch.nn.ModuleList(list(layers)[start:stop])
+    if not final_norm:
+        stack.norm = torch.nn.Identity()
+    try:
+        yield
+    finally:
+        stack.layers, stack.norm = layers, norm
+
+
+def trunk_states(model: Any, n_layers: int, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The hidden states (B, L, H) that enter decoder layer ``n_layers`` of ``model`` (the output of the
+    frozen layers below it), positions skipping left padding as everywhere else."""
+
+    if runs_lean(model):
+        return lean.states(model, input_ids, attention_mask, stop=n_layers, final_norm=False)
+    with only_layers(model, 0, n_layers, final_norm=False):
+        return backbone(model)(input_ids=input_ids, **mask_inputs(attention_mask), use_cache=False).last_hidden_state
+
+
+def model_inputs(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 trunk: tuple[int, torch.Tensor] | None = None) -> tuple[contextlib.AbstractContextManager, dict]:
+    """(context, keyword arguments) for a forward of ``model`` on a batch: the whole model from the token
+    ids, or, with ``trunk = (k, trunk_states(model, k, ...))``, only its layers from k up on those states."""
+    inputs = {**mask_inputs(attention_mask), "use_cache": False}
+    if trunk is None:
+        return contextlib.nullcontext(), {"input_ids": input_ids, **inputs}
+    start, states = trunk
+    return _above(model, start), {"inputs_embeds": states, **inputs}
+
+
+@contextlib.contextmanager
+def _above(model: Any, start: int) -> Iterator[None]:
+    # A sequence classifier warns that it cannot find the padding in inputs_embeds to pool at the last
+    # real token; igpt reads its head at every position (scalar_head_outputs), so that does not matter.
+    log = hf_logging.get_logger("transformers.modeling_layers")
+    level = log.level
+    log.setLevel(hf_logging.ERROR)
+    try:
+        with only_layers(model, start, None):
+            yield
+    finally:
+        log.setLevel(level)
+
+
+class CachedDecoder:
+    """Token-by-token logits of any transformers causal LM through its own forward and KV cache (what
+    ``lean.Decoder`` does for Llama models)."""
+
+    def __init__(self, model: Any, ids: torch.Tensor, mask: torch.Tensor, max_new: int):
+
+        names = forward_parameters(model)
+        self.model, self.ids, self.width = model, ids, ids.size(1)
+        self.cache_name = "cache" if "cache" in names else "past_key_values"  # renamed in transformers 5.24
+        self.with_positions = "position_ids" in names
+        self.fixed = {"use_cache": True, **({"logits_to_keep": 1} if "logits_to_keep" in names else {})}
+        self.mask = torch.cat([mask, mask.new_ones(ids.size(0), max_new)], 1)  # each step's is a prefix of it
+        self.positions = position_ids(mask)
+        self.cache, self.seen = None, self.width
+
+    def _forward(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        out = self.model(input_ids=tokens, attention_mask=self.mask[:, :self.seen], **{self.cache_name: self.cache},
+                         **({"position_ids": positions} if self.with_positions else {}), **self.fixed)
+        self.cache = getattr(out, self.cache_name)
+        return out.logits[:, -1]
+
+    def start(self) -> torch.Tensor:
+        return self._forward(self.ids, self.positions)
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        self.seen += 1
+        return self._forward(tokens[:, None], self.positions[:, -1:] + self.seen - self.width)
+
+
+@functools.lru_cache(maxsize=None)
+def _parameters(cls: type) -> frozenset[str]:
+    return frozenset(inspect.signature(cls.forward).parameters)
+
+
+def forward_parameters(model: Any) -> frozenset[str]:
+    """The names ``model``'s forward takes (a PEFT model's: those of the model it wraps)."""
+
+    return _parameters(type(unwrapped(model)))
+
+
+def response_log_softmax(model: Any, query_response: torch.Tensor, mask: torch.Tensor, context_len: int,
+                         temperature: float, trunk: tuple[int, torch.Tensor] | None = None) -> torch.Tensor:
+    """Log-probabilities (B, T, V) over the vocabulary at each response position of
+    ``query_response[:, context_len:]`` under ``model``, of logits / T (fp32).
+
+    Only the last T+1 positions go through the LM head (``logits_to_keep``): query positions never
+    compute full-vocabulary logits. ``trunk``: run only the layers above cached frozen ones
+    (:func:`model_inputs`)."""
+
+    n_response = query_response.size(1) - context_len
+    if runs_lean(model):
+        hidden = lean_states(model, query_response, mask, trunk)[:, context_len - 1:-1]
+        logits = lean.logits(model, hidden).float()
+    else:
+        ctx, inputs = model_inputs(model, query_response, mask, trunk)
+        with ctx:
+            logits = model(**inputs, logits_to_keep=n_response + 1).logits[:, :-1].float()
+    if temperature != 1.0:  # at T=1 the division is an identity: no op, no backward node
+        logits = logits / temperature
+    return torch.log_softmax(logits, dim=-1)
+
+
+def response_logprobs(model: Any, query_response: torch.Tensor, mask: torch.Tensor, context_len: int,
+                      temperature: float, with_entropy: bool = False, trunk: tuple[int, torch.Tensor] | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-probs (B, T) of the response tokens ``query_response[:, context_len:]`` under ``model`` at the
+    sampling temperature (logits / T, the distribution generation drew from), and optionally entropy
+    (:func:`response_log_softmax`)."""
+    logp = response_log_softmax(model, query_response, mask, context_len, temperature, trunk)
+    logprobs = logp.gather(-1, query_response[:, context_len:].unsqueeze(-1)).squeeze(-1)
+    entropy = None
+    if with_entropy:  # a statistic: no graph for it
+        with torch.no_grad():
+            entropy = -(logp.exp() * logp).sum(-1)
+    return logprobs, entropy
+
+
+def head_outputs(model: Any, query_response: torch.Tensor, mask: torch.Tensor,
+                 trunk: tuple[int, torch.Tensor] | None = None) -> torch.Tensor:
+    """The scalar head of a reward/value model at every position (B, L), normalisation bias added."""
+
+    if runs_lean(model):
+        out = scalar_head(model)(lean_states(model, query_response, mask, trunk))
+        return out[..., 0].float() + getattr(model.config, REWARD_BIAS, 0.0)
+    ctx, inputs = model_inputs(model, query_response, mask, trunk)
+    with ctx:
+        return scalar_head_outputs(model, **inputs)
+
+
+def lean_states(model: Any, query_response: torch.Tensor, mask: torch.Tensor,
+                trunk: tuple[int, torch.Tensor] | None) -> torch.Tensor:
+    """The final hidden states (B, L, H) on the lean path, from the tokens or from cached trunk states."""
+
+    if trunk is None:
+        return lean.states(model, query_response, mask)
+    return lean.states(model, None, mask, embeds=trunk[1], start=trunk[0])
+
+
+def token_values(model: Any, query_response: torch.Tensor, mask: torch.Tensor, context_len: int,
+                 trunk: tuple[int, torch.Tensor] | None = None) -> torch.Tensor:
+    """Per-token values (B, T): the head at the state before each response token."""
+    return head_outputs(model, query_response, mask, trunk)[:, context_len - 1:-1]
+
+
+def last_token_scores(model: Any, query_response: torch.Tensor, mask: torch.Tensor, context_len: int,
+                      lengths: torch.Tensor, trunk: tuple[int, torch.Tensor] | None = None) -> torch.Tensor:
+    """Reward-model scores (B,) read at each response's last real token (its EOS, when it has one)."""
+    out = head_outputs(model, query_response, mask, trunk)
+    return out[torch.arange(out.size(0), device=out.device), context_len + lengths - 1]
+
+
+def head_loss_sum(model: Any, hidden: torch.Tensor, targets: torch.Tensor, transform: Any = None) -> torch.Tensor:
+    """Summed cross-entropy of the LM head's fp32 logits on final hidden states ``hidden`` (N, H) against
+    ``targets`` (N,) (IGNORE_INDEX skipped), after the family's logit transform (``families.logit_transform``;
+    None: the identity). A plain linear head with no transform runs a chunk of rows at a time
+    (``losses.linear_cross_entropy_sum``): full-vocabulary fp32 logits never exist for all N rows, in the forward
+    or the backward. Any other head (LoRA-adapted, with a bias) or a scaling/soft-capping family runs whole."""
+
+    head = model.get_output_embeddings()
+    identity = transform is None or transform == LogitTransform()
+    if identity and type(head) is torch.nn.Linear and head.bias is None:
+        return linear_cross_entropy_sum(hidden, head.weight, targets)
+    logits = head(hidden) if identity else transform(head(hidden))
+    return torch.nn.functional.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def lm_loss_sum(model: Any, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed next-token cross-entropy over the real tokens of right-padded text ``ids``, ``mask`` (B, L), and
+    the number of predicted tokens: the LM loss of PPO-ptx and of eval's alignment tax. On the lean path the
+    head runs in chunks over the predicting positions only (:func:`head_loss_sum`); other models give their
+    own logits (B, L, V) (any soft-capping or scaling applied), one micro-batch's at a time."""
+
+    targets = lm_targets(ids, mask)
+    selected = targets != IGNORE_INDEX
+    if runs_lean(model):
+
+        hidden = lean.states(model, ids, mask)[:, :-1][selected]
+        return head_loss_sum(model, hidden, targets[selected], logit_transform(model)), selected.sum()
+    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1]
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1),
+                                             ignore_index=IGNORE_INDEX, reduction="sum"), selected.sum()
+
+
+def response_loss_sum(model: Any, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed response-token loss and its token count for a collated (padded or packed) batch.
+
+    The LM head (a vocabulary-wide matmul) runs only at positions that predict a response token, not
+    at prompt or padding positions, followed by the family's logit transform (scaling, soft-capping:
+    ``families.logit_transform``); a family igpt does not know takes the model's own forward.
+    """
+    # no KV cache in training (transformers would build one, and a cache also turns packing detection off)
+    inputs = {**{k: v for k, v in batch.items() if k != "labels"}, "use_cache": False}
+    transform = logit_transform(model)
+    if transform is None:
+        return sft_loss_sum(model(**inputs).logits, batch["labels"])
+    targets = batch["labels"][:, 1:]
+    selected = targets != IGNORE_INDEX
+    if runs_lean(model):
+        hidden = lean.states(model, batch["input_ids"], batch.get("attention_mask"),
+                             positions=batch.get("position_ids"))
+    else:
+        hidden = model.get_decoder()(**inputs).last_hidden_state
+    # fp32 logits a chunk of rows at a time, in the backward too (:func:`head_loss_sum`)
+    return head_loss_sum(model, hidden[:, :-1][selected], targets[selected], transform), selected.sum()

@@ -1,0 +1,106 @@
+"""Reward models: their scalar scores of token sequences, in the row layout that pays (padded rows, sequences
+packed end to end, or a ranking's K responses sharing their prompt's row), and the held-out record train-rm
+saves with them."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+
+from .batches import mask_inputs, pack, pad_right, pays_to_pack, pays_to_share, shared_prefix_mask, shared_rows
+from .families import supports_sharing
+from .forward import REWARD_BIAS, scalar_head_outputs
+
+REWARD_STATS = "igpt_reward_stats"  # config field: train-rm's held-out loss, accuracy and its interval
+
+
+def reward_stats(path: Path) -> dict | None:
+    """The held-out record train-rm saved with a reward model (``config.json``), or None (another tool's RM)."""
+    import json
+
+    try:
+        stats = json.loads((Path(path) / "config.json").read_text(encoding="utf-8")).get(REWARD_STATS)
+    except (OSError, ValueError):
+        return None
+    return stats if isinstance(stats, dict) else None
+
+
+def reward_scores(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Normalised scalar rewards (B,) of right-padded sequences, read at each one's last real token.
+
+    The scalar head of a transformers sequence classifier has no bias, so the normalisation the paper
+    applies before RL is stored as ``config.igpt_reward_bias`` and added here.
+    """
+    logits = model(input_ids=input_ids, **mask_inputs(attention_mask), use_cache=False).logits[:, 0]
+    return logits + getattr(model.config, REWARD_BIAS, 0.0)
+
+
+def packed_reward_scores(model: Any, seqs: list[list[int]], device: torch.device) -> torch.Tensor:
+    """Normalised rewards (N,) of token sequences packed into one row (``data.pack``: no padding, each
+    attends only to itself), read at each one's last token."""
+    ids, positions = pack(seqs)
+    ends = torch.tensor([len(s) for s in seqs]).cumsum(0) - 1
+    return scalar_head_outputs(model, input_ids=ids.to(device), position_ids=positions.to(device))[0, ends.to(device)]
+
+
+def shared_reward_scores(model: Any, groups: list[list[list[int]]], pad_id: int, device: torch.device) -> torch.Tensor:
+    """Normalised rewards (N,) of groups of sequences with a common prefix (a ranking's K responses to one
+    prompt): one row per group with the prefix once (``data.shared_rows``), each sequence attending to the
+    prefix and to itself only, read at every sequence's last token."""
+    rows = shared_rows(groups, pad_id)
+    mask = shared_prefix_mask(rows.segments.to(device))
+    if model.config._attn_implementation == "eager":  # eager attention adds its mask to the scores
+        dtype = next(model.parameters()).dtype
+        mask = torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill_(~mask, torch.finfo(dtype).min)
+    scores = scalar_head_outputs(model, input_ids=rows.input_ids.to(device), position_ids=rows.position_ids.to(device),
+                                 attention_mask=mask)
+    return scores.flatten()[rows.ends.to(device)]
+
+
+class Layout(NamedTuple):
+    """How a micro-batch of rankings may be laid out for its forward pass (each used only where it pays)."""
+
+    shared: bool = False  # one row per ranking, the prompt its K responses start with run once
+    packed: bool = False  # all sequences end to end in one row, no padding
+
+
+def ranking_scores(model: Any, rankings: list[list[list[int]]], pad_id: int, device: torch.device,
+                   layout: Layout, batch_size: int | None = None) -> torch.Tensor:
+    """Normalised rewards (N,) of every sequence of ``rankings`` (each a prompt's K sequences, prompt +
+    response + EOS), in order: the one place that picks the row layout. ``layout.shared`` and sharing saves a
+    tenth of the tokens: one row per ranking with its prompt once (:func:`shared_reward_scores`); else
+    ``layout.packed`` and padding would waste a tenth: one packed row (:func:`packed_reward_scores`); else
+    right-padded rows, ``batch_size`` at a time (None: all at once)."""
+    seqs = [s for ranking in rankings for s in ranking]
+    if layout.shared and pays_to_share(rankings):
+        return shared_reward_scores(model, rankings, pad_id, device)
+    if layout.packed and pays_to_pack([len(q) for q in seqs]):
+        return packed_reward_scores(model, seqs, device)
+    out = []
+    for start in range(0, len(seqs), batch_size or max(len(seqs), 1)):
+        ids, mask = pad_right(seqs[start:start + (batch_size or len(seqs))], pad_id)
+        out.append(reward_scores(model, ids.to(device), mask.to(device)))
+    return torch.cat(out)
+
+
+def score_sequences(model: Any, seqs: list[list[int]], pad_id: int, batch_size: int) -> torch.Tensor:
+    """Normalised reward-model scores (N,) of token sequences (prompt + response + EOS) on the CPU, in eval mode,
+    as right-padded rows ``batch_size`` at a time."""
+    return _scores_in_eval(model, [seqs], pad_id, Layout(), batch_size)
+
+
+def score_ranking(model: Any, seqs: list[list[int]], pad_id: int, batch_size: int) -> torch.Tensor:
+    """:func:`score_sequences` of one ranking's sequences, its prompt run once where the model takes that and it
+    pays (:func:`ranking_scores`)."""
+    return _scores_in_eval(model, [seqs], pad_id, Layout(shared=supports_sharing(model)), batch_size)
+
+
+@torch.no_grad()
+def _scores_in_eval(model: Any, rankings: list[list[list[int]]], pad_id: int, layout: Layout,
+                    batch_size: int) -> torch.Tensor:
+    was_training = model.training
+    model.eval()
+    scores = ranking_scores(model, rankings, pad_id, next(model.parameters()).device, layout, batch_size)
+    model.train(was_training)
+    return scores.float().cpu()
