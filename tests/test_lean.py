@@ -35,7 +35,7 @@ def run_both(monkeypatch, fn):
     """fn() on the lean path and on transformers' forward."""
     out = fn()
     with monkeypatch.context() as m:
-        m.setattr(lean, "supported", lambda model: False)
+        m.setattr(forward, "runs_lean", lambda model: False)  # forward.py is where the path is chosen
         ref = fn()
     return out, ref
 
@@ -53,13 +53,13 @@ def test_log_probs_values_and_gradients_equal_transformers(tok, monkeypatch, lef
     ids, mask, context = batch(left_padded)
     real = mask[:, context:].bool()
 
-    def forward():
+    def run():
         logprobs, entropy = forward.response_logprobs(policy, ids, mask, context, 0.7, True)
         values = forward.token_values(value, ids, mask, context)
         ((logprobs * real).sum() + (values * real).sum()).backward()
         return logprobs.detach(), entropy, values.detach(), grads(policy), grads(value)
 
-    out, ref = run_both(monkeypatch, forward)
+    out, ref = run_both(monkeypatch, run)
     for a, b in zip(out[:3], ref[:3]):
         torch.testing.assert_close(a[real], b[real], rtol=1e-5, atol=1e-6)
     for a, b in zip(out[3:], ref[3:]):
@@ -75,13 +75,13 @@ def test_dropout_in_training_draws_what_transformers_draws(tok, monkeypatch):
     policy = LlamaForCausalLM(tiny_config(tok, dropout=0.3)).train()
     ids, mask, context = batch(True)
 
-    def forward():
+    def run():
         torch.manual_seed(7)
         return forward.response_logprobs(policy, ids, mask, context, 1.0)[0].detach()
 
-    out, ref = run_both(monkeypatch, forward)
+    out, ref = run_both(monkeypatch, run)
     policy.eval()
-    assert not torch.allclose(out, forward())  # the dropout did something
+    assert not torch.allclose(out, run())  # the dropout did something
     torch.testing.assert_close(out[mask[:, context:].bool()], ref[mask[:, context:].bool()])
 
 
@@ -98,7 +98,7 @@ def test_lora_trunk_states_and_disabled_adapters_equal_transformers(tok, monkeyp
     assert families.runs_lean(model) and frozen_layers(model) == 1
     ids, mask, context = batch(True)
 
-    def forward():
+    def run():
         states = trunk_states(model, 1, ids, mask)
         adapted = forward.response_logprobs(model, ids, mask, context, 1.0, trunk=(1, states))[0]
         whole = forward.response_logprobs(model, ids, mask, context, 1.0)[0]
@@ -106,7 +106,7 @@ def test_lora_trunk_states_and_disabled_adapters_equal_transformers(tok, monkeyp
             base = forward.response_logprobs(model, ids, mask, context, 1.0)[0]
         return states, adapted, whole, base
 
-    out, ref = run_both(monkeypatch, forward)
+    out, ref = run_both(monkeypatch, run)
     real = mask.bool()
     torch.testing.assert_close(out[0][real], ref[0][real])
     for a, b in zip(out[1:], ref[1:]):

@@ -27,7 +27,8 @@ from ..errors import BadInput
 from ..models import load_model, load_tokenizer, position_limit, same_tokenizer
 from ..report import number, score_text
 from ..rollout import decode_response, generate, score_responses
-from ..rundir import claim, read_metrics, record, stage_model
+from ..locks import claim
+from ..rundir import read_metrics, record, stage_model
 from ..stats import win_rate
 from ..storage import atomic_write_text, publish_set, weights_sha256
 

@@ -25,7 +25,8 @@ from ..models import load_model, load_tokenizer, position_limit, same_tokenizer
 from ..report import number, score_text
 from ..rewards import score_ranking
 from ..rollout import decode_response, generate, lm_loss, response_kl, score_responses
-from ..rundir import claim, find_model, record, stage_model
+from ..locks import claim
+from ..rundir import find_model, record, stage_model
 from ..stats import rm_accuracy
 from ..storage import publish_set, weights_sha256
 
