@@ -90,7 +90,8 @@ def main() -> None:
     metric = per_call(lambda: record.__setitem__("train/skipped_steps", train.Skips.total))
     from instructgpt_cli.stages import ppo
 
-    sc = {"scores": torch.randn(8), "values": torch.randn(8, 24), "advantages": torch.randn(8, 24)}
+    t = torch.randn(8, 24)  # non_finite reads scores (8,), values and advantages (8, 24)
+    sc = ppo.Scored(t, t, torch.randn(8, 24), torch.randn(8), t[:, 0], t, t, torch.randn(8, 24), t, None, None, {})
     rollout_check = per_call(lambda: ppo.non_finite(sc), n=5_000)  # PPO: rewards, values, advantages finite
     per_iteration = signal_check + metric + minibatches * finite_check + rollout_check
 

@@ -7,7 +7,6 @@ under torchrun rank 0 saves what DDP and then FSDP produced:
 """
 from __future__ import annotations
 
-import contextlib
 import random
 import sys
 
@@ -51,8 +50,7 @@ def ppo_step(fsdp: bool) -> dict:
     cfg = PPOConfig(rollout_batch_size=8, mini_batch_size=8, ppo_epochs=2, temperature=0.7, ptx_coef=0.5,
                     ptx_batch_size=3, optim=OptimConfig(batch_size=2), fsdp=fsdp)
     trained = ppo.PolicyAndValue(policy, value)
-    models = ppo.runners({"policy": policy, "value": value, "ref": ref, "rm": rm,
-                          "ref_ctx": contextlib.nullcontext, "rm_ctx": contextlib.nullcontext}, cfg, CPU)
+    models = ppo.runners(ppo.PPOModels(policy, value, reference=ref, reward=rm), cfg, CPU)
     # SGD: the weight change is the gradient itself (Adam would amplify float noise in tiny gradients);
     # policy and value in their own parameter groups, as ppo.run builds them
     optimizer = torch.optim.SGD([{"params": [p for p in m.parameters() if p.requires_grad]} for m in (policy, value)],

@@ -224,16 +224,13 @@ def constant_rm(tok, score: float):
 
 
 def scoring_models(tok, rm, policy_dropout: float = 0.0):
-    import contextlib
-
     from instructgpt_cli.config import PPOConfig
     from instructgpt_cli.models import tiny_model
     from instructgpt_cli.stages import ppo
 
     policy, ref = tiny_model(tok, seed=0, dropout=policy_dropout), tiny_model(tok, seed=0).requires_grad_(False).eval()
     value = tiny_model(tok, seed=1, kind="reward")
-    return ppo.runners({"policy": policy, "value": value, "ref": ref, "rm": rm, "ref_ctx": contextlib.nullcontext,
-                        "rm_ctx": contextlib.nullcontext}, PPOConfig(), torch.device("cpu"))
+    return ppo.runners(ppo.PPOModels(policy, value, reference=ref, reward=rm), PPOConfig(), torch.device("cpu"))
 
 
 def fixed_rollout(tok):
@@ -261,12 +258,12 @@ def test_scoring_clips_scores_and_penalises_a_missing_eos_by_hand(raw, clip, pen
     ro = fixed_rollout(tok)
     cfg = PPOConfig(reward_clip=clip, missing_eos_penalty=penalty)
     sc = ppo.score_rollout(scoring_models(tok, constant_rm(tok, raw)), ro, cfg, beta=0.05, batch=3)
-    assert sc["scores"].tolist() == pytest.approx([raw] * 4)  # objective/scores: the RM's own
-    assert sc["penalised_scores"].tolist() == pytest.approx(expected)
-    assert sc["kl"].abs().max().item() < 1e-6
+    assert sc.scores.tolist() == pytest.approx([raw] * 4)  # objective/scores: the RM's own
+    assert sc.penalised_scores.tolist() == pytest.approx(expected)
+    assert sc.kl.abs().max().item() < 1e-6
     last = ro.lengths - 1
-    assert sc["rewards"][torch.arange(4), last].tolist() == pytest.approx(expected, abs=1e-6)
-    assert sc["rewards"].sum(1).tolist() == pytest.approx(expected, abs=1e-6)  # nothing anywhere else
+    assert sc.rewards[torch.arange(4), last].tolist() == pytest.approx(expected, abs=1e-6)
+    assert sc.rewards.sum(1).tolist() == pytest.approx(expected, abs=1e-6)  # nothing anywhere else
 
 
 def test_scoring_runs_policy_and_value_in_eval_mode():
@@ -280,15 +277,15 @@ def test_scoring_runs_policy_and_value_in_eval_mode():
     tok = tiny_tokenizer()
     ro = fixed_rollout(tok)
     models = scoring_models(tok, constant_rm(tok, 0.0), policy_dropout=0.5)
-    models["policy"].train(), models["value"].train()
+    models.policy.train(), models.value.train()
     torch.manual_seed(0)
     sc = ppo.score_rollout(models, ro, PPOConfig(), beta=0.05, batch=4)
-    assert not models["policy"].training and not models["value"].training
+    assert not models.policy.training and not models.value.training
     with torch.no_grad():
-        expected, _ = response_logprobs(models["policy"].model.eval(), ro.query_response, ro.attention_mask,
+        expected, _ = response_logprobs(models.policy.model.eval(), ro.query_response, ro.attention_mask,
                                         ro.context_len, 1.0)
     mask = ro.response_mask.bool()
-    torch.testing.assert_close(sc["logprobs"][mask], expected[mask], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(sc.logprobs[mask], expected[mask], rtol=1e-5, atol=1e-6)
 
 
 def test_generate_truncates_at_eos_mid_batch_and_pads_after_it():

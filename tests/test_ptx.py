@@ -1,7 +1,6 @@
 """PPO-ptx and the LM losses: the chunked head + cross-entropy against the plain one, ptx micro-batches
 against one forward, PPO and ptx gradients in one optimizer step, one ptx batch per optimizer step, and the
 paper preset (configs/instructgpt.yaml) scaled down to a tiny model."""
-import contextlib
 import random
 
 import pytest
@@ -159,8 +158,7 @@ def ppo_world(cfg: PPOConfig):
     ref = tiny_model(tok, seed=0).requires_grad_(False).eval()
     rm = tiny_model(tok, seed=2, kind="reward").requires_grad_(False).eval()
     trained = ppo.PolicyAndValue(policy, value)
-    models = ppo.runners({"policy": policy, "value": value, "ref": ref, "rm": rm, "ref_ctx": contextlib.nullcontext,
-                          "rm_ctx": contextlib.nullcontext}, cfg, CPU)
+    models = ppo.runners(ppo.PPOModels(policy, value, reference=ref, reward=rm), cfg, CPU)
     rng = random.Random(0)
     tokens = lambda n: [rng.randrange(4, len(tok)) for _ in range(n)]  # noqa: E731
     ro = Rollout(*build_rollout([tokens(rng.randint(3, 9)) for _ in range(8)],
@@ -199,9 +197,9 @@ def test_ppo_and_ptx_gradients_share_one_optimizer_step():
     policy, value = trained.policy, trained.value
     mask = ro.response_mask.float()
     logprobs, _ = response_logprobs(policy, ro.query_response, ro.attention_mask, ro.context_len, cfg.temperature)
-    pg, _ = policy_loss(logprobs, sc["logprobs"], sc["advantages"], mask, cfg.cliprange)
-    vf, _ = value_loss(token_values(value, ro.query_response, ro.attention_mask, ro.context_len), sc["values"],
-                       sc["returns"], mask, cfg.cliprange_value)
+    pg, _ = policy_loss(logprobs, sc.logprobs, sc.advantages, mask, cfg.cliprange)
+    vf, _ = value_loss(token_values(value, ro.query_response, ro.attention_mask, ro.context_len), sc.values,
+                       sc.returns, mask, cfg.cliprange_value)
     ids, pmask = pad_right([blocks[i] for i in stream_indices(len(blocks), 0, 5, cfg.seed)], tok.pad_token_id)
     ptx = ptx_loss(policy(input_ids=ids, attention_mask=pmask).logits, ids, pmask)
     (pg + cfg.vf_coef * vf + cfg.ptx_coef * ptx).backward()

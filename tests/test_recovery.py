@@ -257,7 +257,7 @@ def test_ppo_refuses_a_non_finite_reward(tmp_path, demos, monkeypatch):
 
     def nan_scores(*args, **kwargs):
         sc = real(*args, **kwargs)
-        sc["scores"][0] = math.nan
+        sc.scores[0] = math.nan
         return sc
 
     monkeypatch.setattr(ppo, "score_rollout", nan_scores)
