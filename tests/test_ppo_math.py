@@ -352,3 +352,25 @@ def test_decoding_stops_once_every_row_has_ended():
     finally:
         hook.remove()
     assert [len(r) for r in responses] == [2, 2] and len(calls) == 2  # no forward after the last EOS
+
+
+def test_update_stats_means_by_kind_by_hand():
+    """Minibatch metrics: per-minibatch sums of token-weighted micro values, averaged over all minibatches
+    (one minibatch may add nothing); 'first' the first minibatch's sum; 'step' the mean of per-step values."""
+    from instructgpt_cli.stages.ppo import UpdateStats
+
+    stats = UpdateStats(n_minibatches=4)
+    stats.add("minibatch", {"loss/policy": 0.25 * 2.0})  # minibatch 1: two micro-batches, weights 1/4 and 3/4
+    stats.add("minibatch", {"loss/policy": 0.75 * 4.0})
+    stats.add("first", {"val/ratio_first": 0.25 * 1.0})
+    stats.add("first", {"val/ratio_first": 0.75 * 1.0})
+    stats.add("step", {"loss/ptx": 3.0})
+    stats.add("step", {"train/grad_norm": 1.0}, same_on_ranks=True)
+    stats.add("minibatch", {"loss/policy": 1.0 * 8.0})  # minibatch 2: one micro-batch
+    stats.add("step", {"loss/ptx": 6.0})
+    stats.add("step", {"train/grad_norm": 5.0}, same_on_ranks=True)
+    out = stats.means()
+    assert out == {"loss/policy": (3.5 + 8.0) / 4, "val/ratio_first": 1.0, "loss/ptx": 4.5, "train/grad_norm": 3.0}
+    assert list(out) == ["loss/policy", "val/ratio_first", "loss/ptx", "train/grad_norm"]  # minibatch kinds first
+    assert stats.same_on_ranks == {"train/grad_norm"}  # not summed over ranks, the others are
+    assert UpdateStats(3).means() == {}  # a skipped update: nothing
