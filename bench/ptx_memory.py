@@ -5,7 +5,7 @@ in a fresh subprocess): SmolLM2-135M's architecture (vocabulary 49152, hidden 57
 heads, intermediate 1536; random weights from a LlamaConfig, nothing downloaded), ``--batch`` pretraining
 blocks of ``--tokens`` tokens, forward and backward of gamma x the mean token loss. Variants:
 
-  chunked       igpt: ``ppo.ptx_backward``, micro-batches of ``--micro`` blocks, the LM head + cross-entropy in
+  chunked       igpt: ``ppo_step.ptx_backward``, micro-batches of ``--micro`` blocks, the LM head + cross-entropy in
                 chunks of rows (``losses.linear_cross_entropy_sum``)
   full          the same micro-batches, the loss on the model's full fp32 logits (before the chunking)
   full-whole    every block in one forward on full logits (igpt before micro-batching; needs the most memory)
@@ -38,7 +38,7 @@ def one_step(variant: str, layers: int, tokens: int, batch: int, micro: int, thr
     from instructgpt_cli.config import PPOConfig
     from instructgpt_cli.batches import pad_right
     from instructgpt_cli.losses import ptx_loss
-    from instructgpt_cli.stages import ppo
+    from instructgpt_cli.stages import ppo_step
     from instructgpt_cli.distributed import keep_freed_memory
 
     torch.set_num_threads(threads)
@@ -55,7 +55,7 @@ def one_step(variant: str, layers: int, tokens: int, batch: int, micro: int, thr
     cfg = PPOConfig(ptx_coef=27.8, ptx_batch_size=batch, ptx_micro_batch_size=micro)
     t0 = time.perf_counter()
     if variant == "chunked":
-        loss = ppo.ptx_backward(policy, blocks, 0, cfg, 2, torch.device("cpu"))
+        loss = ppo_step.ptx_backward(policy, blocks, 0, cfg, 2, torch.device("cpu"))
     else:  # the model's logits (B, L, V), then the fp32 cross-entropy on all of them
         size = batch if variant == "full-whole" else micro
         n_total = batch * (tokens - 1)

@@ -89,10 +89,11 @@ def main() -> None:
     signal_check = per_call(lambda: distributed.agree(signals.stop_requested() or 0))
     finite_check = per_call(lambda: train.applied(optimizer, {"loss": 1.0, "gradient norm": 2.0}))
     metric = per_call(lambda: record.__setitem__("train/skipped_steps", train.Skips.total))
-    from instructgpt_cli.stages import ppo
+    from instructgpt_cli.stages import ppo_step
 
-    sc = {"scores": torch.randn(8), "values": torch.randn(8, 24), "advantages": torch.randn(8, 24)}
-    rollout_check = per_call(lambda: ppo.non_finite(sc), n=5_000)  # PPO: rewards, values, advantages finite
+    t = torch.randn(8, 24)  # non_finite reads scores (8,), values and advantages (8, 24)
+    sc = ppo_step.Scored(t, t, torch.randn(8, 24), torch.randn(8), t[:, 0], t, t, torch.randn(8, 24), t, None, None, {})
+    rollout_check = per_call(lambda: ppo_step.non_finite(sc), n=5_000)  # PPO: rewards, values, advantages finite
     per_iteration = signal_check + metric + minibatches * finite_check + rollout_check
 
     from transformers import AutoModelForCausalLM

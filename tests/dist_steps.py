@@ -7,7 +7,6 @@ under torchrun rank 0 saves what DDP and then FSDP produced:
 """
 from __future__ import annotations
 
-import contextlib
 import random
 import sys
 
@@ -52,9 +51,8 @@ def ppo_step(fsdp: bool) -> dict:
     rm = tiny_model(tok, seed=2, kind="reward").requires_grad_(False).eval()
     cfg = PPOConfig(rollout_batch_size=8, mini_batch_size=8, ppo_epochs=2, temperature=0.7, ptx_coef=0.5,
                     ptx_batch_size=3, optim=OptimConfig(batch_size=2), fsdp=fsdp)
-    trained = ppo.PolicyAndValue(policy, value)
-    models = ppo.runners({"policy": policy, "value": value, "ref": ref, "rm": rm,
-                          "ref_ctx": contextlib.nullcontext, "rm_ctx": contextlib.nullcontext}, cfg, CPU)
+    trained = ppo_step.PolicyAndValue(policy, value)
+    models = ppo.runners(ppo_step.PPOModels(policy, value, reference=ref, reward=rm), cfg, CPU)
     # SGD: the weight change is the gradient itself (Adam would amplify float noise in tiny gradients);
     # policy and value in their own parameter groups, as ppo.run builds them
     optimizer = torch.optim.SGD([{"params": [p for p in m.parameters() if p.requires_grad]} for m in (policy, value)],
@@ -64,8 +62,8 @@ def ppo_step(fsdp: bool) -> dict:
     mine = list(range(8))[distributed.rank()::distributed.world_size()]  # as ppo.run shares a step's prompts
     ro = Rollout(*build_rollout([queries[j] for j in mine], [responses[j] for j in mine], tok.pad_token_id,
                                 tok.eos_token_id))
-    sc = ppo.score_rollout(models, ro, cfg, 0.05, cfg.optim.batch_size)
-    stats, _ = ppo.ppo_update(models, trained, optimizer, scheduler, ro, sc, cfg, blocks, 0, tok.pad_token_id)
+    sc = ppo_step.score_rollout(models, ro, cfg, 0.05, cfg.optim.batch_size)
+    stats, _ = ppo_step.ppo_update(models, trained, optimizer, scheduler, ro, sc, cfg, blocks, 0, tok.pad_token_id)
     return {"weights": full_weights(trained), "stats": stats}
 
 

@@ -165,8 +165,8 @@ def test_sampling_runs_without_autograd_draws_what_no_grad_draws_and_leaves_the_
 
 
 def policy_and_value(n_policy: int = 6, n_value: int = 4):
-    """A stand-in for ppo.PolicyAndValue: two linear layers whose weights are the parameters."""
-    from instructgpt_cli.stages.ppo import PolicyAndValue
+    """A stand-in for ppo_step.PolicyAndValue: two linear layers whose weights are the parameters."""
+    from instructgpt_cli.stages.ppo_step import PolicyAndValue
 
     return PolicyAndValue(torch.nn.Linear(n_policy, 1, bias=False), torch.nn.Linear(n_value, 1, bias=False))
 
@@ -224,16 +224,14 @@ def constant_rm(tok, score: float):
 
 
 def scoring_models(tok, rm, policy_dropout: float = 0.0):
-    import contextlib
-
     from instructgpt_cli.config import PPOConfig
     from instructgpt_cli.models import tiny_model
     from instructgpt_cli.stages import ppo
+    from instructgpt_cli.stages import ppo_step
 
     policy, ref = tiny_model(tok, seed=0, dropout=policy_dropout), tiny_model(tok, seed=0).requires_grad_(False).eval()
     value = tiny_model(tok, seed=1, kind="reward")
-    return ppo.runners({"policy": policy, "value": value, "ref": ref, "rm": rm, "ref_ctx": contextlib.nullcontext,
-                        "rm_ctx": contextlib.nullcontext}, PPOConfig(), torch.device("cpu"))
+    return ppo.runners(ppo_step.PPOModels(policy, value, reference=ref, reward=rm), PPOConfig(), torch.device("cpu"))
 
 
 def fixed_rollout(tok):
@@ -255,18 +253,18 @@ def test_scoring_clips_scores_and_penalises_a_missing_eos_by_hand(raw, clip, pen
     the clipped score less the penalty where the response has no EOS (the policy is the reference: KL 0)."""
     from instructgpt_cli.config import PPOConfig
     from instructgpt_cli.models import tiny_tokenizer
-    from instructgpt_cli.stages import ppo
+    from instructgpt_cli.stages import ppo_step
 
     tok = tiny_tokenizer()
     ro = fixed_rollout(tok)
     cfg = PPOConfig(reward_clip=clip, missing_eos_penalty=penalty)
-    sc = ppo.score_rollout(scoring_models(tok, constant_rm(tok, raw)), ro, cfg, beta=0.05, batch=3)
-    assert sc["scores"].tolist() == pytest.approx([raw] * 4)  # objective/scores: the RM's own
-    assert sc["penalised_scores"].tolist() == pytest.approx(expected)
-    assert sc["kl"].abs().max().item() < 1e-6
+    sc = ppo_step.score_rollout(scoring_models(tok, constant_rm(tok, raw)), ro, cfg, beta=0.05, batch=3)
+    assert sc.scores.tolist() == pytest.approx([raw] * 4)  # objective/scores: the RM's own
+    assert sc.penalised_scores.tolist() == pytest.approx(expected)
+    assert sc.kl.abs().max().item() < 1e-6
     last = ro.lengths - 1
-    assert sc["rewards"][torch.arange(4), last].tolist() == pytest.approx(expected, abs=1e-6)
-    assert sc["rewards"].sum(1).tolist() == pytest.approx(expected, abs=1e-6)  # nothing anywhere else
+    assert sc.rewards[torch.arange(4), last].tolist() == pytest.approx(expected, abs=1e-6)
+    assert sc.rewards.sum(1).tolist() == pytest.approx(expected, abs=1e-6)  # nothing anywhere else
 
 
 def test_scoring_runs_policy_and_value_in_eval_mode():
@@ -275,20 +273,20 @@ def test_scoring_runs_policy_and_value_in_eval_mode():
     from instructgpt_cli.config import PPOConfig
     from instructgpt_cli.models import tiny_tokenizer
     from instructgpt_cli.forward import response_logprobs
-    from instructgpt_cli.stages import ppo
+    from instructgpt_cli.stages import ppo_step
 
     tok = tiny_tokenizer()
     ro = fixed_rollout(tok)
     models = scoring_models(tok, constant_rm(tok, 0.0), policy_dropout=0.5)
-    models["policy"].train(), models["value"].train()
+    models.policy.train(), models.value.train()
     torch.manual_seed(0)
-    sc = ppo.score_rollout(models, ro, PPOConfig(), beta=0.05, batch=4)
-    assert not models["policy"].training and not models["value"].training
+    sc = ppo_step.score_rollout(models, ro, PPOConfig(), beta=0.05, batch=4)
+    assert not models.policy.training and not models.value.training
     with torch.no_grad():
-        expected, _ = response_logprobs(models["policy"].model.eval(), ro.query_response, ro.attention_mask,
+        expected, _ = response_logprobs(models.policy.model.eval(), ro.query_response, ro.attention_mask,
                                         ro.context_len, 1.0)
     mask = ro.response_mask.bool()
-    torch.testing.assert_close(sc["logprobs"][mask], expected[mask], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(sc.logprobs[mask], expected[mask], rtol=1e-5, atol=1e-6)
 
 
 def test_generate_truncates_at_eos_mid_batch_and_pads_after_it():
@@ -355,3 +353,25 @@ def test_decoding_stops_once_every_row_has_ended():
     finally:
         hook.remove()
     assert [len(r) for r in responses] == [2, 2] and len(calls) == 2  # no forward after the last EOS
+
+
+def test_update_stats_means_by_kind_by_hand():
+    """Minibatch metrics: per-minibatch sums of token-weighted micro values, averaged over all minibatches
+    (one minibatch may add nothing); 'first' the first minibatch's sum; 'step' the mean of per-step values."""
+    from instructgpt_cli.stages.ppo_step import UpdateStats
+
+    stats = UpdateStats(n_minibatches=4)
+    stats.add("minibatch", {"loss/policy": 0.25 * 2.0})  # minibatch 1: two micro-batches, weights 1/4 and 3/4
+    stats.add("minibatch", {"loss/policy": 0.75 * 4.0})
+    stats.add("first", {"val/ratio_first": 0.25 * 1.0})
+    stats.add("first", {"val/ratio_first": 0.75 * 1.0})
+    stats.add("step", {"loss/ptx": 3.0})
+    stats.add("step", {"train/grad_norm": 1.0}, same_on_ranks=True)
+    stats.add("minibatch", {"loss/policy": 1.0 * 8.0})  # minibatch 2: one micro-batch
+    stats.add("step", {"loss/ptx": 6.0})
+    stats.add("step", {"train/grad_norm": 5.0}, same_on_ranks=True)
+    out = stats.means()
+    assert out == {"loss/policy": (3.5 + 8.0) / 4, "val/ratio_first": 1.0, "loss/ptx": 4.5, "train/grad_norm": 3.0}
+    assert list(out) == ["loss/policy", "val/ratio_first", "loss/ptx", "train/grad_norm"]  # minibatch kinds first
+    assert stats.same_on_ranks == {"train/grad_norm"}  # not summed over ranks, the others are
+    assert UpdateStats(3).means() == {}  # a skipped update: nothing

@@ -1,7 +1,6 @@
 """PPO-ptx and the LM losses: the chunked head + cross-entropy against the plain one, ptx micro-batches
 against one forward, PPO and ptx gradients in one optimizer step, one ptx batch per optimizer step, and the
 paper preset (configs/instructgpt.yaml) scaled down to a tiny model."""
-import contextlib
 import random
 
 import pytest
@@ -22,6 +21,7 @@ from instructgpt_cli.rollout import Rollout, build_rollout
 from instructgpt_cli.forward import lm_loss_sum, response_logprobs, token_values
 from instructgpt_cli.rundir import read_metrics
 from instructgpt_cli.stages import ppo
+from instructgpt_cli.stages import ppo_step
 from instructgpt_cli.train import stream_indices
 
 
@@ -145,7 +145,7 @@ def test_ptx_micro_batches_give_the_loss_and_gradient_of_the_whole_batch(micro):
     policy = tiny_model(tok, seed=0)
     blocks = ptx_blocks(tok)
     cfg = PPOConfig(ptx_coef=2.5, ptx_batch_size=5, ptx_micro_batch_size=micro)
-    loss = ppo.ptx_backward(distributed.wrap(policy, CPU), blocks, 3, cfg, tok.pad_token_id, CPU)
+    loss = ppo_step.ptx_backward(distributed.wrap(policy, CPU), blocks, 3, cfg, tok.pad_token_id, CPU)
     got = grads_of(policy)
     # the whole ptx batch of step 3 in one forward, the mean over all its tokens
     ids, mask = pad_right([blocks[i] for i in stream_indices(len(blocks), 3, 5, cfg.seed)], tok.pad_token_id)
@@ -161,15 +161,14 @@ def ppo_world(cfg: PPOConfig):
     policy, value = tiny_model(tok, seed=0), tiny_model(tok, seed=1, kind="reward")
     ref = tiny_model(tok, seed=0).requires_grad_(False).eval()
     rm = tiny_model(tok, seed=2, kind="reward").requires_grad_(False).eval()
-    trained = ppo.PolicyAndValue(policy, value)
-    models = ppo.runners({"policy": policy, "value": value, "ref": ref, "rm": rm, "ref_ctx": contextlib.nullcontext,
-                          "rm_ctx": contextlib.nullcontext}, cfg, CPU)
+    trained = ppo_step.PolicyAndValue(policy, value)
+    models = ppo.runners(ppo_step.PPOModels(policy, value, reference=ref, reward=rm), cfg, CPU)
     rng = random.Random(0)
     tokens = lambda n: [rng.randrange(4, len(tok)) for _ in range(n)]  # noqa: E731
     ro = Rollout(*build_rollout([tokens(rng.randint(3, 9)) for _ in range(8)],
                                 [tokens(rng.randint(1, 11)) + [tok.eos_token_id] * (i % 2) for i in range(8)],
                                 tok.pad_token_id, tok.eos_token_id))
-    sc = ppo.score_rollout(models, ro, cfg, 0.05, cfg.optim.batch_size)
+    sc = ppo_step.score_rollout(models, ro, cfg, 0.05, cfg.optim.batch_size)
     return tok, trained, models, ro, sc
 
 
@@ -202,15 +201,15 @@ def test_ppo_and_ptx_gradients_share_one_optimizer_step():
     policy, value = trained.policy, trained.value
     mask = ro.response_mask.float()
     logprobs, _ = response_logprobs(policy, ro.query_response, ro.attention_mask, ro.context_len, cfg.temperature)
-    pg, _ = policy_loss(logprobs, sc["logprobs"], sc["advantages"], mask, cfg.cliprange)
-    vf, _ = value_loss(token_values(value, ro.query_response, ro.attention_mask, ro.context_len), sc["values"],
-                       sc["returns"], mask, cfg.cliprange_value)
+    pg, _ = policy_loss(logprobs, sc.logprobs, sc.advantages, mask, cfg.cliprange)
+    vf, _ = value_loss(token_values(value, ro.query_response, ro.attention_mask, ro.context_len), sc.values,
+                       sc.returns, mask, cfg.cliprange_value)
     ids, pmask = pad_right([blocks[i] for i in stream_indices(len(blocks), 0, 5, cfg.seed)], tok.pad_token_id)
     ptx = ptx_loss(policy(input_ids=ids, attention_mask=pmask).logits, ids, pmask)
     (pg + cfg.vf_coef * vf + cfg.ptx_coef * ptx).backward()
     want = grads_of(trained)
     optimizer, scheduler, seen = recording_optimizer(trained)
-    stats, _ = ppo.ppo_update(models, trained, optimizer, scheduler, ro, sc, cfg, blocks, 0, tok.pad_token_id)
+    stats, _ = ppo_step.ppo_update(models, trained, optimizer, scheduler, ro, sc, cfg, blocks, 0, tok.pad_token_id)
     assert len(seen) == 1  # PPO and ptx in the same step
     assert_same_grads(seen[0], want)
     assert stats["loss/ptx"] == pytest.approx(ptx.item(), rel=1e-5)
@@ -221,10 +220,10 @@ def test_one_ptx_batch_per_optimizer_step_across_minibatches_and_epochs(monkeypa
                     optim=OptimConfig(batch_size=2, grad_clip=0.0))
     tok, trained, models, ro, sc = ppo_world(cfg)
     calls = []
-    monkeypatch.setattr(ppo, "stream_indices", lambda *a: calls.append(a[1]) or stream_indices(*a))
+    monkeypatch.setattr(ppo_step, "stream_indices", lambda *a: calls.append(a[1]) or stream_indices(*a))
     optimizer, scheduler, seen = recording_optimizer(trained)
     for iteration in range(2):
-        ppo.ppo_update(models, trained, optimizer, scheduler, ro, sc, cfg, ptx_blocks(tok), iteration,
+        ppo_step.ppo_update(models, trained, optimizer, scheduler, ro, sc, cfg, ptx_blocks(tok), iteration,
                        tok.pad_token_id)
     assert len(seen) == 2 * 2 * 3  # iterations x epochs x minibatches (3, 3 and 2 responses), no more
     assert calls == list(range(12))  # ptx batch k in optimizer step k
@@ -269,7 +268,7 @@ def test_ptx_batches_continue_across_iterations_and_resume(tmp_path, monkeypatch
 
     def ppo_run(run_dir, *extra):
         calls = []  # the ptx batches (7 blocks a step; the prompt order, 4 a step, comes from the same function)
-        monkeypatch.setattr(ppo, "stream_indices",
+        monkeypatch.setattr(ppo_step, "stream_indices",
                             lambda *a: (a[2] == 7 and calls.append(a[:3])) or stream_indices(*a))
         args = ["ppo", "--config", tmp_path / "ptx.yaml", "--prompts", tmp_path / "prompts.jsonl",
                 "--sft", tmp_path / "base" / "sft" / "final", "--rm", tmp_path / "rule_rm", "--run-dir", run_dir,

@@ -251,15 +251,16 @@ def test_ppo_refuses_a_non_finite_reward(tmp_path, demos, monkeypatch):
     from instructgpt_cli.models import tiny_tokenizer
 
     from instructgpt_cli.stages import ppo
+    from instructgpt_cli.stages import ppo_step
 
     assert igpt(*sft_args(demos, tmp_path / "base")).exit_code == 0
     make_rule_rm(tmp_path / "rule_rm", tiny_tokenizer(), "e")
     write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"What is {i} plus {i + 1}?"} for i in range(8)])
-    real = ppo.score_rollout
+    real = ppo_step.score_rollout
 
     def nan_scores(*args, **kwargs):
         sc = real(*args, **kwargs)
-        sc["scores"][0] = math.nan
+        sc.scores[0] = math.nan
         return sc
 
     monkeypatch.setattr(ppo, "score_rollout", nan_scores)
