@@ -19,7 +19,7 @@ from instructgpt_cli.batches import tokenize_rankings
 from instructgpt_cli.families import supports_packing, supports_sharing
 from instructgpt_cli.models import tiny_model, tiny_tokenizer
 from instructgpt_cli.rollout import Rollout, build_rollout
-from instructgpt_cli.stages import ppo, reward
+from instructgpt_cli.stages import ppo, ppo_step, reward
 from instructgpt_cli.train import micro_batches
 
 CPU = torch.device("cpu")
@@ -44,7 +44,7 @@ def rollout_data(tok) -> tuple[list, list, list]:
     return queries, responses, blocks
 
 
-def ppo_step(fsdp: bool) -> dict:
+def ppo_on_ranks(fsdp: bool) -> dict:
     tok = tiny_tokenizer()
     policy, value = tiny_model(tok, seed=0), tiny_model(tok, seed=1, kind="reward")
     ref = tiny_model(tok, seed=0).requires_grad_(False).eval()
@@ -85,7 +85,7 @@ def rm_step(fsdp: bool, rankings_path: str) -> dict:
 
 
 def all_steps(rankings_path: str, fsdp: bool) -> dict:
-    return {"ppo": ppo_step(fsdp), "rm": rm_step(fsdp, rankings_path)}
+    return {"ppo": ppo_on_ranks(fsdp), "rm": rm_step(fsdp, rankings_path)}
 
 
 if __name__ == "__main__":
