@@ -22,7 +22,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-# Options every training stage takes (DESIGN.md, "Command line").
+# Options every training stage takes.
 RunDir = Annotated[Optional[str], typer.Option("--run-dir", help="Run directory shared by all stages [default: runs/default].")]
 ConfigFile = Annotated[Optional[Path], typer.Option("--config", help="YAML preset; flags override it.")]
 PrintConfig = Annotated[bool, typer.Option("--print-config", help="Print the resolved config as YAML and exit.")]
@@ -55,7 +55,8 @@ def run_stage(stage: str, config_file: Optional[Path], print_config: bool, overr
     from .errors import BadInput, Interrupted, NonFinite, WriteFailed
     from .locks import release_all
     from .signals import stop_requested
-    from .rundir import disk_errno, is_main_process
+    from .distributed import is_main
+    from .storage import disk_errno
 
     status = "failed"
     try:
@@ -79,7 +80,7 @@ def run_stage(stage: str, config_file: Optional[Path], print_config: bool, overr
         fail(WriteFailed(e.filename or "a file", e.errno).messages, 4)
     finally:
         release_all(status)
-    if result is not None and is_main_process():
+    if result is not None and is_main():
         typer.echo(str(result))
 
 

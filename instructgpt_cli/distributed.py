@@ -44,15 +44,17 @@ def rank() -> int:
 
 def no_autograd() -> contextlib.AbstractContextManager:
     """For forwards that never back-propagate (sampling, rollout scoring): ``torch.inference_mode`` in one
-    process (no autograd bookkeeping at all: no version counters, no view tracking; 10-20% off a tiny
-    model's decoding step), ``no_grad`` under a launcher, where the buffers DDP and FSDP allocate in a
-    forward must stay writable outside inference mode."""
+    process (no autograd bookkeeping at all: no version counters, no view tracking), ``no_grad`` under a launcher, where
+    the buffers DDP and FSDP allocate in a forward must stay writable outside inference mode."""
     return torch.inference_mode() if world_size() == 1 else torch.no_grad()
 
 
 def is_main() -> bool:
-    """Rank 0 is the only process that writes files."""
-    return rank() == 0
+    """Rank 0 is the only process that writes files; before a launched run joins its group (or after it
+    left), the launcher's ``RANK`` says which process this is."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 @contextlib.contextmanager
@@ -324,8 +326,8 @@ def keep_freed_memory() -> bool:
 
     By default glibc serves every block over its mmap threshold (128 KiB, rising to 32 MiB at most) with a
     fresh ``mmap`` and unmaps it on free, and trims the heap's top: every step's activations and gradients (a
-    135M model's embedding gradient alone is 113 MB) are then page-faulted in afresh, about 10^5 faults a step,
-    an eighth of a 135M reward-model step on a KVM guest here (bench/README.md), and more in the first steps.
+    135M model's embedding gradient alone is 113 MB) are then page-faulted in afresh every step (what that
+    costs: bench/README.md).
     With mmap and trimming off, freed blocks stay in the heap and the next step reuses them; the peak did not
     grow in the bench, only the memory is not handed back before the process ends (jemalloc and tcmalloc, which
     PyTorch's CPU tuning guide suggests preloading, hold on to it the same way). Once per process, on glibc

@@ -3,11 +3,10 @@ without the machinery around it.
 
 PPO calls its models hundreds of times an iteration on small batches: sampling steps, scoring, and every
 micro-batch of every epoch. At those sizes transformers' wrappers (mask construction, output capturing,
-argument deprecation, the decoder-layer call) cost as much as the arithmetic: a tiny model's forward took
-2.1 ms, 1.5 ms here, and a micro-batch's policy + value forward and backward 10.5 ms against 8.5 ms
-(bench/README.md). The results are the same numbers (tests/test_lean.py compares outputs and gradients).
-SFT's forward takes it too (padded or packed rows); one packed row attends sequence by sequence (causal
-attention within each) instead of under a block-diagonal mask: 10% more tokens/s on data/demos.jsonl at 135M.
+argument deprecation, the decoder-layer call) cost as much as the arithmetic (figures: bench/README.md). The
+results are the same numbers (tests/test_lean.py compares outputs and gradients). SFT's forward takes it too
+(padded or packed rows); one packed row attends sequence by sequence (causal attention within each) instead
+of under a block-diagonal mask.
 
 What runs is the model's own modules (embedding, projections, MLP, norms, rotary embedding, heads), so
 LoRA adapters, their disabling, and any head work as in ``model(...)``; only the order of calls is ours.

@@ -1,7 +1,7 @@
 """One writer per output of a run directory: a ``flock`` on ``RUN_DIR/.locks/NAME.lock`` for each stage
 (``sft``), report (``eval/NAME``, ``compare/A-vs-B``) or file igpt writes, released by the kernel when the
 process dies (SIGKILL included), so a lock is never stale; and what the locks say about the manifest's
-``running`` entries. Torch is not imported here."""
+``running`` entries. Torch is imported only under a launcher, to share a refusal with every rank."""
 from __future__ import annotations
 
 import contextlib
@@ -113,10 +113,10 @@ _HELD: list[Lock] = []
 def take(run_dir: Path, name: str, what: str | None = None) -> None:
     """Hold the lock of output ``name`` of ``run_dir`` until :func:`release_all` (the end of the command)
     or the end of the process. Under a launcher rank 0 takes it and every rank raises its refusal."""
-    from .rundir import is_main_process
+    from .distributed import is_main
 
     problem = None
-    if is_main_process():
+    if is_main():
         lock = Lock(lock_path(run_dir, name), what or str(Path(run_dir) / name), Path(run_dir), name)
         try:
             lock.acquire()

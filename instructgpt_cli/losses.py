@@ -150,12 +150,6 @@ def ptx_loss(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torc
                            ignore_index=IGNORE_INDEX)
 
 
-def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy of each categorical distribution (..., V) -> (...)."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    return -(logp.exp() * logp).sum(-1)
-
-
 def adaptive_kl_beta(beta: float, kl: float, target: float, horizon: int, n_steps: int) -> float:
     """Ziegler et al. (2019)'s proportional controller: move beta so the KL approaches ``target``."""
     error = max(-0.2, min(0.2, kl / target - 1.0))

@@ -116,6 +116,14 @@ def same_tokenizer(a: Any, b: Any) -> bool:
     return a.get_vocab() == b.get_vocab() and a.eos_token_id == b.eos_token_id
 
 
+def require_same_tokenizer(tokenizer: Any, model: str | Path, others: dict[str, Path], why: str) -> None:
+    """BadInput unless every model of ``others`` (``{flag: directory}``) reads the tokens of ``tokenizer``,
+    ``model``'s; ``why`` says what needs them to be the same."""
+    for flag, path in others.items():
+        if not same_tokenizer(tokenizer, load_tokenizer(ModelConfig(name=str(path)))[0]):
+            raise BadInput([f"{flag} {path}: its tokenizer differs from {model}'s; {why}"])
+
+
 def model_path(name: str) -> Path | None:
     """The directory behind a model source name; None for ``tiny``. Unknown names are BadInput."""
     if name == TINY:

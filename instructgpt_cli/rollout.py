@@ -61,9 +61,8 @@ def sample(model: Any, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: in
     cache; a row that has sampled EOS continues with ``pad_id``, and decoding stops once every row has.
 
     Our own loop rather than ``model.generate``: one forward and one :func:`draw` a token, none of
-    generate's per-step logits processors, stopping criteria and input preparation (a fifth of a tiny
-    model's sampling time), and for Llama models the lean forward (``forward.decoder``). Positions count real
-    tokens only, so left padding shifts nothing."""
+    generate's per-step logits processors, stopping criteria and input preparation, and for Llama models the lean
+    forward (``forward.decoder``). Positions count real tokens only, so left padding shifts nothing."""
     stepper = decoder(model, ids, mask, max_new_tokens)
     out = ids.new_full((ids.size(0), max_new_tokens), pad_id)
     done = torch.zeros(ids.size(0), dtype=torch.bool, device=ids.device)
@@ -105,8 +104,7 @@ def _few_row_linear(self: torch.nn.Linear, x: torch.Tensor, rows: int = FEW_ROWS
 def few_row_linears(model: torch.nn.Module, threads: int | None = None) -> Iterator[None]:
     """Within the block, ``model``'s large linear layers compute inputs of a few rows (a decoding step: one
     token per sequence) as ``(W @ x.T).T``. On CPUs torch's ``linear`` (x @ W.T) runs such near-vector
-    products far below memory bandwidth: a 49152 x 576 LM head on 2 rows took 24 ms against 6 ms, and
-    135M-parameter sampling of 2 sequences ran 1.8x faster this way. Which layers, and up to how many rows:
+    products far below memory bandwidth (figures: bench/README.md). Which layers, and up to how many rows:
     ``few_row_limit`` (small layers, as in a tiny model, stay as they are: there the stock path is faster).
     Same product, other summation order; larger inputs (the prompt's forward) keep ``linear``."""
     threads = torch.get_num_threads() if threads is None else threads

@@ -24,10 +24,6 @@ from .storage import (COMPLETED, atomic_write_text, disk_errno, fsync_tree, now,
 CHECKPOINT_PREFIX = "step-"
 
 
-def is_main_process() -> bool:
-    """Only rank 0 writes files when launched by torchrun / accelerate."""
-    return int(os.environ.get("RANK", "0")) == 0
-
 
 # ---------------------------------------------------------------- manifest
 

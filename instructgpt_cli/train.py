@@ -19,7 +19,8 @@ from . import distributed, lifecycle, signals
 from .config import OptimConfig
 from .console import progress, say, say_every_rank
 from .errors import BadInput, NonFinite
-from .rundir import (Stage, append_jsonl, begin_checkpoint, checkpoint_name, latest_checkpoint, publish_checkpoint, read_manifest, read_metrics, truncate_metrics, update_manifest)
+from .rundir import (Stage, append_jsonl, begin_checkpoint, checkpoint_name, latest_checkpoint, publish_checkpoint,
+                     read_manifest, read_metrics, truncate_metrics, update_manifest)
 from .storage import now, writing
 
 FAULT_ENV = "IGPT_FAULT_AFTER_STEP"  # test hook: die (exit 99, no cleanup) right after this step
@@ -31,7 +32,7 @@ def trainable_parameters(model: Any) -> list[torch.nn.Parameter]:
 
 def build_optimizer(model: Any, cfg: OptimConfig, lrs: dict[str, float] | None = None) -> torch.optim.Optimizer:
     """AdamW, fused where torch has the kernel (CPU and CUDA floats): without ``fused`` torch steps each
-    tensor in a Python loop on CPU, which took 5.3 s against 0.25 s fused for a 135M model here (bench/).
+    tensor in a Python loop on CPU, many times slower for a 135M model (bench/README.md).
 
     ``lrs``: one parameter group per named submodule of ``model``, in that order, each with its own peak
     learning rate (PPO's ``{"policy": lr, "value": vf_lr}``); a schedule scales every group's alike."""
@@ -270,7 +271,7 @@ def load_train_state(src: Path, model: Any, optimizer: Any, scheduler: Any) -> t
 
 def save_state(stage: Stage, step: int, model: Any, optimizer: Any, scheduler: Any, extra: dict | None,
                keep: int) -> None:
-    """A resumable checkpoint (DESIGN.md: written under a temporary name, renamed, marked COMPLETED).
+    """A resumable checkpoint, written under a temporary name, renamed, then sealed with ``COMPLETED``.
     Every rank calls this; rank 0 publishes the folder once every rank has written its part. Weights
     that are not finite are never written (NonFinite): the previous checkpoint stays the newest."""
     if not all_finite(trainable_parameters(model)):
@@ -367,7 +368,8 @@ def fit(stage: Stage, model: Any, optimizer: Any, scheduler: Any, step: int, tot
             if step % save_every == 0 or step == total_steps:
                 checkpoint()
                 saved = step
-            bar.update(task, advance=1, description=f"{stage.name} {show.split('/')[-1]} {record.get(show, float('nan')):.4f}")
+            shown = f"{stage.name} {show.split('/')[-1]} {record.get(show, float('nan')):.4f}"
+            bar.update(task, advance=1, description=shown)
             maybe_fault(step)
             signum = distributed.agree(signals.stop_requested() or 0)  # every rank stops after the same step
             if signum:

@@ -24,11 +24,11 @@ from ..batches import render_queries
 from ..data import read_prompts
 from ..distributed import resolve_device
 from ..errors import BadInput
-from ..models import load_model, load_tokenizer, position_limit, same_tokenizer
+from ..models import load_model, load_tokenizer, position_limit, require_same_tokenizer
 from ..report import number, score_text
 from ..rollout import decode_response, generate, score_responses
 from ..locks import claim
-from ..rundir import read_metrics, record, stage_model
+from ..rundir import STAGE_MODELS, read_metrics, record, stage_model
 from ..stats import win_rate
 from ..storage import atomic_write_text, publish_set, weights_sha256
 
@@ -94,12 +94,11 @@ def run(cfg: CompareConfig) -> dict:
         name_a, name_b = f"{name_a}-a", f"{name_b}-b"
     prompts = read_prompts(cfg.prompts)
     tokenizer, _ = load_tokenizer(ModelConfig(name=str(path_a)))
-    rm_path = Path(cfg.rm) if cfg.rm else run_dir / "rm" / "final"
+    rm_path = Path(cfg.rm) if cfg.rm else run_dir / STAGE_MODELS["rm"]
     if cfg.judge == "rm":
         if not (rm_path / "config.json").is_file():
             raise BadInput([f"--rm: {rm_path} does not exist; train a reward model or pass --rm PATH (or --judge human)"])
-        if not same_tokenizer(tokenizer, load_tokenizer(ModelConfig(name=str(rm_path)))[0]):
-            raise BadInput([f"--rm {rm_path}: its tokenizer differs from {path_a}'s"])
+        require_same_tokenizer(tokenizer, path_a, {"--rm": rm_path}, "the judge must read the responses' tokens")
     # prompt + response must fit both models and the reward model that judges them
     limits = [position_limit(str(p)) for p in [path_a, path_b] + ([rm_path] if cfg.judge == "rm" else [])]
     queries = render_queries(tokenizer, prompts, cfg.max_new_tokens, min(filter(None, limits), default=None))

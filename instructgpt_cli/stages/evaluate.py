@@ -21,12 +21,12 @@ from ..batches import pretrain_blocks, render_queries, tokenize_rankings
 from ..data import read_pretrain, read_prompts, read_rankings
 from ..distributed import resolve_device
 from ..errors import BadInput
-from ..models import load_model, load_tokenizer, position_limit, same_tokenizer
+from ..models import load_model, load_tokenizer, position_limit, require_same_tokenizer
 from ..report import number, score_text
 from ..rewards import score_ranking
 from ..rollout import decode_response, generate, lm_loss, response_kl, score_responses
 from ..locks import claim
-from ..rundir import find_model, record, stage_model
+from ..rundir import STAGE_MODELS, find_model, record, stage_model
 from ..stats import rm_accuracy
 from ..storage import publish_set, weights_sha256
 
@@ -87,16 +87,15 @@ def run(cfg: EvalConfig, as_json: bool = False) -> dict:
     rankings = read_rankings(cfg.rankings) if cfg.rankings else []
     texts = read_pretrain(cfg.ptx_data) if cfg.ptx_data else []
     sft_path = Path(find_model(cfg.sft, run_dir, "sft", "--sft"))
-    rm_path = Path(cfg.rm) if cfg.rm else (run_dir / "rm" / "final")
+    rm_path = Path(cfg.rm) if cfg.rm else run_dir / STAGE_MODELS["rm"]  # optional: eval scores only with one
     have_rm = (rm_path / "config.json").is_file()
     if cfg.rm and not have_rm:
         raise BadInput([f"--rm {cfg.rm}: not a model directory with config.json"])
     if rankings and not have_rm:
         raise BadInput([f"--rankings: needs a reward model, and {rm_path} does not exist (pass --rm PATH)"])
     tokenizer, _ = load_tokenizer(ModelConfig(name=str(path)))
-    for other in [sft_path] + ([rm_path] if have_rm else []):
-        if not same_tokenizer(tokenizer, load_tokenizer(ModelConfig(name=str(other)))[0]):
-            raise BadInput([f"{other}: its tokenizer differs from {path}'s; KL and scores need the same tokens"])
+    require_same_tokenizer(tokenizer, path, {"--sft": sft_path, **({"--rm": rm_path} if have_rm else {})},
+                           "KL and scores need the same tokens")
     kl_t, kl_t_from = kl_temperature(cfg, run_dir)
     # prompt + response must fit every model that reads them (the model, the SFT reference, the RM)
     limits = [position_limit(str(p)) for p in [path, sft_path] + ([rm_path] if have_rm else [])]

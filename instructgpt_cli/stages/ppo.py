@@ -35,7 +35,7 @@ from ..errors import BadInput
 from ..families import frozen_layers
 from ..forward import forward_name
 from ..losses import adaptive_kl_beta
-from ..models import apply_lora, load_model, load_tokenizer, position_limit, same_tokenizer, save_final
+from ..models import apply_lora, load_model, load_tokenizer, position_limit, require_same_tokenizer, save_final
 from ..rewards import reward_stats
 from ..rollout import Rollout, build_rollout, decode_response, generate
 from ..rundir import Stage, file_input, find_model, model_input
@@ -203,10 +203,8 @@ def read_inputs(cfg: PPOConfig) -> Inputs:
     sft_path = Path(find_model(cfg.sft, run_dir, "sft", "--sft"))
     rm_path = Path(find_model(cfg.rm, run_dir, "rm", "--rm"))
     tokenizer, _ = load_tokenizer(ModelConfig(name=str(sft_path)))
-    rm_tokenizer, _ = load_tokenizer(ModelConfig(name=str(rm_path)))
-    if not same_tokenizer(tokenizer, rm_tokenizer):
-        raise BadInput([f"--rm {rm_path}: its tokenizer differs from the SFT model's ({sft_path}); the reward model "
-                        "must read the policy's tokens (train it from the same SFT model)"])
+    require_same_tokenizer(tokenizer, sft_path, {"--rm": rm_path},
+                           "the reward model must read the policy's tokens (train it from the same SFT model)")
     limits = [position_limit(str(p), cfg.model.trust_remote_code) for p in (sft_path, rm_path)]
     context = min([cfg.model.max_seq_len, *filter(None, limits)])
     queries = render_queries(tokenizer, prompts, cfg.max_new_tokens, context)

@@ -41,7 +41,8 @@ def split(examples: list[Example], val_fraction: float, seed: int) -> tuple[list
 
 def make_batch(chunk: list[Example], pad_id: int, packed: bool, device: torch.device) -> dict:
     """A micro-batch on ``device``: one packed row (no padding) where that saves work, else right-padded rows."""
-    batch = collate_packed(chunk) if packed and pays_to_pack([len(e.input_ids) for e in chunk]) else collate(chunk, pad_id)
+    pack = packed and pays_to_pack([len(e.input_ids) for e in chunk])
+    batch = collate_packed(chunk) if pack else collate(chunk, pad_id)
     return {k: v.to(device) for k, v in batch.items()}
 
 
@@ -79,7 +80,8 @@ def train_step(run, optimizer, scheduler, chunks: list[list[Example]], pad_id: i
     local_loss = loss_total if distributed.world_size() == 1 else None  # ranks agree on the norm; not on a loss
     grad_norm = optimizer_step(optimizer, scheduler, grad_clip, local_loss)
     sums = distributed.reduce_metrics({"loss": loss_total, "tokens": tokens}, sums=("loss", "tokens"))
-    return {"train/loss": sums["loss"] / max(n_targets, 1), "train/grad_norm": grad_norm, "train/tokens": sums["tokens"]}
+    return {"train/loss": sums["loss"] / max(n_targets, 1), "train/grad_norm": grad_norm,
+            "train/tokens": sums["tokens"]}
 
 
 def run(cfg: SFTConfig, resume: bool = False, overwrite: bool = False, allow_changes: bool = False) -> Path:
