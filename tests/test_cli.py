@@ -134,3 +134,92 @@ def test_every_flag_of_today_sets_the_same_key(stage):
         else:
             args = [flag, str(value)]
         assert lookup(print_config(stage, *args), key) == value, (stage, flag, key)
+
+
+def expected_flag(key: str) -> str:
+    """The naming rule (cli.py's docstring): a flag of today keeps its name, every other field is its dotted key
+    with dashes."""
+    today = {k: f for keys in TODAY_KEYS.values() for f, k in keys.items() if f.startswith("--")}
+    return today.get(key) or "--" + key.replace(".", "-").replace("_", "-")
+
+
+@pytest.mark.parametrize("stage", list(config_mod.STAGE_CONFIGS))
+def test_every_config_field_is_a_flag_that_sets_it(stage):
+    from instructgpt_cli.cli import NO_FLAG
+
+    command = commands()[COMMAND.get(stage, stage)]
+    arguments = [p.name for p in command.params if p.param_type_name == "argument"]
+    for key, (tp, default, doc) in config_mod.flat_fields(config_mod.STAGE_CONFIGS[stage]()).items():
+        if key in NO_FLAG.get(stage, ()) or key in arguments:
+            continue
+        flag = expected_flag(key)
+        assert flag in flags(command), (stage, key, flag)
+        value = non_default(default, key.split(".")[-1])
+        if isinstance(value, bool):
+            args = [flag if value else "--no-" + flag[2:]]
+        else:
+            args = [flag, ",".join(value) if isinstance(value, list) else str(value)]
+        args = [f"x-{a}" for a in arguments] + args
+        assert lookup(print_config(stage, *args), key) == value, (stage, flag, key)
+
+
+def test_help_is_the_field_doc_with_its_default():
+    cmds = commands()
+    for stage, cls in config_mod.STAGE_CONFIGS.items():
+        by_flag = {p.opts[0]: p for p in cmds[COMMAND.get(stage, stage)].params if p.param_type_name == "option"}
+        for key, (tp, default, doc) in config_mod.flat_fields(cls()).items():
+            param = by_flag.get(expected_flag(key))
+            if param is None:
+                continue  # a positional argument or NO_FLAG
+            assert doc in param.help.replace("\\", ""), (stage, key)
+            assert ("[default:" in param.help) == (default != ""), (stage, key, param.help)
+    # rendered as rich does: the defaults survive (rich drops an unescaped "[default: 16]" as markup)
+    from typer.testing import CliRunner
+
+    from instructgpt_cli.cli import app
+
+    text = CliRunner().invoke(app, ["sft", "--help"], env={"COLUMNS": "400", "TERMINAL_WIDTH": "400"}).stdout
+    line = {flag: next(ln for ln in text.splitlines() if f" {flag} " in ln) for flag in ("--epochs", "--lora", "--lr")}
+    assert "[default: 16]" in line["--epochs"] and "[default: no-lora]" in line["--lora"]
+    assert "[default: 1e-05]" in line["--lr"]
+
+
+def test_defaults_then_the_config_file_then_flags(tmp_path):
+    preset = tmp_path / "p.yaml"
+    preset.write_text("sft:\n  lora: {r: 4, target_modules: [q_proj]}\n  optim: {weight_decay: 0.1}\n  epochs: 3\n")
+    from_file = print_config("sft", "--config", preset)
+    assert (from_file["lora"]["r"], from_file["optim"]["weight_decay"], from_file["epochs"]) == (4, 0.1, 3)
+    assert from_file["lora"]["target_modules"] == ["q_proj"] and from_file["lora"]["alpha"] == 32  # default
+    flagged = print_config("sft", "--config", preset, "--lora-r", "8", "--lora-target-modules", "q_proj, k_proj")
+    assert flagged["lora"]["r"] == 8 and flagged["lora"]["target_modules"] == ["q_proj", "k_proj"]
+    assert flagged["optim"]["weight_decay"] == 0.1 and flagged["epochs"] == 3
+    bad = igpt("sft", "--lora-r", "0", "--data", "d.jsonl", "--print-config")
+    assert bad.exit_code == 2 and "sft.lora.r: 0 must be >= 1" in bad.stderr
+
+
+def test_a_new_config_field_is_a_flag(monkeypatch):
+    import dataclasses
+
+    from instructgpt_cli import cli
+
+    @dataclasses.dataclass
+    class Sample(config_mod.SampleConfig):
+        top_p: float = config_mod.f(1.0, "nucleus sampling: keep the smallest set of tokens with this mass (fraction)")
+
+    monkeypatch.setitem(config_mod.STAGE_CONFIGS, "sample", Sample)
+    monkeypatch.setattr(cli, "app", typer.Typer())
+    cli.stage_command("sample", "sample", "Sample.")  # what importing cli.py does, with the new field
+    cli.app.command("other")(lambda: None)  # (a group, so the command is named as in igpt)
+    from typer.testing import CliRunner
+
+    result = CliRunner().invoke(cli.app, ["sample", "--top-p", "0.5", "--print-config"])
+    assert result.exit_code == 0 and yaml.safe_load(result.stdout)["sample"]["top_p"] == 0.5
+    [option] = [p for p in typer.main.get_command(cli.app).commands["sample"].params if p.name == "top_p"]
+    assert option.opts == ["--top-p"] and option.help.replace("\\", "").endswith("(fraction) [default: 1.0]")
+
+
+def test_help_imports_no_torch():
+    out = subprocess.run([sys.executable, "-X", "importtime", "-m", "instructgpt_cli", "ppo", "--help"],
+                         capture_output=True, text=True, check=True)
+    imported = [ln.split("|")[-1].strip() for ln in out.stderr.splitlines() if ln.startswith("import time:")]
+    assert "typer" in imported and not [m for m in imported if m.split(".")[0] in ("torch", "transformers")]
