@@ -83,6 +83,7 @@ def config_parameters(stage: str) -> tuple[list[inspect.Parameter], dict[str, tu
         if key in NO_FLAG.get(stage, ()):
             continue
         name, flag = key.replace(".", "__"), flag_name(key)
+        assert flag not in {flag_name(k) for k, _ in keys.values()}, f"{stage}: two fields are {flag}"
         text = help_text(doc, tp, default, flag)
         if key in ARGUMENTS.get(stage, ()):
             info = typer.Argument(help=text, show_default=False, metavar=key.upper())
