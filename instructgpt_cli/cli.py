@@ -1,4 +1,10 @@
-"""The ``igpt`` command line. One thin command a stage: options -> config -> stage.run().
+"""The ``igpt`` command line, built from the config dataclasses: options -> config -> stage.run().
+
+A stage's flags are its config fields (config.py), each with the field's doc as help and its default shown.
+``field_name`` is ``--field-name`` and a block's ``block.field_name`` is ``--block-field-name`` (``--lora-r``,
+``--optim-weight-decay``), except the short names in ALIASES that scripts already use (``--lr`` is optim.lr,
+``--model`` model.name, ``--lora`` lora.enabled ...). A bool is ``--x/--no-x``, a list comma-separated. A new
+config field is a flag without touching this file. A flag not given is None: Defaults < --config file < flags.
 
 Heavy imports (torch, transformers) happen inside the commands, so ``igpt --help`` is instant.
 Exit codes (README, "Failure and recovery"): 0 success, 2 bad input or usage (every problem reported as
@@ -7,11 +13,15 @@ I/O error), 128 + N a stop signal N (130 SIGINT, 138 SIGUSR1, 143 SIGTERM), 1 an
 """
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import typer
+import typer.core
 from typing_extensions import Annotated
+
+from . import config as config_mod
 
 app = typer.Typer(
     name="igpt",
@@ -22,22 +32,97 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-# Options every training stage takes.
-RunDir = Annotated[Optional[str], typer.Option("--run-dir", help="Run directory shared by all stages [default: runs/default].")]
+# Flags whose name is not derived from their config key (scripts use them); the same in every stage.
+ALIASES = {"model.name": "--model", "model.dropout": "--dropout", "model.max_seq_len": "--max-seq-len",
+           "model.gradient_checkpointing": "--gradient-checkpointing", "lora.enabled": "--lora",
+           "optim.lr": "--lr", "optim.batch_size": "--batch-size", "optim.grad_accum": "--grad-accum"}
+ARGUMENTS = {"eval": ("model",), "compare": ("a", "b")}  # positional: igpt eval MODEL, igpt compare A B
+NO_FLAG = {"ppo": {"model.name"}}  # PPO's policy is --sft: it never reads model.name
+PANELS = {"model": "Model", "lora": "LoRA", "optim": "Optimizer"}  # --help groups a block's flags
+TRAINING = ("sft", "rm", "ppo")  # run under torchrun / accelerate launch
+STAGE_MODULES = {"sft": "sft", "rm": "reward", "ppo": "ppo", "sample": "sample", "eval": "evaluate",
+                 "compare": "compare"}
+
+# Options that are no config field: how to run a stage, not what it computes. They go to its run().
 ConfigFile = Annotated[Optional[Path], typer.Option("--config", help="YAML preset; flags override it.")]
 PrintConfig = Annotated[bool, typer.Option("--print-config", help="Print the resolved config as YAML and exit.")]
-MaxSteps = Annotated[Optional[int], typer.Option("--max-steps", help="Stop after N optimizer steps.")]
-Seed = Annotated[Optional[int], typer.Option("--seed", help="Seed for init, data order and sampling.")]
 Resume = Annotated[bool, typer.Option("--resume", help="Continue from the newest complete checkpoint.")]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Delete this stage's outputs and start over.")]
-AllowChanges = Annotated[bool, typer.Option("--allow-changes", help="With --resume: continue even though settings or inputs that change training differ from the run so far (recorded in the manifest).")]
-Device = Annotated[Optional[str], typer.Option("--device", help="auto, cpu, cuda, cuda:N [default: auto].")]
-Model = Annotated[Optional[str], typer.Option("--model", help="smollm2-135m (bundled), tiny, or a local HF directory.")]
-Lora = Annotated[Optional[bool], typer.Option("--lora/--no-lora", help="Train LoRA adapters instead of all weights.")]
-Fsdp = Annotated[Optional[bool], typer.Option("--fsdp/--no-fsdp", help="Under torchrun: shard the model over the processes (FSDP2) instead of DDP.")]
-Checkpointing = Annotated[Optional[bool], typer.Option(
-    "--gradient-checkpointing/--no-gradient-checkpointing",
-    help="Recompute each layer's activations in the backward: less memory, about a third more compute.")]
+AllowChanges = Annotated[bool, typer.Option("--allow-changes", help="With --resume: continue even though settings or "
+                                            "inputs that change training differ from the run so far (recorded in the "
+                                            "manifest).")]
+Replace = Annotated[bool, typer.Option("--overwrite", help="Replace --out if it exists.")]
+AsJson = Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout (for scripts).")]
+TRAINING_OPTIONS = {"resume": (Resume, False), "overwrite": (Overwrite, False), "allow_changes": (AllowChanges, False)}
+STAGE_OPTIONS = {"sample": {"overwrite": (Replace, False)}, "eval": {"as_json": (AsJson, False)}}
+
+
+def flag_name(key: str) -> str:
+    """``optim.weight_decay`` -> ``--optim-weight-decay``, unless ALIASES names it."""
+    return ALIASES.get(key) or "--" + key.replace(".", "-").replace("_", "-")
+
+
+def help_text(doc: str, tp: Any, default: Any, flag: str) -> str:
+    """The field's doc and its default. Rich takes ``[default: x]`` for a markup tag and drops it, so the
+    bracket is escaped where typer formats help with rich."""
+    text = doc
+    if tp is bool:
+        text += f" [default: {'' if default else 'no-'}{flag[2:]}]"
+    elif isinstance(default, list):
+        text += f"; comma-separated [default: {','.join(map(str, default))}]"
+    elif default != "":  # what an empty path means (required, or RUN_DIR/...) the doc says
+        text += f" [default: {default}]"
+    return text.replace("[", "\\[") if typer.core.HAS_RICH else text
+
+
+def config_parameters(stage: str) -> tuple[list[inspect.Parameter], dict[str, tuple[str, Any]]]:
+    """Typer parameters for a stage's config fields (positional ARGUMENTS first), and
+    ``{parameter name: (dotted key, field type)}``."""
+    params, keys = [], {}
+    for key, (tp, default, doc) in config_mod.flat_fields(config_mod.STAGE_CONFIGS[stage]()).items():
+        if key in NO_FLAG.get(stage, ()):
+            continue
+        name, flag = key.replace(".", "__"), flag_name(key)
+        assert flag not in {flag_name(k) for k, _ in keys.values()}, f"{stage}: two fields are {flag}"
+        text = help_text(doc, tp, default, flag)
+        if key in ARGUMENTS.get(stage, ()):
+            info = typer.Argument(help=text, show_default=False, metavar=key.upper())
+        else:
+            info = typer.Option(f"{flag}/--no-{flag[2:]}" if tp is bool else flag, help=text, show_default=False,
+                                rich_help_panel=PANELS.get(key.split(".")[0]) if "." in key else None)
+        cli_type = str if tp is list else tp  # a list is given comma-separated
+        params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None,
+                                        annotation=Annotated[Optional[cli_type], info]))
+        keys[name] = (key, tp)
+    params.sort(key=lambda p: keys[p.name][0] not in ARGUMENTS.get(stage, ()))  # stable: field order kept
+    return params, keys
+
+
+def stage_command(stage: str, name: str, doc: str) -> None:
+    """Register ``igpt NAME``: the stage's config fields as flags, then --config, --print-config and the
+    stage's own options (TRAINING_OPTIONS, STAGE_OPTIONS), which run_stage hands to its run()."""
+    params, keys = config_parameters(stage)
+    options = {"config": (ConfigFile, None), "print_config": (PrintConfig, False),
+               **(TRAINING_OPTIONS if stage in TRAINING else STAGE_OPTIONS.get(stage, {}))}
+    clash = sorted(set(options) & set(keys))
+    assert not clash, f"{stage}: config fields {clash} clash with the command's own options"
+    params += [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=d, annotation=a)
+               for n, (a, d) in options.items()]
+
+    def command(**values: Any) -> None:
+        overrides = {}
+        for pname, (key, tp) in keys.items():
+            value = values.pop(pname)
+            if tp is list and value is not None:
+                value = [v.strip() for v in value.split(",") if v.strip()]
+            overrides[key] = value
+        run_stage(stage, values.pop("config"), values.pop("print_config"), overrides, **values)
+
+    command.__signature__ = inspect.Signature(params)  # typer reads the parameters from the signature
+    command.__annotations__ = {p.name: p.annotation for p in params}
+    command.__name__ = name.replace("-", "_")
+    command.__doc__ = doc
+    app.command(name)(command)
 
 
 def fail(messages: list[str], code: int = 2) -> None:
@@ -47,11 +132,16 @@ def fail(messages: list[str], code: int = 2) -> None:
 
 
 def run_stage(stage: str, config_file: Optional[Path], print_config: bool, overrides: dict[str, Any],
-              runner: Callable[[Any], Any]) -> None:
-    """Resolve the config, print it or run the stage. Known failures end with their exit code and one
-    message each, no traceback (errors.py); the locks the command took are released in every case, and
-    a stage that ended early is marked 'interrupted' or 'failed' in the manifest."""
-    from . import config as config_mod
+              **options: Any) -> None:
+    """Resolve the config, print it or run the stage: ``stages.<module>.run(cfg, **options)``, a training
+    stage inside ``distributed.launched`` (under torchrun / accelerate launch it joins the process group).
+    The path a stage returns is printed; a report (eval, compare) only with --json, as JSON (the stage has
+    shown it). Known failures end with their exit code and one message each, no traceback (errors.py);
+    the locks the command took are released in every case, and a stage that ended early is marked
+    'interrupted' or 'failed' in the manifest."""
+    import importlib
+    import json
+
     from .errors import BadInput, Interrupted, NonFinite, WriteFailed
     from .locks import release_all
     from .signals import stop_requested
@@ -64,7 +154,16 @@ def run_stage(stage: str, config_file: Optional[Path], print_config: bool, overr
         if print_config:
             typer.echo(config_mod.to_yaml(stage, cfg), nl=False)
             return
-        result = runner(cfg)
+        stage_module = importlib.import_module(f".stages.{STAGE_MODULES[stage]}", __package__)
+        if stage in TRAINING:
+            from .distributed import launched
+
+            with launched(cfg.device):
+                result = stage_module.run(cfg, **options)
+        else:
+            result = stage_module.run(cfg, **options)
+        if isinstance(result, dict):
+            result = json.dumps(result, indent=2) if options.get("as_json") else None
         status = None
     except (BadInput, NonFinite, WriteFailed) as e:
         release_all(status)
@@ -96,243 +195,16 @@ def interrupted(stage: str, e: Any) -> None:
     raise typer.Exit(e.code) from None
 
 
-@app.command()
-def sft(
-    data: Annotated[Optional[str], typer.Option("--data", help="Demonstrations JSONL: {prompt, response} or {messages}.")] = None,
-    run_dir: RunDir = None,
-    model: Model = None,
-    lora: Lora = None,
-    fsdp: Fsdp = None,
-    gradient_checkpointing: Checkpointing = None,
-    config: ConfigFile = None,
-    print_config: PrintConfig = False,
-    max_steps: MaxSteps = None,
-    epochs: Annotated[Optional[int], typer.Option("--epochs", help="Passes over the data [default: 16, the paper].")] = None,
-    lr: Annotated[Optional[float], typer.Option("--lr", help="Peak learning rate.")] = None,
-    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Micro-batch size (sequences).")] = None,
-    grad_accum: Annotated[Optional[int], typer.Option("--grad-accum", help="Micro-batches per optimizer step.")] = None,
-    dropout: Annotated[Optional[float], typer.Option("--dropout", help="Dropout probability of the model.")] = None,
-    max_seq_len: Annotated[Optional[int], typer.Option("--max-seq-len", help="Context window for training (tokens).")] = None,
-    val_fraction: Annotated[Optional[float], typer.Option("--val-fraction", help="Share held out for eval loss.")] = None,
-    save_every: Annotated[Optional[int], typer.Option("--save-every", help="Checkpoint every N steps.")] = None,
-    eval_every: Annotated[Optional[int], typer.Option("--eval-every", help="Held-out loss every N steps.")] = None,
-    seed: Seed = None,
-    resume: Resume = False,
-    overwrite: Overwrite = False,
-    allow_changes: AllowChanges = False,
-    device: Device = None,
-) -> None:
-    """Step 1: supervised fine-tuning on demonstrations (loss on response tokens only)."""
-    overrides = {"data": data, "run_dir": run_dir, "model.name": model, "lora.enabled": lora, "max_steps": max_steps,
-                 "epochs": epochs, "optim.lr": lr, "optim.batch_size": batch_size, "optim.grad_accum": grad_accum,
-                 "model.dropout": dropout, "model.max_seq_len": max_seq_len, "val_fraction": val_fraction,
-                 "save_every": save_every, "eval_every": eval_every, "seed": seed, "device": device, "fsdp": fsdp,
-                 "model.gradient_checkpointing": gradient_checkpointing}
-
-    def runner(cfg: Any) -> Any:
-        from .distributed import launched
-        from .stages import sft as stage
-
-        with launched(cfg.device):  # torchrun / accelerate launch: join the process group (else nothing)
-            return stage.run(cfg, resume=resume, overwrite=overwrite, allow_changes=allow_changes)
-
-    run_stage("sft", config, print_config, overrides, runner)
-
-
-@app.command("train-rm")
-def train_rm(
-    rankings: Annotated[Optional[str], typer.Option("--rankings", help="Rankings JSONL: {prompt, responses, ranks} or {prompt, chosen, rejected}.")] = None,
-    demos: Annotated[Optional[str], typer.Option("--demos", help="Demonstrations that define reward 0 [default: the run's SFT data].")] = None,
-    normalize: Annotated[Optional[bool], typer.Option("--normalize/--no-normalize", help="Shift rewards so the demonstrations score mean 0.")] = None,
-    sft: Annotated[Optional[str], typer.Option("--sft", help="SFT model directory to start from [default: RUN_DIR/sft/final].")] = None,
-    run_dir: RunDir = None,
-    model: Annotated[Optional[str], typer.Option("--model", help="Start from this model instead of the SFT model (tiny, smollm2-135m, a directory).")] = None,
-    lora: Lora = None,
-    fsdp: Fsdp = None,
-    gradient_checkpointing: Checkpointing = None,
-    config: ConfigFile = None,
-    print_config: PrintConfig = False,
-    max_steps: MaxSteps = None,
-    epochs: Annotated[Optional[int], typer.Option("--epochs", help="Passes over the rankings [default: 1, the paper].")] = None,
-    lr: Annotated[Optional[float], typer.Option("--lr", help="Peak learning rate.")] = None,
-    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Prompts per micro-batch (each with its K responses).")] = None,
-    grad_accum: Annotated[Optional[int], typer.Option("--grad-accum", help="Micro-batches per optimizer step.")] = None,
-    val_fraction: Annotated[Optional[float], typer.Option("--val-fraction", help="Share of prompts held out.")] = None,
-    save_every: Annotated[Optional[int], typer.Option("--save-every", help="Checkpoint every N steps.")] = None,
-    eval_every: Annotated[Optional[int], typer.Option("--eval-every", help="Held-out accuracy every N steps.")] = None,
-    seed: Seed = None,
-    resume: Resume = False,
-    overwrite: Overwrite = False,
-    allow_changes: AllowChanges = False,
-    device: Device = None,
-) -> None:
-    """Step 2: reward model from rankings of K responses per prompt (K-wise loss, reward normalised)."""
-    overrides = {"rankings": rankings, "demos": demos, "normalize": normalize, "sft": sft, "run_dir": run_dir,
-                 "model.name": model, "lora.enabled": lora, "max_steps": max_steps, "epochs": epochs,
-                 "optim.lr": lr, "optim.batch_size": batch_size, "optim.grad_accum": grad_accum,
-                 "val_fraction": val_fraction, "save_every": save_every, "eval_every": eval_every, "seed": seed,
-                 "device": device, "fsdp": fsdp,
-                 "model.gradient_checkpointing": gradient_checkpointing}
-
-    def runner(cfg: Any) -> Any:
-        from .distributed import launched
-        from .stages import reward as stage
-
-        with launched(cfg.device):  # torchrun / accelerate launch: join the process group (else nothing)
-            return stage.run(cfg, resume=resume, overwrite=overwrite, allow_changes=allow_changes)
-
-    run_stage("rm", config, print_config, overrides, runner)
-
-
-@app.command()
-def ppo(
-    prompts: Annotated[Optional[str], typer.Option("--prompts", help="Prompts JSONL for rollouts: {prompt}, optional category.")] = None,
-    ptx_coef: Annotated[Optional[float], typer.Option("--ptx-coef", help="PPO-ptx gamma: weight of the pretraining LM loss (paper: 27.8) [default: 0].")] = None,
-    ptx_data: Annotated[Optional[str], typer.Option("--ptx-data", help="Pretraining text: JSONL {text} or .txt.")] = None,
-    ptx_micro_batch_size: Annotated[Optional[int], typer.Option("--ptx-micro-batch-size", help="Pretraining sequences per forward/backward, memory only [default: 0 = optim.batch_size].")] = None,
-    sft: Annotated[Optional[str], typer.Option("--sft", help="SFT model (policy init and KL reference) [default: RUN_DIR/sft/final].")] = None,
-    rm: Annotated[Optional[str], typer.Option("--rm", help="Reward model (and value init) [default: RUN_DIR/rm/final].")] = None,
-    require_rm_accuracy: Annotated[Optional[float], typer.Option("--require-rm-accuracy", help="Refuse to start unless the RM's recorded held-out accuracy is at least this (0-1) [default: 0, no check].")] = None,
-    run_dir: RunDir = None,
-    lora: Lora = None,
-    fsdp: Fsdp = None,
-    gradient_checkpointing: Checkpointing = None,
-    config: ConfigFile = None,
-    print_config: PrintConfig = False,
-    max_steps: Annotated[Optional[int], typer.Option("--max-steps", help="PPO iterations (rollout + update each).")] = None,
-    total_episodes: Annotated[Optional[int], typer.Option("--total-episodes", help="Stop after this many sampled responses (rounded up to whole iterations).")] = None,
-    beta: Annotated[Optional[float], typer.Option("--beta", help="KL penalty coefficient (paper: 0.02).")] = None,
-    target_kl: Annotated[Optional[float], typer.Option("--target-kl", help="Adapt beta towards this KL (0 = fixed).")] = None,
-    lr: Annotated[Optional[float], typer.Option("--lr", help="Learning rate of the policy (and of the value model when --vf-lr is 0).")] = None,
-    vf_lr: Annotated[Optional[float], typer.Option("--vf-lr", help="Learning rate of the value model; 0 = --lr (paper: 9e-6).")] = None,
-    rollout_batch_size: Annotated[Optional[int], typer.Option("--rollout-batch-size", help="Prompts per iteration.")] = None,
-    mini_batch_size: Annotated[Optional[int], typer.Option("--mini-batch-size", help="Responses per optimizer step.")] = None,
-    ppo_epochs: Annotated[Optional[int], typer.Option("--ppo-epochs", help="Passes over each rollout batch.")] = None,
-    temperature: Annotated[Optional[float], typer.Option("--temperature", help="Sampling temperature.")] = None,
-    max_new_tokens: Annotated[Optional[int], typer.Option("--max-new-tokens", help="Longest response (tokens).")] = None,
-    save_every: Annotated[Optional[int], typer.Option("--save-every", help="Checkpoint every N iterations.")] = None,
-    sample_every: Annotated[Optional[int], typer.Option("--sample-every", help="Write samples every N iterations.")] = None,
-    seed: Seed = None,
-    resume: Resume = False,
-    overwrite: Overwrite = False,
-    allow_changes: AllowChanges = False,
-    device: Device = None,
-) -> None:
-    """Step 3: PPO against the reward model with a per-token KL penalty, and PPO-ptx."""
-    overrides = {"prompts": prompts, "ptx_coef": ptx_coef, "ptx_data": ptx_data, "sft": sft, "rm": rm,
-                 "require_rm_accuracy": require_rm_accuracy,
-                 "ptx_micro_batch_size": ptx_micro_batch_size,
-                 "run_dir": run_dir, "lora.enabled": lora, "max_steps": max_steps, "total_episodes": total_episodes,
-                 "beta": beta, "target_kl": target_kl, "optim.lr": lr, "rollout_batch_size": rollout_batch_size,
-                 "mini_batch_size": mini_batch_size, "ppo_epochs": ppo_epochs, "temperature": temperature,
-                 "max_new_tokens": max_new_tokens, "save_every": save_every, "sample_every": sample_every,
-                 "seed": seed, "device": device, "fsdp": fsdp, "vf_lr": vf_lr,
-                 "model.gradient_checkpointing": gradient_checkpointing}
-
-    def runner(cfg: Any) -> Any:
-        from .distributed import launched
-        from .stages import ppo as stage
-
-        with launched(cfg.device):  # torchrun / accelerate launch: join the process group (else nothing)
-            return stage.run(cfg, resume=resume, overwrite=overwrite, allow_changes=allow_changes)
-
-    run_stage("ppo", config, print_config, overrides, runner)
-
-
-@app.command()
-def sample(
-    prompts: Annotated[Optional[str], typer.Option("--prompts", help="Prompts JSONL: {prompt}, optional category.")] = None,
-    out: Annotated[Optional[str], typer.Option("--out", help="Output JSONL {prompt, responses}; add ranks to train an RM.")] = None,
-    k: Annotated[Optional[int], typer.Option("--k", help="Responses per prompt [default: 4].")] = None,
-    model: Annotated[Optional[str], typer.Option("--model", help="Model to sample [default: RUN_DIR/sft/final].")] = None,
-    run_dir: RunDir = None,
-    temperature: Annotated[Optional[float], typer.Option("--temperature", help="Sampling temperature; 0 = greedy [default: 1.0].")] = None,
-    max_new_tokens: Annotated[Optional[int], typer.Option("--max-new-tokens", help="Longest response in tokens [default: 128].")] = None,
-    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Sequences generated at once.")] = None,
-    config: ConfigFile = None,
-    print_config: PrintConfig = False,
-    seed: Seed = None,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace --out if it exists.")] = False,
-    device: Device = None,
-) -> None:
-    """Sample K responses per prompt for labelers to rank (the same seed gives the same samples)."""
-    overrides = {"prompts": prompts, "out": out, "k": k, "model": model, "run_dir": run_dir,
-                 "temperature": temperature, "max_new_tokens": max_new_tokens, "batch_size": batch_size,
-                 "seed": seed, "device": device}
-
-    def runner(cfg: Any) -> Any:
-        from .stages import sample as stage
-
-        return stage.run(cfg, overwrite=overwrite)
-
-    run_stage("sample", config, print_config, overrides, runner)
-
-
-@app.command("eval")
-def evaluate(
-    model: Annotated[Optional[str], typer.Argument(help="A stage of the run (sft, ppo) or a model directory.")] = None,
-    prompts: Annotated[Optional[str], typer.Option("--prompts", help="Held-out prompts JSONL.")] = None,
-    rankings: Annotated[Optional[str], typer.Option("--rankings", help="Held-out rankings: the RM's pairwise accuracy.")] = None,
-    ptx_data: Annotated[Optional[str], typer.Option("--ptx-data", help="Held-out pretraining text: LM loss vs SFT (alignment tax).")] = None,
-    rm: Annotated[Optional[str], typer.Option("--rm", help="Reward model [default: RUN_DIR/rm/final].")] = None,
-    sft: Annotated[Optional[str], typer.Option("--sft", help="KL reference [default: RUN_DIR/sft/final].")] = None,
-    name: Annotated[Optional[str], typer.Option("--name", help="Report folder eval/NAME [default: the model's name].")] = None,
-    run_dir: RunDir = None,
-    temperature: Annotated[Optional[float], typer.Option("--temperature", help="Sampling temperature [default: 1.0].")] = None,
-    kl_temperature: Annotated[Optional[float], typer.Option("--kl-temperature", help="Log-prob temperature of the KL to SFT [default: the run's PPO temperature, else 1.0].")] = None,
-    max_new_tokens: Annotated[Optional[int], typer.Option("--max-new-tokens", help="Longest response (tokens).")] = None,
-    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Sequences per forward pass.")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout (for scripts).")] = False,
-    config: ConfigFile = None,
-    print_config: PrintConfig = False,
-    seed: Seed = None,
-    device: Device = None,
-) -> None:
-    """Reward, KL to SFT, alignment tax and preference accuracy of a model; writes eval/NAME/report.json."""
-    overrides = {"model": model, "prompts": prompts, "rankings": rankings, "ptx_data": ptx_data, "rm": rm,
-                 "sft": sft, "name": name, "run_dir": run_dir, "temperature": temperature, "kl_temperature": kl_temperature,
-                 "max_new_tokens": max_new_tokens, "batch_size": batch_size, "seed": seed, "device": device}
-
-    def runner(cfg: Any) -> Any:
-        import json
-
-        from .stages import evaluate as stage
-
-        report = stage.run(cfg, as_json=as_json)
-        if as_json:
-            typer.echo(json.dumps(report, indent=2))
-
-    run_stage("eval", config, print_config, overrides, runner)
-
-
-@app.command()
-def compare(
-    a: Annotated[Optional[str], typer.Argument(help="Model A: a stage of the run (sft, ppo) or a directory.")] = None,
-    b: Annotated[Optional[str], typer.Argument(help="Model B, the baseline.")] = None,
-    prompts: Annotated[Optional[str], typer.Option("--prompts", help="Prompts both models answer.")] = None,
-    judge: Annotated[Optional[str], typer.Option("--judge", help="rm (reward model) or human (terminal labeler) [default: rm].")] = None,
-    rm: Annotated[Optional[str], typer.Option("--rm", help="Reward model judge [default: RUN_DIR/rm/final].")] = None,
-    tie_margin: Annotated[Optional[float], typer.Option("--tie-margin", help="RM score gap counted as a tie [default: 0].")] = None,
-    run_dir: RunDir = None,
-    temperature: Annotated[Optional[float], typer.Option("--temperature", help="Sampling temperature for both [default: 0.7].")] = None,
-    max_new_tokens: Annotated[Optional[int], typer.Option("--max-new-tokens", help="Longest response (tokens).")] = None,
-    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Sequences per forward pass.")] = None,
-    config: ConfigFile = None,
-    print_config: PrintConfig = False,
-    seed: Seed = None,
-    device: Device = None,
-) -> None:
-    """Win rate of A over B with a 95% confidence interval; writes compare/A-vs-B/ with report.html."""
-    overrides = {"a": a, "b": b, "prompts": prompts, "judge": judge, "rm": rm, "tie_margin": tie_margin,
-                 "run_dir": run_dir, "temperature": temperature, "max_new_tokens": max_new_tokens,
-                 "batch_size": batch_size, "seed": seed, "device": device}
-
-    def runner(cfg: Any) -> Any:
-        from .stages import compare as stage
-
-        stage.run(cfg)
-
-    run_stage("compare", config, print_config, overrides, runner)
+stage_command("sft", "sft", "Step 1: supervised fine-tuning on demonstrations (loss on response tokens only).")
+stage_command("rm", "train-rm",
+              "Step 2: reward model from rankings of K responses per prompt (K-wise loss, reward normalised).")
+stage_command("ppo", "ppo", "Step 3: PPO against the reward model with a per-token KL penalty, and PPO-ptx.")
+stage_command("sample", "sample",
+              "Sample K responses per prompt for labelers to rank (the same seed gives the same samples).")
+stage_command("eval", "eval",
+              "Reward, KL to SFT, alignment tax and preference accuracy of a model; writes eval/NAME/report.json.")
+stage_command("compare", "compare",
+              "Win rate of A over B with a 95% confidence interval; writes compare/A-vs-B/ with report.html.")
 
 
 @app.command()

@@ -311,6 +311,20 @@ def field_docs(cls: type, prefix: str = "") -> dict[str, str]:
     return docs
 
 
+
+def flat_fields(obj: Any, prefix: str = "") -> dict[str, tuple[Any, Any, str]]:
+    """``{"optim.lr": (float, 1e-05, "peak learning rate ...")}``: type, default and doc of every leaf field of
+    config instance ``obj`` (a stage's own block defaults, e.g. rm's ``model.name: ""``); the CLI's flags."""
+    out: dict[str, tuple[Any, Any, str]] = {}
+    hints = typing.get_type_hints(type(obj))
+    for fl in dataclasses.fields(obj):
+        value = getattr(obj, fl.name)
+        if dataclasses.is_dataclass(value):
+            out.update(flat_fields(value, prefix + fl.name + "."))
+        else:
+            out[prefix + fl.name] = (hints[fl.name], value, fl.metadata.get("doc", ""))
+    return out
+
 def _check_type(value: Any, tp: Any, where: str) -> Any:
     """Return ``value`` converted to ``tp`` where lossless (int -> float), else raise with ``where``."""
     origin = typing.get_origin(tp)
