@@ -6,6 +6,7 @@ import pytest
 import yaml
 
 from conftest import REPO, TINY_CONFIG, igpt
+from instructgpt_cli import presets
 from instructgpt_cli import config as config_mod
 from instructgpt_cli.errors import BadInput
 
@@ -15,7 +16,7 @@ PRESETS = sorted((REPO / "configs").glob("*.yaml"))
 @pytest.mark.parametrize("preset", PRESETS, ids=[p.name for p in PRESETS])
 def test_every_preset_resolves_for_every_stage_it_configures(preset):
     raw = yaml.safe_load(preset.read_text())
-    assert raw and set(raw) <= set(config_mod.SECTIONS)
+    assert raw and set(raw) <= set(presets.SECTIONS)
     for stage in raw:
         if stage in config_mod.STAGE_CONFIGS:
             cfg = config_mod.resolve(stage, preset, {})
