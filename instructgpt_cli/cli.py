@@ -238,7 +238,8 @@ def main() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft)\.")
     try:
         app()
-    except Interrupted as e:  # between commands' own handling (while parsing the command line)
+    except Interrupted as e:  # before a command's own handling (building or parsing the command line)
+        typer.echo(f"igpt: interrupted ({e}) before the command started; nothing was written", err=True)
         raise SystemExit(e.code) from None
 
 

@@ -2,6 +2,7 @@
 banners, progress bars and one-line messages. Metrics go to metrics.jsonl, not here."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from . import distributed
@@ -46,3 +47,20 @@ def progress() -> Any:
 
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                     TimeRemainingColumn(), console=console(), disable=not distributed.is_main())
+
+
+def processes_note(fsdp: bool) -> str:
+    """Banner suffix saying how a step is shared ('' for one process)."""
+    world = distributed.world_size()
+    if world == 1:
+        return " (--fsdp ignored: one process)" if fsdp else ""
+    return f" over {world} processes ({'FSDP' if fsdp else 'DDP'})"
+
+
+def model_rows(model: Any, lora: bool, ckpt: Path | None) -> dict[str, str]:
+    """Banner rows every training stage shows: trainable parameters and where it starts from."""
+    from .models import count_parameters
+
+    trainable, total = count_parameters(model)
+    return {"trainable": f"{trainable:,} of {total:,} parameters" + (" (LoRA)" if lora else ""),
+            "resume": f"from {ckpt.name}" if ckpt else "no (fresh start)"}

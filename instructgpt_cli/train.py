@@ -11,7 +11,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import torch
 
@@ -142,6 +142,22 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_st
                          num_training_steps=total_steps, scheduler_specific_kwargs=extra)
 
 
+class Plan(NamedTuple):
+    """How many items an optimizer step takes (over every rank), steps an epoch, steps in all."""
+
+    per_step: int
+    epoch_steps: int
+    total_steps: int
+
+
+def plan_steps(cfg: Any, n_train: int) -> Plan:
+    """The plan of an epoch-based stage (SFT, train-rm): ``optim.batch_size x grad_accum x ranks`` items a
+    step, ``max_steps`` if set, else ``epochs`` passes."""
+    per_step = cfg.optim.batch_size * cfg.optim.grad_accum * distributed.world_size()
+    epoch_steps = steps_per_epoch(n_train, per_step)
+    return Plan(per_step, epoch_steps, cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * epoch_steps)
+
+
 def steps_per_epoch(n_items: int, per_step: int) -> int:
     return max(1, math.ceil(n_items / per_step))
 
@@ -180,23 +196,6 @@ def micro_batches(items: list, size: int) -> list[list]:
 def step_chunks(items: list, step: int, per_step: int, micro: int, seed: int) -> list[list]:
     """The items of optimizer step ``step``, split into micro-batches of ``micro``."""
     return [[items[j] for j in chunk] for chunk in micro_batches(step_indices(len(items), step, per_step, seed), micro)]
-
-
-def processes_note(fsdp: bool) -> str:
-    """Banner suffix saying how a step is shared ('' for one process)."""
-    world = distributed.world_size()
-    if world == 1:
-        return " (--fsdp ignored: one process)" if fsdp else ""
-    return f" over {world} processes ({'FSDP' if fsdp else 'DDP'})"
-
-
-def model_rows(model: Any, lora: bool, ckpt: Path | None) -> dict[str, str]:
-    """Banner rows every training stage shows: trainable parameters and where it starts from."""
-    from .models import count_parameters
-
-    trainable, total = count_parameters(model)
-    return {"trainable": f"{trainable:,} of {total:,} parameters" + (" (LoRA)" if lora else ""),
-            "resume": f"from {ckpt.name}" if ckpt else "no (fresh start)"}
 
 
 def rng_state() -> dict:

@@ -27,7 +27,7 @@ import torch
 
 from .. import distributed
 from ..config import LoraConfig, ModelConfig, PPOConfig
-from ..console import banner, say
+from ..console import banner, model_rows, processes_note, say
 from ..batches import pretrain_blocks, render_queries
 from ..data import read_pretrain, read_prompts
 from ..distributed import resolve_device
@@ -43,8 +43,7 @@ from ..stats import describe_rm_accuracy
 from ..storage import building
 from ..lifecycle import begin_stage, finish_stage, open_stage
 from .ppo_step import PolicyAndValue, PPOModels, Scored, non_finite, ppo_update, score_rollout
-from ..train import (build_optimizer, build_scheduler, fit, model_rows, processes_note,
-                     restore, skip_step, stream_indices)
+from ..train import build_optimizer, build_scheduler, fit, restore, skip_step, stream_indices
 
 STAGE = "ppo"
 

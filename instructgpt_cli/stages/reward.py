@@ -19,7 +19,7 @@ from ..config import ModelConfig, RMConfig
 from ..batches import RankedGroup, tokenize_rankings, tokenize_scored
 from ..data import read_demos, read_rankings
 from ..distributed import resolve_device
-from ..console import banner, say
+from ..console import banner, model_rows, processes_note, say
 from ..errors import BadInput
 from ..families import supports_packing, supports_sharing
 from ..forward import REWARD_BIAS, forward_name
@@ -29,8 +29,8 @@ from ..rewards import REWARD_STATS, Layout, ranking_scores, score_sequences
 from ..rundir import Stage, file_input, find_model, model_input, read_manifest
 from ..stats import describe_rm_accuracy, rm_accuracy
 from ..lifecycle import begin_stage, finish_stage, open_stage
-from ..train import (build_optimizer, build_scheduler, fit, micro_batches, model_rows, optimizer_step, processes_note,
-                     restore, step_chunks, steps_per_epoch)
+from ..train import (build_optimizer, plan_steps, build_scheduler, fit, micro_batches, optimizer_step, restore,
+                     step_chunks)
 
 STAGE = "rm"
 
@@ -168,9 +168,7 @@ def run(cfg: RMConfig, resume: bool = False, overwrite: bool = False, allow_chan
                     packed=cfg.padding_free and supports_packing(model))
     run_model = distributed.wrap(model, device, cfg.fsdp)
     distributed.seed_rank(cfg.seed)
-    per_step = cfg.optim.batch_size * cfg.optim.grad_accum * distributed.world_size()
-    epoch_steps = steps_per_epoch(len(train), per_step)
-    total_steps = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * epoch_steps
+    per_step, epoch_steps, total_steps = plan_steps(cfg, len(train))
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, total_steps)
 

@@ -16,15 +16,15 @@ from ..config import SFTConfig
 from ..batches import Example, IGNORE_INDEX, collate, collate_packed, pays_to_pack, tokenize_demos
 from ..data import read_demos
 from ..distributed import resolve_device
-from ..console import banner, say
+from ..console import banner, model_rows, processes_note, say
 from ..errors import BadInput
 from ..families import supports_packing
 from ..forward import forward_name, response_loss_sum
 from ..models import apply_lora, context_window, load_causal_lm, load_tokenizer, save_final
 from ..rundir import Stage, file_input, model_input
 from ..lifecycle import begin_stage, finish_stage, open_stage
-from ..train import (build_optimizer, build_scheduler, fit, micro_batches, model_rows, optimizer_step, processes_note,
-                     restore, step_chunks, steps_per_epoch)
+from ..train import (build_optimizer, plan_steps, build_scheduler, fit, micro_batches, optimizer_step, restore,
+                     step_chunks)
 
 STAGE = "sft"
 
@@ -112,9 +112,7 @@ def run(cfg: SFTConfig, resume: bool = False, overwrite: bool = False, allow_cha
     packed = cfg.padding_free and supports_packing(model)
     run_model = distributed.wrap(model, device, cfg.fsdp)
     distributed.seed_rank(cfg.seed)
-    per_step = cfg.optim.batch_size * cfg.optim.grad_accum * distributed.world_size()
-    epoch_steps = steps_per_epoch(len(train), per_step)
-    total_steps = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * epoch_steps
+    per_step, epoch_steps, total_steps = plan_steps(cfg, len(train))
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, total_steps)
 
