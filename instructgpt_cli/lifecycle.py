@@ -10,6 +10,7 @@ import os
 import shlex
 import socket
 import sys
+from pathlib import Path
 from typing import Any
 
 from . import config as config_mod
@@ -78,7 +79,8 @@ def resume_changes(stage: Stage, cfg: Any, inputs: dict) -> list[dict]:
                         "free": key in config_mod.FREE_ON_RESUME})
     before = read_manifest(stage.run_dir).get("stages", {}).get(stage.name, {}).get("inputs", {})
     for key in sorted(set(before) | set(inputs)):
-        was, now_ = _identity(before.get(key)), _identity(inputs.get(key))
+        hashed = all(isinstance(x, dict) and x.get("sha256") for x in (before.get(key), inputs.get(key)))
+        was, now_ = (_identity(before.get(key), hashed), _identity(inputs.get(key), hashed))
         if was != now_:
             changes.append({"setting": f"input {key}", "was": was, "now": now_, "free": False})
     return changes
@@ -94,11 +96,13 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def _identity(entry: Any) -> Any:
-    """What an input is, for comparison: its sha256 when recorded, else what was recorded (a model name)."""
-    if isinstance(entry, dict):
-        return entry.get("sha256") or entry.get("path")
-    return entry
+def _identity(entry: Any, hashed: bool) -> Any:
+    """What an input is, for comparison: its sha256 when both sides recorded one, else where it came from (a
+    resolved path, or a model name), as an igpt before the hashes recorded it."""
+    if hashed:
+        return entry["sha256"]
+    where = entry.get("path") if isinstance(entry, dict) else entry
+    return str(Path(where).resolve()) if isinstance(where, str) and Path(where).exists() else where
 
 
 def begin_stage(stage: Stage, mode: str, cfg: Any, inputs: dict) -> None:

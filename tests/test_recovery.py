@@ -444,3 +444,25 @@ def test_running_is_read_as_interrupted_once_the_process_is_gone(tmp_path, demos
     assert locks.stage_status(run_dir, "sft") == "interrupted"  # what it means
     assert igpt(*sft_args(demos, run_dir, "--resume")).exit_code == 0
     assert locks.stage_status(run_dir, "sft") == "completed"
+
+
+def test_a_run_recorded_by_an_older_igpt_resumes_when_its_inputs_are_where_they_were(tmp_path, demos):
+    # igpt before issue 18 recorded a model input as its path, with no hash: the same path is no change
+    base = tmp_path / "base"
+    assert igpt(*sft_args(demos, base, "--max-steps", "2")).exit_code == 0
+    model = base / "sft" / "final"
+    run_dir = tmp_path / "run"
+    args = sft_args(demos, run_dir, "--model", model, "--max-steps", "4")
+    assert igpt(*args).exit_code == 0
+    old = json.loads((run_dir / "manifest.json").read_text())
+    assert old["stages"]["sft"]["inputs"]["model"]["sha256"]
+    old["stages"]["sft"]["inputs"]["model"] = str(model)  # the older record
+    (run_dir / "manifest.json").write_text(json.dumps(old))
+    longer = igpt(*sft_args(demos, run_dir, "--model", model, "--max-steps", "5", "--resume"))
+    assert longer.exit_code == 0 and "from step-000004" in longer.stderr, longer.output
+    # another directory under the older record is a change
+    old = json.loads((run_dir / "manifest.json").read_text())
+    old["stages"]["sft"]["inputs"]["model"] = str(tmp_path / "elsewhere")
+    (run_dir / "manifest.json").write_text(json.dumps(old))
+    refused = igpt(*sft_args(demos, run_dir, "--model", model, "--max-steps", "6", "--resume"))
+    assert refused.exit_code == 2 and "input model" in refused.stderr, refused.output
