@@ -1,11 +1,11 @@
 """One writer per output of a run directory: a ``flock`` on ``RUN_DIR/.locks/NAME.lock`` for each stage
 (``sft``), report (``eval/NAME``, ``compare/A-vs-B``) or file igpt writes, released by the kernel when the
 process dies (SIGKILL included), so a lock is never stale; and what the locks say about the manifest's
-``running`` entries. Torch is imported only under a launcher, to share a refusal with every rank."""
+``running`` entries. Torch is imported only when a stage takes its lock (a launched run shares a refusal with
+every rank); the status readers need none."""
 from __future__ import annotations
 
 import contextlib
-import datetime as _dt
 import errno
 import fcntl
 import json
@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from .errors import BadInput
+from .storage import now
 
 
 LOCK_DIR = ".locks"
@@ -62,7 +63,7 @@ class Lock:
                 os.close(fd)
                 continue
             holder = {"pid": os.getpid(), "host": socket.gethostname(), "command": " ".join(sys.argv[:3]),
-                      "since": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+                      "since": now()}
             os.ftruncate(fd, 0)
             os.write(fd, (json.dumps(holder) + "\n").encode("utf-8"))
             self.fd = fd
@@ -113,20 +114,17 @@ _HELD: list[Lock] = []
 def take(run_dir: Path, name: str, what: str | None = None) -> None:
     """Hold the lock of output ``name`` of ``run_dir`` until :func:`release_all` (the end of the command)
     or the end of the process. Under a launcher rank 0 takes it and every rank raises its refusal."""
-    from .distributed import is_main
+    from . import distributed
 
     problem = None
-    if is_main():
+    if distributed.is_main():
         lock = Lock(lock_path(run_dir, name), what or str(Path(run_dir) / name), Path(run_dir), name)
         try:
             lock.acquire()
             _HELD.append(lock)
         except BadInput as e:
             problem = e.messages
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from . import distributed
-
-        problem = distributed.broadcast(problem)
+    problem = distributed.broadcast(problem)  # rank 0's answer on every rank (itself, alone)
     if problem:
         raise BadInput(problem)
 
@@ -168,7 +166,7 @@ def settle_statuses(run_dir: Path) -> None:
 
     manifest = read_manifest(Path(run_dir))
     for name, entry in manifest.get("stages", {}).items():
-        if entry.get("status") == "running" and not is_locked(run_dir, name):
+        if entry.get("status") == "running" and stage_status(run_dir, name, manifest) == "interrupted":
             update_manifest(Path(run_dir), name, status="interrupted",
                             note=f"pid {entry.get('pid', '?')} ended without finishing (killed?)")
 

@@ -19,7 +19,7 @@ class _Stop:
 
 def install_signal_handlers() -> None:
     """From the start of a command: a stop signal raises :class:`Interrupted` at once, except while a
-    training loop defers it (:func:`deferred`) to the end of the current step."""
+    training loop defers it (:func:`defer`) to the end of the current step."""
     _Stop.signum, _Stop.deferred = None, False
     for sig in STOP_SIGNALS:
         signal.signal(sig, _on_signal)

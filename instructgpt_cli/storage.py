@@ -125,8 +125,22 @@ def weights_sha256(model_dir: str | Path) -> str | None:
         return None
     h = hashlib.sha256()
     for p in files:
-        h.update(f"{p.relative_to(root).as_posix()}\0{sha256_file(p)}\n".encode("utf-8"))
+        h.update(f"{p.relative_to(root).as_posix()}\0{_identity_sha256(p)}\n".encode("utf-8"))
     return h.hexdigest()
+
+
+def _identity_sha256(path: Path) -> str:
+    """:func:`sha256_file`, once per process for a file that keeps its size and modification time: a digest
+    that names weights (lineage, eval's report), asked for several times a command. Not for integrity:
+    :func:`verify_dir` always reads the bytes (a flipped bit changes neither size nor time)."""
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _DIGESTS:
+        _DIGESTS[key] = sha256_file(path)
+    return _DIGESTS[key]
+
+
+_DIGESTS: dict[tuple, str] = {}
 
 
 def seal_dir(path: Path) -> None:

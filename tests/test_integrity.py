@@ -4,6 +4,7 @@ import hashlib
 import json
 import re
 import shutil
+import time
 
 import pytest
 import torch
@@ -204,3 +205,15 @@ def test_next_stage_refuses_a_truncated_final_model_and_writes_nothing(tmp_path,
     assert "Traceback" not in result.output
     assert not (run_dir / "rm").exists()
     assert json.loads((run_dir / "manifest.json").read_text())["stages"].keys() == {"sft"}
+
+
+def test_weights_digest_follows_a_file_rewritten_in_place(tmp_path):
+    from instructgpt_cli.storage import weights_sha256
+
+    f = tmp_path / "model.safetensors"
+    f.write_bytes(b"a" * 64)
+    first = weights_sha256(tmp_path)
+    assert weights_sha256(tmp_path) == first  # asked again: the same digest (read once)
+    time.sleep(0.01)
+    f.write_bytes(b"b" * 64)  # same size, new bytes (a retrained model saved in place)
+    assert weights_sha256(tmp_path) != first
