@@ -74,7 +74,8 @@ def mark_stale(run_dir: Path, stage: str, sha: str | None = None) -> None:
             path = Path(source["path"])
             if path != final and final not in path.parents:
                 continue
-            if sha is not None and source.get("sha256") == weights_sha256(path if path.exists() else final):
+            if sha is not None and path.exists() and source.get("sha256") == (
+                    sha if path == final else weights_sha256(path)):
                 changed |= entry.pop("stale", None) is not None
             else:
                 entry["stale"] = f"its input {key} ({path}) is the output of {stage}, re-run on {now()}"
@@ -235,7 +236,7 @@ def find_model(explicit: str, run_dir: Path, stage: str, flag: str) -> str:
     """``explicit`` if given, else the ``stage``'s final model in the run directory; BadInput if neither."""
     if explicit:
         return explicit
-    final = run_dir / stage / "final"
+    final = run_dir / STAGE_MODELS[stage]
     if (final / "config.json").is_file():
         return str(final)
     command = {"rm": "train-rm"}.get(stage, stage)
