@@ -82,6 +82,8 @@ class SFTConfig:
     eval_every: int = f(50, "evaluate on the held-out split every N optimizer steps, and at the end (steps)")
     save_every: int = f(100, "write a resumable checkpoint every N optimizer steps (steps)")
     keep_checkpoints: int = f(2, "keep only the newest N complete checkpoints (count)")
+    log_every: int = f(0, "in a log file (stderr not a terminal): a progress line every N optimizer steps; 0 = about "
+                          "every 30 s (steps)")
     fsdp: bool = f(False, "under torchrun / accelerate launch, shard weights, gradients and optimizer state over the "
                           "processes (FSDP2) instead of replicating them (DDP): for models that do not fit one device")
     seed: int = f(0, "seed for initialisation, data order and dropout")
@@ -111,6 +113,8 @@ class RMConfig:
     eval_every: int = f(20, "held-out loss and accuracy every N optimizer steps, and at the end (steps)")
     save_every: int = f(100, "write a resumable checkpoint every N optimizer steps (steps)")
     keep_checkpoints: int = f(2, "keep only the newest N complete checkpoints (count)")
+    log_every: int = f(0, "in a log file (stderr not a terminal): a progress line every N optimizer steps; 0 = about "
+                          "every 30 s (steps)")
     fsdp: bool = f(False, "under torchrun / accelerate launch, shard weights, gradients and optimizer state over the "
                           "processes (FSDP2) instead of replicating them (DDP): for models that do not fit one device")
     seed: int = f(0, "seed for the head initialisation, data order and dropout")
@@ -166,6 +170,8 @@ class PPOConfig:
     sample_every: int = f(10, "write prompts, responses and scores to ppo/samples/ every N iterations")
     save_every: int = f(20, "write a resumable checkpoint every N iterations")
     keep_checkpoints: int = f(2, "keep only the newest N complete checkpoints (count)")
+    log_every: int = f(0, "in a log file (stderr not a terminal): a progress line every N optimizer steps; 0 = about "
+                          "every 30 s (steps)")
     fsdp: bool = f(False, "under torchrun / accelerate launch, shard weights, gradients and optimizer state over the "
                           "processes (FSDP2) instead of replicating them (DDP): for models that do not fit one device")
     seed: int = f(0, "seed for prompt order, sampling and minibatch order")
@@ -260,7 +266,7 @@ def flat_fields(obj: Any, prefix: str = "") -> dict[str, tuple[Any, Any, str]]:
 # stop, and where to run; none changes what a step computes (README, "Failure and recovery"). A longer
 # run (EXTENDS) resumes even a finished stage. The model's memory-only switches belong here too.
 FREE_ON_RESUME = frozenset({"run_dir", "device", "fsdp", "save_every", "eval_every", "sample_every", "keep_checkpoints",
-                            "max_steps", "epochs", "total_episodes", "require_rm_accuracy",
+                            "max_steps", "epochs", "total_episodes", "require_rm_accuracy", "log_every",
                             "model.gradient_checkpointing", "ptx_micro_batch_size"})
 EXTENDS = frozenset({"max_steps", "epochs", "total_episodes"})
 # File settings: compared by the content of what they name (the manifest's input hashes), not by path.

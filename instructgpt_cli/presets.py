@@ -41,6 +41,7 @@ CHECKS: dict[str, tuple[Any, str]] = {
     "eval_every": (lambda v: v >= 1, "must be >= 1"),
     "save_every": (lambda v: v >= 1, "must be >= 1"),
     "keep_checkpoints": (lambda v: v >= 1, "must be >= 1"),
+    "log_every": (lambda v: v >= 0, "must be >= 0 (0 = about every 30 s)"),
     "r": (lambda v: v >= 1, "must be >= 1"),
     "layers": (lambda v: v >= 0, "must be >= 0 (0 = all layers)"),
     "k": (lambda v: v >= 2, "must be >= 2 (rankings need two responses at least)"),

@@ -17,7 +17,7 @@ import torch
 
 from . import distributed, lifecycle, signals
 from .config import OptimConfig
-from .console import progress, say, say_every_rank
+from .console import StepProgress, say, say_every_rank
 from .errors import BadInput, NonFinite
 from .rundir import (Stage, append_jsonl, begin_checkpoint, checkpoint_name, latest_checkpoint, publish_checkpoint,
                      read_manifest, read_metrics, truncate_metrics, update_manifest)
@@ -323,11 +323,13 @@ def restore(stage: Stage, mode: str, model: Any, optimizer: Any, scheduler: Any,
 
 def fit(stage: Stage, model: Any, optimizer: Any, scheduler: Any, step: int, total_steps: int,
         train_step: Callable[[int], dict], evaluate: Callable[[], dict] | None, eval_every: int, save_every: int,
-        keep: int, extra_state: Callable[[], dict] | None = None, show: str = "train/loss") -> int:
+        keep: int, extra_state: Callable[[], dict] | None = None, headline: tuple[str, ...] = ("train/loss",),
+        log_every: int = 0) -> int:
     """Run optimizer steps ``step..total_steps``: log a metrics line per step (held-out metrics every
     ``eval_every`` and at the end), checkpoint every ``save_every`` and after the last step (so that
     ``--resume --max-steps`` can extend a finished run). ``train_step(step)`` does one optimizer step and
-    returns its metrics (``train/tokens`` gives tokens/s; ``show`` is the metric on the progress bar).
+    returns its metrics (``train/tokens`` gives tokens/s). Progress shows the ``headline`` metrics: a bar on a
+    terminal, a plain line every ``log_every`` steps (0: about every 30 s) in a log (console.StepProgress).
     Returns the last step.
 
     From here until :func:`finish_stage` a stop signal is acted on between steps: the step in flight
@@ -342,8 +344,7 @@ def fit(stage: Stage, model: Any, optimizer: Any, scheduler: Any, step: int, tot
         save_state(stage, step, model, optimizer, scheduler, extra_state() if extra_state else None, keep)
 
     signals.defer()
-    with progress() as bar:
-        task = bar.add_task(stage.name, total=total_steps, completed=step)
+    with StepProgress(stage.name, total_steps, step, headline, log_every) as shown:
         while step < total_steps:
             t0 = time.perf_counter()
             record = train_step(step)
@@ -367,8 +368,7 @@ def fit(stage: Stage, model: Any, optimizer: Any, scheduler: Any, step: int, tot
             if step % save_every == 0 or step == total_steps:
                 checkpoint()
                 saved = step
-            shown = f"{stage.name} {show.split('/')[-1]} {record.get(show, float('nan')):.4f}"
-            bar.update(task, advance=1, description=shown)
+            shown.update(step, record)
             maybe_fault(step)
             signum = distributed.agree(signals.stop_requested() or 0)  # every rank stops after the same step
             if signum:

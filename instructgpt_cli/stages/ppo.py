@@ -161,7 +161,8 @@ def run(cfg: PPOConfig, resume: bool = False, overwrite: bool = False, allow_cha
 
     # 4. iterate: rollout, score, update
     step = fit(stage, trained, optimizer, scheduler, step, total_steps, iteration, None, 1, cfg.save_every,
-               cfg.keep_checkpoints, extra_state=lambda: {"beta": iteration.beta}, show="objective/scores")
+               cfg.keep_checkpoints, extra_state=lambda: {"beta": iteration.beta},
+               headline=("objective/scores", "objective/kl", "val/response_length"), log_every=cfg.log_every)
 
     # 5. export from rank 0: ppo/final/policy (HF causal LM) and ppo/final/value, published together
     export(cfg, stage, trained, inp)

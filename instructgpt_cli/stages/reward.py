@@ -198,7 +198,8 @@ def run(cfg: RMConfig, resume: bool = False, overwrite: bool = False, allow_chan
         return evaluate(run_model, val, cfg.optim.batch_size, tokenizer.pad_token_id, layout, device)
 
     step = fit(stage, model, optimizer, scheduler, step, total_steps, one_step, held_out if val else None,
-               cfg.eval_every, cfg.save_every, cfg.keep_checkpoints)
+               cfg.eval_every, cfg.save_every, cfg.keep_checkpoints,
+               headline=("train/loss", "train/accuracy", "eval/loss", "eval/accuracy"), log_every=cfg.log_every)
 
     # 5. normalise: the demonstrations score mean 0 (stored in the config, applied by reward_scores)
     summary = held_out() if val else {}

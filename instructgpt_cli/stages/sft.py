@@ -139,7 +139,8 @@ def run(cfg: SFTConfig, resume: bool = False, overwrite: bool = False, allow_cha
         return {"eval/loss": eval_loss(run_model, val, cfg.optim.batch_size, tokenizer.pad_token_id, packed, device)}
 
     step = fit(stage, model, optimizer, scheduler, step, total_steps, one_step, evaluate if val else None,
-               cfg.eval_every, cfg.save_every, cfg.keep_checkpoints)
+               cfg.eval_every, cfg.save_every, cfg.keep_checkpoints, headline=("train/loss", "eval/loss"),
+               log_every=cfg.log_every)
 
     # 5. export from rank 0 (a sharded model is first gathered into a plain copy there)
     final = distributed.full_model(model, lambda: build(torch.device("cpu")))
