@@ -32,6 +32,22 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        typer.echo(f"igpt {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _top(version: Annotated[Optional[bool], typer.Option("--version", callback=_print_version, is_eager=True,
+                                                         help="Print igpt's version and exit.")] = None) -> None:
+    pass  # the options of `igpt` itself; the help text is Typer(help=...) above
+
+
 # Flags whose name is not derived from their config key (scripts use them); the same in every stage.
 ALIASES = {"model.name": "--model", "model.dropout": "--dropout", "model.max_seq_len": "--max-seq-len",
            "model.gradient_checkpointing": "--gradient-checkpointing", "lora.enabled": "--lora",
@@ -150,7 +166,7 @@ def run_stage(stage: str, config_file: Optional[Path], print_config: bool, overr
 
     status = "failed"
     try:
-        cfg = config_mod.resolve(stage, config_file, overrides)
+        cfg = config_mod.resolve(stage, config_file, overrides, flag_name)
         if print_config:
             typer.echo(config_mod.to_yaml(stage, cfg), nl=False)
             return

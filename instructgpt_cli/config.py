@@ -14,12 +14,12 @@ import dataclasses
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
 from .errors import BadInput
-from .presets import build, check_ranges, load_section, merge, nest
+from .presets import build, check_ranges, load_preset, merge, nest
 
 
 def f(default: Any, doc: str) -> Any:
@@ -273,17 +273,35 @@ EXTENDS = frozenset({"max_steps", "epochs", "total_episodes"})
 INPUT_SETTINGS = frozenset({"data", "rankings", "demos", "prompts", "ptx_data", "sft", "rm"})
 
 
-def resolve(stage: str, config_file: str | Path | None, overrides: dict[str, Any]) -> Any:
-    """Defaults < ``config_file``'s section for ``stage`` < ``overrides`` (dotted keys; None = not given)."""
-    cls = STAGE_CONFIGS[stage]
-    data: dict = {}
-    where = stage
-    if config_file:
-        data = load_section(config_file, stage)
-        where = f"{config_file}: {stage}"
-    data = merge(data, nest({k: v for k, v in overrides.items() if v is not None}))
-    cfg = build(cls, data, where)
-    errors = check_ranges(cfg, where)
+def resolve(stage: str, config_file: str | Path | None, overrides: dict[str, Any],
+            flag_of: Callable[[str], str] | None = None) -> Any:
+    """Defaults < ``config_file``'s section for ``stage`` < ``overrides`` (dotted keys; None = not given).
+
+    Every section of the file is checked now (unknown keys, types, ranges), not when its stage runs, and
+    every error names where the bad value came from: ``FILE: stage.key`` for the file, the flag
+    (``flag_of(key)``, e.g. ``--k``) for a value given on the command line."""
+    sections = load_preset(config_file) if config_file else {}
+    errors: list[str] = []
+    for name, section in sections.items():
+        if name != stage:
+            try:
+                other = build(STAGE_CONFIGS[name], section, f"{config_file}: {name}")
+                errors += [f"{config_file}: {name}.{key}: {why}" for key, why in check_ranges(other)]
+            except BadInput as e:
+                errors += e.messages
+    given = {k: v for k, v in overrides.items() if v is not None}
+    try:
+        cfg = build(STAGE_CONFIGS[stage], merge(sections.get(stage, {}), nest(given)),
+                    f"{config_file}: {stage}" if config_file else stage)
+    except BadInput as e:
+        raise BadInput(e.messages + errors) from None
+
+    def source(key: str) -> str:
+        if key in given:
+            return f"{flag_of(key)} ({stage}.{key})" if flag_of else f"{stage}.{key} (command line)"
+        return f"{config_file}: {stage}.{key}" if config_file else f"{stage}.{key}"
+
+    errors = [f"{source(key)}: {why}" for key, why in check_ranges(cfg)] + errors
     if errors:
         raise BadInput(errors)
     return cfg

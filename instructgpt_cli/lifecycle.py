@@ -17,6 +17,7 @@ from . import config as config_mod
 from . import distributed, locks, signals
 from .console import say
 from .errors import BadInput, Interrupted
+from .presets import read_yaml
 from .rundir import (Stage, check_stage, checkpoint_name, mark_stale, read_manifest, start_stage_dir,
                      update_manifest)
 from .storage import atomic_write_text, now, weights_sha256
@@ -68,7 +69,7 @@ def resume_changes(stage: Stage, cfg: Any, inputs: dict) -> list[dict]:
 
     changes: list[dict] = []
     try:
-        recorded = (yaml.safe_load((stage.dir / "config.yaml").read_text(encoding="utf-8")) or {}).get(stage.name, {})
+        recorded = (read_yaml((stage.dir / "config.yaml").read_text(encoding="utf-8")) or {}).get(stage.name, {})
     except (OSError, yaml.YAMLError):
         recorded = {}
     old, new = _flatten(recorded), _flatten(config_mod.to_dict(cfg))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -77,15 +78,15 @@ CHECKS: dict[str, tuple[Any, str]] = {
 }
 
 
-def check_ranges(cfg: Any, where: str) -> list[str]:
-    """Every range error of a built config, as ``where.key: reason``."""
+def check_ranges(cfg: Any, prefix: str = "") -> list[tuple[str, str]]:
+    """Every range error of a built config, as ``(dotted key, "value reason")``."""
     errors = []
     for fl in dataclasses.fields(cfg):
         value = getattr(cfg, fl.name)
         if dataclasses.is_dataclass(value):
-            errors += check_ranges(value, f"{where}.{fl.name}")
+            errors += check_ranges(value, f"{prefix}{fl.name}.")
         elif fl.name in CHECKS and not CHECKS[fl.name][0](value):
-            errors.append(f"{where}.{fl.name}: {value!r} {CHECKS[fl.name][1]}")
+            errors.append((prefix + fl.name, f"{value!r} {CHECKS[fl.name][1]}"))
     return errors
 
 
@@ -161,11 +162,42 @@ def nest(dotted: dict[str, Any]) -> dict:
     return nested
 
 
-def load_section(path: str | Path, stage: str) -> dict:
-    """Read ``stage``'s section of a YAML preset; a file that is not a mapping of sections is an error."""
+class Yaml12Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2 (core schema) numbers: ``1e-4`` and ``3E5`` are floats, as HF and
+    TRL configs write them (YAML 1.1 needs ``1.0e-4`` and reads ``1e-4`` as a string); ``010`` is ten,
+    not octal eight; ``1_000`` and ``1:30`` are strings, not 1000 and 90."""
+
+
+_INT, _FLOAT = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
+Yaml12Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag not in (_INT, _FLOAT)]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+Yaml12Loader.add_implicit_resolver(_INT, re.compile(r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$"), list("-+0123456789"))
+Yaml12Loader.add_implicit_resolver(
+    _FLOAT, re.compile(r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)"
+                       r"|\.(?:nan|NaN|NAN))$"), list("-+0123456789."))
+
+
+def _yaml12_int(loader: yaml.SafeLoader, node: yaml.Node) -> int:
+    text = loader.construct_scalar(node)
+    sign, digits = (-1, text[1:]) if text.startswith("-") else (1, text.lstrip("+"))
+    base = {"0o": 8, "0x": 16}.get(digits[:2], 10)
+    return sign * int(digits[2:] if base != 10 else digits, base)
+
+
+Yaml12Loader.add_constructor(_INT, _yaml12_int)
+
+
+def read_yaml(text: str) -> Any:
+    """YAML with 1.2 numbers (Yaml12Loader): presets and the config.yaml a stage saved."""
+    return yaml.load(text, Loader=Yaml12Loader)
+
+
+def load_preset(path: str | Path) -> dict[str, dict]:
+    """Every section of a YAML preset; a file that is not a mapping of known sections is an error."""
     p = Path(path)
     try:
-        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+        raw = read_yaml(p.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise BadInput([f"{p}: config file not found"]) from None
     except (yaml.YAMLError, UnicodeDecodeError) as e:
@@ -177,7 +209,8 @@ def load_section(path: str | Path, stage: str) -> dict:
     unknown = [k for k in raw if k not in SECTIONS]
     if unknown:
         raise BadInput([f"{p}: {k}: unknown section (known: {', '.join(SECTIONS)})" for k in unknown])
-    section = raw.get(stage) or {}
-    if not isinstance(section, dict):
-        raise BadInput([f"{p}: {stage}: expected a mapping"])
-    return section
+    bad = [f"{p}: {k}: expected a mapping, got {type(v).__name__}" for k, v in raw.items()
+           if v is not None and not isinstance(v, dict)]
+    if bad:
+        raise BadInput(bad)
+    return {k: v or {} for k, v in raw.items()}

@@ -194,7 +194,7 @@ def test_defaults_then_the_config_file_then_flags(tmp_path):
     assert flagged["lora"]["r"] == 8 and flagged["lora"]["target_modules"] == ["q_proj", "k_proj"]
     assert flagged["optim"]["weight_decay"] == 0.1 and flagged["epochs"] == 3
     bad = igpt("sft", "--lora-r", "0", "--data", "d.jsonl", "--print-config")
-    assert bad.exit_code == 2 and "sft.lora.r: 0 must be >= 1" in bad.stderr
+    assert bad.exit_code == 2 and "--lora-r (sft.lora.r): 0 must be >= 1" in bad.stderr
 
 
 def test_a_new_config_field_is_a_flag(monkeypatch):

@@ -58,3 +58,61 @@ def test_a_real_log_file(tmp_path: Path, demos_file: Path):
                         "--run-dir", str(tmp_path / "run"), "--max-steps", "4", "--batch-size", "4", "--log-every", "2"],
                        stderr=err, stdout=subprocess.DEVNULL, check=True, cwd=REPO)
     assert [x.split()[2] for x in progress_lines(log.read_text(), "sft")] == ["1/4", "2/4", "4/4"]
+
+
+def test_version_matches_the_package():
+    import tomllib
+
+    version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+    result = igpt("--version")
+    assert result.exit_code == 0 and result.stdout.strip() == f"igpt {version}"
+
+
+def test_help_shows_defaults_and_lora_flags():
+    result = igpt("sft", "--help")
+    text = " ".join(result.stdout.replace("│", " ").split())
+    assert "[default: runs/default]" in text and "[default: 16]" in text  # run dir; epochs and lora r
+    assert all(flag in text for flag in ("--lora-r", "--lora-alpha", "--lora-layers", "--log-every"))
+
+
+@pytest.mark.parametrize("text, value", [("1e-4", 1e-4), ("3E5", 3e5), ("-2.5e-3", -2.5e-3), (".5", 0.5),
+                                         ("1.0e-4", 1e-4), ("2", 2), ("010", 10), ("0x1f", 31), ("0o17", 15),
+                                         (".inf", float("inf")), ("1_000", "1_000"), ("1:30", "1:30")])
+def test_yaml_numbers_follow_yaml_1_2(text: str, value):
+    from instructgpt_cli.presets import read_yaml
+
+    got = read_yaml(f"x: {text}")["x"]
+    assert got == value and type(got) is type(value)
+
+
+def test_config_file_with_lr_1e_4(tmp_path: Path):
+    preset = tmp_path / "hf.yaml"
+    preset.write_text("sft:\n  optim:\n    lr: 1e-4\n    weight_decay: 1e-2\n")
+    result = igpt("sft", "--config", preset, "--data", "d.jsonl", "--print-config")
+    assert result.exit_code == 0, result.output
+    assert "lr: 0.0001" in result.stdout and "weight_decay: 0.01" in result.stdout
+
+
+def test_every_section_is_checked_when_the_file_is_loaded(tmp_path: Path):
+    """A typo in ppo's section stops `igpt sft --config` at once, with every problem of every section."""
+    preset = tmp_path / "p.yaml"
+    preset.write_text("sft:\n  epochs: 2\nppo:\n  cliprnage: 0.2\n  optim: {lr: -1}\nrm:\n  epochs: many\n")
+    result = igpt("sft", "--config", preset, "--data", "d.jsonl", "--print-config")
+    assert result.exit_code == 2
+    assert f"{preset}: ppo.cliprnage: unknown key" in result.stderr
+    assert f"{preset}: rm.epochs: expected int, got str 'many'" in result.stderr
+    preset.write_text("sft:\n  epochs: 2\nppo:\n  optim: {lr: -1}\n")  # ranges, once keys and types are right
+    result = igpt("sft", "--config", preset, "--data", "d.jsonl", "--print-config", "--epochs", "3")
+    assert result.exit_code == 2 and f"{preset}: ppo.optim.lr: -1.0 must be > 0" in result.stderr
+
+
+def test_an_error_names_where_the_value_came_from(tmp_path: Path):
+    preset = tmp_path / "gold.yaml"
+    preset.write_text("sample:\n  k: 4\n  max_new_tokens: 0\n")
+    result = igpt("sample", "--k", "1", "--config", preset, "--prompts", "p.jsonl", "--out", "o.jsonl",
+                  "--print-config")
+    assert result.exit_code == 2
+    errors = result.stderr.splitlines()
+    assert "error: --k (sample.k): 1 must be >= 2 (rankings need two responses at least)" in errors
+    assert f"error: {preset}: sample.max_new_tokens: 0 must be >= 1" in errors
+    assert not any(f"{preset}: sample.k" in e for e in errors)

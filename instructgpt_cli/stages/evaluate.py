@@ -21,6 +21,7 @@ from ..batches import pretrain_blocks, render_queries, tokenize_rankings
 from ..data import read_pretrain, read_prompts, read_rankings
 from ..distributed import resolve_device
 from ..errors import BadInput
+from ..presets import read_yaml
 from ..models import load_model, load_tokenizer, position_limit, require_same_tokenizer
 from ..report import number, score_text
 from ..rewards import score_ranking
@@ -58,13 +59,11 @@ def kl_temperature(cfg: EvalConfig, run_dir: Path) -> tuple[float, str]:
     scoring), so eval measures the same quantity: ``--kl-temperature`` when given, else the temperature the
     run's PPO trained with (``ppo/config.yaml``), else PPO's default. Independent of eval's sampling
     temperature, which may be 0 (greedy), where logits / T has no meaning."""
-    import yaml
-
     if cfg.kl_temperature > 0:
         return cfg.kl_temperature, "--kl-temperature"
     ppo_config = run_dir / "ppo" / "config.yaml"
     if ppo_config.is_file():
-        t = ((yaml.safe_load(ppo_config.read_text(encoding="utf-8")) or {}).get("ppo") or {}).get("temperature")
+        t = ((read_yaml(ppo_config.read_text(encoding="utf-8")) or {}).get("ppo") or {}).get("temperature")
         if isinstance(t, (int, float)) and t > 0:
             return float(t), str(ppo_config)
     return PPOConfig().temperature, "PPO's default temperature"
