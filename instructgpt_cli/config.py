@@ -307,6 +307,22 @@ def resolve(stage: str, config_file: str | Path | None, overrides: dict[str, Any
     return cfg
 
 
+def absolute_paths(cfg: Any) -> Any:
+    """A copy of ``cfg`` whose settings naming an existing file or directory (the inputs, the run directory, a
+    model directory) are absolute: the config.yaml a stage saves then means the same files when it is read
+    from another working directory (``--config RUN/sft/config.yaml``). Names (``tiny``, a dataset id) stay."""
+    out = copy.deepcopy(cfg)
+    for key in INPUT_SETTINGS | {"run_dir", "out", "model"}:
+        value = getattr(out, key, None)
+        if dataclasses.is_dataclass(value):
+            value = value.name if isinstance(value, ModelConfig) else None
+            if value and Path(value).is_dir():
+                out.model.name = str(Path(value).resolve())
+        elif isinstance(value, str) and value and Path(value).exists():
+            setattr(out, key, str(Path(value).resolve()))
+    return out
+
+
 def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 

@@ -72,7 +72,7 @@ def resume_changes(stage: Stage, cfg: Any, inputs: dict) -> list[dict]:
         recorded = (read_yaml((stage.dir / "config.yaml").read_text(encoding="utf-8")) or {}).get(stage.name, {})
     except (OSError, yaml.YAMLError):
         recorded = {}
-    old, new = _flatten(recorded), _flatten(config_mod.to_dict(cfg))
+    old, new = _flatten(recorded), _flatten(config_mod.to_dict(config_mod.absolute_paths(cfg)))
     for key in sorted(set(old) | set(new)):
         if key in config_mod.INPUT_SETTINGS or old.get(key) == new.get(key):
             continue
@@ -114,7 +114,7 @@ def begin_stage(stage: Stage, mode: str, cfg: Any, inputs: dict) -> None:
     distributed.barrier()
     if distributed.is_main():
         start_stage_dir(stage.dir, mode)
-        atomic_write_text(stage.dir / "config.yaml", config_mod.to_yaml(stage.name, cfg))
+        atomic_write_text(stage.dir / "config.yaml", config_mod.to_yaml(stage.name, config_mod.absolute_paths(cfg)))
         update_manifest(stage.run_dir, stage.name, status="running", started=now(), inputs=inputs,
                         pid=os.getpid(), host=socket.gethostname())
         mark_stale(stage.run_dir, stage.name)

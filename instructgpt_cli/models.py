@@ -237,6 +237,9 @@ def load_model(cfg: ModelConfig, tokenizer: Any, path: Path | None, device: torc
         with torch.random.fork_rng():
             torch.manual_seed(seed)  # a fresh scalar head is initialised the same way every time
             model = cls.from_pretrained(path, config=config, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
+        # peft writes this as a LoRA adapter's base_model_name_or_path: absolute, so the adapter loads
+        # (AutoPeftModelForCausalLM) from any working directory, not only the one igpt ran in
+        model.name_or_path = model.config._name_or_path = str(Path(path).resolve())
     if model.get_input_embeddings().num_embeddings < len(tokenizer):
         model.resize_token_embeddings(len(tokenizer))
     model.config.pad_token_id = tokenizer.pad_token_id

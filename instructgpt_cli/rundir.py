@@ -36,11 +36,31 @@ def read_manifest(run_dir: Path) -> dict:
 
 
 def update_manifest(run_dir: Path, stage: str, **fields: Any) -> None:
-    """Merge ``fields`` into ``stages[stage]`` of ``manifest.json`` (atomic rewrite)."""
+    """Merge ``fields`` into ``stages[stage]`` of ``manifest.json`` (atomic rewrite). The paths of inputs and
+    outputs are stored as :func:`portable` paths."""
+    if "inputs" in fields:
+        fields["inputs"] = {k: {**v, "path": portable(run_dir, v["path"])} if isinstance(v, dict) and v.get("path")
+                            else v for k, v in fields["inputs"].items()}
+    if "outputs" in fields:
+        fields["outputs"] = {k: portable(run_dir, v) if k in ("final", "report") else v
+                             for k, v in fields["outputs"].items()}
     manifest = read_manifest(run_dir)
     manifest["igpt_version"] = _version()
     manifest.setdefault("stages", {}).setdefault(stage, {}).update(fields)
     atomic_write_text(run_dir / "manifest.json", json.dumps(manifest, indent=2) + "\n")
+
+
+def portable(run_dir: Path, path: str | Path) -> str:
+    """A path as the manifest stores it: relative to the run directory when it lies inside (so it still
+    resolves after the run directory is moved or copied), else absolute (so it resolves from any working
+    directory). :func:`stored_path` reads it back."""
+    path, root = Path(path).resolve(), Path(run_dir).resolve()
+    return path.relative_to(root).as_posix() if path.is_relative_to(root) else str(path)
+
+
+def stored_path(run_dir: Path, stored: str) -> Path:
+    """A manifest path (:func:`portable`, or an absolute one an older igpt wrote) as a usable path."""
+    return Path(stored) if Path(stored).is_absolute() else Path(run_dir) / stored
 
 
 def file_input(path: str | Path) -> dict:
@@ -71,7 +91,7 @@ def mark_stale(run_dir: Path, stage: str, sha: str | None = None) -> None:
         for key, source in entry.get("inputs", {}).items():
             if not (isinstance(source, dict) and source.get("path")):
                 continue
-            path = Path(source["path"])
+            path = stored_path(run_dir, source["path"]).resolve()
             if path != final and final not in path.parents:
                 continue
             if sha is not None and path.exists() and source.get("sha256") == (

@@ -23,12 +23,31 @@ def now() -> str:
 
 
 def fsync_tree(path: Path) -> None:
-    """fsync every file under ``path`` and the directories themselves, so a rename publishes whole data."""
+    """fsync every file under ``path`` and the directories themselves, so a rename publishes whole data.
+    Each file gets the mode the umask gives a new file (0644 under umask 022): safetensors writes its
+    files 0600, which the group of a shared cluster could not read."""
+    mode = 0o666 & ~umask()
     for root, _dirs, files in os.walk(path):
         for name in files:
             with open(os.path.join(root, name), "rb") as fh:
+                if os.fstat(fh.fileno()).st_mode & 0o777 != mode:
+                    os.fchmod(fh.fileno(), mode)
                 os.fsync(fh.fileno())
         _fsync_dir(Path(root))
+
+
+def umask() -> int:
+    """The process's umask, read without changing it where Linux tells it (another thread creating a file
+    meanwhile would get umask 0 from the os.umask round trip)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
 
 
 def _fsync_dir(path: Path) -> None:

@@ -116,3 +116,75 @@ def test_an_error_names_where_the_value_came_from(tmp_path: Path):
     assert "error: --k (sample.k): 1 must be >= 2 (rankings need two responses at least)" in errors
     assert f"error: {preset}: sample.max_new_tokens: 0 must be >= 1" in errors
     assert not any(f"{preset}: sample.k" in e for e in errors)
+
+
+def modes(root: Path) -> set[str]:
+    return {oct(p.stat().st_mode & 0o777) for p in root.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("mask, mode", [(0o022, "0o644"), (0o027, "0o640")])
+def test_written_files_honour_the_umask(tmp_path: Path, demos_file: Path, mask: int, mode: str):
+    """safetensors writes 0600: a shared cluster's group could not read the models."""
+    import os
+
+    old = os.umask(mask)
+    try:
+        result = igpt("sft", "--model", "tiny", "--data", demos_file, "--run-dir", tmp_path / "run", "--max-steps", "2",
+                      "--batch-size", "4", "--lora")
+    finally:
+        os.umask(old)
+    assert result.exit_code == 0, result.output
+    assert modes(tmp_path / "run") == {mode}
+
+
+def test_adapter_loads_from_another_directory(tmp_path: Path, demos_file: Path, monkeypatch):
+    """A LoRA adapter names its base model by absolute path: AutoPeftModelForCausalLM loads it from any
+    working directory, and it equals the merged model igpt saved beside it."""
+    import torch
+    from peft import AutoPeftModelForCausalLM
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.chdir(tmp_path)
+    base = igpt("sft", "--model", "tiny", "--data", demos_file, "--run-dir", "base", "--max-steps", "1",
+                "--batch-size", "4")
+    assert base.exit_code == 0, base.output
+    lora = igpt("sft", "--model", "base/sft/final", "--data", demos_file, "--run-dir", "run", "--max-steps", "3",
+                "--batch-size", "4", "--lora", "--lr", "1e-2")
+    assert lora.exit_code == 0, lora.output
+    adapter = tmp_path / "run" / "sft" / "final" / "adapter"
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(tmp_path / "base" / "sft" / "final")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    peft_model = AutoPeftModelForCausalLM.from_pretrained(adapter).eval()
+    merged = AutoModelForCausalLM.from_pretrained(adapter.parent).eval()
+    ids = torch.tensor([[1, 5, 9, 3]])
+    torch.testing.assert_close(peft_model(ids).logits, merged(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_run_directory_moves_and_reads_from_elsewhere(tmp_path: Path, demos_file: Path, monkeypatch):
+    """The manifest stores paths inside the run directory relative to it and others absolute; config.yaml
+    holds absolute paths. A moved run directory keeps its lineage; its config.yaml works from anywhere."""
+    from conftest import marker_rankings, write_jsonl
+
+    monkeypatch.chdir(tmp_path)
+    assert igpt("sft", "--model", "tiny", "--data", demos_file, "--run-dir", "runs/a", "--max-steps", "2",
+                "--batch-size", "4").exit_code == 0
+    ranks = write_jsonl(tmp_path / "ranks.jsonl", marker_rankings(8))
+    result = igpt("train-rm", "--rankings", ranks, "--run-dir", "runs/a", "--max-steps", "1", "--batch-size", "4")
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((tmp_path / "runs/a/manifest.json").read_text())["stages"]
+    assert manifest["sft"]["outputs"]["final"] == "sft/final" and manifest["rm"]["outputs"]["final"] == "rm/final"
+    assert manifest["rm"]["inputs"]["init"]["path"] == "sft/final"
+    assert manifest["rm"]["inputs"]["rankings"]["path"] == str(ranks)
+    (tmp_path / "runs/a").rename(tmp_path / "moved")
+    saved = tmp_path / "moved" / "sft" / "config.yaml"
+    assert f"data: {demos_file}" in saved.read_text() and f"run_dir: {tmp_path / 'runs' / 'a'}" in saved.read_text()
+    monkeypatch.chdir(tmp_path / "moved")  # a moved run: lineage still finds rm's input, sft's output
+    result = igpt("sft", "--model", "tiny", "--data", demos_file, "--run-dir", ".", "--max-steps", "2",
+                  "--batch-size", "4", "--lr", "1e-2", "--overwrite")
+    assert result.exit_code == 0, result.output
+    assert "stale" in json.loads((tmp_path / "moved/manifest.json").read_text())["stages"]["rm"]
+    printed = igpt("sft", "--config", saved, "--print-config")  # from another directory: the same data file
+    assert printed.exit_code == 0 and f"data: {demos_file}" in printed.stdout

@@ -26,7 +26,7 @@ from ..forward import REWARD_BIAS, forward_name
 from ..losses import ranking_loss
 from ..models import apply_lora, context_window, load_model, load_tokenizer, save_final
 from ..rewards import REWARD_STATS, Layout, ranking_scores, score_sequences
-from ..rundir import Stage, file_input, find_model, model_input, read_manifest
+from ..rundir import Stage, file_input, find_model, model_input, read_manifest, stored_path
 from ..stats import describe_rm_accuracy, rm_accuracy
 from ..lifecycle import begin_stage, finish_stage, open_stage
 from ..train import (build_optimizer, plan_steps, build_scheduler, fit, micro_batches, optimizer_step, restore,
@@ -116,8 +116,9 @@ def demos_path(cfg: RMConfig, run_dir: Path) -> str | None:
     if cfg.demos:
         return cfg.demos
     sft = read_manifest(run_dir).get("stages", {}).get("sft", {})
-    path = sft.get("inputs", {}).get("data", {}).get("path")
-    return path if path and Path(path).exists() else None
+    stored = sft.get("inputs", {}).get("data", {}).get("path")
+    path = stored_path(run_dir, stored) if stored else None
+    return str(path) if path and path.exists() else None
 
 
 def run(cfg: RMConfig, resume: bool = False, overwrite: bool = False, allow_changes: bool = False) -> Path:
