@@ -54,7 +54,11 @@ AllowChanges = Annotated[bool, typer.Option("--allow-changes", help="With --resu
 Replace = Annotated[bool, typer.Option("--overwrite", help="Replace --out if it exists.")]
 AsJson = Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout (for scripts).")]
 TRAINING_OPTIONS = {"resume": (Resume, False), "overwrite": (Overwrite, False), "allow_changes": (AllowChanges, False)}
-STAGE_OPTIONS = {"sample": {"overwrite": (Replace, False)}, "eval": {"as_json": (AsJson, False)}}
+ReplaceResults = Annotated[bool, typer.Option("--overwrite", help="Replace this report's earlier results if there "
+                                              "are any (without it, they are kept and the command exits 2).")]
+STAGE_OPTIONS = {"sample": {"overwrite": (Replace, False)},
+                 "eval": {"as_json": (AsJson, False), "overwrite": (ReplaceResults, False)},
+                 "compare": {"overwrite": (ReplaceResults, False)}}
 
 
 def flag_name(key: str) -> str:

@@ -182,8 +182,12 @@ def stage_status(run_dir: Path, stage: str, manifest: dict | None = None) -> str
     return status
 
 
-def claim(run_dir: Path, out: Path) -> None:
-    """Before eval or compare samples a token: ``out`` (``RUN_DIR/eval/NAME``) can be written, and this
-    process holds its lock (one writer per report)."""
+def claim(run_dir: Path, out: Path, overwrite: bool = False) -> None:
+    """Before eval or compare samples a token: ``out`` (``RUN_DIR/eval/NAME``) can be written, this process
+    holds its lock (one writer per report), and it holds no earlier results (``report.json``) unless
+    ``overwrite``: as a training stage, a report is never replaced silently. Checked under the lock, so of
+    two runs started together the second sees the first one's results."""
     check_writable(out.parent)
     take(run_dir, out.relative_to(run_dir).as_posix(), str(out))
+    if not overwrite and (out / "report.json").is_file():
+        raise BadInput([f"{out}: already has results (report.json); pass --overwrite to replace them"])
