@@ -226,6 +226,26 @@ def label(
         fail(e.messages)
 
 
+@app.command()
+def status(
+    run_dir: Annotated[Optional[Path], typer.Argument(help="Run directory [default: runs/default].",
+                                                      show_default=False)] = None,
+    run_dir_option: Annotated[Optional[Path], typer.Option("--run-dir", help="The same as RUN_DIR.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print it as one JSON object on stdout (keys: README, "
+                                                         "\"Checking on a run\").")] = False,
+) -> None:
+    """Where a run stands: each stage's state, step, last metrics and outputs, and its lineage (read-only)."""
+    from .errors import BadInput
+    from .stages import status as stage
+
+    if run_dir and run_dir_option and run_dir != run_dir_option:
+        fail([f"RUN_DIR {run_dir} and --run-dir {run_dir_option}: give one"])
+    try:
+        stage.run(run_dir or run_dir_option or Path(config_mod.SFTConfig().run_dir), as_json)
+    except BadInput as e:
+        fail(e.messages)
+
+
 def main() -> None:
     import os
 
