@@ -232,7 +232,7 @@ def status(
                                                       show_default=False)] = None,
     run_dir_option: Annotated[Optional[Path], typer.Option("--run-dir", help="The same as RUN_DIR.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print it as one JSON object on stdout (keys: README, "
-                                                         "\"Checking on a run\").")] = False,
+                                                         "'Checking on a run').")] = False,
 ) -> None:
     """Where a run stands: each stage's state, step, last metrics and outputs, and its lineage (read-only)."""
     from .errors import BadInput

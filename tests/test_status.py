@@ -77,7 +77,8 @@ def test_done_stages_show_step_n_of_n_their_last_metrics_outputs_and_lineage(run
     assert s["stages"]["eval/ppo"]["metrics"]["kl_to_sft"] == report["kl_to_sft"]
     assert s["stages"]["eval/ppo"]["state"] == "done" and s["stages"]["eval/ppo"]["step"] is None
     compared = json.loads((run / "compare" / "ppo-vs-sft" / "report.json").read_text())
-    assert s["stages"]["compare/ppo-vs-sft"]["metrics"] == {k: compared[k] for k in ("win_rate", "ci_low", "ci_high", "n")}
+    headline = ("win_rate", "ci_low", "ci_high", "n")
+    assert s["stages"]["compare/ppo-vs-sft"]["metrics"] == {k: compared[k] for k in headline}
     assert s["stages"]["compare/ppo-vs-sft"]["outputs"]["html"] == str(run / "compare" / "ppo-vs-sft" / "report.html")
     lineage = {(r["stage"], r["input"]): r for r in s["lineage"]}
     sft_sha = manifest["sft"]["outputs"]["sha256"]
