@@ -27,7 +27,8 @@ test-fast: install
 	$(BIN)/python -m pytest -m "not slow"
 
 # On a re-run each training stage resumes (or is skipped, when finished), an evaluation already written
-# is kept, and compare reuses eval's samples: a finished demo re-prints its results in seconds.
+# is kept, and compare (--overwrite: it replaces its own earlier results) reuses eval's samples: a finished
+# demo re-prints its results in seconds.
 EVAL = $(BIN)/igpt eval --config configs/demo.yaml --prompts data/eval_prompts.jsonl --ptx-data data/pretrain_heldout.jsonl --run-dir $(RUN)
 demo: install
 	$(BIN)/igpt sft --config configs/demo.yaml --data data/demos.jsonl --run-dir $(RUN) --resume
@@ -35,7 +36,7 @@ demo: install
 	$(BIN)/igpt ppo --config configs/demo.yaml --prompts data/prompts.jsonl --ptx-data data/pretrain.jsonl --run-dir $(RUN) --resume
 	test -f $(RUN)/eval/sft/report.json || $(EVAL) sft
 	test -f $(RUN)/eval/ppo/report.json || $(EVAL) ppo
-	$(BIN)/igpt compare ppo sft --config configs/demo.yaml --prompts data/eval_prompts.jsonl --run-dir $(RUN)
+	$(BIN)/igpt compare ppo sft --config configs/demo.yaml --prompts data/eval_prompts.jsonl --run-dir $(RUN) --overwrite
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

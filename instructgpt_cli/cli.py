@@ -70,7 +70,11 @@ AllowChanges = Annotated[bool, typer.Option("--allow-changes", help="With --resu
 Replace = Annotated[bool, typer.Option("--overwrite", help="Replace --out if it exists.")]
 AsJson = Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout (for scripts).")]
 TRAINING_OPTIONS = {"resume": (Resume, False), "overwrite": (Overwrite, False), "allow_changes": (AllowChanges, False)}
-STAGE_OPTIONS = {"sample": {"overwrite": (Replace, False)}, "eval": {"as_json": (AsJson, False)}}
+ReplaceResults = Annotated[bool, typer.Option("--overwrite", help="Replace this report's earlier results if there "
+                                              "are any (without it, they are kept and the command exits 2).")]
+STAGE_OPTIONS = {"sample": {"overwrite": (Replace, False)},
+                 "eval": {"as_json": (AsJson, False), "overwrite": (ReplaceResults, False)},
+                 "compare": {"overwrite": (ReplaceResults, False)}}
 
 
 def flag_name(key: str) -> str:
@@ -234,6 +238,26 @@ def label(
 
     try:
         stage.run(samples, out)
+    except BadInput as e:
+        fail(e.messages)
+
+
+@app.command()
+def status(
+    run_dir: Annotated[Optional[Path], typer.Argument(help="Run directory [default: runs/default].",
+                                                      show_default=False)] = None,
+    run_dir_option: Annotated[Optional[Path], typer.Option("--run-dir", help="The same as RUN_DIR.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print it as one JSON object on stdout (keys: README, "
+                                                         "'Checking on a run').")] = False,
+) -> None:
+    """Where a run stands: each stage's state, step, last metrics and outputs, and its lineage (read-only)."""
+    from .errors import BadInput
+    from .stages import status as stage
+
+    if run_dir and run_dir_option and run_dir != run_dir_option:
+        fail([f"RUN_DIR {run_dir} and --run-dir {run_dir_option}: give one"])
+    try:
+        stage.run(run_dir or run_dir_option or Path(config_mod.SFTConfig().run_dir), as_json)
     except BadInput as e:
         fail(e.messages)
 

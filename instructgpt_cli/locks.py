@@ -108,6 +108,34 @@ def is_locked(run_dir: Path, name: str) -> bool:
     return False
 
 
+def holder(run_dir: Path, name: str) -> dict | None:
+    """Who holds the lock of ``name`` now (``{pid, host, command, since}``, what a refused writer is told), or
+    None, found without taking any lock: ``igpt status`` reads beside the writers, and even a shared lock held
+    for an instant would refuse a stage starting then. A lock file exists only while it is held or after its
+    holder was killed, and on the holder's host a killed holder's pid is no live process (a pid reused since by
+    another process would read as held). A holder on another host (a shared file system) cannot be asked that
+    way: there, and for a record being written this instant, :func:`is_locked`'s probe decides."""
+    path = lock_path(run_dir, name)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError:
+        return None
+    try:
+        h = json.loads(text)
+        pid, host = int(h["pid"]), str(h["host"])
+    except (ValueError, KeyError, TypeError):
+        return dict.fromkeys(("pid", "host", "command", "since")) if is_locked(run_dir, name) else None
+    if host != socket.gethostname():
+        return h if is_locked(run_dir, name) else None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:  # alive, another user's
+        pass
+    return h
+
+
 _HELD: list[Lock] = []
 
 
@@ -182,8 +210,12 @@ def stage_status(run_dir: Path, stage: str, manifest: dict | None = None) -> str
     return status
 
 
-def claim(run_dir: Path, out: Path) -> None:
-    """Before eval or compare samples a token: ``out`` (``RUN_DIR/eval/NAME``) can be written, and this
-    process holds its lock (one writer per report)."""
+def claim(run_dir: Path, out: Path, overwrite: bool = False) -> None:
+    """Before eval or compare samples a token: ``out`` (``RUN_DIR/eval/NAME``) can be written, this process
+    holds its lock (one writer per report), and it holds no earlier results (``report.json``) unless
+    ``overwrite``: as a training stage, a report is never replaced silently. Checked under the lock, so of
+    two runs started together the second sees the first one's results."""
     check_writable(out.parent)
     take(run_dir, out.relative_to(run_dir).as_posix(), str(out))
+    if not overwrite and (out / "report.json").is_file():
+        raise BadInput([f"{out}: already has results (report.json); pass --overwrite to replace them"])

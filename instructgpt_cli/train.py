@@ -339,6 +339,8 @@ def fit(stage: Stage, model: Any, optimizer: Any, scheduler: Any, step: int, tot
     started = time.perf_counter()
     Skips.total, Skips.in_a_row = _skipped_before(stage, step), 0
     saved = step  # the step of the newest checkpoint (the resume point, or 0: nothing to save)
+    if distributed.is_main():  # the planned length, for `igpt status` (step N of total_steps)
+        update_manifest(stage.run_dir, stage.name, total_steps=total_steps)
 
     def checkpoint() -> None:
         save_state(stage, step, model, optimizer, scheduler, extra_state() if extra_state else None, keep)

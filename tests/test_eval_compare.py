@@ -110,7 +110,7 @@ def test_human_judge_through_its_input_stream_stops_and_resumes(run, tmp_path):
             "--judge", "human", "--max-new-tokens", "8"]
     first = CliRunner().invoke(app, args, input="1\n2\nmaybe\nt\ns\nq\n")
     assert first.exit_code == 0, first.output
-    out = run_dir / "compare" / "ppo-vs-sft"
+    out = run_dir / "compare" / "ppo-vs-sft.human"  # the human judge's own results, beside the rm judge's
     lines = [json.loads(l) for l in (out / "judgments.jsonl").read_text().splitlines()]
     assert [j["winner"] for j in lines][2] == "tie" and len(lines) == 3  # 'maybe' was asked again, s skipped
     for j in lines[:2]:  # answer 1 picks whichever model was shown first
@@ -122,6 +122,113 @@ def test_human_judge_through_its_input_stream_stops_and_resumes(run, tmp_path):
     assert len({j["index"] for j in lines}) == 8
     report = json.loads((out / "report.json").read_text())
     assert report["judge"] == "human" and report["n"] == 8
+
+
+def files(folder) -> dict:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_eval_and_compare_keep_earlier_results_unless_overwrite(run, tmp_path, monkeypatch):
+    """A second eval or compare of the same name exits 2 before any model loads and leaves every file of the
+    run as it was; with --overwrite it replaces the results."""
+    from instructgpt_cli.stages import compare as compare_stage
+    from instructgpt_cli.stages import evaluate as evaluate_stage
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(run / "run", run_dir)
+    for folder in ("eval", "compare"):
+        shutil.rmtree(run_dir / folder, ignore_errors=True)
+    common = ["--prompts", run / "prompts.jsonl", "--run-dir", run_dir, "--max-new-tokens", "8"]
+    assert igpt("eval", "sft", *common).exit_code == 0
+    assert igpt("compare", "ppo", "sft", *common).exit_code == 0
+    before = files(run_dir)
+    assert {"eval/sft/report.json", "compare/ppo-vs-sft/report.json"} <= before.keys()
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(evaluate_stage, "load_model", no_model)
+    monkeypatch.setattr(compare_stage, "load_model", no_model)
+    for args, out in [(["eval", "sft", *common, "--temperature", "0"], "eval/sft"),
+                      (["compare", "ppo", "sft", *common, "--tie-margin", "100"], "compare/ppo-vs-sft")]:
+        refused = igpt(*args)
+        assert refused.exit_code == 2, refused.output
+        assert f"{run_dir / out}: already has results (report.json); pass --overwrite to replace them" in refused.stderr
+        assert files(run_dir) == before  # nothing written: not the report, not a lock, not the manifest
+    monkeypatch.undo()
+    assert igpt("eval", "sft", *common, "--temperature", "0", "--overwrite").exit_code == 0
+    assert json.loads((run_dir / "eval" / "sft" / "report.json").read_text())["settings"]["temperature"] == 0.0
+    assert igpt("compare", "ppo", "sft", *common, "--tie-margin", "100", "--overwrite").exit_code == 0
+    report = json.loads((run_dir / "compare" / "ppo-vs-sft" / "report.json").read_text())
+    assert (report["ties"], report["n"]) == (8, 8)  # a margin of 100 reward units: every pair a tie now
+
+
+def test_rm_and_human_judgments_of_one_pair_are_both_kept(run, tmp_path):
+    from typer.testing import CliRunner
+
+    from instructgpt_cli.cli import app
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(run / "run", run_dir)
+    shutil.rmtree(run_dir / "compare", ignore_errors=True)
+    args = ["compare", "ppo", "sft", "--prompts", str(run / "prompts.jsonl"), "--run-dir", str(run_dir),
+            "--max-new-tokens", "8"]
+    assert igpt(*args).exit_code == 0
+    by_rm = files(run_dir / "compare" / "ppo-vs-sft")
+    human = CliRunner().invoke(app, [*args, "--judge", "human"], input="1\n" * 8)
+    assert human.exit_code == 0, human.output
+    assert files(run_dir / "compare" / "ppo-vs-sft") == by_rm  # the human judge did not replace the rm's
+    out = run_dir / "compare" / "ppo-vs-sft.human"
+    report = json.loads((out / "report.json").read_text())
+    assert report["judge"] == "human" and report["n"] == 8
+    assert {json.loads(l)["judge"] for l in (out / "judgments.jsonl").read_text().splitlines()} == {"human"}
+    assert json.loads(by_rm["report.json"])["judge"] == "rm"
+    entries = json.loads((run_dir / "manifest.json").read_text())["stages"]
+    assert {"compare/ppo-vs-sft", "compare/ppo-vs-sft.human"} <= entries.keys()
+    # a finished human session is results like any other: kept, unless --overwrite starts a new session
+    kept = files(out)
+    again = CliRunner().invoke(app, [*args, "--judge", "human"], input="t\n" * 8)
+    assert again.exit_code == 2 and "already has results" in again.stderr and files(out) == kept
+    again = CliRunner().invoke(app, [*args, "--judge", "human", "--overwrite"], input="t\n" * 8)
+    assert again.exit_code == 0, again.output
+    assert json.loads((out / "report.json").read_text())["ties"] == 8
+    assert files(run_dir / "compare" / "ppo-vs-sft") == by_rm
+
+
+def test_a_human_session_where_an_older_igpt_kept_it_goes_on(run, tmp_path):
+    """Before each judge had its own results, a human session lived in compare/A-vs-B.human/: compare moves
+    it to compare/A-vs-B.human.session/ and goes on with its judgments."""
+    from typer.testing import CliRunner
+
+    from instructgpt_cli.cli import app
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(run / "run", run_dir)
+    args = ["compare", "ppo", "sft", "--prompts", str(run / "prompts.jsonl"), "--run-dir", str(run_dir),
+            "--judge", "human", "--max-new-tokens", "8"]
+    assert CliRunner().invoke(app, args, input="1\n1\nq\n").exit_code == 0
+    out = run_dir / "compare" / "ppo-vs-sft.human"
+    shutil.rmtree(out)
+    (out.parent / "ppo-vs-sft.human.session").rename(out)  # the old layout: the session only, no results
+    assert CliRunner().invoke(app, args, input="t\n" * 8).exit_code == 0
+    winners = [json.loads(l)["winner"] for l in (out / "judgments.jsonl").read_text().splitlines()]
+    assert len(winners) == 8 and winners.count("tie") == 6  # the 2 judgments of the old session kept
+    assert (out.parent / "ppo-vs-sft.human.session" / "judgments.jsonl").is_file()
+
+
+def test_each_judge_has_a_result_folder_named_after_it():
+    from pathlib import Path
+
+    from instructgpt_cli.stages.compare import result_dir
+
+    run_dir = Path("r")
+    assert result_dir(run_dir, "a-vs-b", "rm") == run_dir / "compare" / "a-vs-b"
+    assert result_dir(run_dir, "a-vs-b", "human") == run_dir / "compare" / "a-vs-b.human"
+    assert result_dir(run_dir, "a-vs-b", "model:runs/x/rm/final").name == "a-vs-b.model-runs-x-rm-final"
+    assert result_dir(run_dir, "a-vs-b", "python:my.judges:pick better").name == "a-vs-b.python-my.judges-pick-better"
+    long = result_dir(run_dir, "a-vs-b", "model:/" + "d" * 100).name
+    other = result_dir(run_dir, "a-vs-b", "model:/" + "d" * 101).name
+    assert len(long) == len("a-vs-b.") + 64 and long != other  # cut, told apart by a hash of the whole name
 
 
 def test_label_ranks_samples_resumes_and_feeds_train_rm(tmp_path):
@@ -167,7 +274,7 @@ def test_compare_reuses_eval_samples_taken_with_the_same_settings(run, tmp_path,
     shutil.copytree(run / "run", run_dir)
     shutil.rmtree(run_dir / "compare", ignore_errors=True)
     settings = ["--prompts", run / "prompts.jsonl", "--run-dir", run_dir, "--max-new-tokens", "12",
-                "--temperature", "0.7", "--seed", "3"]
+                "--temperature", "0.7", "--overwrite", "--seed", "3"]  # replacing the copied run's eval/
     for model in ("ppo", "sft"):
         assert igpt("eval", model, *settings).exit_code == 0
     monkeypatch.setattr(compare_stage, "generate", lambda *a, **k: (_ for _ in ()).throw(AssertionError("sampled")))
@@ -241,7 +348,8 @@ def test_eval_kl_at_ppo_temperature_by_hand_finite_at_greedy_and_strict_json(run
     run_dir = tmp_path / "run"
     shutil.copytree(run / "run", run_dir)
     prompts = [json.loads(l)["prompt"] for l in (run / "prompts.jsonl").read_text().splitlines()]
-    common = ["--prompts", run / "prompts.jsonl", "--run-dir", run_dir, "--max-new-tokens", "10"]
+    common = ["--prompts", run / "prompts.jsonl", "--run-dir", run_dir, "--max-new-tokens", "10",
+              "--overwrite"]  # the copied run has eval/ppo/ already
     # greedy samples (T = 0): the KL is still PPO's, under the run's PPO temperature (ppo/config.yaml: 1.0)
     shown = igpt("eval", "ppo", *common, "--temperature", "0")
     assert shown.exit_code == 0, shown.output
@@ -310,7 +418,7 @@ def test_compare_judges_the_model_as_it_is_now(run, tmp_path, monkeypatch):
     run_dir = tmp_path / "run"
     shutil.copytree(run / "run", run_dir)
     settings = ["--prompts", run / "prompts.jsonl", "--run-dir", run_dir, "--max-new-tokens", "8",
-                "--temperature", "0.7"]  # compare's default decoding
+                "--temperature", "0.7", "--overwrite"]  # compare's default decoding; eval and compare run again
     for model in ("ppo", "sft"):
         assert igpt("eval", model, *settings).exit_code == 0
     evaluated = [json.loads(l) for l in (run_dir / "eval" / "ppo" / "samples.jsonl").read_text().splitlines()]
@@ -352,7 +460,7 @@ def constant_run(tmp_path_factory):
 
 def compare_constant(t, *extra):
     return igpt("compare", t / "stopper", t / "xer", "--prompts", t / "prompts.jsonl", "--run-dir", t / "run",
-                "--temperature", "0", "--max-new-tokens", "4", *extra)
+                "--temperature", "0", "--max-new-tokens", "4", "--overwrite", *extra)
 
 
 def test_compare_with_categories_at_0_of_3_3_of_3_and_1_of_1(constant_run):

@@ -3,15 +3,23 @@
 Both models answer every prompt with the same decoding settings and seed; a judge picks the better
 response or a tie. The win rate counts a tie as half a win, so swapping A and B gives exactly 1 minus
 the win rate; its 95% confidence interval is the Wilson score interval at that proportion and n
-(symmetric under the swap too). Results: compare/A-vs-B/report.json, judgments.jsonl, responses.jsonl and
-report.html, published together (``rundir.publish_set``): a crash leaves the previous complete set. A human
-session appends each judgment as it is made to its own compare/A-vs-B.human/ (with the responses shown),
-so it resumes where it stopped; each run publishes the set from there.
+(symmetric under the swap too). Results: report.json, judgments.jsonl, responses.jsonl and report.html,
+published together (``rundir.publish_set``): a crash leaves the previous complete set. They replace earlier
+results only with ``--overwrite``.
+
+Each judge has its own results, so one judge's never replace another's (:func:`result_dir`): the reward
+model's in compare/A-vs-B/, any other judge's in compare/A-vs-B.JUDGE/ with JUDGE made a folder name
+(compare/A-vs-B.human/; a judge ``model:runs/x/rm/final`` would be compare/A-vs-B.model-runs-x-rm-final/).
+A human session appends each judgment as it is made to compare/A-vs-B.human.session/ (with the responses
+shown), so it resumes where it stopped: running the command again goes on with an unfinished session without
+--overwrite, and each run publishes the set from there; ``--overwrite`` starts a new session.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import random
+import re
 from pathlib import Path
 
 import torch
@@ -81,7 +89,7 @@ def answers(cfg: CompareConfig, path: Path, tokenizer, queries: list[list[int]],
     return generate(model, tokenizer, queries, cfg.max_new_tokens, cfg.temperature, cfg.batch_size), "sampled"
 
 
-def run(cfg: CompareConfig) -> dict:
+def run(cfg: CompareConfig, overwrite: bool = False) -> dict:
     # 1. validate inputs; nothing is written before they pass
     run_dir = Path(cfg.run_dir)
     errors = [f"{k.upper()}: required" for k in ("a", "b") if not getattr(cfg, k)]
@@ -102,17 +110,21 @@ def run(cfg: CompareConfig) -> dict:
     # prompt + response must fit both models and the reward model that judges them
     limits = [position_limit(str(p)) for p in [path_a, path_b] + ([rm_path] if cfg.judge == "rm" else [])]
     queries = render_queries(tokenizer, prompts, cfg.max_new_tokens, min(filter(None, limits), default=None))
-    out = run_dir / "compare" / f"{name_a}-vs-{name_b}"
+    out = result_dir(run_dir, f"{name_a}-vs-{name_b}", cfg.judge)
+    session = out.parent / f"{out.name}.session"  # a human judge's responses and judgments as they are made
     device = resolve_device(cfg.device)
-    claim(run_dir, out)  # before any sampling: a write that cannot happen fails now, not after the work
+    # before any sampling: a write that cannot happen, or earlier results kept without --overwrite, fail now
+    # (a human session with pairs left to judge goes on: its results are the ones it adds to)
+    claim(run_dir, out, overwrite or (cfg.judge == "human" and unfinished(session, prompts)))
+    if not session.exists() and (out / "responses.jsonl").is_file() and not (out / "report.json").is_file():
+        out.replace(session)  # a session of an igpt that kept it in compare/A-vs-B.human/: it goes on from here
 
     # 2. both models answer every prompt: the text and the token ids as sampled (what the RM judge scores).
-    #    A human session keeps them in compare/A-vs-B.human/ (with its judgments), so it can stop and resume
-    #    on the responses it was shown.
-    session = out.parent / f"{out.name}.human"
+    #    A human session keeps them in compare/A-vs-B.human.session/ (with its judgments), so it can stop and
+    #    resume on the responses it was shown.
     sources: dict[str, str] = {}  # where each side's responses come from: sampled, eval's samples, a session
     pairs = []
-    if (session / "responses.jsonl").exists() and cfg.judge == "human":
+    if (session / "responses.jsonl").exists() and cfg.judge == "human" and not overwrite:
         pairs = read_jsonl(session / "responses.jsonl")
         sources = dict.fromkeys("ab", str(session / "responses.jsonl"))
         if [x["prompt"] for x in pairs] != [p.prompt for p in prompts]:
@@ -153,6 +165,29 @@ def run(cfg: CompareConfig) -> dict:
     show_evals(run_dir, [name_a, name_b])
     console().print(f"report: {out / 'report.html'}")
     return report
+
+
+def result_dir(run_dir: Path, pair: str, judge: str) -> Path:
+    """Where ``judge``'s results of ``pair`` (``A-vs-B``) go: compare/A-vs-B/ for the reward model,
+    compare/A-vs-B.JUDGE/ for any other, JUDGE with each run of characters outside ``[A-Za-z0-9_.-]`` made one
+    ``-`` (``human``; ``python:mod:fn`` -> ``python-mod-fn``), cut to 64 characters with a hash of the whole
+    judge's name when longer."""
+    if judge == "rm":
+        return run_dir / "compare" / pair
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", judge).strip("-.") or "judge"
+    if len(name) > 64:
+        name = f"{name[:55]}-{hashlib.sha256(judge.encode('utf-8')).hexdigest()[:8]}"
+    return run_dir / "compare" / f"{pair}.{name}"
+
+
+def unfinished(session: Path, prompts: list) -> bool:
+    """Whether a human session of these prompts has pairs left to judge (compare goes on with it)."""
+    if not (session / "responses.jsonl").is_file():
+        return False
+    pairs = read_jsonl(session / "responses.jsonl")
+    done = read_jsonl(session / "judgments.jsonl") if (session / "judgments.jsonl").is_file() else []
+    return ([x["prompt"] for x in pairs] == [p.prompt for p in prompts]
+            and len({j["index"] for j in done if j.get("judge") == "human"}) < len(pairs))
 
 
 def jsonl(records: list[dict]) -> str:

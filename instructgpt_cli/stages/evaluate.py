@@ -4,8 +4,9 @@ On held-out prompts: the reward model's score of the model's responses (mean and
 model on the model's own samples with log-probs at PPO's temperature (what PPO pays for), response length
 and EOS rate; on held-out pretraining text: LM loss and perplexity next to the SFT model's (the alignment
 tax PPO-ptx reduces); on held-out rankings: the reward model's pairwise accuracy. Per category where
-prompts carry one. report.json and samples.jsonl are published together (``rundir.publish_set``) and are
-strict JSON: a number that is undefined (the sd of one score, the accuracy over no pairs) is null, never NaN.
+prompts carry one. report.json and samples.jsonl are published together (``rundir.publish_set``), replace
+earlier ones only with ``--overwrite``, and are strict JSON: a number that is undefined (the sd of one score,
+the accuracy over no pairs) is null, never NaN.
 """
 from __future__ import annotations
 
@@ -73,7 +74,7 @@ def load(cfg: EvalConfig, path: Path, tokenizer, device, kind: str = "causal"):
     return load_model(ModelConfig(name=str(path), dtype=cfg.dtype), tokenizer, path, device, cfg.seed, kind).eval()
 
 
-def run(cfg: EvalConfig, as_json: bool = False) -> dict:
+def run(cfg: EvalConfig, as_json: bool = False, overwrite: bool = False) -> dict:
     # 1. validate inputs; nothing is written before they pass
     run_dir = Path(cfg.run_dir)
     errors = [f"--{k}: required" for k in ("prompts",) if not getattr(cfg, k)]
@@ -101,7 +102,8 @@ def run(cfg: EvalConfig, as_json: bool = False) -> dict:
     queries = render_queries(tokenizer, prompts, cfg.max_new_tokens, min(filter(None, limits), default=None))
     device = resolve_device(cfg.device)
     out = run_dir / "eval" / (cfg.name or name)
-    claim(run_dir, out)  # before any sampling: a write that cannot happen fails now, not after the work
+    # before any sampling: a write that cannot happen, or earlier results kept without --overwrite, fail now
+    claim(run_dir, out, overwrite)
 
     # 2. sample the model's responses, seeded
     model = load(cfg, path, tokenizer, device)
