@@ -12,6 +12,7 @@ import html
 import json
 import platform
 import random
+import re
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -23,7 +24,19 @@ from .report_plots import line_chart, reward_vs_kl, series, win_chart
 from .rundir import atomic_write_text, read_metrics
 from .storage import now, sha256_file, weights_sha256
 
-e = html.escape
+# code points HTML5 forbids in a document (a parse error): C0 controls but tab, LF, FF, CR; DEL and the C1
+# controls; noncharacters. A sampled response may hold any of them (a byte-level tokenizer decodes any byte).
+FORBIDDEN = re.compile("[\x00-\x08\x0b\x0e-\x1f\x7f-\x9f\ufdd0-\ufdef"
+                       + "".join(chr(p + 0xFFFE) + chr(p + 0xFFFF) for p in range(0, 0x110000, 0x10000)) + "]")
+
+
+def e(text: str) -> str:
+    """``text`` escaped for HTML, each forbidden code point shown as its escape (``\\x07``, ``\\ufffe``)."""
+    def shown(m: re.Match) -> str:
+        c = ord(m.group())
+        return f"\\x{c:02x}" if c < 0x100 else f"\\u{c:04x}" if c < 0x10000 else f"\\U{c:08x}"
+
+    return html.escape(FORBIDDEN.sub(shown, text))
 
 
 def na(why: str = "") -> str:
@@ -33,7 +46,8 @@ def na(why: str = "") -> str:
 
 CSS = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
        "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}"
-       "td{white-space:nowrap}td:first-child,th:first-child{text-align:left}table.prov td{text-align:left;white-space:normal}"
+       "td{white-space:nowrap}td:first-child,th:first-child{text-align:left}"
+       "table.prov td{text-align:left;white-space:normal}"
        "code{font-size:90%;word-break:break-all}.charts{display:flex;flex-wrap:wrap;gap:.5em}"
        ".pair{display:flex;gap:1em}.pair div{flex:1;white-space:pre-wrap;border:1px solid #ddd;padding:.6em;"
        "border-radius:4px}.win{background:#eef7ee}.na{color:#888;font-style:italic}"
@@ -70,8 +84,8 @@ def read_run(run_dir: Path, names: list[str]) -> RunRecords:
     stages = {s: read_metrics(run_dir / s / "metrics.jsonl") for s in ("sft", "rm", "ppo")}
     if any("episode" not in r for r in stages["ppo"]):
         config = run_dir / "ppo" / "config.yaml"
-        ppo_cfg = ((yaml.safe_load(config.read_text(encoding="utf-8")) or {}).get("ppo") or {}) if config.is_file() else {}
-        batch = ppo_cfg.get("rollout_batch_size")
+        saved = (yaml.safe_load(config.read_text(encoding="utf-8")) or {}) if config.is_file() else {}
+        batch = (saved.get("ppo") or {}).get("rollout_batch_size")
         stages["ppo"] = [r if "episode" in r or not batch else {**r, "episode": r["step"] * batch}
                          for r in stages["ppo"] if "episode" in r or batch]
     evals = {n: json.loads(p.read_text(encoding="utf-8")) for n in names
@@ -117,22 +131,22 @@ def provenance(report: dict, rm_path: Path | None, device: str, run_dir: Path) -
         torch_version = metadata.version("torch")
     except metadata.PackageNotFoundError:
         torch_version = "-"
-    rows = [(f"A: {e(report['a'])}", f"<code>{e(report['a_path'])}</code><br>weights sha256 {digest(report['a_path'])}"),
-            (f"B: {e(report['b'])}", f"<code>{e(report['b_path'])}</code><br>weights sha256 {digest(report['b_path'])}"),
-            ("judge", judge),
-            ("prompts", f"<code>{e(str(prompts))}</code> ({report['n_prompts']} prompts)<br>sha256 "
-                        + (f"<code>{sha256_file(prompts)}</code>" if prompts.is_file() else "<span class='na'>"
-                           "not available (file gone)</span>")),
-            ("decoding", f"temperature {s.get('temperature', '-')}, max_new_tokens {s.get('max_new_tokens', '-')}"),
-            ("seed", e(str(s.get("seed", "-")))),
-            ("responses from", "<br>".join(f"{side}: {e(str(src))}" for side, src in
-                                           report.get("responses_from", {}).items()) or "-"),
-            ("run directory", f"<code>{e(str(run_dir))}</code>"),
-            ("igpt", f"{__version__} (torch {torch_version}, Python {platform.python_version()})"),
-            ("date", now()),
-            ("host", e(f"{platform.node()}, {platform.platform()}, {platform.processor() or platform.machine()}; "
-                       f"device {device or '-'}"))]
-    return rows
+    rows = [(f"{side.upper()}: {e(report[side])}", f"<code>{e(report[side + '_path'])}</code><br>weights sha256 "
+             f"{digest(report[side + '_path'])}") for side in ("a", "b")]
+    return rows + [
+        ("judge", judge),
+        ("prompts", f"<code>{e(str(prompts))}</code> ({report['n_prompts']} prompts)<br>sha256 "
+                    + (f"<code>{sha256_file(prompts)}</code>" if prompts.is_file() else "<span class='na'>"
+                       "not available (file gone)</span>")),
+        ("decoding", f"temperature {s.get('temperature', '-')}, max_new_tokens {s.get('max_new_tokens', '-')}"),
+        ("seed", e(str(s.get("seed", "-")))),
+        ("responses from", "<br>".join(f"{side}: {e(str(src))}" for side, src in
+                                       report.get("responses_from", {}).items()) or "-"),
+        ("run directory", f"<code>{e(str(run_dir))}</code>"),
+        ("igpt", f"{__version__} (torch {torch_version}, Python {platform.python_version()})"),
+        ("date", now()),
+        ("host", e(f"{platform.node()}, {platform.platform()}, {platform.processor() or platform.machine()}; "
+                   f"device {device or '-'}"))]
 
 
 def eval_table(report: dict, evals: dict[str, dict]) -> str:

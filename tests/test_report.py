@@ -66,7 +66,8 @@ def full_run(tmp_path):
     write_jsonl(run / "sft" / "metrics.jsonl", [{"step": s, "train/loss": 3.0 / s, **({"eval/loss": 3.2 / s}
                                                  if s % 2 == 0 else {})} for s in range(1, 7)])
     write_jsonl(run / "rm" / "metrics.jsonl", [{"step": s, "train/loss": 0.7 / s, "train/accuracy": 0.5 + s / 20,
-                                                "eval/loss": 0.8 / s, "eval/accuracy": 0.55 + s / 25} for s in (1, 2, 3)])
+                                                "eval/loss": 0.8 / s, "eval/accuracy": 0.55 + s / 25}
+                                               for s in (1, 2, 3)])
     write_jsonl(run / "ppo" / "metrics.jsonl", [
         {"step": s, "episode": 8 * s, "objective/kl": 0.1 * s, "objective/scores": 0.2 * s, "objective/beta": 0.05,
          "objective/rlhf_reward": 0.2 * s - 0.005 * s, "objective/entropy": float("nan") if s == 2 else 2.0 - s / 10,
@@ -180,6 +181,16 @@ def test_a_compare_of_paths_outside_a_run_with_no_categories_says_what_is_missin
     assert marks == {"all": 0, "none": 24, "unknown": 0}[ends]
     counted = "15 of 15 responses ended" if ends == "all" else "0 of 15 responses ended"
     assert (counted in page) == (ends != "unknown")
+
+
+def test_control_characters_of_a_sampled_response_are_shown_escaped_not_written(full_run, tmp_path):
+    """A byte-level tokenizer decodes any byte: HTML5 forbids C0/C1 controls and noncharacters in a page."""
+    run, a, b, rm, prompts, judgments = full_run
+    for j in judgments:
+        j["a"] = "bell\x07 nul\x00 del\x7f c1\x85 non\ufffe astral\U0010ffff tab\tok é"
+    page = write(tmp_path, run, compare_report(tmp_path, judgments, a, b, prompts), judgments, eos_id=EOS)
+    parse(page)  # raised 'Invalid codepoint in stream' before
+    assert "bell\\x07 nul\\x00 del\\x7f c1\\x85 non\\ufffe astral\\U0010ffff tab\tok é" in page
 
 
 def test_no_judgments_yet_still_makes_a_page(tmp_path):
