@@ -76,21 +76,22 @@ class RunRecords:
     rm: list[dict] = field(default_factory=list)  # rm/metrics.jsonl
     ppo: list[dict] = field(default_factory=list)  # ppo/metrics.jsonl, each with "episode"
     evals: dict[str, dict] = field(default_factory=dict)  # model name -> eval/NAME/report.json
+    ppo_config: dict = field(default_factory=dict)  # the "ppo" block of ppo/config.yaml
 
 
 def read_run(run_dir: Path, names: list[str]) -> RunRecords:
     """The run's training metrics and the eval reports of ``names``. PPO records from before ``episode``
     was logged get it from the run's rollout batch size (ppo/config.yaml): episodes = iteration x batch."""
     stages = {s: read_metrics(run_dir / s / "metrics.jsonl") for s in ("sft", "rm", "ppo")}
+    config = run_dir / "ppo" / "config.yaml"
+    ppo_cfg = ((yaml.safe_load(config.read_text(encoding="utf-8")) or {}).get("ppo") or {}) if config.is_file() else {}
     if any("episode" not in r for r in stages["ppo"]):
-        config = run_dir / "ppo" / "config.yaml"
-        saved = (yaml.safe_load(config.read_text(encoding="utf-8")) or {}) if config.is_file() else {}
-        batch = (saved.get("ppo") or {}).get("rollout_batch_size")
+        batch = ppo_cfg.get("rollout_batch_size")
         stages["ppo"] = [r if "episode" in r or not batch else {**r, "episode": r["step"] * batch}
                          for r in stages["ppo"] if "episode" in r or batch]
     evals = {n: json.loads(p.read_text(encoding="utf-8")) for n in names
              if (p := run_dir / "eval" / n / "report.json").is_file()}
-    return RunRecords(stages["sft"], stages["rm"], stages["ppo"], evals)
+    return RunRecords(stages["sft"], stages["rm"], stages["ppo"], evals, ppo_cfg)
 
 
 def ended(ids: list[int] | None, eos_id: int | None) -> bool | None:
@@ -184,8 +185,13 @@ def training_charts(run: RunRecords) -> list[tuple[str, list[tuple[str, str | No
     # is the rollout batch size)
     eos = ep("val/eos_rate") or [(r["episode"], r["val/num_eos_tokens"] / (r["episode"] / r["step"]))
                                  for r in ppo if "val/num_eos_tokens" in r and r.get("step")]
-    betas = {round(b, 12) for _, b in ep("objective/beta")}
-    beta_title = "β, KL coefficient" + (" (fixed)" if len(betas) == 1 else " (adaptive)")
+    # the KL controller as configured (adaptive with a target KL, Ziegler et al. 2019), else as beta moved
+    target = run.ppo_config.get("target_kl")
+    if isinstance(target, (int, float)) and not isinstance(target, bool):
+        how = f"adaptive, target KL {target:g}" if target > 0 else "fixed"
+    else:  # a run without its config.yaml
+        how = "adaptive" if len({b for _, b in ep("objective/beta")}) > 1 else "fixed"
+    beta_title = f"β, KL coefficient ({how})"
     return [
         ("SFT", [("SFT loss (nats/token)", line_chart("SFT loss (nats/token)", "optimizer step", [
             ("train", series(sft, "train/loss")), ("held-out", series(sft, "eval/loss"))]))]),

@@ -72,6 +72,7 @@ def line_chart(title: str, xlabel: str, lines: list[tuple[str, Points]], ylim: t
     if ylim:
         ax.set_ylim(*ylim)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps and episodes are whole numbers
+    ax.ticklabel_format(axis="y", useOffset=False)  # beta moving by 1e-6 reads 0.020001, not "+2e-2" and 1e-6
     ax.set_xlabel(xlabel)
     ax.set_title(title, fontsize="medium")
     ax.grid(alpha=0.3)

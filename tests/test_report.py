@@ -160,6 +160,19 @@ def test_ppo_curves_are_drawn_against_episodes_also_for_records_without_them(ful
     assert drawn["EOS rate (responses that ended)"][1][0][1] == [(4, 0.25), (8, 0.5), (12, 0.75)]  # count / 4
 
 
+@pytest.mark.parametrize("config, title", [({"target_kl": 0.5}, "adaptive, target KL 0.5"), ({"target_kl": 0}, "fixed"),
+                                           (None, "fixed"), ("moved", "adaptive")])
+def test_beta_is_titled_by_the_kl_controller_the_run_had(full_run, tmp_path, config, title):
+    run, a, b, rm, prompts, judgments = full_run
+    if isinstance(config, dict):
+        (run / "ppo" / "config.yaml").write_text(yaml.safe_dump({"ppo": config}))
+    elif config == "moved":  # no config.yaml: beta that changed was adapted
+        metrics = [json.loads(line) for line in (run / "ppo" / "metrics.jsonl").read_text().splitlines()]
+        write_jsonl(run / "ppo" / "metrics.jsonl", [{**m, "objective/beta": 0.05 + m["step"] * 1e-7} for m in metrics])
+    page = write(tmp_path, run, compare_report(tmp_path, judgments, a, b, prompts), judgments, eos_id=EOS)
+    assert f"alt='β, KL coefficient ({title})'" in page
+
+
 @pytest.mark.parametrize("ends", ["all", "none", "unknown"])
 def test_a_compare_of_paths_outside_a_run_with_no_categories_says_what_is_missing(tmp_path, ends):
     a, b = model_dir(tmp_path / "a", b"a"), tmp_path / "b"
