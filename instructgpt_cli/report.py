@@ -1,17 +1,58 @@
-"""compare/A-vs-B/report.html: one self-contained page (matplotlib charts embedded as PNG data URIs) with
-the win rate and its interval, the per-category table, the PPO run's training curves when the run has
-one, and sample pairs side by side. Opens offline; nothing is fetched."""
+"""compare/A-vs-B/report.html: the page a researcher keeps of one comparison. One self-contained file
+(charts embedded as PNG data URIs, inline CSS, no script, nothing fetched) with: where the numbers come
+from (both models' weights digests, decoding settings, seed, judge, the prompts file's digest, igpt
+version, date, host), the win rate with its interval per category, ``igpt eval``'s table of both models,
+the run's training curves (SFT and RM loss and accuracy; PPO's score, KL, reward vs KL, beta, entropy,
+clip fraction, response length and EOS rate against episodes) and samples drawn at random per category,
+with the responses that never ended (no EOS) marked. A section without data says so; none crashes the page.
+"""
 from __future__ import annotations
 
-import base64
 import html
-import io
+import json
+import platform
+import random
+import re
+from dataclasses import dataclass, field
+from importlib import metadata
 from pathlib import Path
 
-from .rundir import atomic_write_text
+import yaml
 
-CURVES = [("objective/scores", "reward-model score"), ("objective/kl", "KL to SFT (nats)"),
-          ("loss/ptx", "pretraining loss (ptx)")]
+from . import __version__
+from .report_plots import line_chart, reward_vs_kl, series, win_chart
+from .rundir import atomic_write_text, read_metrics
+from .storage import now, sha256_file, weights_sha256
+
+# code points HTML5 forbids in a document (a parse error): C0 controls but tab, LF, FF, CR; DEL and the C1
+# controls; noncharacters. A sampled response may hold any of them (a byte-level tokenizer decodes any byte).
+FORBIDDEN = re.compile("[\x00-\x08\x0b\x0e-\x1f\x7f-\x9f\ufdd0-\ufdef"
+                       + "".join(chr(p + 0xFFFE) + chr(p + 0xFFFF) for p in range(0, 0x110000, 0x10000)) + "]")
+
+
+def e(text: str) -> str:
+    """``text`` escaped for HTML, each forbidden code point shown as its escape (``\\x07``, ``\\ufffe``)."""
+    def shown(m: re.Match) -> str:
+        c = ord(m.group())
+        return f"\\x{c:02x}" if c < 0x100 else f"\\u{c:04x}" if c < 0x10000 else f"\\U{c:08x}"
+
+    return html.escape(FORBIDDEN.sub(shown, text))
+
+
+def na(why: str = "") -> str:
+    """What a section without data says instead."""
+    return f"<p class='na'>not available{f' ({why})' if why else ''}</p>"
+
+
+CSS = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
+       "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}"
+       "td{white-space:nowrap}td:first-child,th:first-child{text-align:left}"
+       "table.prov td{text-align:left;white-space:normal}"
+       "code{font-size:90%;word-break:break-all}.charts{display:flex;flex-wrap:wrap;gap:.5em}"
+       ".pair{display:flex;gap:1em}.pair div{flex:1;white-space:pre-wrap;border:1px solid #ddd;padding:.6em;"
+       "border-radius:4px}.win{background:#eef7ee}.na{color:#888;font-style:italic}"
+       ".noeos{display:inline-block;margin-top:.4em;padding:0 .4em;border-radius:3px;background:#fde2e1;"
+       "color:#a4000f;font-size:85%;font-weight:bold}")
 
 
 def number(x: float | None, spec: str) -> str:
@@ -26,88 +67,218 @@ def score_text(r: dict) -> str:
     return f"{r['score_mean']:.3f}" + (f" ± {r['score_sd']:.3f}" if r.get("score_sd") is not None else "")
 
 
-def _png(fig) -> str:
-    import matplotlib.pyplot as plt
+@dataclass
+class RunRecords:
+    """What the page shows beside the comparison, read from the run directory; each empty when absent
+    (a compare of two paths outside a run, a run without an RM stage or PPO)."""
 
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
-
-
-def win_chart(report: dict) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [("all", report)] + list(report["categories"].items())
-    rows = [(label, r) for label, r in rows if r["n"]]
-    fig, ax = plt.subplots(figsize=(7, 0.45 * len(rows) + 1.2))
-    ys = list(range(len(rows)))[::-1]
-    rates = [r["win_rate"] for _, r in rows]
-    # bar lengths below and above the rate, clamped at 0: matplotlib refuses a negative one, and a bound
-    # rounded past the rate (an interval that should end exactly at 0 or 1) must not crash the page
-    err = [[max(0.0, r["win_rate"] - r["ci_low"]) for _, r in rows],
-           [max(0.0, r["ci_high"] - r["win_rate"]) for _, r in rows]]
-    ax.barh(ys, rates, xerr=err, color="#4c72b0", capsize=3)
-    ax.axvline(0.5, color="grey", linestyle="--", linewidth=1)
-    ax.set_yticks(ys, [f"{label} (n={r['n']})" for label, r in rows])
-    ax.set_xlim(0, 1)
-    ax.set_xlabel(f"win rate of {report['a']} over {report['b']} (ties = half), 95% CI")
-    return _png(fig)
+    sft: list[dict] = field(default_factory=list)  # sft/metrics.jsonl records
+    rm: list[dict] = field(default_factory=list)  # rm/metrics.jsonl
+    ppo: list[dict] = field(default_factory=list)  # ppo/metrics.jsonl, each with "episode"
+    evals: dict[str, dict] = field(default_factory=dict)  # model name -> eval/NAME/report.json
+    ppo_config: dict = field(default_factory=dict)  # the "ppo" block of ppo/config.yaml
 
 
-def curve_charts(metrics: list[dict]) -> list[tuple[str, str]]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    charts = []
-    for key, label in CURVES:
-        points = [(m["step"], m[key]) for m in metrics if key in m]
-        if not points:
-            continue
-        fig, ax = plt.subplots(figsize=(4.2, 2.8))
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="." if len(points) < 40 else None)
-        ax.set_xlabel("PPO iteration")
-        ax.set_title(label)
-        charts.append((label, _png(fig)))
-    return charts
+def read_run(run_dir: Path, names: list[str]) -> RunRecords:
+    """The run's training metrics and the eval reports of ``names``. PPO records from before ``episode``
+    was logged get it from the run's rollout batch size (ppo/config.yaml): episodes = iteration x batch."""
+    stages = {s: read_metrics(run_dir / s / "metrics.jsonl") for s in ("sft", "rm", "ppo")}
+    config = run_dir / "ppo" / "config.yaml"
+    ppo_cfg = ((yaml.safe_load(config.read_text(encoding="utf-8")) or {}).get("ppo") or {}) if config.is_file() else {}
+    if any("episode" not in r for r in stages["ppo"]):
+        batch = ppo_cfg.get("rollout_batch_size")
+        stages["ppo"] = [r if "episode" in r or not batch else {**r, "episode": r["step"] * batch}
+                         for r in stages["ppo"] if "episode" in r or batch]
+    evals = {n: json.loads(p.read_text(encoding="utf-8")) for n in names
+             if (p := run_dir / "eval" / n / "report.json").is_file()}
+    return RunRecords(stages["sft"], stages["rm"], stages["ppo"], evals, ppo_cfg)
 
 
-def write_html(path: Path, report: dict, judgments: list[dict], ppo_metrics: list[dict], n_samples: int = 12) -> None:
-    e = html.escape
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>igpt: {e(report['a'])} vs {e(report['b'])}</title>",
-             "<style>body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
-             "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}"
-             "td:first-child,th:first-child{text-align:left}.pair{display:flex;gap:1em}.pair div{flex:1;"
-             "white-space:pre-wrap;border:1px solid #ddd;padding:.6em;border-radius:4px}.win{background:#eef7ee}"
-             "</style></head><body>",
+def ended(ids: list[int] | None, eos_id: int | None) -> bool | None:
+    """Whether a response as sampled ended with EOS (EOS is kept only where the model emitted it; a response
+    cut at max_new_tokens has none). None where that is unknown (no token ids, no EOS id)."""
+    if ids is None or eos_id is None:
+        return None
+    return bool(ids) and ids[-1] == eos_id
+
+
+def pick_samples(judgments: list[dict], seed: int, per_category: int = 3, total: int = 12) -> dict[str, list[dict]]:
+    """Judgments drawn at random with ``seed`` (the same page from the same compare), ``per_category`` of
+    each category in sorted order, or ``total`` when prompts have no category ('' then); each group in prompt
+    order. Random rather than the first few: the first prompts of a file are rarely typical."""
+    groups: dict[str, list[dict]] = {}
+    for j in judgments:
+        groups.setdefault(j.get("category") or "", []).append(j)
+    k = total if list(groups) in ([""], []) else per_category
+    rng = random.Random(seed)
+    out = {}
+    for c in sorted(groups):
+        picked = rng.sample(range(len(groups[c])), min(k, len(groups[c])))
+        out[c] = [groups[c][i] for i in sorted(picked)]
+    return out
+
+
+def provenance(report: dict, rm_path: Path | None, device: str, run_dir: Path) -> list[tuple[str, str]]:
+    """(label, HTML) rows saying exactly what was compared, how, by whom and where."""
+    def digest(path) -> str:
+        d = weights_sha256(path) if path and Path(path).is_dir() else None
+        return f"<code>{d}</code>" if d else "<span class='na'>not available (no safetensors)</span>"
+
+    s = report.get("settings", {})
+    prompts = Path(report["prompts"])
+    judge = e(report["judge"]) + (f": <code>{e(str(rm_path))}</code><br>weights sha256 {digest(rm_path)}"
+                                  if report["judge"] == "rm" and rm_path else "")
+    try:
+        torch_version = metadata.version("torch")
+    except metadata.PackageNotFoundError:
+        torch_version = "-"
+    rows = [(f"{side.upper()}: {e(report[side])}", f"<code>{e(report[side + '_path'])}</code><br>weights sha256 "
+             f"{digest(report[side + '_path'])}") for side in ("a", "b")]
+    return rows + [
+        ("judge", judge),
+        ("prompts", f"<code>{e(str(prompts))}</code> ({report['n_prompts']} prompts)<br>sha256 "
+                    + (f"<code>{sha256_file(prompts)}</code>" if prompts.is_file() else "<span class='na'>"
+                       "not available (file gone)</span>")),
+        ("decoding", f"temperature {s.get('temperature', '-')}, max_new_tokens {s.get('max_new_tokens', '-')}"),
+        ("seed", e(str(s.get("seed", "-")))),
+        ("responses from", "<br>".join(f"{side}: {e(str(src))}" for side, src in
+                                       report.get("responses_from", {}).items()) or "-"),
+        ("run directory", f"<code>{e(str(run_dir))}</code>"),
+        ("igpt", f"{__version__} (torch {torch_version}, Python {platform.python_version()})"),
+        ("date", now()),
+        ("host", e(f"{platform.node()}, {platform.platform()}, {platform.processor() or platform.machine()}; "
+                   f"device {device or '-'}"))]
+
+
+def eval_table(report: dict, evals: dict[str, dict]) -> str:
+    """``igpt eval``'s measurements of A and B (the terminal's table after the win rate, and more), with
+    whether eval saw the weights compared now (its report records their digest)."""
+    if not evals:
+        return na("run igpt eval on the models")
+    paths = {report["a"]: report["a_path"], report["b"]: report["b_path"]}
+    temps = sorted({r["kl_temperature"] for r in evals.values() if "kl_temperature" in r})
+    cols = ["model", "n", "RM score", "KL to SFT" + (f" (T={temps[0]:g})" if len(temps) == 1 else ""),
+            "pretraining loss", "perplexity", "alignment tax", "length", "EOS rate", "RM preference accuracy",
+            "same weights"]
+    rows = ["<table class='eval'><tr>" + "".join(f"<th>{e(c)}</th>" for c in cols) + "</tr>"]
+    for name, r in evals.items():
+        same = r.get("model_sha256")
+        same = "-" if not same else "yes" if same == weights_sha256(paths[name]) else "no (evaluated other weights)"
+        acc = number(r.get("rm_accuracy"), ".1%") + (f" of {r['rm_pairs']} pairs" if r.get("rm_pairs") else "")
+        cells = [name, str(r.get("n", "-")), score_text(r), number(r.get("kl_to_sft"), ".3f"),
+                 number(r.get("ptx_loss"), ".4f"), number(r.get("ptx_perplexity"), ".2f"),
+                 number(r.get("alignment_tax"), "+.4f"), number(r.get("response_length"), ".1f"),
+                 number(r.get("eos_rate"), ".0%"), acc, same]
+        rows.append("<tr>" + "".join(f"<td>{e(c)}</td>" for c in cells) + "</tr>")
+    return "".join(rows) + "</table>"
+
+
+def training_charts(run: RunRecords) -> list[tuple[str, list[tuple[str, str | None]]]]:
+    """(section, [(title, PNG URI or None)]) of the run's training curves. PPO's x-axis is episodes (prompts
+    answered), which compares runs with different rollout batch sizes; SFT's and RM's is optimizer steps."""
+    sft, rm, ppo = run.sft, run.rm, run.ppo
+
+    def ep(key: str):
+        return series(ppo, key, "episode")
+
+    # EOS rate: logged since the report showed it; derived from the EOS count before (episodes / iterations
+    # is the rollout batch size)
+    eos = ep("val/eos_rate") or [(r["episode"], r["val/num_eos_tokens"] / (r["episode"] / r["step"]))
+                                 for r in ppo if "val/num_eos_tokens" in r and r.get("step")]
+    # the KL controller as configured (adaptive with a target KL, Ziegler et al. 2019), else as beta moved
+    target = run.ppo_config.get("target_kl")
+    if isinstance(target, (int, float)) and not isinstance(target, bool):
+        how = f"adaptive, target KL {target:g}" if target > 0 else "fixed"
+    else:  # a run without its config.yaml
+        how = "adaptive" if len({b for _, b in ep("objective/beta")}) > 1 else "fixed"
+    beta_title = f"β, KL coefficient ({how})"
+    return [
+        ("SFT", [("SFT loss (nats/token)", line_chart("SFT loss (nats/token)", "optimizer step", [
+            ("train", series(sft, "train/loss")), ("held-out", series(sft, "eval/loss"))]))]),
+        ("Reward model", [
+            ("RM loss", line_chart("RM ranking loss", "optimizer step", [
+                ("train", series(rm, "train/loss")), ("held-out", series(rm, "eval/loss"))])),
+            ("RM accuracy", line_chart("RM pairwise accuracy", "optimizer step", [
+                ("train", series(rm, "train/accuracy")), ("held-out", series(rm, "eval/accuracy"))], (0, 1)))]),
+        ("PPO", [
+            ("reward vs KL", reward_vs_kl(ep("objective/kl"), ep("objective/scores"))),
+            ("reward-model score", line_chart("reward-model score", "episodes", [
+                ("score", ep("objective/scores")), ("score − β·KL", ep("objective/rlhf_reward"))])),
+            ("KL to SFT (nats)", line_chart("KL to SFT (nats)", "episodes", [("", ep("objective/kl"))])),
+            ("pretraining loss (ptx)", line_chart("pretraining loss (ptx)", "episodes", [("", ep("loss/ptx"))])),
+            (beta_title, line_chart(beta_title, "episodes", [("", ep("objective/beta"))])),
+            ("policy entropy (nats/token)", line_chart("policy entropy (nats/token)", "episodes",
+                                                       [("", ep("objective/entropy"))])),
+            ("clip fraction", line_chart("clip fraction", "episodes", [
+                ("policy", ep("policy/clipfrac")), ("value", ep("val/clipfrac"))])),
+            ("response length (tokens)", line_chart("response length (tokens)", "episodes",
+                                                    [("", ep("val/response_length"))])),
+            ("EOS rate", line_chart("EOS rate (responses that ended)", "episodes", [("", eos)], (0, 1.05)))]),
+    ]
+
+
+def sample_html(report: dict, judgments: list[dict], eos_id: int | None) -> str:
+    """The EOS counts of both sides, then the drawn samples side by side, the winner shaded, a response
+    that never ended marked."""
+    if not judgments:
+        return na("no judgments")
+    parts = []
+    for side in ("a", "b"):
+        known = [x for x in (ended(j.get(f"{side}_ids"), eos_id) for j in judgments) if x is not None]
+        if known:
+            parts.append(f"<li>{e(report[side])}: {sum(known)} of {len(known)} responses ended with EOS "
+                         f"({sum(known) / len(known):.0%}); the rest were cut at max_new_tokens</li>")
+    parts = ["<ul>" + "".join(parts) + "</ul>"] if parts else []
+    seed = report.get("settings", {}).get("seed", 0)
+    parts.append(f"<p>Drawn at random (seed {e(str(seed))}) from the {len(judgments)} judged prompts.</p>")
+    for category, picked in pick_samples(judgments, seed).items():
+        if category:
+            parts.append(f"<h3>{e(category)}</h3>")
+        for j in picked:
+            scores = f" (A {j['score_a']:.3f}, B {j['score_b']:.3f})" if "score_a" in j else ""
+            parts.append(f"<h4>{e(j['prompt'][:200])}</h4><p>winner: {e(j['winner'])}{scores}</p><div class='pair'>")
+            for side in ("a", "b"):
+                win = " class='win'" if j["winner"] == side.upper() else ""
+                mark = ("\n<span class='noeos' title='the model never emitted EOS: cut at max_new_tokens'>"
+                        "no EOS (cut off)</span>") if ended(j.get(f"{side}_ids"), eos_id) is False else ""
+                parts.append(f"<div{win}><b>{e(report[side])}</b>\n{e(j[side])}{mark}</div>")
+            parts.append("</div>")
+    return "\n".join(parts)
+
+
+def write_html(path: Path, report: dict, judgments: list[dict], run_dir: Path, eos_id: int | None = None,
+               rm_path: Path | None = None, device: str = "") -> None:
+    """report.html of one compare: ``report`` and ``judgments`` as compare publishes them (``a_ids`` /
+    ``b_ids`` as sampled, EOS ``eos_id`` only where emitted), the run's records from ``run_dir``."""
+    run = read_run(Path(run_dir), [report["a"], report["b"]])
+    parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
+             f"<title>igpt: {e(report['a'])} vs {e(report['b'])}</title><style>{CSS}</style></head><body>",
              f"<h1>{e(report['a'])} vs {e(report['b'])}</h1>",
-             f"<p>Judge: <b>{e(report['judge'])}</b>. {report['judged']} of {report['n_prompts']} prompts judged. "
-             f"{e(report['ci_method'])}.</p>"]
+             "<h2 id='provenance'>Provenance</h2><table class='prov'>"
+             + "".join(f"<tr><th>{label}</th><td>{value}</td></tr>"
+                       for label, value in provenance(report, rm_path, device, Path(run_dir))) + "</table>",
+             f"<h2 id='win-rate'>Win rate</h2><p>Judge: <b>{e(report['judge'])}</b>. {report['judged']} of "
+             f"{report['n_prompts']} prompts judged. {e(report['ci_method'])}.</p>"]
     if report["n"]:
         parts.append(f"<p><b>Win rate of {e(report['a'])}: {report['win_rate']:.1%}</b> "
                      f"(95% CI {report['ci_low']:.1%} – {report['ci_high']:.1%}; {report['wins']} wins, "
                      f"{report['ties']} ties, {report['losses']} losses)</p>")
         parts.append(f"<img alt='win rate chart' src='{win_chart(report)}'>")
-    parts.append("<h2>By category</h2><table><tr><th>category</th><th>n</th><th>wins</th><th>ties</th>"
-                 "<th>losses</th><th>win rate</th><th>95% CI</th></tr>")
-    for c, r in report["categories"].items():
-        parts.append(f"<tr><td>{e(c)}</td><td>{r['n']}</td><td>{r['wins']}</td><td>{r['ties']}</td><td>{r['losses']}</td>"
-                     f"<td>{r['win_rate']:.1%}</td><td>{r['ci_low']:.1%} – {r['ci_high']:.1%}</td></tr>")
-    parts.append("</table>")
-    charts = curve_charts(ppo_metrics)
-    if charts:
-        parts.append("<h2>PPO training</h2>" + "".join(f"<img alt='{e(label)}' src='{src}'>" for label, src in charts))
-    parts.append("<h2>Samples</h2>")
-    for j in judgments[:n_samples]:
-        a_cls, b_cls = ("win" if j["winner"] == "A" else ""), ("win" if j["winner"] == "B" else "")
-        scores = f" (A {j['score_a']:.3f}, B {j['score_b']:.3f})" if "score_a" in j else ""
-        parts.append(f"<h3>{e(j['prompt'][:200])}</h3><p>winner: {e(j['winner'])}{scores}</p><div class='pair'>"
-                     f"<div class='{a_cls}'><b>{e(report['a'])}</b>\n{e(j['a'])}</div>"
-                     f"<div class='{b_cls}'><b>{e(report['b'])}</b>\n{e(j['b'])}</div></div>")
+        parts.append("<table><tr><th>category</th><th>n</th><th>wins</th><th>ties</th><th>losses</th>"
+                     "<th>win rate</th><th>95% CI</th></tr>")
+        for c, r in [("all", report), *report["categories"].items()]:
+            parts.append(f"<tr><td>{e(c)}</td><td>{r['n']}</td><td>{r['wins']}</td><td>{r['ties']}</td>"
+                         f"<td>{r['losses']}</td><td>{r['win_rate']:.1%}</td>"
+                         f"<td>{r['ci_low']:.1%} – {r['ci_high']:.1%}</td></tr>")
+        parts.append("</table>")
+    else:
+        parts.append(na("no judgments yet"))
+    parts.append("<h2 id='eval'>igpt eval of the same models</h2>" + eval_table(report, run.evals))
+    parts.append("<h2 id='training'>Training</h2>")
+    for section, charts in training_charts(run):
+        drawn = [(title, src) for title, src in charts if src]
+        parts.append(f"<h3>{e(section)}</h3>" + ("<div class='charts'>" + "".join(
+            f"<img alt='{e(title)}' src='{src}'>" for title, src in drawn) + "</div>" if drawn else na()))
+    parts.append("<h2 id='samples'>Samples</h2>" + sample_html(report, judgments, eos_id))
     parts.append("</body></html>")
     atomic_write_text(path, "\n".join(parts) + "\n")

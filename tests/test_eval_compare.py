@@ -10,6 +10,7 @@ from instructgpt_cli.data import read_rankings
 from instructgpt_cli.models import tiny_tokenizer
 from instructgpt_cli.stages.compare import tally
 from instructgpt_cli.stats import wilson_interval, win_rate
+from instructgpt_cli.storage import weights_sha256
 from rule_rm import make_rule_rm
 
 
@@ -95,6 +96,17 @@ def test_compare_with_the_rm_judge_writes_report_html_and_is_antisymmetric(run):
     assert page.count("src='data:image/png;base64,") >= 3  # win-rate chart + PPO score and KL curves
     assert "alt='win rate chart'" in page and "alt='reward-model score'" in page
     assert "http://" not in page and "https://" not in page  # opens offline
+    # the page a researcher keeps: what was compared (weights digests), the run's curves, PPO's against episodes
+    from test_report import outside_references, parse
+
+    assert outside_references(parse(page)) == []
+    for model in ("ppo/final/policy", "sft/final", "rm/final"):
+        assert weights_sha256(run_dir / model) in page
+    for alt in ("SFT loss (nats/token)", "reward vs KL", "policy entropy (nats/token)", "clip fraction", "EOS rate",
+                "response length (tokens)", "β, KL coefficient (fixed)", "pretraining loss (ptx)"):
+        assert f"alt='{alt}'" in page
+    assert "<h3>Reward model</h3><p class='na'>not available</p>" in page  # the rule RM was not trained here
+    assert "id='eval'" in page and page.count("<h4>") == 6  # 3 samples of each of the 2 categories
     judgments = (run_dir / "compare" / "ppo-vs-sft" / "judgments.jsonl").read_text().splitlines()
     assert len(judgments) == 8 and {"score_a", "score_b", "winner"} <= json.loads(judgments[0]).keys()
 
@@ -474,7 +486,11 @@ def test_compare_with_categories_at_0_of_3_3_of_3_and_1_of_1(constant_run):
     assert (cats["single"]["wins"], cats["single"]["n"], cats["single"]["win_rate"]) == (1, 1, 1.0)
     assert cats["losses"]["ci_low"] == 0.0 and cats["wins"]["ci_high"] == 1.0 and cats["single"]["ci_high"] == 1.0
     assert (report["wins"], report["losses"], report["n"]) == (4, 3, 7)
-    assert "alt='win rate chart'" in (out / "report.html").read_text()
+    page = (out / "report.html").read_text()
+    assert "alt='win rate chart'" in page
+    # A stops at once (every response ended), B never does: each of B's 7 samples is marked, none of A's
+    assert page.count("class='noeos'") == 7 and "stopper: 7 of 7 responses ended" in page
+    assert "xer: 0 of 7 responses ended" in page
     pairs = [json.loads(l) for l in (out / "responses.jsonl").read_text().splitlines()]
     tok = tiny_tokenizer()
     assert all(p["a_ids"] == [tok.eos_token_id] and p["b_ids"] == [tok.convert_tokens_to_ids("x")] * 4 for p in pairs)

@@ -83,6 +83,7 @@ def test_every_iteration_samples_exactly_rollout_batch_size_episodes(world, tmp_
     assert "policy 0.003, value 0.001" in flat(result.stderr)
     m = read_metrics(run_dir / "ppo" / "metrics.jsonl")
     assert [r["episode"] for r in m] == [4, 8, 12]
+    assert all(r["val/eos_rate"] == r["val/num_eos_tokens"] / 4 for r in m)  # the share of the 4 that ended
     texts = [p.prompt for p in read_prompts(prompts)]
     for step in (1, 2, 3):
         lines = [json.loads(x) for x in (run_dir / "ppo" / "samples" / f"step-{step:06d}.jsonl").read_text().splitlines()]

@@ -36,7 +36,7 @@ from ..models import load_model, load_tokenizer, position_limit, require_same_to
 from ..report import number, score_text
 from ..rollout import decode_response, generate, score_responses
 from ..locks import claim
-from ..rundir import STAGE_MODELS, read_metrics, record, stage_model
+from ..rundir import STAGE_MODELS, record, stage_model
 from ..stats import win_rate
 from ..storage import atomic_write_text, publish_set, weights_sha256
 
@@ -158,8 +158,8 @@ def run(cfg: CompareConfig, overwrite: bool = False) -> dict:
         (tmp / "responses.jsonl").write_text(jsonl(pairs), encoding="utf-8")
         (tmp / "judgments.jsonl").write_text(jsonl(judgments), encoding="utf-8")
         (tmp / "report.json").write_text(json.dumps(report, indent=2, allow_nan=False) + "\n", encoding="utf-8")
-        metrics = read_metrics(run_dir / "ppo" / "metrics.jsonl")
-        report_page.write_html(tmp / "report.html", report, judgments, metrics)
+        report_page.write_html(tmp / "report.html", report, judgments, run_dir, eos_id=tokenizer.eos_token_id,
+                               rm_path=rm_path if cfg.judge == "rm" else None, device=str(device))
     record(run_dir, out, {"a": path_a, "b": path_b, **({"rm": rm_path} if cfg.judge == "rm" else {})})
     show(report, judgments)
     show_evals(run_dir, [name_a, name_b])

@@ -336,7 +336,8 @@ class Iteration:
             "objective/entropy": stats.pop("policy/entropy"), "objective/beta": self.beta,
             "objective/non_score_reward": -self.beta * kl,
             "objective/rlhf_reward": batch["rlhf_reward"],  # penalised score - beta * KL
-            "val/num_eos_tokens": batch["eos"], "val/response_length": batch["length"],
+            "val/num_eos_tokens": batch["eos"], "val/eos_rate": batch["eos"] / self.cfg.rollout_batch_size,
+            "val/response_length": batch["length"],
             **stats, "train/lr_value": self.scheduler.get_last_lr()[1],
         }
 
