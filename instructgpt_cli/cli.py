@@ -271,6 +271,7 @@ def main() -> None:
     install_signal_handlers()  # before the heavy imports: a stop signal while loading ends the command cleanly
     # No model or data set is ever fetched from a hub at run time; local directories only.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # a dataset id is read from the local cache only
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # igpt reports what matters itself
     import warnings

@@ -69,7 +69,11 @@ class OptimConfig:
 
 @dataclass
 class SFTConfig:
-    data: str = f("", "demonstrations JSONL file (required)")
+    data: str = f("", "demonstrations: JSONL, parquet/CSV/JSON, a datasets directory or cached hub id (required)")
+    split: str = f("train", "split to read from a DatasetDict directory or a hub dataset id (name); a single file is "
+                            "read whole")
+    columns: list = f([], "dataset columns named otherwise, FIELD=COLUMN (e.g. prompt=question,response=answer); "
+                          "applies to every input of the stage that has COLUMN")
     run_dir: str = f("runs/default", "run directory shared by all stages (path)")
     model: ModelConfig = f(ModelConfig(), "model block")
     lora: LoraConfig = f(LoraConfig(), "LoRA block")
@@ -94,6 +98,10 @@ class SFTConfig:
 class RMConfig:
     rankings: str = f("", "rankings JSONL file: {prompt, responses, ranks} or {prompt, chosen, rejected} (required)")
     demos: str = f("", "demonstrations used to normalise the reward to mean 0; default: the run's SFT data")
+    split: str = f("train", "split to read from a DatasetDict directory or a hub dataset id (name); a single file is "
+                            "read whole")
+    columns: list = f([], "dataset columns named otherwise, FIELD=COLUMN (e.g. prompt=question,response=answer); "
+                          "applies to every input of the stage that has COLUMN")
     normalize: bool = f(True, "set the reward bias so the demonstrations score mean 0, as the paper does before RL")
     sft: str = f("", "SFT model directory to initialise from; default: RUN_DIR/sft/final")
     run_dir: str = f("runs/default", "run directory shared by all stages (path)")
@@ -125,6 +133,10 @@ class RMConfig:
 class PPOConfig:
     prompts: str = f("", "prompts JSONL for rollouts: {prompt}, optional category (required)")
     ptx_data: str = f("", "pretraining text for PPO-ptx: JSONL {text} or a .txt file (needed when ptx_coef > 0)")
+    split: str = f("train", "split to read from a DatasetDict directory or a hub dataset id (name); a single file is "
+                            "read whole")
+    columns: list = f([], "dataset columns named otherwise, FIELD=COLUMN (e.g. prompt=question,response=answer); "
+                          "applies to every input of the stage that has COLUMN")
     ptx_coef: float = f(0.0, "gamma of PPO-ptx: weight of the pretraining LM loss in every optimizer step; paper 27.8")
     ptx_batch_size: int = f(4, "pretraining sequences per optimizer step (sequences); paper: 8x the RL minibatch")
     ptx_seq_len: int = f(256, "length of each pretraining sequence (tokens)")
@@ -181,6 +193,10 @@ class PPOConfig:
 @dataclass
 class SampleConfig:
     prompts: str = f("", "prompts JSONL file: {prompt}, optional category (required)")
+    split: str = f("train", "split to read from a DatasetDict directory or a hub dataset id (name); a single file is "
+                            "read whole")
+    columns: list = f([], "dataset columns named otherwise, FIELD=COLUMN (e.g. prompt=question,response=answer); "
+                          "applies to every input of the stage that has COLUMN")
     out: str = f("", "output JSONL: {prompt, responses, category} per prompt, ready for ranks (required)")
     k: int = f(4, "responses sampled per prompt (count); the paper's labelers rank K = 4 to 9")
     model: str = f("", "model to sample from: a directory, tiny or smollm2-135m; default RUN_DIR/sft/final")
@@ -199,6 +215,10 @@ class EvalConfig:
     prompts: str = f("", "held-out prompts JSONL: {prompt}, optional category (required)")
     rankings: str = f("", "held-out rankings JSONL for the reward model's pairwise accuracy (optional)")
     ptx_data: str = f("", "held-out pretraining text for the LM loss / perplexity, the alignment tax (optional)")
+    split: str = f("train", "split to read from a DatasetDict directory or a hub dataset id (name); a single file is "
+                            "read whole")
+    columns: list = f([], "dataset columns named otherwise, FIELD=COLUMN (e.g. prompt=question,response=answer); "
+                          "applies to every input of the stage that has COLUMN")
     rm: str = f("", "reward model that scores the responses; default RUN_DIR/rm/final")
     sft: str = f("", "reference for KL and the alignment tax; default RUN_DIR/sft/final")
     name: str = f("", "report name, eval/NAME/; default the model's stage name or directory name")
@@ -219,6 +239,10 @@ class CompareConfig:
     a: str = f("", "model A: a stage of the run (sft, ppo) or a model directory (required)")
     b: str = f("", "model B, the baseline (required)")
     prompts: str = f("", "prompts both models answer (required)")
+    split: str = f("train", "split to read from a DatasetDict directory or a hub dataset id (name); a single file is "
+                            "read whole")
+    columns: list = f([], "dataset columns named otherwise, FIELD=COLUMN (e.g. prompt=question,response=answer); "
+                          "applies to every input of the stage that has COLUMN")
     judge: str = f("rm", "rm (the reward model picks) or human (a terminal labeler picks)")
     rm: str = f("", "reward model for --judge rm; default RUN_DIR/rm/final")
     tie_margin: float = f(0.0, "rm judge: score differences up to this count as ties (reward units)")

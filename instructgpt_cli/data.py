@@ -1,9 +1,13 @@
-"""The JSONL files igpt reads (demonstrations, rankings, prompts, pretraining text): parsing and
+"""The records igpt reads (demonstrations, rankings, prompts, pretraining text): parsing and
 line-accurate validation.
 
-Every reader checks the whole file and raises one :class:`BadInput` listing every bad line as
-``FILE:LINE: field: reason``; nothing is written by a stage before its inputs pass.
-Torch is not imported here, so validation runs without it (tokenising and batching: ``batches.py``).
+Every reader checks the whole input and raises one :class:`BadInput` listing every bad line as
+``FILE:LINE: field: reason`` (a dataset's rows as ``SOURCE:ROW``, ROW counted from 1); nothing is written by
+a stage before its inputs pass. An input is igpt's JSONL, or anything ``sources.py`` reads through
+``datasets`` (a save_to_disk directory, parquet, CSV, JSON, a cached hub dataset id). Besides igpt's own
+fields, TRL's dataset formats are read as they are: prompt/completion, conversational prompts (message lists,
+rendered later with the model's chat template like ``messages``), and preference pairs with an explicit or
+implicit prompt. Torch is not imported here, so validation runs without it (tokenising: ``batches.py``).
 """
 from __future__ import annotations
 
@@ -12,9 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from . import sources
 from .errors import BadInput
-
-ROLES = ("system", "user", "assistant")
+from .formats import check_turns, json_type, nonempty_str, parse_pair, parse_prompt_field, parse_reply
 
 
 def iter_jsonl(path: str | Path, errors: list[str]) -> Iterator[tuple[int, Any]]:
@@ -40,40 +44,48 @@ def iter_jsonl(path: str | Path, errors: list[str]) -> Iterator[tuple[int, Any]]
             errors.append(f"{p}:{lineno}: not valid JSON: {e.msg} (column {e.colno})")
             continue
         if not isinstance(obj, dict):
-            errors.append(f"{p}:{lineno}: expected a JSON object, got {_json_type(obj)}")
+            errors.append(f"{p}:{lineno}: expected a JSON object, got {json_type(obj)}")
             continue
         yield lineno, obj
 
 
-def _json_type(value: Any) -> str:
-    return {dict: "object", list: "array", str: "string", bool: "boolean", int: "number", float: "number"}.get(
-        type(value), "null")
+def column_map(columns: list[str] | tuple = ()) -> dict[str, str]:
+    """``["prompt=question"]`` -> ``{"question": "prompt"}``: dataset column -> igpt field (presets checks the form)."""
+    return {col.strip(): fld.strip() for fld, col in (c.split("=", 1) for c in columns)}
 
 
-def nonempty_str(obj: dict, key: str, where: str, errors: list[str], required: bool = True) -> str | None:
-    """``obj[key]`` if it is a non-empty string; otherwise record ``where: key: reason``."""
-    if key not in obj:
-        if required:
-            errors.append(f"{where}: {key}: missing")
-        return None
-    value = obj[key]
-    if not isinstance(value, str) or not value.strip():
-        kind = "empty string" if isinstance(value, str) else _json_type(value)
-        errors.append(f"{where}: {key}: must be a non-empty string, got {kind}")
-        return None
-    return value
+def rename(obj: dict, mapping: dict[str, str]) -> dict:
+    """The row with mapped columns under igpt's field names; a column the row lacks is left alone, so one
+    stage-wide mapping serves every input of the stage (it applies by field name)."""
+    if not mapping or not any(c in obj for c in mapping):
+        return obj
+    out = {k: v for k, v in obj.items() if k not in mapping}
+    out.update({fld: obj[col] for col, fld in mapping.items() if col in obj})
+    return out
 
 
-def read_records(path: str | Path, parse: Callable[[dict, str, list[str]], Any], what: str) -> list:
-    """Parse every line of ``path`` with ``parse(obj, "FILE:LINE", errors)``; raise all errors at once."""
+def read_records(path: str | Path, parse: Callable[[dict, str, list[str]], Any], what: str, split: str = "train",
+                 columns: list[str] | tuple = (), needs: tuple = ()) -> list:
+    """Parse every line (or dataset row) of ``path`` with ``parse(obj, "FILE:LINE", errors)``; raise all errors
+    at once. ``needs``: the column sets one of which a dataset must have (checked once, not per row)."""
     errors: list[str] = []
     records = []
-    for lineno, obj in iter_jsonl(path, errors):
-        rec = parse(obj, f"{path}:{lineno}", errors)
+    mapping = column_map(columns)
+    if sources.is_dataset(path):
+        label, names, rows = sources.load_rows(str(path), split)
+        names = list(rename(dict.fromkeys(names), mapping))
+        if needs and not any(set(n) <= set(names) for n in needs):
+            raise BadInput([f"{label}: no columns igpt reads as {what}: it has {', '.join(names) or 'none'}; "
+                            f"expected {' or '.join('+'.join(n) for n in needs)} (map yours with --columns "
+                            "FIELD=COLUMN,...)"])
+    else:
+        label, rows = str(path), iter_jsonl(path, errors)
+    for lineno, obj in rows:
+        rec = parse(rename(obj, mapping), f"{label}:{lineno}", errors)
         if rec is not None:
             records.append(rec)
     if not errors and not records:
-        errors.append(f"{path}: no {what} found (the file is empty)")
+        errors.append(f"{label}: no {what} found (the file is empty)")
     if errors:
         raise BadInput(errors)
     return records
@@ -93,20 +105,8 @@ class Demo:
 
 
 def _parse_messages(obj: dict, where: str, errors: list[str]) -> tuple[list[dict], str] | None:
-    msgs = obj["messages"]
-    if not isinstance(msgs, list) or not msgs:
-        errors.append(f"{where}: messages: must be a non-empty list of {{role, content}} objects")
-        return None
-    n_errors = len(errors)
-    for i, m in enumerate(msgs):
-        if not isinstance(m, dict):
-            errors.append(f"{where}: messages[{i}]: expected an object, got {_json_type(m)}")
-            continue
-        role = m.get("role")
-        if role not in ROLES:
-            errors.append(f"{where}: messages[{i}].role: unknown role {role!r} (expected one of {', '.join(ROLES)})")
-        nonempty_str(m, "content", f"{where}: messages[{i}]", errors)
-    if len(errors) > n_errors:
+    msgs = check_turns(obj["messages"], "messages", where, errors)
+    if msgs is None:
         return None
     if not any(m["role"] == "assistant" for m in msgs):
         errors.append(f"{where}: messages: no assistant turn (the last assistant message is the target)")
@@ -118,30 +118,32 @@ def _parse_messages(obj: dict, where: str, errors: list[str]) -> tuple[list[dict
     if not any(m["role"] == "user" for m in msgs[:-1]):
         errors.append(f"{where}: messages: no user turn before the target assistant turn")
         return None
-    return [{"role": m["role"], "content": m["content"]} for m in msgs[:-1]], msgs[-1]["content"]
+    return msgs[:-1], msgs[-1]["content"]
 
 
 def parse_demo(obj: dict, where: str, errors: list[str]) -> Demo | None:
+    """Chat ``messages``, or a prompt (string or message list) with ``response`` or TRL's ``completion``."""
     category = nonempty_str(obj, "category", where, errors, required=False)
     if "messages" in obj:
-        if "prompt" in obj or "response" in obj:
+        if "prompt" in obj or "response" in obj or "completion" in obj:
             errors.append(f"{where}: messages: give either messages or prompt/response, not both")
             return None
         parsed = _parse_messages(obj, where, errors)
         return Demo(parsed[0], parsed[1], category, where) if parsed else None
-    prompt = nonempty_str(obj, "prompt", where, errors)
-    response = nonempty_str(obj, "response", where, errors)
-    if prompt is None or response is None:
+    if "response" in obj and "completion" in obj:
+        errors.append(f"{where}: completion: give either response or completion, not both")
         return None
-    return Demo([{"role": "user", "content": prompt}], response, category, where)
+    turns = parse_prompt_field(obj, where, errors)
+    response = parse_reply(obj, "completion" if "completion" in obj else "response", where, errors)
+    if turns is None or response is None:
+        return None
+    return Demo(turns, response, category, where)
 
 
-def read_demos(path: str | Path) -> list[Demo]:
-    """Validate and read a demonstrations file (``prompt``/``response`` or chat ``messages``)."""
-    return read_records(path, parse_demo, "demonstrations")
-
-
-# ---------------------------------------------------------------- tokenisation
+def read_demos(path: str | Path, split: str = "train", columns: list[str] | tuple = ()) -> list[Demo]:
+    """Validate and read demonstrations (``prompt``/``response``, ``prompt``/``completion`` or ``messages``)."""
+    return read_records(path, parse_demo, "demonstrations", split, columns,
+                        needs=(("messages",), ("prompt", "response"), ("prompt", "completion")))
 
 
 # ---------------------------------------------------------------- prompts
@@ -149,24 +151,38 @@ def read_demos(path: str | Path) -> list[Demo]:
 
 @dataclass
 class Prompt:
-    prompt: str
+    prompt: str  # the text a reader sees: the prompt, or a conversation's last user turn
     category: str | None
     where: str = ""  # "FILE:LINE", for error messages after tokenisation
+    turns: list[dict] | None = None  # a conversational prompt's turns; None: one user turn, ``prompt``
 
     @property
     def messages(self) -> list[dict]:
-        return [{"role": "user", "content": self.prompt}]
+        return self.turns or [{"role": "user", "content": self.prompt}]
+
+    @property
+    def record(self) -> str | list[dict]:
+        """The prompt as a JSONL record holds it (what ``sample`` writes): the text, or the turns."""
+        return self.turns or self.prompt
+
+
+def split_turns(turns: list[dict]) -> tuple[str, list[dict] | None]:
+    """``(text, turns)`` for Prompt and Ranking: a single user turn is the plain-text prompt it stands for."""
+    return turns[-1]["content"], (turns if len(turns) > 1 else None)
 
 
 def parse_prompt(obj: dict, where: str, errors: list[str]) -> Prompt | None:
     category = nonempty_str(obj, "category", where, errors, required=False)
-    prompt = nonempty_str(obj, "prompt", where, errors)
-    return Prompt(prompt, category, where) if prompt is not None else None
+    turns = parse_prompt_field(obj, where, errors)
+    if turns is None:
+        return None
+    text, conversation = split_turns(turns)
+    return Prompt(text, category, where, conversation)
 
 
-def read_prompts(path: str | Path) -> list[Prompt]:
-    """Validate and read a prompts file: ``{"prompt": str}``, optional ``"category"``."""
-    return read_records(path, parse_prompt, "prompts")
+def read_prompts(path: str | Path, split: str = "train", columns: list[str] | tuple = ()) -> list[Prompt]:
+    """Validate and read prompts: ``{"prompt": str or [messages]}``, optional ``"category"``."""
+    return read_records(path, parse_prompt, "prompts", split, columns, needs=(("prompt",),))
 
 
 # ---------------------------------------------------------------- rankings
@@ -176,15 +192,16 @@ def read_prompts(path: str | Path) -> list[Prompt]:
 class Ranking:
     """K responses to one prompt with their ranks (1 = best; equal ranks are ties and make no pair)."""
 
-    prompt: str
+    prompt: str  # the text, or a conversational prompt's last user turn
     responses: list[str]
     ranks: list[int]
     category: str | None
     where: str
+    turns: list[dict] | None = None  # a conversational prompt's turns; None: one user turn, ``prompt``
 
     @property
     def messages(self) -> list[dict]:
-        return [{"role": "user", "content": self.prompt}]
+        return self.turns or [{"role": "user", "content": self.prompt}]
 
     def pairs(self) -> list[tuple[int, int]]:
         """All ordered pairs ``(better, worse)`` of response indices; ties skipped. C(K,2) without ties."""
@@ -196,7 +213,7 @@ class Ranking:
 def _parse_ranked(obj: dict, where: str, errors: list[str]) -> tuple[list[str], list[int]] | None:
     responses, ranks = obj["responses"], obj.get("ranks")
     if not isinstance(responses, list):
-        errors.append(f"{where}: responses: must be a list of strings, got {_json_type(responses)}")
+        errors.append(f"{where}: responses: must be a list of strings, got {json_type(responses)}")
         return None
     if len(responses) < 2:
         errors.append(f"{where}: responses: need at least 2 responses to rank (K >= 2), got {len(responses)}")
@@ -204,12 +221,12 @@ def _parse_ranked(obj: dict, where: str, errors: list[str]) -> tuple[list[str], 
     n_errors = len(errors)
     for i, r in enumerate(responses):
         if not isinstance(r, str) or not r.strip():
-            kind = "empty string" if isinstance(r, str) else _json_type(r)
+            kind = "empty string" if isinstance(r, str) else json_type(r)
             errors.append(f"{where}: responses[{i}]: must be a non-empty string, got {kind}")
     if "ranks" not in obj:
         errors.append(f"{where}: ranks: missing (one integer per response, 1 = best)")
     elif not isinstance(ranks, list):
-        errors.append(f"{where}: ranks: must be a list of integers, got {_json_type(ranks)}")
+        errors.append(f"{where}: ranks: must be a list of integers, got {json_type(ranks)}")
     elif len(ranks) != len(responses):
         errors.append(f"{where}: ranks: has {len(ranks)} entries for {len(responses)} responses")
     else:
@@ -232,34 +249,30 @@ def _parse_ranked(obj: dict, where: str, errors: list[str]) -> tuple[list[str], 
 
 
 def parse_ranking(obj: dict, where: str, errors: list[str]) -> Ranking | None:
-    """``{"prompt", "responses", "ranks"}`` or the pairwise ``{"prompt", "chosen", "rejected"}`` (K=2)."""
+    """``{"prompt", "responses", "ranks"}``, or a preference pair (K=2) in any of TRL's forms: see
+    :func:`formats.parse_pair`."""
     category = nonempty_str(obj, "category", where, errors, required=False)
-    prompt = nonempty_str(obj, "prompt", where, errors)
     if "responses" in obj:
         if "chosen" in obj or "rejected" in obj:
             errors.append(f"{where}: responses: give either responses/ranks or chosen/rejected, not both")
             return None
+        turns = parse_prompt_field(obj, where, errors)
         parsed = _parse_ranked(obj, where, errors)
     elif "chosen" in obj or "rejected" in obj:
-        chosen = nonempty_str(obj, "chosen", where, errors)
-        rejected = nonempty_str(obj, "rejected", where, errors)
-        if chosen is None or rejected is None:
-            return None
-        if chosen.strip() == rejected.strip():
-            errors.append(f"{where}: rejected: identical to chosen")
-            return None
-        parsed = [chosen, rejected], [1, 2]
+        turns, parsed = parse_pair(obj, where, errors)
     else:
         errors.append(f"{where}: responses: missing (give responses and ranks, or chosen and rejected)")
         return None
-    if prompt is None or parsed is None:
+    if turns is None or parsed is None:
         return None
-    return Ranking(prompt, parsed[0], parsed[1], category, where)
+    text, conversation = split_turns(turns)
+    return Ranking(text, parsed[0], parsed[1], category, where, conversation)
 
 
-def read_rankings(path: str | Path) -> list[Ranking]:
-    """Validate and read a rankings file."""
-    return read_records(path, parse_ranking, "rankings")
+def read_rankings(path: str | Path, split: str = "train", columns: list[str] | tuple = ()) -> list[Ranking]:
+    """Validate and read rankings (K responses with ranks, or chosen/rejected pairs)."""
+    return read_records(path, parse_ranking, "rankings", split, columns,
+                        needs=(("prompt", "responses", "ranks"), ("chosen", "rejected")))
 
 
 # ---------------------------------------------------------------- pretraining text (PPO-ptx, alignment tax)
@@ -269,8 +282,9 @@ def parse_text(obj: dict, where: str, errors: list[str]) -> str | None:
     return nonempty_str(obj, "text", where, errors)
 
 
-def read_pretrain(path: str | Path) -> list[str]:
-    """Pretraining text: JSONL ``{"text": str}`` or a plain ``.txt`` file (paragraphs split on blank lines)."""
+def read_pretrain(path: str | Path, split: str = "train", columns: list[str] | tuple = ()) -> list[str]:
+    """Pretraining text: ``{"text": str}`` records (JSONL or a dataset) or a plain ``.txt`` file (paragraphs
+    split on blank lines)."""
     p = Path(path)
     if p.suffix == ".txt":
         try:
@@ -283,6 +297,6 @@ def read_pretrain(path: str | Path) -> list[str]:
         if not paragraphs:
             raise BadInput([f"{p}: no text found (the file is empty)"])
         return paragraphs
-    return read_records(p, parse_text, "texts")
+    return read_records(p, parse_text, "texts", split, columns, needs=(("text",),))
 
 

@@ -26,6 +26,16 @@ SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constan
               "inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay")
 
 
+# igpt's record fields a dataset column may be renamed to (``--columns FIELD=COLUMN``).
+COLUMN_FIELDS = ("prompt", "response", "completion", "messages", "chosen", "rejected", "responses", "ranks",
+                 "category", "text")
+
+
+def column_entry(entry: str) -> bool:
+    fld, eq, col = entry.partition("=")
+    return bool(eq) and fld.strip() in COLUMN_FIELDS and bool(col.strip())
+
+
 # Range checks by field name, wherever the field appears: (predicate, what it must be).
 CHECKS: dict[str, tuple[Any, str]] = {
     "lr": (lambda v: v > 0, "must be > 0"),
@@ -69,6 +79,9 @@ CHECKS: dict[str, tuple[Any, str]] = {
     "vf_lr": (lambda v: v >= 0, "must be >= 0 (0 = optim.lr)"),
     "reward_clip": (lambda v: v >= 0, "must be >= 0 (0 disables)"),
     "sample_every": (lambda v: v >= 1, "must be >= 1"),
+    "split": (lambda v: bool(v.strip()), "must be a split name (train, test ...)"),
+    "columns": (lambda v: all(column_entry(e) for e in v),
+                f"must be FIELD=COLUMN entries, FIELD one of {', '.join(COLUMN_FIELDS)}"),
     "judge": (lambda v: v in ("rm", "human"), "must be rm or human"),
     "tie_margin": (lambda v: v >= 0, "must be >= 0"),
     "dtype": (lambda v: v in DTYPES, f"must be one of {', '.join(DTYPES)}"),

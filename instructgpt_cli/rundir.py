@@ -63,9 +63,14 @@ def stored_path(run_dir: Path, stored: str) -> Path:
     return Path(stored) if Path(stored).is_absolute() else Path(run_dir) / stored
 
 
-def file_input(path: str | Path) -> dict:
-    """A manifest ``inputs`` entry: resolved path and sha256."""
-    return {"path": str(Path(path).resolve()), "sha256": sha256_file(path)}
+def file_input(path: str | Path, split: str | None = None, columns: list | None = None) -> dict:
+    """A manifest ``inputs`` entry: resolved path (a hub dataset id's local snapshot) and sha256 (of every file
+    of a directory), and how a dataset was read (``split``, ``columns``) when the stage has those settings."""
+    from .sources import input_sha256
+
+    where, digest = input_sha256(path)
+    how = {} if split is None else {"split": split, "columns": list(columns or [])}
+    return {"path": str(where.resolve()), "sha256": digest, **how}
 
 
 def model_input(source: str | Path) -> dict | str:

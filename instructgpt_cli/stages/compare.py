@@ -100,7 +100,7 @@ def run(cfg: CompareConfig, overwrite: bool = False) -> dict:
     (name_a, path_a), (name_b, path_b) = stage_model(cfg.a, run_dir, "A"), stage_model(cfg.b, run_dir, "B")
     if name_a == name_b:
         name_a, name_b = f"{name_a}-a", f"{name_b}-b"
-    prompts = read_prompts(cfg.prompts)
+    prompts = read_prompts(cfg.prompts, cfg.split, cfg.columns)
     tokenizer, _ = load_tokenizer(ModelConfig(name=str(path_a)))
     rm_path = Path(cfg.rm) if cfg.rm else run_dir / STAGE_MODELS["rm"]
     if cfg.judge == "rm":

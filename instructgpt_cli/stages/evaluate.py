@@ -83,9 +83,9 @@ def run(cfg: EvalConfig, as_json: bool = False, overwrite: bool = False) -> dict
     if errors:
         raise BadInput(errors)
     name, path = stage_model(cfg.model, run_dir)
-    prompts = read_prompts(cfg.prompts)
-    rankings = read_rankings(cfg.rankings) if cfg.rankings else []
-    texts = read_pretrain(cfg.ptx_data) if cfg.ptx_data else []
+    prompts = read_prompts(cfg.prompts, cfg.split, cfg.columns)
+    rankings = read_rankings(cfg.rankings, cfg.split, cfg.columns) if cfg.rankings else []
+    texts = read_pretrain(cfg.ptx_data, cfg.split, cfg.columns) if cfg.ptx_data else []
     sft_path = Path(find_model(cfg.sft, run_dir, "sft", "--sft"))
     rm_path = Path(cfg.rm) if cfg.rm else run_dir / STAGE_MODELS["rm"]  # optional: eval scores only with one
     have_rm = (rm_path / "config.json").is_file()

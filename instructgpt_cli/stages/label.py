@@ -10,12 +10,12 @@ import json
 from pathlib import Path
 
 from .. import tui
-from ..data import iter_jsonl, nonempty_str, read_records
+from ..data import iter_jsonl, parse_prompt_field, read_records
 from ..errors import BadInput
 
 
 def parse_sample(obj: dict, where: str, errors: list[str]) -> dict | None:
-    prompt = nonempty_str(obj, "prompt", where, errors)
+    turns = parse_prompt_field(obj, where, errors)  # text, or a conversation's turns
     responses = obj.get("responses")
     if not isinstance(responses, list) or len(responses) < 2 or not all(isinstance(r, str) and r.strip()
                                                                          for r in responses):
@@ -24,7 +24,17 @@ def parse_sample(obj: dict, where: str, errors: list[str]) -> dict | None:
     if len({r.strip() for r in responses}) < len(responses):
         errors.append(f"{where}: responses: has duplicates, which cannot be ranked against each other")
         return None
-    return {**obj, "prompt": prompt} if prompt else None
+    return obj if turns else None
+
+
+def key(prompt: str | list) -> str:
+    """A prompt (text or turns) as a set member."""
+    return json.dumps(prompt, sort_keys=True)
+
+
+def shown(prompt: str | list) -> str:
+    """What the labeler reads: the text, or each turn as ``role: content``."""
+    return prompt if isinstance(prompt, str) else "\n\n".join(f"{t['role']}: {t['content']}" for t in prompt)
 
 
 def run(samples: str, out: str) -> Path:
@@ -33,14 +43,14 @@ def run(samples: str, out: str) -> Path:
     done: set[str] = set()
     if out_path.exists():
         errors: list[str] = []
-        done = {obj.get("prompt") for _, obj in iter_jsonl(out_path, errors)}
+        done = {key(obj.get("prompt")) for _, obj in iter_jsonl(out_path, errors)}
         if errors:
             raise BadInput(errors)
-    todo = [r for r in records if r["prompt"] not in done]
+    todo = [r for r in records if key(r["prompt"]) not in done]
     tui.say(f"{len(records)} prompts, {len(records) - len(todo)} already ranked in {out_path}")
     ranked = 0
     for i, rec in enumerate(todo):
-        answer = tui.rank(len(records) - len(todo) + i, len(records), rec["prompt"], rec["responses"])
+        answer = tui.rank(len(records) - len(todo) + i, len(records), shown(rec["prompt"]), rec["responses"])
         if answer == tui.QUIT:
             break
         if answer == "s":

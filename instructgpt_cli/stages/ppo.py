@@ -127,9 +127,9 @@ def run(cfg: PPOConfig, resume: bool = False, overwrite: bool = False, allow_cha
     inp = read_inputs(cfg)
     stage = Stage(Path(cfg.run_dir), STAGE)
     device = resolve_device(cfg.device)
-    files = {"prompts": file_input(cfg.prompts), "sft": model_input(inp.sft_path), "rm": model_input(inp.rm_path)}
+    files = {"prompts": file_input(cfg.prompts, cfg.split, cfg.columns), "sft": model_input(inp.sft_path), "rm": model_input(inp.rm_path)}
     if inp.ptx_texts:
-        files["ptx_data"] = file_input(cfg.ptx_data)
+        files["ptx_data"] = file_input(cfg.ptx_data, cfg.split, cfg.columns)
     mode, changes = open_stage(stage, cfg, files, resume, overwrite, allow_changes)  # lock; what resume changes
     if mode == "done":
         say(f"ppo: {stage.final} is already complete; nothing to do")
@@ -197,8 +197,8 @@ def check_flags(cfg: PPOConfig) -> None:
 def read_inputs(cfg: PPOConfig) -> Inputs:
     """Prompts, pretraining text, the SFT and reward models' paths and tokenizer (one for both), the queries
     (prompt + response must fit model.max_seq_len and what the policy and reward model were built for)."""
-    prompts = read_prompts(cfg.prompts)
-    ptx_texts = read_pretrain(cfg.ptx_data) if cfg.ptx_coef > 0 else []
+    prompts = read_prompts(cfg.prompts, cfg.split, cfg.columns)
+    ptx_texts = read_pretrain(cfg.ptx_data, cfg.split, cfg.columns) if cfg.ptx_coef > 0 else []
     run_dir = Path(cfg.run_dir)
     sft_path = Path(find_model(cfg.sft, run_dir, "sft", "--sft"))
     rm_path = Path(find_model(cfg.rm, run_dir, "rm", "--rm"))

@@ -121,25 +121,34 @@ def demos_path(cfg: RMConfig, run_dir: Path) -> str | None:
     return str(path) if path and path.exists() else None
 
 
+def demos_reading(cfg: RMConfig, run_dir: Path) -> tuple[str, list]:
+    """The split and column mapping the demonstrations are read with: this stage's for ``--demos``, else the
+    ones the run's SFT stage read its data with (recorded with its input)."""
+    if cfg.demos:
+        return cfg.split, cfg.columns
+    entry = read_manifest(run_dir).get("stages", {}).get("sft", {}).get("inputs", {}).get("data", {})
+    return entry.get("split", "train"), entry.get("columns", [])
+
+
 def run(cfg: RMConfig, resume: bool = False, overwrite: bool = False, allow_changes: bool = False) -> Path:
     # 1. validate every input before anything is written
     if not cfg.rankings:
         raise BadInput(["--rankings: required (a rankings JSONL file)"])
     run_dir = Path(cfg.run_dir)
-    rankings = read_rankings(cfg.rankings)
+    rankings = read_rankings(cfg.rankings, cfg.split, cfg.columns)
     demos_file = demos_path(cfg, run_dir) if cfg.normalize else None
     if cfg.normalize and demos_file is None:
         raise BadInput(["--demos: needed to normalise the reward (demonstrations score mean 0) and the run has no "
                         "SFT stage to take them from; pass --demos FILE or --no-normalize"])
-    demos = read_demos(demos_file) if demos_file else []
+    demos = read_demos(demos_file, *demos_reading(cfg, run_dir)) if demos_file else []
     init = cfg.model.name or find_model(cfg.sft, run_dir, "sft", "--sft")
     model_cfg = ModelConfig(**{**vars(cfg.model), "name": init})
     tokenizer, source = load_tokenizer(model_cfg)
     stage = Stage(run_dir, STAGE)
     device = resolve_device(cfg.device)
-    inputs = {"rankings": file_input(cfg.rankings), "init": model_input(source or init)}
+    inputs = {"rankings": file_input(cfg.rankings, cfg.split, cfg.columns), "init": model_input(source or init)}
     if demos_file:
-        inputs["demos"] = file_input(demos_file)
+        inputs["demos"] = file_input(demos_file, *demos_reading(cfg, run_dir))
     mode, changes = open_stage(stage, cfg, inputs, resume, overwrite, allow_changes)  # lock; what resume changes
     if mode == "done":
         say(f"train-rm: {stage.final} is already complete; nothing to do")

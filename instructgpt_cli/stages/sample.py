@@ -36,7 +36,7 @@ def run(cfg: SampleConfig, overwrite: bool = False) -> Path:
     lock = locks.Lock(out.parent / f".{out.name}.lock", str(out))  # one writer per output file
     lock.acquire()
     locks.hold(lock)
-    prompts = read_prompts(cfg.prompts)
+    prompts = read_prompts(cfg.prompts, cfg.split, cfg.columns)
     model_cfg = ModelConfig(name=find_model(cfg.model, Path(cfg.run_dir), "sft", "--model"), dtype=cfg.dtype)
     tokenizer, source = load_tokenizer(model_cfg)
     queries = render_queries(tokenizer, prompts, cfg.max_new_tokens, position_limit(model_cfg.name))
@@ -53,7 +53,7 @@ def run(cfg: SampleConfig, overwrite: bool = False) -> Path:
     # 3. write {prompt, responses} lines atomically
     lines = []
     for p, group in zip(prompts, groups):
-        record = {"prompt": p.prompt, "responses": group}
+        record = {"prompt": p.record, "responses": group}  # a conversation stays one (label, train-rm)
         if p.category:
             record["category"] = p.category
         lines.append(json.dumps(record, ensure_ascii=False))

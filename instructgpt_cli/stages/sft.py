@@ -88,11 +88,11 @@ def run(cfg: SFTConfig, resume: bool = False, overwrite: bool = False, allow_cha
     # 1. validate every input before anything is written
     if not cfg.data:
         raise BadInput(["--data: required (a demonstrations JSONL file)"])
-    demos = read_demos(cfg.data)
+    demos = read_demos(cfg.data, cfg.split, cfg.columns)
     tokenizer, source = load_tokenizer(cfg.model)
     stage = Stage(Path(cfg.run_dir), STAGE)
     device = resolve_device(cfg.device)
-    inputs = {"data": file_input(cfg.data), "model": model_input(source or cfg.model.name)}
+    inputs = {"data": file_input(cfg.data, cfg.split, cfg.columns), "model": model_input(source or cfg.model.name)}
     mode, changes = open_stage(stage, cfg, inputs, resume, overwrite, allow_changes)  # lock; what resume changes
     if mode == "done":
         say(f"sft: {stage.final} is already complete; nothing to do")
