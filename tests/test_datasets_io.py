@@ -178,7 +178,7 @@ def test_columns_map_by_field_name_and_a_missing_column_is_one_error(tmp_path):
                                 "question, answer; expected messages or prompt+response or prompt+completion "
                                 "(map yours with --columns FIELD=COLUMN,...)"]
     bad = igpt("sft", "--data", "d.jsonl", "--columns", "prompt=question,nonsense", "--print-config")
-    assert bad.exit_code == 2 and "sft.columns: ['prompt=question', 'nonsense'] must be FIELD=COLUMN" in bad.stderr
+    assert bad.exit_code == 2 and "--columns (sft.columns): ['prompt=question', 'nonsense'] must be FIELD=COLUMN" in bad.stderr
     ok = igpt("sft", "--data", "d.jsonl", "--columns", "prompt=question", "--split", "test", "--print-config")
     assert ok.exit_code == 0 and "split: test" in ok.stdout and "- prompt=question" in ok.stdout
 

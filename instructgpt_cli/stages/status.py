@@ -39,7 +39,7 @@ from pathlib import Path
 
 from ..errors import BadInput
 from ..locks import LOCK_DIR, holder
-from ..rundir import complete_checkpoints
+from ..rundir import complete_checkpoints, stored_path
 
 TRAINING = ("sft", "rm", "ppo")
 HEADLINE = {"sft": ("train/loss", "eval/loss"),
@@ -163,19 +163,13 @@ def report_metrics(path: Path, names: tuple[str, ...]) -> dict:
 def outputs(run_dir: Path, out: Path, kind: str, entry: dict) -> dict:
     """The stage's ``final/`` and newest complete checkpoint, or the report (and compare's page)."""
     if kind == "train":
-        final = resolve(run_dir, (entry.get("outputs") or {}).get("final") or out / "final")
+        final = out / "final"  # the layout's (an older igpt recorded it relative to its working directory)
         checkpoints = complete_checkpoints(out / "checkpoints")
         return {"final": str(final) if final.is_dir() else None,
                 "checkpoint": str(checkpoints[-1]) if checkpoints else None, "report": None, "html": None}
     report, html = out / "report.json", out / "report.html"
     return {"final": None, "checkpoint": None, "report": str(report) if report.is_file() else None,
             "html": str(html) if html.is_file() else None}
-
-
-def resolve(run_dir: Path, path: str | Path) -> Path:
-    """A path the manifest recorded: absolute, or relative to the run directory."""
-    path = Path(path)
-    return path if path.is_absolute() else run_dir / path
 
 
 def lineage_rows(run_dir: Path, name: str, entry: dict, entries: dict) -> list[dict]:
@@ -192,7 +186,7 @@ def lineage_rows(run_dir: Path, name: str, entry: dict, entries: dict) -> list[d
             continue
         if not (isinstance(source, dict) and source.get("path")):
             continue
-        path = resolve(run_dir, source["path"]).resolve()
+        path = stored_path(run_dir, source["path"]).resolve()
         made_by = next((s for s, final in finals.items() if path == final or final in path.parents), None)
         if made_by is None and not path.is_dir():
             continue  # a data file
