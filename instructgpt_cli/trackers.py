@@ -16,9 +16,10 @@ tensorboard, or TENSORBOARD_LOGGING_DIR/RUN/STAGE when that is set (transformers
 directory) keeps each one's id: W&B ``id`` with ``resume="allow"``, MLflow's ``run_id``, trackio's run
 name with ``resume="allow"``, TensorBoard's log directory. A stop signal checkpoints the step it ends on, so
 nothing is logged twice; after a hard kill the steps past the newest checkpoint are trained and logged again
-(the same values, resume being exact). TensorBoard purges the old ones (``purge_step``); W&B keeps one value
-per step (its steps only increase: a synced resumed run drops the repeats); MLflow and trackio cannot delete
-a metric, and keep both points of such a step in the history.
+(the same values, resume being exact). TensorBoard purges the old ones (``purge_step``); W&B's steps only
+increase, so a resumed online run ignores (with a warning) the steps it has; MLflow and trackio cannot
+delete a point and keep both of such a step. A hard kill also loses what a tracker had not written yet
+(W&B and trackio write in the background; TensorBoard is flushed every step).
 """
 from __future__ import annotations
 
@@ -195,8 +196,10 @@ def _warn(name: str, what: str, e: BaseException) -> None:
 
 def start(stage: Stage, step: int) -> dict[str, Any]:
     """Open the trackers the stage's config.yaml names, resuming the runs trackers.json recorded; rewrite it."""
-    path = stage.dir / RECORD
-    config = (yaml.safe_load((stage.dir / "config.yaml").read_text(encoding="utf-8")) or {}).get(stage.name, {})
+    path, saved_config = stage.dir / RECORD, stage.dir / "config.yaml"
+    if not saved_config.exists():  # begin_stage writes it before training; a caller that did not reports nothing
+        return {}
+    config = (yaml.safe_load(saved_config.read_text(encoding="utf-8")) or {}).get(stage.name, {})
     names = requested(config.get("report_to") or [])
     if not names:
         return {}
