@@ -90,6 +90,9 @@ class SFTConfig:
                           "every 30 s (steps)")
     fsdp: bool = f(False, "under torchrun / accelerate launch, shard weights, gradients and optimizer state over the "
                           "processes (FSDP2) instead of replicating them (DDP): for models that do not fit one device")
+    report_to: list = f([], "experiment trackers that also receive every metrics.jsonl line and the config, "
+                            "comma-separated: tensorboard, wandb, trackio, mlflow (TRL's names; each an extra, "
+                            "README 'Experiment trackers'); none by default")
     seed: int = f(0, "seed for initialisation, data order and dropout")
     device: str = f("auto", "auto, cpu, cuda, cuda:N or mps")
 
@@ -125,6 +128,9 @@ class RMConfig:
                           "every 30 s (steps)")
     fsdp: bool = f(False, "under torchrun / accelerate launch, shard weights, gradients and optimizer state over the "
                           "processes (FSDP2) instead of replicating them (DDP): for models that do not fit one device")
+    report_to: list = f([], "experiment trackers that also receive every metrics.jsonl line and the config, "
+                            "comma-separated: tensorboard, wandb, trackio, mlflow (TRL's names; each an extra, "
+                            "README 'Experiment trackers'); none by default")
     seed: int = f(0, "seed for the head initialisation, data order and dropout")
     device: str = f("auto", "auto, cpu, cuda, cuda:N or mps")
 
@@ -186,6 +192,9 @@ class PPOConfig:
                           "every 30 s (steps)")
     fsdp: bool = f(False, "under torchrun / accelerate launch, shard weights, gradients and optimizer state over the "
                           "processes (FSDP2) instead of replicating them (DDP): for models that do not fit one device")
+    report_to: list = f([], "experiment trackers that also receive every metrics.jsonl line and the config, "
+                            "comma-separated: tensorboard, wandb, trackio, mlflow (TRL's names; each an extra, "
+                            "README 'Experiment trackers'); none by default")
     seed: int = f(0, "seed for prompt order, sampling and minibatch order")
     device: str = f("auto", "auto, cpu, cuda, cuda:N or mps")
 
@@ -291,7 +300,7 @@ def flat_fields(obj: Any, prefix: str = "") -> dict[str, tuple[Any, Any, str]]:
 # run (EXTENDS) resumes even a finished stage. The model's memory-only switches belong here too.
 FREE_ON_RESUME = frozenset({"run_dir", "device", "fsdp", "save_every", "eval_every", "sample_every", "keep_checkpoints",
                             "max_steps", "epochs", "total_episodes", "require_rm_accuracy", "log_every",
-                            "model.gradient_checkpointing", "ptx_micro_batch_size"})
+                            "model.gradient_checkpointing", "ptx_micro_batch_size", "report_to"})
 EXTENDS = frozenset({"max_steps", "epochs", "total_episodes"})
 # File settings: compared by the content of what they name (the manifest's input hashes), not by path.
 INPUT_SETTINGS = frozenset({"data", "rankings", "demos", "prompts", "ptx_data", "sft", "rm"})

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from . import config as config_mod
-from . import distributed, locks, signals
+from . import distributed, locks, signals, trackers
 from .console import say
 from .errors import BadInput, Interrupted
 from .presets import read_yaml
@@ -31,6 +31,7 @@ def open_stage(stage: Stage, cfg: Any, inputs: dict, resume: bool, overwrite: bo
     A resume that would change what a step computes is refused (BadInput, every difference listed) unless
     ``allow_changes``; the changes are returned for :func:`restore` to record with the step they take effect.
     A finished stage is 'done' unless its length grew (``--resume --max-steps N``: 'resume' extends it)."""
+    trackers.check(getattr(cfg, "report_to", []))  # a missing tracker library: exit 2 before the lock's file
     locks.check_writable(stage.run_dir)
     locks.take(stage.run_dir, stage.name, str(stage.dir))
     if distributed.is_main():

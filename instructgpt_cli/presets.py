@@ -36,6 +36,9 @@ def column_entry(entry: str) -> bool:
     return bool(eq) and fld.strip() in COLUMN_FIELDS and bool(col.strip())
 
 
+REPORT_TO = ("tensorboard", "wandb", "trackio", "mlflow")  # --report-to: trackers.py, one adapter each
+
+
 # Range checks by field name, wherever the field appears: (predicate, what it must be).
 CHECKS: dict[str, tuple[Any, str]] = {
     "lr": (lambda v: v > 0, "must be > 0"),
@@ -86,6 +89,8 @@ CHECKS: dict[str, tuple[Any, str]] = {
     "tie_margin": (lambda v: v >= 0, "must be >= 0"),
     "dtype": (lambda v: v in DTYPES, f"must be one of {', '.join(DTYPES)}"),
     "scheduler": (lambda v: v in SCHEDULERS, f"must be one of {', '.join(SCHEDULERS)}"),
+    "report_to": (lambda v: all(x in (*REPORT_TO, "none") for x in v),
+                  f"must name trackers among {', '.join(REPORT_TO)} (comma-separated), or none"),
     "device": (lambda v: v in ("auto", "cpu", "mps") or v == "cuda" or v.startswith("cuda:"),
                "must be auto, cpu, cuda, cuda:N or mps"),
 }

@@ -15,7 +15,7 @@ from typing import Any, Callable, NamedTuple
 
 import torch
 
-from . import distributed, lifecycle, signals
+from . import distributed, lifecycle, signals, trackers
 from .config import OptimConfig
 from .console import StepProgress, say, say_every_rank
 from .errors import BadInput, NonFinite
@@ -346,7 +346,9 @@ def fit(stage: Stage, model: Any, optimizer: Any, scheduler: Any, step: int, tot
         save_state(stage, step, model, optimizer, scheduler, extra_state() if extra_state else None, keep)
 
     signals.defer()
-    with StepProgress(stage.name, total_steps, step, headline, log_every) as shown:
+    # --report-to's trackers are closed however fit ends
+    with trackers.reporting(stage, step) as report, \
+            StepProgress(stage.name, total_steps, step, headline, log_every) as shown:
         while step < total_steps:
             t0 = time.perf_counter()
             record = train_step(step)
@@ -361,6 +363,7 @@ def fit(stage: Stage, model: Any, optimizer: Any, scheduler: Any, step: int, tot
                 record.update(evaluate())
             if distributed.is_main():
                 append_jsonl(stage.metrics, record)
+                report(record)
             if Skips.in_a_row >= SKIPS_IN_A_ROW:
                 quantity, value = Skips.last
                 raise NonFinite(f"{stage.name}: step {step}: the {quantity} was {value} in {Skips.in_a_row} optimizer "

@@ -100,7 +100,9 @@ def non_default(value, leaf: str):
     if isinstance(value, float):
         return 0.25 if value != 0.25 else 0.5
     if isinstance(value, list):
-        return ["prompt=question", "response=answer"] if leaf == "columns" else ["q_proj", "v_proj"]
+        if leaf == "columns":
+            return ["prompt=question", "response=answer"]
+        return ["tensorboard", "wandb"] if leaf == "report_to" else ["q_proj", "v_proj"]
     return STRINGS.get(leaf, f"x-{leaf}")
 
 
