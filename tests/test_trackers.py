@@ -203,7 +203,7 @@ def test_an_unknown_tracker_exits_2_listing_the_known_ones(tmp_path, demos_file)
     result = igpt("sft", "--config", TINY_CONFIG, "--data", demos_file, "--run-dir", tmp_path / "run",
                   "--report-to", "tensorboard,comet")
     assert result.exit_code == 2
-    assert "report_to: ['tensorboard', 'comet'] must name trackers among tensorboard, wandb, trackio, mlflow" \
+    assert "--report-to (sft.report_to): ['tensorboard', 'comet'] must name trackers among tensorboard, wandb, trackio, mlflow" \
         in result.stderr
     assert not (tmp_path / "run").exists()
 
