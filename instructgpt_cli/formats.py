@@ -93,7 +93,7 @@ def parse_pair(obj: dict, where: str, errors: list[str]) -> tuple[list[dict] | N
             errors.append(f"{where}: {key}: missing")
     if "chosen" not in obj or "rejected" not in obj:
         return None, None
-    chosen, rejected = obj["chosen"], obj["rejected"]
+    chosen = obj["chosen"]
     if "prompt" in obj and isinstance(obj["prompt"], list) == isinstance(chosen, list):
         turns = parse_prompt_field(obj, where, errors)
         pair = [parse_reply(obj, "chosen", where, errors), parse_reply(obj, "rejected", where, errors)]

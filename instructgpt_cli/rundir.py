@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
 from .errors import BadInput, WriteFailed
-from .storage import (COMPLETED, atomic_write_text, disk_errno, fsync_tree, now, publish_dir, seal_dir, sha256_file,
+from .storage import (COMPLETED, atomic_write_text, disk_errno, fsync_tree, now, publish_dir, seal_dir,
                       verify_dir, weights_sha256)
 
 CHECKPOINT_PREFIX = "step-"
