@@ -1,7 +1,7 @@
 """An exponential moving average of a model's trained weights (PPO's ``ema_decay``): kept in fp32 on the
 model's device, updated after every applied optimizer step, carried in checkpoints, exported as a model.
 
-InstructGPT (Ouyang et al. 2022, appendix C.4) evaluates an EMA of the RL policy's weights, decay 0.992.
+InstructGPT (Ouyang et al. 2022, appendix C) evaluates an EMA of the RL policy's weights, decay 0.992.
 We follow OpenRLHF's ``moving_average`` (``ema = beta * ema + (1 - beta) * param`` after each optimizer
 step, the average starting as a copy of the initial model, no bias correction): the paper says nothing of
 a correction, and one is only needed for an average that starts at zero (Adam's moments); ours starts at

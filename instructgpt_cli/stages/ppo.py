@@ -150,7 +150,7 @@ def run(cfg: PPOConfig, resume: bool = False, overwrite: bool = False, allow_cha
     optimizer = build_optimizer(trained, cfg.optim, {"policy": cfg.optim.lr, "value": cfg.vf_lr or cfg.optim.lr})
     scheduler = build_scheduler(optimizer, cfg.optim,
                                 total_steps * cfg.ppo_epochs * math.ceil(cfg.rollout_batch_size / cfg.mini_batch_size))
-    # the EMA of the policy's trained weights, updated after every optimizer step (InstructGPT C.4: decay 0.992)
+    # an EMA of the policy's trained weights, updated after every optimizer step (InstructGPT, appendix C: 0.992)
     ema = ModelEMA(trained.policy, cfg.ema_decay, optimizer) if cfg.ema_decay > 0 else None
 
     # 3. the stage directory and the resume point (the KL controller's beta travels with the checkpoint)
