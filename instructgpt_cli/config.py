@@ -182,6 +182,8 @@ class PPOConfig:
     missing_eos_penalty: float = f(1.0, "subtracted from the score of a response that never emitted EOS (reward units)")
     reward_clip: float = f(0.0, "clip scores to +-this value before the KL penalty; 0 disables (reward units)")
     whiten_advantages: bool = f(True, "normalise advantages to mean 0, std 1 per rollout batch")
+    ema_decay: float = f(0.0, "also export ppo/final/policy_ema, an exponential moving average of the policy's trained "
+                              "weights updated after every optimizer step (decay per step); 0 = off; paper 0.992")
     cache_frozen_layers: bool = f(True, "with LoRA on the top layers only: run the frozen layers below them once per "
                                         "rollout and feed their output to every scoring and training forward of the "
                                         "layers above (keeps 2 x rollout x length x hidden floats)")

@@ -81,6 +81,7 @@ CHECKS: dict[str, tuple[Any, str]] = {
     "vf_coef": (lambda v: v >= 0, "must be >= 0"),
     "vf_lr": (lambda v: v >= 0, "must be >= 0 (0 = optim.lr)"),
     "reward_clip": (lambda v: v >= 0, "must be >= 0 (0 disables)"),
+    "ema_decay": (lambda v: 0 <= v < 1, "must be in [0, 1) (0 = no EMA)"),
     "sample_every": (lambda v: v >= 1, "must be >= 1"),
     "split": (lambda v: bool(v.strip()), "must be a split name (train, test ...)"),
     "columns": (lambda v: all(column_entry(e) for e in v),

@@ -268,7 +268,8 @@ def find_model(explicit: str, run_dir: Path, stage: str, flag: str) -> str:
     raise BadInput([f"{flag}: not given, and {final} does not exist (run `igpt {command}` first or pass {flag} PATH)"])
 
 
-STAGE_MODELS = {"sft": "sft/final", "ppo": "ppo/final/policy", "rm": "rm/final"}
+STAGE_MODELS = {"sft": "sft/final", "ppo": "ppo/final/policy", "rm": "rm/final",
+                "ppo_ema": "ppo/final/policy_ema"}  # with --ema-decay: the EMA of the PPO policy's weights
 
 
 def stage_model(name: str, run_dir: Path, flag: str = "MODEL") -> tuple[str, Path]:
@@ -276,7 +277,8 @@ def stage_model(name: str, run_dir: Path, flag: str = "MODEL") -> tuple[str, Pat
     if name in STAGE_MODELS:
         path = run_dir / STAGE_MODELS[name]
         if not (path / "config.json").is_file():
-            raise BadInput([f"{flag} {name}: {path} does not exist (has the {name} stage of {run_dir} finished?)"])
+            raise BadInput([f"{flag} {name}: {path} does not exist (has the {name} stage of {run_dir} finished"
+                            + (" with --ema-decay > 0" if name == "ppo_ema" else "") + "?)"])
         return name, path
     path = Path(name)
     if not (path / "config.json").is_file():

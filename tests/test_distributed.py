@@ -262,3 +262,26 @@ def test_two_process_ppo_with_lora_on_the_top_layer_caches_the_frozen_one(sft_ru
     assert metrics[0]["val/ratio_first"] == pytest.approx(1.0, abs=1e-6)
     assert metrics[0]["objective/kl"] == pytest.approx(0.0, abs=1e-6)
     assert (tmp_path / "run" / "ppo" / "final" / "policy" / "model.safetensors").exists()
+
+
+def test_fsdp_ema_of_the_policy_is_gathered_whole_and_equals_ddps(sft_runs, tmp_path):
+    """--ema-decay under FSDP: each rank averages its shard; the checkpoint holds the whole average (every tensor
+    its parameter's full shape) and final/policy_ema equals a DDP run's (where every rank averages it all)."""
+    t, _ = sft_runs
+    make_rule_rm(tmp_path / "rule_rm", tiny_tokenizer(), "e")
+    write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"What is {i} plus {i + 3}?"} for i in range(16)])
+    runs = {}
+    for mode in ("ddp", "fsdp"):
+        out = torchrun(["-m", "instructgpt_cli", "ppo", "--prompts", tmp_path / "prompts.jsonl", "--sft",
+                        t / "two" / "sft" / "final", "--rm", tmp_path / "rule_rm", "--run-dir", tmp_path / mode,
+                        "--max-new-tokens", "12", "--rollout-batch-size", "8", "--mini-batch-size", "4", "--lr", "3e-3",
+                        "--max-steps", "2", "--ema-decay", "0.5", *(["--fsdp"] if mode == "fsdp" else [])], tmp_path)
+        assert out.returncode == 0, out.stderr
+        runs[mode] = {m: weights(tmp_path / mode / "ppo" / "final" / m) for m in ("policy", "policy_ema")}
+    sft = weights(t / "two" / "sft" / "final")
+    state = torch.load(tmp_path / "fsdp" / "ppo" / "checkpoints" / "step-000002" / "state.pt", weights_only=True)
+    assert {k: v.shape for k, v in state["extra"]["ema"].items()} == {k: sft[k].shape for k in state["extra"]["ema"]}
+    ddp, fsdp = runs["ddp"]["policy_ema"], runs["fsdp"]["policy_ema"]
+    for k in ddp:
+        torch.testing.assert_close(fsdp[k], ddp[k], rtol=1e-4, atol=1e-5)
+    assert any(not torch.allclose(fsdp[k], runs["fsdp"]["policy"][k], atol=1e-4) for k in fsdp)

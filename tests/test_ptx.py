@@ -328,3 +328,4 @@ def test_paper_preset_scaled_down_runs_two_ppo_iterations(tmp_path):
     metrics = read_metrics(tmp_path / "run" / "ppo" / "metrics.jsonl")
     assert len(metrics) == 2 and all(r["loss/ptx"] > 0 and r["episode"] == 16 * (i + 1) for i, r in enumerate(metrics))
     assert (tmp_path / "run" / "ppo" / "final" / "policy" / "model.safetensors").exists()
+    assert (tmp_path / "run" / "ppo" / "final" / "policy_ema" / "model.safetensors").exists()  # ema_decay 0.992

@@ -30,6 +30,7 @@ from ..config import LoraConfig, ModelConfig, PPOConfig
 from ..console import banner, model_rows, processes_note, say
 from ..batches import pretrain_blocks, render_queries
 from ..data import read_pretrain, read_prompts
+from ..ema import ModelEMA, load_weights
 from ..distributed import resolve_device
 from ..errors import BadInput
 from ..families import frozen_layers
@@ -149,10 +150,14 @@ def run(cfg: PPOConfig, resume: bool = False, overwrite: bool = False, allow_cha
     optimizer = build_optimizer(trained, cfg.optim, {"policy": cfg.optim.lr, "value": cfg.vf_lr or cfg.optim.lr})
     scheduler = build_scheduler(optimizer, cfg.optim,
                                 total_steps * cfg.ppo_epochs * math.ceil(cfg.rollout_batch_size / cfg.mini_batch_size))
+    # an EMA of the policy's trained weights, updated after every optimizer step (InstructGPT, appendix C: 0.992)
+    ema = ModelEMA(trained.policy, cfg.ema_decay, optimizer) if cfg.ema_decay > 0 else None
 
     # 3. the stage directory and the resume point (the KL controller's beta travels with the checkpoint)
     begin_stage(stage, mode, cfg, files)
     step, extra, ckpt = restore(stage, mode, trained, optimizer, scheduler, changes)
+    if ema is not None:
+        ema.load(extra.get("ema"))
     iteration = Iteration(cfg, stage, inp, models, trained, optimizer, scheduler, ptx, device, total_steps,
                           beta=float(extra.get("beta", cfg.beta)))
     banner("igpt ppo", banner_rows(cfg, inp, ptx, device, total_steps, iteration.beta, trained, ckpt))
@@ -160,13 +165,17 @@ def run(cfg: PPOConfig, resume: bool = False, overwrite: bool = False, allow_cha
         say(f"[bold red]warning:[/] {inp.rm_warning}")
 
     # 4. iterate: rollout, score, update
+    def checkpointed() -> dict:  # what a checkpoint holds besides the trained weights: beta, the EMA
+        return {"beta": iteration.beta, **({"ema": ema.state()} if ema else {})}
+
     step = fit(stage, trained, optimizer, scheduler, step, total_steps, iteration, None, 1, cfg.save_every,
-               cfg.keep_checkpoints, extra_state=lambda: {"beta": iteration.beta},
+               cfg.keep_checkpoints, extra_state=checkpointed,
                headline=("objective/scores", "objective/kl", "val/response_length"), log_every=cfg.log_every)
 
-    # 5. export from rank 0: ppo/final/policy (HF causal LM) and ppo/final/value, published together
-    export(cfg, stage, trained, inp)
-    finish_stage(stage, step, policy=str(stage.final / "policy"), value=str(stage.final / "value"))
+    # 5. export from rank 0: ppo/final/policy (HF causal LM), ppo/final/value (and policy_ema), published together
+    export(cfg, stage, trained, inp, ema)
+    finish_stage(stage, step, policy=str(stage.final / "policy"), value=str(stage.final / "value"),
+                 **({"policy_ema": str(stage.final / "policy_ema")} if ema else {}))
     # the phases add up to the whole; timing/scoring/<model> split the scoring phase
     total_s = sum(v for k, v in iteration.timings.items() if k.count("/") == 1) or 1.0
     banner("where the time went", {("  " * (k.count("/") - 1)) + k.split("/")[-1]:
@@ -259,6 +268,7 @@ def banner_rows(cfg: PPOConfig, inp: Inputs, ptx: list, device: torch.device, to
                  "minibatches" + processes_note(cfg.fsdp) + f"; {episodes}",
         "lr": f"policy {cfg.optim.lr:g}, value {cfg.vf_lr or cfg.optim.lr:g}; {clip}",
         "forward": f"policy {forward_name(trained.policy)}, value {forward_name(trained.value)}",
+        **({"EMA": f"decay {cfg.ema_decay:g} per optimizer step -> final/policy_ema"} if cfg.ema_decay else {}),
         **model_rows(trained, cfg.lora.enabled, ckpt),
     }
 
@@ -342,15 +352,20 @@ class Iteration:
         }
 
 
-def export(cfg: PPOConfig, stage: Stage, trained: PolicyAndValue, inp: Inputs) -> None:
-    """ppo/final/policy (HF causal LM) and ppo/final/value, written by rank 0 and published together; sharded
-    models are first gathered into plain copies there."""
+def export(cfg: PPOConfig, stage: Stage, trained: PolicyAndValue, inp: Inputs, ema: ModelEMA | None = None) -> None:
+    """ppo/final/policy (HF causal LM) and ppo/final/value, and with an EMA ppo/final/policy_ema (the policy with
+    the averaged weights: with LoRA the averaged adapters, merged like the policy's), written by rank 0 and
+    published together; sharded models are first gathered into plain copies there."""
     policy = distributed.full_model(trained.policy, lambda: cpu_copy(cfg, inp.tokenizer, inp.sft_path, "causal"))
     value = distributed.full_model(trained.value, lambda: cpu_copy(cfg, inp.tokenizer, inp.rm_path, "reward"))
+    averaged = ema.state() if ema is not None else None  # every rank: a sharded average is gathered
     if distributed.is_main():
         with building(stage.final) as tmp:  # a full disk: no partial final/, the previous one (if any) kept
             save_final(policy, inp.tokenizer, tmp / "policy")
             save_final(value, inp.tokenizer, tmp / "value")
+            if averaged is not None:  # training is over: the policy's weights make way for their average
+                load_weights(policy, averaged)
+                save_final(policy, inp.tokenizer, tmp / "policy_ema")
 
 
 def write_samples(stage: Stage, step: int, prompts: list[str], responses: list[list[int]], sc: Scored,

@@ -1,0 +1,164 @@
+"""PPO's exponential moving average of the policy (--ema-decay): the update by hand, the exported
+ppo/final/policy_ema against the average of the policy's weights after every optimizer step, LoRA's adapters
+alone averaged and merged, a stopped run resumed with a bit-identical average, eval and compare of ppo_ema."""
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import igpt, write_jsonl
+from instructgpt_cli.ema import ModelEMA, ema_update
+from test_ppo import ppo_args, world  # noqa: F401  (the tiny SFT model, rule RM and prompts)
+
+
+def test_ema_update_by_hand_over_three_steps():
+    ema = [torch.tensor([2.0, -4.0]), torch.tensor([[8.0]])]
+    steps = [([6.0, 0.0], 0.0), ([3.0, 1.0], 4.0), ([-1.0, 2.0], -8.0)]
+    for vector, scalar in steps:
+        ema_update(ema, [torch.tensor(vector), torch.tensor([[scalar]])], 0.75)
+    # 0.75 * 2 + 0.25 * 6 = 3; 0.75 * 3 + 0.25 * 3 = 3; 0.75 * 3 - 0.25 = 2.  -4 -> -3 -> -2 -> -1.
+    # 8 -> 6 -> 5.5 -> 2.125
+    assert ema[0].tolist() == [2.0, -1.0] and ema[1].tolist() == [[2.125]]
+
+
+def test_ema_of_bf16_weights_is_fp32_and_keeps_increments_bf16_would_round_away():
+    ema = [torch.tensor([1.0])]
+    ema_update(ema, [torch.tensor([1.25], dtype=torch.bfloat16)], 0.992)
+    assert ema[0].dtype == torch.float32 and ema[0].item() == pytest.approx(1.002)
+    in_bf16 = torch.tensor(1.0, dtype=torch.bfloat16) * 0.992 + torch.tensor(1.25, dtype=torch.bfloat16) * 0.008
+    assert in_bf16.item() == 1.0  # why the average is fp32: the same step in bf16 does not move
+
+
+def test_only_applied_optimizer_steps_update_and_only_trained_tensors_are_kept():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 1))
+    model[1].requires_grad_(False)  # frozen, as a LoRA base is: not averaged
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    ema = ModelEMA(model, 0.5, opt)
+    assert ema.names == ["0.weight", "0.bias"]
+    expected = [p.detach().clone() for p in model[0].parameters()]
+    for i in range(3):
+        model(torch.randn(4, 3)).square().sum().backward()
+        if i == 1:  # a skipped step (non-finite values): no optimizer.step(), no update
+            opt.zero_grad()
+            continue
+        opt.step()
+        opt.zero_grad()
+        expected = [0.5 * e + 0.5 * p.detach() for e, p in zip(expected, model[0].parameters())]
+    state = ema.state()
+    for name, e in zip(ema.names, expected):
+        torch.testing.assert_close(state[name], e, rtol=0, atol=0)
+    ema.load({n: t + 1 for n, t in state.items()})  # a checkpoint's average replaces the running one
+    assert torch.equal(ema.state()["0.bias"], expected[1] + 1)
+
+
+def sft_names(world):
+    from transformers import AutoModelForCausalLM
+
+    return [n for n, _ in AutoModelForCausalLM.from_pretrained(world / "base" / "sft" / "final").named_parameters()]
+
+
+def test_policy_ema_is_the_average_of_the_policy_after_every_step(world, tmp_path, monkeypatch):  # noqa: F811
+    """Decay 0.5 over 2 iterations x 2 minibatches: policy_ema = the hand-computed average of the SFT weights and
+    the policy's weights after each of the 4 optimizer steps (captured from the optimizer, not the EMA)."""
+    from instructgpt_cli.stages import ppo_step
+
+    after_steps = []
+    real = ppo_step.optimizer_step_by_group
+
+    def step_and_capture(optimizer, *args):
+        norms = real(optimizer, *args)
+        after_steps.append([p.detach().clone() for p in optimizer.param_groups[0]["params"]])  # the policy's
+        return norms
+
+    monkeypatch.setattr(ppo_step, "optimizer_step_by_group", step_and_capture)
+    run_dir = tmp_path / "run"
+    result = igpt(*ppo_args(world, run_dir, "--max-steps", "2", "--ema-decay", "0.5"))
+    assert result.exit_code == 0, result.output
+    assert len(after_steps) == 4 and "decay 0.5 per optimizer step" in result.stderr
+    names = sft_names(world)
+    sft = load_file(str(world / "base" / "sft" / "final" / "model.safetensors"))
+    expected = {n: sft[n].float() for n in names}
+    for params in after_steps:
+        expected = {n: 0.5 * expected[n] + 0.5 * p for n, p in zip(names, params)}
+    final = run_dir / "ppo" / "final"
+    ema, policy = (load_file(str(final / d / "model.safetensors")) for d in ("policy_ema", "policy"))
+    assert (final / "policy_ema" / "COMPLETED").exists() and ema.keys() == policy.keys()
+    for n in ema:
+        torch.testing.assert_close(ema[n], expected[n])
+    moved = [n for n in ema if not torch.equal(policy[n], sft[n])]
+    assert moved and all(not torch.equal(ema[n], policy[n]) and not torch.equal(ema[n], sft[n]) for n in moved)
+    outputs = json.loads((run_dir / "manifest.json").read_text())["stages"]["ppo"]["outputs"]
+    assert outputs["policy_ema"].endswith("policy_ema")
+
+    # eval and compare take it by its stage name
+    prompts = write_jsonl(tmp_path / "four.jsonl", [{"prompt": f"What is {i} plus 2?"} for i in range(4)])
+    common = ["--prompts", prompts, "--run-dir", run_dir, "--rm", world / "rule_rm", "--max-new-tokens", "8"]
+    evaluated = igpt("eval", "ppo_ema", *common, "--sft", world / "base" / "sft" / "final", "--json")
+    assert evaluated.exit_code == 0, evaluated.output
+    report = json.loads(evaluated.stdout)
+    assert report["model"] == "ppo_ema" and report["model_path"].endswith("policy_ema") and report["n"] == 4
+    assert math.isfinite(report["kl_to_sft"]) and (run_dir / "eval" / "ppo_ema" / "report.json").exists()
+    compared = igpt("compare", "ppo_ema", "ppo", *common)
+    assert compared.exit_code == 0, compared.output
+    judged = json.loads((run_dir / "compare" / "ppo_ema-vs-ppo" / "report.json").read_text())
+    assert judged["a_path"].endswith("policy_ema") and judged["judged"] == 4
+
+
+def test_no_ema_by_default_and_ppo_ema_then_names_the_flag(world, tmp_path):  # noqa: F811
+    run_dir = tmp_path / "run"
+    assert igpt(*ppo_args(world, run_dir, "--max-steps", "1")).exit_code == 0
+    assert sorted(p.name for p in (run_dir / "ppo" / "final").iterdir() if p.is_dir()) == ["policy", "value"]
+    state = torch.load(run_dir / "ppo" / "checkpoints" / "step-000001" / "state.pt", weights_only=True)
+    assert "ema" not in state["extra"]
+    missing = igpt("eval", "ppo_ema", "--prompts", world / "prompts.jsonl", "--run-dir", run_dir)
+    assert missing.exit_code == 2 and "--ema-decay" in missing.stderr
+    bad = igpt(*ppo_args(world, tmp_path / "bad", "--ema-decay", "1"))
+    assert bad.exit_code == 2 and "ema" in bad.stderr and not (tmp_path / "bad").exists()
+
+
+def test_lora_averages_the_adapters_alone_and_merges_them_into_the_base(world, tmp_path):  # noqa: F811
+    run_dir = tmp_path / "run"
+    result = igpt(*ppo_args(world, run_dir, "--max-steps", "2", "--lora", "--ema-decay", "0.5"))
+    assert result.exit_code == 0, result.output
+    final = run_dir / "ppo" / "final"
+    adapters = load_file(str(final / "policy" / "adapter" / "adapter_model.safetensors"))
+    state = torch.load(run_dir / "ppo" / "checkpoints" / "step-000002" / "state.pt", weights_only=True)
+    averaged = state["extra"]["ema"]
+    assert len(averaged) == len(adapters) and all("lora_" in n for n in averaged)  # no copy of the frozen base
+    ema_adapters = load_file(str(final / "policy_ema" / "adapter" / "adapter_model.safetensors"))
+    assert all(not torch.equal(ema_adapters[n], adapters[n]) for n in adapters if "lora_B" in n)
+    # merged = base + scale * B @ A, with the averaged adapters
+    config = json.loads((final / "policy_ema" / "adapter" / "adapter_config.json").read_text())
+    scale = config["lora_alpha"] / config["r"]
+    base = load_file(str(world / "base" / "sft" / "final" / "model.safetensors"))
+    merged = load_file(str(final / "policy_ema" / "model.safetensors"))
+    checked = 0
+    for name, a in ema_adapters.items():
+        if ".lora_A." not in name:
+            continue
+        b = ema_adapters[name.replace(".lora_A.", ".lora_B.")]
+        target = name.split("base_model.model.", 1)[1].replace(".lora_A.weight", ".weight")
+        torch.testing.assert_close(merged[target], base[target] + scale * b @ a)
+        checked += 1
+    assert checked > 0
+
+
+def test_a_stopped_run_resumes_with_a_bit_identical_average(world, tmp_path):  # noqa: F811
+    from test_recovery import run
+
+    args = lambda d: ppo_args(world, d, "--max-steps", "3", "--save-every", "3", "--ema-decay", "0.9")  # noqa: E731
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    assert igpt(*args(straight)).exit_code == 0
+    killed = run(args(stopped), {"IGPT_FAULT_AFTER_STEP": "1:SIGTERM"})
+    assert killed.returncode == 143, killed.stderr
+    changed = igpt(*args(stopped)[:-1], "0.99", "--resume")  # another decay averages something else
+    assert changed.exit_code == 2 and "ema_decay" in changed.stderr
+    assert igpt(*args(stopped), "--resume").exit_code == 0
+    a, b = (load_file(str(d / "ppo" / "final" / "policy_ema" / "model.safetensors")) for d in (straight, stopped))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ea, eb = (torch.load(d / "ppo" / "checkpoints" / "step-000003" / "state.pt", weights_only=True)["extra"]["ema"]
+              for d in (straight, stopped))
+    assert ea.keys() == eb.keys() and all(torch.equal(ea[k], eb[k]) for k in ea)
