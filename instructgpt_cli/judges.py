@@ -96,7 +96,8 @@ class RMJudge:
     spec = "rm"
 
     def __init__(self, settings: Settings, rm_path: Path, tokenizer: Any, queries: list[list[int]], device: Any):
-        self.settings, self.path, self.tokenizer, self.queries, self.device = settings, rm_path, tokenizer, queries, device
+        self.settings, self.path, self.tokenizer = settings, rm_path, tokenizer
+        self.queries, self.device = queries, device
 
     def compare(self, pairs: list[dict]) -> list[dict]:
         from .config import ModelConfig

@@ -1,11 +1,11 @@
 """``igpt compare A B``: how often people (or the reward model) prefer A's response to B's.
 
 Both models answer every prompt with the same decoding settings and seed; a judge (``judges.py``: the reward
-model, a human, a local LM, a Python function) picks the better response or a tie. The win rate counts a tie as half a win, so swapping A and B gives exactly 1 minus
-the win rate; its 95% confidence interval is the Wilson score interval at that proportion and n
-(symmetric under the swap too). Results: report.json, judgments.jsonl, responses.jsonl and report.html,
-published together (``rundir.publish_set``): a crash leaves the previous complete set. They replace earlier
-results only with ``--overwrite``.
+model, a human, a local LM, a Python function) picks the better response or a tie. The win rate counts a tie
+as half a win, so swapping A and B gives exactly 1 minus the win rate; its 95% confidence interval is the
+Wilson score interval at that proportion and n (symmetric under the swap too). Results: report.json,
+judgments.jsonl, responses.jsonl and report.html, published together (``rundir.publish_set``): a crash leaves
+the previous complete set. They replace earlier results only with ``--overwrite``.
 
 Each judge has its own results, so one judge's never replace another's (:func:`result_dir`): the reward
 model's in compare/A-vs-B/, any other judge's in compare/A-vs-B.JUDGE/ with JUDGE made a folder name
