@@ -202,6 +202,11 @@ def words(prompt, responses):
 
 def one_argument(prompt):
     return [0.0]
+
+def fails_at_p1(prompt, responses):
+    if prompt == "p1":
+        raise RuntimeError("rate limited")
+    return [r.count("banana") for r in responses]
 ''')
     return write_jsonl(tmp_path / "samples.jsonl", SAMPLES[:1])
 
@@ -243,3 +248,19 @@ def test_a_bad_judge_in_compare_exits_2_and_publishes_nothing(models, tmp_path, 
                            (f"model:{tmp_path / 'nowhere'}", "is not a model directory (no config.json)")):
         result = compare(models, run_dir, judge)
         assert result.exit_code == 2 and message in result.stderr, result.stderr
+
+
+def test_a_judge_that_fails_midway_keeps_the_complete_rankings_before_it_and_resumes(tmp_path, monkeypatch):
+    judge_files(tmp_path)
+    samples = write_jsonl(tmp_path / "samples.jsonl", SAMPLES)
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "ranks.jsonl"
+    result = igpt("label", samples, "--judge", "python:bad_judges:fails_at_p1", "--out", out)
+    assert result.exit_code == 2
+    assert "--judge python:bad_judges:fails_at_p1: raised RuntimeError: rate limited (prompt 2)" in result.stderr
+    assert [(r.prompt, r.ranks) for r in read_rankings(out)] == [("p0", [1, 3, 2])]  # nothing of p1
+    (tmp_path / "good_judge.py").write_text(RULES)
+    again = igpt("label", samples, "--judge", "python:good_judge:bananas", "--out", out)
+    assert again.exit_code == 0 and "1 already ranked" in again.output
+    assert [(r.prompt, r.ranks) for r in read_rankings(out)] == [("p0", [1, 3, 2]), ("p1", [1, 1, 2]),
+                                                                   ("p3", [3, 1, 2])]
