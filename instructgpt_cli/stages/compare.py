@@ -33,7 +33,7 @@ from ..distributed import resolve_device
 from ..errors import BadInput
 from ..models import load_model, load_tokenizer, position_limit, require_same_tokenizer
 from ..report import number, score_text
-from ..rollout import decode_response, generate, score_responses
+from ..rollout import decode_response, generate
 from ..locks import claim
 from ..rundir import STAGE_MODELS, record, stage_model
 from ..stats import win_rate
