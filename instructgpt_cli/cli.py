@@ -231,13 +231,23 @@ stage_command("compare", "compare",
 def label(
     samples: Annotated[str, typer.Argument(help="Samples JSONL from `igpt sample`: {prompt, responses}.")],
     out: Annotated[str, typer.Option("--out", help="Rankings JSONL to append to (train-rm reads it).")],
+    judge: Annotated[str, typer.Option("--judge", help="human (you, in the terminal), model:PATH (a local LM ranks "
+                                       "by pairwise verdicts) or python:MODULE:FUNCTION (f(prompt, responses) -> "
+                                       "scores); README, Judges")] = "human",
+    batch_size: Annotated[int, typer.Option("--batch-size", help="model judge: prompts per forward pass "
+                                            "(sequences)", min=1)] = 8,
+    device: Annotated[str, typer.Option("--device", help="model judge: auto, cpu, cuda, cuda:N or mps")] = "auto",
+    tie_margin: Annotated[float, typer.Option("--tie-margin", help="score differences up to this are ties (the "
+                                              "function's units; nats for a model judge)", min=0.0)] = 0.0,
 ) -> None:
-    """Rank sampled responses in the terminal (1 = best, ties allowed); resumes where it stopped."""
+    """Rank sampled responses, by you in the terminal or by a judge (1 = best, ties allowed); resumes where it
+    stopped."""
     from .errors import BadInput
+    from .judges import Settings
     from .stages import label as stage
 
     try:
-        stage.run(samples, out)
+        stage.run(samples, out, judge, Settings(batch_size=batch_size, device=device, tie_margin=tie_margin))
     except BadInput as e:
         fail(e.messages)
 

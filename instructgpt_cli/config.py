@@ -254,9 +254,11 @@ class CompareConfig:
                             "read whole")
     columns: list = f([], "dataset columns named otherwise, FIELD=COLUMN (e.g. prompt=question,response=answer); "
                           "applies to every input of the stage that has COLUMN")
-    judge: str = f("rm", "rm (the reward model picks) or human (a terminal labeler picks)")
+    judge: str = f("rm", "rm (the reward model picks), human (a terminal labeler), model:PATH (a local LM asked "
+                         "in both orders) or python:MODULE:FUNCTION (f(prompt, responses) -> scores); README, Judges")
     rm: str = f("", "reward model for --judge rm; default RUN_DIR/rm/final")
-    tie_margin: float = f(0.0, "rm judge: score differences up to this count as ties (reward units)")
+    tie_margin: float = f(0.0, "score differences up to this count as ties (reward units for rm, the function's for "
+                               "python, nats of log P(1) - log P(2) for model)")
     run_dir: str = f("runs/default", "run directory (path)")
     temperature: float = f(0.7, "sampling temperature, the same for both models")
     max_new_tokens: int = f(128, "longest response (tokens)")

@@ -26,6 +26,11 @@ SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constan
               "inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay")
 
 
+# compare's and label's --judge (judges.py): rm, human, model:PATH or python:MODULE:FUNCTION
+JUDGE_SPEC = re.compile(r"rm|human|model:.+|python:[A-Za-z_][\w.]*:[A-Za-z_]\w*")
+JUDGE_FORMS = "must be rm, human, model:PATH or python:MODULE:FUNCTION"
+
+
 # igpt's record fields a dataset column may be renamed to (``--columns FIELD=COLUMN``).
 COLUMN_FIELDS = ("prompt", "response", "completion", "messages", "chosen", "rejected", "responses", "ranks",
                  "category", "text")
@@ -86,7 +91,7 @@ CHECKS: dict[str, tuple[Any, str]] = {
     "split": (lambda v: bool(v.strip()), "must be a split name (train, test ...)"),
     "columns": (lambda v: all(column_entry(e) for e in v),
                 f"must be FIELD=COLUMN entries, FIELD one of {', '.join(COLUMN_FIELDS)}"),
-    "judge": (lambda v: v in ("rm", "human"), "must be rm or human"),
+    "judge": (lambda v: bool(JUDGE_SPEC.fullmatch(v)), JUDGE_FORMS),
     "tie_margin": (lambda v: v >= 0, "must be >= 0"),
     "dtype": (lambda v: v in DTYPES, f"must be one of {', '.join(DTYPES)}"),
     "scheduler": (lambda v: v in SCHEDULERS, f"must be one of {', '.join(SCHEDULERS)}"),

@@ -119,7 +119,8 @@ def pick_samples(judgments: list[dict], seed: int, per_category: int = 3, total:
 
 
 def provenance(report: dict, rm_path: Path | None, device: str, run_dir: Path) -> list[tuple[str, str]]:
-    """(label, HTML) rows saying exactly what was compared, how, by whom and where."""
+    """(label, HTML) rows saying exactly what was compared, how, by whom and where. ``rm_path``: the judge's
+    model directory (the reward model, or a ``model:PATH`` judge's), None for other judges."""
     def digest(path) -> str:
         d = weights_sha256(path) if path and Path(path).is_dir() else None
         return f"<code>{d}</code>" if d else "<span class='na'>not available (no safetensors)</span>"
@@ -127,7 +128,10 @@ def provenance(report: dict, rm_path: Path | None, device: str, run_dir: Path) -
     s = report.get("settings", {})
     prompts = Path(report["prompts"])
     judge = e(report["judge"]) + (f": <code>{e(str(rm_path))}</code><br>weights sha256 {digest(rm_path)}"
-                                  if report["judge"] == "rm" and rm_path else "")
+                                  if rm_path else "")
+    if report.get("judge_source"):  # a python judge: the file its function came from
+        src = report["judge_source"]
+        judge += f": <code>{e(src['file'])}</code><br>sha256 <code>{e(src['sha256'])}</code>"
     try:
         torch_version = metadata.version("torch")
     except metadata.PackageNotFoundError:

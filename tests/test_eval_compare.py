@@ -269,7 +269,7 @@ def test_bad_inputs_exit_2_and_write_nothing(run, tmp_path):
         (["eval", str(tmp_path / "nowhere"), "--prompts", run / "prompts.jsonl"], "nor a model directory"),
         (["eval", "ppo", "--prompts", write_jsonl(tmp_path / "bad.jsonl", [{"prompt": ""}])], "bad.jsonl:1: prompt"),
         (["compare", "ppo", "sft", "--prompts", tmp_path / "missing.jsonl"], "file not found"),
-        (["compare", "ppo", "sft", "--prompts", run / "prompts.jsonl", "--judge", "crowd"], "must be rm or human"),
+        (["compare", "ppo", "sft", "--prompts", run / "prompts.jsonl", "--judge", "crowd"], "must be rm, human, model:PATH or python:MODULE:FUNCTION"),
         (["compare", "ppo", "sft", "--prompts", run / "prompts.jsonl", "--rm", tmp_path], "does not exist"),
     ]
     for args, message in cases:
@@ -390,12 +390,12 @@ def test_rm_judge_scores_the_sampled_tokens_as_eval_and_ppo_do(run):
     build_rollout + last_token_scores: token ids as sampled, EOS only where the model emitted it."""
     import torch
 
-    from instructgpt_cli.config import CompareConfig, ModelConfig
+    from instructgpt_cli.config import ModelConfig
     from instructgpt_cli.batches import render_prompt
     from instructgpt_cli.models import load_model
     from instructgpt_cli.rollout import build_rollout, score_responses
     from instructgpt_cli.forward import last_token_scores
-    from instructgpt_cli.stages.compare import judge_rm
+    from instructgpt_cli.judges import RMJudge, Settings
 
     tok = tiny_tokenizer()
     rm_path = run / "run" / "rm" / "final"
@@ -413,7 +413,7 @@ def test_rm_judge_scores_the_sampled_tokens_as_eval_and_ppo_do(run):
         ppo_scores = last_token_scores(rm, ro.query_response, ro.attention_mask, ro.context_len, ro.lengths).tolist()
     pairs = [{"prompt": "", "category": None, "a": "", "b": "", "a_ids": r, "b_ids": responses[::-1][i]}
              for i, r in enumerate(responses)]
-    judged = judge_rm(CompareConfig(batch_size=2), rm_path, tok, queries, pairs, torch.device("cpu"))
+    judged = RMJudge(Settings(batch_size=2), rm_path, tok, queries, torch.device("cpu")).compare(pairs)
     assert [j["score_a"] for j in judged] == pytest.approx(eval_scores, abs=1e-5)
     assert [j["score_a"] for j in judged] == pytest.approx(ppo_scores, abs=1e-5)
     # the same tokens re-encoded from text with an EOS appended are another sequence, with another score

@@ -1,11 +1,11 @@
 """``igpt compare A B``: how often people (or the reward model) prefer A's response to B's.
 
-Both models answer every prompt with the same decoding settings and seed; a judge picks the better
-response or a tie. The win rate counts a tie as half a win, so swapping A and B gives exactly 1 minus
-the win rate; its 95% confidence interval is the Wilson score interval at that proportion and n
-(symmetric under the swap too). Results: report.json, judgments.jsonl, responses.jsonl and report.html,
-published together (``rundir.publish_set``): a crash leaves the previous complete set. They replace earlier
-results only with ``--overwrite``.
+Both models answer every prompt with the same decoding settings and seed; a judge (``judges.py``: the reward
+model, a human, a local LM, a Python function) picks the better response or a tie. The win rate counts a tie
+as half a win, so swapping A and B gives exactly 1 minus the win rate; its 95% confidence interval is the
+Wilson score interval at that proportion and n (symmetric under the swap too). Results: report.json,
+judgments.jsonl, responses.jsonl and report.html, published together (``rundir.publish_set``): a crash leaves
+the previous complete set. They replace earlier results only with ``--overwrite``.
 
 Each judge has its own results, so one judge's never replace another's (:func:`result_dir`): the reward
 model's in compare/A-vs-B/, any other judge's in compare/A-vs-B.JUDGE/ with JUDGE made a folder name
@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import random
 import re
 from pathlib import Path
 
 import torch
 
+from .. import judges
 from .. import report as report_page
-from .. import tui
 from ..config import CompareConfig, ModelConfig
 from ..console import console
 from ..batches import render_queries
@@ -34,11 +33,11 @@ from ..distributed import resolve_device
 from ..errors import BadInput
 from ..models import load_model, load_tokenizer, position_limit, require_same_tokenizer
 from ..report import number, score_text
-from ..rollout import decode_response, generate, score_responses
+from ..rollout import decode_response, generate
 from ..locks import claim
 from ..rundir import STAGE_MODELS, record, stage_model
 from ..stats import win_rate
-from ..storage import atomic_write_text, publish_set, weights_sha256
+from ..storage import atomic_write_text, publish_set, sha256_file, weights_sha256
 
 
 def tally(judgments: list[dict], key: str | None = None) -> dict:
@@ -102,6 +101,11 @@ def run(cfg: CompareConfig, overwrite: bool = False) -> dict:
         name_a, name_b = f"{name_a}-a", f"{name_b}-b"
     prompts = read_prompts(cfg.prompts, cfg.split, cfg.columns)
     tokenizer, _ = load_tokenizer(ModelConfig(name=str(path_a)))
+    settings = judges.Settings(cfg.batch_size, cfg.device, cfg.dtype, cfg.tie_margin, cfg.seed)
+    out = result_dir(run_dir, f"{name_a}-vs-{name_b}", cfg.judge)
+    session = out.parent / f"{out.name}.session"  # a human judge's responses and judgments as they are made
+    # a judge that cannot be imported or loaded fails now, before any model loads (judges.py)
+    judge = None if cfg.judge == "rm" else judges.load(cfg.judge, settings, session / "judgments.jsonl")
     rm_path = Path(cfg.rm) if cfg.rm else run_dir / STAGE_MODELS["rm"]
     if cfg.judge == "rm":
         if not (rm_path / "config.json").is_file():
@@ -110,9 +114,8 @@ def run(cfg: CompareConfig, overwrite: bool = False) -> dict:
     # prompt + response must fit both models and the reward model that judges them
     limits = [position_limit(str(p)) for p in [path_a, path_b] + ([rm_path] if cfg.judge == "rm" else [])]
     queries = render_queries(tokenizer, prompts, cfg.max_new_tokens, min(filter(None, limits), default=None))
-    out = result_dir(run_dir, f"{name_a}-vs-{name_b}", cfg.judge)
-    session = out.parent / f"{out.name}.session"  # a human judge's responses and judgments as they are made
     device = resolve_device(cfg.device)
+    judge = judge or judges.RMJudge(settings, rm_path, tokenizer, queries, device)
     # before any sampling: a write that cannot happen, or earlier results kept without --overwrite, fail now
     # (a human session with pairs left to judge goes on: its results are the ones it adds to)
     claim(run_dir, out, overwrite or (cfg.judge == "human" and unfinished(session, prompts)))
@@ -139,11 +142,8 @@ def run(cfg: CompareConfig, overwrite: bool = False) -> dict:
             atomic_write_text(session / "responses.jsonl", jsonl(pairs))
             atomic_write_text(session / "judgments.jsonl", "")
 
-    # 3. judge
-    if cfg.judge == "rm":
-        judgments = judge_rm(cfg, rm_path, tokenizer, queries, pairs, device)
-    else:
-        judgments = judge_human(cfg, pairs, session / "judgments.jsonl")
+    # 3. judge (a judge that fails raises BadInput here: nothing is published)
+    judgments = judge.compare(pairs)
 
     # 4. report: numbers, per category, and a page people can look at
     report = {"a": name_a, "b": name_b, "a_path": str(path_a), "b_path": str(path_b), "judge": cfg.judge,
@@ -151,6 +151,8 @@ def run(cfg: CompareConfig, overwrite: bool = False) -> dict:
               "categories": tally(judgments, "category"),
               "settings": {"temperature": cfg.temperature, "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed},
               "responses_from": sources,
+              **({"judge_source": {"file": str(judge.source), "sha256": sha256_file(judge.source)}}
+                 if getattr(judge, "source", None) else {}),
               "ci_method": "Wilson score interval, 95%, ties counted as half a win"}
     # 5. publish report.json, judgments.jsonl, responses.jsonl and report.html together (strict JSON: a NaN
     #    raises and nothing is replaced)
@@ -159,8 +161,9 @@ def run(cfg: CompareConfig, overwrite: bool = False) -> dict:
         (tmp / "judgments.jsonl").write_text(jsonl(judgments), encoding="utf-8")
         (tmp / "report.json").write_text(json.dumps(report, indent=2, allow_nan=False) + "\n", encoding="utf-8")
         report_page.write_html(tmp / "report.html", report, judgments, run_dir, eos_id=tokenizer.eos_token_id,
-                               rm_path=rm_path if cfg.judge == "rm" else None, device=str(device))
-    record(run_dir, out, {"a": path_a, "b": path_b, **({"rm": rm_path} if cfg.judge == "rm" else {})})
+                               rm_path=judge.path, device=str(device))
+    record(run_dir, out, {"a": path_a, "b": path_b, **({"rm": rm_path} if cfg.judge == "rm" else {}),
+                          **({"judge": judge.path} if judge.path and cfg.judge != "rm" else {})})
     show(report, judgments)
     show_evals(run_dir, [name_a, name_b])
     console().print(f"report: {out / 'report.html'}")
@@ -216,53 +219,6 @@ def show_evals(run_dir: Path, names: list[str]) -> None:
         table.add_row(n, score_text(r), number(r.get("kl_to_sft"), ".3f"), number(r.get("ptx_perplexity"), ".2f"),
                       number(r.get("response_length"), ".1f"), number(r.get("eos_rate"), ".0%"))
     console().print(table)
-
-
-def judge_rm(cfg: CompareConfig, rm_path: Path, tokenizer, queries, pairs: list[dict], device) -> list[dict]:
-    """The reward model scores each response's token ids as sampled (``a_ids``, ``b_ids``; EOS only where
-    the model emitted it), read at the last real token: exactly what eval (``score_responses``) and PPO
-    (``build_rollout`` + ``last_token_scores``) score. Decoded text re-encoded would not be the same tokens,
-    and a response that never ended would be scored as if it had."""
-    rm = load_model(ModelConfig(name=str(rm_path), dtype=cfg.dtype), tokenizer, rm_path, device, cfg.seed, "reward")
-    sa = score_responses(rm, tokenizer, queries, [p["a_ids"] for p in pairs], cfg.batch_size).tolist()
-    sb = score_responses(rm, tokenizer, queries, [p["b_ids"] for p in pairs], cfg.batch_size).tolist()
-    out = []
-    for i, (p, a, b) in enumerate(zip(pairs, sa, sb)):
-        winner = "A" if a > b + cfg.tie_margin else "B" if b > a + cfg.tie_margin else "tie"
-        out.append({"index": i, **p, "score_a": a, "score_b": b, "winner": winner, "judge": "rm"})
-    return out
-
-
-def judge_human(cfg: CompareConfig, pairs: list[dict], path: Path) -> list[dict]:
-    """Show each pair in a seeded random order and side; append each judgment as it is made, so a session
-    can stop (q, or the end of input) and resume where it stopped."""
-    done = read_jsonl(path) if path.exists() else []
-    if any(j.get("judge") != "human" or j["index"] >= len(pairs) or j["prompt"] != pairs[j["index"]]["prompt"]
-           for j in done):
-        done = []  # judgments of the reward model or of other prompts: a human session starts its own
-        atomic_write_text(path, "")
-    seen = {j["index"] for j in done}
-    rng = random.Random(cfg.seed)
-    order = list(range(len(pairs)))
-    rng.shuffle(order)
-    sides = [rng.random() < 0.5 for _ in pairs]  # True: A is shown as response 1
-    todo = [i for i in order if i not in seen]
-    for n, i in enumerate(todo):
-        p = pairs[i]
-        first, second = (p["a"], p["b"]) if sides[i] else (p["b"], p["a"])
-        answer = tui.pick_better(len(seen) + n, len(pairs), p["prompt"], first, second)
-        if answer == tui.QUIT:
-            tui.say(f"stopped; {len(done)} judgments saved in {path} — run the same command to continue")
-            break
-        if answer == "s":
-            continue
-        winner = "tie" if answer == "t" else ("A" if (answer == "1") == sides[i] else "B")
-        judgment = {"index": i, **p, "winner": winner, "judge": "human", "shown_first": "A" if sides[i] else "B"}
-        done.append(judgment)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(judgment, ensure_ascii=False) + "\n")
-    return done
 
 
 def show(report: dict, examples: list[dict]) -> None:

@@ -1,15 +1,19 @@
-"""``igpt label samples.jsonl --out ranks.jsonl``: the paper's labeler step in a terminal.
+"""``igpt label samples.jsonl --out ranks.jsonl [--judge human|model:PATH|python:MODULE:FUNCTION]``: the
+paper's labeler step, by a person in a terminal or by a judge (AI feedback: ``judges.py``).
 
-Shows each prompt with its K responses and takes their ranks (1 = best, ties share a number); each
-ranking is appended to the output at once, in the rankings format train-rm reads. Prompts already
-ranked in the output are skipped, so a session can stop (q, or the end of input) and resume.
+Each prompt's K responses get ranks (1 = best, ties share a number); each ranking is appended to the
+output as soon as it is made, in the rankings format train-rm reads. Prompts already ranked in the output
+are skipped, so a session can stop (q, or the end of input) and resume. A judge that fails (raises, returns
+the wrong shape, NaN) stops label with exit 2 at that prompt: nothing of that prompt is written, and the
+rankings of the prompts before it, each complete, stay (a rerun resumes after them). A ranking in which a
+judge tied every response is not written (it has no pair to learn from; train-rm would refuse it).
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from .. import tui
+from .. import judges, tui
 from ..data import iter_jsonl, parse_prompt_field, read_records
 from ..errors import BadInput
 
@@ -37,7 +41,9 @@ def shown(prompt: str | list) -> str:
     return prompt if isinstance(prompt, str) else "\n\n".join(f"{t['role']}: {t['content']}" for t in prompt)
 
 
-def run(samples: str, out: str) -> Path:
+def run(samples: str, out: str, judge: str = "human", settings: judges.Settings = judges.Settings()) -> Path:
+    # 1. the judge (imported and checked before anything is read or written), the samples, what is done
+    ranker = judges.load(judge, settings)
     records = read_records(samples, parse_sample, "samples")
     out_path = Path(out)
     done: set[str] = set()
@@ -48,16 +54,22 @@ def run(samples: str, out: str) -> Path:
             raise BadInput(errors)
     todo = [r for r in records if key(r["prompt"]) not in done]
     tui.say(f"{len(records)} prompts, {len(records) - len(todo)} already ranked in {out_path}")
-    ranked = 0
+    # 2. rank each prompt's responses; append each ranking at once
+    ranked, all_tied = 0, 0
     for i, rec in enumerate(todo):
-        answer = tui.rank(len(records) - len(todo) + i, len(records), shown(rec["prompt"]), rec["responses"])
-        if answer == tui.QUIT:
+        answer = ranker.rank(shown(rec["prompt"]), rec["responses"], len(records) - len(todo) + i, len(records))
+        if answer == judges.QUIT:
             break
-        if answer == "s":
+        if answer == judges.SKIP:
+            continue
+        if len(set(answer)) == 1:  # a judge's (a person cannot enter one: tui.rank_problem)
+            all_tied += 1
             continue
         out_path.parent.mkdir(parents=True, exist_ok=True)
         with open(out_path, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps({**rec, "ranks": answer}, ensure_ascii=False) + "\n")
+            fh.write(json.dumps({**rec, "ranks": answer, **({} if judge == "human" else {"judge": judge})},
+                                ensure_ascii=False) + "\n")
         ranked += 1
-    tui.say(f"ranked {ranked} this session; {len(done) + ranked} of {len(records)} in {out_path}")
+    tied = f"; {all_tied} with every response tied, not written" if all_tied else ""
+    tui.say(f"ranked {ranked} this session{tied}; {len(done) + ranked} of {len(records)} in {out_path}")
     return out_path
