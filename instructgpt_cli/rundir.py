@@ -263,7 +263,7 @@ def find_model(explicit: str, run_dir: Path, stage: str, flag: str) -> str:
     raise BadInput([f"{flag}: not given, and {final} does not exist (run `igpt {command}` first or pass {flag} PATH)"])
 
 
-STAGE_MODELS = {"sft": "sft/final", "ppo": "ppo/final/policy", "rm": "rm/final"}
+STAGE_MODELS = {"sft": "sft/final", "ppo": "ppo/final/policy", "rm": "rm/final", "dpo": "dpo/final"}
 
 
 def stage_model(name: str, run_dir: Path, flag: str = "MODEL") -> tuple[str, Path]:
