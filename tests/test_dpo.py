@@ -97,7 +97,8 @@ def test_a_ranking_of_k_responses_costs_k_policy_forwards(layout):
         seqs, p = ranking(tok, "q", [f"answer {i}" * (i + 1) for i in range(k)])
         pairs = [(i, j) for i in range(k) for j in range(i + 1, k)]
         shapes.clear()
-        losses, stats = dpo_forward(model, [Item(seqs, pairs, p, 0, torch.zeros(k))], tok.pad_token_id, CPU, layout, 0.1)
+        item = Item(seqs, pairs, p, 0, torch.zeros(k))
+        losses, stats = dpo_forward(model, [item], tok.pad_token_id, CPU, layout, 0.1)
         shared = p + len("answer ")  # every response starts with it
         want = (1, sum(map(len, seqs)) - (k - 1) * shared) if layout.shared else (k, max(map(len, seqs)))
         assert shapes == [want], f"K={k}: {shapes}"  # one forward: K rows, or one row with the prompt once

@@ -138,7 +138,8 @@ def reference_logprobs(model: Any, items: list[Item], batch_size: int, pad_id: i
     with adapters_off:
         chunks = micro_batches(items, batch_size)
         mine = [ranking_logprobs(model, [it.sequences for it in c], [it.prompt_len for it in c], pad_id, device,
-                                 layout.shared, layout.packed).float().cpu() for c, _ in distributed.rank_chunks(chunks)]
+                                 layout.shared, layout.packed).float().cpu()
+                for c, _ in distributed.rank_chunks(chunks)]
     model.train(was_training)
     parts = distributed.gather(mine)  # parts[r][k] holds chunk k * world + r
     flat = torch.cat([parts[j % len(parts)][j // len(parts)] for j in range(len(chunks))])
