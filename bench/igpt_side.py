@@ -96,6 +96,39 @@ def rm(spec: dict) -> dict:
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
+def dpo(spec: dict) -> dict:
+    """igpt dpo on the RM group's rankings: K policy forwards a ranking, the reference's log-probs computed in a
+    pass before the first step (outside the timed steps, as TRL's ``precompute_ref_log_probs``)."""
+    from instructgpt_cli.config import DPOConfig, ModelConfig, OptimConfig
+    from instructgpt_cli.stages import dpo as stage
+
+    from workloads import rm_plan
+
+    plan = rm_plan(spec)
+    run_dir = Path(tempfile.mkdtemp(prefix="igpt-bench-dpo-"))
+    try:
+        cfg = DPOConfig(rankings=plan["data"], sft=str(model_dir(spec["shape"], "policy")), run_dir=str(run_dir),
+                        share_prompts=spec.get("share_prompts", True),
+                        model=ModelConfig(name="", dtype="float32", max_seq_len=1024),
+                        optim=OptimConfig(batch_size=spec["prompts_per_step"], grad_accum=1, lr=1e-6,
+                                          scheduler="linear"),
+                        epochs=1, max_steps=plan["total_steps"], val_fraction=0.0, eval_every=10**9,
+                        save_every=10**9, seed=0, device="cpu")
+        box = _capture_peak_before_export(stage)
+        stage.run(cfg, overwrite=True)
+        seconds, rows = _step_seconds(run_dir / "dpo" / "metrics.jsonl", spec["warmup"])
+        comparisons = [r["train/comparisons"] for r in rows[spec["warmup"]:]]
+        assert all(c == plan["comparisons_per_step"] for c in comparisons), comparisons
+        return {"step_seconds": seconds, "units_per_step": comparisons,
+                "flops_per_step": [plan["flops_per_step"]] * len(seconds),
+                "peak_rss_mb": box.get("peak_rss_mb", vm_hwm_mb()),
+                "notes": {"sequences_per_step": plan["igpt_sequences_per_step"],
+                          "train_loss_mean": sum(r["train/loss"] for r in rows) / len(rows),
+                          "tokens_total": sum(r["train/tokens"] for r in rows)}}
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
 def ppo(spec: dict) -> dict:
     from instructgpt_cli.config import LoraConfig, ModelConfig, OptimConfig, PPOConfig
     from instructgpt_cli.stages import ppo as stage
@@ -129,4 +162,4 @@ def ppo(spec: dict) -> dict:
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
-TASKS = {"sft": sft, "rm": rm, "ppo": ppo}
+TASKS = {"sft": sft, "rm": rm, "ppo": ppo, "dpo": dpo}

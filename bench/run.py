@@ -49,6 +49,13 @@ GROUPS = {
               "trl": ("trl", {**RM, "k": 4, "prompts_per_step": 2})},
     "rm_k9": {"igpt": ("igpt", {**RM, "k": 9, "prompts_per_step": 1, "steps": 1}),
               "trl": ("trl", {**RM, "k": 9, "prompts_per_step": 1, "steps": 1})},
+    # DPO on the RM groups' rankings: igpt K-wise (K policy forwards a ranking), TRL on the C(K,2) pairs
+    "dpo_k2": {"igpt": ("igpt", {**RM, "task": "dpo", "k": 2, "prompts_per_step": 4}),
+               "trl": ("trl", {**RM, "task": "dpo", "k": 2, "prompts_per_step": 4})},
+    "dpo_k4": {"igpt": ("igpt", {**RM, "task": "dpo", "k": 4, "prompts_per_step": 2}),
+               "trl": ("trl", {**RM, "task": "dpo", "k": 4, "prompts_per_step": 2})},
+    "dpo_k9": {"igpt": ("igpt", {**RM, "task": "dpo", "k": 9, "prompts_per_step": 1, "steps": 1}),
+               "trl": ("trl", {**RM, "task": "dpo", "k": 9, "prompts_per_step": 1, "steps": 1})},
     "ppo_tiny": {"igpt": ("igpt", PPO_TINY), "trl": ("trl112", PPO_TINY)},
     "ppo_135m": {"igpt": ("igpt", PPO_135M), "trl": ("trl112", PPO_135M),
                  "igpt_lora": ("igpt", {**PPO_135M, "lora": True})},
@@ -57,7 +64,7 @@ GROUPS = {
     "sft_demos": {"igpt": ("igpt", {**SFT, "data": "demos", "steps": 3}),
                   "trl": ("trl", {**SFT, "data": "demos", "steps": 3})},
 }
-ORDER = ["ppo_tiny", "rm_k2", "rm_k4", "rm_k9", "sft_fixed", "sft_demos", "ppo_135m"]
+ORDER = ["ppo_tiny", "rm_k2", "rm_k4", "rm_k9", "dpo_k2", "dpo_k4", "dpo_k9", "sft_fixed", "sft_demos", "ppo_135m"]
 
 # Table rows: (label, group, metric, target, how the ratio is read[, igpt's variant, default "igpt"])
 ROWS = [
@@ -66,6 +73,9 @@ ROWS = [
      "igpt_unshared"),
     ("RM K=4 comparisons/s (135M shape, 2 thr)", "rm_k4", "throughput", ">= 2.7x", 2.7),
     ("RM K=9 comparisons/s (135M shape, 2 thr)", "rm_k9", "throughput", ">= 7x", 7.0),
+    ("DPO K=2 comparisons/s (135M shape, 2 thr)", "dpo_k2", "throughput", ">= 1.0x", 1.0),
+    ("DPO K=4 comparisons/s (135M shape, 2 thr)", "dpo_k4", "throughput", ">= 3x", 3.0),
+    ("DPO K=9 comparisons/s (135M shape, 2 thr)", "dpo_k9", "throughput", ">= 7x", 7.0),
     ("PPO episodes/s, tiny, 1 thr, 4 PPO epochs", "ppo_tiny", "throughput", ">= 4x", 4.0),
     ("PPO episodes/s, 135M shape, 2 thr, full FT, 4 PPO epochs", "ppo_135m", "throughput", ">= 1.0x", 1.0),
     ("PPO s/update: igpt LoRA defaults vs TRL full FT (135M, 2 thr)", "ppo_135m", "lora_speed", ">= 2x fewer s", 2.0),

@@ -124,6 +124,49 @@ def rm(spec: dict) -> dict:
         shutil.rmtree(out, ignore_errors=True)
 
 
+def dpo(spec: dict) -> dict:
+    """TRL's DPOTrainer on the same rankings expanded to their C(K,2) (chosen, rejected) pairs, in igpt's order,
+    its reference log-probs precomputed before training (``precompute_ref_log_probs``) as igpt's are."""
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM
+    from trl import DPOConfig, DPOTrainer
+
+    from instructgpt_cli.batches import render_prompt
+    from instructgpt_cli.data import read_rankings
+    from workloads import rm_plan
+
+    plan = rm_plan(spec)
+    tok = plan["tokenizer"]
+    rankings = read_rankings(plan["data"])
+    rows = []
+    for step in plan["order"]:
+        for gi in step:
+            r = rankings[gi]
+            prompt = tok.decode(render_prompt(tok, r.messages))
+            rows += [{"prompt": prompt, "chosen": r.responses[b], "rejected": r.responses[w]}
+                     for b, w in plan["groups"][gi].pairs]
+    out = Path(tempfile.mkdtemp(prefix="trl-bench-dpo-"))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_dir(spec["shape"], "policy"), dtype=torch.float32)
+        args = DPOConfig(output_dir=str(out), per_device_train_batch_size=plan["comparisons_per_step"],
+                         gradient_accumulation_steps=1, max_steps=plan["total_steps"], lr_scheduler_type="linear",
+                         max_grad_norm=1.0, train_sampling_strategy="sequential", max_length=1024, beta=0.1,
+                         precompute_ref_log_probs=True, **{**COMMON_ARGS, "learning_rate": 1e-6})
+        clock = _clock()
+        trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok,
+                             callbacks=[clock])
+        res = trainer.train()
+        seconds = _seconds(clock, spec["warmup"])
+        return {"step_seconds": seconds, "units_per_step": [plan["comparisons_per_step"]] * len(seconds),
+                "flops_per_step": [plan["trl_flops_per_step"]] * len(seconds),
+                "peak_rss_mb": clock.peak or vm_hwm_mb(),
+                "notes": {"versions": _versions(), "sequences_per_step": plan["trl_sequences_per_step"],
+                          "train_loss_mean": res.training_loss}}
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+
+
 def ppo(spec: dict) -> dict:
     """TRL 1.12's PPOTrainer. It steps the optimizer once every ``gradient_accumulation_steps`` micro-batches,
     i.e. once per PPO epoch over the whole rollout batch whatever ``num_mini_batches`` is; igpt is therefore
@@ -176,4 +219,4 @@ def ppo(spec: dict) -> dict:
         shutil.rmtree(out, ignore_errors=True)
 
 
-TASKS = {"sft": sft, "rm": rm, "ppo": ppo}
+TASKS = {"sft": sft, "rm": rm, "ppo": ppo, "dpo": dpo}

@@ -55,9 +55,9 @@ ALIASES = {"model.name": "--model", "model.dropout": "--dropout", "model.max_seq
 ARGUMENTS = {"eval": ("model",), "compare": ("a", "b")}  # positional: igpt eval MODEL, igpt compare A B
 NO_FLAG = {"ppo": {"model.name"}}  # PPO's policy is --sft: it never reads model.name
 PANELS = {"model": "Model", "lora": "LoRA", "optim": "Optimizer"}  # --help groups a block's flags
-TRAINING = ("sft", "rm", "ppo")  # run under torchrun / accelerate launch
+TRAINING = ("sft", "rm", "ppo", "dpo")  # run under torchrun / accelerate launch
 STAGE_MODULES = {"sft": "sft", "rm": "reward", "ppo": "ppo", "sample": "sample", "eval": "evaluate",
-                 "compare": "compare"}
+                 "compare": "compare", "dpo": "dpo"}
 
 # Options that are no config field: how to run a stage, not what it computes. They go to its run().
 ConfigFile = Annotated[Optional[Path], typer.Option("--config", help="YAML preset; flags override it.")]
@@ -219,6 +219,8 @@ stage_command("sft", "sft", "Step 1: supervised fine-tuning on demonstrations (l
 stage_command("rm", "train-rm",
               "Step 2: reward model from rankings of K responses per prompt (K-wise loss, reward normalised).")
 stage_command("ppo", "ppo", "Step 3: PPO against the reward model with a per-token KL penalty, and PPO-ptx.")
+stage_command("dpo", "dpo", "Step 2-3 without a reward model: DPO on the same rankings, K-wise (all C(K,2) pairs of a "
+              "prompt, K forwards), from the SFT model as policy and frozen reference.")
 stage_command("sample", "sample",
               "Sample K responses per prompt for labelers to rank (the same seed gives the same samples).")
 stage_command("eval", "eval",

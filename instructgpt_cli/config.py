@@ -1,7 +1,7 @@
 """Stage configurations: defaults < YAML preset (``--config``) < command-line flags.
 
 Each stage has one dataclass. Every field carries a one-line doc (``metadata["doc"]``) with its unit.
-A YAML file holds one section per stage (``sft:``, ``rm:``, ``ppo:`` ...), so one preset can configure
+A YAML file holds one section per stage (``sft:``, ``rm:``, ``ppo:``, ``dpo:`` ...), so one preset can configure
 the whole pipeline; the resolved config a stage saves (``sft/config.yaml``) has the same shape and can
 be passed back with ``--config``. Unknown keys and wrong types are errors that name the file and key.
 
@@ -132,6 +132,37 @@ class RMConfig:
                             "comma-separated: tensorboard, wandb, trackio, mlflow (TRL's names; each an extra, "
                             "README 'Experiment trackers'); none by default")
     seed: int = f(0, "seed for the head initialisation, data order and dropout")
+    device: str = f("auto", "auto, cpu, cuda, cuda:N or mps")
+
+
+@dataclass
+class DPOConfig:
+    rankings: str = f("", "rankings JSONL file, the one train-rm reads: {prompt, responses, ranks} or {prompt, chosen, "
+                          "rejected} (required)")
+    sft: str = f("", "SFT model: the policy's initialisation and the frozen reference; default RUN_DIR/sft/final")
+    run_dir: str = f("runs/default", "run directory shared by all stages (path)")
+    model: ModelConfig = f(ModelConfig(name=""), "model block; model.name, when set, replaces the SFT model as policy "
+                                                 "and reference (smollm2-135m, tiny or a directory)")
+    lora: LoraConfig = f(LoraConfig(), "LoRA block: the reference is the same weights with adapters disabled")
+    optim: OptimConfig = f(OptimConfig(lr=1e-6, batch_size=8, scheduler="linear"),
+                           "optimizer block; batch_size counts prompts (rankings), each with all K of its responses")
+    beta: float = f(0.1, "DPO's beta: implicit reward = beta * (log pi - log pi_ref), the KL strength (dimensionless)")
+    epochs: int = f(1, "passes over the rankings (epochs)")
+    max_steps: int = f(0, "stop after this many optimizer steps; 0 = run all epochs (steps)")
+    val_fraction: float = f(0.1, "share of rankings held out for the DPO metrics (fraction, 0 disables)")
+    share_prompts: bool = f(True, "run the prompt a ranking's K responses start with once, each response attending "
+                                  "to it and to itself (model families known to support it, where it saves a tenth "
+                                  "of the tokens)")
+    padding_free: bool = f(True, "pack each micro-batch's responses into one row instead of padding (model families "
+                                 "known to support it; others are padded)")
+    eval_every: int = f(20, "held-out DPO loss and reward accuracy every N optimizer steps, and at the end (steps)")
+    save_every: int = f(100, "write a resumable checkpoint every N optimizer steps (steps)")
+    keep_checkpoints: int = f(2, "keep only the newest N complete checkpoints (count)")
+    log_every: int = f(0, "in a log file (stderr not a terminal): a progress line every N optimizer steps; 0 = about "
+                          "every 30 s (steps)")
+    fsdp: bool = f(False, "under torchrun / accelerate launch, shard weights, gradients and optimizer state over the "
+                          "processes (FSDP2) instead of replicating them (DDP): for models that do not fit one device")
+    seed: int = f(0, "seed for data order and dropout")
     device: str = f("auto", "auto, cpu, cuda, cuda:N or mps")
 
 
@@ -269,7 +300,7 @@ class CompareConfig:
 
 
 STAGE_CONFIGS: dict[str, type] = {"sft": SFTConfig, "rm": RMConfig, "ppo": PPOConfig, "sample": SampleConfig,
-                                  "eval": EvalConfig, "compare": CompareConfig}
+                                  "eval": EvalConfig, "compare": CompareConfig, "dpo": DPOConfig}
 
 
 def field_docs(cls: type, prefix: str = "") -> dict[str, str]:

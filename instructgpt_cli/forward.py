@@ -1,6 +1,7 @@
 """How a model is run: the one place that chooses between igpt's lean Llama forward (``lean.py``) and
 transformers' own, for every forward igpt makes outside ``model(...)`` itself: decoding (a :class:`Decoder`
-per model), the frozen trunk's states, PPO's response log-probs, values and scores, and the LM losses of
+per model), the frozen trunk's states, PPO's response log-probs, values and scores, DPO's
+sequence log-probs, and the LM losses of
 SFT, PPO-ptx and eval, each with the LM head only where a loss or a log-prob is read."""
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ import torch
 from transformers.utils import logging as hf_logging
 
 from . import lean
-from .batches import IGNORE_INDEX, mask_inputs, position_ids
+from .batches import (IGNORE_INDEX, common_prefix, mask_inputs, pack, pad_right, pays_to_pack, pays_to_share,
+                      position_ids, shared_prefix_mask, shared_rows)
 from .families import LogitTransform, backbone, checkpointing, logit_transform, runs_lean, unwrapped
 from .losses import linear_cross_entropy_sum, lm_targets, sft_loss_sum
 
@@ -295,3 +297,58 @@ def response_loss_sum(model: Any, batch: dict) -> tuple[torch.Tensor, torch.Tens
         hidden = model.get_decoder()(**inputs).last_hidden_state
     # fp32 logits a chunk of rows at a time, in the backward too (:func:`head_loss_sum`)
     return head_loss_sum(model, hidden[:, :-1][selected], targets[selected], transform), selected.sum()
+
+
+def ranking_logprobs(model: Any, rankings: list[list[list[int]]], prompt_lens: list[int], pad_id: int,
+                     device: torch.device, shared: bool = False, packed: bool = False) -> torch.Tensor:
+    """Summed log-probs (N,) under ``model`` of every sequence's response tokens (those after its ranking's
+    prompt of ``prompt_lens[g]`` tokens), sequences in order: DPO's log pi(y | x). Each sequence runs once,
+    laid out as ``rewards.ranking_scores`` lays a ranking out for the reward model: with ``shared`` and where
+    it saves a tenth of the tokens, one row per ranking with its common beginning once, each response
+    attending to it and to itself (``batches.shared_rows``); else with ``packed`` where padding would waste a
+    tenth, one packed row; else right-padded rows. The LM head runs only at the states that predict a
+    response token (fp32 logits, the family's logit transform)."""
+    seqs = [s for r in rankings for s in r]
+    starts = [p for r, p in zip(rankings, prompt_lens) for _ in r]
+    inputs: dict[str, Any] = {"use_cache": False}
+    cols: list[list[int]] = []  # flat index (row * width + column) of every token of every sequence
+    if shared and pays_to_share(rankings):
+        rows = shared_rows(rankings, pad_id)
+        ids, width = rows.input_ids, rows.input_ids.size(1)
+        for g, r in enumerate(rankings):
+            p, own = common_prefix(r), g * width + common_prefix(r)
+            for s in r:
+                cols.append([g * width + i for i in range(p)] + [own + i for i in range(len(s) - p)])
+                own += len(s) - p
+        mask = shared_prefix_mask(rows.segments.to(device))
+        if not runs_lean(model) and model.config._attn_implementation == "eager":  # eager adds its mask to scores
+            dtype = next(model.parameters()).dtype
+            mask = torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill_(~mask, torch.finfo(dtype).min)
+        inputs.update(attention_mask=mask, position_ids=rows.position_ids.to(device))
+    elif packed and pays_to_pack([len(s) for s in seqs]):
+        ids, positions = pack(seqs)
+        offsets = [0] + torch.tensor([len(s) for s in seqs]).cumsum(0).tolist()
+        cols = [[offsets[n] + i for i in range(len(s))] for n, s in enumerate(seqs)]
+        inputs.update(position_ids=positions.to(device))
+    else:
+        ids, mask = pad_right(seqs, pad_id)
+        cols = [[n * ids.size(1) + i for i in range(len(s))] for n, s in enumerate(seqs)]
+        inputs.update(mask_inputs(mask.to(device)))
+    ids = ids.to(device)
+    # token i of a sequence is predicted by the state at its token i - 1
+    where = [c[i - 1] for c, p, s in zip(cols, starts, seqs) for i in range(p, len(s))]
+    targets = torch.tensor([t for p, s in zip(starts, seqs) for t in s[p:]], device=device)
+    owner = torch.tensor([n for n, (p, s) in enumerate(zip(starts, seqs)) for _ in s[p:]], device=device)
+    where_t = torch.tensor(where, device=device)
+    transform = logit_transform(model)
+    if transform is None:  # a family igpt does not know: its own forward and logits
+        logits = model(input_ids=ids, **inputs).logits.flatten(0, 1)[where_t]
+    else:
+        if runs_lean(model):
+            hidden = lean.states(model, ids, inputs.get("attention_mask"), positions=inputs.get("position_ids"))
+        else:
+            hidden = backbone(model)(input_ids=ids, **inputs).last_hidden_state
+        logits = transform(model.get_output_embeddings()(hidden.flatten(0, 1)[where_t]))
+    logits = logits.float()
+    token_logps = logits.gather(1, targets[:, None])[:, 0] - torch.logsumexp(logits, -1)
+    return torch.zeros(len(seqs), dtype=token_logps.dtype, device=device).index_add(0, owner, token_logps)

@@ -65,6 +65,8 @@ def context(stack: torch.nn.Module, hidden: torch.Tensor, attention_mask: torch.
     shape = (hidden.size(0), hidden.size(1))
     device = hidden.device
     with torch.no_grad():
+        if attention_mask is not None and attention_mask.dim() == 4:  # the caller's own (G, 1, L, L) boolean mask
+            return Context(*rotary(stack, hidden, positions), attention_mask, shape)  # (a ranking's shared prompt)
         inputs = mask_inputs(attention_mask) if positions is None and attention_mask is not None else {}
         if positions is None and not inputs:
             return Context(*rotary(stack, hidden, torch.arange(shape[1], device=device)[None]), None, shape)

@@ -39,6 +39,25 @@ def ranking_loss(rewards: torch.Tensor, better: torch.Tensor, worse: torch.Tenso
     return sums / counts, (margin > 0).float()
 
 
+def kwise_dpo_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, better: torch.Tensor, worse: torch.Tensor,
+                   group: torch.Tensor, n_groups: int, beta: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """DPO's loss (Rafailov et al. 2023, eq. 7) over a ranking's pairs, one value per prompt, as
+    :func:`ranking_loss` takes the reward model's: the implicit reward of a response is
+    r = beta * (log pi(y) - log pi_ref(y)), and loss(prompt) = mean over its pairs of
+    -log sigmoid(r_better - r_worse).
+
+    policy_logps, ref_logps (N,): each sequence's summed response-token log-prob under the policy and the
+    frozen reference, every response of a prompt computed once; better, worse, group (P,): as in
+    :func:`ranking_loss`. Returns (per-prompt losses (n_groups,), implicit rewards of the better (P,) and of
+    the worse response (P,)), all fp32; K=2 is TRL's sigmoid DPO loss of the one pair."""
+    rewards = beta * (policy_logps.float() - ref_logps.float())  # (N,)
+    chosen, rejected = rewards[better], rewards[worse]
+    per_pair = -F.logsigmoid(chosen - rejected)
+    sums = torch.zeros(n_groups, dtype=per_pair.dtype, device=per_pair.device).index_add(0, group, per_pair)
+    counts = torch.bincount(group, minlength=n_groups).clamp(min=1)
+    return sums / counts, chosen, rejected
+
+
 # ---------------------------------------------------------------- PPO (shapes: B responses, T response tokens)
 
 

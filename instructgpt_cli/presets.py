@@ -16,7 +16,7 @@ import yaml
 from .errors import BadInput
 
 # Sections a preset file may hold; a stage reads only its own.
-SECTIONS = ("sft", "rm", "ppo", "sample", "eval", "compare")
+SECTIONS = ("sft", "rm", "ppo", "sample", "eval", "compare", "dpo")
 
 
 DTYPES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")

@@ -268,7 +268,7 @@ def find_model(explicit: str, run_dir: Path, stage: str, flag: str) -> str:
     raise BadInput([f"{flag}: not given, and {final} does not exist (run `igpt {command}` first or pass {flag} PATH)"])
 
 
-STAGE_MODELS = {"sft": "sft/final", "ppo": "ppo/final/policy", "rm": "rm/final",
+STAGE_MODELS = {"sft": "sft/final", "ppo": "ppo/final/policy", "rm": "rm/final", "dpo": "dpo/final",
                 "ppo_ema": "ppo/final/policy_ema"}  # with --ema-decay: the EMA of the PPO policy's weights
 
 

@@ -265,7 +265,7 @@ def test_bad_inputs_exit_2_and_write_nothing(run, tmp_path):
     run_dir = run / "run"
     before = sorted(p.relative_to(run_dir) for p in run_dir.rglob("*"))
     cases = [
-        (["eval", "dpo", "--prompts", run / "prompts.jsonl"], "not a stage of the run"),
+        (["eval", "orpo", "--prompts", run / "prompts.jsonl"], "not a stage of the run"),
         (["eval", str(tmp_path / "nowhere"), "--prompts", run / "prompts.jsonl"], "nor a model directory"),
         (["eval", "ppo", "--prompts", write_jsonl(tmp_path / "bad.jsonl", [{"prompt": ""}])], "bad.jsonl:1: prompt"),
         (["compare", "ppo", "sft", "--prompts", tmp_path / "missing.jsonl"], "file not found"),

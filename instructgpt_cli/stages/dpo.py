@@ -1,0 +1,263 @@
+"""DPO: the policy learns the labelers' rankings directly, without a reward model or sampling (Rafailov et al.
+2023), from the same rankings train-rm reads and K-wise as train-rm is.
+
+A response's implicit reward is beta * (log pi(y|x) - log pi_ref(y|x)), pi_ref the SFT model frozen; each
+prompt's loss is the mean over its C(K,2) pairs (ties make none) of -log sigmoid(r_better - r_worse), and a
+step's loss the mean over its prompts (``losses.kwise_dpo_loss``). A ranking's K responses each run once per
+step, whatever the number of pairs (pairwise tools run 2 * C(K,2)), with the prompt once where the model
+takes that (``forward.ranking_logprobs``). The reference's log-probs never change: they are computed once, in
+a first pass before training, and kept with the run (``dpo/ref_logps.safetensors``), so a resumed run reads
+them instead of loading or running the reference again; with LoRA the reference is the same weights with the
+adapters disabled (no second copy), without it the policy itself before its first step.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+
+from .. import distributed
+from ..batches import render_prompt, tokenize_rankings
+from ..config import DPOConfig, ModelConfig
+from ..console import banner, model_rows, processes_note, say
+from ..data import read_rankings
+from ..distributed import resolve_device
+from ..errors import BadInput
+from ..families import supports_packing, supports_sharing
+from ..forward import forward_name, ranking_logprobs
+from ..lifecycle import begin_stage, finish_stage, open_stage
+from ..losses import kwise_dpo_loss
+from ..models import apply_lora, context_window, load_causal_lm, load_tokenizer, save_final
+from ..rewards import Layout
+from ..rundir import Stage, file_input, find_model, model_input
+from ..storage import writing
+from ..train import (build_optimizer, build_scheduler, fit, micro_batches, optimizer_step, plan_steps, restore,
+                     step_chunks)
+
+STAGE = "dpo"
+REF_FILE = "ref_logps.safetensors"
+METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+           "logps/rejected")  # TRL's DPOTrainer names, means over the step's pairs
+
+
+class Item(NamedTuple):
+    """A tokenised ranking: K sequences (prompt + response + EOS), its (better, worse) pairs, the prompt's
+    length (tokens), its line order in the file (the key of its reference log-probs) and those (K,)."""
+
+    sequences: list[list[int]]
+    pairs: list[tuple[int, int]]
+    prompt_len: int
+    index: int
+    ref: Any = None
+
+
+def dpo_forward(model: Any, items: list[Item], pad_id: int, device: torch.device, layout: Layout,
+                beta: float) -> tuple[torch.Tensor, dict]:
+    """Per-prompt DPO losses (G,) of a micro-batch of rankings, and the sums of its pair statistics (the
+    TRL metrics before averaging; ``pairs`` their count). One forward of the policy, each sequence once."""
+    logps = ranking_logprobs(model, [it.sequences for it in items], [it.prompt_len for it in items], pad_id, device,
+                             layout.shared, layout.packed)
+    ref = torch.cat([it.ref for it in items]).to(device)
+    better, worse, group, offset = [], [], [], 0
+    for gi, it in enumerate(items):
+        for b, w in it.pairs:
+            better.append(offset + b), worse.append(offset + w), group.append(gi)
+        offset += len(it.sequences)
+    as_index = lambda xs: torch.tensor(xs, dtype=torch.long, device=device)  # noqa: E731
+    better_t, worse_t = as_index(better), as_index(worse)
+    losses, chosen, rejected = kwise_dpo_loss(logps, ref, better_t, worse_t, as_index(group), len(items), beta)
+    with torch.no_grad():
+        sums = {"rewards/chosen": chosen.sum(), "rewards/rejected": rejected.sum(),
+                "rewards/accuracies": (chosen > rejected).float().sum(), "rewards/margins": (chosen - rejected).sum(),
+                "logps/chosen": logps[better_t].sum(), "logps/rejected": logps[worse_t].sum()}
+        sums = {k: v.item() for k, v in sums.items()}
+    return losses, {**sums, "pairs": len(better), "tokens": sum(len(s) for it in items for s in it.sequences)}
+
+
+def _means(sums: dict, n_prompts: int, prefix: str) -> dict:
+    """The step's record: the loss a mean over prompts, the TRL metrics means over pairs (0 with none)."""
+    pairs = max(sums["pairs"], 1)
+    return {f"{prefix}/loss": sums["loss"] / max(n_prompts, 1), **{f"{prefix}/{k}" if prefix == "eval" else k:
+                                                                   sums[k] / pairs for k in METRICS}}
+
+
+def _accumulate(total: dict, losses: torch.Tensor, stats: dict) -> None:
+    total["loss"] = total.get("loss", 0.0) + losses.sum().item()
+    for k, v in stats.items():
+        total[k] = total.get(k, 0) + v
+
+
+def train_step(run, optimizer, scheduler, chunks: list[list[Item]], pad_id: int, layout: Layout,
+               device: torch.device, grad_clip: float, beta: float) -> dict:
+    """One optimizer step over micro-batches of rankings (every rank passes all of the step's and trains on
+    its share); the loss is the mean over all prompts of the step, as ``reward.train_step`` normalises."""
+    n_prompts = sum(len(c) for c in chunks)
+    scale = distributed.world_size()  # DDP and FSDP average gradients over ranks; the loss wants their sum
+    mine = distributed.rank_chunks(chunks)
+    total: dict = {"loss": 0.0}
+    for j, (chunk, weight) in enumerate(mine):
+        with distributed.syncing(run, j == len(mine) - 1):
+            losses, stats = run(dpo_forward, chunk, pad_id, device, layout, beta)
+            (losses.sum() / n_prompts * (scale * weight)).backward()
+        if weight:
+            _accumulate(total, losses, stats)
+    local_loss = total["loss"] if distributed.world_size() == 1 else None
+    grad_norm = optimizer_step(optimizer, scheduler, grad_clip, local_loss)
+    keys = ("loss", "pairs", "tokens", *METRICS)
+    sums = distributed.reduce_metrics({k: total.get(k, 0) for k in keys}, sums=keys)
+    return {**_means(sums, n_prompts, "train"), "train/grad_norm": grad_norm, "train/tokens": sums["tokens"],
+            "train/comparisons": sums["pairs"]}
+
+
+@torch.no_grad()
+def evaluate(run, items: list[Item], batch_size: int, pad_id: int, layout: Layout, device: torch.device,
+             beta: float) -> dict:
+    """Held-out DPO loss (mean per prompt) and the TRL metrics (means over pairs); each rank scores its share."""
+    run.eval()
+    total: dict = {"loss": 0.0}
+    for chunk, weight in distributed.rank_chunks(micro_batches(items, batch_size)):
+        losses, stats = run(dpo_forward, chunk, pad_id, device, layout, beta)
+        if weight:
+            _accumulate(total, losses, stats)
+    run.train()
+    keys = ("loss", "pairs", *METRICS)
+    return _means(distributed.reduce_metrics({k: total.get(k, 0) for k in keys}, sums=keys), len(items), "eval")
+
+
+@torch.no_grad()
+def reference_logprobs(model: Any, items: list[Item], batch_size: int, pad_id: int, layout: Layout,
+                       device: torch.device) -> list[torch.Tensor]:
+    """Every ranking's reference log-probs (K,) fp32 on the CPU, in order: ``model`` as the SFT model, LoRA
+    adapters disabled, in eval mode (no dropout); each rank runs its share of the micro-batches."""
+    was_training = model.training
+    model.eval()
+    adapters_off = model.disable_adapter() if hasattr(model, "peft_config") else contextlib.nullcontext()
+    with adapters_off:
+        chunks = micro_batches(items, batch_size)
+        mine = [ranking_logprobs(model, [it.sequences for it in c], [it.prompt_len for it in c], pad_id, device,
+                                 layout.shared, layout.packed).float().cpu()
+                for c, _ in distributed.rank_chunks(chunks)]
+    model.train(was_training)
+    parts = distributed.gather(mine)  # parts[r][k] holds chunk k * world + r
+    flat = torch.cat([parts[j % len(parts)][j // len(parts)] for j in range(len(chunks))])
+    return list(flat.split([len(it.sequences) for it in items]))
+
+
+def read_reference(path: Path, key: dict, n: int) -> list[torch.Tensor] | None:
+    """The cached reference log-probs of the run, or None where there are none for exactly these inputs."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        return None
+    with safe_open(str(path), framework="pt") as fh:
+        if fh.metadata() != key:
+            return None
+        logps, offsets = fh.get_tensor("logps"), fh.get_tensor("offsets").tolist()
+    return [logps[a:b] for a, b in zip(offsets, offsets[1:])] if len(offsets) == n + 1 else None
+
+
+def write_reference(path: Path, ref: list[torch.Tensor], key: dict) -> None:
+    """Reference log-probs, ranking i's at ``logps[offsets[i]:offsets[i+1]]``, via a temporary file and a
+    rename (a failed write leaves none); ``key`` (the inputs they were computed from) as metadata."""
+    from safetensors.torch import save_file
+
+    tmp = path.parent / f".tmp-{path.name}-{os.getpid()}"
+    offsets = torch.tensor([0] + [len(r) for r in ref]).cumsum(0)
+    with writing(path, tmp):
+        save_file({"logps": torch.cat(ref).contiguous(), "offsets": offsets}, str(tmp), metadata=key)
+        os.replace(tmp, path)
+
+
+def run(cfg: DPOConfig, resume: bool = False, overwrite: bool = False, allow_changes: bool = False) -> Path:
+    # 1. validate every input before anything is written
+    if not cfg.rankings:
+        raise BadInput(["--rankings: required (a rankings JSONL file)"])
+    run_dir = Path(cfg.run_dir)
+    rankings = read_rankings(cfg.rankings)
+    init = cfg.model.name or find_model(cfg.sft, run_dir, "sft", "--sft")
+    model_cfg = ModelConfig(**{**vars(cfg.model), "name": init})
+    tokenizer, source = load_tokenizer(model_cfg)
+    stage = Stage(run_dir, STAGE)
+    device = resolve_device(cfg.device)
+    inputs = {"rankings": file_input(cfg.rankings), "sft": model_input(source or init)}
+    mode, changes = open_stage(stage, cfg, inputs, resume, overwrite, allow_changes)  # lock; what resume changes
+    if mode == "done":
+        say(f"dpo: {stage.final} is already complete; nothing to do")
+        return stage.final
+
+    def build(on: torch.device):  # the same model on every rank; again on CPU to export a sharded one
+        model = load_causal_lm(model_cfg, tokenizer, source, on, cfg.seed)
+        return apply_lora(model, cfg.lora) if cfg.lora.enabled else model
+
+    torch.manual_seed(cfg.seed)
+    model = build(device)
+    max_len = context_window(model_cfg, model)
+    groups, truncated = tokenize_rankings(tokenizer, rankings, max_len)
+    items = [Item(g.sequences, g.pairs, len(render_prompt(tokenizer, r.messages)), i)
+             for i, (g, r) in enumerate(zip(groups, rankings))]
+    layout = Layout(shared=cfg.share_prompts and supports_sharing(model),
+                    packed=cfg.padding_free and supports_packing(model))
+
+    # 2. the reference's log-probs: read back on resume, else one pass of the SFT model (before any step)
+    key = {"rankings_sha256": inputs["rankings"]["sha256"], "max_len": str(max_len),
+           "reference": str(inputs["sft"].get("sha256") if isinstance(inputs["sft"], dict) else inputs["sft"])}
+    ref = read_reference(stage.dir / REF_FILE, key, len(items)) if mode == "resume" else None
+    computed = ref is None
+    if computed:
+        ref = reference_logprobs(model, items, cfg.optim.batch_size, tokenizer.pad_token_id, layout, device)
+    items = [it._replace(ref=r) for it, r in zip(items, ref)]
+
+    # 3. split by prompt, model (DDP or FSDP under a launcher), optimizer, schedule
+    n_val = min(int(len(items) * cfg.val_fraction), len(items) - 1) if cfg.val_fraction > 0 else 0
+    perm = torch.randperm(len(items), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+    train, val = [items[i] for i in perm[n_val:]], [items[i] for i in perm[:n_val]]
+    model.train()
+    run_model = distributed.wrap(model, device, cfg.fsdp)
+    distributed.seed_rank(cfg.seed)
+    per_step, epoch_steps, total_steps = plan_steps(cfg, len(train))
+    optimizer = build_optimizer(model, cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg.optim, total_steps)
+
+    # 4. the stage directory, the reference cache and the resume point
+    begin_stage(stage, mode, cfg, inputs)
+    if computed and distributed.is_main():
+        write_reference(stage.dir / REF_FILE, ref, key)
+    step, _, ckpt = restore(stage, mode, model, optimizer, scheduler, changes)
+    ks = sorted({len(it.sequences) for it in items})
+    banner("igpt dpo", {
+        "rankings": f"{cfg.rankings} ({len(train)} train, {len(val)} held-out prompts; K in {ks}; "
+                    f"{sum(len(it.pairs) for it in train)} training comparisons; {truncated} responses cut)",
+        "policy": f"{init} on {device} ({next(model.parameters()).dtype}); reference: the same, frozen"
+                  + (" (adapters disabled)" if cfg.lora.enabled else "") + f"; beta {cfg.beta}",
+        "reference": f"{'computed' if computed else 'read back'}: {stage.dir / REF_FILE}",
+        "steps": f"{total_steps} ({epoch_steps}/epoch), {per_step} prompts per step"
+                 + (", prompts shared" if layout.shared else "") + (", padding-free" if layout.packed else ", padded")
+                 + processes_note(cfg.fsdp),
+        "forward": forward_name(model),
+        **model_rows(model, cfg.lora.enabled, ckpt),
+    })
+
+    # 5. train
+    def one_step(i: int) -> dict:
+        record = train_step(run_model, optimizer, scheduler,
+                            step_chunks(train, i, per_step, cfg.optim.batch_size, cfg.seed), tokenizer.pad_token_id,
+                            layout, device, cfg.optim.grad_clip, cfg.beta)
+        return {"epoch": round((i + 1) / epoch_steps, 4), **record}
+
+    def held_out() -> dict:
+        return evaluate(run_model, val, cfg.optim.batch_size, tokenizer.pad_token_id, layout, device, cfg.beta)
+
+    step = fit(stage, model, optimizer, scheduler, step, total_steps, one_step, held_out if val else None,
+               cfg.eval_every, cfg.save_every, cfg.keep_checkpoints,
+               headline=("train/loss", "rewards/accuracies", "rewards/margins"), log_every=cfg.log_every)
+
+    # 6. export from rank 0 (a sharded model is first gathered into a plain copy there)
+    summary = held_out() if val else {}
+    final = distributed.full_model(model, lambda: build(torch.device("cpu")))
+    if distributed.is_main():
+        save_final(final, tokenizer, stage.final)
+    finish_stage(stage, step, **summary)
+    return stage.final
