@@ -274,6 +274,12 @@ class EvalConfig:
     seed: int = f(0, "sampling seed")
     device: str = f("auto", "auto, cpu, cuda, cuda:N or mps")
     dtype: str = f("auto", "parameter dtype: auto, float32, bfloat16, float16")
+    checkpoints: str = f("", "the reward-vs-KL frontier of MODEL ppo: 'all' = the SFT model, every complete PPO "
+                             "checkpoint and the final policy, or a comma list of PPO steps (iterations); '' = the "
+                             "model only")
+    gold_rm: str = f("", "with --checkpoints: a second reward model whose score is the gold beside the proxy's (path)")
+    gold: str = f("", "with --checkpoints: a gold judge, python:MODULE:FUNCTION (scores) or model:PATH (win rate over "
+                      "the SFT model's responses); README, Frontier")
 
 
 @dataclass

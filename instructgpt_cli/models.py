@@ -331,3 +331,31 @@ def save_final(model: Any, tokenizer: Any, dest: Path) -> None:
             merged = copy.deepcopy(model).merge_and_unload()
         merged.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+
+
+def load_trained_policy(ckpt: Path, base: Path, lora: LoraConfig | None, tokenizer: Any, device: torch.device,
+                        dtype: str = "auto", seed: int = 0, prefix: str = "policy.") -> Any:
+    """A PPO checkpoint (``ppo/checkpoints/step-N/``, ``train.save_train_state``) as a plain causal LM: the run's
+    SFT model ``base`` with the checkpoint's trained policy weights (the ``prefix`` names of its
+    ``trainable.safetensors``; the value model's are not read). With ``lora`` (the run's LoRA block) the adapters
+    are applied as PPO built them and merged, as ``save_final`` merges ``final/policy``. BadInput for a checkpoint
+    written under --fsdp (sharded) or one whose names do not match this base and LoRA setting."""
+    from safetensors import safe_open
+
+    if (ckpt / ".metadata").exists() or not (ckpt / "trainable.safetensors").is_file():
+        raise BadInput([f"{ckpt}: no trainable.safetensors (a checkpoint written under --fsdp is sharded); "
+                        "only a whole checkpoint loads as a model"])
+    model = load_model(ModelConfig(name=str(base), dtype=dtype), tokenizer, base, device, seed)
+    if lora is not None and lora.enabled:
+        model = apply_lora(model, LoraConfig(**{**vars(lora), "dropout": 0.0}))
+    params = dict(model.named_parameters())
+    with safe_open(str(ckpt / "trainable.safetensors"), framework="pt") as fh:
+        names = [n for n in fh.keys() if n.startswith(prefix)]
+        unknown = [n for n in names if n[len(prefix):] not in params]
+        if not names or unknown:
+            raise BadInput([f"{ckpt}: its policy weights do not fit {base}" + (" with LoRA" if lora and lora.enabled
+                            else "") + f" ({unknown[0] if unknown else 'none found'}); was it written by this run?"])
+        with torch.no_grad():
+            for n in names:
+                params[n[len(prefix):]].copy_(fh.get_tensor(n))
+    return (model.merge_and_unload() if hasattr(model, "peft_config") else model).eval()

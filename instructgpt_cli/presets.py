@@ -29,6 +29,11 @@ SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constan
 # compare's and label's --judge (judges.py): rm, human, model:PATH or python:MODULE:FUNCTION
 JUDGE_SPEC = re.compile(r"rm|human|model:.+|python:[A-Za-z_][\w.]*:[A-Za-z_]\w*")
 JUDGE_FORMS = "must be rm, human, model:PATH or python:MODULE:FUNCTION"
+# eval's --checkpoints (the frontier of a PPO run) and its --gold judge (frontier.py)
+CHECKPOINTS_SPEC = re.compile(r"all|\d+(,\d+)*")
+CHECKPOINTS_FORMS = "must be '' (the model only), all, or a comma-separated list of PPO steps (10,20,40)"
+GOLD_SPEC = re.compile(r"model:.+|python:[A-Za-z_][\w.]*:[A-Za-z_]\w*")
+GOLD_FORMS = "must be model:PATH or python:MODULE:FUNCTION (a second reward model is --gold-rm PATH)"
 
 
 # igpt's record fields a dataset column may be renamed to (``--columns FIELD=COLUMN``).
@@ -92,6 +97,8 @@ CHECKS: dict[str, tuple[Any, str]] = {
     "columns": (lambda v: all(column_entry(e) for e in v),
                 f"must be FIELD=COLUMN entries, FIELD one of {', '.join(COLUMN_FIELDS)}"),
     "judge": (lambda v: bool(JUDGE_SPEC.fullmatch(v)), JUDGE_FORMS),
+    "checkpoints": (lambda v: v == "" or bool(CHECKPOINTS_SPEC.fullmatch(v)), CHECKPOINTS_FORMS),
+    "gold": (lambda v: v == "" or bool(GOLD_SPEC.fullmatch(v)), GOLD_FORMS),
     "tie_margin": (lambda v: v >= 0, "must be >= 0"),
     "dtype": (lambda v: v in DTYPES, f"must be one of {', '.join(DTYPES)}"),
     "scheduler": (lambda v: v in SCHEDULERS, f"must be one of {', '.join(SCHEDULERS)}"),

@@ -20,7 +20,7 @@ from pathlib import Path
 import yaml
 
 from . import __version__
-from .report_plots import line_chart, reward_vs_kl, series, win_chart
+from .report_plots import frontier_chart, line_chart, reward_vs_kl, series, win_chart
 from .rundir import atomic_write_text, read_metrics
 from .storage import now, sha256_file, weights_sha256
 
@@ -221,6 +221,29 @@ def training_charts(run: RunRecords) -> list[tuple[str, list[tuple[str, str | No
     ]
 
 
+def frontier_html(run_dir: Path) -> str:
+    """``igpt eval ppo --checkpoints``'s frontier (eval/ppo-frontier/report.json): the chart and one row per
+    point, the best gold marked * and the proxy's pick ^ (Gao et al. 2022: the proxy keeps rising as the gold
+    falls)."""
+    path = run_dir / "eval" / "ppo-frontier" / "report.json"
+    if not path.is_file():
+        return na("run igpt eval ppo --checkpoints all --gold JUDGE")
+    r = json.loads(path.read_text(encoding="utf-8"))
+    chart = frontier_chart(r)
+    gold = r.get("gold")
+    cols = ["model", "episodes", "KL to SFT", "proxy RM score"] + ([f"gold ({gold})"] if gold else []) + [""]
+    rows = ["<table><tr>" + "".join(f"<th>{e(c)}</th>" for c in cols) + "</tr>"]
+    for p in r.get("points", []):
+        mark = ("*" if p["label"] == r.get("best_gold") else "") + ("^" if p["label"] == r.get("best_proxy") else "")
+        cells = [p["label"], str(p["episodes"]), number(p.get("kl_to_sft"), ".3f"), number(p.get("score_mean"), ".3f")]
+        rows.append("<tr>" + "".join(f"<td>{e(c)}</td>" for c in cells + ([number(p.get("gold_mean"), ".3f")]
+                                                                          if gold else []) + [mark]) + "</tr>")
+    note = (f"<p>* best gold: {e(str(r.get('best_gold')))}; ^ the proxy would pick: {e(str(r.get('best_proxy')))}"
+            + (" (over-optimisation: the proxy kept rising after the gold peaked)" if r.get("overoptimised") else "")
+            + "</p>") if gold else "<p>No gold judge: the proxy's score alone (--gold or --gold-rm adds one).</p>"
+    return (f"<img alt='frontier' src='{chart}'>" if chart else "") + "".join(rows) + "</table>" + note
+
+
 def sample_html(report: dict, judgments: list[dict], eos_id: int | None) -> str:
     """The EOS counts of both sides, then the drawn samples side by side, the winner shaded, a response
     that never ended marked."""
@@ -283,6 +306,7 @@ def write_html(path: Path, report: dict, judgments: list[dict], run_dir: Path, e
         drawn = [(title, src) for title, src in charts if src]
         parts.append(f"<h3>{e(section)}</h3>" + ("<div class='charts'>" + "".join(
             f"<img alt='{e(title)}' src='{src}'>" for title, src in drawn) + "</div>" if drawn else na()))
+    parts.append("<h2 id='frontier'>Reward vs KL frontier</h2>" + frontier_html(Path(run_dir)))
     parts.append("<h2 id='samples'>Samples</h2>" + sample_html(report, judgments, eos_id))
     parts.append("</body></html>")
     atomic_write_text(path, "\n".join(parts) + "\n")

@@ -97,3 +97,33 @@ def reward_vs_kl(kl: Points, score: Points) -> str | None:
     ax.set_title("reward vs KL over PPO training", fontsize="medium")
     ax.grid(alpha=0.3)
     return png(fig)
+
+
+def frontier_chart(report: dict) -> str | None:
+    """The reward-vs-KL frontier of ``igpt eval ppo --checkpoints`` (eval/ppo-frontier/report.json): the proxy
+    RM score and the gold (its own axis: other units) against episodes, and both against the KL to SFT, as Gao
+    et al. 2022 (fig. 1) plot over-optimisation. The best gold point is starred. None without a point."""
+    pts = [p for p in report.get("points", []) if p.get("kl_to_sft") is not None]
+    if not pts:
+        return None
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
+    gold = report.get("gold")
+    for ax, x, xlabel in ((axes[0], "episodes", "episodes"), (axes[1], "kl_to_sft", "KL to SFT (nats per response)")):
+        xs = [p[x] for p in pts]
+        ax.plot(xs, [p.get("score_mean") for p in pts], marker="o", color="#4c72b0", label="proxy RM score")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("proxy RM score", color="#4c72b0")
+        ax.grid(alpha=0.3)
+        if gold:
+            twin = ax.twinx()
+            twin.plot(xs, [p.get("gold_mean") for p in pts], marker="s", color="#dd8452", label="gold")
+            best = [p for p in pts if p["label"] == report.get("best_gold")]
+            twin.scatter([p[x] for p in best], [p["gold_mean"] for p in best], marker="*", s=260, color="#c44e52",
+                         zorder=3, label="best gold")
+            kind = "win rate vs sft" if report.get("gold_kind") == "win rate" else "score"
+            twin.set_ylabel(f"gold {kind}", color="#dd8452")
+    axes[0].set_title("proxy and gold over PPO training", fontsize="medium")
+    axes[1].set_title("against KL to SFT", fontsize="medium")
+    fig.tight_layout()
+    return png(fig)

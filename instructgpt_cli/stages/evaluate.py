@@ -10,21 +10,25 @@ the accuracy over no pairs) is null, never NaN.
 """
 from __future__ import annotations
 
+import base64
 import json
 import math
 from pathlib import Path
 
 import torch
 
+from .. import frontier
 from ..config import EvalConfig, ModelConfig, PPOConfig
 from ..console import console
 from ..batches import pretrain_blocks, render_queries, tokenize_rankings
 from ..data import read_pretrain, read_prompts, read_rankings
 from ..distributed import resolve_device
 from ..errors import BadInput
+from ..judges import Settings
 from ..presets import read_yaml
-from ..models import load_model, load_tokenizer, position_limit, require_same_tokenizer
+from ..models import load_model, load_trained_policy, load_tokenizer, position_limit, require_same_tokenizer
 from ..report import number, score_text
+from ..report_plots import frontier_chart
 from ..rewards import score_ranking
 from ..rollout import decode_response, generate, lm_loss, response_kl, score_responses
 from ..locks import claim
@@ -74,7 +78,22 @@ def load(cfg: EvalConfig, path: Path, tokenizer, device, kind: str = "causal"):
     return load_model(ModelConfig(name=str(path), dtype=cfg.dtype), tokenizer, path, device, cfg.seed, kind).eval()
 
 
+def respond(cfg: EvalConfig, model, sft, rm, tokenizer, queries: list[list[int]], kl_t: float
+            ) -> tuple[list[list[int]], list[float], list[float]]:
+    """The model's responses to ``queries`` (token ids as sampled with cfg's decoding settings, seeded with
+    cfg.seed), their KL to ``sft`` at temperature ``kl_t`` (0 where ``sft`` is the model) and the reward model's
+    scores ([] without ``rm``): what ``igpt eval`` measures of one model, and the frontier of each checkpoint."""
+    torch.manual_seed(cfg.seed)
+    responses = generate(model, tokenizer, queries, cfg.max_new_tokens, cfg.temperature, cfg.batch_size)
+    kls = ([0.0] * len(responses) if sft is model else  # log pi - log pi_SFT is exactly 0: skip both forwards
+           response_kl(model, sft, tokenizer, queries, responses, kl_t, cfg.batch_size).tolist())
+    scores = score_responses(rm, tokenizer, queries, responses, cfg.batch_size).tolist() if rm is not None else []
+    return responses, kls, scores
+
+
 def run(cfg: EvalConfig, as_json: bool = False, overwrite: bool = False) -> dict:
+    if cfg.checkpoints or cfg.gold or cfg.gold_rm:
+        return run_frontier(cfg, as_json, overwrite)  # the frontier of a PPO run (README, Frontier)
     # 1. validate inputs; nothing is written before they pass
     run_dir = Path(cfg.run_dir)
     errors = [f"--{k}: required" for k in ("prompts",) if not getattr(cfg, k)]
@@ -105,18 +124,12 @@ def run(cfg: EvalConfig, as_json: bool = False, overwrite: bool = False) -> dict
     # before any sampling: a write that cannot happen, or earlier results kept without --overwrite, fail now
     claim(run_dir, out, overwrite)
 
-    # 2. sample the model's responses, seeded
+    # 2. sample the model's responses, seeded; 3. KL to the SFT model on those samples at PPO's temperature,
+    #    scores, LM loss
     model = load(cfg, path, tokenizer, device)
-    torch.manual_seed(cfg.seed)
-    responses = generate(model, tokenizer, queries, cfg.max_new_tokens, cfg.temperature, cfg.batch_size)
-
-    # 3. KL to the SFT model on those samples at PPO's temperature (0 for the SFT model itself), scores,
-    #    LM loss
     sft = model if path.resolve() == sft_path.resolve() else load(cfg, sft_path, tokenizer, device)
-    kls = ([0.0] * len(responses) if sft is model else  # log pi - log pi_SFT is exactly 0: skip both forwards
-           response_kl(model, sft, tokenizer, queries, responses, kl_t, cfg.batch_size).tolist())
     rm = load(cfg, rm_path, tokenizer, device, "reward") if have_rm else None
-    scores = score_responses(rm, tokenizer, queries, responses, cfg.batch_size).tolist() if rm is not None else []
+    responses, kls, scores = respond(cfg, model, sft, rm, tokenizer, queries, kl_t)
     eos = [bool(r) and r[-1] == tokenizer.eos_token_id for r in responses]
     lengths = [len(r) for r in responses]
     # the weights' hash, not the path, tells compare whether these samples are still the model's
@@ -161,6 +174,81 @@ def run(cfg: EvalConfig, as_json: bool = False, overwrite: bool = False) -> dict
     record(run_dir, out, {"model": path, "sft": sft_path, **({"rm": rm_path} if have_rm else {})})
     if not as_json:
         show(report, out)
+    return report
+
+
+def run_frontier(cfg: EvalConfig, as_json: bool = False, overwrite: bool = False) -> dict:
+    """``igpt eval ppo --checkpoints all [--gold JUDGE | --gold-rm PATH]``: each point of the run's PPO
+    (``frontier.ppo_run``: the SFT model, the checkpoints, the final policy) answers the held-out prompts with
+    the same decoding settings and seed (:func:`respond`), measured as ``igpt eval`` measures one model, and
+    scored by the gold judge; published together in eval/ppo-frontier/ (report.json, frontier.png and each
+    point's samples)."""
+    # 1. validate every input, the gold judge included, before any model loads; nothing is written before
+    run_dir = Path(cfg.run_dir)
+    errors = [] if cfg.prompts else ["--prompts: required"]
+    if cfg.model != "ppo":
+        errors.append(f"MODEL {cfg.model or '(none)'}: --checkpoints measures the run's PPO checkpoints; MODEL is ppo")
+    if not cfg.checkpoints:
+        errors.append("--gold / --gold-rm: a gold judge scores the frontier; add --checkpoints all")
+    if errors:
+        raise BadInput(errors)
+    ppo = frontier.ppo_run(run_dir, cfg.checkpoints)
+    prompts = read_prompts(cfg.prompts, cfg.split, cfg.columns)
+    rm_path = Path(cfg.rm) if cfg.rm else run_dir / STAGE_MODELS["rm"]
+    if not (rm_path / "config.json").is_file():
+        raise BadInput([f"--rm: {rm_path} does not exist; the frontier's proxy score needs the reward model PPO used"])
+    gold = frontier.load_gold(cfg.gold, cfg.gold_rm, Settings(cfg.batch_size, cfg.device, cfg.dtype, 0.0, cfg.seed))
+    tokenizer, _ = load_tokenizer(ModelConfig(name=str(ppo.sft)))
+    require_same_tokenizer(tokenizer, ppo.sft, {"--rm": rm_path, **({"--gold-rm": gold.rm_path} if gold and
+                           gold.rm_path else {})}, "KL and scores need the same tokens")
+    kl_t, kl_t_from = kl_temperature(cfg, run_dir)
+    limits = [position_limit(str(p)) for p in (ppo.sft, rm_path, *([gold.rm_path] if gold and gold.rm_path else []))]
+    queries = render_queries(tokenizer, prompts, cfg.max_new_tokens, min(filter(None, limits), default=None))
+    device = resolve_device(cfg.device)
+    out = run_dir / "eval" / (cfg.name or "ppo-frontier")
+    claim(run_dir, out, overwrite)
+
+    # 2. the SFT reference and the proxy reward model, once; 3. each point in turn, gold-scored
+    sft = load(cfg, ppo.sft, tokenizer, device)
+    rm = load(cfg, rm_path, tokenizer, device, "reward")
+    points, samples, sft_texts = [], {}, None
+    for point in ppo.points:
+        model = (sft if point.step == 0 else load(cfg, point.path, tokenizer, device) if not point.checkpoint else
+                 load_trained_policy(point.path, ppo.sft, ppo.lora, tokenizer, device, cfg.dtype, cfg.seed))
+        responses, kls, scores = respond(cfg, model, sft, rm, tokenizer, queries, kl_t)
+        texts = [decode_response(tokenizer, r) for r in responses]
+        golds, gold_summary = gold.score(prompts, queries, responses, texts, sft_texts, tokenizer,
+                                         lambda p: load(cfg, p, tokenizer, device, "reward"),
+                                         cfg.batch_size) if gold else ([], {})
+        sft_texts = sft_texts or texts
+        eos = [bool(r) and r[-1] == tokenizer.eos_token_id for r in responses]
+        points.append({"label": point.label, "step": point.step, "episodes": point.episodes, "path": str(point.path),
+                       **summarise(scores, kls, [len(r) for r in responses], eos), **gold_summary})
+        samples[point.step] = [{"prompt": p.prompt, "response": t, "response_ids": r, "kl": k, "score": s,
+                                **({"gold": g} if gold else {})}
+                               for p, t, r, k, s, g in zip(prompts, texts, responses, kls, scores, golds or texts)]
+        del model
+
+    # 4. the best gold point and the proxy's pick; 5. publish report.json, frontier.png, samples together
+    report = {"model": "ppo", "prompts": cfg.prompts, "proxy_rm": str(rm_path), "sft": str(ppo.sft),
+              "settings": {"temperature": cfg.temperature, "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed},
+              "kl_temperature": kl_t, "kl_temperature_from": kl_t_from, "checkpoints": cfg.checkpoints,
+              "gold": gold.name if gold else None, "gold_kind": gold.kind if gold else None, "points": points,
+              "best_proxy": frontier.best(points, "score_mean"), "best_gold": frontier.best(points, "gold_mean")}
+    steps = {p["label"]: p["step"] for p in points}
+    report["overoptimised"] = bool(gold) and steps[report["best_proxy"]] > steps.get(report["best_gold"], 1e18)
+    chart = frontier_chart(report)
+    with publish_set(out) as tmp:
+        (tmp / "report.json").write_text(json.dumps(report, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+        if chart:
+            (tmp / "frontier.png").write_bytes(base64.b64decode(chart.split(",", 1)[1]))
+        (tmp / "samples").mkdir()
+        for step, rows in samples.items():
+            (tmp / "samples" / f"step-{step:06d}.jsonl").write_text(
+                "".join(json.dumps(x, ensure_ascii=False, allow_nan=False) + "\n" for x in rows), encoding="utf-8")
+    record(run_dir, out, {"sft": ppo.sft, "rm": rm_path, **{p["label"]: Path(p["path"]) for p in points[1:]}})
+    if not as_json:
+        frontier.show(report, out)
     return report
 
 

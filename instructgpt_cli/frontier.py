@@ -1,0 +1,167 @@
+"""The reward-vs-KL frontier of a PPO run (``igpt eval ppo --checkpoints all``): which models it measures, and
+the gold judge that tells over-optimisation from progress.
+
+Gao et al. 2022 ("Scaling laws for reward model overoptimization") show the proxy reward model's score rising
+with the KL to the initial policy while a gold reward peaks and falls: past the peak PPO exploits the proxy's
+errors. Here each saved PPO checkpoint is a point: the SFT model (step 0, KL 0), every complete checkpoint in
+``ppo/checkpoints/`` (or the steps listed), and ``ppo/final/policy`` (a checkpoint of the final step holds the
+same weights and is left out). The gold is a second reward model (``--gold-rm PATH``), a Python function
+(``--gold python:MODULE:FUNCTION``, one call per response) or a local LM judge (``--gold model:PATH``): a
+pairwise judge gives no score, so its gold number is the win rate over the SFT model's response to the same
+prompt (ties half; the SFT point is 0.5 by definition, not judged). Torch is not imported at module level.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from . import judges
+from .errors import BadInput
+from .presets import read_yaml
+from .rundir import CHECKPOINT_PREFIX, complete_checkpoints, read_manifest, read_metrics, stored_path
+from .stats import win_rate
+
+
+class Point(NamedTuple):
+    """One model of the frontier: its label, PPO step, episodes (step x rollout_batch_size) and weights: a model
+    directory, or a checkpoint folder (``checkpoint`` True) to load on the run's SFT model."""
+
+    label: str
+    step: int
+    episodes: int
+    path: Path
+    checkpoint: bool = False
+
+
+class PPORun(NamedTuple):
+    """What a PPO run's checkpoints need to load as models: the SFT model it started from, its LoRA block."""
+
+    sft: Path
+    lora: Any  # config.LoraConfig
+    points: list[Point]
+
+
+def ppo_run(run_dir: Path, spec: str) -> PPORun:
+    """The frontier's points of ``run_dir``'s PPO stage for ``--checkpoints spec`` (presets.CHECKPOINTS_SPEC), oldest
+    first, the SFT model first. BadInput when the run has no PPO stage, a listed step has no complete checkpoint,
+    or there is no checkpoint at all."""
+    from .config import LoraConfig
+
+    config = run_dir / "ppo" / "config.yaml"
+    entry = read_manifest(run_dir).get("stages", {}).get("ppo", {})
+    if not config.is_file() or not entry:
+        raise BadInput([f"--checkpoints: {run_dir} has no PPO stage ({config} missing); run igpt ppo first"])
+    ppo = (read_yaml(config.read_text(encoding="utf-8")) or {}).get("ppo") or {}
+    sft = entry.get("inputs", {}).get("sft")
+    sft = stored_path(run_dir, sft["path"]) if isinstance(sft, dict) else Path(ppo.get("sft") or run_dir / "sft/final")
+    if not (sft / "config.json").is_file():
+        raise BadInput([f"--checkpoints: the SFT model PPO started from, {sft}, is gone; its checkpoints need it"])
+    batch = int(ppo.get("rollout_batch_size") or 1)
+    episodes = {r["step"]: r["episode"] for r in read_metrics(run_dir / "ppo" / "metrics.jsonl") if "episode" in r}
+    final = run_dir / "ppo" / "final" / "policy"
+    final_step = entry.get("steps") if (final / "config.json").is_file() else None
+    found = {int(p.name[len(CHECKPOINT_PREFIX):]): p for p in complete_checkpoints(run_dir / "ppo" / "checkpoints")}
+    if not found:
+        raise BadInput([f"--checkpoints {spec}: {run_dir / 'ppo' / 'checkpoints'} holds no complete checkpoint; PPO "
+                        "keeps the newest --keep-checkpoints (default 2) of those it saves every --save-every "
+                        "iterations: for a frontier run it with e.g. --save-every 5 --keep-checkpoints 100"])
+    steps = sorted(found) if spec == "all" else [int(s) for s in spec.split(",")]
+    missing = [s for s in steps if s not in found and s != final_step]
+    if missing:
+        raise BadInput([f"--checkpoints {spec}: no complete checkpoint of step {', '.join(map(str, missing))} in "
+                        f"{run_dir / 'ppo' / 'checkpoints'} (there are: {', '.join(map(str, sorted(found)))})"])
+    points = [Point("sft", 0, 0, sft)]
+    points += [Point(f"step-{s}", s, episodes.get(s, s * batch), found[s], True) for s in sorted(set(steps))
+               if s != final_step]
+    if final_step is not None:
+        points.append(Point(f"final (step {final_step})", final_step, episodes.get(final_step, final_step * batch),
+                            final))
+    lora = LoraConfig(**{k: v for k, v in (ppo.get("lora") or {}).items() if k in LoraConfig.__dataclass_fields__})
+    return PPORun(sft, lora, points)
+
+
+def mean_sd(xs: list[float]) -> tuple[float | None, float | None]:
+    """Mean and sample sd (n - 1) of ``xs``; None where undefined (no item; one item's sd)."""
+    if not xs:
+        return None, None
+    m = sum(xs) / len(xs)
+    return m, (math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else None)
+
+
+class Gold:
+    """The gold judge of the frontier: ``kind`` 'score' (a reward model or a Python function: a number per
+    response, summarised as mean and sd) or 'win rate' (a pairwise LM judge: each response against the SFT
+    model's to the same prompt, summarised as the win rate with its 95% Wilson interval)."""
+
+    def __init__(self, name: str, kind: str, judge: Any = None, rm_path: Path | None = None):
+        self.name, self.kind, self.judge, self.rm_path, self.rm = name, kind, judge, rm_path, None
+
+    def score(self, prompts: list, queries: list, responses: list, texts: list[str], sft_texts: list[str] | None,
+              tokenizer: Any, load_rm: Any, batch_size: int) -> tuple[list, dict]:
+        """Per response: the gold value (a score, or the pairwise winner 'A' / 'B' / 'tie' against the SFT
+        response); and the summary {gold_mean, gold_sd} or {gold_mean (the win rate), gold_ci, gold_n}.
+        ``sft_texts`` None: these are the SFT model's own responses (win rate 0.5 by definition)."""
+        if self.kind == "win rate":
+            if sft_texts is None:
+                return ["tie"] * len(texts), {"gold_mean": 0.5, "gold_ci": None, "gold_n": 0}
+            pairs = [{"prompt": p.prompt, "a": t, "b": s} for p, t, s in zip(prompts, texts, sft_texts)]
+            won = [j["winner"] for j in self.judge.compare(pairs)]
+            r = win_rate(won.count("A"), won.count("tie"), won.count("B"))
+            return won, {"gold_mean": r["win_rate"], "gold_ci": [r["ci_low"], r["ci_high"]], "gold_n": r["n"]}
+        if self.rm_path is not None:
+            from .rollout import score_responses
+
+            self.rm = self.rm or load_rm(self.rm_path)
+            values = score_responses(self.rm, tokenizer, queries, responses, batch_size).tolist()
+        else:
+            values = [self.judge.scores(p.prompt, [t], f"prompt {i + 1}")[0]
+                      for i, (p, t) in enumerate(zip(prompts, texts))]
+        m, sd = mean_sd(values)
+        return values, {"gold_mean": m, "gold_sd": sd}
+
+
+def load_gold(gold: str, gold_rm: str, settings: judges.Settings) -> Gold | None:
+    """The gold judge of ``--gold`` / ``--gold-rm`` (at most one), checked before any model loads; None without."""
+    if gold and gold_rm:
+        raise BadInput([f"--gold {gold} and --gold-rm {gold_rm}: give one gold judge"])
+    if gold_rm:
+        if not (Path(gold_rm) / "config.json").is_file():
+            raise BadInput([f"--gold-rm {gold_rm}: not a model directory with config.json"])
+        return Gold(f"rm:{gold_rm}", "score", rm_path=Path(gold_rm))
+    if not gold:
+        return None
+    judge = judges.load(gold, settings)
+    return Gold(gold, "win rate" if gold.startswith("model:") else "score", judge=judge)
+
+
+def best(points: list[dict], key: str) -> str | None:
+    """The label of the point with the highest ``key`` (the earliest of equal ones); None if none has it."""
+    scored = [p for p in points if p.get(key) is not None]
+    return max(scored, key=lambda p: p[key])["label"] if scored else None
+
+
+def show(report: dict, out: Path) -> None:
+    """The frontier as a table: one row per point, the best gold marked *, the proxy's pick marked ^."""
+    from rich.table import Table
+
+    from .console import console
+    from .report import number
+
+    gold = report.get("gold")
+    table = Table(title=f"igpt eval ppo --checkpoints  ({out / 'report.json'})", title_justify="left")
+    cols = ["model", "episodes", f"KL to SFT (T={report['kl_temperature']:g})", "proxy RM score"]
+    cols += [f"gold ({'win rate vs sft' if report['gold_kind'] == 'win rate' else gold})"] if gold else []
+    for col in cols + ["length", "EOS rate", ""]:
+        table.add_column(col, justify="left" if col == "model" else "right")
+    for p in report["points"]:
+        marks = ("*" if p["label"] == report.get("best_gold") else "") + ("^" if p["label"] == report["best_proxy"]
+                                                                         else "")
+        cells = [p["label"], str(p["episodes"]), number(p["kl_to_sft"], ".3f"), number(p.get("score_mean"), ".3f")]
+        cells += [number(p.get("gold_mean"), ".3f")] if gold else []
+        table.add_row(*cells, number(p["response_length"], ".1f"), number(p["eos_rate"], ".0%"), marks)
+    console().print(table)
+    if gold:
+        console().print(f"* best gold: {report['best_gold']}; ^ the proxy would pick: {report['best_proxy']}"
+                        + ("  (the proxy kept rising after the gold peaked: over-optimisation)"
+                           if report.get("overoptimised") else ""))
