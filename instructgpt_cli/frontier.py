@@ -21,6 +21,7 @@ from .errors import BadInput
 from .presets import read_yaml
 from .rundir import CHECKPOINT_PREFIX, complete_checkpoints, read_manifest, read_metrics, stored_path
 from .stats import win_rate
+from .storage import weights_sha256
 
 
 class Point(NamedTuple):
@@ -38,6 +39,7 @@ class PPORun(NamedTuple):
     """What a PPO run's checkpoints need to load as models: the SFT model it started from, its LoRA block."""
 
     sft: Path
+    rm: Path  # the reward model PPO trained against: the frontier's proxy
     lora: Any  # config.LoraConfig
     points: list[Point]
 
@@ -53,8 +55,9 @@ def ppo_run(run_dir: Path, spec: str) -> PPORun:
     if not config.is_file() or not entry:
         raise BadInput([f"--checkpoints: {run_dir} has no PPO stage ({config} missing); run igpt ppo first"])
     ppo = (read_yaml(config.read_text(encoding="utf-8")) or {}).get("ppo") or {}
-    sft = entry.get("inputs", {}).get("sft")
-    sft = stored_path(run_dir, sft["path"]) if isinstance(sft, dict) else Path(ppo.get("sft") or run_dir / "sft/final")
+    inputs = entry.get("inputs", {})
+    sft, rm = (stored_path(run_dir, inputs[k]["path"]) if isinstance(inputs.get(k), dict)
+               else Path(ppo.get(k) or run_dir / f"{k}/final") for k in ("sft", "rm"))
     if not (sft / "config.json").is_file():
         raise BadInput([f"--checkpoints: the SFT model PPO started from, {sft}, is gone; its checkpoints need it"])
     batch = int(ppo.get("rollout_batch_size") or 1)
@@ -78,7 +81,11 @@ def ppo_run(run_dir: Path, spec: str) -> PPORun:
         points.append(Point(f"final (step {final_step})", final_step, episodes.get(final_step, final_step * batch),
                             final))
     lora = LoraConfig(**{k: v for k, v in (ppo.get("lora") or {}).items() if k in LoraConfig.__dataclass_fields__})
-    return PPORun(sft, lora, points)
+    recorded = (inputs.get("sft") or {}).get("sha256") if isinstance(inputs.get("sft"), dict) else None
+    if lora.enabled and recorded and weights_sha256(sft) != recorded:  # adapters on other base weights: wrong model
+        raise BadInput([f"--checkpoints: {sft} was retrained after PPO ran (its weights differ from those PPO "
+                        "recorded); the LoRA checkpoints adapt the old weights"])
+    return PPORun(sft, rm, lora, points)
 
 
 def mean_sd(xs: list[float]) -> tuple[float | None, float | None]:

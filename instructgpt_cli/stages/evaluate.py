@@ -194,9 +194,10 @@ def run_frontier(cfg: EvalConfig, as_json: bool = False, overwrite: bool = False
         raise BadInput(errors)
     ppo = frontier.ppo_run(run_dir, cfg.checkpoints)
     prompts = read_prompts(cfg.prompts, cfg.split, cfg.columns)
-    rm_path = Path(cfg.rm) if cfg.rm else run_dir / STAGE_MODELS["rm"]
+    rm_path = Path(cfg.rm) if cfg.rm else ppo.rm  # the proxy: by default the reward model PPO trained against
     if not (rm_path / "config.json").is_file():
-        raise BadInput([f"--rm: {rm_path} does not exist; the frontier's proxy score needs the reward model PPO used"])
+        raise BadInput([f"--rm: {rm_path} does not exist; the frontier's proxy is the reward model PPO used, or pass "
+                        "--rm PATH"])
     gold = frontier.load_gold(cfg.gold, cfg.gold_rm, Settings(cfg.batch_size, cfg.device, cfg.dtype, 0.0, cfg.seed))
     tokenizer, _ = load_tokenizer(ModelConfig(name=str(ppo.sft)))
     require_same_tokenizer(tokenizer, ppo.sft, {"--rm": rm_path, **({"--gold-rm": gold.rm_path} if gold and
