@@ -220,7 +220,8 @@ class PPOConfig:
                                         "layers above (keeps 2 x rollout x length x hidden floats)")
     sample_every: int = f(10, "write prompts, responses and scores to ppo/samples/ every N iterations")
     save_every: int = f(20, "write a resumable checkpoint every N iterations")
-    keep_checkpoints: int = f(2, "keep only the newest N complete checkpoints (count)")
+    keep_checkpoints: int = f(2, "keep only the newest N complete checkpoints (count); a frontier (igpt eval ppo "
+                                 "--checkpoints all) needs more")
     log_every: int = f(0, "in a log file (stderr not a terminal): a progress line every N optimizer steps; 0 = about "
                           "every 30 s (steps)")
     fsdp: bool = f(False, "under torchrun / accelerate launch, shard weights, gradients and optimizer state over the "
