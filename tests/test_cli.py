@@ -72,7 +72,8 @@ TODAY_KEYS = {
 }
 COMMAND = {"rm": "train-rm"}  # stage -> command name where they differ
 # Valid non-default values for string fields whose range is checked.
-STRINGS = {"device": "cpu", "judge": "human", "dtype": "float32", "scheduler": "linear"}
+STRINGS = {"device": "cpu", "judge": "human", "dtype": "float32", "scheduler": "linear",
+           "checkpoints": "all", "gold": "python:mod:fn"}
 
 
 def commands() -> dict:
