@@ -3,7 +3,8 @@
 from (both models' weights digests, decoding settings, seed, judge, the prompts file's digest, igpt
 version, date, host), the win rate with its interval per category, ``igpt eval``'s table of both models,
 the run's training curves (SFT and RM loss and accuracy; PPO's score, KL, reward vs KL, beta, entropy,
-clip fraction, response length and EOS rate against episodes) and samples drawn at random per category,
+clip fraction, response length and EOS rate against episodes), the reward-vs-KL frontier of ``igpt eval ppo
+--checkpoints`` where it has run, and samples drawn at random per category,
 with the responses that never ended (no EOS) marked. A section without data says so; none crashes the page.
 """
 from __future__ import annotations
@@ -224,10 +225,10 @@ def training_charts(run: RunRecords) -> list[tuple[str, list[tuple[str, str | No
 def frontier_html(run_dir: Path) -> str:
     """``igpt eval ppo --checkpoints``'s frontier (eval/ppo-frontier/report.json): the chart and one row per
     point, the best gold marked * and the proxy's pick ^ (Gao et al. 2022: the proxy keeps rising as the gold
-    falls)."""
+    falls). '' without one."""
     path = run_dir / "eval" / "ppo-frontier" / "report.json"
     if not path.is_file():
-        return na("run igpt eval ppo --checkpoints all --gold JUDGE")
+        return ""
     r = json.loads(path.read_text(encoding="utf-8"))
     chart = frontier_chart(r)
     gold = r.get("gold")
@@ -306,7 +307,8 @@ def write_html(path: Path, report: dict, judgments: list[dict], run_dir: Path, e
         drawn = [(title, src) for title, src in charts if src]
         parts.append(f"<h3>{e(section)}</h3>" + ("<div class='charts'>" + "".join(
             f"<img alt='{e(title)}' src='{src}'>" for title, src in drawn) + "</div>" if drawn else na()))
-    parts.append("<h2 id='frontier'>Reward vs KL frontier</h2>" + frontier_html(Path(run_dir)))
+    if (frontier := frontier_html(Path(run_dir))):  # only where igpt eval ppo --checkpoints has run
+        parts.append("<h2 id='frontier'>Reward vs KL frontier</h2>" + frontier)
     parts.append("<h2 id='samples'>Samples</h2>" + sample_html(report, judgments, eos_id))
     parts.append("</body></html>")
     atomic_write_text(path, "\n".join(parts) + "\n")
