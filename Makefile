@@ -35,9 +35,11 @@ demo: install
 	$(BIN)/igpt sft --config configs/demo.yaml --data data/demos.jsonl --run-dir $(RUN) --resume
 	$(BIN)/igpt train-rm --config configs/demo.yaml --rankings data/rankings.jsonl --run-dir $(RUN) --resume
 	$(BIN)/igpt ppo --config configs/demo.yaml --prompts data/prompts.jsonl --ptx-data data/pretrain.jsonl --run-dir $(RUN) --resume
+	$(BIN)/igpt dpo --config configs/demo.yaml --rankings data/rankings.jsonl --run-dir $(RUN) --resume
 	test -f $(RUN)/eval/sft/report.json || $(EVAL) sft
 	test -f $(RUN)/eval/ppo/report.json || $(EVAL) ppo
 	$(BIN)/igpt compare ppo sft --config configs/demo.yaml --prompts data/eval_prompts.jsonl --run-dir $(RUN) --overwrite
+	$(BIN)/igpt compare ppo dpo --config configs/demo.yaml --prompts data/eval_prompts.jsonl --run-dir $(RUN) --overwrite
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
