@@ -178,6 +178,24 @@ def eval_table(report: dict, evals: dict[str, dict]) -> str:
     return "".join(rows) + "</table>"
 
 
+def length_html(report: dict) -> str:
+    """The length-controlled win rate beside the raw one, and each side's mean length ('' for a report of an
+    igpt before them)."""
+    lc, m = report.get("length_controlled"), report.get("mean_length")
+    if not lc or not m:
+        return ""
+    if lc["win_rate"] is None:
+        rate = f"<p>Length-controlled win rate: <span class='na'>not available ({e(lc['method'])})</span>"
+    else:
+        slope = f"; length slope {lc['slope']:+.3f}" if lc.get("slope") is not None else ""
+        rate = (f"<p><b>Length-controlled win rate of {e(report['a'])}: {lc['win_rate']:.1%}</b> (95% CI "
+                f"{lc['ci_low']:.1%} – {lc['ci_high']:.1%}{slope}): the rate at equal length, AlpacaEval 2's "
+                f"length control ({e(lc['method'])}, length in {e(lc.get('length_unit', 'tokens'))})")
+    lengths = ", ".join(f"{e(report[s])} {number(m[s]['tokens'], '.1f')} tokens ({number(m[s]['words'], '.1f')} "
+                        "words)" for s in "ab")
+    return f"{rate}. Mean response length: {lengths}.</p>"
+
+
 def training_charts(run: RunRecords) -> list[tuple[str, list[tuple[str, str | None]]]]:
     """(section, [(title, PNG URI or None)]) of the run's training curves. PPO's x-axis is episodes (prompts
     answered), which compares runs with different rollout batch sizes; SFT's and RM's is optimizer steps."""
@@ -291,6 +309,7 @@ def write_html(path: Path, report: dict, judgments: list[dict], run_dir: Path, e
         parts.append(f"<p><b>Win rate of {e(report['a'])}: {report['win_rate']:.1%}</b> "
                      f"(95% CI {report['ci_low']:.1%} – {report['ci_high']:.1%}; {report['wins']} wins, "
                      f"{report['ties']} ties, {report['losses']} losses)</p>")
+        parts.append(length_html(report))
         parts.append(f"<img alt='win rate chart' src='{win_chart(report)}'>")
         parts.append("<table><tr><th>category</th><th>n</th><th>wins</th><th>ties</th><th>losses</th>"
                      "<th>win rate</th><th>95% CI</th></tr>")

@@ -73,3 +73,155 @@ def describe_rm_accuracy(record: dict | None) -> tuple[str, str | None]:
                   f"reaching down to {low:.1%} (<= 50%), so PPO against it may optimise noise. Retrain it (igpt "
                   "train-rm) with more epochs (--epochs), a higher learning rate (--lr) or --lora, or more rankings "
                   "(more held out also narrows the interval)")
+
+
+# --- length: how much of a score or a preference is response length ------------------------------------------
+
+
+def average_ranks(xs: list[float]) -> list[float]:
+    """1-based ranks of ``xs`` (n,), tied values sharing the mean of the ranks they span ([5, 1, 5] ->
+    [2.5, 1, 2.5]): the ranks Spearman's correlation is Pearson's of."""
+    order = sorted(range(len(xs)), key=lambda i: xs[i])
+    out = [0.0] * len(xs)
+    start = 0
+    while start < len(order):
+        end = start
+        while end + 1 < len(order) and xs[order[end + 1]] == xs[order[start]]:
+            end += 1
+        for k in order[start:end + 1]:
+            out[k] = (start + end) / 2 + 1
+        start = end + 1
+    return out
+
+
+def pearson(xs: list[float], ys: list[float]) -> float:
+    """Pearson's r of two equally long lists (n,) whose values both vary (the caller checks)."""
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    sxy = sum((x - mx) * (y - my) for x, y in zip(xs, ys))
+    sxx, syy = sum((x - mx) ** 2 for x in xs), sum((y - my) ** 2 for y in ys)
+    return max(-1.0, min(1.0, sxy / math.sqrt(sxx * syy)))
+
+
+def correlation(xs: list[float], ys: list[float]) -> dict:
+    """Pearson's and Spearman's (rank, ties averaged) correlation of ``xs`` and ``ys`` (n,) with n; both
+    None, with the reason, where undefined: fewer than 3 pairs, or either list all one value (zero
+    variance; its ranks are then all equal too, so both are undefined together). Never NaN."""
+    n = len(xs)
+    reason = ("fewer than 3 responses" if n < 3 else "every response has the same length" if len(set(xs)) == 1
+              else "every response has the same score" if len(set(ys)) == 1 else None)
+    if reason:
+        return {"n": n, "pearson": None, "spearman": None, "reason": reason}
+    return {"n": n, "pearson": pearson(xs, ys), "spearman": pearson(average_ranks(xs), average_ranks(ys)),
+            "reason": None}
+
+
+def length_bias(scores: list[float], tokens: list[int], words: list[int]) -> dict:
+    """The reward model's length bias on one model's samples: the correlation of the RM ``scores`` (n,) with
+    response length in ``tokens`` (n,; as sampled, EOS excluded) and in whitespace-separated ``words`` (n,).
+    A reward model that prefers longer (or shorter) answers is a target PPO learns (Singhal et al. 2023,
+    "A Long Way to Go: Investigating Length Correlations in RLHF")."""
+    return {"n": len(scores), "tokens": correlation(tokens, scores), "words": correlation(words, scores)}
+
+
+def sigmoid(z: float) -> float:
+    return 1 / (1 + math.exp(-z)) if z >= 0 else math.exp(z) / (1 + math.exp(z))
+
+
+def softplus(z: float) -> float:
+    """log(1 + e^z) without overflow."""
+    return max(z, 0.0) + math.log1p(math.exp(-abs(z)))
+
+
+def logistic_fit(x: list[float], y: list[float], penalty: float = 0.0, iters: int = 100,
+                 tol: float = 1e-10) -> tuple[float, float, list[list[float]]] | None:
+    """Maximum-likelihood logistic regression of labels ``y`` (n,) in [0, 1] (fractional labels: y log p +
+    (1 - y) log(1 - p)) on one feature ``x`` (n,) with an intercept: P(y) = sigmoid(b0 + b1 x). Newton's method
+    with step halving on the negative log-likelihood + ``penalty`` / 2 * b1^2. Returns (b0, b1, covariance
+    (2, 2) = the inverse Hessian at the optimum), or None when it does not converge in ``iters`` steps (the
+    coefficients run off to infinity: the data are separated)."""
+    def loss(b0: float, b1: float) -> float:
+        return sum(yi * softplus(-(b0 + b1 * xi)) + (1 - yi) * softplus(b0 + b1 * xi)
+                   for xi, yi in zip(x, y)) + penalty / 2 * b1 * b1
+
+    def hessian(b0: float, b1: float) -> tuple[float, float, float]:
+        w = [sigmoid(b0 + b1 * xi) * (1 - sigmoid(b0 + b1 * xi)) for xi in x]
+        return sum(w), sum(wi * xi for wi, xi in zip(w, x)), sum(wi * xi * xi for wi, xi in zip(w, x)) + penalty
+
+    b0 = b1 = 0.0
+    current = loss(b0, b1)
+    for _ in range(iters):
+        r = [yi - sigmoid(b0 + b1 * xi) for xi, yi in zip(x, y)]
+        g0, g1 = sum(r), sum(ri * xi for ri, xi in zip(r, x)) - penalty * b1  # the log-likelihood's gradient
+        h00, h01, h11 = hessian(b0, b1)
+        det = h00 * h11 - h01 * h01
+        if det <= 1e-300:
+            return None
+        d0, d1 = (h11 * g0 - h01 * g1) / det, (h00 * g1 - h01 * g0) / det
+        step = 1.0
+        while loss(b0 + step * d0, b1 + step * d1) > current + 1e-12 and step > 1e-6:
+            step /= 2
+        b0, b1 = b0 + step * d0, b1 + step * d1
+        current = loss(b0, b1)
+        if max(abs(step * d0), abs(step * d1)) < tol:
+            h00, h01, h11 = hessian(b0, b1)
+            det = h00 * h11 - h01 * h01
+            if det <= 1e-300:
+                return None
+            return b0, b1, [[h11 / det, -h01 / det], [-h01 / det, h00 / det]]
+    return None
+
+
+SEPARATION_PENALTY = 1 / 2.5 ** 2  # a N(0, 2.5^2) prior on the slope (Gelman et al. 2008), under separation only
+
+
+def length_controlled_win_rate(labels: list[float], len_a: list[float], len_b: list[float],
+                               z: float = Z95) -> dict:
+    """A's win rate over B at equal response length, as AlpacaEval 2 controls for length (Dubois et al. 2024,
+    "Length-Controlled AlpacaEval", alpaca_eval's ``glm_winrate``): a logistic regression of each judgment
+    ``labels`` (n,; A won 1, B won 0, a tie 0.5 as a fractional label) on tanh(d / sd(d)), d = ``len_a`` -
+    ``len_b`` (n,) and sd(d) its sample standard deviation, read at d = 0: sigmoid(intercept). The 95%
+    interval is the delta method's on the intercept, sigmoid(b0 -+ z se(b0)) with se from the inverse Hessian
+    (the binomial variance: a tie's true variance is smaller, so the interval errs wide). Swapping A and B gives
+    exactly 1 - the rate. Edges, each said in ``method``:
+
+    - every length difference 0: nothing to control for; the length term is dropped and the rate and its
+      interval are the raw rate's exactly (its Wilson interval);
+    - every pair the same nonzero difference (one judgment included): length and model cannot be told apart,
+      so the rate is None with the reason;
+    - every judgment A (or every one B): the MLE's intercept is infinite; the rate is the raw 1 (or 0), the
+      interval the raw Wilson interval, and the slope None (no variation in the judgments to explain);
+    - the judgments separated by length (A wins exactly where longer, say): the unpenalised slope is infinite,
+      so the fit takes a weakly informative N(0, 2.5^2) prior on the slope (an L2 penalty of 0.16), which keeps
+      every number finite."""
+    n = len(labels)
+    out = {"n": n, "win_rate": None, "ci_low": None, "ci_high": None, "intercept": None, "slope": None,
+           "length_diff_sd": None}
+    if not n:
+        return {**out, "method": "no judgments"}
+    raw = sum(labels) / n
+    d = [a - b for a, b in zip(len_a, len_b)]
+    if all(di == 0 for di in d):
+        lo, hi = wilson_interval(raw, n)
+        return {**out, "win_rate": raw, "ci_low": lo, "ci_high": hi, "length_diff_sd": 0.0,
+                "method": "every pair has equal length: the length term is dropped; the raw rate and Wilson interval"}
+    if len(set(d)) == 1:
+        return {**out, "method": f"every pair differs in length by the same {d[0]:g}: length and model cannot be "
+                                  "told apart"}
+    sd = math.sqrt(sum((di - sum(d) / n) ** 2 for di in d) / (n - 1))
+    out["length_diff_sd"] = sd
+    if all(y == 1 for y in labels) or all(y == 0 for y in labels):
+        lo, hi = wilson_interval(raw, n)
+        return {**out, "win_rate": raw, "ci_low": lo, "ci_high": hi,
+                "method": "every judgment went one way: the raw rate and its Wilson interval (the fit's limit)"}
+    x = [math.tanh(di / sd) for di in d]
+    method = "logistic regression on tanh(length difference / sd), read at equal length; delta-method interval"
+    fit = logistic_fit(x, labels)
+    if fit is None:
+        fit = logistic_fit(x, labels, SEPARATION_PENALTY)
+        method += "; judgments separated by length: N(0, 2.5^2) prior (L2 penalty) on the slope"
+    if fit is None:  # not reached for labels in [0, 1]: the penalised loss is strictly convex and bounded below
+        return {**out, "method": "the regression did not converge"}
+    b0, b1, cov = fit
+    se = math.sqrt(max(cov[0][0], 0.0))
+    return {**out, "win_rate": sigmoid(b0), "ci_low": sigmoid(b0 - z * se), "ci_high": sigmoid(b0 + z * se),
+            "intercept": b0, "slope": b1, "method": method}

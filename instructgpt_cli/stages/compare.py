@@ -36,7 +36,7 @@ from ..report import number, score_text
 from ..rollout import decode_response, generate
 from ..locks import claim
 from ..rundir import STAGE_MODELS, record, stage_model
-from ..stats import win_rate
+from ..stats import length_controlled_win_rate, win_rate
 from ..storage import atomic_write_text, publish_set, sha256_file, weights_sha256
 
 
@@ -153,7 +153,8 @@ def run(cfg: CompareConfig, overwrite: bool = False) -> dict:
               "responses_from": sources,
               **({"judge_source": {"file": str(judge.source), "sha256": sha256_file(judge.source)}}
                  if getattr(judge, "source", None) else {}),
-              "ci_method": "Wilson score interval, 95%, ties counted as half a win"}
+              "ci_method": "Wilson score interval, 95%, ties counted as half a win",
+              **length_control(judgments, tokenizer.eos_token_id)}
     # 5. publish report.json, judgments.jsonl, responses.jsonl and report.html together (strict JSON: a NaN
     #    raises and nothing is replaced)
     with publish_set(out) as tmp:
@@ -168,6 +169,28 @@ def run(cfg: CompareConfig, overwrite: bool = False) -> dict:
     show_evals(run_dir, [name_a, name_b])
     console().print(f"report: {out / 'report.html'}")
     return report
+
+
+def length_control(judgments: list[dict], eos_id: int | None) -> dict:
+    """The win rate at equal length (``stats.length_controlled_win_rate``, AlpacaEval 2's length control) over
+    all judgments, on the length difference in tokens as sampled (EOS excluded; in words where a judgment has no
+    token ids, as an older human session), and each side's mean length in tokens and words. Overall only: a
+    category's few judgments would leave the length slope to noise."""
+    def tokens(j: dict, side: str) -> int | None:
+        ids = j.get(f"{side}_ids")
+        return None if ids is None else len(ids) - int(bool(ids) and ids[-1] == eos_id)
+
+    def mean(xs: list) -> float | None:
+        return sum(xs) / len(xs) if xs and None not in xs else None
+
+    words = {s: [len(j[s].split()) for j in judgments] for s in "ab"}
+    toks = {s: [tokens(j, s) for j in judgments] for s in "ab"}
+    unit = "tokens" if None not in toks["a"] + toks["b"] else "words"
+    lengths = toks if unit == "tokens" else words
+    labels = [{"A": 1.0, "B": 0.0}.get(j["winner"], 0.5) for j in judgments]
+    lc = length_controlled_win_rate(labels, lengths["a"], lengths["b"])
+    return {"length_controlled": {**lc, "length_unit": unit},
+            "mean_length": {s: {"tokens": mean(toks[s]), "words": mean(words[s])} for s in "ab"}}
 
 
 def result_dir(run_dir: Path, pair: str, judge: str) -> Path:
@@ -221,6 +244,17 @@ def show_evals(run_dir: Path, names: list[str]) -> None:
     console().print(table)
 
 
+def length_text(report: dict) -> str:
+    """The length-controlled win rate beside the raw one, and each side's mean length (terminal and page)."""
+    lc, m = report["length_controlled"], report["mean_length"]
+    rate = (f"- ({lc['method']})" if lc["win_rate"] is None
+            else f"{lc['win_rate']:.1%} (95% CI {lc['ci_low']:.1%} - {lc['ci_high']:.1%})")
+    lengths = "; ".join(f"{report[s]} {number(m[s]['tokens'], '.1f')} tokens, "
+                        f"{number(m[s]['words'], '.1f')} words" for s in "ab")
+    return (f"length-controlled win rate of {report['a']} (at equal length, AlpacaEval 2's GLM): {rate}; "
+            f"mean length: {lengths}")
+
+
 def show(report: dict, examples: list[dict]) -> None:
     """The comparison table and two example pairs."""
     from rich.markup import escape
@@ -239,6 +273,8 @@ def show(report: dict, examples: list[dict]) -> None:
     for c, r in report["categories"].items():
         row(c, r)
     console().print(table)
+    if report.get("length_controlled"):
+        console().print(length_text(report))
     # one pair each side won (where there is one), so the examples show what the judge prefers
     first_win: dict[str, dict] = {}
     for j in examples:

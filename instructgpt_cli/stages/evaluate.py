@@ -33,7 +33,7 @@ from ..rewards import score_ranking
 from ..rollout import decode_response, generate, lm_loss, response_kl, score_responses
 from ..locks import claim
 from ..rundir import STAGE_MODELS, find_model, record, stage_model
-from ..stats import rm_accuracy
+from ..stats import length_bias, rm_accuracy
 from ..storage import publish_set, weights_sha256
 
 
@@ -137,6 +137,9 @@ def run(cfg: EvalConfig, as_json: bool = False, overwrite: bool = False) -> dict
               "settings": {"temperature": cfg.temperature, "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed},
               "kl_temperature": kl_t, "kl_temperature_from": kl_t_from,
               **summarise(scores, kls, lengths, eos)}
+    if scores:  # the RM's length bias on these samples: score vs length in tokens (EOS excluded) and in words
+        report["length_bias"] = length_bias(scores, [n - e for n, e in zip(lengths, eos)],
+                                            [len(decode_response(tokenizer, r).split()) for r in responses])
     categories = sorted({p.category for p in prompts if p.category})
     if categories:
         report["categories"] = {
@@ -265,6 +268,8 @@ def show(report: dict, out: Path) -> None:
                       number(r["response_length"], ".1f"), number(r["eos_rate"], ".0%"))
 
     row("all", report)
+    if report.get("length_bias"):  # the reward model's length bias, under the table
+        table.caption, table.caption_justify = length_bias_text(report["length_bias"]), "left"
     for c, r in report.get("categories", {}).items():
         row(c, r)
     console().print(table)
@@ -278,3 +283,12 @@ def show(report: dict, out: Path) -> None:
                         f" of {report['rm_pairs']} pairs" + (f" (95% CI {report['rm_accuracy_ci'][0]:.1%} - "
                         f"{report['rm_accuracy_ci'][1]:.1%} over {report['rm_rankings']} rankings)"
                         if report["rm_accuracy_ci"] else ""))
+
+
+def length_bias_text(bias: dict) -> str:
+    """One line: the correlation of the RM score with response length (tokens, words), or why it is undefined."""
+    def unit(r: dict) -> str:
+        return r["reason"] or f"Pearson {r['pearson']:+.2f}, Spearman {r['spearman']:+.2f}"
+
+    return (f"RM score vs response length over {bias['n']} responses (the reward model's length bias): tokens "
+            f"{unit(bias['tokens'])}; words {unit(bias['words'])}")
