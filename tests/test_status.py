@@ -24,7 +24,8 @@ def build_run(t: Path, sft_steps: int = 3) -> Path:
     run_dir = t / "run"
     for args in (["sft", "--data", t / "demos.jsonl", "--max-steps", str(sft_steps)],
                  ["train-rm", "--rankings", t / "ranks.jsonl", "--model", "", "--max-steps", "2"],  # init: sft/final
-                 ["ppo", "--prompts", t / "prompts.jsonl", "--max-steps", "2", "--max-new-tokens", "8"]):
+                 ["ppo", "--prompts", t / "prompts.jsonl", "--max-steps", "2", "--max-new-tokens", "8"],
+                 ["dpo", "--rankings", t / "ranks.jsonl", "--max-steps", "2", "--lr", "1e-3"]):
         result = igpt(*args, "--config", TINY_CONFIG, "--run-dir", run_dir)
         assert result.exit_code == 0, result.output
     for args in (["eval", "ppo"], ["compare", "ppo", "sft"]):
@@ -57,8 +58,8 @@ def snapshot(folder: Path) -> dict:
 def test_done_stages_show_step_n_of_n_their_last_metrics_outputs_and_lineage(run):
     s = status(run)
     manifest = json.loads((run / "manifest.json").read_text())["stages"]
-    assert list(s["stages"]) == ["sft", "rm", "ppo", "compare/ppo-vs-sft", "eval/ppo"]
-    for name, steps in (("sft", 3), ("rm", 2), ("ppo", 2)):
+    assert list(s["stages"]) == ["sft", "rm", "ppo", "dpo", "compare/ppo-vs-sft", "eval/ppo"]
+    for name, steps in (("sft", 3), ("rm", 2), ("ppo", 2), ("dpo", 2)):
         row = s["stages"][name]
         assert (row["state"], row["step"], row["total_steps"]) == ("done", steps, steps), name
         assert manifest[name]["total_steps"] == steps  # recorded when the steps began
@@ -72,6 +73,9 @@ def test_done_stages_show_step_n_of_n_their_last_metrics_outputs_and_lineage(run
     assert set(s["stages"]["rm"]["metrics"]) == {"train/loss", "train/accuracy", "eval/loss", "eval/accuracy"}
     assert s["stages"]["ppo"]["metrics"]["objective/kl"] == lines["ppo"][-1]["objective/kl"]
     assert s["stages"]["ppo"]["metrics"]["objective/scores"] == lines["ppo"][-1]["objective/scores"]
+    dpo = read_metrics(run / "dpo" / "metrics.jsonl")[-1]
+    assert s["stages"]["dpo"]["metrics"]["rewards/margins"] == dpo["rewards/margins"]
+    assert lineage_of(s, "dpo", "sft")["sha256"] == manifest["sft"]["outputs"]["sha256"]
     report = json.loads((run / "eval" / "ppo" / "report.json").read_text())
     assert s["stages"]["eval/ppo"]["metrics"]["score_mean"] == report["score_mean"]
     assert s["stages"]["eval/ppo"]["metrics"]["kl_to_sft"] == report["kl_to_sft"]
@@ -89,6 +93,10 @@ def test_done_stages_show_step_n_of_n_their_last_metrics_outputs_and_lineage(run
                                          "sha256": None, "stale": False}
     assert not any(r["stale"] for r in s["lineage"])
     assert ("sft", "data") not in lineage  # a data file is no lineage
+
+
+def lineage_of(s: dict, stage: str, key: str) -> dict:
+    return next(r for r in s["lineage"] if (r["stage"], r["input"]) == (stage, key))
 
 
 def test_the_table_says_what_the_json_says(run):
@@ -171,13 +179,13 @@ def test_a_retrained_sft_makes_rm_ppo_and_the_reports_built_from_it_stale(tmp_pa
     assert retrained.exit_code == 0, retrained.output
     s = status(run_dir)
     states = {name: row["state"] for name, row in s["stages"].items()}
-    assert states == {"sft": "done", "rm": "stale", "ppo": "stale", "eval/ppo": "stale",
+    assert states == {"sft": "done", "rm": "stale", "ppo": "stale", "dpo": "stale", "eval/ppo": "stale",
                       "compare/ppo-vs-sft": "stale"}
     assert s["stages"]["sft"]["step"] == s["stages"]["sft"]["total_steps"] == 4
     stale = {(r["stage"], r["input"]) for r in s["lineage"] if r["stale"]}
-    assert stale == {("rm", "init"), ("ppo", "sft"), ("eval/ppo", "sft"), ("compare/ppo-vs-sft", "b")}
+    assert stale == {("rm", "init"), ("ppo", "sft"), ("dpo", "sft"), ("eval/ppo", "sft"), ("compare/ppo-vs-sft", "b")}
     table = igpt("status", run_dir).stdout
-    assert table.count("stale") >= 4 + 4
+    assert table.count("stale") >= 5 + 5
 
 
 def test_not_a_run_directory_exits_2(tmp_path, monkeypatch):

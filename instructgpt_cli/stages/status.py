@@ -11,13 +11,13 @@ result the run holds (or is writing). Its state is one of
 - ``failed``: ended by an error (bad input, non-finite values, a failed write);
 - ``missing``: never run.
 
-Then its step of the planned total (the newest metrics line; ``total_steps`` in the manifest, which a
-training stage records when its steps begin), the last headline metrics (sft: loss, held-out loss; rm: loss
-and accuracy, held-out too; ppo: score, KL, the KL-penalised reward; eval: mean score, KL to SFT,
-pretraining perplexity, alignment tax, RM accuracy; compare: win rate and its 95% interval), and its outputs
-(``final/``, the newest complete checkpoint, a report). Lineage: each model a stage was built from (the
-manifest's inputs, with their sha256) and the stage of this run that made it; ``stale`` when that stage
-has run again since.
+Then its step of the planned total (the newest metrics line; ``total_steps`` in the manifest, which a training
+stage records when its steps begin), the last headline metrics (sft: loss, held-out loss; rm: loss and
+accuracy, held-out too; ppo: score, KL, the KL-penalised reward; dpo (when the run has it): loss, pair
+accuracy and margin; eval: mean score, KL to SFT, pretraining perplexity, alignment tax, RM accuracy; compare:
+win rate and its 95% interval), and its outputs (``final/``, the newest complete checkpoint, a report).
+Lineage: each model a stage was built from (the manifest's inputs, with their sha256) and the stage of this
+run that made it; ``stale`` when that stage has run again since.
 
 ``--json`` prints the same as one object (keys stable; null where unknown)::
 
@@ -41,10 +41,12 @@ from ..errors import BadInput
 from ..locks import LOCK_DIR, holder
 from ..rundir import complete_checkpoints, stored_path
 
-TRAINING = ("sft", "rm", "ppo")
+TRAINING = ("sft", "rm", "ppo", "dpo")
+OPTIONAL = ("dpo",)  # listed only when the run has it (the paper's pipeline is sft, rm, ppo)
 HEADLINE = {"sft": ("train/loss", "eval/loss"),
             "rm": ("train/loss", "train/accuracy", "eval/loss", "eval/accuracy"),
             "ppo": ("objective/scores", "objective/kl", "objective/rlhf_reward"),
+            "dpo": ("train/loss", "rewards/accuracies", "rewards/margins", "eval/rewards/accuracies"),
             "eval": ("score_mean", "kl_to_sft", "ptx_perplexity", "alignment_tax", "rm_accuracy"),
             "compare": ("win_rate", "ci_low", "ci_high", "n")}
 REPORTS = ("eval", "compare")
@@ -73,7 +75,8 @@ def read_status(run_dir: Path) -> dict:
     entries = manifest.get("stages", {}) if isinstance(manifest, dict) else {}
 
     # 2. every stage: the training stages, then the reports recorded, on disk or being written
-    names = list(TRAINING) + sorted(set(report_names(run_dir, entries)))
+    names = [s for s in TRAINING if s not in OPTIONAL or s in entries or (run_dir / s).is_dir()]
+    names += sorted(set(report_names(run_dir, entries)))
     stages = {name: stage_status(run_dir, name, entries.get(name)) for name in names}
 
     # 3. lineage: what each stage was built from
