@@ -285,3 +285,27 @@ def test_fsdp_ema_of_the_policy_is_gathered_whole_and_equals_ddps(sft_runs, tmp_
     for k in ddp:
         torch.testing.assert_close(fsdp[k], ddp[k], rtol=1e-4, atol=1e-5)
     assert any(not torch.allclose(fsdp[k], runs["fsdp"]["policy"][k], atol=1e-4) for k in fsdp)
+
+
+def test_two_process_dpo_equals_one_process(sft_runs):
+    """igpt dpo under torchrun: each rank scores its share of a step's rankings (the reference pass too); the
+    same global batch trains the same model with the same reported losses and reference log-probs."""
+    t, _ = sft_runs
+    write_jsonl(t / "ranks.jsonl", marker_rankings(20))
+    args = ["dpo", "--config", TINY_CONFIG, "--rankings", t / "ranks.jsonl", "--sft", t / "one" / "sft" / "final",
+            "--max-steps", "3", "--batch-size", "2", "--lr", "1e-3", "--val-fraction", "0.2", "--eval-every", "3"]
+    two = torchrun(["-m", "instructgpt_cli", *args, "--run-dir", t / "dpo_two"], t)
+    assert two.returncode == 0, two.stderr
+    one = igpt(*args, "--run-dir", t / "dpo_one", "--grad-accum", "2")
+    assert one.exit_code == 0, one.output
+    a, b = weights(t / "dpo_one" / "dpo" / "final"), weights(t / "dpo_two" / "dpo" / "final")
+    start = weights(t / "one" / "sft" / "final")
+    assert not torch.equal(a["model.embed_tokens.weight"], start["model.embed_tokens.weight"])
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5)
+    ref_a, ref_b = (load_file(str(t / d / "dpo" / "ref_logps.safetensors")) for d in ("dpo_one", "dpo_two"))
+    torch.testing.assert_close(ref_a["logps"], ref_b["logps"], rtol=0, atol=1e-5)
+    ma, mb = (read_metrics(t / d / "dpo" / "metrics.jsonl") for d in ("dpo_one", "dpo_two"))
+    assert [m["step"] for m in mb if "eval/loss" in m] == [3]
+    for key in ("train/loss", "rewards/margins", "rewards/accuracies", "eval/loss", "eval/rewards/margins"):
+        assert [m[key] for m in mb if key in m] == pytest.approx([m[key] for m in ma if key in m], rel=1e-5), key
