@@ -56,6 +56,16 @@ def tokenize_demos(tokenizer: Any, demos: list[Demo], max_len: int) -> tuple[lis
     return examples, truncated
 
 
+def hold_out(items: list, fraction: float, seed: int) -> tuple[list, list]:
+    """``(train, held out)``: a seeded permutation of whole items (a ranking's pairs stay on one side), the
+    first ``fraction`` of it held out; at least one item trains."""
+    import torch
+
+    n_val = min(int(len(items) * fraction), len(items) - 1) if fraction > 0 else 0
+    perm = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed)).tolist()
+    return [items[i] for i in perm[n_val:]], [items[i] for i in perm[:n_val]]
+
+
 def collate(examples: list[Example], pad_id: int) -> dict:
     """Right-pad a list of examples into ``input_ids``, ``attention_mask``, ``labels`` tensors (B, T)."""
     ids, mask = pad_right([e.input_ids for e in examples], pad_id)

@@ -20,7 +20,7 @@ from typing import Any, NamedTuple
 import torch
 
 from .. import distributed
-from ..batches import render_prompt, tokenize_rankings
+from ..batches import hold_out, render_prompt, tokenize_rankings
 from ..config import DPOConfig, ModelConfig
 from ..console import banner, model_rows, processes_note, say
 from ..data import read_rankings
@@ -211,9 +211,7 @@ def run(cfg: DPOConfig, resume: bool = False, overwrite: bool = False, allow_cha
     items = [it._replace(ref=r) for it, r in zip(items, ref)]
 
     # 3. split by prompt, model (DDP or FSDP under a launcher), optimizer, schedule
-    n_val = min(int(len(items) * cfg.val_fraction), len(items) - 1) if cfg.val_fraction > 0 else 0
-    perm = torch.randperm(len(items), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
-    train, val = [items[i] for i in perm[n_val:]], [items[i] for i in perm[:n_val]]
+    train, val = hold_out(items, cfg.val_fraction, cfg.seed)
     model.train()
     run_model = distributed.wrap(model, device, cfg.fsdp)
     distributed.seed_rank(cfg.seed)

@@ -16,7 +16,7 @@ import torch
 
 from .. import distributed
 from ..config import ModelConfig, RMConfig
-from ..batches import RankedGroup, tokenize_rankings, tokenize_scored
+from ..batches import RankedGroup, hold_out, tokenize_rankings, tokenize_scored
 from ..data import read_demos, read_rankings
 from ..distributed import resolve_device
 from ..console import banner, model_rows, processes_note, say
@@ -170,9 +170,7 @@ def run(cfg: RMConfig, resume: bool = False, overwrite: bool = False, allow_chan
         raise BadInput(demo_errors)
 
     # 2. split by prompt, model (DDP or FSDP under a launcher), optimizer, schedule
-    n_val = min(int(len(groups) * cfg.val_fraction), len(groups) - 1) if cfg.val_fraction > 0 else 0
-    perm = torch.randperm(len(groups), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
-    train, val = [groups[i] for i in perm[n_val:]], [groups[i] for i in perm[:n_val]]
+    train, val = hold_out(groups, cfg.val_fraction, cfg.seed)
     model.train()
     layout = Layout(shared=cfg.share_prompts and supports_sharing(model),
                     packed=cfg.padding_free and supports_packing(model))
