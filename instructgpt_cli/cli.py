@@ -248,10 +248,15 @@ def label(
     from .judges import Settings
     from .stages import label as stage
 
+    from .locks import release_all
+
     try:
         stage.run(samples, out, judge, Settings(batch_size=batch_size, device=device, tie_margin=tie_margin))
     except BadInput as e:
+        release_all()
         fail(e.messages)
+    finally:
+        release_all()
 
 
 @app.command()

@@ -140,6 +140,9 @@ class DPOConfig:
     rankings: str = f("", "rankings JSONL file, the one train-rm reads: {prompt, responses, ranks} or {prompt, chosen, "
                           "rejected} (required)")
     sft: str = f("", "SFT model: the policy's initialisation and the frozen reference; default RUN_DIR/sft/final")
+    split: str = f("train", "split to read from a DatasetDict directory or a hub dataset id (name); a single file is "
+                            "read whole")
+    columns: list = f([], "dataset columns named otherwise, FIELD=COLUMN (e.g. prompt=question,chosen=better)")
     run_dir: str = f("runs/default", "run directory shared by all stages (path)")
     model: ModelConfig = f(ModelConfig(name=""), "model block; model.name, when set, replaces the SFT model as policy "
                                                  "and reference (smollm2-135m, tiny or a directory)")

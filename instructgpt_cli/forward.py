@@ -342,13 +342,16 @@ def ranking_logprobs(model: Any, rankings: list[list[list[int]]], prompt_lens: l
     where_t = torch.tensor(where, device=device)
     transform = logit_transform(model)
     if transform is None:  # a family igpt does not know: its own forward and logits
-        logits = model(input_ids=ids, **inputs).logits.flatten(0, 1)[where_t]
+        logits = model(input_ids=ids, **inputs).logits.flatten(0, 1).index_select(0, where_t)
     else:
         if runs_lean(model):
             hidden = lean.states(model, ids, inputs.get("attention_mask"), positions=inputs.get("position_ids"))
         else:
             hidden = backbone(model)(input_ids=ids, **inputs).last_hidden_state
-        logits = transform(model.get_output_embeddings()(hidden.flatten(0, 1)[where_t]))
+        # index_select, not x[where_t]: a shared prompt's last state predicts the first token of each of its K
+        # responses, and the backward of advanced indexing adds such repeats on CPU threads in no fixed order
+        # (runs then differ in the last bits); index_select's backward adds them in index order
+        logits = transform(model.get_output_embeddings()(hidden.flatten(0, 1).index_select(0, where_t)))
     logits = logits.float()
     token_logps = logits.gather(1, targets[:, None])[:, 0] - torch.logsumexp(logits, -1)
     return torch.zeros(len(seqs), dtype=token_logps.dtype, device=device).index_add(0, owner, token_logps)

@@ -289,8 +289,9 @@ class PythonJudge:
     def __init__(self, spec: str, settings: Settings):
         self.spec, self.settings = spec, settings
         module_name, name = spec[len("python:"):].rsplit(":", 1)
-        if os.getcwd() not in sys.path and "" not in sys.path:
-            sys.path.insert(0, os.getcwd())  # the current directory, as `python -m` puts it first
+        added = os.getcwd() not in sys.path and "" not in sys.path
+        if added:  # the current directory, as `python -m` puts it first; for this import only, so that a
+            sys.path.insert(0, os.getcwd())  # user's yaml.py or datasets.py there never shadows a library later
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as e:
@@ -298,6 +299,9 @@ class PythonJudge:
                             "directory or on PYTHONPATH"]) from None
         except Exception as e:
             raise BadInput([f"--judge {spec}: importing {module_name} raised {type(e).__name__}: {e}"]) from None
+        finally:
+            if added:
+                sys.path.remove(os.getcwd())
         self.source = Path(module.__file__) if getattr(module, "__file__", None) else None
         self.fn = getattr(module, name, None)
         if not callable(self.fn):

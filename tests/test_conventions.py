@@ -188,3 +188,15 @@ def test_run_directory_moves_and_reads_from_elsewhere(tmp_path: Path, demos_file
     assert "stale" in json.loads((tmp_path / "moved/manifest.json").read_text())["stages"]["rm"]
     printed = igpt("sft", "--config", saved, "--print-config")  # from another directory: the same data file
     assert printed.exit_code == 0 and f"data: {demos_file}" in printed.stdout
+
+
+@pytest.mark.parametrize("name", ["../elsewhere", "/tmp/x", ".hidden", "a/b"])
+def test_eval_name_is_one_folder_under_eval(tmp_path: Path, name: str):
+    """--name ../x or an absolute path would write outside RUN_DIR/eval (an absolute one crashed with a
+    traceback); refused with exit 2 before a model loads, nothing written."""
+    from conftest import write_jsonl
+
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Hi?"}])
+    result = igpt("eval", "tiny", "--prompts", prompts, "--sft", "tiny", "--run-dir", tmp_path / "run", "--name", name)
+    assert result.exit_code == 2 and "a report name is one folder name" in result.stderr
+    assert not (tmp_path / "run").exists() and not (tmp_path / "elsewhere").exists()

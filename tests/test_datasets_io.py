@@ -221,3 +221,19 @@ def test_sft_on_a_trl_parquet_and_train_rm_on_conversational_pairs(tmp_path):
     assert rm.exit_code == 0, rm.output  # the demos that normalise the reward: the SFT parquet, from the manifest
     assert (run_dir / "rm" / "final" / "model.safetensors").is_file()
     assert json.loads((run_dir / "manifest.json").read_text())["stages"]["rm"]["inputs"]["demos"]["path"] == str(demos)
+
+
+def test_dpo_reads_a_named_split_with_mapped_columns(tmp_path):
+    """dpo takes --split and --columns as train-rm does (UltraFeedback's preference split is train_prefs)."""
+    rows = [{"question": f"Pick {i}?", "good": f"banana {i}", "bad": f"stone {i}"} for i in range(6)]
+    datasets.DatasetDict({"train_prefs": datasets.Dataset.from_list(rows),
+                          "test_prefs": datasets.Dataset.from_list(rows[:2])}).save_to_disk(str(tmp_path / "prefs"))
+    args = ["dpo", "--model", "tiny", "--rankings", tmp_path / "prefs", "--run-dir", tmp_path / "run",
+            "--max-steps", "1", "--batch-size", "2", "--val-fraction", "0"]
+    result = igpt(*args, "--split", "train_prefs", "--columns", "prompt=question,chosen=good,rejected=bad")
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())["stages"]["dpo"]["inputs"]["rankings"]
+    assert manifest["split"] == "train_prefs" and manifest["columns"] == ["prompt=question", "chosen=good",
+                                                                          "rejected=bad"]
+    missing = igpt(*args[:-6], "--run-dir", tmp_path / "run2", "--columns", "prompt=question,chosen=good,rejected=bad")
+    assert missing.exit_code == 2 and "no split 'train'" in missing.stderr and not (tmp_path / "run2").exists()

@@ -3,6 +3,7 @@ arithmetic by hand; both orders asked; a bad judge exits 2 naming itself, with n
 from __future__ import annotations
 
 import json
+import os
 import math
 import sys
 from pathlib import Path
@@ -264,3 +265,26 @@ def test_a_judge_that_fails_midway_keeps_the_complete_rankings_before_it_and_res
     assert again.exit_code == 0 and "1 already ranked" in again.output
     assert [(r.prompt, r.ranks) for r in read_rankings(out)] == [("p0", [1, 3, 2]), ("p1", [1, 1, 2]),
                                                                    ("p3", [3, 1, 2])]
+
+
+def test_label_holds_its_output_and_a_python_judge_leaves_sys_path_as_it_was(tmp_path, monkeypatch):
+    """Two label sessions on one --out would rank the same prompts twice: the second is refused (exit 2,
+    naming the holder). The judge's module is found in the current directory for its import only: a user's
+    yaml.py or datasets.py there must not shadow the library for the rest of the command."""
+    from instructgpt_cli import locks
+
+    (tmp_path / "label_rules.py").write_text(RULES)
+    monkeypatch.chdir(tmp_path)
+    samples = write_jsonl(tmp_path / "samples.jsonl", SAMPLES)
+    out = tmp_path / "ranks.jsonl"
+    holder = locks.Lock(tmp_path / ".ranks.jsonl.lock", str(out))
+    holder.acquire()
+    try:
+        refused = igpt("label", samples, "--judge", "python:label_rules:bananas", "--out", out)
+    finally:
+        holder.release()
+    assert refused.exit_code == 2 and str(os.getpid()) in refused.stderr and not out.exists()
+    before = list(sys.path)
+    result = igpt("label", samples, "--judge", "python:label_rules:bananas", "--out", out)
+    assert result.exit_code == 0, result.output
+    assert sys.path == before and len(read_rankings(out)) == 3

@@ -176,13 +176,13 @@ def run(cfg: DPOConfig, resume: bool = False, overwrite: bool = False, allow_cha
     if not cfg.rankings:
         raise BadInput(["--rankings: required (a rankings JSONL file)"])
     run_dir = Path(cfg.run_dir)
-    rankings = read_rankings(cfg.rankings)
+    rankings = read_rankings(cfg.rankings, cfg.split, cfg.columns)
     init = cfg.model.name or find_model(cfg.sft, run_dir, "sft", "--sft")
     model_cfg = ModelConfig(**{**vars(cfg.model), "name": init})
     tokenizer, source = load_tokenizer(model_cfg)
     stage = Stage(run_dir, STAGE)
     device = resolve_device(cfg.device)
-    inputs = {"rankings": file_input(cfg.rankings), "sft": model_input(source or init)}
+    inputs = {"rankings": file_input(cfg.rankings, cfg.split, cfg.columns), "sft": model_input(source or init)}
     mode, changes = open_stage(stage, cfg, inputs, resume, overwrite, allow_changes)  # lock; what resume changes
     if mode == "done":
         say(f"dpo: {stage.final} is already complete; nothing to do")
@@ -202,8 +202,11 @@ def run(cfg: DPOConfig, resume: bool = False, overwrite: bool = False, allow_cha
                     packed=cfg.padding_free and supports_packing(model))
 
     # 2. the reference's log-probs: read back on resume, else one pass of the SFT model (before any step)
+    # (what decides the numbers: the data, the reference's weights, the dtype they run in; a named model such
+    # as tiny has no weights file, so its seed stands for them)
     key = {"rankings_sha256": inputs["rankings"]["sha256"], "max_len": str(max_len),
-           "reference": str(inputs["sft"].get("sha256") if isinstance(inputs["sft"], dict) else inputs["sft"])}
+           "dtype": str(next(model.parameters()).dtype), "reference": str(inputs["sft"].get("sha256") if isinstance(inputs["sft"], dict)
+                            else f"{inputs['sft']} seed {cfg.seed}")}
     ref = read_reference(stage.dir / REF_FILE, key, len(items)) if mode == "resume" else None
     computed = ref is None
     if computed:

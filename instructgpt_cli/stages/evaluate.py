@@ -91,7 +91,18 @@ def respond(cfg: EvalConfig, model, sft, rm, tokenizer, queries: list[list[int]]
     return responses, kls, scores
 
 
+def report_dir(run_dir: Path, name: str) -> Path:
+    """``RUN_DIR/eval/NAME``; NAME must be one folder name (``--name ../x`` or ``/tmp/x`` would write elsewhere,
+    and a leading dot is how igpt marks a set being published)."""
+    if not name or name in (".", "..") or "/" in name or "\\" in name or name.startswith("."):
+        raise BadInput([f"--name {name!r}: a report name is one folder name under {run_dir / 'eval'} (no '/', not "
+                        "starting with '.')"])
+    return run_dir / "eval" / name
+
+
 def run(cfg: EvalConfig, as_json: bool = False, overwrite: bool = False) -> dict:
+    if cfg.name:
+        report_dir(Path(cfg.run_dir), cfg.name)  # a name that would write elsewhere: refused before anything else
     if cfg.checkpoints or cfg.gold or cfg.gold_rm:
         return run_frontier(cfg, as_json, overwrite)  # the frontier of a PPO run (README, Frontier)
     # 1. validate inputs; nothing is written before they pass
@@ -120,7 +131,7 @@ def run(cfg: EvalConfig, as_json: bool = False, overwrite: bool = False) -> dict
     limits = [position_limit(str(p)) for p in [path, sft_path] + ([rm_path] if have_rm else [])]
     queries = render_queries(tokenizer, prompts, cfg.max_new_tokens, min(filter(None, limits), default=None))
     device = resolve_device(cfg.device)
-    out = run_dir / "eval" / (cfg.name or name)
+    out = report_dir(run_dir, cfg.name or name)
     # before any sampling: a write that cannot happen, or earlier results kept without --overwrite, fail now
     claim(run_dir, out, overwrite)
 
@@ -209,7 +220,7 @@ def run_frontier(cfg: EvalConfig, as_json: bool = False, overwrite: bool = False
     limits = [position_limit(str(p)) for p in (ppo.sft, rm_path, *([gold.rm_path] if gold and gold.rm_path else []))]
     queries = render_queries(tokenizer, prompts, cfg.max_new_tokens, min(filter(None, limits), default=None))
     device = resolve_device(cfg.device)
-    out = run_dir / "eval" / (cfg.name or "ppo-frontier")
+    out = report_dir(run_dir, cfg.name or "ppo-frontier")
     claim(run_dir, out, overwrite)
 
     # 2. the SFT reference and the proxy reward model, once; 3. each point in turn, gold-scored
