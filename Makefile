@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.igpt-installed
 RUN    ?= runs/demo
 
-.PHONY: install test test-fast demo clean bench
+.PHONY: install test test-fast demo gold clean bench
 
 install: $(STAMP)
 
@@ -40,6 +40,12 @@ demo: install
 	test -f $(RUN)/eval/ppo/report.json || $(EVAL) ppo
 	$(BIN)/igpt compare ppo sft --config configs/demo.yaml --prompts data/eval_prompts.jsonl --run-dir $(RUN) --overwrite
 	$(BIN)/igpt compare ppo dpo --config configs/demo.yaml --prompts data/eval_prompts.jsonl --run-dir $(RUN) --overwrite
+
+# The gold-judged experiment (README, "Gold-judged experiment"): does PPO beat SFT by a judge it never trained on?
+# examples/gold/run.py calls igpt's stages; a rerun resumes. GOLD_ARGS: e.g. --seed 1 --run-dir runs/gold-1.
+gold: install
+	$(BIN)/pip install --quiet -e '.[gold]'
+	$(BIN)/python examples/gold/run.py $(GOLD_ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

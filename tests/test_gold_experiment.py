@@ -56,3 +56,16 @@ def test_the_tiny_experiment_writes_its_frontier_win_rate_and_summary(tmp_path, 
     assert saved == summary and saved["win_rate"]["win_rate"] == compare["win_rate"]
     assert [p["gold_mean"] for p in saved["frontier"]] == [p["gold_mean"] for p in frontier["points"]]
     assert set(saved["seconds"]) == {"sft", "sample", "label", "train-rm", "ppo", "eval", "compare"}
+
+
+def test_the_vader_gold_scores_tone_not_length():
+    """gold_judge.score: VADER's positive minus negative share, 0 for an empty or neutral text, the same for a
+    text repeated (a longer answer earns nothing by length), lower when neutral words dilute it."""
+    pytest.importorskip("vaderSentiment")
+    spec = importlib.util.spec_from_file_location("gold_judge", REPO / "examples" / "gold" / "gold_judge.py")
+    gold = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gold)
+    good, bad, neutral = "I love it, thank you so much!", "This is awful and I hate it.", "The bus leaves at noon."
+    s = gold.score("any prompt", [good, bad, neutral, "", f"{good} {good}", f"{good} {neutral}"])
+    assert s[0] > 0 > s[1] and s[2] == 0.0 and s[3] == 0.0
+    assert s[4] == pytest.approx(s[0], abs=0.02) and 0 < s[5] < s[0]
