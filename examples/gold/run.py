@@ -38,7 +38,7 @@ DATA = REPO / "data"
 # the reward model's rankings (from data/prompts.jsonl; PPO trains on all of it), held-out prompts of every
 # frontier point and of compare (from data/eval_prompts.jsonl, never seen in training).
 SIZES = {
-    "full": {"config": HERE / "gold.yaml", "rm_prompts": 160, "frontier_prompts": 48, "compare_prompts": 112},
+    "full": {"config": HERE / "gold.yaml", "rm_prompts": 128, "frontier_prompts": 48, "compare_prompts": 112},
     "tiny": {"config": HERE / "tiny.yaml", "rm_prompts": 12, "frontier_prompts": 4, "compare_prompts": 8},
 }
 
