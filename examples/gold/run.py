@@ -1,0 +1,149 @@
+"""`make gold`: does igpt's PPO make answers better by a judge it never trained on? (README, "Gold-judged
+experiment").
+
+The task: answer the shipped prompts in a warm, positive tone. The gold labeller is VADER's sentiment lexicon
+(gold_judge.py, the `[gold]` extra), which nobody on igpt wrote. The driver only calls igpt's stages, as a user
+would (each one resumes or is skipped when its output exists, so a rerun picks up where a run stopped):
+
+  1. igpt sft       on data/demos.jsonl
+  2. igpt sample    K responses per training prompt from the SFT model
+  3. igpt label     the gold judge ranks them (AI feedback: no person in the loop)
+  4. igpt train-rm  the proxy reward model, on the gold judge's rankings
+  5. igpt ppo       against the proxy, keeping a checkpoint every save_every iterations
+  6. igpt eval ppo --checkpoints all --gold JUDGE   the frontier: proxy and gold score against KL to SFT
+  7. igpt compare ppo sft --judge JUDGE             the gold win rate on held-out prompts, with its interval
+
+and prints, and saves in RUN/gold-summary.json, the reward model's held-out accuracy, the frontier, and the gold
+win rate (raw and length-controlled) with each side's mean length.
+
+    python examples/gold/run.py                       # the full run (examples/gold/gold.yaml, SmolLM2-135M)
+    python examples/gold/run.py --tiny --run-dir /tmp/g --judge python:myrule:score   # seconds: the mechanics
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+DATA = REPO / "data"
+
+# Prompt counts per size (the rest of each stage's size lives in its config file): prompts sampled K times for
+# the reward model's rankings (from data/prompts.jsonl; PPO trains on all of it), held-out prompts of every
+# frontier point and of compare (from data/eval_prompts.jsonl, never seen in training).
+SIZES = {
+    "full": {"config": HERE / "gold.yaml", "rm_prompts": 128, "frontier_prompts": 48, "compare_prompts": 112},
+    "tiny": {"config": HERE / "tiny.yaml", "rm_prompts": 12, "frontier_prompts": 4, "compare_prompts": 8},
+}
+
+
+def subprocess_igpt(*args: str) -> None:
+    """Run one igpt command in its own process (how a user runs it); stop the experiment if it fails."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")]))}
+    code = subprocess.call([sys.executable, "-m", "instructgpt_cli", *args], env=env)
+    if code:
+        raise SystemExit(f"gold: `igpt {' '.join(args)}` exited {code}")
+
+
+def take_lines(src: Path, dst: Path, n: int) -> Path:
+    """The first ``n`` lines of a JSONL file, written to ``dst`` (the same file on a rerun)."""
+    lines = [x for x in src.read_text(encoding="utf-8").splitlines() if x.strip()][:n]
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    dst.write_text("".join(x + "\n" for x in lines), encoding="utf-8")
+    return dst
+
+
+def main(argv: list[str] | None = None, igpt: Callable[..., None] = subprocess_igpt) -> dict:
+    """Run the experiment; ``igpt(*args)`` runs one command (a test passes an in-process runner)."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--run-dir", default="runs/gold", help="run directory (default runs/gold)")
+    p.add_argument("--judge", default="python:gold_judge:score", help="the gold judge, igpt's --judge form")
+    p.add_argument("--seed", type=int, default=0, help="seed of every stage (sampling, data order, init)")
+    p.add_argument("--tiny", action="store_true", help="the random tiny model and a few prompts: the mechanics")
+    p.add_argument("--config", default=None, help="igpt config with every stage's section (default by size)")
+    a = p.parse_args(argv)
+    size = SIZES["tiny" if a.tiny else "full"]
+    cfg, run, seed = str(a.config or size["config"]), Path(a.run_dir), str(a.seed)
+    if str(HERE) not in sys.path:
+        sys.path.insert(0, str(HERE))  # gold_judge for an in-process runner, as PYTHONPATH for a subprocess
+    work = run / "gold-data"
+    rm_prompts = take_lines(DATA / "prompts.jsonl", work / "rm_prompts.jsonl", size["rm_prompts"])
+    frontier_prompts = take_lines(DATA / "eval_prompts.jsonl", work / "frontier_prompts.jsonl",
+                                  size["frontier_prompts"])
+    compare_prompts = take_lines(DATA / "eval_prompts.jsonl", work / "compare_prompts.jsonl", size["compare_prompts"])
+    samples, rankings = work / "samples.jsonl", work / "rankings.jsonl"
+    common = ["--config", cfg, "--run-dir", str(run), "--seed", seed]
+    times: dict[str, float] = {}
+
+    def stage(name: str, *args: str) -> None:
+        start = time.perf_counter()
+        print(f"\n== gold: igpt {name} {' '.join(args)}", flush=True)
+        igpt(name, *args)
+        times[name] = times.get(name, 0.0) + time.perf_counter() - start
+
+    # 1-4: SFT, then the proxy reward model on the gold judge's rankings of the SFT model's samples
+    stage("sft", *common, "--data", str(DATA / "demos.jsonl"), "--resume")
+    if not samples.exists():
+        stage("sample", *common, "--prompts", str(rm_prompts), "--out", str(samples))
+    stage("label", str(samples), "--judge", a.judge, "--out", str(rankings))  # resumes after ranked prompts
+    stage("train-rm", *common, "--rankings", str(rankings), "--resume")
+    # 5: PPO, keeping every checkpoint for the frontier
+    stage("ppo", *common, "--prompts", str(DATA / "prompts.jsonl"), "--ptx-data", str(DATA / "pretrain.jsonl"),
+          "--keep-checkpoints", "100", "--resume")
+    # 6-7: the frontier, then the gold win rate of PPO's final policy over SFT on held-out prompts
+    frontier_report = run / "eval" / "ppo-frontier" / "report.json"
+    if not frontier_report.exists():
+        stage("eval", "ppo", *common, "--checkpoints", "all", "--gold", a.judge, "--prompts", str(frontier_prompts))
+    stage("compare", "ppo", "sft", *common, "--judge", a.judge, "--prompts", str(compare_prompts), "--overwrite")
+    return summarise(run, a.judge, times)
+
+
+def summarise(run: Path, judge: str, times: dict[str, float]) -> dict:
+    """Print and save (RUN/gold-summary.json) what the experiment measured."""
+    from instructgpt_cli.rewards import reward_stats
+    from instructgpt_cli.stages.compare import result_dir
+    from instructgpt_cli.storage import atomic_write_text
+
+    frontier = json.loads((run / "eval" / "ppo-frontier" / "report.json").read_text(encoding="utf-8"))
+    compare = json.loads((result_dir(run, "ppo-vs-sft", judge) / "report.json").read_text(encoding="utf-8"))
+    rm = reward_stats(run / "rm" / "final") or {}
+    keys = ("label", "step", "episodes", "kl_to_sft", "score_mean", "gold_mean", "response_length", "eos_rate")
+    summary = {
+        "judge": judge,
+        "rm_accuracy": {k: rm.get(f"eval/{k}") for k in ("accuracy", "accuracy_ci_low", "accuracy_ci_high")},
+        "frontier": [{k: pt.get(k) for k in keys} for pt in frontier["points"]],
+        "best_gold": frontier.get("best_gold"), "best_proxy": frontier.get("best_proxy"),
+        "win_rate": {k: compare.get(k) for k in ("win_rate", "ci_low", "ci_high", "wins", "ties", "losses")},
+        "length_controlled": compare.get("length_controlled"), "mean_length": compare.get("mean_length"),
+        "seconds": {k: round(v, 1) for k, v in times.items()},
+    }
+    atomic_write_text(run / "gold-summary.json", json.dumps(summary, indent=2) + "\n")
+    acc = summary["rm_accuracy"]
+    print(f"\n== gold: the experiment ({judge})")
+    if acc["accuracy"] is not None:
+        print(f"reward model held-out pair accuracy {acc['accuracy']:.1%} "
+              f"(95% CI {acc['accuracy_ci_low']:.1%}-{acc['accuracy_ci_high']:.1%})")
+    print(f"{'point':>16} {'KL to SFT':>10} {'proxy':>8} {'gold':>8} {'length':>7}")
+    for pt in summary["frontier"]:
+        print(f"{pt['label']:>16} {pt['kl_to_sft']:>10.3f} {pt['score_mean']:>8.3f} {pt['gold_mean']:>8.3f} "
+              f"{pt['response_length']:>7.1f}")
+    w, lc, ml = summary["win_rate"], summary["length_controlled"] or {}, summary["mean_length"] or {}
+    print(f"best gold: {summary['best_gold']}; the proxy would pick: {summary['best_proxy']}")
+    print(f"gold win rate of ppo over sft: {w['win_rate']:.1%} (95% CI {w['ci_low']:.1%}-{w['ci_high']:.1%}; "
+          f"{w['wins']} wins, {w['ties']} ties, {w['losses']} losses)")
+    if lc.get("win_rate") is not None:
+        print(f"length-controlled: {lc['win_rate']:.1%} (95% CI {lc['ci_low']:.1%}-{lc['ci_high']:.1%})")
+    if ml:
+        print(f"mean length (words): ppo {ml['a']['words']:.1f}, sft {ml['b']['words']:.1f}")
+    print(f"saved {run / 'gold-summary.json'}; stage seconds {summary['seconds']}")
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,71 @@
+"""examples/gold/run.py (`make gold`): the gold-judged experiment's pipeline (sft -> sample -> label by the gold
+judge -> train-rm -> ppo -> eval --checkpoints all --gold -> compare --judge gold), run with --tiny on the random
+tiny model and a rule judge in place of VADER; the full-size run is `make gold`, not a test."""
+import importlib.util
+import json
+
+import pytest
+
+from conftest import REPO, igpt
+
+RULE = '''
+def score(prompt, responses):
+    return [float(r.count("e")) - 0.1 * len(r) for r in responses]
+'''
+
+
+def load_driver():
+    spec = importlib.util.spec_from_file_location("gold_run", REPO / "examples" / "gold" / "run.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def in_process(*args):
+    result = igpt(*args)
+    assert result.exit_code == 0, (args, result.stdout, result.stderr)
+
+
+def test_the_tiny_experiment_writes_its_frontier_win_rate_and_summary(tmp_path, monkeypatch):
+    (tmp_path / "goldrule.py").write_text(RULE, encoding="utf-8")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    run = tmp_path / "run"
+    summary = load_driver().main(["--tiny", "--run-dir", str(run), "--judge", "python:goldrule:score"], in_process)
+
+    # the gold judge ranked the SFT model's samples, and the reward model was trained on its rankings
+    samples = [json.loads(x) for x in (run / "gold-data" / "samples.jsonl").read_text().splitlines()]
+    rankings = [json.loads(x) for x in (run / "gold-data" / "rankings.jsonl").read_text().splitlines()]
+    assert len(samples) == 12 and all(len(s["responses"]) == 3 for s in samples)
+    assert rankings and all(r["judge"] == "python:goldrule:score" for r in rankings)
+    assert (run / "rm" / "final").is_dir() and (run / "ppo" / "final" / "policy").is_dir()
+    # the frontier: SFT, the checkpoints of steps 2 (save_every 2; 4 is the final policy's), the final policy,
+    # each with the rule's gold beside the proxy's score
+    frontier = json.loads((run / "eval" / "ppo-frontier" / "report.json").read_text())
+    assert [p["label"] for p in frontier["points"]] == ["sft", "step-2", "final (step 4)"]
+    assert frontier["points"][0]["kl_to_sft"] == 0.0
+    for p in frontier["points"]:
+        rows = [json.loads(x) for x in (run / "eval" / "ppo-frontier" / "samples" /
+                                        f"step-{p['step']:06d}.jsonl").read_text().splitlines()]
+        assert p["gold_mean"] == pytest.approx(sum(r["gold"] for r in rows) / len(rows))
+    # the gold win rate on the held-out prompts, with its interval and length control
+    compare = json.loads((run / "compare" / "ppo-vs-sft.python-goldrule-score" / "report.json").read_text())
+    assert compare["wins"] + compare["ties"] + compare["losses"] == 8
+    assert compare["ci_low"] <= compare["win_rate"] <= compare["ci_high"]
+    # the summary says the same, printed and saved
+    saved = json.loads((run / "gold-summary.json").read_text())
+    assert saved == summary and saved["win_rate"]["win_rate"] == compare["win_rate"]
+    assert [p["gold_mean"] for p in saved["frontier"]] == [p["gold_mean"] for p in frontier["points"]]
+    assert set(saved["seconds"]) == {"sft", "sample", "label", "train-rm", "ppo", "eval", "compare"}
+
+
+def test_the_vader_gold_scores_tone_not_length():
+    """gold_judge.score: VADER's positive minus negative share, 0 for an empty or neutral text, the same for a
+    text repeated (a longer answer earns nothing by length), lower when neutral words dilute it."""
+    pytest.importorskip("vaderSentiment")
+    spec = importlib.util.spec_from_file_location("gold_judge", REPO / "examples" / "gold" / "gold_judge.py")
+    gold = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gold)
+    good, bad, neutral = "I love it, thank you so much!", "This is awful and I hate it.", "The bus leaves at noon."
+    s = gold.score("any prompt", [good, bad, neutral, "", f"{good} {good}", f"{good} {neutral}"])
+    assert s[0] > 0 > s[1] and s[2] == 0.0 and s[3] == 0.0
+    assert s[4] == pytest.approx(s[0], abs=0.02) and 0 < s[5] < s[0]
