@@ -62,6 +62,19 @@ def sft(spec: dict) -> dict:
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
+def _ranking_result(metrics: Path, spec: dict, plan: dict, box: dict, notes: dict | None = None) -> dict:
+    """A K-wise ranking workload's result (train-rm, dpo): comparisons per timed step, checked against the plan."""
+    seconds, rows = _step_seconds(metrics, spec["warmup"])
+    comparisons = [r["train/comparisons"] for r in rows[spec["warmup"]:]]
+    assert all(c == plan["comparisons_per_step"] for c in comparisons), comparisons
+    return {"step_seconds": seconds, "units_per_step": comparisons,
+            "flops_per_step": [plan["flops_per_step"]] * len(seconds),
+            "peak_rss_mb": box.get("peak_rss_mb", vm_hwm_mb()),
+            "notes": {"sequences_per_step": plan["igpt_sequences_per_step"],
+                      "train_loss_mean": sum(r["train/loss"] for r in rows) / len(rows),
+                      "tokens_total": sum(r["train/tokens"] for r in rows), **(notes or {})}}
+
+
 def rm(spec: dict) -> dict:
     from instructgpt_cli.config import ModelConfig, OptimConfig, RMConfig
     from instructgpt_cli.stages import reward as stage
@@ -80,18 +93,10 @@ def rm(spec: dict) -> dict:
                        save_every=10**9, seed=0, device="cpu")
         box = _capture_peak_before_export(stage)
         stage.run(cfg, overwrite=True)
-        seconds, rows = _step_seconds(run_dir / "rm" / "metrics.jsonl", spec["warmup"])
-        comparisons = [r["train/comparisons"] for r in rows[spec["warmup"]:]]
-        assert all(c == plan["comparisons_per_step"] for c in comparisons), comparisons
-        return {"step_seconds": seconds, "units_per_step": comparisons,
-                "flops_per_step": [plan["flops_per_step"]] * len(seconds),
-                "peak_rss_mb": box.get("peak_rss_mb", vm_hwm_mb()),
-                "notes": {"sequences_per_step": plan["igpt_sequences_per_step"],
-                          "tokens_run_per_step": (plan["igpt_shared_tokens_per_step"] if cfg.share_prompts
-                                                  else plan["full_tokens_per_step"]),
-                          "train_loss_mean": sum(r["train/loss"] for r in rows) / len(rows),
-                          "tokens_total": sum(r["train/tokens"] for r in rows),
-                          "forwards_per_comparison": plan["igpt_sequences_per_step"] / plan["comparisons_per_step"]}}
+        return _ranking_result(run_dir / "rm" / "metrics.jsonl", spec, plan, box, {
+            "tokens_run_per_step": (plan["igpt_shared_tokens_per_step"] if cfg.share_prompts
+                                    else plan["full_tokens_per_step"]),
+            "forwards_per_comparison": plan["igpt_sequences_per_step"] / plan["comparisons_per_step"]})
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
 
@@ -116,15 +121,7 @@ def dpo(spec: dict) -> dict:
                         save_every=10**9, seed=0, device="cpu")
         box = _capture_peak_before_export(stage)
         stage.run(cfg, overwrite=True)
-        seconds, rows = _step_seconds(run_dir / "dpo" / "metrics.jsonl", spec["warmup"])
-        comparisons = [r["train/comparisons"] for r in rows[spec["warmup"]:]]
-        assert all(c == plan["comparisons_per_step"] for c in comparisons), comparisons
-        return {"step_seconds": seconds, "units_per_step": comparisons,
-                "flops_per_step": [plan["flops_per_step"]] * len(seconds),
-                "peak_rss_mb": box.get("peak_rss_mb", vm_hwm_mb()),
-                "notes": {"sequences_per_step": plan["igpt_sequences_per_step"],
-                          "train_loss_mean": sum(r["train/loss"] for r in rows) / len(rows),
-                          "tokens_total": sum(r["train/tokens"] for r in rows)}}
+        return _ranking_result(run_dir / "dpo" / "metrics.jsonl", spec, plan, box)
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
 
