@@ -9,8 +9,9 @@ from typing import Any, Iterator, NamedTuple
 
 import torch
 
-from . import distributed
+from . import distributed, forward
 from .batches import pad_left, pad_right
+from .console import StepProgress
 from .distributed import no_autograd
 from .forward import decoder, last_token_scores, lm_loss_sum, response_log_softmax
 
@@ -36,21 +37,27 @@ def truncate_at_eos(tokens: list[int], eos_id: int) -> list[int]:
 
 
 def generate(model: Any, tokenizer: Any, queries: list[list[int]], max_new_tokens: int, temperature: float,
-             batch_size: int, synced: bool = False) -> list[list[int]]:
+             batch_size: int, synced: bool = False, progress: str = "") -> list[list[int]]:
     """Sample one response per query (token lists, EOS included where the model stopped), ``batch_size``
     queries at a time (:func:`sample`). Runs under ``distributed.no_autograd``: ``inference_mode`` in one
     process. ``synced``: every rank keeps stepping until all are done (a sharded model gathers its weights
-    in every forward)."""
+    in every forward). ``progress``: a name to show progress under, a step a batch (in a log file a line
+    about every LOG_SECONDS: sampling a stage's prompts can take minutes)."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     responses: list[list[int]] = []
-    for start in range(0, len(queries), batch_size):
-        ids, mask = pad_left(queries[start:start + batch_size], tokenizer.pad_token_id)
-        with no_autograd(), few_row_linears(model) if device.type == "cpu" else contextlib.nullcontext():
-            out = sample(model, ids.to(device), mask.to(device), max_new_tokens, temperature, tokenizer.eos_token_id,
-                         tokenizer.pad_token_id, synced)
-        responses += [truncate_at_eos(row, tokenizer.eos_token_id) for row in out.tolist()]
+    batches = range(0, len(queries), batch_size)
+    shown = StepProgress(progress, len(batches), 0, ("responses",)) if progress else None
+    with shown or contextlib.nullcontext():
+        for step, start in enumerate(batches, 1):
+            ids, mask = pad_left(queries[start:start + batch_size], tokenizer.pad_token_id)
+            with no_autograd(), few_row_linears(model) if device.type == "cpu" else contextlib.nullcontext():
+                out = sample(model, ids.to(device), mask.to(device), max_new_tokens, temperature,
+                             tokenizer.eos_token_id, tokenizer.pad_token_id, synced)
+            responses += [truncate_at_eos(row, tokenizer.eos_token_id) for row in out.tolist()]
+            if shown is not None:
+                shown.update(step, {"responses": len(responses)})
     model.train(was_training)
     return responses
 
@@ -63,10 +70,16 @@ def sample(model: Any, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: in
     Our own loop rather than ``model.generate``: one forward and one :func:`draw` a token, none of
     generate's per-step logits processors, stopping criteria and input preparation, and for Llama models the lean
     forward (``forward.decoder``). Positions count real tokens only, so left padding shifts nothing."""
-    stepper = decoder(model, ids, mask, max_new_tokens)
+    shared = distinct_rows(ids, mask) if forward.runs_lean(model) else None  # lean.Decoder.repeat
+    if shared is None:
+        stepper = decoder(model, ids, mask, max_new_tokens)
+        logits = stepper.start()
+    else:  # the same prompt K times (igpt sample): run each distinct prompt once, then copy its cache
+        first, rows = shared
+        stepper = decoder(model, ids.index_select(0, first), mask.index_select(0, first), max_new_tokens)
+        logits = stepper.repeat(rows, stepper.start())
     out = ids.new_full((ids.size(0), max_new_tokens), pad_id)
     done = torch.zeros(ids.size(0), dtype=torch.bool, device=ids.device)
-    logits = stepper.start()
     n = 0  # tokens drawn
     while True:
         token = torch.where(done, pad_id, draw(logits, temperature))
@@ -77,6 +90,19 @@ def sample(model: Any, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: in
         if n == max_new_tokens or int(distributed.total(left) if synced else left) == 0:
             return out[:, :n]
         logits = stepper.step(token)
+
+
+def distinct_rows(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """For a batch whose rows repeat: (the first row of each distinct (ids, mask) row (U,), and which of
+    them each row is (B,)); None when every row is distinct."""
+    seen: dict[tuple, int] = {}
+    rows = [seen.setdefault((tuple(r), tuple(m)), len(seen)) for r, m in zip(ids.tolist(), mask.tolist())]
+    if len(seen) == len(rows):
+        return None
+    first = [0] * len(seen)
+    for i in reversed(range(len(rows))):
+        first[rows[i]] = i
+    return torch.tensor(first, device=ids.device), torch.tensor(rows, device=ids.device)
 
 
 # Which linear layers take the (W @ x.T).T path on a CPU, and up to how many rows (bench/README.md): the

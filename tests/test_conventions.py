@@ -50,6 +50,23 @@ def test_batch_log_default_is_time_based(tmp_path: Path, demos_file: Path, monke
     assert [x.split()[2] for x in lines] == ["5/7", "7/7"]  # the first step of this process and the last
 
 
+def test_sampling_shows_a_line_a_batch_in_a_log(tmp_path: Path, monkeypatch):
+    """igpt sample (and eval and compare, through rollout.generate) can sample for minutes: a line a batch of
+    prompts, with the responses so far, the last one counting them all."""
+    from conftest import write_jsonl
+    from instructgpt_cli import console
+
+    monkeypatch.setattr(console, "LOG_SECONDS", 0.0)
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"what is {i} plus {i}?"} for i in range(5)])
+    result = igpt("sample", "--model", "tiny", "--prompts", prompts, "--k", "3", "--batch-size", "4",
+                  "--max-new-tokens", "4", "--out", tmp_path / "s.jsonl")
+    assert result.exit_code == 0, result.output
+    lines = progress_lines(result.stderr, "sample")
+    assert [x.split()[2] for x in lines] == [f"{i}/4" for i in range(1, 5)], result.stderr  # 15 responses, 4 a batch
+    assert [int(re.search(r"responses (\d+)", x).group(1)) for x in lines] == [4, 8, 12, 15]
+    assert len((tmp_path / "s.jsonl").read_text().splitlines()) == 5
+
+
 def test_a_real_log_file(tmp_path: Path, demos_file: Path):
     """The command as a batch script runs it: stderr redirected to a file."""
     log = tmp_path / "log.txt"

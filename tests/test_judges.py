@@ -65,6 +65,9 @@ def test_ranks_verdicts_and_answer_margins_by_hand():
 
     assert ranks_from_scores([3.0, 1.0, 3.0, 2.0]) == [1, 3, 1, 2]  # ties share a rank; dense
     assert ranks_from_scores([1.0, 1.4, 3.0], margin=0.5) == [2, 2, 1]
+    # a rank spans at most the margin: no chain of small steps ties the ends (0.34 and 0.09 are 0.25 apart)
+    assert ranks_from_scores([0.2, 0.343, 0.088, 0.257, 0.115], margin=0.1) == [2, 1, 3, 1, 2]
+    assert ranks_from_scores([0.3, 0.2, 0.1, 0.0], margin=0.1) == [1, 1, 2, 2]  # a difference of exactly margin ties
     assert ranks_from_scores([5.0]) == [1]
     assert (winner(1.0, 1.5, 0.5), winner(1.0, 1.6, 0.5), winner(2.0, 1.0, 0.0)) == ("tie", "B", "A")
     logits = torch.tensor([[0.0, 1.0, 2.0, 3.0], [4.0, 0.0, 0.0, -1.0]])

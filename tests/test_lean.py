@@ -142,6 +142,42 @@ def test_decoding_matches_generate_and_the_transformers_cache(tok, monkeypatch):
     assert out.tolist() == ref.tolist() and len(set(map(tuple, out.tolist()))) == 4
 
 
+def test_repeated_prompts_share_one_prefill(tok, monkeypatch):
+    """igpt sample's K copies of a prompt: each distinct prompt runs once, its cache is copied to its rows, and
+    the samples are those of the unshared decoder (and of transformers' forward); greedy rows equal each
+    prompt decoded alone."""
+    from instructgpt_cli.batches import pad_left
+
+    model = tiny_model(tok, 0).eval()
+    distinct = [list(range(10, 13 + 4 * i)) for i in range(3)]
+    ids, mask = pad_left([q for q in distinct for _ in range(3)], tok.pad_token_id)  # K = 3, as igpt sample lays out
+    first, rows = rollout.distinct_rows(ids, mask)
+    assert first.tolist() == [0, 3, 6] and rows.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert rollout.distinct_rows(ids[::3], mask[::3]) is None
+    prefilled = []
+    monkeypatch.setattr(lean.Decoder, "start", lambda self, start=lean.Decoder.start: (
+        prefilled.append(self.ids.size(0)), start(self))[1])
+
+    def sampled(temperature=1.0):
+        torch.manual_seed(5)
+        with torch.no_grad():
+            return rollout.sample(model, ids, mask, 12, temperature, tok.eos_token_id, tok.pad_token_id)
+
+    shared = sampled()
+    assert prefilled == [3]  # three prompts prefilled, not nine
+    out, ref = run_both(monkeypatch, sampled)  # transformers' decoder never shares
+    assert out.tolist() == ref.tolist() == shared.tolist()
+    monkeypatch.setattr(rollout, "distinct_rows", lambda ids, mask: None)
+    assert sampled().tolist() == shared.tolist() and prefilled[-1] == 9
+    assert len(set(map(tuple, shared[:3].tolist()))) == 3  # the copies of one prompt sample apart
+    monkeypatch.undo()
+    greedy = sampled(0.0)
+    for i, q in enumerate(distinct):
+        alone = rollout.sample(model, torch.tensor([q]), torch.ones(1, len(q), dtype=torch.long), 12, 0.0,
+                               tok.eos_token_id, tok.pad_token_id)
+        assert (greedy[3 * i:3 * i + 3] == alone).all()
+
+
 def test_supported_only_where_the_numbers_are_the_same(tok):
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaForCausalLM
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer

@@ -85,7 +85,8 @@ def answers(cfg: CompareConfig, path: Path, tokenizer, queries: list[list[int]],
         return reused[0], str(reused[1])
     model = load_model(ModelConfig(name=str(path), dtype=cfg.dtype), tokenizer, path, device, cfg.seed).eval()
     torch.manual_seed(cfg.seed)  # the same seed for both models
-    return generate(model, tokenizer, queries, cfg.max_new_tokens, cfg.temperature, cfg.batch_size), "sampled"
+    return generate(model, tokenizer, queries, cfg.max_new_tokens, cfg.temperature, cfg.batch_size,
+                    progress="sample"), "sampled"
 
 
 def run(cfg: CompareConfig, overwrite: bool = False) -> dict:

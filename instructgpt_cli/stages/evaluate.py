@@ -84,7 +84,8 @@ def respond(cfg: EvalConfig, model, sft, rm, tokenizer, queries: list[list[int]]
     cfg.seed), their KL to ``sft`` at temperature ``kl_t`` (0 where ``sft`` is the model) and the reward model's
     scores ([] without ``rm``): what ``igpt eval`` measures of one model, and the frontier of each checkpoint."""
     torch.manual_seed(cfg.seed)
-    responses = generate(model, tokenizer, queries, cfg.max_new_tokens, cfg.temperature, cfg.batch_size)
+    responses = generate(model, tokenizer, queries, cfg.max_new_tokens, cfg.temperature, cfg.batch_size,
+                         progress="sample")
     kls = ([0.0] * len(responses) if sft is model else  # log pi - log pi_SFT is exactly 0: skip both forwards
            response_kl(model, sft, tokenizer, queries, responses, kl_t, cfg.batch_size).tolist())
     scores = score_responses(rm, tokenizer, queries, responses, cfg.batch_size).tolist() if rm is not None else []

@@ -76,7 +76,7 @@ def sample_distinct(model, tokenizer, queries: list[list[int]], cfg: SampleConfi
     """K responses per query; empty or duplicate ones are resampled (a labeler cannot rank them),
     up to RETRIES rounds. Deterministic given the seed."""
     flat = generate(model, tokenizer, [q for q in queries for _ in range(cfg.k)], cfg.max_new_tokens,
-                    cfg.temperature, cfg.batch_size)
+                    cfg.temperature, cfg.batch_size, progress="sample")
     groups = [[decode_response(tokenizer, r) for r in flat[i * cfg.k:(i + 1) * cfg.k]] for i in range(len(queries))]
     for _ in range(RETRIES if cfg.temperature > 0 else 0):
         redo = [(gi, j) for gi, g in enumerate(groups) for j, t in enumerate(g)
