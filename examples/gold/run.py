@@ -1,17 +1,18 @@
 """`make gold`: does igpt's PPO make answers better by a judge it never trained on? (README, "Gold-judged
 experiment").
 
-The task: answer the shipped prompts in a warm, positive tone. The gold labeller is VADER's sentiment lexicon
+The task: reply to a message in one sentence, in a warm, positive tone (the prompts: make_prompts.py). The gold labeller is VADER's sentiment lexicon
 (gold_judge.py, the `[gold]` extra), which nobody on igpt wrote. The driver only calls igpt's stages, as a user
 would (each one resumes or is skipped when its output exists, so a rerun picks up where a run stopped):
 
   1. igpt sft       on data/demos.jsonl
-  2. igpt sample    K responses per training prompt from the SFT model
+  2. igpt sample    K responses per training prompt (prompts_train.jsonl) from the SFT model
   3. igpt label     the gold judge ranks them (AI feedback: no person in the loop)
   4. igpt train-rm  the proxy reward model, on the gold judge's rankings
   5. igpt ppo       against the proxy, keeping a checkpoint every save_every iterations
   6. igpt eval ppo --checkpoints all --gold JUDGE   the frontier: proxy and gold score against KL to SFT
-  7. igpt compare ppo sft --judge JUDGE             the gold win rate on held-out prompts, with its interval
+  7. igpt compare ppo sft --judge JUDGE             the gold win rate on held-out prompts (prompts_heldout.jsonl,
+                                                    messages never seen in training), with its interval
 
 and prints, and saves in RUN/gold-summary.json, the reward model's held-out accuracy, the frontier, and the gold
 win rate (raw and length-controlled) with each side's mean length.
@@ -34,13 +35,17 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 DATA = REPO / "data"
 
-# Prompt counts per size (the rest of each stage's size lives in its config file): prompts sampled K times for
-# the reward model's rankings (from data/prompts.jsonl; PPO trains on all of it), held-out prompts of every
-# frontier point and of compare (from data/eval_prompts.jsonl, never seen in training).
+# Counts per size (the rest of each stage's size lives in its config file): training prompts sampled K times for
+# the reward model's rankings (from prompts_train.jsonl; PPO trains on all of it), held-out prompts of every
+# frontier point and of compare (from prompts_heldout.jsonl), and the demonstrations whose mean score train-rm
+# sets to 0 (the first of data/demos.jsonl: the bias is one number, and scoring all 320 long demos took 3 min).
 SIZES = {
-    "full": {"config": HERE / "gold.yaml", "rm_prompts": 128, "frontier_prompts": 48, "compare_prompts": 112},
-    "tiny": {"config": HERE / "tiny.yaml", "rm_prompts": 12, "frontier_prompts": 4, "compare_prompts": 8},
+    "full": {"config": HERE / "gold.yaml", "rm_prompts": 240, "frontier_prompts": 40, "compare_prompts": 80,
+             "norm_demos": 64},
+    "tiny": {"config": HERE / "tiny.yaml", "rm_prompts": 12, "frontier_prompts": 4, "compare_prompts": 8,
+             "norm_demos": 8},
 }
+TRAIN, HELDOUT = HERE / "prompts_train.jsonl", HERE / "prompts_heldout.jsonl"
 
 
 def subprocess_igpt(*args: str) -> None:
@@ -73,10 +78,10 @@ def main(argv: list[str] | None = None, igpt: Callable[..., None] = subprocess_i
     if str(HERE) not in sys.path:
         sys.path.insert(0, str(HERE))  # gold_judge for an in-process runner, as PYTHONPATH for a subprocess
     work = run / "gold-data"
-    rm_prompts = take_lines(DATA / "prompts.jsonl", work / "rm_prompts.jsonl", size["rm_prompts"])
-    frontier_prompts = take_lines(DATA / "eval_prompts.jsonl", work / "frontier_prompts.jsonl",
-                                  size["frontier_prompts"])
-    compare_prompts = take_lines(DATA / "eval_prompts.jsonl", work / "compare_prompts.jsonl", size["compare_prompts"])
+    rm_prompts = take_lines(TRAIN, work / "rm_prompts.jsonl", size["rm_prompts"])
+    frontier_prompts = take_lines(HELDOUT, work / "frontier_prompts.jsonl", size["frontier_prompts"])
+    compare_prompts = take_lines(HELDOUT, work / "compare_prompts.jsonl", size["compare_prompts"])
+    norm_demos = take_lines(DATA / "demos.jsonl", work / "norm_demos.jsonl", size["norm_demos"])
     samples, rankings = work / "samples.jsonl", work / "rankings.jsonl"
     common = ["--config", cfg, "--run-dir", str(run), "--seed", seed]
     times: dict[str, float] = {}
@@ -92,9 +97,9 @@ def main(argv: list[str] | None = None, igpt: Callable[..., None] = subprocess_i
     if not samples.exists():
         stage("sample", *common, "--prompts", str(rm_prompts), "--out", str(samples))
     stage("label", str(samples), "--judge", a.judge, "--out", str(rankings))  # resumes after ranked prompts
-    stage("train-rm", *common, "--rankings", str(rankings), "--resume")
+    stage("train-rm", *common, "--rankings", str(rankings), "--demos", str(norm_demos), "--resume")
     # 5: PPO, keeping every checkpoint for the frontier
-    stage("ppo", *common, "--prompts", str(DATA / "prompts.jsonl"), "--ptx-data", str(DATA / "pretrain.jsonl"),
+    stage("ppo", *common, "--prompts", str(TRAIN), "--ptx-data", str(DATA / "pretrain.jsonl"),
           "--keep-checkpoints", "100", "--resume")
     # 6-7: the frontier, then the gold win rate of PPO's final policy over SFT on held-out prompts
     frontier_report = run / "eval" / "ppo-frontier" / "report.json"
