@@ -1,9 +1,10 @@
 """`make gold`: does igpt's PPO make answers better by a judge it never trained on? (README, "Gold-judged
 experiment").
 
-The task: reply to a message in one sentence, in a warm, positive tone (the prompts: make_prompts.py). The gold labeller is VADER's sentiment lexicon
-(gold_judge.py, the `[gold]` extra), which nobody on igpt wrote. The driver only calls igpt's stages, as a user
-would (each one resumes or is skipped when its output exists, so a rerun picks up where a run stopped):
+The task: reply to a message in one sentence, in a warm, positive tone (the prompts: make_prompts.py). The gold
+labeller is VADER's sentiment lexicon (gold_judge.py, the `[gold]` extra), which nobody on igpt wrote. The
+driver only calls igpt's stages, as a user would (each one resumes or is skipped when its output exists, so a
+rerun picks up where a run stopped):
 
   1. igpt sft       on data/demos.jsonl
   2. igpt sample    K responses per training prompt (prompts_train.jsonl) from the SFT model
