@@ -45,7 +45,6 @@ demo: install
 # The gold-judged experiment (README, "Gold-judged experiment"): does PPO beat SFT by a judge it never trained on?
 # examples/gold/run.py calls igpt's stages; a rerun resumes. GOLD_ARGS: e.g. --seed 1 --run-dir runs/gold-1.
 gold: install
-	$(BIN)/pip install --quiet -e '.[gold]'
 	$(BIN)/python examples/gold/run.py $(GOLD_ARGS)
 
 clean:

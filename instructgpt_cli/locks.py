@@ -157,6 +157,15 @@ def take(run_dir: Path, name: str, what: str | None = None) -> None:
         raise BadInput(problem)
 
 
+def take_file(out: Path) -> None:
+    """Hold a lock beside the output file ``out`` (``.NAME.lock``) until :func:`release_all`, after checking
+    its folder is writable: one writer per file (two sessions would both write what is not yet in it)."""
+    check_writable(out.parent)
+    lock = Lock(out.parent / f".{out.name}.lock", str(out))
+    lock.acquire()
+    hold(lock)
+
+
 def hold(lock: Lock) -> None:
     """Keep ``lock`` (acquired) until :func:`release_all`."""
     _HELD.append(lock)

@@ -46,10 +46,7 @@ def run(samples: str, out: str, judge: str = "human", settings: judges.Settings 
     ranker = judges.load(judge, settings)
     records = read_records(samples, parse_sample, "samples")
     out_path = Path(out)
-    locks.check_writable(out_path.parent)
-    lock = locks.Lock(out_path.parent / f".{out_path.name}.lock", str(out_path))  # one writer per output file:
-    lock.acquire()  # two sessions on one file would both rank the prompts not yet in it
-    locks.hold(lock)
+    locks.take_file(out_path)  # two sessions on one file would both rank the prompts not yet in it
     done: set[str] = set()
     if out_path.exists():
         errors: list[str] = []

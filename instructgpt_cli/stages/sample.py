@@ -32,10 +32,7 @@ def run(cfg: SampleConfig, overwrite: bool = False) -> Path:
     out = Path(cfg.out)
     if out.exists() and not overwrite:
         raise BadInput([f"{out}: already exists; pass --overwrite to replace it"])
-    locks.check_writable(out.parent)
-    lock = locks.Lock(out.parent / f".{out.name}.lock", str(out))  # one writer per output file
-    lock.acquire()
-    locks.hold(lock)
+    locks.take_file(out)
     prompts = read_prompts(cfg.prompts, cfg.split, cfg.columns)
     model_cfg = ModelConfig(name=find_model(cfg.model, Path(cfg.run_dir), "sft", "--model"), dtype=cfg.dtype)
     tokenizer, source = load_tokenizer(model_cfg)
