@@ -288,7 +288,8 @@ class EvalConfig:
 
 @dataclass
 class CompareConfig:
-    a: str = f("", "model A: a stage of the run (sft, ppo) or a model directory (required)")
+    a: str = f("", "model A: a stage of the run (sft, ppo), a PPO checkpoint (ppo@step-N: the policy after iteration "
+                   "N, a point of the frontier) or a model directory (required)")
     b: str = f("", "model B, the baseline (required)")
     prompts: str = f("", "prompts both models answer (required)")
     split: str = f("train", "split to read from a DatasetDict directory or a hub dataset id (name); a single file is "

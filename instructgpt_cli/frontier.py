@@ -13,13 +13,14 @@ prompt (ties half; the SFT point is 0.5 by definition, not judged). Torch is not
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Any, NamedTuple
 
 from . import judges
 from .errors import BadInput
 from .presets import read_yaml
-from .rundir import CHECKPOINT_PREFIX, complete_checkpoints, read_manifest, read_metrics, stored_path
+from .rundir import CHECKPOINT_PREFIX, complete_checkpoints, read_manifest, read_metrics, stage_model, stored_path
 from .stats import win_rate
 from .storage import weights_sha256
 
@@ -44,35 +45,37 @@ class PPORun(NamedTuple):
     points: list[Point]
 
 
-def ppo_run(run_dir: Path, spec: str) -> PPORun:
+def ppo_run(run_dir: Path, spec: str, named: str | None = None) -> PPORun:
     """The frontier's points of ``run_dir``'s PPO stage for ``--checkpoints spec`` (presets.CHECKPOINTS_SPEC), oldest
-    first, the SFT model first. BadInput when the run has no PPO stage, a listed step has no complete checkpoint,
-    or there is no checkpoint at all."""
+    first, the SFT model first. BadInput, naming them as the user did (``named``, default ``--checkpoints SPEC``),
+    when the run has no PPO stage, a listed step has no complete checkpoint, or there is no checkpoint at all."""
     from .config import LoraConfig
+
+    named = named or f"--checkpoints {spec}"
 
     config = run_dir / "ppo" / "config.yaml"
     entry = read_manifest(run_dir).get("stages", {}).get("ppo", {})
     if not config.is_file() or not entry:
-        raise BadInput([f"--checkpoints: {run_dir} has no PPO stage ({config} missing); run igpt ppo first"])
+        raise BadInput([f"{named}: {run_dir} has no PPO stage ({config} missing); run igpt ppo first"])
     ppo = (read_yaml(config.read_text(encoding="utf-8")) or {}).get("ppo") or {}
     inputs = entry.get("inputs", {})
     sft, rm = (stored_path(run_dir, inputs[k]["path"]) if isinstance(inputs.get(k), dict)
                else Path(ppo.get(k) or run_dir / f"{k}/final") for k in ("sft", "rm"))
     if not (sft / "config.json").is_file():
-        raise BadInput([f"--checkpoints: the SFT model PPO started from, {sft}, is gone; its checkpoints need it"])
+        raise BadInput([f"{named}: the SFT model PPO started from, {sft}, is gone; its checkpoints need it"])
     batch = int(ppo.get("rollout_batch_size") or 1)
     episodes = {r["step"]: r["episode"] for r in read_metrics(run_dir / "ppo" / "metrics.jsonl") if "episode" in r}
     final = run_dir / "ppo" / "final" / "policy"
     final_step = entry.get("steps") if (final / "config.json").is_file() else None
     found = {int(p.name[len(CHECKPOINT_PREFIX):]): p for p in complete_checkpoints(run_dir / "ppo" / "checkpoints")}
     if not found:
-        raise BadInput([f"--checkpoints {spec}: {run_dir / 'ppo' / 'checkpoints'} holds no complete checkpoint; PPO "
+        raise BadInput([f"{named}: {run_dir / 'ppo' / 'checkpoints'} holds no complete checkpoint; PPO "
                         "keeps the newest --keep-checkpoints (default 2) of those it saves every --save-every "
                         "iterations: for a frontier run it with e.g. --save-every 5 --keep-checkpoints 100"])
     steps = sorted(found) if spec == "all" else [int(s) for s in spec.split(",")]
     missing = [s for s in steps if s not in found and s != final_step]
     if missing:
-        raise BadInput([f"--checkpoints {spec}: no complete checkpoint of step {', '.join(map(str, missing))} in "
+        raise BadInput([f"{named}: no complete checkpoint of step {', '.join(map(str, missing))} in "
                         f"{run_dir / 'ppo' / 'checkpoints'} (there are: {', '.join(map(str, sorted(found)))})"])
     points = [Point("sft", 0, 0, sft)]
     points += [Point(f"step-{s}", s, episodes.get(s, s * batch), found[s], True) for s in sorted(set(steps))
@@ -83,9 +86,47 @@ def ppo_run(run_dir: Path, spec: str) -> PPORun:
     lora = LoraConfig(**{k: v for k, v in (ppo.get("lora") or {}).items() if k in LoraConfig.__dataclass_fields__})
     recorded = (inputs.get("sft") or {}).get("sha256") if isinstance(inputs.get("sft"), dict) else None
     if lora.enabled and recorded and weights_sha256(sft) != recorded:  # adapters on other base weights: wrong model
-        raise BadInput([f"--checkpoints: {sft} was retrained after PPO ran (its weights differ from those PPO "
+        raise BadInput([f"{named}: {sft} was retrained after PPO ran (its weights differ from those PPO "
                         "recorded); the LoRA checkpoints adapt the old weights"])
     return PPORun(sft, rm, lora, points)
+
+
+class Side(NamedTuple):
+    """A model ``igpt compare`` reads (:func:`model_or_checkpoint`): its short name, its weights (a model directory
+    or a PPO checkpoint folder), the model directory with its config and tokenizer (the run's SFT model under a
+    checkpoint) and, for a checkpoint, its PPO run."""
+
+    name: str
+    path: Path
+    base: Path
+    ppo: PPORun | None = None
+
+    def load(self, tokenizer: Any, device: Any, dtype: str, seed: int) -> Any:
+        """The model, in eval mode: a checkpoint as its step's policy (``models.load_trained_policy``)."""
+        from .config import ModelConfig
+        from .models import load_model, load_trained_policy
+
+        if self.ppo is not None:
+            return load_trained_policy(self.path, self.ppo.sft, self.ppo.lora, tokenizer, device, dtype, seed)
+        return load_model(ModelConfig(name=str(self.path), dtype=dtype), tokenizer, self.path, device, seed).eval()
+
+
+def model_or_checkpoint(spec: str, run_dir: Path, flag: str) -> Side:
+    """A stage of the run (``sft``, ``ppo``), a model directory (``rundir.stage_model``) or ``ppo@step-N``
+    (``ppo@N``): the run's PPO policy after iteration N, from its checkpoint, for the point of the frontier a
+    user picks (the final policy when N is PPO's last step). BadInput when there is no such checkpoint."""
+    match = re.fullmatch(r"ppo@(?:step-)?(\d+)", spec)
+    if not match:
+        if spec.startswith("ppo@"):
+            raise BadInput([f"{flag} {spec}: a PPO checkpoint is ppo@step-N (or ppo@N), N an iteration it saved"])
+        name, path = stage_model(spec, run_dir, flag)
+        return Side(name, path, path)
+    step = int(match.group(1))
+    run = ppo_run(run_dir, str(step), f"{flag} {spec}")
+    point = next(p for p in run.points if p.step == step)
+    if not point.checkpoint:
+        return Side("ppo", point.path, point.path)
+    return Side(f"ppo-step-{step}", point.path, run.sft, run)
 
 
 def mean_sd(xs: list[float]) -> tuple[float | None, float | None]:

@@ -179,3 +179,52 @@ def test_compare_s_page_shows_the_frontier(world, monkeypatch):
     page = (run_dir / "compare" / "ppo-vs-sft" / "report.html").read_text()
     section = page[page.index("id='frontier'"):]
     assert "data:image/png;base64," in section.split("<h2")[0] and "python:goldrule:score" in section.split("<h2")[0]
+
+
+def compare(world, run_dir, a, b, *extra):
+    return igpt("compare", a, b, "--prompts", world / "prompts.jsonl", "--run-dir", run_dir, "--max-new-tokens", "12",
+                "--temperature", "1.0", "--batch-size", "8", "--judge", "python:goldrule:score", *extra)
+
+
+@pytest.mark.parametrize("run", ["run", "lora"])
+def test_compare_takes_a_ppo_checkpoint_as_the_frontier_sampled_it(world, monkeypatch, run):
+    """compare ppo@step-1 answers exactly what the frontier's step-1 point answered (same settings and seed:
+    the checkpoint's weights, on the SFT model, LoRA merged); ppo@step-N at the last step is the final policy."""
+    monkeypatch.syspath_prepend(str(world))
+    run_dir, last = world / run, 4 if run == "run" else 2
+    result = frontier(world, run_dir, "--checkpoints", "1", "--temperature", "1.0", "--batch-size", "8",
+                      "--name", "at-t1", "--overwrite")
+    assert result.exit_code == 0, result.output
+    step1 = read_jsonl(run_dir / "eval" / "at-t1" / "samples" / "step-000001.jsonl")
+    final = read_jsonl(run_dir / "eval" / "at-t1" / "samples" / f"step-{last:06d}.jsonl")
+    assert [s["response_ids"] for s in step1] != [s["response_ids"] for s in final]
+    result = compare(world, run_dir, "ppo@step-1", "ppo@" + str(last), "--overwrite")
+    assert result.exit_code == 0, result.output
+    out = run_dir / "compare" / "ppo-step-1-vs-ppo.python-goldrule-score"
+    report = json.loads((out / "report.json").read_text())
+    assert (report["a"], report["b"]) == ("ppo-step-1", "ppo")
+    assert report["a_path"] == str(run_dir / "ppo" / "checkpoints" / "step-000001")
+    pairs = read_jsonl(out / "responses.jsonl")
+    assert [p["a_ids"] for p in pairs] == [s["response_ids"] for s in step1]
+    assert [p["b_ids"] for p in pairs] == [s["response_ids"] for s in final]
+    # the rule judge's verdicts on those responses, tallied by hand
+    verdicts = [(rule(p["a"]) > rule(p["b"])) - (rule(p["a"]) < rule(p["b"])) for p in pairs]
+    assert (report["wins"], report["ties"], report["losses"]) == (verdicts.count(1), verdicts.count(0),
+                                                                 verdicts.count(-1))
+
+
+def test_a_ppo_checkpoint_that_is_not_there_exits_2_before_any_model_loads(world, monkeypatch):
+    import instructgpt_cli.frontier as frontier_module
+
+    monkeypatch.syspath_prepend(str(world))
+    monkeypatch.setattr(frontier_module.Side, "load", lambda *a, **k: pytest.fail("a model loaded"))
+    run_dir = world / "run"
+    missing = compare(world, run_dir, "ppo@step-9", "sft")
+    said = " ".join(missing.stderr.split())
+    assert missing.exit_code == 2 and "A ppo@step-9: no complete checkpoint of step 9" in said
+    assert "there are: 1, 2, 3, 4" in missing.stderr
+    malformed = compare(world, run_dir, "sft", "ppo@last")
+    assert malformed.exit_code == 2 and "B ppo@last: a PPO checkpoint is ppo@step-N" in malformed.stderr
+    no_ppo = compare(world, world / "bare-run", "ppo@1", "sft")
+    assert no_ppo.exit_code == 2 and "has no PPO stage" in no_ppo.stderr
+    assert not list((run_dir / "compare").glob("*ppo-step-9*")) and not list((run_dir / "compare").glob("*@*"))

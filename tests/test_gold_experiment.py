@@ -47,15 +47,51 @@ def test_the_tiny_experiment_writes_its_frontier_win_rate_and_summary(tmp_path, 
         rows = [json.loads(x) for x in (run / "eval" / "ppo-frontier" / "samples" /
                                         f"step-{p['step']:06d}.jsonl").read_text().splitlines()]
         assert p["gold_mean"] == pytest.approx(sum(r["gold"] for r in rows) / len(rows))
-    # the gold win rate on the held-out prompts, with its interval and length control
-    compare = json.loads((run / "compare" / "ppo-vs-sft.python-goldrule-score" / "report.json").read_text())
-    assert compare["wins"] + compare["ties"] + compare["losses"] == 8
-    assert compare["ci_low"] <= compare["win_rate"] <= compare["ci_high"]
-    # the summary says the same, printed and saved
+    # the frontier answered the validation prompts, which share no message with the held-out ones of compare
+    valid = {r["prompt"] for r in rows}
+    held = {json.loads(x)["prompt"] for x in (run / "gold-data" / "compare_prompts.jsonl").read_text().splitlines()}
+    assert len(valid) == 4 and len(held) == 8 and not {p.split('"')[1] for p in valid} & {p.split('"')[1] for p in held}
+    # the recipe keeps the PPO point of best gold; its win rate and the final policy's on the held-out prompts
+    ppo_points = frontier["points"][1:]
+    best = max(ppo_points, key=lambda p: p["gold_mean"])
+    picked = "ppo" if best is ppo_points[-1] else f"ppo@step-{best['step']}"
     saved = json.loads((run / "gold-summary.json").read_text())
-    assert saved == summary and saved["win_rate"]["win_rate"] == compare["win_rate"]
+    assert saved == summary and saved["picked"] == picked
+    for key, model in (("picked_vs_sft", picked), ("final_vs_sft", "ppo")):
+        folder = f"{model.replace('@', '-')}-vs-sft.python-goldrule-score"
+        compare = json.loads((run / "compare" / folder / "report.json").read_text())
+        assert compare["wins"] + compare["ties"] + compare["losses"] == 8
+        assert compare["ci_low"] <= compare["win_rate"] <= compare["ci_high"]
+        assert saved[key]["win_rate"] == compare["win_rate"] and saved[key]["model"] == model
     assert [p["gold_mean"] for p in saved["frontier"]] == [p["gold_mean"] for p in frontier["points"]]
     assert set(saved["seconds"]) == {"sft", "sample", "label", "train-rm", "ppo", "eval", "compare"}
+
+
+def test_the_recipe_picks_the_ppo_point_of_best_gold_the_earliest_of_equals():
+    pick = load_driver().pick
+
+    def frontier(*golds):
+        labels = ["sft"] + [f"step-{4 * i}" for i in range(1, len(golds) - 1)] + [f"final (step {4 * len(golds) - 4})"]
+        points = enumerate(zip(labels, golds))
+        return {"points": [{"label": lab, "step": 4 * i, "gold_mean": g} for i, (lab, g) in points]}
+
+    assert pick(frontier(0.9, 0.1, 0.3, 0.2)) == "ppo@step-8"  # SFT's gold is higher, but SFT is no candidate
+    assert pick(frontier(0.0, 0.1, 0.3, 0.3)) == "ppo@step-8"  # a tie: the earlier point (less KL)
+    assert pick(frontier(0.0, 0.1, 0.2, 0.4)) == "ppo"          # the final policy, by compare's name for it
+    assert pick(frontier(0.0, 0.5)) == "ppo"                    # no checkpoint before the final one
+
+
+def test_a_rerun_keeps_the_frontier_only_when_it_answered_these_prompts(tmp_path):
+    measured_on = load_driver().measured_on
+    out, prompts = tmp_path / "eval" / "ppo-frontier", tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "a"}\n{"prompt": "b"}\n')
+    assert not measured_on(out, prompts)  # nothing there
+    (out / "samples").mkdir(parents=True)
+    (out / "report.json").write_text("{}")
+    (out / "samples" / "step-000000.jsonl").write_text('{"prompt": "a", "response": "x"}\n{"prompt": "b"}\n')
+    assert measured_on(out, prompts)
+    prompts.write_text('{"prompt": "a"}\n{"prompt": "c"}\n')  # other prompts since: measure again
+    assert not measured_on(out, prompts)
 
 
 def test_the_vader_gold_scores_tone_not_length():

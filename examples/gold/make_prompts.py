@@ -1,6 +1,7 @@
-"""The gold experiment's prompts (`examples/gold/prompts_train.jsonl`, `prompts_heldout.jsonl`): reply to a
-message in one sentence. 80 messages (good news, bad news, everyday trouble) under 4 framings; 20 messages are
-held out, so no held-out prompt shares its message with a training one. Rerun to regenerate the same files:
+"""The gold experiment's prompts (`examples/gold/prompts_train.jsonl`, `prompts_valid.jsonl`,
+`prompts_heldout.jsonl`): reply to a message in one sentence. 100 messages (good news, bad news, everyday trouble)
+under 4 framings: 60 for training, 20 for validation (the frontier that picks PPO's checkpoint) and 20 held out (the
+final win rate), so no prompt shares its message with one of another set. Rerun to regenerate the same files:
 
     python examples/gold/make_prompts.py
 
@@ -93,6 +94,28 @@ The new software update broke everything.
 I made a new friend at the gym.
 I overslept and missed the first class.
 My daughter graduates from college tomorrow.""".splitlines()
+# 20 more messages, written after the 80 above and never trained on: the validation prompts on which the frontier
+# picks PPO's checkpoint, so the held-out prompts of the final win rate play no part in choosing the model
+valid_messages = """I got my test results back and everything is fine.
+Our power went out in the middle of dinner.
+I finally cleaned out the garage.
+My flight was upgraded to business class.
+I locked myself out of my apartment.
+We won the neighborhood quiz night!
+My favorite team traded away their best player.
+I ran my first 10k without stopping.
+The dentist says I need two fillings.
+My little brother got into his dream university.
+I broke my glasses and can't see a thing.
+My paintings are going to be in a local gallery.
+The washing machine flooded the kitchen.
+I made it through my first week at the new job.
+My roommate ate the leftovers I was saving.
+We saw a whale on our boat trip today!
+I have the flu and have to cancel my plans.
+My grandfather taught me his old bread recipe.
+The airline lost my suitcase.
+I just paid off my student loans!""".splitlines()
 frames = ["Reply to your friend in one short sentence. They wrote: \"{m}\"",
           "Write a one-sentence text message in response to: \"{m}\"",
           "Your coworker says: \"{m}\" Answer them in a single sentence.",
@@ -109,7 +132,10 @@ def rows(ms: list[str]) -> list[dict]:
 tr, ho = rows(train), rows(held)
 random.shuffle(tr)
 random.shuffle(ho)
+va = rows(valid_messages)
+random.Random(1).shuffle(va)
 HERE = Path(__file__).resolve().parent
-for name, records in (("prompts_train.jsonl", tr), ("prompts_heldout.jsonl", ho)):
+for name, records in (("prompts_train.jsonl", tr), ("prompts_heldout.jsonl", ho), ("prompts_valid.jsonl", va)):
     (HERE / name).write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-print(f"{len(messages)} messages: {len(tr)} training prompts, {len(ho)} held-out prompts")
+print(f"{len(messages) + len(valid_messages)} messages: {len(tr)} training prompts, {len(va)} validation prompts, "
+      f"{len(ho)} held-out prompts")

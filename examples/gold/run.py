@@ -11,12 +11,15 @@ rerun picks up where a run stopped):
   3. igpt label     the gold judge ranks them (AI feedback: no person in the loop)
   4. igpt train-rm  the proxy reward model, on the gold judge's rankings
   5. igpt ppo       against the proxy, keeping a checkpoint every save_every iterations
-  6. igpt eval ppo --checkpoints all --gold JUDGE   the frontier: proxy and gold score against KL to SFT
-  7. igpt compare ppo sft --judge JUDGE             the gold win rate on held-out prompts (prompts_heldout.jsonl,
-                                                    messages never seen in training), with its interval
+  6. igpt eval ppo --checkpoints all --gold JUDGE   the frontier on validation prompts (prompts_valid.jsonl): proxy
+                                                    and gold score against KL to SFT; the recipe keeps the PPO
+                                                    point of highest gold (early stopping on a validation set)
+  7. igpt compare ppo@step-N sft --judge JUDGE      the gold win rate of that point on held-out prompts
+                                                    (prompts_heldout.jsonl, messages neither trained on nor used to
+                                                    pick it), with its interval; and of the final policy beside it
 
-and prints, and saves in RUN/gold-summary.json, the reward model's held-out accuracy, the frontier, and the gold
-win rate (raw and length-controlled) with each side's mean length.
+and prints, and saves in RUN/gold-summary.json, the reward model's held-out accuracy, the frontier, the point it
+picks, and the gold win rates (raw and length-controlled) with each side's mean length.
 
     python examples/gold/run.py                       # the full run (examples/gold/gold.yaml, SmolLM2-135M)
     python examples/gold/run.py --tiny --run-dir /tmp/g --judge python:myrule:score   # seconds: the mechanics
@@ -37,16 +40,17 @@ REPO = HERE.parents[1]
 DATA = REPO / "data"
 
 # Counts per size (the rest of each stage's size lives in its config file): training prompts sampled K times for
-# the reward model's rankings (from prompts_train.jsonl; PPO trains on all of it), held-out prompts of every
-# frontier point and of compare (from prompts_heldout.jsonl), and the demonstrations whose mean score train-rm
-# sets to 0 (the first of data/demos.jsonl: the bias is one number, and scoring all 320 long demos took 3 min).
+# the reward model's rankings (from prompts_train.jsonl; PPO trains on all of it), validation prompts of every
+# frontier point (from prompts_valid.jsonl), held-out prompts of compare (from prompts_heldout.jsonl), and the
+# demonstrations whose mean score train-rm sets to 0 (the first of data/demos.jsonl: the bias is one number, and
+# scoring all 320 long demos took 3 min).
 SIZES = {
-    "full": {"config": HERE / "gold.yaml", "rm_prompts": 240, "frontier_prompts": 40, "compare_prompts": 80,
+    "full": {"config": HERE / "gold.yaml", "rm_prompts": 240, "frontier_prompts": 80, "compare_prompts": 80,
              "norm_demos": 64},
     "tiny": {"config": HERE / "tiny.yaml", "rm_prompts": 12, "frontier_prompts": 4, "compare_prompts": 8,
              "norm_demos": 8},
 }
-TRAIN, HELDOUT = HERE / "prompts_train.jsonl", HERE / "prompts_heldout.jsonl"
+TRAIN, VALID, HELDOUT = HERE / "prompts_train.jsonl", HERE / "prompts_valid.jsonl", HERE / "prompts_heldout.jsonl"
 
 
 def subprocess_igpt(*args: str) -> None:
@@ -80,7 +84,7 @@ def main(argv: list[str] | None = None, igpt: Callable[..., None] = subprocess_i
         sys.path.insert(0, str(HERE))  # gold_judge for an in-process runner, as PYTHONPATH for a subprocess
     work = run / "gold-data"
     rm_prompts = take_lines(TRAIN, work / "rm_prompts.jsonl", size["rm_prompts"])
-    frontier_prompts = take_lines(HELDOUT, work / "frontier_prompts.jsonl", size["frontier_prompts"])
+    frontier_prompts = take_lines(VALID, work / "frontier_prompts.jsonl", size["frontier_prompts"])
     compare_prompts = take_lines(HELDOUT, work / "compare_prompts.jsonl", size["compare_prompts"])
     norm_demos = take_lines(DATA / "demos.jsonl", work / "norm_demos.jsonl", size["norm_demos"])
     samples, rankings = work / "samples.jsonl", work / "rankings.jsonl"
@@ -102,31 +106,57 @@ def main(argv: list[str] | None = None, igpt: Callable[..., None] = subprocess_i
     # 5: PPO, keeping every checkpoint for the frontier
     stage("ppo", *common, "--prompts", str(TRAIN), "--ptx-data", str(DATA / "pretrain.jsonl"),
           "--keep-checkpoints", "100", "--resume")
-    # 6-7: the frontier, then the gold win rate of PPO's final policy over SFT on held-out prompts
-    frontier_report = run / "eval" / "ppo-frontier" / "report.json"
-    if not frontier_report.exists():
-        stage("eval", "ppo", *common, "--checkpoints", "all", "--gold", a.judge, "--prompts", str(frontier_prompts))
-    stage("compare", "ppo", "sft", *common, "--judge", a.judge, "--prompts", str(compare_prompts), "--overwrite")
-    return summarise(run, a.judge, times)
+    # 6: the frontier on validation prompts (kept when a rerun finds it measured on these prompts)
+    frontier_dir = run / "eval" / "ppo-frontier"
+    if not measured_on(frontier_dir, frontier_prompts):
+        stage("eval", "ppo", *common, "--checkpoints", "all", "--gold", a.judge, "--prompts", str(frontier_prompts),
+              "--overwrite")
+    # 7: the gold win rates over SFT on held-out prompts, of the point the frontier picks and of the final policy
+    chosen = pick(json.loads((frontier_dir / "report.json").read_text(encoding="utf-8")))
+    for model in dict.fromkeys([chosen, "ppo"]):
+        stage("compare", model, "sft", *common, "--judge", a.judge, "--prompts", str(compare_prompts), "--overwrite")
+    return summarise(run, a.judge, chosen, times)
 
 
-def summarise(run: Path, judge: str, times: dict[str, float]) -> dict:
+def measured_on(frontier_dir: Path, prompts: Path) -> bool:
+    """Whether the frontier in ``frontier_dir`` answered exactly these prompts (its SFT point's samples)."""
+    samples = frontier_dir / "samples" / "step-000000.jsonl"
+    if not (frontier_dir / "report.json").is_file() or not samples.is_file():
+        return False
+    answered = [json.loads(x)["prompt"] for x in samples.read_text(encoding="utf-8").splitlines() if x.strip()]
+    return answered == [json.loads(x)["prompt"] for x in prompts.read_text(encoding="utf-8").splitlines() if x.strip()]
+
+
+def pick(frontier: dict) -> str:
+    """The recipe's checkpoint: the PPO point of highest mean gold score on the validation prompts (the earliest
+    of equal ones; the SFT point is not a candidate), as compare names it: ``ppo@step-N``, or ``ppo`` for the
+    final policy."""
+    points = [p for p in frontier["points"] if p["step"] > 0 and p.get("gold_mean") is not None]
+    best = max(points, key=lambda p: p["gold_mean"])  # max keeps the first of equal ones
+    return "ppo" if best["label"].startswith("final") else f"ppo@step-{best['step']}"
+
+
+def summarise(run: Path, judge: str, chosen: str, times: dict[str, float]) -> dict:
     """Print and save (RUN/gold-summary.json) what the experiment measured."""
     from instructgpt_cli.rewards import reward_stats
     from instructgpt_cli.stages.compare import result_dir
     from instructgpt_cli.storage import atomic_write_text
 
+    def versus_sft(model: str) -> dict:
+        r = json.loads((result_dir(run, f"{model.replace('@', '-')}-vs-sft", judge) / "report.json")
+                       .read_text(encoding="utf-8"))
+        return {"model": model, **{k: r.get(k) for k in ("win_rate", "ci_low", "ci_high", "wins", "ties", "losses")},
+                "length_controlled": r.get("length_controlled"), "mean_length": r.get("mean_length")}
+
     frontier = json.loads((run / "eval" / "ppo-frontier" / "report.json").read_text(encoding="utf-8"))
-    compare = json.loads((result_dir(run, "ppo-vs-sft", judge) / "report.json").read_text(encoding="utf-8"))
     rm = reward_stats(run / "rm" / "final") or {}
     keys = ("label", "step", "episodes", "kl_to_sft", "score_mean", "gold_mean", "response_length", "eos_rate")
     summary = {
         "judge": judge,
         "rm_accuracy": {k: rm.get(f"eval/{k}") for k in ("accuracy", "accuracy_ci_low", "accuracy_ci_high")},
         "frontier": [{k: pt.get(k) for k in keys} for pt in frontier["points"]],
-        "best_gold": frontier.get("best_gold"), "best_proxy": frontier.get("best_proxy"),
-        "win_rate": {k: compare.get(k) for k in ("win_rate", "ci_low", "ci_high", "wins", "ties", "losses")},
-        "length_controlled": compare.get("length_controlled"), "mean_length": compare.get("mean_length"),
+        "best_gold": frontier.get("best_gold"), "best_proxy": frontier.get("best_proxy"), "picked": chosen,
+        "picked_vs_sft": versus_sft(chosen), "final_vs_sft": versus_sft("ppo"),
         "seconds": {k: round(v, 1) for k, v in times.items()},
     }
     atomic_write_text(run / "gold-summary.json", json.dumps(summary, indent=2) + "\n")
@@ -135,18 +165,24 @@ def summarise(run: Path, judge: str, times: dict[str, float]) -> dict:
     if acc["accuracy"] is not None:
         print(f"reward model held-out pair accuracy {acc['accuracy']:.1%} "
               f"(95% CI {acc['accuracy_ci_low']:.1%}-{acc['accuracy_ci_high']:.1%})")
+    print("the frontier on validation prompts:")
     print(f"{'point':>16} {'KL to SFT':>10} {'proxy':>8} {'gold':>8} {'length':>7}")
     for pt in summary["frontier"]:
         print(f"{pt['label']:>16} {pt['kl_to_sft']:>10.3f} {pt['score_mean']:>8.3f} {pt['gold_mean']:>8.3f} "
               f"{pt['response_length']:>7.1f}")
-    w, lc, ml = summary["win_rate"], summary["length_controlled"] or {}, summary["mean_length"] or {}
-    print(f"best gold: {summary['best_gold']}; the proxy would pick: {summary['best_proxy']}")
-    print(f"gold win rate of ppo over sft: {w['win_rate']:.1%} (95% CI {w['ci_low']:.1%}-{w['ci_high']:.1%}; "
-          f"{w['wins']} wins, {w['ties']} ties, {w['losses']} losses)")
-    if lc.get("win_rate") is not None:
-        print(f"length-controlled: {lc['win_rate']:.1%} (95% CI {lc['ci_low']:.1%}-{lc['ci_high']:.1%})")
-    if ml:
-        print(f"mean length (words): ppo {ml['a']['words']:.1f}, sft {ml['b']['words']:.1f}")
+    print(f"best gold: {summary['best_gold']}; the proxy would pick: {summary['best_proxy']}; the recipe keeps "
+          f"the PPO point of best gold: {chosen}")
+    for name, w in (("picked", summary["picked_vs_sft"]), ("final", summary["final_vs_sft"])):
+        lc, ml = w["length_controlled"] or {}, w["mean_length"] or {}
+        print(f"gold win rate of {w['model']} ({name}) over sft on held-out prompts: {w['win_rate']:.1%} "
+              f"(95% CI {w['ci_low']:.1%}-{w['ci_high']:.1%}; {w['wins']} wins, {w['ties']} ties, "
+              f"{w['losses']} losses)")
+        if lc.get("win_rate") is not None:
+            print(f"  length-controlled: {lc['win_rate']:.1%} (95% CI {lc['ci_low']:.1%}-{lc['ci_high']:.1%})")
+        if ml:
+            print(f"  mean length (words): {w['model']} {ml['a']['words']:.1f}, sft {ml['b']['words']:.1f}")
+        if name == "picked" and w["model"] == "ppo":
+            break  # the final policy is the pick
     print(f"saved {run / 'gold-summary.json'}; stage seconds {summary['seconds']}")
     return summary
 

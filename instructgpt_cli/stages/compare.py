@@ -31,11 +31,12 @@ from ..batches import render_queries
 from ..data import read_prompts
 from ..distributed import resolve_device
 from ..errors import BadInput
-from ..models import load_model, load_tokenizer, position_limit, require_same_tokenizer
+from ..frontier import Side, model_or_checkpoint
+from ..models import load_tokenizer, position_limit, require_same_tokenizer
 from ..report import number, score_text
 from ..rollout import decode_response, generate
 from ..locks import claim
-from ..rundir import STAGE_MODELS, record, stage_model
+from ..rundir import STAGE_MODELS, record
 from ..stats import length_controlled_win_rate, win_rate
 from ..storage import atomic_write_text, publish_set, sha256_file, weights_sha256
 
@@ -75,15 +76,15 @@ def eval_samples(cfg: CompareConfig, path: Path, prompts: list) -> tuple[list[li
     return None
 
 
-def answers(cfg: CompareConfig, path: Path, tokenizer, queries: list[list[int]], prompts: list,
+def answers(cfg: CompareConfig, side: Side, tokenizer, queries: list[list[int]], prompts: list,
             device) -> tuple[list[list[int]], str]:
     """Response token ids as sampled (EOS only where the model emitted it), with the same settings and seed
     for both models, and where they come from; reuses ``igpt eval``'s samples of the same weights when they
-    match."""
-    reused = eval_samples(cfg, path, prompts)
+    match (a model directory's: a PPO checkpoint is sampled)."""
+    reused = None if side.ppo else eval_samples(cfg, side.path, prompts)
     if reused is not None:
         return reused[0], str(reused[1])
-    model = load_model(ModelConfig(name=str(path), dtype=cfg.dtype), tokenizer, path, device, cfg.seed).eval()
+    model = side.load(tokenizer, device, cfg.dtype, cfg.seed)
     torch.manual_seed(cfg.seed)  # the same seed for both models
     return generate(model, tokenizer, queries, cfg.max_new_tokens, cfg.temperature, cfg.batch_size,
                     progress="sample"), "sampled"
@@ -97,11 +98,12 @@ def run(cfg: CompareConfig, overwrite: bool = False) -> dict:
         errors.append("--prompts: required")
     if errors:
         raise BadInput(errors)
-    (name_a, path_a), (name_b, path_b) = stage_model(cfg.a, run_dir, "A"), stage_model(cfg.b, run_dir, "B")
+    side_a, side_b = model_or_checkpoint(cfg.a, run_dir, "A"), model_or_checkpoint(cfg.b, run_dir, "B")
+    (name_a, path_a), (name_b, path_b) = side_a[:2], side_b[:2]
     if name_a == name_b:
         name_a, name_b = f"{name_a}-a", f"{name_b}-b"
     prompts = read_prompts(cfg.prompts, cfg.split, cfg.columns)
-    tokenizer, _ = load_tokenizer(ModelConfig(name=str(path_a)))
+    tokenizer, _ = load_tokenizer(ModelConfig(name=str(side_a.base)))
     settings = judges.Settings(cfg.batch_size, cfg.device, cfg.dtype, cfg.tie_margin, cfg.seed)
     out = result_dir(run_dir, f"{name_a}-vs-{name_b}", cfg.judge)
     session = out.parent / f"{out.name}.session"  # a human judge's responses and judgments as they are made
@@ -111,9 +113,9 @@ def run(cfg: CompareConfig, overwrite: bool = False) -> dict:
     if cfg.judge == "rm":
         if not (rm_path / "config.json").is_file():
             raise BadInput([f"--rm: {rm_path} does not exist; train a reward model or pass --rm PATH (or --judge human)"])
-        require_same_tokenizer(tokenizer, path_a, {"--rm": rm_path}, "the judge must read the responses' tokens")
+        require_same_tokenizer(tokenizer, side_a.base, {"--rm": rm_path}, "the judge must read the responses' tokens")
     # prompt + response must fit both models and the reward model that judges them
-    limits = [position_limit(str(p)) for p in [path_a, path_b] + ([rm_path] if cfg.judge == "rm" else [])]
+    limits = [position_limit(str(p)) for p in [side_a.base, side_b.base] + ([rm_path] if cfg.judge == "rm" else [])]
     queries = render_queries(tokenizer, prompts, cfg.max_new_tokens, min(filter(None, limits), default=None))
     device = resolve_device(cfg.device)
     judge = judge or judges.RMJudge(settings, rm_path, tokenizer, queries, device)
@@ -134,8 +136,8 @@ def run(cfg: CompareConfig, overwrite: bool = False) -> dict:
         if [x["prompt"] for x in pairs] != [p.prompt for p in prompts]:
             pairs = []  # other prompts this time: answer them afresh
     if not pairs:
-        resp_a, sources["a"] = answers(cfg, path_a, tokenizer, queries, prompts, device)
-        resp_b, sources["b"] = answers(cfg, path_b, tokenizer, queries, prompts, device)
+        resp_a, sources["a"] = answers(cfg, side_a, tokenizer, queries, prompts, device)
+        resp_b, sources["b"] = answers(cfg, side_b, tokenizer, queries, prompts, device)
         pairs = [{"prompt": p.prompt, "category": p.category, "a": decode_response(tokenizer, a),
                   "b": decode_response(tokenizer, b), "a_ids": a, "b_ids": b}
                  for p, a, b in zip(prompts, resp_a, resp_b)]
