@@ -4,8 +4,11 @@ optimizer step (PPO: iteration), where it checkpoints and stops; a second SIGINT
 heavy is imported here: the handlers are installed before torch is."""
 from __future__ import annotations
 
+import os
 import signal
 import sys
+from contextlib import contextmanager
+from typing import Iterator
 
 from .errors import Interrupted
 
@@ -15,6 +18,7 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 class _Stop:
     signum: int | None = None  # the first stop signal received
     deferred = False  # True while a training loop will act on it at a step boundary
+    loading = False  # True while a command imports torch and the libraries on it (:func:`loading`)
 
 
 def install_signal_handlers() -> None:
@@ -25,7 +29,24 @@ def install_signal_handlers() -> None:
         signal.signal(sig, _on_signal)
 
 
+@contextmanager
+def loading() -> Iterator[None]:
+    """While a command imports its heavy libraries, nothing written yet: a stop signal ends the process at once
+    (exit 128 + signal), because an exception raised there can land inside a C++ extension's callback to Python
+    (pybind11, while torch initialises), which cannot pass it on and aborts the process (exit -6, a core)."""
+    _Stop.loading = True
+    try:
+        yield
+    finally:
+        _Stop.loading = False
+
+
 def _on_signal(signum: int, _frame) -> None:
+    if _Stop.loading:
+        print(f"igpt: interrupted ({signal.Signals(signum).name}) while loading; nothing was written",
+              file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(128 + signum)
     first = _Stop.signum is None
     if first:
         _Stop.signum = signum
