@@ -164,7 +164,7 @@ def run_stage(stage: str, config_file: Optional[Path], print_config: bool, overr
 
     from .errors import BadInput, Interrupted, NonFinite, WriteFailed
     from .locks import release_all
-    from .signals import loading, stop_requested
+    from .signals import stop_requested
     from .distributed import is_main
     from .storage import disk_errno
 
@@ -174,8 +174,7 @@ def run_stage(stage: str, config_file: Optional[Path], print_config: bool, overr
         if print_config:
             typer.echo(config_mod.to_yaml(stage, cfg), nl=False)
             return
-        with loading():  # torch and transformers: a stop signal here exits at once (signals.loading)
-            stage_module = importlib.import_module(f".stages.{STAGE_MODULES[stage]}", __package__)
+        stage_module = importlib.import_module(f".stages.{STAGE_MODULES[stage]}", __package__)
         if stage in TRAINING:
             from .distributed import launched
 

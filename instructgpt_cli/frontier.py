@@ -122,10 +122,15 @@ def model_or_checkpoint(spec: str, run_dir: Path, flag: str) -> Side:
         name, path = stage_model(spec, run_dir, flag)
         return Side(name, path, path)
     step = int(match.group(1))
+    last = read_manifest(run_dir).get("stages", {}).get("ppo", {}).get("steps")
+    if step == last and (run_dir / "ppo" / "final" / "policy" / "config.json").is_file():
+        name, path = stage_model("ppo", run_dir, flag)  # the final policy, whether or not its checkpoint was kept
+        return Side(name, path, path)
     run = ppo_run(run_dir, str(step), f"{flag} {spec}")
-    point = next(p for p in run.points if p.step == step)
-    if not point.checkpoint:
-        return Side("ppo", point.path, point.path)
+    point = next(p for p in run.points[1:] if p.step == step)
+    if (point.path / ".metadata").exists() or not (point.path / "trainable.safetensors").is_file():
+        raise BadInput([f"{flag} {spec}: {point.path} holds no trainable.safetensors (written under --fsdp it is "
+                        "sharded); only a whole checkpoint loads as a model"])
     return Side(f"ppo-step-{step}", point.path, run.sft, run)
 
 

@@ -84,11 +84,12 @@ def model_input(source: str | Path) -> dict | str:
 
 
 def mark_stale(run_dir: Path, stage: str, sha: str | None = None) -> None:
-    """Lineage: flag every manifest entry whose inputs include ``stage``'s ``final/`` (or a folder in it).
-    While ``stage`` runs again (``sha`` None) they are all ``stale``; when it completes with weights
-    ``sha``, those built from exactly these weights (a deterministic re-run) are fresh again."""
+    """Lineage: flag every manifest entry whose inputs include ``stage``'s ``final/`` or ``checkpoints/`` (or a
+    folder in them: ``compare ppo@step-N`` reads a checkpoint). While ``stage`` runs again (``sha`` None) they
+    are all ``stale``; when it completes with weights ``sha``, those built from exactly these weights (a
+    deterministic re-run) are fresh again."""
     manifest = read_manifest(run_dir)
-    final = (run_dir / stage / "final").resolve()
+    final, checkpoints = (run_dir / stage / "final").resolve(), (run_dir / stage / "checkpoints").resolve()
     changed = False
     for name, entry in manifest.get("stages", {}).items():
         if name == stage:
@@ -97,7 +98,7 @@ def mark_stale(run_dir: Path, stage: str, sha: str | None = None) -> None:
             if not (isinstance(source, dict) and source.get("path")):
                 continue
             path = stored_path(run_dir, source["path"]).resolve()
-            if path != final and final not in path.parents:
+            if not any(path == out or out in path.parents for out in (final, checkpoints)):
                 continue
             if sha is not None and path.exists() and source.get("sha256") == (
                     sha if path == final else weights_sha256(path)):

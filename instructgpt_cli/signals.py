@@ -1,14 +1,14 @@
 """Stop signals: SIGTERM and SIGUSR1 (what Slurm and Kubernetes send before the kill) and SIGINT end a
 command at once, except while a training loop defers them (:func:`defer`) to the end of its current
-optimizer step (PPO: iteration), where it checkpoints and stops; a second SIGINT aborts at once. Nothing
-heavy is imported here: the handlers are installed before torch is."""
+optimizer step (PPO: iteration), where it checkpoints and stops; a second SIGINT aborts at once. One that
+lands while a module is being imported ends the process at once, 128 + N (:func:`_on_signal`). Nothing heavy
+is imported here: the handlers are installed before torch is."""
 from __future__ import annotations
 
 import os
 import signal
 import sys
-from contextlib import contextmanager
-from typing import Iterator
+from types import FrameType
 
 from .errors import Interrupted
 
@@ -18,7 +18,6 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 class _Stop:
     signum: int | None = None  # the first stop signal received
     deferred = False  # True while a training loop will act on it at a step boundary
-    loading = False  # True while a command imports torch and the libraries on it (:func:`loading`)
 
 
 def install_signal_handlers() -> None:
@@ -29,23 +28,23 @@ def install_signal_handlers() -> None:
         signal.signal(sig, _on_signal)
 
 
-@contextmanager
-def loading() -> Iterator[None]:
-    """While a command imports its heavy libraries, nothing written yet: a stop signal ends the process at once
-    (exit 128 + signal), because an exception raised there can land inside a C++ extension's callback to Python
-    (pybind11, while torch initialises), which cannot pass it on and aborts the process (exit -6, a core)."""
-    _Stop.loading = True
-    try:
-        yield
-    finally:
-        _Stop.loading = False
+def _importing(frame: FrameType | None) -> bool:
+    """Whether the signal landed while Python imports a module: importlib's frames on the stack."""
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib"):
+            return True
+        frame = frame.f_back
+    return False
 
 
-def _on_signal(signum: int, _frame) -> None:
-    if _Stop.loading:
-        print(f"igpt: interrupted ({signal.Signals(signum).name}) while loading; nothing was written",
-              file=sys.stderr, flush=True)
-        sys.stdout.flush()
+def _on_signal(signum: int, frame: FrameType | None) -> None:
+    if not _Stop.deferred and _importing(frame):
+        # Raised inside an import, the exception can land in a C++ extension's callback to Python (pybind11, while
+        # torch initialises), which aborts the process (exit -6, a core), or in importlib's own callbacks, which
+        # print it and carry on. So end at once: outputs are published whole and locks die with the process, so
+        # nothing is left half-written. (os.write: print could re-enter a write the signal interrupted.)
+        os.write(2, f"igpt: interrupted ({signal.Signals(signum).name}) while loading libraries; stopped at once\n"
+                 .encode())
         os._exit(128 + signum)
     first = _Stop.signum is None
     if first:

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from conftest import TINY_CONFIG, arithmetic_demos, igpt, write_jsonl
+from instructgpt_cli import rundir
 from instructgpt_cli.models import load_trained_policy, tiny_tokenizer
 from rule_rm import make_constant_lm, make_rule_rm
 
@@ -211,6 +212,20 @@ def test_compare_takes_a_ppo_checkpoint_as_the_frontier_sampled_it(world, monkey
     verdicts = [(rule(p["a"]) > rule(p["b"])) - (rule(p["a"]) < rule(p["b"])) for p in pairs]
     assert (report["wins"], report["ties"], report["losses"]) == (verdicts.count(1), verdicts.count(0),
                                                                  verdicts.count(-1))
+    # lineage: the checkpoint and the SFT model it loads on; PPO (or SFT) running again makes the result stale
+    manifest = run_dir / "manifest.json"
+    before = manifest.read_text()
+    inputs = rundir.read_manifest(run_dir)["stages"][out.relative_to(run_dir).as_posix()]["inputs"]
+    def stored(key):
+        return rundir.stored_path(run_dir, inputs[key]["path"]).resolve()
+
+    assert stored("a") == (run_dir / "ppo" / "checkpoints" / "step-000001").resolve()
+    assert stored("a_base") == (world / "run" / "sft" / "final").resolve() and "b_base" not in inputs
+    try:
+        rundir.mark_stale(run_dir, "ppo")
+        assert "stale" in rundir.read_manifest(run_dir)["stages"][out.relative_to(run_dir).as_posix()]
+    finally:
+        manifest.write_text(before)
 
 
 def test_a_ppo_checkpoint_that_is_not_there_exits_2_before_any_model_loads(world, monkeypatch):
@@ -226,5 +241,5 @@ def test_a_ppo_checkpoint_that_is_not_there_exits_2_before_any_model_loads(world
     malformed = compare(world, run_dir, "sft", "ppo@last")
     assert malformed.exit_code == 2 and "B ppo@last: a PPO checkpoint is ppo@step-N" in malformed.stderr
     no_ppo = compare(world, world / "bare-run", "ppo@1", "sft")
-    assert no_ppo.exit_code == 2 and "has no PPO stage" in no_ppo.stderr
+    assert no_ppo.exit_code == 2 and "has no PPO stage" in no_ppo.stderr and not (world / "bare-run").exists()
     assert not list((run_dir / "compare").glob("*ppo-step-9*")) and not list((run_dir / "compare").glob("*@*"))

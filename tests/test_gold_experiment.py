@@ -7,6 +7,7 @@ import json
 import pytest
 
 from conftest import REPO, igpt
+from instructgpt_cli import rundir
 
 RULE = '''
 def score(prompt, responses):
@@ -81,7 +82,7 @@ def test_the_recipe_picks_the_ppo_point_of_best_gold_the_earliest_of_equals():
     assert pick(frontier(0.0, 0.5)) == "ppo"                    # no checkpoint before the final one
 
 
-def test_a_rerun_keeps_the_frontier_only_when_it_answered_these_prompts(tmp_path):
+def test_a_rerun_keeps_the_frontier_only_when_it_answered_these_prompts_with_these_models(tmp_path):
     measured_on = load_driver().measured_on
     out, prompts = tmp_path / "eval" / "ppo-frontier", tmp_path / "prompts.jsonl"
     prompts.write_text('{"prompt": "a"}\n{"prompt": "b"}\n')
@@ -89,7 +90,12 @@ def test_a_rerun_keeps_the_frontier_only_when_it_answered_these_prompts(tmp_path
     (out / "samples").mkdir(parents=True)
     (out / "report.json").write_text("{}")
     (out / "samples" / "step-000000.jsonl").write_text('{"prompt": "a", "response": "x"}\n{"prompt": "b"}\n')
+    entry = {"status": "completed", "inputs": {"step-8": {"path": str(tmp_path / "ppo" / "checkpoints" / "step-8")}}}
+    (tmp_path / "manifest.json").write_text(json.dumps({"stages": {"eval/ppo-frontier": entry}}))
     assert measured_on(out, prompts)
+    rundir.mark_stale(tmp_path, "ppo")  # PPO runs again: its checkpoints are other models
+    assert not measured_on(out, prompts)
+    (tmp_path / "manifest.json").write_text(json.dumps({"stages": {"eval/ppo-frontier": entry}}))
     prompts.write_text('{"prompt": "a"}\n{"prompt": "c"}\n')  # other prompts since: measure again
     assert not measured_on(out, prompts)
 

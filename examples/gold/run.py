@@ -119,9 +119,14 @@ def main(argv: list[str] | None = None, igpt: Callable[..., None] = subprocess_i
 
 
 def measured_on(frontier_dir: Path, prompts: Path) -> bool:
-    """Whether the frontier in ``frontier_dir`` answered exactly these prompts (its SFT point's samples)."""
+    """Whether the frontier in ``frontier_dir`` (RUN/eval/NAME) answered exactly these prompts (its SFT point's
+    samples) with the models of the run as they are (its manifest entry is not stale: PPO or SFT ran since)."""
+    from instructgpt_cli.rundir import read_manifest
+
+    run = frontier_dir.parents[1]
     samples = frontier_dir / "samples" / "step-000000.jsonl"
-    if not (frontier_dir / "report.json").is_file() or not samples.is_file():
+    entry = read_manifest(run).get("stages", {}).get(frontier_dir.relative_to(run).as_posix(), {})
+    if not (frontier_dir / "report.json").is_file() or not samples.is_file() or not entry or entry.get("stale"):
         return False
     answered = [json.loads(x)["prompt"] for x in samples.read_text(encoding="utf-8").splitlines() if x.strip()]
     return answered == [json.loads(x)["prompt"] for x in prompts.read_text(encoding="utf-8").splitlines() if x.strip()]

@@ -166,7 +166,8 @@ def run(cfg: CompareConfig, overwrite: bool = False) -> dict:
         (tmp / "report.json").write_text(json.dumps(report, indent=2, allow_nan=False) + "\n", encoding="utf-8")
         report_page.write_html(tmp / "report.html", report, judgments, run_dir, eos_id=tokenizer.eos_token_id,
                                rm_path=judge.path, device=str(device))
-    record(run_dir, out, {"a": path_a, "b": path_b, **({"rm": rm_path} if cfg.judge == "rm" else {}),
+    bases = {f"{k}_base": side.base for k, side in (("a", side_a), ("b", side_b)) if side.ppo}  # a checkpoint's
+    record(run_dir, out, {"a": path_a, "b": path_b, **bases, **({"rm": rm_path} if cfg.judge == "rm" else {}),
                           **({"judge": judge.path} if judge.path and cfg.judge != "rm" else {})})
     show(report, judgments)
     show_evals(run_dir, [name_a, name_b])
