@@ -143,7 +143,7 @@ def files(folder) -> dict:
 def test_eval_and_compare_keep_earlier_results_unless_overwrite(run, tmp_path, monkeypatch):
     """A second eval or compare of the same name exits 2 before any model loads and leaves every file of the
     run as it was; with --overwrite it replaces the results."""
-    from instructgpt_cli.stages import compare as compare_stage
+    from instructgpt_cli.frontier import Side
     from instructgpt_cli.stages import evaluate as evaluate_stage
 
     run_dir = tmp_path / "run"
@@ -160,7 +160,7 @@ def test_eval_and_compare_keep_earlier_results_unless_overwrite(run, tmp_path, m
         raise AssertionError("a model was loaded")
 
     monkeypatch.setattr(evaluate_stage, "load_model", no_model)
-    monkeypatch.setattr(compare_stage, "load_model", no_model)
+    monkeypatch.setattr(Side, "load", no_model)  # how compare loads each model
     for args, out in [(["eval", "sft", *common, "--temperature", "0"], "eval/sft"),
                       (["compare", "ppo", "sft", *common, "--tie-margin", "100"], "compare/ppo-vs-sft")]:
         refused = igpt(*args)

@@ -237,7 +237,7 @@ def test_a_bad_judge_in_label_exits_2_naming_it_and_writes_nothing(tmp_path, mon
 
 
 def test_a_bad_judge_in_compare_exits_2_and_publishes_nothing(models, tmp_path, monkeypatch):
-    from instructgpt_cli.stages import compare as compare_stage
+    from instructgpt_cli.frontier import Side
 
     judge_files(tmp_path)
     monkeypatch.chdir(tmp_path)
@@ -247,7 +247,7 @@ def test_a_bad_judge_in_compare_exits_2_and_publishes_nothing(models, tmp_path, 
     assert "--judge python:bad_judges:three: returned 3 scores for 2 responses (pair 1" in result.stderr
     assert not (run_dir / "compare").exists() or not any((run_dir / "compare").iterdir())
     # a judge that cannot load fails before any model loads or samples
-    monkeypatch.setattr(compare_stage, "load_model", lambda *a, **k: pytest.fail("a model loaded"))
+    monkeypatch.setattr(Side, "load", lambda *a, **k: pytest.fail("a model loaded"))  # how compare loads a model
     for judge, message in (("python:bad_judges:missing", "has no function missing"),
                            (f"model:{tmp_path / 'nowhere'}", "is not a model directory (no config.json)")):
         result = compare(models, run_dir, judge)
