@@ -20,7 +20,8 @@ from typing import Any, NamedTuple
 from . import judges
 from .errors import BadInput
 from .presets import read_yaml
-from .rundir import CHECKPOINT_PREFIX, complete_checkpoints, read_manifest, read_metrics, stage_model, stored_path
+from .rundir import (CHECKPOINT_PREFIX, STAGE_MODELS, complete_checkpoints, read_manifest, read_metrics,
+                     require_whole_checkpoint, stage_model, stored_path)
 from .stats import win_rate
 from .storage import weights_sha256
 
@@ -123,14 +124,12 @@ def model_or_checkpoint(spec: str, run_dir: Path, flag: str) -> Side:
         return Side(name, path, path)
     step = int(match.group(1))
     last = read_manifest(run_dir).get("stages", {}).get("ppo", {}).get("steps")
-    if step == last and (run_dir / "ppo" / "final" / "policy" / "config.json").is_file():
+    if step == last and (run_dir / STAGE_MODELS["ppo"] / "config.json").is_file():
         name, path = stage_model("ppo", run_dir, flag)  # the final policy, whether or not its checkpoint was kept
         return Side(name, path, path)
     run = ppo_run(run_dir, str(step), f"{flag} {spec}")
     point = next(p for p in run.points[1:] if p.step == step)
-    if (point.path / ".metadata").exists() or not (point.path / "trainable.safetensors").is_file():
-        raise BadInput([f"{flag} {spec}: {point.path} holds no trainable.safetensors (written under --fsdp it is "
-                        "sharded); only a whole checkpoint loads as a model"])
+    require_whole_checkpoint(point.path, f"{flag} {spec}")  # before anything runs, not when side A has sampled
     return Side(f"ppo-step-{step}", point.path, run.sft, run)
 
 

@@ -342,9 +342,9 @@ def load_trained_policy(ckpt: Path, base: Path, lora: LoraConfig | None, tokeniz
     written under --fsdp (sharded) or one whose names do not match this base and LoRA setting."""
     from safetensors import safe_open
 
-    if (ckpt / ".metadata").exists() or not (ckpt / "trainable.safetensors").is_file():
-        raise BadInput([f"{ckpt}: no trainable.safetensors (a checkpoint written under --fsdp is sharded); "
-                        "only a whole checkpoint loads as a model"])
+    from .rundir import require_whole_checkpoint
+
+    require_whole_checkpoint(ckpt, "checkpoint")
     model = load_model(ModelConfig(name=str(base), dtype=dtype), tokenizer, base, device, seed)
     if lora is not None and lora.enabled:
         model = apply_lora(model, LoraConfig(**{**vars(lora), "dropout": 0.0}))

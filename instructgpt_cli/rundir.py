@@ -164,6 +164,14 @@ def checkpoint_name(step: int) -> str:
     return f"{CHECKPOINT_PREFIX}{step:06d}"
 
 
+def require_whole_checkpoint(ckpt: Path, named: str) -> None:
+    """BadInput unless checkpoint ``ckpt`` holds its trainable weights whole (``trainable.safetensors``), as a
+    model loads them; one written under --fsdp is sharded. ``named``: how the user named it, for the message."""
+    if (ckpt / ".metadata").exists() or not (ckpt / "trainable.safetensors").is_file():
+        raise BadInput([f"{named}: {ckpt} holds no trainable.safetensors (a checkpoint written under --fsdp is "
+                        "sharded); only a whole checkpoint loads as a model"])
+
+
 def complete_checkpoints(ckpt_root: Path) -> list[Path]:
     """Complete checkpoints (marked COMPLETED), oldest first."""
     if not ckpt_root.exists():
