@@ -23,7 +23,8 @@ def say_every_rank(message: str) -> None:
 
 
 def say(message: str) -> None:
-    console().print(message)
+    """One message, one line: never wrapped at the terminal's width, so a log file can be grepped for it."""
+    console().print(message, soft_wrap=True)
 
 
 def banner(title: str, rows: dict[str, str]) -> None:

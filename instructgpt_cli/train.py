@@ -205,6 +205,24 @@ def rng_state() -> dict:
     return rng
 
 
+def numerics(model: Any) -> dict:
+    """What a step's bits depend on beyond the saved state: the thread count (a CPU reduction splits its sums
+    by thread), the device, the dtype and the torch version. A resume under the same numerics continues
+    bit-identical to an uninterrupted run; under other ones it continues correctly, not bit for bit."""
+    param = next(model.parameters())
+    device = param.device.type
+    if device == "cuda":
+        device = f"cuda ({torch.cuda.get_device_name(param.device)})"
+    return {"threads": torch.get_num_threads(), "device": device, "dtype": str(param.dtype).removeprefix("torch."),
+            "torch": str(torch.__version__)}
+
+
+def numerics_changed(saved: dict, now: dict) -> list[str]:
+    """``saved -> now`` for each numeric setting that differs (threads only on a CPU, where they matter)."""
+    keys = [k for k in ("threads", "device", "dtype", "torch") if k != "threads" or now["device"] == "cpu"]
+    return [f"{k} {saved[k]} -> {now[k]}" for k in keys if k in saved and saved[k] != now[k]]
+
+
 def save_train_state(dest: Path, model: Any, optimizer: Any, scheduler: Any, step: int, extra: dict | None = None,
                      rngs: list[dict] | None = None) -> None:
     """Trainable weights as safetensors; optimizer, scheduler, RNG and step with ``torch.save``
@@ -223,7 +241,8 @@ def save_train_state(dest: Path, model: Any, optimizer: Any, scheduler: Any, ste
         save_file(weights, dest / "trainable.safetensors")
         torch.save(optimizer.state_dict(), dest / "optimizer.pt")
     rngs = rngs or [rng_state()]
-    state = {"step": step, "scheduler": scheduler.state_dict(), "rng": rngs[0], "extra": extra or {}}
+    state = {"step": step, "scheduler": scheduler.state_dict(), "rng": rngs[0], "extra": extra or {},
+             "numerics": numerics(model)}
     if len(rngs) > 1:
         state["rng_ranks"] = rngs
     torch.save(state, dest / "state.pt")
@@ -255,6 +274,10 @@ def load_train_state(src: Path, model: Any, optimizer: Any, scheduler: Any) -> t
                             "--overwrite)"])
         optimizer.load_state_dict(saved)
     state = torch.load(src / "state.pt", weights_only=True)
+    changed = numerics_changed(state.get("numerics", {}), numerics(model))
+    if changed:
+        say(f"{src.name} was written with other numerics ({', '.join(changed)}): the rest of this run will not be "
+            "bit-identical to an uninterrupted one")
     scheduler.load_state_dict(state["scheduler"])
     rngs, world = state.get("rng_ranks", [state["rng"]]), distributed.world_size()
     if len(rngs) == world or world == 1:

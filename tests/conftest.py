@@ -9,6 +9,16 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Every bit-for-bit comparison in this suite (kill loops, SIGTERM resume, torchrun equal to one process,
+# deterministic reruns) runs all of its sides at one thread count: a step computed on 2 threads is not
+# bit-identical to one computed on 1, so a test that mixed them passed or failed with the timing of a kill.
+# This process and every igpt it starts run on THREADS threads, whatever the environment says.
+THREADS = 1
+for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+    os.environ[_var] = str(THREADS)
+import torch  # noqa: E402  (after the variables: its thread pool reads them)
+
+torch.set_num_threads(THREADS)
 REPO = Path(__file__).resolve().parents[1]
 TINY_CONFIG = REPO / "configs" / "tiny.yaml"
 

@@ -28,7 +28,7 @@ LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER
 def worker_env(tmp_path, extra=None):
     """This environment without any launcher's variables, one thread, offline, a per-test model cache."""
     env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
-    env.update({"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "IGPT_CACHE": str(tmp_path / "cache"), **(extra or {})})
+    env.update({"HF_HUB_OFFLINE": "1", "IGPT_CACHE": str(tmp_path / "cache"), **(extra or {})})
     # this checkout's package first: a script (tests/dist_steps.py) would otherwise import the installed one
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
     return env

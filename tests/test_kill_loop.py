@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, TINY_CONFIG, arithmetic_demos, igpt, marker_rankings, write_jsonl
+from conftest import REPO, THREADS, TINY_CONFIG, arithmetic_demos, igpt, marker_rankings, write_jsonl
 from instructgpt_cli.models import tiny_tokenizer
 from instructgpt_cli.train import FAULT_ENV
 from rule_rm import make_rule_rm
@@ -32,7 +32,7 @@ def metric_lines(path: Path) -> int:
 def kill_at_random(args: list, metrics: Path, after_lines: int, extra_s: float) -> int:
     """Start ``igpt args``; once ``metrics`` has ``after_lines`` lines, wait ``extra_s`` and SIGKILL it
     (wherever it is: a step, a checkpoint write, the export of final/). Returns the exit status."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = dict(os.environ)
     proc = subprocess.Popen([sys.executable, "-m", "instructgpt_cli", *map(str, args)], cwd=REPO, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
@@ -56,7 +56,7 @@ def kill_loop(args: list, run_dir: Path, stage: str, seed: int) -> None:
     print("kill loop", stage, statuses, metric_lines(metrics))
     assert statuses.count(-signal.SIGKILL) >= 2, statuses  # the kills landed mid-run, not after it ended
     step = rng.randint(min(metric_lines(metrics) + 1, STEPS), STEPS)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", FAULT_ENV: f"{step}:publish"}
+    env = {**os.environ, FAULT_ENV: f"{step}:publish"}
     died = subprocess.run([sys.executable, "-m", "instructgpt_cli", *map(str, resume)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=300)
     assert died.returncode in (0, 99), died.stderr  # 0: it had already passed that step
@@ -78,6 +78,16 @@ def inputs(tmp_path_factory):
 def sft(t: Path, run_dir: Path) -> list:
     return ["sft", "--config", TINY_CONFIG, "--data", t / "demos.jsonl", "--run-dir", run_dir, "--max-steps", STEPS,
             "--save-every", "1", "--val-fraction", "0", "--dropout", "0.1"]
+
+
+def test_every_side_computes_at_one_thread_count():
+    """The uninterrupted run and the last resume run in this process, the killed runs in subprocesses: a step
+    on 2 threads is not bit-identical to one on 1, so all of them must run at the same count."""
+    import torch
+
+    child = subprocess.run([sys.executable, "-c", "import torch; print(torch.get_num_threads())"], env=dict(os.environ),
+                           capture_output=True, text=True, timeout=120)
+    assert torch.get_num_threads() == int(child.stdout) == THREADS
 
 
 def test_sft_killed_again_and_again_ends_bit_identical(inputs, tmp_path):

@@ -34,7 +34,7 @@ def sft_args(data: Path, run_dir: Path, *extra) -> list:
 
 
 def start(args: list, env_extra: dict | None = None) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    env = {**os.environ, **(env_extra or {})}
     return subprocess.Popen([sys.executable, "-m", "instructgpt_cli", *map(str, args)], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -401,6 +401,35 @@ def test_resume_with_more_steps_extends_a_finished_run(tmp_path, demos):
     assert manifest(run_dir)["sft"]["steps"] == 7
     after = final_weights(run_dir / "sft" / "final")
     assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_resume_under_other_numerics_says_it_will_not_be_bit_identical(tmp_path, demos):
+    run_dir = tmp_path / "run"
+    assert igpt(*sft_args(demos, run_dir, "--max-steps", "2")).exit_code == 0
+    state = torch.load(run_dir / "sft" / "checkpoints" / "step-000002" / "state.pt", weights_only=True)
+    assert state["numerics"] == {"threads": torch.get_num_threads(), "device": "cpu", "dtype": "float32",
+                                 "torch": torch.__version__}
+    same = igpt(*sft_args(demos, run_dir, "--max-steps", "3", "--resume"))
+    assert same.exit_code == 0 and "bit-identical" not in same.stderr, same.stderr
+    threads = torch.get_num_threads()
+    torch.set_num_threads(threads + 1)
+    try:
+        other = igpt(*sft_args(demos, run_dir, "--max-steps", "4", "--resume"))
+    finally:
+        torch.set_num_threads(threads)
+    assert other.exit_code == 0, other.output
+    lines = [line for line in other.stderr.splitlines() if "bit-identical" in line]
+    assert len(lines) == 1 and f"threads {threads} -> {threads + 1}" in lines[0], other.stderr
+    assert "step-000003" in lines[0] and "will not be" in lines[0]
+    assert [m["step"] for m in read_metrics(run_dir / "sft" / "metrics.jsonl")] == [1, 2, 3, 4]
+    assert numerics_changed_on_gpu_ignores_threads()
+
+
+def numerics_changed_on_gpu_ignores_threads() -> bool:
+    saved = {"threads": 1, "device": "cuda (NVIDIA H100)", "dtype": "bfloat16", "torch": "2.13.0"}
+    return (train.numerics_changed(saved, {**saved, "threads": 8}) == []
+            and train.numerics_changed(saved, {**saved, "threads": 8, "dtype": "float32"}) == ["dtype bfloat16 -> float32"]
+            and train.numerics_changed({}, saved) == [])
 
 
 # ---------------------------------------------------------------- 7. lineage

@@ -157,7 +157,7 @@ def test_a_held_lock_shows_running_with_its_pid_and_host_and_a_dead_holder_does_
 def test_an_interrupted_sft_shows_the_step_it_stopped_at_and_later_stages_missing(tmp_path):
     demos = write_jsonl(tmp_path / "demos.jsonl", arithmetic_demos(24))
     run_dir = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "IGPT_FAULT_AFTER_STEP": "2:SIGTERM"}
+    env = {**os.environ, "IGPT_FAULT_AFTER_STEP": "2:SIGTERM"}
     stopped = subprocess.run([sys.executable, "-m", "instructgpt_cli", "sft", "--config", str(TINY_CONFIG), "--data",
                               str(demos), "--run-dir", str(run_dir), "--max-steps", "5", "--save-every", "1",
                               "--val-fraction", "0"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)

@@ -46,7 +46,7 @@ def sft_args(data: Path, run_dir: Path, *extra) -> list:
 def run(args: list, env: dict) -> subprocess.CompletedProcess:
     """The CLI in a fresh process (a stop signal, a hard kill; trackio reads TRACKIO_DIR when imported)."""
     return subprocess.run([sys.executable, "-m", "instructgpt_cli", *map(str, args)], cwd=REPO, text=True,
-                          capture_output=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1", **env})
+                          capture_output=True, timeout=300, env={**os.environ, **env})
 
 
 def numbers(line: dict) -> dict:
