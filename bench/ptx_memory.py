@@ -36,8 +36,8 @@ def one_step(variant: str, layers: int, tokens: int, batch: int, micro: int, thr
     sys.path.insert(0, str(REPO))
     from instructgpt_cli import distributed
     from instructgpt_cli.config import PPOConfig
-    from instructgpt_cli.batches import pad_right
-    from instructgpt_cli.losses import ptx_loss
+    from instructgpt_cli.batches import IGNORE_INDEX, pad_right
+    from instructgpt_cli.losses import lm_targets
     from instructgpt_cli.stages import ppo_step
     from instructgpt_cli.distributed import keep_freed_memory
 
@@ -62,7 +62,9 @@ def one_step(variant: str, layers: int, tokens: int, batch: int, micro: int, thr
         loss = 0.0
         for start in range(0, batch, size):
             ids, mask = pad_right(blocks[start:start + size], 2)
-            part = ptx_loss(model(input_ids=ids, attention_mask=mask, use_cache=False).logits, ids, mask)
+            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+            part = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)).float(),
+                                                     lm_targets(ids, mask).reshape(-1), ignore_index=IGNORE_INDEX)
             n = int(mask[:, 1:].sum())
             (part * (cfg.ptx_coef * n / n_total)).backward()
             loss += part.item() * n / n_total

@@ -92,7 +92,7 @@ def main() -> None:
     from instructgpt_cli.stages import ppo_step
 
     t = torch.randn(8, 24)  # non_finite reads scores (8,), values and advantages (8, 24)
-    sc = ppo_step.Scored(t, t, torch.randn(8, 24), torch.randn(8), t[:, 0], t, t, torch.randn(8, 24), t, None, None, {})
+    sc = ppo_step.Scored(t, t, torch.randn(8, 24), torch.randn(8), t, t, torch.randn(8, 24), t, None, None, {})
     rollout_check = per_call(lambda: ppo_step.non_finite(sc), n=5_000)  # PPO: rewards, values, advantages finite
     per_iteration = signal_check + metric + minibatches * finite_check + rollout_check
 

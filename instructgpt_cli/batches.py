@@ -56,14 +56,26 @@ def tokenize_demos(tokenizer: Any, demos: list[Demo], max_len: int) -> tuple[lis
     return examples, truncated
 
 
-def hold_out(items: list, fraction: float, seed: int) -> tuple[list, list]:
+def hold_out(items: list, fraction: float, seed: int, groups: list | None = None) -> tuple[list, list]:
     """``(train, held out)``: a seeded permutation of whole items (a ranking's pairs stay on one side), the
-    first ``fraction`` of it held out; at least one item trains."""
+    first ``fraction`` of it held out; at least one item trains.
+
+    With ``groups`` (one key per item; None: the item is a group of its own) the permutation is of the
+    groups and whole groups are held out, the first ``fraction`` of them (at least one trains): items that
+    share a key are never on both sides, as the paper splits its data by user ID so that no user's prompts
+    are both trained on and evaluated (Ouyang et al. 2022, sec. 3.2). Without keys this is the split by item
+    above, the same one for the same seed."""
     import torch
 
-    n_val = min(int(len(items) * fraction), len(items) - 1) if fraction > 0 else 0
-    perm = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed)).tolist()
-    return [items[i] for i in perm[n_val:]], [items[i] for i in perm[:n_val]]
+    keys = [(i,) if groups is None or groups[i] is None else groups[i] for i in range(len(items))]
+    members: dict = {}
+    for i, k in enumerate(keys):
+        members.setdefault(k, []).append(i)
+    order = list(members)
+    n_val = min(int(len(order) * fraction), len(order) - 1) if fraction > 0 else 0
+    perm = torch.randperm(len(order), generator=torch.Generator().manual_seed(seed)).tolist()
+    pick = lambda part: [items[i] for g in part for i in members[order[g]]]  # noqa: E731
+    return pick(perm[n_val:]), pick(perm[:n_val])
 
 
 def collate(examples: list[Example], pad_id: int) -> dict:

@@ -115,7 +115,8 @@ class RMConfig:
                                                       "with all K of its responses")
     epochs: int = f(1, "passes over the rankings (epochs); the paper trains the RM a single epoch (it overfits after)")
     max_steps: int = f(0, "stop after this many optimizer steps; 0 = run all epochs (steps)")
-    val_fraction: float = f(0.1, "share of rankings held out for pairwise accuracy (fraction, 0 disables)")
+    val_fraction: float = f(0.1, "share of rankings held out for pairwise accuracy; where rankings have a "
+                                 "\"group\", of whole groups (fraction, 0 disables)")
     share_prompts: bool = f(True, "run the prompt a ranking's K responses start with once, each response attending "
                                   "to it and to itself (model families known to support it, where it saves a tenth "
                                   "of the tokens)")
@@ -145,8 +146,10 @@ class DPOConfig:
     columns: list = f([], "dataset columns named otherwise, FIELD=COLUMN (e.g. prompt=question,chosen=better)")
     run_dir: str = f("runs/default", "run directory shared by all stages (path)")
     model: ModelConfig = f(ModelConfig(name=""), "model block; model.name, when set, replaces the SFT model as policy "
-                                                 "and reference (smollm2-135m, tiny or a directory)")
-    lora: LoraConfig = f(LoraConfig(), "LoRA block: the reference is the same weights with adapters disabled")
+                                                 "and reference (smollm2-135m, tiny or a directory); dropout stays 0 "
+                                                 "in DPO")
+    lora: LoraConfig = f(LoraConfig(), "LoRA block: the reference is the same weights with adapters disabled; "
+                                       "lora.dropout stays 0 in DPO")
     optim: OptimConfig = f(OptimConfig(lr=1e-6, batch_size=8, scheduler="linear"),
                            "optimizer block; batch_size counts prompts (rankings), each with all K of its responses")
     beta: float = f(0.1, "DPO's beta: implicit reward = beta * (log pi - log pi_ref), the KL strength (dimensionless)")
@@ -165,7 +168,7 @@ class DPOConfig:
                           "every 30 s (steps)")
     fsdp: bool = f(False, "under torchrun / accelerate launch, shard weights, gradients and optimizer state over the "
                           "processes (FSDP2) instead of replicating them (DDP): for models that do not fit one device")
-    seed: int = f(0, "seed for data order and dropout")
+    seed: int = f(0, "seed for data order and the held-out split (DPO trains without dropout)")
     device: str = f("auto", "auto, cpu, cuda, cuda:N or mps")
 
 
@@ -216,8 +219,10 @@ class PPOConfig:
     missing_eos_penalty: float = f(1.0, "subtracted from the score of a response that never emitted EOS (reward units)")
     reward_clip: float = f(0.0, "clip scores to +-this value before the KL penalty; 0 disables (reward units)")
     whiten_advantages: bool = f(True, "normalise advantages to mean 0, std 1 per rollout batch")
-    ema_decay: float = f(0.0, "also export ppo/final/policy_ema, an exponential moving average of the policy's trained "
-                              "weights updated after every optimizer step (decay per step); 0 = off; paper 0.992")
+    ema_decay: float = f(0.0, "also export ppo/final/policy_ema, an exponential moving average of the policy's "
+                              "weights (with LoRA the adapted, merged ones) updated after every optimizer step "
+                              "(decay per step); 0 = off; paper 0.992. It starts as the SFT model, with no bias "
+                              "correction: decay^N of the start remains after N steps (0.992^96 = 46%)")
     cache_frozen_layers: bool = f(True, "with LoRA on the top layers only: run the frozen layers below them once per "
                                         "rollout and feed their output to every scoring and training forward of the "
                                         "layers above (keeps 2 x rollout x length x hidden floats)")
@@ -270,8 +275,10 @@ class EvalConfig:
     name: str = f("", "report name, eval/NAME/; default the model's stage name or directory name")
     run_dir: str = f("runs/default", "run directory (path)")
     temperature: float = f(1.0, "sampling temperature (dimensionless); 0 = greedy")
-    kl_temperature: float = f(0.0, "temperature of the log-probs in the KL to SFT, logits / T as PPO penalises it "
-                                   "(dimensionless); 0 = the run's PPO temperature (ppo/config.yaml), else 1.0")
+    kl_temperature: float = f(0.0, "temperature T of the KL to SFT, KL(pi_T || pi_SFT,T) as PPO pays it: its "
+                                   "samples are drawn and its log-probs taken at T (a second set of samples where "
+                                   "--temperature differs) (dimensionless); 0 = the run's PPO temperature "
+                                   "(ppo/config.yaml), else 1.0")
     max_new_tokens: int = f(128, "longest response (tokens)")
     batch_size: int = f(8, "sequences per forward pass (sequences)")
     ptx_seq_len: int = f(256, "length of each pretraining-text block (tokens)")

@@ -155,6 +155,7 @@ class Prompt:
     category: str | None
     where: str = ""  # "FILE:LINE", for error messages after tokenisation
     turns: list[dict] | None = None  # a conversational prompt's turns; None: one user turn, ``prompt``
+    group: str | None = None  # prompts that belong together (one source message, one user): held out together
 
     @property
     def messages(self) -> list[dict]:
@@ -173,15 +174,17 @@ def split_turns(turns: list[dict]) -> tuple[str, list[dict] | None]:
 
 def parse_prompt(obj: dict, where: str, errors: list[str]) -> Prompt | None:
     category = nonempty_str(obj, "category", where, errors, required=False)
+    group = nonempty_str(obj, "group", where, errors, required=False)
     turns = parse_prompt_field(obj, where, errors)
     if turns is None:
         return None
     text, conversation = split_turns(turns)
-    return Prompt(text, category, where, conversation)
+    return Prompt(text, category, where, conversation, group)
 
 
 def read_prompts(path: str | Path, split: str = "train", columns: list[str] | tuple = ()) -> list[Prompt]:
-    """Validate and read prompts: ``{"prompt": str or [messages]}``, optional ``"category"``."""
+    """Validate and read prompts: ``{"prompt": str or [messages]}``, optional ``"category"`` and ``"group"``
+    (``sample`` copies both to its output, so they reach the rankings ``label`` writes)."""
     return read_records(path, parse_prompt, "prompts", split, columns, needs=(("prompt",),))
 
 
@@ -198,6 +201,7 @@ class Ranking:
     category: str | None
     where: str
     turns: list[dict] | None = None  # a conversational prompt's turns; None: one user turn, ``prompt``
+    group: str | None = None  # rankings that belong together: train-rm holds them out together
 
     @property
     def messages(self) -> list[dict]:
@@ -252,6 +256,7 @@ def parse_ranking(obj: dict, where: str, errors: list[str]) -> Ranking | None:
     """``{"prompt", "responses", "ranks"}``, or a preference pair (K=2) in any of TRL's forms: see
     :func:`formats.parse_pair`."""
     category = nonempty_str(obj, "category", where, errors, required=False)
+    group = nonempty_str(obj, "group", where, errors, required=False)
     if "responses" in obj:
         if "chosen" in obj or "rejected" in obj:
             errors.append(f"{where}: responses: give either responses/ranks or chosen/rejected, not both")
@@ -266,11 +271,12 @@ def parse_ranking(obj: dict, where: str, errors: list[str]) -> Ranking | None:
     if turns is None or parsed is None:
         return None
     text, conversation = split_turns(turns)
-    return Ranking(text, parsed[0], parsed[1], category, where, conversation)
+    return Ranking(text, parsed[0], parsed[1], category, where, conversation, group)
 
 
 def read_rankings(path: str | Path, split: str = "train", columns: list[str] | tuple = ()) -> list[Ranking]:
-    """Validate and read rankings (K responses with ranks, or chosen/rejected pairs)."""
+    """Validate and read rankings (K responses with ranks, or chosen/rejected pairs), optional ``"category"``
+    and ``"group"`` (rankings that share one are held out together: the prompts of one message, one user's)."""
     return read_records(path, parse_ranking, "rankings", split, columns,
                         needs=(("prompt", "responses", "ranks"), ("chosen", "rejected")))
 

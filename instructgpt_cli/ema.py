@@ -7,15 +7,23 @@ step, the average starting as a copy of the initial model, no bias correction): 
 a correction, and one is only needed for an average that starts at zero (Adam's moments); ours starts at
 the SFT weights, so every early value is already a weighted mean of real weights.
 
-What is averaged: the trained parameters only (``requires_grad``): every policy parameter in a full
-fine-tune, the adapters alone with LoRA (the frozen base is the same in every step: averaging it would
-only hold a second copy). Under DDP each rank keeps the whole average (the same on every rank); under
-FSDP each rank keeps the average of the shard it holds, and checkpoints and the export gather the whole
-(one fp32 copy of the trained weights on CPU, as the export gathers the model).
+Without bias correction the start never quite leaves: after N updates decay^N of the SFT weights remain
+(0.992^96 = 46%, 0.992^500 = 1.8%), so a run much shorter than 1 / (1 - decay) steps exports an average
+that is still mostly the SFT model.
+
+What is averaged: the policy's weights as they act, the ones its trained parameters set. In a full fine-tune
+every trained parameter (``requires_grad``). With LoRA each adapted layer's effective weight
+``W + scale * B @ A``, not the factors: the average of a product is not the product of the averages
+(ema(B) @ ema(A) != ema(B @ A)), so averaging A and B apart would export a model the policy never was. That
+costs an fp32 copy of each adapted weight, where the factors alone were a fraction of it; the average is
+kept by the merged model's parameter names and exported as a merged model (it is no rank-r adapter).
+Under DDP each rank keeps the whole average (the same on every rank); under FSDP each rank keeps the
+average of the shard it holds, and checkpoints and the export gather the whole (one fp32 copy on CPU, as
+the export gathers the model).
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable, NamedTuple
 
 import torch
 
@@ -36,37 +44,93 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
 
+def _whole(t: torch.Tensor) -> torch.Tensor:
+    """A parameter whole on every rank: an FSDP shard gathered (collective), else itself."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+class Averaged(NamedTuple):
+    """One averaged weight: its ``name`` in the exported model, the parameter ``like`` whose shape and FSDP
+    sharding it has, and ``weight()``, its current value as this rank holds it (fp32)."""
+
+    name: str
+    like: torch.Tensor
+    weight: Callable[[], torch.Tensor]
+
+
+def averaged_weights(model: Any) -> list[Averaged]:
+    """What the EMA of ``model`` averages, in a fixed order: its trained parameters, or for a LoRA (peft) model
+    each adapted layer's effective weight ``W + scale * B @ A`` under the merged model's name, and any other
+    trained parameter as itself."""
+    if not hasattr(model, "peft_config"):
+        return [Averaged(n, p, lambda p=p: _local(p).detach().float()) for n, p in model.named_parameters()
+                if p.requires_grad]
+    from peft.tuners.lora import LoraLayer
+
+    out, covered = [], set()
+    base = model.get_base_model()  # its names are those of the merged model (merge_and_unload returns it)
+    for name, layer in base.named_modules():
+        if not isinstance(layer, LoraLayer):
+            continue
+        (adapter,) = layer.active_adapters
+        covered |= {id(p) for p in layer.parameters() if p.requires_grad}
+        out.append(Averaged(f"{name}.weight", layer.get_base_layer().weight,
+                            lambda layer=layer, adapter=adapter: _adapted_weight(layer, adapter)))
+    for n, p in base.named_parameters():
+        if p.requires_grad and id(p) not in covered:
+            out.append(Averaged(n.replace(".modules_to_save.default.", "."), p,
+                                lambda p=p: _local(p).detach().float()))
+    return out
+
+
+def _adapted_weight(layer: Any, adapter: str) -> torch.Tensor:
+    """``W + scale * B @ A`` of a peft LoRA layer in fp32, as this rank holds ``W`` (an FSDP shard: the factors
+    are gathered, small, and the product cut as ``W`` is)."""
+    w = layer.get_base_layer().weight
+    with torch.no_grad():
+        if adapter in getattr(layer, "lora_A", {}):  # a Linear (Conv1D: fan_in_fan_out, the weight transposed)
+            delta = _whole(layer.lora_B[adapter].weight).float() @ _whole(layer.lora_A[adapter].weight).float()
+            delta = (delta.T if layer.fan_in_fan_out else delta) * layer.scaling[adapter]
+        else:  # another kind of LoRA layer (an embedding): peft's own product, in its dtype
+            delta = layer.get_delta_weight(adapter).float()
+        if hasattr(w, "device_mesh"):  # every rank has the whole product: keep the rows this rank's W has
+            from torch.distributed.tensor import distribute_tensor
+
+            delta = distribute_tensor(delta, w.device_mesh, w.placements, src_data_rank=None).to_local()
+        return _local(w).detach().float() + delta
+
+
 class ModelEMA:
-    """The EMA of ``model``'s trained parameters, ``decay`` per optimizer step of ``optimizer`` (a step
-    that was skipped for a non-finite value calls no ``optimizer.step()``, so it updates nothing)."""
+    """The EMA of ``model``'s weights as they act (:func:`averaged_weights`), ``decay`` per optimizer step of
+    ``optimizer`` (a step that was skipped for a non-finite value calls no ``optimizer.step()``, so it updates
+    nothing)."""
 
     def __init__(self, model: torch.nn.Module, decay: float, optimizer: torch.optim.Optimizer):
-        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        self.names = [n for n, _ in named]
-        self.params = [p for _, p in named]
+        self.averaged = averaged_weights(model)
+        self.names = [a.name for a in self.averaged]
         self.decay = decay
-        self.shadow = [_local(p).detach().float().clone() for p in self.params]  # starts as the initial weights
+        self.shadow = [a.weight().clone() for a in self.averaged]  # starts as the initial weights
         # after every optimizer.step(): the policy's step (the same optimizer also steps the value model)
         optimizer.register_step_post_hook(lambda *_: self.update())
 
     def update(self) -> None:
-        ema_update(self.shadow, [_local(p) for p in self.params], self.decay)
+        ema_update(self.shadow, [a.weight() for a in self.averaged], self.decay)
 
     def state(self) -> dict[str, torch.Tensor]:
         """The whole average, {parameter name: fp32 tensor on CPU}, for a checkpoint or the export. Every rank
         must call this (an FSDP shard is gathered from every rank)."""
-        return {n: self._full(p, s).cpu() for n, p, s in zip(self.names, self.params, self.shadow)}
+        return {a.name: self._full(a.like, s).cpu() for a, s in zip(self.averaged, self.shadow)}
 
     def load(self, state: dict[str, torch.Tensor] | None) -> None:
         """Continue from a checkpoint's :meth:`state`; without one (a run that started without an EMA and
         resumed with ``--allow-changes``), start from the weights as they are now."""
         if state is None:
-            self.shadow = [_local(p).detach().float().clone() for p in self.params]
+            self.shadow = [a.weight().clone() for a in self.averaged]
             return
         missing = [n for n in self.names if n not in state]
-        if missing:
-            raise RuntimeError(f"the checkpoint's EMA lacks {len(missing)} trained tensors (e.g. {missing[0]})")
-        for n, p, s in zip(self.names, self.params, self.shadow):
+        if missing:  # e.g. a LoRA run's checkpoint from an igpt that averaged the factors A and B apart
+            raise RuntimeError(f"the checkpoint's EMA lacks {len(missing)} of the averaged weights (e.g. {missing[0]})")
+        for n, p, s in zip(self.names, (a.like for a in self.averaged), self.shadow):
             full = state[n].to(s.device, torch.float32)
             if hasattr(p, "device_mesh"):  # this rank's shard of it, as FSDP cut the parameter
                 from torch.distributed.tensor import distribute_tensor
@@ -81,6 +145,14 @@ class ModelEMA:
         from torch.distributed.tensor import DTensor
 
         return DTensor.from_local(shadow, p.device_mesh, p.placements, shape=p.shape, stride=p.stride()).full_tensor()
+
+
+def averaged_model(model: Any, weights: dict[str, torch.Tensor]) -> Any:
+    """``model`` with the averaged ``weights`` (:meth:`ModelEMA.state`) in place of its own: a LoRA model merged
+    first (in place), its average being of the merged weights."""
+    plain = model.merge_and_unload() if hasattr(model, "peft_config") else model
+    load_weights(plain, weights)
+    return plain
 
 
 def load_weights(model: Any, weights: dict[str, torch.Tensor]) -> None:

@@ -22,7 +22,7 @@ from .errors import BadInput
 from .presets import read_yaml
 from .rundir import (CHECKPOINT_PREFIX, STAGE_MODELS, complete_checkpoints, read_manifest, read_metrics,
                      require_whole_checkpoint, stage_model, stored_path)
-from .stats import win_rate
+from .stats import t_quantile, win_rate
 from .storage import weights_sha256
 
 
@@ -193,12 +193,44 @@ def best(points: list[dict], key: str) -> str | None:
     return max(scored, key=lambda p: p[key])["label"] if scored else None
 
 
+WIN_VALUE = {"A": 1.0, "tie": 0.5, "B": 0.0}  # a pairwise gold's verdict against the SFT response, as a number
+
+
+def gold_drop(points: list[dict], best_gold: str | None, best_proxy: str | None, values: dict[str, list]
+              ) -> dict | None:
+    """How far the gold fell from its best point to the proxy's pick, where the pick is a later point (so the
+    proxy rose past the gold's peak), with a 95% interval; None where there is no such pair.
+
+    ``values``: each point's per-prompt gold (scores, or a pairwise judge's 'A' / 'tie' / 'B' against the SFT
+    response, 1 / 0.5 / 0), the same prompts in the same order at every point. The drop is the mean of the
+    per-prompt differences best - pick (paired: a prompt's difficulty cancels), its interval Student's t on
+    their sd (n - 1). ``significant``, the frontier's over-optimisation, only when the interval lies above 0:
+    two points' means differ by chance by about their sd / sqrt(n), and on a few dozen prompts a drop of that
+    size is noise (Gao et al. 2022 read the fall over many points of a curve). The interval does not allow
+    for the best gold point being the maximum of several noisy ones (it errs towards a drop)."""
+    step = {p["label"]: p["step"] for p in points}
+    if best_gold is None or best_proxy is None or step[best_proxy] <= step[best_gold]:
+        return None
+    proxy = {p["label"]: p["score_mean"] for p in points}
+    if not proxy[best_proxy] > proxy[best_gold]:  # the earliest of equal proxies is its pick: never here
+        return None
+    a, b = ([WIN_VALUE.get(v, v) if isinstance(v, str) else v for v in values[k]] for k in (best_gold, best_proxy))
+    diffs = [x - y for x, y in zip(a, b)]
+    n = len(diffs)
+    m, sd = mean_sd(diffs)
+    out = {"from": best_gold, "to": best_proxy, "n": n, "drop": m, "ci": None, "significant": False}
+    if n >= 2:
+        half = t_quantile(0.975, n - 1) * sd / math.sqrt(n)
+        out.update(ci=[m - half, m + half], significant=m - half > 0)
+    return out
+
+
 def show(report: dict, out: Path) -> None:
     """The frontier as a table: one row per point, the best gold marked *, the proxy's pick marked ^."""
     from rich.table import Table
 
     from .console import console
-    from .report import number
+    from .report import drop_text, number, temperatures_text
 
     gold = report.get("gold")
     table = Table(title=f"igpt eval ppo --checkpoints  ({out / 'report.json'})", title_justify="left")
@@ -213,7 +245,8 @@ def show(report: dict, out: Path) -> None:
         cells += [number(p.get("gold_mean"), ".3f")] if gold else []
         table.add_row(*cells, number(p["response_length"], ".1f"), number(p["eos_rate"], ".0%"), marks)
     console().print(table)
+    console().print(temperatures_text(report))
     if gold:
-        console().print(f"* best gold: {report['best_gold']}; ^ the proxy would pick: {report['best_proxy']}"
-                        + ("  (the proxy kept rising after the gold peaked: over-optimisation)"
-                           if report.get("overoptimised") else ""))
+        console().print(f"* best gold: {report['best_gold']}; ^ the proxy would pick: {report['best_proxy']}")
+        if report.get("gold_drop"):
+            console().print(drop_text(report["gold_drop"]))

@@ -1,6 +1,8 @@
 """Pure tensor functions, shapes in comments. No models, no I/O."""
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -79,15 +81,12 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor, total=_same) -> torch.Tensor
     return var * n / (n - 1).clamp(min=1)
 
 
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, total=_same) -> torch.Tensor:
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, total=_same) -> torch.Tensor:
     """Normalise ``x`` to mean 0, variance 1 over masked positions (B, T); masked-out entries become 0.
-    With ``shift_mean=False`` only the scale changes (used for rewards). With ``total`` the moments are
-    those of every process's batch together, so a rollout split over ranks whitens as one batch."""
+    With ``total`` the moments are those of every process's batch together, so a rollout split over ranks
+    whitens as one batch."""
     mean, var = masked_mean(x, mask, total), masked_var(x, mask, total)
-    out = (x - mean) * torch.rsqrt(var + 1e-8)
-    if not shift_mean:
-        out = out + mean
-    return out * mask
+    return (x - mean) * torch.rsqrt(var + 1e-8) * mask
 
 
 def kl_penalized_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
@@ -161,16 +160,12 @@ def lm_targets(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.T
     return input_ids[:, 1:].masked_fill(attention_mask[:, 1:] == 0, IGNORE_INDEX)
 
 
-def ptx_loss(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """The pretraining term of PPO-ptx: mean next-token cross-entropy over real tokens of a batch of
-    pretraining text. logits (B, L, V), input_ids and attention_mask (B, L)."""
-    targets = lm_targets(input_ids, attention_mask)
-    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)).float(), targets.reshape(-1),
-                           ignore_index=IGNORE_INDEX)
-
-
 def adaptive_kl_beta(beta: float, kl: float, target: float, horizon: int, n_steps: int) -> float:
-    """Ziegler et al. (2019)'s proportional controller: move beta so the KL approaches ``target``."""
+    """Ziegler et al. (2019)'s proportional controller: move beta so the KL approaches ``target``. A KL that
+    is not finite says nothing about the distance to the target: beta stays (``min(0.2, nan)`` is 0.2, so
+    the clip alone would raise it by the largest step)."""
+    if not math.isfinite(kl):
+        return beta
     error = max(-0.2, min(0.2, kl / target - 1.0))
     return beta * (1.0 + error * n_steps / horizon)
 

@@ -268,10 +268,6 @@ def enable_checkpointing(model: Any, name: str) -> None:
     model.disable_input_require_grads()
 
 
-def load_causal_lm(cfg: ModelConfig, tokenizer: Any, path: Path | None, device: torch.device, seed: int) -> Any:
-    return load_model(cfg, tokenizer, path, device, seed, "causal")
-
-
 def position_limit(name: str, trust_remote_code: bool = False) -> int | None:
     """A model's own context (``max_position_embeddings`` of its config), read without loading weights;
     None where its config names none."""

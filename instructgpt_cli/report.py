@@ -68,6 +68,32 @@ def score_text(r: dict) -> str:
     return f"{r['score_mean']:.3f}" + (f" ± {r['score_sd']:.3f}" if r.get("score_sd") is not None else "")
 
 
+def temperatures_text(report: dict) -> str:
+    """One line naming both temperatures of an eval or frontier report: of the samples that are scored, and of
+    the samples and log-probs of the KL to SFT (``kl_separate_samples``: a second set; a report written before
+    it, where both were eval's samples, reads as one set)."""
+    t, kl_t, seed = report["settings"]["temperature"], report["kl_temperature"], report["settings"]["seed"]
+    logprobs = f"log-probs at T={kl_t:g} from {report.get('kl_temperature_from', '?')}"
+    if not report.get("kl_separate_samples"):
+        return f"samples at T={t:g}, seed {seed}: scores, length, EOS rate and the KL to SFT ({logprobs})"
+    return (f"scores, length, EOS rate: samples at T={t:g}{' (greedy)' if t == 0 else ''}, seed {seed}; KL to SFT: a "
+            f"second set of samples drawn at T={kl_t:g}, same seed ({logprobs})")
+
+
+def drop_text(drop: dict | None) -> str:
+    """One line on the gold's fall from its best point to the proxy's pick, a later one (a frontier report's
+    ``gold_drop``, ``frontier.gold_drop``), and whether it counts as over-optimisation; '' without one."""
+    if not drop:
+        return ""
+    fell = f"the gold fell by {drop['drop']:.3f} from {drop['from']} to the proxy's pick {drop['to']}"
+    if not drop["ci"]:
+        return f"{fell}: too few prompts for an interval, not called over-optimisation"
+    fell += f" (95% CI {drop['ci'][0]:+.3f} to {drop['ci'][1]:+.3f} over {drop['n']} prompts)"
+    if drop["significant"]:
+        return f"{fell}: over-optimisation, the proxy kept rising after the gold peaked"
+    return f"{fell}: within noise (the interval includes 0), not called over-optimisation"
+
+
 @dataclass
 class RunRecords:
     """What the page shows beside the comparison, read from the run directory; each empty when absent
@@ -175,7 +201,16 @@ def eval_table(report: dict, evals: dict[str, dict]) -> str:
                  number(r.get("alignment_tax"), "+.4f"), number(r.get("response_length"), ".1f"),
                  number(r.get("eos_rate"), ".0%"), acc, same]
         rows.append("<tr>" + "".join(f"<td>{e(c)}</td>" for c in cells) + "</tr>")
-    return "".join(rows) + "</table>"
+    return "".join(rows) + "</table>" + "".join(f"<p>{e(line)}</p>" for line in temperature_lines(evals))
+
+
+def temperature_lines(evals: dict[str, dict]) -> list[str]:
+    """What eval's samples and its KL to SFT were drawn at (:func:`temperatures_text`), one line if all ``evals``
+    (name: report.json) agree, else one a model; none from reports without the settings."""
+    said = {n: temperatures_text(r) for n, r in evals.items() if "settings" in r and "kl_temperature" in r}
+    if len(set(said.values())) <= 1:
+        return list(set(said.values()))
+    return [f"{n}: {t}" for n, t in said.items()]
 
 
 def length_html(report: dict) -> str:
@@ -250,7 +285,9 @@ def frontier_html(run_dir: Path) -> str:
     r = json.loads(path.read_text(encoding="utf-8"))
     chart = frontier_chart(r)
     gold = r.get("gold")
-    cols = ["model", "episodes", "KL to SFT", "proxy RM score"] + ([f"gold ({gold})"] if gold else []) + [""]
+    kl_t = r.get("kl_temperature")
+    cols = ["model", "episodes", "KL to SFT" + (f" (T={kl_t:g})" if kl_t else ""), "proxy RM score"]
+    cols += ([f"gold ({gold})"] if gold else []) + [""]
     rows = ["<table><tr>" + "".join(f"<th>{e(c)}</th>" for c in cols) + "</tr>"]
     for p in r.get("points", []):
         mark = ("*" if p["label"] == r.get("best_gold") else "") + ("^" if p["label"] == r.get("best_proxy") else "")
@@ -258,9 +295,10 @@ def frontier_html(run_dir: Path) -> str:
         rows.append("<tr>" + "".join(f"<td>{e(c)}</td>" for c in cells + ([number(p.get("gold_mean"), ".3f")]
                                                                           if gold else []) + [mark]) + "</tr>")
     note = (f"<p>* best gold: {e(str(r.get('best_gold')))}; ^ the proxy would pick: {e(str(r.get('best_proxy')))}"
-            + (" (over-optimisation: the proxy kept rising after the gold peaked)" if r.get("overoptimised") else "")
+            + (f". {e(drop_text(r['gold_drop']))}" if r.get("gold_drop") else "")
             + "</p>") if gold else "<p>No gold judge: the proxy's score alone (--gold or --gold-rm adds one).</p>"
-    return (f"<img alt='frontier' src='{chart}'>" if chart else "") + "".join(rows) + "</table>" + note
+    temps = f"<p>{e(temperatures_text(r))}</p>" if "settings" in r and kl_t else ""
+    return (f"<img alt='frontier' src='{chart}'>" if chart else "") + "".join(rows) + "</table>" + temps + note
 
 
 def sample_html(report: dict, judgments: list[dict], eos_id: int | None) -> str:

@@ -109,7 +109,9 @@ def frontier_chart(report: dict) -> str | None:
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
     gold = report.get("gold")
-    for ax, x, xlabel in ((axes[0], "episodes", "episodes"), (axes[1], "kl_to_sft", "KL to SFT (nats per response)")):
+    kl_t = report.get("kl_temperature")
+    kl_label = "KL to SFT" + (f" at T={kl_t:g}" if kl_t else "") + " (nats per response)"
+    for ax, x, xlabel in ((axes[0], "episodes", "episodes"), (axes[1], "kl_to_sft", kl_label)):
         xs = [p[x] for p in pts]
         ax.plot(xs, [p.get("score_mean") for p in pts], marker="o", color="#4c72b0", label="proxy RM score")
         ax.set_xlabel(xlabel)

@@ -30,10 +30,12 @@ def reward_scores(model: Any, input_ids: torch.Tensor, attention_mask: torch.Ten
     """Normalised scalar rewards (B,) of right-padded sequences, read at each one's last real token.
 
     The scalar head of a transformers sequence classifier has no bias, so the normalisation the paper
-    applies before RL is stored as ``config.igpt_reward_bias`` and added here.
+    applies before RL is stored as ``config.igpt_reward_bias`` and added here, in fp32 as the packed and shared
+    layouts add it (``forward.scalar_head_outputs``): in bf16 a bias of 5 leaves steps of 1/32 between scores,
+    so distinct scores would tie and count as wrong pairs.
     """
     logits = model(input_ids=input_ids, **mask_inputs(attention_mask), use_cache=False).logits[:, 0]
-    return logits + getattr(model.config, REWARD_BIAS, 0.0)
+    return logits.float() + getattr(model.config, REWARD_BIAS, 0.0)
 
 
 def packed_reward_scores(model: Any, seqs: list[list[int]], device: torch.device) -> torch.Tensor:

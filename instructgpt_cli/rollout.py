@@ -150,10 +150,7 @@ def decode_response(tokenizer: Any, tokens: list[int]) -> str:
     return tokenizer.decode(tokens, skip_special_tokens=True).strip()
 
 
-# ---------------------------------------------------------------- scoring query + response (PPO)
-
-
-# ---------------------------------------------------------------- LM losses (SFT, PPO-ptx, eval's alignment tax)
+# ---------------------------------------------------------------- the PPO rollout batch
 
 
 class Rollout(NamedTuple):
@@ -205,12 +202,14 @@ def score_responses(rm: Any, tokenizer: Any, queries: list[list[int]], responses
 def response_kl(model: Any, ref: Any, tokenizer: Any, queries: list[list[int]], responses: list[list[int]],
                 temperature: float, batch_size: int) -> torch.Tensor:
     """Per-response KL (N,): the sum over response positions of KL(pi_T(. | x, y_<t) || pi_ref,T(. | x, y_<t)),
-    both distributions of logits / T, each over the whole vocabulary, along the model's own samples.
+    both distributions of logits / T, each over the whole vocabulary, along ``responses``.
 
     PPO penalises the one-sample estimate log pi(y_t) - log pi_ref(y_t) of the same per-token KL on samples
-    drawn at its temperature T; the exact per-token sum is that estimate's expectation, never negative, and
-    still the KL at PPO's T when eval samples at another temperature (the one-sample estimate is then not a KL
-    at all: at T = 0.7 samples and T = 1 log-probs it came out negative on the demo). Padding counts 0."""
+    drawn at its temperature T; the exact per-token sum is that estimate's expectation given the prefixes,
+    never negative. Its mean over responses drawn from pi_T is an unbiased estimate of the sequence KL
+    KL(pi_T(. | x) || pi_ref,T(. | x)) (the chain rule) only when ``responses`` were drawn at this same T:
+    along samples of another temperature it weighs the prefixes wrongly (1.10x the true value on a
+    two-token example at T = 0.7 samples, T = 1 log-probs), so eval draws them at T. Padding counts 0."""
     if not temperature > 0:
         raise ValueError(f"response_kl: temperature must be > 0 (log-probs of logits / T), got {temperature}")
     device = next(model.parameters()).device

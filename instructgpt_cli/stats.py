@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import math
+from statistics import NormalDist
 
 Z95 = 1.959963984540054  # two-sided 95% normal quantile
 
 
-def wilson_interval(p: float, n: int, z: float = Z95) -> tuple[float, float]:
+def wilson_interval(p: float, n: float, z: float = Z95) -> tuple[float, float]:
     """Wilson score interval for a proportion ``p`` observed over ``n`` trials; (0, 1) when n is 0.
 
     The closed form reaches 0 at p = 0 and 1 at p = 1 only up to rounding (5.6e-17 at 0 of 3), so the
@@ -37,20 +38,106 @@ def win_rate(wins: int, ties: int, losses: int) -> dict:
     return {**out, "win_rate": rate, "ci_low": lo, "ci_high": hi}
 
 
-def rm_accuracy(correct: int, pairs: int, rankings: int) -> dict:
-    """A reward model's held-out pairwise accuracy with its 95% Wilson interval; it is above chance when
-    the interval's lower bound is above 0.5. Empty when nothing was held out.
+def t_quantile(q: float, df: float) -> float:
+    """The ``q`` quantile (0.5 < q < 1) of Student's t with ``df`` >= 1 degrees of freedom (any real ``df``;
+    the normal's beyond 1e6). Bisection on P(|T| > t) = I_x(df/2, 1/2), x = df / (df + t^2)."""
+    if df > 1e6:
+        return NormalDist().inv_cdf(q)
+    tail = 2 * (1 - q)  # two-sided
+    lo, hi = 0.0, 1.0  # x = df / (df + t^2): I_x rises with x, t falls
+    for _ in range(64):  # to 2^-64 in x
+        mid = (lo + hi) / 2
+        if beta_regularized(df / 2, 0.5, mid) < tail:
+            lo = mid
+        else:
+            hi = mid
+    x = (lo + hi) / 2
+    return math.sqrt(df * (1 - x) / x)
 
-    The interval is taken over the ``rankings`` held out, not the ``pairs``: the C(K,2) pairs of one
-    ranking share a prompt and responses, so they are not independent; with equal K, the design effect
-    1 + (K(K-1)/2 - 1) rho is at most C(K,2), so the effective sample size is at least the number of
-    rankings and this interval errs on the wide side (the honest side for "has it learned anything?")."""
-    if not pairs or not rankings:
+
+def beta_regularized(a: float, b: float, x: float) -> float:
+    """The regularised incomplete beta function I_x(a, b), 0 <= x <= 1, by its continued fraction (Lentz's
+    method; Numerical Recipes, ``betai``), taken on the side where it converges fast."""
+    if x <= 0.0 or x >= 1.0:
+        return 0.0 if x <= 0.0 else 1.0
+    if x > (a + 1) / (a + b + 2):
+        return 1.0 - beta_regularized(b, a, 1 - x)
+    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)) / a
+    tiny = 1e-300
+    c, d = 1.0, 1.0 - (a + b) * x / (a + 1)
+    d = 1 / (d if abs(d) > tiny else tiny)
+    f = d
+    for m in range(1, 10_000):
+        for num in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+                    -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
+            d = 1 + num * d
+            d = 1 / (d if abs(d) > tiny else tiny)
+            c = 1 + num / c
+            c = c if abs(c) > tiny else tiny
+            f *= c * d
+        if abs(c * d - 1) < 1e-15:
+            break
+    return front * f
+
+
+def clustered_rate(successes: list[float], trials: list[float], z: float = Z95) -> dict:
+    """A rate over trials that come in clusters, with a 95% interval that holds its level when the trials of
+    a cluster are correlated and the clusters differ in size: a reward model's pairs, clustered in rankings of
+    mixed K (C(K,2) pairs each), or win/tie/loss judgments clustered by the message the prompts share.
+
+    ``successes`` (n,) and ``trials`` (n,) per cluster (a tie may count half a success). The rate is the
+    ratio estimator sum(successes) / sum(trials), every trial weighted alike. Its variance is the
+    cluster-robust (linearised) one with the CR2 small-sample correction (Bell & McCaffrey 2002): cluster i's
+    residual e_i = successes_i - rate * trials_i over (1 - h_i), h_i = trials_i / sum(trials), its
+    leverage; degrees of freedom are Bell and McCaffrey's Satterthwaite approximation, which shrinks from
+    n - 1 as a few large clusters dominate. The interval is Wilson's at the effective sample size rate(1 -
+    rate) / variance (capped at the trials), scaled by (z / t_df)^2 (Korn & Graubard 1998): never outside
+    [0, 1], and not degenerate near 0 or 1.
+
+    Assumes: clusters independent of each other, trials within one correlated in any way, and enough
+    clusters for a normal approximation of the ratio: by simulation (tests/test_stats.py) the 95% interval
+    covers 93-96% of 10, 30 or 100 rankings at K in {2, 9}, 4..9 and 4..6 with rankings that differ in how
+    well the model does; where each ranking is all right or all wrong it needs about 30 (85% at 10 rankings,
+    96% at 30). Where every cluster is all
+    successes or all failures (rate 0 or 1) there is no spread to estimate; the effective sample size is
+    then the number of clusters, as if each were one trial. Clusters with no trials are dropped.
+
+    Returns {"rate", "ci_low", "ci_high", "clusters", "trials", "effective_n", "df"}: rate and bounds None
+    with no trials; the interval (0, 1) from one cluster (nothing measures how clusters vary), with
+    effective_n and df None."""
+    kept = [(float(s), float(t)) for s, t in zip(successes, trials) if t > 0]
+    n, total = len(kept), sum(t for _, t in kept)
+    out = {"rate": None, "ci_low": None, "ci_high": None, "clusters": n, "trials": total, "effective_n": None,
+           "df": None}
+    if not n:
+        return out
+    rate = min(1.0, max(0.0, sum(s for s, _ in kept) / total))
+    if n == 1:
+        return {**out, "rate": rate, "ci_low": 0.0, "ci_high": 1.0}
+    h = [t / total for _, t in kept]
+    var = sum((s - rate * t) ** 2 / (1 - hi) for (s, t), hi in zip(kept, h)) / total ** 2
+    a = [hi * hi / (1 - hi) for hi in h]
+    df = 1 / (sum(hi * hi for hi in h) + sum(a) ** 2 - sum(ai * ai for ai in a))  # n - 1 at equal sizes
+    if 0.0 < rate < 1.0:
+        n_eff = min(rate * (1 - rate) / var, total) if var > 0 else total
+    else:
+        n_eff = float(n)
+    low, high = wilson_interval(rate, n_eff * (z / t_quantile(NormalDist().cdf(z), max(df, 1.0))) ** 2)
+    return {**out, "rate": rate, "ci_low": low, "ci_high": high, "effective_n": n_eff, "df": df}
+
+
+def rm_accuracy(correct: list[int], pairs: list[int]) -> dict:
+    """A reward model's held-out pairwise accuracy from each held-out ranking's ``correct`` (n,) and ``pairs``
+    (n,) counts: correct pairs / pairs, with its 95% interval clustered by ranking (:func:`clustered_rate`).
+    The C(K,2) pairs of one ranking share a prompt and responses, so they are not independent, and with K
+    mixed a K=9 ranking weighs 36 times a K=2 one: a Wilson interval over pairs is too narrow, and one over
+    rankings under-covers too when K is mixed (17% misses at K in {2, 9}, issue 29). The model is above chance
+    when the lower bound is above 0.5. Empty when no pair was held out."""
+    r = clustered_rate(correct, pairs)
+    if r["rate"] is None:
         return {}
-    acc = correct / pairs
-    low, high = wilson_interval(acc, rankings)
-    return {"accuracy": acc, "accuracy_ci_low": low, "accuracy_ci_high": high, "pairs": pairs,
-            "rankings": rankings}
+    return {"accuracy": r["rate"], "accuracy_ci_low": r["ci_low"], "accuracy_ci_high": r["ci_high"],
+            "pairs": int(r["trials"]), "rankings": r["clusters"]}
 
 
 def describe_rm_accuracy(record: dict | None) -> tuple[str, str | None]:
@@ -65,8 +152,8 @@ def describe_rm_accuracy(record: dict | None) -> tuple[str, str | None]:
     low, high, n = (record.get(k) for k in ("eval/accuracy_ci_low", "eval/accuracy_ci_high", "eval/rankings"))
     if low is None or high is None or not n:
         return f"held-out accuracy {acc:.1%} (no confidence interval recorded)", None
-    text = (f"held-out accuracy {acc:.1%} (95% CI {low:.1%} - {high:.1%}, Wilson over {n} held-out rankings, "
-            f"{record.get('eval/pairs', '?')} pairs)")
+    text = (f"held-out accuracy {acc:.1%} (95% CI {low:.1%} - {high:.1%}, clustered by ranking: {n} held-out "
+            f"rankings, {record.get('eval/pairs', '?')} pairs)")
     if low > 0.5:
         return text, None
     return text, (f"the reward model is not above chance: its held-out accuracy {acc:.1%} has a 95% interval "

@@ -92,3 +92,62 @@ def test_prompt_tokens_are_masked_and_response_ends_with_eos():
     assert ex.labels[:n_prompt] == [IGNORE_INDEX] * n_prompt
     assert tok.decode(ex.labels[n_prompt:]) == "Yo<|im_end|>"
     assert ex.input_ids[-1] == tok.eos_token_id != tok.pad_token_id
+
+
+# ---------------------------------------------------------------- "group": rankings held out together
+
+
+def test_hold_out_without_groups_is_the_split_by_item():
+    import torch
+
+    from instructgpt_cli.batches import hold_out
+
+    items = list(range(23))
+    perm = torch.randperm(23, generator=torch.Generator().manual_seed(7)).tolist()  # the split before groups
+    assert hold_out(items, 0.3, 7) == ([items[i] for i in perm[6:]], [items[i] for i in perm[:6]])
+    assert hold_out(items, 0.3, 7, [None] * 23) == hold_out(items, 0.3, 7)
+
+
+def test_hold_out_by_group_never_splits_a_group():
+    from instructgpt_cli.batches import hold_out
+
+    # 10 messages under 4 framings each, and 5 rankings with no group (each its own)
+    items = [(m, f) for m in range(10) for f in range(4)] + [(None, i) for i in range(5)]
+    keys = [f"message {m}" if m is not None else None for m, _ in items]
+    for seed in range(5):
+        train, val = hold_out(items, 0.2, seed, keys)
+        assert sorted(train + val, key=str) == sorted(items, key=str)
+        assert not {m for m, _ in train if m is not None} & {m for m, _ in val if m is not None}
+        held_groups = {m for m, _ in val if m is not None} | {("alone", i) for m, i in val if m is None}
+        assert len(held_groups) == int(15 * 0.2)  # a fraction of the 15 groups, whole
+    assert len(hold_out(items, 1.0, 0, keys)[0]) >= 1  # at least one group trains
+
+
+@pytest.mark.parametrize("reader,line", [("read_rankings", {"prompt": "p", "responses": ["a", "b"], "ranks": [1, 2]}),
+                                         ("read_prompts", {"prompt": "p"})])
+def test_group_is_read_and_a_bad_one_is_reported(tmp_path, reader, line):
+    import instructgpt_cli.data as data
+
+    path = write_jsonl(tmp_path / "in.jsonl", [{**line, "group": "msg-1"}, line, {**line, "group": 7},
+                                               {**line, "group": " "}])
+    with pytest.raises(BadInput) as e:
+        getattr(data, reader)(path)
+    assert [m.split(": ", 1)[0].rsplit(":", 1)[1] for m in e.value.messages] == ["3", "4"]
+    assert all("group: must be a non-empty string" in m for m in e.value.messages)
+    path = write_jsonl(tmp_path / "ok.jsonl", [{**line, "group": "msg-1"}, line])
+    assert [r.group for r in getattr(data, reader)(path)] == ["msg-1", None]
+
+
+def test_train_rm_holds_out_whole_groups(tmp_path):
+    """20 rankings in groups of 12, 4 and 4: half the groups is one group, so 12 or 4 rankings are held out,
+    never the 10 that half the rankings would be."""
+    from conftest import arithmetic_demos, marker_rankings
+
+    rankings = [{**r, "group": "big" if i < 12 else f"small-{i // 16}"} for i, r in enumerate(marker_rankings(20))]
+    run_dir = tmp_path / "run"
+    result = igpt("train-rm", "--model", "tiny", "--rankings", write_jsonl(tmp_path / "r.jsonl", rankings),
+                  "--demos", write_jsonl(tmp_path / "d.jsonl", arithmetic_demos(4)), "--run-dir", run_dir,
+                  "--val-fraction", "0.5", "--max-steps", "1", "--batch-size", "4")
+    assert result.exit_code == 0, result.output
+    held = json.loads((run_dir / "manifest.json").read_text())["stages"]["rm"]["outputs"]["eval/rankings"]
+    assert held in (12, 4)

@@ -264,9 +264,11 @@ def test_two_process_ppo_with_lora_on_the_top_layer_caches_the_frozen_one(sft_ru
     assert (tmp_path / "run" / "ppo" / "final" / "policy" / "model.safetensors").exists()
 
 
-def test_fsdp_ema_of_the_policy_is_gathered_whole_and_equals_ddps(sft_runs, tmp_path):
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_fsdp_ema_of_the_policy_is_gathered_whole_and_equals_ddps(sft_runs, tmp_path, lora):
     """--ema-decay under FSDP: each rank averages its shard; the checkpoint holds the whole average (every tensor
-    its parameter's full shape) and final/policy_ema equals a DDP run's (where every rank averages it all)."""
+    its parameter's full shape) and final/policy_ema equals a DDP run's (where every rank averages it all). With
+    LoRA the average is of the adapted weights, W + scale * B @ A, each rank's rows of it from the gathered factors."""
     t, _ = sft_runs
     make_rule_rm(tmp_path / "rule_rm", tiny_tokenizer(), "e")
     write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"What is {i} plus {i + 3}?"} for i in range(16)])
@@ -275,7 +277,8 @@ def test_fsdp_ema_of_the_policy_is_gathered_whole_and_equals_ddps(sft_runs, tmp_
         out = torchrun(["-m", "instructgpt_cli", "ppo", "--prompts", tmp_path / "prompts.jsonl", "--sft",
                         t / "two" / "sft" / "final", "--rm", tmp_path / "rule_rm", "--run-dir", tmp_path / mode,
                         "--max-new-tokens", "12", "--rollout-batch-size", "8", "--mini-batch-size", "4", "--lr", "3e-3",
-                        "--max-steps", "2", "--ema-decay", "0.5", *(["--fsdp"] if mode == "fsdp" else [])], tmp_path)
+                        "--max-steps", "2", "--ema-decay", "0.5", *(["--fsdp"] if mode == "fsdp" else []),
+                        *(["--lora"] if lora else [])], tmp_path)
         assert out.returncode == 0, out.stderr
         runs[mode] = {m: weights(tmp_path / mode / "ppo" / "final" / m) for m in ("policy", "policy_ema")}
     sft = weights(t / "two" / "sft" / "final")

@@ -143,12 +143,12 @@ def marker_run(tmp_path_factory):
 
 def marker_rate(model_dir):
     from instructgpt_cli.config import ModelConfig
-    from instructgpt_cli.models import load_causal_lm, load_tokenizer
+    from instructgpt_cli.models import load_model, load_tokenizer
     from instructgpt_cli.rollout import generate
 
     cfg = ModelConfig(name=str(model_dir))
     tok, source = load_tokenizer(cfg)
-    model = load_causal_lm(cfg, tok, source, CPU, 0)
+    model = load_model(cfg, tok, source, CPU, 0)
     queries = [render_prompt(tok, [{"role": "user", "content": f"Say something, number {i}."}]) for i in range(64)]
     torch.manual_seed(0)
     texts = [tok.decode(r, skip_special_tokens=True) for r in generate(model, tok, queries, 24, 1.0, 64)]
@@ -231,3 +231,48 @@ def test_bad_rankings_exit_2_and_write_nothing(tmp_path, lines, message):
     assert not (tmp_path / "run").exists()
     no_sft = igpt(*dpo_args(write_jsonl(tmp_path / "ok.jsonl", marker_rankings(2)), tmp_path / "run"))
     assert no_sft.exit_code == 2 and "--sft" in no_sft.stderr and not (tmp_path / "run").exists()
+
+
+def test_the_reference_cache_is_keyed_by_what_was_tokenised_not_by_the_file(tmp_path):
+    """Two splits of one dataset with the same row count, then the same split with chosen and rejected mapped the
+    other way round: each resume (--allow-changes) computes the reference again and stores what a fresh run on
+    those rows stores (keyed by the file and its row count, the first split's log-probs were read back)."""
+    datasets = pytest.importorskip("datasets")
+    rows = lambda tag: [{"question": f"Pick {tag} {i}?", "good": f"banana {tag} {i}" * (i + 1),  # noqa: E731
+                         "bad": f"stone {i} {tag}"} for i in range(4)]
+    datasets.DatasetDict({"a": datasets.Dataset.from_list(rows("first")),
+                          "b": datasets.Dataset.from_list(rows("second split"))}).save_to_disk(str(tmp_path / "prefs"))
+    cols, swapped = "prompt=question,chosen=good,rejected=bad", "prompt=question,chosen=bad,rejected=good"
+    args = lambda run, split, columns, steps: ["dpo", "--model", "tiny", "--rankings", tmp_path / "prefs",  # noqa: E731
+                                               "--run-dir", tmp_path / run, "--split", split, "--columns", columns,
+                                               "--max-steps", str(steps), "--batch-size", "2", "--val-fraction", "0",
+                                               "--save-every", "1"]
+    ref = lambda run: load_file(str(tmp_path / run / "dpo" / "ref_logps.safetensors"))  # noqa: E731
+    for run, split in (("a", "a"), ("b", "b")):
+        assert igpt(*args(run, split, cols, 1)).exit_code == 0
+    fresh_a, fresh_b = ref("a"), ref("b")
+    assert not torch.allclose(fresh_a["logps"], fresh_b["logps"])
+    for steps, split, columns, want in ((2, "b", cols, fresh_b["logps"]),
+                                       (3, "b", swapped, fresh_b["logps"].view(-1, 2).flip(1).reshape(-1))):
+        resumed = igpt(*args("a", split, columns, steps), "--resume", "--allow-changes")
+        assert resumed.exit_code == 0 and "computed" in resumed.output, resumed.output
+        torch.testing.assert_close(ref("a")["logps"], want)
+    again = igpt(*args("a", "b", swapped, 4), "--resume")  # the same rows again: read back
+    assert again.exit_code == 0 and "read back" in again.output, again.output
+
+
+def test_dpo_trains_with_dropout_off_whatever_the_model_config_says(tmp_path):
+    """--dropout and --lora-dropout 0.5 are overridden as in ppo: at step 0 the policy is its reference (computed
+    without dropout), so every implicit reward is 0 and the loss log 2; with dropout the policy's log-probs
+    would be noisy against the reference's."""
+    rankings = write_jsonl(tmp_path / "ranks.jsonl", marker_rankings(8))
+    run_dir = tmp_path / "run"
+    result = igpt(*dpo_args(rankings, run_dir, "--model", "tiny", "--dropout", "0.5", "--lora", "--lora-dropout",
+                            "0.5", "--max-steps", "1", "--val-fraction", "0"))
+    assert result.exit_code == 0, result.output
+    first = read_metrics(run_dir / "dpo" / "metrics.jsonl")[0]
+    assert abs(first["rewards/chosen"]) < 1e-6 and abs(first["rewards/rejected"]) < 1e-6
+    assert first["train/loss"] == pytest.approx(math.log(2), abs=1e-6)
+    adapter = json.loads((run_dir / "dpo" / "final" / "adapter" / "adapter_config.json").read_text())
+    config = json.loads((run_dir / "dpo" / "final" / "config.json").read_text())
+    assert adapter["lora_dropout"] == 0 and config["attention_dropout"] == 0

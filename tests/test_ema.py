@@ -1,6 +1,7 @@
 """PPO's exponential moving average of the policy (--ema-decay): the update by hand, the exported
-ppo/final/policy_ema against the average of the policy's weights after every optimizer step, LoRA's adapters
-alone averaged and merged, a stopped run resumed with a bit-identical average, eval and compare of ppo_ema."""
+ppo/final/policy_ema against the average of the policy's weights after every optimizer step, with LoRA the
+average of the merged weights (not of the factors), a stopped run resumed with a bit-identical average (full and
+LoRA), eval and compare of ppo_ema."""
 import json
 import math
 
@@ -119,37 +120,74 @@ def test_no_ema_by_default_and_ppo_ema_then_names_the_flag(world, tmp_path):  # 
     assert bad.exit_code == 2 and "ema" in bad.stderr and not (tmp_path / "bad").exists()
 
 
-def test_lora_averages_the_adapters_alone_and_merges_them_into_the_base(world, tmp_path):  # noqa: F811
-    run_dir = tmp_path / "run"
-    result = igpt(*ppo_args(world, run_dir, "--max-steps", "2", "--lora", "--ema-decay", "0.5"))
+def test_lora_ema_is_the_average_of_the_merged_weights_not_of_the_factors(world, tmp_path, monkeypatch):  # noqa: F811
+    """With LoRA, policy_ema is the EMA of the weights the policy acts with, W + scale * B @ A after each optimizer
+    step (hand-computed from the factors captured there), not W + scale * ema(B) @ ema(A): the product of the
+    factors' averages is not the average of their product. Kept in fp32 under the merged model's names (no copy
+    of an unadapted weight) and exported as a merged model without an adapter."""
+    from instructgpt_cli.stages import ppo, ppo_step
+
+    policies, factors = [], []  # the policy (peft model); its LoRA factors at the start and after every step
+    real_build, real_step = ppo.build_optimizer, ppo_step.optimizer_step_by_group
+
+    def lora(model):
+        return {n: p.detach().clone() for n, p in model.named_parameters() if ".lora_" in n}
+
+    def build_and_capture(trained, *args):
+        policies.append(trained.policy)
+        factors.append(lora(trained.policy))
+        return real_build(trained, *args)
+
+    def step_and_capture(*args):
+        norms = real_step(*args)
+        factors.append(lora(policies[0]))
+        return norms
+
+    monkeypatch.setattr(ppo, "build_optimizer", build_and_capture)
+    monkeypatch.setattr(ppo_step, "optimizer_step_by_group", step_and_capture)
+    run_dir, decay = tmp_path / "run", 0.5
+    result = igpt(*ppo_args(world, run_dir, "--max-steps", "2", "--lora", "--ema-decay", str(decay), "--lr", "3e-2"))
     assert result.exit_code == 0, result.output
+    assert len(factors) == 1 + 4  # the start, then 2 iterations x 2 minibatches
     final = run_dir / "ppo" / "final"
-    adapters = load_file(str(final / "policy" / "adapter" / "adapter_model.safetensors"))
+    config = json.loads((final / "policy" / "adapter" / "adapter_config.json").read_text())
+    scale = config["lora_alpha"] / config["r"]
+    sft = load_file(str(world / "base" / "sft" / "final" / "model.safetensors"))
+    adapted = {n.split("base_model.model.", 1)[1].replace(".lora_A.default.weight", ".weight"): n
+               for n in factors[0] if ".lora_A." in n}
+    assert adapted and set(adapted) < set(sft)
+
+    def merged(f, name):  # W + scale * B @ A, in fp64 for the reference
+        a = f[adapted[name]].double()
+        return sft[name].double() + scale * f[adapted[name].replace(".lora_A.", ".lora_B.")].double() @ a
+
+    by_hand = {n: merged(factors[0], n) for n in adapted}  # the EMA of the merged weights
+    ema_factors = dict(factors[0])  # what averaging A and B apart gave
+    for f in factors[1:]:
+        by_hand = {n: decay * e + (1 - decay) * merged(f, n) for n, e in by_hand.items()}
+        ema_factors = {n: decay * e + (1 - decay) * f[n] for n, e in ema_factors.items()}
+    factorwise = {n: merged(ema_factors, n) for n in adapted}
+
     state = torch.load(run_dir / "ppo" / "checkpoints" / "step-000002" / "state.pt", weights_only=True)
     averaged = state["extra"]["ema"]
-    assert len(averaged) == len(adapters) and all("lora_" in n for n in averaged)  # no copy of the frozen base
-    ema_adapters = load_file(str(final / "policy_ema" / "adapter" / "adapter_model.safetensors"))
-    assert all(not torch.equal(ema_adapters[n], adapters[n]) for n in adapters if "lora_B" in n)
-    # merged = base + scale * B @ A, with the averaged adapters
-    config = json.loads((final / "policy_ema" / "adapter" / "adapter_config.json").read_text())
-    scale = config["lora_alpha"] / config["r"]
-    base = load_file(str(world / "base" / "sft" / "final" / "model.safetensors"))
-    merged = load_file(str(final / "policy_ema" / "model.safetensors"))
-    checked = 0
-    for name, a in ema_adapters.items():
-        if ".lora_A." not in name:
-            continue
-        b = ema_adapters[name.replace(".lora_A.", ".lora_B.")]
-        target = name.split("base_model.model.", 1)[1].replace(".lora_A.weight", ".weight")
-        torch.testing.assert_close(merged[target], base[target] + scale * b @ a)
-        checked += 1
-    assert checked > 0
+    assert sorted(averaged) == sorted(adapted) and all(t.dtype == torch.float32 for t in averaged.values())
+    exported = load_file(str(final / "policy_ema" / "model.safetensors"))
+    assert not (final / "policy_ema" / "adapter").exists() and exported.keys() == sft.keys()
+    gap = sum((by_hand[n] - factorwise[n]).norm() ** 2 for n in adapted) ** 0.5
+    error = sum((exported[n].double() - by_hand[n]).norm() ** 2 for n in adapted) ** 0.5
+    assert error < 1e-5 and gap > 1000 * error  # here 9e-7 against 1.4
+    for n in adapted:
+        torch.testing.assert_close(exported[n].double(), by_hand[n], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(averaged[n].double(), by_hand[n], rtol=1e-5, atol=1e-6)
+    assert all(torch.equal(exported[n], sft[n]) for n in sft if n not in adapted)  # unadapted: the SFT weights
 
 
-def test_a_stopped_run_resumes_with_a_bit_identical_average(world, tmp_path):  # noqa: F811
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_a_stopped_run_resumes_with_a_bit_identical_average(world, tmp_path, lora):  # noqa: F811
     from test_recovery import run
 
-    args = lambda d: ppo_args(world, d, "--max-steps", "3", "--save-every", "3", "--ema-decay", "0.9")  # noqa: E731
+    lora_flag = ["--lora"] if lora else []
+    args = lambda d: ppo_args(world, d, *lora_flag, "--max-steps", "3", "--save-every", "3", "--ema-decay", "0.9")  # noqa: E731
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     assert igpt(*args(straight)).exit_code == 0
     killed = run(args(stopped), {"IGPT_FAULT_AFTER_STEP": "1:SIGTERM"})

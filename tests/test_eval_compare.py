@@ -9,7 +9,7 @@ from conftest import TINY_CONFIG, arithmetic_demos, igpt, write_jsonl
 from instructgpt_cli.data import read_rankings
 from instructgpt_cli.models import tiny_tokenizer
 from instructgpt_cli.stages.compare import tally
-from instructgpt_cli.stats import wilson_interval, win_rate
+from instructgpt_cli.stats import Z95, t_quantile, wilson_interval, win_rate
 from instructgpt_cli.storage import weights_sha256
 from rule_rm import make_rule_rm
 
@@ -72,8 +72,9 @@ def test_eval_reports_kl_scores_tax_and_categories(run):
         assert math.isfinite(report[key]), key
     assert report["ptx_perplexity"] == pytest.approx(math.exp(report["ptx_loss"]))
     assert report["rm_pairs"] == 4 and report["rm_accuracy"] == 1.0  # the rule RM ranks 'e'-rich text higher
-    z2 = 1.959963984540054 ** 2  # 100% over 2 rankings: Wilson [2 / (2 + z^2), 1]
-    assert report["rm_rankings"] == 2 and report["rm_accuracy_ci"] == pytest.approx([2 / (2 + z2), 1.0])
+    # 100% over 2 rankings, clustered by ranking: Wilson at n = 2 (z / t_1)^2 (two clusters leave 1 df): [1.2%, 1]
+    n_eff = 2 * (Z95 / t_quantile(0.975, 1)) ** 2
+    assert report["rm_rankings"] == 2 and report["rm_accuracy_ci"] == pytest.approx([n_eff / (n_eff + Z95 ** 2), 1.0])
     assert set(report["categories"]) == {"generation", "open_qa"} and report["categories"]["open_qa"]["n"] == 4
     assert json.loads((run_dir / "eval" / "ppo" / "report.json").read_text()) == report
     assert len((run_dir / "eval" / "ppo" / "samples.jsonl").read_text().splitlines()) == 8
@@ -332,10 +333,10 @@ def test_summarise_empty_group_and_one_item_have_no_nan():
         strict_json(json.dumps(r, allow_nan=False))
 
 
-def hand_kl(policy_dir, sft_dir, tokenizer, prompts, samples, temperature):
+def hand_kl(policy_dir, sft_dir, tokenizer, prompts, samples, temperature, key="response_ids"):
     """sum_t KL(pi(. | x, y_<t) || pi_SFT(. | x, y_<t)), both of logits / T, over the whole vocabulary, by a
-    plain forward of each prompt + response through transformers (no batching, no padding): one number per
-    sample."""
+    plain forward of each prompt + response (``sample[key]``) through transformers (no batching, no padding):
+    one number per sample."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -345,14 +346,14 @@ def hand_kl(policy_dir, sft_dir, tokenizer, prompts, samples, temperature):
     out = []
     for prompt, sample in zip(prompts, samples):
         query = render_prompt(tokenizer, [{"role": "user", "content": prompt}])
-        ids = torch.tensor([query + sample["response_ids"]])
+        ids = torch.tensor([query + sample[key]])
         lps = []
         for m in models:
             with torch.no_grad():
                 logits = m(input_ids=ids).logits[0, len(query) - 1:-1].double() / temperature
             lps.append(torch.log_softmax(logits, -1))
         out.append(sum(sum(p * (a - b) for p, a, b in zip(lps[0][t].exp(), lps[0][t], lps[1][t])).item()
-                       for t in range(len(sample["response_ids"]))))
+                       for t in range(len(sample[key]))))
     return out
 
 
@@ -362,16 +363,23 @@ def test_eval_kl_at_ppo_temperature_by_hand_finite_at_greedy_and_strict_json(run
     prompts = [json.loads(l)["prompt"] for l in (run / "prompts.jsonl").read_text().splitlines()]
     common = ["--prompts", run / "prompts.jsonl", "--run-dir", run_dir, "--max-new-tokens", "10",
               "--overwrite"]  # the copied run has eval/ppo/ already
-    # greedy samples (T = 0): the KL is still PPO's, under the run's PPO temperature (ppo/config.yaml: 1.0)
+    # greedy samples (T = 0): the KL is still PPO's, under the run's PPO temperature (ppo/config.yaml: 1.0), on
+    # a second set of samples drawn at T = 1
     shown = igpt("eval", "ppo", *common, "--temperature", "0")
     assert shown.exit_code == 0, shown.output
-    assert "KL to SFT (T=1)" in shown.stderr + shown.stdout
+    said = " ".join((shown.stderr + shown.stdout).split())
+    assert "KL to SFT (T=1)" in said and "samples at T=0 (greedy), seed 0" in said
+    assert "second set of samples drawn at T=1" in said
     text = (run_dir / "eval" / "ppo" / "report.json").read_text()
     report = strict_json(text)
     assert report["kl_temperature"] == 1.0 and report["kl_temperature_from"].endswith("config.yaml")
+    assert report["settings"]["temperature"] == 0 and report["kl_sampled_at"] == 1.0
+    assert report["kl_separate_samples"] is True
     samples = [strict_json(l) for l in (run_dir / "eval" / "ppo" / "samples.jsonl").read_text().splitlines()]
+    assert [s["kl_response_ids"] for s in samples] != [s["response_ids"] for s in samples]
     tok = tiny_tokenizer()
-    expected = hand_kl(run_dir / "ppo" / "final" / "policy", run_dir / "sft" / "final", tok, prompts, samples, 1.0)
+    expected = hand_kl(run_dir / "ppo" / "final" / "policy", run_dir / "sft" / "final", tok, prompts, samples, 1.0,
+                       "kl_response_ids")
     assert [s["kl"] for s in samples] == pytest.approx(expected, abs=1e-4)
     assert all(s["kl"] >= 0 for s in samples)  # a KL, not a one-sample estimate that can go negative
     assert report["kl_to_sft"] == pytest.approx(sum(expected) / len(expected), abs=1e-4)
@@ -380,9 +388,113 @@ def test_eval_kl_at_ppo_temperature_by_hand_finite_at_greedy_and_strict_json(run
     half = strict_json(igpt("eval", "ppo", *common, "--temperature", "0", "--kl-temperature", "0.5",
                             "--name", "ppo-half", "--json").stdout)
     assert half["kl_temperature"] == 0.5 and half["kl_temperature_from"] == "--kl-temperature"
-    expected = hand_kl(run_dir / "ppo" / "final" / "policy", run_dir / "sft" / "final", tok, prompts, samples, 0.5)
+    samples = [strict_json(l) for l in (run_dir / "eval" / "ppo-half" / "samples.jsonl").read_text().splitlines()]
+    expected = hand_kl(run_dir / "ppo" / "final" / "policy", run_dir / "sft" / "final", tok, prompts, samples, 0.5,
+                       "kl_response_ids")
     assert half["kl_to_sft"] == pytest.approx(sum(expected) / len(expected), abs=1e-4)
     assert half["kl_to_sft"] != pytest.approx(report["kl_to_sft"], abs=1e-3)  # the temperature mattered
+
+
+# Two bigram models over a two-token response space {x, y}: logits (at T = 1) of the first response token after
+# the prompt, and of the second after x and after y. Every other token gets -30 (with EOS: responses of
+# max_new_tokens 2 are exactly two tokens of {x, y}, up to probability ~1e-11).
+POLICY = {"first": (1.3, 0.0), "x": (2.0, -2.0), "y": (0.0, 0.0)}
+REFERENCE = {"first": (0.0, 0.0), "x": (-2.0, 2.0), "y": (0.0, 0.0)}
+
+
+def make_bigram_lm(path, tokenizer, table):
+    """A LlamaForCausalLM whose next-token logits depend on the last token only (attention and MLPs zero, LM
+    head untied): ``table[c]`` are the logits of (x, y) after c in {x, y}, ``table['first']`` after any other
+    token (the prompt's last). The final RMS norm maps the embedding 100 e_k (dim 64) to 8 e_k, so column k of
+    the head, set to logits / 8, gives the logits."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from instructgpt_cli.models import tiny_config
+    from rule_rm import zero_but_norms
+
+    config = tiny_config(tokenizer)
+    config.tie_word_embeddings = False
+    model = LlamaForCausalLM(config)
+    x, y = (tokenizer.convert_tokens_to_ids(c) for c in "xy")
+    with torch.no_grad():
+        zero_but_norms(model)
+        emb, head = model.model.embed_tokens.weight, model.lm_head.weight
+        emb[:, 0] = 100.0  # every other token: context 0, the first response token's table
+        emb[x, 0], emb[x, 1], emb[y, 0], emb[y, 2] = 0.0, 100.0, 0.0, 100.0  # 100: the norm's eps (1e-6) is nil
+        head.fill_(-30.0 / 8)
+        for k, ctx in enumerate(("first", "x", "y")):
+            head[x, k], head[y, k] = (v / 8 for v in table[ctx])
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def two_token_kl(policy, ref, t):
+    """KL(pi_T || ref_T) over the four responses xx, xy, yx, yy, enumerated: sum_y pi(y) log(pi(y) / ref(y)),
+    each response's probability the product of its two tokens' softmax(logits / T)."""
+    def probs(logits):
+        z = [math.exp(v / t) for v in logits]
+        return [v / sum(z) for v in z]
+
+    total = 0.0
+    for i, first in enumerate("xy"):
+        for j in range(2):
+            p = probs(policy["first"])[i] * probs(policy[first])[j]
+            q = probs(ref["first"])[i] * probs(ref[first])[j]
+            total += p * math.log(p / q)
+    return total
+
+
+def test_two_token_kl_by_hand():
+    """The enumeration against the chain rule worked by hand at T = 1: first token KL(σ(1.3) || 1/2) plus
+    σ(1.3) times the second token's KL after x, 4 (2σ(4) - 1) (log-odds 4 against -4); 0 after y."""
+    p = 1 / (1 + math.exp(-1.3))
+    first = p * math.log(2 * p) + (1 - p) * math.log(2 * (1 - p))
+    after_x = 4 * (2 / (1 + math.exp(-4)) - 1)
+    assert two_token_kl(POLICY, REFERENCE, 1.0) == pytest.approx(first + p * after_x, rel=1e-12)
+    assert (first, after_x, first + p * after_x) == pytest.approx((0.17372, 3.85612, 3.20399), abs=1e-5)
+
+
+@pytest.mark.parametrize("eval_t", [0.7, 0.0, 1.0])
+def test_eval_kl_is_the_kl_of_samples_at_ppo_temperature(tmp_path, eval_t):
+    """KL(pi_T || pi_SFT,T) at PPO's T = 1 is 3.204 nats (enumerated); eval's figure must be it whatever eval's
+    own temperature. Summing the exact per-token KL along eval's samples instead weighs the first token as
+    drawn at eval's T: 0.174 + 0.865 x 3.856 = 3.51 at T = 0.7 (1.10x), 4.03 greedy. The figure is a mean over
+    N responses whose only randomness is the first token, x with p = σ(1.3) at T = 1: its sd is
+    3.856 sqrt(p (1 - p) / N) = 0.049 at N = 1024, and it must lie within 4 sd; the same seed at eval's T = 1
+    gives the same figure to the bit. Each response's KL is checked exactly along the response it was measured
+    on (kl_response_ids: drawn at T = 1, apart from eval's own where eval's T differs)."""
+    tok = tiny_tokenizer()
+    policy = make_bigram_lm(tmp_path / "policy", tok, POLICY)
+    ref = make_bigram_lm(tmp_path / "ref", tok, REFERENCE)
+    n = 1024
+    write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "Say two letters."}] * n)
+    result = igpt("eval", policy, "--sft", ref, "--prompts", tmp_path / "prompts.jsonl", "--run-dir", tmp_path / "run",
+                  "--max-new-tokens", "2", "--batch-size", "256", "--temperature", str(eval_t), "--kl-temperature",
+                  "1", "--json", "--name", "bigram")
+    assert result.exit_code == 0, result.output
+    report = strict_json(result.stdout)
+    exact = two_token_kl(POLICY, REFERENCE, 1.0)
+    p = 1 / (1 + math.exp(-1.3))
+    sd = 4 * (2 / (1 + math.exp(-4)) - 1) * math.sqrt(p * (1 - p) / n)
+    assert abs(report["kl_to_sft"] - exact) < 4 * sd, (report["kl_to_sft"], exact, sd)
+    assert (report["settings"]["temperature"], report["kl_temperature"], report["kl_sampled_at"]) == (eval_t, 1, 1)
+    assert report["kl_separate_samples"] is (eval_t != 1.0)
+    samples = [strict_json(l) for l in (tmp_path / "run" / "eval" / "bigram" / "samples.jsonl").read_text().splitlines()]
+    x, y = (tok.convert_tokens_to_ids(c) for c in "xy")
+    measured_on = [s.get("kl_response_ids", s["response_ids"]) for s in samples]
+    assert all(len(r) == 2 and set(r) <= {x, y} for r in measured_on)
+    first_kl = p * math.log(2 * p) + (1 - p) * math.log(2 * (1 - p))
+    second_kl = {x: 4 * (2 / (1 + math.exp(-4)) - 1), y: 0.0}
+    assert [s["kl"] for s in samples] == pytest.approx([first_kl + second_kl[r[0]] for r in measured_on], abs=1e-4)
+    if eval_t == 0.0:  # greedy: eval's own responses are all xx, the policy's argmax
+        assert all(s["response_ids"] == [x, x] for s in samples)
+    reference = igpt("eval", policy, "--sft", ref, "--prompts", tmp_path / "prompts.jsonl", "--run-dir",
+                     tmp_path / "run", "--max-new-tokens", "2", "--batch-size", "256", "--temperature", "1",
+                     "--kl-temperature", "1", "--json", "--name", "at-t1")
+    assert reference.exit_code == 0, reference.output
+    assert strict_json(reference.stdout)["kl_to_sft"] == report["kl_to_sft"]
 
 
 def test_rm_judge_scores_the_sampled_tokens_as_eval_and_ppo_do(run):

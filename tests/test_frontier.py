@@ -81,6 +81,33 @@ def test_frontier_has_a_row_per_checkpoint_with_eval_s_numbers_and_the_rule_s_go
         assert p["score_mean"] == pytest.approx(sum(s["score"] for s in samples) / 6)
     assert report["best_gold"] == max(points, key=lambda p: p["gold_mean"])["label"]
     assert report["best_proxy"] == max(points, key=lambda p: p["score_mean"])["label"]
+    # over-optimisation only where the gold's fall to the proxy's pick holds beyond its paired interval,
+    # recomputed here from the saved per-prompt golds
+    step = {p["label"]: p["step"] for p in points}
+    if step[report["best_proxy"]] > step[report["best_gold"]]:
+        gold_of = {p["label"]: [s["gold"] for s in read_jsonl(out / "samples" / f"step-{p['step']:06d}.jsonl")]
+                   for p in points}
+        diffs = [a - b for a, b in zip(gold_of[report["best_gold"]], gold_of[report["best_proxy"]])]
+        m = sum(diffs) / 6
+        half = 2.5706 * (sum((d - m) ** 2 for d in diffs) / 5) ** 0.5 / 6 ** 0.5  # t(5) 97.5%
+        assert report["gold_drop"]["drop"] == pytest.approx(m)
+        assert report["gold_drop"]["ci"] == pytest.approx([m - half, m + half], abs=1e-3)
+        assert report["overoptimised"] is (m - half > 0)
+    else:
+        assert report["gold_drop"] is None and report["overoptimised"] is False
+    # eval's KL labels: samples at eval's T = 1 are PPO's, so the KL is on them
+    assert (report["settings"]["temperature"], report["kl_temperature"], report["kl_separate_samples"]) == (1.0, 1.0,
+                                                                                                          False)
+    # sampled at T = 0.7, each point's KL is still measured at PPO's T = 1, on a second set of samples with the
+    # same seed: the very figures of the T = 1 frontier
+    cooler = frontier(world, run_dir, "--temperature", "0.7", "--name", "cooler")
+    assert cooler.exit_code == 0, cooler.output
+    cooler = json.loads(cooler.stdout)
+    assert cooler["kl_separate_samples"] is True and cooler["kl_sampled_at"] == 1.0
+    assert [p["kl_to_sft"] for p in cooler["points"]] == [p["kl_to_sft"] for p in points]
+    rows = read_jsonl(run_dir / "eval" / "cooler" / "samples" / "step-000002.jsonl")
+    assert [r["kl_response_ids"] for r in rows] == [s["response_ids"] for s in
+                                                   read_jsonl(out / "samples" / "step-000002.jsonl")]
 
 
 def test_a_pairwise_gold_is_the_win_rate_over_sft_and_a_second_rm_a_score(world):
@@ -243,3 +270,60 @@ def test_a_ppo_checkpoint_that_is_not_there_exits_2_before_any_model_loads(world
     no_ppo = compare(world, world / "bare-run", "ppo@1", "sft")
     assert no_ppo.exit_code == 2 and "has no PPO stage" in no_ppo.stderr and not (world / "bare-run").exists()
     assert not list((run_dir / "compare").glob("*ppo-step-9*")) and not list((run_dir / "compare").glob("*@*"))
+
+
+def frontier_points(golds, proxies):
+    """Frontier points sft, step-1, ... with these gold and proxy means."""
+    return [{"label": "sft" if i == 0 else f"step-{i}", "step": i, "gold_mean": g, "score_mean": s}
+            for i, (g, s) in enumerate(zip(golds, proxies))]
+
+
+def test_a_gold_drop_within_its_noise_is_not_over_optimisation_and_a_clear_one_is():
+    """The proxy's pick (step-1) comes after the best gold point (sft) and scores higher on the proxy, so the
+    point estimates show over-optimisation, and the old rule (pick later than the best gold) flagged both cases.
+    Per-prompt gold of sft [3, 1, 2, 2] (mean 2):
+    - step-1 [1, 2, 2, 1.6] (mean 1.65): differences [2, -1, 0, 0.4], mean 0.35, sd sqrt(4.67 / 3) = 1.24766,
+      t(3) 3.182446 x 1.247664 / 2 = 1.985313: 95% CI [-1.635, 2.335] holds 0, not flagged;
+    - step-1 [2.5, 0.4, 1.6, 1.5] (mean 1.5): differences [0.5, 0.6, 0.4, 0.5], mean 0.5, sd sqrt(0.02 / 3) =
+      0.0816497, half-width 3.182446 x 0.0408248 = 0.129923: CI [0.370, 0.630] above 0, flagged."""
+    from instructgpt_cli.frontier import best, gold_drop
+    from instructgpt_cli.report import drop_text
+
+    sft = [3.0, 1.0, 2.0, 2.0]
+    noisy, clear = [1.0, 2.0, 2.0, 1.6], [2.5, 0.4, 1.6, 1.5]
+    for later, drop, ci, flagged in ((noisy, 0.35, [-1.635313, 2.335313], False),
+                                     (clear, 0.5, [0.370077, 0.629923], True)):
+        points = frontier_points([2.0, sum(later) / 4], [0.1, 0.5])
+        best_gold, best_proxy = best(points, "gold_mean"), best(points, "score_mean")
+        assert (best_gold, best_proxy) == ("sft", "step-1")  # what the old rule flagged
+        out = gold_drop(points, best_gold, best_proxy, {"sft": sft, "step-1": later})
+        assert (out["from"], out["to"], out["n"]) == ("sft", "step-1", 4)
+        assert out["drop"] == pytest.approx(drop) and out["ci"] == pytest.approx(ci, abs=1e-6)
+        assert out["significant"] is flagged
+        said = drop_text(out)  # what the terminal and report.html say under the frontier
+        assert ("over-optimisation, the proxy kept rising" in said) is flagged
+        assert ("within noise (the interval includes 0), not called over-optimisation" in said) is not flagged
+
+
+def test_a_pairwise_gold_s_drop_counts_wins_1_ties_half_losses_0():
+    """A pairwise gold against the SFT response: step-1 ['A', 'A', 'A', 'tie'] (win rate 0.875) is the best gold,
+    the proxy picks step-2 ['B', 'B', 'tie', 'B'] (0.125): differences [1, 1, 0.5, 0.5], mean 0.75, sd
+    0.288675, half-width 3.182446 x 0.144338 = 0.459347: CI [0.291, 1.209], flagged."""
+    from instructgpt_cli.frontier import gold_drop
+
+    points = frontier_points([0.5, 0.875, 0.125], [0.0, 0.2, 0.9])
+    values = {"sft": ["tie"] * 4, "step-1": ["A", "A", "A", "tie"], "step-2": ["B", "B", "tie", "B"]}
+    out = gold_drop(points, "step-1", "step-2", values)
+    assert out["drop"] == pytest.approx(0.75) and out["ci"] == pytest.approx([0.290653, 1.209347], abs=1e-6)
+    assert out["significant"] is True
+
+
+def test_no_gold_drop_without_a_later_proxy_pick_or_an_interval():
+    from instructgpt_cli.frontier import gold_drop
+
+    points = frontier_points([1.0, 2.0, 0.5], [0.3, 0.1, 0.2])
+    values = {"sft": [1.0, 1.0], "step-1": [2.0, 2.0], "step-2": [0.5, 0.5]}
+    assert gold_drop(points, "step-1", "sft", values) is None  # the proxy's pick comes before the gold's best
+    assert gold_drop(points, "step-1", "step-1", values) is None  # the same point
+    one = gold_drop(frontier_points([2.0, 1.0], [0.0, 1.0]), "sft", "step-1", {"sft": [2.0], "step-1": [1.0]})
+    assert one["drop"] == 1.0 and one["ci"] is None and one["significant"] is False  # one prompt: no interval

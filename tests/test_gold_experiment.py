@@ -8,6 +8,7 @@ import pytest
 
 from conftest import REPO, igpt
 from instructgpt_cli import rundir
+from instructgpt_cli.stats import clustered_rate
 
 RULE = '''
 def score(prompt, responses):
@@ -38,6 +39,9 @@ def test_the_tiny_experiment_writes_its_frontier_win_rate_and_summary(tmp_path, 
     rankings = [json.loads(x) for x in (run / "gold-data" / "rankings.jsonl").read_text().splitlines()]
     assert len(samples) == 12 and all(len(s["responses"]) == 3 for s in samples)
     assert rankings and all(r["judge"] == "python:goldrule:score" for r in rankings)
+    # each ranking carries its prompt's message as "group" (prompts -> sample -> label), so train-rm holds out
+    # a message's rankings together
+    assert all(r["group"] == r["prompt"].split('"')[1] for r in samples + rankings)
     assert (run / "rm" / "final").is_dir() and (run / "ppo" / "final" / "policy").is_dir()
     # the frontier: SFT, the checkpoints of steps 2 (save_every 2; 4 is the final policy's), the final policy,
     # each with the rule's gold beside the proxy's score
@@ -58,12 +62,22 @@ def test_the_tiny_experiment_writes_its_frontier_win_rate_and_summary(tmp_path, 
     picked = "ppo" if best is ppo_points[-1] else f"ppo@step-{best['step']}"
     saved = json.loads((run / "gold-summary.json").read_text())
     assert saved == summary and saved["picked"] == picked
+    # the win rates' intervals are clustered by message: the 8 held-out prompts are 2 whole messages x 4 framings
+    group_of = {json.loads(x)["prompt"]: json.loads(x)["group"]
+                for x in (run / "gold-data" / "compare_prompts.jsonl").read_text().splitlines()}
     for key, model in (("picked_vs_sft", picked), ("final_vs_sft", "ppo")):
-        folder = f"{model.replace('@', '-')}-vs-sft.python-goldrule-score"
-        compare = json.loads((run / "compare" / folder / "report.json").read_text())
+        folder = run / "compare" / f"{model.replace('@', '-')}-vs-sft.python-goldrule-score"
+        compare = json.loads((folder / "report.json").read_text())
         assert compare["wins"] + compare["ties"] + compare["losses"] == 8
-        assert compare["ci_low"] <= compare["win_rate"] <= compare["ci_high"]
-        assert saved[key]["win_rate"] == compare["win_rate"] and saved[key]["model"] == model
+        assert saved[key]["win_rate"] == pytest.approx(compare["win_rate"]) and saved[key]["model"] == model
+        by_message: dict = {}
+        for j in map(json.loads, (folder / "judgments.jsonl").read_text().splitlines()):
+            won = {"A": 1.0, "tie": 0.5, "B": 0.0}[j["winner"]]
+            by_message.setdefault(group_of[j["prompt"]], []).append(won)
+        expected = clustered_rate([sum(v) for v in by_message.values()], [len(v) for v in by_message.values()])
+        assert saved[key]["messages"] == len(set(group_of.values())) == len(by_message) == 2
+        assert (saved[key]["ci_low"], saved[key]["ci_high"]) == pytest.approx((expected["ci_low"], expected["ci_high"]))
+        assert saved[key]["ci_iid"] == [compare["ci_low"], compare["ci_high"]]
     assert [p["gold_mean"] for p in saved["frontier"]] == [p["gold_mean"] for p in frontier["points"]]
     assert set(saved["seconds"]) == {"sft", "sample", "label", "train-rm", "ppo", "eval", "compare"}
 
@@ -101,13 +115,18 @@ def test_a_rerun_keeps_the_frontier_only_when_it_answered_these_prompts_with_the
 
 
 def test_the_vader_gold_scores_tone_not_length():
-    """gold_judge.score: VADER's positive minus negative share, 0 for an empty or neutral text, the same for a
-    text repeated (a longer answer earns nothing by length), lower when neutral words dilute it."""
+    """gold_judge.score: VADER's compound valence, 0 for an empty or neutral text, unchanged by neutral words (the
+    positive share it replaced scored "Congratulations!" 1.0 and the same reply with five more words 0.51, so the
+    judge paid for brevity), higher for more warmth."""
     pytest.importorskip("vaderSentiment")
     spec = importlib.util.spec_from_file_location("gold_judge", REPO / "examples" / "gold" / "gold_judge.py")
     gold = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gold)
     good, bad, neutral = "I love it, thank you so much!", "This is awful and I hate it.", "The bus leaves at noon."
-    s = gold.score("any prompt", [good, bad, neutral, "", f"{good} {good}", f"{good} {neutral}"])
+    s = gold.score("any prompt", [good, bad, neutral, "", f"{good} {neutral}", f"{neutral} {good}"])
     assert s[0] > 0 > s[1] and s[2] == 0.0 and s[3] == 0.0
-    assert s[4] == pytest.approx(s[0], abs=0.02) and 0 < s[5] < s[0]
+    assert s[4] == s[5] == s[0]  # neutral words before or after: no dilution, no bonus
+    short, padded = gold.score("p", ["Congratulations!", "Congratulations! We will see you there then."])
+    assert short == padded > 0
+    warm, warmer = gold.score("p", ["Congratulations!", "Congratulations, that is wonderful news!"])
+    assert warmer > warm

@@ -9,11 +9,11 @@ from safetensors.torch import load_file
 
 from conftest import TINY_CONFIG, arithmetic_demos, igpt, write_jsonl
 from instructgpt_cli.batches import pad_right, pretrain_blocks
-from instructgpt_cli.losses import ptx_loss
 from instructgpt_cli.models import tiny_tokenizer
 from instructgpt_cli.rundir import read_metrics
 from grads import assert_same_grads
 from rule_rm import make_rule_rm
+from test_ptx import ptx_loss
 
 WORDS = "the quick brown fox jumps over a lazy dog while seven wizards quietly hum old tunes".split()
 
@@ -191,6 +191,38 @@ def test_killed_ppo_run_resumes_bit_identical(world, tmp_path, lora):
     ma, mb = (read_metrics(d / "ppo" / "metrics.jsonl") for d in (straight, interrupted))
     strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith(("timing/", "elapsed"))} for r in rows]  # noqa: E731
     assert strip(ma) == strip(mb)  # same samples, scores, KL controller and losses, step for step
+
+
+def test_a_skipped_iteration_leaves_the_adaptive_beta_alone(world, tmp_path, monkeypatch):
+    """A NaN reward in iteration 2 of 3 skips it (no update): its KL, finite, moves beta no more. The others move
+    it by Ziegler's controller, by hand: beta *= 1 + clip(KL / target - 1, +-0.2) * rollout / horizon."""
+    import math
+
+    from instructgpt_cli.stages import ppo
+
+    real, calls = ppo.score_rollout, []
+
+    def nan_in_the_second(*args, **kwargs):
+        sc = real(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == 2:
+            sc.scores[0] = math.nan
+        return sc
+
+    monkeypatch.setattr(ppo, "score_rollout", nan_in_the_second)
+    run_dir = tmp_path / "run"
+    result = igpt(*ppo_args(world, run_dir, "--max-steps", "3", "--target-kl", "0.5", "--kl-horizon", "80",
+                            "--beta", "0.02"))
+    assert result.exit_code == 0, result.output
+    metrics = read_metrics(run_dir / "ppo" / "metrics.jsonl")
+    assert [m["train/skipped_steps"] for m in metrics] == [0, 1, 1]
+    betas, kls = [m["objective/beta"] for m in metrics], [m["objective/kl"] for m in metrics]
+    assert math.isfinite(kls[1]) and kls[1] != 0.5  # what the skipped iteration would have moved beta by
+    step = lambda beta, kl: beta * (1 + max(-0.2, min(0.2, kl / 0.5 - 1)) * 8 / 80)  # noqa: E731
+    assert betas[0] == 0.02 and betas[1] == pytest.approx(step(0.02, kls[0]), rel=1e-12)
+    assert betas[2] == betas[1]  # the skipped iteration
+    state = torch.load(run_dir / "ppo" / "checkpoints" / "step-000003" / "state.pt", weights_only=True)
+    assert state["extra"]["beta"] == pytest.approx(step(betas[2], kls[2]), rel=1e-12)  # the last one moves it
 
 
 def test_models_from_another_run_and_a_foreign_tokenizer(world, tmp_path):

@@ -1,6 +1,7 @@
 """PPO-ptx and the LM losses: the chunked head + cross-entropy against the plain one, ptx micro-batches
 against one forward, PPO and ptx gradients in one optimizer step, one ptx batch per optimizer step, and the
 paper preset (configs/instructgpt.yaml) scaled down to a tiny model."""
+import math
 import random
 
 import pytest
@@ -15,7 +16,7 @@ from instructgpt_cli import losses, train
 from instructgpt_cli.config import OptimConfig, PPOConfig
 from instructgpt_cli.data import Demo
 from instructgpt_cli.batches import IGNORE_INDEX, collate, pad_right, tokenize_demos
-from instructgpt_cli.losses import linear_cross_entropy_sum, policy_loss, ptx_loss, sft_loss_sum, value_loss
+from instructgpt_cli.losses import linear_cross_entropy_sum, lm_targets, policy_loss, sft_loss_sum, value_loss
 from instructgpt_cli.models import tiny_model, tiny_tokenizer
 from instructgpt_cli.rollout import Rollout, build_rollout
 from instructgpt_cli.forward import lm_loss_sum, response_logprobs, token_values
@@ -32,6 +33,22 @@ def grads_of(model) -> dict:
 
 
 # ---------------------------------------------------------------- chunked LM head + cross-entropy
+
+
+def ptx_loss(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The oracle of the LM losses (PPO-ptx's term, eval's alignment tax): mean next-token cross-entropy over
+    the real tokens of right-padded text, from the model's full logits (B, L, V); ids and mask (B, L)."""
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)).float(),
+                           lm_targets(input_ids, attention_mask).reshape(-1), ignore_index=IGNORE_INDEX)
+
+
+def test_the_ptx_oracle_is_mean_token_cross_entropy_over_real_tokens():
+    logits = torch.zeros(1, 4, 3)
+    logits[0, 0, 1] = math.log(2.0)  # p(token 1 | pos 0) = 2/4
+    ids = torch.tensor([[0, 1, 2, 0]])
+    mask = torch.tensor([[1, 1, 1, 0]])  # last position is padding
+    loss = ptx_loss(logits, ids, mask)
+    assert loss.item() == pytest.approx((math.log(2.0) + math.log(3.0)) / 2, rel=1e-6)
 
 
 @pytest.mark.parametrize("rows", [1, 4, 37, 1000])

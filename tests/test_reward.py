@@ -19,7 +19,7 @@ from instructgpt_cli.rewards import packed_reward_scores, reward_scores, shared_
 from instructgpt_cli.rewards import score_sequences
 from instructgpt_cli.rundir import read_metrics
 from instructgpt_cli.storage import weights_sha256
-from instructgpt_cli.rewards import Layout
+from instructgpt_cli.rewards import Layout, ranking_scores
 from instructgpt_cli.stages.reward import rank_forward
 
 
@@ -152,6 +152,41 @@ def test_shared_and_padding_free_scores_and_gradients_equal_the_padded_ones(atte
         assert_same_grads(grads, padded_grads)
 
 
+def test_bf16_scores_take_the_normalisation_bias_in_fp32_in_every_layout():
+    """A bf16 RM after train-rm set a bias of 5: in bf16, 5 + a score has steps of 1/32, so scores 0.006 apart
+    tied and the tie counted as a wrong pair. Every layout adds the bias in fp32: the scores are the raw ones
+    plus 5 exactly, still distinct, and each layout's accuracy is that of the unbiased scores."""
+    from instructgpt_cli.forward import REWARD_BIAS
+
+    tok = tiny_tokenizer()
+    model = tiny_model(tok, seed=0, kind="reward").to(torch.bfloat16).eval()
+    rankings = (("Rank these.", ["short", "a somewhat longer answer", "the longest answer of all, by far"], [1, 2, 2]),
+                ("Another question", ["yes", "no", "maybe so"], [2, 1, 3]))
+    groups = []
+    for prompt, responses, ranks in rankings:
+        seqs = tokenize_scored(tok, [{"role": "user", "content": prompt}], responses, 256, "f:1", [])[0]
+        groups.append(RankedGroup(seqs, [(i, j) for i in range(3) for j in range(3) if ranks[i] < ranks[j]]))
+    cpu = torch.device("cpu")
+    with torch.no_grad():
+        got = {}
+        for bias in (0.0, 5.0):
+            setattr(model.config, REWARD_BIAS, bias)
+            for name, layout in LAYOUTS.items():
+                scores = ranking_scores(model, [g.sequences for g in groups], tok.pad_token_id, cpu, layout)
+                _, correct, _ = rank_forward(model, groups, tok.pad_token_id, cpu, layout)
+                got[bias, name] = scores, correct.tolist()
+    for name in LAYOUTS:
+        (raw, raw_correct), (biased, correct) = got[0.0, name], got[5.0, name]
+        assert correct == raw_correct, name
+        assert len(set(raw.tolist())) == 6 and torch.equal(biased, raw + 5.0), name  # fp32: 5 + x is exact here
+        assert biased.dtype == torch.float32
+    padded, padded_correct = got[5.0, "padded"]
+    assert padded_correct == [1.0] * 5  # each ranking's better response scores higher, by 0.006 or more
+    for name in LAYOUTS:  # the layouts differ only in the bf16 trunk's rounding (a bf16 step at 0.14: 0.001)
+        torch.testing.assert_close(got[5.0, name][0], padded, rtol=0, atol=4e-3)
+        assert got[5.0, name][1] == padded_correct, name
+
+
 def rm_args(tmp_path, run_dir, rankings, *extra):
     demos = write_jsonl(tmp_path / "demos.jsonl", arithmetic_demos(16))
     return ["train-rm", "--model", "tiny", "--rankings", rankings, "--demos", demos, "--run-dir", run_dir,
@@ -182,6 +217,25 @@ def test_cli_learns_a_marker_preference_and_normalises_demos_to_zero(tmp_path):
     scores = score_sequences(model, seqs, tok.pad_token_id, 5)
     assert abs(scores.double().mean().item()) < 1e-4
     assert scores.std() > 0  # the model does not score everything the same
+
+
+def test_the_spread_of_one_demonstration_is_null_not_nan(tmp_path):
+    """One demonstration has a mean score but no sample standard deviation: the manifest and the reward model's
+    stored stats say null (strict JSON), as does the printed summary, where float(std) of one score was NaN."""
+    def no_nan(text):
+        return json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in strict JSON"))
+
+    rankings = write_jsonl(tmp_path / "ranks.jsonl", marker_rankings(8))
+    demos = write_jsonl(tmp_path / "one.jsonl", arithmetic_demos(1))
+    run_dir = tmp_path / "run"
+    result = igpt("train-rm", "--model", "tiny", "--rankings", rankings, "--demos", demos, "--run-dir", run_dir,
+                  "--max-steps", "1", "--val-fraction", "0")
+    assert result.exit_code == 0, result.output
+    outputs = no_nan((run_dir / "manifest.json").read_text())["stages"]["rm"]["outputs"]
+    stats = no_nan((run_dir / "rm" / "final" / "config.json").read_text())["igpt_reward_stats"]
+    for summary in (outputs, stats):
+        assert summary["demos/raw_std"] is None and math.isfinite(summary["demos/raw_mean"])
+    assert "nan" not in result.output.lower()
 
 
 MALFORMED = [

@@ -19,7 +19,7 @@ def test_bundled_smollm2_converts_once_generates_and_reloads_from_cache(tmp_path
     assert path == tmp_path / "cache" / "smollm2-135m-instruct"
     assert (path / "model.safetensors").exists() and not list(path.parent.glob(".tmp-*"))
     assert tok.pad_token_id != tok.eos_token_id and tok.eos_token == "<|im_end|>"
-    model = models.load_causal_lm(cfg, tok, path, torch.device("cpu"), seed=0).eval()
+    model = models.load_model(cfg, tok, path, torch.device("cpu"), seed=0).eval()
     assert model.dtype == torch.float32 and 130e6 < sum(p.numel() for p in model.parameters()) < 140e6
 
     text = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
@@ -36,7 +36,7 @@ def test_bundled_smollm2_converts_once_generates_and_reloads_from_cache(tmp_path
     monkeypatch.setattr(models.importlib.util, "find_spec", no_gguf)
     start = time.perf_counter()
     tok2, path2 = models.load_tokenizer(cfg)
-    model2 = models.load_causal_lm(cfg, tok2, path2, torch.device("cpu"), seed=0)
+    model2 = models.load_model(cfg, tok2, path2, torch.device("cpu"), seed=0)
     print(f"cached load: {time.perf_counter() - start:.1f}s")
     assert path2 == path
     for (k, a), (_, b) in zip(model.state_dict().items(), model2.state_dict().items()):

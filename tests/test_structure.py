@@ -83,11 +83,10 @@ def test_no_import_cycle_in_the_package():
     assert cycles(edges) == []
 
 
-def test_modules_are_short_and_say_their_job():
+def test_modules_say_their_job():
+    # No line cap: a module's boundary follows its concept (DESIGN.md), and a cap drew them by count.
     for path in sorted(PACKAGE.rglob("*.py")):
         text = path.read_text(encoding="utf-8")
-        lines = text.count("\n")
-        assert lines <= 420, f"{path.name}: {lines} lines; split it by job"
         if path.name not in ("__init__.py", "__main__.py"):
             doc = ast.get_docstring(ast.parse(text))
             assert doc and len(doc.split()) >= 6, f"{path.name}: no opening docstring saying its job"

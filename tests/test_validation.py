@@ -10,7 +10,7 @@ from instructgpt_cli.data import Prompt
 from instructgpt_cli.batches import render_prompt, render_queries
 from instructgpt_cli.errors import BadInput
 from instructgpt_cli.models import tiny_tokenizer
-from instructgpt_cli.stats import Z95, describe_rm_accuracy, rm_accuracy, wilson_interval
+from instructgpt_cli.stats import Z95, describe_rm_accuracy, rm_accuracy, t_quantile
 from rule_rm import make_rule_rm
 
 TINY_CONTEXT = 1024  # max_position_embeddings of the tiny model (models.tiny_config)
@@ -124,29 +124,32 @@ def test_ptx_data_without_a_coefficient_is_refused(world, tmp_path):
 
 
 def test_rm_accuracy_interval_over_rankings_at_the_edges():
-    assert rm_accuracy(0, 0, 0) == {}  # nothing held out
-    # one ranking of K=2, right: 100% but the interval reaches 1 / (1 + z^2) = 20.7%: not above chance
-    one = rm_accuracy(1, 1, 1)
-    assert one["accuracy"] == 1.0 and one["accuracy_ci_high"] == 1.0
-    assert one["accuracy_ci_low"] == pytest.approx(1 / (1 + Z95 ** 2))
-    # 0 of 60 pairs over 10 rankings: [0, z^2 / (10 + z^2)], n is the rankings, not the pairs
-    zero = rm_accuracy(0, 60, 10)
-    assert (zero["accuracy_ci_low"], zero["accuracy_ci_high"]) == pytest.approx((0.0, Z95 ** 2 / (10 + Z95 ** 2)))
-    # all right over 100 rankings: [100 / (100 + z^2), 1] = [96.3%, 1]
-    full = rm_accuracy(300, 300, 100)
-    assert full["accuracy_ci_low"] == pytest.approx(100 / (100 + Z95 ** 2)) and full["accuracy_ci_high"] == 1.0
+    assert rm_accuracy([], []) == {}  # nothing held out
+    # one ranking of K=2, right: 100%, but one ranking cannot show how rankings vary: [0, 1], not above chance
+    one = rm_accuracy([1], [1])
+    assert one["accuracy"] == 1.0 and (one["accuracy_ci_low"], one["accuracy_ci_high"]) == (0.0, 1.0)
+    # 0 of 60 pairs over 10 rankings of K = 4: no spread to estimate, so n is the rankings (t-adjusted, df 9)
+    n_eff = 10 * (Z95 / t_quantile(0.975, 9)) ** 2
+    zero = rm_accuracy([0] * 10, [6] * 10)
+    assert (zero["accuracy_ci_low"], zero["accuracy_ci_high"]) == pytest.approx((0.0, Z95 ** 2 / (n_eff + Z95 ** 2)))
+    # all right over 100 rankings: [n / (n + z^2), 1] with n = 100 (z / t_99)^2: 96.2%
+    full = rm_accuracy([3] * 100, [3] * 100)
+    n_eff = 100 * (Z95 / t_quantile(0.975, 99)) ** 2
+    assert full["accuracy_ci_low"] == pytest.approx(n_eff / (n_eff + Z95 ** 2)) and full["accuracy_ci_high"] == 1.0
     # near the case: 52.8% (19 of 36 pairs) over 9 held-out rankings of K = 3
-    mid = rm_accuracy(19, 36, 9)
-    assert (mid["accuracy_ci_low"], mid["accuracy_ci_high"]) == pytest.approx(wilson_interval(19 / 36, 9))
+    mid = rm_accuracy([3, 3, 3, 2, 2, 2, 2, 1, 1], [4] * 9)
+    assert mid["accuracy"] == pytest.approx(19 / 36) and mid["accuracy_ci_low"] < 0.5 < mid["accuracy_ci_high"]
     for record, warned in ((one, True), (zero, True), (full, False), (mid, True)):
         text, warning = describe_rm_accuracy({f"eval/{k}": v for k, v in record.items()})
-        assert f"{record['accuracy']:.1%}" in text and f"over {record['rankings']} held-out rankings" in text
+        assert f"{record['accuracy']:.1%}" in text and f"{record['rankings']} held-out rankings" in text
+        assert "clustered by ranking" in text
         assert (warning is not None) == warned and (not warned or "not above chance" in warning)
-    # 80% over 25 rankings: lower bound 60.9% > 50%; 70% over 25: 50.4%; 68% over 25: 48.4% (by hand)
-    for acc, low in ((0.8, 0.6087), (0.7, 0.5040), (0.68, 0.4841)):
-        record = rm_accuracy(round(acc * 100), 100, 25)
-        assert record["accuracy_ci_low"] == pytest.approx(low, abs=1e-4)
-        assert (describe_rm_accuracy({f"eval/{k}": v for k, v in record.items()})[1] is None) == (low > 0.5)
+    # 25 rankings of 4 pairs: 80% and 70% are above chance, 60% (these counts) not yet: lower bound 49.0%
+    verdicts = []
+    for counts in ([4] * 10 + [3] * 10 + [2] * 5, [3] * 20 + [2] * 5, [4] * 5 + [3] * 5 + [2] * 10 + [1] * 5):
+        record = rm_accuracy(counts, [4] * 25)
+        verdicts.append(describe_rm_accuracy({f"eval/{k}": v for k, v in record.items()})[1] is None)
+    assert verdicts == [True, True, False] and record["accuracy_ci_low"] == pytest.approx(0.4904, abs=1e-4)
     text, warning = describe_rm_accuracy(None)
     assert text.startswith("unknown accuracy") and warning
     assert describe_rm_accuracy({"eval/accuracy": 0.7})[1] is None  # an older record: no interval, no verdict
@@ -174,8 +177,7 @@ def test_an_rm_that_learned_the_marker_passes_the_gate(world, tmp_path):
     rm, result, manifest, saved = rm_run(tmp_path, "good", rankings, "--epochs", "4")
     assert manifest["eval/rankings"] == 10 and manifest["eval/accuracy"] >= 0.9
     assert manifest["eval/accuracy_ci_low"] > 0.5 and manifest["eval/accuracy_ci_high"] <= 1.0
-    assert (manifest["eval/accuracy_ci_low"], manifest["eval/accuracy_ci_high"]) == pytest.approx(
-        wilson_interval(manifest["eval/accuracy"], 10))
+    assert manifest["eval/accuracy_ci_low"] < manifest["eval/accuracy"] or manifest["eval/accuracy"] == 1.0
     assert all(manifest[k] == v for k, v in saved.items())  # one record: in the manifest and with the model
     assert "held-out accuracy" in result.stderr and "not above chance" not in result.stderr
     run = ppo(world, rm, tmp_path / "ppo", "--require-rm-accuracy", "0.6")

@@ -2,10 +2,18 @@
 its lexicon shipped inside the wheel: nothing is downloaded at run time), a labeller nobody on igpt wrote.
 
 igpt's python judge interface: ``score(prompt, responses) -> list[float]``, higher = better (README, Judges).
-The score is VADER's ``pos - neg``: the shares of the response's text that carry positive and negative valence.
-Both are shares of the whole text, so padding an answer with neutral words lowers them and a longer answer
-earns nothing by length alone; VADER's ``compound`` would (it sums valences, then squashes), a target a policy
-could reach by rambling. Empty responses score 0.
+The score is VADER's ``compound``: the valences of the response's sentiment words (with VADER's rules for
+negation, intensifiers, "but", capitals and exclamation marks) summed and squashed into [-1, 1]. Empty
+responses score 0.
+
+Why ``compound`` and not the positive-minus-negative *share* this judge used before (issue 29): a share is
+divided by the length of the whole text, so every neutral word lowers it ("Congratulations!" scored 1.0, the
+same reply with five more words 0.51) and the judge paid for brevity; PPO's replies got shorter and won. A
+neutral word carries no valence, so it changes ``compound`` not at all: a reply is neither paid for being
+short nor for being padded. What length can still buy is room for more sentiment words (``compound`` rises,
+with diminishing returns, as they add up); the prompts ask for one sentence and responses stop at 32 tokens,
+and run.py reports the length-controlled win rate and both sides' mean length beside the raw one, so that
+share is measured rather than assumed away.
 """
 from __future__ import annotations
 
@@ -22,11 +30,10 @@ def analyzer():
 
 
 def positivity(text: str) -> float:
-    """VADER's positive minus negative share of ``text``, in [-1, 1]; 0 for an empty text."""
+    """VADER's compound valence of ``text``, in [-1, 1]; 0 for an empty text or one with no sentiment words."""
     if not text.strip():
         return 0.0
-    s = analyzer().polarity_scores(text)
-    return float(s["pos"] - s["neg"])
+    return float(analyzer().polarity_scores(text)["compound"])
 
 
 def score(prompt: str, responses: list[str]) -> list[float]:

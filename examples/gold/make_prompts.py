@@ -1,7 +1,8 @@
 """The gold experiment's prompts (`examples/gold/prompts_train.jsonl`, `prompts_valid.jsonl`,
 `prompts_heldout.jsonl`): reply to a message in one sentence. 100 messages (good news, bad news, everyday trouble)
 under 4 framings: 60 for training, 20 for validation (the frontier that picks PPO's checkpoint) and 20 held out (the
-final win rate), so no prompt shares its message with one of another set. Rerun to regenerate the same files:
+final win rate), so no prompt shares its message with one of another set; each prompt's "group" is its message.
+Rerun to regenerate the same files:
 
     python examples/gold/make_prompts.py
 
@@ -126,7 +127,9 @@ held, train = messages[:20], messages[20:]
 
 
 def rows(ms: list[str]) -> list[dict]:
-    return [{"prompt": f.format(m=m)} for m in ms for f in frames]
+    # "group": the message, which a prompt's 4 framings share: train-rm holds out a message's rankings together
+    # (igpt sample and label carry it from the prompt), and run.py clusters the gold win rate's interval by it
+    return [{"prompt": f.format(m=m), "group": m} for m in ms for f in frames]
 
 
 tr, ho = rows(train), rows(held)

@@ -9,7 +9,8 @@ rerun picks up where a run stopped):
   1. igpt sft       on data/demos.jsonl
   2. igpt sample    K responses per training prompt (prompts_train.jsonl) from the SFT model
   3. igpt label     the gold judge ranks them (AI feedback: no person in the loop)
-  4. igpt train-rm  the proxy reward model, on the gold judge's rankings
+  4. igpt train-rm  the proxy reward model, on the gold judge's rankings; its held-out rankings are whole messages
+                    (the prompts' "group", which sample and label carry), none trained on under another framing
   5. igpt ppo       against the proxy, keeping a checkpoint every save_every iterations
   6. igpt eval ppo --checkpoints all --gold JUDGE   the frontier on validation prompts (prompts_valid.jsonl): proxy
                                                     and gold score against KL to SFT; the recipe keeps the PPO
@@ -19,7 +20,9 @@ rerun picks up where a run stopped):
                                                     pick it), with its interval; and of the final policy beside it
 
 and prints, and saves in RUN/gold-summary.json, the reward model's held-out accuracy, the frontier, the point it
-picks, and the gold win rates (raw and length-controlled) with each side's mean length.
+picks, and the gold win rates (raw and length-controlled) with each side's mean length. The prompts carry their
+message as "group": train-rm holds out a message's rankings together (step 4), and the raw win rate's interval is
+clustered by message.
 
     python examples/gold/run.py                       # the full run (examples/gold/gold.yaml, SmolLM2-135M)
     python examples/gold/run.py --tiny --run-dir /tmp/g --judge python:myrule:score   # seconds: the mechanics
@@ -41,8 +44,8 @@ DATA = REPO / "data"
 
 # Counts per size (the rest of each stage's size lives in its config file): training prompts sampled K times for
 # the reward model's rankings (from prompts_train.jsonl; PPO trains on all of it), validation prompts of every
-# frontier point (from prompts_valid.jsonl), held-out prompts of compare (from prompts_heldout.jsonl), and the
-# demonstrations whose mean score train-rm sets to 0 (the first of data/demos.jsonl: the bias is one number, and
+# frontier point (from prompts_valid.jsonl), held-out prompts of compare (from prompts_heldout.jsonl, whole
+# messages), and the demonstrations whose mean score train-rm sets to 0 (the first of data/demos.jsonl: the bias is one number, and
 # scoring all 320 long demos took 3 min).
 SIZES = {
     "full": {"config": HERE / "gold.yaml", "rm_prompts": 240, "frontier_prompts": 80, "compare_prompts": 80,
@@ -69,6 +72,24 @@ def take_lines(src: Path, dst: Path, n: int) -> Path:
     return dst
 
 
+def take_messages(src: Path, dst: Path, n: int) -> Path:
+    """The prompts of the first messages of a JSONL prompts file (their "group", in order of first appearance),
+    every framing of each, up to ``n`` prompts in the file's order, written to ``dst``: a cut of whole messages,
+    so an interval clustered by message has whole clusters (all of the file when ``n`` covers it)."""
+    lines = [x for x in src.read_text(encoding="utf-8").splitlines() if x.strip()]
+    groups = [json.loads(x).get("group") or x for x in lines]
+    size = {g: groups.count(g) for g in groups}
+    kept, count = set(), 0
+    for g in dict.fromkeys(groups):
+        if count + size[g] > n:
+            break
+        kept.add(g)
+        count += size[g]
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    dst.write_text("".join(x + "\n" for x, g in zip(lines, groups) if g in kept), encoding="utf-8")
+    return dst
+
+
 def main(argv: list[str] | None = None, igpt: Callable[..., None] = subprocess_igpt) -> dict:
     """Run the experiment; ``igpt(*args)`` runs one command (a test passes an in-process runner)."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawTextHelpFormatter)
@@ -85,7 +106,7 @@ def main(argv: list[str] | None = None, igpt: Callable[..., None] = subprocess_i
     work = run / "gold-data"
     rm_prompts = take_lines(TRAIN, work / "rm_prompts.jsonl", size["rm_prompts"])
     frontier_prompts = take_lines(VALID, work / "frontier_prompts.jsonl", size["frontier_prompts"])
-    compare_prompts = take_lines(HELDOUT, work / "compare_prompts.jsonl", size["compare_prompts"])
+    compare_prompts = take_messages(HELDOUT, work / "compare_prompts.jsonl", size["compare_prompts"])
     norm_demos = take_lines(DATA / "demos.jsonl", work / "norm_demos.jsonl", size["norm_demos"])
     samples, rankings = work / "samples.jsonl", work / "rankings.jsonl"
     common = ["--config", cfg, "--run-dir", str(run), "--seed", seed]
@@ -141,16 +162,44 @@ def pick(frontier: dict) -> str:
     return "ppo" if best["label"].startswith("final") else f"ppo@step-{best['step']}"
 
 
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
+
+
+def clustered_win_rate(judgments: list[dict], group_of: dict[str, str | None]) -> dict:
+    """The gold win rate of A over B from compare's ``judgments`` (winner "A", "B" or "tie", counted half), with
+    its 95% interval clustered by message (``stats.clustered_rate``, as train-rm's accuracy is by ranking): the
+    held-out prompts are 20 messages under 4 framings each (``group_of``: prompt -> message, from the prompts
+    file's "group"; a prompt without one is a cluster of its own), and the judgments of one message's 4 prompts
+    are not independent (a measured design effect of 1.1-1.7, issue 29), so an interval over 80 independent
+    prompts is too narrow. ``design_effect``: the judgments over the effective sample size."""
+    from instructgpt_cli.stats import clustered_rate
+
+    clusters: dict = {}
+    for j in judgments:
+        key = group_of.get(j["prompt"]) or ("prompt", j["prompt"])
+        won, n = clusters.get(key, (0.0, 0))
+        clusters[key] = (won + {"A": 1.0, "B": 0.0}.get(j["winner"], 0.5), n + 1)
+    r = clustered_rate([w for w, _ in clusters.values()], [n for _, n in clusters.values()])
+    return {"win_rate": r["rate"], "ci_low": r["ci_low"], "ci_high": r["ci_high"], "messages": r["clusters"],
+            "design_effect": r["trials"] / r["effective_n"] if r["effective_n"] else None,
+            "ci_method": "95%, clustered by message (cluster-robust CR2, Wilson at the effective n), ties half"}
+
+
 def summarise(run: Path, judge: str, chosen: str, times: dict[str, float]) -> dict:
     """Print and save (RUN/gold-summary.json) what the experiment measured."""
     from instructgpt_cli.rewards import reward_stats
     from instructgpt_cli.stages.compare import result_dir
     from instructgpt_cli.storage import atomic_write_text
 
+    group_of = {r["prompt"]: r.get("group") for r in read_jsonl(run / "gold-data" / "compare_prompts.jsonl")}
+
     def versus_sft(model: str) -> dict:
-        r = json.loads((result_dir(run, f"{model.replace('@', '-')}-vs-sft", judge) / "report.json")
-                       .read_text(encoding="utf-8"))
-        return {"model": model, **{k: r.get(k) for k in ("win_rate", "ci_low", "ci_high", "wins", "ties", "losses")},
+        folder = result_dir(run, f"{model.replace('@', '-')}-vs-sft", judge)
+        r = json.loads((folder / "report.json").read_text(encoding="utf-8"))
+        by_message = clustered_win_rate(read_jsonl(folder / "judgments.jsonl"), group_of)
+        return {"model": model, **by_message, **{k: r.get(k) for k in ("wins", "ties", "losses")},
+                "ci_iid": [r.get("ci_low"), r.get("ci_high")],  # compare's Wilson, as if the prompts were independent
                 "length_controlled": r.get("length_controlled"), "mean_length": r.get("mean_length")}
 
     frontier = json.loads((run / "eval" / "ppo-frontier" / "report.json").read_text(encoding="utf-8"))
@@ -158,7 +207,7 @@ def summarise(run: Path, judge: str, chosen: str, times: dict[str, float]) -> di
     keys = ("label", "step", "episodes", "kl_to_sft", "score_mean", "gold_mean", "response_length", "eos_rate")
     summary = {
         "judge": judge,
-        "rm_accuracy": {k: rm.get(f"eval/{k}") for k in ("accuracy", "accuracy_ci_low", "accuracy_ci_high")},
+        "rm_accuracy": {k: rm.get(f"eval/{k}") for k in ("accuracy", "accuracy_ci_low", "accuracy_ci_high", "rankings")},
         "frontier": [{k: pt.get(k) for k in keys} for pt in frontier["points"]],
         "best_gold": frontier.get("best_gold"), "best_proxy": frontier.get("best_proxy"), "picked": chosen,
         "picked_vs_sft": versus_sft(chosen), "final_vs_sft": versus_sft("ppo"),
@@ -169,7 +218,8 @@ def summarise(run: Path, judge: str, chosen: str, times: dict[str, float]) -> di
     print(f"\n== gold: the experiment ({judge})")
     if acc["accuracy"] is not None:
         print(f"reward model held-out pair accuracy {acc['accuracy']:.1%} "
-              f"(95% CI {acc['accuracy_ci_low']:.1%}-{acc['accuracy_ci_high']:.1%})")
+              f"(95% CI {acc['accuracy_ci_low']:.1%}-{acc['accuracy_ci_high']:.1%} clustered by ranking, "
+              f"{acc['rankings']} rankings of messages it never trained on)")
     print("the frontier on validation prompts:")
     print(f"{'point':>16} {'KL to SFT':>10} {'proxy':>8} {'gold':>8} {'length':>7}")
     for pt in summary["frontier"]:
@@ -180,8 +230,8 @@ def summarise(run: Path, judge: str, chosen: str, times: dict[str, float]) -> di
     for name, w in (("picked", summary["picked_vs_sft"]), ("final", summary["final_vs_sft"])):
         lc, ml = w["length_controlled"] or {}, w["mean_length"] or {}
         print(f"gold win rate of {w['model']} ({name}) over sft on held-out prompts: {w['win_rate']:.1%} "
-              f"(95% CI {w['ci_low']:.1%}-{w['ci_high']:.1%}; {w['wins']} wins, {w['ties']} ties, "
-              f"{w['losses']} losses)")
+              f"(95% CI {w['ci_low']:.1%}-{w['ci_high']:.1%} clustered by message over {w['messages']} messages; "
+              f"{w['wins']} wins, {w['ties']} ties, {w['losses']} losses)")
         if lc.get("win_rate") is not None:
             print(f"  length-controlled: {lc['win_rate']:.1%} (95% CI {lc['ci_low']:.1%}-{lc['ci_high']:.1%})")
         if ml:

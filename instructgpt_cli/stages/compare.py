@@ -33,7 +33,7 @@ from ..distributed import resolve_device
 from ..errors import BadInput
 from ..frontier import Side, model_or_checkpoint
 from ..models import load_tokenizer, position_limit, require_same_tokenizer
-from ..report import number, score_text
+from ..report import number, score_text, temperature_lines
 from ..rollout import decode_response, generate
 from ..locks import claim
 from ..rundir import STAGE_MODELS, record
@@ -246,6 +246,8 @@ def show_evals(run_dir: Path, names: list[str]) -> None:
         table.add_row(n, score_text(r), number(r.get("kl_to_sft"), ".3f"), number(r.get("ptx_perplexity"), ".2f"),
                       number(r.get("response_length"), ".1f"), number(r.get("eos_rate"), ".0%"))
     console().print(table)
+    for line in temperature_lines(reports):  # eval's sampling temperature and the KL's, labelled
+        console().print(line)
 
 
 def length_text(report: dict) -> str:

@@ -13,7 +13,9 @@ adapters disabled (no second copy), without it the policy itself before its firs
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
+from array import array
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -21,7 +23,7 @@ import torch
 
 from .. import distributed
 from ..batches import hold_out, render_prompt, tokenize_rankings
-from ..config import DPOConfig, ModelConfig
+from ..config import DPOConfig, LoraConfig, ModelConfig
 from ..console import banner, model_rows, processes_note, say
 from ..data import read_rankings
 from ..distributed import resolve_device
@@ -30,7 +32,7 @@ from ..families import supports_packing, supports_sharing
 from ..forward import forward_name, ranking_logprobs
 from ..lifecycle import begin_stage, finish_stage, open_stage
 from ..losses import kwise_dpo_loss
-from ..models import apply_lora, context_window, load_causal_lm, load_tokenizer, save_final
+from ..models import apply_lora, context_window, load_model, load_tokenizer, save_final
 from ..rewards import Layout
 from ..rundir import Stage, file_input, find_model, model_input
 from ..storage import writing
@@ -146,6 +148,16 @@ def reference_logprobs(model: Any, items: list[Item], batch_size: int, pad_id: i
     return list(flat.split([len(it.sequences) for it in items]))
 
 
+def tokens_sha256(items: list[Item]) -> str:
+    """sha256 of what the reference scores: every ranking's prompt length and token sequences, in order."""
+    digest = hashlib.sha256()
+    for it in items:
+        digest.update(array("q", [it.prompt_len, len(it.sequences), *map(len, it.sequences)]))
+        for seq in it.sequences:
+            digest.update(array("q", seq))
+    return digest.hexdigest()
+
+
 def read_reference(path: Path, key: dict, n: int) -> list[torch.Tensor] | None:
     """The cached reference log-probs of the run, or None where there are none for exactly these inputs."""
     from safetensors import safe_open
@@ -178,7 +190,10 @@ def run(cfg: DPOConfig, resume: bool = False, overwrite: bool = False, allow_cha
     run_dir = Path(cfg.run_dir)
     rankings = read_rankings(cfg.rankings, cfg.split, cfg.columns)
     init = cfg.model.name or find_model(cfg.sft, run_dir, "sft", "--sft")
-    model_cfg = ModelConfig(**{**vars(cfg.model), "name": init})
+    # dropout off, in the model and in LoRA's input, as ppo does: the reference runs without it, so with it the
+    # policy's log-probs would be noisy against the reference's (TRL's DPOTrainer disables it too)
+    model_cfg = ModelConfig(**{**vars(cfg.model), "name": init, "dropout": 0.0})
+    lora_cfg = LoraConfig(**{**vars(cfg.lora), "dropout": 0.0})
     tokenizer, source = load_tokenizer(model_cfg)
     stage = Stage(run_dir, STAGE)
     device = resolve_device(cfg.device)
@@ -189,8 +204,8 @@ def run(cfg: DPOConfig, resume: bool = False, overwrite: bool = False, allow_cha
         return stage.final
 
     def build(on: torch.device):  # the same model on every rank; again on CPU to export a sharded one
-        model = load_causal_lm(model_cfg, tokenizer, source, on, cfg.seed)
-        return apply_lora(model, cfg.lora) if cfg.lora.enabled else model
+        model = load_model(model_cfg, tokenizer, source, on, cfg.seed)
+        return apply_lora(model, lora_cfg) if cfg.lora.enabled else model
 
     torch.manual_seed(cfg.seed)
     model = build(device)
@@ -202,10 +217,11 @@ def run(cfg: DPOConfig, resume: bool = False, overwrite: bool = False, allow_cha
                     packed=cfg.padding_free and supports_packing(model))
 
     # 2. the reference's log-probs: read back on resume, else one pass of the SFT model (before any step)
-    # (what decides the numbers: the data, the reference's weights, the dtype they run in; a named model such
+    # (what decides the numbers: the tokens it scores, the reference's weights, the dtype they run in; the
+    # tokens, not the file, since --split, --columns and --max-seq-len choose them from it; a named model such
     # as tiny has no weights file, so its seed stands for them)
-    key = {"rankings_sha256": inputs["rankings"]["sha256"], "max_len": str(max_len),
-           "dtype": str(next(model.parameters()).dtype), "reference": str(inputs["sft"].get("sha256") if isinstance(inputs["sft"], dict)
+    key = {"tokens_sha256": tokens_sha256(items), "dtype": str(next(model.parameters()).dtype),
+           "reference": str(inputs["sft"].get("sha256") if isinstance(inputs["sft"], dict)
                             else f"{inputs['sft']} seed {cfg.seed}")}
     ref = read_reference(stage.dir / REF_FILE, key, len(items)) if mode == "resume" else None
     computed = ref is None

@@ -1,9 +1,10 @@
 """``igpt eval MODEL``: the paper's automatic measurements of one model.
 
-On held-out prompts: the reward model's score of the model's responses (mean and sd), the KL to the SFT
-model on the model's own samples with log-probs at PPO's temperature (what PPO pays for), response length
-and EOS rate; on held-out pretraining text: LM loss and perplexity next to the SFT model's (the alignment
-tax PPO-ptx reduces); on held-out rankings: the reward model's pairwise accuracy. Per category where
+On held-out prompts: the reward model's score of the model's responses (mean and sd), response length and
+EOS rate, all at eval's sampling temperature, and the KL to the SFT model at PPO's temperature T, KL(pi_T ||
+pi_SFT,T), what PPO pays for: on the model's samples drawn at T (a second set, same seed, where eval's own
+temperature is another); on held-out pretraining text: LM loss and perplexity next to the SFT model's (the
+alignment tax PPO-ptx reduces); on held-out rankings: the reward model's pairwise accuracy. Per category where
 prompts carry one. report.json and samples.jsonl are published together (``rundir.publish_set``), replace
 earlier ones only with ``--overwrite``, and are strict JSON: a number that is undefined (the sd of one score,
 the accuracy over no pairs) is null, never NaN.
@@ -14,6 +15,7 @@ import base64
 import json
 import math
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -27,7 +29,7 @@ from ..errors import BadInput
 from ..judges import Settings
 from ..presets import read_yaml
 from ..models import load_model, load_trained_policy, load_tokenizer, position_limit, require_same_tokenizer
-from ..report import number, score_text
+from ..report import number, score_text, temperatures_text
 from ..report_plots import frontier_chart
 from ..rewards import score_ranking
 from ..rollout import decode_response, generate, lm_loss, response_kl, score_responses
@@ -78,18 +80,48 @@ def load(cfg: EvalConfig, path: Path, tokenizer, device, kind: str = "causal"):
     return load_model(ModelConfig(name=str(path), dtype=cfg.dtype), tokenizer, path, device, cfg.seed, kind).eval()
 
 
-def respond(cfg: EvalConfig, model, sft, rm, tokenizer, queries: list[list[int]], kl_t: float
-            ) -> tuple[list[list[int]], list[float], list[float]]:
+class Responses(NamedTuple):
+    """What :func:`respond` measures of one model, one entry per query."""
+
+    responses: list[list[int]]  # token ids as sampled at eval's temperature
+    kls: list[float]  # KL to SFT at PPO's temperature, on kl_responses
+    scores: list[float]  # the reward model's scores of ``responses``; [] without one
+    kl_responses: list[list[int]] | None  # the samples drawn at PPO's temperature; None: ``responses`` are they
+
+
+def respond(cfg: EvalConfig, model, sft, rm, tokenizer, queries: list[list[int]], kl_t: float) -> Responses:
     """The model's responses to ``queries`` (token ids as sampled with cfg's decoding settings, seeded with
-    cfg.seed), their KL to ``sft`` at temperature ``kl_t`` (0 where ``sft`` is the model) and the reward model's
-    scores ([] without ``rm``): what ``igpt eval`` measures of one model, and the frontier of each checkpoint."""
+    cfg.seed), their reward model's scores, and the KL to ``sft`` at PPO's temperature ``kl_t`` (0 where ``sft``
+    is the model): what ``igpt eval`` measures of one model, and the frontier of each checkpoint.
+
+    The KL is that of the response distributions at kl_t, KL(pi_T || pi_SFT,T), the one PPO pays for: the
+    per-token KL summed along samples drawn at kl_t (``rollout.response_kl``; its mean is unbiased only on
+    samples of that temperature). Where cfg.temperature is another (the gold recipe samples at 0.7, PPO at 1;
+    greedy eval at 0) a second set is drawn at kl_t, seeded with cfg.seed as the first: the KL then does not
+    depend on eval's temperature, and equals the figure of an eval run at kl_t."""
     torch.manual_seed(cfg.seed)
     responses = generate(model, tokenizer, queries, cfg.max_new_tokens, cfg.temperature, cfg.batch_size,
                          progress="sample")
-    kls = ([0.0] * len(responses) if sft is model else  # log pi - log pi_SFT is exactly 0: skip both forwards
-           response_kl(model, sft, tokenizer, queries, responses, kl_t, cfg.batch_size).tolist())
+    kl_responses = None
+    if sft is model:  # log pi - log pi_SFT is exactly 0: no second set, no forwards
+        kls = [0.0] * len(responses)
+    else:
+        if cfg.temperature != kl_t:
+            torch.manual_seed(cfg.seed)
+            kl_responses = generate(model, tokenizer, queries, cfg.max_new_tokens, kl_t, cfg.batch_size,
+                                    progress=f"sample at T={kl_t:g} for the KL")
+        kls = response_kl(model, sft, tokenizer, queries, responses if kl_responses is None else kl_responses,
+                          kl_t, cfg.batch_size).tolist()
     scores = score_responses(rm, tokenizer, queries, responses, cfg.batch_size).tolist() if rm is not None else []
-    return responses, kls, scores
+    return Responses(responses, kls, scores, kl_responses)
+
+
+def kl_fields(cfg: EvalConfig, kl_t: float, kl_t_from: str) -> dict:
+    """report.json's labels of the KL to SFT beside ``settings.temperature`` (eval's samples): the temperature
+    of its log-probs, where that came from, the temperature its samples were drawn at (the same, PPO's), and
+    whether those are a second set (eval's temperature is another) rather than eval's own samples."""
+    return {"kl_temperature": kl_t, "kl_temperature_from": kl_t_from, "kl_sampled_at": kl_t,
+            "kl_separate_samples": cfg.temperature != kl_t}
 
 
 def report_dir(run_dir: Path, name: str) -> Path:
@@ -141,14 +173,13 @@ def run(cfg: EvalConfig, as_json: bool = False, overwrite: bool = False) -> dict
     model = load(cfg, path, tokenizer, device)
     sft = model if path.resolve() == sft_path.resolve() else load(cfg, sft_path, tokenizer, device)
     rm = load(cfg, rm_path, tokenizer, device, "reward") if have_rm else None
-    responses, kls, scores = respond(cfg, model, sft, rm, tokenizer, queries, kl_t)
+    responses, kls, scores, kl_responses = respond(cfg, model, sft, rm, tokenizer, queries, kl_t)
     eos = [bool(r) and r[-1] == tokenizer.eos_token_id for r in responses]
     lengths = [len(r) for r in responses]
     # the weights' hash, not the path, tells compare whether these samples are still the model's
     report = {"model": name, "model_path": str(path), "model_sha256": weights_sha256(path), "prompts": cfg.prompts,
               "settings": {"temperature": cfg.temperature, "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed},
-              "kl_temperature": kl_t, "kl_temperature_from": kl_t_from,
-              **summarise(scores, kls, lengths, eos)}
+              **kl_fields(cfg, kl_t, kl_t_from), **summarise(scores, kls, lengths, eos)}
     if scores:  # the RM's length bias on these samples: score vs length in tokens (EOS excluded) and in words
         report["length_bias"] = length_bias(scores, [n - e for n, e in zip(lengths, eos)],
                                             [len(decode_response(tokenizer, r).split()) for r in responses])
@@ -159,27 +190,29 @@ def run(cfg: EvalConfig, as_json: bool = False, overwrite: bool = False) -> dict
                            for xs in (scores, kls, lengths, eos)]) for c in categories}
     if texts:
         blocks = pretrain_blocks(tokenizer, texts, cfg.ptx_seq_len)
-        loss, sft_loss = lm_loss(model, blocks, tokenizer.pad_token_id, cfg.batch_size), None
+        loss = lm_loss(model, blocks, tokenizer.pad_token_id, cfg.batch_size)
         sft_loss = loss if sft is model else lm_loss(sft, blocks, tokenizer.pad_token_id, cfg.batch_size)
         report.update({"ptx_loss": loss, "ptx_perplexity": perplexity(loss), "sft_ptx_loss": sft_loss,
                        "sft_ptx_perplexity": perplexity(sft_loss), "alignment_tax": loss - sft_loss})
     if rankings:
         groups, _ = tokenize_rankings(tokenizer, rankings, getattr(rm.config, "max_position_embeddings", 2048))
-        correct = total = 0
+        correct = []  # per ranking
         for g in groups:
             s = score_ranking(rm, g.sequences, tokenizer.pad_token_id, cfg.batch_size)
-            correct += sum(int(s[b] > s[w]) for b, w in g.pairs)
-            total += len(g.pairs)
-        # with its Wilson interval over the rankings (their pairs are not independent), as train-rm reports it
-        acc = rm_accuracy(correct, total, sum(bool(g.pairs) for g in groups))
+            correct.append(sum(int(s[b] > s[w]) for b, w in g.pairs))
+        total = sum(len(g.pairs) for g in groups)
+        # with its interval clustered by ranking (their pairs are not independent), as train-rm reports it
+        acc = rm_accuracy(correct, [len(g.pairs) for g in groups])
         report.update({"rm_accuracy": acc.get("accuracy"), "rm_pairs": total,
                        "rm_accuracy_ci": [acc["accuracy_ci_low"], acc["accuracy_ci_high"]] if acc else None,
                        "rm_rankings": acc.get("rankings", 0)})
 
     # 4. publish eval/NAME/report.json and samples.jsonl together, strict JSON (a NaN raises, nothing is
-    #    written); the response token ids as sampled, so compare's judge scores exactly these tokens
+    #    written); the response token ids as sampled, so compare's judge scores exactly these tokens; "kl" is
+    #    the prompt's KL at PPO's temperature, along "kl_response_ids" where those were drawn apart
     samples = [{"prompt": p.prompt, "category": p.category, "response": decode_response(tokenizer, r),
-                "response_ids": r, "kl": k, **({"score": scores[i]} if scores else {})}
+                "response_ids": r, "kl": k, **({"kl_response_ids": kl_responses[i]} if kl_responses else {}),
+                **({"score": scores[i]} if scores else {})}
                for i, (p, r, k) in enumerate(zip(prompts, responses, kls))]
     samples_text = "".join(json.dumps(s, ensure_ascii=False, allow_nan=False) + "\n" for s in samples)
     report_text = json.dumps(report, indent=2, allow_nan=False) + "\n"
@@ -227,32 +260,36 @@ def run_frontier(cfg: EvalConfig, as_json: bool = False, overwrite: bool = False
     # 2. the SFT reference and the proxy reward model, once; 3. each point in turn, gold-scored
     sft = load(cfg, ppo.sft, tokenizer, device)
     rm = load(cfg, rm_path, tokenizer, device, "reward")
-    points, samples, sft_texts = [], {}, None
+    points, samples, sft_texts, gold_values = [], {}, None, {}
     for point in ppo.points:
         model = (sft if point.step == 0 else load(cfg, point.path, tokenizer, device) if not point.checkpoint else
                  load_trained_policy(point.path, ppo.sft, ppo.lora, tokenizer, device, cfg.dtype, cfg.seed))
-        responses, kls, scores = respond(cfg, model, sft, rm, tokenizer, queries, kl_t)
+        responses, kls, scores, kl_responses = respond(cfg, model, sft, rm, tokenizer, queries, kl_t)
         texts = [decode_response(tokenizer, r) for r in responses]
         golds, gold_summary = gold.score(prompts, queries, responses, texts, sft_texts, tokenizer,
                                          lambda p: load(cfg, p, tokenizer, device, "reward"),
                                          cfg.batch_size) if gold else ([], {})
         sft_texts = sft_texts or texts
+        gold_values[point.label] = golds
         eos = [bool(r) and r[-1] == tokenizer.eos_token_id for r in responses]
         points.append({"label": point.label, "step": point.step, "episodes": point.episodes, "path": str(point.path),
                        **summarise(scores, kls, [len(r) for r in responses], eos), **gold_summary})
-        samples[point.step] = [{"prompt": p.prompt, "response": t, "response_ids": r, "kl": k, "score": s,
+        samples[point.step] = [{"prompt": p.prompt, "response": t, "response_ids": r, "kl": k,
+                                **({"kl_response_ids": kl_responses[i]} if kl_responses else {}), "score": s,
                                 **({"gold": g} if gold else {})}
-                               for p, t, r, k, s, g in zip(prompts, texts, responses, kls, scores, golds or texts)]
+                               for i, (p, t, r, k, s, g) in enumerate(zip(prompts, texts, responses, kls, scores,
+                                                                          golds or texts))]
         del model
 
-    # 4. the best gold point and the proxy's pick; 5. publish report.json, frontier.png, samples together
+    # 4. the best gold point, the proxy's pick, and whether the gold fell between them beyond its noise;
+    # 5. publish report.json, frontier.png, samples together
     report = {"model": "ppo", "prompts": cfg.prompts, "proxy_rm": str(rm_path), "sft": str(ppo.sft),
               "settings": {"temperature": cfg.temperature, "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed},
-              "kl_temperature": kl_t, "kl_temperature_from": kl_t_from, "checkpoints": cfg.checkpoints,
+              **kl_fields(cfg, kl_t, kl_t_from), "checkpoints": cfg.checkpoints,
               "gold": gold.name if gold else None, "gold_kind": gold.kind if gold else None, "points": points,
               "best_proxy": frontier.best(points, "score_mean"), "best_gold": frontier.best(points, "gold_mean")}
-    steps = {p["label"]: p["step"] for p in points}
-    report["overoptimised"] = bool(gold) and steps[report["best_proxy"]] > steps.get(report["best_gold"], 1e18)
+    drop = frontier.gold_drop(points, report["best_gold"], report["best_proxy"], gold_values) if gold else None
+    report["gold_drop"], report["overoptimised"] = drop, bool(drop and drop["significant"])
     chart = frontier_chart(report)
     with publish_set(out) as tmp:
         (tmp / "report.json").write_text(json.dumps(report, indent=2, allow_nan=False) + "\n", encoding="utf-8")
@@ -285,6 +322,7 @@ def show(report: dict, out: Path) -> None:
     for c, r in report.get("categories", {}).items():
         row(c, r)
     console().print(table)
+    console().print(temperatures_text(report))
     if "ptx_loss" in report:
         ppl, sft_ppl = number(report["ptx_perplexity"], ".2f"), number(report["sft_ptx_perplexity"], ".2f")
         console().print(f"pretraining text: loss {report['ptx_loss']:.4f} (perplexity {ppl}) vs SFT "

@@ -30,7 +30,7 @@ from ..config import LoraConfig, ModelConfig, PPOConfig
 from ..console import banner, model_rows, processes_note, say
 from ..batches import pretrain_blocks, render_queries
 from ..data import read_pretrain, read_prompts
-from ..ema import ModelEMA, load_weights
+from ..ema import ModelEMA, averaged_model
 from ..distributed import resolve_device
 from ..errors import BadInput
 from ..families import frozen_layers
@@ -150,7 +150,8 @@ def run(cfg: PPOConfig, resume: bool = False, overwrite: bool = False, allow_cha
     optimizer = build_optimizer(trained, cfg.optim, {"policy": cfg.optim.lr, "value": cfg.vf_lr or cfg.optim.lr})
     scheduler = build_scheduler(optimizer, cfg.optim,
                                 total_steps * cfg.ppo_epochs * math.ceil(cfg.rollout_batch_size / cfg.mini_batch_size))
-    # an EMA of the policy's trained weights, updated after every optimizer step (InstructGPT, appendix C: 0.992)
+    # an EMA of the policy's weights (with LoRA the adapted ones), updated after every optimizer step (InstructGPT,
+    # appendix C: 0.992)
     ema = ModelEMA(trained.policy, cfg.ema_decay, optimizer) if cfg.ema_decay > 0 else None
 
     # 3. the stage directory and the resume point (the KL controller's beta travels with the checkpoint)
@@ -309,7 +310,7 @@ class Iteration:
         record = {**self.record(i, ro, sc, stats), "timing/generation": t1 - t0, "timing/scoring": t2 - t1,
                   **{f"timing/scoring/{part}": v for part, v in sc.seconds.items()},
                   "timing/training": t3 - t2 - ptx_s, "timing/ptx": ptx_s}
-        if cfg.target_kl > 0:
+        if cfg.target_kl > 0 and bad is None:  # a skipped iteration trained nothing: its KL moves no beta
             self.beta = adaptive_kl_beta(self.beta, record["objective/kl"], cfg.target_kl, cfg.kl_horizon,
                                          cfg.rollout_batch_size)
         if (i + 1) % cfg.sample_every == 0 or i + 1 == self.total_steps:
@@ -354,8 +355,8 @@ class Iteration:
 
 def export(cfg: PPOConfig, stage: Stage, trained: PolicyAndValue, inp: Inputs, ema: ModelEMA | None = None) -> None:
     """ppo/final/policy (HF causal LM) and ppo/final/value, and with an EMA ppo/final/policy_ema (the policy with
-    the averaged weights: with LoRA the averaged adapters, merged like the policy's), written by rank 0 and
-    published together; sharded models are first gathered into plain copies there."""
+    the averaged weights; with LoRA the average of the merged weights, a merged model without adapter/), written
+    by rank 0 and published together; sharded models are first gathered into plain copies there."""
     policy = distributed.full_model(trained.policy, lambda: cpu_copy(cfg, inp.tokenizer, inp.sft_path, "causal"))
     value = distributed.full_model(trained.value, lambda: cpu_copy(cfg, inp.tokenizer, inp.rm_path, "reward"))
     averaged = ema.state() if ema is not None else None  # every rank: a sharded average is gathered
@@ -364,8 +365,7 @@ def export(cfg: PPOConfig, stage: Stage, trained: PolicyAndValue, inp: Inputs, e
             save_final(policy, inp.tokenizer, tmp / "policy")
             save_final(value, inp.tokenizer, tmp / "value")
             if averaged is not None:  # training is over: the policy's weights make way for their average
-                load_weights(policy, averaged)
-                save_final(policy, inp.tokenizer, tmp / "policy_ema")
+                save_final(averaged_model(policy, averaged), inp.tokenizer, tmp / "policy_ema")
 
 
 def write_samples(stage: Stage, step: int, prompts: list[str], responses: list[list[int]], sc: Scored,

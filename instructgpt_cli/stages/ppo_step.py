@@ -49,8 +49,8 @@ class Scored(NamedTuple):
     ref_logprobs: torch.Tensor  # (B, T) the reference's, at the same temperature
     values: torch.Tensor  # (B, T) the value model's, before each response token
     scores: torch.Tensor  # (B,) the reward model's at the last real token, as it said them (objective/scores)
-    penalised_scores: torch.Tensor  # (B,) scores clipped to +-reward_clip, less missing_eos_penalty where no EOS
-    rewards: torch.Tensor  # (B, T) -beta * kl at every token, plus the penalised score at the last real one
+    rewards: torch.Tensor  # (B, T) -beta * kl at every token, plus at the last real one the score clipped to
+    # +-reward_clip, less missing_eos_penalty where the response has no EOS
     kl: torch.Tensor  # (B, T) log pi - log pi_SFT per token
     advantages: torch.Tensor  # (B, T) GAE, whitened over all ranks' responses with whiten_advantages
     returns: torch.Tensor  # (B, T) GAE advantages (before whitening) + values: the value model's targets
@@ -111,8 +111,8 @@ def _score_rollout(models: PPOModels, ro: Rollout, cfg: PPOConfig, beta: float, 
     advantages, returns = gae(out["values"], rewards, mask, cfg.gamma, cfg.lam)
     if cfg.whiten_advantages:  # with the mean and variance of every rank's responses together
         advantages = masked_whiten(advantages, mask, total=distributed.total)
-    return Scored(out["logprobs"], out["ref_logprobs"], out["values"], out["scores"], scores, rewards, kl, advantages,
-                  returns, out.get("policy_trunk"), out.get("value_trunk"), seconds)
+    return Scored(out["logprobs"], out["ref_logprobs"], out["values"], out["scores"], rewards, kl, advantages, returns,
+                  out.get("policy_trunk"), out.get("value_trunk"), seconds)
 
 
 def model_outputs(models: PPOModels, ro: Rollout, temperature: float,

@@ -87,19 +87,19 @@ def evaluate(run, groups: list[RankedGroup], batch_size: int, pad_id: int, layou
     """Held-out K-wise loss (mean per prompt) and pairwise accuracy (over all pairs) with its 95% interval
     (``stats.rm_accuracy``); each rank scores its share of the micro-batches."""
     run.eval()
-    loss_total, correct_total, pairs = 0.0, 0.0, 0
+    loss_total, counts = 0.0, []  # counts: (correct pairs, pairs) of each held-out ranking
     for chunk, weight in distributed.rank_chunks(micro_batches(groups, batch_size)):
         losses, correct, _ = run(rank_forward, chunk, pad_id, device, layout)
         if weight:  # a weight-0 chunk only keeps the ranks in step
             loss_total += losses.sum().item()
-            correct_total += correct.sum().item()
-            pairs += correct.numel()
+            sizes = [len(g.pairs) for g in chunk]
+            counts += [(round(c.sum().item()), n) for c, n in zip(correct.split(sizes), sizes)]
     run.train()
-    sums = distributed.reduce_metrics({"loss": loss_total, "correct": correct_total, "pairs": pairs},
-                                      sums=("loss", "correct", "pairs"))
-    # accuracy with its 95% interval over the held-out rankings (pairs of one prompt are not independent)
-    accuracy = rm_accuracy(round(sums["correct"]), int(sums["pairs"]), len(groups))
-    return {"eval/loss": sums["loss"] / max(len(groups), 1), **{f"eval/{k}": v for k, v in accuracy.items()}}
+    loss = distributed.reduce_metrics({"loss": loss_total}, sums=("loss",))["loss"]
+    counts = [c for part in distributed.gather(counts) for c in part]
+    # accuracy with its 95% interval clustered by ranking (pairs of one prompt are not independent)
+    accuracy = rm_accuracy([c for c, _ in counts], [n for _, n in counts])
+    return {"eval/loss": loss / max(len(groups), 1), **{f"eval/{k}": v for k, v in accuracy.items()}}
 
 
 @torch.no_grad()
@@ -169,8 +169,9 @@ def run(cfg: RMConfig, resume: bool = False, overwrite: bool = False, allow_chan
     if demo_errors:
         raise BadInput(demo_errors)
 
-    # 2. split by prompt, model (DDP or FSDP under a launcher), optimizer, schedule
-    train, val = hold_out(groups, cfg.val_fraction, cfg.seed)
+    # 2. split by prompt (by "group" where rankings have one), model (DDP or FSDP under a launcher), optimizer,
+    #    schedule
+    train, val = hold_out(groups, cfg.val_fraction, cfg.seed, [r.group for r in rankings])
     model.train()
     layout = Layout(shared=cfg.share_prompts and supports_sharing(model),
                     packed=cfg.padding_free and supports_packing(model))
@@ -214,7 +215,9 @@ def run(cfg: RMConfig, resume: bool = False, overwrite: bool = False, allow_chan
     if demo_seqs:
         scores = demo_scores(run_model, demo_seqs, tokenizer.pad_token_id, cfg.optim.batch_size * 4)
         setattr(model.config, REWARD_BIAS, -float(scores.double().mean()))
-        summary.update({"demos/raw_mean": float(scores.mean()), "demos/raw_std": float(scores.std())})
+        # one demonstration has no sample standard deviation (torch says NaN, which is no JSON): null
+        summary.update({"demos/raw_mean": float(scores.mean()),
+                        "demos/raw_std": float(scores.std()) if len(scores) > 1 else None})
     setattr(model.config, REWARD_STATS, summary)  # saved with the model: ppo reads the accuracy from it
 
     # 6. export from rank 0 (a sharded model is first gathered into a plain copy there)
@@ -226,7 +229,7 @@ def run(cfg: RMConfig, resume: bool = False, overwrite: bool = False, allow_chan
     finish_stage(stage, step, **summary)
     accuracy, warning = describe_rm_accuracy(summary) if val else ("unknown: nothing held out (--val-fraction 0)", None)
     banner("reward model", {k: f"{summary[k]:.4f}" for k in ("eval/loss", "demos/raw_mean", "demos/raw_std")
-                            if k in summary} | {"accuracy": accuracy, "saved": str(stage.final)})
+                            if summary.get(k) is not None} | {"accuracy": accuracy, "saved": str(stage.final)})
     if warning:  # a reward model that learned nothing sends PPO after noise: say so before hours are spent
         say(f"[bold red]warning:[/] {warning}")
     return stage.final

@@ -18,7 +18,7 @@ from ..batches import render_queries
 from ..data import read_prompts
 from ..distributed import resolve_device
 from ..errors import BadInput
-from ..models import load_causal_lm, load_tokenizer, position_limit
+from ..models import load_model, load_tokenizer, position_limit
 from ..rollout import decode_response, generate
 from ..rundir import find_model
 from ..storage import atomic_write_text
@@ -40,7 +40,7 @@ def run(cfg: SampleConfig, overwrite: bool = False) -> Path:
 
     # 2. load the model and sample K responses per prompt, all prompts batched together
     device = resolve_device(cfg.device)
-    model = load_causal_lm(model_cfg, tokenizer, source, device, cfg.seed)
+    model = load_model(model_cfg, tokenizer, source, device, cfg.seed)
     banner("igpt sample", {"prompts": f"{cfg.prompts} ({len(prompts)})", "model": model_cfg.name,
                            "samples": f"{cfg.k} per prompt at temperature {cfg.temperature}, "
                                       f"at most {cfg.max_new_tokens} tokens"})
@@ -53,6 +53,8 @@ def run(cfg: SampleConfig, overwrite: bool = False) -> Path:
         record = {"prompt": p.record, "responses": group}  # a conversation stays one (label, train-rm)
         if p.category:
             record["category"] = p.category
+        if p.group:  # label keeps it, so train-rm holds out the prompt's group together
+            record["group"] = p.group
         lines.append(json.dumps(record, ensure_ascii=False))
     atomic_write_text(out, "\n".join(lines) + "\n")
     left = sum(1 for g in groups if not distinct_nonempty(g))

@@ -20,7 +20,7 @@ from ..console import banner, model_rows, processes_note, say
 from ..errors import BadInput
 from ..families import supports_packing
 from ..forward import forward_name, response_loss_sum
-from ..models import apply_lora, context_window, load_causal_lm, load_tokenizer, save_final
+from ..models import apply_lora, context_window, load_model, load_tokenizer, save_final
 from ..rundir import Stage, file_input, model_input
 from ..lifecycle import begin_stage, finish_stage, open_stage
 from ..train import (build_optimizer, plan_steps, build_scheduler, fit, micro_batches, optimizer_step, restore,
@@ -99,7 +99,7 @@ def run(cfg: SFTConfig, resume: bool = False, overwrite: bool = False, allow_cha
         return stage.final
 
     def build(on: torch.device):  # the same model on every rank; again on CPU to export a sharded one
-        model = load_causal_lm(cfg.model, tokenizer, source, on, cfg.seed)
+        model = load_model(cfg.model, tokenizer, source, on, cfg.seed)
         return apply_lora(model, cfg.lora) if cfg.lora.enabled else model
 
     torch.manual_seed(cfg.seed)
