@@ -27,6 +27,8 @@ from typing import Any, Callable, NamedTuple
 
 import torch
 
+from .errors import BadInput
+
 
 def ema_update(ema: list[torch.Tensor], params: list[torch.Tensor], decay: float) -> None:
     """``ema[i] <- decay * ema[i] + (1 - decay) * params[i]``, in place. ``ema[i]`` and ``params[i]`` have the
@@ -129,7 +131,9 @@ class ModelEMA:
             return
         missing = [n for n in self.names if n not in state]
         if missing:  # e.g. a LoRA run's checkpoint from an igpt that averaged the factors A and B apart
-            raise RuntimeError(f"the checkpoint's EMA lacks {len(missing)} of the averaged weights (e.g. {missing[0]})")
+            raise BadInput([f"the checkpoint's EMA lacks {len(missing)} of the averaged weights (e.g. {missing[0]}): it "
+                            "was written by an igpt that averaged LoRA's factors apart; resume with --allow-changes "
+                            "--ema-decay 0, or start over with --overwrite"])
         for n, p, s in zip(self.names, (a.like for a in self.averaged), self.shadow):
             full = state[n].to(s.device, torch.float32)
             if hasattr(p, "device_mesh"):  # this rank's shard of it, as FSDP cut the parameter

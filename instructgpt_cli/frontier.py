@@ -196,8 +196,8 @@ def best(points: list[dict], key: str) -> str | None:
 WIN_VALUE = {"A": 1.0, "tie": 0.5, "B": 0.0}  # a pairwise gold's verdict against the SFT response, as a number
 
 
-def gold_drop(points: list[dict], best_gold: str | None, best_proxy: str | None, values: dict[str, list]
-              ) -> dict | None:
+def gold_drop(points: list[dict], best_gold: str | None, best_proxy: str | None, values: dict[str, list],
+              groups: list | None = None) -> dict | None:
     """How far the gold fell from its best point to the proxy's pick, where the pick is a later point (so the
     proxy rose past the gold's peak), with a 95% interval; None where there is no such pair.
 
@@ -207,7 +207,12 @@ def gold_drop(points: list[dict], best_gold: str | None, best_proxy: str | None,
     their sd (n - 1). ``significant``, the frontier's over-optimisation, only when the interval lies above 0:
     two points' means differ by chance by about their sd / sqrt(n), and on a few dozen prompts a drop of that
     size is noise (Gao et al. 2022 read the fall over many points of a curve). The interval does not allow
-    for the best gold point being the maximum of several noisy ones (it errs towards a drop)."""
+    for the best gold point being the maximum of several noisy ones (it errs towards a drop).
+
+    ``groups``: each prompt's ``group`` (prompts framed from one message share one). Where every prompt has
+    one, the differences are averaged within each group first and the interval is taken over the groups
+    (n - 1 = groups - 1): prompts of one message move together, so counting them as independent would make
+    the interval too narrow."""
     step = {p["label"]: p["step"] for p in points}
     if best_gold is None or best_proxy is None or step[best_proxy] <= step[best_gold]:
         return None
@@ -216,9 +221,16 @@ def gold_drop(points: list[dict], best_gold: str | None, best_proxy: str | None,
         return None
     a, b = ([WIN_VALUE.get(v, v) if isinstance(v, str) else v for v in values[k]] for k in (best_gold, best_proxy))
     diffs = [x - y for x, y in zip(a, b)]
-    n = len(diffs)
-    m, sd = mean_sd(diffs)
-    out = {"from": best_gold, "to": best_proxy, "n": n, "drop": m, "ci": None, "significant": False}
+    units = diffs
+    if groups and all(g is not None for g in groups):
+        by_group: dict = {}
+        for g, d in zip(groups, diffs):
+            by_group.setdefault(g, []).append(d)
+        units = [sum(v) / len(v) for v in by_group.values()]
+    n = len(units)
+    m, sd = mean_sd(units)
+    out = {"from": best_gold, "to": best_proxy, "n": len(diffs), "clusters": n if units is not diffs else None,
+           "drop": m, "ci": None, "significant": False}
     if n >= 2:
         half = t_quantile(0.975, n - 1) * sd / math.sqrt(n)
         out.update(ci=[m - half, m + half], significant=m - half > 0)

@@ -305,6 +305,24 @@ def test_a_gold_drop_within_its_noise_is_not_over_optimisation_and_a_clear_one_i
         assert ("within noise (the interval includes 0), not called over-optimisation" in said) is not flagged
 
 
+def test_a_gold_drop_over_grouped_prompts_takes_its_interval_over_the_groups():
+    """Three messages, four framings each; per-prompt differences 1.0 (x4), -0.2 (x4), 0.6 (x4): mean 0.4667.
+    As 12 independent prompts: sd 0.52106, t(11) 2.200985 x 0.52106 / sqrt(12) = 0.33107, CI [0.136, 0.798],
+    flagged. Clustered by message: group means [1.0, -0.2, 0.6], sd 0.61101, t(2) 4.302653 x 0.61101 / sqrt(3)
+    = 1.51783, CI [-1.051, 1.985], within noise."""
+    from instructgpt_cli.frontier import gold_drop
+
+    points = frontier_points([1.0, 0.5], [0.0, 1.0])
+    diffs = [1.0] * 4 + [-0.2] * 4 + [0.6] * 4
+    values = {"sft": [1.0 + d for d in diffs], "step-1": [1.0] * 12}
+    plain = gold_drop(points, "sft", "step-1", values)
+    assert plain["ci"] == pytest.approx([0.135596, 0.797737], abs=1e-5) and plain["significant"] is True
+    grouped = gold_drop(points, "sft", "step-1", values, [m for m in "abc" for _ in range(4)])
+    assert (grouped["n"], grouped["clusters"]) == (12, 3) and grouped["drop"] == pytest.approx(0.466667, abs=1e-6)
+    assert grouped["ci"] == pytest.approx([-1.051167, 1.984500], abs=1e-5) and grouped["significant"] is False
+    assert gold_drop(points, "sft", "step-1", values, [None] * 12)["clusters"] is None  # ungrouped prompts
+
+
 def test_a_pairwise_gold_s_drop_counts_wins_1_ties_half_losses_0():
     """A pairwise gold against the SFT response: step-1 ['A', 'A', 'A', 'tie'] (win rate 0.875) is the best gold,
     the proxy picks step-2 ['B', 'B', 'tie', 'B'] (0.125): differences [1, 1, 0.5, 0.5], mean 0.75, sd

@@ -288,7 +288,8 @@ def run_frontier(cfg: EvalConfig, as_json: bool = False, overwrite: bool = False
               **kl_fields(cfg, kl_t, kl_t_from), "checkpoints": cfg.checkpoints,
               "gold": gold.name if gold else None, "gold_kind": gold.kind if gold else None, "points": points,
               "best_proxy": frontier.best(points, "score_mean"), "best_gold": frontier.best(points, "gold_mean")}
-    drop = frontier.gold_drop(points, report["best_gold"], report["best_proxy"], gold_values) if gold else None
+    drop = (frontier.gold_drop(points, report["best_gold"], report["best_proxy"], gold_values,
+                               [p.group for p in prompts]) if gold else None)
     report["gold_drop"], report["overoptimised"] = drop, bool(drop and drop["significant"])
     chart = frontier_chart(report)
     with publish_set(out) as tmp:
