@@ -155,7 +155,8 @@ class DPOConfig:
     beta: float = f(0.1, "DPO's beta: implicit reward = beta * (log pi - log pi_ref), the KL strength (dimensionless)")
     epochs: int = f(1, "passes over the rankings (epochs)")
     max_steps: int = f(0, "stop after this many optimizer steps; 0 = run all epochs (steps)")
-    val_fraction: float = f(0.1, "share of rankings held out for the DPO metrics (fraction, 0 disables)")
+    val_fraction: float = f(0.1, "share of rankings held out for the DPO metrics; where rankings have a \"group\", "
+                                 "of whole groups (fraction, 0 disables)")
     share_prompts: bool = f(True, "run the prompt a ranking's K responses start with once, each response attending "
                                   "to it and to itself (model families known to support it, where it saves a tenth "
                                   "of the tokens)")

@@ -38,6 +38,23 @@ def win_rate(wins: int, ties: int, losses: int) -> dict:
     return {**out, "win_rate": rate, "ci_low": lo, "ci_high": hi}
 
 
+def grouped_win_rate(winners: list[str], groups: list) -> dict:
+    """:func:`win_rate` of judgments (``winners``: "A", "B" or "tie") whose prompts come in ``groups`` (one
+    message under several framings, one user's prompts): the same rate, its 95% interval clustered by group
+    (:func:`clustered_rate`, ties half) instead of Wilson's over independent prompts, which is too narrow when
+    a group's prompts are judged alike. ``ci_iid`` keeps Wilson's; ``design_effect`` is the judgments over the
+    effective sample size (1 where the groups add nothing)."""
+    out = win_rate(winners.count("A"), winners.count("tie"), winners.count("B"))
+    by: dict = {}
+    for w, g in zip(winners, groups):
+        won, n = by.get(g, (0.0, 0))
+        by[g] = (won + {"A": 1.0, "B": 0.0}.get(w, 0.5), n + 1)
+    r = clustered_rate([w for w, _ in by.values()], [n for _, n in by.values()])
+    return {**out, "ci_low": r["ci_low"], "ci_high": r["ci_high"], "groups": r["clusters"],
+            "ci_iid": [out["ci_low"], out["ci_high"]],
+            "design_effect": r["trials"] / r["effective_n"] if r["effective_n"] else None}
+
+
 def t_quantile(q: float, df: float) -> float:
     """The ``q`` quantile (0.5 < q < 1) of Student's t with ``df`` >= 1 degrees of freedom (any real ``df``;
     the normal's beyond 1e6). Bisection on P(|T| > t) = I_x(df/2, 1/2), x = df / (df + t^2)."""

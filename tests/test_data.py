@@ -1,5 +1,6 @@
 """Demonstration validation: every bad line reported as FILE:LINE: field: reason, exit 2, nothing written."""
 import json
+import re
 
 import pytest
 
@@ -151,3 +152,8 @@ def test_train_rm_holds_out_whole_groups(tmp_path):
     assert result.exit_code == 0, result.output
     held = json.loads((run_dir / "manifest.json").read_text())["stages"]["rm"]["outputs"]["eval/rankings"]
     assert held in (12, 4)
+    dpo = igpt("dpo", "--model", "tiny", "--rankings", tmp_path / "r.jsonl", "--run-dir", run_dir,
+               "--val-fraction", "0.5", "--max-steps", "1", "--batch-size", "4")  # DPO splits the same way
+    assert dpo.exit_code == 0, dpo.output
+    split = re.search(r"(\d+) train, (\d+) held-out prompts", " ".join(dpo.stderr.split()))
+    assert split and (int(split[1]), int(split[2])) in ((8, 12), (16, 4)), dpo.stderr

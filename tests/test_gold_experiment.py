@@ -8,7 +8,7 @@ import pytest
 
 from conftest import REPO, igpt
 from instructgpt_cli import rundir
-from instructgpt_cli.stats import clustered_rate
+from instructgpt_cli.stats import clustered_rate, wilson_interval
 
 RULE = '''
 def score(prompt, responses):
@@ -75,9 +75,12 @@ def test_the_tiny_experiment_writes_its_frontier_win_rate_and_summary(tmp_path, 
             won = {"A": 1.0, "tie": 0.5, "B": 0.0}[j["winner"]]
             by_message.setdefault(group_of[j["prompt"]], []).append(won)
         expected = clustered_rate([sum(v) for v in by_message.values()], [len(v) for v in by_message.values()])
-        assert saved[key]["messages"] == len(set(group_of.values())) == len(by_message) == 2
-        assert (saved[key]["ci_low"], saved[key]["ci_high"]) == pytest.approx((expected["ci_low"], expected["ci_high"]))
-        assert saved[key]["ci_iid"] == [compare["ci_low"], compare["ci_high"]]
+        assert saved[key]["groups"] == compare["groups"] == len(set(group_of.values())) == len(by_message) == 2
+        assert (compare["ci_low"], compare["ci_high"]) == pytest.approx((expected["ci_low"], expected["ci_high"]))
+        assert (saved[key]["ci_low"], saved[key]["ci_high"]) == (compare["ci_low"], compare["ci_high"])
+        rate = compare["win_rate"]  # Wilson's over the 8 prompts as if independent, kept beside it
+        assert saved[key]["ci_iid"] == compare["ci_iid"] == pytest.approx(list(wilson_interval(rate, 8)))
+        assert "clustered by the prompts' group" in compare["ci_method"]
     assert [p["gold_mean"] for p in saved["frontier"]] == [p["gold_mean"] for p in frontier["points"]]
     assert set(saved["seconds"]) == {"sft", "sample", "label", "train-rm", "ppo", "eval", "compare"}
 

@@ -134,3 +134,26 @@ def test_rm_accuracy_at_the_edges():
     # a ranking with no pairs (all tied) is no cluster
     assert rm_accuracy([3, 0], [3, 0]) == {**rm_accuracy([3], [3])}
     json.dumps(rm_accuracy([1, 2, 0], [3, 3, 1]), allow_nan=False)
+
+
+def test_grouped_win_rate_clusters_by_group_at_the_edges():
+    from instructgpt_cli.stats import grouped_win_rate
+
+    # 2 messages x 4 framings: message a won all 4 (4), message b 1 win, 2 ties, 1 loss (2): rate 6/8
+    winners, groups = ["A"] * 4 + ["A", "tie", "tie", "B"], ["a"] * 4 + ["b"] * 4
+    r = grouped_win_rate(winners, groups)
+    assert (r["wins"], r["ties"], r["losses"], r["n"], r["groups"]) == (5, 2, 1, 8, 2)
+    assert r["win_rate"] == 0.75
+    c = clustered_rate([4.0, 2.0], [4, 4])
+    assert (r["ci_low"], r["ci_high"]) == (c["ci_low"], c["ci_high"])
+    assert r["ci_iid"] == list(wilson_interval(0.75, 8)) and r["design_effect"] == pytest.approx(8 / c["effective_n"])
+    # a clean sweep: rate 1, the interval reaches 1, each message one trial (wider than Wilson over 8 prompts)
+    sweep = grouped_win_rate(["A"] * 8, groups)
+    assert sweep["win_rate"] == 1.0 and sweep["ci_high"] == 1.0 and sweep["ci_low"] < wilson_interval(1.0, 8)[0]
+    # one message: nothing measures how messages differ
+    one = grouped_win_rate(["A", "B", "tie"], ["a"] * 3)
+    assert one["win_rate"] == 0.5 and (one["ci_low"], one["ci_high"]) == (0.0, 1.0) and one["design_effect"] is None
+    # no judgments
+    empty = grouped_win_rate([], [])
+    assert empty["win_rate"] is None and empty["ci_low"] is None and empty["n"] == 0
+    json.dumps([r, sweep, one, empty], allow_nan=False)

@@ -162,44 +162,20 @@ def pick(frontier: dict) -> str:
     return "ppo" if best["label"].startswith("final") else f"ppo@step-{best['step']}"
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
-
-
-def clustered_win_rate(judgments: list[dict], group_of: dict[str, str | None]) -> dict:
-    """The gold win rate of A over B from compare's ``judgments`` (winner "A", "B" or "tie", counted half), with
-    its 95% interval clustered by message (``stats.clustered_rate``, as train-rm's accuracy is by ranking): the
-    held-out prompts are 20 messages under 4 framings each (``group_of``: prompt -> message, from the prompts
-    file's "group"; a prompt without one is a cluster of its own), and the judgments of one message's 4 prompts
-    are not independent (a measured design effect of 1.1-1.7, issue 29), so an interval over 80 independent
-    prompts is too narrow. ``design_effect``: the judgments over the effective sample size."""
-    from instructgpt_cli.stats import clustered_rate
-
-    clusters: dict = {}
-    for j in judgments:
-        key = group_of.get(j["prompt"]) or ("prompt", j["prompt"])
-        won, n = clusters.get(key, (0.0, 0))
-        clusters[key] = (won + {"A": 1.0, "B": 0.0}.get(j["winner"], 0.5), n + 1)
-    r = clustered_rate([w for w, _ in clusters.values()], [n for _, n in clusters.values()])
-    return {"win_rate": r["rate"], "ci_low": r["ci_low"], "ci_high": r["ci_high"], "messages": r["clusters"],
-            "design_effect": r["trials"] / r["effective_n"] if r["effective_n"] else None,
-            "ci_method": "95%, clustered by message (cluster-robust CR2, Wilson at the effective n), ties half"}
-
-
 def summarise(run: Path, judge: str, chosen: str, times: dict[str, float]) -> dict:
     """Print and save (RUN/gold-summary.json) what the experiment measured."""
     from instructgpt_cli.rewards import reward_stats
     from instructgpt_cli.stages.compare import result_dir
     from instructgpt_cli.storage import atomic_write_text
 
-    group_of = {r["prompt"]: r.get("group") for r in read_jsonl(run / "gold-data" / "compare_prompts.jsonl")}
-
     def versus_sft(model: str) -> dict:
-        folder = result_dir(run, f"{model.replace('@', '-')}-vs-sft", judge)
-        r = json.loads((folder / "report.json").read_text(encoding="utf-8"))
-        by_message = clustered_win_rate(read_jsonl(folder / "judgments.jsonl"), group_of)
-        return {"model": model, **by_message, **{k: r.get(k) for k in ("wins", "ties", "losses")},
-                "ci_iid": [r.get("ci_low"), r.get("ci_high")],  # compare's Wilson, as if the prompts were independent
+        # compare clusters its interval by the prompts' "group" (the message): the held-out prompts are 20
+        # messages under 4 framings, whose judgments are not independent; ci_iid is Wilson's over 80 prompts
+        r = json.loads((result_dir(run, f"{model.replace('@', '-')}-vs-sft", judge) / "report.json")
+                       .read_text(encoding="utf-8"))
+        keys = ("win_rate", "ci_low", "ci_high", "ci_iid", "groups", "design_effect", "ci_method", "wins", "ties",
+                "losses")
+        return {"model": model, **{k: r.get(k) for k in keys},
                 "length_controlled": r.get("length_controlled"), "mean_length": r.get("mean_length")}
 
     frontier = json.loads((run / "eval" / "ppo-frontier" / "report.json").read_text(encoding="utf-8"))
@@ -230,7 +206,7 @@ def summarise(run: Path, judge: str, chosen: str, times: dict[str, float]) -> di
     for name, w in (("picked", summary["picked_vs_sft"]), ("final", summary["final_vs_sft"])):
         lc, ml = w["length_controlled"] or {}, w["mean_length"] or {}
         print(f"gold win rate of {w['model']} ({name}) over sft on held-out prompts: {w['win_rate']:.1%} "
-              f"(95% CI {w['ci_low']:.1%}-{w['ci_high']:.1%} clustered by message over {w['messages']} messages; "
+              f"(95% CI {w['ci_low']:.1%}-{w['ci_high']:.1%} clustered by message over {w['groups']} messages; "
               f"{w['wins']} wins, {w['ties']} ties, {w['losses']} losses)")
         if lc.get("win_rate") is not None:
             print(f"  length-controlled: {lc['win_rate']:.1%} (95% CI {lc['ci_low']:.1%}-{lc['ci_high']:.1%})")

@@ -37,13 +37,17 @@ from ..report import number, score_text, temperature_lines
 from ..rollout import decode_response, generate
 from ..locks import claim
 from ..rundir import STAGE_MODELS, record
-from ..stats import length_controlled_win_rate, win_rate
+from ..stats import grouped_win_rate, length_controlled_win_rate, win_rate
 from ..storage import atomic_write_text, publish_set, sha256_file, weights_sha256
 
 
 def tally(judgments: list[dict], key: str | None = None) -> dict:
-    """Win rate of A over all judgments, or per value of ``key`` (e.g. category)."""
+    """Win rate of A over all judgments, or per value of ``key`` (e.g. category). Where every prompt has a
+    ``group`` (the prompts file's "group": one message under several framings), the interval is clustered by
+    group (``stats.grouped_win_rate``); otherwise Wilson's over independent prompts."""
     def count(js: list[dict]) -> dict:
+        if js and all(j.get("group") is not None for j in js):
+            return grouped_win_rate([j["winner"] for j in js], [j["group"] for j in js])
         return win_rate(*(sum(j["winner"] == w for j in js) for w in ("A", "tie", "B")))
 
     if key is None:
@@ -138,7 +142,8 @@ def run(cfg: CompareConfig, overwrite: bool = False) -> dict:
     if not pairs:
         resp_a, sources["a"] = answers(cfg, side_a, tokenizer, queries, prompts, device)
         resp_b, sources["b"] = answers(cfg, side_b, tokenizer, queries, prompts, device)
-        pairs = [{"prompt": p.prompt, "category": p.category, "a": decode_response(tokenizer, a),
+        pairs = [{"prompt": p.prompt, "category": p.category, **({"group": p.group} if p.group else {}),
+                  "a": decode_response(tokenizer, a),
                   "b": decode_response(tokenizer, b), "a_ids": a, "b_ids": b}
                  for p, a, b in zip(prompts, resp_a, resp_b)]
         if cfg.judge == "human":  # new responses: a new session, no judgments of other responses
@@ -149,14 +154,17 @@ def run(cfg: CompareConfig, overwrite: bool = False) -> dict:
     judgments = judge.compare(pairs)
 
     # 4. report: numbers, per category, and a page people can look at
+    overall = tally(judgments)
     report = {"a": name_a, "b": name_b, "a_path": str(path_a), "b_path": str(path_b), "judge": cfg.judge,
-              "prompts": cfg.prompts, "n_prompts": len(pairs), "judged": len(judgments), **tally(judgments),
+              "prompts": cfg.prompts, "n_prompts": len(pairs), "judged": len(judgments), **overall,
               "categories": tally(judgments, "category"),
               "settings": {"temperature": cfg.temperature, "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed},
               "responses_from": sources,
               **({"judge_source": {"file": str(judge.source), "sha256": sha256_file(judge.source)}}
                  if getattr(judge, "source", None) else {}),
-              "ci_method": "Wilson score interval, 95%, ties counted as half a win",
+              "ci_method": ("95%, clustered by the prompts' group (cluster-robust CR2, Wilson at the effective n), "
+                            "ties counted as half a win" if "groups" in overall else
+                            "Wilson score interval, 95%, ties counted as half a win"),
               **length_control(judgments, tokenizer.eos_token_id)}
     # 5. publish report.json, judgments.jsonl, responses.jsonl and report.html together (strict JSON: a NaN
     #    raises and nothing is replaced)

@@ -229,8 +229,9 @@ def run(cfg: DPOConfig, resume: bool = False, overwrite: bool = False, allow_cha
         ref = reference_logprobs(model, items, cfg.optim.batch_size, tokenizer.pad_token_id, layout, device)
     items = [it._replace(ref=r) for it, r in zip(items, ref)]
 
-    # 3. split by prompt, model (DDP or FSDP under a launcher), optimizer, schedule
-    train, val = hold_out(items, cfg.val_fraction, cfg.seed)
+    # 3. split by prompt (whole groups where the rankings have a "group", as train-rm), model (DDP or FSDP under
+    #    a launcher), optimizer, schedule
+    train, val = hold_out(items, cfg.val_fraction, cfg.seed, [r.group for r in rankings])
     model.train()
     run_model = distributed.wrap(model, device, cfg.fsdp)
     distributed.seed_rank(cfg.seed)
