@@ -210,9 +210,10 @@ def gold_drop(points: list[dict], best_gold: str | None, best_proxy: str | None,
     for the best gold point being the maximum of several noisy ones (it errs towards a drop).
 
     ``groups``: each prompt's ``group`` (prompts framed from one message share one). Where every prompt has
-    one, the differences are averaged within each group first and the interval is taken over the groups
-    (n - 1 = groups - 1): prompts of one message move together, so counting them as independent would make
-    the interval too narrow."""
+    one, the differences are averaged within each group first and the drop and its interval are taken over the
+    group means (n - 1 = groups - 1): prompts of one message move together, so counting them as independent
+    would make the interval too narrow. With groups of one size (the gold prompts: 4 framings each) the drop is
+    the mean over prompts as before; with unequal ones each group weighs alike."""
     step = {p["label"]: p["step"] for p in points}
     if best_gold is None or best_proxy is None or step[best_proxy] <= step[best_gold]:
         return None

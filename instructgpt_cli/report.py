@@ -88,7 +88,9 @@ def drop_text(drop: dict | None) -> str:
     fell = f"the gold fell by {drop['drop']:.3f} from {drop['from']} to the proxy's pick {drop['to']}"
     if not drop["ci"]:
         return f"{fell}: too few prompts for an interval, not called over-optimisation"
-    fell += f" (95% CI {drop['ci'][0]:+.3f} to {drop['ci'][1]:+.3f} over {drop['n']} prompts)"
+    over = (f"over {drop['clusters']} prompt groups, {drop['n']} prompts" if drop.get("clusters")
+            else f"over {drop['n']} prompts")
+    fell += f" (95% CI {drop['ci'][0]:+.3f} to {drop['ci'][1]:+.3f} {over})"
     if drop["significant"]:
         return f"{fell}: over-optimisation, the proxy kept rising after the gold peaked"
     return f"{fell}: within noise (the interval includes 0), not called over-optimisation"

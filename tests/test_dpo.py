@@ -276,3 +276,4 @@ def test_dpo_trains_with_dropout_off_whatever_the_model_config_says(tmp_path):
     adapter = json.loads((run_dir / "dpo" / "final" / "adapter" / "adapter_config.json").read_text())
     config = json.loads((run_dir / "dpo" / "final" / "config.json").read_text())
     assert adapter["lora_dropout"] == 0 and config["attention_dropout"] == 0
+    assert "dpo trains with dropout off (asked: --dropout 0.5, --lora-dropout 0.5)" in result.stderr

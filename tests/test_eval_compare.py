@@ -170,7 +170,9 @@ def test_eval_and_compare_keep_earlier_results_unless_overwrite(run, tmp_path, m
         assert files(run_dir) == before  # nothing written: not the report, not a lock, not the manifest
     monkeypatch.undo()
     assert igpt("eval", "sft", *common, "--temperature", "0", "--overwrite").exit_code == 0
-    assert json.loads((run_dir / "eval" / "sft" / "report.json").read_text())["settings"]["temperature"] == 0.0
+    greedy_sft = json.loads((run_dir / "eval" / "sft" / "report.json").read_text())
+    assert greedy_sft["settings"]["temperature"] == 0.0
+    assert greedy_sft["kl_separate_samples"] is False  # the SFT model's KL is 0: no second set is drawn
     assert igpt("compare", "ppo", "sft", *common, "--tie-margin", "100", "--overwrite").exit_code == 0
     report = json.loads((run_dir / "compare" / "ppo-vs-sft" / "report.json").read_text())
     assert (report["ties"], report["n"]) == (8, 8)  # a margin of 100 reward units: every pair a tie now

@@ -194,6 +194,10 @@ def run(cfg: DPOConfig, resume: bool = False, overwrite: bool = False, allow_cha
     # policy's log-probs would be noisy against the reference's (TRL's DPOTrainer disables it too)
     model_cfg = ModelConfig(**{**vars(cfg.model), "name": init, "dropout": 0.0})
     lora_cfg = LoraConfig(**{**vars(cfg.lora), "dropout": 0.0})
+    if cfg.model.dropout or (cfg.lora.enabled and cfg.lora.dropout):
+        say(f"dpo trains with dropout off (asked: --dropout {cfg.model.dropout:g}"
+            f"{f', --lora-dropout {cfg.lora.dropout:g}' if cfg.lora.enabled else ''}): its reference log-probs "
+            "are dropout-free, and the policy's must be comparable")
     tokenizer, source = load_tokenizer(model_cfg)
     stage = Stage(run_dir, STAGE)
     device = resolve_device(cfg.device)

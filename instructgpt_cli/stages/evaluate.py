@@ -116,12 +116,12 @@ def respond(cfg: EvalConfig, model, sft, rm, tokenizer, queries: list[list[int]]
     return Responses(responses, kls, scores, kl_responses)
 
 
-def kl_fields(cfg: EvalConfig, kl_t: float, kl_t_from: str) -> dict:
+def kl_fields(cfg: EvalConfig, kl_t: float, kl_t_from: str, separate: bool | None = None) -> dict:
     """report.json's labels of the KL to SFT beside ``settings.temperature`` (eval's samples): the temperature
     of its log-probs, where that came from, the temperature its samples were drawn at (the same, PPO's), and
     whether those are a second set (eval's temperature is another) rather than eval's own samples."""
     return {"kl_temperature": kl_t, "kl_temperature_from": kl_t_from, "kl_sampled_at": kl_t,
-            "kl_separate_samples": cfg.temperature != kl_t}
+            "kl_separate_samples": cfg.temperature != kl_t if separate is None else separate}
 
 
 def report_dir(run_dir: Path, name: str) -> Path:
@@ -179,7 +179,8 @@ def run(cfg: EvalConfig, as_json: bool = False, overwrite: bool = False) -> dict
     # the weights' hash, not the path, tells compare whether these samples are still the model's
     report = {"model": name, "model_path": str(path), "model_sha256": weights_sha256(path), "prompts": cfg.prompts,
               "settings": {"temperature": cfg.temperature, "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed},
-              **kl_fields(cfg, kl_t, kl_t_from), **summarise(scores, kls, lengths, eos)}
+              **kl_fields(cfg, kl_t, kl_t_from, kl_responses is not None),  # the SFT model: no second set
+              **summarise(scores, kls, lengths, eos)}
     if scores:  # the RM's length bias on these samples: score vs length in tokens (EOS excluded) and in words
         report["length_bias"] = length_bias(scores, [n - e for n, e in zip(lengths, eos)],
                                             [len(decode_response(tokenizer, r).split()) for r in responses])
