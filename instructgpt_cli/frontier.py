@@ -22,7 +22,7 @@ from .errors import BadInput
 from .presets import read_yaml
 from .rundir import (CHECKPOINT_PREFIX, STAGE_MODELS, complete_checkpoints, read_manifest, read_metrics,
                      require_whole_checkpoint, stage_model, stored_path)
-from .stats import t_quantile, win_rate
+from .stats import WIN_VALUE, t_quantile, win_rate
 from .storage import weights_sha256
 
 
@@ -191,9 +191,6 @@ def best(points: list[dict], key: str) -> str | None:
     """The label of the point with the highest ``key`` (the earliest of equal ones); None if none has it."""
     scored = [p for p in points if p.get(key) is not None]
     return max(scored, key=lambda p: p[key])["label"] if scored else None
-
-
-WIN_VALUE = {"A": 1.0, "tie": 0.5, "B": 0.0}  # a pairwise gold's verdict against the SFT response, as a number
 
 
 def gold_drop(points: list[dict], best_gold: str | None, best_proxy: str | None, values: dict[str, list],

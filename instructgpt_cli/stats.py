@@ -5,6 +5,7 @@ import math
 from statistics import NormalDist
 
 Z95 = 1.959963984540054  # two-sided 95% normal quantile
+WIN_VALUE = {"A": 1.0, "tie": 0.5, "B": 0.0}  # a pairwise verdict for A as a number: a tie is half a win
 
 
 def wilson_interval(p: float, n: float, z: float = Z95) -> tuple[float, float]:
@@ -48,7 +49,7 @@ def grouped_win_rate(winners: list[str], groups: list) -> dict:
     by: dict = {}
     for w, g in zip(winners, groups):
         won, n = by.get(g, (0.0, 0))
-        by[g] = (won + {"A": 1.0, "B": 0.0}.get(w, 0.5), n + 1)
+        by[g] = (won + WIN_VALUE[w], n + 1)
     r = clustered_rate([w for w, _ in by.values()], [n for _, n in by.values()])
     return {**out, "ci_low": r["ci_low"], "ci_high": r["ci_high"], "groups": r["clusters"],
             "ci_iid": [out["ci_low"], out["ci_high"]],

@@ -37,7 +37,7 @@ from ..report import number, score_text, temperature_lines
 from ..rollout import decode_response, generate
 from ..locks import claim
 from ..rundir import STAGE_MODELS, record
-from ..stats import grouped_win_rate, length_controlled_win_rate, win_rate
+from ..stats import WIN_VALUE, grouped_win_rate, length_controlled_win_rate, win_rate
 from ..storage import atomic_write_text, publish_set, sha256_file, weights_sha256
 
 
@@ -199,7 +199,7 @@ def length_control(judgments: list[dict], eos_id: int | None) -> dict:
     toks = {s: [tokens(j, s) for j in judgments] for s in "ab"}
     unit = "tokens" if None not in toks["a"] + toks["b"] else "words"
     lengths = toks if unit == "tokens" else words
-    labels = [{"A": 1.0, "B": 0.0}.get(j["winner"], 0.5) for j in judgments]
+    labels = [WIN_VALUE[j["winner"]] for j in judgments]
     lc = length_controlled_win_rate(labels, lengths["a"], lengths["b"])
     return {"length_controlled": {**lc, "length_unit": unit},
             "mean_length": {s: {"tokens": mean(toks[s]), "words": mean(words[s])} for s in "ab"}}
