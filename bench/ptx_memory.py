@@ -5,7 +5,7 @@ in a fresh subprocess): SmolLM2-135M's architecture (vocabulary 49152, hidden 57
 heads, intermediate 1536; random weights from a LlamaConfig, nothing downloaded), ``--batch`` pretraining
 blocks of ``--tokens`` tokens, forward and backward of gamma x the mean token loss. Variants:
 
-  chunked       igpt: ``ppo_step.ptx_backward``, micro-batches of ``--micro`` blocks, the LM head + cross-entropy in
+  chunked       igpt: ``ppo.ptx_backward``, micro-batches of ``--micro`` blocks, the LM head + cross-entropy in
                 chunks of rows (``losses.linear_cross_entropy_sum``)
   full          the same micro-batches, the loss on the model's full fp32 logits (before the chunking)
   full-whole    every block in one forward on full logits (igpt before micro-batching; needs the most memory)
@@ -34,15 +34,15 @@ def one_step(variant: str, layers: int, tokens: int, batch: int, micro: int, thr
     from transformers import LlamaConfig, LlamaForCausalLM
 
     sys.path.insert(0, str(REPO))
-    from instructgpt_cli import distributed
+    from instructgpt_cli.runners import Runner
     from instructgpt_cli.config import PPOConfig
     from instructgpt_cli.batches import IGNORE_INDEX, pad_right
     from instructgpt_cli.losses import lm_targets
-    from instructgpt_cli.stages import ppo_step
+    from instructgpt_cli.stages import ppo
     from instructgpt_cli.distributed import keep_freed_memory
 
     torch.set_num_threads(threads)
-    keep_freed_memory()  # as training runs (train.fit)
+    keep_freed_memory()  # as training runs (train.Session)
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=layers,
                          num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
@@ -51,11 +51,11 @@ def one_step(variant: str, layers: int, tokens: int, batch: int, micro: int, thr
     model = LlamaForCausalLM(config).train()
     blocks = torch.randint(3, 49152, (batch, tokens)).tolist()
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    policy = distributed.wrap(model, torch.device("cpu"))
+    policy = Runner(model, torch.device("cpu"))
     cfg = PPOConfig(ptx_coef=27.8, ptx_batch_size=batch, ptx_micro_batch_size=micro)
     t0 = time.perf_counter()
     if variant == "chunked":
-        loss = ppo_step.ptx_backward(policy, blocks, 0, cfg, 2, torch.device("cpu"))
+        loss = ppo.ptx_backward(policy, blocks, 0, cfg, 2, torch.device("cpu"))
     else:  # the model's logits (B, L, V), then the fp32 cross-entropy on all of them
         size = batch if variant == "full-whole" else micro
         n_total = batch * (tokens - 1)

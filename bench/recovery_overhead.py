@@ -1,9 +1,9 @@
 """What the failure-and-recovery guards (issue 18) cost a training step, against a tiny PPO iteration.
 
-Per step, `train.fit` now asks whether a stop signal came (`signals.stop_requested`, and
+Per step, `train.Session.record` asks whether a stop signal came (`signals.stop_requested`, and
 `distributed.agree`, a no-op in one process), each optimizer step checks its loss and gradient norm are
-finite (`train.applied`), and the metrics line gains `train/skipped_steps`. Per checkpoint: the weights
-are checked finite (`train.all_finite`) and every file is hashed into COMPLETED (`storage.seal_dir`). Per
+finite (`train.first_non_finite`), and the metrics line gains `train/skipped_steps`. Per checkpoint: the weights
+are checked finite (`checkpoint.all_finite`) and every file is hashed into COMPLETED (`storage.seal_dir`). Per
 stage: one lock (`locks.Lock`). This script times each on its own (a loop of 20,000 calls), and a tiny
 PPO iteration (igpt's tiny model, 8 prompts, 24 new tokens, 1 thread) from an in-process `igpt ppo` run's
 metrics, and prints the ratios.
@@ -53,7 +53,7 @@ def main() -> None:
     import torch
     from typer.testing import CliRunner
 
-    from instructgpt_cli import distributed, locks, signals, train
+    from instructgpt_cli import checkpoint, distributed, locks, signals, train
     from instructgpt_cli.cli import app
     from instructgpt_cli.rundir import read_metrics
     from instructgpt_cli.storage import seal_dir
@@ -84,23 +84,23 @@ def main() -> None:
     iteration = statistics.median(b - a for a, b in zip(elapsed[1:], elapsed[2:]))
     minibatches = 2  # 8 episodes / 4 per minibatch, 1 PPO epoch: optimizer steps per iteration
 
-    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
     record: dict = {}
+    state = train.TrainState(None, None, None)
     signal_check = per_call(lambda: distributed.agree(signals.stop_requested() or 0))
-    finite_check = per_call(lambda: train.applied(optimizer, {"loss": 1.0, "gradient norm": 2.0}))
-    metric = per_call(lambda: record.__setitem__("train/skipped_steps", train.Skips.total))
-    from instructgpt_cli.stages import ppo_step
+    finite_check = per_call(lambda: train.first_non_finite({"loss": 1.0, "gradient norm": 2.0}))
+    metric = per_call(lambda: record.__setitem__("train/skipped_steps", state.skipped))
+    from instructgpt_cli.stages import ppo
 
     t = torch.randn(8, 24)  # non_finite reads scores (8,), values and advantages (8, 24)
-    sc = ppo_step.Scored(t, t, torch.randn(8, 24), torch.randn(8), t, t, torch.randn(8, 24), t, None, None, {})
-    rollout_check = per_call(lambda: ppo_step.non_finite(sc), n=5_000)  # PPO: rewards, values, advantages finite
+    sc = ppo.Scored(t, t, torch.randn(8, 24), torch.randn(8), t, t, torch.randn(8, 24), t, None, None, {})
+    rollout_check = per_call(lambda: ppo.non_finite(sc), n=5_000)  # PPO: rewards, values, advantages finite
     per_iteration = signal_check + metric + minibatches * finite_check + rollout_check
 
     from transformers import AutoModelForCausalLM
 
     policy = AutoModelForCausalLM.from_pretrained(run / "ppo" / "final" / "policy")
     params = [p for p in policy.parameters()]
-    weights_check = per_call(lambda: train.all_finite(params), n=200)
+    weights_check = per_call(lambda: checkpoint.all_finite(params), n=200)
     ckpt = sorted((run / "ppo" / "checkpoints").iterdir())[-1]
     seal = per_call(lambda: seal_dir(ckpt), n=20)
 

@@ -1,4 +1,5 @@
-"""The ``igpt`` command line, built from the config dataclasses: options -> config -> stage.run().
+"""The ``igpt`` command line, built from the table of stages (stages.STAGES) and their config dataclasses:
+options -> config -> stage.run().
 
 A stage's flags are its config fields (config.py), each with the field's doc as help and its default shown.
 ``field_name`` is ``--field-name`` and a block's ``block.field_name`` is ``--block-field-name`` (``--lora-r``,
@@ -22,6 +23,8 @@ import typer.core
 from typing_extensions import Annotated
 
 from . import config as config_mod
+from .presets import resolve
+from .stages import STAGES, StageSpec
 
 app = typer.Typer(
     name="igpt",
@@ -52,12 +55,7 @@ def _top(version: Annotated[Optional[bool], typer.Option("--version", callback=_
 ALIASES = {"model.name": "--model", "model.dropout": "--dropout", "model.max_seq_len": "--max-seq-len",
            "model.gradient_checkpointing": "--gradient-checkpointing", "lora.enabled": "--lora",
            "optim.lr": "--lr", "optim.batch_size": "--batch-size", "optim.grad_accum": "--grad-accum"}
-ARGUMENTS = {"eval": ("model",), "compare": ("a", "b")}  # positional: igpt eval MODEL, igpt compare A B
-NO_FLAG = {"ppo": {"model.name"}}  # PPO's policy is --sft: it never reads model.name
 PANELS = {"model": "Model", "lora": "LoRA", "optim": "Optimizer"}  # --help groups a block's flags
-TRAINING = ("sft", "rm", "ppo", "dpo")  # run under torchrun / accelerate launch
-STAGE_MODULES = {"sft": "sft", "rm": "reward", "ppo": "ppo", "sample": "sample", "eval": "evaluate",
-                 "compare": "compare", "dpo": "dpo"}
 
 # Options that are no config field: how to run a stage, not what it computes. They go to its run().
 ConfigFile = Annotated[Optional[Path], typer.Option("--config", help="YAML preset; flags override it.")]
@@ -95,17 +93,17 @@ def help_text(doc: str, tp: Any, default: Any, flag: str) -> str:
     return text.replace("[", "\\[") if typer.core.HAS_RICH else text
 
 
-def config_parameters(stage: str) -> tuple[list[inspect.Parameter], dict[str, tuple[str, Any]]]:
-    """Typer parameters for a stage's config fields (positional ARGUMENTS first), and
+def config_parameters(stage: StageSpec) -> tuple[list[inspect.Parameter], dict[str, tuple[str, Any]]]:
+    """Typer parameters for a stage's config fields (its positional arguments first), and
     ``{parameter name: (dotted key, field type)}``."""
     params, keys = [], {}
-    for key, (tp, default, doc) in config_mod.flat_fields(config_mod.STAGE_CONFIGS[stage]()).items():
-        if key in NO_FLAG.get(stage, ()):
+    for key, (tp, default, doc) in config_mod.flat_fields(stage.config()).items():
+        if key in stage.unflagged:
             continue
         name, flag = key.replace(".", "__"), flag_name(key)
-        assert flag not in {flag_name(k) for k, _ in keys.values()}, f"{stage}: two fields are {flag}"
+        assert flag not in {flag_name(k) for k, _ in keys.values()}, f"{stage.name}: two fields are {flag}"
         text = help_text(doc, tp, default, flag)
-        if key in ARGUMENTS.get(stage, ()):
+        if key in stage.arguments:
             info = typer.Argument(help=text, show_default=False, metavar=key.upper())
         else:
             info = typer.Option(f"{flag}/--no-{flag[2:]}" if tp is bool else flag, help=text, show_default=False,
@@ -114,18 +112,18 @@ def config_parameters(stage: str) -> tuple[list[inspect.Parameter], dict[str, tu
         params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None,
                                         annotation=Annotated[Optional[cli_type], info]))
         keys[name] = (key, tp)
-    params.sort(key=lambda p: keys[p.name][0] not in ARGUMENTS.get(stage, ()))  # stable: field order kept
+    params.sort(key=lambda p: keys[p.name][0] not in stage.arguments)  # stable: field order kept
     return params, keys
 
 
-def stage_command(stage: str, name: str, doc: str) -> None:
-    """Register ``igpt NAME``: the stage's config fields as flags, then --config, --print-config and the
+def stage_command(stage: StageSpec) -> None:
+    """Register ``igpt COMMAND``: the stage's config fields as flags, then --config, --print-config and the
     stage's own options (TRAINING_OPTIONS, STAGE_OPTIONS), which run_stage hands to its run()."""
     params, keys = config_parameters(stage)
     options = {"config": (ConfigFile, None), "print_config": (PrintConfig, False),
-               **(TRAINING_OPTIONS if stage in TRAINING else STAGE_OPTIONS.get(stage, {}))}
+               **(TRAINING_OPTIONS if stage.training else STAGE_OPTIONS.get(stage.name, {}))}
     clash = sorted(set(options) & set(keys))
-    assert not clash, f"{stage}: config fields {clash} clash with the command's own options"
+    assert not clash, f"{stage.name}: config fields {clash} clash with the command's own options"
     params += [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=d, annotation=a)
                for n, (a, d) in options.items()]
 
@@ -136,13 +134,13 @@ def stage_command(stage: str, name: str, doc: str) -> None:
             if tp is list and value is not None:
                 value = [v.strip() for v in value.split(",") if v.strip()]
             overrides[key] = value
-        run_stage(stage, values.pop("config"), values.pop("print_config"), overrides, **values)
+        run_stage(stage.name, values.pop("config"), values.pop("print_config"), overrides, **values)
 
     command.__signature__ = inspect.Signature(params)  # typer reads the parameters from the signature
     command.__annotations__ = {p.name: p.annotation for p in params}
-    command.__name__ = name.replace("-", "_")
-    command.__doc__ = doc
-    app.command(name)(command)
+    command.__name__ = stage.command.replace("-", "_")
+    command.__doc__ = stage.help
+    app.command(stage.command)(command)
 
 
 def fail(messages: list[str], code: int = 2) -> None:
@@ -170,12 +168,12 @@ def run_stage(stage: str, config_file: Optional[Path], print_config: bool, overr
 
     status = "failed"
     try:
-        cfg = config_mod.resolve(stage, config_file, overrides, flag_name)
+        cfg = resolve(stage, config_file, overrides, flag_name)
         if print_config:
             typer.echo(config_mod.to_yaml(stage, cfg), nl=False)
             return
-        stage_module = importlib.import_module(f".stages.{STAGE_MODULES[stage]}", __package__)
-        if stage in TRAINING:
+        stage_module = importlib.import_module(STAGES[stage].module)
+        if STAGES[stage].training:
             from .distributed import launched
 
             with launched(cfg.device):
@@ -215,21 +213,12 @@ def interrupted(stage: str, e: Any) -> None:
     raise typer.Exit(e.code) from None
 
 
-stage_command("sft", "sft", "Step 1: supervised fine-tuning on demonstrations (loss on response tokens only).")
-stage_command("rm", "train-rm",
-              "Step 2: reward model from rankings of K responses per prompt (K-wise loss, reward normalised).")
-stage_command("ppo", "ppo", "Step 3: PPO against the reward model with a per-token KL penalty, and PPO-ptx.")
-stage_command("dpo", "dpo", "Step 2-3 without a reward model: DPO on the same rankings, K-wise (all C(K,2) pairs of a "
-              "prompt, K forwards), from the SFT model as policy and frozen reference.")
-stage_command("sample", "sample",
-              "Sample K responses per prompt for labelers to rank (the same seed gives the same samples).")
-stage_command("eval", "eval",
-              "Reward, KL to SFT, alignment tax and preference accuracy of a model; writes eval/NAME/report.json.")
-stage_command("compare", "compare",
-              "Win rate of A over B with a 95% confidence interval; writes compare/A-vs-B/ with report.html.")
+for spec in STAGES.values():
+    if spec.config is not None:
+        stage_command(spec)
 
 
-@app.command()
+@app.command(help=STAGES["label"].help)
 def label(
     samples: Annotated[str, typer.Argument(help="Samples JSONL from `igpt sample`: {prompt, responses}.")],
     out: Annotated[str, typer.Option("--out", help="Rankings JSONL to append to (train-rm reads it).")],
@@ -242,8 +231,6 @@ def label(
     tie_margin: Annotated[float, typer.Option("--tie-margin", help="score differences up to this are ties (the "
                                               "function's units; nats for a model judge)", min=0.0)] = 0.0,
 ) -> None:
-    """Rank sampled responses, by you in the terminal or by a judge (1 = best, ties allowed); resumes where it
-    stopped."""
     from .errors import BadInput
     from .judges import Settings
     from .stages import label as stage
@@ -259,7 +246,7 @@ def label(
         release_all()
 
 
-@app.command()
+@app.command(help=STAGES["status"].help)
 def status(
     run_dir: Annotated[Optional[Path], typer.Argument(help="Run directory [default: runs/default].",
                                                       show_default=False)] = None,
@@ -267,14 +254,13 @@ def status(
     as_json: Annotated[bool, typer.Option("--json", help="Print it as one JSON object on stdout (keys: README, "
                                                          "'Checking on a run').")] = False,
 ) -> None:
-    """Where a run stands: each stage's state, step, last metrics and outputs, and its lineage (read-only)."""
     from .errors import BadInput
     from .stages import status as stage
 
     if run_dir and run_dir_option and run_dir != run_dir_option:
         fail([f"RUN_DIR {run_dir} and --run-dir {run_dir_option}: give one"])
     try:
-        stage.run(run_dir or run_dir_option or Path(config_mod.SFTConfig().run_dir), as_json)
+        stage.run(run_dir or run_dir_option or Path(config_mod.RunBlock().run_dir), as_json)
     except BadInput as e:
         fail(e.messages)
 

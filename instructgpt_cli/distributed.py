@@ -13,9 +13,10 @@ world_size, and losses are normalised by counts of the *whole* step, which every
 DDP and FSDP average gradients over ranks; stages multiply their losses by the world size so that the
 average is the sum the single-process loss defines.
 
-Models are called through :class:`Apply`, a module whose forward is ``fn(model, *args)``: DDP and FSDP
-see every use of a model as one forward of the wrapped module, including uses that bypass
-``model.forward`` (the decoder alone with the LM head on selected positions, ``generate``).
+How a model is wrapped for several processes (DDP, FSDP2) and called is ``runners.Runner``'s. The
+transitional block below (:func:`wrap`, :func:`syncing`, :class:`Apply`) is that code as it was, for the stage
+code that has not moved to runners yet; it cannot hand out a ``Runner`` (runners imports this module), and goes
+once nothing calls it.
 """
 from __future__ import annotations
 
@@ -167,71 +168,6 @@ def seed_rank(seed: int) -> None:
     Called once the models are built, so initialisation is the same on every rank. No-op alone."""
     if world_size() > 1:
         torch.manual_seed(seed + 1_000_003 * rank())
-
-
-# ---------------------------------------------------------------- wrapping models
-
-
-class Apply(torch.nn.Module):
-    """``Apply(model)(fn, *args)`` is ``fn(model, *args)``, run as this module's forward (under bf16
-    autocast where that applies), so DDP and FSDP, which hook a module's forward, see it."""
-
-    def __init__(self, model: torch.nn.Module, autocast: torch.dtype | None = None):
-        super().__init__()
-        self.model = model
-        self.autocast = autocast
-
-    def forward(self, fn: Callable, *args: Any, **kwargs: Any) -> Any:
-        if self.autocast is None:
-            return fn(self.model, *args, **kwargs)
-        with torch.autocast("cuda", dtype=self.autocast):
-            return fn(self.model, *args, **kwargs)
-
-
-def autocast_dtype(model: torch.nn.Module, device: torch.device) -> torch.dtype | None:
-    """bf16 autocast for fp32 weights on GPUs that have bf16 (fp32 master weights, bf16 matmuls);
-    weights already in bf16 compute in bf16, and CPUs compute in fp32 (bf16 is slow there)."""
-    if device.type != "cuda" or not torch.cuda.is_bf16_supported():
-        return None
-    return torch.bfloat16 if next(model.parameters()).dtype == torch.float32 else None
-
-
-def wrap(model: torch.nn.Module, device: torch.device, fsdp: bool = False, trainable: bool = True) -> torch.nn.Module:
-    """The callable a stage runs ``model`` through: ``Apply(model)``, under several processes wrapped in
-    DDP (trainable models) or sharded with FSDP2 (``fsdp``: every transformer block, then the rest).
-    Build the optimizer after this (FSDP replaces the parameters with sharded ones)."""
-    run = Apply(model, autocast_dtype(model, device))
-    if world_size() == 1:
-        return run
-    if fsdp:
-        from torch.distributed.fsdp import fully_shard
-
-        blocks = {name for m in model.modules() for name in (getattr(m, "_no_split_modules", None) or [])}
-        for module in model.modules():
-            if type(module).__name__ in blocks:
-                fully_shard(module)
-        fully_shard(run)  # the root: embeddings, final norm and heads, gathered when run(...) is called
-        return run
-    if not trainable:
-        return run  # frozen models need no gradient reduction
-    from torch.nn.parallel import DistributedDataParallel
-
-    return DistributedDataParallel(run, device_ids=[device.index] if device.type == "cuda" else None,
-                                   forward_sync_buffers=False)  # no batch statistics to keep in step
-
-
-@contextlib.contextmanager
-def syncing(run: torch.nn.Module, sync: bool) -> Iterator[None]:
-    """Around one forward and its backward: DDP reduces gradients only when ``sync`` (the last micro-batch
-    of an optimizer step), so accumulation costs one all-reduce. FSDP reduce-scatters every backward:
-    it keeps gradients sharded, which is why one uses it."""
-    from torch.nn.parallel import DistributedDataParallel
-
-    if sync or not isinstance(run, DistributedDataParallel):
-        yield
-    else:
-        with run.no_sync():
-            yield
 
 
 def is_sharded(model: torch.nn.Module) -> bool:

@@ -103,17 +103,15 @@ def _adapted_weight(layer: Any, adapter: str) -> torch.Tensor:
 
 
 class ModelEMA:
-    """The EMA of ``model``'s weights as they act (:func:`averaged_weights`), ``decay`` per optimizer step of
-    ``optimizer`` (a step that was skipped for a non-finite value calls no ``optimizer.step()``, so it updates
-    nothing)."""
+    """The EMA of ``model``'s weights as they act (:func:`averaged_weights`), ``decay`` per :meth:`update`: PPO's
+    training state calls it after every optimizer step that was applied (``PPOState.after_optimizer_step``; a
+    step skipped for a non-finite value updates nothing)."""
 
-    def __init__(self, model: torch.nn.Module, decay: float, optimizer: torch.optim.Optimizer):
+    def __init__(self, model: torch.nn.Module, decay: float):
         self.averaged = averaged_weights(model)
         self.names = [a.name for a in self.averaged]
         self.decay = decay
         self.shadow = [a.weight().clone() for a in self.averaged]  # starts as the initial weights
-        # after every optimizer.step(): the policy's step (the same optimizer also steps the value model)
-        optimizer.register_step_post_hook(lambda *_: self.update())
 
     def update(self) -> None:
         ema_update(self.shadow, [a.weight() for a in self.averaged], self.decay)

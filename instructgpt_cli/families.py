@@ -23,7 +23,7 @@ class Family(NamedTuple):
     causal mask and rotary embeddings, runs its decoder layers and the final norm, doing nothing to the
     embeddings on the way in (Gemma scales them, Granite multiplies them), so the states entering layer k fed
     back as ``inputs_embeds`` to the layers from k up give the model's own output. ``lean``: igpt's lean
-    Llama forward (``lean.py``) may run it, where ``lean.supported`` finds transformers' own Llama classes."""
+    Llama forward (``lean.py``) may run it, where :func:`runs_lean` finds transformers' own Llama classes."""
 
     logits: tuple[tuple[str, str], ...] = ()
     packed: bool = False
@@ -149,8 +149,9 @@ def frozen_layers(model: Any) -> int:
 def runs_lean(model: Any) -> bool:
     """Whether ``model`` runs on the lean path: a family :data:`FAMILIES` marks ``lean``, whose stack's
     classes are exactly transformers' Llama ones, under SDPA attention, with rotary frequencies that do not
-    depend on the sequence's length (dynamic and LongRoPE scaling recompute them per call). Checked on every
-    call: wrapping (FSDP, peft) or configuration may change after a model was first used."""
+    depend on the sequence's length (dynamic and LongRoPE scaling recompute them per call). Asked once, when a
+    model's ``runners.Runner`` is built (``forward.choose``), after FSDP and peft wrapped it: both change the
+    answer."""
     from transformers.models.llama import modeling_llama as ml
 
     fam = family(model)

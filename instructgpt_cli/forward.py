@@ -1,15 +1,19 @@
-"""How a model is run: the one place that chooses between igpt's lean Llama forward (``lean.py``) and
-transformers' own, for every forward igpt makes outside ``model(...)`` itself: decoding (a :class:`Decoder`
-per model), the frozen trunk's states, PPO's response log-probs, values and scores, DPO's
-sequence log-probs, and the LM losses of
-SFT, PPO-ptx and eval, each with the LM head only where a loss or a log-prob is read."""
+"""How a model is run, on one of two paths with the same methods: :class:`LeanForward`, igpt's lean Llama forward
+(``lean.py``), and :class:`TransformersForward`, transformers' own, for every forward igpt makes: decoding (a
+:class:`Decoder` per batch of prompts), the frozen trunk's states, PPO's response log-probs, values and scores,
+DPO's sequence log-probs, and the LM losses of SFT, PPO-ptx and eval, each with the LM head only where a loss or a
+log-prob is read.
+
+Which path a model takes is chosen once, when its ``runners.Runner`` is built (:func:`choose`). The module-level
+functions below the two classes take a bare model and choose at each call: for tests and one-off calls, and the
+stage code that still calls ``run(fn, ...)``."""
 from __future__ import annotations
 
 import contextlib
 import functools
 import inspect
 import weakref
-from typing import Any, Iterator, Protocol
+from typing import Any, Iterator, Mapping, Protocol
 
 import torch
 from transformers.utils import logging as hf_logging
@@ -32,22 +36,6 @@ class Decoder(Protocol):
     def start(self) -> torch.Tensor: ...
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor: ...
-
-
-def decoder(model: Any, ids: torch.Tensor, mask: torch.Tensor, max_new: int) -> Decoder:
-    """The decoder for ``model``: the lean one (preallocated cache) where it runs, else transformers' forward
-    with its own KV cache."""
-    return (lean.Decoder if runs_lean(model) else CachedDecoder)(model, ids, mask, max_new)
-
-
-
-
-def forward_name(model: Any, lean_path: bool = True) -> str:
-    """Which forward runs ``model`` (a banner row): igpt's lean Llama forward where the stage takes it
-    (``lean_path``) and :func:`families.runs_lean` allows it, else transformers' forward of its class; and whether
-    layers checkpoint their activations."""
-    name = "igpt lean Llama" if lean_path and runs_lean(model) else f"transformers {type(unwrapped(model)).__name__}"
-    return name + (" (gradient checkpointing)" if checkpointing(model) else "")
 
 
 # model -> (the module holding its scalar head, the head's attribute name): found once, read on every forward
@@ -98,20 +86,11 @@ def only_layers(model: Any, start: int, stop: int | None, final_norm: bool = Tru
         stack.layers, stack.norm = layers, norm
 
 
-def trunk_states(model: Any, n_layers: int, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """The hidden states (B, L, H) that enter decoder layer ``n_layers`` of ``model`` (the output of the
-    frozen layers below it), positions skipping left padding as everywhere else."""
-
-    if runs_lean(model):
-        return lean.states(model, input_ids, attention_mask, stop=n_layers, final_norm=False)
-    with only_layers(model, 0, n_layers, final_norm=False):
-        return backbone(model)(input_ids=input_ids, **mask_inputs(attention_mask), use_cache=False).last_hidden_state
-
-
 def model_inputs(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                  trunk: tuple[int, torch.Tensor] | None = None) -> tuple[contextlib.AbstractContextManager, dict]:
     """(context, keyword arguments) for a forward of ``model`` on a batch: the whole model from the token
-    ids, or, with ``trunk = (k, trunk_states(model, k, ...))``, only its layers from k up on those states."""
+    ids, or, with ``trunk = (k, states entering layer k)`` (:meth:`Forward.trunk_states`), only its layers from k
+    up on those states."""
     inputs = {**mask_inputs(attention_mask), "use_cache": False}
     if trunk is None:
         return contextlib.nullcontext(), {"input_ids": input_ids, **inputs}
@@ -173,77 +152,6 @@ def forward_parameters(model: Any) -> frozenset[str]:
     return _parameters(type(unwrapped(model)))
 
 
-def response_log_softmax(model: Any, query_response: torch.Tensor, mask: torch.Tensor, context_len: int,
-                         temperature: float, trunk: tuple[int, torch.Tensor] | None = None) -> torch.Tensor:
-    """Log-probabilities (B, T, V) over the vocabulary at each response position of
-    ``query_response[:, context_len:]`` under ``model``, of logits / T (fp32).
-
-    Only the last T+1 positions go through the LM head (``logits_to_keep``): query positions never
-    compute full-vocabulary logits. ``trunk``: run only the layers above cached frozen ones
-    (:func:`model_inputs`)."""
-
-    n_response = query_response.size(1) - context_len
-    if runs_lean(model):
-        hidden = lean_states(model, query_response, mask, trunk)[:, context_len - 1:-1]
-        logits = lean.logits(model, hidden).float()
-    else:
-        ctx, inputs = model_inputs(model, query_response, mask, trunk)
-        with ctx:
-            logits = model(**inputs, logits_to_keep=n_response + 1).logits[:, :-1].float()
-    if temperature != 1.0:  # at T=1 the division is an identity: no op, no backward node
-        logits = logits / temperature
-    return torch.log_softmax(logits, dim=-1)
-
-
-def response_logprobs(model: Any, query_response: torch.Tensor, mask: torch.Tensor, context_len: int,
-                      temperature: float, with_entropy: bool = False, trunk: tuple[int, torch.Tensor] | None = None
-                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Log-probs (B, T) of the response tokens ``query_response[:, context_len:]`` under ``model`` at the
-    sampling temperature (logits / T, the distribution generation drew from), and optionally entropy
-    (:func:`response_log_softmax`)."""
-    logp = response_log_softmax(model, query_response, mask, context_len, temperature, trunk)
-    logprobs = logp.gather(-1, query_response[:, context_len:].unsqueeze(-1)).squeeze(-1)
-    entropy = None
-    if with_entropy:  # a statistic: no graph for it
-        with torch.no_grad():
-            entropy = -(logp.exp() * logp).sum(-1)
-    return logprobs, entropy
-
-
-def head_outputs(model: Any, query_response: torch.Tensor, mask: torch.Tensor,
-                 trunk: tuple[int, torch.Tensor] | None = None) -> torch.Tensor:
-    """The scalar head of a reward/value model at every position (B, L), normalisation bias added."""
-
-    if runs_lean(model):
-        out = scalar_head(model)(lean_states(model, query_response, mask, trunk))
-        return out[..., 0].float() + getattr(model.config, REWARD_BIAS, 0.0)
-    ctx, inputs = model_inputs(model, query_response, mask, trunk)
-    with ctx:
-        return scalar_head_outputs(model, **inputs)
-
-
-def lean_states(model: Any, query_response: torch.Tensor, mask: torch.Tensor,
-                trunk: tuple[int, torch.Tensor] | None) -> torch.Tensor:
-    """The final hidden states (B, L, H) on the lean path, from the tokens or from cached trunk states."""
-
-    if trunk is None:
-        return lean.states(model, query_response, mask)
-    return lean.states(model, None, mask, embeds=trunk[1], start=trunk[0])
-
-
-def token_values(model: Any, query_response: torch.Tensor, mask: torch.Tensor, context_len: int,
-                 trunk: tuple[int, torch.Tensor] | None = None) -> torch.Tensor:
-    """Per-token values (B, T): the head at the state before each response token."""
-    return head_outputs(model, query_response, mask, trunk)[:, context_len - 1:-1]
-
-
-def last_token_scores(model: Any, query_response: torch.Tensor, mask: torch.Tensor, context_len: int,
-                      lengths: torch.Tensor, trunk: tuple[int, torch.Tensor] | None = None) -> torch.Tensor:
-    """Reward-model scores (B,) read at each response's last real token (its EOS, when it has one)."""
-    out = head_outputs(model, query_response, mask, trunk)
-    return out[torch.arange(out.size(0), device=out.device), context_len + lengths - 1]
-
-
 def head_loss_sum(model: Any, hidden: torch.Tensor, targets: torch.Tensor, transform: Any = None) -> torch.Tensor:
     """Summed cross-entropy of the LM head's fp32 logits on final hidden states ``hidden`` (N, H) against
     ``targets`` (N,) (IGNORE_INDEX skipped), after the family's logit transform (``families.logit_transform``;
@@ -259,99 +167,299 @@ def head_loss_sum(model: Any, hidden: torch.Tensor, targets: torch.Tensor, trans
     return torch.nn.functional.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX, reduction="sum")
 
 
-def lm_loss_sum(model: Any, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed next-token cross-entropy over the real tokens of right-padded text ``ids``, ``mask`` (B, L), and
-    the number of predicted tokens: the LM loss of PPO-ptx and of eval's alignment tax. On the lean path the
-    head runs in chunks over the predicting positions only (:func:`head_loss_sum`); other models give their
-    own logits (B, L, V) (any soft-capping or scaling applied), one micro-batch's at a time."""
+Trunk = tuple[int, torch.Tensor]  # (k, the hidden states (B, L, H) entering decoder layer k): run only layers k up
 
-    targets = lm_targets(ids, mask)
-    selected = targets != IGNORE_INDEX
-    if runs_lean(model):
 
+class Forward:
+    """The forwards igpt makes of a model, on one path: a subclass gives the few that differ between igpt's lean
+    Llama forward and transformers' (decoding, hidden states, logits, the scalar head, the LM loss); the rest,
+    the arithmetic on their outputs, is here once. Stateless: one instance a path (:data:`LEAN`,
+    :data:`TRANSFORMERS`); every method takes the model first, so that ``runners.Runner`` can run it as the
+    wrapped module's forward."""
+
+    lean = False  # whether this is igpt's lean Llama forward (a banner's name, and what sampling can ask of it)
+
+    def name(self, model: Any) -> str:
+        """Which forward runs ``model`` (a banner row), and whether its layers checkpoint their activations."""
+        name = "igpt lean Llama" if self.lean else f"transformers {type(unwrapped(model)).__name__}"
+        return name + (" (gradient checkpointing)" if checkpointing(model) else "")
+
+    # -- what each path does its own way
+
+    def decoder(self, model: Any, ids: torch.Tensor, mask: torch.Tensor, max_new: int,
+                few_rows: Mapping[torch.nn.Module, int] | None = None) -> Decoder:
+        """A decoder of ``model`` after left-padded prompts ``ids``, ``mask`` (B, L), for up to ``max_new`` tokens;
+        ``few_rows``: layers whose few-row products it may compute itself (``lean.Decoder``)."""
+        raise NotImplementedError
+
+    def trunk_states(self, model: Any, n_layers: int, input_ids: torch.Tensor,
+                     attention_mask: torch.Tensor) -> torch.Tensor:
+        """The hidden states (B, L, H) that enter decoder layer ``n_layers`` of ``model`` (the output of the
+        frozen layers below it), positions skipping left padding as everywhere else."""
+        raise NotImplementedError
+
+    def final_states(self, model: Any, inputs: dict) -> torch.Tensor:
+        """The final hidden states (B, L, H) of ``model``'s backbone on ``inputs`` (``input_ids`` and any of
+        ``attention_mask``, ``position_ids``, ``use_cache``: padded or packed rows, or a 4-D boolean mask)."""
+        raise NotImplementedError
+
+    def response_logits(self, model: Any, query_response: torch.Tensor, mask: torch.Tensor, context_len: int,
+                        trunk: Trunk | None = None) -> torch.Tensor:
+        """fp32 logits (B, T, V) at the positions that predict the response tokens ``query_response[:, context_len:]``,
+        the LM head run at those positions only. ``trunk``: run only the layers above cached frozen ones."""
+        raise NotImplementedError
+
+    def head_outputs(self, model: Any, query_response: torch.Tensor, mask: torch.Tensor,
+                     trunk: Trunk | None = None) -> torch.Tensor:
+        """The scalar head of a reward/value model at every position (B, L), normalisation bias added."""
+        raise NotImplementedError
+
+    def lm_loss_sum(self, model: Any, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed next-token cross-entropy over the real tokens of right-padded text ``ids``, ``mask`` (B, L), and
+        the number of predicted tokens: the LM loss of PPO-ptx and of eval's alignment tax."""
+        raise NotImplementedError
+
+    def calls_linears(self, model: Any) -> bool:
+        """Whether this path's decoder calls each of ``model``'s linear layers itself, and so can compute their
+        few-row products on a CPU (``few_rows`` of :meth:`decoder`); where it does not, the calls are in code
+        igpt does not write."""
+        return False
+
+    def start_decoding(self, model: Any, ids: torch.Tensor, mask: torch.Tensor, max_new: int,
+                       few_rows: Mapping[torch.nn.Module, int] | None = None) -> tuple[Decoder, torch.Tensor]:
+        """A :meth:`decoder` of left-padded prompts ``ids``, ``mask`` (B, L) that has run them, and the logits
+        (B, V) of the first new token."""
+        stepper = self.decoder(model, ids, mask, max_new, few_rows)
+        return stepper, stepper.start()
+
+    # -- the same on both paths
+
+    def next_token_logits(self, model: Any, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The logits (B, V) of the token after left-padded prompts ``ids``, ``mask`` (B, L): the decoder's first
+        step, nothing generated (a judge's answer)."""
+        return self.decoder(model, ids, mask, 1).start()
+
+    def response_log_softmax(self, model: Any, query_response: torch.Tensor, mask: torch.Tensor, context_len: int,
+                             temperature: float, trunk: Trunk | None = None) -> torch.Tensor:
+        """Log-probabilities (B, T, V) over the vocabulary at each response position of
+        ``query_response[:, context_len:]`` under ``model``, of logits / T (fp32)."""
+        logits = self.response_logits(model, query_response, mask, context_len, trunk)
+        if temperature != 1.0:  # at T=1 the division is an identity: no op, no backward node
+            logits = logits / temperature
+        return torch.log_softmax(logits, dim=-1)
+
+    def response_logprobs(self, model: Any, query_response: torch.Tensor, mask: torch.Tensor, context_len: int,
+                          temperature: float, with_entropy: bool = False, trunk: Trunk | None = None
+                          ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Log-probs (B, T) of the response tokens ``query_response[:, context_len:]`` under ``model`` at the
+        sampling temperature (logits / T, the distribution generation drew from), and optionally entropy
+        (:meth:`response_log_softmax`)."""
+        logp = self.response_log_softmax(model, query_response, mask, context_len, temperature, trunk)
+        logprobs = logp.gather(-1, query_response[:, context_len:].unsqueeze(-1)).squeeze(-1)
+        entropy = None
+        if with_entropy:  # a statistic: no graph for it
+            with torch.no_grad():
+                entropy = -(logp.exp() * logp).sum(-1)
+        return logprobs, entropy
+
+    def token_values(self, model: Any, query_response: torch.Tensor, mask: torch.Tensor, context_len: int,
+                     trunk: Trunk | None = None) -> torch.Tensor:
+        """Per-token values (B, T): the head at the state before each response token."""
+        return self.head_outputs(model, query_response, mask, trunk)[:, context_len - 1:-1]
+
+    def last_token_scores(self, model: Any, query_response: torch.Tensor, mask: torch.Tensor, context_len: int,
+                          lengths: torch.Tensor, trunk: Trunk | None = None) -> torch.Tensor:
+        """Reward-model scores (B,) read at each response's last real token (its EOS, when it has one)."""
+        out = self.head_outputs(model, query_response, mask, trunk)
+        return out[torch.arange(out.size(0), device=out.device), context_len + lengths - 1]
+
+    def response_loss_sum(self, model: Any, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed response-token loss and its token count for a collated (padded or packed) batch.
+
+        The LM head (a vocabulary-wide matmul) runs only at positions that predict a response token, not
+        at prompt or padding positions, followed by the family's logit transform (scaling, soft-capping:
+        ``families.logit_transform``); a family igpt does not know takes the model's own forward.
+        """
+        # no KV cache in training (transformers would build one, and a cache also turns packing detection off)
+        inputs = {**{k: v for k, v in batch.items() if k != "labels"}, "use_cache": False}
+        transform = logit_transform(model)
+        if transform is None:
+            return sft_loss_sum(model(**inputs).logits, batch["labels"])
+        targets = batch["labels"][:, 1:]
+        selected = targets != IGNORE_INDEX
+        hidden = self.final_states(model, inputs)
+        # fp32 logits a chunk of rows at a time, in the backward too (:func:`head_loss_sum`)
+        return head_loss_sum(model, hidden[:, :-1][selected], targets[selected], transform), selected.sum()
+
+    def ranking_logprobs(self, model: Any, rankings: list[list[list[int]]], prompt_lens: list[int], pad_id: int,
+                         device: torch.device, shared: bool = False, packed: bool = False) -> torch.Tensor:
+        """Summed log-probs (N,) under ``model`` of every sequence's response tokens (those after its ranking's
+        prompt of ``prompt_lens[g]`` tokens), sequences in order: DPO's log pi(y | x). Each sequence runs once,
+        laid out as ``rewards.ranking_scores`` lays a ranking out for the reward model: with ``shared`` and where
+        it saves a tenth of the tokens, one row per ranking with its common beginning once, each response
+        attending to it and to itself (``batches.shared_rows``); else with ``packed`` where padding would waste a
+        tenth, one packed row; else right-padded rows. The LM head runs only at the states that predict a
+        response token (fp32 logits, the family's logit transform)."""
+        seqs = [s for r in rankings for s in r]
+        starts = [p for r, p in zip(rankings, prompt_lens) for _ in r]
+        inputs: dict[str, Any] = {"use_cache": False}
+        cols: list[list[int]] = []  # flat index (row * width + column) of every token of every sequence
+        if shared and pays_to_share(rankings):
+            rows = shared_rows(rankings, pad_id)
+            ids, width = rows.input_ids, rows.input_ids.size(1)
+            for g, r in enumerate(rankings):
+                p, own = common_prefix(r), g * width + common_prefix(r)
+                for s in r:
+                    cols.append([g * width + i for i in range(p)] + [own + i for i in range(len(s) - p)])
+                    own += len(s) - p
+            mask = shared_prefix_mask(rows.segments.to(device))
+            if model.config._attn_implementation == "eager":  # eager adds its mask to the scores (never lean: SDPA)
+                dtype = next(model.parameters()).dtype
+                mask = torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill_(~mask, torch.finfo(dtype).min)
+            inputs.update(attention_mask=mask, position_ids=rows.position_ids.to(device))
+        elif packed and pays_to_pack([len(s) for s in seqs]):
+            ids, positions = pack(seqs)
+            offsets = [0] + torch.tensor([len(s) for s in seqs]).cumsum(0).tolist()
+            cols = [[offsets[n] + i for i in range(len(s))] for n, s in enumerate(seqs)]
+            inputs.update(position_ids=positions.to(device))
+        else:
+            ids, mask = pad_right(seqs, pad_id)
+            cols = [[n * ids.size(1) + i for i in range(len(s))] for n, s in enumerate(seqs)]
+            inputs.update(mask_inputs(mask.to(device)))
+        ids = ids.to(device)
+        # token i of a sequence is predicted by the state at its token i - 1
+        where = [c[i - 1] for c, p, s in zip(cols, starts, seqs) for i in range(p, len(s))]
+        targets = torch.tensor([t for p, s in zip(starts, seqs) for t in s[p:]], device=device)
+        owner = torch.tensor([n for n, (p, s) in enumerate(zip(starts, seqs)) for _ in s[p:]], device=device)
+        where_t = torch.tensor(where, device=device)
+        transform = logit_transform(model)
+        if transform is None:  # a family igpt does not know: its own forward and logits
+            logits = model(input_ids=ids, **inputs).logits.flatten(0, 1).index_select(0, where_t)
+        else:
+            hidden = self.final_states(model, {"input_ids": ids, **inputs})
+            # index_select, not x[where_t]: a shared prompt's last state predicts the first token of each of its K
+            # responses, and the backward of advanced indexing adds such repeats on CPU threads in no fixed order
+            # (runs then differ in the last bits); index_select's backward adds them in index order
+            logits = transform(model.get_output_embeddings()(hidden.flatten(0, 1).index_select(0, where_t)))
+        logits = logits.float()
+        token_logps = logits.gather(1, targets[:, None])[:, 0] - torch.logsumexp(logits, -1)
+        return torch.zeros(len(seqs), dtype=token_logps.dtype, device=device).index_add(0, owner, token_logps)
+
+
+class LeanForward(Forward):
+    """igpt's lean Llama forward (``lean.py``), for the models :func:`families.runs_lean` admits: the same
+    numbers as transformers' forward with less Python around them, a decoder with a preallocated cache that
+    shares a repeated prompt's prefill, and the LM loss with its head run in chunks."""
+
+    lean = True
+
+    def decoder(self, model: Any, ids: torch.Tensor, mask: torch.Tensor, max_new: int,
+                few_rows: Mapping[torch.nn.Module, int] | None = None) -> Decoder:
+        return lean.Decoder(model, ids, mask, max_new, few_rows)
+
+    def trunk_states(self, model: Any, n_layers: int, input_ids: torch.Tensor,
+                     attention_mask: torch.Tensor) -> torch.Tensor:
+        return lean.states(model, input_ids, attention_mask, stop=n_layers, final_norm=False)
+
+    def calls_linears(self, model: Any) -> bool:
+        # except where peft's adapter layers wrap them (LoRA): peft's forward calls those
+        return not hasattr(model, "peft_config")
+
+    def start_decoding(self, model: Any, ids: torch.Tensor, mask: torch.Tensor, max_new: int,
+                       few_rows: Mapping[torch.nn.Module, int] | None = None) -> tuple[Decoder, torch.Tensor]:
+        # the same prompt K times (igpt sample): each distinct prompt runs once, then its cache is copied
+        shared = distinct_rows(ids, mask)
+        if shared is None:
+            return super().start_decoding(model, ids, mask, max_new, few_rows)
+        first, rows = shared
+        stepper = lean.Decoder(model, ids.index_select(0, first), mask.index_select(0, first), max_new, few_rows)
+        return stepper, stepper.repeat(rows, stepper.start())
+
+    def final_states(self, model: Any, inputs: dict) -> torch.Tensor:
+        return lean.states(model, inputs["input_ids"], inputs.get("attention_mask"),
+                           positions=inputs.get("position_ids"))
+
+    def _states(self, model: Any, query_response: torch.Tensor, mask: torch.Tensor,
+                trunk: Trunk | None) -> torch.Tensor:
+        """The final hidden states (B, L, H) from the tokens or from cached trunk states."""
+        if trunk is None:
+            return lean.states(model, query_response, mask)
+        return lean.states(model, None, mask, embeds=trunk[1], start=trunk[0])
+
+    def response_logits(self, model: Any, query_response: torch.Tensor, mask: torch.Tensor, context_len: int,
+                        trunk: Trunk | None = None) -> torch.Tensor:
+        hidden = self._states(model, query_response, mask, trunk)[:, context_len - 1:-1]
+        return lean.logits(model, hidden).float()
+
+    def head_outputs(self, model: Any, query_response: torch.Tensor, mask: torch.Tensor,
+                     trunk: Trunk | None = None) -> torch.Tensor:
+        out = scalar_head(model)(self._states(model, query_response, mask, trunk))
+        return out[..., 0].float() + getattr(model.config, REWARD_BIAS, 0.0)
+
+    def lm_loss_sum(self, model: Any, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # the head runs in chunks over the predicting positions only (:func:`head_loss_sum`)
+        targets = lm_targets(ids, mask)
+        selected = targets != IGNORE_INDEX
         hidden = lean.states(model, ids, mask)[:, :-1][selected]
         return head_loss_sum(model, hidden, targets[selected], logit_transform(model)), selected.sum()
-    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1]
-    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1),
-                                             ignore_index=IGNORE_INDEX, reduction="sum"), selected.sum()
 
 
-def response_loss_sum(model: Any, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed response-token loss and its token count for a collated (padded or packed) batch.
+class TransformersForward(Forward):
+    """transformers' own forward of the model's class, for any model: the backbone cut at a layer
+    (:func:`only_layers`) for the trunk, the head's output read with a hook, the model's KV cache for decoding."""
 
-    The LM head (a vocabulary-wide matmul) runs only at positions that predict a response token, not
-    at prompt or padding positions, followed by the family's logit transform (scaling, soft-capping:
-    ``families.logit_transform``); a family igpt does not know takes the model's own forward.
-    """
-    # no KV cache in training (transformers would build one, and a cache also turns packing detection off)
-    inputs = {**{k: v for k, v in batch.items() if k != "labels"}, "use_cache": False}
-    transform = logit_transform(model)
-    if transform is None:
-        return sft_loss_sum(model(**inputs).logits, batch["labels"])
-    targets = batch["labels"][:, 1:]
-    selected = targets != IGNORE_INDEX
-    if runs_lean(model):
-        hidden = lean.states(model, batch["input_ids"], batch.get("attention_mask"),
-                             positions=batch.get("position_ids"))
-    else:
-        hidden = model.get_decoder()(**inputs).last_hidden_state
-    # fp32 logits a chunk of rows at a time, in the backward too (:func:`head_loss_sum`)
-    return head_loss_sum(model, hidden[:, :-1][selected], targets[selected], transform), selected.sum()
+    def decoder(self, model: Any, ids: torch.Tensor, mask: torch.Tensor, max_new: int,
+                few_rows: Mapping[torch.nn.Module, int] | None = None) -> Decoder:
+        return CachedDecoder(model, ids, mask, max_new)  # transformers calls the layers: ``few_rows`` not its to use
+
+    def trunk_states(self, model: Any, n_layers: int, input_ids: torch.Tensor,
+                     attention_mask: torch.Tensor) -> torch.Tensor:
+        with only_layers(model, 0, n_layers, final_norm=False):
+            return backbone(model)(input_ids=input_ids, **mask_inputs(attention_mask),
+                                   use_cache=False).last_hidden_state
+
+    def final_states(self, model: Any, inputs: dict) -> torch.Tensor:
+        return backbone(model)(**inputs).last_hidden_state
+
+    def response_logits(self, model: Any, query_response: torch.Tensor, mask: torch.Tensor, context_len: int,
+                        trunk: Trunk | None = None) -> torch.Tensor:
+        n_response = query_response.size(1) - context_len  # only the last T+1 positions go through the LM head
+        ctx, inputs = model_inputs(model, query_response, mask, trunk)
+        with ctx:
+            return model(**inputs, logits_to_keep=n_response + 1).logits[:, :-1].float()
+
+    def head_outputs(self, model: Any, query_response: torch.Tensor, mask: torch.Tensor,
+                     trunk: Trunk | None = None) -> torch.Tensor:
+        ctx, inputs = model_inputs(model, query_response, mask, trunk)
+        with ctx:
+            return scalar_head_outputs(model, **inputs)
+
+    def lm_loss_sum(self, model: Any, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # the model's own logits (B, L, V) (any soft-capping or scaling applied), one micro-batch's at a time
+        targets = lm_targets(ids, mask)
+        selected = targets != IGNORE_INDEX
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1]
+        return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1),
+                                                 ignore_index=IGNORE_INDEX, reduction="sum"), selected.sum()
 
 
-def ranking_logprobs(model: Any, rankings: list[list[list[int]]], prompt_lens: list[int], pad_id: int,
-                     device: torch.device, shared: bool = False, packed: bool = False) -> torch.Tensor:
-    """Summed log-probs (N,) under ``model`` of every sequence's response tokens (those after its ranking's
-    prompt of ``prompt_lens[g]`` tokens), sequences in order: DPO's log pi(y | x). Each sequence runs once,
-    laid out as ``rewards.ranking_scores`` lays a ranking out for the reward model: with ``shared`` and where
-    it saves a tenth of the tokens, one row per ranking with its common beginning once, each response
-    attending to it and to itself (``batches.shared_rows``); else with ``packed`` where padding would waste a
-    tenth, one packed row; else right-padded rows. The LM head runs only at the states that predict a
-    response token (fp32 logits, the family's logit transform)."""
-    seqs = [s for r in rankings for s in r]
-    starts = [p for r, p in zip(rankings, prompt_lens) for _ in r]
-    inputs: dict[str, Any] = {"use_cache": False}
-    cols: list[list[int]] = []  # flat index (row * width + column) of every token of every sequence
-    if shared and pays_to_share(rankings):
-        rows = shared_rows(rankings, pad_id)
-        ids, width = rows.input_ids, rows.input_ids.size(1)
-        for g, r in enumerate(rankings):
-            p, own = common_prefix(r), g * width + common_prefix(r)
-            for s in r:
-                cols.append([g * width + i for i in range(p)] + [own + i for i in range(len(s) - p)])
-                own += len(s) - p
-        mask = shared_prefix_mask(rows.segments.to(device))
-        if not runs_lean(model) and model.config._attn_implementation == "eager":  # eager adds its mask to scores
-            dtype = next(model.parameters()).dtype
-            mask = torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill_(~mask, torch.finfo(dtype).min)
-        inputs.update(attention_mask=mask, position_ids=rows.position_ids.to(device))
-    elif packed and pays_to_pack([len(s) for s in seqs]):
-        ids, positions = pack(seqs)
-        offsets = [0] + torch.tensor([len(s) for s in seqs]).cumsum(0).tolist()
-        cols = [[offsets[n] + i for i in range(len(s))] for n, s in enumerate(seqs)]
-        inputs.update(position_ids=positions.to(device))
-    else:
-        ids, mask = pad_right(seqs, pad_id)
-        cols = [[n * ids.size(1) + i for i in range(len(s))] for n, s in enumerate(seqs)]
-        inputs.update(mask_inputs(mask.to(device)))
-    ids = ids.to(device)
-    # token i of a sequence is predicted by the state at its token i - 1
-    where = [c[i - 1] for c, p, s in zip(cols, starts, seqs) for i in range(p, len(s))]
-    targets = torch.tensor([t for p, s in zip(starts, seqs) for t in s[p:]], device=device)
-    owner = torch.tensor([n for n, (p, s) in enumerate(zip(starts, seqs)) for _ in s[p:]], device=device)
-    where_t = torch.tensor(where, device=device)
-    transform = logit_transform(model)
-    if transform is None:  # a family igpt does not know: its own forward and logits
-        logits = model(input_ids=ids, **inputs).logits.flatten(0, 1).index_select(0, where_t)
-    else:
-        if runs_lean(model):
-            hidden = lean.states(model, ids, inputs.get("attention_mask"), positions=inputs.get("position_ids"))
-        else:
-            hidden = backbone(model)(input_ids=ids, **inputs).last_hidden_state
-        # index_select, not x[where_t]: a shared prompt's last state predicts the first token of each of its K
-        # responses, and the backward of advanced indexing adds such repeats on CPU threads in no fixed order
-        # (runs then differ in the last bits); index_select's backward adds them in index order
-        logits = transform(model.get_output_embeddings()(hidden.flatten(0, 1).index_select(0, where_t)))
-    logits = logits.float()
-    token_logps = logits.gather(1, targets[:, None])[:, 0] - torch.logsumexp(logits, -1)
-    return torch.zeros(len(seqs), dtype=token_logps.dtype, device=device).index_add(0, owner, token_logps)
+LEAN, TRANSFORMERS = LeanForward(), TransformersForward()
+
+
+def distinct_rows(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """For a batch whose rows repeat: (the first row of each distinct (ids, mask) row (U,), and which of
+    them each row is (B,)); None when every row is distinct."""
+    seen: dict[tuple, int] = {}
+    rows = [seen.setdefault((tuple(r), tuple(m)), len(seen)) for r, m in zip(ids.tolist(), mask.tolist())]
+    if len(seen) == len(rows):
+        return None
+    first = [0] * len(seen)
+    for i in reversed(range(len(rows))):
+        first[rows[i]] = i
+    return torch.tensor(first, device=ids.device), torch.tensor(rows, device=ids.device)
+
+
+def choose(model: Any) -> Forward:
+    """The path ``model`` runs on: the lean one where :func:`families.runs_lean` admits it, else transformers'.
+    Asked when a runner is built, after FSDP sharded the model and peft wrapped it (both change the answer)."""
+    return LEAN if runs_lean(model) else TRANSFORMERS

@@ -47,7 +47,7 @@ class PPORun(NamedTuple):
 
 
 def ppo_run(run_dir: Path, spec: str, named: str | None = None) -> PPORun:
-    """The frontier's points of ``run_dir``'s PPO stage for ``--checkpoints spec`` (presets.CHECKPOINTS_SPEC), oldest
+    """The frontier's points of ``run_dir``'s PPO stage for ``--checkpoints spec`` (config.CHECKPOINTS_SPEC), oldest
     first, the SFT model first. BadInput, naming them as the user did (``named``, default ``--checkpoints SPEC``),
     when the run has no PPO stage, a listed step has no complete checkpoint, or there is no checkpoint at all."""
     from .config import LoraConfig

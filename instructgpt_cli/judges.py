@@ -32,7 +32,7 @@ import torch
 from . import tui
 from .batches import pad_left
 from .errors import BadInput
-from .presets import JUDGE_FORMS, JUDGE_SPEC
+from .config import JUDGE_FORMS, JUDGE_SPEC
 
 SKIP, QUIT = "s", tui.QUIT  # what a human judge's rank() may return instead of ranks
 
@@ -106,9 +106,11 @@ class RMJudge:
         from .config import ModelConfig
         from .models import load_model
         from .rollout import score_responses
+        from .runners import Runner
 
         s, tok = self.settings, self.tokenizer
-        rm = load_model(ModelConfig(name=str(self.path), dtype=s.dtype), tok, self.path, self.device, s.seed, "reward")
+        rm = Runner.for_eval(load_model(ModelConfig(name=str(self.path), dtype=s.dtype), tok, self.path, self.device,
+                                        s.seed, "reward"))
         sa = score_responses(rm, tok, self.queries, [p["a_ids"] for p in pairs], s.batch_size).tolist()
         sb = score_responses(rm, tok, self.queries, [p["b_ids"] for p in pairs], s.batch_size).tolist()
         return [{"index": i, **p, "score_a": a, "score_b": b, "winner": winner(a, b, s.tie_margin), "judge": "rm"}
@@ -185,14 +187,10 @@ def both_orders(margin_first: float, margin_second: float, tie_margin: float) ->
     return "first" if verdicts == (1, 2) else "second" if verdicts == (2, 1) else "tie"
 
 
-def answer_logits(model: Any, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """The logits (B, V) of the next token after left-padded prompts ``ids``, ``mask`` (B, L): the decoder's
-    first step (``forward.decoder``, the lean path where it runs); nothing is generated."""
-    from .distributed import no_autograd
-    from .forward import decoder
-
-    with no_autograd():
-        return decoder(model, ids, mask, 1).start().float()
+def answer_logits(judge: Any, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The logits (B, V) of the next token after left-padded prompts ``ids``, ``mask`` (B, L) under the judge's
+    ``runners.Runner``: its decoder's first step (``Runner.next_token_logits``); nothing is generated."""
+    return judge.next_token_logits(ids, mask).float()
 
 
 class ModelJudge:
@@ -215,7 +213,7 @@ class ModelJudge:
         self.templated = bool(self.tokenizer.chat_template)  # before anything gives it one
         ensure_pad_token(self.tokenizer)
         self.ones, self.twos = self.answer_ids("1"), self.answer_ids("2")
-        self.model = None
+        self.runner = None  # the judge model's runners.Runner, loaded at its first question
 
     def answer_ids(self, digit: str) -> list[int]:
         ids = [t[0] for form in (digit, " " + digit)
@@ -238,6 +236,7 @@ class ModelJudge:
         from .config import ModelConfig
         from .distributed import resolve_device
         from .models import load_model, position_limit
+        from .runners import Runner
 
         s = self.settings
         seqs = [self.render(*t) for t in triples]
@@ -245,14 +244,14 @@ class ModelJudge:
         if limit and seqs and max(map(len, seqs)) > limit:
             raise BadInput([f"--judge {self.spec}: a prompt with its two responses is {max(map(len, seqs))} tokens, "
                             f"longer than the judge's context of {limit}"])
-        if self.model is None:
-            self.model = load_model(ModelConfig(name=str(self.path), dtype=s.dtype), self.tokenizer, self.path,
-                                    resolve_device(s.device), s.seed).eval()
-        device = next(self.model.parameters()).device
+        if self.runner is None:
+            self.runner = Runner.for_eval(load_model(ModelConfig(name=str(self.path), dtype=s.dtype), self.tokenizer,
+                                                     self.path, resolve_device(s.device), s.seed).eval())
+        device = self.runner.device
         out: list[float] = []
         for start in range(0, len(seqs), s.batch_size):
             ids, mask = pad_left(seqs[start:start + s.batch_size], self.tokenizer.pad_token_id)
-            logits = answer_logits(self.model, ids.to(device), mask.to(device))
+            logits = answer_logits(self.runner, ids.to(device), mask.to(device))
             out += answer_margin(logits, self.ones, self.twos).cpu().tolist()
         return out
 

@@ -8,19 +8,21 @@ results are the same numbers (tests/test_lean.py compares outputs and gradients)
 (padded or packed rows); one packed row attends sequence by sequence (causal attention within each) instead
 of under a block-diagonal mask.
 
-What runs is the model's own modules (embedding, projections, MLP, norms, rotary embedding, heads), so
+What runs is the model's own modules (embedding, projections, norms, activation, rotary embedding, heads), so
 LoRA adapters, their disabling, and any head work as in ``model(...)``; only the order of calls is ours.
 :func:`families.runs_lean` says where that holds: the families ``families.FAMILIES`` marks ``lean``, with transformers'
 Llama classes exactly (a subclass, as FSDP makes of a sharded layer, may hook its calls), SDPA attention.
-Everything else takes transformers' forward. Gradient checkpointing, where transformers' layers have it
-switched on, is done here as they do it (:func:`states`).
+Everything else takes transformers' forward (``forward.py`` holds both paths; a ``runners.Runner`` picks one
+when it is built). Gradient checkpointing, where transformers' layers have it switched on, is done here as they
+do it (:func:`states`).
 
 Sampling keeps its own cache: keys and values of every layer in preallocated tensors, written in place
-at each step (:class:`Decoder`).
+at each step (:class:`Decoder`). On a CPU it computes a decoding step's products with large layers itself,
+as (W @ x.T).T (:func:`few_row_product`).
 """
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, Callable, Mapping, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -106,16 +108,27 @@ def _attention(attn: torch.nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch
                                           scale=attn.scaling, enable_gqa=q.size(1) != k.size(1))
 
 
-def _qkv(attn: torch.nn.Module, x: torch.Tensor, ctx: Context) -> tuple[torch.Tensor, ...]:
+def _call(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return layer(x)
+
+
+# How a forward applies a layer (a projection, the MLP) to an input: the layer's own call, or the decoder's on a CPU
+# (:meth:`Decoder.linear`).
+LayerCall = Callable[[torch.nn.Module, torch.Tensor], torch.Tensor]
+
+
+def _qkv(attn: torch.nn.Module, x: torch.Tensor, ctx: Context, linear: LayerCall = _call) -> tuple[torch.Tensor, ...]:
     shape = (*ctx.shape, -1, attn.head_dim)
-    q, k, v = (proj(x).view(shape).transpose(1, 2) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
+    q, k, v = (linear(proj, x).view(shape).transpose(1, 2) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
     return _rotate(q, ctx.cos, ctx.sin), _rotate(k, ctx.cos, ctx.sin), v
 
 
-def _finish(layer: torch.nn.Module, hidden: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """The attention output (B, H, L, D) projected and added to ``hidden`` (B * L, H), then the MLP block."""
-    hidden = hidden + layer.self_attn.o_proj(out.transpose(1, 2).reshape(hidden.size(0), -1))
-    return hidden + layer.mlp(_norm(layer.post_attention_layernorm, hidden))
+def _finish(layer: torch.nn.Module, hidden: torch.Tensor, out: torch.Tensor, linear: LayerCall = _call,
+            mlp: LayerCall = _call) -> torch.Tensor:
+    """The attention output (B, H, L, D) projected and added to ``hidden`` (B * L, H), then the MLP block;
+    ``linear`` applies the projection and ``mlp`` the MLP."""
+    hidden = hidden + linear(layer.self_attn.o_proj, out.transpose(1, 2).reshape(hidden.size(0), -1))
+    return hidden + mlp(layer.mlp, _norm(layer.post_attention_layernorm, hidden))
 
 
 def layer_forward(layer: torch.nn.Module, hidden: torch.Tensor, ctx: Context) -> torch.Tensor:
@@ -161,14 +174,28 @@ def logits(model: Any, hidden: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------- decoding with a preallocated cache
 
 
+def few_row_product(layer: torch.nn.Linear, x: torch.Tensor, rows: int) -> torch.Tensor:
+    """``layer(x)``, computed as ``(W @ x.T).T`` where ``x`` has at most ``rows`` rows (a decoding step: one token
+    per sequence): on CPUs torch's ``linear`` (x @ W.T) runs such near-vector products far below memory bandwidth
+    (figures: bench/README.md). The same product in another summation order; more rows take ``linear``."""
+    if x.numel() > rows * x.shape[-1]:
+        return F.linear(x, layer.weight, layer.bias)
+    out = (layer.weight @ x.reshape(-1, x.shape[-1]).t()).t().reshape(*x.shape[:-1], layer.weight.shape[0])
+    return out if layer.bias is None else out + layer.bias
+
+
 class Decoder:
     """Token-by-token logits of a :func:`families.runs_lean` model after left-padded prompts ``ids`` (B, L) with
     ``mask``: :meth:`start` runs the prompts, each :meth:`step` one new token per row. Keys and values of
     every layer live in tensors sized for prompt + ``max_new`` tokens, written in place (transformers'
-    dynamic cache concatenates at every step)."""
+    dynamic cache concatenates at every step). ``few_rows``: linear layers (projections, LM head) whose
+    products of a few rows it computes as :func:`few_row_product`, each with its most rows (``rollout.few_row_layers``
+    chooses them on a CPU); the others are called as they are."""
 
-    def __init__(self, model: Any, ids: torch.Tensor, mask: torch.Tensor, max_new: int):
+    def __init__(self, model: Any, ids: torch.Tensor, mask: torch.Tensor, max_new: int,
+                 few_rows: Mapping[torch.nn.Module, int] | None = None):
         self.model, self.stack = model, backbone(model)
+        self.few_rows = few_rows or {}
         rows, width = ids.shape
         self.size = width + max_new
         self.keys: list[torch.Tensor] = []  # allocated at the first step, in the dtype the keys come in (autocast)
@@ -181,20 +208,33 @@ class Decoder:
         steps = torch.arange(1, max_new + 1, device=ids.device)
         self.cos, self.sin = rotary(self.stack, self.stack.embed_tokens.weight, position_ids(mask)[:, -1:] + steps)
 
+    def linear(self, layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """``layer(x)``, as :func:`few_row_product` for the layers of ``few_rows`` (not called then: hooks on them
+        do not run)."""
+        rows = self.few_rows.get(layer)
+        return layer(x) if rows is None else few_row_product(layer, x, rows)
+
+    def mlp(self, mlp: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """``mlp(x)``; where ``few_rows`` holds one of its projections, ``LlamaMLP.forward`` op for op, each
+        projection by :meth:`linear`."""
+        if not any(p in self.few_rows for p in (mlp.gate_proj, mlp.up_proj, mlp.down_proj)):
+            return mlp(x)
+        return self.linear(mlp.down_proj, mlp.act_fn(self.linear(mlp.gate_proj, x)) * self.linear(mlp.up_proj, x))
+
     def _run(self, hidden: torch.Tensor, ctx: Context) -> torch.Tensor:
         start, stop = self.length, self.length + ctx.shape[1]
         for i, layer in enumerate(self.stack.layers):
-            q, k, v = _qkv(layer.self_attn, _norm(layer.input_layernorm, hidden), ctx)
+            q, k, v = _qkv(layer.self_attn, _norm(layer.input_layernorm, hidden), ctx, self.linear)
             if len(self.keys) == i:
                 self.keys.append(k.new_empty(*k.shape[:2], self.size, k.size(-1)))
                 self.values.append(v.new_empty(*v.shape[:2], self.size, v.size(-1)))
             keys, values = self.keys[i], self.values[i]
             keys[:, :, start:stop], values[:, :, start:stop] = k, v
             out = _attention(layer.self_attn, q, keys[:, :, :stop], values[:, :, :stop], ctx.mask)
-            hidden = _finish(layer, hidden, out)
+            hidden = _finish(layer, hidden, out, self.linear, self.mlp)
         self.length = stop
         last = hidden.view(*ctx.shape, -1)[:, -1]
-        return logits(self.model, _norm(self.stack.norm, last))
+        return logit_transform(self.model)(self.linear(lm_head(self.model), _norm(self.stack.norm, last)))
 
     def start(self) -> torch.Tensor:
         """Logits (B, V) for the first new token."""

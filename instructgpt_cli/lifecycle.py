@@ -17,7 +17,7 @@ from . import config as config_mod
 from . import distributed, locks, signals, trackers
 from .console import say
 from .errors import BadInput, Interrupted
-from .presets import read_yaml
+from .presets import saved_config
 from .rundir import (Stage, check_stage, checkpoint_name, mark_stale, read_manifest, start_stage_dir,
                      update_manifest)
 from .storage import atomic_write_text, now, weights_sha256
@@ -66,14 +66,10 @@ def resume_changes(stage: Stage, cfg: Any, inputs: dict) -> list[dict]:
     ``{setting, was, now, free}`` each. ``free`` settings (config.FREE_ON_RESUME) decide when to save,
     evaluate and stop or where to run, not what a step computes. Inputs are compared by content (sha256),
     so a data file moved elsewhere is no change; a file path setting is compared through its input."""
-    import yaml
-
     changes: list[dict] = []
-    try:
-        recorded = (read_yaml((stage.dir / "config.yaml").read_text(encoding="utf-8")) or {}).get(stage.name, {})
-    except (OSError, yaml.YAMLError):
-        recorded = {}
-    old, new = _flatten(recorded), _flatten(config_mod.to_dict(config_mod.absolute_paths(cfg)))
+    recorded = saved_config(stage.dir)
+    old = _flatten(config_mod.to_dict(recorded)) if recorded is not None else {}
+    new = _flatten(config_mod.to_dict(config_mod.absolute_paths(cfg)))
     for key in sorted(set(old) | set(new)):
         if key in config_mod.INPUT_SETTINGS or old.get(key) == new.get(key):
             continue

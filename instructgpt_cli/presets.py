@@ -1,6 +1,6 @@
 """Reading a stage's config: its section of a YAML preset (``--config``), merged with the flags given, built
-into the stage's dataclass with every value type-checked and range-checked; every problem names the file and
-key. Torch is not imported here."""
+into the stage's dataclass (stages.STAGES says which) with every value type-checked and range-checked by its
+field's rule (config.py); every problem names the file and key, or the flag. Torch is not imported here."""
 from __future__ import annotations
 
 import copy
@@ -9,116 +9,67 @@ import re
 import types
 import typing
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
+from .config import problems
 from .errors import BadInput
-
-# Sections a preset file may hold; a stage reads only its own.
-SECTIONS = ("sft", "rm", "ppo", "sample", "eval", "compare", "dpo")
+from .stages import STAGES
 
 
-DTYPES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
+def sections() -> tuple[str, ...]:
+    """The sections a preset file may hold: one per command with a config; a stage reads only its own."""
+    return tuple(name for name, stage in STAGES.items() if stage.config is not None)
 
 
-SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
-              "inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay")
+def resolve(stage: str, config_file: str | Path | None, overrides: dict[str, Any],
+            flag_of: Callable[[str], str] | None = None) -> Any:
+    """Defaults < ``config_file``'s section for ``stage`` < ``overrides`` (dotted keys; None = not given).
+
+    Every section of the file is checked now (unknown keys, types, ranges), not when its stage runs, and
+    every error names where the bad value came from: ``FILE: stage.key`` for the file, the flag
+    (``flag_of(key)``, e.g. ``--k``) for a value given on the command line."""
+    file_sections = load_preset(config_file) if config_file else {}
+    errors: list[str] = []
+    for name, section in file_sections.items():
+        if name != stage:
+            try:
+                other = build(STAGES[name].config, section, f"{config_file}: {name}")
+                errors += [f"{config_file}: {name}.{key}: {why}" for key, why in problems(other)]
+            except BadInput as e:
+                errors += e.messages
+    given = {k: v for k, v in overrides.items() if v is not None}
+    try:
+        cfg = build(STAGES[stage].config, merge(file_sections.get(stage, {}), nest(given)),
+                    f"{config_file}: {stage}" if config_file else stage)
+    except BadInput as e:
+        raise BadInput(e.messages + errors) from None
+
+    def source(key: str) -> str:
+        if key in given:
+            return f"{flag_of(key)} ({stage}.{key})" if flag_of else f"{stage}.{key} (command line)"
+        return f"{config_file}: {stage}.{key}" if config_file else f"{stage}.{key}"
+
+    errors = [f"{source(key)}: {why}" for key, why in problems(cfg)] + errors
+    if errors:
+        raise BadInput(errors)
+    return cfg
 
 
-# compare's and label's --judge (judges.py): rm, human, model:PATH or python:MODULE:FUNCTION
-JUDGE_SPEC = re.compile(r"rm|human|model:.+|python:[A-Za-z_][\w.]*:[A-Za-z_]\w*")
-JUDGE_FORMS = "must be rm, human, model:PATH or python:MODULE:FUNCTION"
-# eval's --checkpoints (the frontier of a PPO run) and its --gold judge (frontier.py)
-CHECKPOINTS_SPEC = re.compile(r"all|\d+(,\d+)*")
-CHECKPOINTS_FORMS = "must be '' (the model only), all, or a comma-separated list of PPO steps (10,20,40)"
-GOLD_SPEC = re.compile(r"model:.+|python:[A-Za-z_][\w.]*:[A-Za-z_]\w*")
-GOLD_FORMS = "must be model:PATH or python:MODULE:FUNCTION (a second reward model is --gold-rm PATH)"
-
-
-# igpt's record fields a dataset column may be renamed to (``--columns FIELD=COLUMN``).
-COLUMN_FIELDS = ("prompt", "response", "completion", "messages", "chosen", "rejected", "responses", "ranks",
-                 "category", "text")
-
-
-def column_entry(entry: str) -> bool:
-    fld, eq, col = entry.partition("=")
-    return bool(eq) and fld.strip() in COLUMN_FIELDS and bool(col.strip())
-
-
-REPORT_TO = ("tensorboard", "wandb", "trackio", "mlflow")  # --report-to: trackers.py, one adapter each
-
-
-# Range checks by field name, wherever the field appears: (predicate, what it must be).
-CHECKS: dict[str, tuple[Any, str]] = {
-    "lr": (lambda v: v > 0, "must be > 0"),
-    "batch_size": (lambda v: v >= 1, "must be >= 1"),
-    "grad_accum": (lambda v: v >= 1, "must be >= 1"),
-    "epochs": (lambda v: v >= 1, "must be >= 1"),
-    "max_steps": (lambda v: v >= 0, "must be >= 0 (0 = no limit)"),
-    "warmup_steps": (lambda v: v >= 0, "must be >= 0"),
-    "grad_clip": (lambda v: v >= 0, "must be >= 0 (0 disables)"),
-    "dropout": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
-    "val_fraction": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
-    "min_lr_ratio": (lambda v: 0 <= v <= 1, "must be in [0, 1]"),
-    "max_seq_len": (lambda v: v >= 2, "must be >= 2"),
-    "eval_every": (lambda v: v >= 1, "must be >= 1"),
-    "save_every": (lambda v: v >= 1, "must be >= 1"),
-    "keep_checkpoints": (lambda v: v >= 1, "must be >= 1"),
-    "log_every": (lambda v: v >= 0, "must be >= 0 (0 = about every 30 s)"),
-    "r": (lambda v: v >= 1, "must be >= 1"),
-    "layers": (lambda v: v >= 0, "must be >= 0 (0 = all layers)"),
-    "k": (lambda v: v >= 2, "must be >= 2 (rankings need two responses at least)"),
-    "temperature": (lambda v: v >= 0, "must be >= 0 (0 = greedy)"),
-    "kl_temperature": (lambda v: v >= 0, "must be >= 0 (0 = the run's PPO temperature)"),
-    "max_new_tokens": (lambda v: v >= 1, "must be >= 1"),
-    "ptx_coef": (lambda v: v >= 0, "must be >= 0"),
-    "require_rm_accuracy": (lambda v: 0 <= v <= 1, "must be in [0, 1] (a fraction; 0 = no check)"),
-    "ptx_batch_size": (lambda v: v >= 1, "must be >= 1"),
-    "ptx_seq_len": (lambda v: v >= 2, "must be >= 2"),
-    "ptx_micro_batch_size": (lambda v: v >= 0, "must be >= 0 (0 = optim.batch_size)"),
-    "total_episodes": (lambda v: v >= 0, "must be >= 0"),
-    "rollout_batch_size": (lambda v: v >= 1, "must be >= 1"),
-    "mini_batch_size": (lambda v: v >= 1, "must be >= 1"),
-    "ppo_epochs": (lambda v: v >= 1, "must be >= 1"),
-    "beta": (lambda v: v >= 0, "must be >= 0"),
-    "target_kl": (lambda v: v >= 0, "must be >= 0 (0 = fixed beta)"),
-    "kl_horizon": (lambda v: v >= 1, "must be >= 1"),
-    "gamma": (lambda v: 0 <= v <= 1, "must be in [0, 1]"),
-    "lam": (lambda v: 0 <= v <= 1, "must be in [0, 1]"),
-    "cliprange": (lambda v: v > 0, "must be > 0"),
-    "cliprange_value": (lambda v: v > 0, "must be > 0"),
-    "vf_coef": (lambda v: v >= 0, "must be >= 0"),
-    "vf_lr": (lambda v: v >= 0, "must be >= 0 (0 = optim.lr)"),
-    "reward_clip": (lambda v: v >= 0, "must be >= 0 (0 disables)"),
-    "ema_decay": (lambda v: 0 <= v < 1, "must be in [0, 1) (0 = no EMA)"),
-    "sample_every": (lambda v: v >= 1, "must be >= 1"),
-    "split": (lambda v: bool(v.strip()), "must be a split name (train, test ...)"),
-    "columns": (lambda v: all(column_entry(e) for e in v),
-                f"must be FIELD=COLUMN entries, FIELD one of {', '.join(COLUMN_FIELDS)}"),
-    "judge": (lambda v: bool(JUDGE_SPEC.fullmatch(v)), JUDGE_FORMS),
-    "checkpoints": (lambda v: v == "" or bool(CHECKPOINTS_SPEC.fullmatch(v)), CHECKPOINTS_FORMS),
-    "gold": (lambda v: v == "" or bool(GOLD_SPEC.fullmatch(v)), GOLD_FORMS),
-    "tie_margin": (lambda v: v >= 0, "must be >= 0"),
-    "dtype": (lambda v: v in DTYPES, f"must be one of {', '.join(DTYPES)}"),
-    "scheduler": (lambda v: v in SCHEDULERS, f"must be one of {', '.join(SCHEDULERS)}"),
-    "report_to": (lambda v: all(x in (*REPORT_TO, "none") for x in v),
-                  f"must name trackers among {', '.join(REPORT_TO)} (comma-separated), or none"),
-    "device": (lambda v: v in ("auto", "cpu", "mps") or v == "cuda" or v.startswith("cuda:"),
-               "must be auto, cpu, cuda, cuda:N or mps"),
-}
-
-
-def check_ranges(cfg: Any, prefix: str = "") -> list[tuple[str, str]]:
-    """Every range error of a built config, as ``(dotted key, "value reason")``."""
-    errors = []
-    for fl in dataclasses.fields(cfg):
-        value = getattr(cfg, fl.name)
-        if dataclasses.is_dataclass(value):
-            errors += check_ranges(value, f"{prefix}{fl.name}.")
-        elif fl.name in CHECKS and not CHECKS[fl.name][0](value):
-            errors.append((prefix + fl.name, f"{value!r} {CHECKS[fl.name][1]}"))
-    return errors
+def saved_config(stage_dir: Path) -> Any | None:
+    """The config a stage of a run ran with, typed (its ``STAGE/config.yaml``, which lifecycle.begin_stage wrote
+    from the resolved config), or None when the stage has none yet. Fields a newer igpt added take their
+    defaults; a file that is not YAML or holds an unknown key is a BadInput naming it."""
+    path = Path(stage_dir) / "config.yaml"
+    name = Path(stage_dir).name
+    if not path.is_file():
+        return None
+    try:
+        section = (read_yaml(path.read_text(encoding="utf-8")) or {}).get(name) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise BadInput([f"{path}: not readable as YAML ({e})"]) from None
+    return build(STAGES[name].config, section, f"{path}: {name}")
 
 
 def _check_type(value: Any, tp: Any, where: str) -> Any:
@@ -236,10 +187,10 @@ def load_preset(path: str | Path) -> dict[str, dict]:
     if raw is None:
         return {}
     if not isinstance(raw, dict):
-        raise BadInput([f"{p}: expected a mapping of stage sections ({', '.join(SECTIONS)})"])
-    unknown = [k for k in raw if k not in SECTIONS]
+        raise BadInput([f"{p}: expected a mapping of stage sections ({', '.join(sections())})"])
+    unknown = [k for k in raw if k not in sections()]
     if unknown:
-        raise BadInput([f"{p}: {k}: unknown section (known: {', '.join(SECTIONS)})" for k in unknown])
+        raise BadInput([f"{p}: {k}: unknown section (known: {', '.join(sections())})" for k in unknown])
     bad = [f"{p}: {k}: expected a mapping, got {type(v).__name__}" for k, v in raw.items()
            if v is not None and not isinstance(v, dict)]
     if bad:

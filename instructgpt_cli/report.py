@@ -17,10 +17,10 @@ import re
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-
-import yaml
+from typing import Any
 
 from . import __version__
+from .presets import saved_config
 from .report_plots import frontier_chart, line_chart, reward_vs_kl, series, win_chart
 from .rundir import atomic_write_text, read_metrics
 from .storage import now, sha256_file, weights_sha256
@@ -105,17 +105,16 @@ class RunRecords:
     rm: list[dict] = field(default_factory=list)  # rm/metrics.jsonl
     ppo: list[dict] = field(default_factory=list)  # ppo/metrics.jsonl, each with "episode"
     evals: dict[str, dict] = field(default_factory=dict)  # model name -> eval/NAME/report.json
-    ppo_config: dict = field(default_factory=dict)  # the "ppo" block of ppo/config.yaml
+    ppo_config: Any = None  # the PPOConfig the run's PPO ran with (ppo/config.yaml), None without one
 
 
 def read_run(run_dir: Path, names: list[str]) -> RunRecords:
     """The run's training metrics and the eval reports of ``names``. PPO records from before ``episode``
     was logged get it from the run's rollout batch size (ppo/config.yaml): episodes = iteration x batch."""
     stages = {s: read_metrics(run_dir / s / "metrics.jsonl") for s in ("sft", "rm", "ppo")}
-    config = run_dir / "ppo" / "config.yaml"
-    ppo_cfg = ((yaml.safe_load(config.read_text(encoding="utf-8")) or {}).get("ppo") or {}) if config.is_file() else {}
+    ppo_cfg = saved_config(run_dir / "ppo")
     if any("episode" not in r for r in stages["ppo"]):
-        batch = ppo_cfg.get("rollout_batch_size")
+        batch = ppo_cfg.rollout_batch_size if ppo_cfg is not None else None
         stages["ppo"] = [r if "episode" in r or not batch else {**r, "episode": r["step"] * batch}
                          for r in stages["ppo"] if "episode" in r or batch]
     evals = {n: json.loads(p.read_text(encoding="utf-8")) for n in names
@@ -246,8 +245,8 @@ def training_charts(run: RunRecords) -> list[tuple[str, list[tuple[str, str | No
     eos = ep("val/eos_rate") or [(r["episode"], r["val/num_eos_tokens"] / (r["episode"] / r["step"]))
                                  for r in ppo if "val/num_eos_tokens" in r and r.get("step")]
     # the KL controller as configured (adaptive with a target KL, Ziegler et al. 2019), else as beta moved
-    target = run.ppo_config.get("target_kl")
-    if isinstance(target, (int, float)) and not isinstance(target, bool):
+    if run.ppo_config is not None:
+        target = run.ppo_config.target_kl
         how = f"adaptive, target KL {target:g}" if target > 0 else "fixed"
     else:  # a run without its config.yaml
         how = "adaptive" if len({b for _, b in ep("objective/beta")}) > 1 else "fixed"

@@ -1,10 +1,9 @@
 """Sampling responses (left-padded batches, a KV cache, truncation at EOS, decoding) and the PPO rollout
-batch they make, with the scores, KL and LM loss eval and compare read off such batches."""
+batch they make, with the scores, KL and LM loss eval and compare read off such batches through runners."""
 from __future__ import annotations
 
 import contextlib
 import functools
-import types
 from typing import Any, Iterator, NamedTuple
 
 import torch
@@ -13,7 +12,7 @@ from . import distributed, forward
 from .batches import pad_left, pad_right
 from .console import StepProgress
 from .distributed import no_autograd
-from .forward import decoder, last_token_scores, lm_loss_sum, response_log_softmax
+from .lean import few_row_product
 
 
 def draw(logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -37,12 +36,15 @@ def truncate_at_eos(tokens: list[int], eos_id: int) -> list[int]:
 
 
 def generate(model: Any, tokenizer: Any, queries: list[list[int]], max_new_tokens: int, temperature: float,
-             batch_size: int, synced: bool = False, progress: str = "") -> list[list[int]]:
+             batch_size: int, synced: bool = False, progress: str = "",
+             path: forward.Forward | None = None) -> list[list[int]]:
     """Sample one response per query (token lists, EOS included where the model stopped), ``batch_size``
-    queries at a time (:func:`sample`). Runs under ``distributed.no_autograd``: ``inference_mode`` in one
+    queries at a time (:func:`sample`), on ``path`` (``runners.Runner.generate`` passes its own; None: the one
+    ``forward.choose`` picks for ``model`` now). Runs under ``distributed.no_autograd``: ``inference_mode`` in one
     process. ``synced``: every rank keeps stepping until all are done (a sharded model gathers its weights
     in every forward). ``progress``: a name to show progress under, a step a batch (in a log file a line
     about every LOG_SECONDS: sampling a stage's prompts can take minutes)."""
+    path = forward.choose(model) if path is None else path
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -52,9 +54,9 @@ def generate(model: Any, tokenizer: Any, queries: list[list[int]], max_new_token
     with shown or contextlib.nullcontext():
         for step, start in enumerate(batches, 1):
             ids, mask = pad_left(queries[start:start + batch_size], tokenizer.pad_token_id)
-            with no_autograd(), few_row_linears(model) if device.type == "cpu" else contextlib.nullcontext():
+            with no_autograd(), cpu_decoding(model, path) if device.type == "cpu" else contextlib.nullcontext() as few:
                 out = sample(model, ids.to(device), mask.to(device), max_new_tokens, temperature,
-                             tokenizer.eos_token_id, tokenizer.pad_token_id, synced)
+                             tokenizer.eos_token_id, tokenizer.pad_token_id, synced, path, few)
             responses += [truncate_at_eos(row, tokenizer.eos_token_id) for row in out.tolist()]
             if shown is not None:
                 shown.update(step, {"responses": len(responses)})
@@ -63,21 +65,17 @@ def generate(model: Any, tokenizer: Any, queries: list[list[int]], max_new_token
 
 
 def sample(model: Any, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, temperature: float, eos_id: int,
-           pad_id: int, synced: bool = False) -> torch.Tensor:
+           pad_id: int, synced: bool = False, path: forward.Forward | None = None,
+           few_rows: dict[torch.nn.Module, int] | None = None) -> torch.Tensor:
     """New tokens (B, n <= max_new_tokens) after left-padded queries ``ids`` (B, L), decoded with a KV
-    cache; a row that has sampled EOS continues with ``pad_id``, and decoding stops once every row has.
+    cache on ``path`` (None: ``forward.choose``'s for ``model``); a row that has sampled EOS continues with
+    ``pad_id``, and decoding stops once every row has. ``few_rows``: :func:`cpu_decoding`'s.
 
     Our own loop rather than ``model.generate``: one forward and one :func:`draw` a token, none of
     generate's per-step logits processors, stopping criteria and input preparation, and for Llama models the lean
-    forward (``forward.decoder``). Positions count real tokens only, so left padding shifts nothing."""
-    shared = distinct_rows(ids, mask) if forward.runs_lean(model) else None  # lean.Decoder.repeat
-    if shared is None:
-        stepper = decoder(model, ids, mask, max_new_tokens)
-        logits = stepper.start()
-    else:  # the same prompt K times (igpt sample): run each distinct prompt once, then copy its cache
-        first, rows = shared
-        stepper = decoder(model, ids.index_select(0, first), mask.index_select(0, first), max_new_tokens)
-        logits = stepper.repeat(rows, stepper.start())
+    forward (``forward.LeanForward``). Positions count real tokens only, so left padding shifts nothing."""
+    path = forward.choose(model) if path is None else path
+    stepper, logits = path.start_decoding(model, ids, mask, max_new_tokens, few_rows)
     out = ids.new_full((ids.size(0), max_new_tokens), pad_id)
     done = torch.zeros(ids.size(0), dtype=torch.bool, device=ids.device)
     n = 0  # tokens drawn
@@ -90,19 +88,6 @@ def sample(model: Any, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: in
         if n == max_new_tokens or int(distributed.total(left) if synced else left) == 0:
             return out[:, :n]
         logits = stepper.step(token)
-
-
-def distinct_rows(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """For a batch whose rows repeat: (the first row of each distinct (ids, mask) row (U,), and which of
-    them each row is (B,)); None when every row is distinct."""
-    seen: dict[tuple, int] = {}
-    rows = [seen.setdefault((tuple(r), tuple(m)), len(seen)) for r, m in zip(ids.tolist(), mask.tolist())]
-    if len(seen) == len(rows):
-        return None
-    first = [0] * len(seen)
-    for i in reversed(range(len(rows))):
-        first[rows[i]] = i
-    return torch.tensor(first, device=ids.device), torch.tensor(rows, device=ids.device)
 
 
 # Which linear layers take the (W @ x.T).T path on a CPU, and up to how many rows (bench/README.md): the
@@ -119,30 +104,45 @@ def few_row_limit(weight: torch.Tensor, threads: int) -> int:
     return 2 if weight.numel() >= MID_WEIGHT and threads >= 2 else 0
 
 
-def _few_row_linear(self: torch.nn.Linear, x: torch.Tensor, rows: int = FEW_ROWS) -> torch.Tensor:
-    if x.numel() > rows * x.shape[-1]:
-        return torch.nn.functional.linear(x, self.weight, self.bias)
-    out = (self.weight @ x.reshape(-1, x.shape[-1]).t()).t().reshape(*x.shape[:-1], self.weight.shape[0])
-    return out if self.bias is None else out + self.bias
+def few_row_layers(model: torch.nn.Module, threads: int) -> dict[torch.nn.Module, int]:
+    """``model``'s linear layers whose products of a few rows run as (W @ x.T).T, each with its most rows
+    (:func:`few_row_limit`); a layer whose forward is already replaced is left as it is."""
+    limits = {m: few_row_limit(m.weight, threads) for m in model.modules()
+              if type(m) is torch.nn.Linear and "forward" not in vars(m)}
+    return {m: rows for m, rows in limits.items() if rows}
+
+
+@contextlib.contextmanager
+def cpu_decoding(model: torch.nn.Module, path: forward.Forward) -> Iterator[dict[torch.nn.Module, int]]:
+    """Within the block, on a CPU, ``model``'s large linear layers compute inputs of a few rows (a decoding step:
+    one token per sequence) as ``(W @ x.T).T`` (``lean.few_row_product``): torch's ``linear`` (x @ W.T) runs such
+    near-vector products far below memory bandwidth (figures: bench/README.md). Which layers, and up to how many
+    rows: :func:`few_row_limit` (small layers, as in a tiny model, stay as they are: there the stock path is faster).
+    Same product, other summation order; larger inputs (the prompt's forward) keep ``linear``.
+
+    Yields those layers (layer -> most rows) where ``path``'s decoder calls every layer itself (the lean decoder:
+    it computes the products). Where the calls are in code igpt does not write (transformers' forward, peft's
+    adapter layers around their base layers), the only way in is the layer: for the block, those instances'
+    ``forward`` is the few-row product (:func:`few_row_linears`), and it yields no layer."""
+    if path.calls_linears(model):
+        yield few_row_layers(model, torch.get_num_threads())
+        return
+    with few_row_linears(model):
+        yield {}
 
 
 @contextlib.contextmanager
 def few_row_linears(model: torch.nn.Module, threads: int | None = None) -> Iterator[None]:
-    """Within the block, ``model``'s large linear layers compute inputs of a few rows (a decoding step: one
-    token per sequence) as ``(W @ x.T).T``. On CPUs torch's ``linear`` (x @ W.T) runs such near-vector
-    products far below memory bandwidth (figures: bench/README.md). Which layers, and up to how many rows:
-    ``few_row_limit`` (small layers, as in a tiny model, stay as they are: there the stock path is faster).
-    Same product, other summation order; larger inputs (the prompt's forward) keep ``linear``."""
-    threads = torch.get_num_threads() if threads is None else threads
-    linears = [(m, few_row_limit(m.weight, threads)) for m in model.modules()
-               if type(m) is torch.nn.Linear and "forward" not in vars(m)]
-    linears = [(m, rows) for m, rows in linears if rows]
-    for m, rows in linears:
-        m.forward = types.MethodType(functools.partial(_few_row_linear, rows=rows), m)
+    """Within the block, the :func:`few_row_layers` of ``model`` (at ``threads``, default torch's) have the few-row
+    product as their ``forward`` (an attribute of the instance, deleted on the way out): for layers called by
+    code igpt does not write (:func:`cpu_decoding`)."""
+    layers = few_row_layers(model, torch.get_num_threads() if threads is None else threads)
+    for m, rows in layers.items():
+        m.forward = functools.partial(few_row_product, m, rows=rows)
     try:
         yield
     finally:
-        for m, _ in linears:
+        for m in layers:
             del m.forward
 
 
@@ -191,11 +191,11 @@ def rollouts(tokenizer: Any, queries: list[list[int]], responses: list[list[int]
 @torch.no_grad()
 def score_responses(rm: Any, tokenizer: Any, queries: list[list[int]], responses: list[list[int]],
                     batch_size: int) -> torch.Tensor:
-    """Reward-model scores (N,) of each query's response, read at the last real token."""
-    device = next(rm.parameters()).device
+    """Reward-model scores (N,) of each query's response, read at the last real token. ``rm``: the reward
+    model's ``runners.Runner``."""
     rm.eval()
-    return torch.cat([last_token_scores(rm, ro.query_response, ro.attention_mask, ro.context_len, ro.lengths).cpu()
-                      for _, ro in rollouts(tokenizer, queries, responses, batch_size, device)])
+    return torch.cat([rm.scores(ro.query_response, ro.attention_mask, ro.context_len, ro.lengths).cpu()
+                      for _, ro in rollouts(tokenizer, queries, responses, batch_size, rm.device)])
 
 
 @torch.no_grad()
@@ -209,15 +209,15 @@ def response_kl(model: Any, ref: Any, tokenizer: Any, queries: list[list[int]], 
     never negative. Its mean over responses drawn from pi_T is an unbiased estimate of the sequence KL
     KL(pi_T(. | x) || pi_ref,T(. | x)) (the chain rule) only when ``responses`` were drawn at this same T:
     along samples of another temperature it weighs the prefixes wrongly (1.10x the true value on a
-    two-token example at T = 0.7 samples, T = 1 log-probs), so eval draws them at T. Padding counts 0."""
+    two-token example at T = 0.7 samples, T = 1 log-probs), so eval draws them at T. Padding counts 0.
+    ``model``, ``ref``: their ``runners.Runner``."""
     if not temperature > 0:
         raise ValueError(f"response_kl: temperature must be > 0 (log-probs of logits / T), got {temperature}")
-    device = next(model.parameters()).device
     model.eval(), ref.eval()
     out = []
-    for _, ro in rollouts(tokenizer, queries, responses, batch_size, device):
-        logp = response_log_softmax(model, ro.query_response, ro.attention_mask, ro.context_len, temperature)
-        ref_logp = response_log_softmax(ref, ro.query_response, ro.attention_mask, ro.context_len, temperature)
+    for _, ro in rollouts(tokenizer, queries, responses, batch_size, model.device):
+        logp = model.log_softmax(ro.query_response, ro.attention_mask, ro.context_len, temperature)
+        ref_logp = ref.log_softmax(ro.query_response, ro.attention_mask, ro.context_len, temperature)
         per_token = (logp.exp() * (logp - ref_logp)).sum(-1).clamp(min=0.0)  # rounding can dip below 0
         out.append(torch.where(ro.response_mask.bool(), per_token, 0.0).sum(1).cpu())
     return torch.cat(out)
@@ -225,12 +225,12 @@ def response_kl(model: Any, ref: Any, tokenizer: Any, queries: list[list[int]], 
 
 @torch.no_grad()
 def lm_loss(model: Any, blocks: list[list[int]], pad_id: int, batch_size: int) -> float:
-    """Mean next-token loss over all tokens of pretraining-text blocks (exp of it is the perplexity)."""
-    device = next(model.parameters()).device
+    """Mean next-token loss over all tokens of pretraining-text blocks (exp of it is the perplexity). ``model``:
+    its ``runners.Runner``."""
     model.eval()
     total, tokens = 0.0, 0
     for start in range(0, len(blocks), batch_size):
         ids, mask = pad_right(blocks[start:start + batch_size], pad_id)
-        summed, n = lm_loss_sum(model, ids.to(device), mask.to(device))
+        summed, n = model.lm_loss_sum(ids.to(model.device), mask.to(model.device))
         total, tokens = total + summed.item(), tokens + int(n)
     return total / max(tokens, 1)

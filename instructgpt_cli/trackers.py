@@ -1,5 +1,5 @@
 """Experiment trackers: ``--report-to tensorboard,wandb,trackio,mlflow`` (TRL's flag and names) sends every
-metrics line of a training stage (train.fit) to each tracker named, under the metrics.jsonl names, with the
+metrics line of a training stage (train.Session) to each tracker named, under the metrics.jsonl names, with the
 line's ``step`` (the optimizer step; PPO: the iteration) as the x axis and every other number as a metric
 (``elapsed_s``, ``epoch`` ...); text is skipped. metrics.jsonl stays the record: a tracker that fails to
 start or to log is warned about once and left out, and training goes on. The resolved config (the stage's
@@ -36,7 +36,7 @@ import yaml
 from . import distributed
 from .console import say
 from .errors import BadInput
-from .presets import REPORT_TO
+from .config import REPORT_TO
 from .rundir import Stage
 from .storage import atomic_write_text
 
@@ -54,7 +54,7 @@ def check(report_to: list[str]) -> None:
     and for an MLflow tracking store that refuses to open. Called before anything is loaded or written."""
     problems = []
     for name in requested(report_to):
-        if name not in REPORT_TO:  # config.CHECKS has said so already; a caller that skipped it is told too
+        if name not in REPORT_TO:  # report_to's rule (config.py) has said so already; a caller that skipped it is told too
             problems.append(f"--report-to {name}: unknown tracker (known: {', '.join(REPORT_TO)}, none)")
             continue
         try:
@@ -194,21 +194,22 @@ def _warn(name: str, what: str, e: BaseException) -> None:
         "metric; training goes on)")
 
 
-def start(stage: Stage, step: int) -> dict[str, Any]:
-    """Open the trackers the stage's config.yaml names, resuming the runs trackers.json recorded; rewrite it."""
-    path, saved_config = stage.dir / RECORD, stage.dir / "config.yaml"
-    if not saved_config.exists():  # begin_stage writes it before training; a caller that did not reports nothing
-        return {}
-    config = (yaml.safe_load(saved_config.read_text(encoding="utf-8")) or {}).get(stage.name, {})
-    names = requested(config.get("report_to") or [])
+def start(stage: Stage, step: int, cfg: Any) -> dict[str, Any]:
+    """Open the trackers ``cfg.report_to`` names, with the resolved config (as the stage's config.yaml holds it)
+    as the run's parameters, resuming the runs trackers.json recorded; rewrite it."""
+    from . import config as config_mod
+
+    names = requested(getattr(cfg, "report_to", None) or [])
     if not names:
         return {}
+    path = stage.dir / RECORD
+    params = config_mod.to_dict(config_mod.absolute_paths(cfg))
     saved = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
     opened: dict[str, Any] = {}
     for name in names:
         try:
             with contextlib.redirect_stdout(sys.stderr):  # stdout is the command's result (a path, --json)
-                opened[name] = ADAPTERS[name](run_name(stage), stage, config, step, saved.get(name, {}))
+                opened[name] = ADAPTERS[name](run_name(stage), stage, params, step, saved.get(name, {}))
         except Exception as e:  # noqa: BLE001 - a tracker never ends training (module docstring)
             _warn(name, "could not start its run", e)
     atomic_write_text(path, json.dumps({**saved, **{n: t.record for n, t in opened.items()}}, indent=2) + "\n")
@@ -239,11 +240,11 @@ def close(opened: dict[str, Any], code: int) -> None:
 
 
 @contextlib.contextmanager
-def reporting(stage: Stage, step: int) -> Iterator[Callable[[dict], None]]:
-    """``with reporting(stage, step) as report: ... report(record)``: the stage's trackers from resume point
-    ``step`` on (rank 0; a no-op elsewhere or when none is named), closed however the block ends, with the
+def reporting(stage: Stage, step: int, cfg: Any) -> Iterator[Callable[[dict], None]]:
+    """``with reporting(stage, step, cfg) as report: ... report(record)``: the trackers of the stage's config
+    ``cfg`` from resume point ``step`` on (rank 0; a no-op elsewhere or when none is named), closed however the block ends, with the
     exit code it ends with (0, 128 + signal, 3 non-finite, 1 ...)."""
-    opened = start(stage, step) if distributed.is_main() else {}
+    opened = start(stage, step, cfg) if distributed.is_main() else {}
     code = 1
     try:
         yield (lambda record: log(opened, record)) if opened else (lambda record: None)

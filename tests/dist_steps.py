@@ -19,8 +19,9 @@ from instructgpt_cli.batches import tokenize_rankings
 from instructgpt_cli.families import supports_packing, supports_sharing
 from instructgpt_cli.models import tiny_model, tiny_tokenizer
 from instructgpt_cli.rollout import Rollout, build_rollout
-from instructgpt_cli.stages import ppo, ppo_step, reward
-from instructgpt_cli.train import micro_batches
+from instructgpt_cli.stages import ppo, reward
+from instructgpt_cli.runners import Runner
+from instructgpt_cli.train import TrainState, micro_batches
 
 CPU = torch.device("cpu")
 
@@ -51,8 +52,8 @@ def ppo_on_ranks(fsdp: bool) -> dict:
     rm = tiny_model(tok, seed=2, kind="reward").requires_grad_(False).eval()
     cfg = PPOConfig(rollout_batch_size=8, mini_batch_size=8, ppo_epochs=2, temperature=0.7, ptx_coef=0.5,
                     ptx_batch_size=3, optim=OptimConfig(batch_size=2), fsdp=fsdp)
-    trained = ppo_step.PolicyAndValue(policy, value)
-    models = ppo.runners(ppo_step.PPOModels(policy, value, reference=ref, reward=rm), cfg, CPU)
+    trained = ppo.PolicyAndValue(policy, value)
+    models = ppo.as_runners(ppo.PPOModels(policy, value, reference=ref, reward=rm), cfg, CPU)
     # SGD: the weight change is the gradient itself (Adam would amplify float noise in tiny gradients);
     # policy and value in their own parameter groups, as ppo.run builds them
     optimizer = torch.optim.SGD([{"params": [p for p in m.parameters() if p.requires_grad]} for m in (policy, value)],
@@ -62,23 +63,23 @@ def ppo_on_ranks(fsdp: bool) -> dict:
     mine = list(range(8))[distributed.rank()::distributed.world_size()]  # as ppo.run shares a step's prompts
     ro = Rollout(*build_rollout([queries[j] for j in mine], [responses[j] for j in mine], tok.pad_token_id,
                                 tok.eos_token_id))
-    sc = ppo_step.score_rollout(models, ro, cfg, 0.05, cfg.optim.batch_size)
-    stats, _ = ppo_step.ppo_update(models, trained, optimizer, scheduler, ro, sc, cfg, blocks, 0, tok.pad_token_id)
+    sc = ppo.score_rollout(models, ro, cfg, 0.05, cfg.optim.batch_size)
+    stats, _ = ppo.ppo_update(models, ppo.PPOState(trained, optimizer, scheduler), ro, sc, cfg, blocks, tok.pad_token_id)
     return {"weights": full_weights(trained), "stats": stats}
 
 
 def rm_step(fsdp: bool, rankings_path: str) -> dict:
     tok = tiny_tokenizer()
     model = tiny_model(tok, seed=3, kind="reward")
-    run = distributed.wrap(model, CPU, fsdp)
+    run = Runner(model, CPU, fsdp)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     groups, _ = tokenize_rankings(tok, read_rankings(rankings_path), 256)
     # 9 prompts in micro-batches of 2: 5 chunks, so under 2 ranks one rank adds a weight-0 chunk
     # the default layout: a ranking's prompt run once where that pays, else responses packed end to end
     layout = reward.Layout(shared=supports_sharing(model), packed=supports_packing(model))
-    record = reward.train_step(run, optimizer, scheduler, micro_batches(groups[:9], 2), tok.pad_token_id, layout, CPU,
-                               100.0)
+    record = reward.train_step(run, TrainState(model, optimizer, scheduler), micro_batches(groups[:9], 2),
+                               tok.pad_token_id, layout, CPU, 100.0)
     held_out = reward.evaluate(run, groups[9:14], 2, tok.pad_token_id, layout, CPU)
     scores = reward.demo_scores(run, [s for g in groups[14:17] for s in g.sequences], tok.pad_token_id, 3)
     return {"weights": full_weights(model), "record": record, "eval": held_out, "scores": scores}

@@ -10,7 +10,11 @@ import typer
 import yaml
 
 from instructgpt_cli import config as config_mod
+from instructgpt_cli.stages import STAGES
 from tests.conftest import igpt
+
+CONFIGS = {name: stage.config for name, stage in STAGES.items() if stage.config is not None}
+COMMAND = {name: stage.command for name, stage in STAGES.items()}  # stage -> command name (rm -> train-rm)
 
 # The flags each command had before the CLI was generated from config.py (recorded from its click
 # commands). Scripts use them: the generated CLI may add flags, never drop or rename one.
@@ -70,7 +74,6 @@ TODAY_KEYS = {
                 "--max-new-tokens": "max_new_tokens", "--batch-size": "batch_size", "--seed": "seed",
                 "--device": "device"},
 }
-COMMAND = {"rm": "train-rm"}  # stage -> command name where they differ
 # Valid non-default values for string fields whose range is checked.
 STRINGS = {"device": "cpu", "judge": "human", "dtype": "float32", "scheduler": "linear",
            "checkpoints": "all", "gold": "python:mod:fn"}
@@ -108,7 +111,7 @@ def non_default(value, leaf: str):
 
 
 def print_config(stage: str, *args: str) -> dict:
-    result = igpt(COMMAND.get(stage, stage), *args, "--print-config")
+    result = igpt(COMMAND[stage], *args, "--print-config")
     assert result.exit_code == 0, result.stdout + result.stderr
     return yaml.safe_load(result.stdout)[stage]
 
@@ -124,7 +127,7 @@ def test_every_flag_of_today_is_still_there():
 
 @pytest.mark.parametrize("stage", list(TODAY_KEYS))
 def test_every_flag_of_today_sets_the_same_key(stage):
-    defaults = config_mod.to_dict(config_mod.STAGE_CONFIGS[stage]())
+    defaults = config_mod.to_dict(CONFIGS[stage]())
     positional = [k for k in TODAY_KEYS[stage] if not k.startswith("--")]
     for flag, key in TODAY_KEYS[stage].items():
         default = lookup(defaults, key)
@@ -146,14 +149,13 @@ def expected_flag(key: str) -> str:
     return today.get(key) or "--" + key.replace(".", "-").replace("_", "-")
 
 
-@pytest.mark.parametrize("stage", list(config_mod.STAGE_CONFIGS))
+@pytest.mark.parametrize("stage", list(CONFIGS))
 def test_every_config_field_is_a_flag_that_sets_it(stage):
-    from instructgpt_cli.cli import NO_FLAG
-
-    command = commands()[COMMAND.get(stage, stage)]
+    command = commands()[COMMAND[stage]]
     arguments = [p.name for p in command.params if p.param_type_name == "argument"]
-    for key, (tp, default, doc) in config_mod.flat_fields(config_mod.STAGE_CONFIGS[stage]()).items():
-        if key in NO_FLAG.get(stage, ()) or key in arguments:
+    assert arguments == list(STAGES[stage].arguments)
+    for key, (tp, default, doc) in config_mod.flat_fields(CONFIGS[stage]()).items():
+        if key in STAGES[stage].unflagged or key in arguments:
             continue
         flag = expected_flag(key)
         assert flag in flags(command), (stage, key, flag)
@@ -168,12 +170,12 @@ def test_every_config_field_is_a_flag_that_sets_it(stage):
 
 def test_help_is_the_field_doc_with_its_default():
     cmds = commands()
-    for stage, cls in config_mod.STAGE_CONFIGS.items():
-        by_flag = {p.opts[0]: p for p in cmds[COMMAND.get(stage, stage)].params if p.param_type_name == "option"}
+    for stage, cls in CONFIGS.items():
+        by_flag = {p.opts[0]: p for p in cmds[COMMAND[stage]].params if p.param_type_name == "option"}
         for key, (tp, default, doc) in config_mod.flat_fields(cls()).items():
             param = by_flag.get(expected_flag(key))
             if param is None:
-                continue  # a positional argument or NO_FLAG
+                continue  # a positional argument or unflagged
             assert doc in param.help.replace("\\", ""), (stage, key)
             assert ("[default:" in param.help) == (default != ""), (stage, key, param.help)
     # rendered as rich does: the defaults survive (rich drops an unescaped "[default: 16]" as markup)
@@ -209,9 +211,9 @@ def test_a_new_config_field_is_a_flag(monkeypatch):
     class Sample(config_mod.SampleConfig):
         top_p: float = config_mod.f(1.0, "nucleus sampling: keep the smallest set of tokens with this mass (fraction)")
 
-    monkeypatch.setitem(config_mod.STAGE_CONFIGS, "sample", Sample)
+    monkeypatch.setitem(STAGES, "sample", dataclasses.replace(STAGES["sample"], config=Sample))
     monkeypatch.setattr(cli, "app", typer.Typer())
-    cli.stage_command("sample", "sample", "Sample.")  # what importing cli.py does, with the new field
+    cli.stage_command(STAGES["sample"])  # what importing cli.py does, with the new field
     cli.app.command("other")(lambda: None)  # (a group, so the command is named as in igpt)
     from typer.testing import CliRunner
 
@@ -226,3 +228,23 @@ def test_help_imports_no_torch():
                          capture_output=True, text=True, check=True)
     imported = [ln.split("|")[-1].strip() for ln in out.stderr.splitlines() if ln.startswith("import time:")]
     assert "typer" in imported and not [m for m in imported if m.split(".")[0] in ("torch", "transformers")]
+
+
+def test_the_table_of_stages_is_every_command():
+    """stages.STAGES is the one table of commands: igpt has exactly its commands, each module has the run() the
+    command calls, and the sections a preset may hold are the stages with a config."""
+    import ast
+    import importlib.util
+    from pathlib import Path
+
+    from instructgpt_cli import presets
+
+    assert set(commands()) == {stage.command for stage in STAGES.values()}
+    for name, stage in STAGES.items():
+        source = Path(importlib.util.find_spec(stage.module).origin).read_text(encoding="utf-8")
+        functions = {n.name for n in ast.parse(source).body if isinstance(n, ast.FunctionDef)}
+        assert "run" in functions, stage.module
+        keys = set(config_mod.flat_fields(stage.config())) if stage.config else set()
+        assert set(stage.arguments) | stage.unflagged <= keys and (stage.config or not stage.training), name
+        assert all(model.startswith(f"{name}/final") for model in stage.models.values()), name
+    assert set(presets.sections()) == set(CONFIGS)

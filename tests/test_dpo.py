@@ -13,11 +13,12 @@ from grads import assert_same_grads
 from rule_rm import make_rule_rm
 from instructgpt_cli.batches import render_prompt, tokenize_scored
 from instructgpt_cli.config import LoraConfig
-from instructgpt_cli.forward import ranking_logprobs
+from instructgpt_cli.forward import choose
 from instructgpt_cli.losses import kwise_dpo_loss
 from instructgpt_cli.models import apply_lora, tiny_model, tiny_tokenizer
 from instructgpt_cli.rewards import Layout
 from instructgpt_cli.rundir import read_metrics
+from instructgpt_cli.runners import Runner
 from instructgpt_cli.stages.dpo import Item, dpo_forward, reference_logprobs
 
 CPU = torch.device("cpu")
@@ -77,7 +78,7 @@ def test_shared_prompt_logprobs_and_gradients_equal_separate_sequences(attention
         if layout == "separate":
             logps = torch.cat([separate_logprobs(model, g, p) for g, p in groups])
         else:
-            logps = ranking_logprobs(model, [g for g, _ in groups], lens, tok.pad_token_id, CPU, *layout)
+            logps = choose(model).ranking_logprobs(model, [g for g, _ in groups], lens, tok.pad_token_id, CPU, *layout)
         (logps * weights).sum().backward()
         results.append((logps.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
     (want, want_grads), *others = results
@@ -98,7 +99,7 @@ def test_a_ranking_of_k_responses_costs_k_policy_forwards(layout):
         pairs = [(i, j) for i in range(k) for j in range(i + 1, k)]
         shapes.clear()
         item = Item(seqs, pairs, p, 0, torch.zeros(k))
-        losses, stats = dpo_forward(model, [item], tok.pad_token_id, CPU, layout, 0.1)
+        losses, stats = dpo_forward(Runner(model, CPU), [item], tok.pad_token_id, CPU, layout, 0.1)
         shared = p + len("answer ")  # every response starts with it
         want = (1, sum(map(len, seqs)) - (k - 1) * shared) if layout.shared else (k, max(map(len, seqs)))
         assert shapes == [want], f"K={k}: {shapes}"  # one forward: K rows, or one row with the prompt once
@@ -109,13 +110,13 @@ def test_the_lora_reference_is_the_model_with_adapters_disabled():
     tok = tiny_tokenizer()
     base = tiny_model(tok, seed=0)
     seqs, p = ranking(tok, "Say something.", ["the cat", "a dog ran banana"])
-    want = ranking_logprobs(base, [seqs], [p], tok.pad_token_id, CPU).detach()
+    want = choose(base).ranking_logprobs(base, [seqs], [p], tok.pad_token_id, CPU).detach()
     adapted = apply_lora(tiny_model(tok, seed=0), LoraConfig(enabled=True, r=4, alpha=8, layers=0))
     with torch.no_grad():
         for name, param in adapted.named_parameters():
             if "lora_B" in name:
                 param.normal_()  # trained adapters: the adapted model differs from its base
-    assert not torch.allclose(ranking_logprobs(adapted, [seqs], [p], tok.pad_token_id, CPU), want, atol=1e-3)
+    assert not torch.allclose(choose(adapted).ranking_logprobs(adapted, [seqs], [p], tok.pad_token_id, CPU), want, atol=1e-3)
     ref = reference_logprobs(adapted, [Item(seqs, [(1, 0)], p, 0)], 8, tok.pad_token_id, Layout(shared=True), CPU)
     torch.testing.assert_close(ref[0], want, rtol=1e-5, atol=1e-5)
 
@@ -214,7 +215,7 @@ def test_lora_dpo_stores_the_sft_models_reference_logprobs(tmp_path):
     sft = tiny_model(tok, seed=0)  # --model tiny, seed 0: the SFT model
     groups = [ranking(tok, r["prompt"], r["responses"]) for r in marker_rankings(12)]
     with torch.no_grad():
-        want = ranking_logprobs(sft, [g for g, _ in groups], [p for _, p in groups], tok.pad_token_id, CPU)
+        want = choose(sft).ranking_logprobs(sft, [g for g, _ in groups], [p for _, p in groups], tok.pad_token_id, CPU)
     assert stored["offsets"].tolist() == [0] + torch.tensor([len(g) for g, _ in groups]).cumsum(0).tolist()
     torch.testing.assert_close(stored["logps"], want, rtol=1e-5, atol=1e-4)
     assert (run_dir / "dpo" / "final" / "adapter").is_dir()

@@ -36,18 +36,22 @@ def test_only_applied_optimizer_steps_update_and_only_trained_tensors_are_kept()
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 1))
     model[1].requires_grad_(False)  # frozen, as a LoRA base is: not averaged
+    from instructgpt_cli.stages.ppo import PPOState
+
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
-    ema = ModelEMA(model, 0.5, opt)
+    ema = ModelEMA(model, 0.5)
+    state = PPOState(model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), ema=ema)
     assert ema.names == ["0.weight", "0.bias"]
     expected = [p.detach().clone() for p in model[0].parameters()]
     for i in range(3):
         model(torch.randn(4, 3)).square().sum().backward()
-        if i == 1:  # a skipped step (non-finite values): no optimizer.step(), no update
-            opt.zero_grad()
+        before = [p.detach().clone() for p in model[0].parameters()]
+        state.optimizer_step(0.0, loss=float("nan") if i == 1 else 1.0)  # step 1 is skipped: no update
+        if i == 1:
+            assert all(torch.equal(b, p) for b, p in zip(before, model[0].parameters()))
             continue
-        opt.step()
-        opt.zero_grad()
         expected = [0.5 * e + 0.5 * p.detach() for e, p in zip(expected, model[0].parameters())]
+    assert state.skipped == 1 and state.ptx_cursor == 2  # the applied steps are the ptx stream's position
     state = ema.state()
     for name, e in zip(ema.names, expected):
         torch.testing.assert_close(state[name], e, rtol=0, atol=0)
@@ -64,17 +68,17 @@ def sft_names(world):
 def test_policy_ema_is_the_average_of_the_policy_after_every_step(world, tmp_path, monkeypatch):  # noqa: F811
     """Decay 0.5 over 2 iterations x 2 minibatches: policy_ema = the hand-computed average of the SFT weights and
     the policy's weights after each of the 4 optimizer steps (captured from the optimizer, not the EMA)."""
-    from instructgpt_cli.stages import ppo_step
+    from instructgpt_cli.train import TrainState
 
     after_steps = []
-    real = ppo_step.optimizer_step_by_group
+    real = TrainState.optimizer_step_by_group
 
-    def step_and_capture(optimizer, *args):
-        norms = real(optimizer, *args)
-        after_steps.append([p.detach().clone() for p in optimizer.param_groups[0]["params"]])  # the policy's
+    def step_and_capture(state, *args):
+        norms = real(state, *args)
+        after_steps.append([p.detach().clone() for p in state.optimizer.param_groups[0]["params"]])  # the policy's
         return norms
 
-    monkeypatch.setattr(ppo_step, "optimizer_step_by_group", step_and_capture)
+    monkeypatch.setattr(TrainState, "optimizer_step_by_group", step_and_capture)
     run_dir = tmp_path / "run"
     result = igpt(*ppo_args(world, run_dir, "--max-steps", "2", "--ema-decay", "0.5"))
     assert result.exit_code == 0, result.output
@@ -125,10 +129,11 @@ def test_lora_ema_is_the_average_of_the_merged_weights_not_of_the_factors(world,
     step (hand-computed from the factors captured there), not W + scale * ema(B) @ ema(A): the product of the
     factors' averages is not the average of their product. Kept in fp32 under the merged model's names (no copy
     of an unadapted weight) and exported as a merged model without an adapter."""
-    from instructgpt_cli.stages import ppo, ppo_step
+    from instructgpt_cli.stages import ppo
+    from instructgpt_cli.train import TrainState
 
     policies, factors = [], []  # the policy (peft model); its LoRA factors at the start and after every step
-    real_build, real_step = ppo.build_optimizer, ppo_step.optimizer_step_by_group
+    real_build, real_step = ppo.build_optimizer, TrainState.optimizer_step_by_group
 
     def lora(model):
         return {n: p.detach().clone() for n, p in model.named_parameters() if ".lora_" in n}
@@ -144,7 +149,7 @@ def test_lora_ema_is_the_average_of_the_merged_weights_not_of_the_factors(world,
         return norms
 
     monkeypatch.setattr(ppo, "build_optimizer", build_and_capture)
-    monkeypatch.setattr(ppo_step, "optimizer_step_by_group", step_and_capture)
+    monkeypatch.setattr(TrainState, "optimizer_step_by_group", step_and_capture)
     run_dir, decay = tmp_path / "run", 0.5
     result = igpt(*ppo_args(world, run_dir, "--max-steps", "2", "--lora", "--ema-decay", str(decay), "--lr", "3e-2"))
     assert result.exit_code == 0, result.output

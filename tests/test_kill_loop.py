@@ -15,7 +15,7 @@ import pytest
 
 from conftest import REPO, THREADS, TINY_CONFIG, arithmetic_demos, igpt, marker_rankings, write_jsonl
 from instructgpt_cli.models import tiny_tokenizer
-from instructgpt_cli.train import FAULT_ENV
+from instructgpt_cli.faults import FAULT_ENV
 from rule_rm import make_rule_rm
 from test_recovery import assert_same_weights
 

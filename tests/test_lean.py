@@ -10,7 +10,7 @@ from instructgpt_cli import forward
 from instructgpt_cli import families
 from instructgpt_cli import lean, rollout
 from instructgpt_cli.models import tiny_config, tiny_model, tiny_tokenizer
-from instructgpt_cli.forward import trunk_states
+from instructgpt_cli.forward import choose
 
 
 @pytest.fixture
@@ -54,8 +54,8 @@ def test_log_probs_values_and_gradients_equal_transformers(tok, monkeypatch, lef
     real = mask[:, context:].bool()
 
     def run():
-        logprobs, entropy = forward.response_logprobs(policy, ids, mask, context, 0.7, True)
-        values = forward.token_values(value, ids, mask, context)
+        logprobs, entropy = forward.choose(policy).response_logprobs(policy, ids, mask, context, 0.7, True)
+        values = forward.choose(value).token_values(value, ids, mask, context)
         ((logprobs * real).sum() + (values * real).sum()).backward()
         return logprobs.detach(), entropy, values.detach(), grads(policy), grads(value)
 
@@ -77,7 +77,7 @@ def test_dropout_in_training_draws_what_transformers_draws(tok, monkeypatch):
 
     def run():
         torch.manual_seed(7)
-        return forward.response_logprobs(policy, ids, mask, context, 1.0)[0].detach()
+        return forward.choose(policy).response_logprobs(policy, ids, mask, context, 1.0)[0].detach()
 
     out, ref = run_both(monkeypatch, run)
     policy.eval()
@@ -99,11 +99,11 @@ def test_lora_trunk_states_and_disabled_adapters_equal_transformers(tok, monkeyp
     ids, mask, context = batch(True)
 
     def run():
-        states = trunk_states(model, 1, ids, mask)
-        adapted = forward.response_logprobs(model, ids, mask, context, 1.0, trunk=(1, states))[0]
-        whole = forward.response_logprobs(model, ids, mask, context, 1.0)[0]
+        states = choose(model).trunk_states(model, 1, ids, mask)
+        adapted = forward.choose(model).response_logprobs(model, ids, mask, context, 1.0, trunk=(1, states))[0]
+        whole = forward.choose(model).response_logprobs(model, ids, mask, context, 1.0)[0]
         with model.disable_adapter():
-            base = forward.response_logprobs(model, ids, mask, context, 1.0)[0]
+            base = forward.choose(model).response_logprobs(model, ids, mask, context, 1.0)[0]
         return states, adapted, whole, base
 
     out, ref = run_both(monkeypatch, run)
@@ -151,9 +151,9 @@ def test_repeated_prompts_share_one_prefill(tok, monkeypatch):
     model = tiny_model(tok, 0).eval()
     distinct = [list(range(10, 13 + 4 * i)) for i in range(3)]
     ids, mask = pad_left([q for q in distinct for _ in range(3)], tok.pad_token_id)  # K = 3, as igpt sample lays out
-    first, rows = rollout.distinct_rows(ids, mask)
+    first, rows = forward.distinct_rows(ids, mask)
     assert first.tolist() == [0, 3, 6] and rows.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
-    assert rollout.distinct_rows(ids[::3], mask[::3]) is None
+    assert forward.distinct_rows(ids[::3], mask[::3]) is None
     prefilled = []
     monkeypatch.setattr(lean.Decoder, "start", lambda self, start=lean.Decoder.start: (
         prefilled.append(self.ids.size(0)), start(self))[1])
@@ -167,7 +167,7 @@ def test_repeated_prompts_share_one_prefill(tok, monkeypatch):
     assert prefilled == [3]  # three prompts prefilled, not nine
     out, ref = run_both(monkeypatch, sampled)  # transformers' decoder never shares
     assert out.tolist() == ref.tolist() == shared.tolist()
-    monkeypatch.setattr(rollout, "distinct_rows", lambda ids, mask: None)
+    monkeypatch.setattr(forward, "distinct_rows", lambda ids, mask: None)
     assert sampled().tolist() == shared.tolist() and prefilled[-1] == 9
     assert len(set(map(tuple, shared[:3].tolist()))) == 3  # the copies of one prompt sample apart
     monkeypatch.undo()
@@ -217,7 +217,7 @@ def test_draw_samples_softmax_at_temperature_and_never_an_impossible_token():
 @pytest.mark.parametrize("packed", [True, False])
 def test_sft_loss_and_gradients_equal_transformers_packed_and_padded(tok, monkeypatch, packed):
     from instructgpt_cli.batches import Example, IGNORE_INDEX, collate, collate_packed
-    from instructgpt_cli.forward import response_loss_sum
+    from instructgpt_cli.forward import choose
 
     model = tiny_model(tok, 0)
     gen = torch.Generator().manual_seed(1)
@@ -229,7 +229,7 @@ def test_sft_loss_and_gradients_equal_transformers_packed_and_padded(tok, monkey
     assert ("position_ids" in batch) == packed
 
     def step():
-        summed, n = response_loss_sum(model, batch)
+        summed, n = choose(model).response_loss_sum(model, batch)
         summed.backward()
         return summed.detach(), n, grads(model)
 
@@ -249,7 +249,7 @@ def test_heads_wider_than_the_model_and_ungrouped_attention(tok, monkeypatch):
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)
     ids, mask, context = batch(True)
-    out, ref = run_both(monkeypatch, lambda: forward.response_logprobs(model, ids, mask, context, 1.0)[0].detach())
+    out, ref = run_both(monkeypatch, lambda: forward.choose(model).response_logprobs(model, ids, mask, context, 1.0)[0].detach())
     torch.testing.assert_close(out[mask[:, context:].bool()], ref[mask[:, context:].bool()])
 
 

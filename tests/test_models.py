@@ -20,7 +20,7 @@ from instructgpt_cli import families
 from instructgpt_cli import models
 from instructgpt_cli.batches import Example, IGNORE_INDEX, collate, collate_packed
 from instructgpt_cli.losses import sft_loss_sum
-from instructgpt_cli.forward import response_loss_sum
+from instructgpt_cli.forward import choose
 
 VOCAB = 96
 # what a tiny model of a family needs beyond the common fields; the logit transforms far from 1 (Cohere's
@@ -78,18 +78,18 @@ def test_igpt_logits_equal_the_models_own_in_every_family(model_type):
     examples = demo_examples()
     with torch.no_grad():
         want = own_loss(model, examples)
-        padded, n = response_loss_sum(model, collate(examples, 0))
+        padded, n = choose(model).response_loss_sum(model, collate(examples, 0))
         torch.testing.assert_close(padded, want, rtol=1e-5, atol=1e-5)
         assert int(n) == 5 + 8 + 4
         if families.supports_packing(model):  # what the table claims: packed rows attend within each sequence
-            torch.testing.assert_close(response_loss_sum(model, collate_packed(examples))[0], want, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(choose(model).response_loss_sum(model, collate_packed(examples))[0], want, rtol=1e-5, atol=1e-5)
 
         # PPO's log-probs at temperature 0.7 of a left-padded batch
         gen = torch.Generator().manual_seed(2)
         qr = torch.randint(3, VOCAB, (3, 12), generator=gen)
         mask = torch.ones_like(qr)
         mask[0, :3], mask[1, 10:] = 0, 0
-        logprobs, _ = forward.response_logprobs(model, qr, mask, 5, 0.7)
+        logprobs, _ = forward.choose(model).response_logprobs(model, qr, mask, 5, 0.7)
         logits = model(input_ids=qr, attention_mask=mask, position_ids=batches.position_ids(mask)).logits
         want_lp = torch.log_softmax(logits[:, 4:-1].float() / 0.7, -1).gather(-1, qr[:, 5:, None])[..., 0]
         real = mask[:, 5:].bool()
@@ -119,7 +119,7 @@ def test_a_family_not_in_the_table_takes_the_models_own_forward(monkeypatch):
     assert families.family(model) is None and families.logit_transform(model) is None
     assert not families.supports_packing(model) and not families.supports_sharing(model)
     with torch.no_grad():
-        torch.testing.assert_close(response_loss_sum(model, collate(demo_examples(), 0))[0], own_loss(model, demo_examples()),
+        torch.testing.assert_close(choose(model).response_loss_sum(model, collate(demo_examples(), 0))[0], own_loss(model, demo_examples()),
                                    rtol=1e-5, atol=1e-5)
 
 
@@ -172,11 +172,11 @@ def loss_grads_and_calls(model, kind: str, packed: bool):
     torch.manual_seed(7)
     if kind == "causal":
         examples = demo_examples()
-        first = response_loss_sum(model, collate_packed(examples) if packed else collate(examples, 0))[0]
-        second = forward.response_logprobs(model, qr, mask, 5, 0.7)[0][mask[:, 5:].bool()]
+        first = choose(model).response_loss_sum(model, collate_packed(examples) if packed else collate(examples, 0))[0]
+        second = forward.choose(model).response_logprobs(model, qr, mask, 5, 0.7)[0][mask[:, 5:].bool()]
     else:
         first = rewards.reward_scores(model, qr, mask)
-        second = forward.token_values(model, qr, mask, 5)[mask[:, 5:].bool()]
+        second = forward.choose(model).token_values(model, qr, mask, 5)[mask[:, 5:].bool()]
     (first.sum() + second.square().sum()).backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     return (first.detach(), second.detach()), grads, list(counts)

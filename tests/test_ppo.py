@@ -263,8 +263,7 @@ def test_frozen_layers_run_once_give_the_full_forward_and_its_gradients(family):
     from instructgpt_cli.config import LoraConfig
     from instructgpt_cli.models import apply_lora
     from instructgpt_cli.families import frozen_layers
-    from instructgpt_cli.forward import trunk_states
-    from instructgpt_cli.forward import response_logprobs, token_values
+    from instructgpt_cli.forward import choose
 
     config = AutoConfig.for_model(family, vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
                                   num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, num_labels=1)
@@ -281,10 +280,10 @@ def test_frozen_layers_run_once_give_the_full_forward_and_its_gradients(family):
     mask = torch.ones_like(qr)
     mask[0, :4] = 0  # a left-padded query
 
-    for model, fn, k in ((policy, lambda m, t: response_logprobs(m, qr, mask, 5, 0.7, trunk=t)[0], 3),
-                         (value, lambda m, t: token_values(m, qr, mask, 5, t), 2)):
+    for model, fn, k in ((policy, lambda m, t: choose(m).response_logprobs(m, qr, mask, 5, 0.7, trunk=t)[0], 3),
+                         (value, lambda m, t: choose(m).token_values(m, qr, mask, 5, t), 2)):
         with torch.no_grad():
-            states = trunk_states(model, k, qr, mask)
+            states = choose(model).trunk_states(model, k, qr, mask)
         full, full_grads = outputs_and_grads(model, lambda: fn(model, None))
         cached, cached_grads = outputs_and_grads(model, lambda: fn(model, (k, states)))
         torch.testing.assert_close(cached, full, rtol=1e-5, atol=1e-6)
@@ -304,7 +303,7 @@ def test_batches_padded_only_on_the_right_run_unmasked_with_the_same_outputs_and
 
     from instructgpt_cli.batches import mask_inputs, position_ids
     from instructgpt_cli.forward import scalar_head_outputs
-    from instructgpt_cli.forward import response_logprobs, token_values
+    from instructgpt_cli.forward import choose
 
     config = AutoConfig.for_model(family, vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                   num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, num_labels=1)
@@ -324,8 +323,8 @@ def test_batches_padded_only_on_the_right_run_unmasked_with_the_same_outputs_and
         logits = m(input_ids=qr, **masked).logits[:, 4:-1].float() / 0.7
         return torch.log_softmax(logits, -1).gather(-1, qr[:, 5:, None])[..., 0]
 
-    for model, fast, slow in ((policy, lambda m: response_logprobs(m, qr, mask, 5, 0.7)[0], masked_logprobs),
-                              (value, lambda m: token_values(m, qr, mask, 5),
+    for model, fast, slow in ((policy, lambda m: choose(m).response_logprobs(m, qr, mask, 5, 0.7)[0], masked_logprobs),
+                              (value, lambda m: choose(m).token_values(m, qr, mask, 5),
                                lambda m: scalar_head_outputs(m, input_ids=qr, **masked)[:, 4:-1])):
         (a, grads_a), (b, grads_b) = (outputs_and_grads(model, lambda: fn(model), real) for fn in (fast, slow))
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

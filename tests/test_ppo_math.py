@@ -6,6 +6,7 @@ import torch
 
 from instructgpt_cli.losses import adaptive_kl_beta, gae, kl_penalized_rewards, masked_mean, masked_whiten, policy_loss, value_loss
 from instructgpt_cli.rollout import build_rollout
+from instructgpt_cli.stages import ppo
 
 
 def test_kl_penalized_rewards_put_the_score_on_the_last_real_token():
@@ -162,15 +163,15 @@ def test_sampling_runs_without_autograd_draws_what_no_grad_draws_and_leaves_the_
 
 
 def policy_and_value(n_policy: int = 6, n_value: int = 4):
-    """A stand-in for ppo_step.PolicyAndValue: two linear layers whose weights are the parameters."""
-    from instructgpt_cli.stages.ppo_step import PolicyAndValue
+    """A stand-in for ppo.PolicyAndValue: two linear layers whose weights are the parameters."""
+    from instructgpt_cli.stages.ppo import PolicyAndValue
 
     return PolicyAndValue(torch.nn.Linear(n_policy, 1, bias=False), torch.nn.Linear(n_value, 1, bias=False))
 
 
 def test_value_parameters_step_with_their_own_learning_rate_under_the_schedule():
     from instructgpt_cli.config import OptimConfig
-    from instructgpt_cli.train import build_optimizer, build_scheduler, optimizer_step_by_group
+    from instructgpt_cli.train import TrainState, build_optimizer, build_scheduler
 
     pv = policy_and_value()
     before = {k: p.detach().clone() for k, p in pv.named_parameters()}
@@ -180,7 +181,7 @@ def test_value_parameters_step_with_their_own_learning_rate_under_the_schedule()
     assert [g["lr"] for g in optimizer.param_groups] == [1e-2, 1e-3]
     for p in pv.parameters():
         p.grad = torch.randn_like(p) * 5
-    optimizer_step_by_group(optimizer, scheduler, cfg.grad_clip)
+    TrainState(pv, optimizer, scheduler).optimizer_step_by_group(cfg.grad_clip)
     # Adam's first step moves every weight by lr * g / (|g| + eps): lr itself, per group
     for name, lr in (("policy.weight", 1e-2), ("value.weight", 1e-3)):
         step = (dict(pv.named_parameters())[name] - before[name]).abs()
@@ -190,9 +191,9 @@ def test_value_parameters_step_with_their_own_learning_rate_under_the_schedule()
 
 
 def test_a_huge_policy_gradient_does_not_shrink_the_value_update():
-    """Each group is clipped on its own norm: ptx's gradient on the policy (gamma 27.8) cannot scale the
+    """Each group is clipped on its own norm: ptx's gradient on the policy (ptx_coef 27.8) cannot scale the
     value model's step through a shared norm (with one norm the value step here would be 2e-7 of itself)."""
-    from instructgpt_cli.train import optimizer_step_by_group
+    from instructgpt_cli.train import TrainState
 
     pv = policy_and_value(n_policy=4, n_value=4)
     before = {k: p.detach().clone() for k, p in pv.named_parameters()}
@@ -200,7 +201,7 @@ def test_a_huge_policy_gradient_does_not_shrink_the_value_update():
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     pv.policy.weight.grad = torch.full((1, 4), 1e6)  # norm 2e6
     pv.value.weight.grad = torch.tensor([[0.3, 0.0, -0.4, 0.0]])  # norm 0.5, under the clip of 1
-    norms = optimizer_step_by_group(optimizer, scheduler, grad_clip=1.0)
+    norms = TrainState(pv, optimizer, scheduler).optimizer_step_by_group(grad_clip=1.0)
     assert norms == pytest.approx([2e6, 0.5])
     torch.testing.assert_close(before["value.weight"] - pv.value.weight.detach(), torch.tensor([[0.3, 0.0, -0.4, 0.0]]))
     policy_step = before["policy.weight"] - pv.policy.weight.detach()
@@ -223,12 +224,10 @@ def constant_rm(tok, score: float):
 def scoring_models(tok, rm, policy_dropout: float = 0.0):
     from instructgpt_cli.config import PPOConfig
     from instructgpt_cli.models import tiny_model
-    from instructgpt_cli.stages import ppo
-    from instructgpt_cli.stages import ppo_step
 
     policy, ref = tiny_model(tok, seed=0, dropout=policy_dropout), tiny_model(tok, seed=0).requires_grad_(False).eval()
     value = tiny_model(tok, seed=1, kind="reward")
-    return ppo.runners(ppo_step.PPOModels(policy, value, reference=ref, reward=rm), PPOConfig(), torch.device("cpu"))
+    return ppo.as_runners(ppo.PPOModels(policy, value, reference=ref, reward=rm), PPOConfig(), torch.device("cpu"))
 
 
 def fixed_rollout(tok):
@@ -250,12 +249,11 @@ def test_scoring_clips_scores_and_penalises_a_missing_eos_by_hand(raw, clip, pen
     the clipped score less the penalty where the response has no EOS (the policy is the reference: KL 0)."""
     from instructgpt_cli.config import PPOConfig
     from instructgpt_cli.models import tiny_tokenizer
-    from instructgpt_cli.stages import ppo_step
 
     tok = tiny_tokenizer()
     ro = fixed_rollout(tok)
     cfg = PPOConfig(reward_clip=clip, missing_eos_penalty=penalty)
-    sc = ppo_step.score_rollout(scoring_models(tok, constant_rm(tok, raw)), ro, cfg, beta=0.05, batch=3)
+    sc = ppo.score_rollout(scoring_models(tok, constant_rm(tok, raw)), ro, cfg, beta=0.05, batch=3)
     assert sc.scores.tolist() == pytest.approx([raw] * 4)  # objective/scores: the RM's own
     assert sc.kl.abs().max().item() < 1e-6
     last = ro.lengths - 1
@@ -268,19 +266,19 @@ def test_scoring_runs_policy_and_value_in_eval_mode():
     sampled in): the old log-probs are exactly the eval-mode ones."""
     from instructgpt_cli.config import PPOConfig
     from instructgpt_cli.models import tiny_tokenizer
-    from instructgpt_cli.forward import response_logprobs
-    from instructgpt_cli.stages import ppo_step
+    from instructgpt_cli.forward import choose
 
     tok = tiny_tokenizer()
     ro = fixed_rollout(tok)
     models = scoring_models(tok, constant_rm(tok, 0.0), policy_dropout=0.5)
     models.policy.train(), models.value.train()
     torch.manual_seed(0)
-    sc = ppo_step.score_rollout(models, ro, PPOConfig(), beta=0.05, batch=4)
-    assert not models.policy.training and not models.value.training
+    sc = ppo.score_rollout(models, ro, PPOConfig(), beta=0.05, batch=4)
+    policy = models.policy.model
+    assert not policy.training and not models.value.model.training
     with torch.no_grad():
-        expected, _ = response_logprobs(models.policy.model.eval(), ro.query_response, ro.attention_mask,
-                                        ro.context_len, 1.0)
+        expected, _ = choose(policy).response_logprobs(policy.eval(), ro.query_response, ro.attention_mask,
+                                                       ro.context_len, 1.0)
     mask = ro.response_mask.bool()
     torch.testing.assert_close(sc.logprobs[mask], expected[mask], rtol=1e-5, atol=1e-6)
 
@@ -354,7 +352,7 @@ def test_decoding_stops_once_every_row_has_ended():
 def test_update_stats_means_by_kind_by_hand():
     """Minibatch metrics: per-minibatch sums of token-weighted micro values, averaged over all minibatches
     (one minibatch may add nothing); 'first' the first minibatch's sum; 'step' the mean of per-step values."""
-    from instructgpt_cli.stages.ppo_step import UpdateStats
+    from instructgpt_cli.stages.ppo import UpdateStats
 
     stats = UpdateStats(n_minibatches=4)
     stats.add("minibatch", {"loss/policy": 0.25 * 2.0})  # minibatch 1: two micro-batches, weights 1/4 and 3/4

@@ -12,17 +12,17 @@ import yaml
 from conftest import REPO, arithmetic_demos, igpt, marker_rankings, write_jsonl
 from grads import assert_same_grads
 from instructgpt_cli import forward
-from instructgpt_cli import losses, train
+from instructgpt_cli import faults, losses
 from instructgpt_cli.config import OptimConfig, PPOConfig
 from instructgpt_cli.data import Demo
 from instructgpt_cli.batches import IGNORE_INDEX, collate, pad_right, tokenize_demos
 from instructgpt_cli.losses import linear_cross_entropy_sum, lm_targets, policy_loss, sft_loss_sum, value_loss
 from instructgpt_cli.models import tiny_model, tiny_tokenizer
 from instructgpt_cli.rollout import Rollout, build_rollout
-from instructgpt_cli.forward import lm_loss_sum, response_logprobs, token_values
+from instructgpt_cli.forward import choose
 from instructgpt_cli.rundir import read_metrics
+from instructgpt_cli.runners import Runner
 from instructgpt_cli.stages import ppo
-from instructgpt_cli.stages import ppo_step
 from instructgpt_cli.train import stream_indices
 
 
@@ -116,7 +116,7 @@ def test_sft_and_ptx_losses_chunked_equal_the_full_logits_and_keep_no_logits(mon
     rng = random.Random(0)
     blocks = [[rng.randrange(4, len(tok)) for _ in range(n)] for n in (23, 9, 16)]
     ids, mask = pad_right(blocks, tok.pad_token_id)
-    summed, n = lm_loss_sum(model, ids, mask)
+    summed, n = choose(model).lm_loss_sum(model, ids, mask)
     assert int(n) == sum(len(b) - 1 for b in blocks)
     (summed / n).backward()
     got = grads_of(model)
@@ -124,14 +124,14 @@ def test_sft_and_ptx_losses_chunked_equal_the_full_logits_and_keep_no_logits(mon
     want_loss.backward()
     torch.testing.assert_close(summed / n, want_loss)
     assert_same_grads(got, grads_of(model))
-    assert saved_logit_rows(lambda: lm_loss_sum(model, ids, mask), vocab) == 0
+    assert saved_logit_rows(lambda: choose(model).lm_loss_sum(model, ids, mask), vocab) == 0
     assert saved_logit_rows(lambda: ptx_loss(model(input_ids=ids, attention_mask=mask).logits, ids, mask),
                             vocab) >= int(n)
 
     demos = [Demo([{"role": "user", "content": d["prompt"]}], d["response"], None, f"d:{i}")
              for i, d in enumerate(arithmetic_demos(4))]
     batch = collate(tokenize_demos(tok, demos, 256)[0], tok.pad_token_id)
-    summed, n = forward.response_loss_sum(model, batch)
+    summed, n = forward.choose(model).response_loss_sum(model, batch)
     summed.backward()
     got = grads_of(model)
     inputs = {k: v for k, v in batch.items() if k != "labels"}
@@ -140,7 +140,7 @@ def test_sft_and_ptx_losses_chunked_equal_the_full_logits_and_keep_no_logits(mon
     assert int(n) == int(want_n) > 0
     torch.testing.assert_close(summed, want)
     assert_same_grads(got, grads_of(model))
-    assert saved_logit_rows(lambda: forward.response_loss_sum(model, batch), vocab) == 0
+    assert saved_logit_rows(lambda: forward.choose(model).response_loss_sum(model, batch), vocab) == 0
 
 
 # ---------------------------------------------------------------- PPO-ptx in ppo_update
@@ -156,13 +156,11 @@ def ptx_blocks(tok, n: int = 9) -> list[list[int]]:
 
 @pytest.mark.parametrize("micro", [1, 2, 5])
 def test_ptx_micro_batches_give_the_loss_and_gradient_of_the_whole_batch(micro):
-    from instructgpt_cli import distributed
-
     tok = tiny_tokenizer()
     policy = tiny_model(tok, seed=0)
     blocks = ptx_blocks(tok)
     cfg = PPOConfig(ptx_coef=2.5, ptx_batch_size=5, ptx_micro_batch_size=micro)
-    loss = ppo_step.ptx_backward(distributed.wrap(policy, CPU), blocks, 3, cfg, tok.pad_token_id, CPU)
+    loss = ppo.ptx_backward(Runner(policy, CPU), blocks, 3, cfg, tok.pad_token_id, CPU)
     got = grads_of(policy)
     # the whole ptx batch of step 3 in one forward, the mean over all its tokens
     ids, mask = pad_right([blocks[i] for i in stream_indices(len(blocks), 3, 5, cfg.seed)], tok.pad_token_id)
@@ -178,14 +176,14 @@ def ppo_world(cfg: PPOConfig):
     policy, value = tiny_model(tok, seed=0), tiny_model(tok, seed=1, kind="reward")
     ref = tiny_model(tok, seed=0).requires_grad_(False).eval()
     rm = tiny_model(tok, seed=2, kind="reward").requires_grad_(False).eval()
-    trained = ppo_step.PolicyAndValue(policy, value)
-    models = ppo.runners(ppo_step.PPOModels(policy, value, reference=ref, reward=rm), cfg, CPU)
+    trained = ppo.PolicyAndValue(policy, value)
+    models = ppo.as_runners(ppo.PPOModels(policy, value, reference=ref, reward=rm), cfg, CPU)
     rng = random.Random(0)
     tokens = lambda n: [rng.randrange(4, len(tok)) for _ in range(n)]  # noqa: E731
     ro = Rollout(*build_rollout([tokens(rng.randint(3, 9)) for _ in range(8)],
                                 [tokens(rng.randint(1, 11)) + [tok.eos_token_id] * (i % 2) for i in range(8)],
                                 tok.pad_token_id, tok.eos_token_id))
-    sc = ppo_step.score_rollout(models, ro, cfg, 0.05, cfg.optim.batch_size)
+    sc = ppo.score_rollout(models, ro, cfg, 0.05, cfg.optim.batch_size)
     return tok, trained, models, ro, sc
 
 
@@ -217,16 +215,16 @@ def test_ppo_and_ptx_gradients_share_one_optimizer_step():
     blocks = ptx_blocks(tok)
     policy, value = trained.policy, trained.value
     mask = ro.response_mask.float()
-    logprobs, _ = response_logprobs(policy, ro.query_response, ro.attention_mask, ro.context_len, cfg.temperature)
+    logprobs, _ = choose(policy).response_logprobs(policy, ro.query_response, ro.attention_mask, ro.context_len, cfg.temperature)
     pg, _ = policy_loss(logprobs, sc.logprobs, sc.advantages, mask, cfg.cliprange)
-    vf, _ = value_loss(token_values(value, ro.query_response, ro.attention_mask, ro.context_len), sc.values,
+    vf, _ = value_loss(choose(value).token_values(value, ro.query_response, ro.attention_mask, ro.context_len), sc.values,
                        sc.returns, mask, cfg.cliprange_value)
     ids, pmask = pad_right([blocks[i] for i in stream_indices(len(blocks), 0, 5, cfg.seed)], tok.pad_token_id)
     ptx = ptx_loss(policy(input_ids=ids, attention_mask=pmask).logits, ids, pmask)
     (pg + cfg.vf_coef * vf + cfg.ptx_coef * ptx).backward()
     want = grads_of(trained)
     optimizer, scheduler, seen = recording_optimizer(trained)
-    stats, _ = ppo_step.ppo_update(models, trained, optimizer, scheduler, ro, sc, cfg, blocks, 0, tok.pad_token_id)
+    stats, _ = ppo.ppo_update(models, ppo.PPOState(trained, optimizer, scheduler), ro, sc, cfg, blocks, tok.pad_token_id)
     assert len(seen) == 1  # PPO and ptx in the same step
     assert_same_grads(seen[0], want)
     assert stats["loss/ptx"] == pytest.approx(ptx.item(), rel=1e-5)
@@ -237,11 +235,12 @@ def test_one_ptx_batch_per_optimizer_step_across_minibatches_and_epochs(monkeypa
                     optim=OptimConfig(batch_size=2, grad_clip=0.0))
     tok, trained, models, ro, sc = ppo_world(cfg)
     calls = []
-    monkeypatch.setattr(ppo_step, "stream_indices", lambda *a: calls.append(a[1]) or stream_indices(*a))
+    monkeypatch.setattr(ppo, "stream_indices", lambda *a: calls.append(a[1]) or stream_indices(*a))
     optimizer, scheduler, seen = recording_optimizer(trained)
+    state = ppo.PPOState(trained, optimizer, scheduler)
     for iteration in range(2):
-        ppo_step.ppo_update(models, trained, optimizer, scheduler, ro, sc, cfg, ptx_blocks(tok), iteration,
-                       tok.pad_token_id)
+        state.step = iteration
+        ppo.ppo_update(models, state, ro, sc, cfg, ptx_blocks(tok), tok.pad_token_id)
     assert len(seen) == 2 * 2 * 3  # iterations x epochs x minibatches (3, 3 and 2 responses), no more
     assert calls == list(range(12))  # ptx batch k in optimizer step k
 
@@ -285,7 +284,7 @@ def test_ptx_batches_continue_across_iterations_and_resume(tmp_path, monkeypatch
 
     def ppo_run(run_dir, *extra):
         calls = []  # the ptx batches (7 blocks a step; the prompt order, 4 a step, comes from the same function)
-        monkeypatch.setattr(ppo_step, "stream_indices",
+        monkeypatch.setattr(ppo, "stream_indices",
                             lambda *a: (a[2] == 7 and calls.append(a[:3])) or stream_indices(*a))
         args = ["ppo", "--config", tmp_path / "ptx.yaml", "--prompts", tmp_path / "prompts.jsonl",
                 "--sft", tmp_path / "base" / "sft" / "final", "--rm", tmp_path / "rule_rm", "--run-dir", run_dir,
@@ -300,11 +299,11 @@ def test_ptx_batches_continue_across_iterations_and_resume(tmp_path, monkeypatch
     assert n_blocks % 7 and 12 * 7 > n_blocks  # steps that straddle passes
     assert [c[1] for c in straight] == list(range(12)) and all(c[2] == 7 for c in straight)
 
-    def die_after_2(step, where="step"):
-        if step == 2 and where == "step":
+    def die_after_2(step):
+        if step == 2:
             raise Killed
 
-    monkeypatch.setattr(train, "maybe_fault", die_after_2)
+    monkeypatch.setattr(faults, "after_step", die_after_2)
     with pytest.raises(Killed):
         ppo_run(tmp_path / "interrupted")
     result, resumed = ppo_run(tmp_path / "interrupted", "--resume")

@@ -18,8 +18,8 @@ from safetensors.torch import load_file
 
 from conftest import REPO, TINY_CONFIG, arithmetic_demos, igpt, write_jsonl
 from instructgpt_cli import rundir
-from instructgpt_cli import forward
-from instructgpt_cli import locks, signals, train
+from instructgpt_cli import checkpoint, faults, locks, signals, train
+from instructgpt_cli.errors import NonFinite
 from instructgpt_cli.errors import BadInput, Interrupted
 from instructgpt_cli.rundir import read_metrics
 
@@ -120,7 +120,7 @@ def test_two_concurrent_runs_the_second_is_refused_the_first_finishes_intact(tmp
 def test_stop_signal_checkpoints_the_step_and_resume_is_bit_identical(tmp_path, demos, sig, code):
     straight = tmp_path / "straight"
     assert igpt(*sft_args(demos, straight)).exit_code == 0
-    stopped = run(sft_args(demos, tmp_path / "stopped"), {train.FAULT_ENV: f"3:{sig}"})
+    stopped = run(sft_args(demos, tmp_path / "stopped"), {faults.FAULT_ENV: f"3:{sig}"})
     assert stopped.returncode == code, stopped.stderr
     assert f"stopped by {sig} after step 3 of 6; checkpoint step-000003 is complete" in stopped.stderr
     assert "--resume" in stopped.stderr and "Traceback" not in stopped.stderr
@@ -148,7 +148,7 @@ def test_ppo_stop_signal_ends_the_iteration_and_resumes_bit_identical(tmp_path, 
                 "4", "--mini-batch-size", "2", "--lr", "3e-3", "--max-steps", "4", "--save-every", "10"]
 
     assert igpt(*ppo(tmp_path / "straight")).exit_code == 0
-    stopped = run(ppo(tmp_path / "stopped"), {train.FAULT_ENV: "2:SIGTERM"})
+    stopped = run(ppo(tmp_path / "stopped"), {faults.FAULT_ENV: "2:SIGTERM"})
     assert stopped.returncode == 143 and "stopped by SIGTERM after step 2 of 4" in stopped.stderr, stopped.stderr
     assert igpt(*ppo(tmp_path / "stopped"), "--resume").exit_code == 0
     assert_same_weights(tmp_path / "straight" / "ppo" / "final", tmp_path / "stopped" / "ppo" / "final")
@@ -208,18 +208,18 @@ def nan_at(monkeypatch, steps: set[int]):
 
     real, seen = sft.train_step, {"step": 0}
 
-    def step(run_model, optimizer, *args, **kwargs):
+    def step(runner, state, *args, **kwargs):
         i = seen["step"]
         seen["step"] += 1
         if i in steps:
-            original = forward.response_loss_sum
-            monkeypatch.setattr(sft, "response_loss_sum", lambda m, b: tuple(x * math.nan if j == 0 else x
-                                                                     for j, x in enumerate(original(m, b))))
+            original = runner.response_loss_sum
+            monkeypatch.setattr(runner, "response_loss_sum", lambda b: tuple(x * math.nan if j == 0 else x
+                                                                            for j, x in enumerate(original(b))))
             try:
-                return real(run_model, optimizer, *args, **kwargs)
+                return real(runner, state, *args, **kwargs)
             finally:
-                monkeypatch.setattr(sft, "response_loss_sum", original)
-        return real(run_model, optimizer, *args, **kwargs)
+                monkeypatch.setattr(runner, "response_loss_sum", original)
+        return real(runner, state, *args, **kwargs)
 
     monkeypatch.setattr(sft, "train_step", step)
 
@@ -257,9 +257,9 @@ def test_non_finite_weights_are_never_checkpointed(tmp_path):
         model.weight[0, 0] = math.inf
     stage = rundir.Stage(tmp_path, "sft")
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    with pytest.raises(train.NonFinite, match="no longer finite"):
-        train.save_state(stage, 3, model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0),
-                         None, 2)
+    state = train.TrainState(model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0), step=3)
+    with pytest.raises(NonFinite, match="no longer finite"):
+        checkpoint.save(stage, state, 2)
     assert not stage.checkpoints.exists()
 
 
@@ -268,12 +268,11 @@ def test_ppo_refuses_a_non_finite_reward(tmp_path, demos, monkeypatch):
     from instructgpt_cli.models import tiny_tokenizer
 
     from instructgpt_cli.stages import ppo
-    from instructgpt_cli.stages import ppo_step
 
     assert igpt(*sft_args(demos, tmp_path / "base")).exit_code == 0
     make_rule_rm(tmp_path / "rule_rm", tiny_tokenizer(), "e")
     write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"What is {i} plus {i + 1}?"} for i in range(8)])
-    real = ppo_step.score_rollout
+    real = ppo.score_rollout
 
     def nan_scores(*args, **kwargs):
         sc = real(*args, **kwargs)
@@ -294,15 +293,15 @@ def test_ppo_refuses_a_non_finite_reward(tmp_path, demos, monkeypatch):
 
 
 def test_a_full_disk_while_checkpointing_exits_4_and_keeps_the_previous_checkpoint(tmp_path, demos, monkeypatch):
-    real = train.save_train_state
+    real = checkpoint.write
 
-    def full_at_4(dest, model, optimizer, scheduler, step, *args, **kwargs):
-        if step == 4:
+    def full_at_4(dest, state, *args, **kwargs):
+        if state.step == 4:
             (dest / "trainable.safetensors").write_bytes(b"partial")
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real(dest, model, optimizer, scheduler, step, *args, **kwargs)
+        return real(dest, state, *args, **kwargs)
 
-    monkeypatch.setattr(train, "save_train_state", full_at_4)
+    monkeypatch.setattr(checkpoint, "write", full_at_4)
     run_dir = tmp_path / "run"
     result = igpt(*sft_args(demos, run_dir))
     ckpts = run_dir / "sft" / "checkpoints"
@@ -310,7 +309,7 @@ def test_a_full_disk_while_checkpointing_exits_4_and_keeps_the_previous_checkpoi
     assert f"no space left on device while writing {ckpts / 'step-000004'}" in result.stderr
     assert "Traceback" not in result.stderr
     assert sorted(p.name for p in ckpts.iterdir()) == ["step-000002"]  # no partial folder
-    monkeypatch.setattr(train, "save_train_state", real)
+    monkeypatch.setattr(checkpoint, "write", real)
     resumed = igpt(*sft_args(demos, run_dir, "--resume"))
     assert resumed.exit_code == 0 and "from step-000002" in resumed.stderr
 
@@ -348,12 +347,12 @@ def interrupted_sft(tmp_path, demos, monkeypatch) -> Path:
     class Killed(Exception):
         pass
 
-    def die_after_3(step, where="step"):
-        if step == 3 and where == "step":
+    def die_after_3(step):
+        if step == 3:
             raise Killed
 
     run_dir = tmp_path / "run"
-    monkeypatch.setattr(train, "maybe_fault", die_after_3)
+    monkeypatch.setattr(faults, "after_step", die_after_3)
     with pytest.raises(Killed):
         igpt(*sft_args(demos, run_dir, "--lr", "1e-3"))
     monkeypatch.undo()
@@ -427,9 +426,9 @@ def test_resume_under_other_numerics_says_it_will_not_be_bit_identical(tmp_path,
 
 def numerics_changed_on_gpu_ignores_threads() -> bool:
     saved = {"threads": 1, "device": "cuda (NVIDIA H100)", "dtype": "bfloat16", "torch": "2.13.0"}
-    return (train.numerics_changed(saved, {**saved, "threads": 8}) == []
-            and train.numerics_changed(saved, {**saved, "threads": 8, "dtype": "float32"}) == ["dtype bfloat16 -> float32"]
-            and train.numerics_changed({}, saved) == [])
+    return (checkpoint.numerics_changed(saved, {**saved, "threads": 8}) == []
+            and checkpoint.numerics_changed(saved, {**saved, "threads": 8, "dtype": "float32"}) == ["dtype bfloat16 -> float32"]
+            and checkpoint.numerics_changed({}, saved) == [])
 
 
 # ---------------------------------------------------------------- 7. lineage
@@ -484,7 +483,7 @@ def test_a_read_only_run_directory_is_refused_before_any_work(tmp_path, demos, s
 
 def test_running_is_read_as_interrupted_once_the_process_is_gone(tmp_path, demos):
     run_dir = tmp_path / "run"
-    killed = run(sft_args(demos, run_dir), {train.FAULT_ENV: "3"})  # dies (exit 99) with no chance to say so
+    killed = run(sft_args(demos, run_dir), {faults.FAULT_ENV: "3"})  # dies (exit 99) with no chance to say so
     assert killed.returncode == 99
     assert manifest(run_dir)["sft"]["status"] == "running"  # what the file says
     assert locks.stage_status(run_dir, "sft") == "interrupted"  # what it means

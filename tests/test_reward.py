@@ -18,6 +18,7 @@ from instructgpt_cli.models import load_model, load_tokenizer, tiny_model, tiny_
 from instructgpt_cli.rewards import packed_reward_scores, reward_scores, shared_reward_scores
 from instructgpt_cli.rewards import score_sequences
 from instructgpt_cli.rundir import read_metrics
+from instructgpt_cli.runners import Runner
 from instructgpt_cli.storage import weights_sha256
 from instructgpt_cli.rewards import Layout, ranking_scores
 from instructgpt_cli.stages.reward import rank_forward
@@ -90,7 +91,8 @@ def test_one_ranking_of_k_responses_costs_at_most_k_sequence_forwards(layout):
         prompt = len(render_prompt(tok, [{"role": "user", "content": "q"}])) + len("answer ")  # all start alike
         group = RankedGroup(seqs, [(i, j) for i in range(k) for j in range(i + 1, k)])
         shapes.clear()
-        losses, correct, _ = rank_forward(model, [group], tok.pad_token_id, torch.device("cpu"), layout)
+        losses, correct, _ = rank_forward(Runner(model, torch.device("cpu")), [group], tok.pad_token_id, torch.device("cpu"),
+                                          layout)
         # one forward: K padded rows, one row of exactly the K sequences' tokens, or one row with the
         # shared beginning once and each response's own tokens after it
         want = {Layout(): (k, max(map(len, seqs))), Layout(packed=True): (1, sum(map(len, seqs))),
@@ -173,7 +175,7 @@ def test_bf16_scores_take_the_normalisation_bias_in_fp32_in_every_layout():
             setattr(model.config, REWARD_BIAS, bias)
             for name, layout in LAYOUTS.items():
                 scores = ranking_scores(model, [g.sequences for g in groups], tok.pad_token_id, cpu, layout)
-                _, correct, _ = rank_forward(model, groups, tok.pad_token_id, cpu, layout)
+                _, correct, _ = rank_forward(Runner(model, cpu), groups, tok.pad_token_id, cpu, layout)
                 got[bias, name] = scores, correct.tolist()
     for name in LAYOUTS:
         (raw, raw_correct), (biased, correct) = got[0.0, name], got[5.0, name]

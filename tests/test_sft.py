@@ -13,10 +13,11 @@ from conftest import REPO, TINY_CONFIG, arithmetic_demos, igpt, write_jsonl
 from grads import assert_same_grads
 from instructgpt_cli.data import read_demos
 from instructgpt_cli.batches import tokenize_demos
-from instructgpt_cli.distributed import Apply
 from instructgpt_cli.models import tiny_model, tiny_tokenizer
 from instructgpt_cli.rundir import read_metrics
+from instructgpt_cli.runners import Runner
 from instructgpt_cli.stages.sft import train_step
+from instructgpt_cli.train import TrainState
 
 
 def final_weights(run_dir):
@@ -76,7 +77,8 @@ def one_step(batch_size, grad_accum, examples, tok, packed=False):
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
     chunks = [examples[i:i + batch_size] for i in range(0, len(examples), batch_size)]
-    loss = train_step(Apply(model), opt, sched, chunks, tok.pad_token_id, packed, torch.device("cpu"), 100.0)
+    cpu = torch.device("cpu")
+    loss = train_step(Runner(model, cpu), TrainState(model, opt, sched), chunks, tok.pad_token_id, packed, cpu, 100.0)
     return loss["train/loss"], model.state_dict()
 
 
@@ -162,12 +164,12 @@ def tiny_lm(lora: bool):
 def test_lm_head_on_response_positions_only_equals_the_full_logits_loss(tmp_path, lora):
     from instructgpt_cli.batches import collate
     from instructgpt_cli.losses import sft_loss_sum
-    from instructgpt_cli.forward import response_loss_sum
+    from instructgpt_cli.forward import choose
 
     tok, model = tiny_tokenizer(), tiny_lm(lora)
     examples, _ = tokenize_demos(tok, read_demos(write_jsonl(tmp_path / "d.jsonl", arithmetic_demos(4))), 256)
     batch = collate(examples, tok.pad_token_id)
-    fast, n_fast = response_loss_sum(model, batch)
+    fast, n_fast = choose(model).response_loss_sum(model, batch)
     full, n_full = sft_loss_sum(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
                                 batch["labels"])
     assert int(n_fast) == int(n_full) > 0
@@ -179,7 +181,7 @@ def test_padding_free_batch_gives_the_padded_loss_and_gradients(tmp_path, lora):
     """Packed sequences attend only within themselves: loss and every gradient equal the padded batch's."""
     from instructgpt_cli.batches import collate, collate_packed
     from instructgpt_cli.families import supports_packing
-    from instructgpt_cli.forward import response_loss_sum
+    from instructgpt_cli.forward import choose
 
     tok, model = tiny_tokenizer(), tiny_lm(lora)
     demos = arithmetic_demos(3) + [{"prompt": "Say a long sentence, please.", "response": "word " * 30}]
@@ -189,7 +191,7 @@ def test_padding_free_batch_gives_the_padded_loss_and_gradients(tmp_path, lora):
 
     def loss_and_grads(batch):
         model.zero_grad(set_to_none=True)
-        summed, n = response_loss_sum(model, batch)
+        summed, n = choose(model).response_loss_sum(model, batch)
         summed.backward()
         return summed.detach(), int(n), {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
 

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, TINY_CONFIG, arithmetic_demos, igpt, write_jsonl
-from instructgpt_cli import trackers, train
+from instructgpt_cli import faults, trackers
+from instructgpt_cli.config import SFTConfig
 from instructgpt_cli.rundir import read_metrics
 
 ALL = "tensorboard,wandb,trackio,mlflow"
@@ -110,7 +111,7 @@ def test_every_tracker_holds_the_metrics_lines_and_a_resumed_run_continues_the_s
     demos = write_jsonl(tmp_path / "demos.jsonl", arithmetic_demos(24))
     run_dir, env = tmp_path / "demo", offline_env(tmp_path)
     # 1. SIGTERM after step 3: a checkpoint of step 3, every tracker closed as interrupted
-    stopped = run(sft_args(demos, run_dir), {**env, train.FAULT_ENV: "3:SIGTERM"})
+    stopped = run(sft_args(demos, run_dir), {**env, faults.FAULT_ENV: "3:SIGTERM"})
     assert stopped.returncode == 143, stopped.stderr
     first = json.loads((run_dir / "sft" / trackers.RECORD).read_text())
     assert set(first) == {"tensorboard", "wandb", "trackio", "mlflow"}
@@ -121,7 +122,7 @@ def test_every_tracker_holds_the_metrics_lines_and_a_resumed_run_continues_the_s
     client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
     assert client.get_run(first["mlflow"]["run_id"]).info.status == "KILLED"
     # 2. resumed, then killed outright after step 5 (checkpoint of step 4): step 5 is trained and logged again
-    killed = run(sft_args(demos, run_dir, "--resume"), {**env, train.FAULT_ENV: "5"})
+    killed = run(sft_args(demos, run_dir, "--resume"), {**env, faults.FAULT_ENV: "5"})
     assert killed.returncode == 99, killed.stderr
     # 3. resumed to the end
     done = run(sft_args(demos, run_dir, "--resume"), env)
@@ -268,26 +269,23 @@ class Fake:
 
 @pytest.fixture
 def fake_stage(tmp_path, monkeypatch):
-    from instructgpt_cli.config import SFTConfig, to_yaml
     from instructgpt_cli.rundir import Stage
 
     Fake.made, Fake.fail = [], set()
     monkeypatch.setitem(trackers.ADAPTERS, "wandb", Fake)
     stage = Stage(tmp_path / "demo", "sft")
-    stage.dir.mkdir(parents=True)
-    cfg = SFTConfig(report_to=["wandb"])
-    (stage.dir / "config.yaml").write_text(to_yaml("sft", cfg), encoding="utf-8")
+    stage.dir.mkdir(parents=True)  # no config.yaml: the trackers take the config the stage runs with
     return stage
 
 
 def test_reporting_sends_the_lines_records_the_run_and_resumes_it(fake_stage):
-    with trackers.reporting(fake_stage, 0) as report:
+    with trackers.reporting(fake_stage, 0, SFTConfig(report_to=["wandb"])) as report:
         report({"step": 1, "train/loss": 2.5, "name": "x"})
     first = Fake.made[0]
     assert first.name == "demo/sft" and first.params["report_to"] == ["wandb"] and first.saved == {}
     assert first.logged == [(1, {"train/loss": 2.5})] and first.code == 0
     assert json.loads((fake_stage.dir / trackers.RECORD).read_text()) == {"wandb": {"id": "run-0"}}
-    with trackers.reporting(fake_stage, 1) as report:
+    with trackers.reporting(fake_stage, 1, SFTConfig(report_to=["wandb"])) as report:
         report({"step": 2, "train/loss": 2.0})
     assert Fake.made[1].saved == {"id": "run-0"} and Fake.made[1].step == 1  # the resumed run gets the record
 
@@ -301,7 +299,7 @@ def test_reporting_closes_with_the_exit_code_and_a_failing_close_hides_no_error(
     raised = {"interrupted": Interrupted(signal.SIGTERM), "nonfinite": NonFinite("nan"), "bug": KeyError("k")}[error]
     Fake.fail = {"close"}
     with pytest.raises(type(raised)) as caught:
-        with trackers.reporting(fake_stage, 0) as report:
+        with trackers.reporting(fake_stage, 0, SFTConfig(report_to=["wandb"])) as report:
             report({"step": 1, "train/loss": 1.0})
             raise raised
     assert caught.value is raised and Fake.made[0].code == code
@@ -309,11 +307,11 @@ def test_reporting_closes_with_the_exit_code_and_a_failing_close_hides_no_error(
 
 def test_a_tracker_that_fails_is_warned_about_and_training_goes_on(fake_stage, capsys):
     Fake.fail = {"log"}
-    with trackers.reporting(fake_stage, 0) as report:
+    with trackers.reporting(fake_stage, 0, SFTConfig(report_to=["wandb"])) as report:
         report({"step": 1, "train/loss": 1.0})
         report({"step": 2, "train/loss": 0.5})  # no second call: the tracker was closed after the first
     assert Fake.made[0].code == 1 and "logging step 1 failed; no more metrics go to it" in capsys.readouterr().err
     Fake.fail = {"init"}
-    with trackers.reporting(fake_stage, 0) as report:
+    with trackers.reporting(fake_stage, 0, SFTConfig(report_to=["wandb"])) as report:
         report({"step": 1, "train/loss": 1.0})
     assert "could not start its run" in capsys.readouterr().err

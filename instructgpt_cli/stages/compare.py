@@ -34,9 +34,10 @@ from ..errors import BadInput
 from ..frontier import Side, model_or_checkpoint
 from ..models import load_tokenizer, position_limit, require_same_tokenizer
 from ..report import number, score_text, temperature_lines
-from ..rollout import decode_response, generate
+from ..rollout import decode_response
 from ..locks import claim
 from ..rundir import STAGE_MODELS, record
+from ..runners import Runner
 from ..stats import WIN_VALUE, grouped_win_rate, length_controlled_win_rate, win_rate
 from ..storage import atomic_write_text, publish_set, sha256_file, weights_sha256
 
@@ -88,10 +89,10 @@ def answers(cfg: CompareConfig, side: Side, tokenizer, queries: list[list[int]],
     reused = None if side.ppo else eval_samples(cfg, side.path, prompts)
     if reused is not None:
         return reused[0], str(reused[1])
-    model = side.load(tokenizer, device, cfg.dtype, cfg.seed)
+    model = Runner.for_eval(side.load(tokenizer, device, cfg.dtype, cfg.seed))
     torch.manual_seed(cfg.seed)  # the same seed for both models
-    return generate(model, tokenizer, queries, cfg.max_new_tokens, cfg.temperature, cfg.batch_size,
-                    progress="sample"), "sampled"
+    return model.generate(tokenizer, queries, cfg.max_new_tokens, cfg.temperature, cfg.batch_size,
+                          progress="sample"), "sampled"
 
 
 def run(cfg: CompareConfig, overwrite: bool = False) -> dict:

@@ -12,7 +12,6 @@ adapters disabled (no second copy), without it the policy itself before its firs
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 from array import array
@@ -29,15 +28,15 @@ from ..data import read_rankings
 from ..distributed import resolve_device
 from ..errors import BadInput
 from ..families import supports_packing, supports_sharing
-from ..forward import forward_name, ranking_logprobs
 from ..lifecycle import begin_stage, finish_stage, open_stage
 from ..losses import kwise_dpo_loss
 from ..models import apply_lora, context_window, load_model, load_tokenizer, save_final
 from ..rewards import Layout
 from ..rundir import Stage, file_input, find_model, model_input
+from ..runners import Runner
 from ..storage import writing
-from ..train import (build_optimizer, build_scheduler, fit, micro_batches, optimizer_step, plan_steps, restore,
-                     step_chunks)
+from ..checkpoint import restore
+from ..train import Session, TrainState, build_optimizer, build_scheduler, micro_batches, plan_steps, step_chunks
 
 STAGE = "dpo"
 REF_FILE = "ref_logps.safetensors"
@@ -56,12 +55,12 @@ class Item(NamedTuple):
     ref: Any = None
 
 
-def dpo_forward(model: Any, items: list[Item], pad_id: int, device: torch.device, layout: Layout,
+def dpo_forward(runner: Runner, items: list[Item], pad_id: int, device: torch.device, layout: Layout,
                 beta: float) -> tuple[torch.Tensor, dict]:
     """Per-prompt DPO losses (G,) of a micro-batch of rankings, and the sums of its pair statistics (the
     TRL metrics before averaging; ``pairs`` their count). One forward of the policy, each sequence once."""
-    logps = ranking_logprobs(model, [it.sequences for it in items], [it.prompt_len for it in items], pad_id, device,
-                             layout.shared, layout.packed)
+    logps = runner.ranking_logprobs([it.sequences for it in items], [it.prompt_len for it in items], pad_id,
+                                    layout.shared, layout.packed)
     ref = torch.cat([it.ref for it in items]).to(device)
     better, worse, group, offset = [], [], [], 0
     for gi, it in enumerate(items):
@@ -92,7 +91,7 @@ def _accumulate(total: dict, losses: torch.Tensor, stats: dict) -> None:
         total[k] = total.get(k, 0) + v
 
 
-def train_step(run, optimizer, scheduler, chunks: list[list[Item]], pad_id: int, layout: Layout,
+def train_step(runner: Runner, state: TrainState, chunks: list[list[Item]], pad_id: int, layout: Layout,
                device: torch.device, grad_clip: float, beta: float) -> dict:
     """One optimizer step over micro-batches of rankings (every rank passes all of the step's and trains on
     its share); the loss is the mean over all prompts of the step, as ``reward.train_step`` normalises."""
@@ -101,13 +100,13 @@ def train_step(run, optimizer, scheduler, chunks: list[list[Item]], pad_id: int,
     mine = distributed.rank_chunks(chunks)
     total: dict = {"loss": 0.0}
     for j, (chunk, weight) in enumerate(mine):
-        with distributed.syncing(run, j == len(mine) - 1):
-            losses, stats = run(dpo_forward, chunk, pad_id, device, layout, beta)
+        with runner.syncing(j == len(mine) - 1):
+            losses, stats = dpo_forward(runner, chunk, pad_id, device, layout, beta)
             (losses.sum() / n_prompts * (scale * weight)).backward()
         if weight:
             _accumulate(total, losses, stats)
     local_loss = total["loss"] if distributed.world_size() == 1 else None
-    grad_norm = optimizer_step(optimizer, scheduler, grad_clip, local_loss)
+    grad_norm = state.optimizer_step(grad_clip, local_loss)
     keys = ("loss", "pairs", "tokens", *METRICS)
     sums = distributed.reduce_metrics({k: total.get(k, 0) for k in keys}, sums=keys)
     return {**_means(sums, n_prompts, "train"), "train/grad_norm": grad_norm, "train/tokens": sums["tokens"],
@@ -115,16 +114,16 @@ def train_step(run, optimizer, scheduler, chunks: list[list[Item]], pad_id: int,
 
 
 @torch.no_grad()
-def evaluate(run, items: list[Item], batch_size: int, pad_id: int, layout: Layout, device: torch.device,
+def evaluate(runner: Runner, items: list[Item], batch_size: int, pad_id: int, layout: Layout, device: torch.device,
              beta: float) -> dict:
     """Held-out DPO loss (mean per prompt) and the TRL metrics (means over pairs); each rank scores its share."""
-    run.eval()
+    runner.eval()
     total: dict = {"loss": 0.0}
     for chunk, weight in distributed.rank_chunks(micro_batches(items, batch_size)):
-        losses, stats = run(dpo_forward, chunk, pad_id, device, layout, beta)
+        losses, stats = dpo_forward(runner, chunk, pad_id, device, layout, beta)
         if weight:
             _accumulate(total, losses, stats)
-    run.train()
+    runner.train()
     keys = ("loss", "pairs", *METRICS)
     return _means(distributed.reduce_metrics({k: total.get(k, 0) for k in keys}, sums=keys), len(items), "eval")
 
@@ -136,12 +135,13 @@ def reference_logprobs(model: Any, items: list[Item], batch_size: int, pad_id: i
     adapters disabled, in eval mode (no dropout); each rank runs its share of the micro-batches."""
     was_training = model.training
     model.eval()
-    adapters_off = model.disable_adapter() if hasattr(model, "peft_config") else contextlib.nullcontext()
-    with adapters_off:
-        chunks = micro_batches(items, batch_size)
-        mine = [ranking_logprobs(model, [it.sequences for it in c], [it.prompt_len for it in c], pad_id, device,
-                                 layout.shared, layout.packed).float().cpu()
-                for c, _ in distributed.rank_chunks(chunks)]
+    reference = Runner.for_eval(model)  # this process, the weights' dtype: the numbers the cache is keyed by
+    if hasattr(model, "peft_config"):
+        reference = reference.adapters_disabled()
+    chunks = micro_batches(items, batch_size)
+    mine = [reference.ranking_logprobs([it.sequences for it in c], [it.prompt_len for it in c], pad_id,
+                                       layout.shared, layout.packed).float().cpu()
+            for c, _ in distributed.rank_chunks(chunks)]
     model.train(was_training)
     parts = distributed.gather(mine)  # parts[r][k] holds chunk k * world + r
     flat = torch.cat([parts[j % len(parts)][j // len(parts)] for j in range(len(chunks))])
@@ -237,17 +237,17 @@ def run(cfg: DPOConfig, resume: bool = False, overwrite: bool = False, allow_cha
     #    a launcher), optimizer, schedule
     train, val = hold_out(items, cfg.val_fraction, cfg.seed, [r.group for r in rankings])
     model.train()
-    run_model = distributed.wrap(model, device, cfg.fsdp)
+    runner = Runner(model, device, cfg.fsdp)
     distributed.seed_rank(cfg.seed)
     per_step, epoch_steps, total_steps = plan_steps(cfg, len(train))
     optimizer = build_optimizer(model, cfg.optim)
-    scheduler = build_scheduler(optimizer, cfg.optim, total_steps)
+    state = TrainState(model, optimizer, build_scheduler(optimizer, cfg.optim, total_steps))
 
     # 4. the stage directory, the reference cache and the resume point
     begin_stage(stage, mode, cfg, inputs)
     if computed and distributed.is_main():
         write_reference(stage.dir / REF_FILE, ref, key)
-    step, _, ckpt = restore(stage, mode, model, optimizer, scheduler, changes)
+    ckpt = restore(stage, mode, state, changes)
     ks = sorted({len(it.sequences) for it in items})
     banner("igpt dpo", {
         "rankings": f"{cfg.rankings} ({len(train)} train, {len(val)} held-out prompts; K in {ks}; "
@@ -258,28 +258,25 @@ def run(cfg: DPOConfig, resume: bool = False, overwrite: bool = False, allow_cha
         "steps": f"{total_steps} ({epoch_steps}/epoch), {per_step} prompts per step"
                  + (", prompts shared" if layout.shared else "") + (", padding-free" if layout.packed else ", padded")
                  + processes_note(cfg.fsdp),
-        "forward": forward_name(model),
+        "forward": runner.name,
         **model_rows(model, cfg.lora.enabled, ckpt),
     })
 
-    # 5. train
-    def one_step(i: int) -> dict:
-        record = train_step(run_model, optimizer, scheduler,
-                            step_chunks(train, i, per_step, cfg.optim.batch_size, cfg.seed), tokenizer.pad_token_id,
-                            layout, device, cfg.optim.grad_clip, cfg.beta)
-        return {"epoch": round((i + 1) / epoch_steps, 4), **record}
-
+    # 5. train: one optimizer step on the step's rankings, the held-out DPO metrics every eval_every steps
     def held_out() -> dict:
-        return evaluate(run_model, val, cfg.optim.batch_size, tokenizer.pad_token_id, layout, device, cfg.beta)
+        return evaluate(runner, val, cfg.optim.batch_size, tokenizer.pad_token_id, layout, device, cfg.beta)
 
-    step = fit(stage, model, optimizer, scheduler, step, total_steps, one_step, held_out if val else None,
-               cfg.eval_every, cfg.save_every, cfg.keep_checkpoints,
-               headline=("train/loss", "rewards/accuracies", "rewards/margins"), log_every=cfg.log_every)
+    with Session(stage, cfg, state, total_steps) as session:
+        for i in session.steps():
+            chunks = step_chunks(train, i, per_step, cfg.optim.batch_size, cfg.seed)
+            record = train_step(runner, state, chunks, tokenizer.pad_token_id, layout, device, cfg.optim.grad_clip,
+                                cfg.beta)
+            session.record({"epoch": round((i + 1) / epoch_steps, 4), **record}, held_out if val else None)
 
     # 6. export from rank 0 (a sharded model is first gathered into a plain copy there)
     summary = held_out() if val else {}
     final = distributed.full_model(model, lambda: build(torch.device("cpu")))
     if distributed.is_main():
         save_final(final, tokenizer, stage.final)
-    finish_stage(stage, step, **summary)
+    finish_stage(stage, state.step, **summary)
     return stage.final

@@ -26,13 +26,15 @@ from ..batches import pretrain_blocks, render_queries, tokenize_rankings
 from ..data import read_pretrain, read_prompts, read_rankings
 from ..distributed import resolve_device
 from ..errors import BadInput
+from ..families import supports_sharing
 from ..judges import Settings
 from ..presets import read_yaml
 from ..models import load_model, load_trained_policy, load_tokenizer, position_limit, require_same_tokenizer
 from ..report import number, score_text, temperatures_text
 from ..report_plots import frontier_chart
-from ..rewards import score_ranking
-from ..rollout import decode_response, generate, lm_loss, response_kl, score_responses
+from ..rewards import Layout
+from ..rollout import decode_response, lm_loss, response_kl, score_responses
+from ..runners import Runner
 from ..locks import claim
 from ..rundir import STAGE_MODELS, find_model, record, stage_model
 from ..stats import length_bias, rm_accuracy
@@ -76,8 +78,9 @@ def kl_temperature(cfg: EvalConfig, run_dir: Path) -> tuple[float, str]:
     return PPOConfig().temperature, "PPO's default temperature"
 
 
-def load(cfg: EvalConfig, path: Path, tokenizer, device, kind: str = "causal"):
-    return load_model(ModelConfig(name=str(path), dtype=cfg.dtype), tokenizer, path, device, cfg.seed, kind).eval()
+def load(cfg: EvalConfig, path: Path, tokenizer, device, kind: str = "causal") -> Runner:
+    return Runner.for_eval(load_model(ModelConfig(name=str(path), dtype=cfg.dtype), tokenizer, path, device, cfg.seed,
+                                      kind).eval())
 
 
 class Responses(NamedTuple):
@@ -89,7 +92,8 @@ class Responses(NamedTuple):
     kl_responses: list[list[int]] | None  # the samples drawn at PPO's temperature; None: ``responses`` are they
 
 
-def respond(cfg: EvalConfig, model, sft, rm, tokenizer, queries: list[list[int]], kl_t: float) -> Responses:
+def respond(cfg: EvalConfig, model: Runner, sft: Runner, rm: Runner | None, tokenizer, queries: list[list[int]],
+            kl_t: float) -> Responses:
     """The model's responses to ``queries`` (token ids as sampled with cfg's decoding settings, seeded with
     cfg.seed), their reward model's scores, and the KL to ``sft`` at PPO's temperature ``kl_t`` (0 where ``sft``
     is the model): what ``igpt eval`` measures of one model, and the frontier of each checkpoint.
@@ -100,16 +104,16 @@ def respond(cfg: EvalConfig, model, sft, rm, tokenizer, queries: list[list[int]]
     greedy eval at 0) a second set is drawn at kl_t, seeded with cfg.seed as the first: the KL then does not
     depend on eval's temperature, and equals the figure of an eval run at kl_t."""
     torch.manual_seed(cfg.seed)
-    responses = generate(model, tokenizer, queries, cfg.max_new_tokens, cfg.temperature, cfg.batch_size,
-                         progress="sample")
+    responses = model.generate(tokenizer, queries, cfg.max_new_tokens, cfg.temperature, cfg.batch_size,
+                               progress="sample")
     kl_responses = None
     if sft is model:  # log pi - log pi_SFT is exactly 0: no second set, no forwards
         kls = [0.0] * len(responses)
     else:
         if cfg.temperature != kl_t:
             torch.manual_seed(cfg.seed)
-            kl_responses = generate(model, tokenizer, queries, cfg.max_new_tokens, kl_t, cfg.batch_size,
-                                    progress=f"sample at T={kl_t:g} for the KL")
+            kl_responses = model.generate(tokenizer, queries, cfg.max_new_tokens, kl_t, cfg.batch_size,
+                                          progress=f"sample at T={kl_t:g} for the KL")
         kls = response_kl(model, sft, tokenizer, queries, responses if kl_responses is None else kl_responses,
                           kl_t, cfg.batch_size).tolist()
     scores = score_responses(rm, tokenizer, queries, responses, cfg.batch_size).tolist() if rm is not None else []
@@ -196,10 +200,12 @@ def run(cfg: EvalConfig, as_json: bool = False, overwrite: bool = False) -> dict
         report.update({"ptx_loss": loss, "ptx_perplexity": perplexity(loss), "sft_ptx_loss": sft_loss,
                        "sft_ptx_perplexity": perplexity(sft_loss), "alignment_tax": loss - sft_loss})
     if rankings:
-        groups, _ = tokenize_rankings(tokenizer, rankings, getattr(rm.config, "max_position_embeddings", 2048))
+        groups, _ = tokenize_rankings(tokenizer, rankings, getattr(rm.model.config, "max_position_embeddings", 2048))
+        layout = Layout(shared=supports_sharing(rm.model))  # a ranking's prompt once, where that pays
         correct = []  # per ranking
         for g in groups:
-            s = score_ranking(rm, g.sequences, tokenizer.pad_token_id, cfg.batch_size)
+            with torch.no_grad():
+                s = rm.ranking_scores([g.sequences], tokenizer.pad_token_id, layout, cfg.batch_size).float().cpu()
             correct.append(sum(int(s[b] > s[w]) for b, w in g.pairs))
         total = sum(len(g.pairs) for g in groups)
         # with its interval clustered by ranking (their pairs are not independent), as train-rm reports it
@@ -264,7 +270,8 @@ def run_frontier(cfg: EvalConfig, as_json: bool = False, overwrite: bool = False
     points, samples, sft_texts, gold_values = [], {}, None, {}
     for point in ppo.points:
         model = (sft if point.step == 0 else load(cfg, point.path, tokenizer, device) if not point.checkpoint else
-                 load_trained_policy(point.path, ppo.sft, ppo.lora, tokenizer, device, cfg.dtype, cfg.seed))
+                 Runner.for_eval(load_trained_policy(point.path, ppo.sft, ppo.lora, tokenizer, device, cfg.dtype,
+                                                     cfg.seed)))
         responses, kls, scores, kl_responses = respond(cfg, model, sft, rm, tokenizer, queries, kl_t)
         texts = [decode_response(tokenizer, r) for r in responses]
         golds, gold_summary = gold.score(prompts, queries, responses, texts, sft_texts, tokenizer,

@@ -1,8 +1,9 @@
 """Step 3 of InstructGPT: PPO against the reward model with a per-token KL penalty to the SFT model,
-and PPO-ptx, which adds gamma * (LM loss on pretraining text) to every optimizer step:
+and PPO-ptx, which adds ptx_coef * (LM loss on pretraining text) to every optimizer step:
 
     objective(phi) = E_{x, y ~ pi_phi} [ r_theta(x, y) - beta * log(pi_phi(y|x) / pi_SFT(y|x)) ]
-                     + gamma * E_{x ~ D_pretrain} [ log pi_phi(x) ]          (Ouyang et al. 2022, eq. 2)
+                     + ptx_coef * E_{x ~ D_pretrain} [ log pi_phi(x) ]       (Ouyang et al. 2022, eq. 2;
+                                                                             the paper's gamma, 27.8)
 
 Each iteration: sample one response per prompt at temperature T, score it (policy and reference
 log-probs at the same T, per-token values, the RM score at the last real token), turn scores into
@@ -13,99 +14,116 @@ lm-human-preferences / "The N implementation details of RLHF with PPO" (Huang et
 Under a launcher each rank samples its share of the iteration's prompts with its own seed; advantages
 are whitened, losses normalised and metrics reported over all ranks' responses, so beta (the KL
 controller's) and every update are those of one batch of ``rollout_batch_size`` episodes.
+
+Reading order: :func:`run` holds the loop (sample -> score -> update -> adapt beta -> record -> checkpoint);
+below it, in that order, what each step calls: :func:`sample_rollout`, :func:`score_rollout`,
+:func:`ppo_update`, :func:`iteration_metrics`. What a resume needs is :class:`PPOState`.
 """
 from __future__ import annotations
 
 import json
 import math
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
 from .. import distributed
+from ..batches import pad_right, pretrain_blocks, render_queries
+from ..checkpoint import restore
 from ..config import LoraConfig, ModelConfig, PPOConfig
 from ..console import banner, model_rows, processes_note, say
-from ..batches import pretrain_blocks, render_queries
 from ..data import read_pretrain, read_prompts
-from ..ema import ModelEMA, averaged_model
 from ..distributed import resolve_device
+from ..ema import ModelEMA, averaged_model
 from ..errors import BadInput
 from ..families import frozen_layers
-from ..forward import forward_name
-from ..losses import adaptive_kl_beta
+from ..lifecycle import begin_stage, finish_stage, open_stage
+from ..losses import adaptive_kl_beta, gae, kl_penalized_rewards, masked_mean, masked_whiten, policy_loss, value_loss
 from ..models import apply_lora, load_model, load_tokenizer, position_limit, require_same_tokenizer, save_final
 from ..rewards import reward_stats
-from ..rollout import Rollout, build_rollout, decode_response, generate
+from ..rollout import Rollout, build_rollout, decode_response
 from ..rundir import Stage, file_input, find_model, model_input
+from ..runners import RolloutEngine, Runner
 from ..stats import describe_rm_accuracy
 from ..storage import building
-from ..lifecycle import begin_stage, finish_stage, open_stage
-from .ppo_step import PolicyAndValue, PPOModels, Scored, non_finite, ppo_update, score_rollout
-from ..train import build_optimizer, build_scheduler, fit, restore, skip_step, stream_indices
+from ..train import Session, TrainState, build_optimizer, build_scheduler, micro_batches, stream_indices
 
 STAGE = "ppo"
 
 
-def load_models(cfg: PPOConfig, tokenizer, sft_path: Path, rm_path: Path, device: torch.device) -> PPOModels:
-    """Policy (from SFT) and value (from the RM) train; reference and RM are frozen. With LoRA the
-    reference is the policy with adapters disabled and the RM is the value model with adapters
-    disabled, so no model is held twice."""
-    base = ModelConfig(**{**vars(cfg.model), "dropout": 0.0})  # dropout off everywhere (PPO needs ratio 1)
-    lora = no_dropout(cfg.lora)
-    policy = load_model(ModelConfig(**{**vars(base), "name": str(sft_path)}), tokenizer, sft_path, device, cfg.seed)
-    value = load_model(ModelConfig(**{**vars(base), "name": str(rm_path)}), tokenizer, rm_path, device, cfg.seed,
-                       kind="reward")
-    if cfg.lora.enabled:
-        torch.manual_seed(cfg.seed)
-        policy = apply_lora(policy, lora)
-        value = apply_lora(value, lora, task_type="SEQ_CLS")
-        return PPOModels(policy, value, reference=policy, reward=value, reference_ctx=policy.disable_adapter,
-                         reward_ctx=value.disable_adapter)
-    ref = load_model(ModelConfig(**{**vars(base), "name": str(sft_path)}), tokenizer, sft_path, device, cfg.seed)
-    rm = load_model(ModelConfig(**{**vars(base), "name": str(rm_path)}), tokenizer, rm_path, device, cfg.seed,
-                    kind="reward")
-    for frozen in (ref, rm):
-        frozen.eval().requires_grad_(False)
-    return PPOModels(policy, value, reference=ref, reward=rm)
+@dataclass
+class PPOModels:
+    """The four models of PPO. From :func:`load_models` they are modules; from :func:`as_runners` they are
+    :class:`runners.Runner`, called by name (``models.policy.logprobs(...)``). With LoRA the reference and the
+    reward model are the policy's and the value model's runners with adapters disabled, so no model is held
+    twice."""
+
+    policy: Any  # trained, from the SFT model
+    value: Any  # trained, from the reward model
+    reference: Any  # frozen: the SFT model, pi_SFT of the KL penalty
+    reward: Any  # frozen: the reward model r_theta
+    # layers below the adapters (LoRA on the top layers only): run once per rollout for both uses of a model
+    # (``frozen_layers``); 0 = none cached
+    frozen_policy: int = 0
+    frozen_value: int = 0
 
 
-def no_dropout(lora: LoraConfig) -> LoraConfig:
-    """The LoRA block with its dropout off: a dropped adapter input in training but not in scoring would
-    make the ratio differ from 1 at the first minibatch (the model's own dropout is set to 0 likewise)."""
-    return LoraConfig(**{**vars(lora), "dropout": 0.0})
+class Scored(NamedTuple):
+    """A rollout as :func:`score_rollout` scored it (cf. torchtune's ``Trajectory``). B: this rank's
+    responses; T: response positions (``Rollout.response_mask``); L: query + response tokens
+    (``Rollout.query_response``); H: the model's hidden size. (B, T) tensors are zero outside the mask."""
+
+    logprobs: torch.Tensor  # (B, T) the policy's log-probs at the sampling temperature: the ratio's old log-probs
+    ref_logprobs: torch.Tensor  # (B, T) the reference's, at the same temperature
+    values: torch.Tensor  # (B, T) the value model's, before each response token
+    scores: torch.Tensor  # (B,) the reward model's at the last real token, as it said them (objective/scores)
+    rewards: torch.Tensor  # (B, T) -beta * kl at every token, plus at the last real one the score clipped to
+    # +-reward_clip, less missing_eos_penalty where the response has no EOS
+    kl: torch.Tensor  # (B, T) log pi - log pi_SFT per token
+    advantages: torch.Tensor  # (B, T) GAE, whitened over all ranks' responses with whiten_advantages
+    returns: torch.Tensor  # (B, T) GAE advantages (before whitening) + values: the value model's targets
+    policy_trunk: torch.Tensor | None  # (B, L, H) the output of the policy's frozen layers; None when not cached
+    value_trunk: torch.Tensor | None  # (B, L, H) the value model's
+    seconds: dict[str, float]  # where scoring's time went: frozen (when cached), policy, ref, value, reward
 
 
-def runners(models: PPOModels, cfg: PPOConfig, device: torch.device) -> PPOModels:
-    """The models as PPO calls them (``distributed.wrap``): policy and value train under DDP or FSDP;
-    the frozen reference and RM are sharded under FSDP and kept whole under DDP. With LoRA those two
-    are the policy and value runners with adapters disabled, and with LoRA on the top layers only
-    ``frozen_*`` count the layers below, which scoring runs once per rollout for both uses of a model and
-    whose output every training forward of the rollout reuses (not under FSDP, which shards the layers)."""
-    policy = distributed.wrap(models.policy, device, cfg.fsdp)
-    value = distributed.wrap(models.value, device, cfg.fsdp)
-    frozen = (0, 0)  # lowest layers run once per rollout (``frozen_layers``)
-    if cfg.lora.enabled and cfg.cache_frozen_layers and not (cfg.fsdp and distributed.world_size() > 1):
-        frozen = frozen_layers(models.policy), frozen_layers(models.value)
-    if cfg.lora.enabled:
-        reference, reward = policy, value
-    else:
-        reference = distributed.wrap(models.reference, device, cfg.fsdp, trainable=False)
-        reward = distributed.wrap(models.reward, device, cfg.fsdp, trainable=False)
-    return replace(models, policy=policy, value=value, reference=reference, reward=reward, frozen_policy=frozen[0],
-                   frozen_value=frozen[1])
+class PolicyAndValue(torch.nn.Module):
+    """Policy and value trained together: one optimizer, one checkpoint (their parameters side by side, under
+    checkpoint.POLICY and checkpoint.VALUE)."""
+
+    def __init__(self, policy: torch.nn.Module, value: torch.nn.Module):
+        super().__init__()
+        self.policy, self.value = policy, value
 
 
-def cpu_copy(cfg: PPOConfig, tokenizer, path: Path, kind: str):
-    """The policy's ('causal') or value model's ('reward') architecture on the CPU, to receive the gathered
-    weights of a sharded model for export."""
-    model = load_model(ModelConfig(**{**vars(cfg.model), "dropout": 0.0, "name": str(path)}), tokenizer, path,
-                       torch.device("cpu"), cfg.seed, kind=kind)
-    if cfg.lora.enabled:
-        model = apply_lora(model, no_dropout(cfg.lora), task_type="CAUSAL_LM" if kind == "causal" else "SEQ_CLS")
-    return model
+@dataclass
+class PPOState(TrainState):
+    """What a PPO resume needs (saved whole in every checkpoint): the policy and value weights, optimizer and
+    schedule, the iteration (``step``) and skipped steps (:class:`train.TrainState`), and PPO's own: the KL
+    controller's ``beta``, the policy's weight average (``ema``) and ``ptx_cursor``, the optimizer steps
+    applied so far, which is where PPO-ptx's pretraining stream continues."""
+
+    beta: float = 0.0
+    ema: ModelEMA | None = None
+    ptx_cursor: int = 0
+
+    def extra(self) -> dict:
+        return {"beta": self.beta, "ptx_cursor": self.ptx_cursor, **({"ema": self.ema.state()} if self.ema else {})}
+
+    def load_extra(self, extra: dict) -> None:
+        self.beta = float(extra.get("beta", self.beta))
+        # an igpt before the cursor was saved took it from the schedule's step count, the same number
+        self.ptx_cursor = int(extra.get("ptx_cursor", self.scheduler.last_epoch))
+        if self.ema is not None:
+            self.ema.load(extra.get("ema"))
+
+    def after_optimizer_step(self) -> None:
+        if self.ema is not None:  # InstructGPT, appendix C: an EMA of the policy, 0.992 per optimizer step
+            self.ema.update()
+        self.ptx_cursor += 1
 
 
 @dataclass
@@ -128,7 +146,8 @@ def run(cfg: PPOConfig, resume: bool = False, overwrite: bool = False, allow_cha
     inp = read_inputs(cfg)
     stage = Stage(Path(cfg.run_dir), STAGE)
     device = resolve_device(cfg.device)
-    files = {"prompts": file_input(cfg.prompts, cfg.split, cfg.columns), "sft": model_input(inp.sft_path), "rm": model_input(inp.rm_path)}
+    files = {"prompts": file_input(cfg.prompts, cfg.split, cfg.columns), "sft": model_input(inp.sft_path),
+             "rm": model_input(inp.rm_path)}
     if inp.ptx_texts:
         files["ptx_data"] = file_input(cfg.ptx_data, cfg.split, cfg.columns)
     mode, changes = open_stage(stage, cfg, files, resume, overwrite, allow_changes)  # lock; what resume changes
@@ -139,48 +158,65 @@ def run(cfg: PPOConfig, resume: bool = False, overwrite: bool = False, allow_cha
     if inp.ptx_texts and not ptx:
         raise BadInput([f"--ptx-data {cfg.ptx_data}: its text makes no block of 2 tokens or more to train on"])
 
-    # 2. models, optimizer, schedule
+    # 2. models, optimizer, schedule, the training state
     torch.manual_seed(cfg.seed)  # sampling; a resumed run restores the RNG state of its checkpoint
     loaded = load_models(cfg, inp.tokenizer, inp.sft_path, inp.rm_path, device)
     trained = PolicyAndValue(loaded.policy, loaded.value)
-    models = runners(loaded, cfg, device)  # DDP or FSDP under a launcher; FSDP shards trained's parameters
+    models = as_runners(loaded, cfg, device)  # DDP or FSDP under a launcher; FSDP shards trained's parameters
     distributed.seed_rank(cfg.seed)
     total_steps = iterations(cfg, len(inp.prompts))
     # two parameter groups: the value model has its own learning rate (InstructGPT C.4) and gradient clip
     optimizer = build_optimizer(trained, cfg.optim, {"policy": cfg.optim.lr, "value": cfg.vf_lr or cfg.optim.lr})
     scheduler = build_scheduler(optimizer, cfg.optim,
                                 total_steps * cfg.ppo_epochs * math.ceil(cfg.rollout_batch_size / cfg.mini_batch_size))
-    # an EMA of the policy's weights (with LoRA the adapted ones), updated after every optimizer step (InstructGPT,
-    # appendix C: 0.992)
-    ema = ModelEMA(trained.policy, cfg.ema_decay, optimizer) if cfg.ema_decay > 0 else None
+    state = PPOState(trained, optimizer, scheduler, beta=cfg.beta,
+                     ema=ModelEMA(trained.policy, cfg.ema_decay) if cfg.ema_decay > 0 else None)
 
-    # 3. the stage directory and the resume point (the KL controller's beta travels with the checkpoint)
+    # 3. the stage directory and the resume point
     begin_stage(stage, mode, cfg, files)
-    step, extra, ckpt = restore(stage, mode, trained, optimizer, scheduler, changes)
-    if ema is not None:
-        ema.load(extra.get("ema"))
-    iteration = Iteration(cfg, stage, inp, models, trained, optimizer, scheduler, ptx, device, total_steps,
-                          beta=float(extra.get("beta", cfg.beta)))
-    banner("igpt ppo", banner_rows(cfg, inp, ptx, device, total_steps, iteration.beta, trained, ckpt))
+    ckpt = restore(stage, mode, state, changes)
+    banner("igpt ppo", banner_rows(cfg, inp, ptx, device, total_steps, state.beta, models, trained, ckpt))
     if inp.rm_warning:
         say(f"[bold red]warning:[/] {inp.rm_warning}")
 
-    # 4. iterate: rollout, score, update
-    def checkpointed() -> dict:  # what a checkpoint holds besides the trained weights: beta, the EMA
-        return {"beta": iteration.beta, **({"ema": ema.state()} if ema else {})}
-
-    step = fit(stage, trained, optimizer, scheduler, step, total_steps, iteration, None, 1, cfg.save_every,
-               cfg.keep_checkpoints, extra_state=checkpointed,
-               headline=("objective/scores", "objective/kl", "val/response_length"), log_every=cfg.log_every)
+    # 4. iterate: sample -> score -> update -> adapt beta -> record (metrics, samples, checkpoint, stop signal)
+    timings: dict[str, float] = {}  # each timing/ metric added up over the run
+    with Session(stage, cfg, state, total_steps) as session:
+        for i in session.steps():
+            t0 = time.perf_counter()
+            prompts, responses, ro = sample_rollout(models, inp, cfg, i, device)
+            t1 = time.perf_counter()
+            sc = score_rollout(models, ro, cfg, state.beta, 2 * cfg.optim.batch_size)  # no grad: twice the micro-batch
+            t2 = time.perf_counter()
+            bad = non_finite(sc)
+            if bad is None:
+                stats, ptx_s = ppo_update(models, state, ro, sc, cfg, ptx, inp.tokenizer.pad_token_id)
+            else:  # no update from a NaN reward, value or advantage: the iteration is a skipped step
+                state.skip(*bad)
+                stats, ptx_s = {"policy/entropy": float("nan")}, 0.0
+            t3 = time.perf_counter()
+            record = {**iteration_metrics(cfg, state, i, ro, sc, stats), "timing/generation": t1 - t0,
+                      "timing/scoring": t2 - t1, **{f"timing/scoring/{part}": v for part, v in sc.seconds.items()},
+                      "timing/training": t3 - t2 - ptx_s, "timing/ptx": ptx_s}
+            if cfg.target_kl > 0 and bad is None:  # a skipped iteration trained nothing: its KL moves no beta
+                state.beta = adaptive_kl_beta(state.beta, record["objective/kl"], cfg.target_kl, cfg.kl_horizon,
+                                              cfg.rollout_batch_size)
+            if (i + 1) % cfg.sample_every == 0 or i + 1 == total_steps:
+                write_samples(stage, i + 1, [inp.prompts[j].prompt for j in prompts], responses, sc, inp.tokenizer)
+            record["timing/other"] = time.perf_counter() - t3
+            for k, v in record.items():
+                if k.startswith("timing/"):
+                    timings[k] = timings.get(k, 0.0) + v
+            session.record(record)
 
     # 5. export from rank 0: ppo/final/policy (HF causal LM), ppo/final/value (and policy_ema), published together
-    export(cfg, stage, trained, inp, ema)
-    finish_stage(stage, step, policy=str(stage.final / "policy"), value=str(stage.final / "value"),
-                 **({"policy_ema": str(stage.final / "policy_ema")} if ema else {}))
+    export(cfg, stage, trained, inp, state.ema)
+    finish_stage(stage, state.step, policy=str(stage.final / "policy"), value=str(stage.final / "value"),
+                 **({"policy_ema": str(stage.final / "policy_ema")} if state.ema else {}))
     # the phases add up to the whole; timing/scoring/<model> split the scoring phase
-    total_s = sum(v for k, v in iteration.timings.items() if k.count("/") == 1) or 1.0
+    total_s = sum(v for k, v in timings.items() if k.count("/") == 1) or 1.0
     banner("where the time went", {("  " * (k.count("/") - 1)) + k.split("/")[-1]:
-                                   f"{v:.1f}s ({100 * v / total_s:.0f}%)" for k, v in iteration.timings.items()})
+                                   f"{v:.1f}s ({100 * v / total_s:.0f}%)" for k, v in timings.items()})
     return stage.final
 
 
@@ -250,7 +286,7 @@ def iterations(cfg: PPOConfig, n_prompts: int) -> int:
 
 
 def banner_rows(cfg: PPOConfig, inp: Inputs, ptx: list, device: torch.device, total_steps: int, beta: float,
-                trained: PolicyAndValue, ckpt: Path | None) -> dict[str, str]:
+                models: PPOModels, trained: "PolicyAndValue", ckpt: Path | None) -> dict[str, str]:
     B = cfg.rollout_batch_size
     episodes = f"{total_steps * B} episodes"
     if cfg.max_steps == 0 and cfg.total_episodes > 0 and total_steps * B != cfg.total_episodes:
@@ -264,96 +300,346 @@ def banner_rows(cfg: PPOConfig, inp: Inputs, ptx: list, device: torch.device, to
         "models": f"policy {inp.sft_path}, value and reward {inp.rm_path}, on {device}",
         "reward model": inp.rm_accuracy,
         "objective": f"beta {beta}" + (f" -> KL {cfg.target_kl}" if cfg.target_kl else " (fixed)")
-                     + (f", ptx gamma {cfg.ptx_coef} on {len(ptx)} blocks of {cfg.ptx_seq_len}" if ptx else ", no ptx"),
+                     + (f", ptx_coef {cfg.ptx_coef} on {len(ptx)} blocks of {cfg.ptx_seq_len}" if ptx else ", no ptx"),
         "steps": f"{total_steps} iterations x {cfg.ppo_epochs} epochs x {math.ceil(B / cfg.mini_batch_size)} "
                  "minibatches" + processes_note(cfg.fsdp) + f"; {episodes}",
         "lr": f"policy {cfg.optim.lr:g}, value {cfg.vf_lr or cfg.optim.lr:g}; {clip}",
-        "forward": f"policy {forward_name(trained.policy)}, value {forward_name(trained.value)}",
+        "forward": f"policy {models.policy.name}, value {models.value.name}",
         **({"EMA": f"decay {cfg.ema_decay:g} per optimizer step -> final/policy_ema"} if cfg.ema_decay else {}),
         **model_rows(trained, cfg.lora.enabled, ckpt),
     }
 
 
-@dataclass
-class Iteration:
-    """``fit``'s train step: PPO iteration ``i`` samples, scores and updates, and returns its metrics record.
-    ``beta`` is the KL controller's (checkpointed); ``timings`` add up each timing/ metric over the run."""
-
-    cfg: PPOConfig
-    stage: Stage
-    inp: Inputs
-    models: PPOModels
-    trained: PolicyAndValue
-    optimizer: Any
-    scheduler: Any
-    ptx: list[list[int]]
-    device: torch.device
-    total_steps: int
-    beta: float
-    timings: dict[str, float] = field(default_factory=dict)
-
-    def __call__(self, i: int) -> dict:
-        cfg, tokenizer = self.cfg, self.inp.tokenizer
-        t0 = time.perf_counter()
-        mine, responses, ro = self.sample(i)
-        t1 = time.perf_counter()
-        sc = score_rollout(self.models, ro, cfg, self.beta, 2 * cfg.optim.batch_size)  # no grad: twice the micro-batch
-        t2 = time.perf_counter()
-        bad = non_finite(sc)
-        if bad is None:
-            stats, ptx_s = ppo_update(self.models, self.trained, self.optimizer, self.scheduler, ro, sc, cfg, self.ptx,
-                                      i, tokenizer.pad_token_id)
-        else:  # no update from a NaN reward, value or advantage: the iteration is a skipped step
-            skip_step(*bad)
-            stats, ptx_s = {"policy/entropy": float("nan")}, 0.0
-        t3 = time.perf_counter()
-        record = {**self.record(i, ro, sc, stats), "timing/generation": t1 - t0, "timing/scoring": t2 - t1,
-                  **{f"timing/scoring/{part}": v for part, v in sc.seconds.items()},
-                  "timing/training": t3 - t2 - ptx_s, "timing/ptx": ptx_s}
-        if cfg.target_kl > 0 and bad is None:  # a skipped iteration trained nothing: its KL moves no beta
-            self.beta = adaptive_kl_beta(self.beta, record["objective/kl"], cfg.target_kl, cfg.kl_horizon,
-                                         cfg.rollout_batch_size)
-        if (i + 1) % cfg.sample_every == 0 or i + 1 == self.total_steps:
-            write_samples(self.stage, i + 1, [self.inp.prompts[j].prompt for j in mine], responses, sc, tokenizer)
-        record["timing/other"] = time.perf_counter() - t3
-        for k, v in record.items():
-            if k.startswith("timing/"):
-                self.timings[k] = self.timings.get(k, 0.0) + v
-        return record
-
-    def sample(self, i: int) -> tuple[list[int], list[list[int]], Rollout]:
-        """This rank's prompts of iteration ``i`` (indices), the policy's responses and their rollout."""
-        cfg, tokenizer = self.cfg, self.inp.tokenizer
-        idx = stream_indices(len(self.inp.prompts), i, cfg.rollout_batch_size, cfg.seed)  # a pass's end continues
-        mine = idx[distributed.rank()::distributed.world_size()]  # a multiple of world: every rank B / world
-        batch_queries = [self.inp.queries[j] for j in mine]
-        with torch.no_grad():  # outside the runner too: DDP must not expect a backward of this forward
-            responses = self.models.policy(generate, tokenizer, batch_queries, cfg.max_new_tokens, cfg.temperature,
-                                           cfg.optim.batch_size * 2, distributed.is_sharded(self.trained))
-        ro = Rollout(*(x.to(self.device) if torch.is_tensor(x) else x for x in
-                       build_rollout(batch_queries, responses, tokenizer.pad_token_id, tokenizer.eos_token_id)))
-        return mine, responses, ro
-
-    def record(self, i: int, ro: Rollout, sc: Scored, stats: dict) -> dict:
-        """Iteration ``i``'s metrics but timings. Means over all ranks' responses (every rank has as many),
-        the EOS count summed: the KL controller sees the global KL, so beta stays the same on every rank."""
-        batch = distributed.reduce_metrics({
-            "kl": float(sc.kl.sum(1).mean()), "scores": float(sc.scores.mean()),
-            "rlhf_reward": float(sc.rewards.sum(1).mean()), "eos": int(ro.has_eos.sum()),
-            "length": float(ro.lengths.float().mean())}, sums=("eos",))
-        kl = batch["kl"]
-        return {
-            "episode": (i + 1) * self.cfg.rollout_batch_size, "objective/kl": kl, "objective/scores": batch["scores"],
-            "objective/entropy": stats.pop("policy/entropy"), "objective/beta": self.beta,
-            "objective/non_score_reward": -self.beta * kl,
-            "objective/rlhf_reward": batch["rlhf_reward"],  # penalised score - beta * KL
-            "val/num_eos_tokens": batch["eos"], "val/eos_rate": batch["eos"] / self.cfg.rollout_batch_size,
-            "val/response_length": batch["length"],
-            **stats, "train/lr_value": self.scheduler.get_last_lr()[1],
-        }
+def load_models(cfg: PPOConfig, tokenizer, sft_path: Path, rm_path: Path, device: torch.device) -> PPOModels:
+    """Policy (from SFT) and value (from the RM) train; reference and RM are frozen. With LoRA the
+    reference is the policy with adapters disabled and the RM is the value model with adapters
+    disabled, so no model is held twice."""
+    base = ModelConfig(**{**vars(cfg.model), "dropout": 0.0})  # dropout off everywhere (PPO needs ratio 1)
+    lora = no_dropout(cfg.lora)
+    policy = load_model(ModelConfig(**{**vars(base), "name": str(sft_path)}), tokenizer, sft_path, device, cfg.seed)
+    value = load_model(ModelConfig(**{**vars(base), "name": str(rm_path)}), tokenizer, rm_path, device, cfg.seed,
+                       kind="reward")
+    if cfg.lora.enabled:
+        torch.manual_seed(cfg.seed)
+        policy = apply_lora(policy, lora)
+        value = apply_lora(value, lora, task_type="SEQ_CLS")
+        return PPOModels(policy, value, reference=policy, reward=value)  # adapters disabled (as_runners)
+    ref = load_model(ModelConfig(**{**vars(base), "name": str(sft_path)}), tokenizer, sft_path, device, cfg.seed)
+    rm = load_model(ModelConfig(**{**vars(base), "name": str(rm_path)}), tokenizer, rm_path, device, cfg.seed,
+                    kind="reward")
+    for frozen in (ref, rm):
+        frozen.eval().requires_grad_(False)
+    return PPOModels(policy, value, reference=ref, reward=rm)
 
 
-def export(cfg: PPOConfig, stage: Stage, trained: PolicyAndValue, inp: Inputs, ema: ModelEMA | None = None) -> None:
+def no_dropout(lora: LoraConfig) -> LoraConfig:
+    """The LoRA block with its dropout off: a dropped adapter input in training but not in scoring would
+    make the ratio differ from 1 at the first minibatch (the model's own dropout is set to 0 likewise)."""
+    return LoraConfig(**{**vars(lora), "dropout": 0.0})
+
+
+def as_runners(models: PPOModels, cfg: PPOConfig, device: torch.device) -> PPOModels:
+    """The models as PPO calls them (:class:`runners.Runner`): policy and value train under DDP or FSDP;
+    the frozen reference and RM are sharded under FSDP and kept whole under DDP. With LoRA those two
+    are the policy and value runners with adapters disabled, and with LoRA on the top layers only
+    ``frozen_*`` count the layers below, which scoring runs once per rollout for both uses of a model and
+    whose output every training forward of the rollout reuses (not under FSDP, which shards the layers)."""
+    policy = Runner(models.policy, device, cfg.fsdp)
+    value = Runner(models.value, device, cfg.fsdp)
+    frozen = (0, 0)  # lowest layers run once per rollout (``frozen_layers``)
+    if cfg.lora.enabled and cfg.cache_frozen_layers and not (cfg.fsdp and distributed.world_size() > 1):
+        frozen = frozen_layers(models.policy), frozen_layers(models.value)
+    if cfg.lora.enabled:
+        reference, reward = policy.adapters_disabled(), value.adapters_disabled()
+    else:
+        reference = Runner(models.reference, device, cfg.fsdp, trainable=False)
+        reward = Runner(models.reward, device, cfg.fsdp, trainable=False)
+    return replace(models, policy=policy, value=value, reference=reference, reward=reward, frozen_policy=frozen[0],
+                   frozen_value=frozen[1])
+
+
+def cpu_copy(cfg: PPOConfig, tokenizer, path: Path, kind: str):
+    """The policy's ('causal') or value model's ('reward') architecture on the CPU, to receive the gathered
+    weights of a sharded model for export."""
+    model = load_model(ModelConfig(**{**vars(cfg.model), "dropout": 0.0, "name": str(path)}), tokenizer, path,
+                       torch.device("cpu"), cfg.seed, kind=kind)
+    if cfg.lora.enabled:
+        model = apply_lora(model, no_dropout(cfg.lora), task_type="CAUSAL_LM" if kind == "causal" else "SEQ_CLS")
+    return model
+
+
+# ---------------------------------------------------------------- one iteration, step by step
+
+
+def sample_rollout(models: PPOModels, inp: Inputs, cfg: PPOConfig, i: int,
+                   device: torch.device) -> tuple[list[int], list[list[int]], Rollout]:
+    """This rank's prompts of iteration ``i`` (indices into ``inp.prompts``), the policy's responses at
+    temperature T and their rollout batch."""
+    tokenizer = inp.tokenizer
+    idx = stream_indices(len(inp.prompts), i, cfg.rollout_batch_size, cfg.seed)  # a pass's end continues
+    mine = idx[distributed.rank()::distributed.world_size()]  # a multiple of world: every rank B / world
+    batch_queries = [inp.queries[j] for j in mine]
+    sampler: RolloutEngine = models.policy  # the seam for a generation engine (runners.RolloutEngine)
+    sampler.load_weights(models.policy)  # the policy after its last update
+    responses = sampler.generate(tokenizer, batch_queries, cfg.max_new_tokens, cfg.temperature,
+                                 cfg.optim.batch_size * 2)
+    ro = Rollout(*(x.to(device) if torch.is_tensor(x) else x for x in
+                   build_rollout(batch_queries, responses, tokenizer.pad_token_id, tokenizer.eos_token_id)))
+    return mine, responses, ro
+
+
+def trunk(frozen: int, states: torch.Tensor | None, idx: torch.Tensor | None = None) -> tuple[int, torch.Tensor] | None:
+    """The cached output of a model's ``frozen`` lowest layers as the forwards take it (rows ``idx``)."""
+    if not frozen:
+        return None
+    return frozen, states if idx is None else states[idx]
+
+
+class Stopwatch:
+    """Seconds per named part of a loop, each lap measured from the end of the previous one."""
+
+    def __init__(self, parts: tuple[str, ...]):
+        self.seconds = dict.fromkeys(parts, 0.0)
+        self.t = time.perf_counter()
+
+    def start(self) -> None:
+        self.t = time.perf_counter()
+
+    def lap(self, part: str) -> None:
+        now = time.perf_counter()
+        self.seconds[part] += now - self.t
+        self.t = now
+
+
+def score_rollout(models: PPOModels, ro: Rollout, cfg: PPOConfig, beta: float, batch: int) -> Scored:
+    """Old log-probs, reference log-probs, values, scores; then rewards, advantages and returns (B, T).
+    ``models`` are runners (:func:`as_runners`).
+
+    Policy and value score in eval mode, as generation samples (``ppo_update`` puts them back in train
+    mode): whatever dropout a model carries, the old log-probs are those of the policy that sampled.
+    Under ``distributed.no_autograd`` (``inference_mode`` in one process), the results cloned out of it,
+    since the PPO losses save some of them for their backward."""
+    models.policy.eval(), models.value.eval()
+    with distributed.no_autograd():
+        sc = _score_rollout(models, ro, cfg, beta, batch)
+    return Scored(*(v.clone() if torch.is_tensor(v) else v for v in sc))
+
+
+def _score_rollout(models: PPOModels, ro: Rollout, cfg: PPOConfig, beta: float, batch: int) -> Scored:
+    out, seconds = model_outputs(models, ro, cfg.temperature, batch)
+    mask = ro.response_mask.float()
+    scores = out["scores"].clone()
+    if cfg.reward_clip > 0:
+        scores = scores.clamp(-cfg.reward_clip, cfg.reward_clip)
+    scores = scores - cfg.missing_eos_penalty * (~ro.has_eos).float()  # a response must end
+    rewards, kl = kl_penalized_rewards(scores, out["logprobs"], out["ref_logprobs"], mask, beta)
+    advantages, returns = gae(out["values"], rewards, mask, cfg.gamma, cfg.lam)
+    if cfg.whiten_advantages:  # with the mean and variance of every rank's responses together
+        advantages = masked_whiten(advantages, mask, total=distributed.total)
+    return Scored(out["logprobs"], out["ref_logprobs"], out["values"], out["scores"], rewards, kl, advantages, returns,
+                  out.get("policy_trunk"), out.get("value_trunk"), seconds)
+
+
+def model_outputs(models: PPOModels, ro: Rollout, temperature: float,
+                  batch: int) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """Every model's outputs over the rollout, ``batch`` responses at a time (:func:`score_micro_batch`),
+    concatenated, and the seconds each model took."""
+    laps = Stopwatch(("frozen", "policy", "ref", "value", "reward"))
+    parts: dict[str, list[torch.Tensor]] = {}
+    for idx in micro_batches(torch.arange(len(ro.lengths)), batch):
+        laps.start()
+        for key, value in score_micro_batch(models, ro, idx, temperature, laps).items():
+            parts.setdefault(key, []).append(value)
+    if not (models.frozen_policy or models.frozen_value):
+        del laps.seconds["frozen"]
+    return {k: torch.cat(v) for k, v in parts.items()}, laps.seconds
+
+
+def score_micro_batch(models: PPOModels, ro: Rollout, idx: torch.Tensor, temperature: float,
+                      laps: Stopwatch) -> dict[str, torch.Tensor]:
+    """Rows ``idx`` of the rollout through the four models: the frozen layers' outputs first where they
+    are cached (``policy_trunk``, ``value_trunk``: the reference reuses the policy's, the reward model the
+    value model's), then ``logprobs``, ``ref_logprobs``, ``values`` (B, T) and ``scores`` (B,)."""
+    qr, mask = ro.query_response[idx], ro.attention_mask[idx]
+    out = {}
+    if models.frozen_policy:
+        out["policy_trunk"] = models.policy.trunk(models.frozen_policy, qr, mask)
+    if models.frozen_value:
+        out["value_trunk"] = models.value.trunk(models.frozen_value, qr, mask)
+    policy_trunk = trunk(models.frozen_policy, out.get("policy_trunk"))
+    value_trunk = trunk(models.frozen_value, out.get("value_trunk"))
+    laps.lap("frozen")
+    out["logprobs"] = models.policy.logprobs(qr, mask, ro.context_len, temperature, trunk=policy_trunk)[0]
+    laps.lap("policy")
+    out["ref_logprobs"] = models.reference.logprobs(qr, mask, ro.context_len, temperature, trunk=policy_trunk)[0]
+    laps.lap("ref")
+    out["values"] = models.value.values(qr, mask, ro.context_len, value_trunk)
+    laps.lap("value")
+    out["scores"] = models.reward.scores(qr, mask, ro.context_len, ro.lengths[idx], value_trunk)
+    laps.lap("reward")
+    return out
+
+
+def non_finite(sc: Scored) -> tuple[str, float] | None:
+    """(what, value) of the first rollout quantity with a NaN or inf on any rank (reward model scores, values,
+    advantages), or None when all are finite; every rank gets the same answer."""
+    for x, what in ((sc.scores, "reward model score"), (sc.values, "value"), (sc.advantages, "advantage")):
+        bad = ~torch.isfinite(x)
+        if distributed.agree(int(bad.sum())):
+            return what, float(x[bad][0]) if bad.any() else float("nan")
+    return None
+
+
+class UpdateStats:
+    """The metrics of one ``ppo_update``, each the mean of what it was given, by kind:
+
+    - ``"minibatch"``: token-weighted micro-batch values; a minibatch's value is their sum, the metric the
+      mean over all ``n_minibatches`` of the update;
+    - ``"first"``: the same for the update's first minibatch alone (ratio 1 and approx-KL 0 there check
+      that generation and training agree);
+    - ``"step"``: one value per optimizer step, the metric their mean.
+
+    Each value is a rank's part of a mean over ranks (summed over ranks) unless added ``same_on_ranks``."""
+
+    def __init__(self, n_minibatches: int):
+        self.divisors = {"minibatch": n_minibatches, "first": 1}
+        self.sums: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
+        self.kinds: dict[str, str] = {}
+        self.same_on_ranks: set[str] = set()
+
+    def add(self, kind: str, values: dict[str, float], same_on_ranks: bool = False) -> None:
+        for key, v in values.items():
+            self.kinds[key] = kind
+            self.sums[key] = self.sums.get(key, 0) + v
+            self.counts[key] = self.counts.get(key, 0) + 1
+            if same_on_ranks:
+                self.same_on_ranks.add(key)
+
+    def means(self) -> dict[str, float]:
+        """Per-minibatch metrics, then per-step ones, each in the order first added; reduced over ranks."""
+        out = {k: s / self.divisors[self.kinds[k]] for k, s in self.sums.items() if self.kinds[k] != "step"}
+        out.update({k: s / self.counts[k] for k, s in self.sums.items() if self.kinds[k] == "step"})
+        return distributed.reduce_metrics(out, sums=tuple(k for k in out if k not in self.same_on_ranks))
+
+
+def ppo_update(models: PPOModels, state: PPOState, ro: Rollout, sc: Scored, cfg: PPOConfig, ptx: list[list[int]],
+               pad_id: int) -> tuple[dict, float]:
+    """PPO epochs over shuffled minibatches; each optimizer step adds the ptx term. Returns stats (over
+    all ranks) and the seconds spent on ptx. Each rank holds 1/world of the rollout and of every
+    minibatch; a minibatch's loss is normalised by the response tokens of all ranks' shares.
+    ``optimizer`` has two parameter groups, the policy's then the value model's, each clipped on its own."""
+    mini = cfg.mini_batch_size // distributed.world_size()
+    stats = UpdateStats(cfg.ppo_epochs * math.ceil(len(ro.lengths) / mini))
+    ptx_seconds = 0.0
+    models.policy.train(), models.value.train()
+    for epoch in range(cfg.ppo_epochs):
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + state.step * 1_009 + epoch)
+        for mb_i, mb in enumerate(micro_batches(torch.randperm(len(ro.lengths), generator=gen), mini)):
+            minibatch_backward(models, ro, sc, mb, cfg, stats, first=epoch == 0 and mb_i == 0)
+            if cfg.ptx_coef > 0:
+                ptx_seconds += ptx_term(models.policy, ptx, state.ptx_cursor, cfg, pad_id,
+                                        ro.query_response.device, stats)
+            # policy and value clipped each on its own norm: ptx's gradient (ptx_coef 27.8) does not shrink the value's
+            norm_policy, norm_value = state.optimizer_step_by_group(cfg.optim.grad_clip)
+            stats.add("step", {"train/grad_norm": math.hypot(norm_policy, norm_value),
+                               "train/grad_norm_policy": norm_policy, "train/grad_norm_value": norm_value},
+                      same_on_ranks=True)  # taken after the gradients' all-reduce
+    return stats.means(), ptx_seconds
+
+
+def minibatch_backward(models: PPOModels, ro: Rollout, sc: Scored, mb: torch.Tensor, cfg: PPOConfig,
+                       stats: UpdateStats, first: bool) -> None:
+    """Backward of minibatch ``mb``'s PPO loss (pg + vf_coef * vf), micro-batch by micro-batch, each weighted by
+    its share of the response tokens of all ranks' parts of the minibatch; its metrics into ``stats``."""
+    mask_all = ro.response_mask.float()
+    n_tokens = distributed.total(mask_all[mb].sum()).clamp(min=1)
+    scale = distributed.world_size()  # DDP and FSDP average gradients over ranks; the losses want their sum
+    micros = micro_batches(mb, cfg.optim.batch_size)
+    for j, idx in enumerate(micros):
+        weight = mask_all[idx].sum() / n_tokens  # micro-batch share of the minibatch's tokens
+        last = j == len(micros) - 1  # DDP reduces in the last backward of a model (ptx's, for the policy)
+        with models.policy.syncing(last and cfg.ptx_coef == 0), models.value.syncing(last):
+            loss, metrics = micro_loss(models, ro, sc, idx, cfg)
+            (loss * weight * scale).backward()
+        w = float(weight)
+        stats.add("minibatch", {k: float(v.detach()) * w for k, v in metrics.items()})
+        if first:  # generation and training must agree: ratio 1, approx-KL 0
+            stats.add("first", {"val/ratio_first": float(metrics["val/ratio"]) * w,
+                                "policy/approxkl_first": float(metrics["policy/approxkl"]) * w})
+
+
+def micro_loss(models: PPOModels, ro: Rollout, sc: Scored, idx: torch.Tensor,
+               cfg: PPOConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """PPO's loss on rows ``idx``: clipped policy loss + vf_coef * clipped value loss (token means), and
+    its metrics."""
+    qr, mask, rmask = ro.query_response[idx], ro.attention_mask[idx], ro.response_mask[idx].float()
+    logprobs, entropy = models.policy.logprobs(qr, mask, ro.context_len, cfg.temperature, entropy=True,
+                                               trunk=trunk(models.frozen_policy, sc.policy_trunk, idx))
+    pg_loss, pg = policy_loss(logprobs, sc.logprobs[idx], sc.advantages[idx], rmask, cfg.cliprange)
+    values = models.value.values(qr, mask, ro.context_len, trunk(models.frozen_value, sc.value_trunk, idx))
+    vf_loss, vf = value_loss(values, sc.values[idx], sc.returns[idx], rmask, cfg.cliprange_value)
+    metrics = {"loss/policy": pg_loss, "loss/value": vf_loss, "val/ratio": pg["ratio"],
+               "policy/clipfrac": pg["clipfrac"], "policy/approxkl": pg["approxkl"], "val/clipfrac": vf["clipfrac"],
+               "policy/entropy": masked_mean(entropy.detach(), rmask)}
+    return pg_loss + cfg.vf_coef * vf_loss, metrics
+
+
+def ptx_term(policy, ptx: list[list[int]], opt_step: int, cfg: PPOConfig, pad_id: int, device: torch.device,
+             stats: UpdateStats) -> float:
+    """The PPO-ptx term of optimizer step ``opt_step`` (:func:`ptx_backward`), its loss into ``stats``
+    (``loss/ptx``, the mean over steps); returns the seconds it took."""
+    t0 = time.perf_counter()
+    stats.add("step", {"loss/ptx": ptx_backward(policy, ptx, opt_step, cfg, pad_id, device)})
+    return time.perf_counter() - t0
+
+
+def ptx_backward(policy, ptx: list[list[int]], opt_step: int, cfg: PPOConfig, pad_id: int,
+                 device: torch.device) -> float:
+    """The PPO-ptx term of optimizer step ``opt_step`` (0-based: the optimizer steps applied so far,
+    ``PPOState.ptx_cursor``, saved with the run): backward of ``ptx_coef`` x the mean next-token loss over every token of the step's
+    ``ptx_batch_size`` pretraining blocks, into the gradients the step's PPO micro-batches left, for the
+    same optimizer step (C.4: "we mix in pretraining gradients"). Returns this rank's part of that mean.
+
+    The blocks are the next ones of the data's shuffled passes (``train.stream_indices``): exactly
+    ``ptx_batch_size`` per step, each block once a pass. They run ``ptx_micro_batch_size`` at a time (memory
+    only): each micro-batch's summed loss is divided by the tokens of the whole ptx batch, so any split
+    gives the same gradient. Micro-batch j goes to rank j mod W; every rank runs as many (weight 0 where it
+    has none left, ``distributed.rank_chunks``), and the policy's gradients are reduced in the last one."""
+    blocks = [ptx[i] for i in stream_indices(len(ptx), opt_step, cfg.ptx_batch_size, cfg.seed)]
+    n_tokens = sum(len(b) - 1 for b in blocks)  # predicted tokens of the whole ptx batch, all ranks
+    scale = distributed.world_size()  # DDP and FSDP average gradients over ranks; the loss wants their sum
+    mine = distributed.rank_chunks(micro_batches(blocks, cfg.ptx_micro_batch_size or cfg.optim.batch_size))
+    summed_loss = 0.0
+    for j, (chunk, weight) in enumerate(mine):
+        ids, mask = (x.to(device) for x in pad_right(chunk, pad_id))
+        with policy.syncing(j == len(mine) - 1):
+            summed, _ = policy.lm_loss_sum(ids, mask)
+            (summed * (cfg.ptx_coef * weight * scale / n_tokens)).backward()
+        summed_loss += float(summed.detach()) * weight
+    return summed_loss / n_tokens
+
+
+def iteration_metrics(cfg: PPOConfig, state: PPOState, i: int, ro: Rollout, sc: Scored, stats: dict) -> dict:
+    """Iteration ``i``'s metrics but timings (TRL's names). Means over all ranks' responses (every rank has as
+    many), the EOS count summed: the KL controller sees the global KL, so beta stays the same on every rank."""
+    batch = distributed.reduce_metrics({
+        "kl": float(sc.kl.sum(1).mean()), "scores": float(sc.scores.mean()),
+        "rlhf_reward": float(sc.rewards.sum(1).mean()), "eos": int(ro.has_eos.sum()),
+        "length": float(ro.lengths.float().mean())}, sums=("eos",))
+    kl = batch["kl"]
+    return {
+        "episode": (i + 1) * cfg.rollout_batch_size, "objective/kl": kl, "objective/scores": batch["scores"],
+        "objective/entropy": stats.pop("policy/entropy"), "objective/beta": state.beta,
+        "objective/non_score_reward": -state.beta * kl,
+        "objective/rlhf_reward": batch["rlhf_reward"],  # penalised score - beta * KL
+        "val/num_eos_tokens": batch["eos"], "val/eos_rate": batch["eos"] / cfg.rollout_batch_size,
+        "val/response_length": batch["length"],
+        **stats, "train/lr_value": state.scheduler.get_last_lr()[1],
+    }
+
+
+def export(cfg: PPOConfig, stage: Stage, trained: "PolicyAndValue", inp: Inputs, ema: ModelEMA | None = None) -> None:
     """ppo/final/policy (HF causal LM) and ppo/final/value, and with an EMA ppo/final/policy_ema (the policy with
     the averaged weights; with LoRA the average of the merged weights, a merged model without adapter/), written
     by rank 0 and published together; sharded models are first gathered into plain copies there."""

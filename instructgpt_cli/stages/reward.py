@@ -22,27 +22,29 @@ from ..distributed import resolve_device
 from ..console import banner, model_rows, processes_note, say
 from ..errors import BadInput
 from ..families import supports_packing, supports_sharing
-from ..forward import REWARD_BIAS, forward_name
+from ..forward import REWARD_BIAS, TRANSFORMERS
 from ..losses import ranking_loss
 from ..models import apply_lora, context_window, load_model, load_tokenizer, save_final
-from ..rewards import REWARD_STATS, Layout, ranking_scores, score_sequences
+from ..rewards import REWARD_STATS, Layout
+from ..runners import Runner
 from ..rundir import Stage, file_input, find_model, model_input, read_manifest, stored_path
 from ..stats import describe_rm_accuracy, rm_accuracy
 from ..lifecycle import begin_stage, finish_stage, open_stage
-from ..train import (build_optimizer, plan_steps, build_scheduler, fit, micro_batches, optimizer_step, restore,
-                     step_chunks)
+from ..checkpoint import restore
+from ..train import Session, TrainState, build_optimizer, build_scheduler, micro_batches, plan_steps, step_chunks
 
 STAGE = "rm"
 
 
-def rank_forward(model, groups: list[RankedGroup], pad_id: int, device: torch.device, layout: Layout = Layout()):
+def rank_forward(runner: Runner, groups: list[RankedGroup], pad_id: int, device: torch.device,
+                 layout: Layout = Layout()):
     """Score every response of ``groups`` in one forward pass; returns (per-prompt losses, per-pair
     correctness, the sequences' tokens). One ranking of K responses costs at most K sequence forwards, and
     fewer with ``layout.shared``: the prompt runs once and each response attends to it and to itself (where
     that saves a tenth of the tokens); else, with ``layout.packed``, the sequences run end to end in one row
     (where padding would waste a tenth), else as K padded rows."""
     rankings = [g.sequences for g in groups]
-    rewards = ranking_scores(model, rankings, pad_id, device, layout)
+    rewards = runner.ranking_scores(rankings, pad_id, layout)
     better, worse, group, offset = [], [], [], 0
     for gi, g in enumerate(groups):
         for b, w in g.pairs:
@@ -55,18 +57,17 @@ def rank_forward(model, groups: list[RankedGroup], pad_id: int, device: torch.de
     return losses, correct, sum(len(q) for ranking in rankings for q in ranking)
 
 
-def train_step(run, optimizer, scheduler, chunks: list[list[RankedGroup]], pad_id: int, layout: Layout,
+def train_step(runner: Runner, state: TrainState, chunks: list[list[RankedGroup]], pad_id: int, layout: Layout,
                device: torch.device, grad_clip: float) -> dict:
     """One optimizer step over micro-batches of prompts (every rank passes all of the step's and trains on
-    its share); the loss is the mean over all prompts of the step. ``run`` is the model's
-    ``distributed.wrap``."""
+    its share); the loss is the mean over all prompts of the step."""
     n_prompts = sum(len(c) for c in chunks)
     scale = distributed.world_size()  # DDP and FSDP average gradients over ranks; the loss wants their sum
     mine = distributed.rank_chunks(chunks)
     loss_total, correct_total, pairs, tokens = 0.0, 0.0, 0, 0
     for j, (chunk, weight) in enumerate(mine):
-        with distributed.syncing(run, j == len(mine) - 1):
-            losses, correct, n_tokens = run(rank_forward, chunk, pad_id, device, layout)
+        with runner.syncing(j == len(mine) - 1):
+            losses, correct, n_tokens = rank_forward(runner, chunk, pad_id, device, layout)
             (losses.sum() / n_prompts * (scale * weight)).backward()
         if weight:
             loss_total += losses.sum().item()
@@ -74,7 +75,7 @@ def train_step(run, optimizer, scheduler, chunks: list[list[RankedGroup]], pad_i
             pairs += correct.numel()
             tokens += n_tokens
     local_loss = loss_total if distributed.world_size() == 1 else None  # ranks agree on the norm; not on a loss
-    grad_norm = optimizer_step(optimizer, scheduler, grad_clip, local_loss)
+    grad_norm = state.optimizer_step(grad_clip, local_loss)
     sums = distributed.reduce_metrics({"loss": loss_total, "correct": correct_total, "pairs": pairs, "tokens": tokens},
                                       sums=("loss", "correct", "pairs", "tokens"))
     return {"train/loss": sums["loss"] / n_prompts, "train/accuracy": sums["correct"] / max(sums["pairs"], 1),
@@ -82,19 +83,19 @@ def train_step(run, optimizer, scheduler, chunks: list[list[RankedGroup]], pad_i
 
 
 @torch.no_grad()
-def evaluate(run, groups: list[RankedGroup], batch_size: int, pad_id: int, layout: Layout,
+def evaluate(runner: Runner, groups: list[RankedGroup], batch_size: int, pad_id: int, layout: Layout,
              device: torch.device) -> dict:
     """Held-out K-wise loss (mean per prompt) and pairwise accuracy (over all pairs) with its 95% interval
     (``stats.rm_accuracy``); each rank scores its share of the micro-batches."""
-    run.eval()
+    runner.eval()
     loss_total, counts = 0.0, []  # counts: (correct pairs, pairs) of each held-out ranking
     for chunk, weight in distributed.rank_chunks(micro_batches(groups, batch_size)):
-        losses, correct, _ = run(rank_forward, chunk, pad_id, device, layout)
+        losses, correct, _ = rank_forward(runner, chunk, pad_id, device, layout)
         if weight:  # a weight-0 chunk only keeps the ranks in step
             loss_total += losses.sum().item()
             sizes = [len(g.pairs) for g in chunk]
             counts += [(round(c.sum().item()), n) for c, n in zip(correct.split(sizes), sizes)]
-    run.train()
+    runner.train()
     loss = distributed.reduce_metrics({"loss": loss_total}, sums=("loss",))["loss"]
     counts = [c for part in distributed.gather(counts) for c in part]
     # accuracy with its 95% interval clustered by ranking (pairs of one prompt are not independent)
@@ -103,10 +104,10 @@ def evaluate(run, groups: list[RankedGroup], batch_size: int, pad_id: int, layou
 
 
 @torch.no_grad()
-def demo_scores(run, seqs: list[list[int]], pad_id: int, batch_size: int) -> torch.Tensor:
+def demo_scores(runner: Runner, seqs: list[list[int]], pad_id: int, batch_size: int) -> torch.Tensor:
     """Normalised scores (N,) of the demonstrations, in order; each rank scores its share of the batches."""
     chunks = micro_batches(seqs, batch_size)
-    mine = [run(score_sequences, chunk, pad_id, batch_size) for chunk, _ in distributed.rank_chunks(chunks)]
+    mine = [runner.sequence_scores(chunk, pad_id, batch_size) for chunk, _ in distributed.rank_chunks(chunks)]
     parts = distributed.gather(mine)  # parts[r][k] holds batch k * world + r
     return torch.cat([parts[j % len(parts)][j // len(parts)] for j in range(len(chunks))])
 
@@ -175,15 +176,15 @@ def run(cfg: RMConfig, resume: bool = False, overwrite: bool = False, allow_chan
     model.train()
     layout = Layout(shared=cfg.share_prompts and supports_sharing(model),
                     packed=cfg.padding_free and supports_packing(model))
-    run_model = distributed.wrap(model, device, cfg.fsdp)
+    runner = Runner(model, device, cfg.fsdp)
     distributed.seed_rank(cfg.seed)
     per_step, epoch_steps, total_steps = plan_steps(cfg, len(train))
     optimizer = build_optimizer(model, cfg.optim)
-    scheduler = build_scheduler(optimizer, cfg.optim, total_steps)
+    state = TrainState(model, optimizer, build_scheduler(optimizer, cfg.optim, total_steps))
 
     # 3. the stage directory and the resume point
     begin_stage(stage, mode, cfg, inputs)
-    step, _, ckpt = restore(stage, mode, model, optimizer, scheduler, changes)
+    ckpt = restore(stage, mode, state, changes)
     ks = sorted({len(g.sequences) for g in groups})
     banner("igpt train-rm", {
         "rankings": f"{cfg.rankings} ({len(train)} train, {len(val)} held-out prompts; K in {ks}; "
@@ -192,28 +193,24 @@ def run(cfg: RMConfig, resume: bool = False, overwrite: bool = False, allow_chan
         "steps": f"{total_steps} ({epoch_steps}/epoch), {per_step} prompts per step"
                  + (", prompts shared" if layout.shared else "") + (", padding-free" if layout.packed else ", padded")
                  + processes_note(cfg.fsdp),
-        "forward": forward_name(model, lean_path=False),  # rankings are scored by transformers' forward
+        "forward": TRANSFORMERS.name(model),  # rankings are scored by transformers' forward
         **model_rows(model, cfg.lora.enabled, ckpt),
     })
 
-    # 4. train
-    def one_step(i: int) -> dict:
-        record = train_step(run_model, optimizer, scheduler,
-                            step_chunks(train, i, per_step, cfg.optim.batch_size, cfg.seed), tokenizer.pad_token_id,
-                            layout, device, cfg.optim.grad_clip)
-        return {"epoch": round((i + 1) / epoch_steps, 4), **record}
-
+    # 4. train: one optimizer step on the step's rankings, held-out loss and accuracy every eval_every steps
     def held_out() -> dict:
-        return evaluate(run_model, val, cfg.optim.batch_size, tokenizer.pad_token_id, layout, device)
+        return evaluate(runner, val, cfg.optim.batch_size, tokenizer.pad_token_id, layout, device)
 
-    step = fit(stage, model, optimizer, scheduler, step, total_steps, one_step, held_out if val else None,
-               cfg.eval_every, cfg.save_every, cfg.keep_checkpoints,
-               headline=("train/loss", "train/accuracy", "eval/loss", "eval/accuracy"), log_every=cfg.log_every)
+    with Session(stage, cfg, state, total_steps) as session:
+        for i in session.steps():
+            chunks = step_chunks(train, i, per_step, cfg.optim.batch_size, cfg.seed)
+            record = train_step(runner, state, chunks, tokenizer.pad_token_id, layout, device, cfg.optim.grad_clip)
+            session.record({"epoch": round((i + 1) / epoch_steps, 4), **record}, held_out if val else None)
 
     # 5. normalise: the demonstrations score mean 0 (stored in the config, applied by reward_scores)
     summary = held_out() if val else {}
     if demo_seqs:
-        scores = demo_scores(run_model, demo_seqs, tokenizer.pad_token_id, cfg.optim.batch_size * 4)
+        scores = demo_scores(runner, demo_seqs, tokenizer.pad_token_id, cfg.optim.batch_size * 4)
         setattr(model.config, REWARD_BIAS, -float(scores.double().mean()))
         # one demonstration has no sample standard deviation (torch says NaN, which is no JSON): null
         summary.update({"demos/raw_mean": float(scores.mean()),
@@ -226,7 +223,7 @@ def run(cfg: RMConfig, resume: bool = False, overwrite: bool = False, allow_chan
         for key in (REWARD_BIAS, REWARD_STATS):
             setattr(final.config, key, getattr(model.config, key))
         save_final(final, tokenizer, stage.final)
-    finish_stage(stage, step, **summary)
+    finish_stage(stage, state.step, **summary)
     accuracy, warning = describe_rm_accuracy(summary) if val else ("unknown: nothing held out (--val-fraction 0)", None)
     banner("reward model", {k: f"{summary[k]:.4f}" for k in ("eval/loss", "demos/raw_mean", "demos/raw_std")
                             if summary.get(k) is not None} | {"accuracy": accuracy, "saved": str(stage.final)})

@@ -19,8 +19,9 @@ from ..data import read_prompts
 from ..distributed import resolve_device
 from ..errors import BadInput
 from ..models import load_model, load_tokenizer, position_limit
-from ..rollout import decode_response, generate
+from ..rollout import decode_response
 from ..rundir import find_model
+from ..runners import Runner
 from ..storage import atomic_write_text
 
 
@@ -40,7 +41,7 @@ def run(cfg: SampleConfig, overwrite: bool = False) -> Path:
 
     # 2. load the model and sample K responses per prompt, all prompts batched together
     device = resolve_device(cfg.device)
-    model = load_model(model_cfg, tokenizer, source, device, cfg.seed)
+    model = Runner.for_eval(load_model(model_cfg, tokenizer, source, device, cfg.seed))
     banner("igpt sample", {"prompts": f"{cfg.prompts} ({len(prompts)})", "model": model_cfg.name,
                            "samples": f"{cfg.k} per prompt at temperature {cfg.temperature}, "
                                       f"at most {cfg.max_new_tokens} tokens"})
@@ -71,19 +72,19 @@ def distinct_nonempty(group: list[str]) -> bool:
     return all(group) and len({t.strip() for t in group}) == len(group)
 
 
-def sample_distinct(model, tokenizer, queries: list[list[int]], cfg: SampleConfig) -> list[list[str]]:
+def sample_distinct(model: Runner, tokenizer, queries: list[list[int]], cfg: SampleConfig) -> list[list[str]]:
     """K responses per query; empty or duplicate ones are resampled (a labeler cannot rank them),
     up to RETRIES rounds. Deterministic given the seed."""
-    flat = generate(model, tokenizer, [q for q in queries for _ in range(cfg.k)], cfg.max_new_tokens,
-                    cfg.temperature, cfg.batch_size, progress="sample")
+    flat = model.generate(tokenizer, [q for q in queries for _ in range(cfg.k)], cfg.max_new_tokens,
+                          cfg.temperature, cfg.batch_size, progress="sample")
     groups = [[decode_response(tokenizer, r) for r in flat[i * cfg.k:(i + 1) * cfg.k]] for i in range(len(queries))]
     for _ in range(RETRIES if cfg.temperature > 0 else 0):
         redo = [(gi, j) for gi, g in enumerate(groups) for j, t in enumerate(g)
                 if not t or t.strip() in {u.strip() for u in g[:j]}]
         if not redo:
             break
-        fresh = generate(model, tokenizer, [queries[gi] for gi, _ in redo], cfg.max_new_tokens, cfg.temperature,
-                         cfg.batch_size)
+        fresh = model.generate(tokenizer, [queries[gi] for gi, _ in redo], cfg.max_new_tokens, cfg.temperature,
+                               cfg.batch_size)
         for (gi, j), tokens in zip(redo, fresh):
             groups[gi][j] = decode_response(tokenizer, tokens)
     return groups

@@ -19,12 +19,12 @@ from ..distributed import resolve_device
 from ..console import banner, model_rows, processes_note, say
 from ..errors import BadInput
 from ..families import supports_packing
-from ..forward import forward_name, response_loss_sum
 from ..models import apply_lora, context_window, load_model, load_tokenizer, save_final
 from ..rundir import Stage, file_input, model_input
+from ..runners import Runner
 from ..lifecycle import begin_stage, finish_stage, open_stage
-from ..train import (build_optimizer, plan_steps, build_scheduler, fit, micro_batches, optimizer_step, restore,
-                     step_chunks)
+from ..checkpoint import restore
+from ..train import Session, TrainState, build_optimizer, build_scheduler, micro_batches, plan_steps, step_chunks
 
 STAGE = "sft"
 
@@ -47,38 +47,38 @@ def make_batch(chunk: list[Example], pad_id: int, packed: bool, device: torch.de
 
 
 @torch.no_grad()
-def eval_loss(run, examples: list[Example], batch_size: int, pad_id: int, packed: bool, device: torch.device) -> float:
-    """Mean response-token loss over ``examples``; ``run`` is the model's ``distributed.wrap``, and each
-    rank scores its share of the micro-batches."""
-    run.eval()
+def eval_loss(runner: Runner, examples: list[Example], batch_size: int, pad_id: int, packed: bool,
+              device: torch.device) -> float:
+    """Mean response-token loss over ``examples``; each rank scores its share of the micro-batches."""
+    runner.eval()
     total, tokens = 0.0, 0
     for chunk, weight in distributed.rank_chunks(micro_batches(examples, batch_size)):
-        summed, n = run(response_loss_sum, make_batch(chunk, pad_id, packed, device))
+        summed, n = runner.response_loss_sum(make_batch(chunk, pad_id, packed, device))
         if weight:  # a weight-0 chunk only keeps the ranks in step
             total, tokens = total + summed.item(), tokens + int(n)
-    run.train()
+    runner.train()
     sums = distributed.reduce_metrics({"loss": total, "tokens": tokens}, sums=("loss", "tokens"))
     return sums["loss"] / max(sums["tokens"], 1)
 
 
-def train_step(run, optimizer, scheduler, chunks: list[list[Example]], pad_id: int, packed: bool,
+def train_step(runner: Runner, state: TrainState, chunks: list[list[Example]], pad_id: int, packed: bool,
                device: torch.device, grad_clip: float) -> dict:
     """One optimizer step over micro-batches ``chunks`` (every rank passes all of the step's and trains on
-    its share); the loss is normalised by the response tokens of all of them. ``run`` is the model's
-    ``distributed.wrap``. Returns the step's metrics, summed over ranks."""
+    its share); the loss is normalised by the response tokens of all of them. Returns the step's metrics,
+    summed over ranks."""
     n_targets = sum(sum(1 for t in e.labels[1:] if t != IGNORE_INDEX) for chunk in chunks for e in chunk)
     scale = distributed.world_size()  # DDP and FSDP average gradients over ranks; the loss wants their sum
     mine = distributed.rank_chunks(chunks)
     loss_total, tokens = 0.0, 0
     for j, (chunk, weight) in enumerate(mine):
-        with distributed.syncing(run, j == len(mine) - 1):
-            summed, _ = run(response_loss_sum, make_batch(chunk, pad_id, packed, device))
+        with runner.syncing(j == len(mine) - 1):
+            summed, _ = runner.response_loss_sum(make_batch(chunk, pad_id, packed, device))
             (summed / max(n_targets, 1) * (scale * weight)).backward()
         if weight:
             loss_total += summed.item()
             tokens += sum(len(e.input_ids) for e in chunk)
     local_loss = loss_total if distributed.world_size() == 1 else None  # ranks agree on the norm; not on a loss
-    grad_norm = optimizer_step(optimizer, scheduler, grad_clip, local_loss)
+    grad_norm = state.optimizer_step(grad_clip, local_loss)
     sums = distributed.reduce_metrics({"loss": loss_total, "tokens": tokens}, sums=("loss", "tokens"))
     return {"train/loss": sums["loss"] / max(n_targets, 1), "train/grad_norm": grad_norm,
             "train/tokens": sums["tokens"]}
@@ -110,41 +110,37 @@ def run(cfg: SFTConfig, resume: bool = False, overwrite: bool = False, allow_cha
     train, val = split(examples, cfg.val_fraction, cfg.seed)
     model.train()
     packed = cfg.padding_free and supports_packing(model)
-    run_model = distributed.wrap(model, device, cfg.fsdp)
+    runner = Runner(model, device, cfg.fsdp)
     distributed.seed_rank(cfg.seed)
     per_step, epoch_steps, total_steps = plan_steps(cfg, len(train))
     optimizer = build_optimizer(model, cfg.optim)
-    scheduler = build_scheduler(optimizer, cfg.optim, total_steps)
+    state = TrainState(model, optimizer, build_scheduler(optimizer, cfg.optim, total_steps))
 
     # 3. the stage directory and the resume point
     begin_stage(stage, mode, cfg, inputs)
-    step, _, ckpt = restore(stage, mode, model, optimizer, scheduler, changes)
+    ckpt = restore(stage, mode, state, changes)
     banner("igpt sft", {
         "data": f"{cfg.data} ({len(train)} train, {len(val)} held out, {truncated} responses cut to fit)",
         "model": f"{cfg.model.name} on {device} ({next(model.parameters()).dtype})",
         "steps": f"{total_steps} ({epoch_steps}/epoch), effective batch {per_step}"
                  + (", padding-free" if packed else ", padded") + processes_note(cfg.fsdp),
-        "forward": forward_name(model),
+        "forward": runner.name,
         **model_rows(model, cfg.lora.enabled, ckpt),
     })
 
-    # 4. train
-    def one_step(i: int) -> dict:
-        record = train_step(run_model, optimizer, scheduler,
-                            step_chunks(train, i, per_step, cfg.optim.batch_size, cfg.seed), tokenizer.pad_token_id,
-                            packed, device, cfg.optim.grad_clip)
-        return {"epoch": round((i + 1) / epoch_steps, 4), **record}
+    # 4. train: one optimizer step on the step's demonstrations, the held-out loss every eval_every steps
+    def held_out() -> dict:
+        return {"eval/loss": eval_loss(runner, val, cfg.optim.batch_size, tokenizer.pad_token_id, packed, device)}
 
-    def evaluate() -> dict:
-        return {"eval/loss": eval_loss(run_model, val, cfg.optim.batch_size, tokenizer.pad_token_id, packed, device)}
-
-    step = fit(stage, model, optimizer, scheduler, step, total_steps, one_step, evaluate if val else None,
-               cfg.eval_every, cfg.save_every, cfg.keep_checkpoints, headline=("train/loss", "eval/loss"),
-               log_every=cfg.log_every)
+    with Session(stage, cfg, state, total_steps) as session:
+        for i in session.steps():
+            chunks = step_chunks(train, i, per_step, cfg.optim.batch_size, cfg.seed)
+            record = train_step(runner, state, chunks, tokenizer.pad_token_id, packed, device, cfg.optim.grad_clip)
+            session.record({"epoch": round((i + 1) / epoch_steps, 4), **record}, held_out if val else None)
 
     # 5. export from rank 0 (a sharded model is first gathered into a plain copy there)
     final = distributed.full_model(model, lambda: build(torch.device("cpu")))
     if distributed.is_main():
         save_final(final, tokenizer, stage.final)
-    finish_stage(stage, step)
+    finish_stage(stage, state.step)
     return stage.final

@@ -40,16 +40,14 @@ from pathlib import Path
 from ..errors import BadInput
 from ..locks import LOCK_DIR, holder
 from ..rundir import complete_checkpoints, stored_path
+from . import STAGES
 
-TRAINING = ("sft", "rm", "ppo", "dpo")
-OPTIONAL = ("dpo",)  # listed only when the run has it (the paper's pipeline is sft, rm, ppo)
-HEADLINE = {"sft": ("train/loss", "eval/loss"),
-            "rm": ("train/loss", "train/accuracy", "eval/loss", "eval/accuracy"),
-            "ppo": ("objective/scores", "objective/kl", "objective/rlhf_reward"),
-            "dpo": ("train/loss", "rewards/accuracies", "rewards/margins", "eval/rewards/accuracies"),
-            "eval": ("score_mean", "kl_to_sft", "ptx_perplexity", "alignment_tax", "rm_accuracy"),
-            "compare": ("win_rate", "ci_low", "ci_high", "n")}
-REPORTS = ("eval", "compare")
+# from the table of stages: the training stages in pipeline order; the ones listed only when the run has them
+# (the paper's pipeline is sft, rm, ppo; dpo is not); the metrics each row shows; the stages that write reports
+TRAINING = tuple(s.name for s in STAGES.values() if s.training)
+OPTIONAL = tuple(s.name for s in STAGES.values() if s.training and not s.listed)
+HEADLINE = {s.name: s.summary for s in STAGES.values() if s.summary}
+REPORTS = tuple(s.name for s in STAGES.values() if s.summary and not s.training)
 
 
 def run(run_dir: Path, as_json: bool = False) -> dict:
