@@ -1,7 +1,7 @@
 """What the failure-and-recovery guards (issue 18) cost a training step, against a tiny PPO iteration.
 
 Per step, `train.Session.record` asks whether a stop signal came (`signals.stop_requested`, and
-`distributed.agree`, a no-op in one process), each optimizer step checks its loss and gradient norm are
+`distributed.max_over_ranks`, a no-op in one process), each optimizer step checks its loss and gradient norm are
 finite (`train.first_non_finite`), and the metrics line gains `train/skipped_steps`. Per checkpoint: the weights
 are checked finite (`checkpoint.all_finite`) and every file is hashed into COMPLETED (`storage.seal_dir`). Per
 stage: one lock (`locks.Lock`). This script times each on its own (a loop of 20,000 calls), and a tiny
@@ -86,7 +86,7 @@ def main() -> None:
 
     record: dict = {}
     state = train.TrainState(None, None, None)
-    signal_check = per_call(lambda: distributed.agree(signals.stop_requested() or 0))
+    signal_check = per_call(lambda: distributed.max_over_ranks(signals.stop_requested() or 0))
     finite_check = per_call(lambda: train.first_non_finite({"loss": 1.0, "gradient norm": 2.0}))
     metric = per_call(lambda: record.__setitem__("train/skipped_steps", state.skipped))
     from instructgpt_cli.stages import ppo

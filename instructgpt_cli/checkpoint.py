@@ -40,6 +40,14 @@ POLICY = "policy."  # PPO's trained module is train.PolicyAndValue: its policy's
 VALUE = "value."  # and its value model's with this
 
 
+def require_whole(ckpt: Path, named: str) -> None:
+    """BadInput unless checkpoint ``ckpt`` holds its trainable weights whole (:data:`WEIGHTS`), as a model loads
+    them; one written under --fsdp is sharded. ``named``: how the user named it, for the message."""
+    if (ckpt / SHARDED_INDEX).exists() or not (ckpt / WEIGHTS).is_file():
+        raise BadInput([f"{named}: {ckpt} holds no {WEIGHTS} (a checkpoint written under --fsdp is sharded); only a "
+                        "whole checkpoint loads as a model"])
+
+
 def rng_state() -> dict:
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -69,7 +77,7 @@ def all_finite(params: list[torch.Tensor]) -> bool:
     """Whether every element of ``params`` is finite, over all ranks (FSDP shards: each rank its own)."""
     local = [p.to_local() if hasattr(p, "to_local") else p for p in params]
     bad = sum(int(not torch.isfinite(p.detach()).all()) for p in local)
-    return not distributed.agree(bad)
+    return not distributed.max_over_ranks(bad)
 
 
 def write(dest: Path, state: Any, rngs: list[dict] | None = None) -> None:

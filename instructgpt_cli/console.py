@@ -117,8 +117,7 @@ def processes_note(fsdp: bool) -> str:
 
 def model_rows(model: Any, lora: bool, ckpt: Path | None) -> dict[str, str]:
     """Banner rows every training stage shows: trainable parameters and where it starts from."""
-    from .models import count_parameters
-
-    trainable, total = count_parameters(model)
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return {"trainable": f"{trainable:,} of {total:,} parameters" + (" (LoRA)" if lora else ""),
             "resume": f"from {ckpt.name}" if ckpt else "no (fresh start)"}

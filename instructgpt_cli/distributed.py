@@ -112,7 +112,7 @@ def gather(obj: Any) -> list:
     return out
 
 
-def agree(value: int) -> int:
+def max_over_ranks(value: int) -> int:
     """The largest of every rank's ``value`` (one small all-reduce; ``value`` itself for one process): a
     decision, such as stopping on a signal only some ranks received, that every rank must take together."""
     if world_size() == 1:
@@ -122,7 +122,7 @@ def agree(value: int) -> int:
     return int(t.item())
 
 
-def total(t: torch.Tensor) -> torch.Tensor:
+def sum_over_ranks(t: torch.Tensor) -> torch.Tensor:
     """The sum of ``t`` over ranks (a new tensor; ``t`` itself for one process). Used for the counts and
     moments that must be global: whitening, token normalisation."""
     if world_size() == 1:

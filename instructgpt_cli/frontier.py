@@ -17,11 +17,11 @@ import re
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from . import judges
+from . import checkpoint, judges
 from .errors import BadInput
-from .presets import read_yaml
-from .rundir import (CHECKPOINT_PREFIX, STAGE_MODELS, complete_checkpoints, read_manifest, read_metrics,
-                     require_whole_checkpoint, stage_model, stored_path)
+from .presets import saved_config
+from .rundir import (CHECKPOINT_PREFIX, STAGE_MODELS, complete_checkpoints, read_manifest, read_metrics, stage_model,
+                     stored_path)
 from .stats import WIN_VALUE, t_quantile, win_rate
 from .storage import weights_sha256
 
@@ -50,21 +50,18 @@ def ppo_run(run_dir: Path, spec: str, named: str | None = None) -> PPORun:
     """The frontier's points of ``run_dir``'s PPO stage for ``--checkpoints spec`` (config.CHECKPOINTS_SPEC), oldest
     first, the SFT model first. BadInput, naming them as the user did (``named``, default ``--checkpoints SPEC``),
     when the run has no PPO stage, a listed step has no complete checkpoint, or there is no checkpoint at all."""
-    from .config import LoraConfig
-
     named = named or f"--checkpoints {spec}"
-
-    config = run_dir / "ppo" / "config.yaml"
+    ppo = saved_config(run_dir / "ppo")
     entry = read_manifest(run_dir).get("stages", {}).get("ppo", {})
-    if not config.is_file() or not entry:
-        raise BadInput([f"{named}: {run_dir} has no PPO stage ({config} missing); run igpt ppo first"])
-    ppo = (read_yaml(config.read_text(encoding="utf-8")) or {}).get("ppo") or {}
+    if ppo is None or not entry:
+        raise BadInput([f"{named}: {run_dir} has no PPO stage ({run_dir / 'ppo' / 'config.yaml'} missing); run igpt "
+                        "ppo first"])
     inputs = entry.get("inputs", {})
     sft, rm = (stored_path(run_dir, inputs[k]["path"]) if isinstance(inputs.get(k), dict)
-               else Path(ppo.get(k) or run_dir / f"{k}/final") for k in ("sft", "rm"))
+               else Path(getattr(ppo, k) or run_dir / f"{k}/final") for k in ("sft", "rm"))
     if not (sft / "config.json").is_file():
         raise BadInput([f"{named}: the SFT model PPO started from, {sft}, is gone; its checkpoints need it"])
-    batch = int(ppo.get("rollout_batch_size") or 1)
+    batch = ppo.rollout_batch_size
     episodes = {r["step"]: r["episode"] for r in read_metrics(run_dir / "ppo" / "metrics.jsonl") if "episode" in r}
     final = run_dir / "ppo" / "final" / "policy"
     final_step = entry.get("steps") if (final / "config.json").is_file() else None
@@ -84,7 +81,7 @@ def ppo_run(run_dir: Path, spec: str, named: str | None = None) -> PPORun:
     if final_step is not None:
         points.append(Point(f"final (step {final_step})", final_step, episodes.get(final_step, final_step * batch),
                             final))
-    lora = LoraConfig(**{k: v for k, v in (ppo.get("lora") or {}).items() if k in LoraConfig.__dataclass_fields__})
+    lora = ppo.lora
     recorded = (inputs.get("sft") or {}).get("sha256") if isinstance(inputs.get("sft"), dict) else None
     if lora.enabled and recorded and weights_sha256(sft) != recorded:  # adapters on other base weights: wrong model
         raise BadInput([f"{named}: {sft} was retrained after PPO ran (its weights differ from those PPO "
@@ -129,7 +126,7 @@ def model_or_checkpoint(spec: str, run_dir: Path, flag: str) -> Side:
         return Side(name, path, path)
     run = ppo_run(run_dir, str(step), f"{flag} {spec}")
     point = next(p for p in run.points[1:] if p.step == step)
-    require_whole_checkpoint(point.path, f"{flag} {spec}")  # before anything runs, not when side A has sampled
+    checkpoint.require_whole(point.path, f"{flag} {spec}")  # before anything runs, not when side A has sampled
     return Side(f"ppo-step-{step}", point.path, run.sft, run)
 
 

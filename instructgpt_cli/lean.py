@@ -241,16 +241,17 @@ class Decoder:
         hidden = self.stack.embed_tokens(self.ids)
         return self._run(hidden.reshape(-1, hidden.size(-1)), context(self.stack, hidden, self.mask))
 
-    def repeat(self, rows: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    def repeat(self, rows: torch.Tensor, prompt_logits: torch.Tensor) -> torch.Tensor:
         """After :meth:`start` on distinct prompts: batch row i continues prompt ``rows[i]`` from here on (the
-        K samples of one prompt share its prefill, ``rollout.sample``); returns ``logits`` (B, V) for them."""
+        K samples of one prompt share its prefill, ``rollout.sample``); returns the start's ``prompt_logits``
+        (U, V) as the rows' (B, V)."""
         self.keys = [k.index_select(0, rows) for k in self.keys]
         self.values = [v.index_select(0, rows) for v in self.values]
         self.ids, self.mask, self.cos, self.sin = (x.index_select(0, rows) for x in (self.ids, self.mask, self.cos,
                                                                                     self.sin))
         if self.allowed is not None:
             self.allowed = self.allowed.index_select(0, rows)
-        return logits.index_select(0, rows)
+        return prompt_logits.index_select(0, rows)
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Logits (B, V) for the token after ``tokens`` (B,)."""

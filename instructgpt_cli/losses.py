@@ -67,25 +67,25 @@ def _same(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def masked_mean(x: torch.Tensor, mask: torch.Tensor, total=_same) -> torch.Tensor:
-    """Mean of ``x`` over positions where ``mask`` is 1. x, mask (B, T). ``total`` sums a scalar over
-    processes (``distributed.total``; the identity for one), which makes the mean global."""
-    return total((x * mask).sum()) / total(mask.sum()).clamp(min=1)
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, sum_over_ranks=_same) -> torch.Tensor:
+    """Mean of ``x`` over positions where ``mask`` is 1. x, mask (B, T). ``sum_over_ranks`` sums a scalar over
+    processes (``distributed.sum_over_ranks``; the identity for one), which makes the mean global."""
+    return sum_over_ranks((x * mask).sum()) / sum_over_ranks(mask.sum()).clamp(min=1)
 
 
-def masked_var(x: torch.Tensor, mask: torch.Tensor, total=_same) -> torch.Tensor:
+def masked_var(x: torch.Tensor, mask: torch.Tensor, sum_over_ranks=_same) -> torch.Tensor:
     """Unbiased variance over masked positions (Bessel-corrected, as lm-human-preferences does)."""
-    mean = masked_mean(x, mask, total)
-    n = total(mask.sum())
-    var = masked_mean((x - mean) ** 2, mask, total)
+    mean = masked_mean(x, mask, sum_over_ranks)
+    n = sum_over_ranks(mask.sum())
+    var = masked_mean((x - mean) ** 2, mask, sum_over_ranks)
     return var * n / (n - 1).clamp(min=1)
 
 
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, total=_same) -> torch.Tensor:
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, sum_over_ranks=_same) -> torch.Tensor:
     """Normalise ``x`` to mean 0, variance 1 over masked positions (B, T); masked-out entries become 0.
-    With ``total`` the moments are those of every process's batch together, so a rollout split over ranks
+    With ``sum_over_ranks`` the moments are those of every process's batch together, so a rollout split over ranks
     whitens as one batch."""
-    mean, var = masked_mean(x, mask, total), masked_var(x, mask, total)
+    mean, var = masked_mean(x, mask, sum_over_ranks), masked_var(x, mask, sum_over_ranks)
     return (x - mean) * torch.rsqrt(var + 1e-8) * mask
 
 

@@ -309,13 +309,6 @@ def apply_lora(model: Any, cfg: LoraConfig, task_type: str = "CAUSAL_LM") -> Any
     return wrapped
 
 
-def count_parameters(model: Any) -> tuple[int, int]:
-    """(trainable, total) parameter counts."""
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return trainable, total
-
-
 def save_final(model: Any, tokenizer: Any, dest: Path) -> None:
     """Write a plain HF directory at ``dest`` atomically, sealed with ``COMPLETED`` (rundir.seal_dir); a LoRA
     model also keeps its adapter in ``dest/adapter`` next to the merged weights, so ``from_pretrained(dest)``
@@ -330,22 +323,23 @@ def save_final(model: Any, tokenizer: Any, dest: Path) -> None:
 
 
 def load_trained_policy(ckpt: Path, base: Path, lora: LoraConfig | None, tokenizer: Any, device: torch.device,
-                        dtype: str = "auto", seed: int = 0, prefix: str = "policy.") -> Any:
-    """A PPO checkpoint (``ppo/checkpoints/step-N/``, ``train.save_train_state``) as a plain causal LM: the run's
-    SFT model ``base`` with the checkpoint's trained policy weights (the ``prefix`` names of its
-    ``trainable.safetensors``; the value model's are not read). With ``lora`` (the run's LoRA block) the adapters
+                        dtype: str = "auto", seed: int = 0) -> Any:
+    """A PPO checkpoint (``ppo/checkpoints/step-N/``, checkpoint.py) as a plain causal LM: the run's SFT model
+    ``base`` with the checkpoint's trained policy weights (its weights named ``checkpoint.POLICY``...; the value
+    model's are not read). With ``lora`` (the run's LoRA block) the adapters
     are applied as PPO built them and merged, as ``save_final`` merges ``final/policy``. BadInput for a checkpoint
     written under --fsdp (sharded) or one whose names do not match this base and LoRA setting."""
     from safetensors import safe_open
 
-    from .rundir import require_whole_checkpoint
+    from . import checkpoint
 
-    require_whole_checkpoint(ckpt, "checkpoint")
+    checkpoint.require_whole(ckpt, "checkpoint")
+    prefix = checkpoint.POLICY
     model = load_model(ModelConfig(name=str(base), dtype=dtype), tokenizer, base, device, seed)
     if lora is not None and lora.enabled:
         model = apply_lora(model, LoraConfig(**{**vars(lora), "dropout": 0.0}))
     params = dict(model.named_parameters())
-    with safe_open(str(ckpt / "trainable.safetensors"), framework="pt") as fh:
+    with safe_open(str(ckpt / checkpoint.WEIGHTS), framework="pt") as fh:
         names = [n for n in fh.keys() if n.startswith(prefix)]
         unknown = [n for n in names if n[len(prefix):] not in params]
         if not names or unknown:

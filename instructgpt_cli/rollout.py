@@ -85,7 +85,7 @@ def sample(model: Any, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: in
         done |= token == eos_id
         n += 1
         left = (~done).sum()
-        if n == max_new_tokens or int(distributed.total(left) if synced else left) == 0:
+        if n == max_new_tokens or int(distributed.sum_over_ranks(left) if synced else left) == 0:
             return out[:, :n]
         logits = stepper.step(token)
 

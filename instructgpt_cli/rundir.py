@@ -110,7 +110,7 @@ def mark_stale(run_dir: Path, stage: str, sha: str | None = None) -> None:
         atomic_write_text(run_dir / "manifest.json", json.dumps(manifest, indent=2) + "\n")
 
 
-def record(run_dir: Path, out: Path, models: dict[str, Path]) -> None:
+def record_report(run_dir: Path, out: Path, models: dict[str, Path]) -> None:
     """A report's manifest entry (``eval/NAME``, ``compare/A-vs-B``): the weights of each model it judged
     (lineage: a later re-run of the stage that made one marks the report stale)."""
     update_manifest(run_dir, out.relative_to(run_dir).as_posix(), status="completed", finished=now(),
@@ -162,14 +162,6 @@ def start_stage_dir(stage_dir: Path, mode: str) -> None:
 
 def checkpoint_name(step: int) -> str:
     return f"{CHECKPOINT_PREFIX}{step:06d}"
-
-
-def require_whole_checkpoint(ckpt: Path, named: str) -> None:
-    """BadInput unless checkpoint ``ckpt`` holds its trainable weights whole (``trainable.safetensors``), as a
-    model loads them; one written under --fsdp is sharded. ``named``: how the user named it, for the message."""
-    if (ckpt / ".metadata").exists() or not (ckpt / "trainable.safetensors").is_file():
-        raise BadInput([f"{named}: {ckpt} holds no trainable.safetensors (a checkpoint written under --fsdp is "
-                        "sharded); only a whole checkpoint loads as a model"])
 
 
 def complete_checkpoints(ckpt_root: Path) -> list[Path]:

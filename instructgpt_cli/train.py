@@ -284,7 +284,7 @@ class Session:
             self.checkpoint()
         self.progress.update(step, record)
         faults.after_step(step)
-        signum = distributed.agree(signals.stop_requested() or 0)  # every rank stops after the same step
+        signum = distributed.max_over_ranks(signals.stop_requested() or 0)  # every rank stops after the same step
         if signum:
             if self.saved != step:
                 self.checkpoint()

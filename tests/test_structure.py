@@ -90,3 +90,30 @@ def test_modules_say_their_job():
         if path.name not in ("__init__.py", "__main__.py"):
             doc = ast.get_docstring(ast.parse(text))
             assert doc and len(doc.split()) >= 6, f"{path.name}: no opening docstring saying its job"
+
+
+def parameters_shadowing_their_modules_functions(tree: ast.Module) -> list[str]:
+    """``function: parameter`` for each parameter named as a function or class of the same module: inside that
+    function the module's own name then means something else."""
+    names = {n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))}
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            a = node.args
+            for arg in [*a.posonlyargs, *a.args, *a.kwonlyargs, *filter(None, (a.vararg, a.kwarg))]:
+                if arg.arg in names:
+                    found.append(f"{getattr(node, 'name', 'lambda')}: {arg.arg}")
+    return found
+
+
+def test_the_shadow_finder_finds_a_shadowing_parameter_and_no_false_one():
+    assert parameters_shadowing_their_modules_functions(ast.parse(
+        "def logits(x): ...\ndef repeat(rows, logits): ...\nclass A:\n    def f(self, A=1): ...")) == [
+        "repeat: logits", "f: A"]
+    assert parameters_shadowing_their_modules_functions(ast.parse("def f(x): ...\ndef g(y, f2): ...")) == []
+
+
+def test_no_parameter_shadows_its_modules_function():
+    found = {path.name: shadowed for path in sorted(PACKAGE.rglob("*.py"))
+             if (shadowed := parameters_shadowing_their_modules_functions(ast.parse(path.read_text(encoding="utf-8"))))}
+    assert found == {}

@@ -36,7 +36,7 @@ from ..models import load_tokenizer, position_limit, require_same_tokenizer
 from ..report import number, score_text, temperature_lines
 from ..rollout import decode_response
 from ..locks import claim
-from ..rundir import STAGE_MODELS, record
+from ..rundir import STAGE_MODELS, record_report
 from ..runners import Runner
 from ..stats import WIN_VALUE, grouped_win_rate, length_controlled_win_rate, win_rate
 from ..storage import atomic_write_text, publish_set, sha256_file, weights_sha256
@@ -176,7 +176,7 @@ def run(cfg: CompareConfig, overwrite: bool = False) -> dict:
         report_page.write_html(tmp / "report.html", report, judgments, run_dir, eos_id=tokenizer.eos_token_id,
                                rm_path=judge.path, device=str(device))
     bases = {f"{k}_base": side.base for k, side in (("a", side_a), ("b", side_b)) if side.ppo}  # a checkpoint's
-    record(run_dir, out, {"a": path_a, "b": path_b, **bases, **({"rm": rm_path} if cfg.judge == "rm" else {}),
+    record_report(run_dir, out, {"a": path_a, "b": path_b, **bases, **({"rm": rm_path} if cfg.judge == "rm" else {}),
                           **({"judge": judge.path} if judge.path and cfg.judge != "rm" else {})})
     show(report, judgments)
     show_evals(run_dir, [name_a, name_b])

@@ -28,7 +28,7 @@ from ..distributed import resolve_device
 from ..errors import BadInput
 from ..families import supports_sharing
 from ..judges import Settings
-from ..presets import read_yaml
+from ..presets import saved_config
 from ..models import load_model, load_trained_policy, load_tokenizer, position_limit, require_same_tokenizer
 from ..report import number, score_text, temperatures_text
 from ..report_plots import frontier_chart
@@ -36,7 +36,7 @@ from ..rewards import Layout
 from ..rollout import decode_response, lm_loss, response_kl, score_responses
 from ..runners import Runner
 from ..locks import claim
-from ..rundir import STAGE_MODELS, find_model, record, stage_model
+from ..rundir import STAGE_MODELS, find_model, record_report, stage_model
 from ..stats import length_bias, rm_accuracy
 from ..storage import publish_set, weights_sha256
 
@@ -70,11 +70,9 @@ def kl_temperature(cfg: EvalConfig, run_dir: Path) -> tuple[float, str]:
     temperature, which may be 0 (greedy), where logits / T has no meaning."""
     if cfg.kl_temperature > 0:
         return cfg.kl_temperature, "--kl-temperature"
-    ppo_config = run_dir / "ppo" / "config.yaml"
-    if ppo_config.is_file():
-        t = ((read_yaml(ppo_config.read_text(encoding="utf-8")) or {}).get("ppo") or {}).get("temperature")
-        if isinstance(t, (int, float)) and t > 0:
-            return float(t), str(ppo_config)
+    ppo = saved_config(run_dir / "ppo")
+    if ppo is not None and ppo.temperature > 0:
+        return ppo.temperature, str(run_dir / "ppo" / "config.yaml")
     return PPOConfig().temperature, "PPO's default temperature"
 
 
@@ -226,7 +224,7 @@ def run(cfg: EvalConfig, as_json: bool = False, overwrite: bool = False) -> dict
     with publish_set(out) as tmp:
         (tmp / "samples.jsonl").write_text(samples_text, encoding="utf-8")
         (tmp / "report.json").write_text(report_text, encoding="utf-8")
-    record(run_dir, out, {"model": path, "sft": sft_path, **({"rm": rm_path} if have_rm else {})})
+    record_report(run_dir, out, {"model": path, "sft": sft_path, **({"rm": rm_path} if have_rm else {})})
     if not as_json:
         show(report, out)
     return report
@@ -308,7 +306,7 @@ def run_frontier(cfg: EvalConfig, as_json: bool = False, overwrite: bool = False
         for step, rows in samples.items():
             (tmp / "samples" / f"step-{step:06d}.jsonl").write_text(
                 "".join(json.dumps(x, ensure_ascii=False, allow_nan=False) + "\n" for x in rows), encoding="utf-8")
-    record(run_dir, out, {"sft": ppo.sft, "rm": rm_path, **{p["label"]: Path(p["path"]) for p in points[1:]}})
+    record_report(run_dir, out, {"sft": ppo.sft, "rm": rm_path, **{p["label"]: Path(p["path"]) for p in points[1:]}})
     if not as_json:
         frontier.show(report, out)
     return report

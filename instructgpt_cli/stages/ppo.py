@@ -435,7 +435,7 @@ def _score_rollout(models: PPOModels, ro: Rollout, cfg: PPOConfig, beta: float, 
     rewards, kl = kl_penalized_rewards(scores, out["logprobs"], out["ref_logprobs"], mask, beta)
     advantages, returns = gae(out["values"], rewards, mask, cfg.gamma, cfg.lam)
     if cfg.whiten_advantages:  # with the mean and variance of every rank's responses together
-        advantages = masked_whiten(advantages, mask, total=distributed.total)
+        advantages = masked_whiten(advantages, mask, sum_over_ranks=distributed.sum_over_ranks)
     return Scored(out["logprobs"], out["ref_logprobs"], out["values"], out["scores"], rewards, kl, advantages, returns,
                   out.get("policy_trunk"), out.get("value_trunk"), seconds)
 
@@ -485,7 +485,7 @@ def non_finite(sc: Scored) -> tuple[str, float] | None:
     advantages), or None when all are finite; every rank gets the same answer."""
     for x, what in ((sc.scores, "reward model score"), (sc.values, "value"), (sc.advantages, "advantage")):
         bad = ~torch.isfinite(x)
-        if distributed.agree(int(bad.sum())):
+        if distributed.max_over_ranks(int(bad.sum())):
             return what, float(x[bad][0]) if bad.any() else float("nan")
     return None
 
@@ -553,7 +553,7 @@ def minibatch_backward(models: PPOModels, ro: Rollout, sc: Scored, mb: torch.Ten
     """Backward of minibatch ``mb``'s PPO loss (pg + vf_coef * vf), micro-batch by micro-batch, each weighted by
     its share of the response tokens of all ranks' parts of the minibatch; its metrics into ``stats``."""
     mask_all = ro.response_mask.float()
-    n_tokens = distributed.total(mask_all[mb].sum()).clamp(min=1)
+    n_tokens = distributed.sum_over_ranks(mask_all[mb].sum()).clamp(min=1)
     scale = distributed.world_size()  # DDP and FSDP average gradients over ranks; the losses want their sum
     micros = micro_batches(mb, cfg.optim.batch_size)
     for j, idx in enumerate(micros):
