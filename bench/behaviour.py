@@ -137,22 +137,11 @@ def write_data(d: Path) -> None:
         demos.append({"prompt": f"What is {a} plus {b}?", "response": f"{a} plus {b} is {a + b}.",
                       "category": "closed_qa"})
     write_jsonl(d / "demos.jsonl", demos)
-    rng = random.Random(1)
-    words = "the cat sat on a mat and then ran away from dog into big red house".split()
-    rankings = []
-    for i in range(32):  # responses with 'banana' beat those without; K from 2 to 4
-        k = rng.choice([2, 3, 4])
-        responses: list[str] = []
-        while len(responses) < k:
-            r = " ".join(rng.choice(words) for _ in range(rng.randint(3, 8)))
-            if r not in responses:
-                responses.append(r)
-        marked = [rng.random() < 0.5 for _ in responses]
-        if all(marked) or not any(marked):
-            marked[0] = not marked[0]
-        rankings.append({"prompt": f"Say something, number {i}.",
-                         "responses": [r + " banana" if m else r for r, m in zip(responses, marked)],
-                         "ranks": [1 if m else 2 for m in marked]})
+    # rankings with a learnable preference (responses with 'banana' win), as the tests make them
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from conftest import marker_rankings
+
+    rankings = marker_rankings(32, seed=1)
     write_jsonl(d / "rankings.jsonl", rankings)
     rng = random.Random(2)
     prompts = [{"prompt": f"What is {rng.randint(1, 30)} plus {rng.randint(1, 30)}?"} for _ in range(24)]
