@@ -57,7 +57,7 @@ for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
 # Each row: (name, run directory under {W}, igpt arguments, extra environment, expected exit status).
 # A run directory's stages are recorded after its last command. Options renamed by a refactor: edit here.
 # ====================================================================================================
-FAULT = "IGPT_FAULT_AFTER_STEP"  # train.maybe_fault: N = exit 99 after step N; N:publish; N:SIGTERM
+FAULT = "IGPT_FAULT_AFTER_STEP"  # faults.py: N = exit 99 after step N; N:publish; N:SIGTERM
 SFT = ["sft", "--model", "tiny", "--data", "{D}/demos.jsonl", "--max-steps", "60", "--max-seq-len", "256",
        "--lr", "3e-3", "--batch-size", "8", "--val-fraction", "0.1", "--eval-every", "20", "--save-every", "20",
        "--seed", "0"]

@@ -9,14 +9,14 @@ rundir.py owns that life):
   wants the policy alone (``compare ppo@step-N``, the frontier) strips :data:`POLICY`.
 - ``optimizer.pt``: the optimizer's state dict (``torch.save``, read back with ``weights_only=True``).
 - ``state.pt``: ``train.TrainState`` but its model and optimizer: the step, the scheduler, every rank's RNG,
-  the skipped-step counts, the stage's own state (``extra``: PPO's beta, EMA and ptx cursor) and the numerics
+  the skipped-step count, the stage's own state (``extra``: PPO's beta, EMA and ptx cursor) and the numerics
   the step's bits depend on (:func:`numerics`).
 - under ``--fsdp`` the weights and optimizer are torch.distributed.checkpoint shards (``.metadata`` + shards)
   instead of the first two files.
 
 The state is a ``train.TrainState`` (``Any`` here: train.py checkpoints through this module, so this one
-does not import it). A checkpoint is written whole and read whole: nothing a resume needs is rebuilt from files written for
-people (metrics, logs) or carried by hooks.
+does not import it). A checkpoint is written whole and read whole: nothing a resume needs is rebuilt from files
+written for people (metrics, logs) or carried by hooks.
 """
 from __future__ import annotations
 
@@ -67,10 +67,10 @@ def numerics(model: Any) -> dict:
             "torch": str(torch.__version__)}
 
 
-def numerics_changed(saved: dict, now: dict) -> list[str]:
-    """``saved -> now`` for each numeric setting that differs (threads only on a CPU, where they matter)."""
-    keys = [k for k in ("threads", "device", "dtype", "torch") if k != "threads" or now["device"] == "cpu"]
-    return [f"{k} {saved[k]} -> {now[k]}" for k in keys if k in saved and saved[k] != now[k]]
+def numerics_changed(saved: dict, current: dict) -> list[str]:
+    """``saved -> current`` for each numeric setting that differs (threads only on a CPU, where they matter)."""
+    keys = [k for k in ("threads", "device", "dtype", "torch") if k != "threads" or current["device"] == "cpu"]
+    return [f"{k} {saved[k]} -> {current[k]}" for k in keys if k in saved and saved[k] != current[k]]
 
 
 def all_finite(params: list[torch.Tensor]) -> bool:
@@ -99,7 +99,7 @@ def write(dest: Path, state: Any, rngs: list[dict] | None = None) -> None:
         torch.save(optimizer.state_dict(), dest / OPTIMIZER)
     rngs = rngs or [rng_state()]
     saved = {"step": state.step, "scheduler": state.scheduler.state_dict(), "rng": rngs[0], "extra": extra,
-             "skips": {"total": state.skipped, "in_a_row": state.skipped_in_a_row, "last": list(state.last_skip)},
+             "skipped": state.skipped,
              "numerics": numerics(model)}
     if len(rngs) > 1:
         saved["rng_ranks"] = rngs
@@ -148,9 +148,9 @@ def load(src: Path, state: Any) -> None:
         say(f"{src.name} was written by {len(rngs)} processes and this run has {world}: dropout and sampling "
             "continue from this run's per-rank seeds")
     state.step = int(saved["step"])
-    skips = saved.get("skips", {})  # a checkpoint from an igpt before skips were saved: none counted
-    state.skipped, state.skipped_in_a_row = int(skips.get("total", 0)), int(skips.get("in_a_row", 0))
-    state.last_skip = tuple(skips.get("last", ("", 0.0)))
+    # the run's skipped steps go on counting (an igpt before this count was saved: from 0); those in a row start
+    # afresh, as the run does: a resume, often with --allow-changes and a lower --lr, is a new start
+    state.skipped, state.skipped_in_a_row = int(saved.get("skipped", 0)), 0
     state.load_extra(saved["extra"])
 
 

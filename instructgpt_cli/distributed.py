@@ -13,10 +13,7 @@ world_size, and losses are normalised by counts of the *whole* step, which every
 DDP and FSDP average gradients over ranks; stages multiply their losses by the world size so that the
 average is the sum the single-process loss defines.
 
-How a model is wrapped for several processes (DDP, FSDP2) and called is ``runners.Runner``'s. The
-transitional block below (:func:`wrap`, :func:`syncing`, :class:`Apply`) is that code as it was, for the stage
-code that has not moved to runners yet; it cannot hand out a ``Runner`` (runners imports this module), and goes
-once nothing calls it.
+How a model is wrapped for several processes (DDP, FSDP2) and called is ``runners.Runner``'s.
 """
 from __future__ import annotations
 

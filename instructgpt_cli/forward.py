@@ -4,9 +4,8 @@
 DPO's sequence log-probs, and the LM losses of SFT, PPO-ptx and eval, each with the LM head only where a loss or a
 log-prob is read.
 
-Which path a model takes is chosen once, when its ``runners.Runner`` is built (:func:`choose`). The module-level
-functions below the two classes take a bare model and choose at each call: for tests and one-off calls, and the
-stage code that still calls ``run(fn, ...)``."""
+Which path a model takes is chosen once, when its ``runners.Runner`` is built (:func:`choose`); the stages call
+models only through runners."""
 from __future__ import annotations
 
 import contextlib

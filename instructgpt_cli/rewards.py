@@ -9,7 +9,6 @@ from typing import Any, NamedTuple
 import torch
 
 from .batches import mask_inputs, pack, pad_right, pays_to_pack, pays_to_share, shared_prefix_mask, shared_rows
-from .families import supports_sharing
 from .forward import REWARD_BIAS, scalar_head_outputs
 
 REWARD_STATS = "igpt_reward_stats"  # config field: train-rm's held-out loss, accuracy and its interval
@@ -90,12 +89,6 @@ def score_sequences(model: Any, seqs: list[list[int]], pad_id: int, batch_size: 
     """Normalised reward-model scores (N,) of token sequences (prompt + response + EOS) on the CPU, in eval mode,
     as right-padded rows ``batch_size`` at a time."""
     return _scores_in_eval(model, [seqs], pad_id, Layout(), batch_size)
-
-
-def score_ranking(model: Any, seqs: list[list[int]], pad_id: int, batch_size: int) -> torch.Tensor:
-    """:func:`score_sequences` of one ranking's sequences, its prompt run once where the model takes that and it
-    pays (:func:`ranking_scores`)."""
-    return _scores_in_eval(model, [seqs], pad_id, Layout(shared=supports_sharing(model)), batch_size)
 
 
 @torch.no_grad()

@@ -35,16 +35,13 @@ def truncate_at_eos(tokens: list[int], eos_id: int) -> list[int]:
     return tokens[:tokens.index(eos_id) + 1] if eos_id in tokens else tokens
 
 
-def generate(model: Any, tokenizer: Any, queries: list[list[int]], max_new_tokens: int, temperature: float,
-             batch_size: int, synced: bool = False, progress: str = "",
-             path: forward.Forward | None = None) -> list[list[int]]:
+def generate(model: Any, path: forward.Forward, tokenizer: Any, queries: list[list[int]], max_new_tokens: int,
+             temperature: float, batch_size: int, synced: bool = False, progress: str = "") -> list[list[int]]:
     """Sample one response per query (token lists, EOS included where the model stopped), ``batch_size``
-    queries at a time (:func:`sample`), on ``path`` (``runners.Runner.generate`` passes its own; None: the one
-    ``forward.choose`` picks for ``model`` now). Runs under ``distributed.no_autograd``: ``inference_mode`` in one
-    process. ``synced``: every rank keeps stepping until all are done (a sharded model gathers its weights
+    queries at a time (:func:`sample`), on ``path``, the forward ``runners.Runner`` chose for ``model``. Runs
+    under ``distributed.no_autograd``: ``inference_mode`` in one process. ``synced``: every rank keeps stepping until all are done (a sharded model gathers its weights
     in every forward). ``progress``: a name to show progress under, a step a batch (in a log file a line
     about every LOG_SECONDS: sampling a stage's prompts can take minutes)."""
-    path = forward.choose(model) if path is None else path
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -55,8 +52,8 @@ def generate(model: Any, tokenizer: Any, queries: list[list[int]], max_new_token
         for step, start in enumerate(batches, 1):
             ids, mask = pad_left(queries[start:start + batch_size], tokenizer.pad_token_id)
             with no_autograd(), cpu_decoding(model, path) if device.type == "cpu" else contextlib.nullcontext() as few:
-                out = sample(model, ids.to(device), mask.to(device), max_new_tokens, temperature,
-                             tokenizer.eos_token_id, tokenizer.pad_token_id, synced, path, few)
+                out = sample(model, path, ids.to(device), mask.to(device), max_new_tokens, temperature,
+                             tokenizer.eos_token_id, tokenizer.pad_token_id, synced, few)
             responses += [truncate_at_eos(row, tokenizer.eos_token_id) for row in out.tolist()]
             if shown is not None:
                 shown.update(step, {"responses": len(responses)})
@@ -64,17 +61,16 @@ def generate(model: Any, tokenizer: Any, queries: list[list[int]], max_new_token
     return responses
 
 
-def sample(model: Any, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, temperature: float, eos_id: int,
-           pad_id: int, synced: bool = False, path: forward.Forward | None = None,
+def sample(model: Any, path: forward.Forward, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int,
+           temperature: float, eos_id: int, pad_id: int, synced: bool = False,
            few_rows: dict[torch.nn.Module, int] | None = None) -> torch.Tensor:
     """New tokens (B, n <= max_new_tokens) after left-padded queries ``ids`` (B, L), decoded with a KV
-    cache on ``path`` (None: ``forward.choose``'s for ``model``); a row that has sampled EOS continues with
+    cache on ``path``; a row that has sampled EOS continues with
     ``pad_id``, and decoding stops once every row has. ``few_rows``: :func:`cpu_decoding`'s.
 
     Our own loop rather than ``model.generate``: one forward and one :func:`draw` a token, none of
     generate's per-step logits processors, stopping criteria and input preparation, and for Llama models the lean
     forward (``forward.LeanForward``). Positions count real tokens only, so left padding shifts nothing."""
-    path = forward.choose(model) if path is None else path
     stepper, logits = path.start_decoding(model, ids, mask, max_new_tokens, few_rows)
     out = ids.new_full((ids.size(0), max_new_tokens), pad_id)
     done = torch.zeros(ids.size(0), dtype=torch.bool, device=ids.device)

@@ -217,8 +217,8 @@ class Runner:
         progress under. A sharded model steps until every rank is done (FSDP gathers weights in every forward).
         On a CPU, large layers compute a decoding step's few rows their faster way (``rollout.cpu_decoding``)."""
         with torch.no_grad():  # outside the wrapped module too: DDP must not expect a backward of this forward
-            return self._run(rollout.generate, tokenizer, queries, max_new_tokens, temperature, batch_size,
-                             self._synced, progress, self.path)
+            return self._run(rollout.generate, self.path, tokenizer, queries, max_new_tokens, temperature,
+                             batch_size, self._synced, progress)
 
     def load_weights(self, policy: Runner) -> None:
         """:class:`RolloutEngine`'s: in this process the runner is the policy and samples with the weights being

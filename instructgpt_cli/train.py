@@ -132,9 +132,10 @@ def micro_batches(items: list, size: int) -> list[list]:
     return [items[i:i + size] for i in range(0, len(items), size)]
 
 
-def step_chunks(items: list, step: int, per_step: int, micro: int, seed: int) -> list[list]:
-    """The items of optimizer step ``step``, split into micro-batches of ``micro``."""
-    return [[items[j] for j in chunk] for chunk in micro_batches(step_indices(len(items), step, per_step, seed), micro)]
+def step_chunks(items: list, step: int, per_step: int, batch_size: int, seed: int) -> list[list]:
+    """The items of optimizer step ``step``, split into micro-batches of ``batch_size``."""
+    return [[items[j] for j in chunk]
+            for chunk in micro_batches(step_indices(len(items), step, per_step, seed), batch_size)]
 
 
 
@@ -156,7 +157,7 @@ class TrainState:
     scheduler: Any  # a torch LR scheduler over ``optimizer``
     step: int = 0
     skipped: int = 0  # optimizer steps (PPO: or whole iterations) not applied, over the whole run
-    skipped_in_a_row: int = 0
+    skipped_in_a_row: int = 0  # since the last applied one, in this process (a resume starts afresh)
     last_skip: tuple[str, float] = ("", 0.0)  # what was not finite in the last skipped step, and its value
 
     def extra(self) -> dict:
@@ -232,7 +233,7 @@ class Session:
         self.headline = STAGES[stage.name].headline  # the metrics the progress line shows
         self.saved = state.step  # the step of the newest checkpoint (the resume point, or 0: nothing to save)
         self._exit = contextlib.ExitStack()
-        self.started = self.step_started = time.perf_counter()
+        self.started = self.step_started = time.perf_counter()  # elapsed_s counts from here
 
     def __enter__(self) -> "Session":
         distributed.keep_freed_memory()
@@ -243,7 +244,6 @@ class Session:
         self.report = self._exit.enter_context(trackers.reporting(self.stage, self.state.step, self.cfg))
         self.progress = self._exit.enter_context(
             StepProgress(self.stage.name, self.total_steps, self.state.step, self.headline, self.cfg.log_every))
-        self.started = time.perf_counter()
         return self
 
     def __exit__(self, *exc: Any) -> bool | None:

@@ -53,7 +53,7 @@ def ppo_on_ranks(fsdp: bool) -> dict:
     cfg = PPOConfig(rollout_batch_size=8, mini_batch_size=8, ppo_epochs=2, temperature=0.7, ptx_coef=0.5,
                     ptx_batch_size=3, optim=OptimConfig(batch_size=2), fsdp=fsdp)
     trained = ppo.PolicyAndValue(policy, value)
-    models = ppo.as_runners(ppo.PPOModels(policy, value, reference=ref, reward=rm), cfg, CPU)
+    models = ppo.as_runners(ppo.PPOModules(policy, value, reference=ref, reward=rm), cfg, CPU)
     # SGD: the weight change is the gradient itself (Adam would amplify float noise in tiny gradients);
     # policy and value in their own parameter groups, as ppo.run builds them
     optimizer = torch.optim.SGD([{"params": [p for p in m.parameters() if p.requires_grad]} for m in (policy, value)],

@@ -152,7 +152,7 @@ def marker_rate(model_dir):
     model = load_model(cfg, tok, source, CPU, 0)
     queries = [render_prompt(tok, [{"role": "user", "content": f"Say something, number {i}."}]) for i in range(64)]
     torch.manual_seed(0)
-    texts = [tok.decode(r, skip_special_tokens=True) for r in generate(model, tok, queries, 24, 1.0, 64)]
+    texts = [tok.decode(r, skip_special_tokens=True) for r in generate(model, choose(model), tok, queries, 24, 1.0, 64)]
     return sum("banana" in x for x in texts) / len(texts)
 
 

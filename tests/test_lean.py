@@ -124,10 +124,10 @@ def test_decoding_matches_generate_and_the_transformers_cache(tok, monkeypatch):
     queries = [list(range(10, 13 + 4 * i)) for i in range(4)]  # lengths 3..15: left padding
     ids, mask = pad_left(queries, tok.pad_token_id)
     with torch.no_grad():
-        greedy = rollout.sample(model, ids, mask, 16, 0.0, -1, tok.pad_token_id)
+        greedy = rollout.sample(model, forward.choose(model), ids, mask, 16, 0.0, -1, tok.pad_token_id)
     eos = int(greedy[0, 3])  # a token the first row reaches greedily: rows stop there, then pad
     with torch.no_grad():
-        greedy = rollout.sample(model, ids, mask, 16, 0.0, eos, tok.pad_token_id)
+        greedy = rollout.sample(model, forward.choose(model), ids, mask, 16, 0.0, eos, tok.pad_token_id)
         config = GenerationConfig(do_sample=False, max_new_tokens=16, eos_token_id=eos, pad_token_id=tok.pad_token_id)
         expected = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)[:, ids.size(1):]
     assert greedy.tolist() == expected.tolist()
@@ -136,7 +136,7 @@ def test_decoding_matches_generate_and_the_transformers_cache(tok, monkeypatch):
     def sampled():
         torch.manual_seed(3)
         with torch.no_grad():
-            return rollout.sample(model, ids, mask, 16, 1.0, tok.eos_token_id, tok.pad_token_id)
+            return rollout.sample(model, forward.choose(model), ids, mask, 16, 1.0, tok.eos_token_id, tok.pad_token_id)
 
     out, ref = run_both(monkeypatch, sampled)  # lean.Decoder against transformers' forward and cache
     assert out.tolist() == ref.tolist() and len(set(map(tuple, out.tolist()))) == 4
@@ -161,7 +161,7 @@ def test_repeated_prompts_share_one_prefill(tok, monkeypatch):
     def sampled(temperature=1.0):
         torch.manual_seed(5)
         with torch.no_grad():
-            return rollout.sample(model, ids, mask, 12, temperature, tok.eos_token_id, tok.pad_token_id)
+            return rollout.sample(model, forward.choose(model), ids, mask, 12, temperature, tok.eos_token_id, tok.pad_token_id)
 
     shared = sampled()
     assert prefilled == [3]  # three prompts prefilled, not nine
@@ -173,7 +173,7 @@ def test_repeated_prompts_share_one_prefill(tok, monkeypatch):
     monkeypatch.undo()
     greedy = sampled(0.0)
     for i, q in enumerate(distinct):
-        alone = rollout.sample(model, torch.tensor([q]), torch.ones(1, len(q), dtype=torch.long), 12, 0.0,
+        alone = rollout.sample(model, forward.choose(model), torch.tensor([q]), torch.ones(1, len(q), dtype=torch.long), 12, 0.0,
                                tok.eos_token_id, tok.pad_token_id)
         assert (greedy[3 * i:3 * i + 3] == alone).all()
 

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from instructgpt_cli.losses import adaptive_kl_beta, gae, kl_penalized_rewards, masked_mean, masked_whiten, policy_loss, value_loss
+from instructgpt_cli.forward import choose
 from instructgpt_cli.rollout import build_rollout
 from instructgpt_cli.stages import ppo
 
@@ -152,10 +153,10 @@ def test_sampling_runs_without_autograd_draws_what_no_grad_draws_and_leaves_the_
     model = tiny_model(tok, seed=0)
     queries = [tok.encode("2+3=")[:6], tok.encode("12+7=")]
     torch.manual_seed(5)
-    fast = rollout.generate(model, tok, queries, 12, 1.0, batch_size=2)
+    fast = rollout.generate(model, choose(model), tok, queries, 12, 1.0, batch_size=2)
     monkeypatch.setattr(rollout, "no_autograd", torch.no_grad)
     torch.manual_seed(5)
-    assert rollout.generate(model, tok, queries, 12, 1.0, batch_size=2) == fast
+    assert rollout.generate(model, choose(model), tok, queries, 12, 1.0, batch_size=2) == fast
     assert len(fast) == 2 and all(fast)
     ids = torch.tensor([queries[1] + fast[1]])
     model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
@@ -227,7 +228,7 @@ def scoring_models(tok, rm, policy_dropout: float = 0.0):
 
     policy, ref = tiny_model(tok, seed=0, dropout=policy_dropout), tiny_model(tok, seed=0).requires_grad_(False).eval()
     value = tiny_model(tok, seed=1, kind="reward")
-    return ppo.as_runners(ppo.PPOModels(policy, value, reference=ref, reward=rm), PPOConfig(), torch.device("cpu"))
+    return ppo.as_runners(ppo.PPOModules(policy, value, reference=ref, reward=rm), PPOConfig(), torch.device("cpu"))
 
 
 def fixed_rollout(tok):
@@ -266,7 +267,6 @@ def test_scoring_runs_policy_and_value_in_eval_mode():
     sampled in): the old log-probs are exactly the eval-mode ones."""
     from instructgpt_cli.config import PPOConfig
     from instructgpt_cli.models import tiny_tokenizer
-    from instructgpt_cli.forward import choose
 
     tok = tiny_tokenizer()
     ro = fixed_rollout(tok)
@@ -309,10 +309,10 @@ def test_generate_truncates_at_eos_mid_batch_and_pads_after_it():
         torch.manual_seed(0)
         ids, mask = rollout.pad_left(queries, tok.pad_token_id)
         with torch.no_grad():
-            out = rollout.sample(model, ids, mask, max_new, 1.0, tok.eos_token_id, tok.pad_token_id)
+            out = rollout.sample(model, choose(model), ids, mask, max_new, 1.0, tok.eos_token_id, tok.pad_token_id)
         calls.clear()
         torch.manual_seed(0)
-        responses = rollout.generate(model, tok, queries, max_new, 1.0, batch_size=4)
+        responses = rollout.generate(model, choose(model), tok, queries, max_new, 1.0, batch_size=4)
     finally:
         hook.remove()
     assert out.shape == (4, max_new)
@@ -343,7 +343,8 @@ def test_decoding_stops_once_every_row_has_ended():
 
     hook = model.lm_head.register_forward_hook(force)
     try:
-        responses = rollout.generate(model, tok, [tok.encode("2+3="), tok.encode("1+1=")], 9, 1.0, batch_size=2)
+        responses = rollout.generate(model, choose(model), tok, [tok.encode("2+3="), tok.encode("1+1=")], 9, 1.0,
+                                     batch_size=2)
     finally:
         hook.remove()
     assert [len(r) for r in responses] == [2, 2] and len(calls) == 2  # no forward after the last EOS

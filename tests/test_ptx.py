@@ -177,7 +177,7 @@ def ppo_world(cfg: PPOConfig):
     ref = tiny_model(tok, seed=0).requires_grad_(False).eval()
     rm = tiny_model(tok, seed=2, kind="reward").requires_grad_(False).eval()
     trained = ppo.PolicyAndValue(policy, value)
-    models = ppo.as_runners(ppo.PPOModels(policy, value, reference=ref, reward=rm), cfg, CPU)
+    models = ppo.as_runners(ppo.PPOModules(policy, value, reference=ref, reward=rm), cfg, CPU)
     rng = random.Random(0)
     tokens = lambda n: [rng.randrange(4, len(tok)) for _ in range(n)]  # noqa: E731
     ro = Rollout(*build_rollout([tokens(rng.randint(3, 9)) for _ in range(8)],

@@ -237,6 +237,22 @@ def test_a_nan_step_is_skipped_not_applied_and_counted(tmp_path, demos, monkeypa
     assert all(torch.isfinite(t).all() for t in final_weights(run_dir / "sft" / "final").values())
 
 
+def test_the_skipped_step_count_travels_in_the_checkpoint_not_in_the_metrics(tmp_path, demos, monkeypatch):
+    """A resume takes train/skipped_steps from the checkpoint's state (checkpoint.py), not from metrics.jsonl, a
+    file written for people: here the lines before the checkpoint are rewritten to say 0, and the resumed steps
+    still count the one skipped step; those in a row start afresh."""
+    nan_at(monkeypatch, {2})
+    run_dir = tmp_path / "run"
+    assert igpt(*sft_args(demos, run_dir, "--max-steps", "4")).exit_code == 0
+    state = torch.load(run_dir / "sft" / "checkpoints" / "step-000004" / "state.pt", weights_only=True)
+    assert state["skipped"] == 1 and state["step"] == 4
+    path = run_dir / "sft" / "metrics.jsonl"
+    path.write_text("".join(json.dumps({**m, "train/skipped_steps": 0}) + "\n" for m in read_metrics(path)))
+    resumed = igpt(*sft_args(demos, run_dir, "--resume", "--max-steps", "6"))
+    assert resumed.exit_code == 0, resumed.output
+    assert [m["train/skipped_steps"] for m in read_metrics(path)] == [0, 0, 0, 0, 1, 1]
+
+
 def test_three_nan_steps_in_a_row_stop_with_exit_3_and_the_last_checkpoint_intact(tmp_path, demos, monkeypatch):
     nan_at(monkeypatch, {2, 3, 4})
     run_dir = tmp_path / "run"

@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -54,17 +54,26 @@ from ..train import Session, TrainState, build_optimizer, build_scheduler, micro
 STAGE = "ppo"
 
 
+class PPOModules(NamedTuple):
+    """The four models of PPO as :func:`load_models` builds them (with LoRA the reference is the policy and the
+    reward model the value model: :func:`as_runners` disables their adapters)."""
+
+    policy: torch.nn.Module  # trained, from the SFT model
+    value: torch.nn.Module  # trained, from the reward model
+    reference: torch.nn.Module  # frozen: the SFT model, pi_SFT of the KL penalty
+    reward: torch.nn.Module  # frozen: the reward model r_theta
+
+
 @dataclass
 class PPOModels:
-    """The four models of PPO. From :func:`load_models` they are modules; from :func:`as_runners` they are
-    :class:`runners.Runner`, called by name (``models.policy.logprobs(...)``). With LoRA the reference and the
-    reward model are the policy's and the value model's runners with adapters disabled, so no model is held
-    twice."""
+    """The four models of PPO as PPO calls them, by name (``models.policy.logprobs(...)``): their runners
+    (:func:`as_runners`). With LoRA the reference and the reward model are the policy's and the value model's
+    runners with adapters disabled, so no model is held twice."""
 
-    policy: Any  # trained, from the SFT model
-    value: Any  # trained, from the reward model
-    reference: Any  # frozen: the SFT model, pi_SFT of the KL penalty
-    reward: Any  # frozen: the reward model r_theta
+    policy: Runner
+    value: Runner
+    reference: Runner
+    reward: Runner
     # layers below the adapters (LoRA on the top layers only): run once per rollout for both uses of a model
     # (``frozen_layers``); 0 = none cached
     frozen_policy: int = 0
@@ -230,8 +239,6 @@ def check_flags(cfg: PPOConfig) -> None:
     if cfg.ptx_data and cfg.ptx_coef == 0:  # else the text is silently ignored and the run is plain PPO
         errors.append(f"--ptx-data {cfg.ptx_data}: given with --ptx-coef 0, so it would be ignored (plain PPO); "
                       "set --ptx-coef > 0 for PPO-ptx (the paper: 27.8) or drop --ptx-data")
-    if cfg.temperature <= 0:
-        errors.append("temperature: PPO samples, so it must be > 0")
     world = distributed.world_size()
     if cfg.rollout_batch_size % world or cfg.mini_batch_size % world:
         errors.append(f"rollout_batch_size ({cfg.rollout_batch_size}) and mini_batch_size ({cfg.mini_batch_size}): "
@@ -310,7 +317,7 @@ def banner_rows(cfg: PPOConfig, inp: Inputs, ptx: list, device: torch.device, to
     }
 
 
-def load_models(cfg: PPOConfig, tokenizer, sft_path: Path, rm_path: Path, device: torch.device) -> PPOModels:
+def load_models(cfg: PPOConfig, tokenizer, sft_path: Path, rm_path: Path, device: torch.device) -> PPOModules:
     """Policy (from SFT) and value (from the RM) train; reference and RM are frozen. With LoRA the
     reference is the policy with adapters disabled and the RM is the value model with adapters
     disabled, so no model is held twice."""
@@ -323,13 +330,13 @@ def load_models(cfg: PPOConfig, tokenizer, sft_path: Path, rm_path: Path, device
         torch.manual_seed(cfg.seed)
         policy = apply_lora(policy, lora)
         value = apply_lora(value, lora, task_type="SEQ_CLS")
-        return PPOModels(policy, value, reference=policy, reward=value)  # adapters disabled (as_runners)
+        return PPOModules(policy, value, reference=policy, reward=value)  # adapters disabled (as_runners)
     ref = load_model(ModelConfig(**{**vars(base), "name": str(sft_path)}), tokenizer, sft_path, device, cfg.seed)
     rm = load_model(ModelConfig(**{**vars(base), "name": str(rm_path)}), tokenizer, rm_path, device, cfg.seed,
                     kind="reward")
     for frozen in (ref, rm):
         frozen.eval().requires_grad_(False)
-    return PPOModels(policy, value, reference=ref, reward=rm)
+    return PPOModules(policy, value, reference=ref, reward=rm)
 
 
 def no_dropout(lora: LoraConfig) -> LoraConfig:
@@ -338,7 +345,7 @@ def no_dropout(lora: LoraConfig) -> LoraConfig:
     return LoraConfig(**{**vars(lora), "dropout": 0.0})
 
 
-def as_runners(models: PPOModels, cfg: PPOConfig, device: torch.device) -> PPOModels:
+def as_runners(models: PPOModules, cfg: PPOConfig, device: torch.device) -> PPOModels:
     """The models as PPO calls them (:class:`runners.Runner`): policy and value train under DDP or FSDP;
     the frozen reference and RM are sharded under FSDP and kept whole under DDP. With LoRA those two
     are the policy and value runners with adapters disabled, and with LoRA on the top layers only
@@ -354,8 +361,7 @@ def as_runners(models: PPOModels, cfg: PPOConfig, device: torch.device) -> PPOMo
     else:
         reference = Runner(models.reference, device, cfg.fsdp, trainable=False)
         reward = Runner(models.reward, device, cfg.fsdp, trainable=False)
-    return replace(models, policy=policy, value=value, reference=reference, reward=reward, frozen_policy=frozen[0],
-                   frozen_value=frozen[1])
+    return PPOModels(policy, value, reference, reward, frozen_policy=frozen[0], frozen_value=frozen[1])
 
 
 def cpu_copy(cfg: PPOConfig, tokenizer, path: Path, kind: str):
@@ -597,9 +603,10 @@ def ptx_term(policy, ptx: list[list[int]], opt_step: int, cfg: PPOConfig, pad_id
 def ptx_backward(policy, ptx: list[list[int]], opt_step: int, cfg: PPOConfig, pad_id: int,
                  device: torch.device) -> float:
     """The PPO-ptx term of optimizer step ``opt_step`` (0-based: the optimizer steps applied so far,
-    ``PPOState.ptx_cursor``, saved with the run): backward of ``ptx_coef`` x the mean next-token loss over every token of the step's
-    ``ptx_batch_size`` pretraining blocks, into the gradients the step's PPO micro-batches left, for the
-    same optimizer step (C.4: "we mix in pretraining gradients"). Returns this rank's part of that mean.
+    ``PPOState.ptx_cursor``, saved with the run): backward of ``ptx_coef`` x the mean next-token loss over every
+    token of the step's ``ptx_batch_size`` pretraining blocks, into the gradients the step's PPO micro-batches
+    left, for the same optimizer step (C.4: "we mix in pretraining gradients"). Returns this rank's part of that
+    mean.
 
     The blocks are the next ones of the data's shuffled passes (``train.stream_indices``): exactly
     ``ptx_batch_size`` per step, each block once a pass. They run ``ptx_micro_batch_size`` at a time (memory
