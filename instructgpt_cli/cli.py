@@ -4,8 +4,10 @@ options -> config -> stage.run().
 A stage's flags are its config fields (config.py), each with the field's doc as help and its default shown.
 ``field_name`` is ``--field-name`` and a block's ``block.field_name`` is ``--block-field-name`` (``--lora-r``,
 ``--optim-weight-decay``), except the short names in ALIASES that scripts already use (``--lr`` is optim.lr,
-``--model`` model.name, ``--lora`` lora.enabled ...). A bool is ``--x/--no-x``, a list comma-separated. A new
-config field is a flag without touching this file. A flag not given is None: Defaults < --config file < flags.
+``--model`` model.name, ``--dtype`` model.dtype ...; HIDDEN_ALIASES keeps older names working, unshown). A bool
+is ``--x/--no-x``, a list comma-separated. A new config field is a flag without touching this file. A flag not
+given is None: Defaults < --config file < flags. An unknown flag is answered with the flag meant: the same with
+``-`` for ``_``, igpt's name for a TRL name (TRL_NAMES), or a close match (:class:`Command`).
 
 Heavy imports (torch, transformers) happen inside the commands, so ``igpt --help`` is instant.
 Exit codes (README, "Failure and recovery"): 0 success, 2 bad input or usage (every problem reported as
@@ -14,7 +16,9 @@ I/O error), 128 + N a stop signal N (130 SIGINT, 138 SIGUSR1, 143 SIGTERM), 1 an
 """
 from __future__ import annotations
 
+import difflib
 import inspect
+import sys
 from pathlib import Path
 from typing import Any, Optional
 
@@ -26,8 +30,76 @@ from . import config as config_mod
 from .presets import resolve
 from .stages import STAGES, StageSpec
 
+# The click typer builds on: its own copy in newer typer (typer._click), click itself in older ones.
+CLICK = getattr(typer.core, "_click", None) or typer.core.click
+
+
+def plain_switches(params: list[Any]) -> list[Any]:
+    """``params`` with the type column of every switch (``--resume``, ``--lora/--no-lora``, ``--help``) empty:
+    typer's rich help shows ``<bool>`` there, which reads as if the switch took a value."""
+    for param in params:
+        if getattr(param, "is_flag", False):
+            param.display_type_rich = lambda ctx: None
+    return params
+
+
+# TRL's (and transformers.TrainingArguments') names for igpt's settings, flag -> igpt's flags in order of
+# preference (the first the command has answers): igpt answers with its own name instead of a guess.
+TRL_NAMES = {
+    "--learning-rate": ("--lr",), "--num-train-epochs": ("--epochs",), "--per-device-train-batch-size":
+    ("--batch-size",), "--gradient-accumulation-steps": ("--grad-accum",), "--output-dir": ("--run-dir",),
+    "--max-length": ("--max-seq-len",), "--max-seq-length": ("--max-seq-len",), "--logging-steps": ("--log-every",),
+    "--save-steps": ("--save-every",), "--save-total-limit": ("--keep-checkpoints",), "--eval-steps": ("--eval-every",),
+    "--warmup-steps": ("--optim-warmup-steps",), "--weight-decay": ("--optim-weight-decay",),
+    "--lr-scheduler-type": ("--optim-scheduler",), "--max-grad-norm": ("--optim-grad-clip",),
+    "--adam-beta1": ("--optim-beta1",), "--adam-beta2": ("--optim-beta2",), "--adam-epsilon": ("--optim-eps",),
+    "--use-peft": ("--lora",), "--model-name-or-path": ("--model", "--sft"), "--torch-dtype": ("--dtype",),
+    "--bf16": ("--dtype bfloat16",), "--fp16": ("--dtype float16",), "--kl-coef": ("--beta",),
+    "--num-ppo-epochs": ("--ppo-epochs",), "--response-length": ("--max-new-tokens",),
+    "--dataset-name": ("--data", "--rankings", "--prompts"), "--data-seed": ("--seed",),
+}
+
+
+def unknown_flag(given: str, known: list[str]) -> str:
+    """What to say about a flag the command does not have: the same flag with ``-`` for ``_`` (``--report_to``),
+    igpt's name for a TRL name (``--learning-rate``), else the known flags close to it, if any (difflib: a
+    ratio of 0.75 matches a typo, not any flag sharing a few letters)."""
+    name = "--" + given.lstrip("-").replace("_", "-")
+    if name in known:
+        return f"no such option: {given}; igpt spells it {name}"
+    ours = [flag for flag in TRL_NAMES.get(name, ()) if flag.split()[0] in known]
+    if ours:
+        return f"no such option: {given} (TRL's name); igpt calls it {ours[0]}"
+    close = difflib.get_close_matches(name, known, n=3, cutoff=0.75)
+    return f"no such option: {given}" + (f"; did you mean {' or '.join(close)}?" if close else "")
+
+
+class Command(typer.core.TyperCommand):
+    """An igpt command: switches show no value in --help (:func:`plain_switches`), and an unknown flag is
+    answered with the flag meant (:func:`unknown_flag`) rather than click's loose guess."""
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        return plain_switches(super().get_params(ctx))
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        try:
+            return super().parse_args(ctx, args)
+        except CLICK.exceptions.NoSuchOption as e:
+            known = [o for p in self.get_params(ctx) if p.param_type_name == "option" and not p.hidden
+                     for o in (*p.opts, *p.secondary_opts) if o.startswith("--")]
+            raise CLICK.exceptions.NoSuchOption(e.option_name, unknown_flag(e.option_name, known), ctx=ctx) from None
+
+
+class Group(typer.core.TyperGroup):
+    """``igpt`` itself: its switches (--version, --help) show no value in --help either."""
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        return plain_switches(super().get_params(ctx))
+
+
 app = typer.Typer(
     name="igpt",
+    cls=Group,
     help="Train language models to follow instructions from human feedback, as InstructGPT does: "
          "sft -> sample/label -> train-rm -> ppo -> eval/compare, all in one run directory.",
     no_args_is_help=True,
@@ -52,15 +124,21 @@ def _top(version: Annotated[Optional[bool], typer.Option("--version", callback=_
 
 
 # Flags whose name is not derived from their config key (scripts use them); the same in every stage.
-ALIASES = {"model.name": "--model", "model.dropout": "--dropout", "model.max_seq_len": "--max-seq-len",
-           "model.gradient_checkpointing": "--gradient-checkpointing", "lora.enabled": "--lora",
+# model.dtype is --dtype as in sample, eval and compare: one name for one thing.
+ALIASES = {"model.name": "--model", "model.dtype": "--dtype", "model.dropout": "--dropout",
+           "model.max_seq_len": "--max-seq-len", "model.gradient_checkpointing": "--gradient-checkpointing",
+           "lora.enabled": "--lora",
            "optim.lr": "--lr", "optim.batch_size": "--batch-size", "optim.grad_accum": "--grad-accum"}
+HIDDEN_ALIASES = {"model.dtype": "--model-dtype"}  # earlier names, still accepted (scripts), not shown in --help
 PANELS = {"model": "Model", "lora": "LoRA", "optim": "Optimizer"}  # --help groups a block's flags
 
 # Options that are no config field: how to run a stage, not what it computes. They go to its run().
-ConfigFile = Annotated[Optional[Path], typer.Option("--config", help="YAML preset; flags override it.")]
+ConfigFile = Annotated[Optional[Path], typer.Option("--config", help="YAML preset with a section for this command (a "
+                                                         "stage's saved config.yaml has one, for that stage); flags "
+                                                         "override it.")]
 PrintConfig = Annotated[bool, typer.Option("--print-config", help="Print the resolved config as YAML and exit.")]
 Resume = Annotated[bool, typer.Option("--resume", help="Continue from the newest complete checkpoint.")]
+ResumeSamples = Annotated[bool, typer.Option("--resume", help="Go on after the samples a stopped run kept.")]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Delete this stage's outputs and start over.")]
 AllowChanges = Annotated[bool, typer.Option("--allow-changes", help="With --resume: continue even though settings or "
                                             "inputs that change training differ from the run so far (recorded in the "
@@ -70,9 +148,10 @@ AsJson = Annotated[bool, typer.Option("--json", help="Print the report as JSON o
 TRAINING_OPTIONS = {"resume": (Resume, False), "overwrite": (Overwrite, False), "allow_changes": (AllowChanges, False)}
 ReplaceResults = Annotated[bool, typer.Option("--overwrite", help="Replace this report's earlier results if there "
                                               "are any (without it, they are kept and the command exits 2).")]
-STAGE_OPTIONS = {"sample": {"overwrite": (Replace, False)},
-                 "eval": {"as_json": (AsJson, False), "overwrite": (ReplaceResults, False)},
-                 "compare": {"overwrite": (ReplaceResults, False)}}
+STAGE_OPTIONS = {"sample": {"overwrite": (Replace, False), "resume": (ResumeSamples, False)},
+                 "eval": {"as_json": (AsJson, False), "overwrite": (ReplaceResults, False),
+                          "resume": (ResumeSamples, False)},
+                 "compare": {"overwrite": (ReplaceResults, False), "resume": (ResumeSamples, False)}}
 
 
 def flag_name(key: str) -> str:
@@ -81,21 +160,28 @@ def flag_name(key: str) -> str:
 
 
 def help_text(doc: str, tp: Any, default: Any, flag: str) -> str:
-    """The field's doc and its default. Rich takes ``[default: x]`` for a markup tag and drops it, so the
-    bracket is escaped where typer formats help with rich."""
+    """The field's doc and its default (a list as the comma-separated text the flag takes; none for an empty
+    list or path, whose meaning the doc says)."""
     text = doc
     if tp is bool:
         text += f" [default: {'' if default else 'no-'}{flag[2:]}]"
     elif isinstance(default, list):
-        text += f"; comma-separated [default: {','.join(map(str, default))}]"
+        text += "; comma-separated" + (f" [default: {','.join(map(str, default))}]" if default else "")
     elif default != "":  # what an empty path means (required, or RUN_DIR/...) the doc says
         text += f" [default: {default}]"
+    return rich_safe(text)
+
+
+def rich_safe(text: str) -> str:
+    """``text`` with its brackets escaped where typer formats help with rich, which takes ``[default: x]`` for a
+    markup tag and drops it."""
     return text.replace("[", "\\[") if typer.core.HAS_RICH else text
 
 
 def config_parameters(stage: StageSpec) -> tuple[list[inspect.Parameter], dict[str, tuple[str, Any]]]:
-    """Typer parameters for a stage's config fields (its positional arguments first), and
-    ``{parameter name: (dotted key, field type)}``."""
+    """Typer parameters for a stage's config fields (its positional arguments first, required), and
+    ``{parameter name: (dotted key, field type)}``; a field in HIDDEN_ALIASES has a second, hidden parameter
+    that sets the same key."""
     params, keys = [], {}
     for key, (tp, default, doc) in config_mod.flat_fields(stage.config()).items():
         if key in stage.unflagged:
@@ -103,15 +189,21 @@ def config_parameters(stage: StageSpec) -> tuple[list[inspect.Parameter], dict[s
         name, flag = key.replace(".", "__"), flag_name(key)
         assert flag not in {flag_name(k) for k, _ in keys.values()}, f"{stage.name}: two fields are {flag}"
         text = help_text(doc, tp, default, flag)
-        if key in stage.arguments:
-            info = typer.Argument(help=text, show_default=False, metavar=key.upper())
-        else:
-            info = typer.Option(f"{flag}/--no-{flag[2:]}" if tp is bool else flag, help=text, show_default=False,
-                                rich_help_panel=PANELS.get(key.split(".")[0]) if "." in key else None)
         cli_type = str if tp is list else tp  # a list is given comma-separated
-        params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None,
-                                        annotation=Annotated[Optional[cli_type], info]))
-        keys[name] = (key, tp)
+        if key in stage.arguments:  # the command's subject (igpt eval MODEL): required, so --help says so
+            info = typer.Argument(help=text, show_default=False, metavar=key.upper())
+            params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY,
+                                            annotation=Annotated[cli_type, info]))
+            keys[name] = (key, tp)
+            continue
+        for pname, names, hidden in ((name, flag, False), (name + "__alias", HIDDEN_ALIASES.get(key), True)):
+            if names is None:
+                continue
+            info = typer.Option(f"{names}/--no-{names[2:]}" if tp is bool else names, help=text, show_default=False,
+                                hidden=hidden, rich_help_panel=PANELS.get(key.split(".")[0]) if "." in key else None)
+            params.append(inspect.Parameter(pname, inspect.Parameter.KEYWORD_ONLY, default=None,
+                                            annotation=Annotated[Optional[cli_type], info]))
+            keys[pname] = (key, tp)
     params.sort(key=lambda p: keys[p.name][0] not in stage.arguments)  # stable: field order kept
     return params, keys
 
@@ -128,23 +220,27 @@ def stage_command(stage: StageSpec) -> None:
                for n, (a, d) in options.items()]
 
     def command(**values: Any) -> None:
-        overrides = {}
+        overrides: dict[str, Any] = {}
         for pname, (key, tp) in keys.items():
             value = values.pop(pname)
             if tp is list and value is not None:
                 value = [v.strip() for v in value.split(",") if v.strip()]
-            overrides[key] = value
+            if value is not None or key not in overrides:  # a hidden alias given sets its key too
+                overrides[key] = value
         run_stage(stage.name, values.pop("config"), values.pop("print_config"), overrides, **values)
 
     command.__signature__ = inspect.Signature(params)  # typer reads the parameters from the signature
     command.__annotations__ = {p.name: p.annotation for p in params}
     command.__name__ = stage.command.replace("-", "_")
     command.__doc__ = stage.help
-    app.command(stage.command)(command)
+    app.command(stage.command, cls=Command)(command)
 
 
 def fail(messages: list[str], code: int = 2) -> None:
-    for line in messages:
+    """Print each problem as ``error: ...`` (the first errors.SHOWN of a long list) and exit with ``code``."""
+    from .errors import shown
+
+    for line in shown(messages):
         typer.echo(f"error: {line}", err=True)
     raise typer.Exit(code)
 
@@ -184,7 +280,7 @@ def run_stage(stage: str, config_file: Optional[Path], print_config: bool, overr
             result = json.dumps(result, indent=2) if options.get("as_json") else None
         status = None
     except (BadInput, NonFinite, WriteFailed) as e:
-        release_all(status)
+        release_all(status, e.messages[0] if e.messages else str(e), e.code)  # igpt status shows why and how
         fail(e.messages, e.code)
     except (Interrupted, KeyboardInterrupt) as e:
         interrupted(stage, e if isinstance(e, Interrupted) else Interrupted(2))
@@ -193,10 +289,13 @@ def run_stage(stage: str, config_file: Optional[Path], print_config: bool, overr
             interrupted(stage, Interrupted(stop_requested()))
         if not isinstance(e, OSError) or disk_errno(e) is None:
             raise
-        release_all(status)  # the storage failed outside igpt's own writers (a library's file, a log)
-        fail(WriteFailed(e.filename or "a file", e.errno).messages, 4)
+        failed = WriteFailed(e.filename or "a file", e.errno)
+        release_all(status, failed.messages[0], 4)  # the storage failed outside igpt's own writers (a library's file)
+        fail(failed.messages, 4)
     finally:
-        release_all(status)
+        error = sys.exc_info()[1]  # an unexpected error (exit 1, with its traceback): named in the manifest
+        release_all(status, f"{type(error).__name__}: {error}" if error is not None else None,
+                    1 if error is not None else None)
     if result is not None and is_main():
         typer.echo(str(result))
 
@@ -207,9 +306,11 @@ def interrupted(stage: str, e: Any) -> None:
     from .locks import release_all
 
     release_all("interrupted")
-    if not e.said:
-        typer.echo(f"{stage}: interrupted ({e}); nothing half-written is kept: rerun the command (with --resume "
-                   "for a training stage) to go on from its last complete checkpoint", err=True)
+    if not e.said and STAGES[stage].training:
+        typer.echo(f"{stage}: interrupted ({e}); nothing half-written is kept: rerun the command with --resume "
+                   "to go on from its last complete checkpoint", err=True)
+    elif not e.said:  # eval, compare and sample tell what they kept themselves; nothing was kept here
+        typer.echo(f"{stage}: interrupted ({e}) before anything was kept; rerun the command", err=True)
     raise typer.Exit(e.code) from None
 
 
@@ -218,9 +319,10 @@ for spec in STAGES.values():
         stage_command(spec)
 
 
-@app.command(help=STAGES["label"].help)
+@app.command(help=STAGES["label"].help, cls=Command)
 def label(
-    samples: Annotated[str, typer.Argument(help="Samples JSONL from `igpt sample`: {prompt, responses}.")],
+    samples: Annotated[str, typer.Argument(help="Samples JSONL from `igpt sample`: {prompt, responses}.",
+                                           metavar="SAMPLES")],
     out: Annotated[str, typer.Option("--out", help="Rankings JSONL to append to (train-rm reads it).")],
     judge: Annotated[str, typer.Option("--judge", help="human (you, in the terminal), model:PATH (a local LM ranks "
                                        "by pairwise verdicts) or python:MODULE:FUNCTION (f(prompt, responses) -> "
@@ -231,7 +333,7 @@ def label(
     tie_margin: Annotated[float, typer.Option("--tie-margin", help="score differences up to this are ties (the "
                                               "function's units; nats for a model judge)", min=0.0)] = 0.0,
 ) -> None:
-    from .errors import BadInput
+    from .errors import BadInput, Interrupted, WriteFailed
     from .judges import Settings
     from .stages import label as stage
 
@@ -239,17 +341,21 @@ def label(
 
     try:
         stage.run(samples, out, judge, Settings(batch_size=batch_size, device=device, tie_margin=tie_margin))
-    except BadInput as e:
+    except (BadInput, WriteFailed) as e:
         release_all()
-        fail(e.messages)
+        fail(e.messages, e.code)
+    except Interrupted as e:  # each ranking was appended whole as it was made
+        typer.echo(f"label: interrupted ({e}); the rankings made so far are kept in {out}: rerun the command to go "
+                   "on after them", err=True)
+        raise typer.Exit(e.code) from None
     finally:
         release_all()
 
 
-@app.command(help=STAGES["status"].help)
+@app.command(help=STAGES["status"].help, cls=Command)
 def status(
-    run_dir: Annotated[Optional[Path], typer.Argument(help="Run directory [default: runs/default].",
-                                                      show_default=False)] = None,
+    run_dir: Annotated[Optional[Path], typer.Argument(help=rich_safe("Run directory [default: runs/default]."),
+                                                      metavar="RUN_DIR", show_default=False)] = None,
     run_dir_option: Annotated[Optional[Path], typer.Option("--run-dir", help="The same as RUN_DIR.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print it as one JSON object on stdout (keys: README, "
                                                          "'Checking on a run').")] = False,

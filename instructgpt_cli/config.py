@@ -91,6 +91,8 @@ JUDGE_FORMS = "must be rm, human, model:PATH or python:MODULE:FUNCTION"
 # eval's --checkpoints (the frontier of a PPO run) and its --gold judge (frontier.py)
 CHECKPOINTS_SPEC = re.compile(r"all|\d+(,\d+)*")
 GOLD_SPEC = re.compile(r"model:.+|python:[A-Za-z_][\w.]*:[A-Za-z_]\w*")
+# What an input setting may name (data.py reads each through sources.py), said once in the fields' docs.
+SOURCES = "JSONL, parquet, CSV or JSON, a datasets directory or a cached hub dataset id"
 # igpt's record fields a dataset column may be renamed to (``--columns FIELD=COLUMN``).
 COLUMN_FIELDS = ("prompt", "response", "completion", "messages", "chosen", "rejected", "responses", "ranks",
                  "category", "text")
@@ -130,7 +132,8 @@ class LoraConfig:
     r: int = f(16, "LoRA rank (dimensions)", ">= 1")
     alpha: int = f(32, "LoRA scaling numerator; the update is scaled by alpha / r (dimensionless)", ">= 1")
     dropout: float = f(0.0, "dropout on the LoRA input (probability)", "in [0, 1)")
-    target_modules: list = f(["all-linear"], "module names to adapt; ['all-linear'] adapts every linear layer but the LM head")
+    target_modules: list = f(["all-linear"], "module names to adapt (q_proj,v_proj ...); all-linear adapts every "
+                                             "linear layer but the LM head")
     layers: int = f(8, "adapt only the top N transformer layers (all of a model with no more); the backward stops "
                        "there, and PPO runs the frozen layers below once per rollout; 0 = every layer",
                     ">= 0 (0 = all layers)")
@@ -180,6 +183,8 @@ class DataSourceBlock:
 @dataclass
 class GenerationBlock:
     """sample, eval and compare: how they generate responses (PPO's rollout settings are its own)."""
+    # One default for sample, eval and compare: PPO's rollout temperature (1.0), so eval scores the distribution
+    # PPO optimised and its KL needs no second set of samples, and compare reuses eval's responses.
     temperature: float = f(1.0, "sampling temperature (dimensionless); 0 = greedy", ">= 0 (0 = greedy)")
     max_new_tokens: int = f(128, "longest response (tokens)", ">= 1")
     batch_size: int = f(8, "sequences per forward pass (sequences)", ">= 1")
@@ -216,8 +221,8 @@ class LoggingBlock:
     log_every: int = f(0, "in a log file (stderr not a terminal): a progress line every N optimizer steps; 0 = about "
                           "every 30 s (steps)", ">= 0 (0 = about every 30 s)")
     report_to: list = f([], "experiment trackers that also receive every metrics.jsonl line and the config, "
-                            "comma-separated: tensorboard, wandb, trackio, mlflow (TRL's names; each an extra, "
-                            "README 'Experiment trackers'); none by default", TRACKERS)
+                            "among tensorboard, wandb, trackio, mlflow (TRL's names; each an extra, README "
+                            "'Experiment trackers'); none by default", TRACKERS)
 
 
 @dataclass
@@ -233,7 +238,8 @@ class TrainingBlocks(ModelBlocks, LoggingBlock, CheckpointBlock, TrainingBlock, 
 @dataclass
 class SFTConfig(TrainingBlocks):
     """igpt sft."""
-    data: str = f("", "demonstrations: JSONL, parquet/CSV/JSON, a datasets directory or cached hub id (required)")
+    data: str = f("", "demonstrations: {prompt, response}, {prompt, completion} or {messages}; " + SOURCES
+                  + " (required)")
     epochs: int = f(16, "passes over the training split (epochs); InstructGPT trains SFT 16 epochs", ">= 1")
     val_fraction: float = f(0.05, "share of demonstrations held out for eval loss (fraction, 0 disables)", "in [0, 1)")
     padding_free: bool = f(True, "pack each micro-batch into one row with block-diagonal attention instead of padding "
@@ -251,8 +257,10 @@ class RMConfig(TrainingBlocks):
     optim: OptimConfig = override(ModelBlocks, "optim", OptimConfig(batch_size=8),
                                   "optimizer block; batch_size counts prompts (rankings), each with all K of its "
                                   "responses")
-    rankings: str = f("", "rankings JSONL file: {prompt, responses, ranks} or {prompt, chosen, rejected} (required)")
-    demos: str = f("", "demonstrations used to normalise the reward to mean 0; default: the run's SFT data")
+    rankings: str = f("", "rankings: {prompt, responses, ranks} or {prompt, chosen, rejected}; " + SOURCES
+                      + " (required)")
+    demos: str = f("", "demonstrations used to normalise the reward to mean 0 (" + SOURCES + "); default: the "
+                       "run's SFT data")
     normalize: bool = f(True, "set the reward bias so the demonstrations score mean 0, as the paper does before RL")
     sft: str = f("", "SFT model directory to initialise from; default: RUN_DIR/sft/final")
     epochs: int = f(1, "passes over the rankings (epochs); the paper trains the RM a single epoch (it overfits after)",
@@ -282,8 +290,8 @@ class DPOConfig(TrainingBlocks):
     optim: OptimConfig = override(ModelBlocks, "optim", OptimConfig(lr=1e-6, batch_size=8, scheduler="linear"),
                                   "optimizer block; batch_size counts prompts (rankings), each with all K of its "
                                   "responses")
-    rankings: str = f("", "rankings JSONL file, the one train-rm reads: {prompt, responses, ranks} or {prompt, chosen, "
-                          "rejected} (required)")
+    rankings: str = f("", "rankings, the ones train-rm reads: {prompt, responses, ranks} or {prompt, chosen, "
+                          "rejected}; " + SOURCES + " (required)")
     sft: str = f("", "SFT model: the policy's initialisation and the frozen reference; default RUN_DIR/sft/final")
     beta: float = f(0.1, "DPO's beta: implicit reward = beta * (log pi - log pi_ref), the KL strength (dimensionless)",
                     ">= 0")
@@ -306,6 +314,9 @@ class PPOConfig(TrainingBlocks):
     max_steps: int = override(TrainingBlock, "max_steps", doc="PPO iterations (each a rollout batch and its update); "
                                                               "0 = one pass over the prompts")
     save_every: int = override(CheckpointBlock, "save_every", 20, "write a resumable checkpoint every N iterations")
+    log_every: int = override(LoggingBlock, "log_every", doc="in a log file (stderr not a terminal): a progress line "
+                                                             "every N PPO iterations; 0 = about every 30 s "
+                                                             "(iterations)")
     keep_checkpoints: int = override(CheckpointBlock, "keep_checkpoints",
                                      doc="keep only the newest N complete checkpoints (count); a frontier (igpt eval "
                                          "ppo --checkpoints all) needs more")
@@ -318,8 +329,9 @@ class PPOConfig(TrainingBlocks):
                                   OptimConfig(lr=1e-5, scheduler="constant_with_warmup", warmup_steps=0, batch_size=4),
                                   "optimizer block for policy and value; batch_size is the micro-batch (sequences); "
                                   "grad_clip clips each model's gradient norm on its own")
-    prompts: str = f("", "prompts JSONL for rollouts: {prompt}, optional category (required)")
-    ptx_data: str = f("", "pretraining text for PPO-ptx: JSONL {text} or a .txt file (needed when ptx_coef > 0)")
+    prompts: str = f("", "prompts for rollouts: {prompt}, optional category; " + SOURCES + " (required)")
+    ptx_data: str = f("", "pretraining text for PPO-ptx: {text} records (" + SOURCES + ") or a .txt file (needed "
+                          "when ptx_coef > 0)")
     ptx_coef: float = f(0.0, "PPO-ptx: weight of the pretraining LM loss in every optimizer step (dimensionless); "
                              "paper 27.8", ">= 0")
     ptx_batch_size: int = f(4, "pretraining sequences per optimizer step (sequences); paper: 8x the RL minibatch",
@@ -375,11 +387,12 @@ class SampleConfig(GenerationBlock, DataSourceBlock, RunBlock):
     run_dir: str = override(RunBlock, "run_dir", doc="run directory whose SFT model is the default (path)")
     seed: int = override(RunBlock, "seed", doc="sampling seed: the same seed gives the same samples")
     batch_size: int = override(GenerationBlock, "batch_size", 16, "sequences generated at once (sequences)")
-    prompts: str = f("", "prompts JSONL file: {prompt}, optional category (required)")
+    prompts: str = f("", "prompts: {prompt}, optional category; " + SOURCES + " (required)")
     out: str = f("", "output JSONL: {prompt, responses, category} per prompt, ready for ranks (required)")
     k: int = f(4, "responses sampled per prompt (count); the paper's labelers rank K = 4 to 9",
                ">= 2 (rankings need two responses at least)")
-    model: str = f("", "model to sample from: a directory, tiny or smollm2-135m; default RUN_DIR/sft/final")
+    model: str = f("", "model to sample from: a stage of the run (sft, ppo, dpo), a checkpoint (ppo@step-N, "
+                       "sft@step-N, dpo@step-N), a directory, tiny or smollm2-135m; default RUN_DIR/sft/final")
 
 
 @dataclass
@@ -387,10 +400,12 @@ class EvalConfig(GenerationBlock, DataSourceBlock, RunBlock):
     """igpt eval."""
     run_dir: str = override(RunBlock, "run_dir", doc="run directory (path)")
     seed: int = override(RunBlock, "seed", doc="sampling seed")
-    model: str = f("", "model to evaluate: a stage of the run (sft, ppo) or a model directory (required)")
-    prompts: str = f("", "held-out prompts JSONL: {prompt}, optional category (required)")
-    rankings: str = f("", "held-out rankings JSONL for the reward model's pairwise accuracy (optional)")
-    ptx_data: str = f("", "held-out pretraining text for the LM loss / perplexity, the alignment tax (optional)")
+    model: str = f("", "model to evaluate: a stage of the run (sft, ppo, dpo), a checkpoint (ppo@step-N, sft@step-N, "
+                       "dpo@step-N) or a model directory (required)")
+    prompts: str = f("", "held-out prompts: {prompt}, optional category; " + SOURCES + " (required)")
+    rankings: str = f("", "held-out rankings for the reward model's pairwise accuracy; " + SOURCES + " (optional)")
+    ptx_data: str = f("", "held-out pretraining text for the LM loss / perplexity, the alignment tax: {text} "
+                          "records (" + SOURCES + ") or a .txt file (optional)")
     rm: str = f("", "reward model that scores the responses; default RUN_DIR/rm/final")
     sft: str = f("", "reference for KL and the alignment tax; default RUN_DIR/sft/final")
     name: str = f("", "report name, eval/NAME/; default the model's stage name or directory name")
@@ -417,11 +432,12 @@ class CompareConfig(GenerationBlock, DataSourceBlock, RunBlock):
     run_dir: str = override(RunBlock, "run_dir", doc="run directory (path)")
     seed: int = override(RunBlock, "seed", doc="sampling seed, the same for both models; also the order and sides "
                                                "shown to a human")
-    temperature: float = override(GenerationBlock, "temperature", 0.7, "sampling temperature, the same for both models")
-    a: str = f("", "model A: a stage of the run (sft, ppo), a PPO checkpoint (ppo@step-N: the policy after iteration "
-                   "N, a point of the frontier) or a model directory (required)")
+    temperature: float = override(GenerationBlock, "temperature",
+                                  doc="sampling temperature, the same for both models (dimensionless); 0 = greedy")
+    a: str = f("", "model A: a stage of the run (sft, ppo, dpo), a checkpoint (ppo@step-N: the policy after iteration "
+                   "N, a point of the frontier; sft@step-N, dpo@step-N) or a model directory (required)")
     b: str = f("", "model B, the baseline (required)")
-    prompts: str = f("", "prompts both models answer (required)")
+    prompts: str = f("", "prompts both models answer: {prompt}, optional category; " + SOURCES + " (required)")
     judge: str = f("rm", "rm (the reward model picks), human (a terminal labeler), model:PATH (a local LM asked "
                          "in both orders) or python:MODULE:FUNCTION (f(prompt, responses) -> scores); README, Judges",
                    Rule(lambda v: bool(JUDGE_SPEC.fullmatch(v)), JUDGE_FORMS))

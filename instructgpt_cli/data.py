@@ -11,8 +11,9 @@ implicit prompt. Torch is not imported here, so validation runs without it (toke
 """
 from __future__ import annotations
 
+import codecs
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -30,7 +31,8 @@ def iter_jsonl(path: str | Path, errors: list[str]) -> Iterator[tuple[int, Any]]
         raise BadInput([f"{p}: file not found"]) from None
     except IsADirectoryError:
         raise BadInput([f"{p}: is a directory, expected a JSONL file"]) from None
-    for lineno, line in enumerate(raw.split(b"\n"), start=1):
+    # A UTF-8 byte order mark (Windows editors, Excel's "UTF-8" export) is no part of the first record
+    for lineno, line in enumerate(raw.removeprefix(codecs.BOM_UTF8).split(b"\n"), start=1):
         try:
             text = line.decode("utf-8")
         except UnicodeDecodeError as e:
@@ -156,6 +158,9 @@ class Prompt:
     where: str = ""  # "FILE:LINE", for error messages after tokenisation
     turns: list[dict] | None = None  # a conversational prompt's turns; None: one user turn, ``prompt``
     group: str | None = None  # prompts that belong together (one source message, one user): held out together
+    # read as a list of messages (one user turn too), so ``sample`` writes it back as one; not part of what the
+    # prompt is (a one-turn list and the plain string are the same prompt)
+    listed: bool = field(default=False, compare=False)
 
     @property
     def messages(self) -> list[dict]:
@@ -163,8 +168,8 @@ class Prompt:
 
     @property
     def record(self) -> str | list[dict]:
-        """The prompt as a JSONL record holds it (what ``sample`` writes): the text, or the turns."""
-        return self.turns or self.prompt
+        """The prompt in the form it was read (what ``sample`` writes): the text, or the list of turns."""
+        return self.messages if self.listed else self.prompt
 
 
 def split_turns(turns: list[dict]) -> tuple[str, list[dict] | None]:
@@ -179,7 +184,7 @@ def parse_prompt(obj: dict, where: str, errors: list[str]) -> Prompt | None:
     if turns is None:
         return None
     text, conversation = split_turns(turns)
-    return Prompt(text, category, where, conversation, group)
+    return Prompt(text, category, where, conversation, group, listed=isinstance(obj.get("prompt"), list))
 
 
 def read_prompts(path: str | Path, split: str = "train", columns: list[str] | tuple = ()) -> list[Prompt]:
@@ -294,7 +299,7 @@ def read_pretrain(path: str | Path, split: str = "train", columns: list[str] | t
     p = Path(path)
     if p.suffix == ".txt":
         try:
-            text = p.read_text(encoding="utf-8")
+            text = p.read_text(encoding="utf-8-sig")  # utf-8, without a byte order mark if there is one
         except FileNotFoundError:
             raise BadInput([f"{p}: file not found"]) from None
         except UnicodeDecodeError as e:

@@ -7,15 +7,26 @@ import errno as _errno
 import signal as _signal
 
 
+SHOWN = 20  # problems printed of a longer list: a file with thousands of bad lines would bury the terminal
+
+
+def shown(messages: list[str], limit: int = SHOWN) -> list[str]:
+    """The first ``limit`` messages, then ``... and N more`` for the rest (every one is still checked)."""
+    if len(messages) <= limit:
+        return list(messages)
+    return [*messages[:limit], f"... and {len(messages) - limit} more"]
+
+
 class BadInput(Exception):
     """Bad user input (data file, config, flag, path). ``messages`` are lines like
-    ``demos.jsonl:17: response: must be a non-empty string``; all are reported, not only the first."""
+    ``demos.jsonl:17: response: must be a non-empty string``; all are kept, the first SHOWN printed
+    (:func:`shown`)."""
 
     code = 2
 
     def __init__(self, messages: list[str] | str):
         self.messages = [messages] if isinstance(messages, str) else list(messages)
-        super().__init__("\n".join(self.messages))
+        super().__init__("\n".join(shown(self.messages)))
 
 
 class NonFinite(Exception):

@@ -204,11 +204,13 @@ class ModelJudge:
     def __init__(self, spec: str, settings: Settings):
         from transformers import AutoTokenizer
 
-        from .models import ensure_pad_token
+        from .models import ensure_pad_token, require_role
 
         self.spec, self.settings, self.path = spec, settings, Path(spec[len("model:"):]).expanduser()
         if not (self.path / "config.json").is_file():
             raise BadInput([f"--judge {spec}: {self.path} is not a model directory (no config.json)"])
+        # the judge answers "1" or "2" as text: a reward model's head would give it no tokens to read
+        require_role(self.path, "policy", "--judge model:PATH")
         self.tokenizer = AutoTokenizer.from_pretrained(self.path)
         self.templated = bool(self.tokenizer.chat_template)  # before anything gives it one
         ensure_pad_token(self.tokenizer)

@@ -18,8 +18,8 @@ from . import distributed, locks, signals, trackers
 from .console import say
 from .errors import BadInput, Interrupted
 from .presets import saved_config
-from .rundir import (Stage, check_stage, checkpoint_name, mark_stale, read_manifest, start_stage_dir,
-                     update_manifest)
+from .rundir import (CHECKPOINT_PREFIX, Stage, check_stage, checkpoint_name, complete_checkpoints, mark_stale,
+                     read_manifest, start_stage_dir, stored_path, update_manifest)
 from .storage import atomic_write_text, now, weights_sha256
 
 def open_stage(stage: Stage, cfg: Any, inputs: dict, resume: bool, overwrite: bool,
@@ -30,7 +30,8 @@ def open_stage(stage: Stage, cfg: Any, inputs: dict, resume: bool, overwrite: bo
 
     A resume that would change what a step computes is refused (BadInput, every difference listed) unless
     ``allow_changes``; the changes are returned for :func:`restore` to record with the step they take effect.
-    A finished stage is 'done' unless its length grew (``--resume --max-steps N``: 'resume' extends it)."""
+    A finished stage is 'done' unless its length grew (``--resume --max-steps N``: 'resume' extends it). A
+    ``--max-steps`` below the step the run has reached is refused (:func:`check_not_behind`)."""
     trackers.check(getattr(cfg, "report_to", []))  # a missing tracker library: exit 2 before the lock's file
     locks.check_writable(stage.run_dir)
     locks.take(stage.run_dir, stage.name, str(stage.dir))
@@ -46,6 +47,7 @@ def open_stage(stage: Stage, cfg: Any, inputs: dict, resume: bool, overwrite: bo
             say(f"[yellow]warning:[/] {stage.dir} was built from inputs that changed since: "
                 + "; ".join(describe_change(c) for c in stale) + "; rebuild it with --overwrite")
         return "done", []
+    check_not_behind(stage, cfg)
     binding = [c for c in changes if not c["free"]]
     if binding and not allow_changes:
         raise BadInput([f"{stage.dir}: --resume would continue with other settings or inputs than the run so far:"]
@@ -57,8 +59,47 @@ def open_stage(stage: Stage, cfg: Any, inputs: dict, resume: bool, overwrite: bo
     return "resume", changes
 
 
+def check_not_behind(stage: Stage, cfg: Any) -> None:
+    """Refuse a resume whose ``max_steps`` is below the newest checkpoint's step: training cannot go back, so
+    it would export that later step under a length it exceeds (``igpt status``: "190 of 40"). Equal is
+    allowed: it ends the run at the step it has reached."""
+    done = complete_checkpoints(stage.checkpoints)
+    reached = int(done[-1].name[len(CHECKPOINT_PREFIX):]) if done else 0
+    if 0 < cfg.max_steps < reached:
+        raise BadInput([f"{stage.dir}: --max-steps {cfg.max_steps} is below the step this run has reached, "
+                        f"{reached} ({stage.checkpoints / done[-1].name}), and a resume cannot go back: pass "
+                        f"--max-steps {reached} to end it there, a larger value to train on, or --overwrite to "
+                        f"start over"])
+
+
 def describe_change(change: dict) -> str:
+    """One line for a resume change: ``lr: 1e-05 -> 2e-05``; for an input whose content changed, the file and
+    what differs now (``input data: /d/demos.jsonl: content changed since the run began (sha256 1a2b3c4d ->
+    5e6f7a8b; now 21 records, 2.1 kB)``) rather than two bare hashes."""
+    if change.get("path"):
+        path, began = change["path"], change.get("began_with")
+        what = ("content changed since the run began" if began in (None, str(Path(path).resolve()))
+                else f"other content than {began}, which the run began with")
+        return (f"{change['setting']}: {path}: {what} (sha256 {str(change['was'])[:8]} -> {str(change['now'])[:8]}"
+                f"{now_size(Path(path))})")
     return f"{change['setting']}: {change['was']!r} -> {change['now']!r}"
+
+
+def now_size(path: Path) -> str:
+    """``; now 21 records, 2.1 kB`` for a JSONL file (its lines that are not blank), ``; now 2.1 kB`` for another
+    file, ``; now 3 files, 2.1 kB`` for a directory; '' where it cannot be read. The manifest records only the
+    hash, so what it held before is not known."""
+    try:
+        if path.is_dir():
+            files = [p for p in path.rglob("*") if p.is_file()]
+            count, size = f"{len(files)} files, ", sum(p.stat().st_size for p in files)
+        else:
+            data = path.read_bytes()
+            lines = sum(1 for line in data.splitlines() if line.strip())
+            count, size = (f"{lines} records, " if path.suffix == ".jsonl" else ""), len(data)
+    except OSError:
+        return ""
+    return f"; now {count}{size / 1000:.1f} kB"
 
 
 def resume_changes(stage: Stage, cfg: Any, inputs: dict) -> list[dict]:
@@ -80,7 +121,12 @@ def resume_changes(stage: Stage, cfg: Any, inputs: dict) -> list[dict]:
         hashed = all(isinstance(x, dict) and x.get("sha256") for x in (before.get(key), inputs.get(key)))
         was, now_ = (_identity(before.get(key), hashed), _identity(inputs.get(key), hashed))
         if was != now_:
-            changes.append({"setting": f"input {key}", "was": was, "now": now_, "free": False})
+            change = {"setting": f"input {key}", "was": was, "now": now_, "free": False}
+            if hashed:  # other content: describe_change names the files and says what this one holds now
+                began = before[key].get("path")  # as the manifest stores it: maybe relative to the run directory
+                change.update(path=inputs[key]["path"],
+                              began_with=str(stored_path(stage.run_dir, began).resolve()) if began else None)
+            changes.append(change)
     return changes
 
 

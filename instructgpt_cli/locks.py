@@ -171,17 +171,21 @@ def hold(lock: Lock) -> None:
     _HELD.append(lock)
 
 
-def release_all(status: str | None = None) -> None:
+def release_all(status: str | None = None, error: str | None = None, exit_code: int | None = None) -> None:
     """Release every lock this process holds. ``status`` ('interrupted', 'failed'): the command ended
-    early, and a stage whose manifest entry still says ``running`` is marked so first."""
+    early, and a stage whose manifest entry still says ``running`` is marked so first, with when it ended and,
+    for a failure, its first error message and exit code (``igpt status`` shows them)."""
     from .rundir import read_manifest, update_manifest
+    from .storage import now
 
+    details = {"stopped": now(), **({"error": error} if error else {}),
+               **({"exit_code": exit_code} if exit_code is not None else {})}
     while _HELD:
         lock = _HELD.pop()
         if status and lock.stage:
             with contextlib.suppress(OSError, ValueError):
                 if read_manifest(lock.run_dir).get("stages", {}).get(lock.stage, {}).get("status") == "running":
-                    update_manifest(lock.run_dir, lock.stage, status=status)
+                    update_manifest(lock.run_dir, lock.stage, status=status, **details)
         lock.release()
 
 

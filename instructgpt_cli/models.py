@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,8 @@ from transformers.utils import logging as hf_logging
 from .config import LoraConfig, ModelConfig
 from .errors import BadInput
 from .families import checkpointing, unwrapped
+from .forward import REWARD_BIAS
+from .rundir import find_model
 from .storage import COMPLETED, building, verify_dir
 
 SMOLLM2 = "smollm2-135m"
@@ -135,6 +138,75 @@ def model_path(name: str) -> Path | None:
         raise BadInput([f"--model {name}: not a model name ({SMOLLM2}, {TINY}) nor a directory with config.json"])
     check_sealed(p)
     return p
+
+
+# What each role needs of a model, in the words a refusal uses.
+ROLES = {"policy": "a causal language model (...ForCausalLM: an SFT, PPO or DPO model)",
+         "reward": "a reward model (...ForSequenceClassification with num_labels 1, as igpt train-rm writes)"}
+
+
+def model_kind(source: str | Path) -> tuple[str, str]:
+    """What a model source is, read from its files without loading weights: (kind, words for a message); kind
+    'policy' (a causal LM, or the name ``tiny`` / ``smollm2-135m``), 'reward' (a scalar-head classifier),
+    'classifier' (more labels than one), 'adapter' (a PEFT adapter without its base), 'other' (another
+    architecture), 'unknown' (a config that names no architecture) or 'missing' (no model there)."""
+    if str(source) in (TINY, SMOLLM2):
+        return "policy", f"the {source} causal language model"
+    path = Path(source).expanduser()
+    if not (path / "config.json").is_file():
+        if (path / "adapter_config.json").is_file():
+            return "adapter", "a PEFT (LoRA) adapter without its base model (adapter_config.json, no config.json)"
+        return "missing", "not a model name nor a directory with config.json"
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        return "missing", f"its config.json is unreadable ({e})"
+    arch = ", ".join(config.get("architectures") or [])
+    labels = len(config.get("id2label") or {}) or config.get("num_labels", 1)
+    if arch.endswith("ForSequenceClassification") or (not arch and REWARD_BIAS in config):
+        if labels != 1:
+            return "classifier", f"a classifier with {labels} labels ({arch})"
+        return "reward", f"a reward model ({arch or f'{REWARD_BIAS} in its config.json'})"
+    if arch.endswith("ForCausalLM"):
+        return "policy", f"a causal language model ({arch})"
+    return ("unknown", "a model") if not arch else ("other", f"a {arch} model")
+
+
+def role_problem(source: str | Path, role: str, flag: str) -> str | None:
+    """Why ``source``, named by the user with ``flag``, cannot play ``role`` ('policy': sampled, trained or asked
+    as a judge; 'reward': a scalar reward), or None when it can. Read before any weights load: a reward model
+    sampled as a chat model, or a causal LM under a fresh random scalar head, would run to the end and mean
+    nothing. A config without architectures is given the benefit of the doubt."""
+    kind, what = model_kind(source)
+    if kind == role or kind == "unknown":
+        return None
+    return f"{flag} {source}: {what}; {flag} needs {ROLES[role]}"
+
+
+def require_role(source: str | Path, role: str, flag: str) -> None:
+    """BadInput (:func:`role_problem`) unless ``source`` can play ``role``."""
+    problem = role_problem(source, role, flag)
+    if problem:
+        raise BadInput([problem])
+
+
+def stage_inputs(run_dir: Path, wanted: dict[str, tuple[str, str, str]]) -> dict[str, str]:
+    """The models a training stage starts from, ``{flag: (given, stage, role)}`` -> ``{flag: source}``: each
+    given source, else ``stage``'s final model in ``run_dir`` (rundir.find_model), checked for ``role``. Every
+    problem (a prerequisite not yet made, a model in the wrong role) in one BadInput, so one run names them all."""
+    found, errors = {}, []
+    for flag, (given, stage, role) in wanted.items():
+        try:
+            found[flag] = find_model(given, run_dir, stage, flag)
+        except BadInput as e:
+            errors += e.messages
+            continue
+        problem = role_problem(found[flag], role, flag)
+        if problem:
+            errors.append(problem)
+    if errors:
+        raise BadInput(errors)
+    return found
 
 
 def check_sealed(path: Path) -> None:
@@ -323,10 +395,11 @@ def save_final(model: Any, tokenizer: Any, dest: Path) -> None:
 
 
 def load_trained_policy(ckpt: Path, base: Path, lora: LoraConfig | None, tokenizer: Any, device: torch.device,
-                        dtype: str = "auto", seed: int = 0) -> Any:
-    """A PPO checkpoint (``ppo/checkpoints/step-N/``, checkpoint.py) as a plain causal LM: the run's SFT model
-    ``base`` with the checkpoint's trained policy weights (its weights named ``checkpoint.POLICY``...; the value
-    model's are not read). With ``lora`` (the run's LoRA block) the adapters
+                        dtype: str = "auto", seed: int = 0, prefix: str | None = None) -> Any:
+    """A training checkpoint (``STAGE/checkpoints/step-N/``, checkpoint.py) as a plain causal LM: the stage's base
+    model ``base`` (a directory or a model name) with the checkpoint's trained weights named ``prefix``... (default
+    ``checkpoint.POLICY``: a PPO checkpoint's policy, its value model's are not read; '' for sft and dpo, which
+    train the model alone). With ``lora`` (the stage's LoRA block) the adapters
     are applied as PPO built them and merged, as ``save_final`` merges ``final/policy``. BadInput for a checkpoint
     written under --fsdp (sharded) or one whose names do not match this base and LoRA setting."""
     from safetensors import safe_open
@@ -334,8 +407,8 @@ def load_trained_policy(ckpt: Path, base: Path, lora: LoraConfig | None, tokeniz
     from . import checkpoint
 
     checkpoint.require_whole(ckpt, "checkpoint")
-    prefix = checkpoint.POLICY
-    model = load_model(ModelConfig(name=str(base), dtype=dtype), tokenizer, base, device, seed)
+    prefix = checkpoint.POLICY if prefix is None else prefix
+    model = load_model(ModelConfig(name=str(base), dtype=dtype), tokenizer, model_path(str(base)), device, seed)
     if lora is not None and lora.enabled:
         model = apply_lora(model, LoraConfig(**{**vars(lora), "dropout": 0.0}))
     params = dict(model.named_parameters())

@@ -31,6 +31,8 @@ def resolve(stage: str, config_file: str | Path | None, overrides: dict[str, Any
     every error names where the bad value came from: ``FILE: stage.key`` for the file, the flag
     (``flag_of(key)``, e.g. ``--k``) for a value given on the command line."""
     file_sections = load_preset(config_file) if config_file else {}
+    if config_file and stage not in file_sections:
+        raise BadInput([missing_section(config_file, stage, list(file_sections))])
     errors: list[str] = []
     for name, section in file_sections.items():
         if name != stage:
@@ -55,6 +57,15 @@ def resolve(stage: str, config_file: str | Path | None, overrides: dict[str, Any
     if errors:
         raise BadInput(errors)
     return cfg
+
+
+def missing_section(config_file: str | Path, stage: str, found: list[str]) -> str:
+    """The error for a --config file without the command's section: the file would otherwise change nothing and
+    the stage would run on its defaults. The usual cause is another stage's saved config.yaml."""
+    has = f"it has {', '.join(found)}" if found else "it has no section"
+    saved = " (a config.yaml a stage saved holds that stage's section only)" if found else ""
+    return (f"{config_file}: no '{stage}' section, which igpt {STAGES[stage].command} reads; {has}{saved}; add a "
+            f"'{stage}:' section or pass the file written for this stage")
 
 
 def saved_config(stage_dir: Path) -> Any | None:

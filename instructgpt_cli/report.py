@@ -1,10 +1,12 @@
 """compare/A-vs-B/report.html: the page a researcher keeps of one comparison. One self-contained file
 (charts embedded as PNG data URIs, inline CSS, no script, nothing fetched) with: where the numbers come
 from (both models' weights digests, decoding settings, seed, judge, the prompts file's digest, igpt
-version, date, host), the win rate with its interval per category, ``igpt eval``'s table of both models,
-the run's training curves (SFT and RM loss and accuracy; PPO's score, KL, reward vs KL, beta, entropy,
-clip fraction, response length and EOS rate against episodes), the reward-vs-KL frontier of ``igpt eval ppo
---checkpoints`` where it has run, and samples drawn at random per category,
+version, date, host), the win rate with its interval per category, ``igpt eval``'s table of both models
+(noting an eval sampled at another temperature than the comparison),
+the run's training curves (SFT and RM loss and accuracy; PPO's score, its missing-EOS penalty and KL
+term, KL, reward vs KL, beta, entropy, clip fraction, response length and EOS rate against episodes; DPO's
+loss, pair accuracy and margins instead where DPO is compared and PPO is not), the reward-vs-KL frontier of
+``igpt eval ppo --checkpoints`` where it has run, and samples drawn at random per category,
 with the responses that never ended (no EOS) marked. A section without data says so; none crashes the page.
 """
 from __future__ import annotations
@@ -23,6 +25,7 @@ from . import __version__
 from .presets import saved_config
 from .report_plots import frontier_chart, line_chart, reward_vs_kl, series, win_chart
 from .rundir import atomic_write_text, read_metrics
+from .stages import STAGES
 from .storage import now, sha256_file, weights_sha256
 
 # code points HTML5 forbids in a document (a parse error): C0 controls but tab, LF, FF, CR; DEL and the C1
@@ -104,6 +107,7 @@ class RunRecords:
     sft: list[dict] = field(default_factory=list)  # sft/metrics.jsonl records
     rm: list[dict] = field(default_factory=list)  # rm/metrics.jsonl
     ppo: list[dict] = field(default_factory=list)  # ppo/metrics.jsonl, each with "episode"
+    dpo: list[dict] = field(default_factory=list)  # dpo/metrics.jsonl
     evals: dict[str, dict] = field(default_factory=dict)  # model name -> eval/NAME/report.json
     ppo_config: Any = None  # the PPOConfig the run's PPO ran with (ppo/config.yaml), None without one
 
@@ -111,7 +115,7 @@ class RunRecords:
 def read_run(run_dir: Path, names: list[str]) -> RunRecords:
     """The run's training metrics and the eval reports of ``names``. PPO records from before ``episode``
     was logged get it from the run's rollout batch size (ppo/config.yaml): episodes = iteration x batch."""
-    stages = {s: read_metrics(run_dir / s / "metrics.jsonl") for s in ("sft", "rm", "ppo")}
+    stages = {s: read_metrics(run_dir / s / "metrics.jsonl") for s in ("sft", "rm", "ppo", "dpo")}
     ppo_cfg = saved_config(run_dir / "ppo")
     if any("episode" not in r for r in stages["ppo"]):
         batch = ppo_cfg.rollout_batch_size if ppo_cfg is not None else None
@@ -119,7 +123,7 @@ def read_run(run_dir: Path, names: list[str]) -> RunRecords:
                          for r in stages["ppo"] if "episode" in r or batch]
     evals = {n: json.loads(p.read_text(encoding="utf-8")) for n in names
              if (p := run_dir / "eval" / n / "report.json").is_file()}
-    return RunRecords(stages["sft"], stages["rm"], stages["ppo"], evals, ppo_cfg)
+    return RunRecords(stages["sft"], stages["rm"], stages["ppo"], stages["dpo"], evals, ppo_cfg)
 
 
 def ended(ids: list[int] | None, eos_id: int | None) -> bool | None:
@@ -202,7 +206,18 @@ def eval_table(report: dict, evals: dict[str, dict]) -> str:
                  number(r.get("alignment_tax"), "+.4f"), number(r.get("response_length"), ".1f"),
                  number(r.get("eos_rate"), ".0%"), acc, same]
         rows.append("<tr>" + "".join(f"<td>{e(c)}</td>" for c in cells) + "</tr>")
-    return "".join(rows) + "</table>" + "".join(f"<p>{e(line)}</p>" for line in temperature_lines(evals))
+    notes = temperature_lines(evals) + other_temperature_lines(report, evals)
+    return "".join(rows) + "</table>" + "".join(f"<p>{e(line)}</p>" for line in notes)
+
+
+def other_temperature_lines(report: dict, evals: dict[str, dict]) -> list[str]:
+    """A warning for each eval report sampled at another temperature than the comparison: its EOS rate, length
+    and score describe other samples than those judged above (a hotter sample ends less often)."""
+    t = report.get("settings", {}).get("temperature")
+    return [f"{name}: eval sampled at T={r['settings']['temperature']:g}; the comparison at T={t:g}, so this "
+            "row's EOS rate, length and score are not those of the responses judged above"
+            for name, r in evals.items()
+            if t is not None and r.get("settings", {}).get("temperature") not in (None, t)]
 
 
 def temperature_lines(evals: dict[str, dict]) -> list[str]:
@@ -232,10 +247,20 @@ def length_html(report: dict) -> str:
     return f"{rate}. Mean response length: {lengths}.</p>"
 
 
-def training_charts(run: RunRecords) -> list[tuple[str, list[tuple[str, str | None]]]]:
+def stage_of(model: str) -> str | None:
+    """The stage whose model ``model`` names (``ppo``, ``ppo_ema``, ``dpo@step-40``: as ``igpt compare`` takes
+    them), None for a path."""
+    base = model.split("@")[0]
+    return next((s.name for s in STAGES.values() if base in s.models), None)
+
+
+def training_charts(run: RunRecords, compared: tuple[str, ...] = ()) -> list[tuple[str, list[tuple[str, str | None]]]]:
     """(section, [(title, PNG URI or None)]) of the run's training curves. PPO's x-axis is episodes (prompts
-    answered), which compares runs with different rollout batch sizes; SFT's and RM's is optimizer steps."""
+    answered), which compares runs with different rollout batch sizes; SFT's, RM's and DPO's is optimizer
+    steps. ``compared``: the models of the comparison; DPO's curves are shown where one is DPO's, and PPO's
+    then only where the other is PPO's (a run may hold both, and PPO's curves say nothing of a DPO model)."""
     sft, rm, ppo = run.sft, run.rm, run.ppo
+    stages = {stage_of(m) for m in compared}
 
     def ep(key: str):
         return series(ppo, key, "episode")
@@ -251,7 +276,7 @@ def training_charts(run: RunRecords) -> list[tuple[str, list[tuple[str, str | No
     else:  # a run without its config.yaml
         how = "adaptive" if len({b for _, b in ep("objective/beta")}) > 1 else "fixed"
     beta_title = f"β, KL coefficient ({how})"
-    return [
+    sections = [
         ("SFT", [("SFT loss (nats/token)", line_chart("SFT loss (nats/token)", "optimizer step", [
             ("train", series(sft, "train/loss")), ("held-out", series(sft, "eval/loss"))]))]),
         ("Reward model", [
@@ -261,8 +286,7 @@ def training_charts(run: RunRecords) -> list[tuple[str, list[tuple[str, str | No
                 ("train", series(rm, "train/accuracy")), ("held-out", series(rm, "eval/accuracy"))], (0, 1)))]),
         ("PPO", [
             ("reward vs KL", reward_vs_kl(ep("objective/kl"), ep("objective/scores"))),
-            ("reward-model score", line_chart("reward-model score", "episodes", [
-                ("score", ep("objective/scores")), ("score − β·KL", ep("objective/rlhf_reward"))])),
+            ("PPO reward and its terms", line_chart("PPO reward and its terms", "episodes", reward_terms(run, eos))),
             ("KL to SFT (nats)", line_chart("KL to SFT (nats)", "episodes", [("", ep("objective/kl"))])),
             ("pretraining loss (ptx)", line_chart("pretraining loss (ptx)", "episodes", [("", ep("loss/ptx"))])),
             (beta_title, line_chart(beta_title, "episodes", [("", ep("objective/beta"))])),
@@ -273,7 +297,35 @@ def training_charts(run: RunRecords) -> list[tuple[str, list[tuple[str, str | No
             ("response length (tokens)", line_chart("response length (tokens)", "episodes",
                                                     [("", ep("val/response_length"))])),
             ("EOS rate", line_chart("EOS rate (responses that ended)", "episodes", [("", eos)], (0, 1.05)))]),
+        ("DPO", [
+            ("DPO loss", line_chart("DPO loss", "optimizer step", [
+                ("train", series(run.dpo, "train/loss")), ("held-out", series(run.dpo, "eval/loss"))])),
+            ("DPO pair accuracy", line_chart("DPO pair accuracy (chosen's implicit reward higher)", "optimizer step", [
+                ("train", series(run.dpo, "rewards/accuracies")),
+                ("held-out", series(run.dpo, "eval/rewards/accuracies"))], (0, 1))),
+            ("DPO margins", line_chart("DPO implicit reward margin (chosen − rejected)", "optimizer step", [
+                ("train", series(run.dpo, "rewards/margins")),
+                ("held-out", series(run.dpo, "eval/rewards/margins"))]))]),
     ]
+    shown = {"DPO": "dpo" in stages, "PPO": "dpo" not in stages or "ppo" in stages}
+    return [(name, charts) for name, charts in sections if shown.get(name, True)]
+
+
+def reward_terms(run: RunRecords, eos: list[tuple[float, float]]) -> list[tuple[str, list]]:
+    """The lines of PPO's reward chart: the RM score, the missing-EOS penalty and the KL term each apart, and
+    their sum, the reward PPO maximises (``objective/rlhf_reward``: score, clipped to ±reward_clip, less the
+    penalty of a response without EOS, less β·KL). The mean penalty is the configured one times the share of
+    responses that did not end; without the run's config it is not known, and the sum's label says it is in."""
+    def ep(key: str):
+        return series(run.ppo, key, "episode")
+
+    cfg = run.ppo_config
+    clip = f" (score clipped to ±{cfg.reward_clip:g})" if cfg is not None and cfg.reward_clip > 0 else ""
+    penalty = ([(x, -cfg.missing_eos_penalty * (1 - rate)) for x, rate in eos]
+               if cfg is not None and cfg.missing_eos_penalty else [])
+    return [("RM score", ep("objective/scores")), ("− missing-EOS penalty", penalty),
+            ("− β·KL", ep("objective/non_score_reward")),
+            ("reward = score − penalty − β·KL" + clip, ep("objective/rlhf_reward"))]
 
 
 def frontier_html(run_dir: Path) -> str:
@@ -361,7 +413,7 @@ def write_html(path: Path, report: dict, judgments: list[dict], run_dir: Path, e
         parts.append(na("no judgments yet"))
     parts.append("<h2 id='eval'>igpt eval of the same models</h2>" + eval_table(report, run.evals))
     parts.append("<h2 id='training'>Training</h2>")
-    for section, charts in training_charts(run):
+    for section, charts in training_charts(run, (report["a"], report["b"])):
         drawn = [(title, src) for title, src in charts if src]
         parts.append(f"<h3>{e(section)}</h3>" + ("<div class='charts'>" + "".join(
             f"<img alt='{e(title)}' src='{src}'>" for title, src in drawn) + "</div>" if drawn else na()))

@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Any, Iterator, NamedTuple
+import json
+import shutil
+from pathlib import Path
+from typing import Any, Callable, Iterator, NamedTuple
 
 import torch
 
 from . import distributed, forward
 from .batches import pad_left, pad_right
-from .console import StepProgress
+from .console import StepProgress, say
+from .errors import BadInput, Interrupted, WriteFailed
+from .lifecycle import resume_command
+from .storage import append_lines, atomic_write_text, drop_torn_line
 from .distributed import no_autograd
 from .lean import few_row_product
 
@@ -28,6 +34,87 @@ def draw(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     cdf = torch.softmax(logits.to(wide) / temperature, -1).cumsum(-1)
     u = torch.rand(cdf.size(0), 1, dtype=wide, device=cdf.device) * cdf[:, -1:]
     return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_(max=cdf.size(1) - 1)
+
+
+CHUNK = 32  # prompts that sample, eval and compare draw, seed and keep together: what a stop can cost
+
+
+def chunk_seed(seed: int, chunk: int) -> int:
+    """The torch seed of chunk ``chunk`` of a command's prompts: from (seed, chunk) alone, so a chunk gets the
+    same samples whether the chunks before it were drawn in this process or by an earlier one that stopped
+    (``--resume``). Chunk 0's is ``seed`` itself: CHUNK prompts or fewer draw what one seeded pass drew."""
+    return seed + chunk * 1_000_003
+
+
+def start_kept(kept: Path, resume: bool, overwrite: bool) -> None:
+    """Before any model loads: ``--overwrite`` drops the chunks a stopped run kept in ``kept``; without it or
+    ``--resume`` a folder that holds some is refused (BadInput), since starting afresh would throw them away."""
+    if overwrite:
+        shutil.rmtree(kept, ignore_errors=True)
+    elif not resume and any(f.stat().st_size for f in kept.rglob("rows.jsonl")):
+        raise BadInput([f"{kept}: samples kept by a stopped run; pass --resume to go on with them or --overwrite "
+                        "to start over"])
+
+
+@contextlib.contextmanager
+def kept_until_published(kept: Path) -> Iterator[None]:
+    """Around what a command does with its drawn rows (measure, judge, publish): the chunks in ``kept`` go once
+    the results are published, and with a failure that a rerun would meet again (a judge's, a bug: the rerun
+    starts afresh, nothing of this run left behind); a stop signal or a full disk leaves them for --resume."""
+    try:
+        yield
+    except Interrupted as stopped:
+        tell_kept(stopped, kept, "all")
+        raise
+    except WriteFailed:
+        raise
+    except BaseException:
+        shutil.rmtree(kept, ignore_errors=True)
+        raise
+    shutil.rmtree(kept, ignore_errors=True)
+
+
+def draw_chunks(n: int, draw_chunk: Callable[[int], list[dict]], kept: Path, settings: dict,
+                resume: bool) -> list[dict]:
+    """One row per prompt for ``n`` prompts, drawn CHUNK at a time by ``draw_chunk(chunk)`` (the rows of prompts
+    chunk * CHUNK onwards, seeded from ``chunk_seed``), each chunk appended whole to ``kept/rows.jsonl``
+    as it is drawn: a stop signal or a full disk loses at most the chunk being drawn. With ``resume`` the rows
+    a stopped run kept with the same ``settings`` (kept/settings.json) are read back and drawing goes on after
+    them, so the rows are those of an uninterrupted run (BadInput for rows kept under other settings). The
+    caller has checked ``kept`` (:func:`start_kept`) and removes it once its results are published."""
+    rows_file, settings_file = kept / "rows.jsonl", kept / "settings.json"
+    rows: list[dict] = []
+    if resume and rows_file.is_file():
+        if json.loads(settings_file.read_text(encoding="utf-8")) != settings:
+            raise BadInput([f"{kept}: kept by a run with other models, prompts or settings; pass --overwrite to "
+                            "start over"])
+        if drop_torn_line(rows_file):
+            say(f"[yellow]note:[/] {rows_file}: its last line was cut off (a stopped write); dropped it")
+        rows = [json.loads(line) for line in rows_file.read_text(encoding="utf-8").splitlines()]
+        say(f"resuming: {len(rows)} of {n} prompts already drawn in {kept}")
+    else:
+        shutil.rmtree(kept, ignore_errors=True)
+        kept.mkdir(parents=True)
+        atomic_write_text(settings_file, json.dumps(settings, sort_keys=True) + "\n")
+    try:
+        for start in range(len(rows) - len(rows) % CHUNK, n, CHUNK):
+            fresh = draw_chunk(start // CHUNK)[len(rows) - start:]  # a torn chunk's kept rows are drawn alike
+            append_lines(rows_file, [json.dumps(r, allow_nan=False) for r in fresh])
+            rows += fresh
+    except Interrupted as stopped:
+        done = len(rows_file.read_bytes().splitlines()) if rows_file.is_file() else 0  # what a rerun finds
+        if done:
+            tell_kept(stopped, kept, f"{done} of {n}")
+        raise
+    return rows
+
+
+def tell_kept(stopped: Interrupted, kept: Path, how_many: str) -> None:
+    """Say, once, that a stop signal ended the command with ``how_many`` prompts' samples kept in ``kept``, and
+    the command that goes on from them (so the generic message, that nothing was kept, is not printed)."""
+    if not stopped.said:
+        say(f"stopped by {stopped}; {how_many} prompts' samples are kept in {kept}. Resume with: {resume_command()}")
+        stopped.said = True
 
 
 def truncate_at_eos(tokens: list[int], eos_id: int) -> list[int]:

@@ -127,10 +127,16 @@ def _version() -> str:
 
 
 def stage_state(stage_dir: Path) -> str:
-    """'empty' (nothing there), 'done' (final/ written) or 'partial' (outputs but no final)."""
+    """'empty' (nothing there), 'done' (final/ written after the newest checkpoint) or 'partial' (outputs but
+    no final, or checkpoints newer than final/: an --overwrite run that stopped before it replaced final/)."""
     if not stage_dir.exists() or not any(stage_dir.iterdir()):
         return "empty"
-    return "done" if (stage_dir / "final").exists() else "partial"
+    final = stage_dir / "final"
+    if not final.exists():
+        return "partial"
+    written = final.stat().st_mtime_ns
+    newer = [c for c in complete_checkpoints(stage_dir / "checkpoints") if c.stat().st_mtime_ns > written]
+    return "partial" if newer else "done"
 
 
 def check_stage(stage_dir: Path, resume: bool, overwrite: bool) -> str:
@@ -151,9 +157,13 @@ def check_stage(stage_dir: Path, resume: bool, overwrite: bool) -> str:
 
 
 def start_stage_dir(stage_dir: Path, mode: str) -> None:
-    """Create the stage directory (clearing it for a fresh start over old outputs)."""
+    """Create the stage directory, clearing it for a fresh start over old outputs except ``final/``: the old
+    model stays usable until the new one replaces it whole (``storage.building``), so an --overwrite run that
+    fails (a full disk, a stop) leaves the previous final/ in place."""
     if mode == "fresh" and stage_dir.exists():
-        shutil.rmtree(stage_dir)
+        for old in stage_dir.iterdir():
+            if old.name != "final":
+                shutil.rmtree(old) if old.is_dir() and not old.is_symlink() else old.unlink()
     stage_dir.mkdir(parents=True, exist_ok=True)
 
 

@@ -95,7 +95,9 @@ def writing(target: Path, partial: Path | None = None) -> Iterator[None]:
     try:
         yield
     except BaseException as e:
-        code = disk_errno(e, target.parent) if isinstance(e, Exception) else None  # before freeing the space
+        # before freeing the space; a nested write that already failed is told by the whole it belongs to
+        code = (e.errno if isinstance(e, WriteFailed) else
+                disk_errno(e, target.parent) if isinstance(e, Exception) else None)
         _remove(partial if partial is not None else target)
         if code is not None:
             raise WriteFailed(str(target), code) from e
@@ -122,6 +124,42 @@ def atomic_write_text(path: Path, text: str) -> None:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     _fsync_dir(path.parent)
+
+
+def append_lines(path: Path, lines: list[str]) -> None:
+    """Append ``lines``, each with its newline, to ``path`` in one fsynced write. A write that fails (a full
+    disk, a stop signal) is cut off again, so the file keeps whole lines only, all of ``lines`` or none; a
+    failed storage becomes :class:`errors.WriteFailed` naming ``path`` (exit 4)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = memoryview("".join(line + "\n" for line in lines).encode("utf-8"))
+    with open(path, "ab", buffering=0) as fh:  # unbuffered: closing the file cannot write a failed rest later
+        start = fh.tell()
+        try:
+            while data:  # a raw write may write part of what it is given
+                data = data[fh.write(data):]
+            os.fsync(fh.fileno())
+        except BaseException as e:
+            code = disk_errno(e) if isinstance(e, Exception) else None
+            with contextlib.suppress(OSError):  # truncating frees space, so it works on a full disk
+                fh.truncate(start)
+            if code is None:
+                raise
+            raise WriteFailed(str(path), code) from e
+
+
+def drop_torn_line(path: Path) -> bool:
+    """Cut a last line without its newline (a process killed while appending it) off ``path``, so that a
+    rerun appends after the last whole line; True if there was one."""
+    try:
+        with open(path, "rb+") as fh:
+            data = fh.read()
+            if not data or data.endswith(b"\n"):
+                return False
+            fh.truncate(data.rfind(b"\n") + 1)
+            os.fsync(fh.fileno())
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def sha256_file(path: str | Path) -> str:
@@ -234,12 +272,9 @@ def publish_set(out: Path) -> Iterator[Path]:
     tmp = parent / f".{name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    try:
+    with writing(out, tmp):  # a full disk names ``out`` (exit 4); the partial set is removed
         yield tmp
         fsync_tree(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     old = parent / f".{name}.old-{os.getpid()}"
     if out.exists():
         shutil.rmtree(old, ignore_errors=True)

@@ -23,7 +23,7 @@ from . import checkpoint, distributed, faults, lifecycle, signals, trackers
 from .config import OptimConfig
 from .console import StepProgress
 from .errors import NonFinite
-from .rundir import Stage, append_jsonl, update_manifest
+from .rundir import Stage, append_jsonl, checkpoint_name, update_manifest
 from .stages import STAGES
 
 SKIPS_IN_A_ROW = 3  # consecutive skipped steps that end a stage (exit 3)
@@ -291,5 +291,10 @@ class Session:
             lifecycle.stop(stage, step, self.total_steps, signum)
 
     def checkpoint(self) -> None:
+        """Save the state at this step (every rank: checkpoint.save) and say so in the progress (rank 0)."""
         checkpoint.save(self.stage, self.state, self.cfg.keep_checkpoints)
         self.saved = self.state.step
+        if distributed.is_main():
+            folder = self.stage.checkpoints / checkpoint_name(self.state.step)
+            size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+            self.progress.say(f"{self.stage.name}: checkpoint {folder.name} saved ({size / 2**20:,.1f} MiB)")

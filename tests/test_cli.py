@@ -35,7 +35,7 @@ TODAY_FLAGS = {
             "--run-dir", "--sample-every", "--save-every", "--seed", "--sft", "--target-kl", "--temperature",
             "--total-episodes", "--vf-lr"},
     "sample": {"--batch-size", "--config", "--device", "--k", "--max-new-tokens", "--model", "--out", "--overwrite",
-               "--print-config", "--prompts", "--run-dir", "--seed", "--temperature"},
+               "--print-config", "--prompts", "--resume", "--run-dir", "--seed", "--temperature"},
     "eval": {"--batch-size", "--config", "--device", "--json", "--kl-temperature", "--max-new-tokens", "--name",
              "--print-config", "--prompts", "--ptx-data", "--rankings", "--rm", "--run-dir", "--seed", "--sft",
              "--temperature"},
@@ -132,13 +132,13 @@ def test_every_flag_of_today_sets_the_same_key(stage):
     for flag, key in TODAY_KEYS[stage].items():
         default = lookup(defaults, key)
         value = non_default(default, key.split(".")[-1])
+        args = [f"x-{TODAY_KEYS[stage][p]}" for p in positional]  # the command's required arguments
         if isinstance(value, bool):
-            args = [flag if value else "--no-" + flag[2:]]
-        elif flag in positional:  # arguments fill from the left: give the earlier ones a value too
-            args = [f"x-{TODAY_KEYS[stage][p]}" for p in positional]
+            args += [flag if value else "--no-" + flag[2:]]
+        elif flag in positional:
             value = args[positional.index(flag)]
         else:
-            args = [flag, str(value)]
+            args += [flag, str(value)]
         assert lookup(print_config(stage, *args), key) == value, (stage, flag, key)
 
 
@@ -177,7 +177,7 @@ def test_help_is_the_field_doc_with_its_default():
             if param is None:
                 continue  # a positional argument or unflagged
             assert doc in param.help.replace("\\", ""), (stage, key)
-            assert ("[default:" in param.help) == (default != ""), (stage, key, param.help)
+            assert ("[default:" in param.help) == (default not in ("", [])), (stage, key, param.help)
     # rendered as rich does: the defaults survive (rich drops an unescaped "[default: 16]" as markup)
     from typer.testing import CliRunner
 

@@ -13,8 +13,12 @@ import pytest
 from conftest import REPO, igpt
 
 
+TIME = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d "  # the wall-clock time a log line starts with
+
+
 def progress_lines(stderr: str, stage: str) -> list[str]:
-    return [line for line in stderr.splitlines() if re.match(rf"{stage} step \d+/\d+ ", line)]
+    """The progress lines of ``stage``, each without its leading wall-clock time."""
+    return [line[20:] for line in stderr.splitlines() if re.match(rf"{TIME}{stage} step \d+/\d+ ", line)]
 
 
 def test_batch_log_gets_a_line_every_log_every_steps(tmp_path: Path, demos_file: Path):
@@ -75,6 +79,41 @@ def test_a_real_log_file(tmp_path: Path, demos_file: Path):
                         "--run-dir", str(tmp_path / "run"), "--max-steps", "4", "--batch-size", "4", "--log-every", "2"],
                        stderr=err, stdout=subprocess.DEVNULL, check=True, cwd=REPO)
     assert [x.split()[2] for x in progress_lines(log.read_text(), "sft")] == ["1/4", "2/4", "4/4"]
+
+
+def test_a_batch_log_says_when_where_what_and_how_to_go_on(tmp_path: Path, demos_file: Path):
+    """Issue 31 item 8: a log read the next morning. Each progress line starts with the wall-clock time and
+    shows peak memory; the banner names host, pid, version, command line and run directory; each checkpoint
+    saved is a line with its size; the resume command after a stop is one line however long; no line ends in
+    spaces."""
+    import os
+    import socket
+
+    from instructgpt_cli import __version__
+
+    log, run_dir = tmp_path / "log.txt", tmp_path / ("a-long-run-directory-name-" + "y" * 80)
+    env = {**os.environ, "IGPT_FAULT_AFTER_STEP": "3:SIGTERM", "COLUMNS": "80"}
+    with log.open("w") as err:
+        stopped = subprocess.run([sys.executable, "-m", "instructgpt_cli", "sft", "--model", "tiny", "--data",
+                                  str(demos_file), "--run-dir", str(run_dir), "--max-steps", "6", "--batch-size", "4",
+                                  "--log-every", "1", "--save-every", "2"],
+                                 stderr=err, stdout=subprocess.DEVNULL, cwd=REPO, env=env, timeout=300)
+    text = log.read_text()
+    assert stopped.returncode == 143, text
+    lines = text.splitlines()
+    assert [line for line in lines if line != line.rstrip()] == []
+    progress = [line for line in lines if re.match(rf"{TIME}sft step \d+/6 ", line)]
+    assert len(progress) == 3 and all(re.search(r"\|  peak RSS \d+\.\d\d GiB  \|", line) for line in progress)
+    rows = [re.match(r"(host|pid|igpt|command|run dir)  +(.*)$", line) for line in lines]
+    banner = {row.group(1): row.group(2) for row in rows if row}
+    assert banner["host"] == socket.gethostname() and banner["igpt"] == __version__
+    assert banner["pid"].isdigit() and banner["run dir"] == str(run_dir.resolve())
+    assert banner["command"].startswith("igpt sft --model tiny --data ") and str(run_dir) in banner["command"]
+    saved = [line for line in lines if re.match(rf"{TIME}sft: checkpoint step-00000[23] saved \([\d.,]+ MiB\)$", line)]
+    assert len(saved) == 2, text  # every 2 steps, and at the stop after step 3
+    resume = [line for line in lines if "Resume with: " in line]
+    assert len(resume) == 1 and resume[0].endswith(f"--run-dir {run_dir} --max-steps 6 --batch-size 4 "
+                                                   "--log-every 1 --save-every 2 --resume"), text
 
 
 def test_version_matches_the_package():

@@ -95,7 +95,7 @@ def test_compare_with_the_rm_judge_writes_report_html_and_is_antisymmetric(run):
     assert set(ab["categories"]) == {"generation", "open_qa"}
     page = (run_dir / "compare" / "ppo-vs-sft" / "report.html").read_text()
     assert page.count("src='data:image/png;base64,") >= 3  # win-rate chart + PPO score and KL curves
-    assert "alt='win rate chart'" in page and "alt='reward-model score'" in page
+    assert "alt='win rate chart'" in page and "alt='PPO reward and its terms'" in page
     assert "http://" not in page and "https://" not in page  # opens offline
     # the page a researcher keeps: what was compared (weights digests), the run's curves, PPO's against episodes
     from test_report import outside_references, parse

@@ -92,10 +92,11 @@ def test_label_with_a_python_judge_ranks_by_the_rule_resumes_and_feeds_train_rm(
     assert [(r.prompt, r.ranks) for r in ranked] == [("p0", [1, 3, 2]), ("p1", [1, 1, 2]), ("p3", [3, 1, 2])]
     assert {json.loads(line)["judge"] for line in out.read_text().splitlines()} == {"python:label_rules:bananas"}
     again = igpt("label", samples, "--judge", "python:label_rules:bananas", "--out", out)
-    assert again.exit_code == 0 and "3 already ranked" in again.output
+    assert again.exit_code == 2 and "3 already ranked" in again.output  # p2, left, is tied again: nothing written
+    assert "tied every response" in again.stderr
     assert len(read_rankings(out)) == 3  # resumed: the ranked prompts are not ranked twice
-    trained = igpt("train-rm", "--config", TINY_CONFIG, "--rankings", out, "--run-dir", tmp_path / "run",
-                   "--max-steps", "1", "--val-fraction", "0", "--no-normalize")
+    trained = igpt("train-rm", "--config", TINY_CONFIG, "--model", "tiny", "--rankings", out, "--run-dir",
+                   tmp_path / "run", "--max-steps", "1", "--val-fraction", "0", "--no-normalize")
     assert trained.exit_code == 0, trained.output
     assert (tmp_path / "run" / "rm" / "final" / "config.json").is_file()
 
@@ -141,7 +142,7 @@ def test_a_model_judge_that_always_answers_1_makes_every_pair_a_tie(models, tmp_
         str((models / "says1").resolve())
     samples = write_jsonl(tmp_path / "samples.jsonl", SAMPLES[:2])
     labelled = igpt("label", samples, "--judge", judge, "--out", tmp_path / "ranks.jsonl")
-    assert labelled.exit_code == 0 and "2 with every response tied" in labelled.output
+    assert labelled.exit_code == 2 and "2 with every response tied" in labelled.output  # nothing written: said why
     assert not (tmp_path / "ranks.jsonl").exists()
 
 

@@ -98,7 +98,7 @@ def test_sft_killed_again_and_again_ends_bit_identical(inputs, tmp_path):
 
 def test_train_rm_killed_again_and_again_ends_bit_identical(inputs, tmp_path):
     def rm(run_dir):
-        return ["train-rm", "--config", TINY_CONFIG, "--rankings", inputs / "ranks.jsonl", "--demos",
+        return ["train-rm", "--config", TINY_CONFIG, "--model", "tiny", "--rankings", inputs / "ranks.jsonl", "--demos",
                 inputs / "demos.jsonl", "--run-dir", run_dir, "--max-steps", STEPS, "--save-every", "1",
                 "--batch-size", "4"]
 

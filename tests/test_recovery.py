@@ -260,6 +260,11 @@ def test_three_nan_steps_in_a_row_stop_with_exit_3_and_the_last_checkpoint_intac
     assert result.exit_code == 3, result.output
     assert "step 5: the loss was nan in 3 optimizer steps in a row" in result.stderr
     assert "(step-000004) is intact" in result.stderr and "Traceback" not in result.stderr
+    # the manifest keeps why and how it ended, for igpt status
+    entry = json.loads((run_dir / "manifest.json").read_text())["stages"]["sft"]
+    assert entry["status"] == "failed" and entry["exit_code"] == 3 and "3 optimizer steps in a row" in entry["error"]
+    shown = json.loads(igpt("status", run_dir, "--json").stdout)["stages"]["sft"]
+    assert shown["exit_code"] == 3 and shown["state"] == "failed" and "nan" in shown["error"]
     ckpts = sorted(p.name for p in (run_dir / "sft" / "checkpoints").iterdir())
     assert ckpts == ["step-000002", "step-000004"]  # step 4's weights are step 2's: nothing was applied since
     a, b = (load_file(run_dir / "sft" / "checkpoints" / c / "trainable.safetensors") for c in ckpts)

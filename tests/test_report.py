@@ -124,7 +124,8 @@ def test_the_page_has_provenance_eval_table_curves_and_samples(full_run, tmp_pat
     assert sft_row[2] == "-" and sft_row[-1] == "no (evaluated other weights)"
     # training curves: each chart by its alt text
     alts = {img.get("alt") for img in doc.findall(".//img")}
-    assert {"win rate chart", "SFT loss (nats/token)", "RM loss", "RM accuracy", "reward vs KL", "reward-model score",
+    assert {"win rate chart", "SFT loss (nats/token)", "RM loss", "RM accuracy", "reward vs KL",
+            "PPO reward and its terms",
             "KL to SFT (nats)", "pretraining loss (ptx)", "β, KL coefficient (fixed)", "policy entropy (nats/token)",
             "clip fraction", "response length (tokens)", "EOS rate"} <= alts
     assert "not available" not in page
@@ -139,10 +140,7 @@ def test_the_page_has_provenance_eval_table_curves_and_samples(full_run, tmp_pat
 
 def test_ppo_curves_are_drawn_against_episodes_also_for_records_without_them(full_run, tmp_path, monkeypatch):
     run, a, b, rm, prompts, judgments = full_run
-    drawn = {}
-    real = report_page.line_chart
-    monkeypatch.setattr(report_page, "line_chart", lambda title, xlabel, lines, *r: drawn.setdefault(
-        title, (xlabel, lines)) and real(title, xlabel, lines, *r))
+    drawn = drawn_charts(monkeypatch)
     report = compare_report(tmp_path, judgments, a, b, prompts)
     write(tmp_path, run, report, judgments, eos_id=EOS)
     xlabel, lines = drawn["KL to SFT (nats)"]
@@ -158,6 +156,73 @@ def test_ppo_curves_are_drawn_against_episodes_also_for_records_without_them(ful
     write(tmp_path, run, report, judgments, eos_id=EOS)
     assert [x for x, _ in drawn["KL to SFT (nats)"][1][0][1]] == [4, 8, 12]
     assert drawn["EOS rate (responses that ended)"][1][0][1] == [(4, 0.25), (8, 0.5), (12, 0.75)]  # count / 4
+
+
+def drawn_charts(monkeypatch) -> dict:
+    """Every line chart the page draws, by title: (x label, [(label, points)])."""
+    drawn = {}
+    real = report_page.line_chart
+    monkeypatch.setattr(report_page, "line_chart", lambda title, xlabel, lines, *r: drawn.setdefault(
+        title, (xlabel, lines)) and real(title, xlabel, lines, *r))
+    return drawn
+
+
+def test_the_ppo_reward_chart_shows_score_missing_eos_penalty_and_kl_term_apart(full_run, tmp_path, monkeypatch):
+    """Issue 31 item 11: objective/rlhf_reward is the score less the missing-EOS penalty less β·KL; a line
+    labelled "score − β·KL" hid the penalty. Each term is its own line, the sum labelled with all three."""
+    run, a, b, rm, prompts, judgments = full_run
+    (run / "ppo" / "config.yaml").write_text(yaml.safe_dump({"ppo": {"missing_eos_penalty": 2.0, "reward_clip": 3}}))
+    metrics = [json.loads(line) for line in (run / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    write_jsonl(run / "ppo" / "metrics.jsonl", [{**m, "objective/non_score_reward": -0.005 * m["step"]}
+                                                for m in metrics])
+    drawn = drawn_charts(monkeypatch)
+    page = write(tmp_path, run, compare_report(tmp_path, judgments, a, b, prompts), judgments, eos_id=EOS)
+    lines = dict(drawn["PPO reward and its terms"][1])
+    assert lines["RM score"] == [(8, 0.2), (16, 0.4), (24, 0.2 * 3)]
+    assert lines["− missing-EOS penalty"] == [(8, -2.0 * 7 / 8), (16, -2.0 * 6 / 8), (24, -2.0 * 5 / 8)]
+    assert lines["− β·KL"] == [(8, -0.005), (16, -0.01), (24, -0.015)]
+    total = lines["reward = score − penalty − β·KL (score clipped to ±3)"]
+    assert [y for _, y in total] == [m["objective/rlhf_reward"] for m in metrics]
+    assert "score − β·KL<" not in page and "'score − β·KL'" not in str(drawn)
+
+
+def test_a_comparison_with_dpo_shows_dpo_curves_not_ppo(full_run, tmp_path, monkeypatch):
+    """Issue 31 item 11: comparing the DPO model, the page shows DPO's loss, pair accuracy and margins (from
+    dpo/metrics.jsonl), not PPO's curves, which say nothing of it."""
+    run, a, b, rm, prompts, judgments = full_run
+    (run / "dpo").mkdir()
+    write_jsonl(run / "dpo" / "metrics.jsonl", [
+        {"step": s, "train/loss": 0.69 / s, "rewards/accuracies": 0.5 + s / 10, "rewards/margins": 0.1 * s,
+         **({"eval/loss": 0.7 / s, "eval/rewards/accuracies": 0.6, "eval/rewards/margins": 0.05 * s} if s == 2 else {})}
+        for s in (1, 2)])
+    drawn = drawn_charts(monkeypatch)
+    report = {**compare_report(tmp_path, judgments, a, b, prompts), "a": "dpo", "a_path": str(a)}
+    page = write(tmp_path, run, report, judgments, eos_id=EOS)
+    alts = {img.get("alt") for img in parse(page).findall(".//img")}
+    assert {"DPO loss", "DPO pair accuracy", "DPO margins"} <= alts
+    assert not alts & {"reward vs KL", "PPO reward and its terms", "KL to SFT (nats)", "EOS rate"}
+    accuracy = dict(drawn["DPO pair accuracy (chosen's implicit reward higher)"][1])
+    assert accuracy == {"train": [(1, 0.6), (2, 0.7)], "held-out": [(2, 0.6)]}
+    assert "<h3>PPO</h3>" not in page and "<h3>DPO</h3>" in page
+    # PPO against DPO: both; PPO against SFT: PPO's only
+    both = write(tmp_path, run, {**report, "b": "ppo"}, judgments, eos_id=EOS)
+    assert "<h3>PPO</h3>" in both and "<h3>DPO</h3>" in both
+    ppo_only = write(tmp_path, run, compare_report(tmp_path, judgments, a, b, prompts), judgments, eos_id=EOS)
+    assert "<h3>PPO</h3>" in ppo_only and "<h3>DPO</h3>" not in ppo_only
+
+
+def test_an_eval_sampled_at_another_temperature_than_the_comparison_says_so(full_run, tmp_path):
+    """Issue 31 item 10: eval at T=1.0 and compare at T=0.7 give the same model other EOS rates; the eval
+    table says its row was sampled at another temperature."""
+    run, a, b, rm, prompts, judgments = full_run
+    for name, t in (("ppo", 1.0), ("sft", 0.7)):
+        path = run / "eval" / name / "report.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), "kl_temperature": t,
+                                    "settings": {"temperature": t, "seed": 11}}))
+    page = write(tmp_path, run, compare_report(tmp_path, judgments, a, b, prompts), judgments, eos_id=EOS)
+    table = page.split("id='eval'")[1].split("id='training'")[0]
+    assert "ppo: eval sampled at T=1; the comparison at T=0.7" in table
+    assert "sft: eval sampled at" not in table  # the same temperature: nothing to say
 
 
 @pytest.mark.parametrize("config, title", [({"target_kl": 0.5}, "adaptive, target KL 0.5"), ({"target_kl": 0}, "fixed"),

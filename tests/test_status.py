@@ -169,7 +169,7 @@ def test_an_interrupted_sft_shows_the_step_it_stopped_at_and_later_stages_missin
                               "report": None, "html": None}
     assert [s["stages"][n]["state"] for n in ("rm", "ppo")] == ["missing", "missing"]
     assert list(s["stages"]) == ["sft", "rm", "ppo"]  # no eval or compare results
-    assert "stopped at step 2" in igpt("status", run_dir).stdout
+    assert "interrupted at step 2 by SIGTERM; resumes from step 2" in igpt("status", run_dir).stdout
 
 
 def test_a_retrained_sft_makes_rm_ppo_and_the_reports_built_from_it_stale(tmp_path):
@@ -197,3 +197,71 @@ def test_not_a_run_directory_exits_2(tmp_path, monkeypatch):
     default = igpt("status")
     assert default.exit_code == 2 and "runs/default: no such run directory" in default.stderr
     assert list(tmp_path.iterdir()) == []  # nothing made
+
+
+def hand_made_run(t: Path) -> Path:
+    """A run directory as a batch job leaves it, written by hand (no training): sft stopped by SIGTERM at step
+    843 with checkpoints 400 and 800 complete (and 843's cut short), rm killed while running (its manifest still
+    says running; nobody holds the lock), ppo failed with its error and exit code recorded."""
+    run_dir = t / ("a-run-directory-with-a-long-name-" + "x" * 60)
+    for name, steps in (("sft", (400, 800, 843)), ("rm", (10,)), ("ppo", ())):
+        ckpts = run_dir / name / "checkpoints"
+        ckpts.mkdir(parents=True)
+        for step in steps:
+            (ckpts / f"step-{step:06d}").mkdir(parents=True)
+            if step != 843:
+                (ckpts / f"step-{step:06d}" / "COMPLETED").write_text("{}")
+        write_jsonl(run_dir / name / "metrics.jsonl", [{"step": s, "train/loss": 1.0} for s in steps] or [{"step": 1}])
+    stages = {"sft": {"status": "interrupted", "started": "2026-12-07T01:00:00+00:00", "total_steps": 1000,
+                      "stopped": "2026-12-07T02:30:05+00:00", "stopped_at_step": 843, "signal": "SIGTERM"},
+              "rm": {"status": "running", "started": "2026-12-07T03:00:00+00:00", "total_steps": 50},
+              "ppo": {"status": "failed", "started": "2026-12-07T04:00:00+00:00", "error": "rewards: non-finite",
+                      "exit_code": 3}}
+    (run_dir / "manifest.json").write_text(json.dumps({"igpt_version": "0", "stages": stages}))
+    return run_dir
+
+
+def test_json_state_and_times_say_where_each_stage_stopped_and_goes_on_from(tmp_path):
+    s = status(hand_made_run(tmp_path))["stages"]
+    sft, rm, ppo = s["sft"], s["rm"], s["ppo"]
+    assert (sft["state"], sft["stopped_at_step"], sft["resumes_from_step"], sft["signal"]) == \
+        ("interrupted", 843, 800, "SIGTERM")
+    assert (sft["started"], sft["ended"], sft["duration_s"]) == \
+        ("2026-12-07T01:00:00+00:00", "2026-12-07T02:30:05+00:00", 5405.0)
+    # killed: the manifest's raw word is kept apart, under a name no script takes for the state
+    assert (rm["state"], rm["manifest_status"], rm["resumes_from_step"], rm["ended"]) == \
+        ("interrupted", "running", 10, None)
+    assert all("status" not in row for row in s.values())
+    assert (ppo["state"], ppo["error"], ppo["exit_code"], ppo["resumes_from_step"]) == \
+        ("failed", "rewards: non-finite", 3, None)
+
+
+def test_the_table_in_a_log_or_a_narrow_terminal_cuts_nothing_and_names_every_column(tmp_path, monkeypatch):
+    run_dir = hand_made_run(tmp_path)
+    monkeypatch.setenv("COLUMNS", "60")
+    shown = igpt("status", run_dir)
+    assert shown.exit_code == 0, shown.output
+    assert "…" not in shown.stdout
+    lines = shown.stdout.splitlines()
+    assert str(run_dir / "sft" / "checkpoints" / "step-000800") in shown.stdout  # whole, on one line
+    header = next(line for line in lines if "state" in line and "stage" in line)
+    for col in ("stale", "started", "ended", "duration", "last metrics", "outputs"):
+        assert col in header
+    sft = next(line for line in lines if line.startswith("│ sft"))
+    assert "interrupted at step 843 by SIGTERM; resumes from step 800" in sft
+    assert "2026-12-07 01:00:00" in sft and "2026-12-07 02:30:05" in sft and "1:30:05" in sft
+    assert "interrupted at step 10; resumes from step 10" in next(line for line in lines if line.startswith("│ rm"))
+    assert "failed (exit 3: rewards: non-finite)" in next(line for line in lines if line.startswith("│ ppo"))
+    assert not any(line != line.rstrip() for line in lines)
+
+
+@pytest.mark.parametrize("as_json", [False, True])
+def test_a_reader_that_leaves_early_is_no_failure(tmp_path, as_json):
+    """``igpt status | head -1``: the pipe closes before igpt writes; it exits 0 and says nothing."""
+    run_dir = hand_made_run(tmp_path)
+    proc = subprocess.Popen([sys.executable, "-m", "instructgpt_cli", "status", str(run_dir),
+                             *(["--json"] if as_json else [])],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # the reader is gone before the first write
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 0 and err == b""

@@ -13,6 +13,10 @@ model's in compare/A-vs-B/, any other judge's in compare/A-vs-B.JUDGE/ with JUDG
 A human session appends each judgment as it is made to compare/A-vs-B.human.session/ (with the responses
 shown), so it resumes where it stopped: running the command again goes on with an unfinished session without
 --overwrite, and each run publishes the set from there; ``--overwrite`` starts a new session.
+
+Each side's responses are sampled ``rollout.CHUNK`` prompts at a time, each chunk seeded from (seed, chunk) as
+``igpt eval`` draws them, and kept in compare/.A-vs-B.partial/ as they are drawn: a stopped compare goes on with
+``--resume`` to the results an uninterrupted one publishes.
 """
 from __future__ import annotations
 
@@ -31,10 +35,10 @@ from ..batches import render_queries
 from ..data import read_prompts
 from ..distributed import resolve_device
 from ..errors import BadInput
-from ..frontier import Side, model_or_checkpoint
-from ..models import load_tokenizer, position_limit, require_same_tokenizer
+from ..frontier import Side, model_refs
+from ..models import load_tokenizer, position_limit, require_role, require_same_tokenizer
 from ..report import number, score_text, temperature_lines
-from ..rollout import decode_response
+from ..rollout import CHUNK, chunk_seed, decode_response, draw_chunks, kept_until_published, start_kept
 from ..locks import claim
 from ..rundir import STAGE_MODELS, record_report
 from ..runners import Runner
@@ -82,28 +86,40 @@ def eval_samples(cfg: CompareConfig, path: Path, prompts: list) -> tuple[list[li
 
 
 def answers(cfg: CompareConfig, side: Side, tokenizer, queries: list[list[int]], prompts: list,
-            device) -> tuple[list[list[int]], str]:
+            device, kept: Path, resume: bool) -> tuple[list[list[int]], str]:
     """Response token ids as sampled (EOS only where the model emitted it), with the same settings and seed
     for both models, and where they come from; reuses ``igpt eval``'s samples of the same weights when they
-    match (a model directory's: a PPO checkpoint is sampled)."""
-    reused = None if side.ppo else eval_samples(cfg, side.path, prompts)
+    match (a checkpoint's too: eval records the digest of the checkpoint's weights). Sampled a chunk at a time
+    as eval samples, each kept in ``kept`` as it is drawn (``rollout.draw_chunks``; ``resume`` goes on there)."""
+    reused = eval_samples(cfg, side.path, prompts)
     if reused is not None:
         return reused[0], str(reused[1])
     model = Runner.for_eval(side.load(tokenizer, device, cfg.dtype, cfg.seed))
-    torch.manual_seed(cfg.seed)  # the same seed for both models
-    return model.generate(tokenizer, queries, cfg.max_new_tokens, cfg.temperature, cfg.batch_size,
-                          progress="sample"), "sampled"
+    drawn_with = {"model": weights_sha256(side.path),
+                  "queries": hashlib.sha256(json.dumps(queries).encode()).hexdigest(),
+                  "temperature": cfg.temperature, "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed,
+                  "batch_size": cfg.batch_size}
+
+    def draw(chunk: int) -> list[dict]:
+        torch.manual_seed(chunk_seed(cfg.seed, chunk))  # the same seeds for both models
+        return [{"response_ids": r} for r in model.generate(tokenizer, queries[chunk * CHUNK:(chunk + 1) * CHUNK],
+                                                            cfg.max_new_tokens, cfg.temperature, cfg.batch_size,
+                                                            progress="sample")]
+
+    return [r["response_ids"] for r in draw_chunks(len(queries), draw, kept, drawn_with, resume)], "sampled"
 
 
-def run(cfg: CompareConfig, overwrite: bool = False) -> dict:
+def run(cfg: CompareConfig, overwrite: bool = False, resume: bool = False) -> dict:
     # 1. validate inputs; nothing is written before they pass
     run_dir = Path(cfg.run_dir)
     errors = [f"{k.upper()}: required" for k in ("a", "b") if not getattr(cfg, k)]
     if not cfg.prompts:
         errors.append("--prompts: required")
+    if resume and overwrite:
+        errors.append("--resume and --overwrite exclude each other")
     if errors:
         raise BadInput(errors)
-    side_a, side_b = model_or_checkpoint(cfg.a, run_dir, "A"), model_or_checkpoint(cfg.b, run_dir, "B")
+    side_a, side_b = model_refs({"A": cfg.a, "B": cfg.b}, run_dir)
     (name_a, path_a), (name_b, path_b) = side_a[:2], side_b[:2]
     if name_a == name_b:
         name_a, name_b = f"{name_a}-a", f"{name_b}-b"
@@ -118,6 +134,7 @@ def run(cfg: CompareConfig, overwrite: bool = False) -> dict:
     if cfg.judge == "rm":
         if not (rm_path / "config.json").is_file():
             raise BadInput([f"--rm: {rm_path} does not exist; train a reward model or pass --rm PATH (or --judge human)"])
+        require_role(rm_path, "reward", "--rm")
         require_same_tokenizer(tokenizer, side_a.base, {"--rm": rm_path}, "the judge must read the responses' tokens")
     # prompt + response must fit both models and the reward model that judges them
     limits = [position_limit(str(p)) for p in [side_a.base, side_b.base] + ([rm_path] if cfg.judge == "rm" else [])]
@@ -126,7 +143,10 @@ def run(cfg: CompareConfig, overwrite: bool = False) -> dict:
     judge = judge or judges.RMJudge(settings, rm_path, tokenizer, queries, device)
     # before any sampling: a write that cannot happen, or earlier results kept without --overwrite, fail now
     # (a human session with pairs left to judge goes on: its results are the ones it adds to)
-    claim(run_dir, out, overwrite or (cfg.judge == "human" and unfinished(session, prompts)))
+    kept = out.parent / f".{out.name}.partial"  # each side's chunks drawn so far
+    claim(run_dir, out,
+          overwrite or (cfg.judge == "human" and unfinished(session, prompts)) or resume and kept.exists())
+    start_kept(kept, resume, overwrite)
     if not session.exists() and (out / "responses.jsonl").is_file() and not (out / "report.json").is_file():
         out.replace(session)  # a session of an igpt that kept it in compare/A-vs-B.human/: it goes on from here
 
@@ -141,8 +161,8 @@ def run(cfg: CompareConfig, overwrite: bool = False) -> dict:
         if [x["prompt"] for x in pairs] != [p.prompt for p in prompts]:
             pairs = []  # other prompts this time: answer them afresh
     if not pairs:
-        resp_a, sources["a"] = answers(cfg, side_a, tokenizer, queries, prompts, device)
-        resp_b, sources["b"] = answers(cfg, side_b, tokenizer, queries, prompts, device)
+        resp_a, sources["a"] = answers(cfg, side_a, tokenizer, queries, prompts, device, kept / "a", resume)
+        resp_b, sources["b"] = answers(cfg, side_b, tokenizer, queries, prompts, device, kept / "b", resume)
         pairs = [{"prompt": p.prompt, "category": p.category, **({"group": p.group} if p.group else {}),
                   "a": decode_response(tokenizer, a),
                   "b": decode_response(tokenizer, b), "a_ids": a, "b_ids": b}
@@ -151,31 +171,33 @@ def run(cfg: CompareConfig, overwrite: bool = False) -> dict:
             atomic_write_text(session / "responses.jsonl", jsonl(pairs))
             atomic_write_text(session / "judgments.jsonl", "")
 
-    # 3. judge (a judge that fails raises BadInput here: nothing is published)
-    judgments = judge.compare(pairs)
+    with kept_until_published(kept):  # gone once published, kept for --resume after a stop
+        # 3. judge (a judge that fails raises BadInput here: nothing is published)
+        judgments = judge.compare(pairs)
 
-    # 4. report: numbers, per category, and a page people can look at
-    overall = tally(judgments)
-    report = {"a": name_a, "b": name_b, "a_path": str(path_a), "b_path": str(path_b), "judge": cfg.judge,
-              "prompts": cfg.prompts, "n_prompts": len(pairs), "judged": len(judgments), **overall,
-              "categories": tally(judgments, "category"),
-              "settings": {"temperature": cfg.temperature, "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed},
-              "responses_from": sources,
-              **({"judge_source": {"file": str(judge.source), "sha256": sha256_file(judge.source)}}
-                 if getattr(judge, "source", None) else {}),
-              "ci_method": ("95%, clustered by the prompts' group (cluster-robust CR2, Wilson at the effective n), "
-                            "ties counted as half a win" if "groups" in overall else
-                            "Wilson score interval, 95%, ties counted as half a win"),
-              **length_control(judgments, tokenizer.eos_token_id)}
-    # 5. publish report.json, judgments.jsonl, responses.jsonl and report.html together (strict JSON: a NaN
-    #    raises and nothing is replaced)
-    with publish_set(out) as tmp:
-        (tmp / "responses.jsonl").write_text(jsonl(pairs), encoding="utf-8")
-        (tmp / "judgments.jsonl").write_text(jsonl(judgments), encoding="utf-8")
-        (tmp / "report.json").write_text(json.dumps(report, indent=2, allow_nan=False) + "\n", encoding="utf-8")
-        report_page.write_html(tmp / "report.html", report, judgments, run_dir, eos_id=tokenizer.eos_token_id,
-                               rm_path=judge.path, device=str(device))
-    bases = {f"{k}_base": side.base for k, side in (("a", side_a), ("b", side_b)) if side.ppo}  # a checkpoint's
+        # 4. report: numbers, per category, and a page people can look at
+        overall = tally(judgments)
+        report = {"a": name_a, "b": name_b, "a_path": str(path_a), "b_path": str(path_b), "judge": cfg.judge,
+                  "prompts": cfg.prompts, "n_prompts": len(pairs), "judged": len(judgments), **overall,
+                  "categories": tally(judgments, "category"),
+                  "settings": {"temperature": cfg.temperature, "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed},
+                  "responses_from": sources,
+                  **({"judge_source": {"file": str(judge.source), "sha256": sha256_file(judge.source)}}
+                     if getattr(judge, "source", None) else {}),
+                  "ci_method": ("95%, clustered by the prompts' group (cluster-robust CR2, Wilson at the effective n), "
+                                "ties counted as half a win" if "groups" in overall else
+                                "Wilson score interval, 95%, ties counted as half a win"),
+                  **length_control(judgments, tokenizer.eos_token_id)}
+        # 5. publish report.json, judgments.jsonl, responses.jsonl and report.html together (strict JSON: a NaN
+        #    raises and nothing is replaced)
+        with publish_set(out) as tmp:
+            (tmp / "responses.jsonl").write_text(jsonl(pairs), encoding="utf-8")
+            (tmp / "judgments.jsonl").write_text(jsonl(judgments), encoding="utf-8")
+            (tmp / "report.json").write_text(json.dumps(report, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+            report_page.write_html(tmp / "report.html", report, judgments, run_dir, eos_id=tokenizer.eos_token_id,
+                                   rm_path=judge.path, device=str(device))
+    bases = {f"{k}_base": side.base for k, side in (("a", side_a), ("b", side_b))
+             if side.prefix is not None}  # a checkpoint's
     record_report(run_dir, out, {"a": path_a, "b": path_b, **bases, **({"rm": rm_path} if cfg.judge == "rm" else {}),
                           **({"judge": judge.path} if judge.path and cfg.judge != "rm" else {})})
     show(report, judgments)

@@ -30,10 +30,11 @@ from ..errors import BadInput
 from ..families import supports_packing, supports_sharing
 from ..lifecycle import begin_stage, finish_stage, open_stage
 from ..losses import kwise_dpo_loss
-from ..models import apply_lora, context_window, load_model, load_tokenizer, save_final
+from ..models import apply_lora, context_window, load_model, load_tokenizer, require_role, save_final, stage_inputs
 from ..rewards import Layout
-from ..rundir import Stage, file_input, find_model, model_input
+from ..rundir import Stage, file_input, model_input
 from ..runners import Runner
+from ..stats import rm_accuracy
 from ..storage import writing
 from ..checkpoint import restore
 from ..train import Session, TrainState, build_optimizer, build_scheduler, micro_batches, plan_steps, step_chunks
@@ -58,7 +59,8 @@ class Item(NamedTuple):
 def dpo_forward(runner: Runner, items: list[Item], pad_id: int, device: torch.device, layout: Layout,
                 beta: float) -> tuple[torch.Tensor, dict]:
     """Per-prompt DPO losses (G,) of a micro-batch of rankings, and the sums of its pair statistics (the
-    TRL metrics before averaging; ``pairs`` their count). One forward of the policy, each sequence once."""
+    TRL metrics before averaging; ``pairs`` their count; ``ranked`` each ranking's (pairs the implicit reward
+    orders right, pairs), for an interval clustered by ranking). One forward of the policy, each sequence once."""
     logps = runner.ranking_logprobs([it.sequences for it in items], [it.prompt_len for it in items], pad_id,
                                     layout.shared, layout.packed)
     ref = torch.cat([it.ref for it in items]).to(device)
@@ -75,7 +77,10 @@ def dpo_forward(runner: Runner, items: list[Item], pad_id: int, device: torch.de
                 "rewards/accuracies": (chosen > rejected).float().sum(), "rewards/margins": (chosen - rejected).sum(),
                 "logps/chosen": logps[better_t].sum(), "logps/rejected": logps[worse_t].sum()}
         sums = {k: v.item() for k, v in sums.items()}
-    return losses, {**sums, "pairs": len(better), "tokens": sum(len(s) for it in items for s in it.sequences)}
+        right = torch.zeros(len(items), device=device).index_add_(0, as_index(group), (chosen > rejected).float())
+    ranked = [(round(c), len(it.pairs)) for c, it in zip(right.tolist(), items)]
+    return losses, {**sums, "pairs": len(better), "tokens": sum(len(s) for it in items for s in it.sequences),
+                    "ranked": ranked}
 
 
 def _means(sums: dict, n_prompts: int, prefix: str) -> dict:
@@ -88,7 +93,7 @@ def _means(sums: dict, n_prompts: int, prefix: str) -> dict:
 def _accumulate(total: dict, losses: torch.Tensor, stats: dict) -> None:
     total["loss"] = total.get("loss", 0.0) + losses.sum().item()
     for k, v in stats.items():
-        total[k] = total.get(k, 0) + v
+        total[k] = total.get(k, [] if isinstance(v, list) else 0) + v
 
 
 def train_step(runner: Runner, state: TrainState, chunks: list[list[Item]], pad_id: int, layout: Layout,
@@ -116,7 +121,9 @@ def train_step(runner: Runner, state: TrainState, chunks: list[list[Item]], pad_
 @torch.no_grad()
 def evaluate(runner: Runner, items: list[Item], batch_size: int, pad_id: int, layout: Layout, device: torch.device,
              beta: float) -> dict:
-    """Held-out DPO loss (mean per prompt) and the TRL metrics (means over pairs); each rank scores its share."""
+    """Held-out DPO loss (mean per prompt) and the TRL metrics (means over pairs), and the pair accuracy's 95%
+    interval clustered by ranking (``stats.rm_accuracy``: a ranking's C(K,2) pairs are not independent);
+    each rank scores its share."""
     runner.eval()
     total: dict = {"loss": 0.0}
     for chunk, weight in distributed.rank_chunks(micro_batches(items, batch_size)):
@@ -125,7 +132,12 @@ def evaluate(runner: Runner, items: list[Item], batch_size: int, pad_id: int, la
             _accumulate(total, losses, stats)
     runner.train()
     keys = ("loss", "pairs", *METRICS)
-    return _means(distributed.reduce_metrics({k: total.get(k, 0) for k in keys}, sums=keys), len(items), "eval")
+    ranked = [c for part in distributed.gather(total.get("ranked", [])) for c in part]
+    interval = rm_accuracy([c for c, _ in ranked], [n for _, n in ranked])
+    return {**_means(distributed.reduce_metrics({k: total.get(k, 0) for k in keys}, sums=keys), len(items), "eval"),
+            **({"eval/rewards/accuracies_ci_low": interval["accuracy_ci_low"],
+                "eval/rewards/accuracies_ci_high": interval["accuracy_ci_high"],
+                "eval/pairs": interval["pairs"], "eval/rankings": interval["rankings"]} if interval else {})}
 
 
 @torch.no_grad()
@@ -189,7 +201,9 @@ def run(cfg: DPOConfig, resume: bool = False, overwrite: bool = False, allow_cha
         raise BadInput(["--rankings: required (a rankings JSONL file)"])
     run_dir = Path(cfg.run_dir)
     rankings = read_rankings(cfg.rankings, cfg.split, cfg.columns)
-    init = cfg.model.name or find_model(cfg.sft, run_dir, "sft", "--sft")
+    if cfg.model.name:
+        require_role(cfg.model.name, "policy", "--model")
+    init = cfg.model.name or stage_inputs(run_dir, {"--sft": (cfg.sft, "sft", "policy")})["--sft"]
     # dropout off, in the model and in LoRA's input, as ppo does: the reference runs without it, so with it the
     # policy's log-probs would be noisy against the reference's (TRL's DPOTrainer disables it too)
     model_cfg = ModelConfig(**{**vars(cfg.model), "name": init, "dropout": 0.0})
@@ -260,7 +274,7 @@ def run(cfg: DPOConfig, resume: bool = False, overwrite: bool = False, allow_cha
                  + processes_note(cfg.fsdp),
         "forward": runner.name,
         **model_rows(model, cfg.lora.enabled, ckpt),
-    })
+    }, run_dir=stage.run_dir)
 
     # 5. train: one optimizer step on the step's rankings, the held-out DPO metrics every eval_every steps
     def held_out() -> dict:
@@ -279,4 +293,18 @@ def run(cfg: DPOConfig, resume: bool = False, overwrite: bool = False, allow_cha
     if distributed.is_main():
         save_final(final, tokenizer, stage.final)
     finish_stage(stage, state.step, **summary)
+    # the end of the log says what was learned, as train-rm's does: held-out pair accuracy with its interval
+    accuracy = held_out_accuracy(summary) if val else "unknown: nothing held out (--val-fraction 0)"
+    banner("DPO model", {**({"eval/loss": f"{summary['eval/loss']:.4f}"} if val else {}), "accuracy": accuracy,
+                         "saved": str(stage.final)})
     return stage.final
+
+
+def held_out_accuracy(summary: dict) -> str:
+    """The held-out pair accuracy (the implicit reward orders a ranking's pair as labelled) with its 95%
+    interval, as train-rm says its reward model's."""
+    acc, low = summary["eval/rewards/accuracies"], summary.get("eval/rewards/accuracies_ci_low")
+    if low is None:
+        return f"held-out pair accuracy {acc:.1%} (no pairs held out)"
+    return (f"held-out pair accuracy {acc:.1%} (95% CI {low:.1%} - {summary['eval/rewards/accuracies_ci_high']:.1%}, "
+            f"clustered by ranking: {summary['eval/rankings']} held-out rankings, {summary['eval/pairs']} pairs)")

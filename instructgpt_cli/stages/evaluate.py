@@ -7,19 +7,24 @@ temperature is another); on held-out pretraining text: LM loss and perplexity ne
 alignment tax PPO-ptx reduces); on held-out rankings: the reward model's pairwise accuracy. Per category where
 prompts carry one. report.json and samples.jsonl are published together (``rundir.publish_set``), replace
 earlier ones only with ``--overwrite``, and are strict JSON: a number that is undefined (the sd of one score,
-the accuracy over no pairs) is null, never NaN.
+the accuracy over no pairs) is null, never NaN. Prompts are sampled and measured ``rollout.CHUNK`` at a time,
+each chunk seeded from (seed, chunk) and kept in eval/.NAME.partial/ as it is drawn, so a stopped eval goes
+on with ``--resume`` to the report an uninterrupted one writes.
 """
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
 
 from .. import frontier
+from ..frontier import model_or_checkpoint
 from ..config import EvalConfig, ModelConfig, PPOConfig
 from ..console import console
 from ..batches import pretrain_blocks, render_queries, tokenize_rankings
@@ -29,14 +34,16 @@ from ..errors import BadInput
 from ..families import supports_sharing
 from ..judges import Settings
 from ..presets import saved_config
-from ..models import load_model, load_trained_policy, load_tokenizer, position_limit, require_same_tokenizer
+from ..models import (load_model, load_trained_policy, load_tokenizer, position_limit, require_role,
+                      require_same_tokenizer, stage_inputs)
 from ..report import number, score_text, temperatures_text
 from ..report_plots import frontier_chart
 from ..rewards import Layout
-from ..rollout import decode_response, lm_loss, response_kl, score_responses
+from ..rollout import (CHUNK, chunk_seed, decode_response, draw_chunks, kept_until_published, lm_loss, response_kl,
+                       score_responses, start_kept)
 from ..runners import Runner
 from ..locks import claim
-from ..rundir import STAGE_MODELS, find_model, record_report, stage_model
+from ..rundir import STAGE_MODELS, record_report
 from ..stats import length_bias, rm_accuracy
 from ..storage import publish_set, weights_sha256
 
@@ -118,6 +125,23 @@ def respond(cfg: EvalConfig, model: Runner, sft: Runner, rm: Runner | None, toke
     return Responses(responses, kls, scores, kl_responses)
 
 
+def respond_chunk(cfg: EvalConfig, model: Runner, sft: Runner, rm: Runner | None, tokenizer, queries: list[list[int]],
+                  kl_t: float, chunk: int) -> Responses:
+    """:func:`respond` on chunk ``chunk`` of ``queries`` (``rollout.CHUNK`` of them), seeded from (cfg.seed,
+    chunk) alone: a chunk draws the same whether eval drew the ones before it or a stopped eval did."""
+    return respond(replace(cfg, seed=chunk_seed(cfg.seed, chunk)), model, sft, rm, tokenizer,
+                   queries[chunk * CHUNK:(chunk + 1) * CHUNK], kl_t)
+
+
+def respond_chunked(cfg: EvalConfig, model: Runner, sft: Runner, rm: Runner | None, tokenizer,
+                    queries: list[list[int]], kl_t: float) -> Responses:
+    """:func:`respond_chunk` over every chunk, joined: a frontier point measures what ``igpt eval`` of that
+    model does."""
+    parts = [respond_chunk(cfg, model, sft, rm, tokenizer, queries, kl_t, c) for c in range(-(-len(queries) // CHUNK))]
+    return Responses(*[None if parts[0][f] is None else [x for part in parts for x in part[f]]
+                       for f in range(len(Responses._fields))])
+
+
 def kl_fields(cfg: EvalConfig, kl_t: float, kl_t_from: str, separate: bool | None = None) -> dict:
     """report.json's labels of the KL to SFT beside ``settings.temperature`` (eval's samples): the temperature
     of its log-probs, where that came from, the temperature its samples were drawn at (the same, PPO's), and
@@ -135,10 +159,14 @@ def report_dir(run_dir: Path, name: str) -> Path:
     return run_dir / "eval" / name
 
 
-def run(cfg: EvalConfig, as_json: bool = False, overwrite: bool = False) -> dict:
+def run(cfg: EvalConfig, as_json: bool = False, overwrite: bool = False, resume: bool = False) -> dict:
     if cfg.name:
         report_dir(Path(cfg.run_dir), cfg.name)  # a name that would write elsewhere: refused before anything else
+    if resume and overwrite:
+        raise BadInput(["--resume and --overwrite exclude each other"])
     if cfg.checkpoints or cfg.gold or cfg.gold_rm:
+        if resume:
+            raise BadInput(["--resume: goes on with one model's samples; the frontier (--checkpoints) is rerun whole"])
         return run_frontier(cfg, as_json, overwrite)  # the frontier of a PPO run (README, Frontier)
     # 1. validate inputs; nothing is written before they pass
     run_dir = Path(cfg.run_dir)
@@ -147,84 +175,108 @@ def run(cfg: EvalConfig, as_json: bool = False, overwrite: bool = False) -> dict
         errors.append("MODEL: required (sft, ppo or a model directory)")
     if errors:
         raise BadInput(errors)
-    name, path = stage_model(cfg.model, run_dir)
+    side = model_or_checkpoint(cfg.model, run_dir, "MODEL")
+    name, path = side.name, side.path
     prompts = read_prompts(cfg.prompts, cfg.split, cfg.columns)
     rankings = read_rankings(cfg.rankings, cfg.split, cfg.columns) if cfg.rankings else []
     texts = read_pretrain(cfg.ptx_data, cfg.split, cfg.columns) if cfg.ptx_data else []
-    sft_path = Path(find_model(cfg.sft, run_dir, "sft", "--sft"))
+    sft_path = Path(stage_inputs(run_dir, {"--sft": (cfg.sft, "sft", "policy")})["--sft"])
     rm_path = Path(cfg.rm) if cfg.rm else run_dir / STAGE_MODELS["rm"]  # optional: eval scores only with one
     have_rm = (rm_path / "config.json").is_file()
     if cfg.rm and not have_rm:
         raise BadInput([f"--rm {cfg.rm}: not a model directory with config.json"])
     if rankings and not have_rm:
         raise BadInput([f"--rankings: needs a reward model, and {rm_path} does not exist (pass --rm PATH)"])
-    tokenizer, _ = load_tokenizer(ModelConfig(name=str(path)))
+    if have_rm:
+        require_role(rm_path, "reward", "--rm")
+    tokenizer, _ = load_tokenizer(ModelConfig(name=str(side.base)))
     require_same_tokenizer(tokenizer, path, {"--sft": sft_path, **({"--rm": rm_path} if have_rm else {})},
                            "KL and scores need the same tokens")
     kl_t, kl_t_from = kl_temperature(cfg, run_dir)
     # prompt + response must fit every model that reads them (the model, the SFT reference, the RM)
-    limits = [position_limit(str(p)) for p in [path, sft_path] + ([rm_path] if have_rm else [])]
+    limits = [position_limit(str(p)) for p in [side.base, sft_path] + ([rm_path] if have_rm else [])]
     queries = render_queries(tokenizer, prompts, cfg.max_new_tokens, min(filter(None, limits), default=None))
     device = resolve_device(cfg.device)
     out = report_dir(run_dir, cfg.name or name)
+    kept = out.parent / f".{out.name}.partial"  # the chunks drawn so far (rollout.draw_chunks)
     # before any sampling: a write that cannot happen, or earlier results kept without --overwrite, fail now
-    claim(run_dir, out, overwrite)
+    # (a stopped --overwrite run that is resumed replaces them too)
+    claim(run_dir, out, overwrite or resume and kept.exists())
+    start_kept(kept, resume, overwrite)
 
     # 2. sample the model's responses, seeded; 3. KL to the SFT model on those samples at PPO's temperature,
     #    scores, LM loss
-    model = load(cfg, path, tokenizer, device)
+    model = Runner.for_eval(side.load(tokenizer, device, cfg.dtype, cfg.seed))
     sft = model if path.resolve() == sft_path.resolve() else load(cfg, sft_path, tokenizer, device)
     rm = load(cfg, rm_path, tokenizer, device, "reward") if have_rm else None
-    responses, kls, scores, kl_responses = respond(cfg, model, sft, rm, tokenizer, queries, kl_t)
-    eos = [bool(r) and r[-1] == tokenizer.eos_token_id for r in responses]
-    lengths = [len(r) for r in responses]
-    # the weights' hash, not the path, tells compare whether these samples are still the model's
-    report = {"model": name, "model_path": str(path), "model_sha256": weights_sha256(path), "prompts": cfg.prompts,
-              "settings": {"temperature": cfg.temperature, "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed},
-              **kl_fields(cfg, kl_t, kl_t_from, kl_responses is not None),  # the SFT model: no second set
-              **summarise(scores, kls, lengths, eos)}
-    if scores:  # the RM's length bias on these samples: score vs length in tokens (EOS excluded) and in words
-        report["length_bias"] = length_bias(scores, [n - e for n, e in zip(lengths, eos)],
-                                            [len(decode_response(tokenizer, r).split()) for r in responses])
-    categories = sorted({p.category for p in prompts if p.category})
-    if categories:
-        report["categories"] = {
-            c: summarise(*[[xs[i] for i, p in enumerate(prompts) if p.category == c] if xs else []
-                           for xs in (scores, kls, lengths, eos)]) for c in categories}
-    if texts:
-        blocks = pretrain_blocks(tokenizer, texts, cfg.ptx_seq_len)
-        loss = lm_loss(model, blocks, tokenizer.pad_token_id, cfg.batch_size)
-        sft_loss = loss if sft is model else lm_loss(sft, blocks, tokenizer.pad_token_id, cfg.batch_size)
-        report.update({"ptx_loss": loss, "ptx_perplexity": perplexity(loss), "sft_ptx_loss": sft_loss,
-                       "sft_ptx_perplexity": perplexity(sft_loss), "alignment_tax": loss - sft_loss})
-    if rankings:
-        groups, _ = tokenize_rankings(tokenizer, rankings, getattr(rm.model.config, "max_position_embeddings", 2048))
-        layout = Layout(shared=supports_sharing(rm.model))  # a ranking's prompt once, where that pays
-        correct = []  # per ranking
-        for g in groups:
-            with torch.no_grad():
-                s = rm.ranking_scores([g.sequences], tokenizer.pad_token_id, layout, cfg.batch_size).float().cpu()
-            correct.append(sum(int(s[b] > s[w]) for b, w in g.pairs))
-        total = sum(len(g.pairs) for g in groups)
-        # with its interval clustered by ranking (their pairs are not independent), as train-rm reports it
-        acc = rm_accuracy(correct, [len(g.pairs) for g in groups])
-        report.update({"rm_accuracy": acc.get("accuracy"), "rm_pairs": total,
-                       "rm_accuracy_ci": [acc["accuracy_ci_low"], acc["accuracy_ci_high"]] if acc else None,
-                       "rm_rankings": acc.get("rankings", 0)})
+    # what the kept chunks were drawn with: a resume under other models, prompts or settings is refused
+    drawn_with = {"model": weights_sha256(path), "sft": weights_sha256(sft_path),
+                  "rm": weights_sha256(rm_path) if have_rm else None, "kl_temperature": kl_t,
+                  "queries": hashlib.sha256(json.dumps(queries).encode()).hexdigest(), "temperature": cfg.temperature,
+                  "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed, "batch_size": cfg.batch_size}
 
-    # 4. publish eval/NAME/report.json and samples.jsonl together, strict JSON (a NaN raises, nothing is
-    #    written); the response token ids as sampled, so compare's judge scores exactly these tokens; "kl" is
-    #    the prompt's KL at PPO's temperature, along "kl_response_ids" where those were drawn apart
-    samples = [{"prompt": p.prompt, "category": p.category, "response": decode_response(tokenizer, r),
-                "response_ids": r, "kl": k, **({"kl_response_ids": kl_responses[i]} if kl_responses else {}),
-                **({"score": scores[i]} if scores else {})}
-               for i, (p, r, k) in enumerate(zip(prompts, responses, kls))]
-    samples_text = "".join(json.dumps(s, ensure_ascii=False, allow_nan=False) + "\n" for s in samples)
-    report_text = json.dumps(report, indent=2, allow_nan=False) + "\n"
-    with publish_set(out) as tmp:
-        (tmp / "samples.jsonl").write_text(samples_text, encoding="utf-8")
-        (tmp / "report.json").write_text(report_text, encoding="utf-8")
-    record_report(run_dir, out, {"model": path, "sft": sft_path, **({"rm": rm_path} if have_rm else {})})
+    def draw(chunk: int) -> list[dict]:
+        got = respond_chunk(cfg, model, sft, rm, tokenizer, queries, kl_t, chunk)
+        return [{"response_ids": r, "kl": k, **({"score": got.scores[i]} if got.scores else {}),
+                 **({"kl_response_ids": got.kl_responses[i]} if got.kl_responses is not None else {})}
+                for i, (r, k) in enumerate(zip(got.responses, got.kls))]
+
+    rows = draw_chunks(len(queries), draw, kept, drawn_with, resume)
+    with kept_until_published(kept):  # gone once published, kept for --resume after a stop
+        responses, kls = [r["response_ids"] for r in rows], [r["kl"] for r in rows]
+        scores = [r["score"] for r in rows] if have_rm else []
+        kl_responses = [r["kl_response_ids"] for r in rows] if "kl_response_ids" in rows[0] else None
+        eos = [bool(r) and r[-1] == tokenizer.eos_token_id for r in responses]
+        lengths = [len(r) for r in responses]
+        # the weights' hash, not the path, tells compare whether these samples are still the model's
+        report = {"model": name, "model_path": str(path), "model_sha256": weights_sha256(path), "prompts": cfg.prompts,
+                  "settings": {"temperature": cfg.temperature, "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed},
+                  **kl_fields(cfg, kl_t, kl_t_from, kl_responses is not None),  # the SFT model: no second set
+                  **summarise(scores, kls, lengths, eos)}
+        if scores:  # the RM's length bias on these samples: score vs length in tokens (EOS excluded) and in words
+            report["length_bias"] = length_bias(scores, [n - e for n, e in zip(lengths, eos)],
+                                                [len(decode_response(tokenizer, r).split()) for r in responses])
+        categories = sorted({p.category for p in prompts if p.category})
+        if categories:
+            report["categories"] = {
+                c: summarise(*[[xs[i] for i, p in enumerate(prompts) if p.category == c] if xs else []
+                               for xs in (scores, kls, lengths, eos)]) for c in categories}
+        if texts:
+            blocks = pretrain_blocks(tokenizer, texts, cfg.ptx_seq_len)
+            loss = lm_loss(model, blocks, tokenizer.pad_token_id, cfg.batch_size)
+            sft_loss = loss if sft is model else lm_loss(sft, blocks, tokenizer.pad_token_id, cfg.batch_size)
+            report.update({"ptx_loss": loss, "ptx_perplexity": perplexity(loss), "sft_ptx_loss": sft_loss,
+                           "sft_ptx_perplexity": perplexity(sft_loss), "alignment_tax": loss - sft_loss})
+        if rankings:
+            groups, _ = tokenize_rankings(tokenizer, rankings,
+                                          getattr(rm.model.config, "max_position_embeddings", 2048))
+            layout = Layout(shared=supports_sharing(rm.model))  # a ranking's prompt once, where that pays
+            correct = []  # per ranking
+            for g in groups:
+                with torch.no_grad():
+                    s = rm.ranking_scores([g.sequences], tokenizer.pad_token_id, layout, cfg.batch_size).float().cpu()
+                correct.append(sum(int(s[b] > s[w]) for b, w in g.pairs))
+            total = sum(len(g.pairs) for g in groups)
+            # with its interval clustered by ranking (their pairs are not independent), as train-rm reports it
+            acc = rm_accuracy(correct, [len(g.pairs) for g in groups])
+            report.update({"rm_accuracy": acc.get("accuracy"), "rm_pairs": total,
+                           "rm_accuracy_ci": [acc["accuracy_ci_low"], acc["accuracy_ci_high"]] if acc else None,
+                           "rm_rankings": acc.get("rankings", 0)})
+
+        # 4. publish eval/NAME/report.json and samples.jsonl together, strict JSON (a NaN raises, nothing is
+        #    written); the response token ids as sampled, so compare's judge scores exactly these tokens; "kl" is
+        #    the prompt's KL at PPO's temperature, along "kl_response_ids" where those were drawn apart
+        samples = [{"prompt": p.prompt, "category": p.category, "response": decode_response(tokenizer, r),
+                    "response_ids": r, "kl": k, **({"kl_response_ids": kl_responses[i]} if kl_responses else {}),
+                    **({"score": scores[i]} if scores else {})}
+                   for i, (p, r, k) in enumerate(zip(prompts, responses, kls))]
+        samples_text = "".join(json.dumps(s, ensure_ascii=False, allow_nan=False) + "\n" for s in samples)
+        report_text = json.dumps(report, indent=2, allow_nan=False) + "\n"
+        with publish_set(out) as tmp:
+            (tmp / "samples.jsonl").write_text(samples_text, encoding="utf-8")
+            (tmp / "report.json").write_text(report_text, encoding="utf-8")
+    base = {"model_base": side.base} if side.prefix is not None else {}  # a checkpoint's weights sit on it
+    record_report(run_dir, out, {"model": path, **base, "sft": sft_path, **({"rm": rm_path} if have_rm else {})})
     if not as_json:
         show(report, out)
     return report
@@ -251,6 +303,7 @@ def run_frontier(cfg: EvalConfig, as_json: bool = False, overwrite: bool = False
     if not (rm_path / "config.json").is_file():
         raise BadInput([f"--rm: {rm_path} does not exist; the frontier's proxy is the reward model PPO used, or pass "
                         "--rm PATH"])
+    require_role(rm_path, "reward", "--rm")
     gold = frontier.load_gold(cfg.gold, cfg.gold_rm, Settings(cfg.batch_size, cfg.device, cfg.dtype, 0.0, cfg.seed))
     tokenizer, _ = load_tokenizer(ModelConfig(name=str(ppo.sft)))
     require_same_tokenizer(tokenizer, ppo.sft, {"--rm": rm_path, **({"--gold-rm": gold.rm_path} if gold and
@@ -270,7 +323,7 @@ def run_frontier(cfg: EvalConfig, as_json: bool = False, overwrite: bool = False
         model = (sft if point.step == 0 else load(cfg, point.path, tokenizer, device) if not point.checkpoint else
                  Runner.for_eval(load_trained_policy(point.path, ppo.sft, ppo.lora, tokenizer, device, cfg.dtype,
                                                      cfg.seed)))
-        responses, kls, scores, kl_responses = respond(cfg, model, sft, rm, tokenizer, queries, kl_t)
+        responses, kls, scores, kl_responses = respond_chunked(cfg, model, sft, rm, tokenizer, queries, kl_t)
         texts = [decode_response(tokenizer, r) for r in responses]
         golds, gold_summary = gold.score(prompts, queries, responses, texts, sft_texts, tokenizer,
                                          lambda p: load(cfg, p, tokenizer, device, "reward"),

@@ -6,7 +6,11 @@ output as soon as it is made, in the rankings format train-rm reads. Prompts alr
 are skipped, so a session can stop (q, or the end of input) and resume. A judge that fails (raises, returns
 the wrong shape, NaN) stops label with exit 2 at that prompt: nothing of that prompt is written, and the
 rankings of the prompts before it, each complete, stay (a rerun resumes after them). A ranking in which a
-judge tied every response is not written (it has no pair to learn from; train-rm would refuse it).
+judge tied every response is not written (it has no pair to learn from; train-rm would refuse it). The output
+holds whole lines only: a write that fails (a full disk) is cut off again and ends label with exit 4 naming
+the file, and a last line torn by a kill is dropped, with a notice, before the rerun resumes. A session that
+writes nothing although prompts were left (every one tied or skipped, or none left) ends with exit 2 saying
+why, so a script does not go on with rankings that were never made.
 """
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ import json
 from pathlib import Path
 
 from .. import judges, locks, tui
+from ..storage import append_lines, drop_torn_line
 from ..data import iter_jsonl, parse_prompt_field, read_records
 from ..errors import BadInput
 
@@ -48,6 +53,8 @@ def run(samples: str, out: str, judge: str = "human", settings: judges.Settings 
     out_path = Path(out)
     locks.take_file(out_path)  # two sessions on one file would both rank the prompts not yet in it
     done: set[str] = set()
+    if drop_torn_line(out_path):
+        tui.say(f"note: {out_path}: its last line was cut off (a session killed while writing it); dropped it")
     if out_path.exists():
         errors: list[str] = []
         done = {key(obj.get("prompt")) for _, obj in iter_jsonl(out_path, errors)}
@@ -56,21 +63,32 @@ def run(samples: str, out: str, judge: str = "human", settings: judges.Settings 
     todo = [r for r in records if key(r["prompt"]) not in done]
     tui.say(f"{len(records)} prompts, {len(records) - len(todo)} already ranked in {out_path}")
     # 2. rank each prompt's responses; append each ranking at once
-    ranked, all_tied = 0, 0
+    ranked, all_tied, quit = 0, 0, False
     for i, rec in enumerate(todo):
         answer = ranker.rank(shown(rec["prompt"]), rec["responses"], len(records) - len(todo) + i, len(records))
         if answer == judges.QUIT:
+            quit = True
             break
         if answer == judges.SKIP:
             continue
         if len(set(answer)) == 1:  # a judge's (a person cannot enter one: tui.rank_problem)
             all_tied += 1
             continue
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(out_path, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps({**rec, "ranks": answer, **({} if judge == "human" else {"judge": judge})},
-                                ensure_ascii=False) + "\n")
+        append_lines(out_path, [json.dumps({**rec, "ranks": answer, **({} if judge == "human" else {"judge": judge})},
+                                           ensure_ascii=False)])
         ranked += 1
     tied = f"; {all_tied} with every response tied, not written" if all_tied else ""
     tui.say(f"ranked {ranked} this session{tied}; {len(done) + ranked} of {len(records)} in {out_path}")
+    if not ranked and not quit:  # a person who quits chose to; a judge that ranks nothing is a problem
+        raise BadInput([nothing_written(samples, out_path, len(records), len(todo), all_tied)])
     return out_path
+
+
+def nothing_written(samples: str, out: Path, total: int, todo: int, all_tied: int) -> str:
+    """Why a session wrote no ranking: nothing left to rank, every ranking tied, or every prompt skipped."""
+    if not todo:
+        return f"{out}: nothing to label: all {total} prompts of {samples} are already ranked in it"
+    if all_tied == todo:
+        return (f"{out}: nothing written: the judge tied every response of all {todo} prompts left, "
+                "and a ranking without a pair cannot train a reward model (lower --tie-margin?)")
+    return f"{out}: nothing written: the {todo} prompts left were skipped or tied (none ranked)"

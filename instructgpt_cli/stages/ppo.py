@@ -42,10 +42,11 @@ from ..errors import BadInput
 from ..families import frozen_layers
 from ..lifecycle import begin_stage, finish_stage, open_stage
 from ..losses import adaptive_kl_beta, gae, kl_penalized_rewards, masked_mean, masked_whiten, policy_loss, value_loss
-from ..models import apply_lora, load_model, load_tokenizer, position_limit, require_same_tokenizer, save_final
+from ..models import (apply_lora, load_model, load_tokenizer, position_limit, require_same_tokenizer, save_final,
+                      stage_inputs)
 from ..rewards import reward_stats
 from ..rollout import Rollout, build_rollout, decode_response
-from ..rundir import Stage, file_input, find_model, model_input
+from ..rundir import Stage, file_input, model_input
 from ..runners import RolloutEngine, Runner
 from ..stats import describe_rm_accuracy
 from ..storage import building
@@ -184,7 +185,8 @@ def run(cfg: PPOConfig, resume: bool = False, overwrite: bool = False, allow_cha
     # 3. the stage directory and the resume point
     begin_stage(stage, mode, cfg, files)
     ckpt = restore(stage, mode, state, changes)
-    banner("igpt ppo", banner_rows(cfg, inp, ptx, device, total_steps, state.beta, models, trained, ckpt))
+    banner("igpt ppo", banner_rows(cfg, inp, ptx, device, total_steps, state.beta, models, trained, ckpt),
+           run_dir=stage.run_dir)
     if inp.rm_warning:
         say(f"[bold red]warning:[/] {inp.rm_warning}")
 
@@ -253,8 +255,8 @@ def read_inputs(cfg: PPOConfig) -> Inputs:
     prompts = read_prompts(cfg.prompts, cfg.split, cfg.columns)
     ptx_texts = read_pretrain(cfg.ptx_data, cfg.split, cfg.columns) if cfg.ptx_coef > 0 else []
     run_dir = Path(cfg.run_dir)
-    sft_path = Path(find_model(cfg.sft, run_dir, "sft", "--sft"))
-    rm_path = Path(find_model(cfg.rm, run_dir, "rm", "--rm"))
+    found = stage_inputs(run_dir, {"--sft": (cfg.sft, "sft", "policy"), "--rm": (cfg.rm, "rm", "reward")})
+    sft_path, rm_path = Path(found["--sft"]), Path(found["--rm"])
     tokenizer, _ = load_tokenizer(ModelConfig(name=str(sft_path)))
     require_same_tokenizer(tokenizer, sft_path, {"--rm": rm_path},
                            "the reward model must read the policy's tokens (train it from the same SFT model)")

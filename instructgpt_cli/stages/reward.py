@@ -24,10 +24,10 @@ from ..errors import BadInput
 from ..families import supports_packing, supports_sharing
 from ..forward import REWARD_BIAS, TRANSFORMERS
 from ..losses import ranking_loss
-from ..models import apply_lora, context_window, load_model, load_tokenizer, save_final
+from ..models import apply_lora, context_window, load_model, load_tokenizer, require_role, save_final, stage_inputs
 from ..rewards import REWARD_STATS, Layout
 from ..runners import Runner
-from ..rundir import Stage, file_input, find_model, model_input, read_manifest, stored_path
+from ..rundir import Stage, file_input, model_input, read_manifest, stored_path
 from ..stats import describe_rm_accuracy, rm_accuracy
 from ..lifecycle import begin_stage, finish_stage, open_stage
 from ..checkpoint import restore
@@ -142,7 +142,9 @@ def run(cfg: RMConfig, resume: bool = False, overwrite: bool = False, allow_chan
         raise BadInput(["--demos: needed to normalise the reward (demonstrations score mean 0) and the run has no "
                         "SFT stage to take them from; pass --demos FILE or --no-normalize"])
     demos = read_demos(demos_file, *demos_reading(cfg, run_dir)) if demos_file else []
-    init = cfg.model.name or find_model(cfg.sft, run_dir, "sft", "--sft")
+    if cfg.model.name:
+        require_role(cfg.model.name, "policy", "--model")
+    init = cfg.model.name or stage_inputs(run_dir, {"--sft": (cfg.sft, "sft", "policy")})["--sft"]
     model_cfg = ModelConfig(**{**vars(cfg.model), "name": init})
     tokenizer, source = load_tokenizer(model_cfg)
     stage = Stage(run_dir, STAGE)
@@ -195,7 +197,7 @@ def run(cfg: RMConfig, resume: bool = False, overwrite: bool = False, allow_chan
                  + processes_note(cfg.fsdp),
         "forward": TRANSFORMERS.name(model),  # rankings are scored by transformers' forward
         **model_rows(model, cfg.lora.enabled, ckpt),
-    })
+    }, run_dir=stage.run_dir)
 
     # 4. train: one optimizer step on the step's rankings, held-out loss and accuracy every eval_every steps
     def held_out() -> dict:

@@ -19,7 +19,7 @@ from ..distributed import resolve_device
 from ..console import banner, model_rows, processes_note, say
 from ..errors import BadInput
 from ..families import supports_packing
-from ..models import apply_lora, context_window, load_model, load_tokenizer, save_final
+from ..models import apply_lora, context_window, load_model, load_tokenizer, require_role, save_final
 from ..rundir import Stage, file_input, model_input
 from ..runners import Runner
 from ..lifecycle import begin_stage, finish_stage, open_stage
@@ -89,6 +89,7 @@ def run(cfg: SFTConfig, resume: bool = False, overwrite: bool = False, allow_cha
     if not cfg.data:
         raise BadInput(["--data: required (a demonstrations JSONL file)"])
     demos = read_demos(cfg.data, cfg.split, cfg.columns)
+    require_role(cfg.model.name, "policy", "--model")
     tokenizer, source = load_tokenizer(cfg.model)
     stage = Stage(Path(cfg.run_dir), STAGE)
     device = resolve_device(cfg.device)
@@ -126,7 +127,7 @@ def run(cfg: SFTConfig, resume: bool = False, overwrite: bool = False, allow_cha
                  + (", padding-free" if packed else ", padded") + processes_note(cfg.fsdp),
         "forward": runner.name,
         **model_rows(model, cfg.lora.enabled, ckpt),
-    })
+    }, run_dir=stage.run_dir)
 
     # 4. train: one optimizer step on the step's demonstrations, the held-out loss every eval_every steps
     def held_out() -> dict:

@@ -11,10 +11,13 @@ result the run holds (or is writing). Its state is one of
 - ``failed``: ended by an error (bad input, non-finite values, a failed write);
 - ``missing``: never run.
 
-Then its step of the planned total (the newest metrics line; ``total_steps`` in the manifest, which a training
-stage records when its steps begin), the last headline metrics (sft: loss, held-out loss; rm: loss and
-accuracy, held-out too; ppo: score, KL, the KL-penalised reward; dpo (when the run has it): loss, pair
-accuracy and margin; eval: mean score, KL to SFT, pretraining perplexity, alignment tax, RM accuracy; compare:
+Then when it ran: ``started`` (its latest start: a resume restarts the clock), ``ended`` (finished or stopped by
+a signal; unknown after a kill) and the duration between them (up to now while it runs); an interrupted
+stage's step it stopped at and the step ``--resume`` goes on from (the newest complete checkpoint's); a failed
+stage's error and exit code, when the manifest records them. Then its step of the planned total (the newest
+metrics line; ``total_steps`` in the manifest, which a training stage records when its steps begin), the last
+headline metrics (sft: loss, held-out loss; rm: loss and accuracy, held-out too; ppo: score, KL, the
+KL-penalised reward; dpo (when the run has it): loss, pair accuracy and margin; eval: mean score, KL to SFT, pretraining perplexity, alignment tax, RM accuracy; compare:
 win rate and its 95% interval), and its outputs (``final/``, the newest complete checkpoint, a report).
 Lineage: each model a stage was built from (the manifest's inputs, with their sha256) and the stage of this
 run that made it; ``stale`` when that stage has run again since.
@@ -22,21 +25,37 @@ run that made it; ``stale`` when that stage has run again since.
 ``--json`` prints the same as one object (keys stable; null where unknown)::
 
     {"run_dir": str, "igpt_version": str | null,
-     "stages": {NAME: {"kind": "train" | "eval" | "compare", "state": str, "status": manifest status | null,
+     "stages": {NAME: {"kind": "train" | "eval" | "compare", "state": str, "manifest_status": str | null,
                        "step": int | null, "total_steps": int | null, "stopped_at_step": int | null,
+                       "resumes_from_step": int | null, "started": str | null, "ended": str | null,
+                       "duration_s": number | null, "signal": str | null, "error": str | null,
+                       "exit_code": int | null,
                        "metrics": {metric: number}, "holder": {"pid", "host", "command", "since"} | null,
                        "stale": reason | null, "outputs": {"final", "checkpoint", "report", "html": path | null}}},
      "lineage": [{"stage": NAME, "input": key, "from": stage | null, "source": path or model name,
                   "sha256": str | null, "stale": bool}]}
+
+``state`` is the one to act on: done, stale, running, interrupted, failed or missing, as above.
+``manifest_status`` is what manifest.json says, raw (completed, running, interrupted, failed): after a kill it
+still says ``running`` while ``state`` is ``interrupted`` (nobody holds the lock), so a script must not read it
+as a live run. ``started`` and ``ended`` are the manifest's ISO 8601 UTC times; ``duration_s`` is in seconds.
+``resumes_from_step`` (an interrupted or failed training stage's): the step of the newest complete checkpoint,
+which ``--resume`` goes on from (null when there is none: it starts afresh). ``signal``: the stop signal's name
+(SIGTERM, ...). ``error`` and ``exit_code``: a failed stage's message and exit status, null where the manifest
+does not record them (igpt records neither yet: a failed stage's entry says only ``failed``).
 
 A stage writing while this reads is fine: the manifest and reports are replaced whole (atomic renames), and a
 metrics line cut mid-write is skipped. Paths in the manifest may be absolute or relative to the run directory.
 """
 from __future__ import annotations
 
+import datetime as _dt
 import json
+import os
+import sys
 from pathlib import Path
 
+from ..console import clock
 from ..errors import BadInput
 from ..locks import LOCK_DIR, holder
 from ..rundir import complete_checkpoints, stored_path
@@ -53,10 +72,16 @@ REPORTS = tuple(s.name for s in STAGES.values() if s.summary and not s.training)
 def run(run_dir: Path, as_json: bool = False) -> dict:
     """Read the run directory's state (:func:`read_status`) and print it: a table, or JSON on stdout."""
     status = read_status(Path(run_dir))
-    if as_json:
-        print(json.dumps(status, indent=2))
-    else:
-        show(status)
+    try:
+        if as_json:
+            print(json.dumps(status, indent=2))
+        else:
+            show(status)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # the reader left (``igpt status | head -1``): what it wanted it has, so that is no failure. stdout
+        # goes to /dev/null so the interpreter's own flush at exit does not fail on the closed pipe again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return status
 
 
@@ -125,10 +150,37 @@ def stage_status(run_dir: Path, name: str, entry: dict | None) -> dict:
     else:
         state = "missing"
     total = entry.get("total_steps") or (entry.get("steps") if status == "completed" else None)
-    return {"kind": kind, "state": state, "status": status, "step": step if kind == "train" else None,
+    found = outputs(run_dir, out, kind, entry)
+    started, ended, seconds = run_times(entry, state)
+    return {"kind": kind, "state": state, "manifest_status": status, "step": step if kind == "train" else None,
             "total_steps": total if kind == "train" else None, "stopped_at_step": entry.get("stopped_at_step"),
-            "metrics": metrics, "holder": held, "stale": entry.get("stale"),
-            "outputs": outputs(run_dir, out, kind, entry)}
+            "resumes_from_step": (checkpoint_step(found["checkpoint"])
+                                  if kind == "train" and state in ("interrupted", "failed") else None),
+            "started": started, "ended": ended, "duration_s": seconds, "signal": entry.get("signal"),
+            "error": entry.get("error"), "exit_code": entry.get("exit_code"),
+            "metrics": metrics, "holder": held, "stale": entry.get("stale"), "outputs": found}
+
+
+def checkpoint_step(path: str | None) -> int | None:
+    """The step a checkpoint folder (``.../step-000800``) holds, or None without one."""
+    return int(Path(path).name.rpartition("-")[2]) if path else None
+
+
+def run_times(entry: dict, state: str) -> tuple[str | None, str | None, float | None]:
+    """When the stage's latest run started and ended (the manifest's ISO 8601 times) and the seconds between,
+    up to now while it runs. An end older than the start belongs to an earlier run (a resume records a new
+    start only), so this run's end is unknown: killed, or still going."""
+    started, ended = entry.get("started"), entry.get("finished") or entry.get("stopped")
+    try:
+        start = _dt.datetime.fromisoformat(started) if started else None
+        end = _dt.datetime.fromisoformat(ended) if ended and state != "running" else None
+    except (TypeError, ValueError):
+        return started, ended, None
+    if start and end and end < start:
+        ended, end = None, None
+    if start and state == "running":
+        end = _dt.datetime.now(start.tzinfo or _dt.timezone.utc)
+    return started, ended if state != "running" else None, (end - start).total_seconds() if start and end else None
 
 
 def newest_metrics(path: Path, names: tuple[str, ...]) -> tuple[int | None, dict]:
@@ -200,34 +252,61 @@ def lineage_rows(run_dir: Path, name: str, entry: dict, entries: dict) -> list[d
 
 
 def show(status: dict) -> None:
-    """The stages and the lineage as two tables on stdout."""
+    """The stages and the lineage as two tables on stdout. Nothing is cut: in a file or a pipe each row is one
+    line as wide as it needs (a log keeps whole paths to copy), and a narrow terminal folds a cell rather than
+    ending it with "…". No line ends in spaces. Rendered first, then written in one go: rich's own answer to a
+    closed pipe is exit 1, and :func:`run` treats a reader that left as no failure."""
     from rich.console import Console
     from rich.markup import escape
     from rich.table import Table
 
     colours = {"done": "green", "running": "cyan", "stale": "yellow", "interrupted": "yellow", "failed": "red",
                "missing": "dim"}
-    table = Table(title=f"igpt status {status['run_dir']}", title_justify="left")
-    for col in ("stage", "state", "step", "last metrics", "outputs"):
-        table.add_column(col, justify="right" if col == "step" else "left")
+    out = Console(soft_wrap=False)
+    if not out.is_terminal:
+        out = Console(soft_wrap=False, width=100_000)  # a table only as wide as its cells: no wrap, no cut
+    table = Table(title=f"igpt status {escape(status['run_dir'])}", title_justify="left")
+    for col in ("stage", "state", "stale", "step", "started", "ended", "duration", "last metrics", "outputs"):
+        table.add_column(col, justify="right" if col in ("step", "duration") else "left", overflow="fold")
     for name, s in status["stages"].items():
-        state = f"[{colours[s['state']]}]{s['state']}[/]"
-        if s["holder"]:
-            h = s["holder"]
-            state += f" (pid {h.get('pid')} on {h.get('host')}, since {h.get('since')})"
-        elif s["state"] == "interrupted" and s["stopped_at_step"] is not None:
-            state += f" (stopped at step {s['stopped_at_step']})"
         step = "" if s["step"] is None else f"{s['step']}" + (f" of {s['total_steps']}" if s["total_steps"] else "")
         metrics = "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in s["metrics"].items())
         paths = "\n".join(escape(str(p)) for p in s["outputs"].values() if p)
-        table.add_row(name, state, step, metrics, paths)
-    out = Console(soft_wrap=False)
-    out.print(table)
-    if status["lineage"]:
-        lineage = Table(title="lineage: what each stage was built from", title_justify="left")
-        for col in ("stage", "input", "from", "sha256", ""):
-            lineage.add_column(col)
-        for row in status["lineage"]:
-            lineage.add_row(row["stage"], row["input"], row["from"] or escape(row["source"]),
-                            (row["sha256"] or "")[:12], "[yellow]stale[/]" if row["stale"] else "")
-        out.print(lineage)
+        table.add_row(name, f"[{colours[s['state']]}]{s['state']}[/]" + escape(state_detail(s)),
+                      escape(s["stale"] or ""), step, when(s["started"]), when(s["ended"]),
+                      "" if s["duration_s"] is None else clock(s["duration_s"]), metrics, paths)
+    with out.capture() as shown:
+        out.print(table)
+        if status["lineage"]:
+            lineage = Table(title="lineage: what each stage was built from", title_justify="left")
+            for col in ("stage", "input", "from", "sha256", "stale"):
+                lineage.add_column(col, overflow="fold")
+            for row in status["lineage"]:
+                lineage.add_row(row["stage"], row["input"], row["from"] or escape(row["source"]),
+                                (row["sha256"] or "")[:12], "[yellow]stale[/]" if row["stale"] else "")
+            out.print(lineage)
+    sys.stdout.write("".join(line.rstrip() + "\n" for line in shown.get().splitlines()))
+
+
+def state_detail(s: dict) -> str:
+    """What follows the state in the table: who runs it, where an interrupted stage stopped and goes on from,
+    why a failed one failed."""
+    if s["holder"]:
+        h = s["holder"]
+        return f" (pid {h.get('pid')} on {h.get('host')}, since {h.get('since')})"
+    if s["state"] == "interrupted":
+        at = s["stopped_at_step"] if s["stopped_at_step"] is not None else s["step"]
+        how = f" by {s['signal']}" if s["signal"] and s["stopped_at_step"] is not None else ""
+        go_on = (f"resumes from step {s['resumes_from_step']}" if s["resumes_from_step"] is not None
+                 else "resumes from the start")
+        return f" at step {at}{how}; {go_on}" if at is not None else f"; {go_on}"
+    if s["state"] == "failed":
+        parts = [f"exit {s['exit_code']}" if s["exit_code"] is not None else "", s["error"] or ""]
+        why = f" ({': '.join(p for p in parts if p)})" if any(parts) else ""
+        return why + (f"; resumes from step {s['resumes_from_step']}" if s["resumes_from_step"] is not None else "")
+    return ""
+
+
+def when(iso: str | None) -> str:
+    """A manifest time as ``2026-12-07 02:10:33`` (UTC, as recorded), '' when unknown."""
+    return iso.replace("T", " ").removesuffix("+00:00") if iso else ""
