@@ -18,7 +18,7 @@ for _ in range(10):  # a training step's worth of memory: 64 MB allocated, writt
     t.fill_(1.0)
     del t
     counts.append(faults() - f0)
-print(sum(counts[-3:]))
+print(sorted(counts[-5:])[2])  # the median of the last 5 steps: one step another process's load disturbs is not it
 """
 
 
@@ -30,8 +30,9 @@ def page_faults(mode: str) -> int:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
 def test_kept_memory_is_reused_without_page_faults():
     default = page_faults("default")
-    if default < 3 * 1000:
+    if default < 1000:
         pytest.skip(f"this kernel maps the freed 64 MB back in {default} faults (huge pages): nothing to save")
     # glibc unmaps a freed 64 MB block and the next step faults its 16384 pages in again; kept, the
-    # steps after the first few reuse the same memory
+    # steps after the first few reuse the same memory (a step's median over the last five: under a loaded host a
+    # single step was seen faulting its block in again, 1 run in 4)
     assert page_faults("keep") < default / 100
