@@ -18,8 +18,8 @@ from . import distributed, locks, signals, trackers
 from .console import say
 from .errors import BadInput, Interrupted
 from .presets import saved_config
-from .rundir import (CHECKPOINT_PREFIX, Stage, check_stage, checkpoint_name, complete_checkpoints, mark_stale,
-                     read_manifest, start_stage_dir, stored_path, update_manifest)
+from .rundir import (CHECKPOINT_PREFIX, Stage, check_stage, checkpoint_name, complete_checkpoints, content_size,
+                     mark_stale, read_manifest, start_stage_dir, stored_path, update_manifest)
 from .storage import atomic_write_text, now, weights_sha256
 
 def open_stage(stage: Stage, cfg: Any, inputs: dict, resume: bool, overwrite: bool,
@@ -74,32 +74,36 @@ def check_not_behind(stage: Stage, cfg: Any) -> None:
 
 def describe_change(change: dict) -> str:
     """One line for a resume change: ``lr: 1e-05 -> 2e-05``; for an input whose content changed, the file and
-    what differs now (``input data: /d/demos.jsonl: content changed since the run began (sha256 1a2b3c4d ->
-    5e6f7a8b; now 21 records, 2.1 kB)``) rather than two bare hashes."""
+    what differs (``input data: /d/demos.jsonl: content changed since the run began (20 -> 21 records, 1.9 kB ->
+    2.1 kB; sha256 1a2b3c4d -> 5e6f7a8b)``) rather than two bare hashes. A manifest from an igpt that recorded no
+    size says only what the input holds now."""
     if change.get("path"):
         path, began = change["path"], change.get("began_with")
         what = ("content changed since the run began" if began in (None, str(Path(path).resolve()))
                 else f"other content than {began}, which the run began with")
-        return (f"{change['setting']}: {path}: {what} (sha256 {str(change['was'])[:8]} -> {str(change['now'])[:8]}"
-                f"{now_size(Path(path))})")
+        sizes = size_change(change.get("was_size") or {}, content_size(Path(path)))
+        return (f"{change['setting']}: {path}: {what} ({sizes}sha256 {str(change['was'])[:8]} -> "
+                f"{str(change['now'])[:8]})")
     return f"{change['setting']}: {change['was']!r} -> {change['now']!r}"
 
 
-def now_size(path: Path) -> str:
-    """``; now 21 records, 2.1 kB`` for a JSONL file (its lines that are not blank), ``; now 2.1 kB`` for another
-    file, ``; now 3 files, 2.1 kB`` for a directory; '' where it cannot be read. The manifest records only the
-    hash, so what it held before is not known."""
-    try:
-        if path.is_dir():
-            files = [p for p in path.rglob("*") if p.is_file()]
-            count, size = f"{len(files)} files, ", sum(p.stat().st_size for p in files)
-        else:
-            data = path.read_bytes()
-            lines = sum(1 for line in data.splitlines() if line.strip())
-            count, size = (f"{lines} records, " if path.suffix == ".jsonl" else ""), len(data)
-    except OSError:
-        return ""
-    return f"; now {count}{size / 1000:.1f} kB"
+def size_change(was: dict, now: dict) -> str:
+    """``20 -> 21 records, 1.9 kB -> 2.1 kB; `` from two :func:`rundir.content_size` records (``now 21 records,
+    2.1 kB; `` when the first is unknown); '' when neither is known."""
+    def kb(n: int) -> str:
+        return f"{n / 1000:.1f} kB"
+
+    parts = []
+    for key, unit in (("records", " records"), ("files", " files"), ("bytes", "")):
+        if key in now:
+            show = kb if key == "bytes" else str
+            if key not in was:
+                parts.append(f"now {show(now[key])}{unit}")
+            elif key == "bytes":
+                parts.append(f"{show(was[key])} -> {show(now[key])}")
+            else:
+                parts.append(f"{was[key]} -> {now[key]}{unit}")
+    return ", ".join(parts) + "; " if parts else ""
 
 
 def resume_changes(stage: Stage, cfg: Any, inputs: dict) -> list[dict]:
@@ -125,7 +129,8 @@ def resume_changes(stage: Stage, cfg: Any, inputs: dict) -> list[dict]:
             if hashed:  # other content: describe_change names the files and says what this one holds now
                 began = before[key].get("path")  # as the manifest stores it: maybe relative to the run directory
                 change.update(path=inputs[key]["path"],
-                              began_with=str(stored_path(stage.run_dir, began).resolve()) if began else None)
+                              began_with=str(stored_path(stage.run_dir, began).resolve()) if began else None,
+                              was_size={k: before[key][k] for k in ("records", "files", "bytes") if k in before[key]})
             changes.append(change)
     return changes
 

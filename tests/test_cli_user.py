@@ -143,11 +143,12 @@ def test_a_resume_refused_for_changed_data_names_the_file(tmp_path):
     assert changed.exit_code == 2
     message = " ".join(changed.stderr.split())
     assert f"input data: {demos.resolve()}: content changed since the run began" in message
-    assert "now 21 records" in message
+    assert "(20 -> 21 records, " in message and "kB -> " in message  # what it held when the run began, and now
     other = write_jsonl(tmp_path / "other.jsonl", arithmetic_demos(22))
     args[args.index(demos)] = other
     message = " ".join(igpt(*args, "--max-steps", "4", "--resume").stderr.split())
     assert f"input data: {other.resolve()}: other content than {demos.resolve()}, which the run began with" in message
+    assert "(20 -> 22 records, " in message
 
 
 # ---------------------------------------------------------------- data
