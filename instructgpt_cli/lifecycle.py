@@ -89,21 +89,19 @@ def describe_change(change: dict) -> str:
 
 def size_change(was: dict, now: dict) -> str:
     """``20 -> 21 records, 1.9 kB -> 2.1 kB; `` from two :func:`rundir.content_size` records (``now 21 records,
-    2.1 kB; `` when the first is unknown); '' when neither is known."""
-    def kb(n: int) -> str:
-        return f"{n / 1000:.1f} kB"
-
+    2.1 kB; `` when the first is unknown: a manifest from an igpt that recorded none); '' when nothing is known."""
     parts = []
-    for key, unit in (("records", " records"), ("files", " files"), ("bytes", "")):
+    for key in ("records", "files", "bytes"):
         if key in now:
-            show = kb if key == "bytes" else str
-            if key not in was:
-                parts.append(f"now {show(now[key])}{unit}")
-            elif key == "bytes":
-                parts.append(f"{show(was[key])} -> {show(now[key])}")
+            if key == "bytes":
+                value = f"{now[key] / 1000:.1f} kB"
+                before = f"{was[key] / 1000:.1f} kB -> " if key in was else ""
             else:
-                parts.append(f"{was[key]} -> {now[key]}{unit}")
-    return ", ".join(parts) + "; " if parts else ""
+                value, before = f"{now[key]} {key}", (f"{was[key]} -> " if key in was else "")
+            parts.append(before + value)
+    if not parts:
+        return ""
+    return ("" if was else "now ") + ", ".join(parts) + "; "
 
 
 def resume_changes(stage: Stage, cfg: Any, inputs: dict) -> list[dict]:

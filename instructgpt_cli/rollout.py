@@ -126,8 +126,8 @@ def generate(model: Any, path: forward.Forward, tokenizer: Any, queries: list[li
              temperature: float, batch_size: int, synced: bool = False, progress: str = "") -> list[list[int]]:
     """Sample one response per query (token lists, EOS included where the model stopped), ``batch_size``
     queries at a time (:func:`sample`), on ``path``, the forward ``runners.Runner`` chose for ``model``. Runs
-    under ``distributed.no_autograd``: ``inference_mode`` in one process. ``synced``: every rank keeps stepping until all are done (a sharded model gathers its weights
-    in every forward). ``progress``: a name to show progress under, a step a batch (in a log file a line
+    under ``distributed.no_autograd``: ``inference_mode`` in one process. ``synced``: every rank keeps stepping
+    until all are done (a sharded model gathers its weights in every forward). ``progress``: a name to show progress under, a step a batch (in a log file a line
     about every LOG_SECONDS: sampling a stage's prompts can take minutes)."""
     device = next(model.parameters()).device
     was_training = model.training

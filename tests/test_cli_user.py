@@ -177,3 +177,13 @@ def test_thousands_of_errors_show_the_first_twenty(tmp_path):
 def test_eval_and_compare_sample_at_one_default_temperature():
     assert config_mod.EvalConfig().temperature == config_mod.CompareConfig().temperature == 1.0
     assert config_mod.SampleConfig().temperature == 1.0 == config_mod.PPOConfig().temperature
+
+
+def test_a_changed_inputs_size_is_said_as_it_was_and_is_or_as_it_is_when_never_recorded():
+    from instructgpt_cli.lifecycle import size_change
+
+    assert size_change({"records": 20, "bytes": 1820}, {"records": 21, "bytes": 1900}) == \
+        "20 -> 21 records, 1.8 kB -> 1.9 kB; "
+    assert size_change({}, {"records": 21, "bytes": 1900}) == "now 21 records, 1.9 kB; "  # a manifest before sizes
+    assert size_change({"files": 3, "bytes": 0}, {"files": 1, "bytes": 2000}) == "3 -> 1 files, 0.0 kB -> 2.0 kB; "
+    assert size_change({"records": 5}, {}) == ""  # unreadable now: nothing said
