@@ -324,9 +324,12 @@ def label(
     samples: Annotated[str, typer.Argument(help="Samples JSONL from `igpt sample`: {prompt, responses}.",
                                            metavar="SAMPLES")],
     out: Annotated[str, typer.Option("--out", help="Rankings JSONL to append to (train-rm reads it).")],
-    judge: Annotated[str, typer.Option("--judge", help="human (you, in the terminal), model:PATH (a local LM ranks "
-                                       "by pairwise verdicts) or python:MODULE:FUNCTION (f(prompt, responses) -> "
-                                       "scores); README, Judges")] = "human",
+    judge: Annotated[str, typer.Option("--judge", help="human (you, in the terminal), model:REF (a local LM ranks "
+                                       "by pairwise verdicts; REF a model directory, a stage such as sft, or a "
+                                       "checkpoint such as ppo@step-40) or python:MODULE:FUNCTION (f(prompt, "
+                                       "responses) -> scores); README, Judges")] = "human",
+    run_dir: Annotated[Path, typer.Option("--run-dir", help="The run whose stages and checkpoints a model:REF "
+                                          "judge may name")] = Path(config_mod.RunBlock().run_dir),
     batch_size: Annotated[int, typer.Option("--batch-size", help="model judge: prompts per forward pass "
                                             "(sequences)", min=1)] = 8,
     device: Annotated[str, typer.Option("--device", help="model judge: auto, cpu, cuda, cuda:N or mps")] = "auto",
@@ -340,7 +343,7 @@ def label(
     from .locks import release_all
 
     try:
-        stage.run(samples, out, judge, Settings(batch_size=batch_size, device=device, tie_margin=tie_margin))
+        stage.run(samples, out, judge, Settings(batch_size=batch_size, device=device, tie_margin=tie_margin), run_dir)
     except (BadInput, WriteFailed) as e:
         release_all()
         fail(e.messages, e.code)

@@ -85,9 +85,9 @@ DTYPES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
               "inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay")
 REPORT_TO = ("tensorboard", "wandb", "trackio", "mlflow")  # --report-to: trackers.py, one adapter each
-# compare's and label's --judge (judges.py): rm, human, model:PATH or python:MODULE:FUNCTION
+# compare's and label's --judge (judges.py): rm, human, model:REF or python:MODULE:FUNCTION
 JUDGE_SPEC = re.compile(r"rm|human|model:.+|python:[A-Za-z_][\w.]*:[A-Za-z_]\w*")
-JUDGE_FORMS = "must be rm, human, model:PATH or python:MODULE:FUNCTION"
+JUDGE_FORMS = "must be rm, human, model:REF or python:MODULE:FUNCTION"
 # eval's --checkpoints (the frontier of a PPO run) and its --gold judge (frontier.py)
 CHECKPOINTS_SPEC = re.compile(r"all|\d+(,\d+)*")
 GOLD_SPEC = re.compile(r"model:.+|python:[A-Za-z_][\w.]*:[A-Za-z_]\w*")
@@ -420,10 +420,10 @@ class EvalConfig(GenerationBlock, DataSourceBlock, RunBlock):
                          Rule(lambda v: v == "" or bool(CHECKPOINTS_SPEC.fullmatch(v)),
                               "must be '' (the model only), all, or a comma-separated list of PPO steps (10,20,40)"))
     gold_rm: str = f("", "with --checkpoints: a second reward model whose score is the gold beside the proxy's (path)")
-    gold: str = f("", "with --checkpoints: a gold judge, python:MODULE:FUNCTION (scores) or model:PATH (win rate over "
+    gold: str = f("", "with --checkpoints: a gold judge, python:MODULE:FUNCTION (scores) or model:REF (win rate over "
                       "the SFT model's responses); README, Frontier",
                   Rule(lambda v: v == "" or bool(GOLD_SPEC.fullmatch(v)),
-                       "must be model:PATH or python:MODULE:FUNCTION (a second reward model is --gold-rm PATH)"))
+                       "must be model:REF or python:MODULE:FUNCTION (a second reward model is --gold-rm PATH)"))
 
 
 @dataclass
@@ -438,7 +438,7 @@ class CompareConfig(GenerationBlock, DataSourceBlock, RunBlock):
                    "N, a point of the frontier; sft@step-N, dpo@step-N) or a model directory (required)")
     b: str = f("", "model B, the baseline (required)")
     prompts: str = f("", "prompts both models answer: {prompt}, optional category; " + SOURCES + " (required)")
-    judge: str = f("rm", "rm (the reward model picks), human (a terminal labeler), model:PATH (a local LM asked "
+    judge: str = f("rm", "rm (the reward model picks), human (a terminal labeler), model:REF (a local LM asked "
                          "in both orders) or python:MODULE:FUNCTION (f(prompt, responses) -> scores); README, Judges",
                    Rule(lambda v: bool(JUDGE_SPEC.fullmatch(v)), JUDGE_FORMS))
     rm: str = f("", "reward model for --judge rm; default RUN_DIR/rm/final")

@@ -3,7 +3,9 @@
 
 - ``rm``: the run's reward model scores the sampled token ids (compare only; :class:`RMJudge`).
 - ``human``: a person at the terminal (``tui``): picks the better of two, or ranks K (:class:`HumanJudge`).
-- ``model:PATH``: any local causal LM as a judge (LLM-as-a-judge, :class:`ModelJudge`): it reads
+- ``model:REF``: any local causal LM as a judge (LLM-as-a-judge, :class:`ModelJudge`), REF read as every model
+  reference is (``refs.model_or_checkpoint``: a directory, a stage of the run such as ``sft``, a checkpoint such
+  as ``ppo@step-40``, a model name such as ``smollm2-135m``): it reads
   :data:`JUDGE_TEMPLATE` and its verdict is the log-probability of the next token being "1" rather than "2",
   asked in both orders to cancel position bias (Zheng et al. 2023, "Judging LLM-as-a-judge", sec. 3.4: swap
   the positions and count a pair as a tie when the verdicts disagree).
@@ -32,7 +34,8 @@ import torch
 from . import tui
 from .batches import pad_left
 from .errors import BadInput
-from .config import JUDGE_FORMS, JUDGE_SPEC
+from .config import JUDGE_FORMS, JUDGE_SPEC, RunBlock
+from .refs import model_or_checkpoint
 
 SKIP, QUIT = "s", tui.QUIT  # what a human judge's rank() may return instead of ranks
 
@@ -52,19 +55,20 @@ class Settings(NamedTuple):
     seed: int = 0
 
 
-def load(spec: str, settings: Settings, session: Path | None = None) -> Any:
+def load(spec: str, settings: Settings, session: Path | None = None, run_dir: Path | None = None) -> Any:
     """The judge ``spec`` names (``rm`` is built by compare itself: :class:`RMJudge`), checked as far as it can
-    be without running it. ``session``: the file a human's compare judgments are appended to."""
+    be without running it. ``session``: the file a human's compare judgments are appended to; ``run_dir``: the
+    run whose stages and checkpoints a ``model:`` reference may name."""
     if not JUDGE_SPEC.fullmatch(spec):
         raise BadInput([f"--judge {spec}: {JUDGE_FORMS}"])
     if spec == "human":
         return HumanJudge(settings.seed, session)
     if spec.startswith("model:"):
-        return ModelJudge(spec, settings)
+        return ModelJudge(spec, settings, run_dir)
     if spec.startswith("python:"):
         return PythonJudge(spec, settings)
     raise BadInput([f"--judge {spec}: the reward model judges compare's sampled tokens only; "
-                    "label with human, model:PATH or python:MODULE:FUNCTION"])
+                    "label with human, model:REF or python:MODULE:FUNCTION"])
 
 
 def ranks_from_scores(scores: list[float], margin: float = 0.0) -> list[int]:
@@ -193,6 +197,18 @@ def answer_logits(judge: Any, ids: torch.Tensor, mask: torch.Tensor) -> torch.Te
     return judge.next_token_logits(ids, mask).float()
 
 
+def judge_model(spec: str, run_dir: Path | None) -> Any:
+    """The model of ``model:REF`` (``refs.Side``), read as eval, compare and sample read a model; errors name
+    the spec as given (``--judge model:sft: ...``)."""
+    ref = spec[len("model:"):]
+    try:
+        return model_or_checkpoint(ref, run_dir or Path(RunBlock().run_dir), "--judge model:")
+    except BadInput as e:
+        raise BadInput([m.replace(f"--judge model: {ref}", f"--judge {spec}").replace("--judge model: needs",
+                                                                                    "--judge model:REF needs")
+                        for m in e.messages]) from None
+
+
 class ModelJudge:
     """A local causal LM reads :data:`JUDGE_TEMPLATE` (rendered with its chat template if its tokenizer has one)
     and is scored, not sampled: the margin log P("1") - log P("2") of the next token (:func:`answer_margin`).
@@ -201,17 +217,19 @@ class ModelJudge:
     round robin: all C(K,2) pairs, both orders; a win scores 1, a tie 1/2 each; ranks by points, equal points
     share a rank (:func:`ranks_from_scores`)."""
 
-    def __init__(self, spec: str, settings: Settings):
-        from transformers import AutoTokenizer
+    def __init__(self, spec: str, settings: Settings, run_dir: Path | None = None):
+        from .models import ensure_pad_token, model_path, tiny_tokenizer
 
-        from .models import ensure_pad_token, require_role
+        self.spec, self.settings = spec, settings
+        self.model = judge_model(spec, run_dir)  # a causal LM: a reward model's head gives no answer token to read
+        self.path = self.model.path
+        source = model_path(str(self.model.base))
+        if source is None:
+            self.tokenizer = tiny_tokenizer()
+        else:
+            from transformers import AutoTokenizer
 
-        self.spec, self.settings, self.path = spec, settings, Path(spec[len("model:"):]).expanduser()
-        if not (self.path / "config.json").is_file():
-            raise BadInput([f"--judge {spec}: {self.path} is not a model directory (no config.json)"])
-        # the judge answers "1" or "2" as text: a reward model's head would give it no tokens to read
-        require_role(self.path, "policy", "--judge model:PATH")
-        self.tokenizer = AutoTokenizer.from_pretrained(self.path)
+            self.tokenizer = AutoTokenizer.from_pretrained(source)
         self.templated = bool(self.tokenizer.chat_template)  # before anything gives it one
         ensure_pad_token(self.tokenizer)
         self.ones, self.twos = self.answer_ids("1"), self.answer_ids("2")
@@ -235,20 +253,18 @@ class ModelJudge:
 
     def margins(self, triples: list[tuple[str, str, str]]) -> list[float]:
         """log P("1") - log P("2") for each (prompt, first, second), ``batch_size`` prompts a forward."""
-        from .config import ModelConfig
         from .distributed import resolve_device
-        from .models import load_model, position_limit
+        from .models import position_limit
         from .runners import Runner
 
         s = self.settings
         seqs = [self.render(*t) for t in triples]
-        limit = position_limit(str(self.path))
+        limit = position_limit(str(self.model.base))
         if limit and seqs and max(map(len, seqs)) > limit:
             raise BadInput([f"--judge {self.spec}: a prompt with its two responses is {max(map(len, seqs))} tokens, "
                             f"longer than the judge's context of {limit}"])
         if self.runner is None:
-            self.runner = Runner.for_eval(load_model(ModelConfig(name=str(self.path), dtype=s.dtype), self.tokenizer,
-                                                     self.path, resolve_device(s.device), s.seed).eval())
+            self.runner = Runner.for_eval(self.model.load(self.tokenizer, resolve_device(s.device), s.dtype, s.seed))
         device = self.runner.device
         out: list[float] = []
         for start in range(0, len(seqs), s.batch_size):

@@ -152,7 +152,7 @@ def pick_samples(judgments: list[dict], seed: int, per_category: int = 3, total:
 
 def provenance(report: dict, rm_path: Path | None, device: str, run_dir: Path) -> list[tuple[str, str]]:
     """(label, HTML) rows saying exactly what was compared, how, by whom and where. ``rm_path``: the judge's
-    model directory (the reward model, or a ``model:PATH`` judge's), None for other judges."""
+    model directory (the reward model, or a ``model:REF`` judge's), None for other judges."""
     def digest(path) -> str:
         d = weights_sha256(path) if path and Path(path).is_dir() else None
         return f"<code>{d}</code>" if d else "<span class='na'>not available (no safetensors)</span>"

@@ -144,7 +144,7 @@ def files(folder) -> dict:
 def test_eval_and_compare_keep_earlier_results_unless_overwrite(run, tmp_path, monkeypatch):
     """A second eval or compare of the same name exits 2 before any model loads and leaves every file of the
     run as it was; with --overwrite it replaces the results."""
-    from instructgpt_cli.frontier import Side
+    from instructgpt_cli.refs import Side
     from instructgpt_cli.stages import evaluate as evaluate_stage
 
     run_dir = tmp_path / "run"
@@ -272,7 +272,7 @@ def test_bad_inputs_exit_2_and_write_nothing(run, tmp_path):
         (["eval", str(tmp_path / "nowhere"), "--prompts", run / "prompts.jsonl"], "nor a model directory"),
         (["eval", "ppo", "--prompts", write_jsonl(tmp_path / "bad.jsonl", [{"prompt": ""}])], "bad.jsonl:1: prompt"),
         (["compare", "ppo", "sft", "--prompts", tmp_path / "missing.jsonl"], "file not found"),
-        (["compare", "ppo", "sft", "--prompts", run / "prompts.jsonl", "--judge", "crowd"], "must be rm, human, model:PATH or python:MODULE:FUNCTION"),
+        (["compare", "ppo", "sft", "--prompts", run / "prompts.jsonl", "--judge", "crowd"], "must be rm, human, model:REF or python:MODULE:FUNCTION"),
         (["compare", "ppo", "sft", "--prompts", run / "prompts.jsonl", "--rm", tmp_path], "does not exist"),
     ]
     for args, message in cases:

@@ -256,10 +256,10 @@ def test_compare_takes_a_ppo_checkpoint_as_the_frontier_sampled_it(world, monkey
 
 
 def test_a_ppo_checkpoint_that_is_not_there_exits_2_before_any_model_loads(world, monkeypatch):
-    import instructgpt_cli.frontier as frontier_module
+    import instructgpt_cli.refs as refs_module
 
     monkeypatch.syspath_prepend(str(world))
-    monkeypatch.setattr(frontier_module.Side, "load", lambda *a, **k: pytest.fail("a model loaded"))
+    monkeypatch.setattr(refs_module.Side, "load", lambda *a, **k: pytest.fail("a model loaded"))
     run_dir = world / "run"
     missing = compare(world, run_dir, "ppo@step-9", "sft")
     said = " ".join(missing.stderr.split())

@@ -225,7 +225,7 @@ def fails_at_p1(prompt, responses):
     ("python:bad_judges:one_argument", "one_argument(prompt) must take (prompt, responses)"),
     ("python:bad_judges:missing", "--judge python:bad_judges:missing: bad_judges ("),
     ("python:no_such_judges_module:score", "--judge python:no_such_judges_module:score: cannot import"),
-    ("crowd", "--judge crowd: must be rm, human, model:PATH or python:MODULE:FUNCTION"),
+    ("crowd", "--judge crowd: must be rm, human, model:REF or python:MODULE:FUNCTION"),
     ("rm", "--judge rm: the reward model judges compare's sampled tokens only"),
 ])
 def test_a_bad_judge_in_label_exits_2_naming_it_and_writes_nothing(tmp_path, monkeypatch, judge, message):
@@ -238,7 +238,7 @@ def test_a_bad_judge_in_label_exits_2_naming_it_and_writes_nothing(tmp_path, mon
 
 
 def test_a_bad_judge_in_compare_exits_2_and_publishes_nothing(models, tmp_path, monkeypatch):
-    from instructgpt_cli.frontier import Side
+    from instructgpt_cli.refs import Side
 
     judge_files(tmp_path)
     monkeypatch.chdir(tmp_path)
@@ -250,7 +250,8 @@ def test_a_bad_judge_in_compare_exits_2_and_publishes_nothing(models, tmp_path, 
     # a judge that cannot load fails before any model loads or samples
     monkeypatch.setattr(Side, "load", lambda *a, **k: pytest.fail("a model loaded"))  # how compare loads a model
     for judge, message in (("python:bad_judges:missing", "has no function missing"),
-                           (f"model:{tmp_path / 'nowhere'}", "is not a model directory (no config.json)")):
+                           (f"model:{tmp_path / 'nowhere'}", "nowhere: not a stage of the run (sft, ppo, rm, dpo, "
+                                                             "ppo_ema) nor a model directory with config.json")):
         result = compare(models, run_dir, judge)
         assert result.exit_code == 2 and message in result.stderr, result.stderr
 

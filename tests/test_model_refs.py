@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 import instructgpt_cli.frontier as frontier_module
+import instructgpt_cli.refs as refs_module
 import instructgpt_cli.models as models_module
 from conftest import REPO, TINY_CONFIG, arithmetic_demos, igpt, marker_rankings, write_jsonl
 from instructgpt_cli.errors import BadInput
@@ -48,7 +49,7 @@ def no_loading(monkeypatch):
     stages = [importlib.import_module(f"instructgpt_cli.stages.{stage}")
               for stage in ("sft", "reward", "ppo", "dpo", "evaluate", "compare", "sample")]
     monkeypatch.setattr(models_module, "load_model", fail)
-    monkeypatch.setattr(frontier_module.Side, "load", fail)
+    monkeypatch.setattr(refs_module.Side, "load", fail)
     for module in stages:
         if hasattr(module, "load_model"):  # imported by name: patched where the stage calls it
             monkeypatch.setattr(module, "load_model", fail)
@@ -63,8 +64,6 @@ def test_a_reward_model_is_refused_where_a_policy_is_sampled_trained_or_asked(di
         "--model": ["sample", "--model", rm, "--k", "2", "--out", tmp_path / "s.jsonl", *prompts],
         "--sft": ["train-rm", "--sft", rm, "--rankings", dirs / "ranks.jsonl", "--demos", dirs / "demos.jsonl",
                   "--run-dir", run],
-        "--judge model:PATH": ["label", dirs / "samples.jsonl", "--judge", f"model:{rm}", "--out",
-                               tmp_path / "r.jsonl"],
     }
     for flag, args in cases.items():
         result = igpt(*args)
@@ -72,6 +71,11 @@ def test_a_reward_model_is_refused_where_a_policy_is_sampled_trained_or_asked(di
         text = said(result)
         assert f"{flag} {rm}: a reward model (LlamaForSequenceClassification)" in text, (flag, text)
         assert f"{flag} needs a causal language model" in text
+    for args in (["label", dirs / "samples.jsonl", "--out", tmp_path / "r.jsonl"], ["compare", lm, lm, *prompts]):
+        result = igpt(*args, "--judge", f"model:{rm}")
+        assert result.exit_code == 2, result.output
+        assert f"--judge model:{rm}: a reward model (LlamaForSequenceClassification); --judge model:REF needs a " \
+               "causal language model" in said(result), said(result)
     for command in (["sft", "--data", dirs / "demos.jsonl"], ["dpo", "--rankings", dirs / "ranks.jsonl"]):
         result = igpt(*command, "--config", TINY_CONFIG, "--model", rm, "--run-dir", run)
         assert result.exit_code == 2 and f"--model {rm}: a reward model" in said(result), result.output
@@ -220,3 +224,43 @@ def test_each_shipped_preset_runs_the_chain_each_stage_from_the_one_before(name,
             if made_by == "sft":
                 assert stages[stage]["inputs"][key]["sha256"] == sft_sha, (name, stage, key)
     assert stages["compare/ppo-vs-dpo"]["status"] == "completed"
+
+
+def test_a_model_judge_reads_the_same_references(chain, dirs, tmp_path, monkeypatch):
+    """label's, compare's and eval's ``model:REF`` judge is read as eval reads a model: a stage's checkpoint
+    loads that step's weights on the stage's base (the judge's forward sees exactly them), a stage name its
+    final model; an unknown step is named as the user wrote it."""
+    import torch
+
+    from instructgpt_cli import judges
+    from instructgpt_cli.refs import model_or_checkpoint
+
+    def total(model) -> float:
+        return sum(float(p.double().sum()) for p in model.parameters())
+
+    seen: list[float] = []
+
+    def fake_logits(runner, ids, mask):  # '1' always: every pair ties, so compare still reports
+        seen.append(total(runner.model))
+        logits = torch.zeros(ids.size(0), runner.model.config.vocab_size)
+        logits[:, 0] = 1.0
+        return logits
+
+    monkeypatch.setattr(judges, "answer_logits", fake_logits)
+    tok = tiny_tokenizer()
+    expected = {ref: total(model_or_checkpoint(ref, chain, "X").load(tok, torch.device("cpu"), "float32", 0))
+                for ref in ("ppo@step-1", "sft")}
+    assert expected["ppo@step-1"] != expected["sft"]
+    out = tmp_path / "ranks.jsonl"
+    result = igpt("label", dirs / "samples.jsonl", "--judge", "model:ppo@step-1", "--run-dir", chain, "--out", out)
+    assert result.exit_code == 2 and "tied every response" in said(result)  # what the fake says: all tied
+    assert seen and all(s == pytest.approx(expected["ppo@step-1"], rel=1e-9) for s in seen)
+    seen.clear()
+    result = igpt("compare", "ppo", "dpo", "--prompts", dirs / "prompts.jsonl", "--run-dir", chain,
+                  "--max-new-tokens", "4", "--judge", "model:sft")
+    assert result.exit_code == 0, result.output
+    assert json.loads((chain / "compare" / "ppo-vs-dpo.model-sft" / "report.json").read_text())["ties"] == 4
+    assert seen and all(s == pytest.approx(expected["sft"], rel=1e-9) for s in seen)
+    result = igpt("label", dirs / "samples.jsonl", "--judge", "model:ppo@step-9", "--run-dir", chain, "--out", out)
+    assert result.exit_code == 2 and "--judge model:ppo@step-9: no complete checkpoint of step 9" in said(result)
+    assert not out.exists()

@@ -35,7 +35,7 @@ from ..batches import render_queries
 from ..data import read_prompts
 from ..distributed import resolve_device
 from ..errors import BadInput
-from ..frontier import Side, model_refs
+from ..refs import Side, model_refs
 from ..models import load_tokenizer, position_limit, require_role, require_same_tokenizer
 from ..report import number, score_text, temperature_lines
 from ..rollout import CHUNK, chunk_seed, decode_response, draw_chunks, kept_until_published, start_kept
@@ -129,7 +129,7 @@ def run(cfg: CompareConfig, overwrite: bool = False, resume: bool = False) -> di
     out = result_dir(run_dir, f"{name_a}-vs-{name_b}", cfg.judge)
     session = out.parent / f"{out.name}.session"  # a human judge's responses and judgments as they are made
     # a judge that cannot be imported or loaded fails now, before any model loads (judges.py)
-    judge = None if cfg.judge == "rm" else judges.load(cfg.judge, settings, session / "judgments.jsonl")
+    judge = None if cfg.judge == "rm" else judges.load(cfg.judge, settings, session / "judgments.jsonl", run_dir)
     rm_path = Path(cfg.rm) if cfg.rm else run_dir / STAGE_MODELS["rm"]
     if cfg.judge == "rm":
         if not (rm_path / "config.json").is_file():

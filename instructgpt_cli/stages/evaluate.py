@@ -23,8 +23,8 @@ from typing import NamedTuple
 
 import torch
 
-from .. import frontier
-from ..frontier import model_or_checkpoint
+from .. import frontier, refs
+from ..refs import model_or_checkpoint
 from ..config import EvalConfig, ModelConfig, PPOConfig
 from ..console import console
 from ..batches import pretrain_blocks, render_queries, tokenize_rankings
@@ -284,7 +284,7 @@ def run(cfg: EvalConfig, as_json: bool = False, overwrite: bool = False, resume:
 
 def run_frontier(cfg: EvalConfig, as_json: bool = False, overwrite: bool = False) -> dict:
     """``igpt eval ppo --checkpoints all [--gold JUDGE | --gold-rm PATH]``: each point of the run's PPO
-    (``frontier.ppo_run``: the SFT model, the checkpoints, the final policy) answers the held-out prompts with
+    (``refs.ppo_run``: the SFT model, the checkpoints, the final policy) answers the held-out prompts with
     the same decoding settings and seed (:func:`respond`), measured as ``igpt eval`` measures one model, and
     scored by the gold judge; published together in eval/ppo-frontier/ (report.json, frontier.png and each
     point's samples)."""
@@ -297,14 +297,15 @@ def run_frontier(cfg: EvalConfig, as_json: bool = False, overwrite: bool = False
         errors.append("--gold / --gold-rm: a gold judge scores the frontier; add --checkpoints all")
     if errors:
         raise BadInput(errors)
-    ppo = frontier.ppo_run(run_dir, cfg.checkpoints)
+    ppo = refs.ppo_run(run_dir, cfg.checkpoints)
     prompts = read_prompts(cfg.prompts, cfg.split, cfg.columns)
     rm_path = Path(cfg.rm) if cfg.rm else ppo.rm  # the proxy: by default the reward model PPO trained against
     if not (rm_path / "config.json").is_file():
         raise BadInput([f"--rm: {rm_path} does not exist; the frontier's proxy is the reward model PPO used, or pass "
                         "--rm PATH"])
     require_role(rm_path, "reward", "--rm")
-    gold = frontier.load_gold(cfg.gold, cfg.gold_rm, Settings(cfg.batch_size, cfg.device, cfg.dtype, 0.0, cfg.seed))
+    gold = frontier.load_gold(cfg.gold, cfg.gold_rm, Settings(cfg.batch_size, cfg.device, cfg.dtype, 0.0, cfg.seed),
+                             run_dir)
     tokenizer, _ = load_tokenizer(ModelConfig(name=str(ppo.sft)))
     require_same_tokenizer(tokenizer, ppo.sft, {"--rm": rm_path, **({"--gold-rm": gold.rm_path} if gold and
                            gold.rm_path else {})}, "KL and scores need the same tokens")

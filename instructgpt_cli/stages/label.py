@@ -1,4 +1,4 @@
-"""``igpt label samples.jsonl --out ranks.jsonl [--judge human|model:PATH|python:MODULE:FUNCTION]``: the
+"""``igpt label samples.jsonl --out ranks.jsonl [--judge human|model:REF|python:MODULE:FUNCTION]``: the
 paper's labeler step, by a person in a terminal or by a judge (AI feedback: ``judges.py``).
 
 Each prompt's K responses get ranks (1 = best, ties share a number); each ranking is appended to the
@@ -46,9 +46,10 @@ def shown(prompt: str | list) -> str:
     return prompt if isinstance(prompt, str) else "\n\n".join(f"{t['role']}: {t['content']}" for t in prompt)
 
 
-def run(samples: str, out: str, judge: str = "human", settings: judges.Settings = judges.Settings()) -> Path:
+def run(samples: str, out: str, judge: str = "human", settings: judges.Settings = judges.Settings(),
+        run_dir: Path | None = None) -> Path:
     # 1. the judge (imported and checked before anything is read or written), the samples, what is done
-    ranker = judges.load(judge, settings)
+    ranker = judges.load(judge, settings, run_dir=run_dir)
     records = read_records(samples, parse_sample, "samples")
     out_path = Path(out)
     locks.take_file(out_path)  # two sessions on one file would both rank the prompts not yet in it

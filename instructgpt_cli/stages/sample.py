@@ -24,7 +24,7 @@ from ..batches import render_queries
 from ..data import read_prompts
 from ..distributed import resolve_device
 from ..errors import BadInput
-from ..frontier import model_or_checkpoint
+from ..refs import model_or_checkpoint
 from ..models import load_tokenizer, position_limit
 from ..rollout import CHUNK, chunk_seed, decode_response, draw_chunks, kept_until_published, start_kept
 from ..rundir import find_model
