@@ -156,14 +156,19 @@ def begin_stage(stage: Stage, mode: str, cfg: Any, inputs: dict) -> None:
     """Create the stage directory and record the resolved config and the inputs in the manifest.
     Called only after every input has been validated: the first barrier waits until every rank has
     validated (and so could still fail with nothing written), the second until the files exist.
-    Stages built from this one's outputs are marked stale (:func:`rundir.mark_stale`)."""
+    Stages built from this one's checkpoints are marked stale (:func:`rundir.mark_stale`: they are cleared); those
+    built from its ``final/`` only if it is not kept (an ``--overwrite`` run keeps it until the new one is whole,
+    so a run that fails leaves them as fresh as they were)."""
     distributed.barrier()
     if distributed.is_main():
+        kept = ((read_manifest(stage.run_dir).get("stages", {}).get(stage.name, {}).get("outputs") or {}).get("sha256")
+                if (stage.final / "config.json").is_file() or (stage.final / "policy" / "config.json").is_file()
+                else None)
         start_stage_dir(stage.dir, mode)
         atomic_write_text(stage.dir / "config.yaml", config_mod.to_yaml(stage.name, config_mod.absolute_paths(cfg)))
         update_manifest(stage.run_dir, stage.name, status="running", started=now(), inputs=inputs,
                         pid=os.getpid(), host=socket.gethostname())
-        mark_stale(stage.run_dir, stage.name)
+        mark_stale(stage.run_dir, stage.name, kept)
     distributed.barrier()
 
 

@@ -467,6 +467,10 @@ def test_rerunning_sft_marks_later_stages_stale_and_train_rm_warns(tmp_path, dem
     # a deterministic re-run gives the same weights: rm stays fresh
     assert igpt(*sft_args(demos, run_dir, "--overwrite")).exit_code == 0
     assert "stale" not in manifest(run_dir)["rm"]
+    # an --overwrite run that dies before its final/ keeps the old one: rm, built from it, is as fresh as it was
+    died = start(sft_args(demos, run_dir, "--overwrite", "--lr", "3e-3"), {"IGPT_FAULT_AFTER_STEP": "3"})
+    died.communicate(timeout=600)
+    assert died.returncode == 99 and "stale" not in manifest(run_dir)["rm"]
     # other weights: rm was built from an SFT model that is gone
     assert igpt(*sft_args(demos, run_dir, "--overwrite", "--lr", "3e-3")).exit_code == 0
     assert "re-run" in manifest(run_dir)["rm"]["stale"]
