@@ -186,9 +186,9 @@ class Forward:
     # -- what each path does its own way
 
     def decoder(self, model: Any, ids: torch.Tensor, mask: torch.Tensor, max_new: int,
-                few_rows: Mapping[torch.nn.Module, int] | None = None) -> Decoder:
+                products: Mapping[torch.nn.Module, lean.Product] | None = None) -> Decoder:
         """A decoder of ``model`` after left-padded prompts ``ids``, ``mask`` (B, L), for up to ``max_new`` tokens;
-        ``few_rows``: layers whose few-row products it may compute itself (``lean.Decoder``)."""
+        ``products``: layers whose products it computes its own way instead of calling them (``lean.Decoder``)."""
         raise NotImplementedError
 
     def trunk_states(self, model: Any, n_layers: int, input_ids: torch.Tensor,
@@ -220,15 +220,15 @@ class Forward:
 
     def calls_linears(self, model: Any) -> bool:
         """Whether this path's decoder calls each of ``model``'s linear layers itself, and so can compute their
-        few-row products on a CPU (``few_rows`` of :meth:`decoder`); where it does not, the calls are in code
+        products its own way on a CPU (``products`` of :meth:`decoder`); where it does not, the calls are in code
         igpt does not write."""
         return False
 
     def start_decoding(self, model: Any, ids: torch.Tensor, mask: torch.Tensor, max_new: int,
-                       few_rows: Mapping[torch.nn.Module, int] | None = None) -> tuple[Decoder, torch.Tensor]:
+                       products: Mapping[torch.nn.Module, lean.Product] | None = None) -> tuple[Decoder, torch.Tensor]:
         """A :meth:`decoder` of left-padded prompts ``ids``, ``mask`` (B, L) that has run them, and the logits
         (B, V) of the first new token."""
-        stepper = self.decoder(model, ids, mask, max_new, few_rows)
+        stepper = self.decoder(model, ids, mask, max_new, products)
         return stepper, stepper.start()
 
     # -- the same on both paths
@@ -353,8 +353,8 @@ class LeanForward(Forward):
     lean = True
 
     def decoder(self, model: Any, ids: torch.Tensor, mask: torch.Tensor, max_new: int,
-                few_rows: Mapping[torch.nn.Module, int] | None = None) -> Decoder:
-        return lean.Decoder(model, ids, mask, max_new, few_rows)
+                products: Mapping[torch.nn.Module, lean.Product] | None = None) -> Decoder:
+        return lean.Decoder(model, ids, mask, max_new, products)
 
     def trunk_states(self, model: Any, n_layers: int, input_ids: torch.Tensor,
                      attention_mask: torch.Tensor) -> torch.Tensor:
@@ -365,13 +365,13 @@ class LeanForward(Forward):
         return not hasattr(model, "peft_config")
 
     def start_decoding(self, model: Any, ids: torch.Tensor, mask: torch.Tensor, max_new: int,
-                       few_rows: Mapping[torch.nn.Module, int] | None = None) -> tuple[Decoder, torch.Tensor]:
+                       products: Mapping[torch.nn.Module, lean.Product] | None = None) -> tuple[Decoder, torch.Tensor]:
         # the same prompt K times (igpt sample): each distinct prompt runs once, then its cache is copied
         shared = distinct_rows(ids, mask)
         if shared is None:
-            return super().start_decoding(model, ids, mask, max_new, few_rows)
+            return super().start_decoding(model, ids, mask, max_new, products)
         first, rows = shared
-        stepper = lean.Decoder(model, ids.index_select(0, first), mask.index_select(0, first), max_new, few_rows)
+        stepper = lean.Decoder(model, ids.index_select(0, first), mask.index_select(0, first), max_new, products)
         return stepper, stepper.repeat(rows, stepper.start())
 
     def final_states(self, model: Any, inputs: dict) -> torch.Tensor:
@@ -408,8 +408,8 @@ class TransformersForward(Forward):
     (:func:`only_layers`) for the trunk, the head's output read with a hook, the model's KV cache for decoding."""
 
     def decoder(self, model: Any, ids: torch.Tensor, mask: torch.Tensor, max_new: int,
-                few_rows: Mapping[torch.nn.Module, int] | None = None) -> Decoder:
-        return CachedDecoder(model, ids, mask, max_new)  # transformers calls the layers: ``few_rows`` not its to use
+                products: Mapping[torch.nn.Module, lean.Product] | None = None) -> Decoder:
+        return CachedDecoder(model, ids, mask, max_new)  # transformers calls the layers: ``products`` not its to use
 
     def trunk_states(self, model: Any, n_layers: int, input_ids: torch.Tensor,
                      attention_mask: torch.Tensor) -> torch.Tensor:

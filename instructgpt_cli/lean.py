@@ -17,8 +17,9 @@ when it is built). Gradient checkpointing, where transformers' layers have it sw
 do it (:func:`states`).
 
 Sampling keeps its own cache: keys and values of every layer in preallocated tensors, written in place
-at each step (:class:`Decoder`). On a CPU it computes a decoding step's products with large layers itself,
-as (W @ x.T).T (:func:`few_row_product`).
+at each step (:class:`Decoder`). On a CPU it computes a decoding step's products with large layers itself:
+with MKL's GEMM on weights packed once for the batch (:class:`PackedProduct`), or for one or two sequences as
+(W @ x.T).T (:func:`few_row_product`).
 """
 from __future__ import annotations
 
@@ -108,6 +109,19 @@ def _attention(attn: torch.nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch
                                           scale=attn.scaling, enable_gqa=q.size(1) != k.size(1))
 
 
+def _one_query_attention(attn: torch.nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                         mask: torch.Tensor | None) -> torch.Tensor:
+    """Attention of one query a row (a decoding step: q (B, H, 1, D) over the cache k, v (B, KV, S, D)), as two
+    matmuls with each key/value head's query heads side by side, and the softmax between them. On a CPU SDPA's
+    flash kernel, made for long queries, took 1.2-1.8x as long at 16-64 rows (bench/README.md); the same
+    attention in another summation order. ``mask`` (B, 1, 1, S): the positions each row may attend to."""
+    rows, heads, _, dim = q.shape
+    weights = torch.matmul(q.view(rows, k.size(1), heads // k.size(1), dim), k.transpose(-1, -2)).mul_(attn.scaling)
+    if mask is not None:
+        weights.masked_fill_(~mask, float("-inf"))
+    return torch.matmul(weights.softmax(-1), v).view(rows, heads, 1, dim)
+
+
 def _call(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return layer(x)
 
@@ -175,8 +189,8 @@ def logits(model: Any, hidden: torch.Tensor) -> torch.Tensor:
 
 
 def few_row_product(layer: torch.nn.Linear, x: torch.Tensor, rows: int) -> torch.Tensor:
-    """``layer(x)``, computed as ``(W @ x.T).T`` where ``x`` has at most ``rows`` rows (a decoding step: one token
-    per sequence): on CPUs torch's ``linear`` (x @ W.T) runs such near-vector products far below memory bandwidth
+    """``layer(x)``, computed as ``(W @ x.T).T`` where ``x`` has at most ``rows`` rows (a decoding step of one or two
+    sequences): on CPUs torch's ``linear`` (x @ W.T) runs such near-vector products far below memory bandwidth
     (figures: bench/README.md). The same product in another summation order; more rows take ``linear``."""
     if x.numel() > rows * x.shape[-1]:
         return F.linear(x, layer.weight, layer.bias)
@@ -184,18 +198,51 @@ def few_row_product(layer: torch.nn.Linear, x: torch.Tensor, rows: int) -> torch
     return out if layer.bias is None else out + layer.bias
 
 
+def can_pack(weight: torch.Tensor) -> bool:
+    """Whether :class:`PackedProduct` can hold ``weight``: float32 on a CPU, torch built with MKL."""
+    return (weight.dtype == torch.float32 and weight.device.type == "cpu" and torch.backends.mkl.is_available()
+            and hasattr(torch.ops.mkl, "_mkl_reorder_linear_weight"))
+
+
+class PackedProduct:
+    """``layer(x)`` for inputs of exactly ``rows`` rows (a decoding step: one token per sequence), by MKL's GEMM
+    on a copy of the weight packed once for that shape (``cblas_sgemm_pack``; what torch.compile's CPU backend
+    uses for frozen float32 weights). Torch's ``linear`` packs the weight again inside every call: with a few
+    rows it reads and writes the whole weight twice to multiply it once, so a 135M model's decoding step at
+    16 rows ran at half the memory's bandwidth (bench/README.md). Other inputs (a prompt's forward, another
+    batch size, another dtype under autocast) take ``linear``. The packed copy is a second copy of the weight
+    in memory while it lives (``rollout.cpu_decoding``: one ``generate`` call); the weight must not change
+    meanwhile. Same products, bit for bit, as ``linear`` at these sizes where MKL runs both (tests/test_runners.py
+    checks closeness and the tokens)."""
+
+    def __init__(self, layer: torch.nn.Linear, rows: int):
+        self.layer, self.rows = layer, rows
+        self.packed = torch.ops.mkl._mkl_reorder_linear_weight(layer.weight.detach(), rows)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        weight, bias = self.layer.weight, self.layer.bias
+        if x.numel() != self.rows * x.shape[-1] or x.dtype != weight.dtype:
+            return F.linear(x, weight, bias)
+        out = torch.ops.mkl._mkl_linear(x.reshape(self.rows, -1), self.packed, weight, bias, self.rows)
+        return out.view(*x.shape[:-1], weight.shape[0])
+
+
+# How a decoding step computes a product with a layer where it does not call the layer (:class:`Decoder`)
+Product = Callable[[torch.Tensor], torch.Tensor]
+
+
 class Decoder:
     """Token-by-token logits of a :func:`families.runs_lean` model after left-padded prompts ``ids`` (B, L) with
     ``mask``: :meth:`start` runs the prompts, each :meth:`step` one new token per row. Keys and values of
     every layer live in tensors sized for prompt + ``max_new`` tokens, written in place (transformers'
-    dynamic cache concatenates at every step). ``few_rows``: linear layers (projections, LM head) whose
-    products of a few rows it computes as :func:`few_row_product`, each with its most rows (``rollout.few_row_layers``
-    chooses them on a CPU); the others are called as they are."""
+    dynamic cache concatenates at every step). ``products``: linear layers (projections, LM head) whose
+    products it computes its own way instead of calling them (:func:`few_row_product`, :class:`PackedProduct`;
+    ``rollout.decoding_products`` chooses them on a CPU); the others are called as they are."""
 
     def __init__(self, model: Any, ids: torch.Tensor, mask: torch.Tensor, max_new: int,
-                 few_rows: Mapping[torch.nn.Module, int] | None = None):
+                 products: Mapping[torch.nn.Module, Product] | None = None):
         self.model, self.stack = model, backbone(model)
-        self.few_rows = few_rows or {}
+        self.products = products or {}
         rows, width = ids.shape
         self.size = width + max_new
         self.keys: list[torch.Tensor] = []  # allocated at the first step, in the dtype the keys come in (autocast)
@@ -209,15 +256,15 @@ class Decoder:
         self.cos, self.sin = rotary(self.stack, self.stack.embed_tokens.weight, position_ids(mask)[:, -1:] + steps)
 
     def linear(self, layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """``layer(x)``, as :func:`few_row_product` for the layers of ``few_rows`` (not called then: hooks on them
-        do not run)."""
-        rows = self.few_rows.get(layer)
-        return layer(x) if rows is None else few_row_product(layer, x, rows)
+        """``layer(x)``, by its product in ``products`` where it has one (not called then: hooks on it do not
+        run)."""
+        product = self.products.get(layer)
+        return layer(x) if product is None else product(x)
 
     def mlp(self, mlp: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """``mlp(x)``; where ``few_rows`` holds one of its projections, ``LlamaMLP.forward`` op for op, each
+        """``mlp(x)``; where ``products`` holds one of its projections, ``LlamaMLP.forward`` op for op, each
         projection by :meth:`linear`."""
-        if not any(p in self.few_rows for p in (mlp.gate_proj, mlp.up_proj, mlp.down_proj)):
+        if not any(p in self.products for p in (mlp.gate_proj, mlp.up_proj, mlp.down_proj)):
             return mlp(x)
         return self.linear(mlp.down_proj, mlp.act_fn(self.linear(mlp.gate_proj, x)) * self.linear(mlp.up_proj, x))
 
@@ -230,7 +277,8 @@ class Decoder:
                 self.values.append(v.new_empty(*v.shape[:2], self.size, v.size(-1)))
             keys, values = self.keys[i], self.values[i]
             keys[:, :, start:stop], values[:, :, start:stop] = k, v
-            out = _attention(layer.self_attn, q, keys[:, :, :stop], values[:, :, :stop], ctx.mask)
+            attention = _one_query_attention if ctx.shape[1] == 1 and q.device.type == "cpu" else _attention
+            out = attention(layer.self_attn, q, keys[:, :, :stop], values[:, :, :stop], ctx.mask)
             hidden = _finish(layer, hidden, out, self.linear, self.mlp)
         self.length = stop
         last = hidden.view(*ctx.shape, -1)[:, -1]

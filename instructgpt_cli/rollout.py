@@ -18,22 +18,42 @@ from .errors import BadInput, Interrupted, WriteFailed
 from .lifecycle import resume_command
 from .storage import append_lines, atomic_write_text, drop_torn_line
 from .distributed import no_autograd
-from .lean import few_row_product
+from .lean import PackedProduct, Product, can_pack, few_row_product
+
+
+DRAW_BLOCK = 1024  # tokens whose probabilities are summed together in :func:`draw`
 
 
 def draw(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """One token per row (B,) from logits (B, V): exactly softmax(logits / T) (pure temperature sampling, no
     top-k / top-p), the distribution PPO scores; the argmax at T = 0.
 
-    Inverse-CDF sampling: one uniform per row against the cumulative probabilities (float64 where the
-    device has it, so the tail of a 49K vocabulary keeps its mass). It draws from the same distribution as
-    ``torch.multinomial``, which on a CPU took 3x as long for 8 rows of a 260-token vocabulary."""
+    Inverse-CDF sampling in two levels, one uniform per row: the vocabulary in blocks of :data:`DRAW_BLOCK`, the
+    uniform placed first among the blocks' masses, then among the chosen block's tokens. Each token's weight is
+    exp((logit - max) / T) in float32 (relative error ~1e-7, whatever the vocabulary's size); the running sums
+    are float64, so a 49K vocabulary's tail keeps its mass. A single float64 softmax and cumulative sum over the
+    whole vocabulary (this function before) drew the same tokens from the same seeds and cost 2-4x as much: at
+    64 rows of SmolLM2's 49152 logits, 9.3 ms against 2.4 ms a step here (bench/README.md). It draws from the
+    same distribution as ``torch.multinomial``, which on a CPU took 3x as long for 8 rows of a 260-token
+    vocabulary."""
     if temperature == 0:
         return logits.argmax(-1)
+    rows, vocab = logits.shape
     wide = torch.float32 if logits.device.type == "mps" else torch.float64
-    cdf = torch.softmax(logits.to(wide) / temperature, -1).cumsum(-1)
-    u = torch.rand(cdf.size(0), 1, dtype=wide, device=cdf.device) * cdf[:, -1:]
-    return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_(max=cdf.size(1) - 1)
+    x = logits.float()
+    weights = (x - x.amax(-1, keepdim=True)).mul_(1.0 / temperature).exp_()
+    blocks = -(-vocab // DRAW_BLOCK)
+    if vocab % DRAW_BLOCK:  # the last block padded with weight 0: never drawn
+        weights = torch.nn.functional.pad(weights, (0, blocks * DRAW_BLOCK - vocab))
+    weights = weights.view(rows, blocks, DRAW_BLOCK)
+    masses = weights.sum(-1).to(wide)  # (B, blocks)
+    cdf = masses.cumsum(-1)
+    u = torch.rand(rows, 1, dtype=wide, device=logits.device) * cdf[:, -1:]
+    block = torch.searchsorted(cdf, u, right=True).clamp_(max=blocks - 1)  # (B, 1)
+    left = u - (cdf.gather(1, block) - masses.gather(1, block))  # the uniform's place inside its block
+    inside = weights.gather(1, block[..., None].expand(rows, 1, DRAW_BLOCK)).squeeze(1).to(wide).cumsum(-1)
+    token = torch.searchsorted(inside, left, right=True).clamp_(max=DRAW_BLOCK - 1)
+    return (block * DRAW_BLOCK + token).squeeze(1).clamp_(max=vocab - 1)
 
 
 CHUNK = 32  # prompts that sample, eval and compare draw, seed and keep together: what a stop can cost
@@ -135,12 +155,13 @@ def generate(model: Any, path: forward.Forward, tokenizer: Any, queries: list[li
     responses: list[list[int]] = []
     batches = range(0, len(queries), batch_size)
     shown = StepProgress(progress, len(batches), 0, ("responses",)) if progress else None
-    with shown or contextlib.nullcontext():
+    rows = min(batch_size, len(queries))  # the decoding batch (a last short batch keeps torch's products)
+    with shown or contextlib.nullcontext(), no_autograd(), \
+            cpu_decoding(model, path, rows) if device.type == "cpu" else contextlib.nullcontext() as products:
         for step, start in enumerate(batches, 1):
             ids, mask = pad_left(queries[start:start + batch_size], tokenizer.pad_token_id)
-            with no_autograd(), cpu_decoding(model, path) if device.type == "cpu" else contextlib.nullcontext() as few:
-                out = sample(model, path, ids.to(device), mask.to(device), max_new_tokens, temperature,
-                             tokenizer.eos_token_id, tokenizer.pad_token_id, synced, few)
+            out = sample(model, path, ids.to(device), mask.to(device), max_new_tokens, temperature,
+                         tokenizer.eos_token_id, tokenizer.pad_token_id, synced, products)
             responses += [truncate_at_eos(row, tokenizer.eos_token_id) for row in out.tolist()]
             if shown is not None:
                 shown.update(step, {"responses": len(responses)})
@@ -150,15 +171,15 @@ def generate(model: Any, path: forward.Forward, tokenizer: Any, queries: list[li
 
 def sample(model: Any, path: forward.Forward, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int,
            temperature: float, eos_id: int, pad_id: int, synced: bool = False,
-           few_rows: dict[torch.nn.Module, int] | None = None) -> torch.Tensor:
+           products: dict[torch.nn.Module, Product] | None = None) -> torch.Tensor:
     """New tokens (B, n <= max_new_tokens) after left-padded queries ``ids`` (B, L), decoded with a KV
     cache on ``path``; a row that has sampled EOS continues with
-    ``pad_id``, and decoding stops once every row has. ``few_rows``: :func:`cpu_decoding`'s.
+    ``pad_id``, and decoding stops once every row has. ``products``: :func:`cpu_decoding`'s.
 
     Our own loop rather than ``model.generate``: one forward and one :func:`draw` a token, none of
     generate's per-step logits processors, stopping criteria and input preparation, and for Llama models the lean
     forward (``forward.LeanForward``). Positions count real tokens only, so left padding shifts nothing."""
-    stepper, logits = path.start_decoding(model, ids, mask, max_new_tokens, few_rows)
+    stepper, logits = path.start_decoding(model, ids, mask, max_new_tokens, products)
     out = ids.new_full((ids.size(0), max_new_tokens), pad_id)
     done = torch.zeros(ids.size(0), dtype=torch.bool, device=ids.device)
     n = 0  # tokens drawn
@@ -173,11 +194,12 @@ def sample(model: Any, path: forward.Forward, ids: torch.Tensor, mask: torch.Ten
         logits = stepper.step(token)
 
 
-# Which linear layers take the (W @ x.T).T path on a CPU, and up to how many rows (bench/README.md): the
-# gain is a memory-bound weight's; for small weights the extra Python costs more than the product.
-LARGE_WEIGHT = 1 << 22  # elements (an LM head: 49152 x 576 is 28M): up to 8 rows, at any thread count
-MID_WEIGHT = 1 << 16    # elements (576 x 576 is 332K): up to 2 rows, with 2 or more threads
+# Which linear layers a decoding step on a CPU computes its own way, and for how many rows (bench/README.md):
+# the gain is a memory-bound weight's; for small weights the extra Python costs more than the product.
+LARGE_WEIGHT = 1 << 22  # elements (an LM head: 49152 x 576 is 28M): (W @ x.T).T up to 8 rows, any thread count
+MID_WEIGHT = 1 << 16    # elements (576 x 576 is 332K): (W @ x.T).T up to 2 rows, with 2 or more threads; packed
 FEW_ROWS = 8
+PACK_ROWS = 3  # a decoding batch of this many rows or more: MKL's packed products for every weight of MID_WEIGHT+
 
 
 def few_row_limit(weight: torch.Tensor, threads: int) -> int:
@@ -187,45 +209,52 @@ def few_row_limit(weight: torch.Tensor, threads: int) -> int:
     return 2 if weight.numel() >= MID_WEIGHT and threads >= 2 else 0
 
 
-def few_row_layers(model: torch.nn.Module, threads: int) -> dict[torch.nn.Module, int]:
-    """``model``'s linear layers whose products of a few rows run as (W @ x.T).T, each with its most rows
-    (:func:`few_row_limit`); a layer whose forward is already replaced is left as it is."""
-    limits = {m: few_row_limit(m.weight, threads) for m in model.modules()
-              if type(m) is torch.nn.Linear and "forward" not in vars(m)}
-    return {m: rows for m, rows in limits.items() if rows}
+def decoding_products(model: torch.nn.Module, rows: int, threads: int) -> dict[torch.nn.Module, Product]:
+    """``model``'s linear layers whose products a decoding step of ``rows`` sequences computes its own way, each
+    with its product: for a batch of :data:`PACK_ROWS` or more, MKL's GEMM on the weight packed once for it
+    (``lean.PackedProduct``: float32 weights of :data:`MID_WEIGHT` elements or more); otherwise (W @ x.T).T
+    up to :func:`few_row_limit` rows (``lean.few_row_product``). A layer whose forward is already replaced is
+    left as it is."""
+    products: dict[torch.nn.Module, Product] = {}
+    for m in model.modules():
+        if type(m) is not torch.nn.Linear or "forward" in vars(m):
+            continue
+        if rows >= PACK_ROWS and m.weight.numel() >= MID_WEIGHT and can_pack(m.weight):
+            products[m] = PackedProduct(m, rows)
+        elif limit := few_row_limit(m.weight, threads):
+            products[m] = functools.partial(few_row_product, m, rows=limit)
+    return products
 
 
 @contextlib.contextmanager
-def cpu_decoding(model: torch.nn.Module, path: forward.Forward) -> Iterator[dict[torch.nn.Module, int]]:
-    """Within the block, on a CPU, ``model``'s large linear layers compute inputs of a few rows (a decoding step:
-    one token per sequence) as ``(W @ x.T).T`` (``lean.few_row_product``): torch's ``linear`` (x @ W.T) runs such
-    near-vector products far below memory bandwidth (figures: bench/README.md). Which layers, and up to how many
-    rows: :func:`few_row_limit` (small layers, as in a tiny model, stay as they are: there the stock path is faster).
-    Same product, other summation order; larger inputs (the prompt's forward) keep ``linear``.
+def cpu_decoding(model: torch.nn.Module, path: forward.Forward, rows: int) -> Iterator[dict[torch.nn.Module, Product]]:
+    """Within the block, on a CPU, a decoding step of ``rows`` sequences computes the products of ``model``'s large
+    linear layers its own way (:func:`decoding_products`; figures: bench/README.md); inputs of other sizes (the
+    prompt's forward, a last short batch) keep ``linear``. The weights must not change within the block (a packed
+    copy is made of each when the block starts, and dropped when it ends).
 
-    Yields those layers (layer -> most rows) where ``path``'s decoder calls every layer itself (the lean decoder:
-    it computes the products). Where the calls are in code igpt does not write (transformers' forward, peft's
-    adapter layers around their base layers), the only way in is the layer: for the block, those instances'
-    ``forward`` is the few-row product (:func:`few_row_linears`), and it yields no layer."""
+    Yields those layers and their products where ``path``'s decoder calls every layer itself (the lean decoder).
+    Where the calls are in code igpt does not write (transformers' forward, peft's adapter layers around their
+    base layers), the only way in is the layer: for the block, those instances' ``forward`` is their product
+    (:func:`swapped_forwards`), and it yields no layer."""
+    products = decoding_products(model, rows, torch.get_num_threads())
     if path.calls_linears(model):
-        yield few_row_layers(model, torch.get_num_threads())
+        yield products
         return
-    with few_row_linears(model):
+    with swapped_forwards(products):
         yield {}
 
 
 @contextlib.contextmanager
-def few_row_linears(model: torch.nn.Module, threads: int | None = None) -> Iterator[None]:
-    """Within the block, the :func:`few_row_layers` of ``model`` (at ``threads``, default torch's) have the few-row
-    product as their ``forward`` (an attribute of the instance, deleted on the way out): for layers called by
-    code igpt does not write (:func:`cpu_decoding`)."""
-    layers = few_row_layers(model, torch.get_num_threads() if threads is None else threads)
-    for m, rows in layers.items():
-        m.forward = functools.partial(few_row_product, m, rows=rows)
+def swapped_forwards(products: dict[torch.nn.Module, Product]) -> Iterator[None]:
+    """Within the block, each layer of ``products`` has its product as its ``forward`` (an attribute of the
+    instance, deleted on the way out): for layers called by code igpt does not write (:func:`cpu_decoding`)."""
+    for m, product in products.items():
+        m.forward = product
     try:
         yield
     finally:
-        for m in layers:
+        for m in products:
             del m.forward
 
 

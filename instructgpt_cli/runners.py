@@ -215,7 +215,7 @@ class Runner:
         """One response per query, sampled at ``temperature`` (0: greedy), as token lists ending at EOS where the
         model stopped (``rollout.generate``), ``batch_size`` queries at a time; ``progress``: a name to show
         progress under. A sharded model steps until every rank is done (FSDP gathers weights in every forward).
-        On a CPU, large layers compute a decoding step's few rows their faster way (``rollout.cpu_decoding``)."""
+        On a CPU, large layers compute a decoding step's products their faster way (``rollout.cpu_decoding``)."""
         with torch.no_grad():  # outside the wrapped module too: DDP must not expect a backward of this forward
             return self._run(rollout.generate, self.path, tokenizer, queries, max_new_tokens, temperature,
                              batch_size, self._synced, progress)

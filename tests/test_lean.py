@@ -214,6 +214,29 @@ def test_draw_samples_softmax_at_temperature_and_never_an_impossible_token():
     assert rollout.draw(torch.tensor([[0.0, 3.0, 1.0], [5.0, 0.0, 1.0]]), 0.0).tolist() == [1, 0]
 
 
+def test_draw_over_several_blocks_follows_softmax_by_a_chi_square_test():
+    """A vocabulary of 2.5 blocks (rollout.DRAW_BLOCK): the two levels of the draw (block, then token in it)
+    together give softmax(logits / T); the padded end of the last block and impossible tokens never come."""
+    torch.manual_seed(1)
+    vocab = 2 * rollout.DRAW_BLOCK + rollout.DRAW_BLOCK // 2
+    logits = torch.randn(vocab) * 1.5
+    logits[7] = logits[vocab - 1] = float("-inf")
+    logits[-2] = 6.0  # most of the mass in the padded last block
+    n = 300_000
+    draws = torch.cat([rollout.draw(logits.expand(2000, vocab), 0.8) for _ in range(n // 2000)])
+    assert draws.max() < vocab
+    counts = torch.bincount(draws, minlength=vocab).double()
+    expected = torch.softmax(logits.double() / 0.8, -1) * n
+    assert counts[7] == counts[vocab - 1] == 0
+    live = expected > 0
+    chi2 = float(((counts[live] - expected[live]) ** 2 / expected[live]).sum())
+    df = int(live.sum()) - 1
+    assert chi2 < df + 5 * (2 * df) ** 0.5, (chi2, df)  # 5 sd of the chi-square's spread above its mean
+    one = torch.full((3, vocab), float("-inf"))
+    one[:, 1500] = 0.0  # all mass on one token, in the second block
+    assert rollout.draw(one, 1.0).tolist() == [1500] * 3
+
+
 @pytest.mark.parametrize("packed", [True, False])
 def test_sft_loss_and_gradients_equal_transformers_packed_and_padded(tok, monkeypatch, packed):
     from instructgpt_cli.batches import Example, IGNORE_INDEX, collate, collate_packed
@@ -269,3 +292,22 @@ def test_packed_rows_attend_within_each_sequence(tok):
     torch.testing.assert_close(one_row, torch.cat(alone))
     torch.testing.assert_close(two_rows[0], torch.cat(alone[:2]))
     torch.testing.assert_close(two_rows[1, :10], torch.cat(alone[2:]))
+
+
+@pytest.mark.parametrize("heads,kv", [(9, 3), (4, 4)])
+def test_one_query_attention_equals_sdpa_with_grouped_heads_and_a_padding_mask(heads, kv):
+    """A decoding step's attention on a CPU (lean._one_query_attention) against SDPA: grouped or not, with the
+    left-padding mask a decoder keeps (a row may not attend to its first positions) and without."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    attn = type("Attn", (), {"scaling": 0.125})()
+    q, k, v = torch.randn(5, heads, 1, 64), torch.randn(5, kv, 11, 64), torch.randn(5, kv, 11, 64)
+    allowed = torch.ones(5, 1, 1, 11, dtype=torch.bool)
+    allowed[1, ..., :4] = allowed[3, ..., :1] = False
+    for mask in (None, allowed):
+        ours = lean._one_query_attention(attn, q, k, v, mask)
+        theirs = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.125, enable_gqa=heads != kv)
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+    masked = lean._one_query_attention(attn, q, k, v.clone().index_fill_(2, torch.arange(4), 1e6), allowed)
+    assert masked[1].abs().max() < 1e3  # the masked positions' huge values never reach row 1

@@ -113,32 +113,43 @@ def test_stream_indices_give_every_step_exactly_per_step_items_in_pass_order():
     assert stream_indices(1, 5, 3, 0) == [0, 0, 0]  # one item
 
 
-def test_few_row_linears_compute_the_same_products_and_restore_the_layers():
+def test_decoding_products_compute_the_same_products_and_restore_the_layers():
+    """A decoding step's own products (rollout.decoding_products): (W @ x.T).T for one or two sequences, MKL's
+    packed GEMM for a batch; each close to torch's linear, inputs of other sizes exactly torch's linear, and the
+    layers themselves again after the block."""
+    from instructgpt_cli.lean import can_pack
     from instructgpt_cli.models import tiny_model, tiny_tokenizer
-    from instructgpt_cli.rollout import FEW_ROWS, few_row_linears
+    from instructgpt_cli.rollout import FEW_ROWS, PACK_ROWS, decoding_products, swapped_forwards
 
     torch.manual_seed(0)
     # an LM-head-sized layer (2^22 weights), a mid-sized one (2^16) and a small one (as in a tiny model)
     large, mid, small = torch.nn.Linear(256, 16384), torch.nn.Linear(256, 256, bias=False), torch.nn.Linear(64, 64)
     layers = torch.nn.ModuleList([large, mid, small])
-    inputs = {m: [torch.randn(1, n, m.in_features) for n in (1, 2, 3, FEW_ROWS, FEW_ROWS + 1)] for m in layers}
+    batch = PACK_ROWS + 2
+    sizes = (1, 2, 3, FEW_ROWS, FEW_ROWS + 1, batch)
+    inputs = {m: [torch.randn(1, n, m.in_features) for n in sizes] for m in layers}
+    packs = can_pack(large.weight)
     with torch.no_grad():
         stock = {m: [m(x) for x in xs] for m, xs in inputs.items()}
-        for threads, patched in ((2, {large, mid}), (1, {large})):  # mid-sized layers gain only with 2+ threads
-            with few_row_linears(layers, threads=threads):
-                assert {m for m in layers if "forward" in vars(m)} == patched
+        # (rows, threads) -> {layer: rows its own product takes}
+        cases = {(1, 2): {large: FEW_ROWS, mid: 2}, (1, 1): {large: FEW_ROWS},
+                 (batch, 1): {large: batch, mid: batch} if packs else {large: FEW_ROWS}}
+        for (rows, threads), own in cases.items():
+            with swapped_forwards(decoding_products(layers, rows, threads)):
+                assert {m for m in layers if "forward" in vars(m)} == set(own)
                 fast = {m: [m(x) for x in xs] for m, xs in inputs.items()}
             assert not any("forward" in vars(m) for m in layers)  # the layers are themselves again
             for m in layers:
                 for x, a, b in zip(inputs[m], stock[m], fast[m]):
-                    limit = (FEW_ROWS if m is large else 2) if m in patched else 0
-                    if x.shape[1] > limit:
-                        assert torch.equal(a, b)  # torch's own linear
-                    else:
+                    taken = x.shape[1] == own[m] if rows >= PACK_ROWS and packs and m in own else \
+                        x.shape[1] <= own.get(m, 0)
+                    if taken:
                         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+                    else:
+                        assert torch.equal(a, b), (rows, threads, x.shape)  # torch's own linear
         model = tiny_model(tiny_tokenizer(), seed=0).eval()
-        with few_row_linears(model, threads=2):  # a tiny model's layers are all small: none is patched
-            assert not any("forward" in vars(m) for m in model.modules())
+        for rows in (1, batch):  # a tiny model's layers are all small: none has a product of its own
+            assert decoding_products(model, rows, threads=2) == {}
 
 
 def test_sampling_runs_without_autograd_draws_what_no_grad_draws_and_leaves_the_model_trainable(monkeypatch):

@@ -176,36 +176,48 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def test_on_a_cpu_the_lean_decoder_takes_the_few_row_products_itself_and_transformers_layers_are_swapped(
+def test_on_a_cpu_the_lean_decoder_takes_its_products_itself_and_transformers_layers_are_swapped(
         monkeypatch, one_thread):
     model = medium()
-    assert set(rollout.few_row_layers(model, 1)) == {model.lm_head}
+    few = rollout.decoding_products(model, 2, 1)
+    assert set(few) == {model.lm_head}
     ids, mask = pad_left([[5, 6, 7, 8], [9, 10]], 3)
     with torch.no_grad():
         plain = lean.Decoder(model, ids, mask, 2)
-        direct = lean.Decoder(model, ids, mask, 2, rollout.few_row_layers(model, 1))
+        direct = lean.Decoder(model, ids, mask, 2, few)
         step = torch.tensor([4, 4])
         logits = [(plain.start(), direct.start()), (plain.step(step), direct.step(step))]
-        with rollout.few_row_linears(model):  # the same products as the layer's swapped forward computes
+        with rollout.swapped_forwards(few):  # the same products as the layer's swapped forward computes
             swapped = lean.Decoder(model, ids, mask, 2)
             swapped_logits = [swapped.start(), swapped.step(step)]
     for (a, b), c in zip(logits, swapped_logits):
         assert torch.equal(b, c)
     assert not torch.equal(*logits[1])  # a step's two rows: (W @ x.T).T, other bits than torch's linear
 
-    calls, swaps = [], []
-    monkeypatch.setattr(lean, "few_row_product", lambda *a, **k: calls.append(1) or rollout.few_row_product(*a, **k))
-    real_swap = rollout.few_row_linears
-    monkeypatch.setattr(rollout, "few_row_linears", lambda m: swaps.append(m) or real_swap(m))
+    calls, swaps, packed = [], [], []
+    real_product, real_swap, real_call = rollout.few_row_product, rollout.swapped_forwards, lean.PackedProduct.__call__
+    monkeypatch.setattr(rollout, "few_row_product", lambda *a, **k: calls.append(1) or real_product(*a, **k))
+    monkeypatch.setattr(rollout, "swapped_forwards", lambda p: swaps.append(set(p)) or real_swap(p))
+    monkeypatch.setattr(lean.PackedProduct, "__call__", lambda self, x: packed.append(x.shape) or real_call(self, x))
     tokenizer = type("Ids", (), {"pad_token_id": 3, "eos_token_id": 2})()
-    Runner.for_eval(model).generate(tokenizer, [[5, 6, 7, 8], [9, 10]], 3, 1.0, 2)
+    two = [[5, 6, 7, 8], [9, 10]]
+    Runner.for_eval(model).generate(tokenizer, two, 3, 1.0, 2)
     assert calls and not swaps  # the lean decoder computed them; no layer had its forward swapped
     eager = medium(eager=True)
-    Runner.for_eval(eager).generate(tokenizer, [[5, 6, 7, 8], [9, 10]], 3, 1.0, 2)
-    assert swaps == [eager] and not any("forward" in vars(m) for m in eager.modules())  # swapped back after
+    Runner.for_eval(eager).generate(tokenizer, two, 3, 1.0, 2)
+    assert swaps == [{eager.lm_head}] and not any("forward" in vars(m) for m in eager.modules())  # swapped back
     lora = adapted(medium())
-    Runner.for_eval(lora).generate(tokenizer, [[5, 6, 7, 8], [9, 10]], 3, 1.0, 2)
-    assert swaps[-1] is lora  # peft's adapter layers call their base layers: those are swapped too
+    Runner.for_eval(lora).generate(tokenizer, two, 3, 1.0, 2)
+    assert lora.base_model.model.lm_head in swaps[-1]  # peft's adapter layers call their base layers: swapped too
+    if lean.can_pack(model.lm_head.weight):  # a batch of PACK_ROWS or more: packed products, steps only
+        four = two + [[11, 12], [13, 14, 15]]
+        torch.manual_seed(0)
+        fast = Runner.for_eval(model).generate(tokenizer, four, 3, 1.0, 4)
+        assert {shape[0] for shape in packed} == {4, 16}  # the 4 rows of a step; the 4 x 4 prompt tokens: linear
+        with monkeypatch.context() as m:  # the same tokens as torch's own linear draws from the same seed
+            m.setattr(rollout, "PACK_ROWS", 10 ** 6)
+            torch.manual_seed(0)
+            assert Runner.for_eval(model).generate(tokenizer, four, 3, 1.0, 4) == fast
 
 
 def test_scores_of_rankings_and_sequences_are_the_reward_functions_run_through_the_module(tok):
