@@ -28,8 +28,8 @@ import torch
 from . import distributed, faults
 from .console import say, say_every_rank
 from .errors import BadInput, NonFinite
-from .rundir import (Stage, begin_checkpoint, checkpoint_name, latest_checkpoint, publish_checkpoint, read_manifest,
-                     truncate_metrics, update_manifest)
+from .rundir import (Stage, begin_checkpoint, checkpoint_name, complete_checkpoints, latest_checkpoint,
+                     publish_checkpoint, read_manifest, truncate_metrics, update_manifest)
 from .storage import now, writing
 
 WEIGHTS = "trainable.safetensors"
@@ -71,6 +71,23 @@ def numerics_changed(saved: dict, current: dict) -> list[str]:
     """``saved -> current`` for each numeric setting that differs (threads only on a CPU, where they matter)."""
     keys = [k for k in ("threads", "device", "dtype", "torch") if k != "threads" or current["device"] == "cpu"]
     return [f"{k} {saved[k]} -> {current[k]}" for k in keys if k in saved and saved[k] != current[k]]
+
+
+def recorded_threads(stage: Stage) -> tuple[str, int] | None:
+    """``(name, threads)`` of ``stage``'s newest complete checkpoint if it was written on a CPU, read before the
+    command chooses its threads (cpus.choose: a resume on the same threads stays bit-identical); None without
+    one. The state is memory-mapped, not read; a checkpoint that cannot be read gives None here (restore says
+    what is wrong with it)."""
+    done = complete_checkpoints(stage.checkpoints)
+    if not done:
+        return None
+    try:
+        saved = torch.load(done[-1] / STATE, weights_only=True, mmap=True).get("numerics", {})
+    except Exception:  # any damage: this is only a default's hint, and restore reports it properly
+        return None
+    if saved.get("device") != "cpu" or not isinstance(saved.get("threads"), int):
+        return None
+    return done[-1].name, saved["threads"]
 
 
 def all_finite(params: list[torch.Tensor]) -> bool:

@@ -256,6 +256,7 @@ def run_stage(stage: str, config_file: Optional[Path], print_config: bool, overr
     import importlib
     import json
 
+    from .cpus import env_threads
     from .errors import BadInput, Interrupted, NonFinite, WriteFailed
     from .locks import release_all
     from .signals import stop_requested
@@ -265,10 +266,12 @@ def run_stage(stage: str, config_file: Optional[Path], print_config: bool, overr
     status = "failed"
     try:
         cfg = resolve(stage, config_file, overrides, flag_name)
+        env_threads()  # a bad IGPT_THREADS: exit 2 naming it, as a bad flag is
         if print_config:
             typer.echo(config_mod.to_yaml(stage, cfg), nl=False)
             return
         stage_module = importlib.import_module(STAGES[stage].module)
+        settle_threads(stage, cfg, overrides.get("threads"), options.get("resume", False))
         if STAGES[stage].training:
             from .distributed import launched
 
@@ -298,6 +301,21 @@ def run_stage(stage: str, config_file: Optional[Path], print_config: bool, overr
                     1 if error is not None else None)
     if result is not None and is_main():
         typer.echo(str(result))
+
+
+def settle_threads(stage: str, cfg: Any, flag: int | None, resume: bool) -> None:
+    """Choose and apply the command's CPU threads once, before it loads a model (cpus.py): a training stage's
+    resume prefers the count its newest checkpoint was written with. A stage with a banner shows the choice in
+    it; eval and compare, which have none, say it in their first line."""
+    from .checkpoint import recorded_threads
+    from .console import say
+    from .cpus import settle
+    from .rundir import Stage
+
+    resumed = recorded_threads(Stage(Path(cfg.run_dir), stage)) if resume and STAGES[stage].training else None
+    choice = settle(flag, cfg.threads, cfg.device, resumed)
+    if stage in ("eval", "compare"):
+        say(f"{STAGES[stage].command}: threads {choice}")
 
 
 def interrupted(stage: str, e: Any) -> None:
@@ -335,7 +353,11 @@ def label(
     device: Annotated[str, typer.Option("--device", help="model judge: auto, cpu, cuda, cuda:N or mps")] = "auto",
     tie_margin: Annotated[float, typer.Option("--tie-margin", help="score differences up to this are ties (the "
                                               "function's units; nats for a model judge)", min=0.0)] = 0.0,
+    threads: Annotated[Optional[int], typer.Option("--threads", help=rich_safe(
+        config_mod.field_docs(config_mod.RunBlock)["threads"] + " [default: 0]"), min=0, show_default=False)] = None,
 ) -> None:
+    from .console import say
+    from .cpus import env_threads, settle
     from .errors import BadInput, Interrupted, WriteFailed
     from .judges import Settings
     from .stages import label as stage
@@ -343,6 +365,9 @@ def label(
     from .locks import release_all
 
     try:
+        env_threads()  # a bad IGPT_THREADS: exit 2 naming it, before anything is read
+        if judge != "human":  # before the judge loads; a person ranking in the terminal computes nothing
+            say(f"label: threads {settle(threads, 0, device)}")
         stage.run(samples, out, judge, Settings(batch_size=batch_size, device=device, tie_margin=tie_margin), run_dir)
     except (BadInput, WriteFailed) as e:
         release_all()

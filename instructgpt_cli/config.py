@@ -1,7 +1,7 @@
 """Stage configurations: one dataclass a command, composed of shared blocks; every field with its doc, unit
 and range rule.
 
-A block holds the options several commands share, once: RunBlock (run directory, seed, device) and
+A block holds the options several commands share, once: RunBlock (run directory, seed, device, threads) and
 DataSourceBlock (split, columns) for every command; GenerationBlock for sample, eval and compare; for the
 training stages TrainingBlock (when to stop, FSDP), CheckpointBlock, LoggingBlock (progress lines, trackers)
 and ModelBlocks (the nested ``model``, ``lora`` and ``optim`` blocks), composed once as TrainingBlocks. A
@@ -163,10 +163,14 @@ class OptimConfig:
 
 @dataclass
 class RunBlock:
-    """Every command: the run directory it reads and writes, its seed and its device."""
+    """Every command: the run directory it reads and writes, its seed, its device and its CPU threads."""
     run_dir: str = f("runs/default", "run directory shared by all stages (path)")
     seed: int = f(0, "seed for initialisation, data order and dropout", ANY)
     device: str = f("auto", "auto, cpu, cuda, cuda:N or mps", DEVICE)
+    # cpus.py chooses and applies it; the flag beats IGPT_THREADS, which beats a --config file's value
+    threads: int = f(0, "CPU threads torch computes on (count); 0 = auto: OMP_NUM_THREADS if set, else the CPUs "
+                        "this process may use less those other processes keep busy now (all usable ones on a GPU); "
+                        "IGPT_THREADS sets it when the flag is not given; README, CPU threads", ">= 0 (0 = auto)")
 
 
 @dataclass
@@ -228,7 +232,7 @@ class LoggingBlock:
 @dataclass
 class TrainingBlocks(ModelBlocks, LoggingBlock, CheckpointBlock, TrainingBlock, DataSourceBlock, RunBlock):
     """The blocks every training stage (sft, rm, ppo, dpo) is made of. Fields come last base first: run_dir,
-    seed, device, split, columns, max_steps, fsdp, save_every, keep_checkpoints, log_every, report_to, then the
+    seed, device, threads, split, columns, max_steps, fsdp, save_every, keep_checkpoints, log_every, report_to, then the
     model, lora and optim blocks."""
 
 
@@ -490,11 +494,12 @@ def flat_fields(obj: Any, prefix: str = "") -> dict[str, tuple[Any, Any, str]]:
 
 
 # Settings a resumed run may change without --allow-changes: when to save, evaluate, write samples and
-# stop, and where to run; none changes what a step computes (README, "Failure and recovery"). A longer
-# run (EXTENDS) resumes even a finished stage. The model's memory-only switches belong here too.
-FREE_ON_RESUME = frozenset({"run_dir", "device", "fsdp", "save_every", "eval_every", "sample_every", "keep_checkpoints",
-                            "max_steps", "epochs", "total_episodes", "require_rm_accuracy", "log_every",
-                            "model.gradient_checkpointing", "ptx_micro_batch_size", "report_to"})
+# stop, and where and on how many threads to run; none changes what a step computes (README, "Failure and
+# recovery"; other threads change its last bits, which the resume says). A longer run (EXTENDS) resumes even a
+# finished stage. The model's memory-only switches belong here too.
+FREE_ON_RESUME = frozenset({"run_dir", "device", "threads", "fsdp", "save_every", "eval_every", "sample_every",
+                            "keep_checkpoints", "max_steps", "epochs", "total_episodes", "require_rm_accuracy",
+                            "log_every", "model.gradient_checkpointing", "ptx_micro_batch_size", "report_to"})
 EXTENDS = frozenset({"max_steps", "epochs", "total_episodes"})
 # File settings: compared by the content of what they name (the manifest's input hashes), not by path.
 INPUT_SETTINGS = frozenset({"data", "rankings", "demos", "prompts", "ptx_data", "sft", "rm"})

@@ -56,10 +56,11 @@ def banner(title: str, rows: dict[str, str], run_dir: Path | None = None) -> Non
 
 
 def run_rows(run_dir: Path) -> dict[str, str]:
-    """Where and what runs: host, pid, igpt's version, the command line and the run directory (absolute)."""
-    from . import __version__
+    """Where and what runs: host, pid, igpt's version, the CPU threads and why (cpus.py), the command line and the
+    run directory (absolute)."""
+    from . import __version__, cpus
 
-    return {"host": socket.gethostname(), "pid": str(os.getpid()), "igpt": __version__,
+    return {"host": socket.gethostname(), "pid": str(os.getpid()), "igpt": __version__, **cpus.banner_row(),
             "command": shlex.join(["igpt", *sys.argv[1:]]), "run dir": str(Path(run_dir).resolve())}
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from . import config as config_mod
-from . import distributed, locks, signals, trackers
+from . import cpus, distributed, locks, signals, trackers
 from .console import say
 from .errors import BadInput, Interrupted
 from .presets import saved_config
@@ -167,7 +167,7 @@ def begin_stage(stage: Stage, mode: str, cfg: Any, inputs: dict) -> None:
         start_stage_dir(stage.dir, mode)
         atomic_write_text(stage.dir / "config.yaml", config_mod.to_yaml(stage.name, config_mod.absolute_paths(cfg)))
         update_manifest(stage.run_dir, stage.name, status="running", started=now(), inputs=inputs,
-                        pid=os.getpid(), host=socket.gethostname())
+                        pid=os.getpid(), host=socket.gethostname(), threads=cpus.current())
         mark_stale(stage.run_dir, stage.name, kept)
     distributed.barrier()
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .. import locks
+from .. import cpus, locks
 from ..config import ModelConfig, SampleConfig
 from ..console import banner, say
 from ..batches import render_queries
@@ -56,7 +56,7 @@ def run(cfg: SampleConfig, overwrite: bool = False, resume: bool = False) -> Pat
     model = Runner.for_eval(side.load(tokenizer, device, cfg.dtype, cfg.seed))
     banner("igpt sample", {"prompts": f"{cfg.prompts} ({len(prompts)})", "model": str(side.path),
                            "samples": f"{cfg.k} per prompt at temperature {cfg.temperature}, "
-                                      f"at most {cfg.max_new_tokens} tokens"})
+                                      f"at most {cfg.max_new_tokens} tokens", **cpus.banner_row()})
     # what the kept chunks were drawn with: a resume under another model, prompts or settings is refused
     drawn_with = {"model": weights_sha256(side.path) if side.path.is_dir() else str(side.path), "k": cfg.k,
                   "queries": hashlib.sha256(json.dumps(queries).encode()).hexdigest(), "temperature": cfg.temperature,
