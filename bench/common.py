@@ -111,6 +111,24 @@ def train_flops(shape: str, seq_lens: list[int], lm_head_positions: int) -> floa
     return 3 * fwd
 
 
+def sampling_bound(facts: dict, batch: int, read_gbs: float, peak_gflops: float) -> dict:
+    """The roofline bound of one decoding step of ``batch`` rows (``facts``: ``sampling.model_facts``).
+    Bytes: every weight read once (a tied embedding once, as the LM head; an untied input embedding only the
+    ``batch`` rows looked up) and the KV cache each row's new token attends to, at the mean context (``kv_bytes``:
+    every sampler in the model's dtype reads it each step; at 64 rows of 103 tokens it is 56% of the weights' bytes).
+    FLOPs: 2 per matmul parameter (the LM head included) per row, and attention 4 * layers * hidden * mean context
+    per row. Step = max(bytes / bandwidth, FLOPs / peak); tokens/s = batch / step."""
+    row_bytes = facts["hidden"] * facts["element_bytes"]
+    kv_bytes = batch * facts["kv_bytes_per_token"] * facts["mean_context"]
+    nbytes = facts["param_bytes"] - (0 if facts["tied"] else facts["embedding_bytes"]) + batch * row_bytes + kv_bytes
+    flops = 2 * batch * facts["matmul_params"] + 4 * batch * facts["layers"] * facts["hidden"] * facts["mean_context"]
+    t_mem, t_flop = nbytes / (read_gbs * 1e9), flops / (peak_gflops * 1e9)
+    step = max(t_mem, t_flop)
+    return {"bytes": nbytes, "flops": flops, "memory_s": t_mem, "compute_s": t_flop, "step_s": step,
+            "limit": "memory" if t_mem >= t_flop else "compute", "tokens_per_s": batch / step,
+            "kv_bytes": kv_bytes}
+
+
 # ---------------------------------------------------------------- synthetic text of exact token lengths
 
 def word_pool(tokenizer, shape: str) -> list[str]:

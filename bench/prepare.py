@@ -17,7 +17,8 @@ RM_KS = (2, 4, 9)
 
 
 def calibrate(threads: int, seconds: float = 1.5) -> dict:
-    """fp32 GFLOP/s of torch.mm at a few shapes (square, and the 135M model's own); the best is the peak."""
+    """fp32 GFLOP/s of torch.mm at a few shapes (square, and the 135M model's own); the best is the peak. Also
+    the read bandwidth (GB/s) that the sampling groups' bound uses."""
     import torch
 
     torch.manual_seed(0)
@@ -33,7 +34,10 @@ def calibrate(threads: int, seconds: float = 1.5) -> dict:
             reps += 1
         dt = time.perf_counter() - t0
         out[f"{m}x{k}x{n}"] = 2 * m * k * n * reps / dt / 1e9
-    return {"threads": threads, "gflops_by_shape": out, "peak_gflops": max(out.values())}
+    from sampling import read_bandwidth_gbs  # the sampling groups' bound: big.sum() of 512 MB, best of 5
+
+    return {"threads": threads, "gflops_by_shape": out, "peak_gflops": max(out.values()),
+            "read_gbs": read_bandwidth_gbs("cpu")}
 
 
 def prepare_models(shape: str) -> dict:

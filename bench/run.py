@@ -38,6 +38,19 @@ PPO_135M = dict(task="ppo", shape="135m", threads=2, rollout_batch=2, micro_batc
                 response_length=16, temperature=1.0, kl_coef=0.02, warmup=1, steps=1)
 RM = dict(task="rm", shape="135m", threads=2, warmup=2, steps=2)  # a 135M model's first 2 steps pay first-touch allocation
 SFT = dict(task="sft", shape="135m", threads=2, batch_size=4, warmup=3)  # steps 2-3 still pay first-touch allocation
+# Sampling (sampling.py): the bundled SmolLM2-135M-Instruct (real weights), one chat-templated prompt repeated B times,
+# 128 new tokens with no early stop, temperature 1, fp32; a run makes `warmup` untimed calls (static: the compile)
+# and `steps` timed calls, its figure the median call. igpt's rollout.sample against transformers' generate with its
+# dynamic cache and with its static cache + torch.compile (CompileConfig).
+SAMPLE = dict(task="sample", shape="real", threads=2, new_tokens=128, dtype="float32", device="cpu", warmup=1, steps=3)
+SAMPLE_SMOKE = {"new_tokens": 16}  # --smoke: the tiny model (shape "tiny"), 16 new tokens
+
+
+def sampling_group(batch: int, **extra) -> dict:
+    spec = {**SAMPLE, "batch": batch, **extra}
+    return {"igpt": ("igpt", spec), "generate_dynamic": ("generate", {**spec, "cache": "dynamic"}),
+            "generate_static": ("generate", {**spec, "cache": "static"})}
+
 
 # group id -> (variants: label -> (side, spec)), repeats
 GROUPS = {
@@ -63,8 +76,13 @@ GROUPS = {
                   "trl": ("trl", {**SFT, "data": "fixed", "steps": 2})},
     "sft_demos": {"igpt": ("igpt", {**SFT, "data": "demos", "steps": 3}),
                   "trl": ("trl", {**SFT, "data": "demos", "steps": 3})},
+    "sample_b1": sampling_group(1),
+    "sample_b16": sampling_group(16),
+    "sample_b64": sampling_group(64, steps=2),  # a B=64 call of 128 tokens takes tens of seconds here
 }
-ORDER = ["ppo_tiny", "rm_k2", "rm_k4", "rm_k9", "dpo_k2", "dpo_k4", "dpo_k9", "sft_fixed", "sft_demos", "ppo_135m"]
+ORDER = ["ppo_tiny", "rm_k2", "rm_k4", "rm_k9", "dpo_k2", "dpo_k4", "dpo_k9", "sft_fixed", "sft_demos", "ppo_135m",
+         "sample_b1", "sample_b16", "sample_b64"]
+SAMPLING = [g for g in ORDER if g.startswith("sample_")]  # their own table (sampling_markdown), their own README block
 
 # Table rows: (label, group, metric, target, how the ratio is read[, igpt's variant, default "igpt"])
 ROWS = [
@@ -349,9 +367,91 @@ def markdown(rows: list[dict], mach: dict, started: str, minutes: float, groups:
     return "\n".join(lines) + "\n"
 
 
-def update_readme(text: str) -> None:
+def sampling_rows(groups: dict, calib: dict) -> list[dict]:
+    """One row per sampling group: each side's tokens/s (median of its runs), the bound of the sitting (read
+    bandwidth and matmul peak of the group's calibration at its thread count), igpt's share of it, the ratios."""
+    from common import sampling_bound
+
+    rows = []
+    for gid in SAMPLING:
+        g = groups.get(gid)
+        if g is None:
+            continue
+        v = g["variants"]
+        spec = v["igpt"]["spec"]
+        cal = g.get("calibration", calib).get(str(spec["threads"]), {})
+        facts = next((x["notes"]["facts"] for var in v.values() for x in var["runs"] if "notes" in x), None)
+        bound = (sampling_bound(facts, spec["batch"], cal["read_gbs"], cal["peak_gflops"])
+                 if facts and cal.get("read_gbs") and cal.get("peak_gflops") else None)
+        row = {"group": gid, "batch": spec["batch"], "new_tokens": spec["new_tokens"], "threads": spec["threads"],
+               "shape": spec["shape"],
+               "read_gbs": cal.get("read_gbs"), "peak_gflops": cal.get("peak_gflops"), "bound": bound,
+               "errors": {label: var["errors"] for label, var in v.items()}}
+        for label, var in v.items():
+            row[label] = var["throughput"]["median"]
+            row[f"{label}_spread_pct"] = var["throughput"]["spread_pct"]
+        compile_s = [x["notes"]["compile_s"] for x in v.get("generate_static", {}).get("runs", [])
+                     if "compile_s" in x.get("notes", {})]
+        row["compile_s"] = summarise(compile_s)["median"]
+        igpt = row.get("igpt")
+        row["share"] = igpt / bound["tokens_per_s"] if igpt and bound else None
+        row["vs_dynamic"] = ratio(igpt, row.get("generate_dynamic"))
+        row["vs_static"] = ratio(igpt, row.get("generate_static"))
+        targets = [row["vs_dynamic"], row["vs_static"]] + ([row["share"]] if spec["batch"] >= 16 else [])
+        need = [1.0, 1.0] + ([0.6] if spec["batch"] >= 16 else [])
+        row["met"] = all(x is not None and x >= t for x, t in zip(targets, need))
+        rows.append(row)
+    return rows
+
+
+def sampling_markdown(rows: list[dict], mach: dict, started: str, groups: dict) -> str:
+    """The sampling table (its own README block), with the host, the date and the sitting's calibration."""
+    if not rows:
+        return ""
+    main = mach["versions"].get("main", {})
+    r0 = rows[0]
+    threads = f"{r0['threads']} thread{'s' if r0['threads'] != 1 else ''}"
+    model = "igpt's tiny random model (--smoke)" if r0["shape"] == "tiny" else "The bundled SmolLM2-135M-Instruct"
+    lines = [f"Measured {started} on **{mach['cpu']}**, {mach['cores']} cores ({mach['platform']}); torch "
+             f"{main.get('torch')}, transformers {main.get('transformers')}. {model}, fp32, {threads}, "
+             f"{r0['new_tokens']} new tokens, no early stop. Calibration of the sitting: read bandwidth "
+             f"**{r0['read_gbs'] or float('nan'):.1f} GB/s** (`big.sum()` of 512 MB fp32, best of 5), fp32 matmul "
+             f"peak **{r0['peak_gflops'] or float('nan'):.0f} GFLOP/s** at {threads}.", "",
+             "| B | igpt tok/s | generate, dynamic cache | generate, static cache + compile | bound tok/s | "
+             "igpt / bound (>= 60% at B 16, 64) | igpt / generate dynamic (>= 1.0x) | "
+             "igpt / generate static (>= 1.0x) | met? |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        def cell(label):
+            x = r.get(label)
+            s = r.get(f"{label}_spread_pct")
+            return "error" if x is None else fmt(x, "throughput") + (f" (±{s / 2:.0f}%)" if s else "")
+        b = r["bound"]
+        bound = f"{fmt(b['tokens_per_s'], 'throughput')} ({b['limit']})" if b else "–"
+        static = cell("generate_static") + (f"; compile {r['compile_s']:.0f} s" if r.get("compile_s") else "")
+        share = f"{100 * r['share']:.0f}%" if r["share"] is not None else "–"
+        q = lambda x: f"{x:.2f}x" if x is not None else "–"  # noqa: E731
+        lines.append(f"| {r['batch']} | {cell('igpt')} | {cell('generate_dynamic')} | {static} | {bound} | {share} | "
+                     f"{q(r['vs_dynamic'])} | {q(r['vs_static'])} | {'yes' if r['met'] else '**no**'} |")
+    kv = [(r["batch"], r["bound"]["kv_bytes"] / r["bound"]["bytes"]) for r in rows if r["bound"]]
+    lines += ["", "Bound per decoding step: every weight read once (the tied embedding once, as the LM head) and the "
+                  "KV cache at the mean context over the read bandwidth, or 2 FLOPs per matmul parameter per row "
+                  "plus attention (4 · layers · hidden · mean context per row) over the matmul peak, whichever is "
+                  "longer; tokens/s = B / step. The KV cache's share of the bytes: " +
+                  ", ".join(f"{100 * f:.0f}% at B={b}" for b, f in kv) + "."]
+    worst = max((var["max_contention_cores"] for gid in SAMPLING if gid in groups
+                 for var in groups[gid]["variants"].values()), default=0)
+    lines += ["", f"Other processes used at most {worst:.2f} cores during any run (runs over {CONTENTION_LIMIT} cores "
+                  "are measured again, twice at most)."]
+    errs = [(r["batch"], label, e) for r in rows for label, es in r["errors"].items() for e in es]
+    if errs:
+        lines += ["", "Errors (recorded instead of a number):"]
+        lines += [f"- B={b} — {label}: `{e.splitlines()[0][:300]}`" for b, label, e in errs]
+    return "\n".join(lines) + "\n"
+
+
+def update_readme(text: str, block: str = "results") -> None:
     readme = BENCH / "README.md"
-    start, end = "<!-- results:start -->", "<!-- results:end -->"
+    start, end = f"<!-- {block}:start -->", f"<!-- {block}:end -->"
     body = readme.read_text() if readme.exists() else f"# Benchmarks\n\n{start}\n{end}\n"
     if start not in body:
         body += f"\n{start}\n{end}\n"
@@ -367,11 +467,16 @@ def retable(results: Path, args) -> int:
     old = json.loads((results / "summary.json").read_text()) if (results / "summary.json").exists() else {}
     rows = table_rows(groups, mach["calibration"])
     started, minutes = old.get("started", "?"), old.get("minutes", 0.0)
-    write_json(results / "summary.json", {**old, "machine": mach, "rows": rows})
+    srows = sampling_rows(groups, mach["calibration"])
+    write_json(results / "summary.json", {**old, "machine": mach, "rows": rows, "sampling_rows": srows})
     md = markdown(rows, mach, started, minutes, groups)
     print(md)
+    smd = sampling_markdown(srows, mach, started, groups)
+    print(smd)
     if not args.no_readme:
         update_readme(md)
+        if smd:
+            update_readme(smd, "sampling")
     return 0
 
 
@@ -414,7 +519,8 @@ def main() -> int:
         log(f"  peak {c.get('peak_gflops', float('nan')):.1f} GFLOP/s")
     groups = {}
     for gid in groups_to_run:
-        groups[gid] = run_group(gid, GROUPS[gid], repeats, scratch, overrides)
+        extra = SAMPLE_SMOKE if args.smoke and gid in SAMPLING else {}
+        groups[gid] = run_group(gid, GROUPS[gid], repeats, scratch, {**overrides, **extra})
         write_json(results / f"{gid}.json", groups[gid])
     # calibrate again at the end: the peak is the best this machine showed during the sitting
     runs = {k: [v] for k, v in calib.items()}
@@ -424,22 +530,33 @@ def main() -> int:
         log(f"  peak {c.get('peak_gflops', float('nan')):.1f} GFLOP/s")
         runs[str(threads)].append(c)
     calib = {k: max(v, key=lambda c: c.get("peak_gflops", 0)) for k, v in runs.items()}
+    # the read bandwidth (sampling groups' bound) is the best of the sitting too, whichever run showed it
+    calib = {k: {**c, "read_gbs": max((x.get("read_gbs") or 0 for x in runs[k]), default=0) or None}
+             for k, c in calib.items()}
     for gid, g in groups.items():  # each group keeps its sitting's peak, so a later --retable credits it right
-        g["calibration"] = {k: {"peak_gflops": c.get("peak_gflops")} for k, c in calib.items()}
+        g["calibration"] = {k: {"peak_gflops": c.get("peak_gflops"), "read_gbs": c.get("read_gbs")}
+                            for k, c in calib.items()}
         write_json(results / f"{gid}.json", g)
     mach = machine(calib)
     mach["calibration_runs"] = {k: [c.get("peak_gflops") for c in v] for k, v in runs.items()}
+    mach["read_gbs_runs"] = {k: [c.get("read_gbs") for c in v] for k, v in runs.items()}
     write_json(results / "machine.json", mach)
     # groups measured in an earlier sitting are not mixed into this table
     rows = table_rows(groups, calib)
+    srows = sampling_rows(groups, calib)
     minutes = (time.perf_counter() - t_start) / 60
     summary = {"started": started, "minutes": minutes, "repeats": repeats, "smoke": args.smoke, "machine": mach,
-               "rows": rows}
+               "rows": rows, "sampling_rows": srows}
     write_json(results / "summary.json", summary)
     md = markdown(rows, mach, started, minutes, groups)
-    print(md)
+    if rows or not srows:  # a sitting of sampling groups alone has no rows for the training table
+        print(md)
+    smd = sampling_markdown(srows, mach, started, groups)
+    print(smd)
     if not args.smoke and not args.no_readme and not args.only:
         update_readme(md)
+    if smd and not args.smoke and not args.no_readme:  # its own block, header and calibration: --only too
+        update_readme(smd, "sampling")
     log(f"done in {minutes:.1f} min; results in {results}")
     return 0
 

@@ -1,6 +1,6 @@
 """One measurement in a fresh process: ``python bench/worker.py SPEC.json OUT.json``.
 
-SPEC: {"side": "igpt" | "trl" | "setup", "task": ..., "threads": N, ...}. Threads are pinned before
+SPEC: {"side": "igpt" | "trl" | "generate" | "setup", "task": ..., "threads": N, ...}. Threads are pinned before
 torch does any work. OUT gets the result, or {"error": ...} with the exception's text when the side
 could not run the configuration (an API change, an error), so the driver records it instead of a number.
 """
@@ -40,6 +40,10 @@ def main() -> int:
             import prepare
 
             result = prepare.calibrate(threads) if spec["task"] == "calibrate" else prepare.prepare(spec)
+        elif spec["task"] == "sample":  # igpt's sampler or transformers' generate (sampling.py)
+            import sampling
+
+            result = sampling.sample(spec)
         elif spec["side"] == "igpt":
             import igpt_side
 

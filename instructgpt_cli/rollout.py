@@ -30,18 +30,18 @@ def draw(logits: torch.Tensor, temperature: float) -> torch.Tensor:
 
     Inverse-CDF sampling in two levels, one uniform per row: the vocabulary in blocks of :data:`DRAW_BLOCK`, the
     uniform placed first among the blocks' masses, then among the chosen block's tokens. Each token's weight is
-    exp((logit - max) / T) in float32 (relative error ~1e-7, whatever the vocabulary's size); the running sums
-    are float64, so a 49K vocabulary's tail keeps its mass. A single float64 softmax and cumulative sum over the
-    whole vocabulary (this function before) drew the same tokens from the same seeds and cost 2-4x as much: at
-    64 rows of SmolLM2's 49152 logits, 9.3 ms against 2.4 ms a step here (bench/README.md). It draws from the
+    its float32 softmax (relative error ~1e-7, whatever the vocabulary's size); the running sums are float64,
+    so a 49K vocabulary's tail keeps its mass. A single float64 softmax and cumulative sum over the
+    whole vocabulary (this function before) drew the same token from the same seed for 99.96% of draws (the
+    rest sat on a boundary that rounding moves) and cost 2-6x as much: 10.0 ms against 1.8 ms for 64 rows of
+    SmolLM2's 49152 logits on a 2-thread Intel Xeon. It draws from the
     same distribution as ``torch.multinomial``, which on a CPU took 3x as long for 8 rows of a 260-token
     vocabulary."""
     if temperature == 0:
         return logits.argmax(-1)
     rows, vocab = logits.shape
     wide = torch.float32 if logits.device.type == "mps" else torch.float64
-    x = logits.float()
-    weights = (x - x.amax(-1, keepdim=True)).mul_(1.0 / temperature).exp_()
+    weights = torch.softmax(logits.float() / temperature if temperature != 1.0 else logits.float(), -1)
     blocks = -(-vocab // DRAW_BLOCK)
     if vocab % DRAW_BLOCK:  # the last block padded with weight 0: never drawn
         weights = torch.nn.functional.pad(weights, (0, blocks * DRAW_BLOCK - vocab))
@@ -209,18 +209,34 @@ def few_row_limit(weight: torch.Tensor, threads: int) -> int:
     return 2 if weight.numel() >= MID_WEIGHT and threads >= 2 else 0
 
 
-def decoding_products(model: torch.nn.Module, rows: int, threads: int) -> dict[torch.nn.Module, Product]:
+def decoding_products(model: torch.nn.Module, rows: int, threads: int,
+                      fuse: bool = False) -> dict[torch.nn.Module, Product]:
     """``model``'s linear layers whose products a decoding step of ``rows`` sequences computes its own way, each
     with its product: for a batch of :data:`PACK_ROWS` or more, MKL's GEMM on the weight packed once for it
-    (``lean.PackedProduct``: float32 weights of :data:`MID_WEIGHT` elements or more); otherwise (W @ x.T).T
-    up to :func:`few_row_limit` rows (``lean.few_row_product``). A layer whose forward is already replaced is
-    left as it is."""
+    (``lean.PackedProduct``: float32 weights of :data:`MID_WEIGHT` elements or more; with ``fuse``, for a decoder
+    that calls them itself, an attention's q, k and v projections as one product, an MLP's gate and up as one);
+    otherwise (W @ x.T).T up to :func:`few_row_limit` rows (``lean.few_row_product``). A layer whose forward is
+    already replaced is left as it is."""
+    def own(m: Any) -> bool:
+        return type(m) is torch.nn.Linear and "forward" not in vars(m)
+
+    def packs(layers: tuple) -> bool:
+        return (rows >= PACK_ROWS and all(map(own, layers)) and sum(m.weight.numel() for m in layers) >= MID_WEIGHT
+                and all(can_pack(m.weight) for m in layers))
+
     products: dict[torch.nn.Module, Product] = {}
+    if fuse:
+        for block in model.modules():
+            for names in (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")):
+                layers = tuple(getattr(block, n, None) for n in names)
+                if packs(layers):
+                    product = PackedProduct(layers, rows)
+                    products.update(dict.fromkeys(layers, product))
     for m in model.modules():
-        if type(m) is not torch.nn.Linear or "forward" in vars(m):
+        if not own(m) or m in products:
             continue
-        if rows >= PACK_ROWS and m.weight.numel() >= MID_WEIGHT and can_pack(m.weight):
-            products[m] = PackedProduct(m, rows)
+        if packs((m,)):
+            products[m] = PackedProduct((m,), rows)
         elif limit := few_row_limit(m.weight, threads):
             products[m] = functools.partial(few_row_product, m, rows=limit)
     return products
@@ -237,11 +253,10 @@ def cpu_decoding(model: torch.nn.Module, path: forward.Forward, rows: int) -> It
     Where the calls are in code igpt does not write (transformers' forward, peft's adapter layers around their
     base layers), the only way in is the layer: for the block, those instances' ``forward`` is their product
     (:func:`swapped_forwards`), and it yields no layer."""
-    products = decoding_products(model, rows, torch.get_num_threads())
     if path.calls_linears(model):
-        yield products
+        yield decoding_products(model, rows, torch.get_num_threads(), fuse=True)
         return
-    with swapped_forwards(products):
+    with swapped_forwards(decoding_products(model, rows, torch.get_num_threads())):
         yield {}
 
 
