@@ -205,26 +205,34 @@ def can_pack(weight: torch.Tensor) -> bool:
 
 
 class PackedProduct:
-    """``layer(x)`` for inputs of exactly ``rows`` rows (a decoding step: one token per sequence), by MKL's GEMM
-    on a copy of the weight packed once for that shape (``cblas_sgemm_pack``; what torch.compile's CPU backend
-    uses for frozen float32 weights). Torch's ``linear`` packs the weight again inside every call: with a few
-    rows it reads and writes the whole weight twice to multiply it once, so a 135M model's decoding step at
-    16 rows ran at half the memory's bandwidth (bench/README.md). Other inputs (a prompt's forward, another
-    batch size, another dtype under autocast) take ``linear``. The packed copy is a second copy of the weight
-    in memory while it lives (``rollout.cpu_decoding``: one ``generate`` call); the weight must not change
-    meanwhile. Same products, bit for bit, as ``linear`` at these sizes where MKL runs both (tests/test_runners.py
-    checks closeness and the tokens)."""
+    """The products of ``layers`` (one linear layer, or several that read the same input: a layer's q, k and v
+    projections, its MLP's gate and up projections) side by side, ``torch.cat([l(x) for l in layers], -1)``,
+    for inputs of exactly ``rows`` rows (a decoding step: one token per sequence), by MKL's GEMM on their
+    weights stacked and packed once for that shape (``cblas_sgemm_pack``; what torch.compile's CPU backend uses
+    for frozen float32 weights). Torch's ``linear`` packs a weight again inside every call: with a few rows it
+    reads and writes the whole weight twice to multiply it once, so a 135M model's decoding step at 16 rows ran
+    at half the memory's bandwidth (bench/README.md); one product for q, k and v is one call where there were
+    three. Other inputs (a prompt's forward, another batch size, another dtype under autocast) take ``linear``.
+    The packed copy is a second copy of the weights in memory while it lives (``rollout.cpu_decoding``: one
+    ``generate`` call); the weights must not change meanwhile."""
 
-    def __init__(self, layer: torch.nn.Linear, rows: int):
-        self.layer, self.rows = layer, rows
-        self.packed = torch.ops.mkl._mkl_reorder_linear_weight(layer.weight.detach(), rows)
+    def __init__(self, layers: tuple[torch.nn.Linear, ...], rows: int):
+        self.layers, self.rows = layers, rows
+        weight = torch.cat([m.weight.detach() for m in layers]) if len(layers) > 1 else layers[0].weight.detach()
+        self.packed = torch.ops.mkl._mkl_reorder_linear_weight(weight, rows)
+        self.width = weight.shape[0]
+        # the op reads its weight argument for the shape only when the input has ``rows`` rows (with others it
+        # would fall back to it: never here), so a stacked copy need not stay in memory beside the packed one
+        self.shape = weight.new_zeros(1, 1).expand(weight.shape)
+        self.bias = None if all(m.bias is None for m in layers) else torch.cat(
+            [m.bias.detach() if m.bias is not None else m.weight.new_zeros(m.out_features) for m in layers])
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        weight, bias = self.layer.weight, self.layer.bias
-        if x.numel() != self.rows * x.shape[-1] or x.dtype != weight.dtype:
-            return F.linear(x, weight, bias)
-        out = torch.ops.mkl._mkl_linear(x.reshape(self.rows, -1), self.packed, weight, bias, self.rows)
-        return out.view(*x.shape[:-1], weight.shape[0])
+        if x.numel() != self.rows * x.shape[-1] or x.dtype != self.layers[0].weight.dtype:
+            outs = [F.linear(x, m.weight, m.bias) for m in self.layers]
+            return outs[0] if len(outs) == 1 else torch.cat(outs, -1)
+        out = torch.ops.mkl._mkl_linear(x.reshape(self.rows, -1), self.packed, self.shape, self.bias, self.rows)
+        return out.view(*x.shape[:-1], self.width)
 
 
 # How a decoding step computes a product with a layer where it does not call the layer (:class:`Decoder`)
@@ -261,9 +269,28 @@ class Decoder:
         product = self.products.get(layer)
         return layer(x) if product is None else product(x)
 
+    def fused(self, *layers: torch.nn.Module) -> PackedProduct | None:
+        """The one product of ``layers`` side by side, where ``products`` has it (``rollout.decoding_products``)."""
+        product = self.products.get(layers[0])
+        return product if isinstance(product, PackedProduct) and product.layers == layers else None
+
+    def qkv(self, attn: torch.nn.Module, x: torch.Tensor, ctx: Context) -> tuple[torch.Tensor, ...]:
+        """:func:`_qkv`; with one product of the three projections, q and k rotated together."""
+        fused = self.fused(attn.q_proj, attn.k_proj, attn.v_proj)
+        if fused is None:
+            return _qkv(attn, x, ctx, self.linear)
+        heads, kv = attn.q_proj.out_features // attn.head_dim, attn.k_proj.out_features // attn.head_dim
+        out = fused(x).view(*ctx.shape, heads + 2 * kv, attn.head_dim).transpose(1, 2)
+        qk = _rotate(out[:, :heads + kv], ctx.cos, ctx.sin)
+        return qk[:, :heads], qk[:, heads:], out[:, heads + kv:]
+
     def mlp(self, mlp: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
         """``mlp(x)``; where ``products`` holds one of its projections, ``LlamaMLP.forward`` op for op, each
-        projection by :meth:`linear`."""
+        projection by :meth:`linear` (gate and up by their one product where there is one)."""
+        fused = self.fused(mlp.gate_proj, mlp.up_proj)
+        if fused is not None:
+            gate, up = fused(x).split(mlp.gate_proj.out_features, -1)
+            return self.linear(mlp.down_proj, mlp.act_fn(gate) * up)
         if not any(p in self.products for p in (mlp.gate_proj, mlp.up_proj, mlp.down_proj)):
             return mlp(x)
         return self.linear(mlp.down_proj, mlp.act_fn(self.linear(mlp.gate_proj, x)) * self.linear(mlp.up_proj, x))
@@ -271,7 +298,7 @@ class Decoder:
     def _run(self, hidden: torch.Tensor, ctx: Context) -> torch.Tensor:
         start, stop = self.length, self.length + ctx.shape[1]
         for i, layer in enumerate(self.stack.layers):
-            q, k, v = _qkv(layer.self_attn, _norm(layer.input_layernorm, hidden), ctx, self.linear)
+            q, k, v = self.qkv(layer.self_attn, _norm(layer.input_layernorm, hidden), ctx)
             if len(self.keys) == i:
                 self.keys.append(k.new_empty(*k.shape[:2], self.size, k.size(-1)))
                 self.values.append(v.new_empty(*v.shape[:2], self.size, v.size(-1)))

@@ -214,7 +214,16 @@ def test_on_a_cpu_the_lean_decoder_takes_its_products_itself_and_transformers_la
         torch.manual_seed(0)
         fast = Runner.for_eval(model).generate(tokenizer, four, 3, 1.0, 4)
         assert {shape[0] for shape in packed} == {4, 16}  # the 4 rows of a step; the 4 x 4 prompt tokens: linear
-        with monkeypatch.context() as m:  # the same tokens as torch's own linear draws from the same seed
+        attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
+        fused = rollout.decoding_products(model, 4, 1, fuse=True)  # q, k, v as one product; gate and up as one
+        assert fused[attn.q_proj] is fused[attn.k_proj] is fused[attn.v_proj] and fused[mlp.gate_proj] is \
+            fused[mlp.up_proj] and fused[mlp.down_proj] is not fused[mlp.up_proj]
+        real_products = rollout.decoding_products
+        with monkeypatch.context() as m:  # the same tokens as each layer's own packed product, and as torch's linear
+            m.setattr(rollout, "decoding_products", lambda model, rows, threads, fuse=False:
+                      real_products(model, rows, threads))
+            torch.manual_seed(0)
+            assert Runner.for_eval(model).generate(tokenizer, four, 3, 1.0, 4) == fast
             m.setattr(rollout, "PACK_ROWS", 10 ** 6)
             torch.manual_seed(0)
             assert Runner.for_eval(model).generate(tokenizer, four, 3, 1.0, 4) == fast
