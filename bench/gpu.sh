@@ -194,13 +194,13 @@ L=()  # the tiny model's byte-level tokenizer makes some demo prompts longer tha
 rm -rf "$RUN"
 say ""
 say "== stages (configs/demo.yaml, LoRA on the top 8 layers; wall seconds include loading the model)"
-stage sft sft/metrics.jsonl -- sft "${C[@]}" "${L[@]}" --model "$MODEL" --data data/demos.jsonl --max-steps 12 \
+stage sft sft/metrics.jsonl -- sft "${C[@]}" ${L[@]+"${L[@]}"} --model "$MODEL" --data data/demos.jsonl --max-steps 12 \
     --overwrite
-stage train-rm rm/metrics.jsonl -- train-rm "${C[@]}" "${L[@]}" --rankings data/rankings.jsonl --max-steps 16 \
+stage train-rm rm/metrics.jsonl -- train-rm "${C[@]}" ${L[@]+"${L[@]}"} --rankings data/rankings.jsonl --max-steps 16 \
     --overwrite
-stage ppo ppo/metrics.jsonl -- ppo "${C[@]}" "${L[@]}" --prompts data/prompts.jsonl --ptx-data data/pretrain.jsonl \
+stage ppo ppo/metrics.jsonl -- ppo "${C[@]}" ${L[@]+"${L[@]}"} --prompts data/prompts.jsonl --ptx-data data/pretrain.jsonl \
     --max-steps 4 --overwrite
-stage dpo dpo/metrics.jsonl -- dpo "${C[@]}" "${L[@]}" --rankings data/rankings.jsonl --max-steps 8 --overwrite
+stage dpo dpo/metrics.jsonl -- dpo "${C[@]}" ${L[@]+"${L[@]}"} --rankings data/rankings.jsonl --max-steps 8 --overwrite
 stage "eval ppo" "" -- eval ppo "${C[@]}" --prompts data/eval_prompts.jsonl --ptx-data data/pretrain_heldout.jsonl \
     --overwrite
 stage "compare ppo sft" "" -- compare ppo sft "${C[@]}" --prompts data/eval_prompts.jsonl --overwrite

@@ -38,7 +38,7 @@ PPO_135M = dict(task="ppo", shape="135m", threads=2, rollout_batch=2, micro_batc
                 response_length=16, temperature=1.0, kl_coef=0.02, warmup=1, steps=1)
 RM = dict(task="rm", shape="135m", threads=2, warmup=2, steps=2)  # a 135M model's first 2 steps pay first-touch allocation
 SFT = dict(task="sft", shape="135m", threads=2, batch_size=4, warmup=3)  # steps 2-3 still pay first-touch allocation
-# Sampling (sampling.py): the bundled SmolLM2-135M-Instruct (real weights), one chat-templated prompt repeated B times,
+# Sampling (sampling.py): the bundled SmolLM2-135M-Instruct (real weights), B different chat-templated prompts of one length,
 # 128 new tokens with no early stop, temperature 1, fp32; a run makes `warmup` untimed calls (static: the compile)
 # and `steps` timed calls, its figure the median call. igpt's rollout.sample against transformers' generate with its
 # dynamic cache and with its static cache + torch.compile (CompileConfig).
@@ -474,7 +474,8 @@ def retable(results: Path, args) -> int:
     smd = sampling_markdown(srows, mach, started, groups)
     print(smd)
     if not args.no_readme:
-        update_readme(md)
+        if rows:  # a results folder of sampling groups alone leaves the training table as it is
+            update_readme(md)
         if smd:
             update_readme(smd, "sampling")
     return 0

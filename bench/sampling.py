@@ -1,5 +1,5 @@
 """Sampling: igpt's sampler (``rollout.sample``) against transformers' ``generate``, on the bundled
-SmolLM2-135M-Instruct (real weights), one chat-templated prompt repeated B times, a fixed number of new tokens
+SmolLM2-135M-Instruct (real weights), B different chat-templated prompts of one length, a fixed number of new tokens
 with no early stop (igpt: an EOS id that never occurs; generate: ``min_new_tokens = max_new_tokens``), plain
 sampling at temperature 1 (no top-k, no top-p) on both sides.
 
@@ -27,6 +27,12 @@ import types
 from pathlib import Path
 
 PROMPT = "Write a short story about a lighthouse keeper."
+# the other prompts' subjects (distinct_prompts): those of the token count of "lighthouse"
+WORDS = ("green white black brown stone water glass paper river ocean field night music bread fruit sugar honey "
+         "horse mouse sheep tiger eagle snake whale shark storm cloud frost flame earth steel metal silver golden "
+         "happy quiet smart brave grand royal rural urban north south coast beach plant farm light round small "
+         "large short sweet dream power guest court train chair table clock heart smoke beach peace judge dance "
+         "craft trade store opera ghost poker coach tower ranch manor cabin hotel motel dorm club guard").split()
 
 
 def _sync(device) -> None:
@@ -101,7 +107,7 @@ def model_facts(model, prompt_len: int, new_tokens: int) -> dict:
 
 
 def load(spec: dict):
-    """(model, tokenizer, prompt ids, device): the bundled SmolLM2-135M-Instruct (``shape`` other than ``tiny``)
+    """(model, tokenizer, 64 prompts' ids (:func:`distinct_prompts`), device): the bundled SmolLM2-135M-Instruct (``shape`` other than ``tiny``)
     or igpt's tiny random model, in ``spec['dtype']`` on ``spec['device']``."""
     import torch
 
@@ -114,18 +120,36 @@ def load(spec: dict):
     device = torch.device(spec.get("device", "cpu"))
     tok, path = load_tokenizer(cfg)
     model = load_model(cfg, tok, path, device, 0).eval()
-    prompt = render_prompt(tok, [{"role": "user", "content": PROMPT}])
-    return model, tok, prompt, device
+    return model, tok, distinct_prompts(tok, render_prompt, 64), device
 
 
-def caller(spec: dict, model, tok, prompt: list[int], device):
-    """A function that samples ``new_tokens`` after ``batch`` copies of the prompt and returns the new tokens."""
+def distinct_prompts(tok, render, n: int) -> list[list[int]]:
+    """``n`` different chat-templated prompts of one length: :data:`PROMPT` with its subject swapped for another
+    word of the same token count (so no sampler can share a prompt's forward between rows, as igpt's
+    decoder does for copies of one prompt, ``forward.distinct_rows``, and no row is padded)."""
+    base = render(tok, [{"role": "user", "content": PROMPT}])
+    out, seen = [base], {tuple(base)}
+    # one-token words for a tokenizer that has "lighthouse" as one token (SmolLM2's); 10 letters for one that reads
+    # bytes (the tiny model's)
+    for word in WORDS + [w + "house" for w in WORDS if len(w) == 5]:
+        if len(out) == n:
+            break
+        ids = render(tok, [{"role": "user", "content": PROMPT.replace("lighthouse", word)}])
+        if len(ids) == len(base) and tuple(ids) not in seen:
+            out.append(ids)
+            seen.add(tuple(ids))
+    assert len(out) == n, f"only {len(out)} prompts of {len(base)} tokens"
+    return out
+
+
+def caller(spec: dict, model, tok, prompts: list[list[int]], device):
+    """A function that samples ``new_tokens`` after the first ``batch`` prompts and returns the new tokens."""
     import torch
 
     from instructgpt_cli.batches import pad_left
 
     b, new = spec["batch"], spec["new_tokens"]
-    ids, mask = pad_left([prompt] * b, tok.pad_token_id)
+    ids, mask = pad_left(prompts[:b], tok.pad_token_id)
     ids, mask = ids.to(device), mask.to(device)
     if spec["side"] == "igpt":
         from instructgpt_cli import rollout
@@ -137,7 +161,7 @@ def caller(spec: dict, model, tok, prompt: list[int], device):
         never_ends = types.SimpleNamespace(eos_token_id=-1, pad_token_id=tok.pad_token_id)
 
         def call():
-            return torch.tensor(rollout.generate(model, runner.path, never_ends, [prompt] * b, new, 1.0, b))
+            return torch.tensor(rollout.generate(model, runner.path, never_ends, prompts[:b], new, 1.0, b))
 
         return call, {"forward": runner.name}
     if spec["side"] == "vllm":  # gpu.sh, where vLLM is importable: the same weights (igpt's converted directory)
@@ -147,10 +171,10 @@ def caller(spec: dict, model, tok, prompt: list[int], device):
 
         llm = LLM(model=str(model_path("smollm2-135m")), dtype=spec["dtype"], seed=0, gpu_memory_utilization=0.3)
         params = SamplingParams(n=1, temperature=1.0, top_p=1.0, max_tokens=new, min_tokens=new, ignore_eos=True)
-        prompts = [{"prompt_token_ids": list(prompt)} for _ in range(b)]
+        requests = [{"prompt_token_ids": list(p)} for p in prompts[:b]]
 
         def call():
-            outs = llm.generate(prompts, params, use_tqdm=False)
+            outs = llm.generate(requests, params, use_tqdm=False)
             return torch.tensor([list(o.outputs[0].token_ids) for o in outs])
 
         return call, {"vllm": __import__("vllm").__version__}
@@ -185,8 +209,8 @@ def sample(spec: dict) -> dict:
     """One side at one batch size: warm-up calls, then timed calls; the worker's result."""
     import torch
 
-    model, tok, prompt, device = load(spec)
-    call, notes = caller(spec, model, tok, prompt, device)
+    model, tok, prompts, device = load(spec)
+    call, notes = caller(spec, model, tok, prompts, device)
     b, new = spec["batch"], spec["new_tokens"]
     warm = []
     for i in range(spec.get("warmup", 1)):
@@ -201,7 +225,7 @@ def sample(spec: dict) -> dict:
             # a graph break under fullgraph=True: compile what can be compiled instead, and say so
             torch._dynamo.reset()
             spec = {**spec, "fullgraph": False}
-            call, notes = caller(spec, model, tok, prompt, device)
+            call, notes = caller(spec, model, tok, prompts, device)
             notes["fullgraph_error"] = f"{type(e).__name__}: {e}"[:500]
             torch.manual_seed(0)
             t0 = time.perf_counter()
@@ -221,7 +245,7 @@ def sample(spec: dict) -> dict:
     med = statistics.median(seconds)
     result = {"step_seconds": [med], "units_per_step": [b * new],
               "notes": {**notes, "call_seconds": seconds, "warmup_seconds": warm,
-                        "tokens_per_s": b * new / med, "facts": model_facts(model, len(prompt), new),
+                        "tokens_per_s": b * new / med, "facts": model_facts(model, len(prompts[0]), new),
                         "device": str(device), "dtype": str(next(model.parameters()).dtype)}}
     if spec.get("cache") == "static" and warm:  # the first call compiled (and ran once)
         result["notes"]["compile_s"] = max(0.0, warm[0] - med)

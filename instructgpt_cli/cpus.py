@@ -146,7 +146,8 @@ def usable(system: System = SYSTEM) -> tuple[int, str]:
     on this machine; and the words for it."""
     cpus, quota = len(system.affinity()), system.cgroup_limit()
     n = min(cpus, quota) if quota else cpus
-    words = f"{n} usable CPU{'s' * (n != 1)}" + (f" (cgroup quota of {cpus})" if quota and quota < cpus else "")
+    words = f"{n} usable CPU{'s' * (n != 1)}" + (f" (the cgroup quota; {cpus} in affinity)" if quota and quota < cpus
+                                                 else "")
     local = local_processes()
     if local > 1:
         share = max(1, n // local)
@@ -215,9 +216,11 @@ def choose(flag: int | None = None, configured: int = 0, gpu: bool = False, resu
         return Choice(configured, "threads in the config file")
     omp = os.environ.get("OMP_NUM_THREADS", "").strip()
     if omp:
+        if omp.isdigit() and int(omp) > 0:
+            return Choice(int(omp), f"OMP_NUM_THREADS={omp}; --threads to choose")
         import torch
 
-        return Choice(torch.get_num_threads(), f"torch's, from OMP_NUM_THREADS={omp}; --threads to choose")
+        return Choice(torch.get_num_threads(), f"torch's, as OMP_NUM_THREADS={omp} is no count; --threads to choose")
     if resumed and not gpu:
         n, words = usable(system)
         if resumed[1] <= n:

@@ -204,8 +204,8 @@ def judge_model(spec: str, run_dir: Path | None) -> Any:
     try:
         return model_or_checkpoint(ref, run_dir or Path(RunBlock().run_dir), "--judge model:")
     except BadInput as e:
-        raise BadInput([m.replace(f"--judge model: {ref}", f"--judge {spec}").replace("--judge model: needs",
-                                                                                    "--judge model:REF needs")
+        raise BadInput([m.replace("--judge model: needs", "--judge model:REF needs").replace("--judge model: ",
+                                                                                           "--judge model:")
                         for m in e.messages]) from None
 
 

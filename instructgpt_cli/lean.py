@@ -18,8 +18,8 @@ do it (:func:`states`).
 
 Sampling keeps its own cache: keys and values of every layer in preallocated tensors, written in place
 at each step (:class:`Decoder`). On a CPU it computes a decoding step's products with large layers itself:
-with MKL's GEMM on weights packed once for the batch (:class:`PackedProduct`), or for one or two sequences as
-(W @ x.T).T (:func:`few_row_product`).
+with MKL's GEMM on weights packed once for the batch (:class:`PackedProduct`), or for a few sequences as
+(W @ x.T).T (:func:`few_row_product`; ``rollout.decoding_products`` says which).
 """
 from __future__ import annotations
 
@@ -189,7 +189,7 @@ def logits(model: Any, hidden: torch.Tensor) -> torch.Tensor:
 
 
 def few_row_product(layer: torch.nn.Linear, x: torch.Tensor, rows: int) -> torch.Tensor:
-    """``layer(x)``, computed as ``(W @ x.T).T`` where ``x`` has at most ``rows`` rows (a decoding step of one or two
+    """``layer(x)``, computed as ``(W @ x.T).T`` where ``x`` has at most ``rows`` rows (a decoding step of a few
     sequences): on CPUs torch's ``linear`` (x @ W.T) runs such near-vector products far below memory bandwidth
     (figures: bench/README.md). The same product in another summation order; more rows take ``linear``."""
     if x.numel() > rows * x.shape[-1]:
@@ -199,9 +199,10 @@ def few_row_product(layer: torch.nn.Linear, x: torch.Tensor, rows: int) -> torch
 
 
 def can_pack(weight: torch.Tensor) -> bool:
-    """Whether :class:`PackedProduct` can hold ``weight``: float32 on a CPU, torch built with MKL."""
-    return (weight.dtype == torch.float32 and weight.device.type == "cpu" and torch.backends.mkl.is_available()
-            and hasattr(torch.ops.mkl, "_mkl_reorder_linear_weight"))
+    """Whether :class:`PackedProduct` can hold ``weight``: a plain float32 tensor on a CPU (not an FSDP shard: its
+    full weight exists only inside the forward that gathers it), torch built with MKL."""
+    return (weight.dtype == torch.float32 and weight.device.type == "cpu" and type(weight.data) is torch.Tensor
+            and torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_reorder_linear_weight"))
 
 
 class PackedProduct:
@@ -212,7 +213,7 @@ class PackedProduct:
     for frozen float32 weights). Torch's ``linear`` packs a weight again inside every call: with a few rows it
     reads and writes the whole weight twice to multiply it once, so a 135M model's decoding step at 16 rows ran
     at half the memory's bandwidth (bench/README.md); one product for q, k and v is one call where there were
-    three. Other inputs (a prompt's forward, another batch size, another dtype under autocast) take ``linear``.
+    three. Other inputs (a prompt's forward, another batch size, another dtype) take ``linear``.
     The packed copy is a second copy of the weights in memory while it lives (``rollout.cpu_decoding``: one
     ``generate`` call); the weights must not change meanwhile."""
 
@@ -304,7 +305,8 @@ class Decoder:
                 self.values.append(v.new_empty(*v.shape[:2], self.size, v.size(-1)))
             keys, values = self.keys[i], self.values[i]
             keys[:, :, start:stop], values[:, :, start:stop] = k, v
-            attention = _one_query_attention if ctx.shape[1] == 1 and q.device.type == "cpu" else _attention
+            attention = (_one_query_attention if ctx.shape[1] == 1 and q.device.type == "cpu"
+                         and q.dtype == torch.float32 else _attention)  # (bf16 scores would round before the softmax)
             out = attention(layer.self_attn, q, keys[:, :, :stop], values[:, :, :stop], ctx.mask)
             hidden = _finish(layer, hidden, out, self.linear, self.mlp)
         self.length = stop

@@ -168,7 +168,7 @@ def begin_stage(stage: Stage, mode: str, cfg: Any, inputs: dict) -> None:
         atomic_write_text(stage.dir / "config.yaml", config_mod.to_yaml(stage.name, config_mod.absolute_paths(cfg)))
         update_manifest(stage.run_dir, stage.name, status="running", started=now(), inputs=inputs,
                         pid=os.getpid(), host=socket.gethostname(), threads=cpus.current())
-        mark_stale(stage.run_dir, stage.name, kept)
+        mark_stale(stage.run_dir, stage.name, kept, clear=False)
     distributed.barrier()
 
 

@@ -120,6 +120,8 @@ def model_or_checkpoint(spec: str, run_dir: Path, flag: str) -> Side:
     (``models.require_role``), checked before any weights load. BadInput when there is no such model."""
     from .models import SMOLLM2, TINY, require_role
 
+    if spec.startswith("~"):  # model:~/dir or a quoted path: the shell left it as written
+        spec = str(Path(spec).expanduser())
     match = CHECKPOINT_REF.fullmatch(spec)
     folder = Path(spec)
     if match is None and folder.parent.name == "checkpoints" and folder.parent.parent.name in ("sft", "ppo", "dpo") \

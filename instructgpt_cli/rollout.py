@@ -52,7 +52,10 @@ def draw(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     block = torch.searchsorted(cdf, u, right=True).clamp_(max=blocks - 1)  # (B, 1)
     left = u - (cdf.gather(1, block) - masses.gather(1, block))  # the uniform's place inside its block
     inside = weights.gather(1, block[..., None].expand(rows, 1, DRAW_BLOCK)).squeeze(1).to(wide).cumsum(-1)
-    token = torch.searchsorted(inside, left, right=True).clamp_(max=DRAW_BLOCK - 1)
+    token = torch.searchsorted(inside, left, right=True)
+    # where rounding leaves the uniform past the block's last step (its float32 mass above the float64 sum): the
+    # block's last token of positive weight, never one of weight 0
+    token = torch.minimum(token, (inside < inside[:, -1:]).sum(-1, keepdim=True))
     return (block * DRAW_BLOCK + token).squeeze(1).clamp_(max=vocab - 1)
 
 
@@ -200,6 +203,16 @@ LARGE_WEIGHT = 1 << 22  # elements (an LM head: 49152 x 576 is 28M): (W @ x.T).T
 MID_WEIGHT = 1 << 16    # elements (576 x 576 is 332K): (W @ x.T).T up to 2 rows, with 2 or more threads; packed
 FEW_ROWS = 8
 PACK_ROWS = 3  # a decoding batch of this many rows or more: MKL's packed products for every weight of MID_WEIGHT+
+PACK_MEMORY = 0.5  # packed copies only while they take at most this share of the memory available now
+
+
+def available_memory() -> float:
+    """Bytes of memory available now (Linux's MemAvailable); infinite where the system does not say."""
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        return float("inf")
 
 
 def few_row_limit(weight: torch.Tensor, threads: int) -> int:
@@ -215,8 +228,9 @@ def decoding_products(model: torch.nn.Module, rows: int, threads: int,
     with its product: for a batch of :data:`PACK_ROWS` or more, MKL's GEMM on the weight packed once for it
     (``lean.PackedProduct``: float32 weights of :data:`MID_WEIGHT` elements or more; with ``fuse``, for a decoder
     that calls them itself, an attention's q, k and v projections as one product, an MLP's gate and up as one);
-    otherwise (W @ x.T).T up to :func:`few_row_limit` rows (``lean.few_row_product``). A layer whose forward is
-    already replaced is left as it is."""
+    otherwise (W @ x.T).T up to :func:`few_row_limit` rows (``lean.few_row_product``); the same where the packed
+    copies would take more than :data:`PACK_MEMORY` of the memory available now. A layer whose forward is already
+    replaced is left as it is."""
     def own(m: Any) -> bool:
         return type(m) is torch.nn.Linear and "forward" not in vars(m)
 
@@ -225,6 +239,9 @@ def decoding_products(model: torch.nn.Module, rows: int, threads: int,
                 and all(can_pack(m.weight) for m in layers))
 
     products: dict[torch.nn.Module, Product] = {}
+    packing = [m for m in model.modules() if own(m) and packs((m,))]
+    if sum(m.weight.numel() * m.weight.element_size() for m in packing) > PACK_MEMORY * available_memory():
+        rows = 0  # no room for a packed copy of the weights beside them: torch's own products
     if fuse:
         for block in model.modules():
             for names in (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")):
@@ -263,7 +280,9 @@ def cpu_decoding(model: torch.nn.Module, path: forward.Forward, rows: int) -> It
 @contextlib.contextmanager
 def swapped_forwards(products: dict[torch.nn.Module, Product]) -> Iterator[None]:
     """Within the block, each layer of ``products`` has its product as its ``forward`` (an attribute of the
-    instance, deleted on the way out): for layers called by code igpt does not write (:func:`cpu_decoding`)."""
+    instance, deleted on the way out): for layers called by code igpt does not write (:func:`cpu_decoding`), one
+    product a layer (a product of several layers side by side would give each of them all their outputs)."""
+    assert not any(isinstance(p, PackedProduct) and len(p.layers) > 1 for p in products.values())
     for m, product in products.items():
         m.forward = product
     try:

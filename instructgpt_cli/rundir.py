@@ -97,11 +97,12 @@ def model_input(source: str | Path) -> dict | str:
     return {"path": str(path.resolve()), "sha256": weights_sha256(path)}
 
 
-def mark_stale(run_dir: Path, stage: str, sha: str | None = None) -> None:
+def mark_stale(run_dir: Path, stage: str, sha: str | None = None, clear: bool = True) -> None:
     """Lineage: flag every manifest entry whose inputs include ``stage``'s ``final/`` or ``checkpoints/`` (or a
     folder in them: ``compare ppo@step-N`` reads a checkpoint). While ``stage`` runs again (``sha`` None) they
     are all ``stale``; when it completes with weights ``sha``, those built from exactly these weights (a
-    deterministic re-run) are fresh again."""
+    deterministic re-run) are fresh again. ``clear`` False: those built from weights ``sha`` are left as they are
+    (a run that begins while its old final/ is kept neither condemns nor clears them)."""
     manifest = read_manifest(run_dir)
     final, checkpoints = (run_dir / stage / "final").resolve(), (run_dir / stage / "checkpoints").resolve()
     changed = False
@@ -116,7 +117,7 @@ def mark_stale(run_dir: Path, stage: str, sha: str | None = None) -> None:
                 continue
             if sha is not None and path.exists() and source.get("sha256") == (
                     sha if path == final else weights_sha256(path)):
-                changed |= entry.pop("stale", None) is not None
+                changed |= clear and entry.pop("stale", None) is not None
             else:
                 entry["stale"] = f"its input {key} ({path}) is the output of {stage}, re-run on {now()}"
                 changed = True

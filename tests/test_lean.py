@@ -232,6 +232,9 @@ def test_draw_over_several_blocks_follows_softmax_by_a_chi_square_test():
     chi2 = float(((counts[live] - expected[live]) ** 2 / expected[live]).sum())
     df = int(live.sum()) - 1
     assert chi2 < df + 5 * (2 * df) ** 0.5, (chi2, df)  # 5 sd of the chi-square's spread above its mean
+    with pytest.MonkeyPatch.context() as m:  # a uniform at the very top of its range: still a possible token
+        m.setattr(torch, "rand", lambda *a, **k: torch.full(a, 1 - 1e-16, dtype=k["dtype"]))
+        assert rollout.draw(logits.expand(4, vocab), 0.8).tolist() == [vocab - 2] * 4
     one = torch.full((3, vocab), float("-inf"))
     one[:, 1500] = 0.0  # all mass on one token, in the second block
     assert rollout.draw(one, 1.0).tolist() == [1500] * 3

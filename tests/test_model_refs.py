@@ -96,6 +96,13 @@ def test_a_causal_lm_is_refused_where_a_reward_model_scores(dirs, tmp_path, no_l
     assert not run.exists()
 
 
+def test_a_reference_starting_with_a_tilde_is_the_home_directory(dirs, tmp_path, monkeypatch):
+    """``model:~/x`` reaches igpt as written (the shell expands no ~ after a colon)."""
+    monkeypatch.setenv("HOME", str(dirs))
+    side = refs_module.model_or_checkpoint("~/lm", tmp_path, "--judge model:")
+    assert side.path == dirs / "lm" and side.name == "lm"
+
+
 def test_a_bare_adapter_and_a_classifier_are_named_for_what_they_are(dirs, tmp_path):
     from instructgpt_cli.models import model_kind, role_problem
 

@@ -152,6 +152,38 @@ def test_decoding_products_compute_the_same_products_and_restore_the_layers():
             assert decoding_products(model, rows, threads=2) == {}
 
 
+def test_no_packed_copies_without_the_memory_for_them_nor_of_an_fsdp_shard(monkeypatch):
+    """decoding_products packs only while the copies take at most PACK_MEMORY of the memory available (else
+    torch's products, or (W @ x.T).T where it has them), and never a sharded weight (FSDP gathers the full one
+    only inside its forward: packing the shard failed in MKL's op)."""
+    import subprocess
+    import sys
+
+    from instructgpt_cli import rollout
+    from instructgpt_cli.lean import PackedProduct, can_pack
+
+    layers = torch.nn.ModuleList([torch.nn.Linear(256, 16384, bias=False), torch.nn.Linear(256, 256)])
+    if not can_pack(layers[0].weight):
+        pytest.skip("torch without MKL: nothing is packed anyway")
+    assert all(isinstance(p, PackedProduct) for p in rollout.decoding_products(layers, 8, 1).values())
+    monkeypatch.setattr(rollout, "available_memory", lambda: 2 * (16384 * 256 + 256 * 256) * 4 - 1)
+    products = rollout.decoding_products(layers, 8, 1)
+    assert not any(isinstance(p, PackedProduct) for p in products.values()) and layers[0] in products
+    code = """
+import torch, torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
+from instructgpt_cli import rollout
+from instructgpt_cli.lean import PackedProduct
+dist.init_process_group("gloo", init_method="tcp://127.0.0.1:29513", rank=0, world_size=1)
+model = torch.nn.Sequential(torch.nn.Linear(576, 576), torch.nn.Linear(576, 576))
+fully_shard(model)
+print(sum(isinstance(p, PackedProduct) for p in rollout.decoding_products(model, 4, 1).values()))
+dist.destroy_process_group()
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.split()[-1] == "0", done.stderr[-2000:]
+
+
 def test_sampling_runs_without_autograd_draws_what_no_grad_draws_and_leaves_the_model_trainable(monkeypatch):
     """One process samples under ``inference_mode``: the same tokens, from the same seed, as sampling
     under ``no_grad``; the model then trains (no inference tensor left in it: KV cache, buffers)."""

@@ -478,6 +478,30 @@ def test_rerunning_sft_marks_later_stages_stale_and_train_rm_warns(tmp_path, dem
     assert again.exit_code == 0 and "built from inputs that changed since" in again.stderr, again.output
 
 
+def test_a_stage_beginning_over_its_kept_final_neither_condemns_nor_clears_what_was_built_from_it(tmp_path):
+    """rundir.mark_stale with clear=False (lifecycle.begin_stage while the old final/ is kept): an entry built
+    from those weights keeps its flag whatever it says (ppo, stale because rm was re-run) or its absence (rm);
+    one built from a cleared checkpoint is stale; at the stage's end (clear) a matching entry is fresh again."""
+    from instructgpt_cli.rundir import mark_stale
+
+    run = tmp_path / "run"
+    (run / "sft" / "final").mkdir(parents=True)
+    final = str((run / "sft" / "final").resolve())
+    gone = str((run / "sft" / "checkpoints" / "step-000002").resolve())
+    stale_ppo = "its input rm (x) is the output of rm, re-run on 2026-12-07"
+    (run / "manifest.json").write_text(json.dumps({"stages": {
+        "sft": {"outputs": {"sha256": "abc"}},
+        "rm": {"inputs": {"sft": {"path": final, "sha256": "abc"}}},
+        "ppo": {"inputs": {"sft": {"path": final, "sha256": "abc"}}, "stale": stale_ppo},
+        "eval/sft-step-2": {"inputs": {"a": {"path": gone, "sha256": "def"}}}}}))
+    mark_stale(run, "sft", "abc", clear=False)
+    stages = manifest(run)
+    assert "stale" not in stages["rm"] and stages["ppo"]["stale"] == stale_ppo
+    assert "re-run" in stages["eval/sft-step-2"]["stale"]
+    mark_stale(run, "sft", "abc")
+    assert "stale" not in manifest(run)["ppo"]
+
+
 # ---------------------------------------------------------------- 8. preflight
 
 

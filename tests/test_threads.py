@@ -93,7 +93,7 @@ def test_the_cgroup_quota_caps_the_count():
     eight = tuple(range(8))
     assert cpus.auto(system=machine(eight, quota=2, others=3.0)).threads == 2  # 5 CPUs free, 2 allowed
     choice = cpus.auto(system=machine(eight, quota=2, others=7.0))
-    assert choice.threads == 1 and "2 usable CPUs (cgroup quota of 8)" in choice.reason
+    assert choice.threads == 1 and "2 usable CPUs (the cgroup quota; 8 in affinity)" in choice.reason
     assert cpus.auto(system=machine(eight, quota=16)).threads == 8  # a quota above the affinity changes nothing
 
 
