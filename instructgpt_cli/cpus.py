@@ -215,12 +215,10 @@ def choose(flag: int | None = None, configured: int = 0, gpu: bool = False, resu
     if configured:
         return Choice(configured, "threads in the config file")
     omp = os.environ.get("OMP_NUM_THREADS", "").strip()
-    if omp:
-        if omp.isdigit() and int(omp) > 0:
-            return Choice(int(omp), f"OMP_NUM_THREADS={omp}; --threads to choose")
+    if omp:  # torch's count as it stands (it read the variable when it started), not the variable read again
         import torch
 
-        return Choice(torch.get_num_threads(), f"torch's, as OMP_NUM_THREADS={omp} is no count; --threads to choose")
+        return Choice(torch.get_num_threads(), f"torch's, from OMP_NUM_THREADS={omp}; --threads to choose")
     if resumed and not gpu:
         n, words = usable(system)
         if resumed[1] <= n:
