@@ -113,7 +113,8 @@ def _one_query_attention(attn: torch.nn.Module, q: torch.Tensor, k: torch.Tensor
                          mask: torch.Tensor | None) -> torch.Tensor:
     """Attention of one query a row (a decoding step: q (B, H, 1, D) over the cache k, v (B, KV, S, D)), as two
     matmuls with each key/value head's query heads side by side, and the softmax between them. On a CPU SDPA's
-    flash kernel, made for long queries, took 1.2-1.8x as long at 16-64 rows (bench/README.md); the same
+    flash kernel, made for long queries, took 1.2-1.8x as long at 16-64 rows of SmolLM2 (the decoder takes this
+    from 16 rows); the same
     attention in another summation order. ``mask`` (B, 1, 1, S): the positions each row may attend to."""
     rows, heads, _, dim = q.shape
     weights = torch.matmul(q.view(rows, k.size(1), heads // k.size(1), dim), k.transpose(-1, -2)).mul_(attn.scaling)
@@ -305,8 +306,10 @@ class Decoder:
                 self.values.append(v.new_empty(*v.shape[:2], self.size, v.size(-1)))
             keys, values = self.keys[i], self.values[i]
             keys[:, :, start:stop], values[:, :, start:stop] = k, v
-            attention = (_one_query_attention if ctx.shape[1] == 1 and q.device.type == "cpu"
-                         and q.dtype == torch.float32 else _attention)  # (bf16 scores would round before the softmax)
+            attention = (_one_query_attention if ctx.shape[1] == 1 and q.device.type == "cpu" and q.size(0) >= 16
+                         and q.dtype == torch.float32 else _attention)  # (bf16 scores would round before the softmax;
+            # fewer rows: SDPA was as fast or faster, 21 against 25 us at 8 rows of a tiny model, 28 against 36 at 1 of
+            # SmolLM2's)
             out = attention(layer.self_attn, q, keys[:, :, :stop], values[:, :, :stop], ctx.mask)
             hidden = _finish(layer, hidden, out, self.linear, self.mlp)
         self.length = stop

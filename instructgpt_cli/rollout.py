@@ -41,6 +41,10 @@ def draw(logits: torch.Tensor, temperature: float) -> torch.Tensor:
         return logits.argmax(-1)
     rows, vocab = logits.shape
     wide = torch.float32 if logits.device.type == "mps" else torch.float64
+    if vocab <= DRAW_BLOCK:  # one block: a float64 softmax and cumulative sum over it (a tiny model's vocabulary)
+        cdf = torch.softmax(logits.to(wide) / temperature, -1).cumsum(-1)
+        u = torch.rand(rows, 1, dtype=wide, device=logits.device) * cdf[:, -1:]
+        return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_(max=vocab - 1)
     weights = torch.softmax(logits.float() / temperature if temperature != 1.0 else logits.float(), -1)
     blocks = -(-vocab // DRAW_BLOCK)
     if vocab % DRAW_BLOCK:  # the last block padded with weight 0: never drawn
