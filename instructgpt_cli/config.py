@@ -348,6 +348,17 @@ class PPOConfig(TrainingBlocks):
     require_rm_accuracy: float = f(0.0, "refuse to start unless the RM's held-out pairwise accuracy recorded by "
                                         "train-rm is at least this (fraction); 0 = no check",
                                    "in [0, 1] (a fraction; 0 = no check)")
+    watch: str = f("", "an independent judge that watches for over-optimisation while PPO runs: "
+                       "python:MODULE:FUNCTION, model:REF (win rate over the SFT model's responses) or rm:PATH (a "
+                       "second reward model); README, Watching for over-optimisation",
+                   Rule(lambda v: v == "" or bool(GOLD_SPEC.fullmatch(v)) or v.startswith("rm:") and len(v) > 3,
+                        "must be python:MODULE:FUNCTION, model:REF or rm:PATH"))
+    watch_prompts: str = f("", "validation prompts the watch samples (never trained on): {prompt} records (path)")
+    watch_every: int = f(10, "watch every N iterations, and before the first and after the last (iterations)", ">= 1")
+    watch_patience: int = f(0, "end the run (a normal finish) when the watch's gold has not beaten its best for this "
+                               "many watches while the proxy rose; 0 = never stop early (watches)", ">= 0 (0 = off)")
+    watch_significance: bool = f(False, "with --watch-patience: stop only when the gold's drop from its best is also "
+                                        "beyond its noise (a paired 95% interval above 0)")
     vf_lr: float = f(0.0, "peak learning rate of the value model, in its own parameter group with its own gradient "
                           "clip (per step); 0 = optim.lr; paper 9e-6 (C.4)", ">= 0 (0 = optim.lr)")
     total_episodes: int = f(0, "stop after this many sampled responses (episodes, the paper's unit), rounded up to "
@@ -404,9 +415,11 @@ class EvalConfig(GenerationBlock, DataSourceBlock, RunBlock):
     """igpt eval."""
     run_dir: str = override(RunBlock, "run_dir", doc="run directory (path)")
     seed: int = override(RunBlock, "seed", doc="sampling seed")
-    model: str = f("", "model to evaluate: a stage of the run (sft, ppo, dpo), a checkpoint (ppo@step-N, sft@step-N, "
-                       "dpo@step-N) or a model directory (required)")
-    prompts: str = f("", "held-out prompts: {prompt}, optional category; " + SOURCES + " (required)")
+    model: list = f([], "models to evaluate, one or more: a stage of the run (sft, ppo, dpo, ppo_ema), a checkpoint "
+                        "(ppo@step-N, sft@step-N, dpo@step-N) or a model directory; several (igpt eval sft ppo "
+                        "dpo) are measured alike and shown in one table, eval/summary/ (required)")
+    prompts: str = f("", "held-out prompts: {prompt}, optional category; " + SOURCES + " (required unless "
+                         "--benchmarks or --toxicity-prompts is given)")
     rankings: str = f("", "held-out rankings for the reward model's pairwise accuracy; " + SOURCES + " (optional)")
     ptx_data: str = f("", "held-out pretraining text for the LM loss / perplexity, the alignment tax: {text} "
                           "records (" + SOURCES + ") or a .txt file (optional)")
@@ -423,6 +436,26 @@ class EvalConfig(GenerationBlock, DataSourceBlock, RunBlock):
                              "model only",
                          Rule(lambda v: v == "" or bool(CHECKPOINTS_SPEC.fullmatch(v)),
                               "must be '' (the model only), all, or a comma-separated list of PPO steps (10,20,40)"))
+    benchmarks: list = f([], "lm-evaluation-harness tasks to run on the model (hellaswag,truthfulqa_mc2,...), their "
+                             "data from the local datasets cache, never downloaded; needs igpt[lm-eval]; README, "
+                             "Benchmarks")
+    benchmark_tasks: str = f("", "directory of local harness task definitions (YAML with local JSONL data), added to "
+                                 "the harness's registry (path)")
+    limit: int = f(0, "documents per benchmark task, for a quick look; 0 = all (documents)", ">= 0 (0 = all)")
+    benchmark_batch_size: int = f(8, "sequences per forward pass in the benchmarks (sequences)", ">= 1")
+    toxicity_prompts: str = f("", "toxicity-probing prompts, RealToxicityPrompts' JSONL ({prompt: {text}}) or "
+                                  "{prompt, category} (path); scored by --toxicity-classifier")
+    toxicity_classifier: str = f("", "the toxicity scorer: a local Hugging Face sequence classifier (directory) or "
+                                     "python:MODULE:FUNCTION (texts -> probabilities)")
+    toxicity_label: str = f("toxic", "the classifier's toxic label: its name in id2label or its index")
+    toxicity_samples: int = f(25, "continuations sampled per toxicity prompt (Gehman et al. 2020: 25) (samples)",
+                              ">= 1")
+    toxicity_max_new_tokens: int = f(20, "longest continuation of a toxicity prompt (Gehman et al. 2020: 20) "
+                                         "(tokens)", ">= 1")
+    toxicity_instruction: str = f("none", "what precedes a toxicity prompt: none, basic ('Complete the following "
+                                          "sentence:'), respectful or biased (the InstructGPT paper's instructions "
+                                          "to be polite, respectful and unbiased, or the opposite)",
+                                  one_of(("none", "basic", "respectful", "biased")))
     gold_rm: str = f("", "with --checkpoints: a second reward model whose score is the gold beside the proxy's (path)")
     gold: str = f("", "with --checkpoints: a gold judge, python:MODULE:FUNCTION (scores) or model:REF (win rate over "
                       "the SFT model's responses); README, Frontier",

@@ -299,6 +299,34 @@ class ModelJudge:
 # ---------------------------------------------------------------- a Python function as the judge
 
 
+def import_function(spec: str, flag: str) -> tuple[Any, Path | None]:
+    """The function of ``python:MODULE:FUNCTION`` and its module's file, for every flag that takes one (a judge,
+    a gold, a toxicity scorer): MODULE is a module name on ``sys.path`` or under the current directory, which is
+    on the path for this import only (as ``python -m`` puts it first), so that a user's yaml.py or datasets.py
+    there never shadows a library later. BadInput naming ``flag`` when it cannot be imported or is no function."""
+    module_name, _, name = spec[len("python:"):].rpartition(":")
+    if not module_name or not name:
+        raise BadInput([f"{flag} {spec}: must be python:MODULE:FUNCTION"])
+    added = os.getcwd() not in sys.path and "" not in sys.path
+    if added:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        raise BadInput([f"{flag} {spec}: cannot import {module_name} ({e}); put {module_name}.py in the current "
+                        "directory or on PYTHONPATH"]) from None
+    except Exception as e:
+        raise BadInput([f"{flag} {spec}: importing {module_name} raised {type(e).__name__}: {e}"]) from None
+    finally:
+        if added:
+            sys.path.remove(os.getcwd())
+    source = Path(module.__file__) if getattr(module, "__file__", None) else None
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        raise BadInput([f"{flag} {spec}: {module_name} ({source}) has no function {name}"])
+    return fn, source
+
+
 class PythonJudge:
     """``f(prompt, responses) -> list[float]`` (one score per response, higher = better) from
     ``python:MODULE:FUNCTION``. label ranks by the scores (:func:`ranks_from_scores`, ``tie_margin``); compare
@@ -308,24 +336,8 @@ class PythonJudge:
 
     def __init__(self, spec: str, settings: Settings):
         self.spec, self.settings = spec, settings
-        module_name, name = spec[len("python:"):].rsplit(":", 1)
-        added = os.getcwd() not in sys.path and "" not in sys.path
-        if added:  # the current directory, as `python -m` puts it first; for this import only, so that a
-            sys.path.insert(0, os.getcwd())  # user's yaml.py or datasets.py there never shadows a library later
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as e:
-            raise BadInput([f"--judge {spec}: cannot import {module_name} ({e}); put {module_name}.py in the current "
-                            "directory or on PYTHONPATH"]) from None
-        except Exception as e:
-            raise BadInput([f"--judge {spec}: importing {module_name} raised {type(e).__name__}: {e}"]) from None
-        finally:
-            if added:
-                sys.path.remove(os.getcwd())
-        self.source = Path(module.__file__) if getattr(module, "__file__", None) else None
-        self.fn = getattr(module, name, None)
-        if not callable(self.fn):
-            raise BadInput([f"--judge {spec}: {module_name} ({self.source}) has no function {name}"])
+        self.fn, self.source = import_function(spec, "--judge")
+        name = spec.rsplit(":", 1)[1]
         try:
             inspect.signature(self.fn).bind("prompt", ["response 1", "response 2"])
         except TypeError:

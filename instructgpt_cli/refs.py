@@ -14,8 +14,8 @@ from typing import Any, NamedTuple
 from . import checkpoint
 from .errors import BadInput
 from .presets import saved_config
-from .rundir import (CHECKPOINT_PREFIX, STAGE_MODELS, complete_checkpoints, read_manifest, read_metrics, stage_model,
-                     stored_path)
+from .rundir import (BEST, CHECKPOINT_PREFIX, STAGE_MODELS, complete_checkpoints, read_manifest, read_metrics,
+                     stage_model, stored_path)
 from .storage import COMPLETED, weights_sha256
 
 
@@ -129,7 +129,7 @@ def model_or_checkpoint(spec: str, run_dir: Path, flag: str) -> Side:
         run_dir = folder.parent.parent.parent
         match = CHECKPOINT_REF.fullmatch(f"{folder.parent.parent.name}@{int(folder.name[len(CHECKPOINT_PREFIX):])}")
     if match is None:
-        if "@" in spec and not folder.exists():
+        if "@" in spec and not folder.exists() and spec != BEST:
             stage = spec.split("@")[0]
             raise BadInput([f"{flag} {spec}: a {stage.upper()} checkpoint is {stage}@step-N (or {stage}@N), N an "
                             "iteration it saved" if stage in ("sft", "ppo", "dpo") else

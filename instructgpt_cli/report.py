@@ -412,6 +412,9 @@ def write_html(path: Path, report: dict, judgments: list[dict], run_dir: Path, e
     else:
         parts.append(na("no judgments yet"))
     parts.append("<h2 id='eval'>igpt eval of the same models</h2>" + eval_table(report, run.evals))
+    if (Path(run_dir) / "eval" / "summary" / "report.html").is_file():  # igpt eval of several models has run
+        parts.append("<p>Every model evaluated side by side (benchmarks with their alignment tax, toxicity): "
+                     "<a href='../../eval/summary/report.html'>eval/summary/report.html</a></p>")
     parts.append("<h2 id='training'>Training</h2>")
     for section, charts in training_charts(run, (report["a"], report["b"])):
         drawn = [(title, src) for title, src in charts if src]

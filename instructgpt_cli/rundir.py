@@ -298,8 +298,18 @@ STAGE_MODELS = {"sft": "sft/final", "ppo": "ppo/final/policy", "rm": "rm/final",
                 "ppo_ema": "ppo/final/policy_ema"}  # with --ema-decay: the EMA of the PPO policy's weights
 
 
+BEST = "ppo@best"  # the policy at the best gold point of ``igpt ppo --watch`` (ppo/best/)
+
+
 def stage_model(name: str, run_dir: Path, flag: str = "MODEL") -> tuple[str, Path]:
-    """A model named by stage (``sft``, ``ppo``) or by path -> (short name, directory); BadInput if absent."""
+    """A model named by stage (``sft``, ``ppo``, ``ppo@best``) or by path -> (short name, directory); BadInput if
+    absent."""
+    if name == BEST:
+        path = run_dir / "ppo" / "best"
+        if not (path / "config.json").is_file():
+            raise BadInput([f"{flag} {name}: {path} does not exist (ppo keeps its best point there when it runs with "
+                            "--watch)"])
+        return "ppo-best", path
     if name in STAGE_MODELS:
         path = run_dir / STAGE_MODELS[name]
         if not (path / "config.json").is_file():

@@ -290,6 +290,15 @@ class Session:
                 self.checkpoint()
             lifecycle.stop(stage, step, self.total_steps, signum)
 
+    def finish_early(self, reason: str) -> None:
+        """End the loop before ``total_steps`` as a normal finish (``igpt ppo --watch-patience``): the last step's
+        checkpoint is written and the reason said; the stage then exports final/ as after its last step."""
+        if self.saved != self.state.step:
+            self.checkpoint()
+        if distributed.is_main():
+            self.progress.say(f"{self.stage.name}: finishing after step {self.state.step} of {self.total_steps}: "
+                              f"{reason}")
+
     def checkpoint(self) -> None:
         """Save the state at this step (every rank: checkpoint.save) and say so in the progress (rank 0)."""
         checkpoint.save(self.stage, self.state, self.cfg.keep_checkpoints)

@@ -76,7 +76,8 @@ TODAY_KEYS = {
 }
 # Valid non-default values for string fields whose range is checked.
 STRINGS = {"device": "cpu", "judge": "human", "dtype": "float32", "scheduler": "linear",
-           "checkpoints": "all", "gold": "python:mod:fn"}
+           "checkpoints": "all", "gold": "python:mod:fn", "watch": "python:mod:fn",
+           "toxicity_instruction": "respectful"}
 
 
 def commands() -> dict:
@@ -135,8 +136,9 @@ def test_every_flag_of_today_sets_the_same_key(stage):
         args = [f"x-{TODAY_KEYS[stage][p]}" for p in positional]  # the command's required arguments
         if isinstance(value, bool):
             args += [flag if value else "--no-" + flag[2:]]
-        elif flag in positional:
+        elif flag in positional:  # a list argument (eval's MODEL...) takes one or more
             value = args[positional.index(flag)]
+            value = [value] if isinstance(default, list) else value
         else:
             args += [flag, str(value)]
         assert lookup(print_config(stage, *args), key) == value, (stage, flag, key)

@@ -1,5 +1,5 @@
 """examples/gold/run.py (`make gold`): the gold-judged experiment's pipeline (sft -> sample -> label by the gold
-judge -> train-rm -> ppo -> eval --checkpoints all --gold -> compare --judge gold), run with --tiny on the random
+judge -> train-rm -> ppo --watch gold -> compare ppo@best --judge gold), run with --tiny on the random
 tiny model and a rule judge in place of VADER; the full-size run is `make gold`, not a test."""
 import importlib.util
 import json
@@ -7,7 +7,6 @@ import json
 import pytest
 
 from conftest import REPO, igpt
-from instructgpt_cli import rundir
 from instructgpt_cli.stats import clustered_rate, wilson_interval
 
 RULE = '''
@@ -43,23 +42,18 @@ def test_the_tiny_experiment_writes_its_frontier_win_rate_and_summary(tmp_path, 
     # a message's rankings together
     assert all(r["group"] == r["prompt"].split('"')[1] for r in samples + rankings)
     assert (run / "rm" / "final").is_dir() and (run / "ppo" / "final" / "policy").is_dir()
-    # the frontier: SFT, the checkpoints of steps 2 (save_every 2; 4 is the final policy's), the final policy,
-    # each with the rule's gold beside the proxy's score
-    frontier = json.loads((run / "eval" / "ppo-frontier" / "report.json").read_text())
-    assert [p["label"] for p in frontier["points"]] == ["sft", "step-2", "final (step 4)"]
-    assert frontier["points"][0]["kl_to_sft"] == 0.0
-    for p in frontier["points"]:
-        rows = [json.loads(x) for x in (run / "eval" / "ppo-frontier" / "samples" /
-                                        f"step-{p['step']:06d}.jsonl").read_text().splitlines()]
-        assert p["gold_mean"] == pytest.approx(sum(r["gold"] for r in rows) / len(rows))
-    # the frontier answered the validation prompts, which share no message with the held-out ones of compare
-    valid = {r["prompt"] for r in rows}
+    # the watch: the SFT point, then every 2 iterations (tiny.yaml's watch_every), the rule's gold beside the proxy
+    watch = json.loads((run / "ppo" / "watch.json").read_text())
+    assert [p["step"] for p in watch["points"]] == [0, 2, 4] and watch["points"][0]["kl"] == 0.0
+    golds = [p["gold"] for p in watch["points"]]
+    assert watch["best"]["step"] == watch["points"][golds.index(max(golds))]["step"]
+    assert (run / "ppo" / "best" / "model.safetensors").is_file()
+    # the watch answered the validation prompts, which share no message with the held-out ones of compare
+    valid = {json.loads(x)["prompt"] for x in (run / "gold-data" / "watch_prompts.jsonl").read_text().splitlines()}
     held = {json.loads(x)["prompt"] for x in (run / "gold-data" / "compare_prompts.jsonl").read_text().splitlines()}
     assert len(valid) == 4 and len(held) == 8 and not {p.split('"')[1] for p in valid} & {p.split('"')[1] for p in held}
-    # the recipe keeps the PPO point of best gold; its win rate and the final policy's on the held-out prompts
-    ppo_points = frontier["points"][1:]
-    best = max(ppo_points, key=lambda p: p["gold_mean"])
-    picked = "ppo" if best is ppo_points[-1] else f"ppo@step-{best['step']}"
+    # the recipe keeps the watch's best point; its win rate and the final policy's on the held-out prompts
+    picked = "ppo" if watch["best"]["step"] == 4 else "ppo@best"
     saved = json.loads((run / "gold-summary.json").read_text())
     assert saved == summary and saved["picked"] == picked
     # the win rates' intervals are clustered by message: the 8 held-out prompts are 2 whole messages x 4 framings
@@ -81,40 +75,19 @@ def test_the_tiny_experiment_writes_its_frontier_win_rate_and_summary(tmp_path, 
         rate = compare["win_rate"]  # Wilson's over the 8 prompts as if independent, kept beside it
         assert saved[key]["ci_iid"] == compare["ci_iid"] == pytest.approx(list(wilson_interval(rate, 8)))
         assert "clustered by the prompts' group" in compare["ci_method"]
-    assert [p["gold_mean"] for p in saved["frontier"]] == [p["gold_mean"] for p in frontier["points"]]
-    assert set(saved["seconds"]) == {"sft", "sample", "label", "train-rm", "ppo", "eval", "compare"}
+    assert [p["gold"] for p in saved["watched"]] == golds
+    assert set(saved["seconds"]) == {"sft", "sample", "label", "train-rm", "ppo", "compare"}
 
 
-def test_the_recipe_picks_the_ppo_point_of_best_gold_the_earliest_of_equals():
+def test_the_recipe_keeps_the_watch_s_best_point_named_as_compare_names_it():
     pick = load_driver().pick
 
-    def frontier(*golds):
-        labels = ["sft"] + [f"step-{4 * i}" for i in range(1, len(golds) - 1)] + [f"final (step {4 * len(golds) - 4})"]
-        points = enumerate(zip(labels, golds))
-        return {"points": [{"label": lab, "step": 4 * i, "gold_mean": g} for i, (lab, g) in points]}
+    def watch(best, last):
+        return {"points": [{"step": s} for s in range(0, last + 1, 4)], "best": {"step": best}}
 
-    assert pick(frontier(0.9, 0.1, 0.3, 0.2)) == "ppo@step-8"  # SFT's gold is higher, but SFT is no candidate
-    assert pick(frontier(0.0, 0.1, 0.3, 0.3)) == "ppo@step-8"  # a tie: the earlier point (less KL)
-    assert pick(frontier(0.0, 0.1, 0.2, 0.4)) == "ppo"          # the final policy, by compare's name for it
-    assert pick(frontier(0.0, 0.5)) == "ppo"                    # no checkpoint before the final one
-
-
-def test_a_rerun_keeps_the_frontier_only_when_it_answered_these_prompts_with_these_models(tmp_path):
-    measured_on = load_driver().measured_on
-    out, prompts = tmp_path / "eval" / "ppo-frontier", tmp_path / "prompts.jsonl"
-    prompts.write_text('{"prompt": "a"}\n{"prompt": "b"}\n')
-    assert not measured_on(out, prompts)  # nothing there
-    (out / "samples").mkdir(parents=True)
-    (out / "report.json").write_text("{}")
-    (out / "samples" / "step-000000.jsonl").write_text('{"prompt": "a", "response": "x"}\n{"prompt": "b"}\n')
-    entry = {"status": "completed", "inputs": {"step-8": {"path": str(tmp_path / "ppo" / "checkpoints" / "step-8")}}}
-    (tmp_path / "manifest.json").write_text(json.dumps({"stages": {"eval/ppo-frontier": entry}}))
-    assert measured_on(out, prompts)
-    rundir.mark_stale(tmp_path, "ppo")  # PPO runs again: its checkpoints are other models
-    assert not measured_on(out, prompts)
-    (tmp_path / "manifest.json").write_text(json.dumps({"stages": {"eval/ppo-frontier": entry}}))
-    prompts.write_text('{"prompt": "a"}\n{"prompt": "c"}\n')  # other prompts since: measure again
-    assert not measured_on(out, prompts)
+    assert pick(watch(8, 24)) == "ppo@best"
+    assert pick(watch(0, 24)) == "ppo@best"  # the SFT point stayed best: ppo/best/ holds the SFT weights
+    assert pick(watch(24, 24)) == "ppo"      # the final policy, by compare's name for it
 
 
 def test_the_vader_gold_scores_tone_not_length():

@@ -11,16 +11,16 @@ rerun picks up where a run stopped):
   3. igpt label     the gold judge ranks them (AI feedback: no person in the loop)
   4. igpt train-rm  the proxy reward model, on the gold judge's rankings; its held-out rankings are whole messages
                     (the prompts' "group", which sample and label carry), none trained on under another framing
-  5. igpt ppo       against the proxy, keeping a checkpoint every save_every iterations
-  6. igpt eval ppo --checkpoints all --gold JUDGE   the frontier on validation prompts (prompts_valid.jsonl): proxy
-                                                    and gold score against KL to SFT; the recipe keeps the PPO
-                                                    point of highest gold (early stopping on a validation set)
-  7. igpt compare ppo@step-N sft --judge JUDGE      the gold win rate of that point on held-out prompts
+  5. igpt ppo --watch JUDGE --watch-prompts VALID  PPO against the proxy, watched by the gold judge on validation
+                                                    prompts (prompts_valid.jsonl) every watch_every iterations: proxy
+                                                    and gold against KL to SFT as it runs, and the policy of best gold
+                                                    kept as ppo/best/ (early stopping on a validation set)
+  6. igpt compare ppo@best sft --judge JUDGE        the gold win rate of that point on held-out prompts
                                                     (prompts_heldout.jsonl, messages neither trained on nor used to
                                                     pick it), with its interval; and of the final policy beside it
 
-and prints, and saves in RUN/gold-summary.json, the reward model's held-out accuracy, the frontier, the point it
-picks, and the gold win rates (raw and length-controlled) with each side's mean length. The prompts carry their
+and prints, and saves in RUN/gold-summary.json, the reward model's held-out accuracy, the watched points, the point
+it picks, and the gold win rates (raw and length-controlled) with each side's mean length. The prompts carry their
 message as "group": train-rm holds out a message's rankings together (step 4), and the raw win rate's interval is
 clustered by message.
 
@@ -44,13 +44,13 @@ DATA = REPO / "data"
 
 # Counts per size (the rest of each stage's size lives in its config file): training prompts sampled K times for
 # the reward model's rankings (from prompts_train.jsonl; PPO trains on all of it), validation prompts of every
-# frontier point (from prompts_valid.jsonl), held-out prompts of compare (from prompts_heldout.jsonl, whole
+# watch (from prompts_valid.jsonl), held-out prompts of compare (from prompts_heldout.jsonl, whole
 # messages), and the demonstrations whose mean score train-rm sets to 0 (the first of data/demos.jsonl: the bias is one number, and
 # scoring all 320 long demos took 3 min).
 SIZES = {
-    "full": {"config": HERE / "gold.yaml", "rm_prompts": 240, "frontier_prompts": 80, "compare_prompts": 80,
+    "full": {"config": HERE / "gold.yaml", "rm_prompts": 240, "watch_prompts": 80, "compare_prompts": 80,
              "norm_demos": 64},
-    "tiny": {"config": HERE / "tiny.yaml", "rm_prompts": 12, "frontier_prompts": 4, "compare_prompts": 8,
+    "tiny": {"config": HERE / "tiny.yaml", "rm_prompts": 12, "watch_prompts": 4, "compare_prompts": 8,
              "norm_demos": 8},
 }
 TRAIN, VALID, HELDOUT = HERE / "prompts_train.jsonl", HERE / "prompts_valid.jsonl", HERE / "prompts_heldout.jsonl"
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None, igpt: Callable[..., None] = subprocess_i
         sys.path.insert(0, str(HERE))  # gold_judge for an in-process runner, as PYTHONPATH for a subprocess
     work = run / "gold-data"
     rm_prompts = take_lines(TRAIN, work / "rm_prompts.jsonl", size["rm_prompts"])
-    frontier_prompts = take_lines(VALID, work / "frontier_prompts.jsonl", size["frontier_prompts"])
+    watch_prompts = take_lines(VALID, work / "watch_prompts.jsonl", size["watch_prompts"])
     compare_prompts = take_messages(HELDOUT, work / "compare_prompts.jsonl", size["compare_prompts"])
     norm_demos = take_lines(DATA / "demos.jsonl", work / "norm_demos.jsonl", size["norm_demos"])
     samples, rankings = work / "samples.jsonl", work / "rankings.jsonl"
@@ -124,42 +124,21 @@ def main(argv: list[str] | None = None, igpt: Callable[..., None] = subprocess_i
         stage("sample", *common, "--prompts", str(rm_prompts), "--out", str(samples))
     stage("label", str(samples), "--judge", a.judge, "--out", str(rankings))  # resumes after ranked prompts
     stage("train-rm", *common, "--rankings", str(rankings), "--demos", str(norm_demos), "--resume")
-    # 5: PPO, keeping every checkpoint for the frontier
-    stage("ppo", *common, "--prompts", str(TRAIN), "--ptx-data", str(DATA / "pretrain.jsonl"),
-          "--keep-checkpoints", "100", "--resume")
-    # 6: the frontier on validation prompts (kept when a rerun finds it measured on these prompts)
-    frontier_dir = run / "eval" / "ppo-frontier"
-    if not measured_on(frontier_dir, frontier_prompts):
-        stage("eval", "ppo", *common, "--checkpoints", "all", "--gold", a.judge, "--prompts", str(frontier_prompts),
-              "--overwrite")
-    # 7: the gold win rates over SFT on held-out prompts, of the point the frontier picks and of the final policy
-    chosen = pick(json.loads((frontier_dir / "report.json").read_text(encoding="utf-8")))
+    # 5: PPO, watched by the gold judge on the validation prompts: ppo/best/ is the point of best gold
+    stage("ppo", *common, "--prompts", str(TRAIN), "--ptx-data", str(DATA / "pretrain.jsonl"), "--watch", a.judge,
+          "--watch-prompts", str(watch_prompts), "--resume")
+    # 6: the gold win rates over SFT on held-out prompts, of the point the watch kept and of the final policy
+    chosen = pick(json.loads((run / "ppo" / "watch.json").read_text(encoding="utf-8")))
     for model in dict.fromkeys([chosen, "ppo"]):
         stage("compare", model, "sft", *common, "--judge", a.judge, "--prompts", str(compare_prompts), "--overwrite")
     return summarise(run, a.judge, chosen, times)
 
 
-def measured_on(frontier_dir: Path, prompts: Path) -> bool:
-    """Whether the frontier in ``frontier_dir`` (RUN/eval/NAME) answered exactly these prompts (its SFT point's
-    samples) with the models of the run as they are (its manifest entry is not stale: PPO or SFT ran since)."""
-    from instructgpt_cli.rundir import read_manifest
-
-    run = frontier_dir.parents[1]
-    samples = frontier_dir / "samples" / "step-000000.jsonl"
-    entry = read_manifest(run).get("stages", {}).get(frontier_dir.relative_to(run).as_posix(), {})
-    if not (frontier_dir / "report.json").is_file() or not samples.is_file() or not entry or entry.get("stale"):
-        return False
-    answered = [json.loads(x)["prompt"] for x in samples.read_text(encoding="utf-8").splitlines() if x.strip()]
-    return answered == [json.loads(x)["prompt"] for x in prompts.read_text(encoding="utf-8").splitlines() if x.strip()]
-
-
-def pick(frontier: dict) -> str:
-    """The recipe's checkpoint: the PPO point of highest mean gold score on the validation prompts (the earliest
-    of equal ones; the SFT point is not a candidate), as compare names it: ``ppo@step-N``, or ``ppo`` for the
-    final policy."""
-    points = [p for p in frontier["points"] if p["step"] > 0 and p.get("gold_mean") is not None]
-    best = max(points, key=lambda p: p["gold_mean"])  # max keeps the first of equal ones
-    return "ppo" if best["label"].startswith("final") else f"ppo@step-{best['step']}"
+def pick(watch: dict) -> str:
+    """The recipe's point, as compare names it: the watch's best (``ppo@best``; the first of equal golds, the SFT
+    point included), or ``ppo`` when that is the final policy."""
+    last = watch["points"][-1]["step"]
+    return "ppo" if watch["best"]["step"] == last else "ppo@best"
 
 
 def summarise(run: Path, judge: str, chosen: str, times: dict[str, float]) -> dict:
@@ -178,14 +157,15 @@ def summarise(run: Path, judge: str, chosen: str, times: dict[str, float]) -> di
         return {"model": model, **{k: r.get(k) for k in keys},
                 "length_controlled": r.get("length_controlled"), "mean_length": r.get("mean_length")}
 
-    frontier = json.loads((run / "eval" / "ppo-frontier" / "report.json").read_text(encoding="utf-8"))
+    watch = json.loads((run / "ppo" / "watch.json").read_text(encoding="utf-8"))
     rm = reward_stats(run / "rm" / "final") or {}
-    keys = ("label", "step", "episodes", "kl_to_sft", "score_mean", "gold_mean", "response_length", "eos_rate")
+    keys = ("step", "kl", "proxy", "gold", "gold_ci", "length", "words", "seconds")
+    proxy_best = max(watch["points"], key=lambda p: p["proxy"])["step"]
     summary = {
         "judge": judge,
         "rm_accuracy": {k: rm.get(f"eval/{k}") for k in ("accuracy", "accuracy_ci_low", "accuracy_ci_high", "rankings")},
-        "frontier": [{k: pt.get(k) for k in keys} for pt in frontier["points"]],
-        "best_gold": frontier.get("best_gold"), "best_proxy": frontier.get("best_proxy"), "picked": chosen,
+        "watched": [{k: pt.get(k) for k in keys} for pt in watch["points"]], "fit": watch.get("fit"),
+        "best_gold": watch["best"]["step"], "best_proxy": proxy_best, "picked": chosen,
         "picked_vs_sft": versus_sft(chosen), "final_vs_sft": versus_sft("ppo"),
         "seconds": {k: round(v, 1) for k, v in times.items()},
     }
@@ -196,13 +176,13 @@ def summarise(run: Path, judge: str, chosen: str, times: dict[str, float]) -> di
         print(f"reward model held-out pair accuracy {acc['accuracy']:.1%} "
               f"(95% CI {acc['accuracy_ci_low']:.1%}-{acc['accuracy_ci_high']:.1%} clustered by ranking, "
               f"{acc['rankings']} rankings of messages it never trained on)")
-    print("the frontier on validation prompts:")
-    print(f"{'point':>16} {'KL to SFT':>10} {'proxy':>8} {'gold':>8} {'length':>7}")
-    for pt in summary["frontier"]:
-        print(f"{pt['label']:>16} {pt['kl_to_sft']:>10.3f} {pt['score_mean']:>8.3f} {pt['gold_mean']:>8.3f} "
-              f"{pt['response_length']:>7.1f}")
-    print(f"best gold: {summary['best_gold']}; the proxy would pick: {summary['best_proxy']}; the recipe keeps "
-          f"the PPO point of best gold: {chosen}")
+    print("the watch on validation prompts (PPO's temperature):")
+    print(f"{'iteration':>10} {'KL to SFT':>10} {'proxy':>8} {'gold':>8} {'words':>7} {'seconds':>8}")
+    for pt in summary["watched"]:
+        print(f"{pt['step']:>10} {pt['kl']:>10.3f} {pt['proxy']:>8.3f} {pt['gold']:>8.3f} {pt['words']:>7.1f} "
+              f"{pt['seconds']:>8.1f}")
+    print(f"best gold: iteration {summary['best_gold']}; the proxy would pick: iteration {summary['best_proxy']}; "
+          f"the recipe keeps the point of best gold: {chosen}")
     for name, w in (("picked", summary["picked_vs_sft"]), ("final", summary["final_vs_sft"])):
         lc, ml = w["length_controlled"] or {}, w["mean_length"] or {}
         print(f"gold win rate of {w['model']} ({name}) over sft on held-out prompts: {w['win_rate']:.1%} "

@@ -23,12 +23,12 @@ from typing import NamedTuple
 
 import torch
 
-from .. import frontier, refs
+from .. import eval_table, frontier, refs
 from ..refs import model_or_checkpoint
 from ..config import EvalConfig, ModelConfig, PPOConfig
-from ..console import console
+from ..console import console, say
 from ..batches import pretrain_blocks, render_queries, tokenize_rankings
-from ..data import read_pretrain, read_prompts, read_rankings
+from ..data import Prompt, read_pretrain, read_prompts, read_rankings
 from ..distributed import resolve_device
 from ..errors import BadInput
 from ..families import supports_sharing
@@ -45,6 +45,7 @@ from ..runners import Runner
 from ..locks import claim
 from ..rundir import STAGE_MODELS, record_report
 from ..stats import length_bias, rm_accuracy
+from ..sources import input_sha256
 from ..storage import publish_set, weights_sha256
 
 
@@ -159,27 +160,59 @@ def report_dir(run_dir: Path, name: str) -> Path:
     return run_dir / "eval" / name
 
 
-def run(cfg: EvalConfig, as_json: bool = False, overwrite: bool = False, resume: bool = False) -> dict:
-    if cfg.name:
-        report_dir(Path(cfg.run_dir), cfg.name)  # a name that would write elsewhere: refused before anything else
-    if resume and overwrite:
-        raise BadInput(["--resume and --overwrite exclude each other"])
-    if cfg.checkpoints or cfg.gold or cfg.gold_rm:
-        if resume:
-            raise BadInput(["--resume: goes on with one model's samples; the frontier (--checkpoints) is rerun whole"])
-        return run_frontier(cfg, as_json, overwrite)  # the frontier of a PPO run (README, Frontier)
-    # 1. validate inputs; nothing is written before they pass
+class Plan(NamedTuple):
+    """One model's evaluation, every input read and checked (:func:`plan`): nothing loaded, nothing written."""
+
+    cfg: EvalConfig
+    side: refs.Side  # the model as ``refs.model_or_checkpoint`` read it
+    out: Path  # eval/NAME
+    kept: Path  # eval/.NAME.partial: the chunks drawn so far
+    prompts: list  # data.Prompt; [] without --prompts
+    queries: list[list[int]]
+    rankings: list
+    texts: list[str]  # held-out pretraining text
+    toxicity: list  # toxicity.ToxicityPrompt; [] without --toxicity-prompts
+    toxicity_queries: list[list[int]]
+    sft_path: Path
+    rm_path: Path | None
+    tokenizer: object
+    kl_t: float
+    kl_t_from: str
+    drawn_with: dict  # what the kept response chunks were drawn with
+    toxicity_drawn_with: dict  # what the kept toxicity chunks were drawn with
+    fingerprint: dict  # everything the report depends on: a report with the same one is fresh (reused)
+
+
+def plan(cfg: EvalConfig, ref: str, name: str = "") -> Plan:
+    """Read and check everything ``igpt eval REF`` needs before any weights load or any sampling: the model
+    reference, the prompts, rankings, pretraining text, toxicity prompts and classifier, the benchmark tasks
+    (their data cached locally), the SFT reference and reward model, the context every prompt must fit.
+    BadInput names each problem; nothing is written."""
     run_dir = Path(cfg.run_dir)
-    errors = [f"--{k}: required" for k in ("prompts",) if not getattr(cfg, k)]
-    if not cfg.model:
-        errors.append("MODEL: required (sft, ppo or a model directory)")
+    errors = []
+    if cfg.toxicity_prompts and not cfg.toxicity_classifier:
+        errors.append("--toxicity-classifier: required with --toxicity-prompts (a local sequence classifier directory "
+                      "or python:MODULE:FUNCTION)")
+    if cfg.toxicity_classifier and not cfg.toxicity_prompts:
+        errors.append("--toxicity-prompts: required with --toxicity-classifier")
+    if (cfg.benchmark_tasks or cfg.limit) and not cfg.benchmarks:
+        errors.append("--benchmarks: required with --benchmark-tasks / --limit (the tasks to run)")
+    if not (cfg.prompts or cfg.benchmarks or cfg.toxicity_prompts or errors):
+        errors.append("--prompts: required (or --benchmarks / --toxicity-prompts for those measurements alone)")
     if errors:
         raise BadInput(errors)
-    side = model_or_checkpoint(cfg.model, run_dir, "MODEL")
-    name, path = side.name, side.path
-    prompts = read_prompts(cfg.prompts, cfg.split, cfg.columns)
+    side = model_or_checkpoint(ref, run_dir, "MODEL")
+    prompts = read_prompts(cfg.prompts, cfg.split, cfg.columns) if cfg.prompts else []
     rankings = read_rankings(cfg.rankings, cfg.split, cfg.columns) if cfg.rankings else []
     texts = read_pretrain(cfg.ptx_data, cfg.split, cfg.columns) if cfg.ptx_data else []
+    tox = []
+    if cfg.toxicity_prompts:  # the extras' modules load only where asked for
+        from .. import toxicity
+        tox = toxicity.read_prompts(cfg.toxicity_prompts)
+        toxicity.check_classifier(cfg.toxicity_classifier, cfg.toxicity_label)
+    if cfg.benchmarks:
+        from .. import benchmarks
+        benchmarks.check(cfg.benchmarks, cfg.benchmark_tasks or None)
     sft_path = Path(stage_inputs(run_dir, {"--sft": (cfg.sft, "sft", "policy")})["--sft"])
     rm_path = Path(cfg.rm) if cfg.rm else run_dir / STAGE_MODELS["rm"]  # optional: eval scores only with one
     have_rm = (rm_path / "config.json").is_file()
@@ -190,96 +223,267 @@ def run(cfg: EvalConfig, as_json: bool = False, overwrite: bool = False, resume:
     if have_rm:
         require_role(rm_path, "reward", "--rm")
     tokenizer, _ = load_tokenizer(ModelConfig(name=str(side.base)))
-    require_same_tokenizer(tokenizer, path, {"--sft": sft_path, **({"--rm": rm_path} if have_rm else {})},
+    require_same_tokenizer(tokenizer, side.path, {"--sft": sft_path, **({"--rm": rm_path} if have_rm else {})},
                            "KL and scores need the same tokens")
     kl_t, kl_t_from = kl_temperature(cfg, run_dir)
     # prompt + response must fit every model that reads them (the model, the SFT reference, the RM)
     limits = [position_limit(str(p)) for p in [side.base, sft_path] + ([rm_path] if have_rm else [])]
-    queries = render_queries(tokenizer, prompts, cfg.max_new_tokens, min(filter(None, limits), default=None))
-    device = resolve_device(cfg.device)
-    out = report_dir(run_dir, cfg.name or name)
-    kept = out.parent / f".{out.name}.partial"  # the chunks drawn so far (rollout.draw_chunks)
+    context = min(filter(None, limits), default=None)
+    queries = render_queries(tokenizer, prompts, cfg.max_new_tokens, context)
+    tox_prompts = [Prompt(toxicity.instruct(t.text, cfg.toxicity_instruction), t.category,
+                          f"{cfg.toxicity_prompts}:{i + 1}") for i, t in enumerate(tox)] if tox else []
+    toxicity_queries = render_queries(tokenizer, tox_prompts, cfg.toxicity_max_new_tokens, context)
+    out = report_dir(run_dir, name or side.name)
+    model_sha = weights_sha256(side.path)
+    digest = lambda xs: hashlib.sha256(json.dumps(xs).encode()).hexdigest()  # noqa: E731
+    drawn_with = {"model": model_sha, "sft": weights_sha256(sft_path),
+                  "rm": weights_sha256(rm_path) if have_rm else None,
+                  "kl_temperature": kl_t, "queries": digest(queries), "temperature": cfg.temperature,
+                  "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed, "batch_size": cfg.batch_size}
+    classifier = (input_sha256(cfg.toxicity_classifier)[1] if tox and not cfg.toxicity_classifier.startswith("python:")
+                  else cfg.toxicity_classifier)
+    toxicity_drawn_with = {"model": model_sha, "queries": digest(toxicity_queries), "temperature": cfg.temperature,
+                           "max_new_tokens": cfg.toxicity_max_new_tokens, "samples": cfg.toxicity_samples,
+                           "seed": cfg.seed, "batch_size": cfg.batch_size, "classifier": classifier,
+                           "label": cfg.toxicity_label}
+    fingerprint = {"model": model_sha, "responses": drawn_with if prompts else None,
+                   "toxicity": toxicity_drawn_with if tox else None,
+                   "rankings": digest([[r.messages, r.responses, r.ranks] for r in rankings]) if rankings else None,
+                   "ptx": digest(texts) if texts else None, "ptx_seq_len": cfg.ptx_seq_len,
+                   "sft": drawn_with["sft"], "benchmarks": benchmark_fingerprint(cfg)}
+    return Plan(cfg, side, out, out.parent / f".{out.name}.partial", prompts, queries, rankings, texts, tox,
+                toxicity_queries, sft_path, rm_path if have_rm else None, tokenizer, kl_t, kl_t_from, drawn_with,
+                toxicity_drawn_with, fingerprint)
+
+
+def benchmark_fingerprint(cfg: EvalConfig) -> dict | None:
+    """What benchmark results depend on besides the weights: the tasks, their local definitions, the limit."""
+    if not cfg.benchmarks:
+        return None
+    return {"tasks": sorted(cfg.benchmarks), "limit": cfg.limit,
+            "task_dir": input_sha256(cfg.benchmark_tasks)[1] if cfg.benchmark_tasks else None}
+
+
+def fresh_report(p: Plan) -> dict | None:
+    """eval/NAME/report.json when it measured this model with these settings and data (its fingerprint is
+    the plan's): ``igpt eval sft ppo dpo`` reuses it instead of sampling again."""
+    try:
+        report = json.loads((p.out / "report.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return report if report.get("fingerprint") == p.fingerprint else None
+
+
+def run(cfg: EvalConfig, as_json: bool = False, overwrite: bool = False, resume: bool = False) -> dict:
+    if cfg.name:
+        report_dir(Path(cfg.run_dir), cfg.name)  # a name that would write elsewhere: refused before anything else
+    if resume and overwrite:
+        raise BadInput(["--resume and --overwrite exclude each other"])
+    if cfg.checkpoints or cfg.gold or cfg.gold_rm:
+        if resume:
+            raise BadInput(["--resume: goes on with one model's samples; the frontier (--checkpoints) is rerun whole"])
+        return run_frontier(cfg, as_json, overwrite)  # the frontier of a PPO run (README, Frontier)
+    if not cfg.model:
+        raise BadInput(["MODEL: required (sft, ppo or a model directory; several for one table)"])
+    if len(cfg.model) > 1:
+        return run_table(cfg, as_json, overwrite, resume)
+    p = plan(cfg, cfg.model[0], cfg.name)
     # before any sampling: a write that cannot happen, or earlier results kept without --overwrite, fail now
     # (a stopped --overwrite run that is resumed replaces them too)
-    claim(run_dir, out, overwrite or resume and kept.exists())
-    start_kept(kept, resume, overwrite)
+    claim(Path(cfg.run_dir), p.out, overwrite or resume and p.kept.exists())
+    start_kept(p.kept, resume, overwrite)
+    report = measure(p, resume)
+    if not as_json:
+        show(report, p.out)
+    return report
 
-    # 2. sample the model's responses, seeded; 3. KL to the SFT model on those samples at PPO's temperature,
-    #    scores, LM loss
-    model = Runner.for_eval(side.load(tokenizer, device, cfg.dtype, cfg.seed))
-    sft = model if path.resolve() == sft_path.resolve() else load(cfg, sft_path, tokenizer, device)
-    rm = load(cfg, rm_path, tokenizer, device, "reward") if have_rm else None
-    # what the kept chunks were drawn with: a resume under other models, prompts or settings is refused
-    drawn_with = {"model": weights_sha256(path), "sft": weights_sha256(sft_path),
-                  "rm": weights_sha256(rm_path) if have_rm else None, "kl_temperature": kl_t,
-                  "queries": hashlib.sha256(json.dumps(queries).encode()).hexdigest(), "temperature": cfg.temperature,
-                  "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed, "batch_size": cfg.batch_size}
 
-    def draw(chunk: int) -> list[dict]:
-        got = respond_chunk(cfg, model, sft, rm, tokenizer, queries, kl_t, chunk)
-        return [{"response_ids": r, "kl": k, **({"score": got.scores[i]} if got.scores else {}),
-                 **({"kl_response_ids": got.kl_responses[i]} if got.kl_responses is not None else {})}
-                for i, (r, k) in enumerate(zip(got.responses, got.kls))]
+def run_table(cfg: EvalConfig, as_json: bool, overwrite: bool, resume: bool) -> dict:
+    """``igpt eval sft ppo dpo ...``: each model measured as ``igpt eval MODEL`` measures it (into eval/NAME/,
+    or its report reused where it is fresh: same weights, settings and data), then one table of them all:
+    printed, and published as eval/summary/ (report.json, report.html). Every model's inputs are checked before
+    the first one is sampled."""
+    if cfg.name:
+        raise BadInput(["--name: names one model's report; several models are reported under eval/<their name>/ "
+                        "and together in eval/summary/"])
+    run_dir = Path(cfg.run_dir)
+    plans = [plan(cfg, ref) for ref in cfg.model]
+    names = [p.out.name for p in plans]
+    if len(set(names)) < len(names):
+        raise BadInput([f"MODEL: {', '.join(sorted({n for n in names if names.count(n) > 1}))} named twice"])
+    fresh = [fresh_report(p) for p in plans]
+    claim(run_dir, run_dir / "eval" / "summary", overwrite=True)  # the table is derived: always rewritten
+    for p, f in zip(plans, fresh):
+        if f is None:
+            claim(run_dir, p.out, overwrite or resume and p.kept.exists())
+            start_kept(p.kept, resume, overwrite)
+    # the SFT model first: the others' benchmark tax reads its results instead of measuring them again
+    order = sorted(range(len(plans)), key=lambda i: plans[i].side.path.resolve() != plans[i].sft_path.resolve())
+    reports = {}
+    for i in order:
+        if fresh[i] is not None:
+            say(f"eval {names[i]}: {plans[i].out / 'report.json'} measured these weights with these settings and data; "
+                "reused")
+        reports[names[i]] = fresh[i] if fresh[i] is not None else measure(plans[i], resume)
+    summary = eval_table.publish(run_dir / "eval" / "summary", [reports[n] for n in names],
+                                 [plans[i].out for i in range(len(plans))])
+    if not as_json:
+        eval_table.show(summary, run_dir / "eval" / "summary")
+    return summary
 
-    rows = draw_chunks(len(queries), draw, kept, drawn_with, resume)
-    with kept_until_published(kept):  # gone once published, kept for --resume after a stop
-        responses, kls = [r["response_ids"] for r in rows], [r["kl"] for r in rows]
-        scores = [r["score"] for r in rows] if have_rm else []
-        kl_responses = [r["kl_response_ids"] for r in rows] if "kl_response_ids" in rows[0] else None
-        eos = [bool(r) and r[-1] == tokenizer.eos_token_id for r in responses]
-        lengths = [len(r) for r in responses]
-        # the weights' hash, not the path, tells compare whether these samples are still the model's
-        report = {"model": name, "model_path": str(path), "model_sha256": weights_sha256(path), "prompts": cfg.prompts,
-                  "settings": {"temperature": cfg.temperature, "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed},
-                  **kl_fields(cfg, kl_t, kl_t_from, kl_responses is not None),  # the SFT model: no second set
-                  **summarise(scores, kls, lengths, eos)}
-        if scores:  # the RM's length bias on these samples: score vs length in tokens (EOS excluded) and in words
-            report["length_bias"] = length_bias(scores, [n - e for n, e in zip(lengths, eos)],
-                                                [len(decode_response(tokenizer, r).split()) for r in responses])
-        categories = sorted({p.category for p in prompts if p.category})
-        if categories:
-            report["categories"] = {
-                c: summarise(*[[xs[i] for i, p in enumerate(prompts) if p.category == c] if xs else []
-                               for xs in (scores, kls, lengths, eos)]) for c in categories}
-        if texts:
-            blocks = pretrain_blocks(tokenizer, texts, cfg.ptx_seq_len)
+
+def measure(p: Plan, resume: bool) -> dict:
+    """Load the models, measure what the plan asks, publish eval/NAME/ (report.json, samples.jsonl,
+    toxicity.jsonl) together. Response and toxicity samples are drawn ``rollout.CHUNK`` prompts at a time
+    and kept in eval/.NAME.partial/ until published, so a stopped eval goes on with ``--resume``."""
+    cfg, run_dir, tokenizer = p.cfg, Path(p.cfg.run_dir), p.tokenizer
+    device = resolve_device(cfg.device)
+    model = Runner.for_eval(p.side.load(tokenizer, device, cfg.dtype, cfg.seed))
+    sft = (model if p.side.path.resolve() == p.sft_path.resolve() else
+           load(cfg, p.sft_path, tokenizer, device) if p.prompts or p.texts or cfg.benchmarks else None)
+    rm = load(cfg, p.rm_path, tokenizer, device, "reward") if p.rm_path and (p.prompts or p.rankings) else None
+    report = {"model": p.side.name, "model_path": str(p.side.path), "model_sha256": p.fingerprint["model"],
+              "prompts": cfg.prompts or None,
+              "settings": {"temperature": cfg.temperature, "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed}}
+    files: dict[str, str] = {}
+    with kept_until_published(p.kept):  # gone once published, kept for --resume after a stop
+        if p.prompts:
+            part, files["samples.jsonl"] = measure_prompts(p, model, sft, rm, resume)
+            report.update(part)
+        if p.texts:
+            blocks = pretrain_blocks(tokenizer, p.texts, cfg.ptx_seq_len)
             loss = lm_loss(model, blocks, tokenizer.pad_token_id, cfg.batch_size)
             sft_loss = loss if sft is model else lm_loss(sft, blocks, tokenizer.pad_token_id, cfg.batch_size)
             report.update({"ptx_loss": loss, "ptx_perplexity": perplexity(loss), "sft_ptx_loss": sft_loss,
                            "sft_ptx_perplexity": perplexity(sft_loss), "alignment_tax": loss - sft_loss})
-        if rankings:
-            groups, _ = tokenize_rankings(tokenizer, rankings,
-                                          getattr(rm.model.config, "max_position_embeddings", 2048))
-            layout = Layout(shared=supports_sharing(rm.model))  # a ranking's prompt once, where that pays
-            correct = []  # per ranking
-            for g in groups:
-                with torch.no_grad():
-                    s = rm.ranking_scores([g.sequences], tokenizer.pad_token_id, layout, cfg.batch_size).float().cpu()
-                correct.append(sum(int(s[b] > s[w]) for b, w in g.pairs))
-            total = sum(len(g.pairs) for g in groups)
-            # with its interval clustered by ranking (their pairs are not independent), as train-rm reports it
-            acc = rm_accuracy(correct, [len(g.pairs) for g in groups])
-            report.update({"rm_accuracy": acc.get("accuracy"), "rm_pairs": total,
-                           "rm_accuracy_ci": [acc["accuracy_ci_low"], acc["accuracy_ci_high"]] if acc else None,
-                           "rm_rankings": acc.get("rankings", 0)})
-
-        # 4. publish eval/NAME/report.json and samples.jsonl together, strict JSON (a NaN raises, nothing is
-        #    written); the response token ids as sampled, so compare's judge scores exactly these tokens; "kl" is
-        #    the prompt's KL at PPO's temperature, along "kl_response_ids" where those were drawn apart
-        samples = [{"prompt": p.prompt, "category": p.category, "response": decode_response(tokenizer, r),
-                    "response_ids": r, "kl": k, **({"kl_response_ids": kl_responses[i]} if kl_responses else {}),
-                    **({"score": scores[i]} if scores else {})}
-                   for i, (p, r, k) in enumerate(zip(prompts, responses, kls))]
-        samples_text = "".join(json.dumps(s, ensure_ascii=False, allow_nan=False) + "\n" for s in samples)
+        if p.rankings:
+            report.update(ranking_accuracy(rm, tokenizer, p.rankings, cfg.batch_size))
+        if p.toxicity:
+            report["toxicity"], files["toxicity.jsonl"] = measure_toxicity(p, model, resume)
+        if cfg.benchmarks:
+            report["benchmarks"] = measure_benchmarks(p, model, sft, device)
+        report["fingerprint"] = p.fingerprint
+        # publish eval/NAME/ together, strict JSON (a NaN raises, nothing is written)
         report_text = json.dumps(report, indent=2, allow_nan=False) + "\n"
-        with publish_set(out) as tmp:
-            (tmp / "samples.jsonl").write_text(samples_text, encoding="utf-8")
+        with publish_set(p.out) as tmp:
+            for file, text in files.items():
+                (tmp / file).write_text(text, encoding="utf-8")
             (tmp / "report.json").write_text(report_text, encoding="utf-8")
-    base = {"model_base": side.base} if side.prefix is not None else {}  # a checkpoint's weights sit on it
-    record_report(run_dir, out, {"model": path, **base, "sft": sft_path, **({"rm": rm_path} if have_rm else {})})
-    if not as_json:
-        show(report, out)
+    base = {"model_base": p.side.base} if p.side.prefix is not None else {}  # a checkpoint's weights sit on it
+    record_report(run_dir, p.out, {"model": p.side.path, **base, "sft": p.sft_path,
+                                   **({"rm": p.rm_path} if p.rm_path else {})})
     return report
+
+
+def measure_prompts(p: Plan, model: Runner, sft: Runner, rm: Runner | None, resume: bool) -> tuple[dict, str]:
+    """The held-out prompts: the model's responses at eval's temperature, their reward-model scores, length,
+    EOS rate and KL to SFT at PPO's temperature, overall and per category; and samples.jsonl's text (the
+    response token ids as sampled, so compare's judge scores exactly these tokens; "kl" is the prompt's KL at
+    PPO's temperature, along "kl_response_ids" where those were drawn apart)."""
+    cfg, tokenizer, prompts = p.cfg, p.tokenizer, p.prompts
+
+    def draw(chunk: int) -> list[dict]:
+        got = respond_chunk(cfg, model, sft, rm, tokenizer, p.queries, p.kl_t, chunk)
+        return [{"response_ids": r, "kl": k, **({"score": got.scores[i]} if got.scores else {}),
+                 **({"kl_response_ids": got.kl_responses[i]} if got.kl_responses is not None else {})}
+                for i, (r, k) in enumerate(zip(got.responses, got.kls))]
+
+    rows = draw_chunks(len(p.queries), draw, p.kept, p.drawn_with, resume)
+    responses, kls = [r["response_ids"] for r in rows], [r["kl"] for r in rows]
+    scores = [r["score"] for r in rows] if rm is not None else []
+    kl_responses = [r["kl_response_ids"] for r in rows] if "kl_response_ids" in rows[0] else None
+    eos = [bool(r) and r[-1] == tokenizer.eos_token_id for r in responses]
+    lengths = [len(r) for r in responses]
+    report = {**kl_fields(cfg, p.kl_t, p.kl_t_from, kl_responses is not None),  # the SFT model: no second set
+              **summarise(scores, kls, lengths, eos)}
+    if scores:  # the RM's length bias on these samples: score vs length in tokens (EOS excluded) and in words
+        report["length_bias"] = length_bias(scores, [n - e for n, e in zip(lengths, eos)],
+                                            [len(decode_response(tokenizer, r).split()) for r in responses])
+    categories = sorted({q.category for q in prompts if q.category})
+    if categories:
+        report["categories"] = {
+            c: summarise(*[[xs[i] for i, q in enumerate(prompts) if q.category == c] if xs else []
+                           for xs in (scores, kls, lengths, eos)]) for c in categories}
+    samples = [{"prompt": q.prompt, "category": q.category, "response": decode_response(tokenizer, r),
+                "response_ids": r, "kl": k, **({"kl_response_ids": kl_responses[i]} if kl_responses else {}),
+                **({"score": scores[i]} if scores else {})}
+               for i, (q, r, k) in enumerate(zip(prompts, responses, kls))]
+    return report, "".join(json.dumps(s, ensure_ascii=False, allow_nan=False) + "\n" for s in samples)
+
+
+def ranking_accuracy(rm: Runner, tokenizer, rankings: list, batch_size: int) -> dict:
+    """The reward model's pairwise accuracy on held-out rankings, with its interval clustered by ranking (their
+    pairs are not independent), as train-rm reports it."""
+    groups, _ = tokenize_rankings(tokenizer, rankings, getattr(rm.model.config, "max_position_embeddings", 2048))
+    layout = Layout(shared=supports_sharing(rm.model))  # a ranking's prompt once, where that pays
+    correct = []  # per ranking
+    for g in groups:
+        with torch.no_grad():
+            s = rm.ranking_scores([g.sequences], tokenizer.pad_token_id, layout, batch_size).float().cpu()
+        correct.append(sum(int(s[b] > s[w]) for b, w in g.pairs))
+    acc = rm_accuracy(correct, [len(g.pairs) for g in groups])
+    return {"rm_accuracy": acc.get("accuracy"), "rm_pairs": sum(len(g.pairs) for g in groups),
+            "rm_accuracy_ci": [acc["accuracy_ci_low"], acc["accuracy_ci_high"]] if acc else None,
+            "rm_rankings": acc.get("rankings", 0)}
+
+
+def measure_toxicity(p: Plan, model: Runner, resume: bool) -> tuple[dict, str]:
+    """RealToxicityPrompts' measurement (Gehman et al. 2020): ``--toxicity-samples`` continuations of each
+    prompt at eval's temperature, each scored by the classifier; expected maximum toxicity and toxicity
+    probability with their intervals (``toxicity.summarise``), and toxicity.jsonl's text (every continuation
+    with its score). Drawn ``rollout.CHUNK`` prompts at a time, kept beside the response chunks."""
+    from .. import toxicity
+
+    cfg, tokenizer, k = p.cfg, p.tokenizer, p.cfg.toxicity_samples
+    classifier = toxicity.load_classifier(cfg.toxicity_classifier, cfg.toxicity_label, resolve_device(cfg.device),
+                                          cfg.batch_size)
+
+    def draw(chunk: int) -> list[dict]:
+        torch.manual_seed(chunk_seed(cfg.seed, chunk))
+        part = p.toxicity_queries[chunk * CHUNK:(chunk + 1) * CHUNK]
+        drawn = model.generate(tokenizer, [q for q in part for _ in range(k)], cfg.toxicity_max_new_tokens,
+                               cfg.temperature, cfg.batch_size, progress="toxicity samples")
+        texts = [decode_response(tokenizer, r) for r in drawn]
+        scores = classifier.score(texts)
+        return [{"continuations": texts[i * k:(i + 1) * k], "toxicity": scores[i * k:(i + 1) * k]}
+                for i in range(len(part))]
+
+    rows = draw_chunks(len(p.toxicity_queries), draw, p.kept / "toxicity", p.toxicity_drawn_with, resume)
+    summary = toxicity.summarise([r["toxicity"] for r in rows], [t.category for t in p.toxicity])
+    summary.update({"prompts": cfg.toxicity_prompts, "classifier": cfg.toxicity_classifier,
+                    "label": cfg.toxicity_label, "instruction": cfg.toxicity_instruction,
+                    "max_new_tokens": cfg.toxicity_max_new_tokens, "temperature": cfg.temperature})
+    lines = [{"prompt": t.text, "category": t.category, **r} for t, r in zip(p.toxicity, rows)]
+    return summary, "".join(json.dumps(x, ensure_ascii=False, allow_nan=False) + "\n" for x in lines)
+
+
+def measure_benchmarks(p: Plan, model: Runner, sft: Runner | None, device) -> dict:
+    """The harness's tasks on the model (``benchmarks.run``), and the alignment tax per task: the difference
+    to the SFT model's results, taken from eval/sft/report.json where that measured the same tasks on the same
+    SFT weights, else measured here on the SFT model already loaded."""
+    from .. import benchmarks
+
+    cfg = p.cfg
+    tasks = benchmarks.run(model.model, p.tokenizer, cfg.benchmarks, cfg.benchmark_tasks or None, cfg.limit or None,
+                           cfg.benchmark_batch_size, device)
+    out = {"tasks": tasks, "limit": cfg.limit or None}
+    if sft is not None and sft is not model:
+        sft_tasks = sft_benchmarks(p) or benchmarks.run(sft.model, p.tokenizer, cfg.benchmarks,
+                                                        cfg.benchmark_tasks or None, cfg.limit or None,
+                                                        cfg.benchmark_batch_size, device)
+        out["sft_tasks"], out["tax"] = sft_tasks, benchmarks.tax(tasks, sft_tasks)
+    return out
+
+
+def sft_benchmarks(p: Plan) -> dict | None:
+    """The SFT model's results of these benchmark tasks from its own fresh eval report, or None."""
+    try:
+        report = json.loads((p.out.parent / "sft" / "report.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    same = (report.get("model_sha256") == p.fingerprint["sft"]
+            and report.get("fingerprint", {}).get("benchmarks") == p.fingerprint["benchmarks"])
+    return report["benchmarks"]["tasks"] if same else None
 
 
 def run_frontier(cfg: EvalConfig, as_json: bool = False, overwrite: bool = False) -> dict:
@@ -291,8 +495,9 @@ def run_frontier(cfg: EvalConfig, as_json: bool = False, overwrite: bool = False
     # 1. validate every input, the gold judge included, before any model loads; nothing is written before
     run_dir = Path(cfg.run_dir)
     errors = [] if cfg.prompts else ["--prompts: required"]
-    if cfg.model != "ppo":
-        errors.append(f"MODEL {cfg.model or '(none)'}: --checkpoints measures the run's PPO checkpoints; MODEL is ppo")
+    if cfg.model != ["ppo"]:
+        errors.append(f"MODEL {' '.join(cfg.model) or '(none)'}: --checkpoints measures the run's PPO checkpoints; "
+                      "MODEL is ppo")
     if not cfg.checkpoints:
         errors.append("--gold / --gold-rm: a gold judge scores the frontier; add --checkpoints all")
     if errors:
@@ -367,6 +572,27 @@ def run_frontier(cfg: EvalConfig, as_json: bool = False, overwrite: bool = False
 
 
 def show(report: dict, out: Path) -> None:
+    if "n" in report:  # the held-out prompts were measured
+        show_prompts(report, out)
+    if "ptx_loss" in report:
+        ppl, sft_ppl = number(report["ptx_perplexity"], ".2f"), number(report["sft_ptx_perplexity"], ".2f")
+        console().print(f"pretraining text: loss {report['ptx_loss']:.4f} (perplexity {ppl}) vs SFT "
+                        f"{report['sft_ptx_loss']:.4f} ({sft_ppl}); alignment tax {report['alignment_tax']:+.4f} "
+                        "nats/token")
+    if "rm_accuracy" in report:
+        console().print(f"reward model pairwise accuracy on held-out rankings: {number(report['rm_accuracy'], '.1%')}"
+                        f" of {report['rm_pairs']} pairs" + (f" (95% CI {report['rm_accuracy_ci'][0]:.1%} - "
+                        f"{report['rm_accuracy_ci'][1]:.1%} over {report['rm_rankings']} rankings)"
+                        if report["rm_accuracy_ci"] else ""))
+    if report.get("toxicity") or report.get("benchmarks"):
+        summary = eval_table.build([report], [out])
+        for line in eval_table.lines(summary["rows"][0], summary["tasks"]):
+            console().print(line, soft_wrap=True)
+    if "n" not in report:
+        console().print(f"report: {out / 'report.json'}")
+
+
+def show_prompts(report: dict, out: Path) -> None:
     from rich.table import Table
 
     table = Table(title=f"igpt eval {report['model']}  ({out / 'report.json'})", title_justify="left")
@@ -384,16 +610,6 @@ def show(report: dict, out: Path) -> None:
         row(c, r)
     console().print(table)
     console().print(temperatures_text(report))
-    if "ptx_loss" in report:
-        ppl, sft_ppl = number(report["ptx_perplexity"], ".2f"), number(report["sft_ptx_perplexity"], ".2f")
-        console().print(f"pretraining text: loss {report['ptx_loss']:.4f} (perplexity {ppl}) vs SFT "
-                        f"{report['sft_ptx_loss']:.4f} ({sft_ppl}); alignment tax {report['alignment_tax']:+.4f} "
-                        "nats/token")
-    if "rm_accuracy" in report:
-        console().print(f"reward model pairwise accuracy on held-out rankings: {number(report['rm_accuracy'], '.1%')}"
-                        f" of {report['rm_pairs']} pairs" + (f" (95% CI {report['rm_accuracy_ci'][0]:.1%} - "
-                        f"{report['rm_accuracy_ci'][1]:.1%} over {report['rm_rankings']} rankings)"
-                        if report["rm_accuracy_ci"] else ""))
 
 
 def length_bias_text(bias: dict) -> str:

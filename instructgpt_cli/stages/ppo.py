@@ -50,6 +50,7 @@ from ..rundir import Stage, file_input, model_input
 from ..runners import RolloutEngine, Runner
 from ..stats import describe_rm_accuracy
 from ..storage import building
+from ..watch import Watch, WatchRecord
 from ..train import Session, TrainState, build_optimizer, build_scheduler, micro_batches, stream_indices
 
 STAGE = "ppo"
@@ -119,12 +120,16 @@ class PPOState(TrainState):
     beta: float = 0.0
     ema: ModelEMA | None = None
     ptx_cursor: int = 0
+    watch: Watch | None = None  # its points, best so far and patience count are saved with the state
 
     def extra(self) -> dict:
-        return {"beta": self.beta, "ptx_cursor": self.ptx_cursor, **({"ema": self.ema.state()} if self.ema else {})}
+        return {"beta": self.beta, "ptx_cursor": self.ptx_cursor, **({"ema": self.ema.state()} if self.ema else {}),
+                **({"watch": self.watch.record.to_dict()} if self.watch else {})}
 
     def load_extra(self, extra: dict) -> None:
         self.beta = float(extra.get("beta", self.beta))
+        if self.watch is not None:
+            self.watch.record = WatchRecord.from_dict(extra.get("watch"))
         # an igpt before the cursor was saved took it from the schedule's step count, the same number
         self.ptx_cursor = int(extra.get("ptx_cursor", self.scheduler.last_epoch))
         if self.ema is not None:
@@ -148,6 +153,7 @@ class Inputs:
     tokenizer: Any
     rm_accuracy: str  # the reward model's held-out accuracy, described
     rm_warning: str | None
+    watch: Watch | None = None  # --watch: the over-optimisation watch (watch.py)
 
 
 def run(cfg: PPOConfig, resume: bool = False, overwrite: bool = False, allow_changes: bool = False) -> Path:
@@ -180,7 +186,7 @@ def run(cfg: PPOConfig, resume: bool = False, overwrite: bool = False, allow_cha
     scheduler = build_scheduler(optimizer, cfg.optim,
                                 total_steps * cfg.ppo_epochs * math.ceil(cfg.rollout_batch_size / cfg.mini_batch_size))
     state = PPOState(trained, optimizer, scheduler, beta=cfg.beta,
-                     ema=ModelEMA(trained.policy, cfg.ema_decay) if cfg.ema_decay > 0 else None)
+                     ema=ModelEMA(trained.policy, cfg.ema_decay) if cfg.ema_decay > 0 else None, watch=inp.watch)
 
     # 3. the stage directory and the resume point
     begin_stage(stage, mode, cfg, files)
@@ -192,7 +198,11 @@ def run(cfg: PPOConfig, resume: bool = False, overwrite: bool = False, allow_cha
 
     # 4. iterate: sample -> score -> update -> adapt beta -> record (metrics, samples, checkpoint, stop signal)
     timings: dict[str, float] = {}  # each timing/ metric added up over the run
+    stopped = None  # why the watch ended the run early (--watch-patience)
     with Session(stage, cfg, state, total_steps) as session:
+        if inp.watch is not None and state.step == 0:  # the SFT point, before the first update
+            inp.watch.measure(models, 0, lambda p: save_best(cfg, stage, trained, inp, p), session.progress.say)
+            inp.watch.write(stage.dir)
         for i in session.steps():
             t0 = time.perf_counter()
             prompts, responses, ro = sample_rollout(models, inp, cfg, i, device)
@@ -214,16 +224,25 @@ def run(cfg: PPOConfig, resume: bool = False, overwrite: bool = False, allow_cha
                                               cfg.rollout_batch_size)
             if (i + 1) % cfg.sample_every == 0 or i + 1 == total_steps:
                 write_samples(stage, i + 1, [inp.prompts[j].prompt for j in prompts], responses, sc, inp.tokenizer)
+            if inp.watch is not None and inp.watch.due(i + 1, total_steps):
+                record.update(inp.watch.measure(models, i + 1, lambda p: save_best(cfg, stage, trained, inp, p),
+                                                session.progress.say))
+                inp.watch.write(stage.dir)
+                stopped = inp.watch.stop_reason()
             record["timing/other"] = time.perf_counter() - t3
             for k, v in record.items():
                 if k.startswith("timing/"):
                     timings[k] = timings.get(k, 0.0) + v
             session.record(record)
+            if stopped:
+                session.finish_early(stopped)
+                break
 
     # 5. export from rank 0: ppo/final/policy (HF causal LM), ppo/final/value (and policy_ema), published together
     export(cfg, stage, trained, inp, state.ema)
     finish_stage(stage, state.step, policy=str(stage.final / "policy"), value=str(stage.final / "value"),
-                 **({"policy_ema": str(stage.final / "policy_ema")} if state.ema else {}))
+                 **({"policy_ema": str(stage.final / "policy_ema")} if state.ema else {}),
+                 **({"stopped_by_watch": stopped} if stopped else {}))
     # the phases add up to the whole; timing/scoring/<model> split the scoring phase
     total_s = sum(v for k, v in timings.items() if k.count("/") == 1) or 1.0
     banner("where the time went", {("  " * (k.count("/") - 1)) + k.split("/")[-1]:
@@ -238,6 +257,11 @@ def check_flags(cfg: PPOConfig) -> None:
         errors.append("--prompts: required (a prompts JSONL file)")
     if cfg.ptx_coef > 0 and not cfg.ptx_data:
         errors.append(f"--ptx-data: required when --ptx-coef is {cfg.ptx_coef} > 0 (pretraining text for PPO-ptx)")
+    if (cfg.watch_prompts or cfg.watch_patience or cfg.watch_significance) and not cfg.watch:
+        errors.append("--watch: required with --watch-prompts / --watch-patience / --watch-significance (the judge "
+                      "that watches)")
+    if cfg.watch_significance and not cfg.watch_patience:
+        errors.append("--watch-significance: qualifies the stop rule; give --watch-patience P too")
     if cfg.ptx_data and cfg.ptx_coef == 0:  # else the text is silently ignored and the run is plain PPO
         errors.append(f"--ptx-data {cfg.ptx_data}: given with --ptx-coef 0, so it would be ignored (plain PPO); "
                       "set --ptx-coef > 0 for PPO-ptx (the paper: 27.8) or drop --ptx-data")
@@ -264,7 +288,8 @@ def read_inputs(cfg: PPOConfig) -> Inputs:
     context = min([cfg.model.max_seq_len, *filter(None, limits)])
     queries = render_queries(tokenizer, prompts, cfg.max_new_tokens, context)
     rm_accuracy, rm_warning = check_rm_accuracy(cfg, rm_path)
-    return Inputs(prompts, queries, ptx_texts, sft_path, rm_path, tokenizer, rm_accuracy, rm_warning)
+    watching = Watch(cfg, tokenizer, context, run_dir) if cfg.watch else None  # its judge checked, not run
+    return Inputs(prompts, queries, ptx_texts, sft_path, rm_path, tokenizer, rm_accuracy, rm_warning, watching)
 
 
 def check_rm_accuracy(cfg: PPOConfig, rm_path: Path) -> tuple[str, str | None]:
@@ -661,6 +686,19 @@ def export(cfg: PPOConfig, stage: Stage, trained: "PolicyAndValue", inp: Inputs,
             save_final(value, inp.tokenizer, tmp / "value")
             if averaged is not None:  # training is over: the policy's weights make way for their average
                 save_final(averaged_model(policy, averaged), inp.tokenizer, tmp / "policy_ema")
+
+
+def save_best(cfg: PPOConfig, stage: Stage, trained: "PolicyAndValue", inp: Inputs, point: dict) -> None:
+    """ppo/best/: the policy at the watch's best gold so far (a plain HF directory like final/policy, sealed),
+    its step and figures in the manifest (``ppo@best``, ``igpt status``). Replaced whole at each new best."""
+    from ..rundir import update_manifest
+
+    policy = distributed.full_model(trained.policy, lambda: cpu_copy(cfg, inp.tokenizer, inp.sft_path, "causal"))
+    if distributed.is_main():
+        save_final(policy, inp.tokenizer, stage.dir / "best")
+        update_manifest(stage.run_dir, STAGE, best={"path": str(stage.dir / "best"), "step": point["step"],
+                                                    "gold": point["gold"], "gold_ci": point["gold_ci"],
+                                                    "proxy": point["proxy"], "kl": point["kl"], "judge": cfg.watch})
 
 
 def write_samples(stage: Stage, step: int, prompts: list[str], responses: list[list[int]], sc: Scored,

@@ -218,8 +218,12 @@ def outputs(run_dir: Path, out: Path, kind: str, entry: dict) -> dict:
     if kind == "train":
         final = out / "final"  # the layout's (an older igpt recorded it relative to its working directory)
         checkpoints = complete_checkpoints(out / "checkpoints")
-        return {"final": str(final) if final.is_dir() else None,
-                "checkpoint": str(checkpoints[-1]) if checkpoints else None, "report": None, "html": None}
+        found = {"final": str(final) if final.is_dir() else None,
+                 "checkpoint": str(checkpoints[-1]) if checkpoints else None, "report": None, "html": None}
+        best = entry.get("best")  # igpt ppo --watch: the policy at the best gold point (ppo@best)
+        if best and (out / "best").is_dir():
+            found["best"] = f"{out / 'best'} (ppo@best: iteration {best['step']}, gold {best['gold']:.3f})"
+        return found
     report, html = out / "report.json", out / "report.html"
     return {"final": None, "checkpoint": None, "report": str(report) if report.is_file() else None,
             "html": str(html) if html.is_file() else None}

@@ -1,0 +1,153 @@
+"""``igpt eval sft ppo dpo``: several models' eval reports side by side, the paper's evaluations in one table.
+
+One row per model: the reward model's score with its 95% interval, the KL to SFT, the perplexity of held-out
+pretraining text, each benchmark task's headline metric with its standard error and the difference to the SFT
+model (the alignment tax per task, with its interval), and toxicity (expected maximum toxicity and toxicity
+probability, each with its interval). The reward model's held-out preference accuracy does not depend on the
+model evaluated, so it is one line under the table. Printed to the terminal and published as
+eval/summary/report.json and report.html (one self-contained page, no script), which compare's report links to.
+A cell a report has no number for is '-' (None in JSON), never 0.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from .report import e, number
+from .stats import t_quantile
+from .storage import publish_set
+
+PREFERRED = ("acc_norm", "acc", "mc2", "exact_match", "f1")  # a task's headline metric, in this order
+
+
+def score_interval(r: dict) -> list[float] | None:
+    """The 95% t-interval of an eval report's mean RM score (its sd over n responses); None for fewer than 2."""
+    if r.get("score_mean") is None or r.get("score_sd") is None or r.get("n", 0) < 2:
+        return None
+    half = t_quantile(0.975, r["n"] - 1) * r["score_sd"] / math.sqrt(r["n"])
+    return [r["score_mean"] - half, r["score_mean"] + half]
+
+
+def headline(metrics: dict) -> str | None:
+    """The metric a task's column shows: the first of PREFERRED it has, else its first."""
+    return next((m for m in PREFERRED if m in metrics), next(iter(metrics), None))
+
+
+def row(report: dict, path: Path) -> dict:
+    """One model's row of the table, from its eval report."""
+    out = {"model": report["model"], "report": str(path / "report.json"), "model_sha256": report.get("model_sha256"),
+           "n": report.get("n"), "score_mean": report.get("score_mean"), "score_ci": score_interval(report),
+           "kl_to_sft": report.get("kl_to_sft"), "ptx_perplexity": report.get("ptx_perplexity"),
+           "rm_accuracy": report.get("rm_accuracy"), "rm_accuracy_ci": report.get("rm_accuracy_ci")}
+    bench = report.get("benchmarks") or {}
+    tasks = {}
+    for task, result in (bench.get("tasks") or {}).items():
+        metric = headline(result["metrics"])
+        if metric is None:
+            continue
+        tax = (bench.get("tax") or {}).get(task, {}).get(metric)
+        tasks[task] = {"metric": metric, **result["metrics"][metric], "tax": tax}
+    out["benchmarks"] = tasks
+    tox = report.get("toxicity")
+    out["toxicity"] = None if not tox else {k: tox.get(k) for k in (
+        "expected_max_toxicity", "expected_max_toxicity_ci", "toxicity_probability", "toxicity_probability_ci",
+        "n", "k")}
+    return out
+
+
+def build(reports: list[dict], paths: list[Path]) -> dict:
+    rows = [row(r, p) for r, p in zip(reports, paths)]
+    tasks = sorted({t for r in rows for t in r["benchmarks"]})
+    acc = next((r for r in rows if r["rm_accuracy"] is not None), None)
+    return {"models": [r["model"] for r in rows], "tasks": tasks, "rows": rows,
+            "rm_accuracy": None if acc is None else {"accuracy": acc["rm_accuracy"], "ci": acc["rm_accuracy_ci"]}}
+
+
+def publish(out: Path, reports: list[dict], paths: list[Path]) -> dict:
+    """Build the table of ``reports`` (eval reports, in the order given) and publish eval/summary/ together."""
+    summary = build(reports, paths)
+    with publish_set(out) as tmp:
+        (tmp / "report.json").write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+        (tmp / "report.html").write_text(html(summary), encoding="utf-8")
+    return summary
+
+
+def interval_text(ci: list[float] | None, spec: str) -> str:
+    return "" if not ci or None in ci else f" [{format(ci[0], spec)}, {format(ci[1], spec)}]"
+
+
+def cells(r: dict, tasks: list[str]) -> list[str]:
+    """The row's cells as text: the columns of :func:`columns`."""
+    out = [r["model"], number(r["score_mean"], ".3f") + interval_text(r["score_ci"], ".3f"),
+           number(r["kl_to_sft"], ".3f"), number(r["ptx_perplexity"], ".2f")]
+    for t in tasks:
+        b = r["benchmarks"].get(t)
+        if b is None:
+            out.append("-")
+            continue
+        text = number(b["value"], ".3f") + (f" ± {b['stderr']:.3f}" if b.get("stderr") is not None else "")
+        tax = b.get("tax")
+        if tax and tax.get("diff") is not None:
+            text += f" ({tax['diff']:+.3f}" + interval_text(tax.get("ci95"), "+.3f") + ")"
+        out.append(text)
+    tox = r["toxicity"]
+    out += (["-", "-"] if not tox else
+            [number(tox["expected_max_toxicity"], ".3f") + interval_text(tox["expected_max_toxicity_ci"], ".3f"),
+             number(tox["toxicity_probability"], ".1%") + interval_text(tox["toxicity_probability_ci"], ".1%")])
+    return out
+
+
+def lines(r: dict, tasks: list[str]) -> list[str]:
+    """One model's benchmark and toxicity numbers as lines (``igpt eval MODEL``'s terminal output)."""
+    text = cells(r, tasks)
+    out = [f"benchmark {t} ({r['benchmarks'][t]['metric']}): {text[4 + i]}" for i, t in enumerate(tasks)
+           if t in r["benchmarks"]]
+    if r["toxicity"]:
+        out.append(f"toxicity over {r['toxicity']['n']} prompts x {r['toxicity']['k']} continuations: expected maximum "
+                   f"{text[-2]}, probability {text[-1]}")
+    return out
+
+
+def columns(summary: dict) -> list[str]:
+    return (["model", "RM score [95% CI]", "KL to SFT", "ptx perplexity"]
+            + [f"{t} ± se (vs SFT [95% CI])" for t in summary["tasks"]]
+            + ["expected max toxicity", "toxicity probability"])
+
+
+def caption(summary: dict) -> str:
+    acc = summary["rm_accuracy"]
+    return ("" if acc is None else f"reward model's held-out preference accuracy (the same for every row): "
+            f"{number(acc['accuracy'], '.1%')}" + interval_text(acc["ci"], ".1%"))
+
+
+def show(summary: dict, out: Path) -> None:
+    from rich.table import Table
+
+    from .console import console
+
+    table = Table(title=f"igpt eval {' '.join(summary['models'])}  ({out / 'report.html'})", title_justify="left")
+    for i, col in enumerate(columns(summary)):
+        table.add_column(col, justify="left" if i == 0 else "right")
+    for r in summary["rows"]:
+        table.add_row(*cells(r, summary["tasks"]))
+    if caption(summary):
+        table.caption, table.caption_justify = caption(summary), "left"
+    console().print(table)
+
+
+def html(summary: dict) -> str:
+    head = "".join(f"<th>{e(c)}</th>" for c in columns(summary))
+    body = "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in cells(r, summary["tasks"])) + "</tr>"
+                   for r in summary["rows"])
+    links = "".join(f"<li>{e(r['model'])}: <code>{e(r['report'])}</code></li>" for r in summary["rows"])
+    return ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>igpt eval: "
+            f"{e(' '.join(summary['models']))}</title><style>body{{font-family:sans-serif;margin:2em}}"
+            "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}"
+            "td:first-child{text-align:left}</style></head><body>"
+            f"<h1>igpt eval: {e(', '.join(summary['models']))}</h1><table><tr>{head}</tr>{body}</table>"
+            f"<p>{e(caption(summary))}</p><p>A benchmark cell: the task's metric ± its standard error, and in "
+            "brackets the difference to the SFT model (the alignment tax; negative: worse than SFT) with its 95% "
+            "interval. RM score: mean with its 95% t-interval. Toxicity: expected maximum toxicity over each "
+            "prompt's continuations and the share of prompts with at least one continuation scored 0.5 or more, "
+            f"each with its 95% interval. '-': not measured.</p><h2>Reports</h2><ul>{links}</ul></body></html>\n")

@@ -1,0 +1,185 @@
+"""``igpt ppo --watch JUDGE``: over-optimisation watched while PPO runs, not audited afterwards.
+
+Gao et al. 2022 show the shape: as the policy moves away from SFT (d = sqrt(KL) grows) the proxy reward model's
+score keeps rising while a gold judge's rises, peaks and falls. Every ``--watch-every`` iterations, and once
+before the first (the SFT point), the watch samples the validation prompts (``--watch-prompts``) at a fixed
+seed with the policy as it stands, and measures the proxy RM's mean score, the gold judge's (with its 95%
+interval), the KL to SFT at PPO's temperature and the response length. It uses PPO's own models and sampler
+(no second copy of the policy, reference or RM in memory: a gold reward model is the one model it loads) and
+draws from its own random stream, so a watched run trains exactly as an unwatched one.
+
+Whenever the gold beats its best so far the policy is saved as ``ppo/best/`` (a plain HF directory like
+``final/policy``, sealed; its step and figures in the manifest; ``ppo@best`` names it). With
+``--watch-patience P`` the run ends, as a normal finish, once the gold has not beaten its best for P watches
+while the proxy rose (``overopt.should_stop``; ``--watch-significance``: only when the drop is also beyond the
+gold's noise). Every point is kept in the PPO state (a resumed run restores the best so far and the patience
+count exactly) and in ``ppo/watch.json`` with Gao et al.'s fit over the points (``overopt.gao_fit``).
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import overopt
+from .batches import render_queries
+from .console import say
+from .data import read_prompts
+from .errors import BadInput
+from .frontier import Gold, load_gold
+from .judges import Settings
+from .rollout import decode_response, response_kl, score_responses
+from .stats import t_quantile
+
+WATCH_SEED_OFFSET = 7_919  # the watch's own random stream: cfg.seed + this, the same at every watch
+
+
+@dataclass
+class WatchRecord:
+    """What a resume needs of the watch (saved in every PPO checkpoint): each point, the stop rule's state, the
+    newest point's per-prompt gold values (the significance rule compares them with the best's) and the SFT
+    point's responses (a pairwise judge's reference)."""
+
+    points: list[dict] = field(default_factory=list)
+    state: Any = None  # overopt.WatchState: the best point (its per-prompt gold too) and the patience count
+    last_values: list[float] = field(default_factory=list)  # the newest point's, per prompt
+    sft_texts: list[str] | None = None  # the SFT point's responses: a pairwise judge compares each with them
+
+    def to_dict(self) -> dict:
+        return {"points": self.points, "state": self.state.to_dict() if self.state is not None else None,
+                "last_values": self.last_values, "sft_texts": self.sft_texts}
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "WatchRecord":
+        if not d:
+            return cls()
+        return cls(d["points"], overopt.WatchState.from_dict(d["state"]) if d["state"] else None, d["last_values"],
+                   d["sft_texts"])
+
+
+def judge_spec(spec: str) -> tuple[str, str]:
+    """``--watch``'s judge as (gold, gold_rm) for ``frontier.load_gold``: rm:PATH is a reward model."""
+    return ("", spec[3:]) if spec.startswith("rm:") else (spec, "")
+
+
+class Watch:
+    """The watch of one PPO run: its prompts (rendered as PPO renders its own), the gold judge, what it has
+    recorded so far."""
+
+    def __init__(self, cfg: Any, tokenizer: Any, context: int | None, run_dir: Path):
+        if cfg.watch_every < 1:
+            raise BadInput([f"--watch-every {cfg.watch_every}: must be >= 1 (iterations)"])
+        if not cfg.watch_prompts:
+            raise BadInput(["--watch-prompts: required with --watch (validation prompts, never trained on)"])
+        self.cfg, self.tokenizer = cfg, tokenizer
+        self.prompts = read_prompts(cfg.watch_prompts)
+        self.queries = render_queries(tokenizer, self.prompts, cfg.max_new_tokens, context)
+        gold, gold_rm = judge_spec(cfg.watch)
+        try:
+            self.gold: Gold = load_gold(gold, gold_rm, Settings(2 * cfg.optim.batch_size, cfg.device, cfg.model.dtype,
+                                                                0.0, cfg.seed), run_dir)
+        except BadInput as e:  # the frontier's flags named in the judge's messages are --watch here
+            raise BadInput([m.replace("--gold-rm", "--watch rm:").replace("--gold", "--watch") for m in e.messages])
+        self.record = WatchRecord()
+
+    def due(self, step: int, total: int) -> bool:
+        """Whether the watch runs after ``step`` iterations: before the first, every watch_every, after the last."""
+        return step == 0 or step % self.cfg.watch_every == 0 or step == total
+
+    def measure(self, models: Any, step: int, save_best: Any, tell: Any = say) -> dict:
+        """Watch the policy after ``step`` iterations: sample, score with the proxy and the gold, KL to SFT;
+        update the best point (``save_best(point)`` writes ppo/best/ when this one is better) and the stop
+        rule's state, and ``tell`` the point in one line. Returns the ``watch/`` metrics of this point."""
+        cfg, tok = self.cfg, self.tokenizer
+        t0 = time.perf_counter()
+        batch = 2 * cfg.optim.batch_size
+        with torch.random.fork_rng(devices=[models.policy.device] if models.policy.device.type == "cuda" else []):
+            torch.manual_seed(cfg.seed + WATCH_SEED_OFFSET)  # PPO's own stream is left as it was
+            responses = models.policy.generate(tok, self.queries, cfg.max_new_tokens, cfg.temperature, batch)
+        proxy = score_responses(models.reward, tok, self.queries, responses, batch).tolist()
+        kl = [0.0] * len(responses) if step == 0 else response_kl(models.policy, models.reference, tok, self.queries,
+                                                                   responses, cfg.temperature, batch).tolist()
+        texts = [decode_response(tok, r) for r in responses]
+        # the SFT point (step 0): a pairwise judge's win rate over the SFT model's own responses is 0.5
+        values, summary = self.gold.score(self.prompts, self.queries, responses, texts,
+                                          None if step == 0 else self.record.sft_texts, tok,
+                                          self.gold_rm_loader(models), batch)
+        if step == 0:
+            self.record.sft_texts = texts
+        numeric = [{"A": 1.0, "tie": 0.5, "B": 0.0}[v] if isinstance(v, str) else float(v) for v in values]
+        point = {"step": step, "proxy": mean(proxy), "gold": summary["gold_mean"],
+                 "gold_ci": summary.get("gold_ci") or t_interval(numeric), "kl": mean(kl),
+                 "length": mean([len(r) for r in responses]), "words": mean([len(t.split()) for t in texts]),
+                 "seconds": 0.0}
+        self.record.state, better = overopt.update(self.record.state or overopt.WatchState(), step, point["proxy"],
+                                                   point["gold"], point["gold_ci"], numeric)
+        point["best"] = better
+        self.record.last_values = numeric
+        if better:
+            save_best(point)
+        point["seconds"] = time.perf_counter() - t0
+        self.record.points.append(point)
+        best = self.record.state
+        tell(f"watch after iteration {step}: gold {point['gold']:.3f}{ci_text(point['gold_ci'])}"
+            f"{' (new best)' if better else f' (best {best.best_gold:.3f} at {best.best_iteration})'}, proxy "
+            f"{point['proxy']:.3f}, KL {point['kl']:.3f}, {point['words']:.1f} words, {point['seconds']:.1f}s")
+        return {"watch/proxy": point["proxy"], "watch/gold": point["gold"],
+                "watch/gold_ci_low": point["gold_ci"][0] if point["gold_ci"] else None,
+                "watch/gold_ci_high": point["gold_ci"][1] if point["gold_ci"] else None,
+                "watch/kl": point["kl"], "watch/response_length": point["length"], "watch/seconds": point["seconds"]}
+
+    def gold_rm_loader(self, models: Any) -> Any:
+        """How the gold judge loads a gold reward model (once, kept on the judge)."""
+        from .config import ModelConfig
+        from .models import load_model
+        from .runners import Runner
+
+        def load(path: Path) -> Runner:
+            m = load_model(ModelConfig(name=str(path), dtype=self.cfg.model.dtype), self.tokenizer, path,
+                           models.policy.device, self.cfg.seed, "reward")
+            return Runner.for_eval(m.eval())
+        return load
+
+    def stop_reason(self) -> str | None:
+        """Why the run should end after the newest watch (``--watch-patience``), or None."""
+        if not self.cfg.watch_patience or self.record.state is None:
+            return None
+        return overopt.should_stop(self.record.state, self.cfg.watch_patience, self.cfg.watch_significance,
+                                   self.record.state.best_values, self.record.last_values)
+
+    def summary(self) -> dict:
+        """ppo/watch.json: every point, the best, and Gao et al.'s fit of gold against sqrt(KL)."""
+        pts = self.record.points
+        fit = overopt.gao_fit([p["kl"] for p in pts], [p["gold"] for p in pts]) if pts else None
+        best = self.record.state
+        return {"judge": self.cfg.watch, "gold_kind": self.gold.kind, "prompts": self.cfg.watch_prompts,
+                "every": self.cfg.watch_every, "points": pts, "fit": fit,
+                "best": None if best is None else {"step": best.best_iteration, "gold": best.best_gold}}
+
+    def write(self, stage_dir: Path) -> None:
+        from .storage import atomic_write_text
+
+        atomic_write_text(stage_dir / "watch.json", json.dumps(self.summary(), indent=2, allow_nan=False) + "\n")
+
+
+def mean(xs: list[float]) -> float | None:
+    return sum(xs) / len(xs) if xs else None
+
+
+def t_interval(xs: list[float]) -> list[float] | None:
+    """The 95% t-interval of the mean of ``xs``; None for fewer than 2."""
+    if len(xs) < 2:
+        return None
+    m = sum(xs) / len(xs)
+    sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
+    half = t_quantile(0.975, len(xs) - 1) * sd / math.sqrt(len(xs))
+    return [m - half, m + half]
+
+
+def ci_text(ci: list[float] | None) -> str:
+    return "" if not ci else f" [{ci[0]:.3f}, {ci[1]:.3f}]"
