@@ -348,6 +348,8 @@ class PPOConfig(TrainingBlocks):
     require_rm_accuracy: float = f(0.0, "refuse to start unless the RM's held-out pairwise accuracy recorded by "
                                         "train-rm is at least this (fraction); 0 = no check",
                                    "in [0, 1] (a fraction; 0 = no check)")
+    require_rm_above_chance: bool = f(False, "refuse to start unless the RM's held-out pairwise accuracy recorded by "
+                                             "train-rm has a 95% interval above 50% (README, Gold-judged experiment)")
     watch: str = f("", "an independent judge that watches for over-optimisation while PPO runs: "
                        "python:MODULE:FUNCTION, model:REF (win rate over the SFT model's responses) or rm:PATH (a "
                        "second reward model); README, Watching for over-optimisation",
@@ -532,6 +534,7 @@ def flat_fields(obj: Any, prefix: str = "") -> dict[str, tuple[Any, Any, str]]:
 # finished stage. The model's memory-only switches belong here too.
 FREE_ON_RESUME = frozenset({"run_dir", "device", "threads", "fsdp", "save_every", "eval_every", "sample_every",
                             "keep_checkpoints", "max_steps", "epochs", "total_episodes", "require_rm_accuracy",
+                            "require_rm_above_chance",
                             "log_every", "model.gradient_checkpointing", "ptx_micro_batch_size", "report_to"})
 EXTENDS = frozenset({"max_steps", "epochs", "total_episodes"})
 # File settings: compared by the content of what they name (the manifest's input hashes), not by path.

@@ -1,6 +1,7 @@
 """``igpt eval sft ppo dpo``: several models' eval reports side by side, the paper's evaluations in one table.
 
-One row per model: the reward model's score with its 95% interval, the KL to SFT, the perplexity of held-out
+One row per model: the reward model's score with its 95% interval, the KL to SFT, response length and EOS rate,
+the perplexity of held-out
 pretraining text, each benchmark task's headline metric with its standard error and the difference to the SFT
 model (the alignment tax per task, with its interval), and toxicity (expected maximum toxicity and toxicity
 probability, each with its interval). The reward model's held-out preference accuracy does not depend on the
@@ -39,6 +40,7 @@ def row(report: dict, path: Path) -> dict:
     out = {"model": report["model"], "report": str(path / "report.json"), "model_sha256": report.get("model_sha256"),
            "n": report.get("n"), "score_mean": report.get("score_mean"), "score_ci": score_interval(report),
            "kl_to_sft": report.get("kl_to_sft"), "ptx_perplexity": report.get("ptx_perplexity"),
+           "response_length": report.get("response_length"), "eos_rate": report.get("eos_rate"),
            "rm_accuracy": report.get("rm_accuracy"), "rm_accuracy_ci": report.get("rm_accuracy_ci")}
     bench = report.get("benchmarks") or {}
     tasks = {}
@@ -73,24 +75,29 @@ def publish(out: Path, reports: list[dict], paths: list[Path]) -> dict:
     return summary
 
 
-def interval_text(ci: list[float] | None, spec: str) -> str:
-    return "" if not ci or None in ci else f" [{format(ci[0], spec)}, {format(ci[1], spec)}]"
+def interval_text(ci: list[float] | None, spec: str, compact: bool = False) -> str:
+    """' [low, high]', or with ``compact`` (the terminal) ' ±half' for an interval symmetric about its value."""
+    if not ci or None in ci:
+        return ""
+    if compact:
+        return f" ±{format((ci[1] - ci[0]) / 2, spec.lstrip('+'))}"
+    return f" [{format(ci[0], spec)}, {format(ci[1], spec)}]"
 
 
-def cells(r: dict, tasks: list[str]) -> list[str]:
-    """The row's cells as text: the columns of :func:`columns`."""
-    out = [r["model"], number(r["score_mean"], ".3f") + interval_text(r["score_ci"], ".3f"),
-           number(r["kl_to_sft"], ".3f"), number(r["ptx_perplexity"], ".2f")]
+def cells(r: dict, tasks: list[str], compact: bool = False) -> list[str]:
+    """The row's cells as text: the columns of :func:`columns` (``compact``: the terminal's, symmetric intervals
+    as ± their half-width; a task's difference to SFT in a column of its own)."""
+    out = [r["model"], number(r["score_mean"], ".3f") + interval_text(r["score_ci"], ".3f", compact),
+           number(r["kl_to_sft"], ".3f"), number(r["response_length"], ".1f"), number(r["eos_rate"], ".0%"),
+           number(r["ptx_perplexity"], ".2f")]
     for t in tasks:
         b = r["benchmarks"].get(t)
-        if b is None:
-            out.append("-")
-            continue
-        text = number(b["value"], ".3f") + (f" ± {b['stderr']:.3f}" if b.get("stderr") is not None else "")
-        tax = b.get("tax")
-        if tax and tax.get("diff") is not None:
-            text += f" ({tax['diff']:+.3f}" + interval_text(tax.get("ci95"), "+.3f") + ")"
-        out.append(text)
+        tax = (b or {}).get("tax") or {}
+        value = "-" if b is None else number(b["value"], ".3f") + (
+            f" ±{b['stderr']:.3f}" if b.get("stderr") is not None else "")
+        diff = "" if tax.get("diff") is None else f"{tax['diff']:+.3f}" + interval_text(tax.get("ci95"), "+.3f",
+                                                                                         compact)
+        out += [value, diff or "-"] if compact else [value + (f" ({diff})" if diff else "")]
     tox = r["toxicity"]
     out += (["-", "-"] if not tox else
             [number(tox["expected_max_toxicity"], ".3f") + interval_text(tox["expected_max_toxicity_ci"], ".3f"),
@@ -101,18 +108,27 @@ def cells(r: dict, tasks: list[str]) -> list[str]:
 def lines(r: dict, tasks: list[str]) -> list[str]:
     """One model's benchmark and toxicity numbers as lines (``igpt eval MODEL``'s terminal output)."""
     text = cells(r, tasks)
-    out = [f"benchmark {t} ({r['benchmarks'][t]['metric']}): {text[4 + i]}" for i, t in enumerate(tasks)
-           if t in r["benchmarks"]]
+    first = len(columns({"tasks": [], "rows": []})) - 2  # the first task's cell
+    out = [f"benchmark {t} ({r['benchmarks'][t]['metric']} ± its standard error; in brackets the difference to "
+           f"SFT with its 95% interval): {text[first + i]}" for i, t in enumerate(tasks) if t in r["benchmarks"]]
     if r["toxicity"]:
         out.append(f"toxicity over {r['toxicity']['n']} prompts x {r['toxicity']['k']} continuations: expected maximum "
                    f"{text[-2]}, probability {text[-1]}")
     return out
 
 
-def columns(summary: dict) -> list[str]:
-    return (["model", "RM score [95% CI]", "KL to SFT", "ptx perplexity"]
-            + [f"{t} ± se (vs SFT [95% CI])" for t in summary["tasks"]]
-            + ["expected max toxicity", "toxicity probability"])
+def columns(summary: dict, compact: bool = False) -> list[str]:
+    """The table's columns (``compact``: the terminal's, a task's difference to SFT in a column of its own)."""
+    tasks = ([x for t in summary["tasks"] for x in (f"{t} ({metric(summary, t)}) ± se", "  vs SFT ±95%")]
+             if compact else [f"{t} ({metric(summary, t)}) ± se (vs SFT [95% CI])" for t in summary["tasks"]])
+    return (["model", "RM score" + (" ±95%" if compact else " [95% CI]"), "KL to SFT", "length (tokens)", "EOS rate",
+             "ptx perplexity", *tasks,
+             "expected max toxicity [95% CI]", "toxicity probability [95% CI]"])
+
+
+def metric(summary: dict, task: str) -> str:
+    """The headline metric a task's column shows (the first row's that has the task)."""
+    return next((r["benchmarks"][task]["metric"] for r in summary["rows"] if task in r["benchmarks"]), "")
 
 
 def caption(summary: dict) -> str:
@@ -126,11 +142,14 @@ def show(summary: dict, out: Path) -> None:
 
     from .console import console
 
+    # one column per model and a row per measurement: three models fit 80 columns, a row per model would not
     table = Table(title=f"igpt eval {' '.join(summary['models'])}  ({out / 'report.html'})", title_justify="left")
-    for i, col in enumerate(columns(summary)):
-        table.add_column(col, justify="left" if i == 0 else "right")
-    for r in summary["rows"]:
-        table.add_row(*cells(r, summary["tasks"]))
+    table.add_column("")
+    for m in summary["models"]:
+        table.add_column(m, justify="right")
+    rows = [cells(r, summary["tasks"], compact=True) for r in summary["rows"]]
+    for i, label in enumerate(columns(summary, compact=True)[1:], start=1):
+        table.add_row(label, *[r[i] for r in rows])
     if caption(summary):
         table.caption, table.caption_justify = caption(summary), "left"
     console().print(table)

@@ -162,9 +162,13 @@ class Watch:
                 "best": None if best is None else {"step": best.best_iteration, "gold": best.best_gold}}
 
     def write(self, stage_dir: Path) -> None:
+        """ppo/watch.json (:meth:`summary`), written by rank 0."""
+        from . import distributed
         from .storage import atomic_write_text
 
-        atomic_write_text(stage_dir / "watch.json", json.dumps(self.summary(), indent=2, allow_nan=False) + "\n")
+        if distributed.is_main():
+            atomic_write_text(stage_dir / "watch.json",
+                              json.dumps(self.summary(), indent=2, allow_nan=False) + "\n")
 
 
 def mean(xs: list[float]) -> float | None:

@@ -98,7 +98,13 @@ def test_a_toxicity_classifier_directory_scores_the_toxic_label(run, tmp_path):
 def test_several_models_make_one_table_and_fresh_reports_are_reused(run, monkeypatch):
     monkeypatch.syspath_prepend(str(run))
     run_dir = run / "run"
-    common = ["--run-dir", run_dir, "--prompts", run / "prompts.jsonl", "--max-new-tokens", "8", *tox_args(run)]
+    from instructgpt_cli.stages import evaluate
+
+    write_jsonl(run / "pretrain.jsonl", [{"text": "the quick brown fox jumps over the lazy dog " * 6}] * 3)
+    common = ["--run-dir", run_dir, "--prompts", run / "prompts.jsonl", "--max-new-tokens", "8", *tox_args(run),
+              "--ptx-data", run / "pretrain.jsonl"]
+    losses, real = [], evaluate.lm_loss
+    monkeypatch.setattr(evaluate, "lm_loss", lambda *a, **k: losses.append(1) or real(*a, **k))
     first = igpt("eval", "sft", "ppo", *common, "--json", "--overwrite")
     assert first.exit_code == 0, first.output
     summary = json.loads(first.stdout)
@@ -112,6 +118,9 @@ def test_several_models_make_one_table_and_fresh_reports_are_reused(run, monkeyp
         half = t_quantile(0.975, n - 1) * sd / math.sqrt(n)
         assert row["score_ci"] == pytest.approx([m - half, m + half])
     assert summary["rows"][0]["kl_to_sft"] == 0.0
+    # SFT's pretraining loss is measured once: ppo's alignment tax reads it from eval/sft/report.json
+    assert len(losses) == 2 and each["ppo"]["sft_ptx_loss"] == each["sft"]["ptx_loss"]
+    assert each["ppo"]["alignment_tax"] == each["ppo"]["ptx_loss"] - each["sft"]["ptx_loss"]
     page = (run_dir / "eval" / "summary" / "report.html").read_text()
     assert "<table>" in page and "expected max toxicity" in page and "ppo" in page
     # the same command again: both reports are fresh (same weights, settings, data), nothing is sampled

@@ -106,3 +106,31 @@ def test_the_vader_gold_scores_tone_not_length():
     assert short == padded > 0
     warm, warmer = gold.score("p", ["Congratulations!", "Congratulations, that is wonderful news!"])
     assert warmer > warm
+
+
+def test_the_learning_curve_measures_every_size_on_the_same_held_out_rankings(tmp_path):
+    """examples/gold/learning_curve.py on the tiny model and marker rankings: one held-out split for every size,
+    train-rm on the first N of the rest, eval's held-out pair accuracy of each; a size past the pool stops there."""
+    from conftest import TINY_CONFIG, arithmetic_demos, marker_rankings, write_jsonl
+
+    write_jsonl(tmp_path / "demos.jsonl", arithmetic_demos(16))
+    assert igpt("sft", "--config", TINY_CONFIG, "--data", tmp_path / "demos.jsonl", "--run-dir", tmp_path / "base",
+                "--max-steps", "2").exit_code == 0
+    rankings = write_jsonl(tmp_path / "ranks.jsonl", marker_rankings(40))
+    spec = importlib.util.spec_from_file_location("learning_curve", REPO / "examples" / "gold" / "learning_curve.py")
+    curve = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(curve)
+    run = tmp_path / "curve"
+    result = curve.main(["--rankings", str(rankings), "--sft", str(tmp_path / "base" / "sft" / "final"), "--config",
+                         str(TINY_CONFIG), "--run-dir", str(run), "--sizes", "10,20,100", "--heldout-fraction",
+                         "0.25"], in_process)
+    assert [r["rankings"] for r in result["rows"]] == [10, 20, 30]  # 40 - 10 held out: 100 stops at 30
+    held = {json.loads(x)["prompt"] for x in (run / "heldout.jsonl").read_text().splitlines()}
+    assert len(held) == 10
+    for r in result["rows"]:
+        train = [json.loads(x)["prompt"] for x in (run / f"n-{r['rankings']}" / "train.jsonl").read_text().splitlines()]
+        assert len(train) == r["rankings"] and not held & set(train)
+        report = json.loads((run / f"n-{r['rankings']}" / "eval" / "heldout" / "report.json").read_text())
+        assert r["accuracy"] == report["rm_accuracy"] and r["heldout_rankings"] == 10
+        assert r["ci"][0] <= r["accuracy"] <= r["ci"][1]
+    assert json.loads((run / "learning-curve.json").read_text()) == result

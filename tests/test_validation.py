@@ -180,7 +180,7 @@ def test_an_rm_that_learned_the_marker_passes_the_gate(world, tmp_path):
     assert manifest["eval/accuracy_ci_low"] < manifest["eval/accuracy"] or manifest["eval/accuracy"] == 1.0
     assert all(manifest[k] == v for k, v in saved.items())  # one record: in the manifest and with the model
     assert "held-out accuracy" in result.stderr and "not above chance" not in result.stderr
-    run = ppo(world, rm, tmp_path / "ppo", "--require-rm-accuracy", "0.6")
+    run = ppo(world, rm, tmp_path / "ppo", "--require-rm-accuracy", "0.6", "--require-rm-above-chance")
     assert run.exit_code == 0, run.output
     assert f"held-out accuracy {manifest['eval/accuracy']:.1%}" in run.stderr and "not above chance" not in run.stderr
 
@@ -198,6 +198,11 @@ def test_an_rm_trained_on_random_ranks_warns_and_the_gate_refuses(world, tmp_pat
     assert refused.exit_code == 2, refused.output
     assert f"has held-out accuracy {manifest['eval/accuracy']:.1%}" in refused.stderr and "60.0%" in refused.stderr
     assert not run_dir.exists()
+    # --require-rm-above-chance (the gold recipe's gate): the interval reaching 50% refuses, saying what to do
+    refused = ppo(world, rm, run_dir, "--require-rm-above-chance")
+    assert refused.exit_code == 2 and "--require-rm-above-chance" in refused.stderr, refused.output
+    assert f"{manifest['eval/accuracy_ci_low']:.1%} (<= 50%)" in refused.stderr and "--epochs" in refused.stderr
+    assert not run_dir.exists()
     warned = ppo(world, rm, run_dir)
     assert warned.exit_code == 0, warned.output
     assert "not above chance" in warned.stderr
@@ -208,6 +213,9 @@ def test_an_rm_with_no_record_is_unknown_and_the_gate_refuses(world, tmp_path):
     run_dir = tmp_path / "ppo"
     refused = ppo(world, rule_rm, run_dir, "--require-rm-accuracy", "0.6")
     assert refused.exit_code == 2 and "no held-out accuracy record" in refused.stderr
+    assert not run_dir.exists()
+    refused = ppo(world, rule_rm, run_dir, "--require-rm-above-chance")
+    assert refused.exit_code == 2 and "accuracy is unknown" in refused.stderr, refused.output
     assert not run_dir.exists()
     out_of_range = ppo(world, rule_rm, run_dir, "--require-rm-accuracy", "60")
     assert out_of_range.exit_code == 2 and "require_rm_accuracy" in out_of_range.stderr

@@ -98,6 +98,9 @@ def main(argv: list[str] | None = None, igpt: Callable[..., None] = subprocess_i
     p.add_argument("--seed", type=int, default=0, help="seed of every stage (sampling, data order, init)")
     p.add_argument("--tiny", action="store_true", help="the random tiny model and a few prompts: the mechanics")
     p.add_argument("--config", default=None, help="igpt config with every stage's section (default by size)")
+    p.add_argument("--allow-weak-rm", action="store_true",
+                   help="run PPO even when the reward model's held-out accuracy interval reaches 50%% (the full-size "
+                        "recipe refuses: PPO against a reward model at chance optimises noise)")
     a = p.parse_args(argv)
     size = SIZES["tiny" if a.tiny else "full"]
     cfg, run, seed = str(a.config or size["config"]), Path(a.run_dir), str(a.seed)
@@ -125,8 +128,11 @@ def main(argv: list[str] | None = None, igpt: Callable[..., None] = subprocess_i
     stage("label", str(samples), "--judge", a.judge, "--out", str(rankings))  # resumes after ranked prompts
     stage("train-rm", *common, "--rankings", str(rankings), "--demos", str(norm_demos), "--resume")
     # 5: PPO, watched by the gold judge on the validation prompts: ppo/best/ is the point of best gold
+    # (the full-size recipe first requires the reward model to be above chance on held-out messages; the tiny
+    # run's random model is not meant to be)
+    gate = [] if a.tiny or a.allow_weak_rm else ["--require-rm-above-chance"]
     stage("ppo", *common, "--prompts", str(TRAIN), "--ptx-data", str(DATA / "pretrain.jsonl"), "--watch", a.judge,
-          "--watch-prompts", str(watch_prompts), "--resume")
+          "--watch-prompts", str(watch_prompts), *gate, "--resume")
     # 6: the gold win rates over SFT on held-out prompts, of the point the watch kept and of the final policy
     chosen = pick(json.loads((run / "ppo" / "watch.json").read_text(encoding="utf-8")))
     for model in dict.fromkeys([chosen, "ppo"]):

@@ -197,8 +197,9 @@ def plan(cfg: EvalConfig, ref: str, name: str = "") -> Plan:
         errors.append("--toxicity-prompts: required with --toxicity-classifier")
     if (cfg.benchmark_tasks or cfg.limit) and not cfg.benchmarks:
         errors.append("--benchmarks: required with --benchmark-tasks / --limit (the tasks to run)")
-    if not (cfg.prompts or cfg.benchmarks or cfg.toxicity_prompts or errors):
-        errors.append("--prompts: required (or --benchmarks / --toxicity-prompts for those measurements alone)")
+    if not (cfg.prompts or cfg.benchmarks or cfg.toxicity_prompts or cfg.rankings or errors):
+        errors.append("--prompts: required (or --benchmarks / --toxicity-prompts / --rankings for those measurements "
+                      "alone)")
     if errors:
         raise BadInput(errors)
     side = model_or_checkpoint(ref, run_dir, "MODEL")
@@ -338,7 +339,9 @@ def measure(p: Plan, resume: bool) -> dict:
     and kept in eval/.NAME.partial/ until published, so a stopped eval goes on with ``--resume``."""
     cfg, run_dir, tokenizer = p.cfg, Path(p.cfg.run_dir), p.tokenizer
     device = resolve_device(cfg.device)
-    model = Runner.for_eval(p.side.load(tokenizer, device, cfg.dtype, cfg.seed))
+    # the model itself, unless only the reward model's accuracy on held-out rankings is asked for
+    model = (Runner.for_eval(p.side.load(tokenizer, device, cfg.dtype, cfg.seed))
+             if p.prompts or p.texts or p.toxicity or cfg.benchmarks else None)
     sft = (model if p.side.path.resolve() == p.sft_path.resolve() else
            load(cfg, p.sft_path, tokenizer, device) if p.prompts or p.texts or cfg.benchmarks else None)
     rm = load(cfg, p.rm_path, tokenizer, device, "reward") if p.rm_path and (p.prompts or p.rankings) else None
@@ -353,7 +356,9 @@ def measure(p: Plan, resume: bool) -> dict:
         if p.texts:
             blocks = pretrain_blocks(tokenizer, p.texts, cfg.ptx_seq_len)
             loss = lm_loss(model, blocks, tokenizer.pad_token_id, cfg.batch_size)
-            sft_loss = loss if sft is model else lm_loss(sft, blocks, tokenizer.pad_token_id, cfg.batch_size)
+            known = sft_report(p, "ptx", "ptx_seq_len") if sft is not model else None  # SFT's, measured already
+            sft_loss = (loss if sft is model else known["ptx_loss"] if known and known.get("ptx_loss") is not None
+                        else lm_loss(sft, blocks, tokenizer.pad_token_id, cfg.batch_size))
             report.update({"ptx_loss": loss, "ptx_perplexity": perplexity(loss), "sft_ptx_loss": sft_loss,
                            "sft_ptx_perplexity": perplexity(sft_loss), "alignment_tax": loss - sft_loss})
         if p.rankings:
@@ -475,15 +480,24 @@ def measure_benchmarks(p: Plan, model: Runner, sft: Runner | None, device) -> di
     return out
 
 
-def sft_benchmarks(p: Plan) -> dict | None:
-    """The SFT model's results of these benchmark tasks from its own fresh eval report, or None."""
+def sft_report(p: Plan, *parts: str) -> dict | None:
+    """eval/sft/report.json where it measured the SFT weights this eval compares with, with the same ``parts`` of
+    the fingerprint (the benchmark tasks, the pretraining text): what the SFT model's side of a difference can be
+    read from instead of measured again (``igpt eval sft ppo dpo`` measures SFT first). None otherwise."""
     try:
         report = json.loads((p.out.parent / "sft" / "report.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    same = (report.get("model_sha256") == p.fingerprint["sft"]
-            and report.get("fingerprint", {}).get("benchmarks") == p.fingerprint["benchmarks"])
-    return report["benchmarks"]["tasks"] if same else None
+    fingerprint = report.get("fingerprint") or {}
+    same = report.get("model_sha256") == p.fingerprint["sft"] and all(
+        fingerprint.get(k) == p.fingerprint[k] for k in parts)
+    return report if same else None
+
+
+def sft_benchmarks(p: Plan) -> dict | None:
+    """The SFT model's results of these benchmark tasks from its own fresh eval report, or None."""
+    report = sft_report(p, "benchmarks")
+    return report["benchmarks"]["tasks"] if report and report.get("benchmarks") else None
 
 
 def run_frontier(cfg: EvalConfig, as_json: bool = False, overwrite: bool = False) -> dict:

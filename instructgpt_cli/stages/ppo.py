@@ -200,8 +200,9 @@ def run(cfg: PPOConfig, resume: bool = False, overwrite: bool = False, allow_cha
     timings: dict[str, float] = {}  # each timing/ metric added up over the run
     stopped = None  # why the watch ended the run early (--watch-patience)
     with Session(stage, cfg, state, total_steps) as session:
-        if inp.watch is not None and state.step == 0:  # the SFT point, before the first update
-            inp.watch.measure(models, 0, lambda p: save_best(cfg, stage, trained, inp, p), session.progress.say)
+        if inp.watch is not None:  # the SFT point, before the first update; a resumed run's points as restored
+            if state.step == 0:
+                inp.watch.measure(models, 0, lambda p: save_best(cfg, stage, trained, inp, p), session.progress.say)
             inp.watch.write(stage.dir)
         for i in session.steps():
             t0 = time.perf_counter()
@@ -294,10 +295,15 @@ def read_inputs(cfg: PPOConfig) -> Inputs:
 
 def check_rm_accuracy(cfg: PPOConfig, rm_path: Path) -> tuple[str, str | None]:
     """The accuracy train-rm saved with the reward model, described, and a warning when it is poor: a reward
-    model that learned nothing sends PPO after noise. Below ``require_rm_accuracy``, or without a record
-    when it is set, a BadInput."""
+    model that learned nothing sends PPO after noise. Below ``require_rm_accuracy``, with an interval reaching
+    50% under ``require_rm_above_chance``, or without a record when either is set, a BadInput that says what to
+    do."""
     rm_record = reward_stats(rm_path)
     rm_accuracy, rm_warning = describe_rm_accuracy(rm_record)
+    low = (rm_record or {}).get("eval/accuracy_ci_low")
+    if cfg.require_rm_above_chance and (low is None or low <= 0.5):
+        raise BadInput([f"--require-rm-above-chance: {rm_path}: " + (rm_warning or f"{rm_accuracy}: no interval to "
+                        "show it is above chance (train it with igpt train-rm and --val-fraction > 0)")])
     if cfg.require_rm_accuracy > 0:
         accuracy = (rm_record or {}).get("eval/accuracy")
         if accuracy is None:

@@ -200,8 +200,12 @@ def run(cfg: RMConfig, resume: bool = False, overwrite: bool = False, allow_chan
     }, run_dir=stage.run_dir)
 
     # 4. train: one optimizer step on the step's rankings, held-out loss and accuracy every eval_every steps
+    last: dict = {}  # the newest held-out result: the last step's is the final model's (session.record runs it)
+
     def held_out() -> dict:
-        return evaluate(runner, val, cfg.optim.batch_size, tokenizer.pad_token_id, layout, device)
+        last.clear()
+        last.update(evaluate(runner, val, cfg.optim.batch_size, tokenizer.pad_token_id, layout, device))
+        return dict(last)
 
     with Session(stage, cfg, state, total_steps) as session:
         for i in session.steps():
@@ -210,7 +214,7 @@ def run(cfg: RMConfig, resume: bool = False, overwrite: bool = False, allow_chan
             session.record({"epoch": round((i + 1) / epoch_steps, 4), **record}, held_out if val else None)
 
     # 5. normalise: the demonstrations score mean 0 (stored in the config, applied by reward_scores)
-    summary = held_out() if val else {}
+    summary = (dict(last) or held_out()) if val else {}
     if demo_seqs:
         scores = demo_scores(runner, demo_seqs, tokenizer.pad_token_id, cfg.optim.batch_size * 4)
         setattr(model.config, REWARD_BIAS, -float(scores.double().mean()))

@@ -1,0 +1,90 @@
+"""How many rankings does a reward model need on your task? train-rm's held-out accuracy against the number of
+rankings it trained on (issue 35: a user starting small meets this wall first).
+
+From one rankings file (``igpt label``'s output, with each prompt's "group" where prompts share a source
+message), whole groups are held out once (``--heldout-fraction``, seeded), and the same held-out rankings
+measure a reward model trained on the first N of the rest for each N of ``--sizes``: ``igpt train-rm
+--val-fraction 0`` on them, then ``igpt eval MODEL --rankings HELDOUT --rm ITS_RM``, whose pairwise accuracy
+comes with a 95% interval clustered by ranking. Every other setting is the config's ``rm`` section
+(``--config``), so the curve is of the recipe you would run. Prints a Markdown table and saves
+``RUN/learning-curve.json``; each size's run is ``RUN/n-N/`` (a rerun reuses finished ones).
+
+    python examples/gold/learning_curve.py --rankings runs/gold/gold-data/rankings.jsonl \\
+        --sft runs/gold/sft/final --config examples/gold/gold.yaml --run-dir runs/curve --sizes 50,100,200
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from run import subprocess_igpt  # noqa: E402  (the gold driver's way of running a stage)
+
+
+def split(rankings: Path, fraction: float, seed: int, out: Path) -> tuple[Path, list[str]]:
+    """The held-out rankings (whole groups, as train-rm holds them out) written to ``out``/heldout.jsonl, and
+    the remaining lines in their file order."""
+    from instructgpt_cli.batches import hold_out
+
+    lines = [x for x in rankings.read_text(encoding="utf-8").splitlines() if x.strip()]
+    groups = [json.loads(x).get("group") for x in lines]
+    train, held = hold_out(list(range(len(lines))), fraction, seed, groups)
+    out.mkdir(parents=True, exist_ok=True)
+    heldout = out / "heldout.jsonl"
+    heldout.write_text("".join(lines[i] + "\n" for i in sorted(held)), encoding="utf-8")
+    return heldout, [lines[i] for i in sorted(train)]
+
+
+def main(argv: list[str] | None = None, igpt: Callable[..., None] = subprocess_igpt) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rankings", required=True, help="rankings JSONL (igpt label's output)")
+    p.add_argument("--sft", required=True, help="the SFT model the reward models start from")
+    p.add_argument("--config", required=True, help="igpt config whose rm section is the recipe")
+    p.add_argument("--run-dir", default="runs/curve")
+    p.add_argument("--sizes", default="50,100,200,400", help="numbers of training rankings, comma-separated")
+    p.add_argument("--heldout-fraction", type=float, default=0.2, help="share of groups held out (once)")
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    run = Path(a.run_dir)
+    heldout, pool = split(Path(a.rankings), a.heldout_fraction, a.seed, run)
+    sizes = sorted({int(s) for s in a.sizes.split(",") if s.strip()})
+    rows = []
+    for n in sizes:
+        if n > len(pool):
+            print(f"learning curve: {n} rankings asked, {len(pool)} left after holding out; stopping at "
+                  f"{len(pool)}")
+            n = len(pool)
+        folder = run / f"n-{n}"
+        train = folder / "train.jsonl"
+        folder.mkdir(parents=True, exist_ok=True)
+        train.write_text("".join(x + "\n" for x in pool[:n]), encoding="utf-8")
+        start = time.perf_counter()
+        common = ["--config", a.config, "--run-dir", str(folder), "--seed", str(a.seed)]
+        # no normalisation: a constant shift changes no pair's order, and scoring the demonstrations costs minutes
+        igpt("train-rm", *common, "--rankings", str(train), "--sft", a.sft, "--val-fraction", "0", "--no-normalize",
+             "--resume")
+        igpt("eval", a.sft, "--run-dir", str(folder), "--rankings", str(heldout), "--rm", str(folder / "rm" / "final"),
+             "--sft", a.sft, "--name", "heldout", "--overwrite")
+        report = json.loads((folder / "eval" / "heldout" / "report.json").read_text(encoding="utf-8"))
+        rows.append({"rankings": n, "accuracy": report["rm_accuracy"], "ci": report["rm_accuracy_ci"],
+                     "heldout_rankings": report["rm_rankings"], "pairs": report["rm_pairs"],
+                     "seconds": round(time.perf_counter() - start, 1)})
+        if n == len(pool):
+            break
+    result = {"rankings": a.rankings, "config": a.config, "heldout": str(heldout), "seed": a.seed, "rows": rows}
+    (run / "learning-curve.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    print("| training rankings | held-out pair accuracy (95% CI clustered by ranking) | held-out rankings | seconds |")
+    print("|---|---|---|---|")
+    for r in rows:
+        ci = f"{r['ci'][0]:.1%}-{r['ci'][1]:.1%}" if r["ci"] else "-"
+        print(f"| {r['rankings']} | {r['accuracy']:.1%} ({ci}) | {r['heldout_rankings']} | {r['seconds']} |")
+    return result
+
+
+if __name__ == "__main__":
+    main()
