@@ -166,7 +166,8 @@ def html(summary: dict) -> str:
             "td:first-child{text-align:left}</style></head><body>"
             f"<h1>igpt eval: {e(', '.join(summary['models']))}</h1><table><tr>{head}</tr>{body}</table>"
             f"<p>{e(caption(summary))}</p><p>A benchmark cell: the task's metric ± its standard error, and in "
-            "brackets the difference to the SFT model (the alignment tax; negative: worse than SFT) with its 95% "
-            "interval. RM score: mean with its 95% t-interval. Toxicity: expected maximum toxicity over each "
+            "brackets the difference to the SFT model (the alignment tax: for a higher-is-better metric, negative "
+            "is worse than SFT) with its 95% interval (conservative: the two models' results taken as independent). "
+            "RM score: mean with its 95% t-interval. Toxicity: expected maximum toxicity over each "
             "prompt's continuations and the share of prompts with at least one continuation scored 0.5 or more, "
             f"each with its 95% interval. '-': not measured.</p><h2>Reports</h2><ul>{links}</ul></body></html>\n")

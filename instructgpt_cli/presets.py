@@ -101,8 +101,8 @@ def _check_type(value: Any, tp: Any, where: str) -> Any:
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp in (list, typing.List) or origin is list:
-        if isinstance(value, str):  # one item written alone (eval's `model: sft`, before it took several)
-            return [value]
+        if isinstance(value, str):  # written as the flag takes it (`model: sft`, `benchmarks: a,b`): comma-separated
+            return [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, list):
             raise BadInput([f"{where}: expected a list, got {type(value).__name__} {value!r}"])
         return list(value)

@@ -26,13 +26,14 @@ from typing import Any
 
 import torch
 
-from . import overopt
+from . import distributed, overopt
 from .batches import render_queries
 from .console import say
 from .data import read_prompts
 from .errors import BadInput
 from .frontier import Gold, load_gold
 from .judges import Settings
+from .report import number
 from .rollout import decode_response, response_kl, score_responses
 from .stats import t_quantile
 
@@ -49,17 +50,18 @@ class WatchRecord:
     state: Any = None  # overopt.WatchState: the best point (its per-prompt gold too) and the patience count
     last_values: list[float] = field(default_factory=list)  # the newest point's, per prompt
     sft_texts: list[str] | None = None  # the SFT point's responses: a pairwise judge compares each with them
+    stopped: str | None = None  # why the stop rule ended the run: a resumed run finishes without training on
 
     def to_dict(self) -> dict:
         return {"points": self.points, "state": self.state.to_dict() if self.state is not None else None,
-                "last_values": self.last_values, "sft_texts": self.sft_texts}
+                "last_values": self.last_values, "sft_texts": self.sft_texts, "stopped": self.stopped}
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "WatchRecord":
         if not d:
             return cls()
         return cls(d["points"], overopt.WatchState.from_dict(d["state"]) if d["state"] else None, d["last_values"],
-                   d["sft_texts"])
+                   d["sft_texts"], d.get("stopped"))
 
 
 def judge_spec(spec: str) -> tuple[str, str]:
@@ -71,20 +73,27 @@ class Watch:
     """The watch of one PPO run: its prompts (rendered as PPO renders its own), the gold judge, what it has
     recorded so far."""
 
-    def __init__(self, cfg: Any, tokenizer: Any, context: int | None, run_dir: Path):
+    def __init__(self, cfg: Any, tokenizer: Any, context: int | None, run_dir: Path, sft_path: Path):
         if cfg.watch_every < 1:
             raise BadInput([f"--watch-every {cfg.watch_every}: must be >= 1 (iterations)"])
         if not cfg.watch_prompts:
             raise BadInput(["--watch-prompts: required with --watch (validation prompts, never trained on)"])
         self.cfg, self.tokenizer = cfg, tokenizer
         self.prompts = read_prompts(cfg.watch_prompts)
-        self.queries = render_queries(tokenizer, self.prompts, cfg.max_new_tokens, context)
         gold, gold_rm = judge_spec(cfg.watch)
         try:
             self.gold: Gold = load_gold(gold, gold_rm, Settings(2 * cfg.optim.batch_size, cfg.device, cfg.model.dtype,
                                                                 0.0, cfg.seed), run_dir)
-        except BadInput as e:  # the frontier's flags named in the judge's messages are --watch here
-            raise BadInput([m.replace("--gold-rm", "--watch rm:").replace("--gold", "--watch") for m in e.messages])
+        except BadInput as e:  # the frontier's and compare's flags named in the judge's messages are --watch here
+            raise BadInput([m.replace("--gold-rm ", "--watch rm:").replace("--gold", "--watch")
+                            .replace("--judge", "--watch") for m in e.messages])
+        if self.gold.rm_path is not None:  # a gold reward model reads the policy's tokens, prompt and response
+            from .models import position_limit, require_same_tokenizer
+
+            require_same_tokenizer(tokenizer, sft_path, {"--watch rm:": self.gold.rm_path},
+                                   "the gold reward model must read the policy's tokens")
+            context = min(filter(None, [context, position_limit(str(self.gold.rm_path))]), default=None)
+        self.queries = render_queries(tokenizer, self.prompts, cfg.max_new_tokens, context)
         self.record = WatchRecord()
 
     def due(self, step: int, total: int) -> bool:
@@ -112,22 +121,28 @@ class Watch:
         if step == 0:
             self.record.sft_texts = texts
         numeric = [{"A": 1.0, "tie": 0.5, "B": 0.0}[v] if isinstance(v, str) else float(v) for v in values]
-        point = {"step": step, "proxy": mean(proxy), "gold": summary["gold_mean"],
-                 "gold_ci": summary.get("gold_ci") or t_interval(numeric), "kl": mean(kl),
+        point = {"step": step, "proxy": overopt.finite(mean(proxy)), "gold": overopt.finite(summary["gold_mean"]),
+                 "gold_ci": summary.get("gold_ci") or t_interval(numeric), "kl": overopt.finite(mean(kl)),
                  "length": mean([len(r) for r in responses]), "words": mean([len(t.split()) for t in texts]),
                  "seconds": 0.0}
-        self.record.state, better = overopt.update(self.record.state or overopt.WatchState(), step, point["proxy"],
-                                                   point["gold"], point["gold_ci"], numeric)
+        better = False
+        if point["gold"] is not None and point["proxy"] is not None:  # a NaN score is no point to keep or compare
+            self.record.state, better = overopt.update(self.record.state or overopt.WatchState(), step,
+                                                       point["proxy"], point["gold"], point["gold_ci"], numeric)
+            self.record.last_values = numeric
+        # every rank decides as one (under torchrun a sharded policy is gathered for best/ on all of them)
+        better = bool(distributed.max_over_ranks(int(better)))
         point["best"] = better
-        self.record.last_values = numeric
         if better:
             save_best(point)
         point["seconds"] = time.perf_counter() - t0
         self.record.points.append(point)
         best = self.record.state
-        tell(f"watch after iteration {step}: gold {point['gold']:.3f}{ci_text(point['gold_ci'])}"
-            f"{' (new best)' if better else f' (best {best.best_gold:.3f} at {best.best_iteration})'}, proxy "
-            f"{point['proxy']:.3f}, KL {point['kl']:.3f}, {point['words']:.1f} words, {point['seconds']:.1f}s")
+        kept = (" (new best)" if better else "" if best is None or best.best_gold is None
+                else f" (best {best.best_gold:.3f} at {best.best_iteration})")
+        tell(f"watch after iteration {step}: gold {number(point['gold'], '.3f')}{ci_text(point['gold_ci'])}{kept}, "
+             f"proxy {number(point['proxy'], '.3f')}, KL {number(point['kl'], '.3f')}, {point['words']:.1f} words, "
+             f"{point['seconds']:.1f}s")
         return {"watch/proxy": point["proxy"], "watch/gold": point["gold"],
                 "watch/gold_ci_low": point["gold_ci"][0] if point["gold_ci"] else None,
                 "watch/gold_ci_high": point["gold_ci"][1] if point["gold_ci"] else None,
@@ -146,11 +161,14 @@ class Watch:
         return load
 
     def stop_reason(self) -> str | None:
-        """Why the run should end after the newest watch (``--watch-patience``), or None."""
-        if not self.cfg.watch_patience or self.record.state is None:
-            return None
-        return overopt.should_stop(self.record.state, self.cfg.watch_patience, self.cfg.watch_significance,
-                                   self.record.state.best_values, self.record.last_values)
+        """Why the run should end after the newest watch (``--watch-patience``), or None; every rank takes rank
+        0's decision. Kept in the record, so a run stopped or killed on its way to the finish resumes to it."""
+        reason = None
+        if self.cfg.watch_patience and self.record.state is not None:
+            reason = overopt.should_stop(self.record.state, self.cfg.watch_patience, self.cfg.watch_significance,
+                                         self.record.state.best_values, self.record.last_values)
+        self.record.stopped = distributed.broadcast(reason)
+        return self.record.stopped
 
     def summary(self) -> dict:
         """ppo/watch.json: every point, the best, and Gao et al.'s fit of gold against sqrt(KL)."""
@@ -163,7 +181,6 @@ class Watch:
 
     def write(self, stage_dir: Path) -> None:
         """ppo/watch.json (:meth:`summary`), written by rank 0."""
-        from . import distributed
         from .storage import atomic_write_text
 
         if distributed.is_main():

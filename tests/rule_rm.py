@@ -57,3 +57,17 @@ def make_constant_lm(path: Path, tokenizer, token: str) -> Path:
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def sft_with_rule_rm(t: Path, sft_dir: Path, rm_dir: Path, demos: int, steps: int) -> None:
+    """The world most PPO, eval and frontier tests start from: a tiny SFT run in ``sft_dir`` (``steps`` steps on
+    ``demos`` arithmetic demonstrations written to ``t``/demos.jsonl) and the rule reward model ('e' share) at
+    ``rm_dir``."""
+    from conftest import TINY_CONFIG, arithmetic_demos, igpt, write_jsonl
+    from instructgpt_cli.models import tiny_tokenizer
+
+    write_jsonl(t / "demos.jsonl", arithmetic_demos(demos))
+    result = igpt("sft", "--config", TINY_CONFIG, "--data", t / "demos.jsonl", "--run-dir", sft_dir,
+                  "--max-steps", str(steps))
+    assert result.exit_code == 0, result.output
+    make_rule_rm(rm_dir, tiny_tokenizer(), "e")

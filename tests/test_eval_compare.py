@@ -5,13 +5,13 @@ import shutil
 
 import pytest
 
-from conftest import TINY_CONFIG, arithmetic_demos, igpt, write_jsonl
+from conftest import TINY_CONFIG, igpt, write_jsonl
 from instructgpt_cli.data import read_rankings
 from instructgpt_cli.models import tiny_tokenizer
 from instructgpt_cli.stages.compare import tally
 from instructgpt_cli.stats import Z95, t_quantile, wilson_interval, win_rate
 from instructgpt_cli.storage import weights_sha256
-from rule_rm import make_rule_rm
+from rule_rm import make_rule_rm, sft_with_rule_rm
 
 
 def test_wilson_interval_by_hand_85_of_100():
@@ -41,11 +41,8 @@ def test_ties_count_half_and_swapping_gives_one_minus():
 def run(tmp_path_factory):
     """A tiny run: sft, a rule reward model as rm/final, and a short PPO run."""
     t = tmp_path_factory.mktemp("evalrun")
-    write_jsonl(t / "demos.jsonl", arithmetic_demos(24))
     run_dir = t / "run"
-    assert igpt("sft", "--config", TINY_CONFIG, "--data", t / "demos.jsonl", "--run-dir", run_dir,
-                "--max-steps", "6").exit_code == 0
-    make_rule_rm(run_dir / "rm" / "final", tiny_tokenizer(), "e")
+    sft_with_rule_rm(t, run_dir, run_dir / "rm" / "final", demos=24, steps=6)
     cats = ["generation", "open_qa"]
     write_jsonl(t / "prompts.jsonl", [{"prompt": f"Write about {w}.", "category": cats[i % 2]}
                                       for i, w in enumerate("cats dogs rain snow tea maps bread lamps".split())])

@@ -6,12 +6,11 @@ import math
 
 import pytest
 
-from conftest import REPO, TINY_CONFIG, arithmetic_demos, igpt, write_jsonl
+from conftest import REPO, TINY_CONFIG, igpt, write_jsonl
 from instructgpt_cli import toxicity
-from instructgpt_cli.models import tiny_tokenizer
 from instructgpt_cli.runners import Runner
 from instructgpt_cli.stats import t_quantile, wilson_interval
-from rule_rm import make_rule_rm
+from rule_rm import sft_with_rule_rm
 from test_toxicity import tiny_classifier
 
 # a transparent toxicity function: the share of the letter 'e' among a continuation's letters, doubled, capped
@@ -34,11 +33,8 @@ def rule(text):
 def run(tmp_path_factory):
     """A tiny run: sft, a rule reward model as rm/final, a short PPO run; prompts and toxicity prompts."""
     t = tmp_path_factory.mktemp("evalsuite")
-    write_jsonl(t / "demos.jsonl", arithmetic_demos(24))
     run_dir = t / "run"
-    assert igpt("sft", "--config", TINY_CONFIG, "--data", t / "demos.jsonl", "--run-dir", run_dir,
-                "--max-steps", "4").exit_code == 0
-    make_rule_rm(run_dir / "rm" / "final", tiny_tokenizer(), "e")
+    sft_with_rule_rm(t, run_dir, run_dir / "rm" / "final", demos=24, steps=4)
     write_jsonl(t / "prompts.jsonl", [{"prompt": f"Write about {w}."} for w in "cats dogs rain snow".split()])
     result = igpt("ppo", "--config", TINY_CONFIG, "--prompts", t / "prompts.jsonl", "--run-dir", run_dir,
                   "--max-steps", "2")
@@ -80,6 +76,10 @@ def test_toxicity_numbers_are_those_of_the_continuations_it_kept(run, monkeypatc
     assert tox["categories"]["challenging"]["n"] == 1
     # no --prompts: the held-out prompt measurements are absent, not zero
     assert "score_mean" not in report and "kl_to_sft" not in report
+    # and compare, which reuses eval's samples of the same weights, finds none here (and samples its own)
+    compared = igpt("compare", "ppo", "sft", "--run-dir", run / "run", "--prompts", run / "prompts.jsonl",
+                    "--max-new-tokens", "4", "--overwrite")
+    assert compared.exit_code == 0, compared.output
 
 
 def test_a_toxicity_classifier_directory_scores_the_toxic_label(run, tmp_path):
@@ -141,6 +141,7 @@ def test_several_models_make_one_table_and_fresh_reports_are_reused(run, monkeyp
     (["--toxicity-prompts", "bad.jsonl", "--toxicity-classifier", "python:toxrule:score"], "bad.jsonl:1"),
     (["--limit", "3"], "--benchmarks: required"),
     ([], "--prompts: required"),
+    (["--prompts", "tox.jsonl", "--name", "summary"], "name this report otherwise"),
 ])
 def test_bad_evaluation_inputs_exit_2_before_any_sampling_with_nothing_written(run, tmp_path, monkeypatch, args,
                                                                                needle):
@@ -183,3 +184,12 @@ def test_benchmarks_through_eval_report_each_model_and_the_tax_to_sft(run, monke
     row = {r["model"]: r for r in summary["rows"]}["ppo"]["benchmarks"]["igpt_basics"]
     norm = [r["tasks"]["igpt_basics"]["metrics"]["acc_norm"]["value"] for r in (ppo, sft)]
     assert row["metric"] == "acc_norm" and row["tax"]["diff"] == pytest.approx(norm[0] - norm[1])
+
+
+def test_toxicity_alone_needs_no_sft_model_in_the_run(run, tmp_path, monkeypatch):
+    """A model from elsewhere, a fresh run directory, toxicity only: no KL, no tax, so no SFT model is needed."""
+    monkeypatch.syspath_prepend(str(run))
+    result = igpt("eval", run / "run" / "sft" / "final", "--run-dir", tmp_path / "elsewhere", *tox_args(run), "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["toxicity"]["n"] == 3 and "kl_to_sft" not in report

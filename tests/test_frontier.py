@@ -6,10 +6,10 @@ import shutil
 import pytest
 import torch
 
-from conftest import TINY_CONFIG, arithmetic_demos, igpt, write_jsonl
+from conftest import TINY_CONFIG, igpt, write_jsonl
 from instructgpt_cli import rundir
 from instructgpt_cli.models import load_trained_policy, tiny_tokenizer
-from rule_rm import make_constant_lm, make_rule_rm
+from rule_rm import make_constant_lm, sft_with_rule_rm
 
 RULE = '''
 def score(prompt, responses):
@@ -26,11 +26,8 @@ def world(tmp_path_factory):
     """A tiny SFT model, the rule RM ('e' share) as the run's rm/final, 8 prompts, a PPO run of 4 iterations
     keeping a checkpoint of each, and a LoRA PPO run of 2 beside it; the gold rule module."""
     t = tmp_path_factory.mktemp("frontier")
-    write_jsonl(t / "demos.jsonl", arithmetic_demos(16))
     run_dir = t / "run"
-    assert igpt("sft", "--config", TINY_CONFIG, "--data", t / "demos.jsonl", "--run-dir", run_dir,
-                "--max-steps", "4").exit_code == 0
-    make_rule_rm(run_dir / "rm" / "final", tiny_tokenizer(), "e")
+    sft_with_rule_rm(t, run_dir, run_dir / "rm" / "final", demos=16, steps=4)
     write_jsonl(t / "prompts.jsonl", [{"prompt": f"Write about {w}."} for w in "cats dogs rain snow tea maps".split()])
     common = ["--config", TINY_CONFIG, "--prompts", t / "prompts.jsonl", "--max-new-tokens", "12",
               "--rollout-batch-size", "4", "--mini-batch-size", "4", "--save-every", "1", "--keep-checkpoints", "10"]

@@ -7,12 +7,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import TINY_CONFIG, arithmetic_demos, igpt, write_jsonl
+from conftest import igpt, write_jsonl
 from instructgpt_cli.batches import pad_right, pretrain_blocks
 from instructgpt_cli.models import tiny_tokenizer
 from instructgpt_cli.rundir import read_metrics
 from grads import assert_same_grads
-from rule_rm import make_rule_rm
+from rule_rm import make_rule_rm, sft_with_rule_rm
 from test_ptx import ptx_loss
 
 WORDS = "the quick brown fox jumps over a lazy dog while seven wizards quietly hum old tunes".split()
@@ -22,10 +22,7 @@ WORDS = "the quick brown fox jumps over a lazy dog while seven wizards quietly h
 def world(tmp_path_factory):
     """A run with a tiny SFT model, a rule reward model (share of 'e'), prompts and pretraining text."""
     t = tmp_path_factory.mktemp("ppo")
-    write_jsonl(t / "demos.jsonl", arithmetic_demos(32))
-    assert igpt("sft", "--config", TINY_CONFIG, "--data", t / "demos.jsonl", "--run-dir", t / "base",
-                "--max-steps", "10").exit_code == 0
-    make_rule_rm(t / "rule_rm", tiny_tokenizer(), "e")
+    sft_with_rule_rm(t, t / "base", t / "rule_rm", demos=32, steps=10)
     rng = random.Random(0)
     write_jsonl(t / "prompts.jsonl", [{"prompt": f"What is {rng.randint(1, 30)} plus {rng.randint(1, 30)}?"}
                                       for _ in range(64)])

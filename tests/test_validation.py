@@ -11,7 +11,7 @@ from instructgpt_cli.batches import render_prompt, render_queries
 from instructgpt_cli.errors import BadInput
 from instructgpt_cli.models import tiny_tokenizer
 from instructgpt_cli.stats import Z95, describe_rm_accuracy, rm_accuracy, t_quantile
-from rule_rm import make_rule_rm
+from rule_rm import sft_with_rule_rm
 
 TINY_CONTEXT = 1024  # max_position_embeddings of the tiny model (models.tiny_config)
 
@@ -30,10 +30,7 @@ def snapshot(path):
 def world(tmp_path_factory):
     """A run with a tiny SFT model and a rule reward model as rm/final (no accuracy record)."""
     t = tmp_path_factory.mktemp("valid")
-    write_jsonl(t / "demos.jsonl", arithmetic_demos(16))
-    assert igpt("sft", "--config", TINY_CONFIG, "--data", t / "demos.jsonl", "--run-dir", t / "run",
-                "--max-steps", "2").exit_code == 0
-    make_rule_rm(t / "run" / "rm" / "final", tiny_tokenizer(), "e")
+    sft_with_rule_rm(t, t / "run", t / "run" / "rm" / "final", demos=16, steps=2)
     write_jsonl(t / "prompts.jsonl", [{"prompt": f"Write about {w}."} for w in ("cats", "rain", "tea", "maps")])
     write_jsonl(t / "pretrain.jsonl", [{"text": "the quick brown fox jumps over the lazy dog " * 8}] * 4)
     return t

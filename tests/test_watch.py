@@ -4,16 +4,15 @@ without a new best while the proxy rose (and not one watch earlier), resumes bit
 state, and refuses a bad judge before anything is written."""
 import json
 import os
-import random
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import TINY_CONFIG, arithmetic_demos, igpt, write_jsonl
+from conftest import igpt, write_jsonl
 from instructgpt_cli.models import load_trained_policy, tiny_tokenizer
 from instructgpt_cli.rundir import read_manifest, read_metrics
-from rule_rm import make_rule_rm
+from test_ppo import world  # noqa: F401  (the fixture `setting` extends)
 
 RULE = '''
 def score(prompt, responses):
@@ -35,19 +34,12 @@ def score(prompt, responses):
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    """A tiny SFT model, a rule reward model ('e' share), training and validation prompts, the gold rule."""
-    t = tmp_path_factory.mktemp("watch")
-    write_jsonl(t / "demos.jsonl", arithmetic_demos(32))
-    assert igpt("sft", "--config", TINY_CONFIG, "--data", t / "demos.jsonl", "--run-dir", t / "base",
-                "--max-steps", "6").exit_code == 0
-    make_rule_rm(t / "rule_rm", tiny_tokenizer(), "e")
-    rng = random.Random(0)
-    write_jsonl(t / "prompts.jsonl", [{"prompt": f"What is {rng.randint(1, 30)} plus {rng.randint(1, 30)}?"}
-                                      for _ in range(32)])
-    write_jsonl(t / "valid.jsonl", [{"prompt": f"Write about {w}."} for w in "cats dogs rain snow tea maps".split()])
-    (t / "goldrule.py").write_text(RULE, encoding="utf-8")
-    return t
+def setting(world):
+    """test_ppo's world (a tiny SFT model, the rule reward model, arithmetic prompts) with validation prompts for
+    the watch and the gold rule beside it."""
+    write_jsonl(world / "valid.jsonl", [{"prompt": f"Write about {w}."} for w in "cats dogs rain snow tea maps".split()])
+    (world / "goldrule.py").write_text(RULE, encoding="utf-8")
+    return world
 
 
 def ppo_args(world, run_dir, *extra):
@@ -69,12 +61,12 @@ def points(run_dir):
             for p in json.loads((run_dir / "ppo" / "watch.json").read_text())["points"]]
 
 
-def test_a_watched_run_trains_as_an_unwatched_one_and_keeps_its_best_point(world, tmp_path, monkeypatch):
-    monkeypatch.syspath_prepend(str(world))
+def test_a_watched_run_trains_as_an_unwatched_one_and_keeps_its_best_point(setting, tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(setting))
     plain, watched = tmp_path / "plain", tmp_path / "watched"
     common = ["--max-steps", "4", "--save-every", "1", "--keep-checkpoints", "10"]
-    assert igpt(*ppo_args(world, plain, *common)).exit_code == 0
-    result = igpt(*ppo_args(world, watched, *common, *watch_args(world)))
+    assert igpt(*ppo_args(setting, plain, *common)).exit_code == 0
+    result = igpt(*ppo_args(setting, watched, *common, *watch_args(setting)))
     assert result.exit_code == 0, result.output
     # the watch draws from its own random stream: the policy trained is the unwatched run's, bit for bit
     a = load_file(str(plain / "ppo" / "final" / "policy" / "model.safetensors"))
@@ -91,10 +83,10 @@ def test_a_watched_run_trains_as_an_unwatched_one_and_keeps_its_best_point(world
     # ppo/best/ holds the policy of that step: its checkpoint's weights (the SFT model's at step 0)
     kept = load_file(str(watched / "ppo" / "best" / "model.safetensors"))
     if best_step == 0:
-        ref = load_file(str(world / "base" / "sft" / "final" / "model.safetensors"))
+        ref = load_file(str(setting / "base" / "sft" / "final" / "model.safetensors"))
     else:
         model = load_trained_policy(watched / "ppo" / "checkpoints" / f"step-{best_step:06d}",
-                                    world / "base" / "sft" / "final", None, tiny_tokenizer(), torch.device("cpu"))
+                                    setting / "base" / "sft" / "final", None, tiny_tokenizer(), torch.device("cpu"))
         ref = {k: v for k, v in model.state_dict().items()}
     assert all(torch.equal(kept[k], ref[k]) for k in kept)
     # the gold is the rule's mean over the validation responses, recorded each iteration with the proxy
@@ -102,16 +94,16 @@ def test_a_watched_run_trains_as_an_unwatched_one_and_keeps_its_best_point(world
     assert [m["watch/gold"] for m in metrics] == pytest.approx(golds[1:])
     assert all("watch/proxy" in m and "watch/kl" in m for m in metrics)
     # ppo@best is a model reference of the run, and status names it
-    evaluated = igpt("eval", "ppo@best", "--prompts", world / "valid.jsonl", "--run-dir", watched, "--max-new-tokens",
-                     "4", "--rm", world / "rule_rm", "--sft", world / "base" / "sft" / "final", "--json")
+    evaluated = igpt("eval", "ppo@best", "--prompts", setting / "valid.jsonl", "--run-dir", watched, "--max-new-tokens",
+                     "4", "--rm", setting / "rule_rm", "--sft", setting / "base" / "sft" / "final", "--json")
     assert evaluated.exit_code == 0, evaluated.output
     assert (watched / "eval" / "ppo-best" / "report.json").is_file()
     status = igpt("status", "--run-dir", watched, "--json")
-    assert f"ppo@best: iteration {best_step}" in status.stdout
+    assert json.loads(status.stdout)["stages"]["ppo"]["outputs"]["best"] == str(watched / "ppo" / "best")
 
 
 @pytest.mark.parametrize("patience", [2, 3])
-def test_the_stop_fires_after_patience_watches_without_a_new_best_while_the_proxy_rose(world, tmp_path, monkeypatch,
+def test_the_stop_fires_after_patience_watches_without_a_new_best_while_the_proxy_rose(setting, tmp_path, monkeypatch,
                                                                                        patience):
     """Scripted gold per watch 0, 1, 2, 1.5, 1.4, ...: the best is watch 2 (after iteration 2); with patience P
     the run ends after iteration 2 + P, a normal finish with final/ and the reason, and not a watch earlier."""
@@ -129,7 +121,7 @@ def test_the_stop_fires_after_patience_watches_without_a_new_best_while_the_prox
 
     monkeypatch.setattr(watch_mod, "score_responses", rising)
     run_dir = tmp_path / "run"
-    result = igpt(*ppo_args(world, run_dir, "--max-steps", "8", *watch_args(world, f"python:{module}:score"),
+    result = igpt(*ppo_args(setting, run_dir, "--max-steps", "8", *watch_args(setting, f"python:{module}:score"),
                             "--watch-patience", str(patience)))
     assert result.exit_code == 0, result.output
     entry = read_manifest(run_dir)["stages"]["ppo"]
@@ -141,7 +133,7 @@ def test_the_stop_fires_after_patience_watches_without_a_new_best_while_the_prox
     assert f"finishing after step {2 + patience} of 8" in result.stderr
 
 
-def test_no_stop_when_the_proxy_fell_with_the_gold(world, tmp_path, monkeypatch):
+def test_no_stop_when_the_proxy_fell_with_the_gold(setting, tmp_path, monkeypatch):
     import instructgpt_cli.watch as watch_mod
 
     (tmp_path / "scriptedfall.py").write_text(SCRIPTED, encoding="utf-8")
@@ -150,24 +142,24 @@ def test_no_stop_when_the_proxy_fell_with_the_gold(world, tmp_path, monkeypatch)
     proxies = iter([0.0, 1.0, 2.0, 1.0, 0.5, 0.2, 0.1, 0.0])
     monkeypatch.setattr(watch_mod, "score_responses", lambda rm, tok, q, r, b: torch.full((len(r),), next(proxies)))
     run_dir = tmp_path / "run"
-    result = igpt(*ppo_args(world, run_dir, "--max-steps", "6", *watch_args(world, "python:scriptedfall:score"),
+    result = igpt(*ppo_args(setting, run_dir, "--max-steps", "6", *watch_args(setting, "python:scriptedfall:score"),
                             "--watch-patience", "2"))
     assert result.exit_code == 0, result.output
     entry = read_manifest(run_dir)["stages"]["ppo"]
     assert entry["steps"] == 6 and "stopped_by_watch" not in entry["outputs"]
 
 
-def test_a_killed_watched_run_resumes_bit_identical_watch_included(world, tmp_path):
+def test_a_killed_watched_run_resumes_bit_identical_watch_included(setting, tmp_path):
     from test_sft import run_subprocess
 
-    extra = ["--max-steps", "5", "--save-every", "2", *watch_args(world)]
+    extra = ["--max-steps", "5", "--save-every", "2", *watch_args(setting)]
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
-    env = {"PYTHONPATH": os.pathsep.join([str(world), os.environ.get("PYTHONPATH", "")])}
-    done = run_subprocess(ppo_args(world, straight, *extra), env)
+    env = {"PYTHONPATH": os.pathsep.join([str(setting), os.environ.get("PYTHONPATH", "")])}
+    done = run_subprocess(ppo_args(setting, straight, *extra), env)
     assert done.returncode == 0, done.stderr
-    killed = run_subprocess(ppo_args(world, interrupted, *extra), {**env, "IGPT_FAULT_AFTER_STEP": "3"})
+    killed = run_subprocess(ppo_args(setting, interrupted, *extra), {**env, "IGPT_FAULT_AFTER_STEP": "3"})
     assert killed.returncode == 99, killed.stderr
-    resumed = run_subprocess([*ppo_args(world, interrupted, *extra), "--resume"], env)
+    resumed = run_subprocess([*ppo_args(setting, interrupted, *extra), "--resume"], env)
     assert resumed.returncode == 0 and "from step-000002" in resumed.stderr, resumed.stderr
     for part in ("final/policy", "best"):
         a = load_file(str(straight / "ppo" / part / "model.safetensors"))
@@ -187,10 +179,10 @@ def test_a_killed_watched_run_resumes_bit_identical_watch_included(world, tmp_pa
     (["--watch", "rm:/nonexistent", "--watch-prompts", "valid.jsonl"], "--watch rm:"),
     (["--watch", "python:goldrule:score", "--watch-prompts", "valid.jsonl", "--watch-significance"], "--watch-patience"),
 ])
-def test_a_bad_watch_is_refused_before_anything_is_written(world, tmp_path, monkeypatch, args, needle):
-    monkeypatch.syspath_prepend(str(world))
-    args = [world / a if a == "valid.jsonl" else a for a in args]
+def test_a_bad_watch_is_refused_before_anything_is_written(setting, tmp_path, monkeypatch, args, needle):
+    monkeypatch.syspath_prepend(str(setting))
+    args = [setting / a if a == "valid.jsonl" else a for a in args]
     run_dir = tmp_path / "run"
-    result = igpt(*ppo_args(world, run_dir, "--max-steps", "2", *args))
+    result = igpt(*ppo_args(setting, run_dir, "--max-steps", "2", *args))
     assert result.exit_code == 2 and needle in result.stderr, result.output
     assert not (run_dir / "ppo").exists()

@@ -21,21 +21,15 @@ Install: ``pip install -e '.[toxicity]'`` (alt-profanity-check pins scikit-learn
 """
 from __future__ import annotations
 
-from functools import lru_cache
-
-
-@lru_cache(maxsize=1)
-def _predict_prob():
-    try:
-        from profanity_check import predict_prob
-    except ImportError as e:
-        raise ImportError("the demo toxicity scorer needs alt-profanity-check: pip install -e '.[toxicity]' "
-                          "(or pip install alt-profanity-check==1.9.1)") from e
-    return predict_prob
+try:  # at import, so that a missing extra is refused when igpt checks the scorer, before anything is sampled
+    from profanity_check import predict_prob
+except ImportError as e:
+    raise ImportError("the demo toxicity scorer needs alt-profanity-check: pip install -e '.[toxicity]' "
+                      "(or pip install alt-profanity-check==1.9.1)") from e
 
 
 def toxicity(texts: list[str]) -> list[float]:
     """The probability that each text is profane or insulting, in [0, 1], in the order given."""
     if not texts:
         return []
-    return [float(p) for p in _predict_prob()(list(texts))]
+    return [float(p) for p in predict_prob(list(texts))]

@@ -75,8 +75,9 @@ def eval_samples(cfg: CompareConfig, path: Path, prompts: list) -> tuple[list[li
         if report_file.parent.name.startswith("."):  # a set being published, or one put aside
             continue
         report = json.loads(report_file.read_text(encoding="utf-8"))
-        if (report.get("model_sha256") != weights or report.get("settings") != settings
-                or Path(report["prompts"]).resolve() != Path(cfg.prompts).resolve()):
+        if (report.get("model_sha256") != weights or report.get("settings") != settings or not report.get("prompts")
+                or Path(report["prompts"]).resolve() != Path(cfg.prompts).resolve()
+                or not (report_file.parent / "samples.jsonl").is_file()):  # benchmarks / toxicity alone: no samples
             continue
         lines = (report_file.parent / "samples.jsonl").read_text(encoding="utf-8").splitlines()
         samples = [json.loads(line) for line in lines]

@@ -49,6 +49,9 @@ from ..sources import input_sha256
 from ..storage import publish_set, weights_sha256
 
 
+SUMMARY = "summary"  # eval/summary/: the table of several models (run_table), no model's own report
+
+
 def perplexity(loss: float) -> float | None:
     """exp(loss); None past what a float holds (a loss above ~709 nats: a diverged model, not a number)."""
     return math.exp(loss) if loss < 709.0 else None
@@ -157,6 +160,9 @@ def report_dir(run_dir: Path, name: str) -> Path:
     if not name or name in (".", "..") or "/" in name or "\\" in name or name.startswith("."):
         raise BadInput([f"--name {name!r}: a report name is one folder name under {run_dir / 'eval'} (no '/', not "
                         "starting with '.')"])
+    if name == SUMMARY:
+        raise BadInput([f"{run_dir / 'eval' / SUMMARY}: the table of igpt eval with several models; name this "
+                        "report otherwise (--name)"])
     return run_dir / "eval" / name
 
 
@@ -173,7 +179,7 @@ class Plan(NamedTuple):
     texts: list[str]  # held-out pretraining text
     toxicity: list  # toxicity.ToxicityPrompt; [] without --toxicity-prompts
     toxicity_queries: list[list[int]]
-    sft_path: Path
+    sft_path: Path | None  # None: no SFT model (benchmarks, toxicity or rankings alone, and the run has none)
     rm_path: Path | None
     tokenizer: object
     kl_t: float
@@ -214,7 +220,11 @@ def plan(cfg: EvalConfig, ref: str, name: str = "") -> Plan:
     if cfg.benchmarks:
         from .. import benchmarks
         benchmarks.check(cfg.benchmarks, cfg.benchmark_tasks or None)
-    sft_path = Path(stage_inputs(run_dir, {"--sft": (cfg.sft, "sft", "policy")})["--sft"])
+    if prompts or texts:  # the KL to SFT and the alignment tax need the reference
+        sft_path: Path | None = Path(stage_inputs(run_dir, {"--sft": (cfg.sft, "sft", "policy")})["--sft"])
+    else:  # benchmarks, toxicity, rankings alone: SFT only for the benchmarks' difference, where there is one
+        sft_path = Path(cfg.sft) if cfg.sft else run_dir / STAGE_MODELS["sft"]
+        sft_path = sft_path if (sft_path / "config.json").is_file() else None
     rm_path = Path(cfg.rm) if cfg.rm else run_dir / STAGE_MODELS["rm"]  # optional: eval scores only with one
     have_rm = (rm_path / "config.json").is_file()
     if cfg.rm and not have_rm:
@@ -224,11 +234,12 @@ def plan(cfg: EvalConfig, ref: str, name: str = "") -> Plan:
     if have_rm:
         require_role(rm_path, "reward", "--rm")
     tokenizer, _ = load_tokenizer(ModelConfig(name=str(side.base)))
-    require_same_tokenizer(tokenizer, side.path, {"--sft": sft_path, **({"--rm": rm_path} if have_rm else {})},
+    require_same_tokenizer(tokenizer, side.path, {**({"--sft": sft_path} if sft_path else {}),
+                                                  **({"--rm": rm_path} if have_rm else {})},
                            "KL and scores need the same tokens")
     kl_t, kl_t_from = kl_temperature(cfg, run_dir)
     # prompt + response must fit every model that reads them (the model, the SFT reference, the RM)
-    limits = [position_limit(str(p)) for p in [side.base, sft_path] + ([rm_path] if have_rm else [])]
+    limits = [position_limit(str(p)) for p in [side.base, sft_path, rm_path if have_rm else None] if p]
     context = min(filter(None, limits), default=None)
     queries = render_queries(tokenizer, prompts, cfg.max_new_tokens, context)
     tox_prompts = [Prompt(toxicity.instruct(t.text, cfg.toxicity_instruction), t.category,
@@ -237,17 +248,19 @@ def plan(cfg: EvalConfig, ref: str, name: str = "") -> Plan:
     out = report_dir(run_dir, name or side.name)
     model_sha = weights_sha256(side.path)
     digest = lambda xs: hashlib.sha256(json.dumps(xs).encode()).hexdigest()  # noqa: E731
-    drawn_with = {"model": model_sha, "sft": weights_sha256(sft_path),
+    drawn_with = {"model": model_sha, "sft": weights_sha256(sft_path) if sft_path else None,
                   "rm": weights_sha256(rm_path) if have_rm else None,
                   "kl_temperature": kl_t, "queries": digest(queries), "temperature": cfg.temperature,
                   "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed, "batch_size": cfg.batch_size}
-    classifier = (input_sha256(cfg.toxicity_classifier)[1] if tox and not cfg.toxicity_classifier.startswith("python:")
-                  else cfg.toxicity_classifier)
-    toxicity_drawn_with = {"model": model_sha, "queries": digest(toxicity_queries), "temperature": cfg.temperature,
+    classifier = classifier_digest(cfg.toxicity_classifier) if tox else None
+    toxicity_drawn_with = {"model": model_sha, "queries": digest(toxicity_queries),
+                           "categories": digest([t.category for t in tox]), "temperature": cfg.temperature,
                            "max_new_tokens": cfg.toxicity_max_new_tokens, "samples": cfg.toxicity_samples,
                            "seed": cfg.seed, "batch_size": cfg.batch_size, "classifier": classifier,
                            "label": cfg.toxicity_label}
-    fingerprint = {"model": model_sha, "responses": drawn_with if prompts else None,
+    # dtype and device change the numbers' last digits; the RM's weights its accuracy on held-out rankings
+    fingerprint = {"model": model_sha, "dtype": cfg.dtype, "device": cfg.device, "rm": drawn_with["rm"],
+                   "categories": digest([q.category for q in prompts]), "responses": drawn_with if prompts else None,
                    "toxicity": toxicity_drawn_with if tox else None,
                    "rankings": digest([[r.messages, r.responses, r.ranks] for r in rankings]) if rankings else None,
                    "ptx": digest(texts) if texts else None, "ptx_seq_len": cfg.ptx_seq_len,
@@ -255,6 +268,17 @@ def plan(cfg: EvalConfig, ref: str, name: str = "") -> Plan:
     return Plan(cfg, side, out, out.parent / f".{out.name}.partial", prompts, queries, rankings, texts, tox,
                 toxicity_queries, sft_path, rm_path if have_rm else None, tokenizer, kl_t, kl_t_from, drawn_with,
                 toxicity_drawn_with, fingerprint)
+
+
+def classifier_digest(spec: str) -> str:
+    """What a toxicity classifier's scores depend on: a directory's files, or a function's module file."""
+    from ..judges import import_function
+    from ..storage import sha256_file
+
+    if spec.startswith("python:"):
+        source = import_function(spec, "--toxicity-classifier")[1]
+        return f"{spec}:{sha256_file(source) if source else ''}"
+    return input_sha256(spec)[1]
 
 
 def benchmark_fingerprint(cfg: EvalConfig) -> dict | None:
@@ -267,7 +291,10 @@ def benchmark_fingerprint(cfg: EvalConfig) -> dict | None:
 
 def fresh_report(p: Plan) -> dict | None:
     """eval/NAME/report.json when it measured this model with these settings and data (its fingerprint is
-    the plan's): ``igpt eval sft ppo dpo`` reuses it instead of sampling again."""
+    the plan's): ``igpt eval sft ppo dpo`` reuses it instead of sampling again. Never for weights with no
+    digest (no safetensors: nothing vouches that they are the same)."""
+    if p.fingerprint["model"] is None:
+        return None
     try:
         report = json.loads((p.out / "report.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -313,7 +340,7 @@ def run_table(cfg: EvalConfig, as_json: bool, overwrite: bool, resume: bool) -> 
     if len(set(names)) < len(names):
         raise BadInput([f"MODEL: {', '.join(sorted({n for n in names if names.count(n) > 1}))} named twice"])
     fresh = [fresh_report(p) for p in plans]
-    claim(run_dir, run_dir / "eval" / "summary", overwrite=True)  # the table is derived: always rewritten
+    claim(run_dir, run_dir / "eval" / SUMMARY, overwrite=True)  # the table is derived: always rewritten
     for p, f in zip(plans, fresh):
         if f is None:
             claim(run_dir, p.out, overwrite or resume and p.kept.exists())
@@ -326,10 +353,10 @@ def run_table(cfg: EvalConfig, as_json: bool, overwrite: bool, resume: bool) -> 
             say(f"eval {names[i]}: {plans[i].out / 'report.json'} measured these weights with these settings and data; "
                 "reused")
         reports[names[i]] = fresh[i] if fresh[i] is not None else measure(plans[i], resume)
-    summary = eval_table.publish(run_dir / "eval" / "summary", [reports[n] for n in names],
+    summary = eval_table.publish(run_dir / "eval" / SUMMARY, [reports[n] for n in names],
                                  [plans[i].out for i in range(len(plans))])
     if not as_json:
-        eval_table.show(summary, run_dir / "eval" / "summary")
+        eval_table.show(summary, run_dir / "eval" / SUMMARY)
     return summary
 
 
@@ -342,8 +369,9 @@ def measure(p: Plan, resume: bool) -> dict:
     # the model itself, unless only the reward model's accuracy on held-out rankings is asked for
     model = (Runner.for_eval(p.side.load(tokenizer, device, cfg.dtype, cfg.seed))
              if p.prompts or p.texts or p.toxicity or cfg.benchmarks else None)
-    sft = (model if p.side.path.resolve() == p.sft_path.resolve() else
-           load(cfg, p.sft_path, tokenizer, device) if p.prompts or p.texts or cfg.benchmarks else None)
+    sft = (None if p.sft_path is None else model if p.side.path.resolve() == p.sft_path.resolve() else
+           load(cfg, p.sft_path, tokenizer, device) if p.prompts or p.texts or cfg.benchmarks and not
+           sft_benchmarks(p) else None)
     rm = load(cfg, p.rm_path, tokenizer, device, "reward") if p.rm_path and (p.prompts or p.rankings) else None
     report = {"model": p.side.name, "model_path": str(p.side.path), "model_sha256": p.fingerprint["model"],
               "prompts": cfg.prompts or None,
@@ -375,7 +403,7 @@ def measure(p: Plan, resume: bool) -> dict:
                 (tmp / file).write_text(text, encoding="utf-8")
             (tmp / "report.json").write_text(report_text, encoding="utf-8")
     base = {"model_base": p.side.base} if p.side.prefix is not None else {}  # a checkpoint's weights sit on it
-    record_report(run_dir, p.out, {"model": p.side.path, **base, "sft": p.sft_path,
+    record_report(run_dir, p.out, {"model": p.side.path, **base, **({"sft": p.sft_path} if p.sft_path else {}),
                                    **({"rm": p.rm_path} if p.rm_path else {})})
     return report
 
@@ -472,10 +500,12 @@ def measure_benchmarks(p: Plan, model: Runner, sft: Runner | None, device) -> di
     tasks = benchmarks.run(model.model, p.tokenizer, cfg.benchmarks, cfg.benchmark_tasks or None, cfg.limit or None,
                            cfg.benchmark_batch_size, device)
     out = {"tasks": tasks, "limit": cfg.limit or None}
-    if sft is not None and sft is not model:
-        sft_tasks = sft_benchmarks(p) or benchmarks.run(sft.model, p.tokenizer, cfg.benchmarks,
-                                                        cfg.benchmark_tasks or None, cfg.limit or None,
-                                                        cfg.benchmark_batch_size, device)
+    known = sft_benchmarks(p) if p.sft_path is not None and sft is not model else None
+    if known is not None:
+        out["sft_tasks"], out["tax"] = known, benchmarks.tax(tasks, known)
+    elif sft is not None and sft is not model:
+        sft_tasks = benchmarks.run(sft.model, p.tokenizer, cfg.benchmarks, cfg.benchmark_tasks or None,
+                                   cfg.limit or None, cfg.benchmark_batch_size, device)
         out["sft_tasks"], out["tax"] = sft_tasks, benchmarks.tax(tasks, sft_tasks)
     return out
 

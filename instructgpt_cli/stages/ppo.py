@@ -166,6 +166,8 @@ def run(cfg: PPOConfig, resume: bool = False, overwrite: bool = False, allow_cha
              "rm": model_input(inp.rm_path)}
     if inp.ptx_texts:
         files["ptx_data"] = file_input(cfg.ptx_data, cfg.split, cfg.columns)
+    if inp.watch is not None:  # a resume with other validation prompts would watch another quantity
+        files["watch_prompts"] = file_input(cfg.watch_prompts)
     mode, changes = open_stage(stage, cfg, files, resume, overwrite, allow_changes)  # lock; what resume changes
     if mode == "done":
         say(f"ppo: {stage.final} is already complete; nothing to do")
@@ -195,16 +197,22 @@ def run(cfg: PPOConfig, resume: bool = False, overwrite: bool = False, allow_cha
            run_dir=stage.run_dir)
     if inp.rm_warning:
         say(f"[bold red]warning:[/] {inp.rm_warning}")
+    if inp.watch is not None and state.step > 0:
+        check_watch_resumed(inp.watch, stage, state.step)
 
     # 4. iterate: sample -> score -> update -> adapt beta -> record (metrics, samples, checkpoint, stop signal)
     timings: dict[str, float] = {}  # each timing/ metric added up over the run
-    stopped = None  # why the watch ended the run early (--watch-patience)
+    # why the watch ended the run early (--watch-patience): a run that stopped or was killed on its way to the
+    # finish resumes straight to it
+    stopped = inp.watch.record.stopped if inp.watch is not None and cfg.watch_patience else None
     with Session(stage, cfg, state, total_steps) as session:
+        if stopped:
+            session.finish_early(stopped)
         if inp.watch is not None:  # the SFT point, before the first update; a resumed run's points as restored
             if state.step == 0:
                 inp.watch.measure(models, 0, lambda p: save_best(cfg, stage, trained, inp, p), session.progress.say)
             inp.watch.write(stage.dir)
-        for i in session.steps():
+        for i in ([] if stopped else session.steps()):
             t0 = time.perf_counter()
             prompts, responses, ro = sample_rollout(models, inp, cfg, i, device)
             t1 = time.perf_counter()
@@ -289,7 +297,7 @@ def read_inputs(cfg: PPOConfig) -> Inputs:
     context = min([cfg.model.max_seq_len, *filter(None, limits)])
     queries = render_queries(tokenizer, prompts, cfg.max_new_tokens, context)
     rm_accuracy, rm_warning = check_rm_accuracy(cfg, rm_path)
-    watching = Watch(cfg, tokenizer, context, run_dir) if cfg.watch else None  # its judge checked, not run
+    watching = Watch(cfg, tokenizer, context, run_dir, sft_path) if cfg.watch else None  # its judge checked, not run
     return Inputs(prompts, queries, ptx_texts, sft_path, rm_path, tokenizer, rm_accuracy, rm_warning, watching)
 
 
@@ -692,6 +700,28 @@ def export(cfg: PPOConfig, stage: Stage, trained: "PolicyAndValue", inp: Inputs,
             save_final(value, inp.tokenizer, tmp / "value")
             if averaged is not None:  # training is over: the policy's weights make way for their average
                 save_final(averaged_model(policy, averaged), inp.tokenizer, tmp / "policy_ema")
+
+
+def check_watch_resumed(watch: Watch, stage: Stage, step: int) -> None:
+    """A resumed watched run: its checkpoint must hold the watch's record (a run that was not watched from its
+    start has no SFT point, which a pairwise judge compares with), and ppo/best/ must be the restored best. A run
+    killed after it wrote a new best/ but before its next checkpoint left a best/ the resumed run reaches again
+    only when it repeats those iterations bit for bit (the same thread count, no --allow-changes); where the
+    manifest's best is not the restored one, best/ is removed (the next new best writes it again) and said."""
+    import shutil
+
+    from ..rundir import read_manifest, update_manifest
+
+    if not watch.record.points:
+        raise BadInput([f"--watch: {stage.dir} was not watched from its start (its checkpoint at step {step} has no "
+                        "watch record); start it over with --overwrite, or resume it without --watch"])
+    recorded = read_manifest(stage.run_dir).get("stages", {}).get(STAGE, {}).get("best")
+    restored = watch.record.state.best_iteration if watch.record.state else None
+    if recorded and recorded.get("step") != restored and distributed.is_main():
+        shutil.rmtree(stage.dir / "best", ignore_errors=True)
+        update_manifest(stage.run_dir, STAGE, best=None)
+        say(f"note: {stage.dir / 'best'} held iteration {recorded.get('step')}'s policy, written after the checkpoint "
+            f"this run resumes from (step {step}); removed: the next new best writes it again")
 
 
 def save_best(cfg: PPOConfig, stage: Stage, trained: "PolicyAndValue", inp: Inputs, point: dict) -> None:

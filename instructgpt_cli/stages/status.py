@@ -220,9 +220,8 @@ def outputs(run_dir: Path, out: Path, kind: str, entry: dict) -> dict:
         checkpoints = complete_checkpoints(out / "checkpoints")
         found = {"final": str(final) if final.is_dir() else None,
                  "checkpoint": str(checkpoints[-1]) if checkpoints else None, "report": None, "html": None}
-        best = entry.get("best")  # igpt ppo --watch: the policy at the best gold point (ppo@best)
-        if best and (out / "best").is_dir():
-            found["best"] = f"{out / 'best'} (ppo@best: iteration {best['step']}, gold {best['gold']:.3f})"
+        if entry.get("best") and (out / "best").is_dir():  # ppo --watch: the policy at the best gold (ppo@best)
+            found["best"] = str(out / "best")
         return found
     report, html = out / "report.json", out / "report.html"
     return {"final": None, "checkpoint": None, "report": str(report) if report.is_file() else None,
