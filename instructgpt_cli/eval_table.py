@@ -12,11 +12,10 @@ A cell a report has no number for is '-' (None in JSON), never 0.
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 from .report import e, number
-from .stats import t_quantile
+from .stats import mean_interval
 from .storage import publish_set
 
 PREFERRED = ("acc_norm", "acc", "mc2", "exact_match", "f1")  # a task's headline metric, in this order
@@ -24,10 +23,7 @@ PREFERRED = ("acc_norm", "acc", "mc2", "exact_match", "f1")  # a task's headline
 
 def score_interval(r: dict) -> list[float] | None:
     """The 95% t-interval of an eval report's mean RM score (its sd over n responses); None for fewer than 2."""
-    if r.get("score_mean") is None or r.get("score_sd") is None or r.get("n", 0) < 2:
-        return None
-    half = t_quantile(0.975, r["n"] - 1) * r["score_sd"] / math.sqrt(r["n"])
-    return [r["score_mean"] - half, r["score_mean"] + half]
+    return mean_interval(r.get("score_mean"), r.get("score_sd"), r.get("n") or 0)
 
 
 def headline(metrics: dict) -> str | None:

@@ -73,6 +73,15 @@ def t_quantile(q: float, df: float) -> float:
     return math.sqrt(df * (1 - x) / x)
 
 
+def mean_interval(mean: float | None, sd: float | None, n: int) -> list[float] | None:
+    """The 95% Student's t interval of a mean from its sample sd (n - 1) over ``n`` values; None below 2 values
+    or without an sd."""
+    if mean is None or sd is None or n < 2:
+        return None
+    half = t_quantile(0.975, n - 1) * sd / math.sqrt(n)
+    return [mean - half, mean + half]
+
+
 def beta_regularized(a: float, b: float, x: float) -> float:
     """The regularised incomplete beta function I_x(a, b), 0 <= x <= 1, by its continued fraction (Lentz's
     method; Numerical Recipes, ``betai``), taken on the side where it converges fast."""

@@ -18,7 +18,6 @@ count exactly) and in ``ppo/watch.json`` with Gao et al.'s fit over the points (
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,11 +30,11 @@ from .batches import render_queries
 from .console import say
 from .data import read_prompts
 from .errors import BadInput
-from .frontier import Gold, load_gold
+from .frontier import Gold, load_gold, mean_sd
 from .judges import Settings
 from .report import number
 from .rollout import decode_response, response_kl, score_responses
-from .stats import t_quantile
+from .stats import mean_interval
 
 WATCH_SEED_OFFSET = 7_919  # the watch's own random stream: cfg.seed + this, the same at every watch
 
@@ -194,12 +193,7 @@ def mean(xs: list[float]) -> float | None:
 
 def t_interval(xs: list[float]) -> list[float] | None:
     """The 95% t-interval of the mean of ``xs``; None for fewer than 2."""
-    if len(xs) < 2:
-        return None
-    m = sum(xs) / len(xs)
-    sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
-    half = t_quantile(0.975, len(xs) - 1) * sd / math.sqrt(len(xs))
-    return [m - half, m + half]
+    return mean_interval(*mean_sd(xs), len(xs))
 
 
 def ci_text(ci: list[float] | None) -> str:
