@@ -186,3 +186,43 @@ def test_a_bad_watch_is_refused_before_anything_is_written(setting, tmp_path, mo
     result = igpt(*ppo_args(setting, run_dir, "--max-steps", "2", *args))
     assert result.exit_code == 2 and needle in result.stderr, result.output
     assert not (run_dir / "ppo").exists()
+
+
+RISING = '''
+import torch
+import instructgpt_cli.watch as watch
+CALLS = []
+
+
+def rising(rm, tokenizer, queries, responses, batch_size):  # the proxy rises at every watch
+    CALLS.append(1)
+    return torch.full((len(responses),), float(len(CALLS)))
+
+
+watch.score_responses = rising
+'''
+
+
+def test_a_watch_stop_survives_a_stop_signal_on_its_step(setting, tmp_path):
+    """The stop rule fires at iteration 4 (patience 2) and a SIGTERM arrives on that same step: the run ends
+    with 143 and its checkpoint; --resume goes straight to the finish the watch decided, training no further.
+    (Its own processes, as a stop signal needs; the rising proxy is patched in by a sitecustomize.)"""
+    from instructgpt_cli import faults
+    from test_sft import run_subprocess
+
+    (tmp_path / "scriptedsig.py").write_text(SCRIPTED, encoding="utf-8")
+    (tmp_path / "sitecustomize.py").write_text(RISING, encoding="utf-8")
+    env = {"PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]), "WATCH_PROMPTS": "6"}
+    run_dir = tmp_path / "run"
+    args = ppo_args(setting, run_dir, "--max-steps", "8", *watch_args(setting, "python:scriptedsig:score"),
+                    "--watch-patience", "2")
+    stopped = run_subprocess(args, {**env, faults.FAULT_ENV: "4:SIGTERM"})
+    assert stopped.returncode == 143, stopped.stderr
+    assert "watch after iteration 4" in stopped.stderr and not (run_dir / "ppo" / "final").exists()
+    resumed = run_subprocess([*args, "--resume"], env)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "watch after iteration" not in resumed.stderr  # no iteration and no watch after the resume
+    assert "finishing after step 4 of 8" in resumed.stderr
+    entry = read_manifest(run_dir)["stages"]["ppo"]
+    assert entry["steps"] == 4 and "has not beaten its best" in entry["outputs"]["stopped_by_watch"]
+    assert (run_dir / "ppo" / "final" / "policy" / "config.json").is_file()
