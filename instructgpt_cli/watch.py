@@ -119,7 +119,10 @@ class Watch:
                                           self.gold_rm_loader(models), batch)
         if step == 0:
             self.record.sft_texts = texts
-        numeric = [{"A": 1.0, "tie": 0.5, "B": 0.0}[v] if isinstance(v, str) else float(v) for v in values]
+        # per prompt, or per group where the prompts have one (framings of one message move together: counting
+        # them as independent would make the interval, and the stop rule's paired one, too narrow)
+        numeric = by_group([{"A": 1.0, "tie": 0.5, "B": 0.0}[v] if isinstance(v, str) else float(v) for v in values],
+                           [p.group for p in self.prompts])
         point = {"step": step, "proxy": overopt.finite(mean(proxy)), "gold": overopt.finite(summary["gold_mean"]),
                  "gold_ci": summary.get("gold_ci") or t_interval(numeric), "kl": overopt.finite(mean(kl)),
                  "length": mean([len(r) for r in responses]), "words": mean([len(t.split()) for t in texts]),
@@ -189,6 +192,17 @@ class Watch:
 
 def mean(xs: list[float]) -> float | None:
     return sum(xs) / len(xs) if xs else None
+
+
+def by_group(values: list[float], groups: list) -> list[float]:
+    """``values`` (one per prompt) as the mean of each group, in order of first appearance, where every prompt has
+    a ``group``; else as they are (each prompt its own)."""
+    if not groups or any(g is None for g in groups):
+        return values
+    members: dict = {}
+    for g, v in zip(groups, values):
+        members.setdefault(g, []).append(v)
+    return [sum(vs) / len(vs) for vs in members.values()]
 
 
 def t_interval(xs: list[float]) -> list[float] | None:

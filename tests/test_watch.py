@@ -226,3 +226,18 @@ def test_a_watch_stop_survives_a_stop_signal_on_its_step(setting, tmp_path):
     entry = read_manifest(run_dir)["stages"]["ppo"]
     assert entry["steps"] == 4 and "has not beaten its best" in entry["outputs"]["stopped_by_watch"]
     assert (run_dir / "ppo" / "final" / "policy" / "config.json").is_file()
+
+
+def test_the_watch_s_interval_is_over_groups_where_prompts_have_them():
+    """Four framings of two messages: the interval is Student's t over the two message means, not over four
+    prompts as if independent (which would be too narrow)."""
+    from instructgpt_cli.stats import t_quantile
+    from instructgpt_cli.watch import by_group, t_interval
+
+    values, groups = [1.0, 0.0, 0.5, 0.5], ["a", "b", "a", "b"]
+    assert by_group(values, groups) == [0.75, 0.25]
+    assert by_group(values, ["a", None, "a", "b"]) == values  # a prompt without a group: each its own
+    low, high = t_interval(by_group(values, groups))
+    half = t_quantile(0.975, 1) * 0.3535533905932738 / 2 ** 0.5  # sd of (0.75, 0.25), n = 2
+    assert (low, high) == pytest.approx((0.5 - half, 0.5 + half))
+    assert high - low > t_interval(values)[1] - t_interval(values)[0]
