@@ -193,3 +193,8 @@ def test_toxicity_alone_needs_no_sft_model_in_the_run(run, tmp_path, monkeypatch
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["toxicity"]["n"] == 3 and "kl_to_sft" not in report
+    # and two such models in one table
+    both = igpt("eval", run / "run" / "sft" / "final", run / "run" / "ppo" / "final" / "policy", "--run-dir",
+                tmp_path / "elsewhere", *tox_args(run), "--json", "--overwrite")
+    assert both.exit_code == 0, both.output
+    assert [r["toxicity"]["n"] for r in json.loads(both.stdout)["rows"]] == [3, 3]

@@ -346,7 +346,8 @@ def run_table(cfg: EvalConfig, as_json: bool, overwrite: bool, resume: bool) -> 
             claim(run_dir, p.out, overwrite or resume and p.kept.exists())
             start_kept(p.kept, resume, overwrite)
     # the SFT model first: the others' benchmark tax reads its results instead of measuring them again
-    order = sorted(range(len(plans)), key=lambda i: plans[i].side.path.resolve() != plans[i].sft_path.resolve())
+    order = sorted(range(len(plans)), key=lambda i: plans[i].sft_path is None
+                   or plans[i].side.path.resolve() != plans[i].sft_path.resolve())
     reports = {}
     for i in order:
         if fresh[i] is not None:
