@@ -205,12 +205,13 @@ def run(cfg: PPOConfig, resume: bool = False, overwrite: bool = False, allow_cha
     # why the watch ended the run early (--watch-patience): a run that stopped or was killed on its way to the
     # finish resumes straight to it
     stopped = inp.watch.record.stopped if inp.watch is not None and cfg.watch_patience else None
+    keep_best = lambda point: save_best(cfg, stage, trained, inp, point)  # noqa: E731  (the watch's new best)
     with Session(stage, cfg, state, total_steps) as session:
         if stopped:
             session.finish_early(stopped)
         if inp.watch is not None:  # the SFT point, before the first update; a resumed run's points as restored
             if state.step == 0:
-                inp.watch.measure(models, 0, lambda p: save_best(cfg, stage, trained, inp, p), session.progress.say)
+                inp.watch.measure(models, 0, keep_best, session.progress.say)
             inp.watch.write(stage.dir)
         for i in ([] if stopped else session.steps()):
             t0 = time.perf_counter()
@@ -234,8 +235,7 @@ def run(cfg: PPOConfig, resume: bool = False, overwrite: bool = False, allow_cha
             if (i + 1) % cfg.sample_every == 0 or i + 1 == total_steps:
                 write_samples(stage, i + 1, [inp.prompts[j].prompt for j in prompts], responses, sc, inp.tokenizer)
             if inp.watch is not None and inp.watch.due(i + 1, total_steps):
-                record.update(inp.watch.measure(models, i + 1, lambda p: save_best(cfg, stage, trained, inp, p),
-                                                session.progress.say))
+                record.update(inp.watch.measure(models, i + 1, keep_best, session.progress.say))
                 inp.watch.write(stage.dir)
                 stopped = inp.watch.stop_reason()
             record["timing/other"] = time.perf_counter() - t3
