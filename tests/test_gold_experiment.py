@@ -31,7 +31,8 @@ def test_the_tiny_experiment_writes_its_frontier_win_rate_and_summary(tmp_path, 
     (tmp_path / "goldrule.py").write_text(RULE, encoding="utf-8")
     monkeypatch.syspath_prepend(str(tmp_path))
     run = tmp_path / "run"
-    summary = load_driver().main(["--tiny", "--run-dir", str(run), "--judge", "python:goldrule:score"], in_process)
+    summary = load_driver().main(["--tiny", "--run-dir", str(run), "--judge", "python:goldrule:score",
+                                  "--also-frontier"], in_process)
 
     # the gold judge ranked the SFT model's samples, and the reward model was trained on its rankings
     samples = [json.loads(x) for x in (run / "gold-data" / "samples.jsonl").read_text().splitlines()]
@@ -76,7 +77,24 @@ def test_the_tiny_experiment_writes_its_frontier_win_rate_and_summary(tmp_path, 
         assert saved[key]["ci_iid"] == compare["ci_iid"] == pytest.approx(list(wilson_interval(rate, 8)))
         assert "clustered by the prompts' group" in compare["ci_method"]
     assert [p["gold"] for p in saved["watched"]] == golds
-    assert set(saved["seconds"]) == {"sft", "sample", "label", "train-rm", "ppo", "compare"}
+    assert set(saved["seconds"]) == {"sft", "sample", "label", "train-rm", "ppo", "frontier", "compare"}
+    assert saved["watch_seconds"] == pytest.approx(sum(p["seconds"] for p in watch["points"]), abs=0.1)
+
+    # --also-frontier: the earlier recipe on the same run, every checkpoint kept and the frontier drawn afterwards
+    # on the same validation prompts; its pick is the PPO checkpoint of best gold there, compared with SFT too
+    frontier = json.loads((run / "eval" / "ppo-frontier" / "report.json").read_text())
+    assert [p["step"] for p in frontier["points"]] == [0, 2, 4] and frontier["gold"] == "python:goldrule:score"
+    answered = [json.loads(x)["prompt"] for x in
+                (run / "eval" / "ppo-frontier" / "samples" / "step-000000.jsonl").read_text().splitlines()]
+    assert set(answered) == valid
+    later = [p for p in frontier["points"] if p["step"] > 0]
+    best = max(later, key=lambda p: p["gold_mean"])
+    expected_pick = "ppo" if best["step"] == 4 else f"ppo@step-{best['step']}"
+    assert saved["frontier"]["picked"] == expected_pick
+    assert saved["frontier"]["points"][1]["gold"] == pytest.approx(frontier["points"][1]["gold_mean"])
+    folder = run / "compare" / f"{expected_pick.replace('@', '-')}-vs-sft.python-goldrule-score"
+    assert saved["frontier"]["picked_vs_sft"]["win_rate"] == pytest.approx(
+        json.loads((folder / "report.json").read_text())["win_rate"])
 
 
 def test_the_recipe_keeps_the_watch_s_best_point_named_as_compare_names_it():
@@ -88,6 +106,18 @@ def test_the_recipe_keeps_the_watch_s_best_point_named_as_compare_names_it():
     assert pick(watch(8, 24)) == "ppo@best"
     assert pick(watch(0, 24)) == "ppo@best"  # the SFT point stayed best: ppo/best/ holds the SFT weights
     assert pick(watch(24, 24)) == "ppo"      # the final policy, by compare's name for it
+
+
+def test_the_earlier_recipe_picks_the_frontier_s_best_ppo_checkpoint():
+    pick = load_driver().pick_frontier
+
+    def frontier(*golds):
+        labels = ["sft", *(f"step-{8 * i}" for i in range(1, len(golds) - 1)), f"final (step {8 * (len(golds) - 1)})"]
+        return {"points": [{"label": lab, "step": 8 * i, "gold_mean": g} for i, (lab, g) in enumerate(zip(labels, golds))]}
+
+    assert pick(frontier(0.9, 0.1, 0.3, 0.2)) == "ppo@step-16"  # the SFT point is no candidate, however high
+    assert pick(frontier(0.0, 0.4, 0.4, 0.1)) == "ppo@step-8"   # the first of equal golds
+    assert pick(frontier(0.0, 0.1, 0.2, 0.5)) == "ppo"          # the final policy, by compare's name for it
 
 
 def test_the_vader_gold_scores_tone_not_length():

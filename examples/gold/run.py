@@ -101,6 +101,11 @@ def main(argv: list[str] | None = None, igpt: Callable[..., None] = subprocess_i
     p.add_argument("--allow-weak-rm", action="store_true",
                    help="run PPO even when the reward model's held-out accuracy interval reaches 50%% (the full-size "
                         "recipe refuses: PPO against a reward model at chance optimises noise)")
+    p.add_argument("--also-frontier", action="store_true",
+                   help="also run the earlier recipe on the same PPO run: keep every checkpoint, draw the frontier "
+                        "afterwards (eval ppo --checkpoints all --gold) on the same validation prompts, pick its PPO "
+                        "point of best gold and compare that one with SFT too; the summary sets the two picks, "
+                        "their held-out results and their costs side by side")
     a = p.parse_args(argv)
     size = SIZES["tiny" if a.tiny else "full"]
     cfg, run, seed = str(a.config or size["config"]), Path(a.run_dir), str(a.seed)
@@ -115,11 +120,11 @@ def main(argv: list[str] | None = None, igpt: Callable[..., None] = subprocess_i
     common = ["--config", cfg, "--run-dir", str(run), "--seed", seed]
     times: dict[str, float] = {}
 
-    def stage(name: str, *args: str) -> None:
+    def stage(name: str, *args: str, label: str | None = None) -> None:
         start = time.perf_counter()
         print(f"\n== gold: igpt {name} {' '.join(args)}", flush=True)
         igpt(name, *args)
-        times[name] = times.get(name, 0.0) + time.perf_counter() - start
+        times[label or name] = times.get(label or name, 0.0) + time.perf_counter() - start
 
     # 1-4: SFT, then the proxy reward model on the gold judge's rankings of the SFT model's samples
     stage("sft", *common, "--data", str(DATA / "demos.jsonl"), "--resume")
@@ -131,13 +136,21 @@ def main(argv: list[str] | None = None, igpt: Callable[..., None] = subprocess_i
     # (the full-size recipe first requires the reward model to be above chance on held-out messages; the tiny
     # run's random model is not meant to be)
     gate = [] if a.tiny or a.allow_weak_rm else ["--require-rm-above-chance"]
+    keep = ["--keep-checkpoints", "100"] if a.also_frontier else []
     stage("ppo", *common, "--prompts", str(TRAIN), "--ptx-data", str(DATA / "pretrain.jsonl"), "--watch", a.judge,
-          "--watch-prompts", str(watch_prompts), *gate, "--resume")
+          "--watch-prompts", str(watch_prompts), *gate, *keep, "--resume")
+    # (--also-frontier) the earlier recipe: the frontier of the kept checkpoints afterwards, on the same prompts
+    frontier_pick = None
+    if a.also_frontier:
+        stage("eval", "ppo", *common, "--checkpoints", "all", "--gold", a.judge, "--prompts", str(watch_prompts),
+              "--overwrite", label="frontier")
+        frontier_pick = pick_frontier(json.loads((run / "eval" / "ppo-frontier" / "report.json")
+                                                 .read_text(encoding="utf-8")))
     # 6: the gold win rates over SFT on held-out prompts, of the point the watch kept and of the final policy
     chosen = pick(json.loads((run / "ppo" / "watch.json").read_text(encoding="utf-8")))
-    for model in dict.fromkeys([chosen, "ppo"]):
+    for model in dict.fromkeys([chosen, "ppo", *([frontier_pick] if frontier_pick else [])]):
         stage("compare", model, "sft", *common, "--judge", a.judge, "--prompts", str(compare_prompts), "--overwrite")
-    return summarise(run, a.judge, chosen, times)
+    return summarise(run, a.judge, chosen, times, frontier_pick)
 
 
 def pick(watch: dict) -> str:
@@ -147,7 +160,16 @@ def pick(watch: dict) -> str:
     return "ppo" if watch["best"]["step"] == last else "ppo@best"
 
 
-def summarise(run: Path, judge: str, chosen: str, times: dict[str, float]) -> dict:
+def pick_frontier(frontier: dict) -> str:
+    """The earlier recipe's point, from the frontier drawn afterwards (eval/ppo-frontier/report.json): the PPO
+    checkpoint of highest mean gold on the validation prompts (the earliest of equal ones; the SFT point is not a
+    candidate), as compare names it: ``ppo@step-N``, or ``ppo`` for the final policy."""
+    points = [p for p in frontier["points"] if p["step"] > 0 and p.get("gold_mean") is not None]
+    best = max(points, key=lambda p: p["gold_mean"])  # max keeps the first of equal ones
+    return "ppo" if best["label"].startswith("final") else f"ppo@step-{best['step']}"
+
+
+def summarise(run: Path, judge: str, chosen: str, times: dict[str, float], frontier_pick: str | None = None) -> dict:
     """Print and save (RUN/gold-summary.json) what the experiment measured."""
     from instructgpt_cli.rewards import reward_stats
     from instructgpt_cli.stages.compare import result_dir
@@ -174,7 +196,14 @@ def summarise(run: Path, judge: str, chosen: str, times: dict[str, float]) -> di
         "best_gold": watch["best"]["step"], "best_proxy": proxy_best, "picked": chosen,
         "picked_vs_sft": versus_sft(chosen), "final_vs_sft": versus_sft("ppo"),
         "seconds": {k: round(v, 1) for k, v in times.items()},
+        "watch_seconds": round(sum(pt.get("seconds") or 0.0 for pt in watch["points"]), 1),
     }
+    if frontier_pick:
+        fr = json.loads((run / "eval" / "ppo-frontier" / "report.json").read_text(encoding="utf-8"))
+        summary["frontier"] = {
+            "picked": frontier_pick, "picked_vs_sft": versus_sft(frontier_pick), "seconds": summary["seconds"]["frontier"],
+            "points": [{"label": p["label"], "step": p["step"], "kl": p.get("kl_to_sft"), "proxy": p.get("score_mean"),
+                        "gold": p.get("gold_mean")} for p in fr["points"]]}
     atomic_write_text(run / "gold-summary.json", json.dumps(summary, indent=2) + "\n")
     acc = summary["rm_accuracy"]
     print(f"\n== gold: the experiment ({judge})")
@@ -200,6 +229,12 @@ def summarise(run: Path, judge: str, chosen: str, times: dict[str, float]) -> di
             print(f"  mean length (words): {w['model']} {ml['a']['words']:.1f}, sft {ml['b']['words']:.1f}")
         if name == "picked" and w["model"] == "ppo":
             break  # the final policy is the pick
+    if frontier_pick:
+        w = summary["frontier"]["picked_vs_sft"]
+        print(f"the earlier recipe (frontier drawn afterwards, {summary['frontier']['seconds']:.0f} s against the "
+              f"watches' {summary['watch_seconds']:.0f} s) picks {frontier_pick}: gold win rate over sft "
+              f"{w['win_rate']:.1%} (95% CI {w['ci_low']:.1%}-{w['ci_high']:.1%}; {w['wins']} wins, {w['ties']} ties, "
+              f"{w['losses']} losses)")
     print(f"saved {run / 'gold-summary.json'}; stage seconds {summary['seconds']}")
     return summary
 
