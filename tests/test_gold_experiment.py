@@ -113,7 +113,8 @@ def test_the_earlier_recipe_picks_the_frontier_s_best_ppo_checkpoint():
 
     def frontier(*golds):
         labels = ["sft", *(f"step-{8 * i}" for i in range(1, len(golds) - 1)), f"final (step {8 * (len(golds) - 1)})"]
-        return {"points": [{"label": lab, "step": 8 * i, "gold_mean": g} for i, (lab, g) in enumerate(zip(labels, golds))]}
+        return {"points": [{"label": lab, "step": 8 * i, "gold_mean": g}
+                           for i, (lab, g) in enumerate(zip(labels, golds))]}
 
     assert pick(frontier(0.9, 0.1, 0.3, 0.2)) == "ppo@step-16"  # the SFT point is no candidate, however high
     assert pick(frontier(0.0, 0.4, 0.4, 0.1)) == "ppo@step-8"   # the first of equal golds
@@ -164,3 +165,72 @@ def test_the_learning_curve_measures_every_size_on_the_same_held_out_rankings(tm
         assert r["accuracy"] == report["rm_accuracy"] and r["heldout_rankings"] == 10
         assert r["ci"][0] <= r["accuracy"] <= r["ci"][1]
     assert json.loads((run / "learning-curve.json").read_text()) == result
+
+
+def load_example(name, *parts):
+    spec = importlib.util.spec_from_file_location(name, REPO.joinpath("examples", "gold", *parts))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_readability_gold_is_flesch_s_reading_ease_by_hand():
+    """readability_judge.score (the explain task's gold): 206.835 - 1.015 words/sentence - 84.6 syllables/word,
+    clipped to 0-100 and over 100; a ratio, so the same text twice scores the same; 0 for an empty text."""
+    pytest.importorskip("textstat")
+    judge = load_example("readability_judge", "readability_judge.py")
+    # 13 words, 1 sentence, 15 syllables (be-cause, scat-ters): 206.835 - 1.015 * 13 - 84.6 * 15 / 13 = 96.02
+    plain = "The sky looks blue because air scatters blue light more than red light."
+    # 9 words, 1 sentence, 28 syllables: far below 0, clipped
+    dense = "Photosynthesis constitutes the biochemical mechanism whereby chlorophyllous organisms synthesize sugars."
+    s = judge.score("any prompt", [plain, f"{plain} {plain}", dense, "", "   ", "Yes. It is. Go."])
+    assert s[0] == pytest.approx((206.835 - 1.015 * 13 - 84.6 * 15 / 13) / 100, abs=1e-3)
+    assert s[1] == pytest.approx(s[0], abs=1e-3)  # twice as long, as easy: not paid for length
+    assert s[2] == 0.0 and s[3] == 0.0 and s[4] == 0.0
+    assert s[5] == 1.0  # tiny sentences of one-syllable words: above 100, clipped (the judge's own blind spot)
+
+
+def test_the_explain_task_s_prompts_are_split_by_topic():
+    """explain/prompts_*.jsonl: 100 topics x 4 framings, 60/20/20 topics for training, validation and held out,
+    no topic in two sets (the prompts' group), every framing of a topic in its set."""
+    folder = REPO / "examples" / "gold" / "explain"
+    sets = {name: [json.loads(x) for x in (folder / f"prompts_{name}.jsonl").read_text().splitlines()]
+            for name in ("train", "valid", "heldout")}
+    assert {k: len(v) for k, v in sets.items()} == {"train": 240, "valid": 80, "heldout": 80}
+    topics = {k: {r["group"] for r in v} for k, v in sets.items()}
+    assert [len(t) for t in topics.values()] == [60, 20, 20]
+    assert not (topics["train"] & topics["valid"] or topics["train"] & topics["heldout"]
+                or topics["valid"] & topics["heldout"])
+    for rows in sets.values():
+        for topic in {r["group"] for r in rows}:
+            framed = [r["prompt"] for r in rows if r["group"] == topic]
+            assert len(set(framed)) == 4 and all(topic in p for p in framed)
+
+
+def test_the_explain_task_runs_the_same_driver_with_its_prompts_judge_and_length(tmp_path):
+    """--task explain: the same stages and config as the first task, on the explain prompts, judged by the
+    readability gold (its default judge), every sampling command at the task's 64 new tokens."""
+    pytest.importorskip("textstat")
+    calls = []
+
+    def recording(*args):
+        calls.append(args)
+        in_process(*args)
+
+    run = tmp_path / "run"
+    summary = load_driver().main(["--tiny", "--task", "explain", "--run-dir", str(run)], recording)
+    assert summary["task"] == "explain" and summary["judge"] == "python:readability_judge:score"
+    explain = REPO / "examples" / "gold" / "explain"
+    train = {json.loads(x)["prompt"] for x in (explain / "prompts_train.jsonl").read_text().splitlines()}
+    heldout = {json.loads(x)["prompt"] for x in (explain / "prompts_heldout.jsonl").read_text().splitlines()}
+    samples = [json.loads(x) for x in (run / "gold-data" / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 12 and {s["prompt"] for s in samples} <= train
+    rankings = [json.loads(x) for x in (run / "gold-data" / "rankings.jsonl").read_text().splitlines()]
+    assert rankings and all(r["judge"] == "python:readability_judge:score" for r in rankings)
+    compared = [json.loads(x)["prompt"] for x in (run / "gold-data" / "compare_prompts.jsonl").read_text().splitlines()]
+    assert set(compared) <= heldout
+    sampling = [c for c in calls if c[0] in ("sample", "ppo", "compare")]
+    assert {c[0] for c in sampling} == {"sample", "ppo", "compare"}
+    for c in sampling:
+        assert c[c.index("--max-new-tokens") + 1] == "64", c
+    assert all("--max-new-tokens" not in c for c in calls if c[0] in ("sft", "label", "train-rm"))

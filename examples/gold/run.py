@@ -1,10 +1,13 @@
 """`make gold`: does igpt's PPO make answers better by a judge it never trained on? (README, "Gold-judged
 experiment").
 
-The task: reply to a message in one sentence, in a warm, positive tone (the prompts: make_prompts.py). The gold
-labeller is VADER's sentiment lexicon (gold_judge.py, the `[gold]` extra), which nobody on igpt wrote. The
-driver only calls igpt's stages, as a user would (each one resumes or is skipped when its output exists, so a
-rerun picks up where a run stopped):
+Two tasks (--task), each with a gold labeller nobody on igpt wrote (the `[gold]` extra):
+  reply    reply to a message in one sentence, in a warm, positive tone (make_prompts.py), judged by VADER's
+           sentiment lexicon (gold_judge.py); the default
+  explain  explain a topic to a ten-year-old in a short paragraph (explain/make_prompts.py; up to 64 new
+           tokens), judged by textstat's Flesch reading ease (readability_judge.py)
+Every other setting is common to both (the size's config). The driver only calls igpt's stages, as a user would
+(each one resumes or is skipped when its output exists, so a rerun picks up where a run stopped):
 
   1. igpt sft       on data/demos.jsonl
   2. igpt sample    K responses per training prompt (prompts_train.jsonl) from the SFT model
@@ -25,6 +28,7 @@ message as "group": train-rm holds out a message's rankings together (step 4), a
 clustered by message.
 
     python examples/gold/run.py                       # the full run (examples/gold/gold.yaml, SmolLM2-135M)
+    python examples/gold/run.py --task explain --run-dir runs/gold-explain   # the second task
     python examples/gold/run.py --tiny --run-dir /tmp/g --judge python:myrule:score   # seconds: the mechanics
 """
 from __future__ import annotations
@@ -45,15 +49,22 @@ DATA = REPO / "data"
 # Counts per size (the rest of each stage's size lives in its config file): training prompts sampled K times for
 # the reward model's rankings (from prompts_train.jsonl; PPO trains on all of it), validation prompts of every
 # watch (from prompts_valid.jsonl), held-out prompts of compare (from prompts_heldout.jsonl, whole
-# messages), and the demonstrations whose mean score train-rm sets to 0 (the first of data/demos.jsonl: the bias is one number, and
-# scoring all 320 long demos took 3 min).
+# messages), and the demonstrations whose mean score train-rm sets to 0 (the first of data/demos.jsonl: the bias
+# is one number, and scoring all 320 long demos took 3 min).
 SIZES = {
     "full": {"config": HERE / "gold.yaml", "rm_prompts": 240, "watch_prompts": 80, "compare_prompts": 80,
              "norm_demos": 64},
     "tiny": {"config": HERE / "tiny.yaml", "rm_prompts": 12, "watch_prompts": 4, "compare_prompts": 8,
              "norm_demos": 8},
 }
-TRAIN, VALID, HELDOUT = HERE / "prompts_train.jsonl", HERE / "prompts_valid.jsonl", HERE / "prompts_heldout.jsonl"
+# The tasks (README, "Gold-judged experiment"): each its prompts' folder (prompts_train, _valid and _heldout.jsonl,
+# grouped by source message or topic), its gold judge, and the longest response it samples where that differs
+# from the config's (the size's config, common to both tasks, holds every other setting).
+TASKS = {
+    "reply": {"prompts": HERE, "judge": "python:gold_judge:score", "max_new_tokens": None},   # one warm sentence
+    "explain": {"prompts": HERE / "explain", "judge": "python:readability_judge:score",        # a paragraph a
+                "max_new_tokens": 64},                                                          # child can read
+}
 
 
 def subprocess_igpt(*args: str) -> None:
@@ -94,7 +105,10 @@ def main(argv: list[str] | None = None, igpt: Callable[..., None] = subprocess_i
     """Run the experiment; ``igpt(*args)`` runs one command (a test passes an in-process runner)."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--run-dir", default="runs/gold", help="run directory (default runs/gold)")
-    p.add_argument("--judge", default="python:gold_judge:score", help="the gold judge, igpt's --judge form")
+    p.add_argument("--task", choices=sorted(TASKS), default="reply",
+                   help="reply: answer a message in one warm sentence, judged by VADER's valence (default); explain: "
+                        "explain a topic to a ten-year-old in a short paragraph, judged by the Flesch reading ease")
+    p.add_argument("--judge", default=None, help="the gold judge, igpt's --judge form (default: the task's)")
     p.add_argument("--seed", type=int, default=0, help="seed of every stage (sampling, data order, init)")
     p.add_argument("--tiny", action="store_true", help="the random tiny model and a few prompts: the mechanics")
     p.add_argument("--config", default=None, help="igpt config with every stage's section (default by size)")
@@ -107,14 +121,18 @@ def main(argv: list[str] | None = None, igpt: Callable[..., None] = subprocess_i
                         "point of best gold and compare that one with SFT too; the summary sets the two picks, "
                         "their held-out results and their costs side by side")
     a = p.parse_args(argv)
-    size = SIZES["tiny" if a.tiny else "full"]
+    size, task = SIZES["tiny" if a.tiny else "full"], TASKS[a.task]
+    a.judge = a.judge or task["judge"]
+    train, valid, heldout = (task["prompts"] / f"prompts_{s}.jsonl" for s in ("train", "valid", "heldout"))
+    # the task's response length, on every command that samples (the watch samples as PPO does)
+    tokens = ["--max-new-tokens", str(task["max_new_tokens"])] if task["max_new_tokens"] else []
     cfg, run, seed = str(a.config or size["config"]), Path(a.run_dir), str(a.seed)
     if str(HERE) not in sys.path:
         sys.path.insert(0, str(HERE))  # gold_judge for an in-process runner, as PYTHONPATH for a subprocess
     work = run / "gold-data"
-    rm_prompts = take_lines(TRAIN, work / "rm_prompts.jsonl", size["rm_prompts"])
-    watch_prompts = take_lines(VALID, work / "watch_prompts.jsonl", size["watch_prompts"])
-    compare_prompts = take_messages(HELDOUT, work / "compare_prompts.jsonl", size["compare_prompts"])
+    rm_prompts = take_lines(train, work / "rm_prompts.jsonl", size["rm_prompts"])
+    watch_prompts = take_lines(valid, work / "watch_prompts.jsonl", size["watch_prompts"])
+    compare_prompts = take_messages(heldout, work / "compare_prompts.jsonl", size["compare_prompts"])
     norm_demos = take_lines(DATA / "demos.jsonl", work / "norm_demos.jsonl", size["norm_demos"])
     samples, rankings = work / "samples.jsonl", work / "rankings.jsonl"
     common = ["--config", cfg, "--run-dir", str(run), "--seed", seed]
@@ -129,7 +147,7 @@ def main(argv: list[str] | None = None, igpt: Callable[..., None] = subprocess_i
     # 1-4: SFT, then the proxy reward model on the gold judge's rankings of the SFT model's samples
     stage("sft", *common, "--data", str(DATA / "demos.jsonl"), "--resume")
     if not samples.exists():
-        stage("sample", *common, "--prompts", str(rm_prompts), "--out", str(samples))
+        stage("sample", *common, *tokens, "--prompts", str(rm_prompts), "--out", str(samples))
     stage("label", str(samples), "--judge", a.judge, "--out", str(rankings))  # resumes after ranked prompts
     stage("train-rm", *common, "--rankings", str(rankings), "--demos", str(norm_demos), "--resume")
     # 5: PPO, watched by the gold judge on the validation prompts: ppo/best/ is the point of best gold
@@ -137,20 +155,21 @@ def main(argv: list[str] | None = None, igpt: Callable[..., None] = subprocess_i
     # run's random model is not meant to be)
     gate = [] if a.tiny or a.allow_weak_rm else ["--require-rm-above-chance"]
     keep = ["--keep-checkpoints", "100"] if a.also_frontier else []
-    stage("ppo", *common, "--prompts", str(TRAIN), "--ptx-data", str(DATA / "pretrain.jsonl"), "--watch", a.judge,
-          "--watch-prompts", str(watch_prompts), *gate, *keep, "--resume")
+    stage("ppo", *common, *tokens, "--prompts", str(train), "--ptx-data", str(DATA / "pretrain.jsonl"),
+          "--watch", a.judge, "--watch-prompts", str(watch_prompts), *gate, *keep, "--resume")
     # (--also-frontier) the earlier recipe: the frontier of the kept checkpoints afterwards, on the same prompts
     frontier_pick = None
     if a.also_frontier:
-        stage("eval", "ppo", *common, "--checkpoints", "all", "--gold", a.judge, "--prompts", str(watch_prompts),
-              "--overwrite", label="frontier")
+        stage("eval", "ppo", *common, *tokens, "--checkpoints", "all", "--gold", a.judge,
+              "--prompts", str(watch_prompts), "--overwrite", label="frontier")
         frontier_pick = pick_frontier(json.loads((run / "eval" / "ppo-frontier" / "report.json")
                                                  .read_text(encoding="utf-8")))
     # 6: the gold win rates over SFT on held-out prompts, of the point the watch kept and of the final policy
     chosen = pick(json.loads((run / "ppo" / "watch.json").read_text(encoding="utf-8")))
     for model in dict.fromkeys([chosen, "ppo", *([frontier_pick] if frontier_pick else [])]):
-        stage("compare", model, "sft", *common, "--judge", a.judge, "--prompts", str(compare_prompts), "--overwrite")
-    return summarise(run, a.judge, chosen, times, frontier_pick)
+        stage("compare", model, "sft", *common, *tokens, "--judge", a.judge, "--prompts", str(compare_prompts),
+              "--overwrite")
+    return summarise(run, a.task, a.judge, chosen, times, frontier_pick)
 
 
 def pick(watch: dict) -> str:
@@ -169,7 +188,8 @@ def pick_frontier(frontier: dict) -> str:
     return "ppo" if best["label"].startswith("final") else f"ppo@step-{best['step']}"
 
 
-def summarise(run: Path, judge: str, chosen: str, times: dict[str, float], frontier_pick: str | None = None) -> dict:
+def summarise(run: Path, task: str, judge: str, chosen: str, times: dict[str, float],
+              frontier_pick: str | None = None) -> dict:
     """Print and save (RUN/gold-summary.json) what the experiment measured."""
     from instructgpt_cli.rewards import reward_stats
     from instructgpt_cli.stages.compare import result_dir
@@ -190,8 +210,9 @@ def summarise(run: Path, judge: str, chosen: str, times: dict[str, float], front
     keys = ("step", "kl", "proxy", "gold", "gold_ci", "length", "words", "seconds")
     proxy_best = max(watch["points"], key=lambda p: p["proxy"])["step"]
     summary = {
-        "judge": judge,
-        "rm_accuracy": {k: rm.get(f"eval/{k}") for k in ("accuracy", "accuracy_ci_low", "accuracy_ci_high", "rankings")},
+        "task": task, "judge": judge,
+        "rm_accuracy": {k: rm.get(f"eval/{k}")
+                        for k in ("accuracy", "accuracy_ci_low", "accuracy_ci_high", "rankings")},
         "watched": [{k: pt.get(k) for k in keys} for pt in watch["points"]], "fit": watch.get("fit"),
         "best_gold": watch["best"]["step"], "best_proxy": proxy_best, "picked": chosen,
         "picked_vs_sft": versus_sft(chosen), "final_vs_sft": versus_sft("ppo"),
@@ -201,12 +222,13 @@ def summarise(run: Path, judge: str, chosen: str, times: dict[str, float], front
     if frontier_pick:
         fr = json.loads((run / "eval" / "ppo-frontier" / "report.json").read_text(encoding="utf-8"))
         summary["frontier"] = {
-            "picked": frontier_pick, "picked_vs_sft": versus_sft(frontier_pick), "seconds": summary["seconds"]["frontier"],
+            "picked": frontier_pick, "picked_vs_sft": versus_sft(frontier_pick),
+            "seconds": summary["seconds"]["frontier"],
             "points": [{"label": p["label"], "step": p["step"], "kl": p.get("kl_to_sft"), "proxy": p.get("score_mean"),
                         "gold": p.get("gold_mean")} for p in fr["points"]]}
     atomic_write_text(run / "gold-summary.json", json.dumps(summary, indent=2) + "\n")
     acc = summary["rm_accuracy"]
-    print(f"\n== gold: the experiment ({judge})")
+    print(f"\n== gold: the experiment (task {task}, gold {judge})")
     if acc["accuracy"] is not None:
         print(f"reward model held-out pair accuracy {acc['accuracy']:.1%} "
               f"(95% CI {acc['accuracy_ci_low']:.1%}-{acc['accuracy_ci_high']:.1%} clustered by ranking, "
