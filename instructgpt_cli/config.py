@@ -277,6 +277,9 @@ class RMConfig(TrainingBlocks):
     padding_free: bool = f(True, "pack each micro-batch's responses into one row with block-diagonal attention "
                                  "instead of padding (model families known to support it; others are padded)")
     eval_every: int = f(20, "held-out loss and accuracy every N optimizer steps, and at the end (steps)", ">= 1")
+    ensemble: int = f(1, "train N reward models, member i from seed + i (its head, adapters, data order and "
+                         "dropout; the same held-out split), kept together in RUN_DIR/rm: ppo optimises their "
+                         "--rm-objective (Coste et al. 2023); 1 = one model (members)", ">= 1")
 
 
 @dataclass
@@ -386,6 +389,12 @@ class PPOConfig(TrainingBlocks):
                                    ">= 0 (0 disables)")
     reward_clip: float = f(0.0, "clip scores to +-this value before the KL penalty; 0 disables (reward units)",
                            ">= 0 (0 disables)")
+    rm_objective: str = f("mean", "with a reward-model ensemble (train-rm --ensemble N): the score PPO optimises from "
+                                  "its members' scores: mean, min (worst case), or mean-std (mean minus rm_std_coef "
+                                  "standard deviations: uncertainty-weighted, Coste et al. 2023)",
+                          Rule(lambda v: v in ("mean", "min", "mean-std"), "must be mean, min or mean-std"))
+    rm_std_coef: float = f(1.0, "with --rm-objective mean-std: the standard deviations subtracted (dimensionless)",
+                           ">= 0")
     whiten_advantages: bool = f(True, "normalise advantages to mean 0, std 1 per rollout batch")
     ema_decay: float = f(0.0, "also export ppo/final/policy_ema, an exponential moving average of the policy's "
                               "weights (with LoRA the adapted, merged ones) updated after every optimizer step "

@@ -12,6 +12,33 @@ from .batches import mask_inputs, pack, pad_right, pays_to_pack, pays_to_share, 
 from .forward import REWARD_BIAS, scalar_head_outputs
 
 REWARD_STATS = "igpt_reward_stats"  # config field: train-rm's held-out loss, accuracy and its interval
+# train-rm --ensemble N: the other members' stages under RUN_DIR/rm/members/, listed in RUN_DIR/rm/ensemble.json
+MEMBERS, ENSEMBLE = "members", "ensemble.json"
+
+
+def ensemble_members(rm_path: Path) -> list[Path]:
+    """The other members of the ensemble ``rm_path`` (a ``final/`` of train-rm --ensemble N) belongs to, their
+    final/ directories in order; [] for a reward model trained alone (or by another tool)."""
+    import json
+
+    listing = Path(rm_path).parent / ENSEMBLE
+    if Path(rm_path).name != "final" or not listing.is_file():
+        return []
+    return [listing.parent / m for m in json.loads(listing.read_text(encoding="utf-8"))["members"]]
+
+
+def ensemble_objective(member_scores: torch.Tensor, objective: str, std_coef: float) -> torch.Tensor:
+    """The score PPO optimises (B,) from an ensemble's member scores (B, M): their ``mean``, their ``min``, or
+    ``mean-std``, the mean less ``std_coef`` sample standard deviations over the members (0 for one member).
+    Coste et al. 2023 ("Reward model ensembles help mitigate overoptimization") optimise the mean (an
+    ensemble average), the worst case, and an uncertainty-penalised mean (theirs subtracts the variance; the
+    standard deviation keeps the penalty in reward units)."""
+    if objective == "min":
+        return member_scores.min(dim=1).values
+    mean = member_scores.mean(dim=1)
+    if objective == "mean" or member_scores.shape[1] < 2:
+        return mean
+    return mean - std_coef * member_scores.std(dim=1)
 
 
 def reward_stats(path: Path) -> dict | None:

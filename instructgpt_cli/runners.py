@@ -244,3 +244,33 @@ class RolloutEngine(Protocol):
 
     def generate(self, tokenizer: Any, queries: list[list[int]], max_new_tokens: int, temperature: float,
                  batch_size: int, progress: str = "") -> list[list[int]]: ...
+
+
+class RewardEnsemble:
+    """A reward-model ensemble (train-rm --ensemble N) run as one reward model: each member scores the same
+    sequences (the first, the stage's own model, may reuse the value model's frozen trunk; the others run
+    whole) and :func:`rewards.ensemble_objective` turns their scores into the one PPO optimises."""
+
+    def __init__(self, members: list[Runner], objective: str, std_coef: float):
+        self.members, self.objective, self.std_coef = members, objective, std_coef
+        self.device = members[0].device
+
+    def eval(self) -> "RewardEnsemble":
+        for m in self.members:
+            m.eval()
+        return self
+
+    def member_scores(self, query_response: torch.Tensor, mask: torch.Tensor, context_len: int,
+                      lengths: torch.Tensor, trunk: forward.Trunk | None = None) -> torch.Tensor:
+        """Each member's score (B, M), read at each response's last real token."""
+        return torch.stack([m.scores(query_response, mask, context_len, lengths, trunk if i == 0 else None)
+                            for i, m in enumerate(self.members)], dim=1)
+
+    def combine(self, member_scores: torch.Tensor) -> torch.Tensor:
+        """The objective's score (B,) from the members' (B, M)."""
+        return rewards.ensemble_objective(member_scores, self.objective, self.std_coef)
+
+    def scores(self, query_response: torch.Tensor, mask: torch.Tensor, context_len: int, lengths: torch.Tensor,
+               trunk: forward.Trunk | None = None) -> torch.Tensor:
+        """The objective's scores (B,): what the watch and every other reader of a reward model's score sees."""
+        return self.combine(self.member_scores(query_response, mask, context_len, lengths, trunk))

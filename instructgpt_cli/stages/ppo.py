@@ -44,10 +44,10 @@ from ..lifecycle import begin_stage, finish_stage, open_stage
 from ..losses import adaptive_kl_beta, gae, kl_penalized_rewards, masked_mean, masked_whiten, policy_loss, value_loss
 from ..models import (apply_lora, load_model, load_tokenizer, position_limit, require_same_tokenizer, save_final,
                       stage_inputs)
-from ..rewards import reward_stats
+from ..rewards import ensemble_members, reward_stats
 from ..rollout import Rollout, build_rollout, decode_response
 from ..rundir import Stage, file_input, model_input
-from ..runners import RolloutEngine, Runner
+from ..runners import RewardEnsemble, RolloutEngine, Runner
 from ..stats import describe_rm_accuracy
 from ..storage import building
 from ..watch import Watch, WatchRecord
@@ -64,6 +64,7 @@ class PPOModules(NamedTuple):
     value: torch.nn.Module  # trained, from the reward model
     reference: torch.nn.Module  # frozen: the SFT model, pi_SFT of the KL penalty
     reward: torch.nn.Module  # frozen: the reward model r_theta
+    members: tuple = ()  # frozen: the other members of a reward-model ensemble (train-rm --ensemble N)
 
 
 @dataclass
@@ -75,7 +76,7 @@ class PPOModels:
     policy: Runner
     value: Runner
     reference: Runner
-    reward: Runner
+    reward: Runner | RewardEnsemble
     # layers below the adapters (LoRA on the top layers only): run once per rollout for both uses of a model
     # (``frozen_layers``); 0 = none cached
     frozen_policy: int = 0
@@ -99,6 +100,7 @@ class Scored(NamedTuple):
     policy_trunk: torch.Tensor | None  # (B, L, H) the output of the policy's frozen layers; None when not cached
     value_trunk: torch.Tensor | None  # (B, L, H) the value model's
     seconds: dict[str, float]  # where scoring's time went: frozen (when cached), policy, ref, value, reward
+    member_scores: torch.Tensor | None = None  # (B, M) each ensemble member's score; None for one reward model
 
 
 class PolicyAndValue(torch.nn.Module):
@@ -154,6 +156,7 @@ class Inputs:
     rm_accuracy: str  # the reward model's held-out accuracy, described
     rm_warning: str | None
     watch: Watch | None = None  # --watch: the over-optimisation watch (watch.py)
+    rm_members: tuple = ()  # the other members' paths of a reward-model ensemble (train-rm --ensemble N)
 
 
 def run(cfg: PPOConfig, resume: bool = False, overwrite: bool = False, allow_changes: bool = False) -> Path:
@@ -163,7 +166,8 @@ def run(cfg: PPOConfig, resume: bool = False, overwrite: bool = False, allow_cha
     stage = Stage(Path(cfg.run_dir), STAGE)
     device = resolve_device(cfg.device)
     files = {"prompts": file_input(cfg.prompts, cfg.split, cfg.columns), "sft": model_input(inp.sft_path),
-             "rm": model_input(inp.rm_path)}
+             "rm": model_input(inp.rm_path), **{f"rm_member_{i}": model_input(m) for i, m in
+                                                enumerate(inp.rm_members, 1)}}
     if inp.ptx_texts:
         files["ptx_data"] = file_input(cfg.ptx_data, cfg.split, cfg.columns)
     if inp.watch is not None:  # a resume with other validation prompts would watch another quantity
@@ -178,7 +182,7 @@ def run(cfg: PPOConfig, resume: bool = False, overwrite: bool = False, allow_cha
 
     # 2. models, optimizer, schedule, the training state
     torch.manual_seed(cfg.seed)  # sampling; a resumed run restores the RNG state of its checkpoint
-    loaded = load_models(cfg, inp.tokenizer, inp.sft_path, inp.rm_path, device)
+    loaded = load_models(cfg, inp.tokenizer, inp.sft_path, inp.rm_path, device, inp.rm_members)
     trained = PolicyAndValue(loaded.policy, loaded.value)
     models = as_runners(loaded, cfg, device)  # DDP or FSDP under a launcher; FSDP shards trained's parameters
     distributed.seed_rank(cfg.seed)
@@ -290,15 +294,21 @@ def read_inputs(cfg: PPOConfig) -> Inputs:
     run_dir = Path(cfg.run_dir)
     found = stage_inputs(run_dir, {"--sft": (cfg.sft, "sft", "policy"), "--rm": (cfg.rm, "rm", "reward")})
     sft_path, rm_path = Path(found["--sft"]), Path(found["--rm"])
+    members = tuple(ensemble_members(rm_path))
+    missing = [str(m) for m in members if not (m / "config.json").is_file()]
+    if missing:
+        raise BadInput([f"--rm {rm_path}: its ensemble ({rm_path.parent / 'ensemble.json'}) lists members that are "
+                        f"not there: {', '.join(missing)}; retrain it with igpt train-rm --ensemble N --resume"])
     tokenizer, _ = load_tokenizer(ModelConfig(name=str(sft_path)))
-    require_same_tokenizer(tokenizer, sft_path, {"--rm": rm_path},
+    require_same_tokenizer(tokenizer, sft_path, {"--rm": rm_path, **{f"--rm member {m}": m for m in members}},
                            "the reward model must read the policy's tokens (train it from the same SFT model)")
-    limits = [position_limit(str(p), cfg.model.trust_remote_code) for p in (sft_path, rm_path)]
+    limits = [position_limit(str(p), cfg.model.trust_remote_code) for p in (sft_path, rm_path, *members)]
     context = min([cfg.model.max_seq_len, *filter(None, limits)])
     queries = render_queries(tokenizer, prompts, cfg.max_new_tokens, context)
     rm_accuracy, rm_warning = check_rm_accuracy(cfg, rm_path)
     watching = Watch(cfg, tokenizer, context, run_dir, sft_path) if cfg.watch else None  # its judge checked, not run
-    return Inputs(prompts, queries, ptx_texts, sft_path, rm_path, tokenizer, rm_accuracy, rm_warning, watching)
+    return Inputs(prompts, queries, ptx_texts, sft_path, rm_path, tokenizer, rm_accuracy, rm_warning, watching,
+                  members)
 
 
 def check_rm_accuracy(cfg: PPOConfig, rm_path: Path) -> tuple[str, str | None]:
@@ -346,6 +356,9 @@ def banner_rows(cfg: PPOConfig, inp: Inputs, ptx: list, device: torch.device, to
         "prompts": f"{cfg.prompts} ({n}), {B} per iteration{repeats}, {cfg.max_new_tokens} new tokens at "
                    f"T={cfg.temperature}",
         "models": f"policy {inp.sft_path}, value and reward {inp.rm_path}, on {device}",
+        **({"ensemble": f"{len(inp.rm_members) + 1} reward models ({inp.rm_path} and its members), PPO optimises "
+                        f"their {cfg.rm_objective}" + (f" (k = {cfg.rm_std_coef:g})" if cfg.rm_objective == "mean-std"
+                                                       else "")} if inp.rm_members else {}),
         "reward model": inp.rm_accuracy,
         "objective": f"beta {beta}" + (f" -> KL {cfg.target_kl}" if cfg.target_kl else " (fixed)")
                      + (f", ptx_coef {cfg.ptx_coef} on {len(ptx)} blocks of {cfg.ptx_seq_len}" if ptx else ", no ptx"),
@@ -358,11 +371,14 @@ def banner_rows(cfg: PPOConfig, inp: Inputs, ptx: list, device: torch.device, to
     }
 
 
-def load_models(cfg: PPOConfig, tokenizer, sft_path: Path, rm_path: Path, device: torch.device) -> PPOModules:
+def load_models(cfg: PPOConfig, tokenizer, sft_path: Path, rm_path: Path, device: torch.device,
+                members: tuple = ()) -> PPOModules:
     """Policy (from SFT) and value (from the RM) train; reference and RM are frozen. With LoRA the
     reference is the policy with adapters disabled and the RM is the value model with adapters
-    disabled, so no model is held twice."""
+    disabled, so no model is held twice. The other members of an ensemble are frozen models of their own."""
     base = ModelConfig(**{**vars(cfg.model), "dropout": 0.0})  # dropout off everywhere (PPO needs ratio 1)
+    others = tuple(load_model(ModelConfig(**{**vars(base), "name": str(m)}), tokenizer, m, device, cfg.seed,
+                              kind="reward").eval().requires_grad_(False) for m in members)
     lora = no_dropout(cfg.lora)
     policy = load_model(ModelConfig(**{**vars(base), "name": str(sft_path)}), tokenizer, sft_path, device, cfg.seed)
     value = load_model(ModelConfig(**{**vars(base), "name": str(rm_path)}), tokenizer, rm_path, device, cfg.seed,
@@ -371,13 +387,13 @@ def load_models(cfg: PPOConfig, tokenizer, sft_path: Path, rm_path: Path, device
         torch.manual_seed(cfg.seed)
         policy = apply_lora(policy, lora)
         value = apply_lora(value, lora, task_type="SEQ_CLS")
-        return PPOModules(policy, value, reference=policy, reward=value)  # adapters disabled (as_runners)
+        return PPOModules(policy, value, reference=policy, reward=value, members=others)  # (as_runners)
     ref = load_model(ModelConfig(**{**vars(base), "name": str(sft_path)}), tokenizer, sft_path, device, cfg.seed)
     rm = load_model(ModelConfig(**{**vars(base), "name": str(rm_path)}), tokenizer, rm_path, device, cfg.seed,
                     kind="reward")
     for frozen in (ref, rm):
         frozen.eval().requires_grad_(False)
-    return PPOModules(policy, value, reference=ref, reward=rm)
+    return PPOModules(policy, value, reference=ref, reward=rm, members=others)
 
 
 def no_dropout(lora: LoraConfig) -> LoraConfig:
@@ -402,6 +418,9 @@ def as_runners(models: PPOModules, cfg: PPOConfig, device: torch.device) -> PPOM
     else:
         reference = Runner(models.reference, device, cfg.fsdp, trainable=False)
         reward = Runner(models.reward, device, cfg.fsdp, trainable=False)
+    if models.members:
+        reward = RewardEnsemble([reward, *(Runner(m, device, cfg.fsdp, trainable=False) for m in models.members)],
+                                cfg.rm_objective, cfg.rm_std_coef)
     return PPOModels(policy, value, reference, reward, frozen_policy=frozen[0], frozen_value=frozen[1])
 
 
@@ -484,7 +503,7 @@ def _score_rollout(models: PPOModels, ro: Rollout, cfg: PPOConfig, beta: float, 
     if cfg.whiten_advantages:  # with the mean and variance of every rank's responses together
         advantages = masked_whiten(advantages, mask, sum_over_ranks=distributed.sum_over_ranks)
     return Scored(out["logprobs"], out["ref_logprobs"], out["values"], out["scores"], rewards, kl, advantages, returns,
-                  out.get("policy_trunk"), out.get("value_trunk"), seconds)
+                  out.get("policy_trunk"), out.get("value_trunk"), seconds, out.get("member_scores"))
 
 
 def model_outputs(models: PPOModels, ro: Rollout, temperature: float,
@@ -522,7 +541,11 @@ def score_micro_batch(models: PPOModels, ro: Rollout, idx: torch.Tensor, tempera
     laps.lap("ref")
     out["values"] = models.value.values(qr, mask, ro.context_len, value_trunk)
     laps.lap("value")
-    out["scores"] = models.reward.scores(qr, mask, ro.context_len, ro.lengths[idx], value_trunk)
+    if isinstance(models.reward, RewardEnsemble):  # each member's score kept: their disagreement is logged
+        out["member_scores"] = models.reward.member_scores(qr, mask, ro.context_len, ro.lengths[idx], value_trunk)
+        out["scores"] = models.reward.combine(out["member_scores"])
+    else:
+        out["scores"] = models.reward.scores(qr, mask, ro.context_len, ro.lengths[idx], value_trunk)
     laps.lap("reward")
     return out
 
@@ -676,6 +699,9 @@ def iteration_metrics(cfg: PPOConfig, state: PPOState, i: int, ro: Rollout, sc: 
         "rlhf_reward": float(sc.rewards.sum(1).mean()), "eos": int(ro.has_eos.sum()),
         "length": float(ro.lengths.float().mean())}, sums=("eos",))
     kl = batch["kl"]
+    if sc.member_scores is not None:  # the ensemble's disagreement: members' std per response, and their mean score
+        batch.update(distributed.reduce_metrics({"rm_std": float(sc.member_scores.std(dim=1).mean()),
+                                                 "rm_mean": float(sc.member_scores.mean())}))
     return {
         "episode": (i + 1) * cfg.rollout_batch_size, "objective/kl": kl, "objective/scores": batch["scores"],
         "objective/entropy": stats.pop("policy/entropy"), "objective/beta": state.beta,
@@ -683,6 +709,8 @@ def iteration_metrics(cfg: PPOConfig, state: PPOState, i: int, ro: Rollout, sc: 
         "objective/rlhf_reward": batch["rlhf_reward"],  # penalised score - beta * KL
         "val/num_eos_tokens": batch["eos"], "val/eos_rate": batch["eos"] / cfg.rollout_batch_size,
         "val/response_length": batch["length"],
+        **({"objective/rm_std": batch["rm_std"], "objective/rm_mean": batch["rm_mean"]}
+           if sc.member_scores is not None else {}),
         **stats, "train/lr_value": state.scheduler.get_last_lr()[1],
     }
 

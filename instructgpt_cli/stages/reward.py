@@ -10,7 +10,10 @@ paper does before RL (Ouyang et al. 2022, sec. 3.5, appendix C.2: 1 epoch, cosin
 """
 from __future__ import annotations
 
+import json
+from dataclasses import replace
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -25,11 +28,12 @@ from ..families import supports_packing, supports_sharing
 from ..forward import REWARD_BIAS, TRANSFORMERS
 from ..losses import ranking_loss
 from ..models import apply_lora, context_window, load_model, load_tokenizer, require_role, save_final, stage_inputs
-from ..rewards import REWARD_STATS, Layout
+from ..rewards import ENSEMBLE, MEMBERS, REWARD_STATS, Layout
 from ..runners import Runner
 from ..rundir import Stage, file_input, model_input, read_manifest, stored_path
 from ..stats import describe_rm_accuracy, rm_accuracy
 from ..lifecycle import begin_stage, finish_stage, open_stage
+from ..storage import atomic_write_text
 from ..checkpoint import restore
 from ..train import Session, TrainState, build_optimizer, build_scheduler, micro_batches, plan_steps, step_chunks
 
@@ -44,7 +48,13 @@ def rank_forward(runner: Runner, groups: list[RankedGroup], pad_id: int, device:
     that saves a tenth of the tokens); else, with ``layout.packed``, the sequences run end to end in one row
     (where padding would waste a tenth), else as K padded rows."""
     rankings = [g.sequences for g in groups]
-    rewards = runner.ranking_scores(rankings, pad_id, layout)
+    losses, correct = grouped_ranking_loss(runner.ranking_scores(rankings, pad_id, layout), groups, device)
+    return losses, correct, sum(len(q) for ranking in rankings for q in ranking)
+
+
+def grouped_ranking_loss(rewards: torch.Tensor, groups: list[RankedGroup], device: torch.device):
+    """:func:`losses.ranking_loss` of ``rewards`` (N,), every response of ``groups`` in order: (per-prompt losses,
+    per-pair correctness)."""
     better, worse, group, offset = [], [], [], 0
     for gi, g in enumerate(groups):
         for b, w in g.pairs:
@@ -53,8 +63,27 @@ def rank_forward(runner: Runner, groups: list[RankedGroup], pad_id: int, device:
             group.append(gi)
         offset += len(g.sequences)
     as_index = lambda xs: torch.tensor(xs, dtype=torch.long, device=device)  # noqa: E731
-    losses, correct = ranking_loss(rewards, as_index(better), as_index(worse), as_index(group), len(groups))
-    return losses, correct, sum(len(q) for ranking in rankings for q in ranking)
+    return ranking_loss(rewards, as_index(better), as_index(worse), as_index(group), len(groups))
+
+
+@torch.no_grad()
+def ensemble_accuracy(paths: list[Path], groups: list[RankedGroup], model_cfg: ModelConfig, tokenizer,
+                      device: torch.device, batch_size: int) -> dict:
+    """The held-out pairwise accuracy of the mean of the reward models at ``paths`` (an ensemble's members, their
+    final/ directories), with its interval clustered by ranking (``stats.rm_accuracy``), each member loaded in
+    turn: whether the ensemble ranks better than its members alone."""
+    total = torch.zeros(sum(len(g.sequences) for g in groups), dtype=torch.float64)
+    for path in paths:
+        model = load_model(ModelConfig(**{**vars(model_cfg), "name": str(path)}), tokenizer, path, device, 0,
+                           kind="reward").eval()
+        runner = Runner(model, device, False, trainable=False)
+        layout = Layout(shared=supports_sharing(model), packed=supports_packing(model))
+        total += torch.cat([runner.ranking_scores([g.sequences for g in chunk], tokenizer.pad_token_id, layout).cpu()
+                            for chunk in micro_batches(groups, batch_size)]).double()
+        del runner, model
+    _, correct = grouped_ranking_loss(total / len(paths), groups, torch.device("cpu"))
+    sizes = [len(g.pairs) for g in groups]
+    return rm_accuracy([round(c.sum().item()) for c in correct.split(sizes)], sizes)
 
 
 def train_step(runner: Runner, state: TrainState, chunks: list[list[RankedGroup]], pad_id: int, layout: Layout,
@@ -157,13 +186,13 @@ def run(cfg: RMConfig, resume: bool = False, overwrite: bool = False, allow_chan
         say(f"train-rm: {stage.final} is already complete; nothing to do")
         return stage.final
 
-    def build(on: torch.device):  # the same model on every rank; again on CPU to export a sharded one
-        model = load_model(model_cfg, tokenizer, source, on, cfg.seed, kind="reward")
+    def build(seed: int, on: torch.device):  # the same model on every rank; again on CPU to export a sharded one
+        torch.manual_seed(seed)
+        model = load_model(model_cfg, tokenizer, source, on, seed, kind="reward")
         setattr(model.config, REWARD_BIAS, 0.0)  # normalisation is recomputed after training
         return apply_lora(model, cfg.lora, task_type="SEQ_CLS") if cfg.lora.enabled else model  # head trains in full
 
-    torch.manual_seed(cfg.seed)
-    model = build(device)
+    model = build(cfg.seed, device)
     max_len = context_window(model_cfg, model)
     groups, truncated = tokenize_rankings(tokenizer, rankings, max_len)
     demo_errors: list[str] = []
@@ -172,26 +201,83 @@ def run(cfg: RMConfig, resume: bool = False, overwrite: bool = False, allow_chan
     if demo_errors:
         raise BadInput(demo_errors)
 
-    # 2. split by prompt (by "group" where rankings have one), model (DDP or FSDP under a launcher), optimizer,
-    #    schedule
+    # 2. split by prompt (by "group" where rankings have one): every member of an ensemble holds out the same
     train, val = hold_out(groups, cfg.val_fraction, cfg.seed, [r.group for r in rankings])
+    data = Rankings(train, val, demo_seqs, truncated, sorted({len(g.sequences) for g in groups}))
+    begin_stage(stage, mode, cfg, inputs)
+
+    # 3. an ensemble's other members first, each a resumable run directory of its own holding one rm stage
+    #    (rm/members/member-I/: manifest, rm/{metrics, checkpoints, final}), then the stage's own model (member 0),
+    #    whose final/ is written last: a complete rm/ holds every member
+    members = []
+    for i in range(1, cfg.ensemble):
+        member_cfg = replace(cfg, seed=cfg.seed + i, ensemble=1)
+        member = Stage(stage.dir / MEMBERS / f"member-{i}", STAGE)
+        member_mode, member_changes = open_stage(member, member_cfg, inputs, True, False, allow_changes)
+        if member_mode != "done":
+            begin_stage(member, member_mode, member_cfg, inputs)
+            steps, summary = train_member(member, member_cfg, member_mode, member_changes,
+                                          build(member_cfg.seed, device), data, tokenizer, device, init,
+                                          lambda: build(member_cfg.seed, torch.device("cpu")))
+            finish_stage(member, steps, **summary)
+        members.append(member.final)
+    listing = {"members": [str(m.relative_to(stage.dir)) for m in members],
+               "seeds": list(range(cfg.seed, cfg.seed + cfg.ensemble))}
+    if distributed.is_main() and members:  # before final/: a complete rm/ always lists its members
+        atomic_write_text(stage.dir / ENSEMBLE, json.dumps(listing, indent=2) + "\n")
+    steps, summary = train_member(stage, cfg, mode, changes, model, data, tokenizer, device, init,
+                                  lambda: build(cfg.seed, torch.device("cpu")))
+    if members and data.val:  # the members' mean score on the same held-out rankings (PPO's mean objective)
+        together = {f"ensemble/{k}": v for k, v in ensemble_accuracy(
+            [stage.final, *members], data.val, model_cfg, tokenizer, device, cfg.optim.batch_size).items()}
+        summary.update(together)
+        if distributed.is_main():
+            atomic_write_text(stage.dir / ENSEMBLE, json.dumps({**listing, **together}, indent=2) + "\n")
+    finish_stage(stage, steps, **summary)
+    accuracy, warning = (describe_rm_accuracy(summary) if data.val
+                         else ("unknown: nothing held out (--val-fraction 0)", None))
+    banner("reward model", {k: f"{summary[k]:.4f}" for k in ("eval/loss", "demos/raw_mean", "demos/raw_std")
+                            if summary.get(k) is not None} | {"accuracy": accuracy, "saved": str(stage.final)}
+           | ({"ensemble": f"{cfg.ensemble} members: {stage.final} and " + ", ".join(map(str, members))}
+              if members else {})
+           | ({"ensemble accuracy": describe_rm_accuracy({k.replace("ensemble/", "eval/"): v for k, v in
+                                                          summary.items()})[0] + " (the members' mean score)"}
+              if "ensemble/accuracy" in summary else {}))
+    if warning:  # a reward model that learned nothing sends PPO after noise: say so before hours are spent
+        say(f"[bold red]warning:[/] {warning}")
+    return stage.final
+
+
+class Rankings(NamedTuple):
+    """The tokenised data every member of an ensemble trains on: the same split, the same demonstrations."""
+    train: list[RankedGroup]
+    val: list[RankedGroup]
+    demo_seqs: list[list[int]]
+    truncated: int
+    ks: list[int]
+
+
+def train_member(stage: Stage, cfg: RMConfig, mode: str, changes: list[dict], model, data: Rankings, tokenizer,
+                 device: torch.device, init: str, cpu_build) -> tuple[int, dict]:
+    """Train one reward model in ``stage`` (begun by the caller) from its newest checkpoint, normalise it on the
+    demonstrations and write its final/; returns the steps trained and the held-out summary, which the caller
+    records when it finishes the stage."""
+    # model (DDP or FSDP under a launcher), optimizer, schedule, the resume point
     model.train()
     layout = Layout(shared=cfg.share_prompts and supports_sharing(model),
                     packed=cfg.padding_free and supports_packing(model))
     runner = Runner(model, device, cfg.fsdp)
     distributed.seed_rank(cfg.seed)
+    train, val = data.train, data.val
     per_step, epoch_steps, total_steps = plan_steps(cfg, len(train))
     optimizer = build_optimizer(model, cfg.optim)
     state = TrainState(model, optimizer, build_scheduler(optimizer, cfg.optim, total_steps))
-
-    # 3. the stage directory and the resume point
-    begin_stage(stage, mode, cfg, inputs)
     ckpt = restore(stage, mode, state, changes)
-    ks = sorted({len(g.sequences) for g in groups})
-    banner("igpt train-rm", {
-        "rankings": f"{cfg.rankings} ({len(train)} train, {len(val)} held-out prompts; K in {ks}; "
-                    f"{sum(len(g.pairs) for g in train)} training comparisons; {truncated} responses cut)",
-        "init": f"{init} on {device} ({next(model.parameters()).dtype}), scalar head",
+    banner("igpt train-rm" + (f" ({stage.run_dir.name} of the ensemble)" if MEMBERS in stage.run_dir.parts
+                              else ""), {
+        "rankings": f"{cfg.rankings} ({len(train)} train, {len(val)} held-out prompts; K in {data.ks}; "
+                    f"{sum(len(g.pairs) for g in train)} training comparisons; {data.truncated} responses cut)",
+        "init": f"{init} on {device} ({next(model.parameters()).dtype}), scalar head, seed {cfg.seed}",
         "steps": f"{total_steps} ({epoch_steps}/epoch), {per_step} prompts per step"
                  + (", prompts shared" if layout.shared else "") + (", padding-free" if layout.packed else ", padded")
                  + processes_note(cfg.fsdp),
@@ -199,7 +285,7 @@ def run(cfg: RMConfig, resume: bool = False, overwrite: bool = False, allow_chan
         **model_rows(model, cfg.lora.enabled, ckpt),
     }, run_dir=stage.run_dir)
 
-    # 4. train: one optimizer step on the step's rankings, held-out loss and accuracy every eval_every steps
+    # train: one optimizer step on the step's rankings, held-out loss and accuracy every eval_every steps
     last: dict = {}  # the newest held-out result: the last step's is the final model's (session.record runs it)
 
     def held_out() -> dict:
@@ -213,26 +299,20 @@ def run(cfg: RMConfig, resume: bool = False, overwrite: bool = False, allow_chan
             record = train_step(runner, state, chunks, tokenizer.pad_token_id, layout, device, cfg.optim.grad_clip)
             session.record({"epoch": round((i + 1) / epoch_steps, 4), **record}, held_out if val else None)
 
-    # 5. normalise: the demonstrations score mean 0 (stored in the config, applied by reward_scores)
+    # normalise: the demonstrations score mean 0 (stored in the config, applied by reward_scores)
     summary = (dict(last) or held_out()) if val else {}
-    if demo_seqs:
-        scores = demo_scores(runner, demo_seqs, tokenizer.pad_token_id, cfg.optim.batch_size * 4)
+    if data.demo_seqs:
+        scores = demo_scores(runner, data.demo_seqs, tokenizer.pad_token_id, cfg.optim.batch_size * 4)
         setattr(model.config, REWARD_BIAS, -float(scores.double().mean()))
         # one demonstration has no sample standard deviation (torch says NaN, which is no JSON): null
         summary.update({"demos/raw_mean": float(scores.mean()),
                         "demos/raw_std": float(scores.std()) if len(scores) > 1 else None})
     setattr(model.config, REWARD_STATS, summary)  # saved with the model: ppo reads the accuracy from it
 
-    # 6. export from rank 0 (a sharded model is first gathered into a plain copy there)
-    final = distributed.full_model(model, lambda: build(torch.device("cpu")))
+    # export from rank 0 (a sharded model is first gathered into a plain copy there)
+    final = distributed.full_model(model, cpu_build)
     if distributed.is_main():
         for key in (REWARD_BIAS, REWARD_STATS):
             setattr(final.config, key, getattr(model.config, key))
         save_final(final, tokenizer, stage.final)
-    finish_stage(stage, state.step, **summary)
-    accuracy, warning = describe_rm_accuracy(summary) if val else ("unknown: nothing held out (--val-fraction 0)", None)
-    banner("reward model", {k: f"{summary[k]:.4f}" for k in ("eval/loss", "demos/raw_mean", "demos/raw_std")
-                            if summary.get(k) is not None} | {"accuracy": accuracy, "saved": str(stage.final)})
-    if warning:  # a reward model that learned nothing sends PPO after noise: say so before hours are spent
-        say(f"[bold red]warning:[/] {warning}")
-    return stage.final
+    return state.step, summary
