@@ -277,6 +277,10 @@ class RMConfig(TrainingBlocks):
     padding_free: bool = f(True, "pack each micro-batch's responses into one row with block-diagonal attention "
                                  "instead of padding (model families known to support it; others are padded)")
     eval_every: int = f(20, "held-out loss and accuracy every N optimizer steps, and at the end (steps)", ">= 1")
+    sweep: str = f("", "choose settings by held-out accuracy: one trial per combination, e.g. "
+                       "lr=1e-4,3e-4,epochs=1,2 (keys lr, epochs, weight_decay, lora_r, lora_layers), each trial "
+                       "trained on the training split and measured on the held-out one; the best (then the lowest "
+                       "held-out loss) becomes the model, every trial kept in RUN_DIR/rm/trials/ and sweep.json")
     ensemble: int = f(1, "train N reward models, member i from seed + i (its head, adapters, data order and "
                          "dropout; the same held-out split), kept together in RUN_DIR/rm: ppo optimises their "
                          "--rm-objective (Coste et al. 2023); 1 = one model (members)", ">= 1")

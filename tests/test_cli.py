@@ -11,7 +11,7 @@ import yaml
 
 from instructgpt_cli import config as config_mod
 from instructgpt_cli.stages import STAGES
-from tests.conftest import igpt
+from conftest import igpt
 
 CONFIGS = {name: stage.config for name, stage in STAGES.items() if stage.config is not None}
 COMMAND = {name: stage.command for name, stage in STAGES.items()}  # stage -> command name (rm -> train-rm)
@@ -77,7 +77,7 @@ TODAY_KEYS = {
 # Valid non-default values for string fields whose range is checked.
 STRINGS = {"device": "cpu", "judge": "human", "dtype": "float32", "scheduler": "linear",
            "checkpoints": "all", "gold": "python:mod:fn", "watch": "python:mod:fn",
-           "toxicity_instruction": "respectful"}
+           "toxicity_instruction": "respectful", "rm_objective": "min"}
 
 
 def commands() -> dict:

@@ -11,6 +11,7 @@ paper does before RL (Ouyang et al. 2022, sec. 3.5, appendix C.2: 1 epoch, cosin
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import replace
 from pathlib import Path
 from typing import NamedTuple
@@ -33,11 +34,70 @@ from ..runners import Runner
 from ..rundir import Stage, file_input, model_input, read_manifest, stored_path
 from ..stats import describe_rm_accuracy, rm_accuracy
 from ..lifecycle import begin_stage, finish_stage, open_stage
-from ..storage import atomic_write_text
+from ..storage import atomic_write_text, building
 from ..checkpoint import restore
 from ..train import Session, TrainState, build_optimizer, build_scheduler, micro_batches, plan_steps, step_chunks
 
 STAGE = "rm"
+TRIALS, SWEEP = "trials", "sweep.json"  # train-rm --sweep: the trials' run directories under rm/, their results
+# --sweep's keys: the setting each one sets, and how its values are read
+SWEEP_KEYS = {"lr": ("optim.lr", float), "epochs": ("epochs", int), "weight_decay": ("optim.weight_decay", float),
+              "lora_r": ("lora.r", int), "lora_layers": ("lora.layers", int)}
+
+
+def parse_sweep(spec: str) -> list[dict]:
+    """``lr=1e-4,3e-4,epochs=1,2`` (commas, semicolons or spaces between items; a value without ``=`` is one more
+    of the key before it) as its grid, every combination in order: [{"lr": 1e-4, "epochs": 1}, ...]; [] for ""."""
+    import itertools
+    import re
+
+    values: dict[str, list] = {}
+    key = None
+    for item in filter(None, re.split(r"[,;\s]+", spec.strip())):
+        if "=" in item:
+            key, item = item.split("=", 1)
+            if key not in SWEEP_KEYS:
+                raise BadInput([f"--sweep {spec}: {key}: not a setting it can sweep ({', '.join(SWEEP_KEYS)})"])
+            if key in values:
+                raise BadInput([f"--sweep {spec}: {key}: given twice"])
+            values[key] = []
+            if not item:  # KEY= with its values after the next separator, or none
+                continue
+        if key is None:
+            raise BadInput([f"--sweep {spec}: {item}: a value before any KEY= (e.g. lr=1e-4,3e-4,epochs=1,2)"])
+        try:
+            value = SWEEP_KEYS[key][1](item)
+        except ValueError:
+            kind = "an integer" if SWEEP_KEYS[key][1] is int else "a number"
+            raise BadInput([f"--sweep {spec}: {key}={item}: not {kind}"]) from None
+        if not (value > 0 or key in ("weight_decay", "lora_layers") and value == 0):
+            raise BadInput([f"--sweep {spec}: {key}={item}: must be > 0" + (" (or 0)" if key in ("weight_decay",
+                            "lora_layers") else "")])
+        values[key].append(value)
+    if any(not v for v in values.values()):
+        raise BadInput([f"--sweep {spec}: {', '.join(k for k, v in values.items() if not v)}: no value"])
+    return [dict(zip(values, combo)) for combo in itertools.product(*values.values())] if values else []
+
+
+def with_settings(cfg: RMConfig, settings: dict) -> RMConfig:
+    """``cfg`` with a sweep trial's settings (keys of :data:`SWEEP_KEYS`)."""
+    for key, value in settings.items():
+        path = SWEEP_KEYS[key][0].split(".")
+        if len(path) == 1:
+            cfg = replace(cfg, **{path[0]: value})
+        else:
+            cfg = replace(cfg, **{path[0]: replace(getattr(cfg, path[0]), **{path[1]: value})})
+    return cfg
+
+
+def choose_trial(trials: list[dict]) -> dict:
+    """The trial of highest held-out accuracy, then lowest held-out loss, then the first."""
+    return min(trials, key=lambda t: (-(t["accuracy"] if t["accuracy"] is not None else -1.0),
+                                      t["loss"] if t["loss"] is not None else float("inf"), t["trial"]))
+
+
+def describe_settings(trial: dict) -> str:
+    return ", ".join(f"{k} {v:g}" for k, v in trial["settings"].items())
 
 
 def rank_forward(runner: Runner, groups: list[RankedGroup], pad_id: int, device: torch.device,
@@ -171,6 +231,9 @@ def run(cfg: RMConfig, resume: bool = False, overwrite: bool = False, allow_chan
         raise BadInput(["--demos: needed to normalise the reward (demonstrations score mean 0) and the run has no "
                         "SFT stage to take them from; pass --demos FILE or --no-normalize"])
     demos = read_demos(demos_file, *demos_reading(cfg, run_dir)) if demos_file else []
+    grid = parse_sweep(cfg.sweep)
+    if grid and not cfg.val_fraction > 0:
+        raise BadInput([f"--sweep {cfg.sweep}: chooses by held-out accuracy, and --val-fraction 0 holds nothing out"])
     if cfg.model.name:
         require_role(cfg.model.name, "policy", "--model")
     init = cfg.model.name or stage_inputs(run_dir, {"--sft": (cfg.sft, "sft", "policy")})["--sft"]
@@ -186,13 +249,13 @@ def run(cfg: RMConfig, resume: bool = False, overwrite: bool = False, allow_chan
         say(f"train-rm: {stage.final} is already complete; nothing to do")
         return stage.final
 
-    def build(seed: int, on: torch.device):  # the same model on every rank; again on CPU to export a sharded one
-        torch.manual_seed(seed)
-        model = load_model(model_cfg, tokenizer, source, on, seed, kind="reward")
+    def build(c: RMConfig, on: torch.device):  # the same model on every rank; again on CPU to export a sharded one
+        torch.manual_seed(c.seed)
+        model = load_model(model_cfg, tokenizer, source, on, c.seed, kind="reward")
         setattr(model.config, REWARD_BIAS, 0.0)  # normalisation is recomputed after training
-        return apply_lora(model, cfg.lora, task_type="SEQ_CLS") if cfg.lora.enabled else model  # head trains in full
+        return apply_lora(model, c.lora, task_type="SEQ_CLS") if c.lora.enabled else model  # head trains in full
 
-    model = build(cfg.seed, device)
+    model = build(cfg, device)
     max_len = context_window(model_cfg, model)
     groups, truncated = tokenize_rankings(tokenizer, rankings, max_len)
     demo_errors: list[str] = []
@@ -203,30 +266,67 @@ def run(cfg: RMConfig, resume: bool = False, overwrite: bool = False, allow_chan
 
     # 2. split by prompt (by "group" where rankings have one): every member of an ensemble holds out the same
     train, val = hold_out(groups, cfg.val_fraction, cfg.seed, [r.group for r in rankings])
+    if grid and not val:
+        raise BadInput([f"--sweep {cfg.sweep}: chooses by held-out accuracy, and {cfg.rankings} has too few "
+                        f"rankings to hold any out at --val-fraction {cfg.val_fraction}"])
     data = Rankings(train, val, demo_seqs, truncated, sorted({len(g.sequences) for g in groups}))
     begin_stage(stage, mode, cfg, inputs)
 
-    # 3. an ensemble's other members first, each a resumable run directory of its own holding one rm stage
+    def sub_run(where: Path, sub: RMConfig) -> tuple[Path, dict]:
+        """One reward model trained (resumed, or found finished) as a run directory of its own under rm/ (a
+        member of an ensemble, a trial of a sweep); its final/ and its held-out summary."""
+        part = Stage(where, STAGE)
+        part_mode, part_changes = open_stage(part, sub, inputs, True, False, allow_changes)
+        if part_mode != "done":
+            begin_stage(part, part_mode, sub, inputs)
+            steps, summary = train_member(part, sub, part_mode, part_changes, build(sub, device), data, tokenizer,
+                                          device, init, lambda: build(sub, torch.device("cpu")))
+            finish_stage(part, steps, **summary)
+        return part.final, read_manifest(where)["stages"][STAGE].get("outputs", {})
+
+    # 3. a sweep's trials, each a resumable run directory of its own (rm/trials/trial-T/), all measured on the
+    #    same held-out rankings; the best one's settings are the stage's from here on, and its model member 0
+    chosen = None
+    if grid:
+        del model  # the chosen trial is the model
+        trials = []
+        for t, settings in enumerate(grid, 1):
+            final, out = sub_run(stage.dir / TRIALS / f"trial-{t}", with_settings(replace(cfg, sweep="", ensemble=1),
+                                                                                   settings))
+            trials.append({"trial": t, "settings": settings, "final": str(final.relative_to(stage.dir)),
+                           **{k: out.get(f"eval/{k}") for k in ("accuracy", "accuracy_ci_low", "accuracy_ci_high",
+                                                                  "loss")}})
+        chosen = choose_trial(trials)
+        cfg = with_settings(cfg, chosen["settings"])
+        if distributed.is_main():
+            atomic_write_text(stage.dir / SWEEP, json.dumps({"chosen": chosen["trial"], "trials": trials,
+                                                             "by": "held-out pair accuracy, then held-out loss"},
+                                                            indent=2) + "\n")
+        say(f"train-rm --sweep: trial {chosen['trial']} of {len(trials)} chosen ({describe_settings(chosen)}); its "
+            "held-out accuracy is the best of the trials on the rankings that chose it, so it is optimistic")
+
+    # 4. an ensemble's other members, each a resumable run directory of its own holding one rm stage
     #    (rm/members/member-I/: manifest, rm/{metrics, checkpoints, final}), then the stage's own model (member 0),
     #    whose final/ is written last: a complete rm/ holds every member
-    members = []
-    for i in range(1, cfg.ensemble):
-        member_cfg = replace(cfg, seed=cfg.seed + i, ensemble=1)
-        member = Stage(stage.dir / MEMBERS / f"member-{i}", STAGE)
-        member_mode, member_changes = open_stage(member, member_cfg, inputs, True, False, allow_changes)
-        if member_mode != "done":
-            begin_stage(member, member_mode, member_cfg, inputs)
-            steps, summary = train_member(member, member_cfg, member_mode, member_changes,
-                                          build(member_cfg.seed, device), data, tokenizer, device, init,
-                                          lambda: build(member_cfg.seed, torch.device("cpu")))
-            finish_stage(member, steps, **summary)
-        members.append(member.final)
+    members = [sub_run(stage.dir / MEMBERS / f"member-{i}", replace(cfg, seed=cfg.seed + i, ensemble=1, sweep=""))[0]
+               for i in range(1, cfg.ensemble)]
     listing = {"members": [str(m.relative_to(stage.dir)) for m in members],
                "seeds": list(range(cfg.seed, cfg.seed + cfg.ensemble))}
     if distributed.is_main() and members:  # before final/: a complete rm/ always lists its members
         atomic_write_text(stage.dir / ENSEMBLE, json.dumps(listing, indent=2) + "\n")
-    steps, summary = train_member(stage, cfg, mode, changes, model, data, tokenizer, device, init,
-                                  lambda: build(cfg.seed, torch.device("cpu")))
+    if chosen is None:
+        steps, summary = train_member(stage, cfg, mode, changes, model, data, tokenizer, device, init,
+                                      lambda: build(cfg, torch.device("cpu")))
+    else:  # the chosen trial is member 0, as trained (the same seed and settings): copied whole, not trained again
+        trial = stage.dir / chosen["final"]
+        if distributed.is_main():
+            with building(stage.final, seal=True) as tmp:
+                shutil.copytree(trial, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns("COMPLETED"))
+        entry = read_manifest(trial.parents[1])["stages"][STAGE]
+        steps, summary = entry["steps"], {**entry.get("outputs", {}), "sweep/chosen": chosen["trial"],
+                                          "sweep/settings": chosen["settings"]}
+        for key in ("final", "sha256"):
+            summary.pop(key, None)
     if members and data.val:  # the members' mean score on the same held-out rankings (PPO's mean objective)
         together = {f"ensemble/{k}": v for k, v in ensemble_accuracy(
             [stage.final, *members], data.val, model_cfg, tokenizer, device, cfg.optim.batch_size).items()}
