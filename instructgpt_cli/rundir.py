@@ -98,13 +98,14 @@ def model_input(source: str | Path) -> dict | str:
 
 
 def mark_stale(run_dir: Path, stage: str, sha: str | None = None, clear: bool = True) -> None:
-    """Lineage: flag every manifest entry whose inputs include ``stage``'s ``final/`` or ``checkpoints/`` (or a
-    folder in them: ``compare ppo@step-N`` reads a checkpoint). While ``stage`` runs again (``sha`` None) they
+    """Lineage: flag every manifest entry whose inputs include ``stage``'s ``final/``, ``checkpoints/`` or
+    ``best/`` (``ppo --watch``'s best point) or a folder in them (``compare ppo@step-N`` reads a checkpoint). While ``stage`` runs again (``sha`` None) they
     are all ``stale``; when it completes with weights ``sha``, those built from exactly these weights (a
     deterministic re-run) are fresh again. ``clear`` False: those built from weights ``sha`` are left as they are
     (a run that begins while its old final/ is kept neither condemns nor clears them)."""
     manifest = read_manifest(run_dir)
-    final, checkpoints = (run_dir / stage / "final").resolve(), (run_dir / stage / "checkpoints").resolve()
+    final = (run_dir / stage / "final").resolve()
+    outputs = (final, *((run_dir / stage / part).resolve() for part in ("checkpoints", "best")))
     changed = False
     for name, entry in manifest.get("stages", {}).items():
         if name == stage:
@@ -113,7 +114,7 @@ def mark_stale(run_dir: Path, stage: str, sha: str | None = None, clear: bool = 
             if not (isinstance(source, dict) and source.get("path")):
                 continue
             path = stored_path(run_dir, source["path"]).resolve()
-            if not any(path == out or out in path.parents for out in (final, checkpoints)):
+            if not any(path == out or out in path.parents for out in outputs):
                 continue
             if sha is not None and path.exists() and source.get("sha256") == (
                     sha if path == final else weights_sha256(path)):

@@ -502,6 +502,31 @@ def test_a_stage_beginning_over_its_kept_final_neither_condemns_nor_clears_what_
     assert "stale" not in manifest(run)["ppo"]
 
 
+def test_a_ppo_re_run_makes_what_was_built_from_its_best_point_stale(tmp_path):
+    """ppo/best/ (ppo --watch's point of best gold, ``ppo@best``) is one of the stage's outputs: a report on it is
+    stale while PPO runs again, and fresh again only if the new run's best point has the same weights."""
+    from instructgpt_cli.rundir import mark_stale
+    from instructgpt_cli.storage import weights_sha256
+
+    run = tmp_path / "run"
+    best = run / "ppo" / "best"
+    best.mkdir(parents=True)
+    (best / "model.safetensors").write_bytes(b"weights")
+    sha = weights_sha256(best)
+    (run / "manifest.json").write_text(json.dumps({"stages": {
+        "ppo": {"outputs": {"sha256": "abc"}},
+        "compare/ppo-best-vs-sft": {"inputs": {"a": {"path": str(best.resolve()), "sha256": sha}}},
+        "compare/sft-vs-dpo": {"inputs": {"a": {"path": str(run / "sft" / "final"), "sha256": "x"}}}}}))
+    mark_stale(run, "ppo")  # PPO runs again
+    stages = manifest(run)
+    assert "re-run" in stages["compare/ppo-best-vs-sft"]["stale"] and "stale" not in stages["compare/sft-vs-dpo"]
+    mark_stale(run, "ppo", "abc")  # it completes, its best point the same weights: fresh again
+    assert "stale" not in manifest(run)["compare/ppo-best-vs-sft"]
+    (best / "model.safetensors").write_bytes(b"other weights")
+    mark_stale(run, "ppo", "abc")  # another best point: the report judged other weights
+    assert "re-run" in manifest(run)["compare/ppo-best-vs-sft"]["stale"]
+
+
 # ---------------------------------------------------------------- 8. preflight
 
 
