@@ -37,7 +37,8 @@ def open_stage(stage: Stage, cfg: Any, inputs: dict, resume: bool, overwrite: bo
     locks.take(stage.run_dir, stage.name, str(stage.dir))
     if distributed.is_main():
         locks.settle_statuses(stage.run_dir)
-    mode = check_stage(stage.dir, resume, overwrite)
+    status = read_manifest(stage.run_dir).get("stages", {}).get(stage.name, {}).get("status")
+    mode = check_stage(stage.dir, resume, overwrite, status)
     if mode == "fresh":
         return mode, []
     changes = resume_changes(stage, cfg, inputs)
@@ -46,6 +47,10 @@ def open_stage(stage: Stage, cfg: Any, inputs: dict, resume: bool, overwrite: bo
         if stale:  # a finished stage built from an input that has changed since
             say(f"[yellow]warning:[/] {stage.dir} was built from inputs that changed since: "
                 + "; ".join(describe_change(c) for c in stale) + "; rebuild it with --overwrite")
+        other = [c for c in changes if not c["free"] and not c["setting"].startswith("input ")]
+        if other:  # asked for with other settings (--ensemble 3 of a single model): nothing done, said so
+            say(f"[yellow]warning:[/] {stage.dir} is finished, built with other settings than these: "
+                + "; ".join(describe_change(c) for c in other) + "; nothing is redone (--overwrite rebuilds it)")
         return "done", []
     check_not_behind(stage, cfg)
     binding = [c for c in changes if not c["free"]]

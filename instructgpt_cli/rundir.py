@@ -99,13 +99,14 @@ def model_input(source: str | Path) -> dict | str:
 
 def mark_stale(run_dir: Path, stage: str, sha: str | None = None, clear: bool = True) -> None:
     """Lineage: flag every manifest entry whose inputs include ``stage``'s ``final/``, ``checkpoints/`` or
-    ``best/`` (``ppo --watch``'s best point) or a folder in them (``compare ppo@step-N`` reads a checkpoint). While ``stage`` runs again (``sha`` None) they
+    ``best/`` (``ppo --watch``'s best point) or ``members/`` (train-rm --ensemble's) or a folder in them
+    (``compare ppo@step-N`` reads a checkpoint). While ``stage`` runs again (``sha`` None) they
     are all ``stale``; when it completes with weights ``sha``, those built from exactly these weights (a
     deterministic re-run) are fresh again. ``clear`` False: those built from weights ``sha`` are left as they are
     (a run that begins while its old final/ is kept neither condemns nor clears them)."""
     manifest = read_manifest(run_dir)
     final = (run_dir / stage / "final").resolve()
-    outputs = (final, *((run_dir / stage / part).resolve() for part in ("checkpoints", "best")))
+    outputs = (final, *((run_dir / stage / part).resolve() for part in ("checkpoints", "best", "members")))
     changed = False
     for name, entry in manifest.get("stages", {}).items():
         if name == stage:
@@ -142,20 +143,22 @@ def _version() -> str:
 # ---------------------------------------------------------------- stage directories
 
 
-def stage_state(stage_dir: Path) -> str:
+def stage_state(stage_dir: Path, status: str | None = None) -> str:
     """'empty' (nothing there), 'done' (final/ written after the newest checkpoint) or 'partial' (outputs but
-    no final, or checkpoints newer than final/: an --overwrite run that stopped before it replaced final/)."""
+    no final, or checkpoints newer than final/, or a manifest ``status`` that says the newest run of the stage
+    did not finish: an --overwrite run that stopped before it replaced final/, even before its first
+    checkpoint, or a run stopped between writing final/ and recording it)."""
     if not stage_dir.exists() or not any(stage_dir.iterdir()):
         return "empty"
     final = stage_dir / "final"
-    if not final.exists():
+    if not final.exists() or status in ("running", "interrupted", "failed"):
         return "partial"
     written = final.stat().st_mtime_ns
     newer = [c for c in complete_checkpoints(stage_dir / "checkpoints") if c.stat().st_mtime_ns > written]
     return "partial" if newer else "done"
 
 
-def check_stage(stage_dir: Path, resume: bool, overwrite: bool) -> str:
+def check_stage(stage_dir: Path, resume: bool, overwrite: bool, status: str | None = None) -> str:
     """Decide what a stage run does with existing outputs, before anything is written.
 
     Returns 'fresh', 'resume' or 'done'. A stage with outputs and neither flag is refused (BadInput):
@@ -163,7 +166,7 @@ def check_stage(stage_dir: Path, resume: bool, overwrite: bool) -> str:
     """
     if resume and overwrite:
         raise BadInput(["--resume and --overwrite exclude each other"])
-    state = stage_state(stage_dir)
+    state = stage_state(stage_dir, status)
     if state == "empty" or overwrite:
         return "fresh"
     if not resume:

@@ -185,7 +185,11 @@ ADAPTERS = {"tensorboard": TensorBoard, "wandb": WandB, "trackio": Trackio, "mlf
 
 
 def run_name(stage: Stage) -> str:
-    return f"{stage.run_dir.resolve().name}/{stage.name}"
+    """``RUN/STAGE``; a run nested in another's stage (train-rm --ensemble's members, --sweep's trials:
+    ``RUN/rm/members/member-1``) is named from the outer run: ``RUN/rm/members/member-1/rm``."""
+    parts = stage.run_dir.resolve().parts
+    nested = len(parts) >= 4 and parts[-3] == "rm" and parts[-2] in ("members", "trials")
+    return f"{'/'.join(parts[-4:]) if nested else parts[-1]}/{stage.name}"
 
 
 def _warn(name: str, what: str, e: BaseException) -> None:

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from conftest import arithmetic_demos, igpt, marker_rankings, write_jsonl
 from instructgpt_cli.batches import hold_out, tokenize_rankings
-from instructgpt_cli.config import ModelConfig
+from instructgpt_cli.config import ModelConfig, RMConfig
 from instructgpt_cli.data import read_rankings
 from instructgpt_cli.models import load_tokenizer, tiny_tokenizer
 from instructgpt_cli.rewards import ensemble_objective
@@ -45,8 +45,9 @@ def weights(final):
 
 def test_an_ensemble_s_members_train_from_their_seeds_on_one_held_out_split(tmp_path):
     alone, ensemble = tmp_path / "alone", tmp_path / "ensemble"
-    assert igpt(*rm_args(tmp_path, alone)).exit_code == 0
-    result = igpt(*rm_args(tmp_path, ensemble, "--ensemble", "3"))
+    # with dropout on, so that member 0's random stream must be the one of a model trained alone
+    assert igpt(*rm_args(tmp_path, alone, "--dropout", "0.1")).exit_code == 0
+    result = igpt(*rm_args(tmp_path, ensemble, "--ensemble", "3", "--dropout", "0.1"))
     assert result.exit_code == 0, result.output
     rm = ensemble / "rm"
     listing = json.loads((rm / "ensemble.json").read_text())
@@ -74,17 +75,20 @@ def test_an_ensemble_s_members_train_from_their_seeds_on_one_held_out_split(tmp_
     rankings = read_rankings(tmp_path / "ranks.jsonl")
     groups, _ = tokenize_rankings(tok, rankings, 512)
     _, val = hold_out(groups, 0.1, 0, [r.group for r in rankings])
-    cfg = ModelConfig(name="tiny")
+    model_cfg, cfg = ModelConfig(name="tiny"), RMConfig()
     own = json.loads((ensemble / "manifest.json").read_text())["stages"]["rm"]["outputs"]
-    alone_acc = ensemble_accuracy([members[0]], val, cfg, tok, torch.device("cpu"), 4)
+    alone_acc = ensemble_accuracy([members[0]], val, cfg, model_cfg, tok, torch.device("cpu"))
     assert alone_acc["accuracy"] == pytest.approx(own["eval/accuracy"])
     assert alone_acc["pairs"] == own["eval/pairs"]
-    together = ensemble_accuracy(members, val, cfg, tok, torch.device("cpu"), 4)
+    together = ensemble_accuracy(members, val, cfg, model_cfg, tok, torch.device("cpu"))
     assert together["accuracy"] == pytest.approx(listing["ensemble/accuracy"])
 
     # a finished ensemble is finished: --resume does nothing
-    again = igpt(*rm_args(tmp_path, ensemble, "--ensemble", "3", "--resume"))
+    again = igpt(*rm_args(tmp_path, ensemble, "--ensemble", "3", "--dropout", "0.1", "--resume"))
     assert again.exit_code == 0 and "nothing to do" in again.stderr + again.stdout
+    # asked for with another ensemble size, a finished one says it redid nothing
+    other = igpt(*rm_args(tmp_path, ensemble, "--ensemble", "2", "--dropout", "0.1", "--resume"))
+    assert other.exit_code == 0 and "other settings" in other.stderr and "ensemble" in other.stderr
 
 
 def test_a_killed_ensemble_resumes_bit_identical(tmp_path):
@@ -161,3 +165,69 @@ def test_ppo_refuses_an_ensemble_with_a_missing_member(world, tmp_path):
     result = igpt(*args)
     assert result.exit_code == 2 and "member-1" in result.stderr and "not there" in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_a_conservative_objective_of_one_reward_model_is_refused(world, tmp_path):
+    """--rm-objective min (or mean-std) of a reward model trained alone would silently optimise that one model."""
+    args = ["ppo", "--prompts", world / "prompts.jsonl", "--sft", world / "base" / "sft" / "final",
+            "--rm", world / "base" / "sft" / "final", "--run-dir", tmp_path / "run", "--rm-objective", "min"]
+    single = tmp_path / "single"
+    make_rule_rm(single, tiny_tokenizer(), "e")
+    args[args.index("--rm") + 1] = single
+    result = igpt(*args)
+    assert result.exit_code == 2 and "--rm-objective min" in result.stderr and "not an ensemble" in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_overwrite_stopped_in_a_member_resumes_instead_of_keeping_the_old_model(tmp_path):
+    """--overwrite keeps the old final/ until the new one is whole; stopped while a member trains (no checkpoint
+    of member 0 yet), the stage is unfinished (its manifest says so), so --resume trains on rather than calling
+    the old model done; the new ensemble then equals one trained straight."""
+    from test_sft import run_subprocess
+
+    run, straight = tmp_path / "run", tmp_path / "straight"
+    assert igpt(*rm_args(tmp_path, run, "--ensemble", "2")).exit_code == 0
+    assert igpt(*rm_args(tmp_path, straight, "--ensemble", "2", "--seed", "5")).exit_code == 0
+    args = rm_args(tmp_path, run, "--ensemble", "2", "--seed", "5")
+    killed = run_subprocess([*args, "--overwrite"], {"IGPT_FAULT_AFTER_STEP": "6"})
+    assert killed.returncode == 99, killed.stderr
+    assert not (run / "rm" / "ensemble.json").exists()  # the old listing went with the old members
+    resumed = igpt(*args, "--resume")
+    assert resumed.exit_code == 0, resumed.output
+    assert "nothing to do" not in resumed.stderr + resumed.stdout
+    for final in ("final", "members/member-1/rm/final"):
+        a, b = weights(straight / "rm" / final), weights(run / "rm" / final)
+        assert all(torch.equal(a[k], b[k]) for k in a), final
+    assert json.loads((run / "rm" / "ensemble.json").read_text())["seeds"] == [5, 6]
+    assert json.loads((run / "manifest.json").read_text())["stages"]["rm"]["status"] == "completed"
+
+
+def test_a_resume_with_a_smaller_ensemble_drops_the_members_past_it(tmp_path):
+    from test_sft import run_subprocess
+
+    run = tmp_path / "run"
+    args = rm_args(tmp_path, run, "--ensemble", "2")
+    assert run_subprocess(args, {"IGPT_FAULT_AFTER_STEP": "6"}).returncode == 99  # in member 1
+    assert (run / "rm" / "members" / "member-1").is_dir()
+    alone = igpt(*rm_args(tmp_path, run, "--ensemble", "1", "--resume", "--allow-changes"))
+    assert alone.exit_code == 0, alone.output
+    assert not (run / "rm" / "members" / "member-1").exists() and not (run / "rm" / "ensemble.json").exists()
+    assert (run / "rm" / "final" / "COMPLETED").is_file()
+
+
+def test_a_rerun_of_the_reward_model_makes_ppo_on_its_members_stale(tmp_path):
+    """Lineage: PPO records every member's weights; a member retrained with other weights makes it stale."""
+    from instructgpt_cli.rundir import mark_stale
+    from instructgpt_cli.storage import weights_sha256
+
+    run = tmp_path / "run"
+    member = run / "rm" / "members" / "member-1" / "rm" / "final"
+    member.mkdir(parents=True)
+    (member / "model.safetensors").write_bytes(b"member weights")
+    (run / "manifest.json").write_text(json.dumps({"stages": {"ppo": {"inputs": {
+        "rm_member_1": {"path": str(member.resolve()), "sha256": weights_sha256(member)}}}}}))
+    mark_stale(run, "rm", "abc")  # the same member weights: fresh
+    assert "stale" not in json.loads((run / "manifest.json").read_text())["stages"]["ppo"]
+    (member / "model.safetensors").write_bytes(b"other member weights")
+    mark_stale(run, "rm", "abc")
+    assert "re-run" in json.loads((run / "manifest.json").read_text())["stages"]["ppo"]["stale"]

@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from conftest import arithmetic_demos, igpt, marker_rankings, write_jsonl
@@ -79,4 +80,30 @@ def test_a_sweep_keeps_every_trial_and_its_best_is_the_model(tmp_path):
 def test_a_bad_sweep_exits_2_with_nothing_written(tmp_path, extra, says):
     result = igpt(*rm_args(tmp_path, tmp_path / "run", *extra))
     assert result.exit_code == 2 and says in result.stderr, result.output
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_resumed_sweep_finds_its_trials_by_their_settings(tmp_path):
+    """Trials live in directories named by their settings: a sweep stopped in its first trial and resumed with
+    the grid in another order resumes that trial under its own learning rate and trains the other anew."""
+    from test_sft import run_subprocess
+
+    run = tmp_path / "run"
+    args = rm_args(tmp_path, run, "--save-every", "2")
+    killed = run_subprocess([*args, "--sweep", "lr=1e-5,3e-3"], {"IGPT_FAULT_AFTER_STEP": "3"})
+    assert killed.returncode == 99, killed.stderr
+    assert (run / "rm" / "trials" / "lr-1e-05").is_dir() and not (run / "rm" / "trials" / "lr-0.003").exists()
+    resumed = igpt(*args, "--sweep", "lr=3e-3,1e-5", "--resume", "--allow-changes")
+    assert resumed.exit_code == 0, resumed.output
+    sweep = json.loads((run / "rm" / "sweep.json").read_text())
+    assert [(t["settings"]["lr"], t["final"]) for t in sweep["trials"]] == [
+        (3e-3, "trials/lr-0.003/rm/final"), (1e-5, "trials/lr-1e-05/rm/final")]
+    for t in sweep["trials"]:  # each trial's own run recorded the learning rate it trained with
+        config = yaml.safe_load((run / "rm" / t["final"]).parents[0].joinpath("config.yaml").read_text())
+        assert config["rm"]["optim"]["lr"] == t["settings"]["lr"]
+
+
+def test_a_sweep_of_lora_settings_needs_lora(tmp_path):
+    result = igpt(*rm_args(tmp_path, tmp_path / "run", "--sweep", "lora_r=4,8"))
+    assert result.exit_code == 2 and "add --lora" in result.stderr
     assert not (tmp_path / "run").exists()

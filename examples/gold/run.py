@@ -119,7 +119,8 @@ def main(argv: list[str] | None = None, igpt: Callable[..., None] = subprocess_i
                    help="also run the earlier recipe on the same PPO run: keep every checkpoint, draw the frontier "
                         "afterwards (eval ppo --checkpoints all --gold) on the same validation prompts, pick its PPO "
                         "point of best gold and compare that one with SFT too; the summary sets the two picks, "
-                        "their held-out results and their costs side by side")
+                        "their held-out results and their costs side by side. Give it from the start: a PPO stage "
+                        "that finished without it kept only its newest checkpoints")
     a = p.parse_args(argv)
     size, task = SIZES["tiny" if a.tiny else "full"], TASKS[a.task]
     a.judge = a.judge or task["judge"]
@@ -184,6 +185,8 @@ def pick_frontier(frontier: dict) -> str:
     checkpoint of highest mean gold on the validation prompts (the earliest of equal ones; the SFT point is not a
     candidate), as compare names it: ``ppo@step-N``, or ``ppo`` for the final policy."""
     points = [p for p in frontier["points"] if p["step"] > 0 and p.get("gold_mean") is not None]
+    if not points:
+        raise SystemExit("the frontier has no PPO checkpoint with a gold score to pick (eval/ppo-frontier/report.json)")
     best = max(points, key=lambda p: p["gold_mean"])  # max keeps the first of equal ones
     return "ppo" if best["label"].startswith("final") else f"ppo@step-{best['step']}"
 

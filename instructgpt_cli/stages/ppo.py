@@ -295,6 +295,10 @@ def read_inputs(cfg: PPOConfig) -> Inputs:
     found = stage_inputs(run_dir, {"--sft": (cfg.sft, "sft", "policy"), "--rm": (cfg.rm, "rm", "reward")})
     sft_path, rm_path = Path(found["--sft"]), Path(found["--rm"])
     members = tuple(ensemble_members(rm_path))
+    if not members and cfg.rm_objective != "mean":
+        raise BadInput([f"--rm-objective {cfg.rm_objective}: the reward model {rm_path} is one model, not an "
+                        "ensemble (no ensemble.json beside it): train one with igpt train-rm --ensemble N, or leave "
+                        "--rm-objective at mean"])
     missing = [str(m) for m in members if not (m / "config.json").is_file()]
     if missing:
         raise BadInput([f"--rm {rm_path}: its ensemble ({rm_path.parent / 'ensemble.json'}) lists members that are "

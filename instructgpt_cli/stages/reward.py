@@ -49,6 +49,7 @@ def parse_sweep(spec: str) -> list[dict]:
     """``lr=1e-4,3e-4,epochs=1,2`` (commas, semicolons or spaces between items; a value without ``=`` is one more
     of the key before it) as its grid, every combination in order: [{"lr": 1e-4, "epochs": 1}, ...]; [] for ""."""
     import itertools
+    import math
     import re
 
     values: dict[str, list] = {}
@@ -70,7 +71,7 @@ def parse_sweep(spec: str) -> list[dict]:
         except ValueError:
             kind = "an integer" if SWEEP_KEYS[key][1] is int else "a number"
             raise BadInput([f"--sweep {spec}: {key}={item}: not {kind}"]) from None
-        if not (value > 0 or key in ("weight_decay", "lora_layers") and value == 0):
+        if not math.isfinite(value) or not (value > 0 or key in ("weight_decay", "lora_layers") and value == 0):
             raise BadInput([f"--sweep {spec}: {key}={item}: must be > 0" + (" (or 0)" if key in ("weight_decay",
                             "lora_layers") else "")])
         values[key].append(value)
@@ -94,6 +95,12 @@ def choose_trial(trials: list[dict]) -> dict:
     """The trial of highest held-out accuracy, then lowest held-out loss, then the first."""
     return min(trials, key=lambda t: (-(t["accuracy"] if t["accuracy"] is not None else -1.0),
                                       t["loss"] if t["loss"] is not None else float("inf"), t["trial"]))
+
+
+def trial_name(settings: dict) -> str:
+    """A trial's directory under rm/trials/, named by its settings (lr-0.0003_epochs-2): a resume with another grid
+    finds each finished trial by what it trained with, never by its place in the grid."""
+    return "_".join(f"{k}-{v:g}" for k, v in settings.items())
 
 
 def describe_settings(trial: dict) -> str:
@@ -127,21 +134,24 @@ def grouped_ranking_loss(rewards: torch.Tensor, groups: list[RankedGroup], devic
 
 
 @torch.no_grad()
-def ensemble_accuracy(paths: list[Path], groups: list[RankedGroup], model_cfg: ModelConfig, tokenizer,
-                      device: torch.device, batch_size: int) -> dict:
-    """The held-out pairwise accuracy of the mean of the reward models at ``paths`` (an ensemble's members, their
-    final/ directories), with its interval clustered by ranking (``stats.rm_accuracy``), each member loaded in
-    turn: whether the ensemble ranks better than its members alone."""
+def ensemble_accuracy(sources: list, groups: list[RankedGroup], cfg: RMConfig, model_cfg: ModelConfig, tokenizer,
+                      device: torch.device) -> dict:
+    """The held-out pairwise accuracy of the mean score of an ensemble's members (each a trained model's runner,
+    or a final/ directory loaded in turn), with its interval clustered by ranking (``stats.rm_accuracy``):
+    whether the ensemble ranks better than its members alone. Every rank scores every ranking."""
     total = torch.zeros(sum(len(g.sequences) for g in groups), dtype=torch.float64)
-    for path in paths:
-        model = load_model(ModelConfig(**{**vars(model_cfg), "name": str(path)}), tokenizer, path, device, 0,
-                           kind="reward").eval()
-        runner = Runner(model, device, False, trainable=False)
-        layout = Layout(shared=supports_sharing(model), packed=supports_packing(model))
+    for source in sources:
+        model = (None if isinstance(source, Runner) else
+                 load_model(ModelConfig(**{**vars(model_cfg), "name": str(source)}), tokenizer, source, device, 0,
+                            kind="reward").eval())
+        runner = source if model is None else Runner(model, device, False, trainable=False)
+        layout = Layout(shared=cfg.share_prompts and supports_sharing(runner.model),
+                        packed=cfg.padding_free and supports_packing(runner.model))
+        runner.eval()
         total += torch.cat([runner.ranking_scores([g.sequences for g in chunk], tokenizer.pad_token_id, layout).cpu()
-                            for chunk in micro_batches(groups, batch_size)]).double()
+                            for chunk in micro_batches(groups, cfg.optim.batch_size)]).double()
         del runner, model
-    _, correct = grouped_ranking_loss(total / len(paths), groups, torch.device("cpu"))
+    _, correct = grouped_ranking_loss(total / len(sources), groups, torch.device("cpu"))
     sizes = [len(g.pairs) for g in groups]
     return rm_accuracy([round(c.sum().item()) for c in correct.split(sizes)], sizes)
 
@@ -234,6 +244,12 @@ def run(cfg: RMConfig, resume: bool = False, overwrite: bool = False, allow_chan
     grid = parse_sweep(cfg.sweep)
     if grid and not cfg.val_fraction > 0:
         raise BadInput([f"--sweep {cfg.sweep}: chooses by held-out accuracy, and --val-fraction 0 holds nothing out"])
+    if grid and not cfg.lora.enabled and {"lora_r", "lora_layers"} & set(grid[0]):
+        raise BadInput([f"--sweep {cfg.sweep}: lora_r and lora_layers are LoRA's settings, and this run trains "
+                        "every weight: add --lora"])
+    if grid and cfg.max_steps and "epochs" in grid[0]:
+        raise BadInput([f"--sweep {cfg.sweep}: --max-steps {cfg.max_steps} fixes every trial's length, so its "
+                        "epochs would all train alike: sweep epochs without --max-steps"])
     if cfg.model.name:
         require_role(cfg.model.name, "policy", "--model")
     init = cfg.model.name or stage_inputs(run_dir, {"--sft": (cfg.sft, "sft", "policy")})["--sft"]
@@ -270,6 +286,10 @@ def run(cfg: RMConfig, resume: bool = False, overwrite: bool = False, allow_chan
         raise BadInput([f"--sweep {cfg.sweep}: chooses by held-out accuracy, and {cfg.rankings} has too few "
                         f"rankings to hold any out at --val-fraction {cfg.val_fraction}"])
     data = Rankings(train, val, demo_seqs, truncated, sorted({len(g.sequences) for g in groups}))
+    if grid or cfg.ensemble > 1:
+        # member 0 is built again after the others (the same seed: the same weights and random stream as a model
+        # trained alone), and not held in memory while they train
+        del model
     begin_stage(stage, mode, cfg, inputs)
 
     def sub_run(where: Path, sub: RMConfig) -> tuple[Path, dict]:
@@ -279,20 +299,24 @@ def run(cfg: RMConfig, resume: bool = False, overwrite: bool = False, allow_chan
         part_mode, part_changes = open_stage(part, sub, inputs, True, False, allow_changes)
         if part_mode != "done":
             begin_stage(part, part_mode, sub, inputs)
-            steps, summary = train_member(part, sub, part_mode, part_changes, build(sub, device), data, tokenizer,
-                                          device, init, lambda: build(sub, torch.device("cpu")))
+            sub_model = build(sub, device)
+            steps, summary, _ = train_member(part, sub, part_mode, part_changes, sub_model, data, tokenizer, device,
+                                             init)
+            export(part, sub_model, summary, tokenizer, lambda: build(sub, torch.device("cpu")))
             finish_stage(part, steps, **summary)
+            del sub_model
         return part.final, read_manifest(where)["stages"][STAGE].get("outputs", {})
 
-    # 3. a sweep's trials, each a resumable run directory of its own (rm/trials/trial-T/), all measured on the
-    #    same held-out rankings; the best one's settings are the stage's from here on, and its model member 0
+    # 3. a sweep's trials, each a resumable run directory of its own named by its settings (rm/trials/lr-0.0003/),
+    #    all measured on the same held-out rankings; the best one's settings are the stage's from here on, and its
+    #    model member 0. Trials of settings no longer swept, an old sweep.json, go
     chosen = None
+    keep_only(stage.dir / TRIALS, {trial_name(t) for t in grid})
     if grid:
-        del model  # the chosen trial is the model
         trials = []
         for t, settings in enumerate(grid, 1):
-            final, out = sub_run(stage.dir / TRIALS / f"trial-{t}", with_settings(replace(cfg, sweep="", ensemble=1),
-                                                                                   settings))
+            final, out = sub_run(stage.dir / TRIALS / trial_name(settings),
+                                 with_settings(replace(cfg, sweep="", ensemble=1), settings))
             trials.append({"trial": t, "settings": settings, "final": str(final.relative_to(stage.dir)),
                            **{k: out.get(f"eval/{k}") for k in ("accuracy", "accuracy_ci_low", "accuracy_ci_high",
                                                                   "loss")}})
@@ -304,35 +328,46 @@ def run(cfg: RMConfig, resume: bool = False, overwrite: bool = False, allow_chan
                                                             indent=2) + "\n")
         say(f"train-rm --sweep: trial {chosen['trial']} of {len(trials)} chosen ({describe_settings(chosen)}); its "
             "held-out accuracy is the best of the trials on the rankings that chose it, so it is optimistic")
+    elif distributed.is_main():
+        (stage.dir / SWEEP).unlink(missing_ok=True)
 
     # 4. an ensemble's other members, each a resumable run directory of its own holding one rm stage
-    #    (rm/members/member-I/: manifest, rm/{metrics, checkpoints, final}), then the stage's own model (member 0),
-    #    whose final/ is written last: a complete rm/ holds every member
+    #    (rm/members/member-I/: manifest, rm/{metrics, checkpoints, final}); members past N, an old listing, go
+    keep_only(stage.dir / MEMBERS, {f"member-{i}" for i in range(1, cfg.ensemble)})
     members = [sub_run(stage.dir / MEMBERS / f"member-{i}", replace(cfg, seed=cfg.seed + i, ensemble=1, sweep=""))[0]
                for i in range(1, cfg.ensemble)]
+
+    # 5. the stage's own model (member 0): trained, or the chosen trial as it was trained (the same seed and
+    #    settings: copied, not trained again); the members' mean score measured on the held-out rankings; then
+    #    ensemble.json, final/ and the manifest, in that order and back to back
+    if chosen is None:
+        model = build(cfg, device) if grid or cfg.ensemble > 1 else model
+        steps, summary, runner = train_member(stage, cfg, mode, changes, model, data, tokenizer, device, init)
+        first: Runner | Path = runner
+    else:
+        trial = stage.dir / chosen["final"]
+        entry = read_manifest(trial.parents[1])["stages"][STAGE]
+        steps, summary = entry["steps"], {k: v for k, v in entry.get("outputs", {}).items()
+                                          if k not in ("final", "sha256")}
+        summary.update({"sweep/chosen": chosen["trial"], "sweep/settings": chosen["settings"]})
+        first = trial
     listing = {"members": [str(m.relative_to(stage.dir)) for m in members],
                "seeds": list(range(cfg.seed, cfg.seed + cfg.ensemble))}
-    if distributed.is_main() and members:  # before final/: a complete rm/ always lists its members
-        atomic_write_text(stage.dir / ENSEMBLE, json.dumps(listing, indent=2) + "\n")
-    if chosen is None:
-        steps, summary = train_member(stage, cfg, mode, changes, model, data, tokenizer, device, init,
-                                      lambda: build(cfg, torch.device("cpu")))
-    else:  # the chosen trial is member 0, as trained (the same seed and settings): copied whole, not trained again
-        trial = stage.dir / chosen["final"]
-        if distributed.is_main():
-            with building(stage.final, seal=True) as tmp:
-                shutil.copytree(trial, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns("COMPLETED"))
-        entry = read_manifest(trial.parents[1])["stages"][STAGE]
-        steps, summary = entry["steps"], {**entry.get("outputs", {}), "sweep/chosen": chosen["trial"],
-                                          "sweep/settings": chosen["settings"]}
-        for key in ("final", "sha256"):
-            summary.pop(key, None)
     if members and data.val:  # the members' mean score on the same held-out rankings (PPO's mean objective)
-        together = {f"ensemble/{k}": v for k, v in ensemble_accuracy(
-            [stage.final, *members], data.val, model_cfg, tokenizer, device, cfg.optim.batch_size).items()}
-        summary.update(together)
-        if distributed.is_main():
-            atomic_write_text(stage.dir / ENSEMBLE, json.dumps({**listing, **together}, indent=2) + "\n")
+        listing.update({f"ensemble/{k}": v for k, v in ensemble_accuracy(
+            [first, *members], data.val, cfg, model_cfg, tokenizer, device).items()})
+        summary.update({k: v for k, v in listing.items() if k.startswith("ensemble/")})
+    if distributed.is_main():  # before final/: a complete rm/ lists its members
+        if members:
+            atomic_write_text(stage.dir / ENSEMBLE, json.dumps(listing, indent=2) + "\n")
+        else:
+            (stage.dir / ENSEMBLE).unlink(missing_ok=True)
+    if chosen is None:
+        export(stage, model, summary, tokenizer, lambda: build(cfg, torch.device("cpu")))
+    elif distributed.is_main():
+        with building(stage.final, seal=True) as tmp:
+            shutil.copytree(first, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns("COMPLETED"))
+    distributed.barrier()  # final/ is written (by rank 0) before any rank goes on
     finish_stage(stage, steps, **summary)
     accuracy, warning = (describe_rm_accuracy(summary) if data.val
                          else ("unknown: nothing held out (--val-fraction 0)", None))
@@ -348,6 +383,26 @@ def run(cfg: RMConfig, resume: bool = False, overwrite: bool = False, allow_chan
     return stage.final
 
 
+def keep_only(folder: Path, names: set[str]) -> None:
+    """Remove (rank 0) the run directories in ``folder`` (an ensemble's members, a sweep's trials) but ``names``:
+    those of an earlier run of the stage with another --ensemble or --sweep."""
+    if distributed.is_main() and folder.is_dir():
+        for old in folder.iterdir():
+            if old.name not in names:
+                shutil.rmtree(old) if old.is_dir() else old.unlink()
+
+
+def export(stage: Stage, model, summary: dict, tokenizer, cpu_build) -> None:
+    """``stage``'s final/ from rank 0 (a sharded model is first gathered into a plain copy there), with the
+    held-out summary saved beside its normalisation: ppo reads the accuracy from it."""
+    setattr(model.config, REWARD_STATS, summary)
+    final = distributed.full_model(model, cpu_build)
+    if distributed.is_main():
+        for key in (REWARD_BIAS, REWARD_STATS):
+            setattr(final.config, key, getattr(model.config, key))
+        save_final(final, tokenizer, stage.final)
+
+
 class Rankings(NamedTuple):
     """The tokenised data every member of an ensemble trains on: the same split, the same demonstrations."""
     train: list[RankedGroup]
@@ -358,10 +413,10 @@ class Rankings(NamedTuple):
 
 
 def train_member(stage: Stage, cfg: RMConfig, mode: str, changes: list[dict], model, data: Rankings, tokenizer,
-                 device: torch.device, init: str, cpu_build) -> tuple[int, dict]:
-    """Train one reward model in ``stage`` (begun by the caller) from its newest checkpoint, normalise it on the
-    demonstrations and write its final/; returns the steps trained and the held-out summary, which the caller
-    records when it finishes the stage."""
+                 device: torch.device, init: str) -> tuple[int, dict, Runner]:
+    """Train one reward model in ``stage`` (begun by the caller) from its newest checkpoint and normalise it on
+    the demonstrations; returns the steps trained, the held-out summary and its runner (the caller exports it,
+    :func:`export`, and finishes the stage)."""
     # model (DDP or FSDP under a launcher), optimizer, schedule, the resume point
     model.train()
     layout = Layout(shared=cfg.share_prompts and supports_sharing(model),
@@ -407,12 +462,4 @@ def train_member(stage: Stage, cfg: RMConfig, mode: str, changes: list[dict], mo
         # one demonstration has no sample standard deviation (torch says NaN, which is no JSON): null
         summary.update({"demos/raw_mean": float(scores.mean()),
                         "demos/raw_std": float(scores.std()) if len(scores) > 1 else None})
-    setattr(model.config, REWARD_STATS, summary)  # saved with the model: ppo reads the accuracy from it
-
-    # export from rank 0 (a sharded model is first gathered into a plain copy there)
-    final = distributed.full_model(model, cpu_build)
-    if distributed.is_main():
-        for key in (REWARD_BIAS, REWARD_STATS):
-            setattr(final.config, key, getattr(model.config, key))
-        save_final(final, tokenizer, stage.final)
-    return state.step, summary
+    return state.step, summary, runner
