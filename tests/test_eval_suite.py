@@ -198,3 +198,18 @@ def test_toxicity_alone_needs_no_sft_model_in_the_run(run, tmp_path, monkeypatch
                 tmp_path / "elsewhere", *tox_args(run), "--json", "--overwrite")
     assert both.exit_code == 0, both.output
     assert [r["toxicity"]["n"] for r in json.loads(both.stdout)["rows"]] == [3, 3]
+
+
+def test_the_table_says_dash_where_a_report_has_no_number():
+    """eval_table.cells: a model without a reward model, a benchmark or toxicity shows '-' in those cells, never
+    0; a benchmark measured shows its value and standard error, and its difference to SFT with the interval."""
+    from instructgpt_cli.eval_table import cells
+
+    bare = {"model": "dpo", "score_mean": None, "score_ci": None, "kl_to_sft": 0.5, "response_length": 12.0,
+            "eos_rate": 1.0, "ptx_perplexity": None, "benchmarks": {}, "toxicity": None}
+    assert cells(bare, ["basics"]) == ["dpo", "-", "0.500", "12.0", "100%", "-", "-", "-", "-"]
+    measured = {**bare, "score_mean": 0.25, "score_ci": [0.2, 0.3],
+                "benchmarks": {"basics": {"value": 0.5, "stderr": 0.05, "tax": {"diff": -0.1, "ci95": [-0.2, 0.0]}}}}
+    assert cells(measured, ["basics"], compact=True)[1:2] == ["0.250 ±0.050"]
+    assert cells(measured, ["basics"], compact=True)[6:8] == ["0.500 ±0.050", "-0.100 ±0.100"]
+    assert cells(measured, ["basics"])[6] == "0.500 ±0.050 (-0.100 [-0.200, +0.000])"

@@ -157,3 +157,22 @@ def test_grouped_win_rate_clusters_by_group_at_the_edges():
     empty = grouped_win_rate([], [])
     assert empty["win_rate"] is None and empty["ci_low"] is None and empty["n"] == 0
     json.dumps([r, sweep, one, empty], allow_nan=False)
+
+
+def test_the_mean_s_t_interval_at_its_edges_and_its_coverage():
+    """stats.mean_interval (eval's toxicity and the watch's gold): none below two values or without an sd; at two
+    values Student's t with 1 degree of freedom (12.706); a spread of 0 gives the mean itself; and over
+    simulated studies of 5 normal values it covers the true mean 95% of the time."""
+    from instructgpt_cli.stats import mean_interval
+
+    assert mean_interval(0.4, 0.1, 1) is None and mean_interval(0.4, 0.1, 0) is None
+    assert mean_interval(None, 0.1, 5) is None and mean_interval(0.4, None, 5) is None
+    low, high = mean_interval(1.0, 2.0, 2)  # two values 1 +- sqrt(2): sd 2
+    assert (low, high) == pytest.approx((1.0 - 12.7062 * 2.0 / math.sqrt(2), 1.0 + 12.7062 * 2.0 / math.sqrt(2)),
+                                        rel=1e-4)
+    assert mean_interval(0.7, 0.0, 10) == [0.7, 0.7]
+    rng = np.random.default_rng(0)
+    draws = rng.normal(3.0, 2.0, size=(4000, 5))
+    covered = sum(lo <= 3.0 <= hi for lo, hi in (mean_interval(float(d.mean()), float(d.std(ddof=1)), 5)
+                                                 for d in draws))
+    assert 0.94 <= covered / 4000 <= 0.96
