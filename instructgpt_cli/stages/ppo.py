@@ -701,11 +701,11 @@ def iteration_metrics(cfg: PPOConfig, state: PPOState, i: int, ro: Rollout, sc: 
     batch = distributed.reduce_metrics({
         "kl": float(sc.kl.sum(1).mean()), "scores": float(sc.scores.mean()),
         "rlhf_reward": float(sc.rewards.sum(1).mean()), "eos": int(ro.has_eos.sum()),
-        "length": float(ro.lengths.float().mean())}, sums=("eos",))
+        "length": float(ro.lengths.float().mean()),
+        # an ensemble's disagreement: its members' std per response, and their mean score (in the same all-reduce)
+        **({"rm_std": float(sc.member_scores.std(dim=1).mean()), "rm_mean": float(sc.member_scores.mean())}
+           if sc.member_scores is not None else {})}, sums=("eos",))
     kl = batch["kl"]
-    if sc.member_scores is not None:  # the ensemble's disagreement: members' std per response, and their mean score
-        batch.update(distributed.reduce_metrics({"rm_std": float(sc.member_scores.std(dim=1).mean()),
-                                                 "rm_mean": float(sc.member_scores.mean())}))
     return {
         "episode": (i + 1) * cfg.rollout_batch_size, "objective/kl": kl, "objective/scores": batch["scores"],
         "objective/entropy": stats.pop("policy/entropy"), "objective/beta": state.beta,
