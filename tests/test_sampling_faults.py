@@ -83,15 +83,18 @@ def test_label_drops_a_torn_last_line_with_a_notice_and_resumes_after_the_whole_
     assert out.read_text() == "".join(lines)
 
 
-def test_label_that_writes_nothing_exits_2_saying_why(labelling, tmp_path):
+def test_label_that_writes_nothing_exits_2_saying_why_and_a_rerun_of_a_finished_one_exits_0(labelling, tmp_path):
     samples, out = labelling
     tied = write_jsonl(tmp_path / "tied.jsonl", [{"prompt": "p", "responses": ["ab", "cd"]}])
     result = label(tied, out)
     assert result.exit_code == 2 and "tied every response" in result.stderr, result.output
     assert not out.exists()
     assert label(samples, out).exit_code == 0
-    again = label(samples, out)
-    assert again.exit_code == 2 and "nothing to label: all 6 prompts" in again.stderr, again.output
+    before = out.read_bytes()
+    again = label(samples, out)  # a script re-run after a finished label goes on: its rankings stand
+    said = " ".join(again.output.split())  # as the terminal wraps it
+    assert again.exit_code == 0 and "nothing to label: all 6 prompts" in said, again.output
+    assert "the 6 rankings already in it stand" in said and out.read_bytes() == before
 
 
 # ---------------------------------------------------------------- igpt sample: chunks kept, --resume

@@ -9,8 +9,9 @@ rankings of the prompts before it, each complete, stay (a rerun resumes after th
 judge tied every response is not written (it has no pair to learn from; train-rm would refuse it). The output
 holds whole lines only: a write that fails (a full disk) is cut off again and ends label with exit 4 naming
 the file, and a last line torn by a kill is dropped, with a notice, before the rerun resumes. A session that
-writes nothing although prompts were left (every one tied or skipped, or none left) ends with exit 2 saying
-why, so a script does not go on with rankings that were never made.
+leaves the output without a single ranking (every prompt tied or skipped) ends with exit 2 saying why, so a
+script does not go on with rankings that were never made; a rerun of a finished or resumed session (nothing
+left, or only prompts the judge ties again) says so and exits 0, so a script that re-runs its steps goes on.
 """
 from __future__ import annotations
 
@@ -80,8 +81,11 @@ def run(samples: str, out: str, judge: str = "human", settings: judges.Settings 
         ranked += 1
     tied = f"; {all_tied} with every response tied, not written" if all_tied else ""
     tui.say(f"ranked {ranked} this session{tied}; {len(done) + ranked} of {len(records)} in {out_path}")
-    if not ranked and not quit:  # a person who quits chose to; a judge that ranks nothing is a problem
-        raise BadInput([nothing_written(samples, out_path, len(records), len(todo), all_tied)])
+    if not ranked and not quit:  # a person who quits chose to
+        why = nothing_written(samples, out_path, len(records), len(todo), all_tied)
+        if not done:  # no ranking at all: train-rm would have nothing to learn from
+            raise BadInput([why])
+        tui.say(f"note: {why}; the {len(done)} rankings already in it stand")
     return out_path
 
 
