@@ -167,20 +167,21 @@ def rm_accuracy(correct: list[int], pairs: list[int]) -> dict:
             "pairs": int(r["trials"]), "rankings": r["clusters"]}
 
 
-def describe_rm_accuracy(record: dict | None) -> tuple[str, str | None]:
+def describe_rm_accuracy(record: dict | None, prefix: str = "eval/") -> tuple[str, str | None]:
     """(what to print about a reward model's held-out accuracy, a warning or None) from the
-    ``eval/``-prefixed stats train-rm saves with the model (``rm_accuracy`` under ``eval/``)."""
-    record = record or {}
-    acc = record.get("eval/accuracy")
+    ``prefix``-ed stats train-rm saves with the model (``rm_accuracy`` under ``eval/``; an ensemble's mean score
+    under ``ensemble/``)."""
+    record = {k[len(prefix):]: v for k, v in (record or {}).items() if k.startswith(prefix)}
+    acc = record.get("accuracy")
     if acc is None:
         return ("unknown accuracy (no held-out record saved with the reward model)",
                 "the reward model's held-out accuracy is unknown, so nothing shows it learned your rankings; "
                 "train it with igpt train-rm and --val-fraction > 0 to measure it")
-    low, high, n = (record.get(k) for k in ("eval/accuracy_ci_low", "eval/accuracy_ci_high", "eval/rankings"))
+    low, high, n = (record.get(k) for k in ("accuracy_ci_low", "accuracy_ci_high", "rankings"))
     if low is None or high is None or not n:
         return f"held-out accuracy {acc:.1%} (no confidence interval recorded)", None
     text = (f"held-out accuracy {acc:.1%} (95% CI {low:.1%} - {high:.1%}, clustered by ranking: {n} held-out "
-            f"rankings, {record.get('eval/pairs', '?')} pairs)")
+            f"rankings, {record.get('pairs', '?')} pairs)")
     if low > 0.5:
         return text, None
     return text, (f"the reward model is not above chance: its held-out accuracy {acc:.1%} has a 95% interval "

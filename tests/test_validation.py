@@ -150,6 +150,10 @@ def test_rm_accuracy_interval_over_rankings_at_the_edges():
     text, warning = describe_rm_accuracy(None)
     assert text.startswith("unknown accuracy") and warning
     assert describe_rm_accuracy({"eval/accuracy": 0.7})[1] is None  # an older record: no interval, no verdict
+    # an ensemble's mean score, under its own prefix: read from those keys only, never from a member's eval/ ones
+    both = {f"eval/{k}": v for k, v in mid.items()} | {f"ensemble/{k}": v for k, v in full.items()}
+    assert describe_rm_accuracy(both, "ensemble/") == describe_rm_accuracy({f"eval/{k}": v for k, v in full.items()})
+    assert describe_rm_accuracy({f"eval/{k}": v for k, v in full.items()}, "ensemble/")[0].startswith("unknown")
 
 
 def rm_run(tmp_path, name, rankings, *extra):

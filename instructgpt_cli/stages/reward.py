@@ -375,8 +375,7 @@ def run(cfg: RMConfig, resume: bool = False, overwrite: bool = False, allow_chan
                             if summary.get(k) is not None} | {"accuracy": accuracy, "saved": str(stage.final)}
            | ({"ensemble": f"{cfg.ensemble} members: {stage.final} and " + ", ".join(map(str, members))}
               if members else {})
-           | ({"ensemble accuracy": describe_rm_accuracy({k.replace("ensemble/", "eval/"): v for k, v in
-                                                          summary.items()})[0] + " (the members' mean score)"}
+           | ({"ensemble accuracy": describe_rm_accuracy(summary, "ensemble/")[0] + " (the members' mean score)"}
               if "ensemble/accuracy" in summary else {}))
     if warning:  # a reward model that learned nothing sends PPO after noise: say so before hours are spent
         say(f"[bold red]warning:[/] {warning}")
