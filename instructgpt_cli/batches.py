@@ -134,6 +134,7 @@ class SharedRows(NamedTuple):
     position_ids: Any  # (G, L): a sequence's own tokens continue from the end of the prefix
     segments: Any      # (G, L): 0 the prefix, j + 1 the own tokens of the group's j-th sequence, -1 padding
     ends: Any          # (N,): flat index (row * L + column) of every sequence's last token, groups in order
+    columns: list[list[int]]  # flat index of every token of every sequence (its prefix's, then its own), in order
 
 
 def shared_rows(groups: list[list[list[int]]], pad_id: int) -> SharedRows:
@@ -142,20 +143,35 @@ def shared_rows(groups: list[list[list[int]]], pad_id: int) -> SharedRows:
     gives it the same output, and the prefix is computed (and back-propagated) once for all K."""
     import torch
 
-    rows, positions, segments, ends = [], [], [], []
+    rows, positions, segments, cols = [], [], [], []  # cols: (row, column) of every token of every sequence
     for g, seqs in enumerate(groups):
         p = common_prefix(seqs)
         ids, pos, seg = list(seqs[0][:p]), list(range(p)), [0] * p
         for j, s in enumerate(seqs):
+            cols.append([(g, i) for i in range(p)] + [(g, len(ids) + i) for i in range(len(s) - p)])
             ids += s[p:]
             pos += range(p, len(s))
             seg += [j + 1] * (len(s) - p)
-            ends.append((g, len(ids) - 1))
         rows.append(ids), positions.append(pos), segments.append(seg)
     width = max(len(r) for r in rows)
     padded = lambda xs, fill: torch.tensor([x + [fill] * (width - len(x)) for x in xs], dtype=torch.long)  # noqa: E731
+    columns = [[g * width + col for g, col in c] for c in cols]
     return SharedRows(padded(rows, pad_id), padded(positions, 0), padded(segments, -1),
-                      torch.tensor([g * width + col for g, col in ends]))
+                      torch.tensor([c[-1] for c in columns]), columns)
+
+
+def packed_columns(seqs: list[list[int]]) -> list[list[int]]:
+    """The index of every token of every sequence in :func:`pack`'s row, in order."""
+    out, start = [], 0
+    for s in seqs:
+        out.append(list(range(start, start + len(s))))
+        start += len(s)
+    return out
+
+
+def padded_columns(lengths: list[int], width: int) -> list[list[int]]:
+    """The flat index (row * width + column) of every token of every sequence in rows padded to ``width``."""
+    return [[n * width + i for i in range(length)] for n, length in enumerate(lengths)]
 
 
 def shared_prefix_mask(segments: Any) -> Any:
@@ -196,16 +212,23 @@ def render_queries(tokenizer: Any, prompts: list[Prompt], max_new_tokens: int, c
 
 
 class RankedGroup(NamedTuple):
-    """A tokenised ranking: K sequences (prompt + response + EOS) and the (better, worse) pairs."""
+    """A tokenised ranking: K sequences (prompt + response + EOS), the (better, worse) pairs, and how many
+    tokens the prompt takes (where each response starts)."""
 
     sequences: list[list[int]]
     pairs: list[tuple[int, int]]
+    prompt_len: int
+
+    def starts(self) -> list[int]:
+        """Where each sequence's response starts (a reward model that pools over the response reads from there)."""
+        return [self.prompt_len] * len(self.sequences)
 
 
 def tokenize_scored(tokenizer: Any, messages: list[dict], responses: list[str], max_len: int, where: str,
-                    errors: list[str]) -> tuple[list[list[int]], int] | None:
-    """prompt + response + EOS for each response, the form a reward model scores (at the last token).
-    Responses that do not fit are cut; a prompt that leaves no room is an error naming its line."""
+                    errors: list[str]) -> tuple[list[list[int]], int, int] | None:
+    """(prompt + response + EOS for each response, the form a reward model scores; how many were cut; the
+    prompt's length in tokens). Responses that do not fit are cut; a prompt that leaves no room is an error
+    naming its line."""
     prompt_ids = render_prompt(tokenizer, messages)
     if len(prompt_ids) >= max_len:
         errors.append(f"{where}: prompt: {len(prompt_ids)} tokens with the chat template, longer than the "
@@ -216,7 +239,7 @@ def tokenize_scored(tokenizer: Any, messages: list[dict], responses: list[str], 
         ids = prompt_ids + encode_response(tokenizer, r)
         cut += len(ids) > max_len
         seqs.append(ids[:max_len])
-    return seqs, cut
+    return seqs, cut, len(prompt_ids)
 
 
 def tokenize_rankings(tokenizer: Any, rankings: list[Ranking], max_len: int) -> tuple[list[RankedGroup], int]:
@@ -225,7 +248,7 @@ def tokenize_rankings(tokenizer: Any, rankings: list[Ranking], max_len: int) -> 
     for r in rankings:
         out = tokenize_scored(tokenizer, r.messages, r.responses, max_len, r.where, errors)
         if out is not None:
-            groups.append(RankedGroup(out[0], r.pairs()))
+            groups.append(RankedGroup(out[0], r.pairs(), out[2]))
             truncated += out[1]
     if errors:
         raise BadInput(errors)

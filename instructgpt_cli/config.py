@@ -281,6 +281,10 @@ class RMConfig(TrainingBlocks):
                        "lr=1e-4,3e-4,epochs=1,2 (keys lr, epochs, weight_decay, lora_r, lora_layers), each trial "
                        "trained on the training split and measured on the held-out one; the best (then the lowest "
                        "held-out loss) becomes the model, every trial kept in RUN_DIR/rm/trials/ and sweep.json")
+    score: str = f("last", "where the reward is read: last (the head at the response's last token, the paper's) or "
+                           "mean (the head's mean over the response's tokens, EOS included: the head of the mean "
+                           "response state); saved with the model, so ppo, eval and compare read it alike",
+                   one_of(("last", "mean")))
     ensemble: int = f(1, "train N reward models, member i from seed + i (its head, adapters, data order and "
                          "dropout; the same held-out split), kept together in RUN_DIR/rm: ppo optimises their "
                          "--rm-objective (Coste et al. 2023); 1 = one model (members)", ">= 1")

@@ -18,14 +18,37 @@ import torch
 from transformers.utils import logging as hf_logging
 
 from . import lean
-from .batches import (IGNORE_INDEX, common_prefix, mask_inputs, pack, pad_right, pays_to_pack, pays_to_share,
-                      position_ids, shared_prefix_mask, shared_rows)
+from .batches import (IGNORE_INDEX, mask_inputs, pack, packed_columns, pad_right, padded_columns, pays_to_pack,
+                      pays_to_share, position_ids, shared_prefix_mask, shared_rows)
 from .families import LogitTransform, backbone, checkpointing, logit_transform, runs_lean, unwrapped
 from .losses import linear_cross_entropy_sum, lm_targets, sft_loss_sum
 
 # config field of a reward model: added to its scalar head's output so that the demonstrations score mean 0
 # (the normalisation the paper applies before RL; a transformers sequence classifier's head has no bias)
 REWARD_BIAS = "igpt_reward_bias"
+# config field of a reward model (train-rm --score): where its score is read. "last": the head at the sequence's
+# last token, the paper's (and what a model without the field, any other tool's, means); "mean": the head's mean
+# over the response's tokens (EOS included), the head of the mean response state, since the head is linear
+REWARD_POOL, POOLS = "igpt_reward_pool", ("last", "mean")
+
+
+def reward_pool(model: Any) -> str:
+    """Where ``model``'s score is read (:data:`REWARD_POOL`)."""
+    return getattr(model.config, REWARD_POOL, "last")
+
+
+def read_scores(head: torch.Tensor, columns: list[list[int]], starts: list[int] | None) -> torch.Tensor:
+    """Sequences' scores (N,) from the scalar head at every flat position of their rows (``head``, flattened;
+    ``columns``: each sequence's tokens' flat indices): at each one's last token, or with ``starts`` (where each
+    response starts) the mean over its response's tokens (at least its last)."""
+    device = head.device
+    if starts is None:
+        return head[torch.tensor([c[-1] for c in columns], device=device)]
+    picked = [c[min(s, len(c) - 1):] for c, s in zip(columns, starts)]
+    flat = torch.tensor([i for c in picked for i in c], device=device)
+    segment = torch.tensor([n for n, c in enumerate(picked) for _ in c], device=device)
+    sums = torch.zeros(len(picked), dtype=head.dtype, device=device).index_add(0, segment, head[flat])
+    return sums / torch.tensor([len(c) for c in picked], dtype=head.dtype, device=device)
 
 
 class Decoder(Protocol):
@@ -266,10 +289,16 @@ class Forward:
         """Per-token values (B, T): the head at the state before each response token."""
         return self.head_outputs(model, query_response, mask, trunk)[:, context_len - 1:-1]
 
-    def last_token_scores(self, model: Any, query_response: torch.Tensor, mask: torch.Tensor, context_len: int,
-                          lengths: torch.Tensor, trunk: Trunk | None = None) -> torch.Tensor:
-        """Reward-model scores (B,) read at each response's last real token (its EOS, when it has one)."""
+    def response_scores(self, model: Any, query_response: torch.Tensor, mask: torch.Tensor, context_len: int,
+                        lengths: torch.Tensor, trunk: Trunk | None = None) -> torch.Tensor:
+        """Reward-model scores (B,) of responses of ``lengths`` tokens after ``context_len``: read at each one's
+        last real token (its EOS, when it has one), or for a model that pools (:data:`REWARD_POOL`) the mean
+        over its response's tokens."""
         out = self.head_outputs(model, query_response, mask, trunk)
+        if reward_pool(model) == "mean":
+            at = torch.arange(out.size(1), device=out.device)
+            inside = (at >= context_len) & (at < context_len + lengths.unsqueeze(1))  # (B, L)
+            return torch.where(inside, out, 0.0).sum(1) / lengths.clamp(min=1).to(out.dtype)
         return out[torch.arange(out.size(0), device=out.device), context_len + lengths - 1]
 
     def response_loss_sum(self, model: Any, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -302,15 +331,10 @@ class Forward:
         seqs = [s for r in rankings for s in r]
         starts = [p for r, p in zip(rankings, prompt_lens) for _ in r]
         inputs: dict[str, Any] = {"use_cache": False}
-        cols: list[list[int]] = []  # flat index (row * width + column) of every token of every sequence
+        # cols: the flat index (row * width + column) of every token of every sequence
         if shared and pays_to_share(rankings):
             rows = shared_rows(rankings, pad_id)
-            ids, width = rows.input_ids, rows.input_ids.size(1)
-            for g, r in enumerate(rankings):
-                p, own = common_prefix(r), g * width + common_prefix(r)
-                for s in r:
-                    cols.append([g * width + i for i in range(p)] + [own + i for i in range(len(s) - p)])
-                    own += len(s) - p
+            ids, cols = rows.input_ids, rows.columns
             mask = shared_prefix_mask(rows.segments.to(device))
             if model.config._attn_implementation == "eager":  # eager adds its mask to the scores (never lean: SDPA)
                 dtype = next(model.parameters()).dtype
@@ -318,12 +342,11 @@ class Forward:
             inputs.update(attention_mask=mask, position_ids=rows.position_ids.to(device))
         elif packed and pays_to_pack([len(s) for s in seqs]):
             ids, positions = pack(seqs)
-            offsets = [0] + torch.tensor([len(s) for s in seqs]).cumsum(0).tolist()
-            cols = [[offsets[n] + i for i in range(len(s))] for n, s in enumerate(seqs)]
+            cols = packed_columns(seqs)
             inputs.update(position_ids=positions.to(device))
         else:
             ids, mask = pad_right(seqs, pad_id)
-            cols = [[n * ids.size(1) + i for i in range(len(s))] for n, s in enumerate(seqs)]
+            cols = padded_columns([len(s) for s in seqs], ids.size(1))
             inputs.update(mask_inputs(mask.to(device)))
         ids = ids.to(device)
         # token i of a sequence is predicted by the state at its token i - 1

@@ -96,8 +96,8 @@ def winner(score_a: float, score_b: float, margin: float) -> str:
 
 class RMJudge:
     """The reward model scores each response's token ids as sampled (``a_ids``, ``b_ids``; EOS only where the
-    model emitted it), read at the last real token: exactly what eval (``score_responses``) and PPO
-    (``build_rollout`` + ``last_token_scores``) score. Decoded text re-encoded would not be the same tokens,
+    model emitted it), read where the model reads its score: exactly what eval (``score_responses``) and PPO
+    (``build_rollout`` + ``response_scores``) score. Decoded text re-encoded would not be the same tokens,
     and a response that never ended would be scored as if it had."""
 
     spec = "rm"

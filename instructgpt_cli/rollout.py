@@ -341,8 +341,8 @@ def rollouts(tokenizer: Any, queries: list[list[int]], responses: list[list[int]
 @torch.no_grad()
 def score_responses(rm: Any, tokenizer: Any, queries: list[list[int]], responses: list[list[int]],
                     batch_size: int) -> torch.Tensor:
-    """Reward-model scores (N,) of each query's response, read at the last real token. ``rm``: the reward
-    model's ``runners.Runner``."""
+    """Reward-model scores (N,) of each query's response, read where the model reads its score (the last real
+    token, or the response's mean: ``forward.REWARD_POOL``). ``rm``: the reward model's ``runners.Runner``."""
     rm.eval()
     return torch.cat([rm.scores(ro.query_response, ro.attention_mask, ro.context_len, ro.lengths).cpu()
                       for _, ro in rollouts(tokenizer, queries, responses, batch_size, rm.device)])

@@ -188,19 +188,22 @@ class Runner:
 
     def scores(self, query_response: torch.Tensor, mask: torch.Tensor, context_len: int, lengths: torch.Tensor,
                trunk: forward.Trunk | None = None) -> torch.Tensor:
-        """Reward-model scores (B,) read at each response's last real token (``context_len + lengths - 1``)."""
-        return self._run(self.path.last_token_scores, query_response, mask, context_len, lengths, trunk)
+        """Reward-model scores (B,) of each response: at its last real token (``context_len + lengths - 1``), or
+        the mean over its tokens for a model that pools (``forward.REWARD_POOL``)."""
+        return self._run(self.path.response_scores, query_response, mask, context_len, lengths, trunk)
 
     def ranking_scores(self, rankings: list[list[list[int]]], pad_id: int, layout: Layout = Layout(),
-                       batch_size: int | None = None) -> torch.Tensor:
-        """Normalised rewards (N,) of every sequence of ``rankings`` (prompt + response + EOS each), in order, in
-        the row layout that pays (``rewards.ranking_scores``): train-rm's forward, eval's held-out accuracy."""
-        return self._run(rewards.ranking_scores, rankings, pad_id, self.device, layout, batch_size)
+                       batch_size: int | None = None, starts: list[int] | None = None) -> torch.Tensor:
+        """Normalised rewards (N,) of every sequence of ``rankings`` (prompt + response + EOS each; each response
+        from ``starts``), in order, in the row layout that pays (``rewards.ranking_scores``): train-rm's forward,
+        eval's held-out accuracy."""
+        return self._run(rewards.ranking_scores, rankings, pad_id, self.device, layout, batch_size, starts)
 
-    def sequence_scores(self, seqs: list[list[int]], pad_id: int, batch_size: int) -> torch.Tensor:
-        """Normalised rewards (N,) of token sequences on the CPU, scored in eval mode as right-padded rows
-        (``rewards.score_sequences``): the demonstrations' scores that set the reward's bias."""
-        return self._run(rewards.score_sequences, seqs, pad_id, batch_size)
+    def sequence_scores(self, seqs: list[list[int]], pad_id: int, batch_size: int,
+                        starts: list[int] | None = None) -> torch.Tensor:
+        """Normalised rewards (N,) of token sequences (each response from ``starts``) on the CPU, scored in eval
+        mode as right-padded rows (``rewards.score_sequences``): the demonstrations' scores that set the bias."""
+        return self._run(rewards.score_sequences, seqs, pad_id, batch_size, starts)
 
     # ---------------------------------------------------------------- sampling
 

@@ -81,7 +81,8 @@ def rm_step(fsdp: bool, rankings_path: str) -> dict:
     record = reward.train_step(run, TrainState(model, optimizer, scheduler), micro_batches(groups[:9], 2),
                                tok.pad_token_id, layout, CPU, 100.0)
     held_out = reward.evaluate(run, groups[9:14], 2, tok.pad_token_id, layout, CPU)
-    scores = reward.demo_scores(run, [s for g in groups[14:17] for s in g.sequences], tok.pad_token_id, 3)
+    scores = reward.demo_scores(run, [s for g in groups[14:17] for s in g.sequences],
+                                [s for g in groups[14:17] for s in g.starts()], tok.pad_token_id, 3)
     return {"weights": full_weights(model), "record": record, "eval": held_out, "scores": scores}
 
 

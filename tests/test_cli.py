@@ -77,7 +77,7 @@ TODAY_KEYS = {
 # Valid non-default values for string fields whose range is checked.
 STRINGS = {"device": "cpu", "judge": "human", "dtype": "float32", "scheduler": "linear",
            "checkpoints": "all", "gold": "python:mod:fn", "watch": "python:mod:fn",
-           "toxicity_instruction": "respectful", "rm_objective": "min"}
+           "toxicity_instruction": "respectful", "rm_objective": "min", "score": "mean"}
 
 
 def commands() -> dict:

@@ -86,10 +86,10 @@ def test_one_ranking_of_k_responses_costs_at_most_k_sequence_forwards(layout):
                                     with_kwargs=True)
     for k in (2, 4, 9):
         errors = []
-        seqs, _ = tokenize_scored(tok, [{"role": "user", "content": "q"}], [f"answer {i}" * (i + 1) for i in range(k)],
-                                  256, "f:1", errors)
+        seqs, _, plen = tokenize_scored(tok, [{"role": "user", "content": "q"}],
+                                        [f"answer {i}" * (i + 1) for i in range(k)], 256, "f:1", errors)
         prompt = len(render_prompt(tok, [{"role": "user", "content": "q"}])) + len("answer ")  # all start alike
-        group = RankedGroup(seqs, [(i, j) for i in range(k) for j in range(i + 1, k)])
+        group = RankedGroup(seqs, [(i, j) for i in range(k) for j in range(i + 1, k)], plen)
         shapes.clear()
         losses, correct, _ = rank_forward(Runner(model, torch.device("cpu")), [group], tok.pad_token_id, torch.device("cpu"),
                                           layout)
@@ -166,8 +166,8 @@ def test_bf16_scores_take_the_normalisation_bias_in_fp32_in_every_layout():
                 ("Another question", ["yes", "no", "maybe so"], [2, 1, 3]))
     groups = []
     for prompt, responses, ranks in rankings:
-        seqs = tokenize_scored(tok, [{"role": "user", "content": prompt}], responses, 256, "f:1", [])[0]
-        groups.append(RankedGroup(seqs, [(i, j) for i in range(3) for j in range(3) if ranks[i] < ranks[j]]))
+        seqs, _, plen = tokenize_scored(tok, [{"role": "user", "content": prompt}], responses, 256, "f:1", [])
+        groups.append(RankedGroup(seqs, [(i, j) for i in range(3) for j in range(3) if ranks[i] < ranks[j]], plen))
     cpu = torch.device("cpu")
     with torch.no_grad():
         got = {}

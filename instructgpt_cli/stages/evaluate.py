@@ -453,7 +453,7 @@ def ranking_accuracy(rm: Runner, tokenizer, rankings: list, batch_size: int) -> 
     correct = []  # per ranking
     for g in groups:
         with torch.no_grad():
-            s = rm.ranking_scores([g.sequences], tokenizer.pad_token_id, layout, batch_size).float().cpu()
+            s = rm.ranking_scores([g.sequences], tokenizer.pad_token_id, layout, batch_size, g.starts()).float().cpu()
         correct.append(sum(int(s[b] > s[w]) for b, w in g.pairs))
     acc = rm_accuracy(correct, [len(g.pairs) for g in groups])
     return {"rm_accuracy": acc.get("accuracy"), "rm_pairs": sum(len(g.pairs) for g in groups),

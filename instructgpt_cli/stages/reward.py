@@ -26,7 +26,7 @@ from ..distributed import resolve_device
 from ..console import banner, model_rows, processes_note, say
 from ..errors import BadInput
 from ..families import supports_packing, supports_sharing
-from ..forward import REWARD_BIAS, TRANSFORMERS
+from ..forward import REWARD_BIAS, REWARD_POOL, TRANSFORMERS
 from ..losses import ranking_loss
 from ..models import apply_lora, context_window, load_model, load_tokenizer, require_role, save_final, stage_inputs
 from ..rewards import ENSEMBLE, MEMBERS, REWARD_STATS, Layout
@@ -115,7 +115,8 @@ def rank_forward(runner: Runner, groups: list[RankedGroup], pad_id: int, device:
     that saves a tenth of the tokens); else, with ``layout.packed``, the sequences run end to end in one row
     (where padding would waste a tenth), else as K padded rows."""
     rankings = [g.sequences for g in groups]
-    losses, correct = grouped_ranking_loss(runner.ranking_scores(rankings, pad_id, layout), groups, device)
+    scores = runner.ranking_scores(rankings, pad_id, layout, starts=[s for g in groups for s in g.starts()])
+    losses, correct = grouped_ranking_loss(scores, groups, device)
     return losses, correct, sum(len(q) for ranking in rankings for q in ranking)
 
 
@@ -148,7 +149,8 @@ def ensemble_accuracy(sources: list, groups: list[RankedGroup], cfg: RMConfig, m
         layout = Layout(shared=cfg.share_prompts and supports_sharing(runner.model),
                         packed=cfg.padding_free and supports_packing(runner.model))
         runner.eval()
-        total += torch.cat([runner.ranking_scores([g.sequences for g in chunk], tokenizer.pad_token_id, layout).cpu()
+        total += torch.cat([runner.ranking_scores([g.sequences for g in chunk], tokenizer.pad_token_id, layout,
+                                                  starts=[s for g in chunk for s in g.starts()]).cpu()
                             for chunk in micro_batches(groups, cfg.optim.batch_size)]).double()
         del runner, model
     _, correct = grouped_ranking_loss(total / len(sources), groups, torch.device("cpu"))
@@ -203,10 +205,12 @@ def evaluate(runner: Runner, groups: list[RankedGroup], batch_size: int, pad_id:
 
 
 @torch.no_grad()
-def demo_scores(runner: Runner, seqs: list[list[int]], pad_id: int, batch_size: int) -> torch.Tensor:
-    """Normalised scores (N,) of the demonstrations, in order; each rank scores its share of the batches."""
-    chunks = micro_batches(seqs, batch_size)
-    mine = [runner.sequence_scores(chunk, pad_id, batch_size) for chunk, _ in distributed.rank_chunks(chunks)]
+def demo_scores(runner: Runner, seqs: list[list[int]], starts: list[int], pad_id: int, batch_size: int) -> torch.Tensor:
+    """Normalised scores (N,) of the demonstrations (each response from ``starts``), in order; each rank scores
+    its share of the batches."""
+    chunks = micro_batches(list(zip(seqs, starts)), batch_size)
+    mine = [runner.sequence_scores([q for q, _ in chunk], pad_id, batch_size, [s for _, s in chunk])
+            for chunk, _ in distributed.rank_chunks(chunks)]
     parts = distributed.gather(mine)  # parts[r][k] holds batch k * world + r
     return torch.cat([parts[j % len(parts)][j // len(parts)] for j in range(len(chunks))])
 
@@ -269,23 +273,27 @@ def run(cfg: RMConfig, resume: bool = False, overwrite: bool = False, allow_chan
         torch.manual_seed(c.seed)
         model = load_model(model_cfg, tokenizer, source, on, c.seed, kind="reward")
         setattr(model.config, REWARD_BIAS, 0.0)  # normalisation is recomputed after training
+        if c.score != "last":  # where the score is read, saved with the model (a model without it reads the last)
+            setattr(model.config, REWARD_POOL, c.score)
+        elif hasattr(model.config, REWARD_POOL):  # initialised from a model that pooled
+            delattr(model.config, REWARD_POOL)
         return apply_lora(model, c.lora, task_type="SEQ_CLS") if c.lora.enabled else model  # head trains in full
 
     model = build(cfg, device)
     max_len = context_window(model_cfg, model)
     groups, truncated = tokenize_rankings(tokenizer, rankings, max_len)
     demo_errors: list[str] = []
-    demo_seqs = [s for d in demos for s in (tokenize_scored(tokenizer, d.messages, [d.response], max_len, d.where,
-                                                            demo_errors) or ([], 0))[0]]
+    scored = [tokenize_scored(tokenizer, d.messages, [d.response], max_len, d.where, demo_errors) for d in demos]
     if demo_errors:
         raise BadInput(demo_errors)
+    demo_seqs, demo_starts = [seqs[0] for seqs, _, _ in scored], [start for _, _, start in scored]
 
     # 2. split by prompt (by "group" where rankings have one): every member of an ensemble holds out the same
     train, val = hold_out(groups, cfg.val_fraction, cfg.seed, [r.group for r in rankings])
     if grid and not val:
         raise BadInput([f"--sweep {cfg.sweep}: chooses by held-out accuracy, and {cfg.rankings} has too few "
                         f"rankings to hold any out at --val-fraction {cfg.val_fraction}"])
-    data = Rankings(train, val, demo_seqs, truncated, sorted({len(g.sequences) for g in groups}))
+    data = Rankings(train, val, demo_seqs, demo_starts, truncated, sorted({len(g.sequences) for g in groups}))
     if grid or cfg.ensemble > 1:
         # member 0 is built again after the others (the same seed: the same weights and random stream as a model
         # trained alone), and not held in memory while they train
@@ -397,8 +405,9 @@ def export(stage: Stage, model, summary: dict, tokenizer, cpu_build) -> None:
     setattr(model.config, REWARD_STATS, summary)
     final = distributed.full_model(model, cpu_build)
     if distributed.is_main():
-        for key in (REWARD_BIAS, REWARD_STATS):
-            setattr(final.config, key, getattr(model.config, key))
+        for key in (REWARD_BIAS, REWARD_STATS, REWARD_POOL):
+            if hasattr(model.config, key):
+                setattr(final.config, key, getattr(model.config, key))
         save_final(final, tokenizer, stage.final)
 
 
@@ -407,6 +416,7 @@ class Rankings(NamedTuple):
     train: list[RankedGroup]
     val: list[RankedGroup]
     demo_seqs: list[list[int]]
+    demo_starts: list[int]  # where each demonstration's response starts
     truncated: int
     ks: list[int]
 
@@ -456,7 +466,8 @@ def train_member(stage: Stage, cfg: RMConfig, mode: str, changes: list[dict], mo
     # normalise: the demonstrations score mean 0 (stored in the config, applied by reward_scores)
     summary = (dict(last) or held_out()) if val else {}
     if data.demo_seqs:
-        scores = demo_scores(runner, data.demo_seqs, tokenizer.pad_token_id, cfg.optim.batch_size * 4)
+        scores = demo_scores(runner, data.demo_seqs, data.demo_starts, tokenizer.pad_token_id,
+                             cfg.optim.batch_size * 4)
         setattr(model.config, REWARD_BIAS, -float(scores.double().mean()))
         # one demonstration has no sample standard deviation (torch says NaN, which is no JSON): null
         summary.update({"demos/raw_mean": float(scores.mean()),
