@@ -165,6 +165,14 @@ def test_the_learning_curve_measures_every_size_on_the_same_held_out_rankings(tm
         assert r["accuracy"] == report["rm_accuracy"] and r["heldout_rankings"] == 10
         assert r["ci"][0] <= r["accuracy"] <= r["ci"][1]
     assert json.loads((run / "learning-curve.json").read_text()) == result
+    # an option measured against the recipe: the same split and sizes, the option in every reward model it trains
+    pooled = curve.main(["--rankings", str(rankings), "--sft", str(tmp_path / "base" / "sft" / "final"), "--config",
+                         str(TINY_CONFIG), "--run-dir", str(tmp_path / "pooled"), "--sizes", "10", "--heldout-fraction",
+                         "0.25", "--rm-args", "--score mean"], in_process)
+    assert (tmp_path / "pooled" / "heldout.jsonl").read_text() == (run / "heldout.jsonl").read_text()
+    assert pooled["rm_args"] == "--score mean" and [r["rankings"] for r in pooled["rows"]] == [10]
+    config = json.loads((tmp_path / "pooled" / "n-10" / "rm" / "final" / "config.json").read_text())
+    assert config["igpt_reward_pool"] == "mean"
 
 
 def load_example(name, *parts):

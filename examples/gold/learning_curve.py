@@ -6,8 +6,10 @@ message), whole groups are held out once (``--heldout-fraction``, seeded), and t
 measure a reward model trained on the first N of the rest for each N of ``--sizes``: ``igpt train-rm
 --val-fraction 0`` on them, then ``igpt eval MODEL --rankings HELDOUT --rm ITS_RM``, whose pairwise accuracy
 comes with a 95% interval clustered by ranking. Every other setting is the config's ``rm`` section
-(``--config``), so the curve is of the recipe you would run. Prints a Markdown table and saves
-``RUN/learning-curve.json``; each size's run is ``RUN/n-N/`` (a rerun reuses finished ones).
+(``--config``), so the curve is of the recipe you would run, with ``--rm-args`` added to train-rm to measure an
+option against it (``--rm-args "--score mean"`` in another ``--run-dir``: the same split, the same sizes). Prints
+a Markdown table and saves ``RUN/learning-curve.json``; each size's run is ``RUN/n-N/`` (a rerun reuses finished
+ones).
 
     python examples/gold/learning_curve.py --rankings runs/gold/gold-data/rankings.jsonl \\
         --sft runs/gold/sft/final --config examples/gold/gold.yaml --run-dir runs/curve --sizes 50,100,200
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -49,6 +52,7 @@ def main(argv: list[str] | None = None, igpt: Callable[..., None] = subprocess_i
     p.add_argument("--sizes", default="50,100,200,400", help="numbers of training rankings, comma-separated")
     p.add_argument("--heldout-fraction", type=float, default=0.2, help="share of groups held out (once)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--rm-args", default="", help="more train-rm flags, as one string (e.g. \"--score mean\")")
     a = p.parse_args(argv)
     run = Path(a.run_dir)
     heldout, pool = split(Path(a.rankings), a.heldout_fraction, a.seed, run)
@@ -67,7 +71,7 @@ def main(argv: list[str] | None = None, igpt: Callable[..., None] = subprocess_i
         common = ["--config", a.config, "--run-dir", str(folder), "--seed", str(a.seed)]
         # no normalisation: a constant shift changes no pair's order, and scoring the demonstrations costs minutes
         igpt("train-rm", *common, "--rankings", str(train), "--sft", a.sft, "--val-fraction", "0", "--no-normalize",
-             "--resume")
+             "--resume", *shlex.split(a.rm_args))
         igpt("eval", a.sft, "--run-dir", str(folder), "--rankings", str(heldout), "--rm", str(folder / "rm" / "final"),
              "--sft", a.sft, "--name", "heldout", "--overwrite")
         report = json.loads((folder / "eval" / "heldout" / "report.json").read_text(encoding="utf-8"))
@@ -76,7 +80,8 @@ def main(argv: list[str] | None = None, igpt: Callable[..., None] = subprocess_i
                      "seconds": round(time.perf_counter() - start, 1)})
         if n == len(pool):
             break
-    result = {"rankings": a.rankings, "config": a.config, "heldout": str(heldout), "seed": a.seed, "rows": rows}
+    result = {"rankings": a.rankings, "config": a.config, "rm_args": a.rm_args, "heldout": str(heldout),
+              "seed": a.seed, "rows": rows}
     (run / "learning-curve.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     print("| training rankings | held-out pair accuracy (95% CI clustered by ranking) | held-out rankings | seconds |")
     print("|---|---|---|---|")
