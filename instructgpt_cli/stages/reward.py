@@ -442,7 +442,8 @@ def train_member(stage: Stage, cfg: RMConfig, mode: str, changes: list[dict], mo
         "rankings": f"{cfg.rankings} ({len(train)} train, {len(val)} held-out prompts; K in {data.ks}; "
                     f"{sum(len(g.pairs) for g in train)} training comparisons; {data.truncated} responses cut)",
         "init": f"{init} on {device} ({next(model.parameters()).dtype}), scalar head read "
-                + ("over the response (--score mean)" if cfg.score == "mean" else "at the last token") + f", seed {cfg.seed}",
+                + ("over the response (--score mean)" if cfg.score == "mean" else "at the last token")
+                + f", seed {cfg.seed}",
         "steps": f"{total_steps} ({epoch_steps}/epoch), {per_step} prompts per step"
                  + (", prompts shared" if layout.shared else "") + (", padding-free" if layout.packed else ", padded")
                  + processes_note(cfg.fsdp),
