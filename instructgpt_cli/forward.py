@@ -33,8 +33,14 @@ REWARD_POOL, POOLS = "igpt_reward_pool", ("last", "mean")
 
 
 def reward_pool(model: Any) -> str:
-    """Where ``model``'s score is read (:data:`REWARD_POOL`)."""
-    return getattr(model.config, REWARD_POOL, "last")
+    """Where ``model``'s score is read (:data:`REWARD_POOL`); a value igpt does not know is refused, never read as
+    another."""
+    pool = getattr(model.config, REWARD_POOL, "last")
+    if pool not in POOLS:
+        from .errors import BadInput
+
+        raise BadInput([f"the reward model's config.json: {REWARD_POOL}: {pool!r} must be one of {', '.join(POOLS)}"])
+    return pool
 
 
 def read_scores(head: torch.Tensor, columns: list[list[int]], starts: list[int] | None) -> torch.Tensor:
@@ -47,7 +53,9 @@ def read_scores(head: torch.Tensor, columns: list[list[int]], starts: list[int] 
     picked = [c[min(s, len(c) - 1):] for c, s in zip(columns, starts)]
     flat = torch.tensor([i for c in picked for i in c], device=device)
     segment = torch.tensor([n for n, c in enumerate(picked) for _ in c], device=device)
-    sums = torch.zeros(len(picked), dtype=head.dtype, device=device).index_add(0, segment, head[flat])
+    # index_select, not head[flat]: a shared prefix's positions repeat, and advanced indexing's backward adds
+    # repeats in a thread-dependent order (index_select's is deterministic)
+    sums = torch.zeros(len(picked), dtype=head.dtype, device=device).index_add(0, segment, head.index_select(0, flat))
     return sums / torch.tensor([len(c) for c in picked], dtype=head.dtype, device=device)
 
 

@@ -265,7 +265,7 @@ class RewardEnsemble:
 
     def member_scores(self, query_response: torch.Tensor, mask: torch.Tensor, context_len: int,
                       lengths: torch.Tensor, trunk: forward.Trunk | None = None) -> torch.Tensor:
-        """Each member's score (B, M), read at each response's last real token."""
+        """Each member's score (B, M), read where that member reads its score (``forward.REWARD_POOL``)."""
         return torch.stack([m.scores(query_response, mask, context_len, lengths, trunk if i == 0 else None)
                             for i, m in enumerate(self.members)], dim=1)
 

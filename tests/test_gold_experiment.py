@@ -173,6 +173,9 @@ def test_the_learning_curve_measures_every_size_on_the_same_held_out_rankings(tm
     assert pooled["rm_args"] == "--score mean" and [r["rankings"] for r in pooled["rows"]] == [10]
     config = json.loads((tmp_path / "pooled" / "n-10" / "rm" / "final" / "config.json").read_text())
     assert config["igpt_reward_pool"] == "mean"
+    with pytest.raises(SystemExit, match="use another --run-dir"):  # its models are not the recipe's: never resumed
+        curve.main(["--rankings", str(rankings), "--sft", str(tmp_path / "base" / "sft" / "final"), "--config",
+                    str(TINY_CONFIG), "--run-dir", str(run), "--sizes", "10", "--rm-args", "--score mean"], in_process)
 
 
 def load_example(name, *parts):

@@ -127,3 +127,15 @@ def test_score_takes_last_or_mean_only(tmp_path):
                   "--score", "max", "--no-normalize")
     assert result.exit_code == 2 and "must be one of last, mean" in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_a_read_igpt_does_not_know_is_refused_never_taken_for_another():
+    from instructgpt_cli.errors import BadInput
+    from instructgpt_cli.forward import reward_pool
+
+    tok = tiny_tokenizer()
+    model = tiny_model(tok, seed=0, kind="reward")
+    assert reward_pool(model) == "last"  # no field: any other tool's reward model
+    setattr(model.config, REWARD_POOL, "Mean")
+    with pytest.raises(BadInput, match="igpt_reward_pool: 'Mean' must be one of last, mean"):
+        reward_pool(model)

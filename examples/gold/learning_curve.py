@@ -55,6 +55,14 @@ def main(argv: list[str] | None = None, igpt: Callable[..., None] = subprocess_i
     p.add_argument("--rm-args", default="", help="more train-rm flags, as one string (e.g. \"--score mean\")")
     a = p.parse_args(argv)
     run = Path(a.run_dir)
+    # a run directory's reward models are of one --rm-args: another would resume them (train-rm finds them
+    # finished) and label the old models' accuracies with the new flags
+    recorded = run / "rm-args.json"
+    if recorded.exists() and json.loads(recorded.read_text(encoding="utf-8")) != a.rm_args:
+        sys.exit(f"learning curve: {run} holds reward models trained with --rm-args "
+                 f"{json.loads(recorded.read_text(encoding='utf-8'))!r}, not {a.rm_args!r}: use another --run-dir")
+    run.mkdir(parents=True, exist_ok=True)
+    recorded.write_text(json.dumps(a.rm_args) + "\n", encoding="utf-8")
     heldout, pool = split(Path(a.rankings), a.heldout_fraction, a.seed, run)
     sizes = sorted({int(s) for s in a.sizes.split(",") if s.strip()})
     rows = []

@@ -10,8 +10,9 @@ judge tied every response is not written (it has no pair to learn from; train-rm
 holds whole lines only: a write that fails (a full disk) is cut off again and ends label with exit 4 naming
 the file, and a last line torn by a kill is dropped, with a notice, before the rerun resumes. A session that
 leaves the output without a single ranking (every prompt tied or skipped) ends with exit 2 saying why, so a
-script does not go on with rankings that were never made; a rerun of a finished or resumed session (nothing
-left, or only prompts the judge ties again) says so and exits 0, so a script that re-runs its steps goes on.
+script does not go on with rankings that were never made; a session that adds none to an output that already
+holds rankings (nothing left, only prompts the judge ties again, or a person skipping the rest) says so and
+exits 0, so a script that re-runs its steps goes on.
 """
 from __future__ import annotations
 
