@@ -28,7 +28,7 @@ $(STAMP): pyproject.toml
 PYTEST = $(BIN)/python -m pytest -n $$($(BIN)/python -c 'from instructgpt_cli.cpus import usable; print(usable()[0])') --dist loadfile
 
 test: install
-	$(PYTEST)
+	$(PYTEST) --durations=20
 
 test-fast: install
 	$(PYTEST) -m "not slow"
