@@ -32,7 +32,8 @@ def tokenized(tok):
 
 def by_hand(model, seq: list[int], start: int, pool: str) -> float:
     """The head on the sequence alone (one unpadded row), read at its last token or averaged from ``start``."""
-    head = scalar_head_outputs(model, input_ids=torch.tensor([seq]))[0]
+    with torch.no_grad():
+        head = scalar_head_outputs(model, input_ids=torch.tensor([seq]))[0]
     return float(head[-1] if pool == "last" else head[start:].mean())
 
 
@@ -139,3 +140,33 @@ def test_a_read_igpt_does_not_know_is_refused_never_taken_for_another():
     setattr(model.config, REWARD_POOL, "Mean")
     with pytest.raises(BadInput, match="igpt_reward_pool: 'Mean' must be one of last, mean"):
         reward_pool(model)
+
+
+def test_ppo_s_cached_trunk_and_an_ensemble_of_mixed_reads_score_as_each_member_alone():
+    """PPO hands the reward model its frozen layers' output (``trunk``) under LoRA, and an ensemble's members may
+    read differently: each member's score is the one it gives alone, pooled or not, on either forward path."""
+    from instructgpt_cli import forward
+    from instructgpt_cli.rollout import build_rollout
+    from instructgpt_cli.runners import RewardEnsemble
+
+    tok = tiny_tokenizer()
+    pooled, last = (tiny_model(tok, seed=s, kind="reward").eval() for s in (2, 3))
+    setattr(pooled.config, REWARD_POOL, "mean")
+    groups = tokenized(tok)
+    queries = [seqs[0][:p] for seqs, p in groups]
+    responses = [seqs[1][p:] for seqs, p in groups]
+    ro = build_rollout(queries, responses, tok.pad_token_id, tok.eos_token_id)
+    want = [by_hand(m, q + r, len(q), pool) for q, r in zip(queries, responses)
+            for m, pool in ((pooled, "mean"), (last, "last"))]  # (B, M) row by row
+    with torch.no_grad():
+        for path in (forward.LEAN, forward.TRANSFORMERS):
+            runners = [Runner.for_eval(m) for m in (pooled, last)]
+            for r in runners:
+                r.path = path
+            states = runners[0].trunk(1, ro.query_response, ro.attention_mask)
+            alone = runners[0].scores(ro.query_response, ro.attention_mask, ro.context_len, ro.lengths)
+            cached = runners[0].scores(ro.query_response, ro.attention_mask, ro.context_len, ro.lengths, (1, states))
+            assert cached.tolist() == pytest.approx(alone.tolist(), abs=1e-5), path
+            both = RewardEnsemble(runners, "mean", 1.0).member_scores(ro.query_response, ro.attention_mask,
+                                                                       ro.context_len, ro.lengths, (1, states))
+            assert both.flatten().tolist() == pytest.approx(want, abs=1e-5), path
