@@ -133,7 +133,6 @@ class SharedRows(NamedTuple):
     input_ids: Any     # (G, L)
     position_ids: Any  # (G, L): a sequence's own tokens continue from the end of the prefix
     segments: Any      # (G, L): 0 the prefix, j + 1 the own tokens of the group's j-th sequence, -1 padding
-    ends: Any          # (N,): flat index (row * L + column) of every sequence's last token, groups in order
     columns: list[list[int]]  # flat index of every token of every sequence (its prefix's, then its own), in order
 
 
@@ -156,8 +155,7 @@ def shared_rows(groups: list[list[list[int]]], pad_id: int) -> SharedRows:
     width = max(len(r) for r in rows)
     padded = lambda xs, fill: torch.tensor([x + [fill] * (width - len(x)) for x in xs], dtype=torch.long)  # noqa: E731
     columns = [[g * width + col for g, col in c] for c in cols]
-    return SharedRows(padded(rows, pad_id), padded(positions, 0), padded(segments, -1),
-                      torch.tensor([c[-1] for c in columns]), columns)
+    return SharedRows(padded(rows, pad_id), padded(positions, 0), padded(segments, -1), columns)
 
 
 def packed_columns(seqs: list[list[int]]) -> list[list[int]]:

@@ -107,7 +107,7 @@ def test_shared_rows_by_hand():
     assert rows.input_ids.tolist() == [[1, 2, 3, 4, 5], [7, 8, 9, 8, 0]]
     assert rows.position_ids.tolist() == [[0, 1, 2, 3, 2], [0, 1, 1, 1, 0]]
     assert rows.segments.tolist() == [[0, 0, 1, 1, 2], [0, 1, 2, 3, -1]]
-    assert rows.ends.tolist() == [3, 4, 6, 7, 8]  # row * 5 + column of each sequence's last token
+    assert [c[-1] for c in rows.columns] == [3, 4, 6, 7, 8]  # row * 5 + column of each sequence's last token
     mask = shared_prefix_mask(rows.segments)[:, 0].int().tolist()
     assert mask[0] == [[1, 0, 0, 0, 0],
                        [1, 1, 0, 0, 0],
