@@ -98,13 +98,15 @@ class RMJudge:
     """The reward model scores each response's token ids as sampled (``a_ids``, ``b_ids``; EOS only where the
     model emitted it), read where the model reads its score: exactly what eval (``score_responses``) and PPO
     (``build_rollout`` + ``response_scores``) score. Decoded text re-encoded would not be the same tokens,
-    and a response that never ended would be scored as if it had."""
+    and a response that never ended would be scored as if it had. ``known``: both sides' scores by this reward
+    model already (eval's of its samples, ``compare.reused_scores``), judged without loading it."""
 
     spec = "rm"
 
-    def __init__(self, settings: Settings, rm_path: Path, tokenizer: Any, queries: list[list[int]], device: Any):
+    def __init__(self, settings: Settings, rm_path: Path, tokenizer: Any, queries: list[list[int]], device: Any,
+                 known: tuple[list[float], list[float]] | None = None):
         self.settings, self.path, self.tokenizer = settings, rm_path, tokenizer
-        self.queries, self.device = queries, device
+        self.queries, self.device, self.known = queries, device, known
 
     def compare(self, pairs: list[dict]) -> list[dict]:
         from .config import ModelConfig
@@ -113,10 +115,13 @@ class RMJudge:
         from .runners import Runner
 
         s, tok = self.settings, self.tokenizer
-        rm = Runner.for_eval(load_model(ModelConfig(name=str(self.path), dtype=s.dtype), tok, self.path, self.device,
-                                        s.seed, "reward"))
-        sa = score_responses(rm, tok, self.queries, [p["a_ids"] for p in pairs], s.batch_size).tolist()
-        sb = score_responses(rm, tok, self.queries, [p["b_ids"] for p in pairs], s.batch_size).tolist()
+        if self.known is not None:
+            sa, sb = self.known
+        else:
+            rm = Runner.for_eval(load_model(ModelConfig(name=str(self.path), dtype=s.dtype), tok, self.path,
+                                            self.device, s.seed, "reward"))
+            sa = score_responses(rm, tok, self.queries, [p["a_ids"] for p in pairs], s.batch_size).tolist()
+            sb = score_responses(rm, tok, self.queries, [p["b_ids"] for p in pairs], s.batch_size).tolist()
         return [{"index": i, **p, "score_a": a, "score_b": b, "winner": winner(a, b, s.tie_margin), "judge": "rm"}
                 for i, (p, a, b) in enumerate(zip(pairs, sa, sb))]
 

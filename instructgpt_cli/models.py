@@ -17,9 +17,9 @@ from transformers.utils import logging as hf_logging
 from .config import LoraConfig, ModelConfig
 from .errors import BadInput
 from .families import checkpointing, unwrapped
-from .forward import REWARD_BIAS
+from .forward import REWARD_BIAS, REWARD_POOL
 from .rundir import find_model
-from .storage import COMPLETED, building, verify_dir
+from .storage import COMPLETED, building, verify_dir, weights_sha256
 
 SMOLLM2 = "smollm2-135m"
 TINY = "tiny"
@@ -170,6 +170,21 @@ def model_kind(source: str | Path) -> tuple[str, str]:
     if arch.endswith("ForCausalLM"):
         return "policy", f"a causal language model ({arch})"
     return ("unknown", "a model") if not arch else ("other", f"a {arch} model")
+
+
+def reward_identity(path: str | Path) -> str | None:
+    """What a reward model's scores depend on: the digest of its weights (``storage.weights_sha256``) and the two
+    fields of its config.json that change a score without changing a weight, where the score is read
+    (``forward.REWARD_POOL``) and the bias that normalises it (``forward.REWARD_BIAS``). Equal identities score
+    the same tokens the same: eval's scores of its samples stand for compare's judge. None without weights."""
+    weights = weights_sha256(path)
+    if weights is None:
+        return None
+    try:
+        config = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return f"{weights} {REWARD_POOL}={config.get(REWARD_POOL, 'last')} {REWARD_BIAS}={config.get(REWARD_BIAS, 0.0)!r}"
 
 
 def role_problem(source: str | Path, role: str, flag: str) -> str | None:

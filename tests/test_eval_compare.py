@@ -302,11 +302,35 @@ def test_compare_reuses_eval_samples_taken_with_the_same_settings(run, tmp_path,
     evals = {m: [json.loads(l)["response"] for l in (run_dir / "eval" / m / "samples.jsonl").read_text().splitlines()]
              for m in ("ppo", "sft")}
     assert [p["a"] for p in pairs] == evals["ppo"] and [p["b"] for p in pairs] == evals["sft"]
-    # the judge scored the very tokens eval scored: the same score for each reused response
+    # the judge's scores are eval's of the very tokens it sampled, by the same reward model: taken as they are
+    # (the reward model is not loaded, let alone run: generate and scoring both refused above and below)
     judged = [json.loads(l) for l in (run_dir / "compare" / "ppo-vs-sft" / "judgments.jsonl").open()]
-    eval_scores = [json.loads(l)["score"] for l in (run_dir / "eval" / "ppo" / "samples.jsonl").open()]
-    assert [j["score_a"] for j in judged] == pytest.approx(eval_scores, abs=1e-5)
+    eval_scores = {m: [json.loads(l)["score"] for l in (run_dir / "eval" / m / "samples.jsonl").open()]
+                   for m in ("ppo", "sft")}
+    assert [j["score_a"] for j in judged] == eval_scores["ppo"] and [j["score_b"] for j in judged] == eval_scores["sft"]
+    report = json.loads((run_dir / "compare" / "ppo-vs-sft" / "report.json").read_text())
+    assert report["scores_from"] == {"a": str(run_dir / "eval" / "ppo" / "samples.jsonl"),
+                                     "b": str(run_dir / "eval" / "sft" / "samples.jsonl")}
+    # a reward model with the same weights and another bias (what a re-normalisation changes) is another judge:
+    # it scores the responses itself, each score eval's moved by the bias, and the same pairs win
+    import instructgpt_cli.rollout as rollout_module
+    from instructgpt_cli.storage import COMPLETED
+    monkeypatch.setattr(rollout_module, "score_responses",
+                        lambda *a, **k: (_ for _ in ()).throw(AssertionError("scored")))
+    assert igpt("compare", "ppo", "sft", *settings).exit_code == 0  # the run's own reward model: still not run
     monkeypatch.undo()
+    shifted = tmp_path / "rm-shifted"
+    shutil.copytree(run_dir / "rm" / "final", shifted)
+    (shifted / COMPLETED).unlink(missing_ok=True)  # edited by hand: no longer the sealed directory train-rm wrote
+    config = json.loads((shifted / "config.json").read_text())
+    config["igpt_reward_bias"] = config.get("igpt_reward_bias", 0.0) + 1.0
+    (shifted / "config.json").write_text(json.dumps(config))
+    again = igpt("compare", "ppo", "sft", *settings, "--rm", shifted)
+    assert again.exit_code == 0, again.output
+    rejudged = [json.loads(l) for l in (run_dir / "compare" / "ppo-vs-sft" / "judgments.jsonl").open()]
+    assert [j["score_a"] for j in rejudged] == pytest.approx([x + 1.0 for x in eval_scores["ppo"]], abs=1e-5)
+    assert [j["winner"] for j in rejudged] == [j["winner"] for j in judged]
+    assert "scores_from" not in json.loads((run_dir / "compare" / "ppo-vs-sft" / "report.json").read_text())
     other = igpt("compare", "ppo", "sft", *settings[:-2], "--seed", "4")  # other settings: sampled afresh
     assert other.exit_code == 0
 

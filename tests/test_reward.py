@@ -349,3 +349,20 @@ def test_lora_rm_merged_scores_equal_adapter_scores(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(merged(input_ids=ids, attention_mask=mask).logits,
                                    adapted(input_ids=ids, attention_mask=mask).logits, rtol=1e-4, atol=1e-5)
+
+
+def test_demo_scores_come_back_in_file_order_though_scored_shortest_first():
+    """train-rm scores the demonstrations in batches of about one length (shortest first, less padding) and
+    returns each score at its demonstration's place: scored one at a time, in file order, each is the same."""
+    from instructgpt_cli.stages.reward import demo_scores
+
+    tok = tiny_tokenizer()
+    model = tiny_model(tok, seed=5, kind="reward").eval()
+    lengths = [9, 3, 14, 5, 11, 3, 7]  # unsorted, with a repeated length and a last short batch at size 3
+    seqs = [[(7 * i + j) % 200 + 20 for j in range(n)] for i, n in enumerate(lengths)]
+    starts = [n // 2 for n in lengths]
+    got = demo_scores(Runner.for_eval(model), seqs, starts, tok.pad_token_id, 3)
+    alone = torch.cat([score_sequences(model, [q], tok.pad_token_id, 1) for q in seqs])
+    assert got.shape == (len(seqs),)
+    assert torch.allclose(got, alone, atol=1e-5)
+    assert not torch.allclose(got[0], got[1], atol=1e-3)  # distinct scores: a mix-up would show

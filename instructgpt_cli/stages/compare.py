@@ -24,6 +24,7 @@ import hashlib
 import json
 import re
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -36,7 +37,7 @@ from ..data import read_prompts
 from ..distributed import resolve_device
 from ..errors import BadInput
 from ..refs import Side, model_refs
-from ..models import load_tokenizer, position_limit, require_role, require_same_tokenizer
+from ..models import load_tokenizer, position_limit, require_role, require_same_tokenizer, reward_identity
 from ..report import number, score_text, temperature_lines
 from ..rollout import CHUNK, chunk_seed, decode_response, draw_chunks, kept_until_published, start_kept
 from ..locks import claim
@@ -61,9 +62,23 @@ def tally(judgments: list[dict], key: str | None = None) -> dict:
     return {g: count([j for j in judgments if j.get(key) == g]) for g in groups}
 
 
-def eval_samples(cfg: CompareConfig, path: Path, prompts: list) -> tuple[list[list[int]], Path] | None:
-    """Response token ids ``igpt eval`` already sampled from the model now at ``path`` for these prompts
-    with these decoding settings and seed (the same responses compare would sample) and their file, or None.
+class Reused(NamedTuple):
+    """Responses ``igpt eval`` sampled (:func:`eval_samples`) and what it measured of them."""
+
+    ids: list[list[int]]  # response token ids as sampled
+    file: Path  # eval's samples.jsonl
+    scores: list[float] | None  # its reward model's scores of them; None: eval had no reward model
+    scored_by: tuple  # (the reward model's identity, dtype, device) eval scored with
+
+
+def queries_digest(queries: list[list[int]]) -> str:
+    """The digest eval records of the rendered prompts it sampled after (``evaluate.plan``)."""
+    return hashlib.sha256(json.dumps(queries).encode()).hexdigest()
+
+
+def eval_samples(cfg: CompareConfig, path: Path, prompts: list, queries: list[list[int]]) -> Reused | None:
+    """The responses ``igpt eval`` already sampled from the model now at ``path`` for these prompts, rendered
+    as these queries, with these decoding settings and seed (the same responses compare would sample), or None.
 
     The model is recognised by the sha256 of its weights, which eval records, not by its path: a path
     retrained since (``--overwrite``) holds another model, whose samples eval has not seen."""
@@ -75,29 +90,46 @@ def eval_samples(cfg: CompareConfig, path: Path, prompts: list) -> tuple[list[li
         if report_file.parent.name.startswith("."):  # a set being published, or one put aside
             continue
         report = json.loads(report_file.read_text(encoding="utf-8"))
+        drawn = (report.get("fingerprint") or {}).get("responses") or {}
         if (report.get("model_sha256") != weights or report.get("settings") != settings or not report.get("prompts")
                 or Path(report["prompts"]).resolve() != Path(cfg.prompts).resolve()
+                or drawn.get("queries") != queries_digest(queries)  # prompts cut to another context: not these
                 or not (report_file.parent / "samples.jsonl").is_file()):  # benchmarks / toxicity alone: no samples
             continue
         lines = (report_file.parent / "samples.jsonl").read_text(encoding="utf-8").splitlines()
         samples = [json.loads(line) for line in lines]
         if [x["prompt"] for x in samples] == [p.prompt for p in prompts] and all("response_ids" in x for x in samples):
-            return [x["response_ids"] for x in samples], report_file.parent / "samples.jsonl"
+            scores = [x["score"] for x in samples] if all("score" in x for x in samples) else None
+            fingerprint = report["fingerprint"]
+            return Reused([x["response_ids"] for x in samples], report_file.parent / "samples.jsonl", scores,
+                          (fingerprint.get("rm"), fingerprint.get("dtype"), fingerprint.get("device")))
     return None
 
 
+def reused_scores(cfg: CompareConfig, rm_path: Path, a: Reused | None, b: Reused | None) -> dict | None:
+    """Both sides' reward-model scores as eval measured them, where both sides are eval's samples scored by
+    this very reward model (weights, score reading and bias: ``models.reward_identity``) in compare's dtype on
+    its device: the judge's scores without loading the reward model again. None otherwise."""
+    if a is None or b is None or a.scores is None or b.scores is None:
+        return None
+    scored_by = (reward_identity(rm_path), cfg.dtype, cfg.device)
+    if scored_by[0] is None or a.scored_by != scored_by or b.scored_by != scored_by:
+        return None
+    return {"a": a.scores, "b": b.scores, "from": {"a": str(a.file), "b": str(b.file)}}
+
+
 def answers(cfg: CompareConfig, side: Side, tokenizer, queries: list[list[int]], prompts: list,
-            device, kept: Path, resume: bool) -> tuple[list[list[int]], str]:
+            device, kept: Path, resume: bool) -> tuple[list[list[int]], str, Reused | None]:
     """Response token ids as sampled (EOS only where the model emitted it), with the same settings and seed
-    for both models, and where they come from; reuses ``igpt eval``'s samples of the same weights when they
-    match (a checkpoint's too: eval records the digest of the checkpoint's weights). Sampled a chunk at a time
-    as eval samples, each kept in ``kept`` as it is drawn (``rollout.draw_chunks``; ``resume`` goes on there)."""
-    reused = eval_samples(cfg, side.path, prompts)
+    for both models, where they come from, and eval's samples when they are reused: ``igpt eval``'s samples of
+    the same weights when they match (a checkpoint's too: eval records the digest of the checkpoint's weights).
+    Sampled a chunk at a time as eval samples, each kept in ``kept`` as it is drawn (``rollout.draw_chunks``;
+    ``resume`` goes on there)."""
+    reused = eval_samples(cfg, side.path, prompts, queries)
     if reused is not None:
-        return reused[0], str(reused[1])
+        return reused.ids, str(reused.file), reused
     model = Runner.for_eval(side.load(tokenizer, device, cfg.dtype, cfg.seed))
-    drawn_with = {"model": weights_sha256(side.path),
-                  "queries": hashlib.sha256(json.dumps(queries).encode()).hexdigest(),
+    drawn_with = {"model": weights_sha256(side.path), "queries": queries_digest(queries),
                   "temperature": cfg.temperature, "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed,
                   "batch_size": cfg.batch_size}
 
@@ -107,7 +139,7 @@ def answers(cfg: CompareConfig, side: Side, tokenizer, queries: list[list[int]],
                                                             cfg.max_new_tokens, cfg.temperature, cfg.batch_size,
                                                             progress="sample")]
 
-    return [r["response_ids"] for r in draw_chunks(len(queries), draw, kept, drawn_with, resume)], "sampled"
+    return [r["response_ids"] for r in draw_chunks(len(queries), draw, kept, drawn_with, resume)], "sampled", None
 
 
 def run(cfg: CompareConfig, overwrite: bool = False, resume: bool = False) -> dict:
@@ -141,7 +173,6 @@ def run(cfg: CompareConfig, overwrite: bool = False, resume: bool = False) -> di
     limits = [position_limit(str(p)) for p in [side_a.base, side_b.base] + ([rm_path] if cfg.judge == "rm" else [])]
     queries = render_queries(tokenizer, prompts, cfg.max_new_tokens, min(filter(None, limits), default=None))
     device = resolve_device(cfg.device)
-    judge = judge or judges.RMJudge(settings, rm_path, tokenizer, queries, device)
     # before any sampling: a write that cannot happen, or earlier results kept without --overwrite, fail now
     # (a human session with pairs left to judge goes on: its results are the ones it adds to)
     kept = out.parent / f".{out.name}.partial"  # each side's chunks drawn so far
@@ -155,15 +186,16 @@ def run(cfg: CompareConfig, overwrite: bool = False, resume: bool = False) -> di
     #    A human session keeps them in compare/A-vs-B.human.session/ (with its judgments), so it can stop and
     #    resume on the responses it was shown.
     sources: dict[str, str] = {}  # where each side's responses come from: sampled, eval's samples, a session
-    pairs = []
+    pairs, known = [], None
     if (session / "responses.jsonl").exists() and cfg.judge == "human" and not overwrite:
         pairs = read_jsonl(session / "responses.jsonl")
         sources = dict.fromkeys("ab", str(session / "responses.jsonl"))
         if [x["prompt"] for x in pairs] != [p.prompt for p in prompts]:
             pairs = []  # other prompts this time: answer them afresh
     if not pairs:
-        resp_a, sources["a"] = answers(cfg, side_a, tokenizer, queries, prompts, device, kept / "a", resume)
-        resp_b, sources["b"] = answers(cfg, side_b, tokenizer, queries, prompts, device, kept / "b", resume)
+        resp_a, sources["a"], reused_a = answers(cfg, side_a, tokenizer, queries, prompts, device, kept / "a", resume)
+        resp_b, sources["b"], reused_b = answers(cfg, side_b, tokenizer, queries, prompts, device, kept / "b", resume)
+        known = reused_scores(cfg, rm_path, reused_a, reused_b) if cfg.judge == "rm" else None
         pairs = [{"prompt": p.prompt, "category": p.category, **({"group": p.group} if p.group else {}),
                   "a": decode_response(tokenizer, a),
                   "b": decode_response(tokenizer, b), "a_ids": a, "b_ids": b}
@@ -172,6 +204,9 @@ def run(cfg: CompareConfig, overwrite: bool = False, resume: bool = False) -> di
             atomic_write_text(session / "responses.jsonl", jsonl(pairs))
             atomic_write_text(session / "judgments.jsonl", "")
 
+    # the reward model judges; it is not loaded again where eval's scores of these responses are by it
+    judge = judge or judges.RMJudge(settings, rm_path, tokenizer, queries, device,
+                                    known and (known["a"], known["b"]))
     with kept_until_published(kept):  # gone once published, kept for --resume after a stop
         # 3. judge (a judge that fails raises BadInput here: nothing is published)
         judgments = judge.compare(pairs)
@@ -182,7 +217,7 @@ def run(cfg: CompareConfig, overwrite: bool = False, resume: bool = False) -> di
                   "prompts": cfg.prompts, "n_prompts": len(pairs), "judged": len(judgments), **overall,
                   "categories": tally(judgments, "category"),
                   "settings": {"temperature": cfg.temperature, "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed},
-                  "responses_from": sources,
+                  "responses_from": sources, **({"scores_from": known["from"]} if known else {}),
                   **({"judge_source": {"file": str(judge.source), "sha256": sha256_file(judge.source)}}
                      if getattr(judge, "source", None) else {}),
                   "ci_method": ("95%, clustered by the prompts' group (cluster-robust CR2, Wilson at the effective n), "

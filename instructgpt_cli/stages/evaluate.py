@@ -35,7 +35,7 @@ from ..families import supports_sharing
 from ..judges import Settings
 from ..presets import saved_config
 from ..models import (load_model, load_trained_policy, load_tokenizer, position_limit, require_role,
-                      require_same_tokenizer, stage_inputs)
+                      require_same_tokenizer, reward_identity, stage_inputs)
 from ..report import number, score_text, temperatures_text
 from ..report_plots import frontier_chart
 from ..rewards import Layout
@@ -249,7 +249,7 @@ def plan(cfg: EvalConfig, ref: str, name: str = "") -> Plan:
     model_sha = weights_sha256(side.path)
     digest = lambda xs: hashlib.sha256(json.dumps(xs).encode()).hexdigest()  # noqa: E731
     drawn_with = {"model": model_sha, "sft": weights_sha256(sft_path) if sft_path else None,
-                  "rm": weights_sha256(rm_path) if have_rm else None,
+                  "rm": reward_identity(rm_path) if have_rm else None,
                   "kl_temperature": kl_t, "queries": digest(queries), "temperature": cfg.temperature,
                   "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed, "batch_size": cfg.batch_size}
     classifier = classifier_digest(cfg.toxicity_classifier) if tox else None
