@@ -146,6 +146,39 @@ def frozen_layers(model: Any) -> int:
     return n if n < len(stack.layers) else 0
 
 
+def shared_layers(models: list[Any]) -> int:
+    """How many of the lowest decoder layers, embeddings included, compute the same in every one of ``models``:
+    one ``split`` family (:data:`FAMILIES`), no adapter in those layers (a peft view with its adapters disabled
+    shares its module with the adapted model but not its computation), and equal weights (the same tensors, or
+    ``torch.equal`` ones: models fine-tuned with LoRA on their top layers from one base). Their output, computed
+    once, serves each model's layers above (``forward.Trunk``): eval's KL to SFT and reward scores of one set
+    of responses. At most all layers but the top one; 0 for one model, sharded weights or another family."""
+    if len(models) < 2 or any(family(m) is None or not family(m).split for m in models):
+        return 0
+    stacks = [backbone(m) for m in models]
+    if len({len(s.layers) for s in stacks}) != 1:
+        return 0
+
+    def same(modules: list[torch.nn.Module]) -> bool:
+        named = [list(m.named_parameters()) + list(m.named_buffers()) for m in modules]
+        first = named[0]
+        return all(len(other) == len(first) and all(
+            na == nb and "lora_" not in na and type(a.data) is torch.Tensor and type(b.data) is torch.Tensor
+            and a.shape == b.shape and a.dtype == b.dtype and a.device == b.device
+            and (a.data_ptr() == b.data_ptr() or torch.equal(a, b)) for (na, a), (nb, b) in zip(first, other))
+            for other in named[1:])
+
+    rotary = [s.rotary_emb for s in stacks if hasattr(s, "rotary_emb")]
+    if not same([s.embed_tokens for s in stacks]) or rotary and (len(rotary) < len(stacks) or not same(rotary)):
+        return 0
+    n = 0
+    for layers in zip(*(s.layers for s in stacks)):
+        if not same(list(layers)):
+            break
+        n += 1
+    return min(n, len(stacks[0].layers) - 1)
+
+
 def runs_lean(model: Any) -> bool:
     """Whether ``model`` runs on the lean path: a family :data:`FAMILIES` marks ``lean``, whose stack's
     classes are exactly transformers' Llama ones, under SDPA attention, with rotary frequencies that do not

@@ -15,6 +15,7 @@ from . import distributed, forward
 from .batches import pad_left, pad_right
 from .console import StepProgress, say
 from .errors import BadInput, Interrupted, WriteFailed
+from .families import shared_layers
 from .lifecycle import resume_command
 from .storage import append_lines, atomic_write_text, drop_torn_line
 from .distributed import no_autograd
@@ -361,16 +362,36 @@ def response_kl(model: Any, ref: Any, tokenizer: Any, queries: list[list[int]], 
     along samples of another temperature it weighs the prefixes wrongly (1.10x the true value on a
     two-token example at T = 0.7 samples, T = 1 log-probs), so eval draws them at T. Padding counts 0.
     ``model``, ``ref``: their ``runners.Runner``."""
+    return kl_and_scores(model, ref, None, tokenizer, queries, responses, temperature, batch_size)[0]
+
+
+@torch.no_grad()
+def kl_and_scores(model: Any, ref: Any, rm: Any | None, tokenizer: Any, queries: list[list[int]],
+                  responses: list[list[int]], temperature: float, batch_size: int
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`response_kl` of ``model`` to ``ref`` along ``responses`` and, with a reward model ``rm``, its
+    :func:`score_responses` of the same responses (else None), each batch's lowest layers run once where the
+    models hold the same ones (``families.shared_layers``: fine-tuned with LoRA on their top layers from one
+    base, as igpt's presets train SFT, the reward model and the policy): eval's three forwards of a response
+    then cost one trunk and three tops. The same numbers as three whole forwards."""
     if not temperature > 0:
         raise ValueError(f"response_kl: temperature must be > 0 (log-probs of logits / T), got {temperature}")
-    model.eval(), ref.eval()
-    out = []
+    runners = [model, ref] + ([rm] if rm is not None else [])
+    for r in runners:
+        r.eval()
+    shared = (shared_layers([r.model for r in runners])
+              if len({type(r.path) for r in runners}) == 1 and len({r.device for r in runners}) == 1 else 0)
+    kls, scores = [], []
     for _, ro in rollouts(tokenizer, queries, responses, batch_size, model.device):
-        logp = model.log_softmax(ro.query_response, ro.attention_mask, ro.context_len, temperature)
-        ref_logp = ref.log_softmax(ro.query_response, ro.attention_mask, ro.context_len, temperature)
+        qr, mask = ro.query_response, ro.attention_mask
+        trunk = (shared, model.trunk(shared, qr, mask)) if shared else None
+        logp = model.log_softmax(qr, mask, ro.context_len, temperature, trunk)
+        ref_logp = ref.log_softmax(qr, mask, ro.context_len, temperature, trunk)
         per_token = (logp.exp() * (logp - ref_logp)).sum(-1).clamp(min=0.0)  # rounding can dip below 0
-        out.append(torch.where(ro.response_mask.bool(), per_token, 0.0).sum(1).cpu())
-    return torch.cat(out)
+        kls.append(torch.where(ro.response_mask.bool(), per_token, 0.0).sum(1).cpu())
+        if rm is not None:
+            scores.append(rm.scores(qr, mask, ro.context_len, ro.lengths, trunk).cpu())
+    return torch.cat(kls), torch.cat(scores) if rm is not None else None
 
 
 @torch.no_grad()

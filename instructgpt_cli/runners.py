@@ -155,9 +155,10 @@ class Runner:
                          trunk)
 
     def log_softmax(self, query_response: torch.Tensor, mask: torch.Tensor, context_len: int,
-                    temperature: float) -> torch.Tensor:
-        """Log-probabilities (B, T, V) over the vocabulary at each response position, of logits / T (fp32)."""
-        return self._run(self.path.response_log_softmax, query_response, mask, context_len, temperature)
+                    temperature: float, trunk: forward.Trunk | None = None) -> torch.Tensor:
+        """Log-probabilities (B, T, V) over the vocabulary at each response position, of logits / T (fp32);
+        ``trunk``: the output of lowest layers computed once (:meth:`trunk`)."""
+        return self._run(self.path.response_log_softmax, query_response, mask, context_len, temperature, trunk)
 
     def trunk(self, n_layers: int, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """The hidden states (B, L, H) entering decoder layer ``n_layers``: the output of the frozen layers below

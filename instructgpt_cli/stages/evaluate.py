@@ -39,8 +39,8 @@ from ..models import (load_model, load_trained_policy, load_tokenizer, position_
 from ..report import number, score_text, temperatures_text
 from ..report_plots import frontier_chart
 from ..rewards import Layout
-from ..rollout import (CHUNK, chunk_seed, decode_response, draw_chunks, kept_until_published, lm_loss, response_kl,
-                       score_responses, start_kept)
+from ..rollout import (CHUNK, chunk_seed, decode_response, draw_chunks, kept_until_published, kl_and_scores, lm_loss,
+                       response_kl, score_responses, start_kept)
 from ..runners import Runner
 from ..locks import claim
 from ..rundir import STAGE_MODELS, record_report
@@ -115,18 +115,20 @@ def respond(cfg: EvalConfig, model: Runner, sft: Runner, rm: Runner | None, toke
     torch.manual_seed(cfg.seed)
     responses = model.generate(tokenizer, queries, cfg.max_new_tokens, cfg.temperature, cfg.batch_size,
                                progress="sample")
-    kl_responses = None
+    kl_responses, scores = None, None
     if sft is model:  # log pi - log pi_SFT is exactly 0: no second set, no forwards
         kls = [0.0] * len(responses)
-    else:
-        if cfg.temperature != kl_t:
-            torch.manual_seed(cfg.seed)
-            kl_responses = model.generate(tokenizer, queries, cfg.max_new_tokens, kl_t, cfg.batch_size,
-                                          progress=f"sample at T={kl_t:g} for the KL")
-        kls = response_kl(model, sft, tokenizer, queries, responses if kl_responses is None else kl_responses,
-                          kl_t, cfg.batch_size).tolist()
-    scores = score_responses(rm, tokenizer, queries, responses, cfg.batch_size).tolist() if rm is not None else []
-    return Responses(responses, kls, scores, kl_responses)
+    elif cfg.temperature != kl_t:
+        torch.manual_seed(cfg.seed)
+        kl_responses = model.generate(tokenizer, queries, cfg.max_new_tokens, kl_t, cfg.batch_size,
+                                      progress=f"sample at T={kl_t:g} for the KL")
+        kls = response_kl(model, sft, tokenizer, queries, kl_responses, kl_t, cfg.batch_size).tolist()
+    else:  # the KL and the scores along the same responses: their shared lowest layers run once
+        kl, scores = kl_and_scores(model, sft, rm, tokenizer, queries, responses, kl_t, cfg.batch_size)
+        kls = kl.tolist()
+    if scores is None and rm is not None:
+        scores = score_responses(rm, tokenizer, queries, responses, cfg.batch_size)
+    return Responses(responses, kls, [] if scores is None else scores.tolist(), kl_responses)
 
 
 def respond_chunk(cfg: EvalConfig, model: Runner, sft: Runner, rm: Runner | None, tokenizer, queries: list[list[int]],
