@@ -266,6 +266,8 @@ class RMConfig(TrainingBlocks):
     demos: str = f("", "demonstrations used to normalise the reward to mean 0 (" + SOURCES + "); default: the "
                        "run's SFT data")
     normalize: bool = f(True, "set the reward bias so the demonstrations score mean 0, as the paper does before RL")
+    norm_demos: int = f(0, "normalise on a random sample of N of the demonstrations (seeded by --seed; 0 = all): "
+                           "the mean's standard error is their scores' spread over sqrt(N)", ">= 0")
     sft: str = f("", "SFT model directory to initialise from; default: RUN_DIR/sft/final")
     epochs: int = f(1, "passes over the rankings (epochs); the paper trains the RM a single epoch (it overfits after)",
                     ">= 1")

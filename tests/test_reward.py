@@ -366,3 +366,33 @@ def test_demo_scores_come_back_in_file_order_though_scored_shortest_first():
     assert got.shape == (len(seqs),)
     assert torch.allclose(got, alone, atol=1e-5)
     assert not torch.allclose(got[0], got[1], atol=1e-3)  # distinct scores: a mix-up would show
+
+
+def test_norm_demos_normalises_on_a_seeded_sample_of_the_demonstrations(tmp_path):
+    """--norm-demos N: the bias makes a seeded random N of the demonstrations score mean 0 (not all of them), the
+    summary says how many, and the same seed draws the same sample."""
+    rankings = write_jsonl(tmp_path / "ranks.jsonl", marker_rankings(12))
+    demos_file = write_jsonl(tmp_path / "demos.jsonl", arithmetic_demos(10))
+    biases = []
+    for run in ("a", "b"):
+        run_dir = tmp_path / run
+        result = igpt("train-rm", "--model", "tiny", "--rankings", rankings, "--demos", demos_file, "--run-dir",
+                      run_dir, "--max-steps", "2", "--val-fraction", "0", "--norm-demos", "4", "--seed", "3")
+        assert result.exit_code == 0, result.output
+        outputs = json.loads((run_dir / "manifest.json").read_text())["stages"]["rm"]["outputs"]
+        assert outputs["demos/n"] == 4
+        biases.append(json.loads((run_dir / "rm" / "final" / "config.json").read_text())["igpt_reward_bias"])
+    assert biases[0] == biases[1]  # the same seed, the same sample
+    final = tmp_path / "a" / "rm" / "final"
+    tok, path = load_tokenizer(ModelConfig(name=str(final)))
+    model = load_model(ModelConfig(name=str(final)), tok, path, torch.device("cpu"), 0, kind="reward")
+    demos = read_demos(demos_file)
+    seqs = [tokenize_scored(tok, d.messages, [d.response], 256, d.where, [])[0][0] for d in demos]
+    scores = score_sequences(model, seqs, tok.pad_token_id, 5).double()
+    sample = sorted(__import__("random").Random(3).sample(range(10), 4))
+    # the sample's mean is 0, all ten's is not (the tiny model's scores spread by about 0.01: the two means differ
+    # by about 1.5e-4, the sample's is 0 to float32 rounding)
+    assert abs(scores[sample].mean().item()) < 1e-6 and abs(scores.mean().item()) > 2e-5
+    bad = igpt("train-rm", "--model", "tiny", "--rankings", rankings, "--demos", demos_file, "--run-dir",
+               tmp_path / "c", "--norm-demos", "-1")
+    assert bad.exit_code == 2 and "norm" in bad.stderr and not (tmp_path / "c").exists()

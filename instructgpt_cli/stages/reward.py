@@ -11,6 +11,7 @@ paper does before RL (Ouyang et al. 2022, sec. 3.5, appendix C.2: 1 epoch, cosin
 from __future__ import annotations
 
 import json
+import random
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -248,6 +249,8 @@ def run(cfg: RMConfig, resume: bool = False, overwrite: bool = False, allow_chan
         raise BadInput(["--demos: needed to normalise the reward (demonstrations score mean 0) and the run has no "
                         "SFT stage to take them from; pass --demos FILE or --no-normalize"])
     demos = read_demos(demos_file, *demos_reading(cfg, run_dir)) if demos_file else []
+    if 0 < cfg.norm_demos < len(demos):  # the mean of a sample: scoring every demonstration can outcost training
+        demos = [demos[i] for i in sorted(random.Random(cfg.seed).sample(range(len(demos)), cfg.norm_demos))]
     grid = parse_sweep(cfg.sweep)
     if grid and not cfg.val_fraction > 0:
         raise BadInput([f"--sweep {cfg.sweep}: chooses by held-out accuracy, and --val-fraction 0 holds nothing out"])
@@ -383,7 +386,9 @@ def run(cfg: RMConfig, resume: bool = False, overwrite: bool = False, allow_chan
     accuracy, warning = (describe_rm_accuracy(summary) if data.val
                          else ("unknown: nothing held out (--val-fraction 0)", None))
     banner("reward model", {k: f"{summary[k]:.4f}" for k in ("eval/loss", "demos/raw_mean", "demos/raw_std")
-                            if summary.get(k) is not None} | {"accuracy": accuracy, "saved": str(stage.final)}
+                            if summary.get(k) is not None}
+           | ({"demos/n": str(summary["demos/n"])} if summary.get("demos/n") else {})
+           | {"accuracy": accuracy, "saved": str(stage.final)}
            | ({"ensemble": f"{cfg.ensemble} members: {stage.final} and " + ", ".join(map(str, members))}
               if members else {})
            | ({"ensemble accuracy": describe_rm_accuracy(summary, "ensemble/")[0] + " (the members' mean score)"}
@@ -475,6 +480,6 @@ def train_member(stage: Stage, cfg: RMConfig, mode: str, changes: list[dict], mo
                              cfg.optim.batch_size * 4)
         setattr(model.config, REWARD_BIAS, -float(scores.double().mean()))
         # one demonstration has no sample standard deviation (torch says NaN, which is no JSON): null
-        summary.update({"demos/raw_mean": float(scores.mean()),
+        summary.update({"demos/n": len(scores), "demos/raw_mean": float(scores.mean()),
                         "demos/raw_std": float(scores.std()) if len(scores) > 1 else None})
     return state.step, summary, runner
