@@ -366,3 +366,41 @@ def test_ppo_with_cached_frozen_layers_trains_as_without(world, tmp_path):
                for k in a)  # the policy did train
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+
+
+def test_a_value_model_from_the_same_sft_runs_the_policys_frozen_layers_once(world, tmp_path, monkeypatch):
+    """A reward model trained with LoRA on the top layer from the run's SFT model holds the SFT model's lowest
+    layer: PPO runs it once per micro-batch for the policy and the value model both (half the trunk calls), and
+    trains exactly as when each model runs its own."""
+    from conftest import marker_rankings
+    import instructgpt_cli.stages.ppo as ppo_stage
+    from instructgpt_cli.runners import Runner
+
+    sft = world / "base" / "sft" / "final"
+    rankings = write_jsonl(tmp_path / "ranks.jsonl", marker_rankings(16))
+    rm_run = tmp_path / "rm-run"
+    trained = igpt("train-rm", "--rankings", rankings, "--sft", sft, "--run-dir", rm_run, "--lora", "--lora-layers",
+                   "1", "--max-steps", "2", "--val-fraction", "0", "--no-normalize")
+    assert trained.exit_code == 0, trained.output
+    calls = []
+    real_trunk = Runner.trunk
+    monkeypatch.setattr(Runner, "trunk", lambda self, *a: calls.append(a[0]) or real_trunk(self, *a))
+    cfg = tmp_path / "lora1.yaml"
+    cfg.write_text("ppo:\n  lora: {enabled: true, layers: 1}\n")
+    runs = {}
+    for shared in (True, False):
+        if not shared:
+            monkeypatch.setattr(ppo_stage, "shared_layers", lambda models: 0)
+        calls.clear()
+        run_dir = tmp_path / f"shared-{shared}"
+        args = ppo_args(world, run_dir, "--config", cfg, "--max-steps", "2", "--ppo-epochs", "1")
+        args[args.index("--rm") + 1] = rm_run / "rm" / "final"
+        result = igpt(*args)
+        assert result.exit_code == 0, result.output
+        runs[shared] = (list(calls), read_metrics(run_dir / "ppo" / "metrics.jsonl"),
+                        load_file(str(run_dir / "ppo" / "final" / "policy" / "model.safetensors")))
+    assert runs[True][0] and set(runs[True][0]) == {1} and 2 * len(runs[True][0]) == len(runs[False][0])
+    for a, b in zip(runs[True][1], runs[False][1]):
+        for key in ("objective/scores", "objective/kl", "loss/policy", "loss/value", "val/ratio_first"):
+            assert a[key] == b[key], key  # the same layers on the same tokens: the same numbers, bit for bit
+    assert all(torch.equal(runs[True][2][k], runs[False][2][k]) for k in runs[True][2])

@@ -39,7 +39,7 @@ from ..data import read_pretrain, read_prompts
 from ..distributed import resolve_device
 from ..ema import ModelEMA, averaged_model
 from ..errors import BadInput
-from ..families import frozen_layers
+from ..families import frozen_layers, shared_layers
 from ..lifecycle import begin_stage, finish_stage, open_stage
 from ..losses import adaptive_kl_beta, gae, kl_penalized_rewards, masked_mean, masked_whiten, policy_loss, value_loss
 from ..models import (apply_lora, load_model, load_tokenizer, position_limit, require_same_tokenizer, save_final,
@@ -81,6 +81,9 @@ class PPOModels:
     # (``frozen_layers``); 0 = none cached
     frozen_policy: int = 0
     frozen_value: int = 0
+    # the value model's frozen layers are the policy's (``families.shared_layers``: both fine-tuned with LoRA on
+    # their top layers from one SFT model): the policy's cached output serves both, computed once
+    shared_trunk: bool = False
 
 
 class Scored(NamedTuple):
@@ -415,8 +418,10 @@ def as_runners(models: PPOModules, cfg: PPOConfig, device: torch.device) -> PPOM
     policy = Runner(models.policy, device, cfg.fsdp)
     value = Runner(models.value, device, cfg.fsdp)
     frozen = (0, 0)  # lowest layers run once per rollout (``frozen_layers``)
+    shared = False
     if cfg.lora.enabled and cfg.cache_frozen_layers and not (cfg.fsdp and distributed.world_size() > 1):
         frozen = frozen_layers(models.policy), frozen_layers(models.value)
+        shared = 0 < frozen[0] == frozen[1] <= shared_layers([models.policy, models.value])
     if cfg.lora.enabled:
         reference, reward = policy.adapters_disabled(), value.adapters_disabled()
     else:
@@ -425,7 +430,8 @@ def as_runners(models: PPOModules, cfg: PPOConfig, device: torch.device) -> PPOM
     if models.members:
         reward = RewardEnsemble([reward, *(Runner(m, device, cfg.fsdp, trainable=False) for m in models.members)],
                                 cfg.rm_objective, cfg.rm_std_coef)
-    return PPOModels(policy, value, reference, reward, frozen_policy=frozen[0], frozen_value=frozen[1])
+    return PPOModels(policy, value, reference, reward, frozen_policy=frozen[0], frozen_value=frozen[1],
+                     shared_trunk=shared)
 
 
 def cpu_copy(cfg: PPOConfig, tokenizer, path: Path, kind: str):
@@ -534,7 +540,9 @@ def score_micro_batch(models: PPOModels, ro: Rollout, idx: torch.Tensor, tempera
     out = {}
     if models.frozen_policy:
         out["policy_trunk"] = models.policy.trunk(models.frozen_policy, qr, mask)
-    if models.frozen_value:
+    if models.shared_trunk:
+        out["value_trunk"] = out["policy_trunk"]  # the same layers on the same tokens: one tensor
+    elif models.frozen_value:
         out["value_trunk"] = models.value.trunk(models.frozen_value, qr, mask)
     policy_trunk = trunk(models.frozen_policy, out.get("policy_trunk"))
     value_trunk = trunk(models.frozen_value, out.get("value_trunk"))
