@@ -376,11 +376,12 @@ def kl_and_scores(model: Any, ref: Any, rm: Any | None, tokenizer: Any, queries:
     then cost one trunk and three tops. The same numbers as three whole forwards."""
     if not temperature > 0:
         raise ValueError(f"response_kl: temperature must be > 0 (log-probs of logits / T), got {temperature}")
-    runners = [model, ref] + ([rm] if rm is not None else [])
-    for r in runners:
+    # an ensemble of reward models (``runners.RewardEnsemble``) scores whole: only a single model shares layers
+    sharing = [model, ref] + ([rm] if rm is not None and hasattr(rm, "model") else [])
+    for r in (model, ref, *([rm] if rm is not None else [])):
         r.eval()
-    shared = (shared_layers([r.model for r in runners])
-              if len({type(r.path) for r in runners}) == 1 and len({r.device for r in runners}) == 1 else 0)
+    shared = (shared_layers([r.model for r in sharing])
+              if len({type(r.path) for r in sharing}) == 1 and len({r.device for r in sharing}) == 1 else 0)
     kls, scores = [], []
     for _, ro in rollouts(tokenizer, queries, responses, batch_size, model.device):
         qr, mask = ro.query_response, ro.attention_mask
@@ -390,7 +391,7 @@ def kl_and_scores(model: Any, ref: Any, rm: Any | None, tokenizer: Any, queries:
         per_token = (logp.exp() * (logp - ref_logp)).sum(-1).clamp(min=0.0)  # rounding can dip below 0
         kls.append(torch.where(ro.response_mask.bool(), per_token, 0.0).sum(1).cpu())
         if rm is not None:
-            scores.append(rm.scores(qr, mask, ro.context_len, ro.lengths, trunk).cpu())
+            scores.append(rm.scores(qr, mask, ro.context_len, ro.lengths, trunk if rm in sharing else None).cpu())
     return torch.cat(kls), torch.cat(scores) if rm is not None else None
 
 
