@@ -11,7 +11,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 from .errors import WriteFailed
 
@@ -168,6 +168,12 @@ def sha256_file(path: str | Path) -> str:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def json_sha256(value: Any) -> str:
+    """The sha256 of ``value`` as ``json.dumps`` writes it: what a run records of the rendered prompts it sampled
+    after (eval, compare, sample), so a later command recognises the same ones by the same digest."""
+    return hashlib.sha256(json.dumps(value).encode()).hexdigest()
 
 
 def weights_sha256(model_dir: str | Path) -> str | None:

@@ -44,7 +44,7 @@ from ..locks import claim
 from ..rundir import STAGE_MODELS, record_report
 from ..runners import Runner
 from ..stats import WIN_VALUE, grouped_win_rate, length_controlled_win_rate, win_rate
-from ..storage import atomic_write_text, publish_set, sha256_file, weights_sha256
+from ..storage import atomic_write_text, json_sha256, publish_set, sha256_file, weights_sha256
 
 
 def tally(judgments: list[dict], key: str | None = None) -> dict:
@@ -71,11 +71,6 @@ class Reused(NamedTuple):
     scored_by: tuple  # (the reward model's identity, dtype, device) eval scored with
 
 
-def queries_digest(queries: list[list[int]]) -> str:
-    """The digest eval records of the rendered prompts it sampled after (``evaluate.plan``)."""
-    return hashlib.sha256(json.dumps(queries).encode()).hexdigest()
-
-
 def eval_samples(cfg: CompareConfig, path: Path, prompts: list, queries: list[list[int]]) -> Reused | None:
     """The responses ``igpt eval`` already sampled from the model now at ``path`` for these prompts, rendered
     as these queries, with these decoding settings and seed (the same responses compare would sample), or None.
@@ -93,7 +88,7 @@ def eval_samples(cfg: CompareConfig, path: Path, prompts: list, queries: list[li
         drawn = (report.get("fingerprint") or {}).get("responses") or {}
         if (report.get("model_sha256") != weights or report.get("settings") != settings or not report.get("prompts")
                 or Path(report["prompts"]).resolve() != Path(cfg.prompts).resolve()
-                or drawn.get("queries") != queries_digest(queries)  # prompts cut to another context: not these
+                or drawn.get("queries") != json_sha256(queries)  # prompts cut to another context: not these
                 or not (report_file.parent / "samples.jsonl").is_file()):  # benchmarks / toxicity alone: no samples
             continue
         lines = (report_file.parent / "samples.jsonl").read_text(encoding="utf-8").splitlines()
@@ -129,7 +124,7 @@ def answers(cfg: CompareConfig, side: Side, tokenizer, queries: list[list[int]],
     if reused is not None:
         return reused.ids, str(reused.file), reused
     model = Runner.for_eval(side.load(tokenizer, device, cfg.dtype, cfg.seed))
-    drawn_with = {"model": weights_sha256(side.path), "queries": queries_digest(queries),
+    drawn_with = {"model": weights_sha256(side.path), "queries": json_sha256(queries),
                   "temperature": cfg.temperature, "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed,
                   "batch_size": cfg.batch_size}
 

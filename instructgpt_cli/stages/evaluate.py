@@ -14,7 +14,6 @@ on with ``--resume`` to the report an uninterrupted one writes.
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import math
 from dataclasses import replace
@@ -46,7 +45,7 @@ from ..locks import claim
 from ..rundir import STAGE_MODELS, record_report
 from ..stats import length_bias, rm_accuracy
 from ..sources import input_sha256
-from ..storage import publish_set, weights_sha256
+from ..storage import json_sha256, publish_set, weights_sha256
 
 
 SUMMARY = "summary"  # eval/summary/: the table of several models (run_table), no model's own report
@@ -249,23 +248,23 @@ def plan(cfg: EvalConfig, ref: str, name: str = "") -> Plan:
     toxicity_queries = render_queries(tokenizer, tox_prompts, cfg.toxicity_max_new_tokens, context)
     out = report_dir(run_dir, name or side.name)
     model_sha = weights_sha256(side.path)
-    digest = lambda xs: hashlib.sha256(json.dumps(xs).encode()).hexdigest()  # noqa: E731
     drawn_with = {"model": model_sha, "sft": weights_sha256(sft_path) if sft_path else None,
                   "rm": reward_identity(rm_path) if have_rm else None,
-                  "kl_temperature": kl_t, "queries": digest(queries), "temperature": cfg.temperature,
+                  "kl_temperature": kl_t, "queries": json_sha256(queries), "temperature": cfg.temperature,
                   "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed, "batch_size": cfg.batch_size}
     classifier = classifier_digest(cfg.toxicity_classifier) if tox else None
-    toxicity_drawn_with = {"model": model_sha, "queries": digest(toxicity_queries),
-                           "categories": digest([t.category for t in tox]), "temperature": cfg.temperature,
+    toxicity_drawn_with = {"model": model_sha, "queries": json_sha256(toxicity_queries),
+                           "categories": json_sha256([t.category for t in tox]), "temperature": cfg.temperature,
                            "max_new_tokens": cfg.toxicity_max_new_tokens, "samples": cfg.toxicity_samples,
                            "seed": cfg.seed, "batch_size": cfg.batch_size, "classifier": classifier,
                            "label": cfg.toxicity_label}
     # dtype and device change the numbers' last digits; the RM's weights its accuracy on held-out rankings
     fingerprint = {"model": model_sha, "dtype": cfg.dtype, "device": cfg.device, "rm": drawn_with["rm"],
-                   "categories": digest([q.category for q in prompts]), "responses": drawn_with if prompts else None,
-                   "toxicity": toxicity_drawn_with if tox else None,
-                   "rankings": digest([[r.messages, r.responses, r.ranks] for r in rankings]) if rankings else None,
-                   "ptx": digest(texts) if texts else None, "ptx_seq_len": cfg.ptx_seq_len,
+                   "categories": json_sha256([q.category for q in prompts]),
+                   "responses": drawn_with if prompts else None, "toxicity": toxicity_drawn_with if tox else None,
+                   "rankings": (json_sha256([[r.messages, r.responses, r.ranks] for r in rankings]) if rankings
+                                else None),
+                   "ptx": json_sha256(texts) if texts else None, "ptx_seq_len": cfg.ptx_seq_len,
                    "sft": drawn_with["sft"], "benchmarks": benchmark_fingerprint(cfg)}
     return Plan(cfg, side, out, out.parent / f".{out.name}.partial", prompts, queries, rankings, texts, tox,
                 toxicity_queries, sft_path, rm_path if have_rm else None, tokenizer, kl_t, kl_t_from, drawn_with,

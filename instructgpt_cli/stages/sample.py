@@ -11,7 +11,6 @@ far, and ``--resume`` goes on after them with the very samples an uninterrupted 
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -29,7 +28,7 @@ from ..models import load_tokenizer, position_limit
 from ..rollout import CHUNK, chunk_seed, decode_response, draw_chunks, kept_until_published, start_kept
 from ..rundir import find_model
 from ..runners import Runner
-from ..storage import atomic_write_text, weights_sha256
+from ..storage import atomic_write_text, json_sha256, weights_sha256
 
 
 def run(cfg: SampleConfig, overwrite: bool = False, resume: bool = False) -> Path:
@@ -59,7 +58,7 @@ def run(cfg: SampleConfig, overwrite: bool = False, resume: bool = False) -> Pat
                                       f"at most {cfg.max_new_tokens} tokens", **cpus.banner_row()})
     # what the kept chunks were drawn with: a resume under another model, prompts or settings is refused
     drawn_with = {"model": weights_sha256(side.path) if side.path.is_dir() else str(side.path), "k": cfg.k,
-                  "queries": hashlib.sha256(json.dumps(queries).encode()).hexdigest(), "temperature": cfg.temperature,
+                  "queries": json_sha256(queries), "temperature": cfg.temperature,
                   "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed, "batch_size": cfg.batch_size}
 
     # 3. sample chunk by chunk, each kept whole as it is drawn; then write OUT whole
