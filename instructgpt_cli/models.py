@@ -4,12 +4,14 @@ Also: device/dtype choice, dropout setting, LoRA via peft, and atomic ``final/``
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import functools
 import importlib.util
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from transformers.utils import logging as hf_logging
@@ -60,8 +62,9 @@ def bundled_smollm2_dir() -> Path:
     package_dir = Path(spec.origin).parent
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(package_dir, gguf_file=GGUF_FILE)
-    gguf_model = AutoModelForCausalLM.from_pretrained(package_dir, gguf_file=GGUF_FILE, dtype=torch.float32)
+    with gguf_read_once():
+        tokenizer = AutoTokenizer.from_pretrained(package_dir, gguf_file=GGUF_FILE)
+        gguf_model = AutoModelForCausalLM.from_pretrained(package_dir, gguf_file=GGUF_FILE, dtype=torch.float32)
     config = gguf_model.config
     for attr in ("quantization_config", "_name_or_path"):
         if hasattr(config, attr):
@@ -72,6 +75,34 @@ def bundled_smollm2_dir() -> Path:
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     return target
+
+
+@contextlib.contextmanager
+def gguf_read_once() -> Iterator[None]:
+    """Within the block, each GGUF file is parsed once and gguf's tensor-name map built once per architecture.
+    transformers parses the file again for the tokenizer, the config and the weights (each parse ~8 s for
+    SmolLM2's 49K-token vocabulary on an AVX2 EPYC), and builds the name map again for each of the 272 tensors
+    (~10 s): the first run of igpt on a machine converted the bundled model in 40 s, 28 of them these. Readers are
+    read-only; without the ``gguf`` package (transformers then refuses GGUF anyway) nothing changes."""
+    try:
+        import gguf
+    except ImportError:
+        yield
+        return
+    reader, names = gguf.GGUFReader, gguf.get_tensor_name_map
+    parsed: dict[tuple, Any] = {}
+
+    def read(path: Any, *args: Any, **kwargs: Any) -> Any:
+        key = (str(path), args, tuple(sorted(kwargs.items())))
+        if key not in parsed:
+            parsed[key] = reader(path, *args, **kwargs)
+        return parsed[key]
+
+    gguf.GGUFReader, gguf.get_tensor_name_map = read, functools.lru_cache(maxsize=None)(names)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = reader, names
 
 
 def tiny_tokenizer() -> Any:

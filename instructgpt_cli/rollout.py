@@ -19,7 +19,7 @@ from .families import shared_layers
 from .lifecycle import resume_command
 from .storage import append_lines, atomic_write_text, drop_torn_line
 from .distributed import no_autograd
-from .lean import PackedProduct, Product, can_pack, few_row_product
+from .lean import PackedProduct, Product, can_pack, few_row_product, packed_gemm
 
 
 DRAW_BLOCK = 1024  # tokens whose probabilities are summed together in :func:`draw`
@@ -244,6 +244,7 @@ def decoding_products(model: torch.nn.Module, rows: int, threads: int,
                 and all(can_pack(m.weight) for m in layers))
 
     products: dict[torch.nn.Module, Product] = {}
+    gemm = packed_gemm()
     packing = [m for m in model.modules() if own(m) and packs((m,))]
     if sum(m.weight.numel() * m.weight.element_size() for m in packing) > PACK_MEMORY * available_memory():
         rows = 0  # no room for a packed copy of the weights beside them: torch's own products
@@ -252,13 +253,13 @@ def decoding_products(model: torch.nn.Module, rows: int, threads: int,
             for names in (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")):
                 layers = tuple(getattr(block, n, None) for n in names)
                 if packs(layers):
-                    product = PackedProduct(layers, rows)
+                    product = PackedProduct(layers, rows, gemm)
                     products.update(dict.fromkeys(layers, product))
     for m in model.modules():
         if not own(m) or m in products:
             continue
         if packs((m,)):
-            products[m] = PackedProduct((m,), rows)
+            products[m] = PackedProduct((m,), rows, gemm)
         elif limit := few_row_limit(m.weight, threads):
             products[m] = functools.partial(few_row_product, m, rows=limit)
     return products

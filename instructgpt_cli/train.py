@@ -108,9 +108,20 @@ def step_indices(n_items: int, step: int, per_step: int, seed: int) -> list[int]
     """
     per_epoch = steps_per_epoch(n_items, per_step)
     epoch, i = divmod(step, per_epoch)
-    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    perm = torch.randperm(n_items, generator=gen).tolist()
-    return perm[i * per_step:(i + 1) * per_step]
+    return epoch_order(n_items, epoch, seed)[i * per_step:(i + 1) * per_step]
+
+
+def epoch_order(n_items: int, epoch: int, seed: int) -> list[int]:
+    """The order of ``n_items`` items in epoch ``epoch``: a permutation seeded by (seed, epoch)."""
+    return torch.randperm(n_items, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
+
+
+def visited_indices(n_items: int, steps: int, per_step: int, seed: int) -> list[int]:
+    """Indices of the items that steps 0 .. ``steps`` - 1 of :func:`step_indices` train on, sorted: every item
+    once a run reaches its second epoch, else the first ``steps`` steps' share of the first epoch's order."""
+    if steps >= steps_per_epoch(n_items, per_step):
+        return list(range(n_items))
+    return sorted(epoch_order(n_items, 0, seed)[:steps * per_step])
 
 
 def stream_indices(n_items: int, step: int, per_step: int, seed: int) -> list[int]:
@@ -123,7 +134,7 @@ def stream_indices(n_items: int, step: int, per_step: int, seed: int) -> list[in
     first, last = step * per_step, (step + 1) * per_step  # positions in the stream
     out: list[int] = []
     for epoch in range(first // n_items, (last - 1) // n_items + 1):
-        perm = torch.randperm(n_items, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
+        perm = epoch_order(n_items, epoch, seed)
         out += perm[max(first - epoch * n_items, 0):last - epoch * n_items]
     return out
 

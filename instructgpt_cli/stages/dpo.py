@@ -6,8 +6,10 @@ prompt's loss is the mean over its C(K,2) pairs (ties make none) of -log sigmoid
 step's loss the mean over its prompts (``losses.kwise_dpo_loss``). A ranking's K responses each run once per
 step, whatever the number of pairs (pairwise tools run 2 * C(K,2)), with the prompt once where the model
 takes that (``forward.ranking_logprobs``). The reference's log-probs never change: they are computed once, in
-a first pass before training, and kept with the run (``dpo/ref_logps.safetensors``), so a resumed run reads
-them instead of loading or running the reference again; with LoRA the reference is the same weights with the
+a first pass before training, for the rankings the run's steps and its held-out set visit (all of them once a
+run reaches a second epoch; a short run on a large file computes no more than it trains on), and kept with the
+run (``dpo/ref_logps.safetensors``), so a resumed run reads them instead of loading or running the reference
+again, and computes only those a longer resume visits anew; with LoRA the reference is the same weights with the
 adapters disabled (no second copy), without it the policy itself before its first step.
 """
 from __future__ import annotations
@@ -37,7 +39,8 @@ from ..runners import Runner
 from ..stats import rm_accuracy
 from ..storage import writing
 from ..checkpoint import restore
-from ..train import Session, TrainState, build_optimizer, build_scheduler, micro_batches, plan_steps, step_chunks
+from ..train import (Session, TrainState, build_optimizer, build_scheduler, micro_batches, plan_steps, step_chunks,
+                     visited_indices)
 
 STAGE = "dpo"
 REF_FILE = "ref_logps.safetensors"
@@ -171,7 +174,8 @@ def tokens_sha256(items: list[Item]) -> str:
 
 
 def read_reference(path: Path, key: dict, n: int) -> list[torch.Tensor] | None:
-    """The cached reference log-probs of the run, or None where there are none for exactly these inputs."""
+    """The cached reference log-probs of the run, ranking i's empty where they were not computed, or None where
+    there are none for exactly these inputs."""
     from safetensors import safe_open
 
     if not path.is_file():
@@ -183,9 +187,22 @@ def read_reference(path: Path, key: dict, n: int) -> list[torch.Tensor] | None:
     return [logps[a:b] for a, b in zip(offsets, offsets[1:])] if len(offsets) == n + 1 else None
 
 
+def fill_reference(model: Any, items: list[Item], ref: list[torch.Tensor], needed: list[int], batch_size: int,
+                   pad_id: int, layout: Layout, device: torch.device) -> int:
+    """Compute the reference log-probs of the rankings ``needed`` (indices into ``items``) that ``ref`` lacks
+    (empty), in place; returns how many were computed."""
+    missing = [i for i in needed if not len(ref[i])]
+    if missing:
+        for i, r in zip(missing, reference_logprobs(model, [items[i] for i in missing], batch_size, pad_id, layout,
+                                                    device)):
+            ref[i] = r
+    return len(missing)
+
+
 def write_reference(path: Path, ref: list[torch.Tensor], key: dict) -> None:
-    """Reference log-probs, ranking i's at ``logps[offsets[i]:offsets[i+1]]``, via a temporary file and a
-    rename (a failed write leaves none); ``key`` (the inputs they were computed from) as metadata."""
+    """Reference log-probs, ranking i's at ``logps[offsets[i]:offsets[i+1]]`` (empty where not computed: a ranking
+    has two responses or more), via a temporary file and a rename (a failed write leaves none); ``key`` (the
+    inputs they were computed from) as metadata."""
     from safetensors.torch import save_file
 
     tmp = path.parent / f".tmp-{path.name}-{os.getpid()}"
@@ -238,22 +255,24 @@ def run(cfg: DPOConfig, resume: bool = False, overwrite: bool = False, allow_cha
     # (what decides the numbers: the tokens it scores, the reference's weights, the dtype they run in; the
     # tokens, not the file, since --split, --columns and --max-seq-len choose them from it; a named model such
     # as tiny has no weights file, so its seed stands for them)
+    # the rankings it needs: those the planned steps train on and the held-out ones (split by prompt, whole groups
+    # where the rankings have a "group", as train-rm)
     key = {"tokens_sha256": tokens_sha256(items), "dtype": str(next(model.parameters()).dtype),
            "reference": str(inputs["sft"].get("sha256") if isinstance(inputs["sft"], dict)
                             else f"{inputs['sft']} seed {cfg.seed}")}
-    ref = read_reference(stage.dir / REF_FILE, key, len(items)) if mode == "resume" else None
-    computed = ref is None
-    if computed:
-        ref = reference_logprobs(model, items, cfg.optim.batch_size, tokenizer.pad_token_id, layout, device)
-    items = [it._replace(ref=r) for it, r in zip(items, ref)]
-
-    # 3. split by prompt (whole groups where the rankings have a "group", as train-rm), model (DDP or FSDP under
-    #    a launcher), optimizer, schedule
     train, val = hold_out(items, cfg.val_fraction, cfg.seed, [r.group for r in rankings])
+    per_step, epoch_steps, total_steps = plan_steps(cfg, len(train))
+    needed = sorted([train[j].index for j in visited_indices(len(train), total_steps, per_step, cfg.seed)]
+                    + [it.index for it in val])
+    ref = (read_reference(stage.dir / REF_FILE, key, len(items)) if mode == "resume" else None) or \
+        [torch.empty(0)] * len(items)
+    computed = fill_reference(model, items, ref, needed, cfg.optim.batch_size, tokenizer.pad_token_id, layout, device)
+    train, val = ([it._replace(ref=ref[it.index]) for it in part] for part in (train, val))
+
+    # 3. model (DDP or FSDP under a launcher), optimizer, schedule
     model.train()
     runner = Runner(model, device, cfg.fsdp)
     distributed.seed_rank(cfg.seed)
-    per_step, epoch_steps, total_steps = plan_steps(cfg, len(train))
     optimizer = build_optimizer(model, cfg.optim)
     state = TrainState(model, optimizer, build_scheduler(optimizer, cfg.optim, total_steps))
 
@@ -268,7 +287,10 @@ def run(cfg: DPOConfig, resume: bool = False, overwrite: bool = False, allow_cha
                     f"{sum(len(it.pairs) for it in train)} training comparisons; {truncated} responses cut)",
         "policy": f"{init} on {device} ({next(model.parameters()).dtype}); reference: the same, frozen"
                   + (" (adapters disabled)" if cfg.lora.enabled else "") + f"; beta {cfg.beta}",
-        "reference": f"{'computed' if computed else 'read back'}: {stage.dir / REF_FILE}",
+        "reference": (f"computed for {computed} rankings" if computed else "read back")
+                     + (f" ({len(needed) - computed} read back)" if computed and len(needed) > computed else "")
+                     + (f", {len(needed)} of {len(items)} (those the steps and the held-out set visit)"
+                        if len(needed) < len(items) else "") + f": {stage.dir / REF_FILE}",
         "steps": f"{total_steps} ({epoch_steps}/epoch), {per_step} prompts per step"
                  + (", prompts shared" if layout.shared else "") + (", padding-free" if layout.packed else ", padded")
                  + processes_note(cfg.fsdp),
