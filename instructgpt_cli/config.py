@@ -193,6 +193,9 @@ class GenerationBlock:
     max_new_tokens: int = f(128, "longest response (tokens)", ">= 1")
     batch_size: int = f(8, "sequences per forward pass (sequences)", ">= 1")
     dtype: str = f("auto", "parameter dtype: auto, float32, bfloat16, float16", one_of(DTYPES))
+    max_prompts: int = f(0, "at most this many of --prompts, for a quick look: a random subset drawn with --seed (the "
+                            "same for sample, eval and compare), kept in file order; 0 = all (prompts)",
+                         ">= 0 (0 = all)")
 
 
 @dataclass

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import codecs
 import json
+import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -187,10 +188,16 @@ def parse_prompt(obj: dict, where: str, errors: list[str]) -> Prompt | None:
     return Prompt(text, category, where, conversation, group, listed=isinstance(obj.get("prompt"), list))
 
 
-def read_prompts(path: str | Path, split: str = "train", columns: list[str] | tuple = ()) -> list[Prompt]:
+def read_prompts(path: str | Path, split: str = "train", columns: list[str] | tuple = (), at_most: int = 0,
+                 seed: int = 0) -> list[Prompt]:
     """Validate and read prompts: ``{"prompt": str or [messages]}``, optional ``"category"`` and ``"group"``
-    (``sample`` copies both to its output, so they reach the rankings ``label`` writes)."""
-    return read_records(path, parse_prompt, "prompts", split, columns, needs=(("prompt",),))
+    (``sample`` copies both to its output, so they reach the rankings ``label`` writes). ``at_most`` (> 0): that
+    many of them, drawn at random with ``seed`` and kept in file order (``--max-prompts``); every record is
+    validated all the same."""
+    prompts = read_records(path, parse_prompt, "prompts", split, columns, needs=(("prompt",),))
+    if not at_most or at_most >= len(prompts):
+        return prompts
+    return [prompts[i] for i in sorted(random.Random(seed).sample(range(len(prompts)), at_most))]
 
 
 # ---------------------------------------------------------------- rankings

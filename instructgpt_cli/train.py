@@ -151,6 +151,22 @@ def step_chunks(items: list, step: int, per_step: int, batch_size: int, seed: in
 
 
 
+class HeldOut:
+    """A stage's held-out evaluation that keeps its newest result: :meth:`Session.record` runs it at the last step,
+    so the final model's summary is that result, not a second pass (one is run where no step ran: a resume of a
+    finished schedule)."""
+
+    def __init__(self, evaluate: Callable[[], dict]):
+        self.evaluate, self.last = evaluate, {}
+
+    def __call__(self) -> dict:
+        self.last = dict(self.evaluate())
+        return dict(self.last)
+
+    def final(self) -> dict:
+        return dict(self.last) or self()
+
+
 # ---------------------------------------------------------------- the training state
 
 

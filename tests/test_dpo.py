@@ -310,3 +310,19 @@ def test_a_short_run_computes_the_reference_only_for_the_rankings_it_visits(tmp_
     torch.testing.assert_close(grown["logps"], full["logps"])  # other micro-batches: the same up to rounding
     assert visited_indices(36, 2, 4, 0) == sorted(set(visited_indices(36, 2, 4, 0))) and \
         len(visited_indices(36, 2, 4, 0)) == 8 and visited_indices(36, 9, 4, 0) == list(range(36))
+
+
+def test_the_final_held_out_summary_is_the_last_steps_evaluation_not_a_second_pass(tmp_path, monkeypatch):
+    """The last step evaluates the held-out rankings (Session.record); the final summary (the manifest's outputs,
+    the closing banner) is that result: one held-out pass at 3 steps with --eval-every 5, not two."""
+    from instructgpt_cli.stages import dpo
+
+    calls, real = [], dpo.evaluate
+    monkeypatch.setattr(dpo, "evaluate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    rankings = write_jsonl(tmp_path / "ranks.jsonl", marker_rankings(20))
+    result = igpt(*dpo_args(rankings, tmp_path / "run", "--model", "tiny", "--max-steps", "3", "--val-fraction", "0.2"))
+    assert result.exit_code == 0, result.output
+    assert len(calls) == 1
+    last = read_metrics(tmp_path / "run" / "dpo" / "metrics.jsonl")[-1]
+    outputs = json.loads((tmp_path / "run" / "manifest.json").read_text())["stages"]["dpo"]["outputs"]
+    assert outputs["eval/loss"] == last["eval/loss"] and f"{last['eval/loss']:.4f}" in result.output

@@ -335,6 +335,38 @@ def test_compare_reuses_eval_samples_taken_with_the_same_settings(run, tmp_path,
     assert other.exit_code == 0
 
 
+def test_max_prompts_is_one_seeded_subset_in_file_order_for_eval_and_compare(run, tmp_path, monkeypatch):
+    """--max-prompts 3 (a quick look): eval samples 3 of the prompts, drawn with --seed and kept in file order, and
+    compare with the same settings takes the same 3 and reuses eval's samples; 0, or as many as the file has,
+    is every prompt; a bad record outside the subset is still refused (every record is validated)."""
+    from instructgpt_cli.data import read_prompts
+    from instructgpt_cli.runners import Runner
+
+    every = [p.prompt for p in read_prompts(run / "prompts.jsonl")]
+    picked = [p.prompt for p in read_prompts(run / "prompts.jsonl", at_most=3, seed=3)]
+    assert len(picked) == 3 and picked == [p for p in every if p in picked]  # a subset, in file order
+    assert [p.prompt for p in read_prompts(run / "prompts.jsonl", at_most=len(every), seed=3)] == every
+    assert [p.prompt for p in read_prompts(run / "prompts.jsonl", at_most=0, seed=3)] == every
+    assert {tuple(p.prompt for p in read_prompts(run / "prompts.jsonl", at_most=3, seed=s)) for s in range(6)} != \
+        {tuple(picked)}  # another seed, another subset (one of six at least)
+    run_dir = tmp_path / "run"
+    shutil.copytree(run / "run", run_dir)
+    settings = ["--prompts", run / "prompts.jsonl", "--run-dir", run_dir, "--max-new-tokens", "8", "--overwrite",
+                "--seed", "3", "--max-prompts", "3"]
+    for model in ("ppo", "sft"):
+        assert igpt("eval", model, *settings).exit_code == 0
+        samples = [json.loads(l)["prompt"] for l in (run_dir / "eval" / model / "samples.jsonl").open()]
+        assert samples == picked
+    monkeypatch.setattr(Runner, "generate", lambda *a, **k: (_ for _ in ()).throw(AssertionError("sampled")))
+    result = igpt("compare", "ppo", "sft", *settings)
+    assert result.exit_code == 0, result.output
+    assert json.loads((run_dir / "compare" / "ppo-vs-sft" / "report.json").read_text())["n"] == 3
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text((run / "prompts.jsonl").read_text() + '{"prompt": 7}\n')
+    refused = igpt("eval", "ppo", *settings[2:], "--prompts", bad)
+    assert refused.exit_code == 2 and f"bad.jsonl:{len(every) + 1}" in refused.stderr, refused.output
+
+
 def strict_json(text: str):
     """json.loads that refuses NaN and Infinity (which Python's json writes by default, and no other reader takes)."""
     def refuse(name):

@@ -151,7 +151,7 @@ def run(cfg: CompareConfig, overwrite: bool = False, resume: bool = False) -> di
     (name_a, path_a), (name_b, path_b) = side_a[:2], side_b[:2]
     if name_a == name_b:
         name_a, name_b = f"{name_a}-a", f"{name_b}-b"
-    prompts = read_prompts(cfg.prompts, cfg.split, cfg.columns)
+    prompts = read_prompts(cfg.prompts, cfg.split, cfg.columns, cfg.max_prompts, cfg.seed)
     tokenizer, _ = load_tokenizer(ModelConfig(name=str(side_a.base)))
     settings = judges.Settings(cfg.batch_size, cfg.device, cfg.dtype, cfg.tie_margin, cfg.seed)
     out = result_dir(run_dir, f"{name_a}-vs-{name_b}", cfg.judge)

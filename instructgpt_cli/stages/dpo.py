@@ -39,7 +39,7 @@ from ..runners import Runner
 from ..stats import rm_accuracy
 from ..storage import writing
 from ..checkpoint import restore
-from ..train import (Session, TrainState, build_optimizer, build_scheduler, micro_batches, plan_steps, step_chunks,
+from ..train import (HeldOut, Session, TrainState, build_optimizer, build_scheduler, micro_batches, plan_steps, step_chunks,
                      visited_indices)
 
 STAGE = "dpo"
@@ -299,8 +299,8 @@ def run(cfg: DPOConfig, resume: bool = False, overwrite: bool = False, allow_cha
     }, run_dir=stage.run_dir)
 
     # 5. train: one optimizer step on the step's rankings, the held-out DPO metrics every eval_every steps
-    def held_out() -> dict:
-        return evaluate(runner, val, cfg.optim.batch_size, tokenizer.pad_token_id, layout, device, cfg.beta)
+    held_out = HeldOut(lambda: evaluate(runner, val, cfg.optim.batch_size, tokenizer.pad_token_id, layout, device,
+                                        cfg.beta))
 
     with Session(stage, cfg, state, total_steps) as session:
         for i in session.steps():
@@ -310,7 +310,7 @@ def run(cfg: DPOConfig, resume: bool = False, overwrite: bool = False, allow_cha
             session.record({"epoch": round((i + 1) / epoch_steps, 4), **record}, held_out if val else None)
 
     # 6. export from rank 0 (a sharded model is first gathered into a plain copy there)
-    summary = held_out() if val else {}
+    summary = held_out.final() if val else {}
     final = distributed.full_model(model, lambda: build(torch.device("cpu")))
     if distributed.is_main():
         save_final(final, tokenizer, stage.final)

@@ -210,7 +210,7 @@ def plan(cfg: EvalConfig, ref: str, name: str = "") -> Plan:
     if errors:
         raise BadInput(errors)
     side = model_or_checkpoint(ref, run_dir, "MODEL")
-    prompts = read_prompts(cfg.prompts, cfg.split, cfg.columns) if cfg.prompts else []
+    prompts = read_prompts(cfg.prompts, cfg.split, cfg.columns, cfg.max_prompts, cfg.seed) if cfg.prompts else []
     rankings = read_rankings(cfg.rankings, cfg.split, cfg.columns) if cfg.rankings else []
     texts = read_pretrain(cfg.ptx_data, cfg.split, cfg.columns) if cfg.ptx_data else []
     tox = []
@@ -377,7 +377,8 @@ def measure(p: Plan, resume: bool) -> dict:
     rm = load(cfg, p.rm_path, tokenizer, device, "reward") if p.rm_path and (p.prompts or p.rankings) else None
     report = {"model": p.side.name, "model_path": str(p.side.path), "model_sha256": p.fingerprint["model"],
               "prompts": cfg.prompts or None,
-              "settings": {"temperature": cfg.temperature, "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed}}
+              "settings": {"temperature": cfg.temperature, "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed,
+                           **({"max_prompts": cfg.max_prompts} if cfg.max_prompts else {})}}
     files: dict[str, str] = {}
     with kept_until_published(p.kept):  # gone once published, kept for --resume after a stop
         if p.prompts:

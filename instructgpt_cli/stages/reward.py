@@ -37,7 +37,8 @@ from ..stats import describe_rm_accuracy, rm_accuracy
 from ..lifecycle import begin_stage, finish_stage, open_stage
 from ..storage import atomic_write_text, building
 from ..checkpoint import restore
-from ..train import Session, TrainState, build_optimizer, build_scheduler, micro_batches, plan_steps, step_chunks
+from ..train import (HeldOut, Session, TrainState, build_optimizer, build_scheduler, micro_batches, plan_steps,
+                     step_chunks)
 
 STAGE = "rm"
 TRIALS, SWEEP = "trials", "sweep.json"  # train-rm --sweep: the trials' run directories under rm/, their results
@@ -460,12 +461,7 @@ def train_member(stage: Stage, cfg: RMConfig, mode: str, changes: list[dict], mo
     }, run_dir=stage.run_dir)
 
     # train: one optimizer step on the step's rankings, held-out loss and accuracy every eval_every steps
-    last: dict = {}  # the newest held-out result: the last step's is the final model's (session.record runs it)
-
-    def held_out() -> dict:
-        last.clear()
-        last.update(evaluate(runner, val, cfg.optim.batch_size, tokenizer.pad_token_id, layout, device))
-        return dict(last)
+    held_out = HeldOut(lambda: evaluate(runner, val, cfg.optim.batch_size, tokenizer.pad_token_id, layout, device))
 
     with Session(stage, cfg, state, total_steps) as session:
         for i in session.steps():
@@ -474,7 +470,7 @@ def train_member(stage: Stage, cfg: RMConfig, mode: str, changes: list[dict], mo
             session.record({"epoch": round((i + 1) / epoch_steps, 4), **record}, held_out if val else None)
 
     # normalise: the demonstrations score mean 0 (stored in the config, applied by reward_scores)
-    summary = (dict(last) or held_out()) if val else {}
+    summary = held_out.final() if val else {}
     if data.demo_seqs:
         scores = demo_scores(runner, data.demo_seqs, data.demo_starts, tokenizer.pad_token_id,
                              cfg.optim.batch_size * 4)

@@ -44,7 +44,7 @@ def run(cfg: SampleConfig, overwrite: bool = False, resume: bool = False) -> Pat
     if out.exists() and not (overwrite or resume and kept.exists()):
         raise BadInput([f"{out}: already exists; pass --overwrite to replace it"])
     start_kept(kept, resume, overwrite)
-    prompts = read_prompts(cfg.prompts, cfg.split, cfg.columns)
+    prompts = read_prompts(cfg.prompts, cfg.split, cfg.columns, cfg.max_prompts, cfg.seed)
     run_dir = Path(cfg.run_dir)
     side = model_or_checkpoint(cfg.model or find_model("", run_dir, "sft", "--model"), run_dir, "--model")
     tokenizer, _ = load_tokenizer(ModelConfig(name=str(side.base)))
