@@ -198,6 +198,13 @@ class GenerationBlock:
                          ">= 0 (0 = all)")
 
 
+def drawn_settings(cfg: Any) -> dict:
+    """The settings that decide which responses eval and compare draw (a :class:`GenerationBlock` with a seed):
+    eval records them in its report, and compare reuses eval's samples only where they are its own."""
+    return {"temperature": cfg.temperature, "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed,
+            **({"max_prompts": cfg.max_prompts} if cfg.max_prompts else {})}
+
+
 @dataclass
 class ModelBlocks:
     """Every training stage: the model, its LoRA adapters and its optimizer, each a nested block

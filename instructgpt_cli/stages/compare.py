@@ -30,7 +30,7 @@ import torch
 
 from .. import judges
 from .. import report as report_page
-from ..config import CompareConfig, ModelConfig
+from ..config import CompareConfig, ModelConfig, drawn_settings
 from ..console import console
 from ..batches import render_queries
 from ..data import read_prompts
@@ -77,7 +77,7 @@ def eval_samples(cfg: CompareConfig, path: Path, prompts: list, queries: list[li
 
     The model is recognised by the sha256 of its weights, which eval records, not by its path: a path
     retrained since (``--overwrite``) holds another model, whose samples eval has not seen."""
-    settings = {"temperature": cfg.temperature, "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed}
+    settings = drawn_settings(cfg)
     weights = weights_sha256(path)
     if weights is None:
         return None
@@ -211,7 +211,7 @@ def run(cfg: CompareConfig, overwrite: bool = False, resume: bool = False) -> di
         report = {"a": name_a, "b": name_b, "a_path": str(path_a), "b_path": str(path_b), "judge": cfg.judge,
                   "prompts": cfg.prompts, "n_prompts": len(pairs), "judged": len(judgments), **overall,
                   "categories": tally(judgments, "category"),
-                  "settings": {"temperature": cfg.temperature, "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed},
+                  "settings": drawn_settings(cfg),
                   "responses_from": sources, **({"scores_from": known["from"]} if known else {}),
                   **({"judge_source": {"file": str(judge.source), "sha256": sha256_file(judge.source)}}
                      if getattr(judge, "source", None) else {}),

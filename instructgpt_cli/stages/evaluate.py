@@ -24,7 +24,7 @@ import torch
 
 from .. import eval_table, frontier, refs
 from ..refs import model_or_checkpoint
-from ..config import EvalConfig, ModelConfig, PPOConfig
+from ..config import EvalConfig, ModelConfig, PPOConfig, drawn_settings
 from ..console import console, say
 from ..batches import pretrain_blocks, render_queries, tokenize_rankings
 from ..data import Prompt, read_pretrain, read_prompts, read_rankings
@@ -377,8 +377,7 @@ def measure(p: Plan, resume: bool) -> dict:
     rm = load(cfg, p.rm_path, tokenizer, device, "reward") if p.rm_path and (p.prompts or p.rankings) else None
     report = {"model": p.side.name, "model_path": str(p.side.path), "model_sha256": p.fingerprint["model"],
               "prompts": cfg.prompts or None,
-              "settings": {"temperature": cfg.temperature, "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed,
-                           **({"max_prompts": cfg.max_prompts} if cfg.max_prompts else {})}}
+              "settings": drawn_settings(cfg)}
     files: dict[str, str] = {}
     with kept_until_published(p.kept):  # gone once published, kept for --resume after a stop
         if p.prompts:
@@ -596,7 +595,7 @@ def run_frontier(cfg: EvalConfig, as_json: bool = False, overwrite: bool = False
     # 4. the best gold point, the proxy's pick, and whether the gold fell between them beyond its noise;
     # 5. publish report.json, frontier.png, samples together
     report = {"model": "ppo", "prompts": cfg.prompts, "proxy_rm": str(rm_path), "sft": str(ppo.sft),
-              "settings": {"temperature": cfg.temperature, "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed},
+              "settings": drawn_settings(cfg),
               **kl_fields(cfg, kl_t, kl_t_from), "checkpoints": cfg.checkpoints,
               "gold": gold.name if gold else None, "gold_kind": gold.kind if gold else None, "points": points,
               "best_proxy": frontier.best(points, "score_mean"), "best_gold": frontier.best(points, "gold_mean")}
