@@ -23,6 +23,7 @@ with MKL's GEMM on weights packed once for the batch (:class:`PackedProduct`), o
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any, Callable, Mapping, NamedTuple
 
@@ -203,8 +204,10 @@ def few_row_product(layer: torch.nn.Linear, x: torch.Tensor, rows: int) -> torch
 GEMM_ENV = "IGPT_CPU_GEMM"  # mkl or onednn: which library's packed GEMM a CPU decoding step uses (default: by vendor)
 
 
+@functools.lru_cache(maxsize=1)
 def cpu_vendor() -> str:
-    """The CPU's vendor as Linux names it (GenuineIntel, AuthenticAMD ...); '' where /proc/cpuinfo does not say."""
+    """The CPU's vendor as Linux names it (GenuineIntel, AuthenticAMD ...); '' where /proc/cpuinfo does not say.
+    Read once a process."""
     try:
         with open("/proc/cpuinfo") as f:
             return next((line.split(":", 1)[1].strip() for line in f if line.startswith("vendor_id")), "")
@@ -232,7 +235,8 @@ def packed_gemm(vendor: str | None = None) -> str:
 
 def can_pack(weight: torch.Tensor) -> bool:
     """Whether :class:`PackedProduct` can hold ``weight``: a plain float32 tensor on a CPU (not an FSDP shard: its
-    full weight exists only inside the forward that gathers it), torch built with a packed GEMM (:func:`packed_gemm`)."""
+    full weight exists only inside the forward that gathers it), torch built with a packed GEMM
+    (:func:`packed_gemm`)."""
     return (weight.dtype == torch.float32 and weight.device.type == "cpu" and type(weight.data) is torch.Tensor
             and bool(packed_gemm()))
 

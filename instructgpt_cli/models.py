@@ -82,8 +82,9 @@ def gguf_read_once() -> Iterator[None]:
     """Within the block, each GGUF file is parsed once and gguf's tensor-name map built once per architecture.
     transformers parses the file again for the tokenizer, the config and the weights (each parse ~8 s for
     SmolLM2's 49K-token vocabulary on an AVX2 EPYC), and builds the name map again for each of the 272 tensors
-    (~10 s): the first run of igpt on a machine converted the bundled model in 40 s, 28 of them these. Readers are
-    read-only; without the ``gguf`` package (transformers then refuses GGUF anyway) nothing changes."""
+    (~10 s): converting the bundled model took 40 s, 28 of them these, on a 2-core AMD EPYC (Zen 3); the first
+    ``igpt sft`` on a machine, the conversion included, took 77 s with this where it took 93. Readers are read-only;
+    without the ``gguf`` package (transformers then refuses GGUF anyway) nothing changes."""
     try:
         import gguf
     except ImportError:

@@ -39,8 +39,8 @@ from ..runners import Runner
 from ..stats import rm_accuracy
 from ..storage import writing
 from ..checkpoint import restore
-from ..train import (HeldOut, Session, TrainState, build_optimizer, build_scheduler, micro_batches, plan_steps, step_chunks,
-                     visited_indices)
+from ..train import (HeldOut, Session, TrainState, build_optimizer, build_scheduler, micro_batches, plan_steps,
+                     step_chunks, visited_indices)
 
 STAGE = "dpo"
 REF_FILE = "ref_logps.safetensors"
@@ -255,11 +255,11 @@ def run(cfg: DPOConfig, resume: bool = False, overwrite: bool = False, allow_cha
     # (what decides the numbers: the tokens it scores, the reference's weights, the dtype they run in; the
     # tokens, not the file, since --split, --columns and --max-seq-len choose them from it; a named model such
     # as tiny has no weights file, so its seed stands for them)
-    # the rankings it needs: those the planned steps train on and the held-out ones (split by prompt, whole groups
-    # where the rankings have a "group", as train-rm)
     key = {"tokens_sha256": tokens_sha256(items), "dtype": str(next(model.parameters()).dtype),
            "reference": str(inputs["sft"].get("sha256") if isinstance(inputs["sft"], dict)
                             else f"{inputs['sft']} seed {cfg.seed}")}
+    # the rankings it needs: those the planned steps train on and the held-out ones (split by prompt, whole groups
+    # where the rankings have a "group", as train-rm)
     train, val = hold_out(items, cfg.val_fraction, cfg.seed, [r.group for r in rankings])
     per_step, epoch_steps, total_steps = plan_steps(cfg, len(train))
     needed = sorted([train[j].index for j in visited_indices(len(train), total_steps, per_step, cfg.seed)]
