@@ -289,6 +289,11 @@ class RMConfig(TrainingBlocks):
     padding_free: bool = f(True, "pack each micro-batch's responses into one row with block-diagonal attention "
                                  "instead of padding (model families known to support it; others are padded)")
     eval_every: int = f(20, "held-out loss and accuracy every N optimizer steps, and at the end (steps)", ">= 1")
+    frozen_cache_gib: float = f(2.0, "with LoRA on the top layers only: keep the output of the frozen layers below "
+                                     "them for every ranking, computed once, so later epochs, held-out evaluations, "
+                                     "ensemble members and sweep trials run only the layers above; at most this "
+                                     "much memory (GiB; tokens x hidden x dtype bytes), else none is kept (0 = off)",
+                                ">= 0")
     sweep: str = f("", "choose settings by held-out accuracy: one trial per combination, e.g. "
                        "lr=1e-4,3e-4,epochs=1,2 (keys lr, epochs, weight_decay, lora_r, lora_layers), each trial "
                        "trained on the training split and measured on the held-out one; the best (then the lowest "
@@ -564,7 +569,8 @@ def flat_fields(obj: Any, prefix: str = "") -> dict[str, tuple[Any, Any, str]]:
 FREE_ON_RESUME = frozenset({"run_dir", "device", "threads", "fsdp", "save_every", "eval_every", "sample_every",
                             "keep_checkpoints", "max_steps", "epochs", "total_episodes", "require_rm_accuracy",
                             "require_rm_above_chance",
-                            "log_every", "model.gradient_checkpointing", "ptx_micro_batch_size", "report_to"})
+                            "log_every", "model.gradient_checkpointing", "ptx_micro_batch_size", "report_to",
+                            "frozen_cache_gib"})
 EXTENDS = frozenset({"max_steps", "epochs", "total_episodes"})
 # File settings: compared by the content of what they name (the manifest's input hashes), not by path.
 INPUT_SETTINGS = frozenset({"data", "rankings", "demos", "prompts", "ptx_data", "sft", "rm"})

@@ -125,11 +125,13 @@ def model_inputs(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tens
     if trunk is None:
         return contextlib.nullcontext(), {"input_ids": input_ids, **inputs}
     start, states = trunk
-    return _above(model, start), {"inputs_embeds": states, **inputs}
+    return layers_above(model, start), {"inputs_embeds": states, **inputs}
 
 
 @contextlib.contextmanager
-def _above(model: Any, start: int) -> Iterator[None]:
+def layers_above(model: Any, start: int) -> Iterator[None]:
+    """Within the block, ``model`` runs its decoder layers from ``start`` up (and its final norm and head), on
+    the states entering layer ``start`` passed as ``inputs_embeds``."""
     # A sequence classifier warns that it cannot find the padding in inputs_embeds to pool at the last
     # real token; igpt reads its head at every position (scalar_head_outputs), so that does not matter.
     log = hf_logging.get_logger("transformers.modeling_layers")

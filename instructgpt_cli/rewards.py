@@ -8,9 +8,10 @@ from typing import Any, NamedTuple
 
 import torch
 
-from .batches import (mask_inputs, pack, packed_columns, pad_right, padded_columns, pays_to_pack, pays_to_share,
-                      shared_prefix_mask, shared_rows)
-from .forward import REWARD_BIAS, read_scores, reward_pool, scalar_head_outputs
+from .batches import (common_prefix, mask_inputs, pack, packed_columns, pad_right, padded_columns, pays_to_pack,
+                      pays_to_share, shared_prefix_mask, shared_rows)
+from .families import backbone, unwrapped
+from .forward import REWARD_BIAS, layers_above, only_layers, read_scores, reward_pool, scalar_head_outputs
 
 REWARD_STATS = "igpt_reward_stats"  # config field: train-rm's held-out loss, accuracy and its interval
 # train-rm --ensemble N: the other members' stages under RUN_DIR/rm/members/, listed in RUN_DIR/rm/ensemble.json
@@ -70,30 +71,6 @@ def reward_scores(model: Any, input_ids: torch.Tensor, attention_mask: torch.Ten
     return logits.float() + getattr(model.config, REWARD_BIAS, 0.0)
 
 
-def packed_reward_scores(model: Any, seqs: list[list[int]], device: torch.device,
-                         starts: list[int] | None = None) -> torch.Tensor:
-    """Normalised rewards (N,) of token sequences packed into one row (``data.pack``: no padding, each
-    attends only to itself), read at each one's last token (or, with ``starts``, over its response)."""
-    ids, positions = pack(seqs)
-    head = scalar_head_outputs(model, input_ids=ids.to(device), position_ids=positions.to(device))
-    return read_scores(head.flatten(), packed_columns(seqs), starts)
-
-
-def shared_reward_scores(model: Any, groups: list[list[list[int]]], pad_id: int, device: torch.device,
-                         starts: list[int] | None = None) -> torch.Tensor:
-    """Normalised rewards (N,) of groups of sequences with a common prefix (a ranking's K responses to one
-    prompt): one row per group with the prefix once (``data.shared_rows``), each sequence attending to the
-    prefix and to itself only, read at every sequence's last token (or, with ``starts``, over its response)."""
-    rows = shared_rows(groups, pad_id)
-    mask = shared_prefix_mask(rows.segments.to(device))
-    if model.config._attn_implementation == "eager":  # eager attention adds its mask to the scores
-        dtype = next(model.parameters()).dtype
-        mask = torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill_(~mask, torch.finfo(dtype).min)
-    head = scalar_head_outputs(model, input_ids=rows.input_ids.to(device), position_ids=rows.position_ids.to(device),
-                               attention_mask=mask)
-    return read_scores(head.flatten(), rows.columns, starts)
-
-
 class Layout(NamedTuple):
     """How a micro-batch of rankings may be laid out for its forward pass (each used only where it pays)."""
 
@@ -101,29 +78,174 @@ class Layout(NamedTuple):
     packed: bool = False  # all sequences end to end in one row, no padding
 
 
+class Rows(NamedTuple):
+    """One forward's inputs for a list of sequences in one of the row layouts, and where each sequence's tokens
+    sit in it."""
+
+    inputs: dict  # input_ids (G, L), and position_ids and an attention mask where the layout needs them
+    columns: list[list[int]]  # flat index (row * L + column) of every token of every sequence, in order
+
+
+def padded_rows(seqs: list[list[int]], pad_id: int, device: torch.device) -> Rows:
+    """Right-padded rows, one a sequence."""
+    ids, mask = pad_right(seqs, pad_id)
+    return Rows({"input_ids": ids.to(device), **mask_inputs(mask.to(device))},
+                padded_columns([len(s) for s in seqs], ids.size(1)))
+
+
+def packed_rows(seqs: list[list[int]], device: torch.device) -> Rows:
+    """The sequences end to end in one row (``batches.pack``: no padding, each attends only to itself)."""
+    ids, positions = pack(seqs)
+    return Rows({"input_ids": ids.to(device), "position_ids": positions.to(device)}, packed_columns(seqs))
+
+
+def prefix_shared_rows(model: Any, groups: list[list[list[int]]], pad_id: int, device: torch.device) -> Rows:
+    """Groups of sequences with a common prefix (a ranking's K responses to one prompt): one row per group with
+    the prefix once (``batches.shared_rows``), each sequence attending to the prefix and to itself only."""
+    rows = shared_rows(groups, pad_id)
+    mask = shared_prefix_mask(rows.segments.to(device))
+    if model.config._attn_implementation == "eager":  # eager attention adds its mask to the scores
+        dtype = next(model.parameters()).dtype
+        mask = torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill_(~mask, torch.finfo(dtype).min)
+    return Rows({"input_ids": rows.input_ids.to(device), "position_ids": rows.position_ids.to(device),
+                 "attention_mask": mask}, rows.columns)
+
+
+def ranking_rows(model: Any, rankings: list[list[list[int]]], pad_id: int, device: torch.device, layout: Layout,
+                 batch_size: int | None = None) -> list[tuple[Rows, slice]]:
+    """The forwards that score ``rankings`` (each a prompt's K sequences), each with the slice of the flat list of
+    sequences it holds: the one place that picks the row layout. ``layout.shared`` and sharing saves a tenth of
+    the tokens: one row per ranking with its prompt once; else ``layout.packed`` and padding would waste a tenth:
+    one packed row; else right-padded rows, ``batch_size`` at a time (None: all at once)."""
+    seqs = [s for ranking in rankings for s in ranking]
+    if layout.shared and pays_to_share(rankings):
+        return [(prefix_shared_rows(model, rankings, pad_id, device), slice(0, len(seqs)))]
+    if layout.packed and pays_to_pack([len(q) for q in seqs]):
+        return [(packed_rows(seqs, device), slice(0, len(seqs)))]
+    size = batch_size or max(len(seqs), 1)
+    return [(padded_rows(seqs[a:a + size], pad_id, device), slice(a, a + size)) for a in range(0, len(seqs), size)]
+
+
+class FrozenStates:
+    """The output of a reward model's ``layers`` lowest decoder layers, which hold nothing that trains (LoRA on
+    the top layers only, ``families.frozen_layers``), for every sequence of the rankings it has seen: computed
+    the first time a forward needs them, and from then on only the layers above run. Epochs after the first,
+    every held-out evaluation, an ensemble's other members and a sweep's other trials (built from the same
+    initial model, so the same frozen layers) pay for the layers above only.
+
+    Each ranking's states are computed from that ranking alone, in the layout ``ranking_rows`` gives it alone,
+    so they are the same numbers whichever batch first asks for them: a resumed run reads what an
+    uninterrupted one read. Kept on the model's device, about ``tokens x hidden x dtype bytes`` (the stage
+    sizes it before it starts, :func:`frozen_states_bytes`)."""
+
+    def __init__(self, layers: int):
+        self.layers = layers
+        # sequence's tokens -> (its ranking's states (N, H) at each distinct token, this sequence's rows in them)
+        self._seqs: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __len__(self) -> int:
+        return len(self._seqs)
+
+    @torch.no_grad()
+    def fill(self, model: Any, rankings: list[list[list[int]]], pad_id: int, device: torch.device,
+             layout: Layout) -> None:
+        """Compute the states of every sequence of ``rankings`` not held yet, one ranking at a time."""
+        for ranking in rankings:
+            if all(tuple(s) in self._seqs for s in ranking):
+                continue
+            (rows, _), = ranking_rows(model, [ranking], pad_id, device, layout)
+            with only_layers(model, 0, self.layers, final_norm=False):
+                flat = backbone(model)(**rows.inputs, use_cache=False).last_hidden_state.flatten(0, 1)
+            used = sorted({c for cols in rows.columns for c in cols})  # a shared prefix's columns once
+            states = flat[torch.tensor(used, device=flat.device)].clone()
+            where = {c: i for i, c in enumerate(used)}
+            for s, cols in zip(ranking, rows.columns):
+                self._seqs[tuple(s)] = (states, torch.tensor([where[c] for c in cols], device=flat.device))
+
+    def embeds(self, seqs: list[list[int]], rows: Rows) -> torch.Tensor:
+        """The states (G, L, H) entering layer ``layers`` for ``rows`` of ``seqs`` (every one held: :meth:`fill`);
+        padding positions are zeros, which no real token attends to."""
+        shape = rows.inputs["input_ids"].shape
+        parts = [self._seqs[tuple(s)] for s in seqs]
+        source = torch.cat([states.index_select(0, rows_of) for states, rows_of in parts])
+        flat = source.new_zeros(shape[0] * shape[1], source.size(1))
+        # a shared prefix's columns are written once per sequence, always with the same states
+        flat[torch.tensor([c for cols in rows.columns for c in cols], device=source.device)] = source
+        return flat.view(*shape, -1)
+
+
+@torch.no_grad()
+def frozen_weights_key(model: Any, layers: int) -> tuple:
+    """What identifies the weights of ``model``'s embeddings and ``layers`` lowest decoder layers, for models
+    that may share :class:`FrozenStates`: each tensor's shape, dtype, float64 sum and a strided sample of its
+    values (a pass over the weights; equal keys of different weights would take values chosen to collide)."""
+    stack = backbone(model)
+    params = [*stack.embed_tokens.parameters(), *(p for layer in stack.layers[:layers] for p in layer.parameters())]
+    import hashlib
+
+    digest = hashlib.sha256()
+    for p in params:
+        flat = p.detach().flatten()
+        digest.update(f"{tuple(p.shape)}{p.dtype}{flat.double().sum().item()!r}".encode())
+        digest.update(flat[::1009].float().cpu().numpy().tobytes())
+    return layers, digest.hexdigest()
+
+
+def frozen_states_bytes(model: Any, layers: int, rankings: list[list[list[int]]], layout: Layout) -> int:
+    """About how many bytes :class:`FrozenStates` holds for ``rankings``: a state (hidden size x the weights'
+    dtype) per distinct token of each ranking (its prompt once where ``layout.shared``)."""
+    param = next(model.parameters())
+    per_token = unwrapped(model).config.hidden_size * param.element_size()
+    tokens = sum(sum(len(s) for s in ranking) - (len(ranking) - 1) * (common_prefix(ranking) if layout.shared else 0)
+                 for ranking in rankings)
+    return tokens * per_token if layers else 0
+
+
+def head_outputs(model: Any, seqs: list[list[int]], rows: Rows, frozen: FrozenStates | None) -> torch.Tensor:
+    """The scalar head (G, L) over ``rows`` of ``seqs``: the whole model, or with ``frozen`` only the layers above
+    its cached states."""
+    if frozen is None:
+        return scalar_head_outputs(model, **rows.inputs)
+    rest = {k: v for k, v in rows.inputs.items() if k != "input_ids"}
+    with layers_above(model, frozen.layers):
+        return scalar_head_outputs(model, inputs_embeds=frozen.embeds(seqs, rows), **rest)
+
+
 def ranking_scores(model: Any, rankings: list[list[list[int]]], pad_id: int, device: torch.device,
-                   layout: Layout, batch_size: int | None = None, starts: list[int] | None = None) -> torch.Tensor:
+                   layout: Layout, batch_size: int | None = None, starts: list[int] | None = None,
+                   frozen: FrozenStates | None = None) -> torch.Tensor:
     """Normalised rewards (N,) of every sequence of ``rankings`` (each a prompt's K sequences, prompt +
-    response + EOS), in order: the one place that picks the row layout. ``layout.shared`` and sharing saves a
-    tenth of the tokens: one row per ranking with its prompt once (:func:`shared_reward_scores`); else
-    ``layout.packed`` and padding would waste a tenth: one packed row (:func:`packed_reward_scores`); else
-    right-padded rows, ``batch_size`` at a time (None: all at once). ``starts``: where each sequence's response
-    starts, which a model that pools over the response (``forward.REWARD_POOL``) needs and any other ignores."""
+    response + EOS), in order, in the row layout that pays (:func:`ranking_rows`). ``starts``: where each
+    sequence's response starts, which a model that pools over the response (``forward.REWARD_POOL``) needs and
+    any other ignores. ``frozen``: the model's frozen layers' states, computed here where missing and reused."""
     seqs = [s for ranking in rankings for s in ranking]
     if reward_pool(model) != "mean":
         starts = None
     elif starts is None or len(starts) != len(seqs):
         raise ValueError("a reward model that pools over the response needs where each response starts")
-    if layout.shared and pays_to_share(rankings):
-        return shared_reward_scores(model, rankings, pad_id, device, starts)
-    if layout.packed and pays_to_pack([len(q) for q in seqs]):
-        return packed_reward_scores(model, seqs, device, starts)
-    out, size = [], batch_size or max(len(seqs), 1)
-    for start in range(0, len(seqs), size):
-        ids, mask = pad_right(seqs[start:start + size], pad_id)
-        out.append(reward_scores(model, ids.to(device), mask.to(device),
-                                 None if starts is None else starts[start:start + size]))
+    if frozen is not None:
+        frozen.fill(model, rankings, pad_id, device, layout)
+    out = []
+    for rows, part in ranking_rows(model, rankings, pad_id, device, layout, batch_size):
+        head = head_outputs(model, seqs[part], rows, frozen)
+        out.append(read_scores(head.flatten(), rows.columns, None if starts is None else starts[part]))
     return torch.cat(out)
+
+
+def packed_reward_scores(model: Any, seqs: list[list[int]], device: torch.device,
+                         starts: list[int] | None = None) -> torch.Tensor:
+    """Normalised rewards (N,) of token sequences packed into one row (:func:`packed_rows`), read at each one's
+    last token (or, with ``starts``, over its response)."""
+    rows = packed_rows(seqs, device)
+    return read_scores(scalar_head_outputs(model, **rows.inputs).flatten(), rows.columns, starts)
+
+
+def shared_reward_scores(model: Any, groups: list[list[list[int]]], pad_id: int, device: torch.device,
+                         starts: list[int] | None = None) -> torch.Tensor:
+    """Normalised rewards (N,) of groups of sequences with a common prefix, one row per group
+    (:func:`prefix_shared_rows`), read at every sequence's last token (or, with ``starts``, over its response)."""
+    rows = prefix_shared_rows(model, groups, pad_id, device)
+    return read_scores(scalar_head_outputs(model, **rows.inputs).flatten(), rows.columns, starts)
 
 
 @torch.no_grad()

@@ -194,11 +194,13 @@ class Runner:
         return self._run(self.path.response_scores, query_response, mask, context_len, lengths, trunk)
 
     def ranking_scores(self, rankings: list[list[list[int]]], pad_id: int, layout: Layout = Layout(),
-                       batch_size: int | None = None, starts: list[int] | None = None) -> torch.Tensor:
+                       batch_size: int | None = None, starts: list[int] | None = None,
+                       frozen: rewards.FrozenStates | None = None) -> torch.Tensor:
         """Normalised rewards (N,) of every sequence of ``rankings`` (prompt + response + EOS each; each response
         from ``starts``), in order, in the row layout that pays (``rewards.ranking_scores``): train-rm's forward,
-        eval's held-out accuracy."""
-        return self._run(rewards.ranking_scores, rankings, pad_id, self.device, layout, batch_size, starts)
+        eval's held-out accuracy. ``frozen``: the kept output of the model's frozen layers (computed there where
+        missing), so that only the layers above run."""
+        return self._run(rewards.ranking_scores, rankings, pad_id, self.device, layout, batch_size, starts, frozen)
 
     def sequence_scores(self, seqs: list[list[int]], pad_id: int, batch_size: int,
                         starts: list[int] | None = None) -> torch.Tensor:

@@ -20,7 +20,7 @@ from instructgpt_cli.rewards import score_sequences
 from instructgpt_cli.rundir import read_metrics
 from instructgpt_cli.runners import Runner
 from instructgpt_cli.storage import weights_sha256
-from instructgpt_cli.rewards import Layout, ranking_scores
+from instructgpt_cli.rewards import FrozenStates, Layout, ranking_scores
 from instructgpt_cli.stages.reward import rank_forward
 
 
@@ -152,6 +152,48 @@ def test_shared_and_padding_free_scores_and_gradients_equal_the_padded_ones(atte
     for scores, grads in others:
         torch.testing.assert_close(scores, padded, rtol=1e-5, atol=1e-5)
         assert_same_grads(grads, padded_grads)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_kept_frozen_states_give_the_whole_model_s_scores_and_gradients_and_skip_its_lower_layers(attention):
+    """LoRA on the top layer of two: the lower layer's output for each ranking is computed the first time (each
+    ranking alone) and kept; every layout then scores from it what the whole model scores, with the same
+    gradients, and the lower layer does not run again."""
+    from instructgpt_cli.config import LoraConfig
+    from instructgpt_cli.families import backbone, frozen_layers
+    from instructgpt_cli.models import apply_lora
+
+    tok = tiny_tokenizer()
+    model = apply_lora(tiny_model(tok, seed=0, kind="reward"), LoraConfig(enabled=True, r=4, alpha=8, layers=1),
+                       task_type="SEQ_CLS")
+    model.config._attn_implementation = attention
+    assert frozen_layers(model) == 1
+    groups = [tokenize_scored(tok, [{"role": "user", "content": p}], rs, 256, "f:1", [])[0] for p, rs in
+              (("Rank these.", ["short", "a somewhat longer answer", "the longest answer of all, by far"]),
+               ("Another question", ["yes", "no"]))]
+    weights = torch.tensor([1.0, -2.0, 3.0, 0.5, -1.5])
+    calls = []
+    hook = backbone(model).layers[0].register_forward_hook(lambda *_: calls.append(1))
+    cpu = torch.device("cpu")
+
+    def scores_and_grads(layout, frozen):
+        model.zero_grad(set_to_none=True)
+        scores = ranking_scores(model, groups, tok.pad_token_id, cpu, layout, batch_size=2, frozen=frozen)
+        (scores * weights).sum().backward()
+        return scores.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    kept = FrozenStates(1)
+    for name, layout in LAYOUTS.items():
+        whole, whole_grads = scores_and_grads(layout, None)
+        assert whole_grads and not any("layers.0." in n for n in whole_grads)  # nothing trains below the top
+        calls.clear()
+        for _ in range(2):
+            scores, grads = scores_and_grads(layout, kept)
+            torch.testing.assert_close(scores, whole, rtol=1e-5, atol=1e-6)
+            assert_same_grads(grads, whole_grads)
+        assert len(calls) == (2 if name == "padded" else 0), name  # computed once, by the first layout
+        assert len(kept) == 5
+    hook.remove()
 
 
 def test_bf16_scores_take_the_normalisation_bias_in_fp32_in_every_layout():
@@ -312,13 +354,18 @@ def test_sample_output_with_ranks_trains_the_rm_unchanged(tmp_path, demos_file):
     assert sft_embed.shape == rm_embed.shape and not torch.equal(sft_embed, rm_embed)
 
 
-def test_killed_rm_run_resumes_bit_identical(tmp_path):
+@pytest.mark.parametrize("lora", [[], ["--lora", "--lora-layers", "1"]], ids=["full", "lora-top-layer"])
+def test_killed_rm_run_resumes_bit_identical(tmp_path, lora):
+    """With LoRA on the top layer only, the layer below runs once per ranking and its output is kept: the resumed
+    run computes it again, each ranking alone as the first run did, and reads the same numbers."""
     from test_sft import run_subprocess
 
     rankings = write_jsonl(tmp_path / "ranks.jsonl", marker_rankings(60))
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
-    common = rm_args(tmp_path, straight, rankings, "--max-steps", "12", "--save-every", "4")
-    assert igpt(*common).exit_code == 0
+    common = rm_args(tmp_path, straight, rankings, "--max-steps", "12", "--save-every", "4", *lora)
+    first = igpt(*common)
+    assert first.exit_code == 0
+    assert ("the lowest 1 of 2 layers run once per ranking" in first.stderr) == bool(lora)
     common_i = [str(interrupted) if a == straight else a for a in common]
     killed = run_subprocess(common_i, {"IGPT_FAULT_AFTER_STEP": "6"})
     assert killed.returncode == 99, killed.stderr
@@ -396,3 +443,54 @@ def test_norm_demos_normalises_on_a_seeded_sample_of_the_demonstrations(tmp_path
     bad = igpt("train-rm", "--model", "tiny", "--rankings", rankings, "--demos", demos_file, "--run-dir",
                tmp_path / "c", "--norm-demos", "-1")
     assert bad.exit_code == 2 and "norm" in bad.stderr and not (tmp_path / "c").exists()
+
+
+def test_train_rm_keeps_the_frozen_layers_output_once_for_every_member_and_trains_as_without_it(tmp_path,
+                                                                                               monkeypatch):
+    """An ensemble of two with LoRA on the top layer: the layer below runs once per ranking for both members
+    (they start from one model), and the models trained equal those trained with the whole model every forward
+    (--frozen-cache-gib 0) up to float noise; a budget too small for the states keeps none, and says so."""
+    from contextlib import contextmanager
+
+    import instructgpt_cli.rewards as rewards_module
+
+    lower_runs = []
+    only_layers = rewards_module.only_layers
+
+    @contextmanager
+    def counted(*args, **kwargs):
+        lower_runs.append(1)
+        with only_layers(*args, **kwargs):
+            yield
+
+    monkeypatch.setattr(rewards_module, "only_layers", counted)
+    rankings = write_jsonl(tmp_path / "ranks.jsonl", marker_rankings(40))
+    demos = write_jsonl(tmp_path / "demos.jsonl", arithmetic_demos(16))
+    sft = igpt("sft", "--model", "tiny", "--data", demos, "--run-dir", tmp_path / "base", "--max-steps", "1")
+    assert sft.exit_code == 0, sft.output  # the members' one initial model (a tiny one is random from each seed)
+    runs = {}
+    for name, extra in {"kept": [], "whole": ["--frozen-cache-gib", "0"], "small": ["--frozen-cache-gib", "1e-9"]}.items():
+        lower_runs.clear()
+        result = igpt("train-rm", "--sft", tmp_path / "base" / "sft" / "final", "--rankings", rankings, "--demos",
+                      demos, "--run-dir", tmp_path / name, "--lr", "2e-3", "--eval-every", "5", "--lora",
+                      "--lora-layers", "1", "--ensemble", "2", "--max-steps", "6", "--batch-size", "8", *extra)
+        assert result.exit_code == 0, result.output
+        runs[name] = (len(lower_runs), result.stderr)
+    n_kept, log = runs["kept"]
+    assert n_kept == 40 and log.count("the lowest 1 of 2 layers run once per ranking") == 2  # 6 x 8 > 40: all seen
+    assert runs["whole"][0] == 0 and "run once per ranking" not in runs["whole"][1]
+    assert runs["small"][0] == 0 and "keeping their output would take" in runs["small"][1]
+    for member in ("final", "members/member-1/rm/final"):
+        a = load_file(str(tmp_path / "kept" / "rm" / member / "model.safetensors"))
+        b = load_file(str(tmp_path / "whole" / "rm" / member / "model.safetensors"))
+        changed = load_file(str(tmp_path / "kept" / "rm" / "members/member-1/rm/final" / "model.safetensors"))
+        for k in a:  # Adam moves a weight by up to lr (2e-3) a step, whatever its gradient's size: half of that
+            torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-3, msg=f"{member}: {k}")
+        assert any(not torch.equal(a[k], changed[k]) for k in a) or member != "final"  # the members differ
+    losses = [[r["train/loss"] for r in read_metrics(tmp_path / name / "rm" / "metrics.jsonl") if "train/loss" in r]
+              for name in ("kept", "whole")]
+    assert len(losses[0]) == 6 and losses[0] == pytest.approx(losses[1], rel=1e-5)
+    ka = json.loads((tmp_path / "kept" / "rm" / "final" / "config.json").read_text())["igpt_reward_stats"]
+    kb = json.loads((tmp_path / "whole" / "rm" / "final" / "config.json").read_text())["igpt_reward_stats"]
+    assert ka["eval/accuracy"] == kb["eval/accuracy"] and ka["eval/loss"] == pytest.approx(kb["eval/loss"], rel=1e-4)
+    assert ka["ensemble/accuracy"] == kb["ensemble/accuracy"]

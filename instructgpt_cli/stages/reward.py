@@ -26,11 +26,12 @@ from ..data import read_demos, read_rankings
 from ..distributed import resolve_device
 from ..console import banner, model_rows, processes_note, say
 from ..errors import BadInput
-from ..families import supports_packing, supports_sharing
+from ..families import backbone, frozen_layers, supports_packing, supports_sharing, unwrapped
 from ..forward import REWARD_BIAS, REWARD_POOL, TRANSFORMERS
 from ..losses import ranking_loss
 from ..models import apply_lora, context_window, load_model, load_tokenizer, require_role, save_final, stage_inputs
-from ..rewards import ENSEMBLE, MEMBERS, REWARD_STATS, Layout
+from ..rewards import (ENSEMBLE, MEMBERS, REWARD_STATS, FrozenStates, Layout, frozen_states_bytes,
+                       frozen_weights_key)
 from ..runners import Runner
 from ..rundir import Stage, file_input, model_input, read_manifest, stored_path
 from ..stats import describe_rm_accuracy, rm_accuracy
@@ -110,14 +111,16 @@ def describe_settings(trial: dict) -> str:
 
 
 def rank_forward(runner: Runner, groups: list[RankedGroup], pad_id: int, device: torch.device,
-                 layout: Layout = Layout()):
+                 layout: Layout = Layout(), frozen: FrozenStates | None = None):
     """Score every response of ``groups`` in one forward pass; returns (per-prompt losses, per-pair
     correctness, the sequences' tokens). One ranking of K responses costs at most K sequence forwards, and
     fewer with ``layout.shared``: the prompt runs once and each response attends to it and to itself (where
     that saves a tenth of the tokens); else, with ``layout.packed``, the sequences run end to end in one row
-    (where padding would waste a tenth), else as K padded rows."""
+    (where padding would waste a tenth), else as K padded rows. ``frozen``: the frozen layers' kept output
+    (:func:`frozen_states`), so that only the layers above run."""
     rankings = [g.sequences for g in groups]
-    scores = runner.ranking_scores(rankings, pad_id, layout, starts=[s for g in groups for s in g.starts()])
+    scores = runner.ranking_scores(rankings, pad_id, layout, starts=[s for g in groups for s in g.starts()],
+                                   frozen=frozen)
     losses, correct = grouped_ranking_loss(scores, groups, device)
     return losses, correct, sum(len(q) for ranking in rankings for q in ranking)
 
@@ -161,7 +164,7 @@ def ensemble_accuracy(sources: list, groups: list[RankedGroup], cfg: RMConfig, m
 
 
 def train_step(runner: Runner, state: TrainState, chunks: list[list[RankedGroup]], pad_id: int, layout: Layout,
-               device: torch.device, grad_clip: float) -> dict:
+               device: torch.device, grad_clip: float, frozen: FrozenStates | None = None) -> dict:
     """One optimizer step over micro-batches of prompts (every rank passes all of the step's and trains on
     its share); the loss is the mean over all prompts of the step."""
     n_prompts = sum(len(c) for c in chunks)
@@ -170,7 +173,7 @@ def train_step(runner: Runner, state: TrainState, chunks: list[list[RankedGroup]
     loss_total, correct_total, pairs, tokens = 0.0, 0.0, 0, 0
     for j, (chunk, weight) in enumerate(mine):
         with runner.syncing(j == len(mine) - 1):
-            losses, correct, n_tokens = rank_forward(runner, chunk, pad_id, device, layout)
+            losses, correct, n_tokens = rank_forward(runner, chunk, pad_id, device, layout, frozen)
             (losses.sum() / n_prompts * (scale * weight)).backward()
         if weight:
             loss_total += losses.sum().item()
@@ -187,13 +190,13 @@ def train_step(runner: Runner, state: TrainState, chunks: list[list[RankedGroup]
 
 @torch.no_grad()
 def evaluate(runner: Runner, groups: list[RankedGroup], batch_size: int, pad_id: int, layout: Layout,
-             device: torch.device) -> dict:
+             device: torch.device, frozen: FrozenStates | None = None) -> dict:
     """Held-out K-wise loss (mean per prompt) and pairwise accuracy (over all pairs) with its 95% interval
     (``stats.rm_accuracy``); each rank scores its share of the micro-batches."""
     runner.eval()
     loss_total, counts = 0.0, []  # counts: (correct pairs, pairs) of each held-out ranking
     for chunk, weight in distributed.rank_chunks(micro_batches(groups, batch_size)):
-        losses, correct, _ = rank_forward(runner, chunk, pad_id, device, layout)
+        losses, correct, _ = rank_forward(runner, chunk, pad_id, device, layout, frozen)
         if weight:  # a weight-0 chunk only keeps the ranks in step
             loss_total += losses.sum().item()
             sizes = [len(g.pairs) for g in chunk]
@@ -204,6 +207,33 @@ def evaluate(runner: Runner, groups: list[RankedGroup], batch_size: int, pad_id:
     # accuracy with its 95% interval clustered by ranking (pairs of one prompt are not independent)
     accuracy = rm_accuracy([c for c, _ in counts], [n for _, n in counts])
     return {"eval/loss": loss / max(len(groups), 1), **{f"eval/{k}": v for k, v in accuracy.items()}}
+
+
+def frozen_states(cfg: RMConfig, model, data: Rankings, layout: Layout,
+                  kept: dict[tuple, FrozenStates]) -> tuple[FrozenStates | None, str]:
+    """The kept output of ``model``'s frozen layers (``rewards.FrozenStates``) for this run's rankings, and a
+    banner line that says so or why not. ``kept`` holds them for every model the stage trains, by the frozen
+    layers' number and weights (``rewards.frozen_weights_key``): an ensemble's members and a sweep's trials
+    initialised from one model share them (a randomly initialised model of another seed does not).
+    None where nothing is frozen (no LoRA, LoRA on every layer), ``--frozen-cache-gib 0``, sharded weights, the
+    frozen layers drop out in training (their output would differ every step), or the states would need more
+    memory than ``frozen_cache_gib``."""
+    layers = frozen_layers(model) if cfg.lora.enabled and not distributed.is_sharded(model) else 0
+    if not layers or cfg.frozen_cache_gib <= 0:
+        return None, ""
+    stack = backbone(model).layers[:layers]
+    if getattr(unwrapped(model).config, "attention_dropout", 0.0) or any(
+            isinstance(m, torch.nn.Dropout) and m.p > 0 for m in stack.modules()):
+        return None, f"the lowest {layers} layers run every forward (they drop out in training)"
+    need = frozen_states_bytes(model, layers, [g.sequences for g in data.train + data.val], layout)
+    if need > cfg.frozen_cache_gib * 2 ** 30:
+        return None, (f"the lowest {layers} layers run every forward: keeping their output would take "
+                      f"{need / 2 ** 30:.1f} GiB, over --frozen-cache-gib {cfg.frozen_cache_gib:g}")
+    key = frozen_weights_key(model, layers)
+    kept.setdefault(key, FrozenStates(layers))
+    total = len(backbone(model).layers)
+    return kept[key], (f"the lowest {layers} of {total} layers run once per ranking, their output kept "
+                          f"({need / 2 ** 20:.0f} MiB); the layers above run every forward")
 
 
 @torch.no_grad()
@@ -306,6 +336,7 @@ def run(cfg: RMConfig, resume: bool = False, overwrite: bool = False, allow_chan
         # trained alone), and not held in memory while they train
         del model
     begin_stage(stage, mode, cfg, inputs)
+    kept: dict[tuple, FrozenStates] = {}  # the frozen layers' output for every model trained here
 
     def sub_run(where: Path, sub: RMConfig) -> tuple[Path, dict]:
         """One reward model trained (resumed, or found finished) as a run directory of its own under rm/ (a
@@ -316,7 +347,7 @@ def run(cfg: RMConfig, resume: bool = False, overwrite: bool = False, allow_chan
             begin_stage(part, part_mode, sub, inputs)
             sub_model = build(sub, device)
             steps, summary, _ = train_member(part, sub, part_mode, part_changes, sub_model, data, tokenizer, device,
-                                             init)
+                                             init, kept)
             export(part, sub_model, summary, tokenizer, lambda: build(sub, torch.device("cpu")))
             finish_stage(part, steps, **summary)
             del sub_model
@@ -357,7 +388,7 @@ def run(cfg: RMConfig, resume: bool = False, overwrite: bool = False, allow_chan
     #    ensemble.json, final/ and the manifest, in that order and back to back
     if chosen is None:
         model = build(cfg, device) if grid or cfg.ensemble > 1 else model
-        steps, summary, runner = train_member(stage, cfg, mode, changes, model, data, tokenizer, device, init)
+        steps, summary, runner = train_member(stage, cfg, mode, changes, model, data, tokenizer, device, init, kept)
         first: Runner | Path = runner
     else:
         trial = stage.dir / chosen["final"]
@@ -431,15 +462,17 @@ class Rankings(NamedTuple):
 
 
 def train_member(stage: Stage, cfg: RMConfig, mode: str, changes: list[dict], model, data: Rankings, tokenizer,
-                 device: torch.device, init: str) -> tuple[int, dict, Runner]:
+                 device: torch.device, init: str, kept: dict[tuple, FrozenStates]) -> tuple[int, dict, Runner]:
     """Train one reward model in ``stage`` (begun by the caller) from its newest checkpoint and normalise it on
     the demonstrations; returns the steps trained, the held-out summary and its runner (the caller exports it,
-    :func:`export`, and finishes the stage)."""
+    :func:`export`, and finishes the stage). ``kept``: the frozen layers' output, shared by every model the stage
+    trains (:func:`frozen_states`)."""
     # model (DDP or FSDP under a launcher), optimizer, schedule, the resume point
     model.train()
     layout = Layout(shared=cfg.share_prompts and supports_sharing(model),
                     packed=cfg.padding_free and supports_packing(model))
     runner = Runner(model, device, cfg.fsdp)
+    frozen, frozen_note = frozen_states(cfg, model, data, layout, kept)  # after sharding (it says what is local)
     distributed.seed_rank(cfg.seed)
     train, val = data.train, data.val
     per_step, epoch_steps, total_steps = plan_steps(cfg, len(train))
@@ -457,16 +490,19 @@ def train_member(stage: Stage, cfg: RMConfig, mode: str, changes: list[dict], mo
                  + (", prompts shared" if layout.shared else "") + (", padding-free" if layout.packed else ", padded")
                  + processes_note(cfg.fsdp),
         "forward": TRANSFORMERS.name(model),  # rankings are scored by transformers' forward
+        **({"frozen": frozen_note} if frozen_note else {}),
         **model_rows(model, cfg.lora.enabled, ckpt),
     }, run_dir=stage.run_dir)
 
     # train: one optimizer step on the step's rankings, held-out loss and accuracy every eval_every steps
-    held_out = HeldOut(lambda: evaluate(runner, val, cfg.optim.batch_size, tokenizer.pad_token_id, layout, device))
+    held_out = HeldOut(lambda: evaluate(runner, val, cfg.optim.batch_size, tokenizer.pad_token_id, layout, device,
+                                        frozen))
 
     with Session(stage, cfg, state, total_steps) as session:
         for i in session.steps():
             chunks = step_chunks(train, i, per_step, cfg.optim.batch_size, cfg.seed)
-            record = train_step(runner, state, chunks, tokenizer.pad_token_id, layout, device, cfg.optim.grad_clip)
+            record = train_step(runner, state, chunks, tokenizer.pad_token_id, layout, device, cfg.optim.grad_clip,
+                                frozen)
             session.record({"epoch": round((i + 1) / epoch_steps, 4), **record}, held_out if val else None)
 
     # normalise: the demonstrations score mean 0 (stored in the config, applied by reward_scores)
