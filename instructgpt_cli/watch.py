@@ -33,7 +33,7 @@ from .errors import BadInput
 from .frontier import Gold, load_gold, mean_sd
 from .judges import Settings
 from .report import number
-from .rollout import decode_response, response_kl, score_responses
+from .rollout import decode_response, kl_and_scores, score_responses
 from .stats import mean_interval
 
 WATCH_SEED_OFFSET = 7_919  # the watch's own random stream: cfg.seed + this, the same at every watch
@@ -61,6 +61,19 @@ class WatchRecord:
             return cls()
         return cls(d["points"], overopt.WatchState.from_dict(d["state"]) if d["state"] else None, d["last_values"],
                    d["sft_texts"], d.get("stopped"))
+
+
+def proxy_and_kl(models: Any, tokenizer: Any, queries: list[list[int]], responses: list[list[int]],
+                 temperature: float, batch_size: int, step: int) -> tuple[list[float], list[float]]:
+    """The proxy reward model's score and the KL to SFT at PPO's temperature of each response (0 at the SFT
+    point, step 0, where the policy is the SFT model): the three models' lowest layers run once where they hold
+    the same ones (``rollout.kl_and_scores``; PPO's presets train all three from one base with LoRA on the top
+    layers)."""
+    if step == 0:
+        return score_responses(models.reward, tokenizer, queries, responses, batch_size).tolist(), [0.0] * len(responses)
+    kl, proxy = kl_and_scores(models.policy, models.reference, models.reward, tokenizer, queries, responses,
+                              temperature, batch_size)
+    return proxy.tolist(), kl.tolist()
 
 
 def judge_spec(spec: str) -> tuple[str, str]:
@@ -109,9 +122,7 @@ class Watch:
         with torch.random.fork_rng(devices=[models.policy.device] if models.policy.device.type == "cuda" else []):
             torch.manual_seed(cfg.seed + WATCH_SEED_OFFSET)  # PPO's own stream is left as it was
             responses = models.policy.generate(tok, self.queries, cfg.max_new_tokens, cfg.temperature, batch)
-        proxy = score_responses(models.reward, tok, self.queries, responses, batch).tolist()
-        kl = [0.0] * len(responses) if step == 0 else response_kl(models.policy, models.reference, tok, self.queries,
-                                                                   responses, cfg.temperature, batch).tolist()
+        proxy, kl = proxy_and_kl(models, tok, self.queries, responses, cfg.temperature, batch, step)
         texts = [decode_response(tok, r) for r in responses]
         # the SFT point (step 0): a pairwise judge's win rate over the SFT model's own responses is 0.5
         values, summary = self.gold.score(self.prompts, self.queries, responses, texts,

@@ -115,11 +115,11 @@ def test_the_stop_fires_after_patience_watches_without_a_new_best_while_the_prox
     monkeypatch.setenv("WATCH_PROMPTS", "6")
     calls = []
 
-    def rising(rm, tokenizer, queries, responses, batch_size):  # the proxy rises at every watch
+    def rising(models, tokenizer, queries, responses, temperature, batch_size, step):  # the proxy rises every watch
         calls.append(1)
-        return torch.full((len(responses),), float(len(calls)))
+        return [float(len(calls))] * len(responses), [0.0] * len(responses)
 
-    monkeypatch.setattr(watch_mod, "score_responses", rising)
+    monkeypatch.setattr(watch_mod, "proxy_and_kl", rising)
     run_dir = tmp_path / "run"
     result = igpt(*ppo_args(setting, run_dir, "--max-steps", "8", *watch_args(setting, f"python:{module}:score"),
                             "--watch-patience", str(patience)))
@@ -140,7 +140,8 @@ def test_no_stop_when_the_proxy_fell_with_the_gold(setting, tmp_path, monkeypatc
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setenv("WATCH_PROMPTS", "6")
     proxies = iter([0.0, 1.0, 2.0, 1.0, 0.5, 0.2, 0.1, 0.0])
-    monkeypatch.setattr(watch_mod, "score_responses", lambda rm, tok, q, r, b: torch.full((len(r),), next(proxies)))
+    monkeypatch.setattr(watch_mod, "proxy_and_kl",
+                        lambda models, tok, q, r, t, b, step: ([next(proxies)] * len(r), [0.0] * len(r)))
     run_dir = tmp_path / "run"
     result = igpt(*ppo_args(setting, run_dir, "--max-steps", "6", *watch_args(setting, "python:scriptedfall:score"),
                             "--watch-patience", "2"))
@@ -189,17 +190,16 @@ def test_a_bad_watch_is_refused_before_anything_is_written(setting, tmp_path, mo
 
 
 RISING = '''
-import torch
 import instructgpt_cli.watch as watch
 CALLS = []
 
 
-def rising(rm, tokenizer, queries, responses, batch_size):  # the proxy rises at every watch
+def rising(models, tokenizer, queries, responses, temperature, batch_size, step):  # the proxy rises every watch
     CALLS.append(1)
-    return torch.full((len(responses),), float(len(CALLS)))
+    return [float(len(CALLS))] * len(responses), [0.0] * len(responses)
 
 
-watch.score_responses = rising
+watch.proxy_and_kl = rising
 '''
 
 
