@@ -72,6 +72,7 @@ def test_eval_reports_kl_scores_tax_and_categories(run):
     # 100% over 2 rankings, clustered by ranking: Wilson at n = 2 (z / t_1)^2 (two clusters leave 1 df): [1.2%, 1]
     n_eff = 2 * (Z95 / t_quantile(0.975, 1)) ** 2
     assert report["rm_rankings"] == 2 and report["rm_accuracy_ci"] == pytest.approx([n_eff / (n_eff + Z95 ** 2), 1.0])
+    assert report["rm_correct_by_ranking"] == [3, 1] and report["rm_pairs_by_ranking"] == [3, 1]  # in file order
     assert set(report["categories"]) == {"generation", "open_qa"} and report["categories"]["open_qa"]["n"] == 4
     assert json.loads((run_dir / "eval" / "ppo" / "report.json").read_text()) == report
     assert len((run_dir / "eval" / "ppo" / "samples.jsonl").read_text().splitlines()) == 8

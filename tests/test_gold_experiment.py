@@ -173,6 +173,23 @@ def test_the_learning_curve_measures_every_size_on_the_same_held_out_rankings(tm
     assert pooled["rm_args"] == "--score mean" and [r["rankings"] for r in pooled["rows"]] == [10]
     config = json.loads((tmp_path / "pooled" / "n-10" / "rm" / "final" / "config.json").read_text())
     assert config["igpt_reward_pool"] == "mean"
+    # --versus the recipe's run: the difference at each size, paired by ranking, from the two eval reports
+    from instructgpt_cli.stats import paired_rate_difference
+
+    against = curve.main(["--rankings", str(rankings), "--sft", str(tmp_path / "base" / "sft" / "final"), "--config",
+                          str(TINY_CONFIG), "--run-dir", str(tmp_path / "pooled"), "--sizes", "10",
+                          "--heldout-fraction", "0.25", "--rm-args", "--score mean", "--versus", str(run)], in_process)
+    (row,) = against["versus"]["rows"]
+    mine, theirs = (json.loads((d / "n-10" / "eval" / "heldout" / "report.json").read_text())
+                    for d in (tmp_path / "pooled", run))
+    d = paired_rate_difference(mine["rm_correct_by_ranking"], theirs["rm_correct_by_ranking"],
+                               mine["rm_pairs_by_ranking"])
+    assert row["difference"] == pytest.approx(mine["rm_accuracy"] - theirs["rm_accuracy"])
+    assert row["ci"] == [d["ci_low"], d["ci_high"]] and d["ci_low"] <= row["difference"] <= d["ci_high"]
+    with pytest.raises(SystemExit, match="held out other rankings"):  # another split: no pairing
+        curve.main(["--rankings", str(rankings), "--sft", str(tmp_path / "base" / "sft" / "final"), "--config",
+                    str(TINY_CONFIG), "--run-dir", str(tmp_path / "other"), "--sizes", "10", "--heldout-fraction",
+                    "0.25", "--seed", "3", "--versus", str(run)], in_process)
     with pytest.raises(SystemExit, match="use another --run-dir"):  # its models are not the recipe's: never resumed
         curve.main(["--rankings", str(rankings), "--sft", str(tmp_path / "base" / "sft" / "final"), "--config",
                     str(TINY_CONFIG), "--run-dir", str(run), "--sizes", "10", "--rm-args", "--score mean"], in_process)

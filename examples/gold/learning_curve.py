@@ -7,7 +7,8 @@ measure a reward model trained on the first N of the rest for each N of ``--size
 --val-fraction 0`` on them, then ``igpt eval MODEL --rankings HELDOUT --rm ITS_RM``, whose pairwise accuracy
 comes with a 95% interval clustered by ranking. Every other setting is the config's ``rm`` section
 (``--config``), so the curve is of the recipe you would run, with ``--rm-args`` added to train-rm to measure an
-option against it (``--rm-args "--score mean"`` in another ``--run-dir``: the same split, the same sizes). Prints
+option against it (``--rm-args "--score mean"`` in another ``--run-dir``: the same split, the same sizes;
+``--versus`` the recipe's run directory prints the difference at each size with an interval paired by ranking). Prints
 a Markdown table and saves ``RUN/learning-curve.json``; each size's run is ``RUN/n-N/`` (a rerun reuses finished
 ones).
 
@@ -53,6 +54,10 @@ def main(argv: list[str] | None = None, igpt: Callable[..., None] = subprocess_i
     p.add_argument("--heldout-fraction", type=float, default=0.2, help="share of groups held out (once)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--rm-args", default="", help="more train-rm flags, as one string (e.g. \"--score mean\")")
+    p.add_argument("--versus", default="", help="another learning curve's run directory on the same rankings, split "
+                                                "and sizes (e.g. the recipe's, when this one is an option's): the "
+                                                "difference of the two accuracies at each size, with a paired "
+                                                "interval")
     a = p.parse_args(argv)
     run = Path(a.run_dir)
     # a run directory's reward models are of one --rm-args: another would resume them (train-rm finds them
@@ -90,13 +95,42 @@ def main(argv: list[str] | None = None, igpt: Callable[..., None] = subprocess_i
             break
     result = {"rankings": a.rankings, "config": a.config, "rm_args": a.rm_args, "heldout": str(heldout),
               "seed": a.seed, "rows": rows}
+    if a.versus:
+        result["versus"] = {"run_dir": a.versus, "rows": versus(run, Path(a.versus), rows)}
     (run / "learning-curve.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     print("| training rankings | held-out pair accuracy (95% CI clustered by ranking) | held-out rankings | seconds |")
     print("|---|---|---|---|")
     for r in rows:
         ci = f"{r['ci'][0]:.1%}-{r['ci'][1]:.1%}" if r["ci"] else "-"
         print(f"| {r['rankings']} | {r['accuracy']:.1%} ({ci}) | {r['heldout_rankings']} | {r['seconds']} |")
+    if a.versus:
+        print(f"\n| training rankings | this run | {a.versus} | difference (95% CI, paired by ranking) |")
+        print("|---|---|---|---|")
+        for r in result["versus"]["rows"]:
+            print(f"| {r['rankings']} | {r['accuracy']:.1%} | {r['versus_accuracy']:.1%} | {r['difference']:+.1%} "
+                  f"({r['ci'][0]:+.1%} to {r['ci'][1]:+.1%}) |")
     return result
+
+
+def versus(run: Path, other: Path, rows: list[dict]) -> list[dict]:
+    """This curve's accuracy at each size against ``other``'s on the same held-out rankings: the difference with
+    its interval paired by ranking (``stats.paired_rate_difference``: both models see the same rankings, so an
+    easy ranking is easy for both, and the difference is measured far more tightly than the two intervals side
+    by side suggest)."""
+    from instructgpt_cli.stats import paired_rate_difference
+
+    if (other / "heldout.jsonl").read_bytes() != (run / "heldout.jsonl").read_bytes():
+        sys.exit(f"learning curve: --versus {other} held out other rankings than {run}: run both on the same "
+                 "--rankings, --heldout-fraction and --seed")
+    out = []
+    for r in rows:
+        mine, theirs = (json.loads((d / f"n-{r['rankings']}" / "eval" / "heldout" / "report.json")
+                                   .read_text(encoding="utf-8")) for d in (run, other))
+        d = paired_rate_difference(mine["rm_correct_by_ranking"], theirs["rm_correct_by_ranking"],
+                                   mine["rm_pairs_by_ranking"])
+        out.append({"rankings": r["rankings"], "accuracy": mine["rm_accuracy"], "versus_accuracy": theirs["rm_accuracy"],
+                    "difference": d["difference"], "ci": [d["ci_low"], d["ci_high"]]})
+    return out
 
 
 if __name__ == "__main__":

@@ -457,9 +457,12 @@ def ranking_accuracy(rm: Runner, tokenizer, rankings: list, batch_size: int) -> 
             s = rm.ranking_scores([g.sequences], tokenizer.pad_token_id, layout, batch_size, g.starts()).float().cpu()
         correct.append(sum(int(s[b] > s[w]) for b, w in g.pairs))
     acc = rm_accuracy(correct, [len(g.pairs) for g in groups])
+    # per ranking, in file order: another reward model's report on the same rankings pairs with these
+    # (``stats.paired_rate_difference``: the difference of two models' accuracies with its own interval)
     return {"rm_accuracy": acc.get("accuracy"), "rm_pairs": sum(len(g.pairs) for g in groups),
             "rm_accuracy_ci": [acc["accuracy_ci_low"], acc["accuracy_ci_high"]] if acc else None,
-            "rm_rankings": acc.get("rankings", 0)}
+            "rm_rankings": acc.get("rankings", 0), "rm_correct_by_ranking": correct,
+            "rm_pairs_by_ranking": [len(g.pairs) for g in groups]}
 
 
 def measure_toxicity(p: Plan, model: Runner, resume: bool) -> tuple[dict, str]:
