@@ -16,6 +16,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 THREADS = 1
 for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
     os.environ[_var] = str(THREADS)
+# igpt reads IGPT_THREADS before OMP_NUM_THREADS: a user's setting would override THREADS in every igpt started
+os.environ.pop("IGPT_THREADS", None)
 import torch  # noqa: E402  (after the variables: its thread pool reads them)
 
 torch.set_num_threads(THREADS)
