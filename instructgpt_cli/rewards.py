@@ -84,13 +84,14 @@ class Rows(NamedTuple):
 
     inputs: dict  # input_ids (G, L), and position_ids and an attention mask where the layout needs them
     columns: list[list[int]]  # flat index (row * L + column) of every token of every sequence, in order
+    padding: Any = None  # right-padded rows' attention mask (G, L): any sequence classifier scores them itself
 
 
 def padded_rows(seqs: list[list[int]], pad_id: int, device: torch.device) -> Rows:
     """Right-padded rows, one a sequence."""
     ids, mask = pad_right(seqs, pad_id)
     return Rows({"input_ids": ids.to(device), **mask_inputs(mask.to(device))},
-                padded_columns([len(s) for s in seqs], ids.size(1)))
+                padded_columns([len(s) for s in seqs], ids.size(1)), mask.to(device))
 
 
 def packed_rows(seqs: list[list[int]], device: torch.device) -> Rows:
@@ -227,6 +228,9 @@ def ranking_scores(model: Any, rankings: list[list[list[int]]], pad_id: int, dev
         frozen.fill(model, rankings, pad_id, device, layout)
     out = []
     for rows, part in ranking_rows(model, rankings, pad_id, device, layout, batch_size):
+        if frozen is None and starts is None and rows.padding is not None:  # the model's own read of its last token
+            out.append(reward_scores(model, rows.inputs["input_ids"], rows.padding))
+            continue
         head = head_outputs(model, seqs[part], rows, frozen)
         out.append(read_scores(head.flatten(), rows.columns, None if starts is None else starts[part]))
     return torch.cat(out)

@@ -233,7 +233,7 @@ def frozen_states(cfg: RMConfig, model, data: Rankings, layout: Layout,
     kept.setdefault(key, FrozenStates(layers))
     total = len(backbone(model).layers)
     return kept[key], (f"the lowest {layers} of {total} layers run once per ranking, their output kept "
-                          f"({need / 2 ** 20:.0f} MiB); the layers above run every forward")
+                       f"({need / 2 ** 20:.0f} MiB); the layers above run every forward")
 
 
 @torch.no_grad()
