@@ -70,7 +70,8 @@ def proxy_and_kl(models: Any, tokenizer: Any, queries: list[list[int]], response
     the same ones (``rollout.kl_and_scores``; PPO's presets train all three from one base with LoRA on the top
     layers)."""
     if step == 0:
-        return score_responses(models.reward, tokenizer, queries, responses, batch_size).tolist(), [0.0] * len(responses)
+        scores = score_responses(models.reward, tokenizer, queries, responses, batch_size)
+        return scores.tolist(), [0.0] * len(responses)
     kl, proxy = kl_and_scores(models.policy, models.reference, models.reward, tokenizer, queries, responses,
                               temperature, batch_size)
     return proxy.tolist(), kl.tolist()
