@@ -147,6 +147,11 @@ class FrozenStates:
     def __len__(self) -> int:
         return len(self._seqs)
 
+    @property
+    def nbytes(self) -> int:
+        """The bytes of the states held (each ranking's once, however many sequences read them)."""
+        return sum(t.nbytes for t in {id(states): states for states, _ in self._seqs.values()}.values())
+
     @torch.no_grad()
     def fill(self, model: Any, rankings: list[list[list[int]]], pad_id: int, device: torch.device,
              layout: Layout) -> None:
@@ -193,12 +198,13 @@ def frozen_weights_key(model: Any, layers: int) -> tuple:
 
 
 def frozen_states_bytes(model: Any, layers: int, rankings: list[list[list[int]]], layout: Layout) -> int:
-    """About how many bytes :class:`FrozenStates` holds for ``rankings``: a state (hidden size x the weights'
-    dtype) per distinct token of each ranking (its prompt once where ``layout.shared``)."""
+    """How many bytes :class:`FrozenStates` holds for ``rankings``: a state (hidden size x the weights' dtype)
+    per distinct token of each ranking (its prompt once where ``layout.shared`` and sharing pays for it alone)."""
     param = next(model.parameters())
     per_token = unwrapped(model).config.hidden_size * param.element_size()
-    tokens = sum(sum(len(s) for s in ranking) - (len(ranking) - 1) * (common_prefix(ranking) if layout.shared else 0)
-                 for ranking in rankings)
+    tokens = sum(sum(len(s) for s in ranking) - (len(ranking) - 1) * (common_prefix(ranking) if shared else 0)
+                 for ranking in rankings
+                 for shared in [layout.shared and pays_to_share([ranking])])  # as FrozenStates.fill lays it out
     return tokens * per_token if layers else 0
 
 

@@ -20,7 +20,7 @@ from instructgpt_cli.rewards import score_sequences
 from instructgpt_cli.rundir import read_metrics
 from instructgpt_cli.runners import Runner
 from instructgpt_cli.storage import weights_sha256
-from instructgpt_cli.rewards import FrozenStates, Layout, ranking_scores
+from instructgpt_cli.rewards import FrozenStates, Layout, frozen_states_bytes, ranking_scores
 from instructgpt_cli.stages.reward import rank_forward
 
 
@@ -194,6 +194,12 @@ def test_kept_frozen_states_give_the_whole_model_s_scores_and_gradients_and_skip
         assert len(calls) == (2 if name == "padded" else 0), name  # computed once, by the first layout
         assert len(kept) == 5
     hook.remove()
+    # what the stage budgets before it starts is what is held, a ranking's prompt once where sharing pays
+    for layout in LAYOUTS.values():
+        again = FrozenStates(1)
+        again.fill(model, groups, tok.pad_token_id, cpu, layout)
+        assert again.nbytes == frozen_states_bytes(model, 1, groups, layout) > 0
+    assert frozen_states_bytes(model, 1, groups, Layout(shared=True)) < frozen_states_bytes(model, 1, groups, Layout())
 
 
 def test_bf16_scores_take_the_normalisation_bias_in_fp32_in_every_layout():
