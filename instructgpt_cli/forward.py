@@ -128,6 +128,14 @@ def model_inputs(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tens
     return layers_above(model, start), {"inputs_embeds": states, **inputs}
 
 
+def lower_states(model: Any, n_layers: int, **inputs: torch.Tensor) -> torch.Tensor:
+    """The hidden states (B, L, H) entering decoder layer ``n_layers`` of ``model`` on ``inputs`` (``input_ids`` and
+    any of ``attention_mask``, ``position_ids``: padded, packed or prefix-shared rows), by transformers' forward
+    of its lowest layers: the input of :func:`layers_above`."""
+    with only_layers(model, 0, n_layers, final_norm=False):
+        return backbone(model)(**inputs, use_cache=False).last_hidden_state
+
+
 @contextlib.contextmanager
 def layers_above(model: Any, start: int) -> Iterator[None]:
     """Within the block, ``model`` runs its decoder layers from ``start`` up (and its final norm and head), on
@@ -446,9 +454,7 @@ class TransformersForward(Forward):
 
     def trunk_states(self, model: Any, n_layers: int, input_ids: torch.Tensor,
                      attention_mask: torch.Tensor) -> torch.Tensor:
-        with only_layers(model, 0, n_layers, final_norm=False):
-            return backbone(model)(input_ids=input_ids, **mask_inputs(attention_mask),
-                                   use_cache=False).last_hidden_state
+        return lower_states(model, n_layers, input_ids=input_ids, **mask_inputs(attention_mask))
 
     def final_states(self, model: Any, inputs: dict) -> torch.Tensor:
         return backbone(model)(**inputs).last_hidden_state

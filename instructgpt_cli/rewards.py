@@ -3,6 +3,7 @@ packed end to end, or a ranking's K responses sharing their prompt's row), and t
 saves with them."""
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -11,7 +12,7 @@ import torch
 from .batches import (common_prefix, mask_inputs, pack, packed_columns, pad_right, padded_columns, pays_to_pack,
                       pays_to_share, shared_prefix_mask, shared_rows)
 from .families import backbone, unwrapped
-from .forward import REWARD_BIAS, layers_above, only_layers, read_scores, reward_pool, scalar_head_outputs
+from .forward import REWARD_BIAS, layers_above, lower_states, read_scores, reward_pool, scalar_head_outputs
 
 REWARD_STATS = "igpt_reward_stats"  # config field: train-rm's held-out loss, accuracy and its interval
 # train-rm --ensemble N: the other members' stages under RUN_DIR/rm/members/, listed in RUN_DIR/rm/ensemble.json
@@ -160,8 +161,7 @@ class FrozenStates:
             if all(tuple(s) in self._seqs for s in ranking):
                 continue
             (rows, _), = ranking_rows(model, [ranking], pad_id, device, layout)
-            with only_layers(model, 0, self.layers, final_norm=False):
-                flat = backbone(model)(**rows.inputs, use_cache=False).last_hidden_state.flatten(0, 1)
+            flat = lower_states(model, self.layers, **rows.inputs).flatten(0, 1)
             used = sorted({c for cols in rows.columns for c in cols})  # a shared prefix's columns once
             states = flat[torch.tensor(used, device=flat.device)].clone()
             where = {c: i for i, c in enumerate(used)}
@@ -187,8 +187,6 @@ def frozen_weights_key(model: Any, layers: int) -> tuple:
     values (a pass over the weights; equal keys of different weights would take values chosen to collide)."""
     stack = backbone(model)
     params = [*stack.embed_tokens.parameters(), *(p for layer in stack.layers[:layers] for p in layer.parameters())]
-    import hashlib
-
     digest = hashlib.sha256()
     for p in params:
         flat = p.detach().flatten()

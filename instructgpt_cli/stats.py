@@ -107,6 +107,14 @@ def beta_regularized(a: float, b: float, x: float) -> float:
     return front * f
 
 
+def cr2_df(h: list[float]) -> float:
+    """Bell and McCaffrey's (2002) Satterthwaite degrees of freedom of a CR2 cluster-robust variance of a ratio
+    estimator, from each cluster's leverage ``h`` (its share of the trials): n - 1 at equal sizes, fewer as a few
+    large clusters dominate."""
+    a = [hi * hi / (1 - hi) for hi in h]
+    return 1 / (sum(hi * hi for hi in h) + sum(a) ** 2 - sum(ai * ai for ai in a))
+
+
 def clustered_rate(successes: list[float], trials: list[float], z: float = Z95) -> dict:
     """A rate over trials that come in clusters, with a 95% interval that holds its level when the trials of
     a cluster are correlated and the clusters differ in size: a reward model's pairs, clustered in rankings of
@@ -143,8 +151,7 @@ def clustered_rate(successes: list[float], trials: list[float], z: float = Z95) 
         return {**out, "rate": rate, "ci_low": 0.0, "ci_high": 1.0}
     h = [t / total for _, t in kept]
     var = sum((s - rate * t) ** 2 / (1 - hi) for (s, t), hi in zip(kept, h)) / total ** 2
-    a = [hi * hi / (1 - hi) for hi in h]
-    df = 1 / (sum(hi * hi for hi in h) + sum(a) ** 2 - sum(ai * ai for ai in a))  # n - 1 at equal sizes
+    df = cr2_df(h)
     if 0.0 < rate < 1.0:
         n_eff = min(rate * (1 - rate) / var, total) if var > 0 else total
     else:
@@ -180,8 +187,7 @@ def paired_rate_difference(a: list[float], b: list[float], trials: list[float], 
         return {**out, "difference": d, "ci_low": -1.0, "ci_high": 1.0}
     h = [t / total for _, _, t in kept]
     var = sum(((x - y) - d * t) ** 2 / (1 - hi) for (x, y, t), hi in zip(kept, h)) / total ** 2
-    lev = [hi * hi / (1 - hi) for hi in h]
-    df = 1 / (sum(hi * hi for hi in h) + sum(lev) ** 2 - sum(v * v for v in lev))
+    df = cr2_df(h)
     half = (t_quantile(NormalDist().cdf(z), max(df, 1.0)) * math.sqrt(var) if var > 1e-24 * max(d * d, 1.0)
             else 3 / n)
     return {**out, "difference": d, "ci_low": max(-1.0, d - half), "ci_high": min(1.0, d + half), "df": df}

@@ -456,20 +456,16 @@ def test_train_rm_keeps_the_frozen_layers_output_once_for_every_member_and_train
     """An ensemble of two with LoRA on the top layer: the layer below runs once per ranking for both members
     (they start from one model), and the models trained equal those trained with the whole model every forward
     (--frozen-cache-gib 0) up to float noise; a budget too small for the states keeps none, and says so."""
-    from contextlib import contextmanager
-
     import instructgpt_cli.rewards as rewards_module
 
     lower_runs = []
-    only_layers = rewards_module.only_layers
+    lower_states = rewards_module.lower_states
 
-    @contextmanager
     def counted(*args, **kwargs):
         lower_runs.append(1)
-        with only_layers(*args, **kwargs):
-            yield
+        return lower_states(*args, **kwargs)
 
-    monkeypatch.setattr(rewards_module, "only_layers", counted)
+    monkeypatch.setattr(rewards_module, "lower_states", counted)
     rankings = write_jsonl(tmp_path / "ranks.jsonl", marker_rankings(40))
     demos = write_jsonl(tmp_path / "demos.jsonl", arithmetic_demos(16))
     sft = igpt("sft", "--model", "tiny", "--data", demos, "--run-dir", tmp_path / "base", "--max-steps", "1")
